@@ -1,0 +1,34 @@
+//! The service-registry contract shared by every backend.
+//!
+//! - [`Registry`]: the trait; its rustdoc is the specification, enforced by the
+//!   `conformance-tests` crate against every backend.
+//! - [`NodePath`], [`Node`], [`WatchEvent`], [`SessionState`], [`Error`]: the types it speaks.
+//! - [`Registration`]: self-healing ephemeral nodes, written once on top of the trait.
+//! - [`memory`]: a complete in-memory backend for demos and fast tests.
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod capabilities;
+pub mod error;
+pub mod memory;
+pub mod node;
+pub mod path;
+pub mod registration;
+pub mod registry;
+pub mod session;
+pub mod watch;
+
+pub use bytes::Bytes;
+
+pub use backoff::Backoff;
+pub use capabilities::Capabilities;
+pub use error::{BoxError, Error, InvalidPath, Result};
+pub use memory::{MemoryRegistry, MemoryStore};
+pub use node::{Children, CreateMode, DeleteScope, Expected, Node, Revision, SessionId};
+pub use path::{NodePath, MAX_DEPTH, MAX_PATH_LEN, SEQUENCE_DIGITS};
+pub use registration::{RegisterOptions, Registration, RegistrationStatus};
+pub use registry::{check_value, Registry, MAX_VALUE_LEN};
+pub use session::{SessionState, SessionStatus, SessionTracker};
+pub use watch::{
+    ResyncReason, Snapshot, WatchEvent, WatchOptions, WatchScope, WatchStream, WatchedState,
+};

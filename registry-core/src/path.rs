@@ -1,0 +1,345 @@
+//! `NodePath`: the validated absolute path of a node, shared by every backend.
+//!
+//! A path is checked once, when it is parsed; the rest of the workspace never handles raw
+//! strings as paths. The rules are the union of what ZooKeeper and etcd can store faithfully,
+//! so a tree written through one backend can be copied to the other unchanged:
+//!
+//! - absolute: starts with `/`; the root is `/` itself;
+//! - no trailing `/` (except the root), no empty segment (`//`);
+//! - no `.` or `..` segment (ZooKeeper rejects them);
+//! - no control characters (U+0000–U+001F, U+007F–U+009F), no characters ZooKeeper refuses
+//!   (U+E000–U+F8FF, U+FFF0–U+FFFF);
+//! - the first segment may not be `zookeeper` (ZooKeeper reserves `/zookeeper`);
+//! - at most [`MAX_PATH_LEN`] bytes of UTF-8 and at most [`MAX_DEPTH`] segments.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, InvalidPath};
+
+/// Longest path accepted, in bytes of UTF-8 (namespace/chroot not included).
+pub const MAX_PATH_LEN: usize = 1024;
+
+/// Deepest path accepted, in segments.
+pub const MAX_DEPTH: usize = 64;
+
+/// Digits appended to a sequential node's name (ZooKeeper's `%010d` format).
+pub const SEQUENCE_DIGITS: usize = 10;
+
+/// A validated absolute node path such as `/soa/runtime/services/Foo`.
+///
+/// Guarantees: every value of this type satisfies the rules in the [module docs](self); it
+/// is cheap to clone and compares, hashes and orders as its string form.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodePath(String);
+
+impl NodePath {
+    /// The root path `/`.
+    pub fn root() -> Self {
+        NodePath("/".to_owned())
+    }
+
+    /// Parses and validates `path`; the error says which rule was broken and where.
+    pub fn new(path: impl AsRef<str>) -> Result<Self, Error> {
+        let path = path.as_ref();
+        validate(path).map_err(|reason| Error::InvalidPath {
+            path: truncate_for_error(path),
+            reason,
+        })?;
+        Ok(NodePath(path.to_owned()))
+    }
+
+    /// The path as a string, always starting with `/`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this is the root path `/`.
+    pub fn is_root(&self) -> bool {
+        self.0 == "/"
+    }
+
+    /// The parent path; `None` for the root.
+    pub fn parent(&self) -> Option<NodePath> {
+        if self.is_root() {
+            return None;
+        }
+        match self.0.rfind('/') {
+            Some(0) => Some(NodePath::root()),
+            Some(i) => Some(NodePath(self.0[..i].to_owned())),
+            None => None,
+        }
+    }
+
+    /// The last segment; empty for the root.
+    pub fn name(&self) -> &str {
+        match self.0.rfind('/') {
+            Some(i) => &self.0[i + 1..],
+            None => "",
+        }
+    }
+
+    /// The segments from the root down (none for the root).
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/').filter(|s| !s.is_empty())
+    }
+
+    /// Number of segments (0 for the root).
+    pub fn depth(&self) -> usize {
+        self.segments().count()
+    }
+
+    /// This path with one more segment `name`; `name` must be a single valid segment
+    /// (no `/`), and the result must satisfy every path rule.
+    pub fn join(&self, name: &str) -> Result<NodePath, Error> {
+        if name.contains('/') {
+            return Err(Error::InvalidPath {
+                path: truncate_for_error(name),
+                reason: InvalidPath::SlashInName,
+            });
+        }
+        if self.is_root() {
+            NodePath::new(format!("/{name}"))
+        } else {
+            NodePath::new(format!("{}/{name}", self.0))
+        }
+    }
+
+    /// Whether `self` is a direct child of `parent`.
+    pub fn is_child_of(&self, parent: &NodePath) -> bool {
+        self.parent().as_ref() == Some(parent)
+    }
+
+    /// Whether `self` is `ancestor` or lies anywhere below it.
+    pub fn is_within(&self, ancestor: &NodePath) -> bool {
+        if ancestor.is_root() || self == ancestor {
+            return true;
+        }
+        self.0.len() > ancestor.0.len()
+            && self.0.starts_with(&ancestor.0)
+            && self.0.as_bytes()[ancestor.0.len()] == b'/'
+    }
+
+    /// The ancestors of this path from the root down, excluding `self`.
+    pub fn ancestors(&self) -> Vec<NodePath> {
+        let mut out = Vec::new();
+        let mut cur = self.parent();
+        while let Some(p) = cur {
+            cur = p.parent();
+            out.push(p);
+        }
+        out.reverse();
+        out
+    }
+
+    /// The sequence number of a sequential node's name (its last [`SEQUENCE_DIGITS`] digits),
+    /// if the name ends with that many ASCII digits.
+    pub fn sequence(&self) -> Option<u64> {
+        parse_sequence(self.name())
+    }
+}
+
+/// The sequence number at the end of a sequential node name, if it ends with
+/// [`SEQUENCE_DIGITS`] ASCII digits.
+pub fn parse_sequence(name: &str) -> Option<u64> {
+    let bytes = name.as_bytes();
+    if bytes.len() < SEQUENCE_DIGITS {
+        return None;
+    }
+    let tail = &name[bytes.len() - SEQUENCE_DIGITS..];
+    if tail.bytes().all(|b| b.is_ascii_digit()) {
+        tail.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Formats a sequential node name: `prefix` followed by the zero-padded counter.
+pub fn sequential_name(prefix: &str, counter: u64) -> String {
+    format!("{prefix}{counter:0width$}", width = SEQUENCE_DIGITS)
+}
+
+fn truncate_for_error(path: &str) -> String {
+    const SHOWN: usize = 128;
+    if path.len() <= SHOWN {
+        return path.escape_debug().to_string();
+    }
+    let mut end = SHOWN;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", path[..end].escape_debug())
+}
+
+fn forbidden_char(c: char) -> bool {
+    matches!(c,
+        '\u{0000}'..='\u{001F}'
+        | '\u{007F}'..='\u{009F}'
+        | '\u{E000}'..='\u{F8FF}'
+        | '\u{FFF0}'..='\u{FFFF}')
+}
+
+fn validate(path: &str) -> Result<(), InvalidPath> {
+    if path.is_empty() {
+        return Err(InvalidPath::Empty);
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(InvalidPath::TooLong {
+            len: path.len(),
+            max: MAX_PATH_LEN,
+        });
+    }
+    if !path.starts_with('/') {
+        return Err(InvalidPath::NotAbsolute);
+    }
+    if let Some((offset, c)) = path.char_indices().find(|&(_, c)| forbidden_char(c)) {
+        return Err(InvalidPath::ForbiddenCharacter {
+            offset,
+            character: c,
+        });
+    }
+    if path == "/" {
+        return Ok(());
+    }
+    if path.ends_with('/') {
+        return Err(InvalidPath::TrailingSlash);
+    }
+    let mut depth = 0;
+    for (index, segment) in path[1..].split('/').enumerate() {
+        depth += 1;
+        match segment {
+            "" => return Err(InvalidPath::EmptySegment { index }),
+            "." | ".." => {
+                return Err(InvalidPath::RelativeSegment {
+                    index,
+                    segment: segment.to_owned(),
+                })
+            }
+            "zookeeper" if index == 0 => return Err(InvalidPath::Reserved),
+            _ => {}
+        }
+    }
+    if depth > MAX_DEPTH {
+        return Err(InvalidPath::TooDeep {
+            depth,
+            max: MAX_DEPTH,
+        });
+    }
+    Ok(())
+}
+
+impl fmt::Display for NodePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NodePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodePath({:?})", self.0)
+    }
+}
+
+impl FromStr for NodePath {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        NodePath::new(s)
+    }
+}
+
+impl TryFrom<&str> for NodePath {
+    type Error = Error;
+    fn try_from(s: &str) -> Result<Self, Error> {
+        NodePath::new(s)
+    }
+}
+
+impl TryFrom<String> for NodePath {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        NodePath::new(s)
+    }
+}
+
+impl AsRef<str> for NodePath {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(path: &str) -> InvalidPath {
+        match NodePath::new(path) {
+            Err(Error::InvalidPath { reason, .. }) => reason,
+            other => panic!("{path:?}: expected InvalidPath, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_dapeng_paths() {
+        for p in [
+            "/",
+            "/soa",
+            "/soa/runtime/services/com.today.Goods/192.168.1.121:9081:1.0.0:0000000022",
+            "/a b/ü/x-y_z",
+        ] {
+            assert_eq!(NodePath::new(p).map(|p| p.to_string()).ok(), Some(p.to_owned()));
+        }
+    }
+
+    #[test]
+    fn rejects_with_reason() {
+        assert_eq!(reason(""), InvalidPath::Empty);
+        assert_eq!(reason("a/b"), InvalidPath::NotAbsolute);
+        assert_eq!(reason("/a/"), InvalidPath::TrailingSlash);
+        assert_eq!(reason("/a//b"), InvalidPath::EmptySegment { index: 1 });
+        assert!(matches!(reason("/a/./b"), InvalidPath::RelativeSegment { index: 1, .. }));
+        assert!(matches!(reason("/.."), InvalidPath::RelativeSegment { index: 0, .. }));
+        assert!(matches!(reason("/a\0b"), InvalidPath::ForbiddenCharacter { offset: 2, .. }));
+        assert!(matches!(reason("/a\nb"), InvalidPath::ForbiddenCharacter { .. }));
+        assert!(matches!(reason("/a\u{E000}"), InvalidPath::ForbiddenCharacter { .. }));
+        assert!(matches!(reason("/a\u{FFFF}"), InvalidPath::ForbiddenCharacter { .. }));
+        assert_eq!(reason("/zookeeper"), InvalidPath::Reserved);
+        assert_eq!(reason("/zookeeper/quota"), InvalidPath::Reserved);
+        assert!(NodePath::new("/a/zookeeper").is_ok());
+        let long = format!("/{}", "x".repeat(MAX_PATH_LEN));
+        assert!(matches!(reason(&long), InvalidPath::TooLong { .. }));
+        let at_limit = format!("/{}", "x".repeat(MAX_PATH_LEN - 1));
+        assert!(NodePath::new(at_limit).is_ok());
+        let deep = "/a".repeat(MAX_DEPTH + 1);
+        assert!(matches!(reason(&deep), InvalidPath::TooDeep { .. }));
+        assert!(NodePath::new("/a".repeat(MAX_DEPTH)).is_ok());
+    }
+
+    #[test]
+    fn navigation() {
+        let p = NodePath::new("/a/b/c").unwrap();
+        assert_eq!(p.name(), "c");
+        assert_eq!(p.parent().unwrap().as_str(), "/a/b");
+        assert_eq!(NodePath::new("/a").unwrap().parent(), Some(NodePath::root()));
+        assert_eq!(NodePath::root().parent(), None);
+        assert_eq!(p.join("d").unwrap().as_str(), "/a/b/c/d");
+        assert_eq!(NodePath::root().join("x").unwrap().as_str(), "/x");
+        assert!(p.join("x/y").is_err());
+        assert!(p.join("").is_err());
+        assert!(p.is_child_of(&NodePath::new("/a/b").unwrap()));
+        assert!(!p.is_child_of(&NodePath::new("/a").unwrap()));
+        assert!(p.is_within(&NodePath::new("/a").unwrap()));
+        assert!(!NodePath::new("/ab").unwrap().is_within(&NodePath::new("/a").unwrap()));
+        assert!(p.is_within(&NodePath::root()));
+        assert_eq!(p.depth(), 3);
+        let anc: Vec<_> = p.ancestors().iter().map(|a| a.to_string()).collect();
+        assert_eq!(anc, ["/", "/a", "/a/b"]);
+    }
+
+    #[test]
+    fn sequences() {
+        assert_eq!(sequential_name("1.2.3.4:80:1.0.0:", 22), "1.2.3.4:80:1.0.0:0000000022");
+        assert_eq!(parse_sequence("1.2.3.4:80:1.0.0:0000000022"), Some(22));
+        assert_eq!(parse_sequence("x123"), None);
+        assert_eq!(NodePath::new("/s/n0000000007").unwrap().sequence(), Some(7));
+    }
+}

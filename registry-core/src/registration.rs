@@ -1,0 +1,532 @@
+//! `Registration`: a self-healing ephemeral node, built only on the [`Registry`] trait so it
+//! behaves the same on every backend.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+use crate::node::{CreateMode, DeleteScope, Expected, Node};
+use crate::path::{parse_sequence, NodePath};
+use crate::registry::{check_value, Registry};
+use crate::session::SessionState;
+use crate::watch::{WatchEvent, WatchOptions};
+
+/// Options of [`Registry::register`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegisterOptions {
+    /// The last path segment is a name prefix; the server appends a 10-digit counter, and each
+    /// re-creation gets a new one (Dapeng's `ip:port:version:` instances).
+    pub sequential: bool,
+}
+
+impl RegisterOptions {
+    /// A plain ephemeral registration at the given path.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An ephemeral-sequential registration (see [`RegisterOptions::sequential`]).
+    pub fn sequential(mut self) -> Self {
+        self.sequential = true;
+        self
+    }
+}
+
+/// Where a registration stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegistrationStatus {
+    /// The node exists, owned by the current session, as shown.
+    Registered(Node),
+    /// The node is missing or not ours (session lost, deleted by someone, stale node); it is
+    /// being re-created. `reason` says what happened or what the last attempt failed with.
+    Recreating {
+        /// Why.
+        reason: String,
+    },
+    /// Removed by [`Registration::deregister`], or stopped by drop or by closing the registry.
+    Deregistered,
+}
+
+struct Shared {
+    registry: Arc<dyn Registry>,
+    /// The requested path (for sequential registrations: parent + name prefix).
+    requested: NodePath,
+    sequential: bool,
+    value: Mutex<Bytes>,
+    /// Serialises re-creation, value updates and removal.
+    op: tokio::sync::Mutex<()>,
+    status: watch::Sender<RegistrationStatus>,
+}
+
+/// A self-healing ephemeral node, returned by [`Registry::register`].
+///
+/// Guarantees: while this handle lives and the registry is open, the node is re-created after
+/// its session is lost, after anyone deletes it, and when a node of another session sits at
+/// its path; the value last given to [`set_value`](Registration::set_value) is the one
+/// re-created. [`deregister`](Registration::deregister) removes it and returns only when it
+/// is gone; dropping the handle removes it best-effort in the background.
+pub struct Registration {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+fn lock_value(shared: &Shared) -> Bytes {
+    shared
+        .value
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
+const RETRY_INITIAL: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+const DEREGISTER_DEADLINE: Duration = Duration::from_secs(10);
+
+impl Registration {
+    /// Creates the node through `registry` and starts healing it. This is the implementation
+    /// behind every backend's [`Registry::register`]; `registry` is that backend.
+    pub async fn start(
+        registry: Arc<dyn Registry>,
+        path: &NodePath,
+        value: Bytes,
+        options: RegisterOptions,
+    ) -> Result<Registration> {
+        check_value(path, &value)?;
+        if path.is_root() {
+            return Err(Error::InvalidArgument(
+                "cannot register the root node".into(),
+            ));
+        }
+        let (status, _) = watch::channel(RegistrationStatus::Recreating {
+            reason: "registering".into(),
+        });
+        let shared = Arc::new(Shared {
+            registry,
+            requested: path.clone(),
+            sequential: options.sequential,
+            value: Mutex::new(value),
+            op: tokio::sync::Mutex::new(()),
+            status,
+        });
+        ensure(&shared).await?;
+        let (stop, stop_rx) = watch::channel(false);
+        let span = tracing::info_span!("registration", path = %path);
+        let task = tokio::spawn(heal(shared.clone(), stop_rx).instrument(span));
+        Ok(Registration {
+            shared,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// The node's current path (for sequential registrations, with its counter), if it exists.
+    pub fn path(&self) -> Option<NodePath> {
+        current_node(&self.shared).map(|n| n.path)
+    }
+
+    /// The path given to [`Registry::register`] (for sequential ones, the name prefix).
+    pub fn requested_path(&self) -> &NodePath {
+        &self.shared.requested
+    }
+
+    /// The current status.
+    pub fn status(&self) -> RegistrationStatus {
+        self.shared.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    pub fn watch_status(&self) -> watch::Receiver<RegistrationStatus> {
+        self.shared.status.subscribe()
+    }
+
+    /// Waits until the node is registered again (or `timeout` passes) and returns it.
+    pub async fn wait_registered(&self, timeout: Duration) -> Result<Node> {
+        let mut rx = self.shared.status.subscribe();
+        let wait = async {
+            loop {
+                let status = rx.borrow_and_update().clone();
+                match status {
+                    RegistrationStatus::Registered(node) => return Ok(node),
+                    RegistrationStatus::Deregistered => return Err(Error::Closed),
+                    RegistrationStatus::Recreating { .. } => {}
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Error::Closed);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: format!("waiting for registration {}", self.shared.requested),
+                after: timeout,
+            })?
+    }
+
+    /// Replaces the value: written now if the node exists, and used for every re-creation.
+    /// Returns the write's error if the node could not be written now (the new value is still
+    /// kept for re-creation).
+    pub async fn set_value(&self, value: Bytes) -> Result<()> {
+        check_value(&self.shared.requested, &value)?;
+        let _op = self.shared.op.lock().await;
+        *self
+            .shared
+            .value
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = value.clone();
+        let Some(node) = current_node(&self.shared) else {
+            return Ok(());
+        };
+        let written = self
+            .shared
+            .registry
+            .set(&node.path, value, Expected::Any)
+            .await?;
+        self.shared
+            .status
+            .send_replace(RegistrationStatus::Registered(written));
+        Ok(())
+    }
+
+    /// Stops healing and deletes the node; returns once it is gone (or was never there).
+    /// Retryable failures are retried for up to 10 s.
+    pub async fn deregister(mut self) -> Result<()> {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        remove(&self.shared).await
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        self.stop.send_replace(true);
+        let shared = self.shared.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = task.await;
+                if let Err(error) = remove(&shared).await {
+                    tracing::warn!(path = %shared.requested, %error, "best-effort deregistration on drop failed");
+                }
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("requested", &self.shared.requested)
+            .field("status", &*self.shared.status.borrow())
+            .finish()
+    }
+}
+
+fn current_node(shared: &Shared) -> Option<Node> {
+    match &*shared.status.borrow() {
+        RegistrationStatus::Registered(node) => Some(node.clone()),
+        _ => None,
+    }
+}
+
+fn owned_by_current_session(shared: &Shared, node: &Node) -> bool {
+    let session = shared.registry.session();
+    session.state.is_live() && node.ephemeral_owner.is_some() && node.ephemeral_owner == session.session_id
+}
+
+fn set_recreating(shared: &Shared, reason: impl Into<String>) {
+    let reason = reason.into();
+    shared
+        .status
+        .send_if_modified(|status| match status {
+            RegistrationStatus::Deregistered => false,
+            _ => {
+                *status = RegistrationStatus::Recreating { reason };
+                true
+            }
+        });
+}
+
+/// Makes sure the node exists and belongs to the current session; creates or replaces it.
+async fn ensure(shared: &Shared) -> Result<Node> {
+    let _op = shared.op.lock().await;
+    let registry = &*shared.registry;
+    let node = if shared.sequential {
+        ensure_sequential(shared).await?
+    } else {
+        ensure_plain(shared).await?
+    };
+    let node = if node.value != lock_value(shared) {
+        registry
+            .set(&node.path, lock_value(shared), Expected::Version(node.version))
+            .await?
+    } else {
+        node
+    };
+    shared
+        .status
+        .send_replace(RegistrationStatus::Registered(node.clone()));
+    Ok(node)
+}
+
+async fn ensure_plain(shared: &Shared) -> Result<Node> {
+    let registry = &*shared.registry;
+    let path = &shared.requested;
+    // Bounded: each round either creates, adopts, or removes one stale node.
+    for _ in 0..4 {
+        match registry
+            .create(path, lock_value(shared), CreateMode::Ephemeral)
+            .await
+        {
+            Ok(node) => return Ok(node),
+            Err(Error::AlreadyExists { .. }) => {}
+            Err(error) if error.is_retryable() => {
+                // The create may have happened before the connection failed.
+                if let Ok(node) = registry.get(path).await {
+                    if owned_by_current_session(shared, &node) {
+                        return Ok(node);
+                    }
+                }
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        }
+        match registry.get(path).await {
+            Ok(node) if owned_by_current_session(shared, &node) => return Ok(node),
+            Ok(node) if node.is_ephemeral() => {
+                tracing::info!(path = %path, owner = ?node.ephemeral_owner, "replacing a stale ephemeral node of another session");
+                match registry
+                    .delete(path, Expected::Version(node.version), DeleteScope::Node)
+                    .await
+                {
+                    Ok(()) | Err(Error::NotFound { .. }) | Err(Error::VersionMismatch { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            Ok(_) => return Err(Error::AlreadyExists { path: path.clone() }),
+            Err(Error::NotFound { .. }) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Err(Error::unavailable(format!(
+        "{path} kept being re-created by another session"
+    )))
+}
+
+/// Our own sequential nodes under the parent: created by this session with our prefix.
+async fn own_sequential_nodes(shared: &Shared) -> Result<Vec<Node>> {
+    let Some(parent) = shared.requested.parent() else {
+        return Ok(Vec::new());
+    };
+    let prefix = shared.requested.name();
+    let children = match shared.registry.children(&parent).await {
+        Ok(children) => children.nodes,
+        Err(Error::NotFound { .. }) => return Ok(Vec::new()),
+        Err(error) => return Err(error),
+    };
+    Ok(children
+        .into_iter()
+        .filter(|n| {
+            let name = n.path.name();
+            name.len() == prefix.len() + crate::path::SEQUENCE_DIGITS
+                && name.starts_with(prefix)
+                && parse_sequence(name).is_some()
+                && owned_by_current_session(shared, n)
+        })
+        .collect())
+}
+
+async fn ensure_sequential(shared: &Shared) -> Result<Node> {
+    let registry = &*shared.registry;
+    if let Some(node) = current_node(shared) {
+        if let Ok(now) = registry.get(&node.path).await {
+            if owned_by_current_session(shared, &now) {
+                return Ok(now);
+            }
+        }
+    }
+    // Adopt a node an earlier attempt of this session created (the reply may have been lost),
+    // rather than leaving it orphaned next to a duplicate.
+    let mut own = own_sequential_nodes(shared).await?;
+    if let Some(newest) = own.pop() {
+        for extra in own {
+            let _ = registry
+                .delete(&extra.path, Expected::Any, DeleteScope::Node)
+                .await;
+        }
+        return Ok(newest);
+    }
+    match registry
+        .create(
+            &shared.requested,
+            lock_value(shared),
+            CreateMode::EphemeralSequential,
+        )
+        .await
+    {
+        Ok(node) => Ok(node),
+        Err(error) if error.is_retryable() => {
+            if let Ok(mut own) = own_sequential_nodes(shared).await {
+                if let Some(node) = own.pop() {
+                    return Ok(node);
+                }
+            }
+            Err(error)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The background task: watches the node and the session and re-creates when needed.
+async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let registry = shared.registry.clone();
+    let mut sessions = registry.session_events();
+    let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
+    let mut watched: Option<(NodePath, crate::watch::WatchStream)> = None;
+    let mut needs_ensure = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if needs_ensure {
+            match ensure(&shared).await {
+                Ok(node) => {
+                    needs_ensure = false;
+                    backoff.reset();
+                    tracing::info!(path = %node.path, "registered");
+                    if watched.as_ref().map(|(p, _)| p) != Some(&node.path) {
+                        watched = None;
+                    }
+                }
+                Err(Error::Closed) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "re-registration failed; retrying");
+                    set_recreating(&shared, error.to_string());
+                    if sleep_or_stop(&mut stop, backoff.next_delay()).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        if watched.is_none() {
+            let path = current_node(&shared)
+                .map(|n| n.path)
+                .unwrap_or_else(|| shared.requested.clone());
+            match registry.watch(&path, WatchOptions::node()).await {
+                Ok(stream) => watched = Some((path, stream)),
+                Err(Error::Closed) => break,
+                Err(error) => {
+                    tracing::debug!(%error, "watching the registration failed; retrying");
+                    if sleep_or_stop(&mut stop, backoff.next_delay()).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some((_, stream)) = watched.as_mut() else {
+            continue;
+        };
+        tokio::select! {
+            _ = stop.changed() => return,
+            status = sessions.next() => match status {
+                None => break,
+                Some(status) => match status.state {
+                    SessionState::Closed => break,
+                    SessionState::Lost => set_recreating(&shared, "session lost"),
+                    SessionState::Reestablished => needs_ensure = true,
+                    _ => {}
+                },
+            },
+            event = stream.next() => match event {
+                None | Some(Err(_)) => {
+                    // A watch that ended tells us nothing about the node: check it.
+                    if matches!(event, Some(Err(Error::Closed))) {
+                        break;
+                    }
+                    watched = None;
+                    needs_ensure = true;
+                }
+                Some(Ok(WatchEvent::Snapshot(snapshot)))
+                | Some(Ok(WatchEvent::Resync { snapshot, .. })) => {
+                    let ours = snapshot
+                        .nodes
+                        .iter()
+                        .any(|n| owned_by_current_session(&shared, n));
+                    if !ours {
+                        needs_ensure = true;
+                    }
+                }
+                Some(Ok(WatchEvent::Deleted(_))) => {
+                    set_recreating(&shared, "node deleted");
+                    needs_ensure = true;
+                }
+                Some(Ok(WatchEvent::Created(node))) | Some(Ok(WatchEvent::Updated(node))) => {
+                    if !owned_by_current_session(&shared, &node) {
+                        needs_ensure = true;
+                    }
+                }
+            },
+        }
+    }
+    shared
+        .status
+        .send_replace(RegistrationStatus::Deregistered);
+}
+
+/// Sleeps for `delay`; returns true if asked to stop meanwhile.
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, delay: Duration) -> bool {
+    tokio::select! {
+        _ = stop.changed() => true,
+        _ = tokio::time::sleep(delay) => *stop.borrow(),
+    }
+}
+
+async fn remove(shared: &Shared) -> Result<()> {
+    let _op = shared.op.lock().await;
+    let node = current_node(shared);
+    shared
+        .status
+        .send_replace(RegistrationStatus::Deregistered);
+    let Some(node) = node else {
+        return Ok(());
+    };
+    let registry = &*shared.registry;
+    let deadline = tokio::time::Instant::now() + DEREGISTER_DEADLINE;
+    let mut backoff = Backoff::new(RETRY_INITIAL, Duration::from_secs(1));
+    loop {
+        let attempt = async {
+            let now = registry.get(&node.path).await?;
+            if now.ephemeral_owner != node.ephemeral_owner {
+                // Not the node we made (ours expired; someone else's sits there now).
+                return Ok(());
+            }
+            registry
+                .delete(&node.path, Expected::Version(now.version), DeleteScope::Node)
+                .await
+        };
+        match attempt.await {
+            Ok(()) | Err(Error::NotFound { .. }) | Err(Error::Closed) => return Ok(()),
+            Err(error)
+                if (error.is_retryable() || matches!(error, Error::VersionMismatch { .. }))
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}

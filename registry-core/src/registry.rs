@@ -1,0 +1,147 @@
+//! The `Registry` trait: the contract every backend implements and the conformance suite
+//! enforces.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::capabilities::Capabilities;
+use crate::error::Result;
+use crate::node::{Children, CreateMode, DeleteScope, Expected, Node};
+use crate::path::NodePath;
+use crate::registration::{RegisterOptions, Registration};
+use crate::session::SessionStatus;
+use crate::watch::{WatchOptions, WatchStream};
+
+/// Largest value a node may hold, in bytes, on every backend (checked before any I/O; well
+/// under ZooKeeper's 1 MiB `jute.maxbuffer` and etcd's 1.5 MiB request limit).
+pub const MAX_VALUE_LEN: usize = 512 * 1024;
+
+/// Returns [`Error::ValueTooLarge`](crate::Error::ValueTooLarge) if `value` is over
+/// [`MAX_VALUE_LEN`]; every backend calls this before any I/O.
+pub fn check_value(path: &NodePath, value: &[u8]) -> Result<()> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(crate::Error::ValueTooLarge {
+            path: path.clone(),
+            len: value.len(),
+            max: MAX_VALUE_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// A client of a hierarchical registry of nodes (ZooKeeper's model, which Dapeng's tree
+/// uses), with sessions, ephemeral nodes, ordered sequential children and watches.
+///
+/// Object-safe; used as `Arc<dyn Registry>`. Every method is cancel-safe in the sense that
+/// dropping its future never leaves a half-written tree behind (it may or may not have
+/// happened, as with any remote call).
+///
+/// # The tree
+/// Nodes are addressed by [`NodePath`]. Every node except the root has a parent; parents
+/// that were never created explicitly (for example etcd keys written by other tools) behave
+/// as existing, empty, persistent nodes with `version` 0 and `create_order` 0. The root `/`
+/// always exists and cannot be written or deleted.
+///
+/// # Versions and order
+/// [`Node::version`] is 0 at creation and grows by one per [`set`](Registry::set).
+/// [`Node::create_order`] is strictly increasing in global creation order, so sorting by it
+/// sorts by age. Sequential nodes are named `<name><counter>` with a 10-digit zero-padded
+/// counter kept per parent, strictly increasing in creation order and unique under any number
+/// of concurrent creators.
+///
+/// # Sessions and ephemeral nodes
+/// Each client holds one session at a time ([`session`](Registry::session)). Ephemeral nodes
+/// belong to the session that created them, are visible to every client, and are deleted when
+/// that session ends (closed, expired, lost). Ephemeral nodes never have children. When a
+/// session is lost the client opens a new one by itself: [`SessionState::Lost`] then
+/// [`SessionState::Reestablished`] with a larger epoch.
+///
+/// # Errors
+/// Input errors are returned before any I/O. Failures are typed ([`Error`](crate::Error));
+/// retryable ones say so ([`Error::is_retryable`](crate::Error::is_retryable)). After
+/// [`close`](Registry::close) every call returns [`Error::Closed`](crate::Error::Closed).
+///
+/// [`SessionState::Lost`]: crate::SessionState::Lost
+/// [`SessionState::Reestablished`]: crate::SessionState::Reestablished
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// What this backend guarantees beyond the common contract.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The current session status.
+    fn session(&self) -> SessionStatus;
+
+    /// Every session transition from now on, starting with the current status, in order;
+    /// the stream ends after [`SessionState::Closed`](crate::SessionState::Closed).
+    fn session_events(&self) -> BoxStream<'static, SessionStatus>;
+
+    /// Creates a node and returns it as created.
+    ///
+    /// Missing parents are created first as empty persistent nodes. For sequential modes the
+    /// last segment of `path` is a name prefix and the returned node's path carries the
+    /// counter. Errors: [`AlreadyExists`](crate::Error::AlreadyExists) (non-sequential),
+    /// [`EphemeralParent`](crate::Error::EphemeralParent) if the parent (or any ancestor) is
+    /// ephemeral, [`ValueTooLarge`](crate::Error::ValueTooLarge), `InvalidArgument` for the
+    /// root.
+    async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node>;
+
+    /// Reads a node; [`NotFound`](crate::Error::NotFound) if it does not exist.
+    async fn get(&self, path: &NodePath) -> Result<Node>;
+
+    /// Whether a node exists.
+    async fn exists(&self, path: &NodePath) -> Result<bool>;
+
+    /// Writes a node's value if its version matches `expected`, and returns the node as
+    /// written (version + 1). Errors: [`NotFound`](crate::Error::NotFound),
+    /// [`VersionMismatch`](crate::Error::VersionMismatch) (nothing written),
+    /// [`ValueTooLarge`](crate::Error::ValueTooLarge).
+    async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node>;
+
+    /// Deletes a node (and with [`DeleteScope::Recursive`] everything below it) if its
+    /// version matches `expected`. Errors: [`NotFound`](crate::Error::NotFound),
+    /// [`VersionMismatch`](crate::Error::VersionMismatch),
+    /// [`NotEmpty`](crate::Error::NotEmpty) for [`DeleteScope::Node`] with children,
+    /// `InvalidArgument` for the root. A recursive delete racing with creators deletes what
+    /// it finds; it never leaves a child without its parent.
+    async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()>;
+
+    /// The direct children of a node, ordered by creation order, with the revision they were
+    /// read at; [`NotFound`](crate::Error::NotFound) if the node does not exist.
+    async fn children(&self, path: &NodePath) -> Result<Children>;
+
+    /// Watches `path` with the given scope.
+    ///
+    /// The stream yields first a [`Snapshot`](crate::WatchEvent::Snapshot) of every node in
+    /// scope (the watched path need not exist), then `Created` / `Updated` / `Deleted` events
+    /// for nodes in scope, in commit order, without duplicates and without a gap after the
+    /// snapshot. Where the backend cannot guarantee continuity (reconnect, session loss,
+    /// compaction, a consumer too slow), it yields a [`Resync`](crate::WatchEvent::Resync)
+    /// with a fresh snapshot, so a consumer applying every item converges to the server's state.
+    /// Backends without [`Capabilities::exact_events`] deliver the net change between reads.
+    ///
+    /// The stream never ends silently: it ends when dropped, after an error item it cannot
+    /// recover from, or when the registry is closed. Dropping it releases the server-side
+    /// watch. Buffering per stream is bounded; a consumer that falls behind gets a `Resync`
+    /// ([`ResyncReason::Lagged`](crate::ResyncReason::Lagged)) instead of unbounded memory.
+    async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream>;
+
+    /// Registers an ephemeral node that heals itself, and returns once it exists.
+    ///
+    /// The node is re-created after its session is lost, after anyone deletes it, and when a
+    /// node of another (older) session sits at its path. See [`Registration`] for updates,
+    /// status and removal. With [`RegisterOptions::sequential`] the last segment is a name
+    /// prefix (Dapeng's `ip:port:version:`) and every re-creation gets a new counter.
+    /// Errors: input errors, [`EphemeralParent`](crate::Error::EphemeralParent), and the first
+    /// attempt's failure (nothing is left behind then).
+    async fn register(
+        &self,
+        path: &NodePath,
+        value: Bytes,
+        options: RegisterOptions,
+    ) -> Result<Registration>;
+
+    /// Closes the client: deletes the ephemeral nodes of its session, ends every watch stream
+    /// and session stream, stops every background task. Idempotent.
+    async fn close(&self) -> Result<()>;
+}

@@ -1,0 +1,196 @@
+//! Session states and `SessionTracker`, which every backend uses to publish them.
+
+use std::sync::Mutex;
+
+use futures::stream::{self, BoxStream, StreamExt};
+use tokio::sync::{broadcast, watch};
+
+use crate::node::SessionId;
+
+/// The state of a client's session with the server (Curator's CONNECTED / SUSPENDED / LOST /
+/// RECONNECTED, plus the start and the end).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SessionState {
+    /// No session yet: the first connection is being made.
+    Connecting,
+    /// Connected; the session (and our ephemeral nodes) is intact. Also reported when a
+    /// suspended connection comes back to the same session.
+    Connected,
+    /// The connection is lost; the session may still be alive on the server, so ephemeral
+    /// nodes may still exist. Operations fail with retryable errors or wait.
+    Suspended,
+    /// The session is gone: every ephemeral node it owned is deleted (or will be, by the
+    /// server). A new session is being opened.
+    Lost,
+    /// A new session replaced a lost one; the status carries a larger epoch. Registrations
+    /// are re-created and watches resync after this.
+    Reestablished,
+    /// [`Registry::close`](crate::Registry::close) was called; terminal.
+    Closed,
+}
+
+impl SessionState {
+    /// Whether the client currently has a working session (connected or re-established).
+    pub fn is_live(self) -> bool {
+        matches!(self, SessionState::Connected | SessionState::Reestablished)
+    }
+}
+
+/// A session state with the session it concerns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionStatus {
+    /// The state.
+    pub state: SessionState,
+    /// 0 before the first session, 1 for the first, +1 for each re-established session.
+    pub epoch: u64,
+    /// The current session, once there is one.
+    pub session_id: Option<SessionId>,
+}
+
+/// Publishes a backend's session transitions to any number of subscribers.
+///
+/// Guarantees: the epoch rules of [`SessionStatus`] are applied here, once, for every
+/// backend; every subscriber sees transitions in order, starting with the state current when
+/// it subscribed; a subscriber that falls more than 256 transitions behind skips to the current
+/// state; streams end after `Closed`.
+pub struct SessionTracker {
+    current: Mutex<SessionStatus>,
+    events: broadcast::Sender<SessionStatus>,
+    latest: watch::Sender<SessionStatus>,
+}
+
+impl Default for SessionTracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SessionTracker {
+    /// A tracker in state `Connecting`, epoch 0.
+    pub fn new() -> Self {
+        let initial = SessionStatus {
+            state: SessionState::Connecting,
+            epoch: 0,
+            session_id: None,
+        };
+        let (events, _) = broadcast::channel(256);
+        let (latest, _) = watch::channel(initial);
+        SessionTracker {
+            current: Mutex::new(initial),
+            events,
+            latest,
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> SessionStatus {
+        *self.latest.borrow()
+    }
+
+    /// Records a transition and returns the new status. `Connected` with a session id
+    /// different from the current one counts as a new session (epoch +1, reported as
+    /// `Reestablished` unless it is the first); after `Closed`, nothing changes.
+    pub fn transition(&self, state: SessionState, session_id: Option<SessionId>) -> SessionStatus {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current.state == SessionState::Closed {
+            return *current;
+        }
+        let mut next = SessionStatus {
+            state,
+            epoch: current.epoch,
+            session_id: session_id.or(current.session_id),
+        };
+        match state {
+            SessionState::Connected | SessionState::Reestablished => {
+                let new_session = current.epoch == 0
+                    || (session_id.is_some() && session_id != current.session_id)
+                    || state == SessionState::Reestablished;
+                if new_session {
+                    next.epoch = current.epoch + 1;
+                    next.state = if current.epoch == 0 {
+                        SessionState::Connected
+                    } else {
+                        SessionState::Reestablished
+                    };
+                }
+            }
+            _ => {}
+        }
+        if next == *current {
+            return next;
+        }
+        *current = next;
+        let _ = self.events.send(next);
+        self.latest.send_replace(next);
+        tracing::debug!(state = ?next.state, epoch = next.epoch, session = ?next.session_id, "session transition");
+        next
+    }
+
+    /// A receiver of the latest status (intermediate states may be skipped).
+    pub fn watch(&self) -> watch::Receiver<SessionStatus> {
+        self.latest.subscribe()
+    }
+
+    /// Every transition from now on, starting with the current status; ends after `Closed`.
+    pub fn subscribe(&self) -> BoxStream<'static, SessionStatus> {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let rx = self.events.subscribe();
+        let latest = self.latest.subscribe();
+        let first = *current;
+        drop(current);
+        let rest = stream::unfold(
+            (rx, latest, first.state == SessionState::Closed),
+            |(mut rx, latest, done)| async move {
+                if done {
+                    return None;
+                }
+                let status = match rx.recv().await {
+                    Ok(status) => status,
+                    Err(broadcast::error::RecvError::Lagged(_)) => *latest.borrow(),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                let done = status.state == SessionState::Closed;
+                Some((status, (rx, latest, done)))
+            },
+        );
+        stream::once(async move { first }).chain(rest).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn epochs_and_order() {
+        let t = SessionTracker::new();
+        let mut events = t.subscribe();
+        t.transition(SessionState::Connected, Some(SessionId(7)));
+        t.transition(SessionState::Suspended, None);
+        t.transition(SessionState::Connected, Some(SessionId(7)));
+        t.transition(SessionState::Lost, None);
+        t.transition(SessionState::Connected, Some(SessionId(8)));
+        t.transition(SessionState::Closed, None);
+        let seen: Vec<_> = events.by_ref().map(|s| (s.state, s.epoch)).collect().await;
+        use SessionState::*;
+        assert_eq!(
+            seen,
+            [
+                (Connecting, 0),
+                (Connected, 1),
+                (Suspended, 1),
+                (Connected, 1),
+                (Lost, 1),
+                (Reestablished, 2),
+                (Closed, 2)
+            ]
+        );
+        assert_eq!(t.transition(Connected, Some(SessionId(9))).state, Closed);
+    }
+}

@@ -1,0 +1,189 @@
+//! Watches: what a watch covers, the events it yields, and a view that applies them.
+
+use std::collections::BTreeMap;
+
+use futures::stream::BoxStream;
+
+use crate::error::Result;
+use crate::node::{Node, Revision};
+use crate::path::NodePath;
+
+/// Which nodes a watch on a path covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum WatchScope {
+    /// The node itself.
+    #[default]
+    Node,
+    /// The node's direct children (not the node, not grandchildren).
+    Children,
+    /// The node and every node below it.
+    Subtree,
+}
+
+impl WatchScope {
+    /// Whether `candidate` is covered by a watch of this scope on `root`.
+    pub fn covers(self, root: &NodePath, candidate: &NodePath) -> bool {
+        match self {
+            WatchScope::Node => candidate == root,
+            WatchScope::Children => candidate.is_child_of(root),
+            WatchScope::Subtree => candidate.is_within(root),
+        }
+    }
+}
+
+/// Options of [`Registry::watch`](crate::Registry::watch).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchOptions {
+    /// What the watch covers.
+    pub scope: WatchScope,
+    /// Start after this revision instead of with a snapshot: the first item is then the first
+    /// change after it (no [`WatchEvent::Snapshot`]). Only backends whose
+    /// [`Capabilities::watch_from_revision`](crate::Capabilities::watch_from_revision) is true
+    /// honour it exactly; the others start with a [`WatchEvent::Resync`].
+    pub after: Option<Revision>,
+}
+
+impl WatchOptions {
+    /// Watch the node itself.
+    pub fn node() -> Self {
+        Self::default()
+    }
+
+    /// Watch the direct children.
+    pub fn children() -> Self {
+        WatchOptions {
+            scope: WatchScope::Children,
+            after: None,
+        }
+    }
+
+    /// Watch the node and its whole subtree.
+    pub fn subtree() -> Self {
+        WatchOptions {
+            scope: WatchScope::Subtree,
+            after: None,
+        }
+    }
+
+    /// Start after `revision` (e.g. [`Children::revision`](crate::Children::revision)).
+    pub fn after(mut self, revision: Revision) -> Self {
+        self.after = Some(revision);
+        self
+    }
+}
+
+/// Every node in scope at one revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The nodes in scope, ordered by path.
+    pub nodes: Vec<Node>,
+    /// The revision the snapshot was read at.
+    pub revision: Revision,
+}
+
+/// Why a watch had to start over from a fresh snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResyncReason {
+    /// The connection was lost and re-established; events in between may be missing.
+    Reconnected,
+    /// The session was lost and a new one opened.
+    SessionReestablished,
+    /// The server compacted the history the watch needed (etcd).
+    Compacted,
+    /// The consumer fell too far behind and the buffered events were dropped.
+    Lagged,
+    /// The watch was asked to start after a revision the backend cannot replay from.
+    StartNotReplayable,
+}
+
+/// One item of a watch stream.
+///
+/// Guarantees of a stream (see [`Registry::watch`](crate::Registry::watch)): the first item is
+/// a `Snapshot` (or, when started with [`WatchOptions::after`], a change or a `Resync`); then
+/// changes in commit order with no duplicates; a `Resync` whenever continuity was broken. A
+/// consumer that applies every item with [`WatchedState::apply`] holds exactly the server's
+/// state once the stream is quiet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// What was in scope when the watch started.
+    Snapshot(Snapshot),
+    /// A node came into existence (in scope).
+    Created(Node),
+    /// A node's value was written.
+    Updated(Node),
+    /// A node was deleted; the node as last delivered (or as last seen by the server).
+    Deleted(Node),
+    /// Continuity was broken: replace everything known with this snapshot.
+    Resync {
+        /// The fresh state.
+        snapshot: Snapshot,
+        /// Why.
+        reason: ResyncReason,
+    },
+}
+
+/// A watch's stream: events, or an error item after which the stream ends.
+pub type WatchStream = BoxStream<'static, Result<WatchEvent>>;
+
+/// The state a consumer rebuilds from a watch stream: path to node.
+///
+/// Guarantees: applying a stream's items in order yields the state the stream describes;
+/// `Snapshot` and `Resync` replace the state wholesale.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchedState {
+    nodes: BTreeMap<NodePath, Node>,
+    revision: Revision,
+}
+
+impl WatchedState {
+    /// An empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, event: &WatchEvent) {
+        match event {
+            WatchEvent::Snapshot(snapshot) | WatchEvent::Resync { snapshot, .. } => {
+                self.nodes = snapshot
+                    .nodes
+                    .iter()
+                    .map(|n| (n.path.clone(), n.clone()))
+                    .collect();
+                self.revision = snapshot.revision;
+            }
+            WatchEvent::Created(node) | WatchEvent::Updated(node) => {
+                self.revision = self.revision.max(Revision(node.modify_order));
+                self.nodes.insert(node.path.clone(), node.clone());
+            }
+            WatchEvent::Deleted(node) => {
+                self.nodes.remove(&node.path);
+            }
+        }
+    }
+
+    /// The nodes, ordered by path.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    /// The node at `path`, if present.
+    pub fn get(&self, path: &NodePath) -> Option<&Node> {
+        self.nodes.get(path)
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The latest revision applied (snapshot revision or newest change).
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+}
