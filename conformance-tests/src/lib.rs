@@ -5,3 +5,5 @@
 pub mod fixture;
 
 pub use fixture::{Fault, Fixture};
+
+pub mod harness;

@@ -88,7 +88,10 @@ pub enum CreateMode {
 impl CreateMode {
     /// Whether nodes of this mode are owned by the session.
     pub fn is_ephemeral(self) -> bool {
-        matches!(self, CreateMode::Ephemeral | CreateMode::EphemeralSequential)
+        matches!(
+            self,
+            CreateMode::Ephemeral | CreateMode::EphemeralSequential
+        )
     }
 
     /// Whether the server appends a sequence counter to the name.

@@ -286,7 +286,10 @@ mod tests {
             "/soa/runtime/services/com.today.Goods/192.168.1.121:9081:1.0.0:0000000022",
             "/a b/ü/x-y_z",
         ] {
-            assert_eq!(NodePath::new(p).map(|p| p.to_string()).ok(), Some(p.to_owned()));
+            assert_eq!(
+                NodePath::new(p).map(|p| p.to_string()).ok(),
+                Some(p.to_owned())
+            );
         }
     }
 
@@ -296,12 +299,30 @@ mod tests {
         assert_eq!(reason("a/b"), InvalidPath::NotAbsolute);
         assert_eq!(reason("/a/"), InvalidPath::TrailingSlash);
         assert_eq!(reason("/a//b"), InvalidPath::EmptySegment { index: 1 });
-        assert!(matches!(reason("/a/./b"), InvalidPath::RelativeSegment { index: 1, .. }));
-        assert!(matches!(reason("/.."), InvalidPath::RelativeSegment { index: 0, .. }));
-        assert!(matches!(reason("/a\0b"), InvalidPath::ForbiddenCharacter { offset: 2, .. }));
-        assert!(matches!(reason("/a\nb"), InvalidPath::ForbiddenCharacter { .. }));
-        assert!(matches!(reason("/a\u{E000}"), InvalidPath::ForbiddenCharacter { .. }));
-        assert!(matches!(reason("/a\u{FFFF}"), InvalidPath::ForbiddenCharacter { .. }));
+        assert!(matches!(
+            reason("/a/./b"),
+            InvalidPath::RelativeSegment { index: 1, .. }
+        ));
+        assert!(matches!(
+            reason("/.."),
+            InvalidPath::RelativeSegment { index: 0, .. }
+        ));
+        assert!(matches!(
+            reason("/a\0b"),
+            InvalidPath::ForbiddenCharacter { offset: 2, .. }
+        ));
+        assert!(matches!(
+            reason("/a\nb"),
+            InvalidPath::ForbiddenCharacter { .. }
+        ));
+        assert!(matches!(
+            reason("/a\u{E000}"),
+            InvalidPath::ForbiddenCharacter { .. }
+        ));
+        assert!(matches!(
+            reason("/a\u{FFFF}"),
+            InvalidPath::ForbiddenCharacter { .. }
+        ));
         assert_eq!(reason("/zookeeper"), InvalidPath::Reserved);
         assert_eq!(reason("/zookeeper/quota"), InvalidPath::Reserved);
         assert!(NodePath::new("/a/zookeeper").is_ok());
@@ -319,7 +340,10 @@ mod tests {
         let p = NodePath::new("/a/b/c").unwrap();
         assert_eq!(p.name(), "c");
         assert_eq!(p.parent().unwrap().as_str(), "/a/b");
-        assert_eq!(NodePath::new("/a").unwrap().parent(), Some(NodePath::root()));
+        assert_eq!(
+            NodePath::new("/a").unwrap().parent(),
+            Some(NodePath::root())
+        );
         assert_eq!(NodePath::root().parent(), None);
         assert_eq!(p.join("d").unwrap().as_str(), "/a/b/c/d");
         assert_eq!(NodePath::root().join("x").unwrap().as_str(), "/x");
@@ -328,7 +352,9 @@ mod tests {
         assert!(p.is_child_of(&NodePath::new("/a/b").unwrap()));
         assert!(!p.is_child_of(&NodePath::new("/a").unwrap()));
         assert!(p.is_within(&NodePath::new("/a").unwrap()));
-        assert!(!NodePath::new("/ab").unwrap().is_within(&NodePath::new("/a").unwrap()));
+        assert!(!NodePath::new("/ab")
+            .unwrap()
+            .is_within(&NodePath::new("/a").unwrap()));
         assert!(p.is_within(&NodePath::root()));
         assert_eq!(p.depth(), 3);
         let anc: Vec<_> = p.ancestors().iter().map(|a| a.to_string()).collect();
@@ -337,7 +363,10 @@ mod tests {
 
     #[test]
     fn sequences() {
-        assert_eq!(sequential_name("1.2.3.4:80:1.0.0:", 22), "1.2.3.4:80:1.0.0:0000000022");
+        assert_eq!(
+            sequential_name("1.2.3.4:80:1.0.0:", 22),
+            "1.2.3.4:80:1.0.0:0000000022"
+        );
         assert_eq!(parse_sequence("1.2.3.4:80:1.0.0:0000000022"), Some(22));
         assert_eq!(parse_sequence("x123"), None);
         assert_eq!(NodePath::new("/s/n0000000007").unwrap().sequence(), Some(7));

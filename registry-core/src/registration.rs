@@ -243,20 +243,20 @@ fn current_node(shared: &Shared) -> Option<Node> {
 
 fn owned_by_current_session(shared: &Shared, node: &Node) -> bool {
     let session = shared.registry.session();
-    session.state.is_live() && node.ephemeral_owner.is_some() && node.ephemeral_owner == session.session_id
+    session.state.is_live()
+        && node.ephemeral_owner.is_some()
+        && node.ephemeral_owner == session.session_id
 }
 
 fn set_recreating(shared: &Shared, reason: impl Into<String>) {
     let reason = reason.into();
-    shared
-        .status
-        .send_if_modified(|status| match status {
-            RegistrationStatus::Deregistered => false,
-            _ => {
-                *status = RegistrationStatus::Recreating { reason };
-                true
-            }
-        });
+    shared.status.send_if_modified(|status| match status {
+        RegistrationStatus::Deregistered => false,
+        _ => {
+            *status = RegistrationStatus::Recreating { reason };
+            true
+        }
+    });
 }
 
 /// Makes sure the node exists and belongs to the current session; creates or replaces it.
@@ -270,7 +270,11 @@ async fn ensure(shared: &Shared) -> Result<Node> {
     };
     let node = if node.value != lock_value(shared) {
         registry
-            .set(&node.path, lock_value(shared), Expected::Version(node.version))
+            .set(
+                &node.path,
+                lock_value(shared),
+                Expected::Version(node.version),
+            )
             .await?
     } else {
         node
@@ -482,9 +486,7 @@ async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             },
         }
     }
-    shared
-        .status
-        .send_replace(RegistrationStatus::Deregistered);
+    shared.status.send_replace(RegistrationStatus::Deregistered);
 }
 
 /// Sleeps for `delay`; returns true if asked to stop meanwhile.
@@ -498,9 +500,7 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, delay: Duration) -> boo
 async fn remove(shared: &Shared) -> Result<()> {
     let _op = shared.op.lock().await;
     let node = current_node(shared);
-    shared
-        .status
-        .send_replace(RegistrationStatus::Deregistered);
+    shared.status.send_replace(RegistrationStatus::Deregistered);
     let Some(node) = node else {
         return Ok(());
     };
@@ -515,7 +515,11 @@ async fn remove(shared: &Shared) -> Result<()> {
                 return Ok(());
             }
             registry
-                .delete(&node.path, Expected::Version(now.version), DeleteScope::Node)
+                .delete(
+                    &node.path,
+                    Expected::Version(now.version),
+                    DeleteScope::Node,
+                )
                 .await
         };
         match attempt.await {

@@ -1,0 +1,291 @@
+//! `ServerProcess`: one real server process started by the harness, with the faults tests
+//! inject (kill -9, SIGSTOP/SIGCONT, restart on the same data) and cleanup that cannot leak.
+//!
+//! Every server runs under a small `sh` guard that reads our end of a pipe: when this test
+//! process exits for any reason (a panic, `cargo test` killed, a static never dropped), the
+//! pipe closes and the guard kills the server. `Drop` kills it too.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Result of harness operations; errors are messages meant for a failing test's output.
+pub type HarnessResult<T> = Result<T, String>;
+
+/// The command that installs every server the harness needs (named in errors).
+pub const SETUP_COMMAND: &str =
+    "apt-get update && apt-get install -y protobuf-compiler libprotobuf-dev etcd-server etcd-client zookeeper (or run the README's test command, which does this)";
+
+/// Fails with a message naming the setup command if `binary` is not an existing file.
+pub fn require_binary(binary: &Path, what: &str) -> HarnessResult<()> {
+    if binary.is_file() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} not found at {}: install it with `{SETUP_COMMAND}`",
+            binary.display()
+        ))
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound once, then released for the server to take).
+pub fn free_port() -> HarnessResult<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| format!("cannot bind a free loopback port: {e}"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot read the bound port: {e}"))
+}
+
+/// Polls `probe` every 50 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut probe: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if probe() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether something accepts TCP connections at `addr`.
+pub fn port_open(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// A server process: program, arguments and environment, kept so it can be restarted.
+pub struct ServerProcess {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log_path: PathBuf,
+    guard: Option<Child>,
+    guard_stdin: Option<ChildStdin>,
+    pid: Option<u32>,
+    paused: bool,
+}
+
+impl ServerProcess {
+    /// Starts `program args` with stdout and stderr appended to `log_path`.
+    pub fn start(
+        name: impl Into<String>,
+        program: impl Into<PathBuf>,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log_path: impl Into<PathBuf>,
+    ) -> HarnessResult<Self> {
+        let mut process = ServerProcess {
+            name: name.into(),
+            program: program.into(),
+            args,
+            env,
+            log_path: log_path.into(),
+            guard: None,
+            guard_stdin: None,
+            pid: None,
+            paused: false,
+        };
+        process.spawn()?;
+        Ok(process)
+    }
+
+    fn spawn(&mut self) -> HarnessResult<()> {
+        require_binary(&self.program, &self.name)?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .map_err(|e| format!("cannot open log {}: {e}", self.log_path.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("cannot clone log handle: {e}"))?;
+        // The guard starts the server, prints its pid, then waits for EOF on stdin (our exit)
+        // and kills it; a SIGSTOPped server is continued first so SIGKILL is not delayed.
+        let script = r#""$@" 1>&3 2>&4 & pid=$!; echo $pid; cat >/dev/null; kill -CONT $pid 2>/dev/null; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null"#;
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!(
+                "exec 3>>'{0}' 4>>'{0}'; {script}",
+                self.log_path.display()
+            ))
+            .arg("server-guard")
+            .arg(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_err));
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        drop(log);
+        let mut guard = command
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.name))?;
+        let stdout = guard
+            .stdout
+            .take()
+            .ok_or_else(|| "guard has no stdout".to_string())?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read {} pid: {e}", self.name))?;
+        let pid: u32 = line
+            .trim()
+            .parse()
+            .map_err(|_| format!("{} guard printed {line:?} instead of a pid", self.name))?;
+        self.guard_stdin = guard.stdin.take();
+        self.guard = Some(guard);
+        self.pid = Some(pid);
+        self.paused = false;
+        Ok(())
+    }
+
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// Where its output goes.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The last `bytes` bytes of its log, for failure messages.
+    pub fn log_tail(&self, bytes: usize) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let start = text.len().saturating_sub(bytes);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        text[start..].to_string()
+    }
+
+    fn signal(&self, signal: &str) -> HarnessResult<()> {
+        let pid = self
+            .pid
+            .ok_or_else(|| format!("{} is not running", self.name))?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .map_err(|e| format!("cannot run kill: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("kill -{signal} {pid} ({}) failed", self.name))
+        }
+    }
+
+    /// Crashes the server (SIGKILL) and waits until it is gone.
+    pub fn kill(&mut self) -> HarnessResult<()> {
+        if self.pid.is_none() {
+            return Ok(());
+        }
+        if self.paused {
+            let _ = self.signal("CONT");
+        }
+        let _ = self.signal("KILL");
+        // Closing the guard's stdin makes it reap the server and exit.
+        self.guard_stdin = None;
+        if let Some(mut guard) = self.guard.take() {
+            let _ = guard.wait();
+        }
+        self.pid = None;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Freezes the server (SIGSTOP): a GC-like stall or a partition as the client sees it.
+    pub fn pause(&mut self) -> HarnessResult<()> {
+        self.signal("STOP")?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Continues a paused server (SIGCONT).
+    pub fn resume(&mut self) -> HarnessResult<()> {
+        self.signal("CONT")?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Starts the server again with the same arguments (and so the same data directory).
+    pub fn restart(&mut self) -> HarnessResult<()> {
+        self.kill()?;
+        self.spawn()
+    }
+
+    /// Whether the process is running (not necessarily ready).
+    pub fn is_running(&self) -> bool {
+        self.pid
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_resume_kill_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = ServerProcess::start(
+            "sleeper",
+            "/bin/sleep",
+            vec!["1000".into()],
+            vec![],
+            dir.path().join("log"),
+        )
+        .unwrap();
+        let first = p.pid().unwrap();
+        assert!(p.is_running());
+        p.pause().unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{first}/stat")).unwrap();
+        assert!(stat.contains(") T "), "not stopped: {stat}");
+        p.resume().unwrap();
+        p.restart().unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{first}")).exists(),
+            "old pid survived restart"
+        );
+        let second = p.pid().unwrap();
+        drop(p);
+        assert!(wait_until(Duration::from_secs(2), || !Path::new(&format!(
+            "/proc/{second}"
+        ))
+        .exists()));
+    }
+
+    #[test]
+    fn missing_binary_names_setup_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ServerProcess::start(
+            "etcd",
+            "/nonexistent/etcd",
+            vec![],
+            vec![],
+            dir.path().join("log"),
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("apt-get install"), "{err}");
+    }
+}
