@@ -2,7 +2,9 @@
 //! temp dirs, and injects faults (kill, pause, restart, connection cuts).
 
 pub mod process;
+pub mod proxy;
 
 pub use process::{
     free_port, port_open, require_binary, wait_until, HarnessResult, ServerProcess, SETUP_COMMAND,
 };
+pub use proxy::{ProxyMode, TcpProxy};
