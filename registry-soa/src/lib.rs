@@ -1,0 +1,1 @@
+//! Dapeng-compatible SOA layer (placeholder).
