@@ -13,6 +13,7 @@ pub mod error;
 pub mod memory;
 pub mod node;
 pub mod path;
+pub mod recipes;
 pub mod registration;
 pub mod registry;
 pub mod session;

@@ -1,0 +1,141 @@
+//! `Mutex`: a distributed lock with fencing tokens, on any [`Registry`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::contender::{remove_in_background, Contender, HoldMonitor};
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::path::NodePath;
+use crate::registry::Registry;
+
+/// A distributed lock at a path: contenders queue as ephemeral-sequential children.
+///
+/// Guarantees: at most one [`MutexGuard`] per lock path is held at a time while sessions are
+/// intact; a release wakes exactly the next waiter; fencing tokens grow strictly from holder
+/// to holder; a pending `lock()` that is dropped leaves no node behind; a holder whose session
+/// is lost sees [`MutexGuard::is_held`] turn false (check it, or pass the fencing token to the
+/// resource, before acting on the lock).
+#[derive(Clone)]
+pub struct Mutex {
+    registry: Arc<dyn Registry>,
+    path: NodePath,
+    wake_ups: Arc<AtomicU64>,
+}
+
+/// Proof of holding a [`Mutex`]; releases on [`unlock`](MutexGuard::unlock) or drop.
+pub struct MutexGuard {
+    registry: Arc<dyn Registry>,
+    node: Option<Node>,
+    monitor: HoldMonitor,
+}
+
+impl Mutex {
+    /// A lock whose contenders live under `path` (created if missing).
+    pub fn new(registry: Arc<dyn Registry>, path: NodePath) -> Mutex {
+        Mutex {
+            registry,
+            path,
+            wake_ups: Arc::default(),
+        }
+    }
+
+    /// How often this handle's waiters were woken to re-check their turn (each waiter is
+    /// woken only by its predecessor leaving: the no-herd property the suite counts).
+    pub fn wake_ups(&self) -> u64 {
+        self.wake_ups.load(Ordering::Relaxed)
+    }
+
+    /// The lock's path.
+    pub fn path(&self) -> &NodePath {
+        &self.path
+    }
+
+    /// Waits until the lock is ours.
+    pub async fn lock(&self) -> Result<MutexGuard> {
+        let contender =
+            Contender::enqueue(self.registry.clone(), &self.path, "lock", Bytes::new()).await?;
+        contender.wait_for_turn(&self.wake_ups).await?;
+        Ok(self.hold(contender))
+    }
+
+    /// Takes the lock if nobody holds or waits for it; `None` otherwise (nothing left behind).
+    pub async fn try_lock(&self) -> Result<Option<MutexGuard>> {
+        let contender =
+            Contender::enqueue(self.registry.clone(), &self.path, "lock", Bytes::new()).await?;
+        let children = self.registry.children(&self.path).await?;
+        if children.nodes.first().map(|n| &n.path) == Some(&contender.node.path) {
+            Ok(Some(self.hold(contender)))
+        } else {
+            contender.remove().await?;
+            Ok(None)
+        }
+    }
+
+    /// Like [`lock`](Mutex::lock), giving up after `timeout` with [`Error::Timeout`] (and
+    /// leaving no node behind).
+    pub async fn lock_timeout(&self, timeout: Duration) -> Result<MutexGuard> {
+        tokio::time::timeout(timeout, self.lock())
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: format!("lock {}", self.path),
+                after: timeout,
+            })?
+    }
+
+    fn hold(&self, contender: Contender) -> MutexGuard {
+        let (registry, node) = contender.disarm();
+        let monitor = HoldMonitor::start(registry.clone(), node.clone());
+        MutexGuard {
+            registry,
+            node: Some(node),
+            monitor,
+        }
+    }
+}
+
+impl MutexGuard {
+    /// The fencing token: the lock node's `create_order`, strictly increasing across holders.
+    pub fn fencing_token(&self) -> u64 {
+        self.node.as_ref().map_or(0, |n| n.create_order)
+    }
+
+    /// Whether the lock is still ours: false once our session or node is lost.
+    pub fn is_held(&self) -> bool {
+        self.node.is_some() && self.monitor.is_held()
+    }
+
+    /// Resolves when the lock is lost (session lost, node deleted by someone else).
+    pub async fn lost(&self) {
+        self.monitor.lost().await
+    }
+
+    /// Releases the lock and waits until its node is gone.
+    pub async fn unlock(mut self) -> Result<()> {
+        match self.node.take() {
+            Some(node) => super::contender::remove_node(&*self.registry, &node).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MutexGuard {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.take() {
+            remove_in_background(self.registry.clone(), node);
+        }
+    }
+}
+
+impl std::fmt::Debug for MutexGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MutexGuard")
+            .field("node", &self.node.as_ref().map(|n| n.path.as_str()))
+            .field("fencing_token", &self.fencing_token())
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
