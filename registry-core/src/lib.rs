@@ -24,7 +24,7 @@ pub use bytes::Bytes;
 pub use backoff::Backoff;
 pub use capabilities::Capabilities;
 pub use error::{BoxError, Error, InvalidPath, Result};
-pub use memory::{MemoryRegistry, MemoryStore};
+pub use memory::{MemoryOptions, MemoryRegistry, MemoryStore};
 pub use node::{Children, CreateMode, DeleteScope, Expected, Node, Revision, SessionId};
 pub use path::{NodePath, MAX_DEPTH, MAX_PATH_LEN, SEQUENCE_DIGITS};
 pub use registration::{RegisterOptions, Registration, RegistrationStatus};

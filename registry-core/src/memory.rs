@@ -1,10 +1,769 @@
-//! The in-memory backend: a complete implementation of the contract (placeholder; filled in
-//! by the foundation work).
+//! The in-memory backend: a complete implementation of the contract, for demos and fast tests.
+//!
+//! A [`MemoryStore`] is the "server": one tree, one revision counter, sessions, watchers.
+//! Any number of [`MemoryRegistry`] clients connect to it, each with its own session. Fault
+//! hooks on the store ([`MemoryStore::expire_session`], [`MemoryStore::interrupt_connection`])
+//! let tests and demos exercise every session case without a real server.
+//!
+//! Watches deliver exact events (every committed change, in order). Each stream buffers at
+//! most [`WATCH_BUFFER`] events; a consumer that falls further behind has its buffer dropped
+//! and gets a [`WatchEvent::Resync`] with [`ResyncReason::Lagged`] instead, so writers never
+//! block and memory stays bounded. The last [`HISTORY_LEN`] changes are kept so a watch can
+//! start after a past revision.
 
-/// A shared in-memory tree that several clients connect to.
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::capabilities::Capabilities;
+use crate::error::{Error, Result};
+use crate::node::{Children, CreateMode, DeleteScope, Expected, Node, Revision, SessionId};
+use crate::path::{sequential_name, NodePath};
+use crate::registration::{RegisterOptions, Registration};
+use crate::registry::{check_value, Registry};
+use crate::session::{SessionState, SessionStatus, SessionTracker};
+use crate::watch::{ResyncReason, Snapshot, WatchEvent, WatchOptions, WatchScope, WatchStream};
+
+/// Events buffered per watch stream before the consumer counts as lagging.
+pub const WATCH_BUFFER: usize = 4096;
+
+/// Changes kept for watches that start after a past revision.
+pub const HISTORY_LEN: usize = 100_000;
+
+const BACKEND: &str = "memory";
+
+/// Options of [`MemoryRegistry::connect`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// How long the store keeps a session whose client is cut off (default 5 s).
+    pub session_ttl: Duration,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        MemoryOptions {
+            session_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+impl MemoryOptions {
+    /// These options with another session TTL.
+    pub fn with_session_ttl(mut self, ttl: Duration) -> Self {
+        self.session_ttl = ttl;
+        self
+    }
+}
+
+enum Signal {
+    Event(WatchEvent),
+    Resync(ResyncReason),
+}
+
+struct Watcher {
+    root: NodePath,
+    scope: WatchScope,
+    client: u64,
+    tx: mpsc::Sender<Signal>,
+    lagged: Arc<AtomicBool>,
+}
+
+struct SessionEntry {
+    client: u64,
+}
+
+struct ClientEntry {
+    inner: Weak<ClientInner>,
+    connected: bool,
+}
+
+#[derive(Default)]
+struct State {
+    nodes: BTreeMap<NodePath, Node>,
+    revision: u64,
+    sequences: HashMap<NodePath, u64>,
+    history: VecDeque<(u64, WatchEvent)>,
+    next_session: i64,
+    sessions: HashMap<SessionId, SessionEntry>,
+    next_client: u64,
+    clients: HashMap<u64, ClientEntry>,
+    next_watcher: u64,
+    watchers: HashMap<u64, Watcher>,
+}
+
+/// The shared tree several [`MemoryRegistry`] clients connect to. Cheap to clone (a handle).
+///
+/// Guarantees: every operation is atomic and linearizable; revisions count every committed
+/// change from 1; sequence counters are per parent, starting at 0.
 #[derive(Clone, Default)]
-pub struct MemoryStore {}
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+}
 
-/// A client of a [`MemoryStore`].
+fn root_node() -> Node {
+    Node {
+        path: NodePath::root(),
+        value: Bytes::new(),
+        version: 0,
+        create_order: 0,
+        modify_order: 0,
+        ephemeral_owner: None,
+    }
+}
+
+impl State {
+    fn node(&self, path: &NodePath) -> Option<Node> {
+        if path.is_root() {
+            return Some(root_node());
+        }
+        self.nodes.get(path).cloned()
+    }
+
+    /// Nodes strictly below `path`, in path order.
+    fn descendants<'a>(&'a self, path: &'a NodePath) -> impl Iterator<Item = &'a Node> + 'a {
+        let start = if path.is_root() {
+            "/".to_owned()
+        } else {
+            format!("{path}/")
+        };
+        self.nodes
+            .range::<str, _>((
+                std::ops::Bound::Included(start.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(move |(p, _)| p.as_str().starts_with(&start))
+            .map(|(_, n)| n)
+    }
+
+    fn in_scope(&self, root: &NodePath, scope: WatchScope) -> Vec<Node> {
+        match scope {
+            WatchScope::Node => self.nodes.get(root).cloned().into_iter().collect(),
+            WatchScope::Children => self
+                .descendants(root)
+                .filter(|n| n.path.is_child_of(root))
+                .cloned()
+                .collect(),
+            WatchScope::Subtree => self
+                .nodes
+                .get(root)
+                .cloned()
+                .into_iter()
+                .chain(self.descendants(root).cloned())
+                .collect(),
+        }
+    }
+
+    fn snapshot(&self, root: &NodePath, scope: WatchScope) -> Snapshot {
+        Snapshot {
+            nodes: self.in_scope(root, scope),
+            revision: Revision(self.revision),
+        }
+    }
+
+    fn commit(&mut self, event: WatchEvent) {
+        let path = match &event {
+            WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n) => {
+                n.path.clone()
+            }
+            _ => return,
+        };
+        for watcher in self.watchers.values() {
+            if !watcher.scope.covers(&watcher.root, &path) {
+                continue;
+            }
+            if watcher.lagged.load(Ordering::SeqCst) {
+                continue;
+            }
+            let connected = self
+                .clients
+                .get(&watcher.client)
+                .is_some_and(|c| c.connected);
+            if !connected {
+                continue;
+            }
+            if watcher.tx.try_send(Signal::Event(event.clone())).is_err() {
+                watcher.lagged.store(true, Ordering::SeqCst);
+            }
+        }
+        self.history.push_back((self.revision, event));
+        if self.history.len() > HISTORY_LEN {
+            self.history.pop_front();
+        }
+    }
+
+    fn insert(&mut self, path: NodePath, value: Bytes, owner: Option<SessionId>) -> Node {
+        self.revision += 1;
+        let node = Node {
+            path: path.clone(),
+            value,
+            version: 0,
+            create_order: self.revision,
+            modify_order: self.revision,
+            ephemeral_owner: owner,
+        };
+        self.nodes.insert(path, node.clone());
+        self.commit(WatchEvent::Created(node.clone()));
+        node
+    }
+
+    fn remove(&mut self, path: &NodePath) {
+        if let Some(mut node) = self.nodes.remove(path) {
+            self.revision += 1;
+            node.modify_order = self.revision;
+            self.commit(WatchEvent::Deleted(node));
+        }
+    }
+
+    fn remove_ephemerals_of(&mut self, session: SessionId) {
+        let owned: Vec<NodePath> = self
+            .nodes
+            .values()
+            .filter(|n| n.ephemeral_owner == Some(session))
+            .map(|n| n.path.clone())
+            .collect();
+        for path in owned {
+            self.remove(&path);
+        }
+    }
+
+    fn open_session(&mut self, client: u64) -> SessionId {
+        self.next_session += 1;
+        let id = SessionId(self.next_session);
+        self.sessions.insert(id, SessionEntry { client });
+        id
+    }
+
+    /// Marks the client's watchers for a resync and wakes them.
+    fn resync_watchers_of(&mut self, client: u64, reason: ResyncReason) {
+        for watcher in self.watchers.values().filter(|w| w.client == client) {
+            if watcher.tx.try_send(Signal::Resync(reason.clone())).is_err() {
+                watcher.lagged.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fault hook: expires `session` as a server would. Its ephemeral nodes are deleted, and
+    /// its client reports `Lost`, then `Reestablished` with a new session.
+    pub fn expire_session(&self, session: SessionId) -> Result<()> {
+        let client = {
+            let mut state = self.lock();
+            let entry = state.sessions.remove(&session).ok_or_else(|| {
+                Error::InvalidArgument(format!("no live session {session} in this store"))
+            })?;
+            state.remove_ephemerals_of(session);
+            state
+                .clients
+                .get(&entry.client)
+                .and_then(|c| c.inner.upgrade())
+        };
+        tracing::info!(%session, "memory store: session expired");
+        if let Some(client) = client {
+            client.session_lost(self);
+        }
+        Ok(())
+    }
+
+    /// Fault hook: cuts the connection of the client holding `session` for `duration`.
+    ///
+    /// Returns at once (it needs a tokio runtime). While cut, the client reports `Suspended`,
+    /// its operations fail with [`Error::Unavailable`] and its watches receive nothing. If
+    /// `duration` reaches the session TTL, the store expires the session at the TTL, and on
+    /// reconnection the client reports `Lost` then `Reestablished`; otherwise `Connected` with
+    /// the same session. Either way its watches then deliver a `Resync`.
+    pub fn interrupt_connection(&self, session: SessionId, duration: Duration) -> Result<()> {
+        let client = {
+            let mut state = self.lock();
+            let entry = state.sessions.get(&session).ok_or_else(|| {
+                Error::InvalidArgument(format!("no live session {session} in this store"))
+            })?;
+            let client_id = entry.client;
+            let client = state
+                .clients
+                .get_mut(&client_id)
+                .ok_or_else(|| Error::InvalidArgument(format!("no client for {session}")))?;
+            client.connected = false;
+            client.inner.upgrade()
+        };
+        let Some(client) = client else {
+            return Ok(());
+        };
+        client.tracker.transition(SessionState::Suspended, None);
+        let store = self.clone();
+        let ttl = client.options.session_ttl;
+        tokio::spawn(async move {
+            let expires = duration >= ttl;
+            tokio::time::sleep(duration.min(ttl)).await;
+            if expires {
+                store.drop_session(session);
+                tokio::time::sleep(duration - ttl).await;
+            }
+            client.reconnect(&store, expires);
+        });
+        Ok(())
+    }
+
+    fn drop_session(&self, session: SessionId) {
+        let mut state = self.lock();
+        if state.sessions.remove(&session).is_some() {
+            state.remove_ephemerals_of(session);
+        }
+    }
+
+    /// How many watch streams are open against this store (dropped streams are not counted).
+    pub fn watcher_count(&self) -> usize {
+        self.lock().watchers.len()
+    }
+
+    /// The live sessions and the ephemeral nodes each owns.
+    pub fn sessions(&self) -> Vec<(SessionId, Vec<NodePath>)> {
+        let state = self.lock();
+        let mut out: Vec<_> = state
+            .sessions
+            .keys()
+            .map(|id| {
+                let owned = state
+                    .nodes
+                    .values()
+                    .filter(|n| n.ephemeral_owner == Some(*id))
+                    .map(|n| n.path.clone())
+                    .collect();
+                (*id, owned)
+            })
+            .collect();
+        out.sort_by_key(|(id, _)| *id);
+        out
+    }
+}
+
+struct ClientInner {
+    id: u64,
+    store: MemoryStore,
+    options: MemoryOptions,
+    tracker: SessionTracker,
+    session: Mutex<Option<SessionId>>,
+    closed: AtomicBool,
+}
+
+impl ClientInner {
+    fn session_id(&self) -> Option<SessionId> {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After the store dropped our session: report it and open a new one.
+    fn session_lost(&self, store: &MemoryStore) {
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        self.tracker.transition(SessionState::Lost, None);
+        let new = {
+            let mut state = store.lock();
+            let id = state.open_session(self.id);
+            *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+            id
+        };
+        self.tracker
+            .transition(SessionState::Reestablished, Some(new));
+    }
+
+    fn reconnect(&self, store: &MemoryStore, session_expired: bool) {
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        {
+            let mut state = store.lock();
+            if let Some(client) = state.clients.get_mut(&self.id) {
+                client.connected = true;
+            }
+            let reason = if session_expired {
+                ResyncReason::SessionReestablished
+            } else {
+                ResyncReason::Reconnected
+            };
+            state.resync_watchers_of(self.id, reason);
+        }
+        if session_expired {
+            self.session_lost(store);
+        } else {
+            self.tracker
+                .transition(SessionState::Connected, self.session_id());
+        }
+    }
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        // A client dropped without close() behaves as a crashed process whose session the
+        // server expires: here, at once.
+        let mut state = self.store.lock();
+        if let Some(session) = self.session_id() {
+            if state.sessions.remove(&session).is_some() {
+                state.remove_ephemerals_of(session);
+            }
+        }
+        state.watchers.retain(|_, w| w.client != self.id);
+        state.clients.remove(&self.id);
+    }
+}
+
+/// A client of a [`MemoryStore`], with its own session. Cheap to clone (a handle).
 #[derive(Clone)]
-pub struct MemoryRegistry {}
+pub struct MemoryRegistry {
+    inner: Arc<ClientInner>,
+}
+
+impl MemoryRegistry {
+    /// Connects to `store` and opens a session.
+    pub async fn connect(store: &MemoryStore, options: MemoryOptions) -> Result<MemoryRegistry> {
+        let tracker = SessionTracker::new();
+        let mut state = store.lock();
+        state.next_client += 1;
+        let id = state.next_client;
+        let session = state.open_session(id);
+        let inner = Arc::new(ClientInner {
+            id,
+            store: store.clone(),
+            options,
+            tracker,
+            session: Mutex::new(Some(session)),
+            closed: AtomicBool::new(false),
+        });
+        state.clients.insert(
+            id,
+            ClientEntry {
+                inner: Arc::downgrade(&inner),
+                connected: true,
+            },
+        );
+        drop(state);
+        inner
+            .tracker
+            .transition(SessionState::Connected, Some(session));
+        tracing::debug!(%session, "memory client connected");
+        Ok(MemoryRegistry { inner })
+    }
+
+    /// The store this client is connected to.
+    pub fn store(&self) -> &MemoryStore {
+        &self.inner.store
+    }
+
+    /// Locks the store for an operation, failing if this client is closed or cut off.
+    fn state(&self) -> Result<MutexGuard<'_, State>> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let state = self.inner.store.lock();
+        let connected = state
+            .clients
+            .get(&self.inner.id)
+            .is_some_and(|c| c.connected);
+        if !connected {
+            return Err(Error::unavailable(
+                "memory client is cut off from its store (fault injected)",
+            ));
+        }
+        Ok(state)
+    }
+
+    fn live_session(&self, state: &State) -> Result<SessionId> {
+        self.inner
+            .session_id()
+            .filter(|id| state.sessions.contains_key(id))
+            .ok_or(Error::SessionExpired)
+    }
+}
+
+fn not_found(path: &NodePath) -> Error {
+    Error::NotFound { path: path.clone() }
+}
+
+fn check_expected(path: &NodePath, node: &Node, expected: Expected) -> Result<()> {
+    match expected {
+        Expected::Version(v) if v != node.version => Err(Error::VersionMismatch {
+            path: path.clone(),
+            expected: v,
+            actual: node.version,
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[async_trait]
+impl Registry for MemoryRegistry {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::full(BACKEND)
+    }
+
+    fn session(&self) -> SessionStatus {
+        self.inner.tracker.status()
+    }
+
+    fn session_events(&self) -> BoxStream<'static, SessionStatus> {
+        self.inner.tracker.subscribe()
+    }
+
+    async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
+        check_value(path, &value)?;
+        let parent = path
+            .parent()
+            .ok_or_else(|| Error::InvalidArgument("cannot create the root node".into()))?;
+        let mut state = self.state()?;
+        let owner = if mode.is_ephemeral() {
+            Some(self.live_session(&state)?)
+        } else {
+            None
+        };
+        let ancestors = path.ancestors();
+        for ancestor in ancestors.iter().filter(|a| !a.is_root()) {
+            if let Some(node) = state.nodes.get(ancestor) {
+                if node.is_ephemeral() {
+                    return Err(Error::EphemeralParent {
+                        path: path.clone(),
+                        parent: ancestor.clone(),
+                    });
+                }
+            }
+        }
+        let target = if mode.is_sequential() {
+            let counter = state.sequences.entry(parent.clone()).or_insert(0);
+            let name = sequential_name(path.name(), *counter);
+            let target = parent.join(&name)?;
+            *counter += 1;
+            target
+        } else {
+            if state.nodes.contains_key(path) {
+                return Err(Error::AlreadyExists { path: path.clone() });
+            }
+            path.clone()
+        };
+        for ancestor in ancestors.into_iter().filter(|a| !a.is_root()) {
+            if !state.nodes.contains_key(&ancestor) {
+                state.insert(ancestor, Bytes::new(), None);
+            }
+        }
+        Ok(state.insert(target, value, owner))
+    }
+
+    async fn get(&self, path: &NodePath) -> Result<Node> {
+        self.state()?.node(path).ok_or_else(|| not_found(path))
+    }
+
+    async fn exists(&self, path: &NodePath) -> Result<bool> {
+        Ok(self.state()?.node(path).is_some())
+    }
+
+    async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
+        check_value(path, &value)?;
+        if path.is_root() {
+            return Err(Error::InvalidArgument("cannot write the root node".into()));
+        }
+        let mut state = self.state()?;
+        let mut node = state
+            .nodes
+            .get(path)
+            .cloned()
+            .ok_or_else(|| not_found(path))?;
+        check_expected(path, &node, expected)?;
+        state.revision += 1;
+        node.value = value;
+        node.version += 1;
+        node.modify_order = state.revision;
+        state.nodes.insert(path.clone(), node.clone());
+        state.commit(WatchEvent::Updated(node.clone()));
+        Ok(node)
+    }
+
+    async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
+        if path.is_root() {
+            return Err(Error::InvalidArgument("cannot delete the root node".into()));
+        }
+        let mut state = self.state()?;
+        let node = state
+            .nodes
+            .get(path)
+            .cloned()
+            .ok_or_else(|| not_found(path))?;
+        check_expected(path, &node, expected)?;
+        let below: Vec<NodePath> = state.descendants(path).map(|n| n.path.clone()).collect();
+        if !below.is_empty() && scope == DeleteScope::Node {
+            return Err(Error::NotEmpty { path: path.clone() });
+        }
+        // Children before parents, so no event ever shows an orphan.
+        for victim in below.iter().rev() {
+            state.remove(victim);
+        }
+        state.remove(path);
+        Ok(())
+    }
+
+    async fn children(&self, path: &NodePath) -> Result<Children> {
+        let state = self.state()?;
+        if state.node(path).is_none() {
+            return Err(not_found(path));
+        }
+        let mut nodes: Vec<Node> = state
+            .descendants(path)
+            .filter(|n| n.path.is_child_of(path))
+            .cloned()
+            .collect();
+        nodes.sort_by_key(|n| n.create_order);
+        Ok(Children {
+            nodes,
+            revision: Revision(state.revision),
+        })
+    }
+
+    async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
+        let mut state = self.state()?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let mut first: VecDeque<WatchEvent> = VecDeque::new();
+        match options.after {
+            None => first.push_back(WatchEvent::Snapshot(state.snapshot(path, options.scope))),
+            Some(Revision(after)) => {
+                let oldest = state
+                    .history
+                    .front()
+                    .map_or(state.revision + 1, |(r, _)| *r);
+                let replayable = after >= state.revision || oldest <= after + 1;
+                if replayable {
+                    first.extend(
+                        state
+                            .history
+                            .iter()
+                            .filter(|(rev, e)| {
+                                *rev > after
+                                    && matches!(e, WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n)
+                                        if options.scope.covers(path, &n.path))
+                            })
+                            .map(|(_, e)| e.clone()),
+                    );
+                } else {
+                    first.push_back(WatchEvent::Resync {
+                        snapshot: state.snapshot(path, options.scope),
+                        reason: ResyncReason::StartNotReplayable,
+                    });
+                }
+            }
+        }
+        state.next_watcher += 1;
+        let id = state.next_watcher;
+        state.watchers.insert(
+            id,
+            Watcher {
+                root: path.clone(),
+                scope: options.scope,
+                client: self.inner.id,
+                tx,
+                lagged: lagged.clone(),
+            },
+        );
+        drop(state);
+        tracing::debug!(path = %path, scope = ?options.scope, "memory watch opened");
+        let feed = WatchFeed {
+            store: self.inner.store.clone(),
+            id,
+            root: path.clone(),
+            scope: options.scope,
+            rx,
+            lagged,
+            first,
+        };
+        Ok(stream::unfold(feed, |mut feed| async move {
+            let event = feed.next().await?;
+            Some((Ok(event), feed))
+        })
+        .boxed())
+    }
+
+    async fn register(
+        &self,
+        path: &NodePath,
+        value: Bytes,
+        options: RegisterOptions,
+    ) -> Result<Registration> {
+        Registration::start(Arc::new(self.clone()), path, value, options).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        {
+            let mut state = self.inner.store.lock();
+            if let Some(session) = self.inner.session_id() {
+                if state.sessions.remove(&session).is_some() {
+                    state.remove_ephemerals_of(session);
+                }
+            }
+            // Dropping the senders ends each stream after what it already buffered.
+            state.watchers.retain(|_, w| w.client != self.inner.id);
+        }
+        self.inner.tracker.transition(SessionState::Closed, None);
+        tracing::debug!("memory client closed");
+        Ok(())
+    }
+}
+
+/// One watch stream's state; unregisters its watcher when dropped.
+struct WatchFeed {
+    store: MemoryStore,
+    id: u64,
+    root: NodePath,
+    scope: WatchScope,
+    rx: mpsc::Receiver<Signal>,
+    lagged: Arc<AtomicBool>,
+    first: VecDeque<WatchEvent>,
+}
+
+impl WatchFeed {
+    async fn next(&mut self) -> Option<WatchEvent> {
+        if let Some(event) = self.first.pop_front() {
+            return Some(event);
+        }
+        if self.lagged.load(Ordering::SeqCst) {
+            return Some(self.resync(ResyncReason::Lagged));
+        }
+        match self.rx.recv().await? {
+            Signal::Event(event) => {
+                if self.lagged.load(Ordering::SeqCst) {
+                    return Some(self.resync(ResyncReason::Lagged));
+                }
+                Some(event)
+            }
+            Signal::Resync(reason) => Some(self.resync(reason)),
+        }
+    }
+
+    /// Drops everything buffered and takes a fresh snapshot, atomically with the writers.
+    fn resync(&mut self, reason: ResyncReason) -> WatchEvent {
+        let state = self.store.lock();
+        while self.rx.try_recv().is_ok() {}
+        self.lagged.store(false, Ordering::SeqCst);
+        let snapshot = state.snapshot(&self.root, self.scope);
+        WatchEvent::Resync { snapshot, reason }
+    }
+}
+
+impl Drop for WatchFeed {
+    fn drop(&mut self) {
+        self.store.lock().watchers.remove(&self.id);
+    }
+}

@@ -261,6 +261,14 @@ impl TryFrom<String> for NodePath {
     }
 }
 
+// Consistent with Eq/Ord/Hash, which are those of the inner string: lets ordered maps of
+// paths be searched by string prefix.
+impl std::borrow::Borrow<str> for NodePath {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl AsRef<str> for NodePath {
     fn as_ref(&self) -> &str {
         &self.0

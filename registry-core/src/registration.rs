@@ -416,7 +416,12 @@ async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
                 Err(Error::Closed) => break,
                 Err(error) => {
-                    tracing::warn!(%error, "re-registration failed; retrying");
+                    // Retryable failures are expected while a session turns over.
+                    if error.is_retryable() {
+                        tracing::info!(%error, "re-registration failed; retrying");
+                    } else {
+                        tracing::warn!(%error, "re-registration failed; retrying");
+                    }
                     set_recreating(&shared, error.to_string());
                     if sleep_or_stop(&mut stop, backoff.next_delay()).await {
                         return;

@@ -1,0 +1,270 @@
+//! Backend-specific tests of the in-memory store: its fault hooks and buffer policy, and the
+//! Registration engine driven through them. The shared contract is tested by the
+//! conformance suite (conformance-tests/tests/memory.rs).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore, WATCH_BUFFER};
+use registry_core::{
+    Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, RegistrationStatus,
+    Registry, ResyncReason, SessionState, WatchEvent, WatchOptions,
+};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn p(s: &str) -> NodePath {
+    NodePath::new(s).unwrap()
+}
+
+async fn client(store: &MemoryStore) -> MemoryRegistry {
+    MemoryRegistry::connect(
+        store,
+        MemoryOptions::default().with_session_ttl(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap()
+}
+
+async fn next_event(stream: &mut registry_core::WatchStream) -> WatchEvent {
+    tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("no watch event within 5 s")
+        .expect("watch stream ended")
+        .expect("watch stream error")
+}
+
+async fn wait_status(
+    reg: &registry_core::Registration,
+    pred: impl Fn(&RegistrationStatus) -> bool,
+) -> RegistrationStatus {
+    let mut rx = reg.watch_status();
+    let reached = tokio::time::timeout(WAIT, rx.wait_for(|s| pred(s)))
+        .await
+        .expect("registration status not reached within 5 s")
+        .expect("status channel closed")
+        .clone();
+    reached
+}
+
+#[tokio::test]
+async fn lagging_consumer_gets_a_resync_not_unbounded_memory() {
+    let store = MemoryStore::new();
+    let c = client(&store).await;
+    c.create(&p("/x"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let mut watch = c.watch(&p("/x"), WatchOptions::node()).await.unwrap();
+    assert!(matches!(
+        next_event(&mut watch).await,
+        WatchEvent::Snapshot(_)
+    ));
+    for i in 0..(WATCH_BUFFER + 10) {
+        c.set(&p("/x"), Bytes::from(i.to_string()), Expected::Any)
+            .await
+            .unwrap();
+    }
+    let mut seen = 0;
+    loop {
+        match next_event(&mut watch).await {
+            WatchEvent::Updated(_) => seen += 1,
+            WatchEvent::Resync { snapshot, reason } => {
+                assert_eq!(reason, ResyncReason::Lagged);
+                assert_eq!(
+                    snapshot.nodes[0].value,
+                    Bytes::from((WATCH_BUFFER + 9).to_string())
+                );
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            seen <= WATCH_BUFFER,
+            "more than the buffer was delivered before the resync"
+        );
+    }
+}
+
+#[tokio::test]
+async fn short_interruption_keeps_the_session_and_resyncs_watches() {
+    let store = MemoryStore::new();
+    let c = client(&store).await;
+    let mut events = c.session_events();
+    let session = c.session().session_id.unwrap();
+    c.create(&p("/e"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    let mut watch = c.watch(&p("/e"), WatchOptions::node()).await.unwrap();
+    next_event(&mut watch).await;
+    store
+        .interrupt_connection(session, Duration::from_millis(100))
+        .unwrap();
+    assert!(matches!(
+        c.get(&p("/e")).await,
+        Err(Error::Unavailable { .. })
+    ));
+    let states: Vec<_> = tokio::time::timeout(WAIT, events.by_ref().take(3).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let states: Vec<_> = states.iter().map(|s| s.state).collect();
+    assert_eq!(
+        states,
+        [
+            SessionState::Connected,
+            SessionState::Suspended,
+            SessionState::Connected
+        ]
+    );
+    assert_eq!(c.session().session_id, Some(session));
+    match next_event(&mut watch).await {
+        WatchEvent::Resync { snapshot, reason } => {
+            assert_eq!(reason, ResyncReason::Reconnected);
+            assert_eq!(
+                snapshot.nodes.len(),
+                1,
+                "ephemeral must survive a short cut"
+            );
+        }
+        other => panic!("expected a resync, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn long_interruption_expires_the_session() {
+    let store = MemoryStore::new();
+    let c = client(&store).await;
+    let other = client(&store).await;
+    let session = c.session().session_id.unwrap();
+    c.create(&p("/e"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    let mut watch = other.watch(&p("/e"), WatchOptions::node()).await.unwrap();
+    next_event(&mut watch).await;
+    store
+        .interrupt_connection(session, Duration::from_millis(700))
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut watch).await,
+        WatchEvent::Deleted(_)
+    ));
+    let mut rx = c.session_events();
+    let reestablished = tokio::time::timeout(WAIT, async {
+        while let Some(s) = rx.next().await {
+            if s.state == SessionState::Reestablished {
+                return s;
+            }
+        }
+        panic!("session stream ended")
+    })
+    .await
+    .unwrap();
+    assert_eq!(reestablished.epoch, 2);
+    assert_ne!(reestablished.session_id, Some(session));
+}
+
+#[tokio::test]
+async fn registration_heals_after_expiry_delete_and_stale_node() {
+    let store = MemoryStore::new();
+    let owner = client(&store).await;
+    let other = client(&store).await;
+    let path = p("/svc/1.2.3.4:80");
+    let reg = owner
+        .register(&path, Bytes::from("w=1"), RegisterOptions::new())
+        .await
+        .unwrap();
+
+    store
+        .expire_session(owner.session().session_id.unwrap())
+        .unwrap();
+    wait_status(&reg, |s| matches!(s, RegistrationStatus::Registered(n) if n.ephemeral_owner == owner.session().session_id)).await;
+
+    other
+        .delete(&path, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    wait_status(&reg, |s| matches!(s, RegistrationStatus::Registered(_))).await;
+    let node = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(n) = other.get(&path).await {
+                return n;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(node.ephemeral_owner, owner.session().session_id);
+
+    reg.set_value(Bytes::from("w=2")).await.unwrap();
+    store
+        .expire_session(owner.session().session_id.unwrap())
+        .unwrap();
+    let healed = wait_status(&reg, |s| matches!(s, RegistrationStatus::Registered(n) if n.ephemeral_owner == owner.session().session_id)).await;
+    match healed {
+        RegistrationStatus::Registered(n) => assert_eq!(n.value, Bytes::from("w=2")),
+        other => panic!("{other:?}"),
+    }
+
+    reg.deregister().await.unwrap();
+    assert!(!other.exists(&path).await.unwrap());
+}
+
+#[tokio::test]
+async fn registration_replaces_a_stale_node_of_another_session() {
+    let store = MemoryStore::new();
+    let stale = client(&store).await;
+    let owner = client(&store).await;
+    let path = p("/svc/10.0.0.1:9090");
+    stale
+        .create(&path, Bytes::from("old"), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    let reg = owner
+        .register(&path, Bytes::from("new"), RegisterOptions::new())
+        .await
+        .unwrap();
+    let node = owner.get(&path).await.unwrap();
+    assert_eq!(node.ephemeral_owner, owner.session().session_id);
+    assert_eq!(node.value, Bytes::from("new"));
+    drop(reg);
+    let mut watch = stale.watch(&path, WatchOptions::node()).await.unwrap();
+    loop {
+        match next_event(&mut watch).await {
+            WatchEvent::Snapshot(s) if s.nodes.is_empty() => break,
+            WatchEvent::Deleted(_) => break,
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn sequential_registration_gets_a_new_counter_on_recreation() {
+    let store = MemoryStore::new();
+    let owner = client(&store).await;
+    let prefix = p("/soa/runtime/services/S/1.2.3.4:9090:1.0.0:");
+    let reg = owner
+        .register(&prefix, Bytes::new(), RegisterOptions::new().sequential())
+        .await
+        .unwrap();
+    let first = reg.path().unwrap();
+    assert_eq!(first.name(), "1.2.3.4:9090:1.0.0:0000000000");
+    store
+        .expire_session(owner.session().session_id.unwrap())
+        .unwrap();
+    let status = wait_status(
+        &reg,
+        |s| matches!(s, RegistrationStatus::Registered(n) if n.path != first),
+    )
+    .await;
+    let RegistrationStatus::Registered(node) = status else {
+        unreachable!()
+    };
+    assert_eq!(node.path.name(), "1.2.3.4:9090:1.0.0:0000000001");
+    let children = owner.children(&p("/soa/runtime/services/S")).await.unwrap();
+    assert_eq!(
+        children.nodes.len(),
+        1,
+        "no orphan of the old session: {:?}",
+        children.nodes
+    );
+}

@@ -1,0 +1,453 @@
+//! `RegistryUrl`: parsing and printing of registry URLs (`etcd://`, `zk://`, `mem://`).
+//!
+//! ```text
+//! etcd://[user:password@]h1:2379,h2:2379[/namespace][?ttl=5s&timeout=3s]
+//! zk://h1:2181,h2:2181[/chroot][?session_timeout=10s&timeout=3s]
+//! mem://[name]
+//! ```
+//! Every malformed URL gets an [`Error::InvalidArgument`] that says what and where. Credentials
+//! are never printed: `Display` and `Debug` show `***` for the password.
+
+use std::fmt;
+use std::time::Duration;
+
+use registry_core::{Error, NodePath};
+
+/// Which backend a URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// `mem://`: the embedded in-memory backend.
+    Memory,
+    /// `etcd://`: etcd v3.
+    Etcd,
+    /// `zk://`: ZooKeeper.
+    ZooKeeper,
+}
+
+impl BackendKind {
+    /// The URL scheme.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            BackendKind::Memory => "mem",
+            BackendKind::Etcd => "etcd",
+            BackendKind::ZooKeeper => "zk",
+        }
+    }
+
+    /// The Cargo feature of the `registry` crate that compiles this backend in (none for
+    /// memory).
+    pub fn feature(self) -> Option<&'static str> {
+        match self {
+            BackendKind::Memory => None,
+            BackendKind::Etcd => Some("etcd"),
+            BackendKind::ZooKeeper => Some("zk"),
+        }
+    }
+}
+
+/// A `host:port` endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// User name and password from the URL's userinfo.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name.
+    pub user: String,
+    /// Password (never printed).
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+/// A parsed registry URL.
+///
+/// Guarantees: `endpoints` is non-empty for etcd and ZooKeeper and empty for memory;
+/// `namespace` is a valid [`NodePath`] (not the root) when present; every query parameter was
+/// recognised for the backend and well-formed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryUrl {
+    /// The backend.
+    pub kind: BackendKind,
+    /// Servers to connect to.
+    pub endpoints: Vec<Endpoint>,
+    /// The namespace (etcd key prefix) or chroot (ZooKeeper) every path lives under.
+    pub namespace: Option<NodePath>,
+    /// For `mem://name`: the name of the process-wide store to share.
+    pub memory_name: Option<String>,
+    /// Credentials from `user:password@`.
+    pub credentials: Option<Credentials>,
+    /// Session TTL (etcd `ttl`, ZooKeeper `session_timeout`).
+    pub session_timeout: Option<Duration>,
+    /// Per-request timeout (`timeout`).
+    pub request_timeout: Option<Duration>,
+}
+
+fn invalid(url: &str, what: impl fmt::Display) -> Error {
+    Error::InvalidArgument(format!("invalid registry URL {:?}: {what}", redact(url)))
+}
+
+/// Hides the password of a URL string that may not even parse.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{hosts}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Parses `5s`, `500ms`, `2m`, `1.5s`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    if !value.is_finite() || value < 0.0 {
+        return None;
+    }
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return None,
+    };
+    if seconds > 86_400.0 * 365.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(seconds))
+}
+
+fn format_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn parse_endpoint(url: &str, text: &str) -> Result<Endpoint, Error> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| invalid(url, format!("endpoint {text:?} has '[' without ']'")))?;
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| invalid(url, format!("endpoint {text:?} needs :port")))?;
+        (host, port)
+    } else {
+        text.rsplit_once(':')
+            .ok_or_else(|| invalid(url, format!("endpoint {text:?} needs host:port")))?
+    };
+    if host.is_empty() {
+        return Err(invalid(url, format!("endpoint {text:?} has an empty host")));
+    }
+    if host
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || "/?#@".contains(c))
+    {
+        return Err(invalid(
+            url,
+            format!("endpoint {text:?} has an invalid host"),
+        ));
+    }
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+        invalid(
+            url,
+            format!("endpoint {text:?} has an invalid port {port:?}"),
+        )
+    })?;
+    Ok(Endpoint {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+impl RegistryUrl {
+    /// Parses a registry URL; see the [module docs](self) for the forms.
+    pub fn parse(url: &str) -> Result<RegistryUrl, Error> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid(url, "expected SCHEME://..., e.g. etcd://127.0.0.1:2379"))?;
+        let kind = match scheme.to_ascii_lowercase().as_str() {
+            "mem" | "memory" => BackendKind::Memory,
+            "etcd" => BackendKind::Etcd,
+            "zk" | "zookeeper" => BackendKind::ZooKeeper,
+            other => {
+                return Err(invalid(
+                    url,
+                    format!("unknown scheme {other:?}; expected etcd, zk or mem"),
+                ))
+            }
+        };
+        let (before_query, query) = match rest.split_once('?') {
+            Some((a, q)) => (a, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match before_query.find('/') {
+            Some(i) => (&before_query[..i], Some(&before_query[i..])),
+            None => (before_query, None),
+        };
+        let mut parsed = RegistryUrl {
+            kind,
+            endpoints: Vec::new(),
+            namespace: None,
+            memory_name: None,
+            credentials: None,
+            session_timeout: None,
+            request_timeout: None,
+        };
+        if kind == BackendKind::Memory {
+            if path.is_some_and(|p| p != "/") {
+                return Err(invalid(url, "mem:// takes no path"));
+            }
+            if !authority.is_empty() {
+                if !authority
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(invalid(url, "a mem:// store name is [A-Za-z0-9_-]"));
+                }
+                parsed.memory_name = Some(authority.to_owned());
+            }
+        } else {
+            let hosts = match authority.rsplit_once('@') {
+                Some((userinfo, hosts)) => {
+                    let (user, password) = userinfo
+                        .split_once(':')
+                        .ok_or_else(|| invalid(url, "credentials must be user:password@"))?;
+                    if user.is_empty() {
+                        return Err(invalid(url, "empty user name"));
+                    }
+                    parsed.credentials = Some(Credentials {
+                        user: user.to_owned(),
+                        password: password.to_owned(),
+                    });
+                    hosts
+                }
+                None => authority,
+            };
+            if hosts.is_empty() {
+                return Err(invalid(
+                    url,
+                    "no endpoint; expected host:port[,host:port...]",
+                ));
+            }
+            for endpoint in hosts.split(',') {
+                parsed.endpoints.push(parse_endpoint(url, endpoint)?);
+            }
+            if let Some(path) = path.filter(|p| *p != "/") {
+                let namespace =
+                    NodePath::new(path).map_err(|e| invalid(url, format!("namespace: {e}")))?;
+                parsed.namespace = Some(namespace);
+            }
+        }
+        for pair in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|p| !p.is_empty())
+        {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid(url, format!("parameter {pair:?} needs a value")))?;
+            let duration = || {
+                parse_duration(value).ok_or_else(|| {
+                    invalid(
+                        url,
+                        format!("{key}={value:?} is not a duration like 5s or 500ms"),
+                    )
+                })
+            };
+            match (kind, key) {
+                (BackendKind::Etcd, "ttl") | (BackendKind::ZooKeeper, "session_timeout") => {
+                    parsed.session_timeout = Some(duration()?)
+                }
+                (BackendKind::Etcd | BackendKind::ZooKeeper, "timeout") => {
+                    parsed.request_timeout = Some(duration()?)
+                }
+                (BackendKind::Memory, "ttl") => parsed.session_timeout = Some(duration()?),
+                _ => {
+                    return Err(invalid(
+                        url,
+                        format!("unknown parameter {key:?} for {}://", kind.scheme()),
+                    ))
+                }
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+impl std::str::FromStr for RegistryUrl {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        RegistryUrl::parse(s)
+    }
+}
+
+impl fmt::Display for RegistryUrl {
+    /// The URL with the password replaced by `***`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://", self.kind.scheme())?;
+        if let Some(c) = &self.credentials {
+            write!(f, "{}:***@", c.user)?;
+        }
+        if let Some(name) = &self.memory_name {
+            f.write_str(name)?;
+        }
+        let hosts: Vec<String> = self.endpoints.iter().map(|e| e.to_string()).collect();
+        f.write_str(&hosts.join(","))?;
+        if let Some(ns) = &self.namespace {
+            write!(f, "{ns}")?;
+        }
+        let mut params = Vec::new();
+        if let Some(t) = self.session_timeout {
+            let key = match self.kind {
+                BackendKind::ZooKeeper => "session_timeout",
+                _ => "ttl",
+            };
+            params.push(format!("{key}={}", format_duration(t)));
+        }
+        if let Some(t) = self.request_timeout {
+            params.push(format!("timeout={}", format_duration(t)));
+        }
+        if !params.is_empty() {
+            write!(f, "?{}", params.join("&"))?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RegistryUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RegistryUrl({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(url: &str) -> String {
+        match RegistryUrl::parse(url) {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("{url}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_each_backend() {
+        let u = RegistryUrl::parse("etcd://h1:2379,10.0.0.2:2380/soa?ttl=5s&timeout=3s").unwrap();
+        assert_eq!(u.kind, BackendKind::Etcd);
+        assert_eq!(u.endpoints.len(), 2);
+        assert_eq!(u.endpoints[1].to_string(), "10.0.0.2:2380");
+        assert_eq!(u.namespace.as_ref().map(|n| n.as_str()), Some("/soa"));
+        assert_eq!(u.session_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(u.request_timeout, Some(Duration::from_secs(3)));
+
+        let z = RegistryUrl::parse("zk://127.0.0.1:2181/chroot/x?session_timeout=10s").unwrap();
+        assert_eq!(z.kind, BackendKind::ZooKeeper);
+        assert_eq!(z.namespace.unwrap().as_str(), "/chroot/x");
+        assert_eq!(z.session_timeout, Some(Duration::from_secs(10)));
+
+        let m = RegistryUrl::parse("mem://").unwrap();
+        assert_eq!(m.kind, BackendKind::Memory);
+        assert!(m.endpoints.is_empty() && m.memory_name.is_none());
+        assert_eq!(
+            RegistryUrl::parse("mem://demo")
+                .unwrap()
+                .memory_name
+                .as_deref(),
+            Some("demo")
+        );
+
+        let v6 = RegistryUrl::parse("etcd://[::1]:2379").unwrap();
+        assert_eq!(v6.endpoints[0].host, "::1");
+        assert_eq!(v6.to_string(), "etcd://[::1]:2379");
+    }
+
+    #[test]
+    fn round_trips_through_display() {
+        for url in [
+            "etcd://h1:2379,h2:2379/ns?ttl=5s&timeout=500ms",
+            "zk://a:2181/c?session_timeout=10s",
+            "mem://x",
+        ] {
+            let parsed = RegistryUrl::parse(url).unwrap();
+            assert_eq!(parsed.to_string(), url);
+            assert_eq!(RegistryUrl::parse(&parsed.to_string()).unwrap(), parsed);
+        }
+    }
+
+    #[test]
+    fn credentials_are_never_printed() {
+        let u = RegistryUrl::parse("etcd://root:s3cret@h:2379/ns").unwrap();
+        assert_eq!(u.credentials.as_ref().unwrap().password, "s3cret");
+        for shown in [
+            u.to_string(),
+            format!("{u:?}"),
+            format!("{:?}", u.credentials),
+        ] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
+        let e = err("etcd://root:s3cret@h:notaport");
+        assert!(!e.contains("s3cret") && e.contains("root:***@"), "{e}");
+    }
+
+    #[test]
+    fn rejects_precisely() {
+        assert!(err("127.0.0.1:2379").contains("SCHEME://"));
+        assert!(err("consul://h:1").contains("unknown scheme"));
+        assert!(err("etcd://").contains("no endpoint"));
+        assert!(err("etcd://h").contains("host:port"));
+        assert!(err("etcd://h:0").contains("invalid port"));
+        assert!(err("etcd://h:99999").contains("invalid port"));
+        assert!(err("etcd://:2379").contains("empty host"));
+        assert!(err("etcd://h:1,").contains("host:port"));
+        assert!(err("etcd://h:1/a//b").contains("namespace"));
+        assert!(err("etcd://h:1?ttl=5").contains("duration"));
+        assert!(err("etcd://h:1?ttl").contains("needs a value"));
+        assert!(err("etcd://h:1?session_timeout=5s").contains("unknown parameter"));
+        assert!(err("zk://h:1?ttl=5s").contains("unknown parameter"));
+        assert!(err("mem://a/b").contains("no path"));
+        assert!(err("mem://a b").contains("store name"));
+        assert!(err("etcd://:pw@h:1").contains("empty user"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        for bad in ["", "s", "5", "5h", "-1s", "1e9s", "99999999999m"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+}
