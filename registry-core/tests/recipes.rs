@@ -1,0 +1,120 @@
+//! Smoke tests of the recipes on the in-memory backend; the full cases (`lock_*`,
+//! `election_*`) run on every backend in the conformance suite.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
+use registry_core::recipes::{Election, Mutex};
+use registry_core::{Bytes, NodePath, Registry};
+
+async fn client(store: &MemoryStore) -> Arc<dyn Registry> {
+    Arc::new(
+        MemoryRegistry::connect(store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_hands_over_in_order_with_growing_tokens() {
+    let store = MemoryStore::new();
+    let path = NodePath::new("/locks/a").unwrap();
+    let first = Mutex::new(client(&store).await, path.clone());
+    let second = Mutex::new(client(&store).await, path.clone());
+    let held = first.lock().await.unwrap();
+    assert!(held.is_held());
+    assert!(second.try_lock().await.unwrap().is_none());
+    let waiter = tokio::spawn(async move {
+        second
+            .lock()
+            .await
+            .map(|g| (g.fencing_token(), second.wake_ups()))
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !waiter.is_finished(),
+        "second got the lock while the first held it"
+    );
+    let token = held.fencing_token();
+    held.unlock().await.unwrap();
+    let (next_token, wake_ups) = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(next_token > token);
+    assert_eq!(wake_ups, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_session_is_reported_and_cancelled_lock_leaves_nothing() {
+    let store = MemoryStore::new();
+    let path = NodePath::new("/locks/b").unwrap();
+    let owner_client = client(&store).await;
+    let owner = Mutex::new(owner_client.clone(), path.clone());
+    let guard = owner.lock().await.unwrap();
+    let other_client = client(&store).await;
+    let other = Mutex::new(other_client.clone(), path.clone());
+    assert!(other
+        .lock_timeout(Duration::from_millis(100))
+        .await
+        .is_err());
+    // The timed-out attempt's node is removed in the background: wait for it, bounded.
+    let cleaned = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if other_client.children(&path).await.unwrap().nodes.len() == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(cleaned.is_ok(), "cancelled lock() left its node behind");
+    store
+        .expire_session(owner_client.session().session_id.unwrap())
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .unwrap();
+    assert!(!guard.is_held());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_observers_see_each_leader() {
+    let store = MemoryStore::new();
+    let path = NodePath::new("/election/e").unwrap();
+    let observer = Election::new(client(&store).await, path.clone());
+    let mut leaders = observer.observe().await.unwrap();
+    assert_eq!(leaders.next().await.unwrap().unwrap(), None);
+    let a = Election::new(client(&store).await, path.clone())
+        .campaign(Bytes::from("a"))
+        .await
+        .unwrap();
+    let seen = leaders.next().await.unwrap().unwrap().unwrap();
+    assert_eq!(seen.value, Bytes::from("a"));
+    let b_election = Election::new(client(&store).await, path.clone());
+    let b = tokio::spawn(async move { b_election.campaign(Bytes::from("b")).await });
+    a.resign().await.unwrap();
+    let b = tokio::time::timeout(Duration::from_secs(5), b)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(b.is_leader());
+    loop {
+        let now = tokio::time::timeout(Duration::from_secs(5), leaders.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(leader) = now {
+            if leader.value == Bytes::from("b") {
+                assert_eq!(leader.token, b.token());
+                assert!(leader.token > seen.token);
+                break;
+            }
+        }
+    }
+}
