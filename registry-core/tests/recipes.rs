@@ -110,7 +110,7 @@ async fn election_observers_see_each_leader() {
             .unwrap()
             .unwrap();
         if let Some(leader) = now {
-            if leader.value == Bytes::from("b") {
+            if leader.value == "b" {
                 assert_eq!(leader.token, b.token());
                 assert!(leader.token > seen.token);
                 break;
