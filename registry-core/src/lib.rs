@@ -26,7 +26,9 @@ pub use capabilities::Capabilities;
 pub use error::{BoxError, Error, InvalidPath, Result};
 pub use memory::{MemoryOptions, MemoryRegistry, MemoryStore};
 pub use node::{Children, CreateMode, DeleteScope, Expected, Node, Revision, SessionId};
-pub use path::{NodePath, MAX_DEPTH, MAX_PATH_LEN, SEQUENCE_DIGITS};
+pub use path::{
+    parse_sequence, sequential_name, NodePath, MAX_DEPTH, MAX_PATH_LEN, SEQUENCE_DIGITS,
+};
 pub use registration::{RegisterOptions, Registration, RegistrationStatus};
 pub use registry::{check_value, Registry, MAX_VALUE_LEN};
 pub use session::{SessionState, SessionStatus, SessionTracker};

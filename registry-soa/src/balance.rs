@@ -1,0 +1,268 @@
+//! Load balancing over routed instances: weighted random, smooth weighted round robin,
+//! least active, and consistent hash.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+
+use crate::config::LoadBalance;
+use crate::layout::Address;
+
+/// An instance offered to a balancer with its effective weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// The instance.
+    pub address: Address,
+    /// Its weight (0 is never picked unless every weight is 0).
+    pub weight: u32,
+}
+
+/// Per-service balancer state: round-robin positions and in-flight counts, keyed by address so
+/// they survive instance churn.
+///
+/// Guarantees: `pick` returns an index into the candidates, or `None` only for an empty list.
+#[derive(Default)]
+pub struct Balancer {
+    round_robin: Mutex<HashMap<Address, i64>>,
+    active: Mutex<HashMap<Address, Arc<AtomicU64>>>,
+}
+
+/// Marks one call in flight for least-active balancing; dropping it marks the call finished.
+pub struct CallGuard {
+    counter: Arc<AtomicU64>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// 64-bit FNV-1a: stable across processes and versions, unlike the std hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+impl Balancer {
+    /// A balancer with no history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Picks a candidate with `strategy`; `key` is the call key for consistent hashing (a
+    /// missing key falls back to weighted random).
+    pub fn pick(
+        &self,
+        strategy: LoadBalance,
+        candidates: &[Candidate],
+        key: Option<&str>,
+    ) -> Option<usize> {
+        if candidates.is_empty() {
+            return None;
+        }
+        match strategy {
+            LoadBalance::Random => Some(weighted_random(candidates)),
+            LoadBalance::RoundRobin => Some(self.smooth_round_robin(candidates)),
+            LoadBalance::LeastActive => Some(self.least_active(candidates)),
+            LoadBalance::ConsistentHash => match key {
+                Some(key) => Some(rendezvous(candidates, key)),
+                None => Some(weighted_random(candidates)),
+            },
+        }
+    }
+
+    /// Records a call starting on `address`; the returned guard records its end.
+    pub fn start_call(&self, address: Address) -> CallGuard {
+        let counter = self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(address)
+            .or_default()
+            .clone();
+        counter.fetch_add(1, Ordering::Relaxed);
+        CallGuard { counter }
+    }
+
+    /// Calls in flight on `address`.
+    pub fn active_calls(&self, address: Address) -> u64 {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&address)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Nginx's smooth weighted round robin: each pick adds every weight to its current value,
+    /// takes the largest, and subtracts the total from it.
+    fn smooth_round_robin(&self, candidates: &[Candidate]) -> usize {
+        let mut current = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
+        current.retain(|a, _| candidates.iter().any(|c| c.address == *a));
+        let total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
+        let mut best = 0;
+        let mut best_value = i64::MIN;
+        for (i, c) in candidates.iter().enumerate() {
+            let value = current.entry(c.address).or_insert(0);
+            *value += i64::from(c.weight);
+            if *value > best_value {
+                best_value = *value;
+                best = i;
+            }
+        }
+        if let Some(value) = current.get_mut(&candidates[best].address) {
+            *value -= total;
+        }
+        best
+    }
+
+    fn least_active(&self, candidates: &[Candidate]) -> usize {
+        let active: Vec<u64> = candidates
+            .iter()
+            .map(|c| self.active_calls(c.address))
+            .collect();
+        let least = active.iter().copied().min().unwrap_or(0);
+        let tied: Vec<Candidate> = candidates
+            .iter()
+            .zip(&active)
+            .filter(|(_, a)| **a == least)
+            .map(|(c, _)| *c)
+            .collect();
+        let chosen = weighted_random(&tied);
+        candidates
+            .iter()
+            .position(|c| c.address == tied[chosen].address)
+            .unwrap_or(0)
+    }
+}
+
+fn weighted_random(candidates: &[Candidate]) -> usize {
+    let total: u64 = candidates.iter().map(|c| u64::from(c.weight)).sum();
+    if total == 0 {
+        return rand::thread_rng().gen_range(0..candidates.len());
+    }
+    let mut point = rand::thread_rng().gen_range(0..total);
+    for (i, c) in candidates.iter().enumerate() {
+        let w = u64::from(c.weight);
+        if point < w {
+            return i;
+        }
+        point -= w;
+    }
+    candidates.len() - 1
+}
+
+/// Weighted rendezvous hashing: the same key keeps its instance while that instance lives,
+/// and only keys of a removed instance move.
+fn rendezvous(candidates: &[Candidate], key: &str) -> usize {
+    let mut best = 0;
+    let mut best_score = f64::NEG_INFINITY;
+    for (i, c) in candidates.iter().enumerate() {
+        let h = fnv1a(format!("{key}#{}", c.address).as_bytes());
+        // Map the hash to (0, 1) and score -w / ln(u): larger weight, larger share.
+        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let score = -f64::from(c.weight.max(1)) / u.ln();
+        if score > best_score {
+            best_score = score;
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cands(weights: &[u32]) -> Vec<Candidate> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Candidate {
+                address: Address {
+                    ip: [10, 0, 0, i as u8 + 1].into(),
+                    port: 9090,
+                },
+                weight: *w,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn smooth_round_robin_is_nginx_sequence() {
+        let b = Balancer::new();
+        let c = cands(&[5, 1, 1]);
+        let seq: String = (0..7)
+            .map(|_| ["a", "b", "c"][b.pick(LoadBalance::RoundRobin, &c, None).unwrap()])
+            .collect();
+        assert_eq!(seq, "aabacaa");
+    }
+
+    #[test]
+    fn weighted_random_matches_weights() {
+        let b = Balancer::new();
+        let c = cands(&[100, 200, 700]);
+        let mut counts = [0u32; 3];
+        let n = 100_000;
+        for _ in 0..n {
+            counts[b.pick(LoadBalance::Random, &c, None).unwrap()] += 1;
+        }
+        for (i, expected) in [0.1, 0.2, 0.7].iter().enumerate() {
+            let share = f64::from(counts[i]) / f64::from(n);
+            assert!(
+                (share - expected).abs() < 0.02,
+                "instance {i}: {share} vs {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_and_weighted() {
+        let b = Balancer::new();
+        let c = cands(&[100, 100, 200]);
+        let first: Vec<_> = (0..1000)
+            .map(|k| {
+                b.pick(LoadBalance::ConsistentHash, &c, Some(&k.to_string()))
+                    .unwrap()
+            })
+            .collect();
+        let again: Vec<_> = (0..1000)
+            .map(|k| {
+                b.pick(LoadBalance::ConsistentHash, &c, Some(&k.to_string()))
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(first, again);
+        let heavy = first.iter().filter(|i| **i == 2).count();
+        assert!(
+            (400..600).contains(&heavy),
+            "weight-200 instance got {heavy} of 1000"
+        );
+        // Removing instance 0 moves only its keys.
+        let without: Vec<_> = c[1..].to_vec();
+        for (k, before) in first.iter().enumerate() {
+            let after = b
+                .pick(LoadBalance::ConsistentHash, &without, Some(&k.to_string()))
+                .unwrap()
+                + 1;
+            if *before != 0 {
+                assert_eq!(after, *before, "key {k} moved although its instance stayed");
+            }
+        }
+    }
+
+    #[test]
+    fn least_active_prefers_idle_instances() {
+        let b = Balancer::new();
+        let c = cands(&[100, 100]);
+        let _busy = b.start_call(c[0].address);
+        for _ in 0..50 {
+            assert_eq!(b.pick(LoadBalance::LeastActive, &c, None), Some(1));
+        }
+        drop(_busy);
+        assert_eq!(b.active_calls(c[0].address), 0);
+    }
+}

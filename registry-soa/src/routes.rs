@@ -1,0 +1,893 @@
+//! Dapeng's routing rules (`/soa/config/routes/<service>`) and cookie rules
+//! (`/soa/config/cookies/<service>`): lexer, parser with positions, and executor.
+//!
+//! ```text
+//! routes  := route (EOL route)*                 ; first match wins
+//! route   := left '=>' right
+//! left    := 'otherwise' | matcher (';' matcher)*  ; ';' is AND
+//! matcher := ID 'match' pattern (',' pattern)*     ; ',' is OR
+//! pattern := '~' pattern | 'str' | "str" | r'regex' | N..M | N
+//!          | ip'a.b.c.d[/mask]' | %'Bn+K' | %'Bn+A..B'
+//! right   := target (',' target)* ; target := ['~'] ip'a.b.c.d[/mask][:port]' | ['~'] v'1.0.0'
+//! cookie rule right side := c'key#value' (',' c'key#value')*
+//! ```
+//! IDs: service, method, version, userId, callerIp, calleeIp, userIp, cookie_<name>. An
+//! unknown ID or a missing value never matches, also under `~`. Regexes match the whole value;
+//! ranges are inclusive. Plain targets are a whitelist, `~` targets a blacklist; an instance
+//! must pass both; port 0 or no port means any port.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use regex::Regex;
+
+use crate::error::ParseError;
+use crate::layout::Instance;
+
+/// An IPv4 network `a.b.c.d/mask` (mask 0..=32; a bare address is /32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    /// Network address (host bits as written).
+    pub addr: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` lies in this network.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        };
+        u32::from(self.addr) & mask == u32::from(ip) & mask
+    }
+
+    fn parse(text: &str) -> Result<IpNet, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, m)) => (
+                a,
+                m.parse::<u8>()
+                    .ok()
+                    .filter(|m| *m <= 32)
+                    .ok_or_else(|| format!("mask {m:?} is not 0..32"))?,
+            ),
+            None => (text, 32),
+        };
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+/// A regex that matches whole values; compares by its source.
+#[derive(Clone, Debug)]
+pub struct WholeRegex {
+    source: String,
+    regex: Regex,
+}
+
+impl PartialEq for WholeRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+impl Eq for WholeRegex {}
+
+/// One pattern of a matcher.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// `~p`: the value is present and `p` does not match it.
+    Not(Box<Pattern>),
+    /// `'text'`: equal strings.
+    Exact(String),
+    /// `r'regex'`: the whole value matches.
+    Regex(WholeRegex),
+    /// `N`: the value is this integer.
+    Int(i64),
+    /// `N..M`: the value is an integer in the inclusive range.
+    Range(i64, i64),
+    /// `ip'a.b.c.d/m'`: the value is an IPv4 address in the network.
+    Ip(IpNet),
+    /// `%'Bn+A..B'` (or `+K`): the value modulo `base` is in `low..=high`.
+    Modulo {
+        /// The modulus.
+        base: i64,
+        /// Lowest remainder that matches.
+        low: i64,
+        /// Highest remainder that matches.
+        high: i64,
+    },
+}
+
+impl Pattern {
+    fn matches(&self, value: &str) -> bool {
+        let int = || value.trim().parse::<i64>().ok();
+        match self {
+            Pattern::Not(inner) => !inner.matches(value),
+            Pattern::Exact(s) => value == s,
+            Pattern::Regex(r) => r.regex.is_match(value),
+            Pattern::Int(n) => int() == Some(*n),
+            Pattern::Range(a, b) => int().is_some_and(|v| (*a..=*b).contains(&v)),
+            Pattern::Ip(net) => value.trim().parse().is_ok_and(|ip| net.contains(ip)),
+            Pattern::Modulo { base, low, high } => {
+                int().is_some_and(|v| (*low..=*high).contains(&v.rem_euclid(*base)))
+            }
+        }
+    }
+}
+
+/// `ID match p1, p2`: true when the ID has a value and any pattern matches it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Matcher {
+    /// The ID (`method`, `userId`, `cookie_storeId`...).
+    pub id: String,
+    /// Alternatives.
+    pub patterns: Vec<Pattern>,
+}
+
+/// The left side of a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// Always true.
+    Otherwise,
+    /// Every matcher must hold.
+    All(Vec<Matcher>),
+}
+
+/// A target of a route's right side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `ip'a.b.c.d[/m][:port]'`.
+    Ip {
+        /// Network.
+        net: IpNet,
+        /// Port (`None` or 0: any).
+        port: Option<u16>,
+        /// `~`: blacklist.
+        negated: bool,
+    },
+    /// `v'1.0.0'`.
+    Version {
+        /// Exact version.
+        version: String,
+        /// `~`: blacklist.
+        negated: bool,
+    },
+}
+
+impl Target {
+    fn negated(&self) -> bool {
+        match self {
+            Target::Ip { negated, .. } | Target::Version { negated, .. } => *negated,
+        }
+    }
+
+    fn matches(&self, instance: &Instance) -> bool {
+        match self {
+            Target::Ip { net, port, .. } => {
+                net.contains(instance.address.ip)
+                    && port.is_none_or(|p| p == 0 || p == instance.address.port)
+            }
+            Target::Version { version, .. } => instance.version.as_deref() == Some(version),
+        }
+    }
+}
+
+/// One routing rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// When it applies.
+    pub condition: Condition,
+    /// Which instances it allows.
+    pub targets: Vec<Target>,
+    /// Its line in the source.
+    pub line: usize,
+}
+
+/// One cookie-injection rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CookieRule {
+    /// When it applies.
+    pub condition: Condition,
+    /// Cookies added to the call context.
+    pub cookies: Vec<(String, String)>,
+    /// Its line in the source.
+    pub line: usize,
+}
+
+/// What routing sees of a call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallContext {
+    /// Service name.
+    pub service: String,
+    /// Method name.
+    pub method: String,
+    /// Version the caller was built against.
+    pub version: String,
+    /// The end user's id.
+    pub user_id: Option<i64>,
+    /// The caller's ip.
+    pub caller_ip: Option<Ipv4Addr>,
+    /// The callee's ip (when known, e.g. a retry).
+    pub callee_ip: Option<Ipv4Addr>,
+    /// The end user's ip.
+    pub user_ip: Option<Ipv4Addr>,
+    /// Cookies (`cookie_<name>` IDs).
+    pub cookies: HashMap<String, String>,
+}
+
+impl CallContext {
+    /// The value of a rule ID, if the call has one.
+    pub fn value(&self, id: &str) -> Option<String> {
+        match id {
+            "service" => Some(self.service.clone()),
+            "method" => Some(self.method.clone()),
+            "version" => Some(self.version.clone()),
+            "userId" => self.user_id.map(|v| v.to_string()),
+            "callerIp" => self.caller_ip.map(|v| v.to_string()),
+            "calleeIp" => self.callee_ip.map(|v| v.to_string()),
+            "userIp" => self.user_ip.map(|v| v.to_string()),
+            _ => id
+                .strip_prefix("cookie_")
+                .and_then(|name| self.cookies.get(name).cloned()),
+        }
+    }
+}
+
+impl Condition {
+    /// Whether the call satisfies this condition.
+    pub fn holds(&self, ctx: &CallContext) -> bool {
+        match self {
+            Condition::Otherwise => true,
+            Condition::All(matchers) => matchers.iter().all(|m| {
+                ctx.value(&m.id)
+                    .is_some_and(|v| m.patterns.iter().any(|p| p.matches(&v)))
+            }),
+        }
+    }
+}
+
+/// The first route whose condition holds.
+pub fn first_match<'r>(routes: &'r [Route], ctx: &CallContext) -> Option<&'r Route> {
+    routes.iter().find(|r| r.condition.holds(ctx))
+}
+
+/// The instances the routes allow for this call: all of them when no route matches; the
+/// matching route's whitelist minus its blacklist otherwise (possibly none).
+pub fn route<'i>(
+    routes: &[Route],
+    ctx: &CallContext,
+    instances: &'i [Instance],
+) -> Vec<&'i Instance> {
+    let Some(rule) = first_match(routes, ctx) else {
+        return instances.iter().collect();
+    };
+    let (black, white): (Vec<&Target>, Vec<&Target>) =
+        rule.targets.iter().partition(|t| t.negated());
+    instances
+        .iter()
+        .filter(|i| white.is_empty() || white.iter().any(|t| t.matches(i)))
+        .filter(|i| !black.iter().any(|t| t.matches(i)))
+        .collect()
+}
+
+/// Adds the cookies of the first matching cookie rule to the context.
+pub fn apply_cookies(rules: &[CookieRule], ctx: &mut CallContext) {
+    if let Some(rule) = rules.iter().find(|r| r.condition.holds(ctx)) {
+        for (k, v) in &rule.cookies {
+            ctx.cookies.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Lexer
+
+#[derive(Clone, Debug, PartialEq)]
+enum Tok {
+    Ident(String),
+    Arrow,
+    Semi,
+    Comma,
+    Tilde,
+    Str(String),
+    Regex(String),
+    Ip(String),
+    Modulo(String),
+    Version(String),
+    Cookie(String),
+    Int(i64),
+    Range(i64, i64),
+    Newline,
+}
+
+#[derive(Clone, Debug)]
+struct Token {
+    tok: Tok,
+    line: usize,
+    column: usize,
+}
+
+fn error(line: usize, column: usize, message: impl Into<String>) -> ParseError {
+    ParseError {
+        line,
+        column,
+        message: message.into(),
+    }
+}
+
+fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut tokens = Vec::new();
+    let (mut i, mut line, mut line_start) = (0usize, 1usize, 0usize);
+    while i < chars.len() {
+        let c = chars[i];
+        let column = i - line_start + 1;
+        let push = |tokens: &mut Vec<Token>, tok| tokens.push(Token { tok, line, column });
+        match c {
+            '\n' => {
+                push(&mut tokens, Tok::Newline);
+                i += 1;
+                line += 1;
+                line_start = i;
+            }
+            c if c.is_whitespace() => i += 1,
+            '=' if chars.get(i + 1) == Some(&'>') => {
+                push(&mut tokens, Tok::Arrow);
+                i += 2;
+            }
+            ';' => {
+                push(&mut tokens, Tok::Semi);
+                i += 1;
+            }
+            ',' => {
+                push(&mut tokens, Tok::Comma);
+                i += 1;
+            }
+            '~' => {
+                push(&mut tokens, Tok::Tilde);
+                i += 1;
+            }
+            '\'' | '"' => {
+                let (s, next) = quoted(&chars, i, line, column)?;
+                push(&mut tokens, Tok::Str(s));
+                i = next;
+            }
+            '%' if matches!(chars.get(i + 1), Some('\'' | '"')) => {
+                let (s, next) = quoted(&chars, i + 1, line, column)?;
+                push(&mut tokens, Tok::Modulo(s));
+                i = next;
+            }
+            c if c.is_ascii_digit()
+                || (c == '-' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) =>
+            {
+                let (a, next) = integer(&chars, i, line, column)?;
+                i = next;
+                if chars.get(i) == Some(&'.') && chars.get(i + 1) == Some(&'.') {
+                    let (b, next) = integer(&chars, i + 2, line, column)?;
+                    if b < a {
+                        return Err(error(line, column, format!("range {a}..{b} is empty")));
+                    }
+                    push(&mut tokens, Tok::Range(a, b));
+                    i = next;
+                } else {
+                    push(&mut tokens, Tok::Int(a));
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == '_' => {
+                let start = i;
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+                    i += 1;
+                }
+                let word: String = chars[start..i].iter().collect();
+                if matches!(chars.get(i), Some('\'' | '"'))
+                    && matches!(word.as_str(), "r" | "ip" | "v" | "c")
+                {
+                    let (s, next) = quoted(&chars, i, line, column)?;
+                    i = next;
+                    let tok = match word.as_str() {
+                        "r" => Tok::Regex(s),
+                        "ip" => Tok::Ip(s),
+                        "v" => Tok::Version(s),
+                        _ => Tok::Cookie(s),
+                    };
+                    push(&mut tokens, tok);
+                } else {
+                    push(&mut tokens, Tok::Ident(word));
+                }
+            }
+            other => {
+                return Err(error(
+                    line,
+                    column,
+                    format!("unexpected character {other:?}"),
+                ))
+            }
+        }
+    }
+    Ok(tokens)
+}
+
+fn quoted(
+    chars: &[char],
+    start: usize,
+    line: usize,
+    column: usize,
+) -> Result<(String, usize), ParseError> {
+    let quote = chars[start];
+    let mut i = start + 1;
+    let mut s = String::new();
+    while i < chars.len() {
+        match chars[i] {
+            c if c == quote => return Ok((s, i + 1)),
+            '\n' => break,
+            c => s.push(c),
+        }
+        i += 1;
+    }
+    Err(error(
+        line,
+        column,
+        format!("unterminated string: missing closing {quote}"),
+    ))
+}
+
+fn integer(
+    chars: &[char],
+    start: usize,
+    line: usize,
+    column: usize,
+) -> Result<(i64, usize), ParseError> {
+    let mut i = start;
+    if chars.get(i) == Some(&'-') {
+        i += 1;
+    }
+    while i < chars.len() && chars[i].is_ascii_digit() {
+        i += 1;
+    }
+    let text: String = chars[start..i].iter().collect();
+    text.parse()
+        .map(|n| (n, i))
+        .map_err(|_| error(line, column, format!("{text:?} is not a 64-bit integer")))
+}
+
+// ---------------------------------------------------------------------------------------
+// Parser
+
+struct Parser<'t> {
+    tokens: &'t [Token],
+    pos: usize,
+    end: (usize, usize),
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<&Token> {
+        self.tokens.get(self.pos)
+    }
+
+    fn here(&self) -> (usize, usize) {
+        self.peek().map_or(self.end, |t| (t.line, t.column))
+    }
+
+    fn fail<T>(&self, message: impl Into<String>) -> Result<T, ParseError> {
+        let (line, column) = self.here();
+        Err(error(line, column, message))
+    }
+
+    fn next(&mut self) -> Option<Token> {
+        let t = self.tokens.get(self.pos).cloned();
+        self.pos += 1;
+        t
+    }
+
+    fn eat(&mut self, tok: &Tok) -> bool {
+        if self.peek().is_some_and(|t| &t.tok == tok) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn condition(&mut self) -> Result<Condition, ParseError> {
+        if matches!(self.peek(), Some(Token { tok: Tok::Ident(w), .. }) if w == "otherwise") {
+            self.pos += 1;
+            return Ok(Condition::Otherwise);
+        }
+        let mut matchers = vec![self.matcher()?];
+        while self.eat(&Tok::Semi) {
+            matchers.push(self.matcher()?);
+        }
+        Ok(Condition::All(matchers))
+    }
+
+    fn matcher(&mut self) -> Result<Matcher, ParseError> {
+        let id = match self.next() {
+            Some(Token {
+                tok: Tok::Ident(id),
+                ..
+            }) if id != "match" => id,
+            _ => {
+                self.pos = self.pos.saturating_sub(1);
+                return self.fail("expected an ID such as method, userId or cookie_<name>");
+            }
+        };
+        match self.next() {
+            Some(Token {
+                tok: Tok::Ident(w), ..
+            }) if w == "match" => {}
+            _ => {
+                self.pos -= 1;
+                return self.fail(format!("expected 'match' after {id}"));
+            }
+        }
+        let mut patterns = vec![self.pattern()?];
+        while self.eat(&Tok::Comma) {
+            patterns.push(self.pattern()?);
+        }
+        Ok(Matcher { id, patterns })
+    }
+
+    fn pattern(&mut self) -> Result<Pattern, ParseError> {
+        if self.eat(&Tok::Tilde) {
+            return Ok(Pattern::Not(Box::new(self.pattern()?)));
+        }
+        let (line, column) = self.here();
+        let at = |m: String| error(line, column, m);
+        match self.next().map(|t| t.tok) {
+            Some(Tok::Str(s)) => Ok(Pattern::Exact(s)),
+            Some(Tok::Int(n)) => Ok(Pattern::Int(n)),
+            Some(Tok::Range(a, b)) => Ok(Pattern::Range(a, b)),
+            Some(Tok::Regex(source)) => {
+                let regex = Regex::new(&format!("^(?:{source})$"))
+                    .map_err(|e| at(format!("invalid regex {source:?}: {e}")))?;
+                Ok(Pattern::Regex(WholeRegex { source, regex }))
+            }
+            Some(Tok::Ip(s)) => Ok(Pattern::Ip(IpNet::parse(&s).map_err(at)?)),
+            Some(Tok::Modulo(s)) => parse_modulo(&s).map_err(at),
+            _ => {
+                self.pos -= 1;
+                self.fail("expected a pattern: 'text', r'regex', N, N..M, ip'a.b.c.d/m' or %'Bn+K'")
+            }
+        }
+    }
+
+    fn target(&mut self) -> Result<Target, ParseError> {
+        let negated = self.eat(&Tok::Tilde);
+        let (line, column) = self.here();
+        let at = |m: String| error(line, column, m);
+        match self.next().map(|t| t.tok) {
+            Some(Tok::Ip(s)) => {
+                let (net, port) = match s.rsplit_once(':') {
+                    Some((net, port)) => (
+                        net,
+                        Some(
+                            port.parse::<u16>()
+                                .map_err(|_| at(format!("port {port:?} is not a number")))?,
+                        ),
+                    ),
+                    None => (s.as_str(), None),
+                };
+                Ok(Target::Ip {
+                    net: IpNet::parse(net).map_err(at)?,
+                    port,
+                    negated,
+                })
+            }
+            Some(Tok::Version(version)) if !version.is_empty() => {
+                Ok(Target::Version { version, negated })
+            }
+            _ => {
+                self.pos -= 1;
+                self.fail("expected a target: ip'a.b.c.d[/m][:port]' or v'1.0.0'")
+            }
+        }
+    }
+
+    fn cookie(&mut self) -> Result<(String, String), ParseError> {
+        let (line, column) = self.here();
+        match self.next().map(|t| t.tok) {
+            Some(Tok::Cookie(s)) => match s.split_once('#') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+                _ => Err(error(
+                    line,
+                    column,
+                    format!("cookie {s:?} must be key#value"),
+                )),
+            },
+            _ => {
+                self.pos -= 1;
+                self.fail("expected a cookie: c'key#value'")
+            }
+        }
+    }
+
+    fn end_of_line(&mut self) -> Result<(), ParseError> {
+        match self.peek() {
+            None => Ok(()),
+            Some(Token {
+                tok: Tok::Newline, ..
+            }) => {
+                self.pos += 1;
+                Ok(())
+            }
+            Some(_) => self.fail("expected ',' or the end of the line"),
+        }
+    }
+
+    fn skip_blank_lines(&mut self) {
+        while self.eat(&Tok::Newline) {}
+    }
+
+    fn rules<T>(
+        &mut self,
+        mut right: impl FnMut(&mut Self) -> Result<T, ParseError>,
+    ) -> Result<Vec<(Condition, Vec<T>, usize)>, ParseError> {
+        let mut out = Vec::new();
+        self.skip_blank_lines();
+        while self.peek().is_some() {
+            let line = self.here().0;
+            let condition = self.condition()?;
+            if !self.eat(&Tok::Arrow) {
+                return self.fail("expected '=>'");
+            }
+            let mut items = vec![right(self)?];
+            while self.eat(&Tok::Comma) {
+                items.push(right(self)?);
+            }
+            self.end_of_line()?;
+            out.push((condition, items, line));
+            self.skip_blank_lines();
+        }
+        Ok(out)
+    }
+}
+
+fn parse_modulo(text: &str) -> Result<Pattern, String> {
+    let bad = || format!("{text:?} is not Bn+K or Bn+A..B");
+    let (base, rest) = text.split_once("n+").ok_or_else(bad)?;
+    let base: i64 = base.trim().parse().map_err(|_| bad())?;
+    if base <= 0 {
+        return Err(format!("modulus {base} must be positive"));
+    }
+    let (low, high) = match rest.split_once("..") {
+        Some((a, b)) => (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        ),
+        None => {
+            let k: i64 = rest.trim().parse().map_err(|_| bad())?;
+            (k, k)
+        }
+    };
+    if low > high {
+        return Err(format!("remainder range {low}..{high} is empty"));
+    }
+    Ok(Pattern::Modulo { base, low, high })
+}
+
+fn parser<'t>(tokens: &'t [Token], text: &str) -> Parser<'t> {
+    let lines = text.lines().count().max(1);
+    let last = text.lines().last().map_or(0, |l| l.chars().count());
+    Parser {
+        tokens,
+        pos: 0,
+        end: (lines, last + 1),
+    }
+}
+
+/// Parses routing rules; the error says where and what was expected.
+pub fn parse_routes(text: &str) -> Result<Vec<Route>, ParseError> {
+    let tokens = lex(text)?;
+    let mut p = parser(&tokens, text);
+    Ok(p.rules(Parser::target)?
+        .into_iter()
+        .map(|(condition, targets, line)| Route {
+            condition,
+            targets,
+            line,
+        })
+        .collect())
+}
+
+/// Parses cookie-injection rules.
+pub fn parse_cookie_rules(text: &str) -> Result<Vec<CookieRule>, ParseError> {
+    let tokens = lex(text)?;
+    let mut p = parser(&tokens, text);
+    Ok(p.rules(Parser::cookie)?
+        .into_iter()
+        .map(|(condition, cookies, line)| CookieRule {
+            condition,
+            cookies,
+            line,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Address;
+    use registry_core::NodePath;
+
+    fn inst(ip: &str, port: u16, version: &str) -> Instance {
+        Instance {
+            address: Address {
+                ip: ip.parse().unwrap(),
+                port,
+            },
+            version: Some(version.to_owned()),
+            sequence: Some(0),
+            weight: None,
+            create_order: 1,
+            path: NodePath::new(format!("/s/{ip}:{port}:{version}:0000000000")).unwrap(),
+        }
+    }
+
+    fn ctx(method: &str) -> CallContext {
+        CallContext {
+            service: "S".into(),
+            method: method.into(),
+            version: "1.0.0".into(),
+            ..Default::default()
+        }
+    }
+
+    fn routed(rules: &str, ctx: &CallContext, instances: &[Instance]) -> Vec<String> {
+        let routes = parse_routes(rules).unwrap();
+        route(&routes, ctx, instances)
+            .iter()
+            .map(|i| i.address.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn notes_examples_parse() {
+        let text = r#"method match 'getFoo','setFoo' ; version match '1.0.0' => ip'192.168.1.102', ~ip'192.168.1.101'
+userId match %"1024n+2..4" => ip"192.168.1.101"
+cookie_storeId match 11866600 => ip"192.168.1.101"
+otherwise => ~ip"192.168.10.126"
+otherwise => ip"192.168.1.101/24:9091""#;
+        let routes = parse_routes(text).unwrap();
+        assert_eq!(routes.len(), 5);
+        assert_eq!(
+            routes[1].condition,
+            Condition::All(vec![Matcher {
+                id: "userId".into(),
+                patterns: vec![Pattern::Modulo {
+                    base: 1024,
+                    low: 2,
+                    high: 4
+                }]
+            }])
+        );
+        assert_eq!(
+            routes[4].targets,
+            vec![Target::Ip {
+                net: IpNet {
+                    addr: [192, 168, 1, 101].into(),
+                    prefix: 24
+                },
+                port: Some(9091),
+                negated: false
+            }]
+        );
+        let cookies = parse_cookie_rules(r#"cookie_storeId match 100720..101000 ; method match r"list.*" => c"thread-log-level#DEBUG""#).unwrap();
+        assert_eq!(
+            cookies[0].cookies,
+            vec![("thread-log-level".into(), "DEBUG".into())]
+        );
+    }
+
+    #[test]
+    fn executor_semantics() {
+        let all = [
+            inst("192.168.1.101", 9090, "1.0.0"),
+            inst("192.168.1.102", 9090, "1.0.0"),
+            inst("192.168.1.103", 9091, "1.1.0"),
+        ];
+        let rules = "method match 'getFoo' => ip'192.168.1.102', ~ip'192.168.1.101'\nmethod match r'list.*' => ~ip'192.168.1.0/24:9090'\nmethod match 'v' => v'1.1.0'\nmethod match ~'other','x' => ip'10.0.0.1'";
+        assert_eq!(routed(rules, &ctx("getFoo"), &all), ["192.168.1.102:9090"]);
+        assert_eq!(routed(rules, &ctx("listAll"), &all), ["192.168.1.103:9091"]);
+        assert_eq!(routed(rules, &ctx("v"), &all), ["192.168.1.103:9091"]);
+        assert!(
+            routed(rules, &ctx("nothing"), &all).is_empty(),
+            "routing may exclude every instance"
+        );
+        assert_eq!(
+            routed(rules, &ctx("other"), &all).len(),
+            3,
+            "no match: all instances"
+        );
+    }
+
+    #[test]
+    fn missing_values_never_match_even_negated() {
+        let all = [inst("10.0.0.1", 1, "1.0.0")];
+        let rules = "userId match ~5 => ~ip'10.0.0.1'\ncookie_x match ~'a' => ~ip'10.0.0.1'";
+        assert_eq!(routed(rules, &ctx("m"), &all).len(), 1);
+        let mut c = ctx("m");
+        c.user_id = Some(6);
+        assert!(routed(rules, &c, &all).is_empty());
+        let mut c = ctx("m");
+        c.cookies.insert("x".into(), "b".into());
+        assert!(routed(rules, &c, &all).is_empty());
+    }
+
+    #[test]
+    fn patterns() {
+        let hold = |rule: &str, c: &CallContext| {
+            parse_routes(&format!("{rule} => ip'1.1.1.1'")).unwrap()[0]
+                .condition
+                .holds(c)
+        };
+        let mut c = ctx("m");
+        c.user_id = Some(1030);
+        c.caller_ip = Some([192, 168, 5, 7].into());
+        assert!(hold("userId match %'1024n+6'", &c));
+        assert!(hold("userId match %'1024n+2..6'", &c));
+        assert!(!hold("userId match %'1024n+7..9'", &c));
+        assert!(hold("userId match 1000..1030", &c));
+        assert!(!hold("userId match 1031..2000", &c));
+        assert!(hold("callerIp match ip'192.168.0.0/16'", &c));
+        assert!(!hold("callerIp match ip'192.168.4.0/24'", &c));
+        assert!(hold("callerIp match ip'0.0.0.0/0'", &c));
+        assert!(hold("callerIp match ip'192.168.5.7'", &c));
+        assert!(
+            !hold("method match r'm.+'", &c),
+            "regex must match the whole value"
+        );
+        assert!(hold("method match 'x', 'm' ; userId match 1030", &c));
+        assert!(!hold("method match 'x', 'm' ; userId match 1", &c));
+    }
+
+    #[test]
+    fn errors_have_positions() {
+        let cases = [
+            ("method 'x' => ip'1.1.1.1'", (1, 8), "'match'"),
+            ("method match 'x' ip'1.1.1.1'", (1, 18), "'=>'"),
+            ("otherwise => ip'1.1.1.1/33'", (1, 14), "mask"),
+            (
+                "otherwise => ip'1.1.1.1'\nmethod match r'(' => ip'1.1.1.1'",
+                (2, 14),
+                "regex",
+            ),
+            (
+                "otherwise => ip'1.1.1.1'\n\nuserId match %'0n+1' => v'1'",
+                (3, 14),
+                "modulus",
+            ),
+            ("otherwise => ip'1.1.1.1", (1, 14), "unterminated"),
+            (
+                "method match 'x => ip'1.1.1.1'",
+                (1, 24),
+                "unexpected character",
+            ),
+            ("method match 5..2 => v'1'", (1, 14), "empty"),
+            ("otherwise => v'1' v'2'", (1, 19), "end of the line"),
+            ("otherwise =>", (1, 13), "target"),
+            ("method match $ => v'1'", (1, 14), "unexpected character"),
+        ];
+        for (text, (line, column), needle) in cases {
+            let e = parse_routes(text).unwrap_err();
+            assert_eq!((e.line, e.column), (line, column), "{text:?}: {e}");
+            assert!(e.message.contains(needle), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn cookie_rules_apply_first_match() {
+        let rules =
+            parse_cookie_rules("method match 'a' => c'k#1', c'j#2'\notherwise => c'k#3'").unwrap();
+        let mut c = ctx("a");
+        apply_cookies(&rules, &mut c);
+        assert_eq!(c.cookies.get("k").map(String::as_str), Some("1"));
+        assert_eq!(c.cookies.get("j").map(String::as_str), Some("2"));
+        let mut c = ctx("b");
+        apply_cookies(&rules, &mut c);
+        assert_eq!(c.cookies.get("k").map(String::as_str), Some("3"));
+    }
+}
