@@ -53,6 +53,14 @@ pub trait Fixture: Send + Sync + 'static {
         })
     }
 
+    /// How many watches the server holds for clients of `namespace` (or in total, if the
+    /// server cannot tell namespaces apart and the fixture isolates its own count); `None` if
+    /// the fixture cannot count them, which skips the case that checks watch release.
+    async fn active_watches(&self, namespace: &str) -> Option<usize> {
+        let _ = namespace;
+        None
+    }
+
     /// How long after a session is lost (or its owner closed) its ephemeral nodes can still
     /// be seen by other clients: bounds the suite's waits.
     fn expiry_bound(&self) -> Duration {

@@ -12,7 +12,7 @@
 //! start after a past revision.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -89,7 +89,6 @@ struct State {
     revision: u64,
     sequences: HashMap<NodePath, u64>,
     history: VecDeque<(u64, WatchEvent)>,
-    next_session: i64,
     sessions: HashMap<SessionId, SessionEntry>,
     next_client: u64,
     clients: HashMap<u64, ClientEntry>,
@@ -100,7 +99,8 @@ struct State {
 /// The shared tree several [`MemoryRegistry`] clients connect to. Cheap to clone (a handle).
 ///
 /// Guarantees: every operation is atomic and linearizable; revisions count every committed
-/// change from 1; sequence counters are per parent, starting at 0.
+/// change from 1; sequence counters are per parent, starting at 0; session ids are unique
+/// within the process.
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
@@ -233,8 +233,10 @@ impl State {
     }
 
     fn open_session(&mut self, client: u64) -> SessionId {
-        self.next_session += 1;
-        let id = SessionId(self.next_session);
+        // Unique across every store of the process, so a session id names one session even
+        // where several stores are in use (test fixtures, named mem:// stores).
+        static NEXT_SESSION: AtomicI64 = AtomicI64::new(0);
+        let id = SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed) + 1);
         self.sessions.insert(id, SessionEntry { client });
         id
     }

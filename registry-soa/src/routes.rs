@@ -11,7 +11,7 @@
 //! right   := target (',' target)* ; target := ['~'] ip'a.b.c.d[/mask][:port]' | ['~'] v'1.0.0'
 //! cookie rule right side := c'key#value' (',' c'key#value')*
 //! ```
-//! IDs: service, method, version, userId, callerIp, calleeIp, userIp, cookie_<name>. An
+//! IDs: service, method, version, userId, callerIp, calleeIp, userIp, `cookie_<name>`. An
 //! unknown ID or a missing value never matches, also under `~`. Regexes match the whole value;
 //! ranges are inclusive. Plain targets are a whitelist, `~` targets a blacklist; an instance
 //! must pass both; port 0 or no port means any port.

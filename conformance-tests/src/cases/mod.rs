@@ -1,0 +1,16 @@
+//! The cases, one function each, grouped by topic. The list that expands them into tests is
+//! [`conformance_suite!`](crate::conformance_suite).
+
+mod children;
+mod nodes;
+mod recipes;
+mod registration;
+mod sessions;
+mod watch;
+
+pub use children::*;
+pub use nodes::*;
+pub use recipes::*;
+pub use registration::*;
+pub use sessions::*;
+pub use watch::*;

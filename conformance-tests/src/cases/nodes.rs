@@ -1,0 +1,351 @@
+//! Cases on single nodes: values, paths, typed errors, versions, parents.
+
+use registry_core::{
+    Bytes, CreateMode, DeleteScope, Error, Expected, InvalidPath, NodePath, MAX_VALUE_LEN,
+};
+
+use crate::fixture::Fixture;
+use crate::support::{p, CaseEnv, Outcome};
+
+/// Values of every shape come back byte for byte: empty, with NUL, non-UTF-8, exactly the
+/// size limit; one byte over the limit is refused before anything is written.
+pub async fn values_round_trip(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "values_round_trip");
+    let c = env.client().await;
+    let at = env.at();
+    let max = Bytes::from(vec![0xA5u8; MAX_VALUE_LEN]);
+    let values = [
+        ("empty", Bytes::new()),
+        ("nul", Bytes::from_static(b"a\0b\0")),
+        ("binary", Bytes::from_static(&[0xff, 0xfe, 0x00, 0x80])),
+        ("utf8", Bytes::from("weight/600;timeout/800ms ✓")),
+        ("max", max.clone()),
+    ];
+    for (name, value) in &values {
+        let path = p(&format!("/v/{name}"));
+        let created = c.create(&path, value.clone(), CreateMode::Persistent).await;
+        let created = created.unwrap_or_else(|e| panic!("{at} create {name}: {e}"));
+        assert_eq!(
+            &created.value, value,
+            "{at} create returned another value for {name}"
+        );
+        let read = c
+            .get(&path)
+            .await
+            .unwrap_or_else(|e| panic!("{at} get {name}: {e}"));
+        assert_eq!(&read.value, value, "{at} value {name} did not round-trip");
+        let set = c.set(&path, value.clone(), Expected::Any).await;
+        assert_eq!(
+            set.map(|n| n.value).ok().as_ref(),
+            Some(value),
+            "{at} set {name}"
+        );
+    }
+    let over = Bytes::from(vec![1u8; MAX_VALUE_LEN + 1]);
+    let too_big = c
+        .create(&p("/v/over"), over.clone(), CreateMode::Persistent)
+        .await;
+    assert!(
+        matches!(too_big, Err(Error::ValueTooLarge { len, max, .. }) if len == MAX_VALUE_LEN + 1 && max == MAX_VALUE_LEN),
+        "{at} oversized create: {too_big:?}"
+    );
+    assert!(
+        !c.exists(&p("/v/over")).await.unwrap_or(true),
+        "{at} oversized create wrote a node"
+    );
+    let too_big = c.set(&p("/v/empty"), over, Expected::Any).await;
+    assert!(
+        matches!(too_big, Err(Error::ValueTooLarge { .. })),
+        "{at} oversized set: {too_big:?}"
+    );
+    assert_eq!(
+        c.get(&p("/v/empty")).await.map(|n| n.value.len()).ok(),
+        Some(0),
+        "{at} oversized set wrote"
+    );
+    env.finish().await
+}
+
+/// Every path rule rejects with its own reason, and joins cannot build an invalid path.
+pub async fn paths_rejected(fx: &dyn Fixture) -> Outcome {
+    let env = CaseEnv::new(fx, "paths_rejected");
+    let at = env.at();
+    type ReasonCheck = fn(&InvalidPath) -> bool;
+    let cases: &[(&str, ReasonCheck)] = &[
+        ("", |r| *r == InvalidPath::Empty),
+        ("a/b", |r| *r == InvalidPath::NotAbsolute),
+        ("/a/", |r| *r == InvalidPath::TrailingSlash),
+        ("/a//b", |r| {
+            matches!(r, InvalidPath::EmptySegment { index: 1 })
+        }),
+        ("/a/./b", |r| {
+            matches!(r, InvalidPath::RelativeSegment { .. })
+        }),
+        ("/a/..", |r| {
+            matches!(r, InvalidPath::RelativeSegment { .. })
+        }),
+        ("/a\0b", |r| {
+            matches!(
+                r,
+                InvalidPath::ForbiddenCharacter {
+                    character: '\0',
+                    ..
+                }
+            )
+        }),
+        ("/a\tb", |r| {
+            matches!(r, InvalidPath::ForbiddenCharacter { .. })
+        }),
+        ("/a\u{7f}", |r| {
+            matches!(r, InvalidPath::ForbiddenCharacter { .. })
+        }),
+        ("/a\u{e000}", |r| {
+            matches!(r, InvalidPath::ForbiddenCharacter { .. })
+        }),
+        ("/a\u{fff5}", |r| {
+            matches!(r, InvalidPath::ForbiddenCharacter { .. })
+        }),
+        ("/zookeeper", |r| *r == InvalidPath::Reserved),
+    ];
+    for (raw, expected) in cases {
+        match NodePath::new(raw) {
+            Err(Error::InvalidPath { reason, .. }) => {
+                assert!(
+                    expected(&reason),
+                    "{at} {raw:?} rejected for the wrong reason: {reason:?}"
+                )
+            }
+            other => panic!("{at} {raw:?} should be rejected, got {other:?}"),
+        }
+    }
+    let long = format!("/{}", "a".repeat(registry_core::MAX_PATH_LEN));
+    assert!(
+        matches!(
+            NodePath::new(&long),
+            Err(Error::InvalidPath {
+                reason: InvalidPath::TooLong { .. },
+                ..
+            })
+        ),
+        "{at} long path"
+    );
+    let deep = "/d".repeat(registry_core::MAX_DEPTH + 1);
+    assert!(
+        matches!(
+            NodePath::new(&deep),
+            Err(Error::InvalidPath {
+                reason: InvalidPath::TooDeep { .. },
+                ..
+            })
+        ),
+        "{at} deep path"
+    );
+    assert!(
+        p("/a").join("b/c").is_err() && p("/a").join("..").is_err(),
+        "{at} join accepted a bad name"
+    );
+    env.finish().await
+}
+
+/// Each failure has its own variant: exists, not found, version mismatch, not empty,
+/// ephemeral parent, and writes to the root are refused.
+pub async fn errors_are_typed(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "errors_are_typed");
+    let c = env.client().await;
+    let at = env.at();
+    let a = p("/e/a");
+    c.create(&a, Bytes::from("x"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    let r = c.create(&a, Bytes::new(), CreateMode::Persistent).await;
+    assert!(
+        matches!(r, Err(Error::AlreadyExists { ref path }) if *path == a),
+        "{at} create twice: {r:?}"
+    );
+    let missing = p("/e/missing");
+    assert!(
+        matches!(c.get(&missing).await, Err(Error::NotFound { .. })),
+        "{at} get missing"
+    );
+    assert!(
+        !c.exists(&missing).await.unwrap_or(true),
+        "{at} exists missing"
+    );
+    assert!(
+        matches!(
+            c.set(&missing, Bytes::new(), Expected::Any).await,
+            Err(Error::NotFound { .. })
+        ),
+        "{at} set missing"
+    );
+    assert!(
+        matches!(
+            c.delete(&missing, Expected::Any, DeleteScope::Node).await,
+            Err(Error::NotFound { .. })
+        ),
+        "{at} delete missing"
+    );
+    assert!(
+        matches!(c.children(&missing).await, Err(Error::NotFound { .. })),
+        "{at} children missing"
+    );
+    let r = c.set(&a, Bytes::from("y"), Expected::Version(7)).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::VersionMismatch {
+                expected: 7,
+                actual: 0,
+                ..
+            })
+        ),
+        "{at} CAS with wrong version: {r:?}"
+    );
+    assert_eq!(
+        c.get(&a).await.map(|n| n.value).ok(),
+        Some(Bytes::from("x")),
+        "{at} failed CAS wrote"
+    );
+    let r = c.delete(&a, Expected::Version(3), DeleteScope::Node).await;
+    assert!(
+        matches!(r, Err(Error::VersionMismatch { .. })),
+        "{at} delete with wrong version: {r:?}"
+    );
+    c.create(&p("/e/a/child"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create child: {e}"));
+    let r = c.delete(&a, Expected::Any, DeleteScope::Node).await;
+    assert!(
+        matches!(r, Err(Error::NotEmpty { .. })),
+        "{at} delete non-empty: {r:?}"
+    );
+    assert!(
+        c.exists(&p("/e/a/child")).await.unwrap_or(false),
+        "{at} failed delete removed a child"
+    );
+    let eph = p("/e/eph");
+    c.create(&eph, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create ephemeral: {e}"));
+    for mode in [
+        CreateMode::Persistent,
+        CreateMode::Ephemeral,
+        CreateMode::EphemeralSequential,
+    ] {
+        let r = c.create(&p("/e/eph/kid"), Bytes::new(), mode).await;
+        assert!(
+            matches!(r, Err(Error::EphemeralParent { ref parent, .. }) if *parent == eph),
+            "{at} child of ephemeral ({mode:?}): {r:?}"
+        );
+    }
+    let r = c
+        .create(
+            &p("/e/eph/kid/grandkid"),
+            Bytes::new(),
+            CreateMode::Persistent,
+        )
+        .await;
+    assert!(
+        matches!(r, Err(Error::EphemeralParent { .. })),
+        "{at} grandchild of ephemeral: {r:?}"
+    );
+    assert!(
+        !c.exists(&p("/e/eph/kid")).await.unwrap_or(true),
+        "{at} a child of an ephemeral was created"
+    );
+    let root = NodePath::root();
+    assert!(
+        matches!(
+            c.create(&root, Bytes::new(), CreateMode::Persistent).await,
+            Err(Error::InvalidArgument(_) | Error::AlreadyExists { .. })
+        ),
+        "{at} create root"
+    );
+    assert!(
+        matches!(
+            c.delete(&root, Expected::Any, DeleteScope::Recursive).await,
+            Err(Error::InvalidArgument(_))
+        ),
+        "{at} delete root"
+    );
+    assert!(
+        c.exists(&root).await.unwrap_or(false),
+        "{at} the root must exist"
+    );
+    env.finish().await
+}
+
+/// Versions start at 0 and count writes; a compare-and-set with the right version succeeds;
+/// a recursive delete removes the whole subtree.
+pub async fn versions_count_writes(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "versions_count_writes");
+    let c = env.client().await;
+    let at = env.at();
+    let path = p("/ver/n");
+    let created = c
+        .create(&path, Bytes::from("0"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    assert_eq!(created.version, 0, "{at} version at create");
+    for i in 1..=3u64 {
+        let n = c
+            .set(&path, Bytes::from(i.to_string()), Expected::Version(i - 1))
+            .await
+            .unwrap_or_else(|e| panic!("{at} CAS {i}: {e}"));
+        assert_eq!(n.version, i, "{at} version after {i} writes");
+        assert_eq!(
+            c.get(&path).await.map(|n| n.version).ok(),
+            Some(i),
+            "{at} read version after {i} writes"
+        );
+    }
+    assert_eq!(
+        c.get(&path).await.map(|n| n.create_order).ok(),
+        Some(created.create_order),
+        "{at} create_order changed on write"
+    );
+    c.create(&p("/ver/n/a/b"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create deep: {e}"));
+    c.delete(&path, Expected::Version(3), DeleteScope::Recursive)
+        .await
+        .unwrap_or_else(|e| panic!("{at} recursive delete: {e}"));
+    for gone in ["/ver/n", "/ver/n/a", "/ver/n/a/b"] {
+        assert!(
+            !c.exists(&p(gone)).await.unwrap_or(true),
+            "{at} {gone} survived a recursive delete"
+        );
+    }
+    assert!(
+        c.exists(&p("/ver")).await.unwrap_or(false),
+        "{at} the parent of a deleted subtree went too"
+    );
+    env.finish().await
+}
+
+/// Creating a deep node creates its missing parents as empty persistent nodes.
+pub async fn parents_created(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "parents_created");
+    let c = env.client().await;
+    let at = env.at();
+    let deep = p("/pa/b/c/leaf");
+    let leaf = c
+        .create(&deep, Bytes::from("v"), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create deep: {e}"));
+    for parent in ["/pa", "/pa/b", "/pa/b/c"] {
+        let n = c
+            .get(&p(parent))
+            .await
+            .unwrap_or_else(|e| panic!("{at} parent {parent} missing: {e}"));
+        assert!(
+            n.value.is_empty() && n.version == 0 && n.ephemeral_owner.is_none(),
+            "{at} parent {parent} is not an empty persistent node: {n:?}"
+        );
+        assert!(
+            n.create_order < leaf.create_order,
+            "{at} parent {parent} created after its child"
+        );
+    }
+    env.finish().await
+}

@@ -1,0 +1,270 @@
+//! Cases on self-healing registrations.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_core::{
+    Bytes, CreateMode, DeleteScope, Expected, NodePath, RegisterOptions, Registration,
+    RegistrationStatus, Registry,
+};
+
+use crate::fixture::{Fault, Fixture};
+use crate::support::{eventually, p, session_of, CaseEnv, Outcome};
+
+/// Waits until `path` exists, owned by `owner`'s current session, with `value`.
+async fn owned_by(
+    fx: &dyn Fixture,
+    at: &str,
+    reader: &Arc<dyn Registry>,
+    owner: &Arc<dyn Registry>,
+    path: &NodePath,
+    value: &str,
+) {
+    let bound = fx.expiry_bound() + Duration::from_secs(10);
+    eventually(
+        bound,
+        &format!("{at} {path} registered by the current session with {value:?}"),
+        || {
+            let (reader, owner, path) = (reader.clone(), owner.clone(), path.clone());
+            async move {
+                match reader.get(&path).await {
+                    Ok(n) => {
+                        n.ephemeral_owner.is_some()
+                            && n.ephemeral_owner == owner.session().session_id
+                            && n.value == value.as_bytes()
+                    }
+                    Err(_) => false,
+                }
+            }
+        },
+    )
+    .await;
+}
+
+async fn gone(fx: &dyn Fixture, at: &str, reader: &Arc<dyn Registry>, path: &NodePath) {
+    eventually(fx.expiry_bound(), &format!("{at} {path} removed"), || {
+        let (reader, path) = (reader.clone(), path.clone());
+        async move { matches!(reader.exists(&path).await, Ok(false)) }
+    })
+    .await;
+}
+
+/// A registration exists as an ephemeral of its client; `deregister` removes it at once and
+/// dropping the handle removes it in the background.
+pub async fn register_deregister_and_drop(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "register_deregister_and_drop");
+    let owner = env.client().await;
+    let reader = env.client().await;
+    let at = env.at();
+    let path = p("/reg/10.0.0.1:9090");
+    let reg = owner
+        .register(&path, Bytes::from("50"), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("{at} register: {e}"));
+    let node = reader
+        .get(&path)
+        .await
+        .unwrap_or_else(|e| panic!("{at} registered node not visible: {e}"));
+    assert_eq!(node.ephemeral_owner, Some(session_of(&owner)), "{at} owner");
+    assert!(
+        matches!(reg.status(), RegistrationStatus::Registered(_)),
+        "{at} status {:?}",
+        reg.status()
+    );
+    reg.deregister()
+        .await
+        .unwrap_or_else(|e| panic!("{at} deregister: {e}"));
+    assert!(
+        !reader.exists(&path).await.unwrap_or(true),
+        "{at} node still there after deregister returned"
+    );
+    let reg = owner
+        .register(&path, Bytes::from("50"), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("{at} register again: {e}"));
+    drop(reg);
+    gone(fx, &at, &reader, &path).await;
+    let r = owner
+        .register(&p("/reg"), Bytes::new(), RegisterOptions::new())
+        .await;
+    assert!(
+        r.is_err(),
+        "{at} registering over a persistent node must fail"
+    );
+    env.finish().await
+}
+
+/// After the session expires, the registration comes back under the new session, with the
+/// value last set.
+pub async fn registration_recreated_after_expiry(fx: &dyn Fixture) -> Outcome {
+    if !fx.supports(Fault::ExpireSession) {
+        return Outcome::Skipped("fixture cannot expire sessions".into());
+    }
+    let mut env = CaseEnv::new(fx, "registration_recreated_after_expiry");
+    let owner = env.client().await;
+    let reader = env.client().await;
+    let at = env.at();
+    let path = p("/reg/10.0.0.2:9090");
+    let reg = owner
+        .register(&path, Bytes::from("v1"), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("{at} register: {e}"));
+    reg.set_value(Bytes::from("v2"))
+        .await
+        .unwrap_or_else(|e| panic!("{at} set_value: {e}"));
+    let old = session_of(&owner);
+    fx.expire_session(old)
+        .await
+        .unwrap_or_else(|e| panic!("{at} expire: {e}"));
+    eventually(
+        fx.expiry_bound() + Duration::from_secs(10),
+        &format!("{at} new session"),
+        || {
+            let owner = owner.clone();
+            async move {
+                owner.session().session_id.is_some_and(|s| s != old)
+                    && owner.session().state.is_live()
+            }
+        },
+    )
+    .await;
+    owned_by(fx, &at, &reader, &owner, &path, "v2").await;
+    reg.deregister()
+        .await
+        .unwrap_or_else(|e| panic!("{at} deregister: {e}"));
+    env.finish().await
+}
+
+/// Someone else deleting a registration does not remove it for long.
+pub async fn registration_recreated_after_external_delete(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "registration_recreated_after_external_delete");
+    let owner = env.client().await;
+    let operator = env.client().await;
+    let at = env.at();
+    let path = p("/reg/10.0.0.3:9090");
+    let reg = owner
+        .register(&path, Bytes::from("x"), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("{at} register: {e}"));
+    let first = operator
+        .get(&path)
+        .await
+        .unwrap_or_else(|e| panic!("{at} get: {e}"));
+    operator
+        .delete(&path, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete: {e}"));
+    eventually(
+        Duration::from_secs(10),
+        &format!("{at} re-created after delete"),
+        || {
+            let (operator, path) = (operator.clone(), path.clone());
+            async move {
+                operator
+                    .get(&path)
+                    .await
+                    .is_ok_and(|n| n.create_order > first.create_order)
+            }
+        },
+    )
+    .await;
+    owned_by(fx, &at, &operator, &owner, &path, "x").await;
+    reg.deregister()
+        .await
+        .unwrap_or_else(|e| panic!("{at} deregister: {e}"));
+    env.finish().await
+}
+
+/// A stale ephemeral of another session at the registration's path is replaced.
+pub async fn registration_replaces_stale_node(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "registration_replaces_stale_node");
+    let stale = env.client().await;
+    let owner = env.client().await;
+    let at = env.at();
+    let path = p("/reg/10.0.0.4:9090");
+    stale
+        .create(&path, Bytes::from("old"), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} stale create: {e}"));
+    let reg = owner
+        .register(&path, Bytes::from("new"), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("{at} register over stale: {e}"));
+    let node = owner
+        .get(&path)
+        .await
+        .unwrap_or_else(|e| panic!("{at} get: {e}"));
+    assert_eq!(
+        (node.ephemeral_owner, node.value),
+        (Some(session_of(&owner)), Bytes::from("new")),
+        "{at} stale node not replaced"
+    );
+    reg.deregister()
+        .await
+        .unwrap_or_else(|e| panic!("{at} deregister: {e}"));
+    env.finish().await
+}
+
+/// A value set on a registration is the one re-created after it is lost; sequential
+/// registrations get a new counter each time and leave no orphan behind.
+pub async fn registration_set_value_survives_recreation(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "registration_set_value_survives_recreation");
+    let owner = env.client().await;
+    let operator = env.client().await;
+    let at = env.at();
+    let prefix = p("/soa/runtime/services/S/10.0.0.5:9090:1.0.0:");
+    let reg: Registration = owner
+        .register(
+            &prefix,
+            Bytes::from("a"),
+            RegisterOptions::new().sequential(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{at} register: {e}"));
+    let first = reg.path().unwrap_or_else(|| panic!("{at} no path"));
+    assert!(
+        first.name().starts_with("10.0.0.5:9090:1.0.0:") && first.sequence().is_some(),
+        "{at} sequential name {first}"
+    );
+    reg.set_value(Bytes::from("b"))
+        .await
+        .unwrap_or_else(|e| panic!("{at} set_value: {e}"));
+    assert_eq!(
+        operator.get(&first).await.map(|n| n.value).ok(),
+        Some(Bytes::from("b")),
+        "{at} set_value not written"
+    );
+    operator
+        .delete(&first, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete: {e}"));
+    let parent = p("/soa/runtime/services/S");
+    eventually(
+        Duration::from_secs(10),
+        &format!("{at} re-created with a new counter and the new value"),
+        || {
+            let (operator, parent, first) = (operator.clone(), parent.clone(), first.clone());
+            async move {
+                match operator.children(&parent).await {
+                    Ok(c) => {
+                        c.nodes.len() == 1 && c.nodes[0].path != first && c.nodes[0].value == "b"
+                    }
+                    Err(_) => false,
+                }
+            }
+        },
+    )
+    .await;
+    reg.deregister()
+        .await
+        .unwrap_or_else(|e| panic!("{at} deregister: {e}"));
+    assert!(
+        operator
+            .children(&parent)
+            .await
+            .map(|c| c.nodes.is_empty())
+            .unwrap_or(false),
+        "{at} orphan after deregister"
+    );
+    env.finish().await
+}

@@ -1,0 +1,173 @@
+//! Cases on sessions and ephemeral nodes: visibility, expiry, close.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use registry_core::{Bytes, CreateMode, Error, SessionState, WatchOptions};
+
+use crate::fixture::{Fault, Fixture};
+use crate::support::{eventually, p, session_of, CaseEnv, Outcome};
+
+/// An ephemeral node is visible to other clients with its owner's session, and disappears
+/// once its owner closes.
+pub async fn ephemeral_gone_after_close(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "ephemeral_gone_after_close");
+    let owner = env.client().await;
+    let other = env.client().await;
+    let at = env.at();
+    let path = p("/svc/10.0.0.1:9090");
+    owner
+        .create(&path, Bytes::from("100"), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    let seen = other
+        .get(&path)
+        .await
+        .unwrap_or_else(|e| panic!("{at} other client cannot see it: {e}"));
+    assert_eq!(
+        seen.ephemeral_owner,
+        Some(session_of(&owner)),
+        "{at} wrong owner"
+    );
+    owner
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("{at} close: {e}"));
+    eventually(
+        fx.expiry_bound(),
+        &format!("{at} ephemeral gone after close"),
+        || {
+            let other = other.clone();
+            let path = path.clone();
+            async move { matches!(other.exists(&path).await, Ok(false)) }
+        },
+    )
+    .await;
+    assert!(
+        matches!(owner.get(&path).await, Err(Error::Closed)),
+        "{at} a closed client still answers"
+    );
+    env.finish().await
+}
+
+/// When a session expires, its ephemeral nodes go, and its client reports `Lost` then
+/// `Reestablished` with a larger epoch and a new session.
+pub async fn session_expiry_removes_ephemerals_and_reestablishes(fx: &dyn Fixture) -> Outcome {
+    if !fx.supports(Fault::ExpireSession) {
+        return Outcome::Skipped("fixture cannot expire sessions".into());
+    }
+    let mut env = CaseEnv::new(fx, "session_expiry_removes_ephemerals_and_reestablishes");
+    let owner = env.client().await;
+    let other = env.client().await;
+    let at = env.at();
+    let path = p("/exp/node");
+    owner
+        .create(&path, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    let before = owner.session();
+    let mut events = owner.session_events();
+    fx.expire_session(session_of(&owner))
+        .await
+        .unwrap_or_else(|e| panic!("{at} expire: {e}"));
+    let mut seen = Vec::new();
+    let reestablished = tokio::time::timeout(fx.expiry_bound() + Duration::from_secs(10), async {
+        while let Some(status) = events.next().await {
+            seen.push(status.state);
+            if status.state == SessionState::Reestablished {
+                return Some(status);
+            }
+        }
+        None
+    })
+    .await;
+    let status = match reestablished {
+        Ok(Some(status)) => status,
+        other => panic!("{at} no Reestablished after expiry ({other:?}); states seen: {seen:?}"),
+    };
+    let lost_at = seen.iter().position(|s| *s == SessionState::Lost);
+    assert!(
+        lost_at.is_some(),
+        "{at} Reestablished without Lost first: {seen:?}"
+    );
+    assert!(
+        status.epoch > before.epoch,
+        "{at} epoch did not grow: {} -> {}",
+        before.epoch,
+        status.epoch
+    );
+    assert_ne!(
+        status.session_id, before.session_id,
+        "{at} same session id after expiry"
+    );
+    eventually(
+        fx.expiry_bound(),
+        &format!("{at} ephemeral of the expired session gone"),
+        || {
+            let other = other.clone();
+            let path = path.clone();
+            async move { matches!(other.exists(&path).await, Ok(false)) }
+        },
+    )
+    .await;
+    owner
+        .create(&p("/exp/again"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} new session unusable: {e}"));
+    env.finish().await
+}
+
+/// `close` ends every watch stream and the session stream, and later calls fail with `Closed`.
+pub async fn close_ends_streams(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "close_ends_streams");
+    let c = env.client().await;
+    let at = env.at();
+    c.create(&p("/cl/x"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    let mut watch = c
+        .watch(&p("/cl"), WatchOptions::subtree())
+        .await
+        .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+    let _ = crate::support::next_event(&mut watch, "snapshot").await;
+    let sessions = c.session_events();
+    c.close()
+        .await
+        .unwrap_or_else(|e| panic!("{at} close: {e}"));
+    c.close()
+        .await
+        .unwrap_or_else(|e| panic!("{at} second close: {e}"));
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(item) = watch.next().await {
+            if item.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "{at} watch stream did not end after close");
+    let states: Vec<_> =
+        tokio::time::timeout(Duration::from_secs(10), sessions.collect::<Vec<_>>())
+            .await
+            .unwrap_or_else(|_| panic!("{at} session stream did not end after close"));
+    assert_eq!(
+        states.last().map(|s| s.state),
+        Some(SessionState::Closed),
+        "{at} last session state"
+    );
+    assert!(
+        matches!(c.exists(&p("/cl")).await, Err(Error::Closed)),
+        "{at} call after close"
+    );
+    let other = env.client().await;
+    eventually(
+        fx.expiry_bound(),
+        &format!("{at} ephemeral removed by close"),
+        || {
+            let other = other.clone();
+            async move { matches!(other.exists(&p("/cl/x")).await, Ok(false)) }
+        },
+    )
+    .await;
+    env.finish().await
+}

@@ -1,0 +1,366 @@
+//! Cases on watches: scopes, the model check, releasing streams.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use registry_core::{
+    Bytes, CreateMode, DeleteScope, Expected, NodePath, Registry, WatchEvent, WatchOptions,
+    WatchScope, WatchStream, WatchedState,
+};
+
+use crate::fixture::Fixture;
+use crate::support::{apply_until, diff, next_event, p, read_scope, summary, CaseEnv, Outcome};
+
+/// The next change event; fails if it is out of scope or a second snapshot.
+async fn next_change(
+    stream: &mut WatchStream,
+    scope: WatchScope,
+    root: &NodePath,
+    what: &str,
+) -> WatchEvent {
+    let event = next_event(stream, what).await;
+    match &event {
+        WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n) => {
+            assert!(
+                scope.covers(root, &n.path),
+                "{what}: event out of scope: {event:?}"
+            );
+        }
+        WatchEvent::Resync { .. } => {}
+        WatchEvent::Snapshot(_) => panic!("{what}: a second snapshot: {event:?}"),
+    }
+    event
+}
+
+async fn scope_case(fx: &dyn Fixture, case: &'static str, scope: WatchScope) -> Outcome {
+    let mut env = CaseEnv::new(fx, case);
+    let c = env.client().await;
+    let writer = env.client().await;
+    let at = env.at();
+    let root = p("/w/a");
+    for path in ["/w/a", "/w/a/x", "/w/a/x/deep", "/w/b"] {
+        c.create(&p(path), Bytes::from("0"), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("{at} create {path}: {e}"));
+    }
+    let mut stream = c
+        .watch(&root, WatchOptions { scope, after: None })
+        .await
+        .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+    let expected_snapshot: &[&str] = match scope {
+        WatchScope::Node => &["/w/a"],
+        WatchScope::Children => &["/w/a/x"],
+        WatchScope::Subtree => &["/w/a", "/w/a/x", "/w/a/x/deep"],
+    };
+    match next_event(&mut stream, "snapshot").await {
+        WatchEvent::Snapshot(s) => {
+            let mut paths: Vec<_> = s.nodes.iter().map(|n| n.path.to_string()).collect();
+            paths.sort();
+            assert_eq!(paths, expected_snapshot, "{at} snapshot of {scope:?}");
+        }
+        other => panic!("{at} first item is not a snapshot: {other:?}"),
+    }
+    // Writes out of scope first: none of them may show up.
+    let mut out_of_scope = vec!["/w/b", "/w"];
+    if scope != WatchScope::Subtree {
+        out_of_scope.push("/w/a/x/deep");
+    }
+    if scope == WatchScope::Children {
+        out_of_scope.push("/w/a");
+    }
+    for path in &out_of_scope {
+        writer
+            .set(&p(path), Bytes::from("noise"), Expected::Any)
+            .await
+            .unwrap_or_else(|e| panic!("{at} set {path}: {e}"));
+    }
+    let (updated, created) = match scope {
+        WatchScope::Node => ("/w/a", "/w/a"),
+        WatchScope::Children => ("/w/a/x", "/w/a/y"),
+        WatchScope::Subtree => ("/w/a/x/deep", "/w/a/x/deep/z"),
+    };
+    let w = writer
+        .set(&p(updated), Bytes::from("1"), Expected::Any)
+        .await
+        .unwrap_or_else(|e| panic!("{at} set: {e}"));
+    match next_change(&mut stream, scope, &root, &format!("{at} update")).await {
+        WatchEvent::Updated(n) => assert_eq!(
+            (n.path.as_str(), n.value.clone(), n.version),
+            (updated, Bytes::from("1"), w.version),
+            "{at} update event"
+        ),
+        other => panic!("{at} expected Updated({updated}), got {other:?}"),
+    }
+    if scope == WatchScope::Node {
+        writer
+            .delete(&root, Expected::Any, DeleteScope::Recursive)
+            .await
+            .unwrap_or_else(|e| panic!("{at} delete: {e}"));
+        let mut state = WatchedState::new();
+        state.apply(&WatchEvent::Snapshot(Default::default()));
+        match next_change(&mut stream, scope, &root, &format!("{at} delete")).await {
+            WatchEvent::Deleted(n) => assert_eq!(n.path, root, "{at} delete event"),
+            other => panic!("{at} expected Deleted, got {other:?}"),
+        }
+        writer
+            .create(&root, Bytes::from("again"), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("{at} re-create: {e}"));
+    } else {
+        writer
+            .create(&p(created), Bytes::from("new"), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    }
+    match next_change(&mut stream, scope, &root, &format!("{at} create")).await {
+        WatchEvent::Created(n) => assert_eq!(n.path.as_str(), created, "{at} create event"),
+        other => panic!("{at} expected Created({created}), got {other:?}"),
+    }
+    if scope != WatchScope::Node {
+        writer
+            .delete(&p(created), Expected::Any, DeleteScope::Node)
+            .await
+            .unwrap_or_else(|e| panic!("{at} delete: {e}"));
+        match next_change(&mut stream, scope, &root, &format!("{at} delete")).await {
+            WatchEvent::Deleted(n) => assert_eq!(n.path.as_str(), created, "{at} delete event"),
+            other => panic!("{at} expected Deleted({created}), got {other:?}"),
+        }
+    }
+    env.finish().await
+}
+
+/// A node-scope watch: snapshot of the node, then its update, deletion and re-creation only.
+pub async fn watch_node_scope(fx: &dyn Fixture) -> Outcome {
+    scope_case(fx, "watch_node_scope", WatchScope::Node).await
+}
+
+/// A children-scope watch on `/a` sees `/a/x` but never `/a` itself or `/a/x/y`.
+pub async fn watch_children_scope(fx: &dyn Fixture) -> Outcome {
+    scope_case(fx, "watch_children_scope", WatchScope::Children).await
+}
+
+/// A subtree-scope watch sees the node and every descendant, nothing beside it.
+pub async fn watch_subtree_scope(fx: &dyn Fixture) -> Outcome {
+    scope_case(fx, "watch_subtree_scope", WatchScope::Subtree).await
+}
+
+async fn random_writer(client: Arc<dyn Registry>, seed: u64, ops: usize) -> Result<(), String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let names = ["a", "b", "c", "d"];
+    for _ in 0..ops {
+        let dir = if rng.gen_bool(0.5) { "/m/x" } else { "/m/x/y" };
+        let path = p(&format!("{dir}/{}", names[rng.gen_range(0..names.len())]));
+        let value = Bytes::from(rng.gen::<u32>().to_string());
+        let result = match rng.gen_range(0..10) {
+            0..=2 => client
+                .create(&path, value, CreateMode::Persistent)
+                .await
+                .map(|_| ()),
+            3 => client
+                .create(&path, value, CreateMode::Ephemeral)
+                .await
+                .map(|_| ()),
+            4 => client
+                .create(
+                    &p(&format!("{dir}/s-")),
+                    value,
+                    CreateMode::PersistentSequential,
+                )
+                .await
+                .map(|_| ()),
+            5..=7 => client.set(&path, value, Expected::Any).await.map(|_| ()),
+            _ => {
+                client
+                    .delete(&path, Expected::Any, DeleteScope::Recursive)
+                    .await
+            }
+        };
+        match result {
+            Ok(())
+            | Err(registry_core::Error::AlreadyExists { .. })
+            | Err(registry_core::Error::NotFound { .. })
+            | Err(registry_core::Error::NotEmpty { .. })
+            | Err(registry_core::Error::EphemeralParent { .. }) => {}
+            Err(e) => return Err(format!("writer {seed}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// Model check: 4 writers make 250 random changes each while watchers of every scope apply
+/// their streams; afterwards each watcher's state equals a fresh read. With exact events,
+/// every path's events also arrive in strictly increasing order, without duplicates.
+pub async fn watch_model_check(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "watch_model_check");
+    let reader = env.client().await;
+    let at = env.at();
+    reader
+        .create(&p("/m/x/y"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} setup: {e}"));
+    let exact = reader.capabilities().exact_events;
+    let seed: u64 = rand::thread_rng().gen();
+    eprintln!("{at} model check seed {seed}");
+    let watched = [
+        (p("/m"), WatchScope::Subtree),
+        (p("/m/x"), WatchScope::Children),
+        (p("/m/x/y/a"), WatchScope::Node),
+    ];
+    let mut streams = Vec::new();
+    for (path, scope) in &watched {
+        let watcher = env.client().await;
+        let stream = watcher
+            .watch(
+                path,
+                WatchOptions {
+                    scope: *scope,
+                    after: None,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+        streams.push((
+            path.clone(),
+            *scope,
+            stream,
+            WatchedState::new(),
+            HashMap::<NodePath, u64>::new(),
+        ));
+    }
+    let mut writers = Vec::new();
+    for i in 0..4u64 {
+        let w = env.client().await;
+        writers.push(tokio::spawn(random_writer(w, seed.wrapping_add(i), 250)));
+    }
+    for w in writers {
+        w.await
+            .unwrap_or_else(|e| panic!("{at} writer task: {e}"))
+            .unwrap_or_else(|e| panic!("{at} {e} (seed {seed})"));
+    }
+    for (path, scope, stream, state, last_order) in &mut streams {
+        let expected = summary(
+            read_scope(&reader, path, *scope)
+                .await
+                .unwrap_or_else(|e| panic!("{at} fresh read: {e}"))
+                .iter(),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while summary(state.nodes()) != expected {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let item = match tokio::time::timeout(left, futures::StreamExt::next(stream)).await {
+                Ok(Some(Ok(event))) => event,
+                other => panic!(
+                    "{at} watcher of {path} ({scope:?}) did not converge (seed {seed}): {other:?}\n{}",
+                    diff(&expected, &summary(state.nodes()))
+                ),
+            };
+            if exact {
+                if let WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n) =
+                    &item
+                {
+                    let prev = last_order.insert(n.path.clone(), n.modify_order);
+                    assert!(
+                        prev.is_none_or(|prev| prev < n.modify_order),
+                        "{at} event for {} out of order or duplicated (seed {seed}): {item:?}",
+                        n.path
+                    );
+                }
+            }
+            state.apply(&item);
+        }
+    }
+    env.finish().await
+}
+
+/// A watch that starts after a listing's revision misses nothing in between (where the
+/// backend can replay from a revision).
+pub async fn watch_from_revision(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "watch_from_revision");
+    let c = env.client().await;
+    if !c.capabilities().watch_from_revision {
+        return Outcome::Skipped(format!(
+            "{} cannot start a watch after a past revision",
+            c.capabilities().backend
+        ));
+    }
+    let at = env.at();
+    c.create(&p("/r/a"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    let listing = c
+        .children(&p("/r"))
+        .await
+        .unwrap_or_else(|e| panic!("{at} children: {e}"));
+    c.create(&p("/r/b"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    let mut stream = c
+        .watch(&p("/r"), WatchOptions::children().after(listing.revision))
+        .await
+        .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+    match next_event(&mut stream, "replayed create").await {
+        WatchEvent::Created(n) => assert_eq!(n.path.as_str(), "/r/b", "{at}"),
+        other => panic!("{at} expected the create after the listing, got {other:?}"),
+    }
+    env.finish().await
+}
+
+/// Dropping a watch stream releases it on the server (where the fixture can count watches).
+pub async fn watch_drop_releases(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "watch_drop_releases");
+    let c = env.client().await;
+    let at = env.at();
+    let Some(before) = fx.active_watches(&env.namespace).await else {
+        return Outcome::Skipped("fixture cannot count server-side watches".into());
+    };
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        let mut s = c
+            .watch(&p(&format!("/d/{i}")), WatchOptions::node())
+            .await
+            .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+        let _ = next_event(&mut s, "snapshot").await;
+        streams.push(s);
+    }
+    crate::support::eventually(
+        Duration::from_secs(10),
+        &format!("{at} watches registered"),
+        || async {
+            fx.active_watches(&env.namespace)
+                .await
+                .is_some_and(|n| n >= before + 5)
+        },
+    )
+    .await;
+    drop(streams);
+    crate::support::eventually(
+        Duration::from_secs(10),
+        &format!("{at} watches released after drop"),
+        || async {
+            fx.active_watches(&env.namespace)
+                .await
+                .is_some_and(|n| n <= before)
+        },
+    )
+    .await;
+    let mut state = WatchedState::new();
+    let mut s = c
+        .watch(&p("/d"), WatchOptions::children())
+        .await
+        .unwrap_or_else(|e| panic!("{at} watch after drop: {e}"));
+    c.create(&p("/d/new"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    apply_until(
+        &mut s,
+        &mut state,
+        Duration::from_secs(10),
+        &format!("{at} client still watches"),
+        |s| s.len() == 1,
+    )
+    .await;
+    env.finish().await
+}

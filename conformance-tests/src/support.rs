@@ -1,0 +1,236 @@
+//! Helpers every case uses: per-case namespaces, bounded waits, tree reads and comparisons.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use registry_core::{
+    Bytes, Error, Node, NodePath, Registry, SessionId, WatchEvent, WatchStream, WatchedState,
+};
+
+use crate::fixture::Fixture;
+
+/// How long a case waits for an event that should come promptly.
+pub const EVENT_WAIT: Duration = Duration::from_secs(15);
+
+/// The result of a case that did not fail (failures panic with a message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every assertion held.
+    Passed,
+    /// The backend or fixture lacks a declared capability the case needs.
+    Skipped(String),
+}
+
+/// A path from a literal in a case (cases only use valid literals).
+pub fn p(path: &str) -> NodePath {
+    match NodePath::new(path) {
+        Ok(p) => p,
+        Err(e) => panic!("case uses an invalid path literal {path:?}: {e}"),
+    }
+}
+
+/// One case's world: a fresh namespace and the clients opened in it.
+pub struct CaseEnv<'f> {
+    /// The fixture.
+    pub fx: &'f dyn Fixture,
+    /// The case name (for messages).
+    pub case: &'static str,
+    /// The namespace every client of this case lives in.
+    pub namespace: String,
+    clients: Vec<Arc<dyn Registry>>,
+}
+
+impl<'f> CaseEnv<'f> {
+    /// A new namespace named after the case plus a random suffix.
+    pub fn new(fx: &'f dyn Fixture, case: &'static str) -> Self {
+        let suffix: u32 = rand::thread_rng().gen();
+        CaseEnv {
+            fx,
+            case,
+            namespace: format!("{case}_{suffix:08x}"),
+            clients: Vec::new(),
+        }
+    }
+
+    /// Opens another client (its own session) in this case's namespace.
+    pub async fn client(&mut self) -> Arc<dyn Registry> {
+        let client = self
+            .fx
+            .open(&self.namespace)
+            .await
+            .unwrap_or_else(|e| panic!("[{}::{}] open client: {e}", self.fx.name(), self.case));
+        self.clients.push(client.clone());
+        client
+    }
+
+    /// A message prefix naming backend and case.
+    pub fn at(&self) -> String {
+        format!("[{}::{}]", self.fx.name(), self.case)
+    }
+
+    /// Closes every client of the case.
+    pub async fn finish(self) -> Outcome {
+        for c in &self.clients {
+            let _ = c.close().await;
+        }
+        Outcome::Passed
+    }
+}
+
+/// The session id of a client that must have one.
+pub fn session_of(client: &Arc<dyn Registry>) -> SessionId {
+    client
+        .session()
+        .session_id
+        .unwrap_or_else(|| panic!("client has no session: {:?}", client.session()))
+}
+
+/// The next item of a watch stream, within [`EVENT_WAIT`].
+pub async fn next_event(stream: &mut WatchStream, what: &str) -> WatchEvent {
+    match tokio::time::timeout(EVENT_WAIT, stream.next()).await {
+        Err(_) => panic!("no watch event within {EVENT_WAIT:?} while waiting for {what}"),
+        Ok(None) => panic!("watch stream ended while waiting for {what}"),
+        Ok(Some(Err(e))) => panic!("watch stream error while waiting for {what}: {e}"),
+        Ok(Some(Ok(event))) => event,
+    }
+}
+
+/// Applies events to `state` until `done(state)` holds, within `bound`.
+pub async fn apply_until(
+    stream: &mut WatchStream,
+    state: &mut WatchedState,
+    bound: Duration,
+    what: &str,
+    mut done: impl FnMut(&WatchedState) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + bound;
+    while !done(state) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, stream.next()).await {
+            Err(_) => panic!(
+                "{what}: not reached within {bound:?}; state: {:?}",
+                summary(state.nodes())
+            ),
+            Ok(None) => panic!("{what}: stream ended"),
+            Ok(Some(Err(e))) => panic!("{what}: stream error {e}"),
+            Ok(Some(Ok(event))) => state.apply(&event),
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it returns true, within `bound`.
+pub async fn eventually<F, Fut>(bound: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("{what}: not true within {bound:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What two reads of a node must agree on (not modify_order, which some backends report
+/// differently between reads and events).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeSummary {
+    /// Path.
+    pub path: String,
+    /// Value.
+    pub value: Bytes,
+    /// Version.
+    pub version: u64,
+    /// Creation order.
+    pub create_order: u64,
+    /// Owner session.
+    pub owner: Option<i64>,
+}
+
+/// Summaries of nodes, sorted by path.
+pub fn summary<'a>(nodes: impl Iterator<Item = &'a Node>) -> Vec<NodeSummary> {
+    let mut out: Vec<_> = nodes
+        .map(|n| NodeSummary {
+            path: n.path.to_string(),
+            value: n.value.clone(),
+            version: n.version,
+            create_order: n.create_order,
+            owner: n.ephemeral_owner.map(|s| s.0),
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Reads `root` and everything below it (root included if it exists), by walking children.
+pub async fn read_subtree(client: &Arc<dyn Registry>, root: &NodePath) -> Result<Vec<Node>, Error> {
+    let mut out = Vec::new();
+    match client.get(root).await {
+        Ok(node) => out.push(node),
+        Err(Error::NotFound { .. }) => return Ok(out),
+        Err(e) => return Err(e),
+    }
+    let mut pending = vec![root.clone()];
+    while let Some(path) = pending.pop() {
+        match client.children(&path).await {
+            Ok(children) => {
+                for child in children.nodes {
+                    pending.push(child.path.clone());
+                    out.push(child);
+                }
+            }
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// The nodes a fresh read shows for a watch of `scope` on `root`.
+pub async fn read_scope(
+    client: &Arc<dyn Registry>,
+    root: &NodePath,
+    scope: registry_core::WatchScope,
+) -> Result<Vec<Node>, Error> {
+    use registry_core::WatchScope;
+    match scope {
+        WatchScope::Node => match client.get(root).await {
+            Ok(n) => Ok(vec![n]),
+            Err(Error::NotFound { .. }) => Ok(vec![]),
+            Err(e) => Err(e),
+        },
+        WatchScope::Children => match client.children(root).await {
+            Ok(c) => Ok(c.nodes),
+            Err(Error::NotFound { .. }) => Ok(vec![]),
+            Err(e) => Err(e),
+        },
+        WatchScope::Subtree => read_subtree(client, root).await,
+    }
+}
+
+/// Differences between two summaries, for failure messages.
+pub fn diff(expected: &[NodeSummary], found: &[NodeSummary]) -> String {
+    let e: BTreeMap<_, _> = expected.iter().map(|n| (n.path.clone(), n)).collect();
+    let f: BTreeMap<_, _> = found.iter().map(|n| (n.path.clone(), n)).collect();
+    let mut out = Vec::new();
+    for (path, n) in &e {
+        match f.get(path) {
+            None => out.push(format!("missing {path}")),
+            Some(m) if m != n => out.push(format!("differs {path}: expected {n:?}, found {m:?}")),
+            _ => {}
+        }
+    }
+    for path in f.keys().filter(|p| !e.contains_key(*p)) {
+        out.push(format!("extra {path}"));
+    }
+    out.join("\n")
+}
