@@ -1,0 +1,253 @@
+//! `EtcdServer` and `EtcdCluster`: real etcd members on free loopback ports in temp dirs.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::process::{free_port, wait_until, HarnessResult, ServerProcess};
+
+/// Where Debian installs etcd.
+pub const ETCD_BINARY: &str = "/usr/bin/etcd";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends a plain HTTP GET to `addr` and returns the body, or `None` if nothing answered.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}
+
+struct Member {
+    name: String,
+    client: SocketAddr,
+    process: ServerProcess,
+}
+
+fn member_args(
+    name: &str,
+    dir: &PathBuf,
+    client: SocketAddr,
+    peer: SocketAddr,
+    cluster: &str,
+) -> Vec<String> {
+    vec![
+        "--name".into(),
+        name.into(),
+        "--data-dir".into(),
+        dir.join(format!("{name}.etcd")).display().to_string(),
+        "--listen-client-urls".into(),
+        format!("http://{client}"),
+        "--advertise-client-urls".into(),
+        format!("http://{client}"),
+        "--listen-peer-urls".into(),
+        format!("http://{peer}"),
+        "--initial-advertise-peer-urls".into(),
+        format!("http://{peer}"),
+        "--initial-cluster".into(),
+        cluster.into(),
+        "--initial-cluster-state".into(),
+        "new".into(),
+        "--heartbeat-interval".into(),
+        "50".into(),
+        "--election-timeout".into(),
+        "500".into(),
+    ]
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+impl Member {
+    fn healthy(&self) -> bool {
+        http_get(self.client, "/health").is_some_and(|b| b.contains("\"health\":\"true\""))
+    }
+}
+
+/// A cluster of etcd members (one for [`EtcdServer`]), each killable, pausable, restartable.
+///
+/// Guarantees: members listen only on 127.0.0.1; data lives in a temp dir removed on drop;
+/// every process is killed on drop and when the test process exits.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until every one reports healthy.
+    pub fn start(size: usize) -> HarnessResult<EtcdCluster> {
+        super::process::require_binary(std::path::Path::new(ETCD_BINARY), "etcd")?;
+        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let ports: Vec<(SocketAddr, SocketAddr)> = (0..size)
+            .map(|_| Ok((loopback(free_port()?), loopback(free_port()?))))
+            .collect::<HarnessResult<_>>()?;
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("n{i}=http://{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let path = dir.path().to_path_buf();
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let name = format!("n{i}");
+            let process = ServerProcess::start(
+                format!("etcd {name}"),
+                ETCD_BINARY,
+                member_args(&name, &path, *client, *peer, &cluster),
+                vec![],
+                path.join(format!("{name}.log")),
+            )?;
+            members.push(Member {
+                name,
+                client: *client,
+                process,
+            });
+        }
+        let cluster = EtcdCluster { members, dir };
+        for i in 0..size {
+            cluster.wait_healthy(i)?;
+        }
+        Ok(cluster)
+    }
+
+    fn wait_healthy(&self, index: usize) -> HarnessResult<()> {
+        let member = self.member(index)?;
+        if wait_until(READY_TIMEOUT, || member.healthy()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "etcd {} not healthy within {READY_TIMEOUT:?}; log tail:\n{}",
+                member.name,
+                member.process.log_tail(3000)
+            ))
+        }
+    }
+
+    fn member(&self, index: usize) -> HarnessResult<&Member> {
+        self.members
+            .get(index)
+            .ok_or_else(|| format!("no etcd member {index}"))
+    }
+
+    fn member_mut(&mut self, index: usize) -> HarnessResult<&mut Member> {
+        self.members
+            .get_mut(index)
+            .ok_or_else(|| format!("no etcd member {index}"))
+    }
+
+    /// Client addresses (`127.0.0.1:PORT`) of every member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.to_string()).collect()
+    }
+
+    /// The client address of member `index`.
+    pub fn client_addr(&self, index: usize) -> HarnessResult<SocketAddr> {
+        Ok(self.member(index)?.client)
+    }
+
+    /// Crashes member `index` (SIGKILL).
+    pub fn kill(&mut self, index: usize) -> HarnessResult<()> {
+        self.member_mut(index)?.process.kill()
+    }
+
+    /// Freezes member `index` (SIGSTOP).
+    pub fn pause(&mut self, index: usize) -> HarnessResult<()> {
+        self.member_mut(index)?.process.pause()
+    }
+
+    /// Continues member `index` (SIGCONT).
+    pub fn resume(&mut self, index: usize) -> HarnessResult<()> {
+        self.member_mut(index)?.process.resume()
+    }
+
+    /// Restarts member `index` on its data and waits until it is healthy.
+    pub fn restart(&mut self, index: usize) -> HarnessResult<()> {
+        let member = self.member_mut(index)?;
+        member.process.restart()?;
+        // A restarted member must not re-bootstrap the cluster.
+        self.wait_healthy(index)
+    }
+
+    /// Index of the member that reports itself as leader, if any.
+    pub fn leader(&self) -> Option<usize> {
+        self.members.iter().position(|m| {
+            http_get(m.client, "/metrics")
+                .is_some_and(|b| b.lines().any(|l| l.trim() == "etcd_server_is_leader 1"))
+        })
+    }
+
+    /// `etcd_debugging_mvcc_watcher_total` summed over running members: the server-side
+    /// watchers.
+    pub fn watcher_total(&self) -> Option<usize> {
+        let mut total = 0usize;
+        for m in &self.members {
+            let body = http_get(m.client, "/metrics")?;
+            let line = body
+                .lines()
+                .find(|l| l.starts_with("etcd_debugging_mvcc_watcher_total "))?;
+            total += line.split_whitespace().nth(1)?.parse::<f64>().ok()? as usize;
+        }
+        Some(total)
+    }
+
+    /// The temp dir holding data and logs.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+/// One etcd member: the server most tests use.
+pub struct EtcdServer {
+    cluster: EtcdCluster,
+}
+
+impl EtcdServer {
+    /// Starts a single-member etcd and waits until it is healthy.
+    pub fn start() -> HarnessResult<EtcdServer> {
+        Ok(EtcdServer {
+            cluster: EtcdCluster::start(1)?,
+        })
+    }
+
+    /// `127.0.0.1:PORT` of its client listener.
+    pub fn endpoint(&self) -> String {
+        self.cluster.endpoints().remove(0)
+    }
+
+    /// Its client listener address.
+    pub fn addr(&self) -> SocketAddr {
+        self.cluster.members[0].client
+    }
+
+    /// Crashes it.
+    pub fn kill(&mut self) -> HarnessResult<()> {
+        self.cluster.kill(0)
+    }
+
+    /// Freezes it.
+    pub fn pause(&mut self) -> HarnessResult<()> {
+        self.cluster.pause(0)
+    }
+
+    /// Continues it.
+    pub fn resume(&mut self) -> HarnessResult<()> {
+        self.cluster.resume(0)
+    }
+
+    /// Restarts it on the same data and waits until it is healthy.
+    pub fn restart(&mut self) -> HarnessResult<()> {
+        self.cluster.restart(0)
+    }
+
+    /// Server-side watchers, from /metrics.
+    pub fn watcher_total(&self) -> Option<usize> {
+        self.cluster.watcher_total()
+    }
+}
