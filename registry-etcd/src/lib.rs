@@ -1,1 +1,653 @@
-//! etcd backend (placeholder).
+//! The etcd backend of the [`Registry`] contract.
+//!
+//! - A node's key is its path under an optional namespace, so `etcdctl get --prefix
+//!   /soa/runtime/services` shows the tree; values are the raw bytes. Keys written by other
+//!   tools are first-class; parents that have no key of their own behave as empty persistent
+//!   nodes (`version` 0, `create_order` 0), except that `set` on one fails with `NotFound`
+//!   (create it first) and watches report only nodes that have keys.
+//! - `version` is etcd's version - 1; `create_order` is `create_revision`.
+//! - One lease per session (TTL from the options, at least 2 s) kept alive every TTL/3 on its
+//!   own task; ephemeral nodes are keys under that lease. A lost lease is replaced by a new
+//!   one, reported as `Lost` then `Reestablished`, and registrations come back through
+//!   [`registry_core::Registration`].
+//! - Creates are Txns comparing `create_revision == 0`. Missing parents are created first,
+//!   one Txn each (so each gets its own, earlier revision), and the node's Txn compares
+//!   every ancestor's `create_revision` with what was read, which also rejects a parent that
+//!   became ephemeral. Sequential names come from a per-parent counter key updated in the same
+//!   Txn as the create: under contention, every creator that lost the race retries (one more
+//!   round trip each), so N concurrent creators under one parent cost O(N²) Txns in the worst
+//!   case and O(N) when spread over time.
+//! - Watches: see [`watch`].
+#![warn(missing_docs)]
+
+mod error;
+mod keys;
+pub mod options;
+mod session;
+pub mod watch;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
+};
+use futures::stream::BoxStream;
+use registry_core::{
+    check_value, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node, NodePath,
+    RegisterOptions, Registration, Registry, Result, Revision, SessionId, SessionState,
+    SessionStatus, SessionTracker, WatchOptions, WatchStream,
+};
+use tokio::sync::watch as channel;
+use tokio::task::JoinHandle;
+
+pub use options::EtcdOptions;
+
+use error::{map, BACKEND};
+use keys::{implicit, Keys};
+use session::Session;
+
+/// Bound on optimistic-concurrency retries of one create or delete.
+const MAX_CREATE_ROUNDS: usize = 256;
+
+/// What the registry's handles, its session task and its watch tasks share.
+pub(crate) struct Shared {
+    pub(crate) client: Client,
+    pub(crate) keys: Keys,
+    pub(crate) options: EtcdOptions,
+    pub(crate) session: Arc<Session>,
+    pub(crate) shutdown: channel::Sender<bool>,
+    closed: AtomicBool,
+    session_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs a Txn with the request deadline.
+    pub(crate) async fn txn(
+        &self,
+        txn: Txn,
+        operation: &str,
+        path: &NodePath,
+    ) -> Result<TxnResponse> {
+        self.check_open()?;
+        let mut client = self.client.clone();
+        let timeout = self.options.request_timeout;
+        match tokio::time::timeout(timeout, client.txn(txn)).await {
+            Ok(result) => result.map_err(|e| map(e, operation, Some(path))),
+            Err(_) => Err(Error::Timeout {
+                operation: format!("etcd {operation} {path}"),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// A read-only Txn, retried on a retryable failure (another member may answer).
+    async fn read(&self, ops: Vec<TxnOp>, operation: &str, path: &NodePath) -> Result<TxnResponse> {
+        let mut last = None;
+        for attempt in 0..3u32 {
+            match self
+                .txn(Txn::new().and_then(ops.clone()), operation, path)
+                .await
+            {
+                Ok(r) => return Ok(r),
+                Err(e) if e.is_retryable() => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt + 1))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::unavailable("etcd read failed")))
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// A client of etcd implementing [`Registry`]. Cheap to clone (a handle); the session ends
+/// when [`close`](Registry::close) is called (or, without it, the lease expires after the TTL
+/// once every handle, registration and stream is gone).
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    shared: Arc<Shared>,
+}
+
+fn gets(response: &TxnResponse) -> Vec<etcd_client::GetResponse> {
+    response
+        .op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect()
+}
+
+fn revision_of(response: &TxnResponse) -> i64 {
+    response.header().map_or(0, |h| h.revision())
+}
+
+impl EtcdRegistry {
+    /// Connects to etcd and opens a session (grants the lease). Fails with
+    /// [`Error::Unavailable`] if no endpoint answers within the connect timeout.
+    pub async fn connect(options: EtcdOptions) -> Result<EtcdRegistry> {
+        if options.endpoints.is_empty() {
+            return Err(Error::InvalidArgument("etcd: no endpoint given".into()));
+        }
+        let ttl = options.effective_ttl();
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(options.connect_timeout)
+            .with_keep_alive(
+                (ttl / 3).max(Duration::from_millis(500)),
+                options.request_timeout,
+            )
+            .with_keep_alive_while_idle(true);
+        if let Some((user, password)) = &options.credentials {
+            connect = connect.with_user(user.clone(), password.clone());
+        }
+        let deadline = options.connect_timeout + options.request_timeout;
+        let client = match tokio::time::timeout(
+            deadline,
+            Client::connect(options.endpoints.clone(), Some(connect)),
+        )
+        .await
+        {
+            Ok(result) => result.map_err(|e| map(e, "connect", None))?,
+            Err(_) => {
+                return Err(Error::Timeout {
+                    operation: format!("etcd connect to {:?}", options.endpoints),
+                    after: deadline,
+                })
+            }
+        };
+        let mut granting = client.clone();
+        let lease = match tokio::time::timeout(
+            options.request_timeout,
+            granting.lease_grant(ttl.as_secs() as i64, None),
+        )
+        .await
+        {
+            Ok(result) => result.map_err(|e| map(e, "lease grant", None))?.id(),
+            Err(_) => {
+                return Err(Error::Timeout {
+                    operation: format!("etcd lease grant at {:?}", options.endpoints),
+                    after: options.request_timeout,
+                })
+            }
+        };
+        let session = Arc::new(Session {
+            lease: AtomicI64::new(lease),
+            tracker: SessionTracker::new(),
+        });
+        session
+            .tracker
+            .transition(SessionState::Connected, Some(SessionId(lease)));
+        let (shutdown, shutdown_rx) = channel::channel(false);
+        let span = tracing::info_span!("etcd_session", endpoints = ?options.endpoints);
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            session::run(
+                client.clone(),
+                session.clone(),
+                ttl,
+                options.request_timeout,
+                shutdown_rx,
+            ),
+            span,
+        ));
+        tracing::info!(lease, "etcd session opened");
+        Ok(EtcdRegistry {
+            shared: Arc::new(Shared {
+                client,
+                keys: Keys::new(options.namespace.as_ref()),
+                options,
+                session,
+                shutdown,
+                closed: AtomicBool::new(false),
+                session_task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+
+    /// The underlying etcd-client (for operations the contract does not cover).
+    pub fn client(&self) -> Client {
+        self.shared.client.clone()
+    }
+
+    /// Reads a node: its key, or an implicit node if only keys below it exist.
+    async fn read_node(&self, path: &NodePath) -> Result<(Option<Node>, i64)> {
+        if path.is_root() {
+            return Ok((Some(implicit(NodePath::root())), 0));
+        }
+        let keys = &self.shared.keys;
+        let response = self
+            .shared
+            .read(
+                vec![
+                    TxnOp::get(keys.node(path), None),
+                    TxnOp::get(
+                        keys.below(path),
+                        Some(
+                            GetOptions::new()
+                                .with_prefix()
+                                .with_keys_only()
+                                .with_limit(1),
+                        ),
+                    ),
+                ],
+                "get",
+                path,
+            )
+            .await?;
+        let revision = revision_of(&response);
+        let gets = gets(&response);
+        let own = gets
+            .first()
+            .and_then(|g| g.kvs().first())
+            .and_then(|kv| keys.node_of(kv));
+        let below = gets.get(1).is_some_and(|g| !g.kvs().is_empty());
+        Ok((
+            own.or_else(|| below.then(|| implicit(path.clone()))),
+            revision,
+        ))
+    }
+
+    async fn create_once(
+        &self,
+        path: &NodePath,
+        value: &Bytes,
+        mode: CreateMode,
+    ) -> Result<Option<Node>> {
+        let keys = &self.shared.keys;
+        let parent = path
+            .parent()
+            .ok_or_else(|| Error::InvalidArgument("cannot create the root node".into()))?;
+        let ancestors: Vec<NodePath> = path
+            .ancestors()
+            .into_iter()
+            .filter(|a| !a.is_root())
+            .collect();
+        let mut ops: Vec<TxnOp> = ancestors
+            .iter()
+            .map(|a| TxnOp::get(keys.node(a), None))
+            .collect();
+        if mode.is_sequential() {
+            ops.push(TxnOp::get(keys.sequence(&parent), None));
+        }
+        let response = self.shared.read(ops, "create", path).await?;
+        let gets = gets(&response);
+        let mut compares = Vec::new();
+        for (ancestor, get) in ancestors.iter().zip(&gets) {
+            match get.kvs().first() {
+                Some(kv) if kv.lease() != 0 => {
+                    return Err(Error::EphemeralParent {
+                        path: path.clone(),
+                        parent: ancestor.clone(),
+                    })
+                }
+                Some(kv) => compares.push(Compare::create_revision(
+                    keys.node(ancestor),
+                    CompareOp::Equal,
+                    kv.create_revision(),
+                )),
+                None => {
+                    // Each missing parent gets its own Txn, so it is older than its child.
+                    let key = keys.node(ancestor);
+                    let made = self
+                        .shared
+                        .txn(
+                            Txn::new()
+                                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                                .and_then([TxnOp::put(key, Vec::new(), None)]),
+                            "create parent",
+                            ancestor,
+                        )
+                        .await?;
+                    let _ = made.succeeded();
+                    return Ok(None);
+                }
+            }
+        }
+        let (target, mut puts) = if mode.is_sequential() {
+            let counter_get = gets.get(ancestors.len());
+            let counter_kv = counter_get.and_then(|g| g.kvs().first());
+            let counter: u64 = counter_kv
+                .and_then(|kv| std::str::from_utf8(kv.value()).ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let seq_key = keys.sequence(&parent);
+            compares.push(Compare::version(
+                seq_key.clone(),
+                CompareOp::Equal,
+                counter_kv.map_or(0, |kv| kv.version()),
+            ));
+            let target = parent.join(&registry_core::sequential_name(path.name(), counter))?;
+            (
+                target,
+                vec![TxnOp::put(seq_key, (counter + 1).to_string(), None)],
+            )
+        } else {
+            (path.clone(), Vec::new())
+        };
+        let key = keys.node(&target);
+        compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+        let put_options = if mode.is_ephemeral() {
+            let lease = self.shared.session.lease();
+            if !self.shared.session.tracker.status().state.is_live() {
+                return Err(Error::SessionExpired);
+            }
+            Some(PutOptions::new().with_lease(lease))
+        } else {
+            None
+        };
+        puts.push(TxnOp::put(key.clone(), value.to_vec(), put_options));
+        let response = self
+            .shared
+            .txn(
+                Txn::new()
+                    .when(compares)
+                    .and_then(puts)
+                    .or_else([TxnOp::get(key, Some(GetOptions::new().with_keys_only()))]),
+                "create",
+                &target,
+            )
+            .await?;
+        if response.succeeded() {
+            let revision = u64::try_from(revision_of(&response)).unwrap_or(0);
+            return Ok(Some(Node {
+                path: target,
+                value: value.clone(),
+                version: 0,
+                create_order: revision,
+                modify_order: revision,
+                ephemeral_owner: mode
+                    .is_ephemeral()
+                    .then(|| SessionId(self.shared.session.lease())),
+            }));
+        }
+        let exists = gets_of_else(&response);
+        if exists && !mode.is_sequential() {
+            return Err(Error::AlreadyExists { path: target });
+        }
+        Ok(None)
+    }
+}
+
+fn gets_of_else(response: &TxnResponse) -> bool {
+    gets(response).first().is_some_and(|g| !g.kvs().is_empty())
+}
+
+#[async_trait]
+impl Registry for EtcdRegistry {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::full(BACKEND)
+    }
+
+    fn session(&self) -> SessionStatus {
+        self.shared.session.tracker.status()
+    }
+
+    fn session_events(&self) -> BoxStream<'static, SessionStatus> {
+        self.shared.session.tracker.subscribe()
+    }
+
+    async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
+        check_value(path, &value)?;
+        self.shared.check_open()?;
+        if path.is_root() {
+            return Err(Error::InvalidArgument("cannot create the root node".into()));
+        }
+        for _ in 0..MAX_CREATE_ROUNDS {
+            if let Some(node) = self.create_once(path, &value, mode).await? {
+                tracing::debug!(path = %node.path, ?mode, "created");
+                return Ok(node);
+            }
+        }
+        Err(Error::unavailable(format!(
+            "etcd create {path}: too much contention, gave up after {MAX_CREATE_ROUNDS} rounds"
+        )))
+    }
+
+    async fn get(&self, path: &NodePath) -> Result<Node> {
+        self.shared.check_open()?;
+        self.read_node(path)
+            .await?
+            .0
+            .ok_or_else(|| Error::NotFound { path: path.clone() })
+    }
+
+    async fn exists(&self, path: &NodePath) -> Result<bool> {
+        self.shared.check_open()?;
+        Ok(self.read_node(path).await?.0.is_some())
+    }
+
+    async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
+        check_value(path, &value)?;
+        self.shared.check_open()?;
+        if path.is_root() {
+            return Err(Error::InvalidArgument("cannot write the root node".into()));
+        }
+        let key = self.shared.keys.node(path);
+        let condition = match expected {
+            Expected::Any => Compare::version(key.clone(), CompareOp::Greater, 0),
+            Expected::Version(v) => Compare::version(key.clone(), CompareOp::Equal, v as i64 + 1),
+        };
+        let response = self
+            .shared
+            .txn(
+                Txn::new()
+                    .when([condition])
+                    .and_then([
+                        TxnOp::put(
+                            key.clone(),
+                            value.to_vec(),
+                            Some(PutOptions::new().with_ignore_lease()),
+                        ),
+                        TxnOp::get(key.clone(), None),
+                    ])
+                    .or_else([TxnOp::get(key, None)]),
+                "set",
+                path,
+            )
+            .await?;
+        let node = gets(&response)
+            .first()
+            .and_then(|g| g.kvs().first())
+            .and_then(|kv| self.shared.keys.node_of(kv));
+        match (response.succeeded(), node, expected) {
+            (true, Some(node), _) => Ok(node),
+            (false, Some(node), Expected::Version(v)) => Err(Error::VersionMismatch {
+                path: path.clone(),
+                expected: v,
+                actual: node.version,
+            }),
+            _ => Err(Error::NotFound { path: path.clone() }),
+        }
+    }
+
+    async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
+        self.shared.check_open()?;
+        if path.is_root() {
+            return Err(Error::InvalidArgument("cannot delete the root node".into()));
+        }
+        let keys = &self.shared.keys;
+        // Each round reads, checks, and deletes if nothing changed in between; a concurrent
+        // write makes us look again (bounded), never a spurious error.
+        for _ in 0..MAX_CREATE_ROUNDS {
+            let (node, _) = self.read_node(path).await?;
+            let node = node.ok_or_else(|| Error::NotFound { path: path.clone() })?;
+            if let Expected::Version(v) = expected {
+                if v != node.version {
+                    return Err(Error::VersionMismatch {
+                        path: path.clone(),
+                        expected: v,
+                        actual: node.version,
+                    });
+                }
+            }
+            let key = keys.node(path);
+            let below = keys.below(path);
+            let mut compares = vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                node.modify_order as i64,
+            )];
+            let mut ops = vec![TxnOp::delete(key, None)];
+            match scope {
+                DeleteScope::Recursive => ops.push(TxnOp::delete(
+                    below,
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                )),
+                DeleteScope::Node => {
+                    // Over an empty range etcd compares against a zero key, so this holds
+                    // exactly when nothing lives below the node.
+                    compares.push(
+                        Compare::create_revision(below.clone(), CompareOp::Equal, 0).with_prefix(),
+                    );
+                }
+            }
+            let response = self
+                .shared
+                .txn(Txn::new().when(compares).and_then(ops), "delete", path)
+                .await?;
+            if response.succeeded() {
+                tracing::debug!(path = %path, ?scope, "deleted");
+                return Ok(());
+            }
+            if scope == DeleteScope::Node {
+                let (now, _) = self.read_node(path).await?;
+                if now.is_some_and(|now| now.modify_order == node.modify_order) {
+                    return Err(Error::NotEmpty { path: path.clone() });
+                }
+            }
+        }
+        Err(Error::unavailable(format!(
+            "etcd delete {path}: too much contention, gave up after {MAX_CREATE_ROUNDS} rounds"
+        )))
+    }
+
+    async fn children(&self, path: &NodePath) -> Result<Children> {
+        self.shared.check_open()?;
+        let keys = &self.shared.keys;
+        let mut ops = vec![TxnOp::get(
+            keys.below(path),
+            Some(GetOptions::new().with_prefix()),
+        )];
+        if !path.is_root() {
+            ops.push(TxnOp::get(
+                keys.node(path),
+                Some(GetOptions::new().with_keys_only()),
+            ));
+        }
+        let response = self.shared.read(ops, "children", path).await?;
+        let revision = revision_of(&response);
+        let gets = gets(&response);
+        let below = gets.first().map(|g| g.kvs()).unwrap_or_default();
+        let own = path.is_root() || gets.get(1).is_some_and(|g| !g.kvs().is_empty());
+        if !own && below.is_empty() {
+            return Err(Error::NotFound { path: path.clone() });
+        }
+        let mut children: std::collections::BTreeMap<NodePath, Node> =
+            std::collections::BTreeMap::new();
+        for kv in below {
+            let Some(node) = keys.node_of(kv) else {
+                continue;
+            };
+            if node.path.is_child_of(path) {
+                children.insert(node.path.clone(), node);
+            } else if let Some(child) = node
+                .path
+                .ancestors()
+                .into_iter()
+                .find(|a| a.is_child_of(path))
+            {
+                children
+                    .entry(child.clone())
+                    .or_insert_with(|| implicit(child));
+            }
+        }
+        let mut nodes: Vec<Node> = children.into_values().collect();
+        nodes.sort_by(|a, b| {
+            a.create_order
+                .cmp(&b.create_order)
+                .then_with(|| a.path.cmp(&b.path))
+        });
+        Ok(Children {
+            nodes,
+            revision: Revision(u64::try_from(revision).unwrap_or(0)),
+        })
+    }
+
+    async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
+        self.shared.check_open()?;
+        let after = options.after.map(|r| r.0 as i64);
+        Ok(watch::open(
+            self.shared.clone(),
+            path.clone(),
+            options.scope,
+            after,
+        ))
+    }
+
+    async fn register(
+        &self,
+        path: &NodePath,
+        value: Bytes,
+        options: RegisterOptions,
+    ) -> Result<Registration> {
+        self.shared.check_open()?;
+        Registration::start(Arc::new(self.clone()), path, value, options).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.shared.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.shared.shutdown.send_replace(true);
+        let task = self
+            .shared
+            .session_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let lease = self.shared.session.lease();
+        let mut client = self.shared.client.clone();
+        match tokio::time::timeout(
+            self.shared.options.request_timeout,
+            client.lease_revoke(lease),
+        )
+        .await
+        {
+            Ok(Ok(_)) => tracing::info!(lease, "etcd session closed; lease revoked"),
+            Ok(Err(error)) => {
+                tracing::warn!(lease, %error, "lease revoke on close failed; it expires after its TTL")
+            }
+            Err(_) => tracing::warn!(
+                lease,
+                "lease revoke on close timed out; it expires after its TTL"
+            ),
+        }
+        self.shared
+            .session
+            .tracker
+            .transition(SessionState::Closed, None);
+        Ok(())
+    }
+}

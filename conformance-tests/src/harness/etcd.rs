@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
+
 use std::time::Duration;
 
 use super::process::{free_port, wait_until, HarnessResult, ServerProcess};
@@ -31,7 +31,7 @@ struct Member {
 
 fn member_args(
     name: &str,
-    dir: &PathBuf,
+    dir: &std::path::Path,
     client: SocketAddr,
     peer: SocketAddr,
     cluster: &str,

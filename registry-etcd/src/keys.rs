@@ -1,0 +1,104 @@
+//! How paths map onto etcd keys, and keys and values back onto nodes.
+//!
+//! A node's key is `namespace + path`, so etcdctl shows the tree as is. Bookkeeping keys
+//! (sequence counters) are `namespace + "\u{1}seq" + parent`: the control character cannot
+//! occur in a path, so they never collide with a node, never fall under a node's `path + "/"`
+//! prefix, and are skipped wherever keys are turned back into paths.
+
+use bytes::Bytes;
+use etcd_client::KeyValue;
+use registry_core::{Node, NodePath, SessionId};
+
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    namespace: String,
+}
+
+impl Keys {
+    pub(crate) fn new(namespace: Option<&NodePath>) -> Self {
+        Keys {
+            namespace: namespace.map(|n| n.to_string()).unwrap_or_default(),
+        }
+    }
+
+    /// The key of a node (not the root, which has none).
+    pub(crate) fn node(&self, path: &NodePath) -> String {
+        format!("{}{}", self.namespace, path)
+    }
+
+    /// The prefix under which every descendant of `path` lives.
+    pub(crate) fn below(&self, path: &NodePath) -> String {
+        if path.is_root() {
+            format!("{}/", self.namespace)
+        } else {
+            format!("{}{}/", self.namespace, path)
+        }
+    }
+
+    /// The counter of sequential children of `parent`.
+    pub(crate) fn sequence(&self, parent: &NodePath) -> String {
+        format!("{}\u{1}seq{}", self.namespace, parent)
+    }
+
+    /// The path a key names, if it is a node key of this namespace.
+    pub(crate) fn path(&self, key: &[u8]) -> Option<NodePath> {
+        let key = std::str::from_utf8(key).ok()?;
+        let rest = key.strip_prefix(self.namespace.as_str())?;
+        if !rest.starts_with('/') || rest == "/" {
+            return None;
+        }
+        NodePath::new(rest).ok()
+    }
+
+    /// The node a key-value pair holds, if it is a node of this namespace.
+    pub(crate) fn node_of(&self, kv: &KeyValue) -> Option<Node> {
+        Some(Node {
+            path: self.path(kv.key())?,
+            value: Bytes::copy_from_slice(kv.value()),
+            version: u64::try_from(kv.version()).unwrap_or(1).saturating_sub(1),
+            create_order: u64::try_from(kv.create_revision()).unwrap_or(0),
+            modify_order: u64::try_from(kv.mod_revision()).unwrap_or(0),
+            ephemeral_owner: (kv.lease() != 0).then_some(SessionId(kv.lease())),
+        })
+    }
+}
+
+/// A node that exists only because keys exist below it (written by other tools).
+pub(crate) fn implicit(path: NodePath) -> Node {
+    Node {
+        path,
+        value: Bytes::new(),
+        version: 0,
+        create_order: 0,
+        modify_order: 0,
+        ephemeral_owner: None,
+    }
+}
+
+/// The end of the key range holding `key` and every key under `key + "/"`.
+pub(crate) fn subtree_end(key: &str) -> Vec<u8> {
+    let mut end = key.as_bytes().to_vec();
+    end.push(b'0'); // '0' follows '/'
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bookkeeping_never_parses_as_a_path() {
+        let k = Keys::new(NodePath::new("/ns").ok().as_ref());
+        let a = NodePath::new("/a").unwrap();
+        assert_eq!(k.node(&a), "/ns/a");
+        assert_eq!(k.below(&a), "/ns/a/");
+        assert_eq!(k.below(&NodePath::root()), "/ns/");
+        assert!(k.path(k.sequence(&a).as_bytes()).is_none());
+        assert!(!k.sequence(&a).starts_with(&k.below(&NodePath::root())));
+        assert_eq!(k.path(b"/ns/a/b"), NodePath::new("/a/b").ok());
+        assert!(k.path(b"/other/a").is_none());
+        assert!(k.path(b"/nsx/a").is_none());
+        let root = Keys::new(None);
+        assert!(root.path(root.sequence(&a).as_bytes()).is_none());
+    }
+}

@@ -1,0 +1,116 @@
+//! `EtcdOptions`: how to reach etcd and how the session behaves.
+
+use std::fmt;
+use std::time::Duration;
+
+use registry_core::NodePath;
+
+/// etcd's smallest lease TTL.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// Options of [`EtcdRegistry::connect`](crate::EtcdRegistry::connect), as a builder.
+///
+/// Defaults: TTL 5 s (kept alive every TTL/3), request timeout 3 s, connect timeout 3 s, no
+/// namespace, no credentials. `Debug` never shows the password.
+#[derive(Clone)]
+pub struct EtcdOptions {
+    /// `host:port` or `http://host:port` of every member to use.
+    pub endpoints: Vec<String>,
+    /// Key prefix every path lives under (a chroot): `/ns` maps `/a` to key `/ns/a`.
+    pub namespace: Option<NodePath>,
+    /// Lease TTL of a session; raised to [`MIN_TTL`] if smaller.
+    pub ttl: Duration,
+    /// Deadline of each request.
+    pub request_timeout: Duration,
+    /// Deadline of establishing a connection.
+    pub connect_timeout: Duration,
+    /// User name and password for etcd's auth.
+    pub credentials: Option<(String, String)>,
+}
+
+impl EtcdOptions {
+    /// Options for these endpoints with the defaults.
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        EtcdOptions {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            namespace: None,
+            ttl: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(3),
+            credentials: None,
+        }
+    }
+
+    /// Puts every path under `namespace`.
+    pub fn with_namespace(mut self, namespace: NodePath) -> Self {
+        self.namespace = (!namespace.is_root()).then_some(namespace);
+        self
+    }
+
+    /// Sets the session TTL.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Sets the per-request deadline.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets the connection deadline.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Authenticates as `user`.
+    pub fn with_credentials(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.credentials = Some((user.into(), password.into()));
+        self
+    }
+
+    /// The TTL actually used: at least [`MIN_TTL`], whole seconds rounded up.
+    pub fn effective_ttl(&self) -> Duration {
+        let secs = self.ttl.max(MIN_TTL).as_secs_f64().ceil() as u64;
+        Duration::from_secs(secs)
+    }
+}
+
+impl fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("namespace", &self.namespace)
+            .field("ttl", &self.ttl)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_floor_and_redaction() {
+        let o = EtcdOptions::new(["127.0.0.1:2379"])
+            .with_ttl(Duration::from_millis(500))
+            .with_credentials("root", "s3cret");
+        assert_eq!(o.effective_ttl(), MIN_TTL);
+        assert_eq!(
+            o.clone()
+                .with_ttl(Duration::from_millis(5500))
+                .effective_ttl(),
+            Duration::from_secs(6)
+        );
+        assert!(!format!("{o:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,270 @@
+//! Watches: a snapshot read, then etcd's watch from the snapshot's revision + 1, resumed
+//! after any break from the last fully delivered revision + 1.
+//!
+//! One task per stream feeds a bounded channel of [`WATCH_BUFFER`] items. When the consumer
+//! falls that far behind, the task stops reading from etcd, waits for room, and continues
+//! with a `Resync` (`Lagged`) from a fresh read: memory stays bounded and writers are never
+//! slowed. A compacted resume point also ends in a fresh read and a `Resync` (`Compacted`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions as EtcdWatchOptions,
+};
+use futures::StreamExt;
+use registry_core::{
+    Backoff, Error, Node, NodePath, Result, ResyncReason, Snapshot, WatchEvent, WatchScope,
+    WatchStream,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::keys::{subtree_end, Keys};
+use crate::Shared;
+
+/// Items buffered per watch stream before the consumer counts as lagging.
+pub const WATCH_BUFFER: usize = 4096;
+
+/// Reads every node in scope at one revision.
+pub(crate) async fn read_scope(
+    shared: &Shared,
+    root: &NodePath,
+    scope: WatchScope,
+) -> Result<(Vec<Node>, i64)> {
+    let keys = &shared.keys;
+    let mut ops = Vec::new();
+    if !root.is_root() {
+        ops.push(TxnOp::get(keys.node(root), None));
+    }
+    if scope != WatchScope::Node {
+        ops.push(TxnOp::get(
+            keys.below(root),
+            Some(GetOptions::new().with_prefix()),
+        ));
+    }
+    let response = shared
+        .txn(Txn::new().and_then(ops), "watch read", root)
+        .await?;
+    let revision = response.header().map_or(0, |h| h.revision());
+    let mut nodes = Vec::new();
+    for op in response.op_responses() {
+        if let TxnOpResponse::Get(get) = op {
+            nodes.extend(
+                get.kvs()
+                    .iter()
+                    .filter_map(|kv| keys.node_of(kv))
+                    .filter(|n| scope.covers(root, &n.path)),
+            );
+        }
+    }
+    nodes.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((nodes, revision))
+}
+
+fn watch_range(keys: &Keys, root: &NodePath, scope: WatchScope) -> (String, EtcdWatchOptions) {
+    let options = EtcdWatchOptions::new()
+        .with_progress_notify()
+        .with_prev_key();
+    match (scope, root.is_root()) {
+        (WatchScope::Node, _) => (keys.node(root), options),
+        (WatchScope::Children, _) | (WatchScope::Subtree, true) => {
+            (keys.below(root), options.with_prefix())
+        }
+        (WatchScope::Subtree, false) => {
+            let key = keys.node(root);
+            let end = subtree_end(&key);
+            (key, options.with_range(end))
+        }
+    }
+}
+
+enum Break {
+    /// The stream failed; resume from the last delivered revision.
+    Resume,
+    /// Start over from a fresh read.
+    Resync(ResyncReason),
+    /// The consumer is gone or the registry closed.
+    Stop,
+}
+
+/// Opens a watch stream; `after` starts after a past revision instead of with a snapshot.
+pub(crate) fn open(
+    shared: Arc<Shared>,
+    root: NodePath,
+    scope: WatchScope,
+    after: Option<i64>,
+) -> WatchStream {
+    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+    let span = tracing::debug_span!("etcd_watch", path = %root, ?scope);
+    let shutdown = shared.shutdown.subscribe();
+    tokio::spawn(run(shared, root, scope, after, tx, shutdown).instrument(span));
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(rx: mpsc::Receiver<Result<WatchEvent>>) -> WatchStream {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed()
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    root: NodePath,
+    scope: WatchScope,
+    after: Option<i64>,
+    tx: mpsc::Sender<Result<WatchEvent>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    // None: the first read is the Snapshot; Some(reason): a Resync.
+    let mut pending: Option<Option<ResyncReason>> = if after.is_some() { None } else { Some(None) };
+    let mut last = after.unwrap_or(0);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Some(reason) = pending.take() {
+            match read_scope(&shared, &root, scope).await {
+                Ok((nodes, revision)) => {
+                    let snapshot = Snapshot {
+                        nodes,
+                        revision: registry_core::Revision(revision as u64),
+                    };
+                    let item = match reason {
+                        None => WatchEvent::Snapshot(snapshot),
+                        Some(reason) => WatchEvent::Resync { snapshot, reason },
+                    };
+                    if tx.send(Ok(item)).await.is_err() {
+                        return;
+                    }
+                    last = revision;
+                    backoff.reset();
+                }
+                Err(Error::Closed) => return,
+                Err(error) => {
+                    tracing::debug!(%error, "watch read failed; retrying");
+                    pending = Some(reason.or(Some(ResyncReason::Reconnected)));
+                    if sleep_or_stop(&tx, &mut shutdown, backoff.next_delay()).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        match follow(&shared, &root, scope, &mut last, &tx, &mut shutdown).await {
+            Break::Stop => return,
+            Break::Resync(reason) => {
+                tracing::info!(?reason, "watch resyncs");
+                pending = Some(Some(reason));
+            }
+            Break::Resume => {
+                if sleep_or_stop(&tx, &mut shutdown, backoff.next_delay()).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_or_stop(
+    tx: &mpsc::Sender<Result<WatchEvent>>,
+    shutdown: &mut watch::Receiver<bool>,
+    delay: Duration,
+) -> bool {
+    tokio::select! {
+        _ = tx.closed() => true,
+        _ = shutdown.changed() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// Follows etcd's watch from `last + 1`, delivering whole revisions and advancing `last`.
+async fn follow(
+    shared: &Shared,
+    root: &NodePath,
+    scope: WatchScope,
+    last: &mut i64,
+    tx: &mpsc::Sender<Result<WatchEvent>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Break {
+    let (key, options) = watch_range(&shared.keys, root, scope);
+    let mut client = shared.client.clone();
+    let opened = tokio::time::timeout(
+        shared.options.request_timeout,
+        client.watch(key, Some(options.with_start_revision(*last + 1))),
+    )
+    .await;
+    let mut stream = match opened {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "watch open failed");
+            return Break::Resume;
+        }
+        Err(_) => return Break::Resume,
+    };
+    loop {
+        let message = tokio::select! {
+            _ = tx.closed() => return Break::Stop,
+            _ = shutdown.changed() => return Break::Stop,
+            message = stream.message() => message,
+        };
+        let response = match message {
+            Ok(Some(response)) => response,
+            Ok(None) | Err(_) => return Break::Resume,
+        };
+        if response.canceled() {
+            if response.compact_revision() > 0 {
+                return Break::Resync(ResyncReason::Compacted);
+            }
+            return Break::Resume;
+        }
+        let events = response.events();
+        if events.is_empty() {
+            // A progress notification: everything up to the header's revision was sent.
+            if let Some(h) = response.header() {
+                if !response.created() {
+                    *last = (*last).max(h.revision());
+                }
+            }
+            continue;
+        }
+        let mut newest = *last;
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            newest = newest.max(kv.mod_revision());
+            let Some(node) = shared.keys.node_of(kv) else {
+                continue;
+            };
+            if !scope.covers(root, &node.path) {
+                continue;
+            }
+            let item = match event.event_type() {
+                EventType::Put if kv.version() == 1 => WatchEvent::Created(node),
+                EventType::Put => WatchEvent::Updated(node),
+                EventType::Delete => {
+                    let mut gone = event
+                        .prev_kv()
+                        .and_then(|prev| shared.keys.node_of(prev))
+                        .unwrap_or(node.clone());
+                    gone.modify_order = node.modify_order;
+                    WatchEvent::Deleted(gone)
+                }
+            };
+            match tx.try_send(Ok(item)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return Break::Stop,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // Wait for room, then replace what was missed with a fresh read.
+                    return match tx.reserve().await {
+                        Ok(_) => Break::Resync(ResyncReason::Lagged),
+                        Err(_) => Break::Stop,
+                    };
+                }
+            }
+        }
+        // etcd sends all events of a revision in one response (no fragmenting requested).
+        *last = newest;
+    }
+}
