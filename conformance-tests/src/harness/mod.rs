@@ -4,9 +4,11 @@
 pub mod etcd;
 pub mod process;
 pub mod proxy;
+pub mod zookeeper;
 
 pub use etcd::{EtcdCluster, EtcdServer};
 pub use process::{
     free_port, port_open, require_binary, wait_until, HarnessResult, ServerProcess, SETUP_COMMAND,
 };
 pub use proxy::{ProxyMode, TcpProxy};
+pub use zookeeper::{ZkConfig, ZkEnsemble, ZkServer};

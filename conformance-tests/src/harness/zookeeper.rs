@@ -1,0 +1,259 @@
+//! `ZkServer` and `ZkEnsemble`: real ZooKeeper servers on free loopback ports in temp dirs.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use super::process::{free_port, require_binary, wait_until, HarnessResult, ServerProcess};
+
+const JAVA: &str = "/usr/bin/java";
+const ZOOKEEPER_JAR: &str = "/usr/share/java/zookeeper.jar";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings of a test server.
+#[derive(Clone, Debug)]
+pub struct ZkConfig {
+    /// ZooKeeper's tick; session timeouts are bounded to 2..20 ticks.
+    pub tick_time: Duration,
+}
+
+impl Default for ZkConfig {
+    fn default() -> Self {
+        ZkConfig {
+            tick_time: Duration::from_millis(2000),
+        }
+    }
+}
+
+/// Sends a four-letter word (`ruok`, `srvr`, `wchc`, `cons`, `dump`) and returns the answer.
+pub fn four_letter(addr: SocketAddr, word: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(word.as_bytes()).ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
+fn classpath() -> HarnessResult<String> {
+    require_binary(Path::new(JAVA), "java (Java 17 runs ZooKeeper)")?;
+    require_binary(Path::new(ZOOKEEPER_JAR), "ZooKeeper's jar")?;
+    let mut parts = vec!["/etc/zookeeper/conf".to_owned()];
+    let jars = std::fs::read_dir("/usr/share/java").map_err(|e| format!("/usr/share/java: {e}"))?;
+    let mut jars: Vec<String> = jars
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jar"))
+        .map(|p| p.display().to_string())
+        .collect();
+    jars.sort();
+    parts.extend(jars);
+    Ok(parts.join(":"))
+}
+
+struct Server {
+    id: usize,
+    client: SocketAddr,
+    process: ServerProcess,
+}
+
+/// One or more ZooKeeper servers (standalone for one, a quorum ensemble for more).
+///
+/// Guarantees: servers listen only on 127.0.0.1; data lives in a temp dir removed on drop;
+/// every process is killed on drop and when the test process exits.
+pub struct ZkEnsemble {
+    servers: Vec<Server>,
+    dir: tempfile::TempDir,
+}
+
+impl ZkEnsemble {
+    /// Starts `size` servers and waits until each answers `ruok` (and, for an ensemble, until
+    /// one of them leads).
+    pub fn start(size: usize, config: ZkConfig) -> HarnessResult<ZkEnsemble> {
+        let classpath = classpath()?;
+        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let tick = config.tick_time.as_millis().max(1);
+        let ports: Vec<(u16, u16, u16)> = (0..size)
+            .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
+            .collect::<HarnessResult<_>>()?;
+        let mut servers = Vec::new();
+        for (i, (client, quorum, election)) in ports.iter().enumerate() {
+            let id = i + 1;
+            let data = dir.path().join(format!("zk{id}"));
+            std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+            let mut cfg = format!(
+                "tickTime={tick}\ndataDir={}\nclientPort={client}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n4lw.commands.whitelist=*\nmaxSessionTimeout={}\n",
+                data.display(),
+                tick * 20
+            );
+            let main_class = if size == 1 {
+                "org.apache.zookeeper.server.ZooKeeperServerMain"
+            } else {
+                std::fs::write(data.join("myid"), id.to_string())
+                    .map_err(|e| format!("myid: {e}"))?;
+                cfg.push_str("initLimit=10\nsyncLimit=5\n");
+                for (j, (_, q, e)) in ports.iter().enumerate() {
+                    cfg.push_str(&format!("server.{}=127.0.0.1:{q}:{e}\n", j + 1));
+                }
+                let _ = (quorum, election);
+                "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+            };
+            let cfg_path = data.join("zoo.cfg");
+            std::fs::write(&cfg_path, cfg).map_err(|e| format!("zoo.cfg: {e}"))?;
+            let process = ServerProcess::start(
+                format!("zookeeper {id}"),
+                JAVA,
+                vec![
+                    "-Xmx256m".into(),
+                    "-Dzookeeper.extendedTypesEnabled=true".into(),
+                    format!("-Dzookeeper.log.dir={}", data.display()),
+                    "-cp".into(),
+                    classpath.clone(),
+                    main_class.into(),
+                    cfg_path.display().to_string(),
+                ],
+                vec![],
+                data.join("server.log"),
+            )?;
+            servers.push(Server {
+                id,
+                client: SocketAddr::from((Ipv4Addr::LOCALHOST, *client)),
+                process,
+            });
+        }
+        let ensemble = ZkEnsemble { servers, dir };
+        for i in 0..size {
+            ensemble.wait_ready(i)?;
+        }
+        Ok(ensemble)
+    }
+
+    fn server(&self, index: usize) -> HarnessResult<&Server> {
+        self.servers
+            .get(index)
+            .ok_or_else(|| format!("no ZooKeeper server {index}"))
+    }
+
+    fn server_mut(&mut self, index: usize) -> HarnessResult<&mut Server> {
+        self.servers
+            .get_mut(index)
+            .ok_or_else(|| format!("no ZooKeeper server {index}"))
+    }
+
+    fn wait_ready(&self, index: usize) -> HarnessResult<()> {
+        let server = self.server(index)?;
+        let serving = || four_letter(server.client, "srvr").is_some_and(|a| a.contains("Mode: "));
+        if wait_until(READY_TIMEOUT, serving) {
+            Ok(())
+        } else {
+            Err(format!(
+                "ZooKeeper {} not serving within {READY_TIMEOUT:?}; log tail:\n{}",
+                server.id,
+                server.process.log_tail(3000)
+            ))
+        }
+    }
+
+    /// `127.0.0.1:P1,127.0.0.1:P2,...`: every server, for a client's connect string.
+    pub fn connect_string(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| s.client.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The client address of server `index`.
+    pub fn client_addr(&self, index: usize) -> HarnessResult<SocketAddr> {
+        Ok(self.server(index)?.client)
+    }
+
+    /// Index of the server that says `Mode: leader` (or `standalone`).
+    pub fn leader(&self) -> Option<usize> {
+        self.servers.iter().position(|s| {
+            four_letter(s.client, "srvr")
+                .is_some_and(|a| a.contains("Mode: leader") || a.contains("Mode: standalone"))
+        })
+    }
+
+    /// A four-letter word sent to server `index`.
+    pub fn four_letter(&self, index: usize, word: &str) -> Option<String> {
+        four_letter(self.server(index).ok()?.client, word)
+    }
+
+    /// Crashes server `index` (SIGKILL).
+    pub fn kill(&mut self, index: usize) -> HarnessResult<()> {
+        self.server_mut(index)?.process.kill()
+    }
+
+    /// Freezes server `index` (SIGSTOP).
+    pub fn pause(&mut self, index: usize) -> HarnessResult<()> {
+        self.server_mut(index)?.process.pause()
+    }
+
+    /// Continues server `index` (SIGCONT).
+    pub fn resume(&mut self, index: usize) -> HarnessResult<()> {
+        self.server_mut(index)?.process.resume()
+    }
+
+    /// Restarts server `index` on its data and waits until it serves.
+    pub fn restart(&mut self, index: usize) -> HarnessResult<()> {
+        self.server_mut(index)?.process.restart()?;
+        self.wait_ready(index)
+    }
+
+    /// The temp dir holding data and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A standalone ZooKeeper server: what most tests use.
+pub struct ZkServer {
+    ensemble: ZkEnsemble,
+}
+
+impl ZkServer {
+    /// Starts a standalone server and waits until it serves.
+    pub fn start(config: ZkConfig) -> HarnessResult<ZkServer> {
+        Ok(ZkServer {
+            ensemble: ZkEnsemble::start(1, config)?,
+        })
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn connect_string(&self) -> String {
+        self.ensemble.connect_string()
+    }
+
+    /// Its client address.
+    pub fn addr(&self) -> SocketAddr {
+        self.ensemble.servers[0].client
+    }
+
+    /// A four-letter word's answer.
+    pub fn four_letter(&self, word: &str) -> Option<String> {
+        four_letter(self.addr(), word)
+    }
+
+    /// Crashes it.
+    pub fn kill(&mut self) -> HarnessResult<()> {
+        self.ensemble.kill(0)
+    }
+
+    /// Freezes it.
+    pub fn pause(&mut self) -> HarnessResult<()> {
+        self.ensemble.pause(0)
+    }
+
+    /// Continues it.
+    pub fn resume(&mut self) -> HarnessResult<()> {
+        self.ensemble.resume(0)
+    }
+
+    /// Restarts it on the same data and waits until it serves.
+    pub fn restart(&mut self) -> HarnessResult<()> {
+        self.ensemble.restart(0)
+    }
+}
