@@ -1,1 +1,616 @@
-//! ZooKeeper backend (placeholder).
+//! The ZooKeeper backend of the [`Registry`] contract.
+//!
+//! - Paths are znode paths under an optional chroot (created if missing); values are the raw
+//!   bytes; ACLs are open (`world:anyone`). Nodes written by other clients are first-class.
+//! - `version` is the znode version, `create_order` its `czxid`; children are sorted by
+//!   `czxid` (the server returns them unordered). `children` costs one `getChildren` plus one
+//!   pipelined `getData` per child. `Children::revision` is the parent's `pzxid`.
+//! - Sequential creates use ZooKeeper's own sequential modes. Missing parents are created one
+//!   by one, tolerating "node exists" from concurrent creators; a recursive delete removes
+//!   the deepest nodes first and starts over if a concurrent creator added a child.
+//! - One session per client. `Disconnected` is reported as `Suspended`; `Expired`,
+//!   `AuthFailed` and `Closed` end the zookeeper-client `Client`, so a new one is built (with
+//!   capped, jittered backoff, forever) and reported as `Lost` then `Reestablished`.
+//! - Every request has a deadline. Idempotent requests (reads, unconditional or versioned
+//!   writes) are retried on connection loss; creates are not, and report `Unavailable`.
+//! - Watches: see [`watch`]. Events are converging snapshots (`exact_events` is false) and a
+//!   watch cannot start after a past revision (`watch_from_revision` is false).
+#![warn(missing_docs)]
+
+mod error;
+pub mod options;
+pub mod watch;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::Future;
+use registry_core::{
+    check_value, Backoff, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node,
+    NodePath, RegisterOptions, Registration, Registry, Result, Revision, SessionId, SessionState,
+    SessionStatus, SessionTracker, WatchOptions, WatchStream,
+};
+use tokio::sync::watch as channel;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+use zookeeper_client as zk;
+
+pub use options::ZkOptions;
+
+use error::{map, BACKEND};
+
+/// What the registry's handles, its session task and its watch tasks share.
+pub(crate) struct Shared {
+    client: RwLock<Option<zk::Client>>,
+    options: ZkOptions,
+    pub(crate) tracker: SessionTracker,
+    pub(crate) shutdown: channel::Sender<bool>,
+    closed: AtomicBool,
+    session_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Shared {
+    /// The current client; `Closed` after close.
+    pub(crate) fn client(&self) -> Result<zk::Client> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(Error::Closed)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// A client of ZooKeeper implementing [`Registry`]. Cheap to clone (a handle).
+#[derive(Clone)]
+pub struct ZkRegistry {
+    shared: Arc<Shared>,
+}
+
+fn session_id(client: &zk::Client) -> SessionId {
+    SessionId(client.session_id().0)
+}
+
+/// Opens a session, creating the chroot first if there is one.
+async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
+    let root = NodePath::root();
+    let connect = async {
+        let mut connector = zk::Client::connector()
+            .with_session_timeout(options.session_timeout)
+            .with_connection_timeout(options.connect_timeout);
+        if let Some((scheme, auth)) = &options.auth {
+            connector = connector.with_auth(scheme, auth);
+        }
+        let client = connector
+            .connect(&options.connect_string)
+            .await
+            .map_err(|e| map(e, "connect", &root))?;
+        let Some(chroot) = &options.chroot else {
+            return Ok(client);
+        };
+        for path in chroot
+            .ancestors()
+            .iter()
+            .skip(1)
+            .chain(std::iter::once(chroot))
+        {
+            let created = client
+                .create(
+                    path.as_str(),
+                    &[],
+                    &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+                )
+                .await;
+            match created {
+                Ok(_) | Err(zk::Error::NodeExists) => {}
+                Err(e) => return Err(map(e, "create chroot", path)),
+            }
+        }
+        client
+            .chroot(chroot.as_str())
+            .map_err(|_| Error::InvalidArgument(format!("zookeeper chroot {chroot} rejected")))
+    };
+    let deadline = options.connect_timeout + options.request_timeout;
+    tokio::time::timeout(deadline, connect)
+        .await
+        .map_err(|_| Error::Timeout {
+            operation: format!("zookeeper connect to {}", options.connect_string),
+            after: deadline,
+        })?
+}
+
+/// Follows the client's session states; replaces the client when its session ends.
+async fn run_session(
+    shared: std::sync::Weak<Shared>,
+    mut client: zk::Client,
+    mut shutdown: channel::Receiver<bool>,
+) {
+    let mut states = client.state_watcher();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+    loop {
+        let state = tokio::select! {
+            _ = shutdown.changed() => return,
+            state = states.changed() => state,
+        };
+        let Some(owner) = shared.upgrade() else {
+            return;
+        };
+        match state {
+            zk::SessionState::Disconnected => {
+                tracing::warn!("zookeeper connection lost; session suspended");
+                owner.tracker.transition(SessionState::Suspended, None);
+            }
+            zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+                owner
+                    .tracker
+                    .transition(SessionState::Connected, Some(session_id(&client)));
+            }
+            zk::SessionState::Expired | zk::SessionState::Closed | zk::SessionState::AuthFailed => {
+                if *shutdown.borrow() || owner.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                tracing::warn!(?state, "zookeeper session ended; opening a new one");
+                owner.tracker.transition(SessionState::Lost, None);
+                let options = owner.options.clone();
+                drop(owner);
+                client = loop {
+                    let attempt = tokio::select! {
+                        _ = shutdown.changed() => return,
+                        attempt = open_client(&options) => attempt,
+                    };
+                    match attempt {
+                        Ok(new) => break new,
+                        Err(error) => {
+                            tracing::warn!(%error, "zookeeper reconnect failed; retrying");
+                            tokio::select! {
+                                _ = shutdown.changed() => return,
+                                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                            }
+                        }
+                    }
+                };
+                backoff.reset();
+                let Some(owner) = shared.upgrade() else {
+                    return;
+                };
+                if owner.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                *owner.client.write().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
+                states = client.state_watcher();
+                owner
+                    .tracker
+                    .transition(SessionState::Reestablished, Some(session_id(&client)));
+                tracing::info!(session = %session_id(&client), "zookeeper session re-established");
+            }
+        }
+    }
+}
+
+impl ZkRegistry {
+    /// Connects and opens a session. Fails with a retryable error if no server answers within
+    /// the connect timeout.
+    pub async fn connect(options: ZkOptions) -> Result<ZkRegistry> {
+        if options.connect_string.trim().is_empty() {
+            return Err(Error::InvalidArgument(
+                "zookeeper: empty connect string".into(),
+            ));
+        }
+        let client = open_client(&options).await?;
+        let tracker = SessionTracker::new();
+        tracker.transition(SessionState::Connected, Some(session_id(&client)));
+        let (shutdown, shutdown_rx) = channel::channel(false);
+        let shared = Arc::new(Shared {
+            client: RwLock::new(Some(client.clone())),
+            options,
+            tracker,
+            shutdown,
+            closed: AtomicBool::new(false),
+            session_task: Mutex::new(None),
+        });
+        let span = tracing::info_span!("zk_session", servers = %shared.options.connect_string);
+        let task = tokio::spawn(
+            run_session(Arc::downgrade(&shared), client, shutdown_rx).instrument(span),
+        );
+        *shared
+            .session_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(ZkRegistry { shared })
+    }
+
+    /// The current session's id and password, for handing a session over (or, in tests,
+    /// expiring it from another connection). `None` after close.
+    pub fn session_info(&self) -> Option<zk::SessionInfo> {
+        self.shared.client().ok().map(|c| c.session().clone())
+    }
+
+    /// Runs one request with the deadline; retries it on connection loss if `idempotent`.
+    async fn call<T, F, Fut>(
+        &self,
+        operation: &str,
+        path: &NodePath,
+        idempotent: bool,
+        request: F,
+    ) -> Result<T>
+    where
+        F: Fn(zk::Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, zk::Error>>,
+    {
+        let timeout = self.shared.options.request_timeout;
+        let attempts = if idempotent { 3 } else { 1 };
+        let mut last = None;
+        for attempt in 0..attempts {
+            let client = self.shared.client()?;
+            let error = match tokio::time::timeout(timeout, request(client)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) => map(e, operation, path),
+                Err(_) => Error::Timeout {
+                    operation: format!("zookeeper {operation} {path}"),
+                    after: timeout,
+                },
+            };
+            if !error.is_retryable() || attempt + 1 == attempts {
+                return Err(error);
+            }
+            last = Some(error);
+            tokio::time::sleep(Duration::from_millis(50 * (attempt as u64 + 1))).await;
+        }
+        Err(last.unwrap_or_else(|| Error::unavailable(format!("zookeeper {operation} {path}"))))
+    }
+
+    async fn stat(&self, path: &NodePath) -> Result<Option<zk::Stat>> {
+        let p = path.as_str().to_owned();
+        self.call("exists", path, true, move |c| {
+            let p = p.clone();
+            async move { c.check_stat(&p).await }
+        })
+        .await
+    }
+
+    async fn mismatch(&self, path: &NodePath, expected: u64) -> Error {
+        match self.stat(path).await {
+            Ok(Some(stat)) => Error::VersionMismatch {
+                path: path.clone(),
+                expected,
+                actual: u64::try_from(stat.version).unwrap_or(0),
+            },
+            Ok(None) => Error::NotFound { path: path.clone() },
+            Err(e) => e,
+        }
+    }
+
+    async fn create_parents(&self, path: &NodePath) -> Result<()> {
+        for ancestor in path.ancestors().into_iter().filter(|a| !a.is_root()) {
+            let p = ancestor.as_str().to_owned();
+            let created = self
+                .call("create parent", &ancestor, false, move |c| {
+                    let p = p.clone();
+                    async move {
+                        c.create(
+                            &p,
+                            &[],
+                            &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+                        )
+                        .await
+                    }
+                })
+                .await;
+            match created {
+                Ok(_) | Err(Error::AlreadyExists { .. }) => {}
+                Err(Error::EphemeralParent { parent, .. }) => {
+                    return Err(Error::EphemeralParent {
+                        path: path.clone(),
+                        parent,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn children_of(&self, path: &NodePath) -> Result<(Vec<String>, zk::Stat)> {
+        let p = path.as_str().to_owned();
+        self.call("children", path, true, move |c| {
+            let p = p.clone();
+            async move { c.get_children(&p).await }
+        })
+        .await
+    }
+}
+
+fn zk_mode(mode: CreateMode) -> zk::CreateMode {
+    match mode {
+        CreateMode::Persistent => zk::CreateMode::Persistent,
+        CreateMode::Ephemeral => zk::CreateMode::Ephemeral,
+        CreateMode::PersistentSequential => zk::CreateMode::PersistentSequential,
+        CreateMode::EphemeralSequential => zk::CreateMode::EphemeralSequential,
+    }
+}
+
+fn root_node() -> Node {
+    Node {
+        path: NodePath::root(),
+        value: Bytes::new(),
+        version: 0,
+        create_order: 0,
+        modify_order: 0,
+        ephemeral_owner: None,
+    }
+}
+
+#[async_trait]
+impl Registry for ZkRegistry {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::full(BACKEND)
+            .with_exact_events(false)
+            .with_watch_from_revision(false)
+    }
+
+    fn session(&self) -> SessionStatus {
+        self.shared.tracker.status()
+    }
+
+    fn session_events(&self) -> BoxStream<'static, SessionStatus> {
+        self.shared.tracker.subscribe()
+    }
+
+    async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
+        check_value(path, &value)?;
+        let parent = path
+            .parent()
+            .ok_or_else(|| Error::InvalidArgument("cannot create the root node".into()))?;
+        self.shared.client()?;
+        for round in 0..2 {
+            let p = path.as_str().to_owned();
+            let data = value.clone();
+            let created = self
+                .call("create", path, false, move |c| {
+                    let (p, data) = (p.clone(), data.clone());
+                    async move {
+                        c.create(&p, &data, &zk_mode(mode).with_acls(zk::Acls::anyone_all()))
+                            .await
+                    }
+                })
+                .await;
+            match created {
+                Ok((stat, sequence)) => {
+                    let target = if mode.is_sequential() {
+                        parent.join(&format!("{}{sequence}", path.name()))?
+                    } else {
+                        path.clone()
+                    };
+                    let mut node = watch::node_of(target, value.to_vec(), &stat);
+                    if stat.czxid <= 0 {
+                        // Old servers return no stat from create: read it.
+                        node = self.get(&node.path).await?;
+                    }
+                    tracing::debug!(path = %node.path, ?mode, "created");
+                    return Ok(node);
+                }
+                Err(Error::NotFound { .. }) if round == 0 => self.create_parents(path).await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::NotFound { path: parent })
+    }
+
+    async fn get(&self, path: &NodePath) -> Result<Node> {
+        if path.is_root() {
+            self.shared.client()?;
+            return Ok(root_node());
+        }
+        let p = path.as_str().to_owned();
+        let (data, stat) = self
+            .call("get", path, true, move |c| {
+                let p = p.clone();
+                async move { c.get_data(&p).await }
+            })
+            .await?;
+        Ok(watch::node_of(path.clone(), data, &stat))
+    }
+
+    async fn exists(&self, path: &NodePath) -> Result<bool> {
+        if path.is_root() {
+            self.shared.client()?;
+            return Ok(true);
+        }
+        Ok(self.stat(path).await?.is_some())
+    }
+
+    async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
+        check_value(path, &value)?;
+        if path.is_root() {
+            return Err(Error::InvalidArgument("cannot write the root node".into()));
+        }
+        let version = match expected {
+            Expected::Any => None,
+            Expected::Version(v) => Some(i32::try_from(v).map_err(|_| {
+                Error::InvalidArgument(format!("version {v} is out of ZooKeeper's range"))
+            })?),
+        };
+        let p = path.as_str().to_owned();
+        let data = value.clone();
+        let written = self
+            .call("set", path, true, move |c| {
+                let (p, data) = (p.clone(), data.clone());
+                async move { c.set_data(&p, &data, version).await }
+            })
+            .await;
+        match written {
+            Ok(stat) => Ok(watch::node_of(path.clone(), value.to_vec(), &stat)),
+            Err(Error::VersionMismatch { .. }) => {
+                Err(self.mismatch(path, version.map_or(0, |v| v as u64)).await)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
+        if path.is_root() {
+            return Err(Error::InvalidArgument("cannot delete the root node".into()));
+        }
+        let version = match expected {
+            Expected::Any => None,
+            Expected::Version(v) => Some(i32::try_from(v).map_err(|_| {
+                Error::InvalidArgument(format!("version {v} is out of ZooKeeper's range"))
+            })?),
+        };
+        // Bounded: each round removes what it found; only concurrent creators cause another.
+        for _ in 0..16 {
+            if scope == DeleteScope::Recursive {
+                let mut order = Vec::new();
+                let mut pending = vec![path.clone()];
+                while let Some(p) = pending.pop() {
+                    match self.children_of(&p).await {
+                        Ok((names, _)) => {
+                            for name in names {
+                                if let Ok(child) = p.join(&name) {
+                                    pending.push(child.clone());
+                                    order.push(child);
+                                }
+                            }
+                        }
+                        Err(Error::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if let Some(v) = version {
+                    match self.stat(path).await? {
+                        None => return Err(Error::NotFound { path: path.clone() }),
+                        Some(stat) if stat.version != v => {
+                            return Err(self.mismatch(path, v as u64).await)
+                        }
+                        Some(_) => {}
+                    }
+                }
+                for victim in order.iter().rev() {
+                    let p = victim.as_str().to_owned();
+                    match self
+                        .call("delete", victim, true, move |c| {
+                            let p = p.clone();
+                            async move { c.delete(&p, None).await }
+                        })
+                        .await
+                    {
+                        Ok(()) | Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            let p = path.as_str().to_owned();
+            let deleted = self
+                .call("delete", path, true, move |c| {
+                    let p = p.clone();
+                    async move { c.delete(&p, version).await }
+                })
+                .await;
+            match deleted {
+                Ok(()) => {
+                    tracing::debug!(path = %path, ?scope, "deleted");
+                    return Ok(());
+                }
+                Err(Error::NotEmpty { .. }) if scope == DeleteScope::Recursive => continue,
+                Err(Error::VersionMismatch { .. }) => {
+                    return Err(self.mismatch(path, version.map_or(0, |v| v as u64)).await)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::unavailable(format!(
+            "zookeeper delete {path}: children kept appearing"
+        )))
+    }
+
+    async fn children(&self, path: &NodePath) -> Result<Children> {
+        let (names, stat) = self.children_of(path).await?;
+        let client = self.shared.client()?;
+        let children: Vec<NodePath> = names.iter().filter_map(|n| path.join(n).ok()).collect();
+        let timeout = self.shared.options.request_timeout;
+        let reads = futures::future::join_all(children.iter().map(|child| {
+            let client = client.clone();
+            async move { tokio::time::timeout(timeout, client.get_data(child.as_str())).await }
+        }))
+        .await;
+        let mut nodes = Vec::new();
+        for (child, read) in children.into_iter().zip(reads) {
+            match read {
+                Ok(Ok((data, stat))) => nodes.push(watch::node_of(child, data, &stat)),
+                Ok(Err(zk::Error::NoNode)) => {}
+                Ok(Err(e)) => return Err(map(e, "children", &child)),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        operation: format!("zookeeper get {child}"),
+                        after: timeout,
+                    })
+                }
+            }
+        }
+        nodes.sort_by_key(|n| n.create_order);
+        Ok(Children {
+            nodes,
+            revision: Revision(u64::try_from(stat.pzxid).unwrap_or(0)),
+        })
+    }
+
+    async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
+        self.shared.client()?;
+        Ok(watch::open(
+            self.shared.clone(),
+            path.clone(),
+            options.scope,
+            options.after.is_some(),
+        ))
+    }
+
+    async fn register(
+        &self,
+        path: &NodePath,
+        value: Bytes,
+        options: RegisterOptions,
+    ) -> Result<Registration> {
+        self.shared.client()?;
+        Registration::start(Arc::new(self.clone()), path, value, options).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.shared.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.shared.shutdown.send_replace(true);
+        let task = self
+            .shared
+            .session_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        // The session closes (and ZooKeeper deletes its ephemerals) when the last clone of
+        // the client is dropped; watch tasks drop theirs on shutdown.
+        let client = self
+            .shared
+            .client
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(client);
+        self.shared.tracker.transition(SessionState::Closed, None);
+        tracing::info!("zookeeper session closed");
+        Ok(())
+    }
+}

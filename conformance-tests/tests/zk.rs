@@ -1,0 +1,109 @@
+//! The whole conformance suite against a real ZooKeeper started by the harness.
+//!
+//! Each client connects through its own harness proxy, so the fixture can partition one
+//! client: a blackhole longer than the session timeout makes the server expire the session
+//! for real; a shorter one is a connection blip.
+
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use conformance_tests::harness::{TcpProxy, ZkConfig, ZkServer};
+use conformance_tests::{conformance_suite, Fault, Fixture};
+use registry_core::{Error, NodePath, Registry, Result, SessionId};
+use registry_zk::{ZkOptions, ZkRegistry};
+
+const SESSION_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct Client {
+    registry: Weak<ZkRegistry>,
+    proxy: Arc<TcpProxy>,
+}
+
+struct ZkFixture {
+    server: Mutex<ZkServer>,
+    clients: Mutex<Vec<Client>>,
+}
+
+impl ZkFixture {
+    fn proxy_of(&self, session: SessionId) -> Result<Arc<TcpProxy>> {
+        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .iter()
+            .find(|c| {
+                c.registry
+                    .upgrade()
+                    .is_some_and(|r| r.session().session_id == Some(session))
+            })
+            .map(|c| c.proxy.clone())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("no open client holds session {session}"))
+            })
+    }
+}
+
+#[async_trait]
+impl Fixture for ZkFixture {
+    fn name(&self) -> &'static str {
+        "zookeeper"
+    }
+
+    async fn open(&self, namespace: &str) -> Result<Arc<dyn Registry>> {
+        let upstream = self.server.lock().unwrap_or_else(|p| p.into_inner()).addr();
+        let proxy = Arc::new(TcpProxy::start(upstream).map_err(Error::unavailable)?);
+        let options = ZkOptions::new(proxy.addr().to_string())
+            .with_chroot(NodePath::new(format!("/{namespace}"))?)
+            .with_session_timeout(SESSION_TIMEOUT);
+        let registry = Arc::new(ZkRegistry::connect(options).await?);
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients.retain(|c| c.registry.strong_count() > 0);
+        clients.push(Client {
+            registry: Arc::downgrade(&registry),
+            proxy,
+        });
+        Ok(registry)
+    }
+
+    fn supports(&self, fault: Fault) -> bool {
+        matches!(fault, Fault::ExpireSession | Fault::InterruptConnection)
+    }
+
+    /// Partitions the client past the session timeout: the server expires the session.
+    async fn expire_session(&self, session: SessionId) -> Result<()> {
+        let proxy = self.proxy_of(session)?;
+        proxy.blackhole();
+        tokio::time::sleep(SESSION_TIMEOUT + Duration::from_millis(800)).await;
+        proxy.forward();
+        Ok(())
+    }
+
+    async fn interrupt_connection(&self, session: SessionId, duration: Duration) -> Result<()> {
+        let proxy = self.proxy_of(session)?;
+        proxy.cut();
+        tokio::time::sleep(duration).await;
+        proxy.forward();
+        Ok(())
+    }
+
+    fn expiry_bound(&self) -> Duration {
+        Duration::from_secs(6)
+    }
+}
+
+fn fixture() -> Arc<dyn Fixture> {
+    static FIXTURE: OnceLock<Arc<dyn Fixture>> = OnceLock::new();
+    FIXTURE
+        .get_or_init(|| {
+            let server = ZkServer::start(ZkConfig {
+                tick_time: Duration::from_millis(200),
+            })
+            .unwrap_or_else(|e| panic!("cannot start ZooKeeper: {e}"));
+            Arc::new(ZkFixture {
+                server: Mutex::new(server),
+                clients: Mutex::new(Vec::new()),
+            })
+        })
+        .clone()
+}
+
+conformance_suite!(fixture);
