@@ -259,8 +259,17 @@ fn set_recreating(shared: &Shared, reason: impl Into<String>) {
     });
 }
 
+/// Re-creations in flight at once in this process. After a session loss every registration
+/// wakes at the same moment; letting thousands hit the server together makes them time out
+/// and retry, while a bounded number finishes sooner.
+const CONCURRENT_ENSURES: usize = 64;
+
+static ENSURE_PERMITS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(CONCURRENT_ENSURES);
+
 /// Makes sure the node exists and belongs to the current session; creates or replaces it.
 async fn ensure(shared: &Shared) -> Result<Node> {
+    let _permit = ENSURE_PERMITS.acquire().await.map_err(|_| Error::Closed)?;
     let _op = shared.op.lock().await;
     let registry = &*shared.registry;
     let node = if shared.sequential {
@@ -404,7 +413,9 @@ async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if *stop.borrow() {
             return;
         }
-        if needs_ensure {
+        // Without a live session a create can only fail; the next Connected/Reestablished
+        // wakes us, which keeps thousands of registrations from hammering a lost session.
+        if needs_ensure && registry.session().state.is_live() {
             match ensure(&shared).await {
                 Ok(node) => {
                     needs_ensure = false;
@@ -451,12 +462,16 @@ async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         };
         tokio::select! {
             _ = stop.changed() => return,
+            // A pending re-creation is re-checked at least every second, bounding any wait on
+            // a session event that raced our last look at the state.
+            _ = tokio::time::sleep(Duration::from_secs(1)), if needs_ensure => {}
             status = sessions.next() => match status {
                 None => break,
                 Some(status) => match status.state {
                     SessionState::Closed => break,
                     SessionState::Lost => set_recreating(&shared, "session lost"),
                     SessionState::Reestablished => needs_ensure = true,
+                    SessionState::Connected if needs_ensure => {}
                     _ => {}
                 },
             },

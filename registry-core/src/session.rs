@@ -123,8 +123,9 @@ impl SessionTracker {
             return next;
         }
         *current = next;
-        let _ = self.events.send(next);
+        // Latest first: whoever receives the event must already read this state (or later).
         self.latest.send_replace(next);
+        let _ = self.events.send(next);
         tracing::debug!(state = ?next.state, epoch = next.epoch, session = ?next.session_id, "session transition");
         next
     }

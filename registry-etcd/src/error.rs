@@ -22,6 +22,9 @@ pub(crate) fn map(error: etcd_client::Error, operation: &str, path: Option<&Node
             Code::Unauthenticated => {
                 Error::AuthFailed(format!("etcd {operation}: {}", status.message()))
             }
+            // A write under a lease that expired or was revoked: the session is gone, and the
+            // session task opens a new one.
+            Code::NotFound if status.message().contains("lease not found") => Error::SessionExpired,
             Code::PermissionDenied => Error::PermissionDenied {
                 path: path.cloned().unwrap_or_else(NodePath::root),
             },
@@ -52,5 +55,18 @@ pub(crate) fn map(error: etcd_client::Error, operation: &str, path: Option<&Node
             message: format!("{operation}: {other}"),
             source: Some(Box::new(other)),
         },
+    }
+}
+
+/// Whether a request failed before it reached any server (so retrying cannot repeat it).
+pub(crate) fn not_sent(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == Code::Unavailable
+                && (status.message().contains("tcp connect error")
+                    || status.message().contains("Connection refused"))
+        }
+        _ => false,
     }
 }

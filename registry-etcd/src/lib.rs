@@ -43,13 +43,16 @@ use registry_core::{
     SessionStatus, SessionTracker, WatchOptions, WatchStream,
 };
 use tokio::sync::watch as channel;
-use tokio::task::JoinHandle;
 
 pub use options::EtcdOptions;
 
 use error::{map, BACKEND};
 use keys::{implicit, Keys};
 use session::Session;
+
+/// HTTP/2 ping interval: etcd's default minimum; a dead connection is noticed within this
+/// plus the request timeout, while the lease keep-alive notices a lost lease sooner.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Bound on optimistic-concurrency retries of one create or delete.
 const MAX_CREATE_ROUNDS: usize = 256;
@@ -62,7 +65,7 @@ pub(crate) struct Shared {
     pub(crate) session: Arc<Session>,
     pub(crate) shutdown: channel::Sender<bool>,
     closed: AtomicBool,
-    session_task: Mutex<Option<JoinHandle<()>>>,
+    session_task: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 impl Shared {
@@ -74,7 +77,9 @@ impl Shared {
         }
     }
 
-    /// Runs a Txn with the request deadline.
+    /// Runs a Txn with the request deadline. A Txn that could not even be sent (the
+    /// connection to the chosen member failed) is tried again, since it cannot have happened;
+    /// the balanced channel then picks another member.
     pub(crate) async fn txn(
         &self,
         txn: Txn,
@@ -82,14 +87,25 @@ impl Shared {
         path: &NodePath,
     ) -> Result<TxnResponse> {
         self.check_open()?;
-        let mut client = self.client.clone();
         let timeout = self.options.request_timeout;
-        match tokio::time::timeout(timeout, client.txn(txn)).await {
-            Ok(result) => result.map_err(|e| map(e, operation, Some(path))),
-            Err(_) => Err(Error::Timeout {
-                operation: format!("etcd {operation} {path}"),
-                after: timeout,
-            }),
+        let mut attempt = 0u32;
+        loop {
+            let mut client = self.client.clone();
+            match tokio::time::timeout(timeout, client.txn(txn.clone())).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) if attempt < 5 && error::not_sent(&e) => {
+                    attempt += 1;
+                    tracing::debug!(%e, attempt, "etcd request not sent; trying another member");
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                }
+                Ok(Err(e)) => return Err(map(e, operation, Some(path))),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        operation: format!("etcd {operation} {path}"),
+                        after: timeout,
+                    })
+                }
+            }
         }
     }
 
@@ -152,10 +168,8 @@ impl EtcdRegistry {
         let ttl = options.effective_ttl();
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
-            .with_keep_alive(
-                (ttl / 3).max(Duration::from_millis(500)),
-                options.request_timeout,
-            )
+            // etcd refuses pings more often than its --grpc-keepalive-min-time (5 s default).
+            .with_keep_alive(HTTP2_PING_INTERVAL, options.request_timeout)
             .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &options.credentials {
             connect = connect.with_user(user.clone(), password.clone());
@@ -163,7 +177,7 @@ impl EtcdRegistry {
         let deadline = options.connect_timeout + options.request_timeout;
         let client = match tokio::time::timeout(
             deadline,
-            Client::connect(options.endpoints.clone(), Some(connect)),
+            Client::connect(options.endpoints.clone(), Some(connect.clone())),
         )
         .await
         {
@@ -193,22 +207,23 @@ impl EtcdRegistry {
         let session = Arc::new(Session {
             lease: AtomicI64::new(lease),
             tracker: SessionTracker::new(),
+            lease_gone: channel::channel(0).0,
         });
         session
             .tracker
             .transition(SessionState::Connected, Some(SessionId(lease)));
         let (shutdown, shutdown_rx) = channel::channel(false);
         let span = tracing::info_span!("etcd_session", endpoints = ?options.endpoints);
-        let task = tokio::spawn(tracing::Instrument::instrument(
-            session::run(
-                client.clone(),
-                session.clone(),
-                ttl,
-                options.request_timeout,
-                shutdown_rx,
-            ),
+        let task = session::spawn_keeper(
+            options.endpoints.clone(),
+            connect,
+            session.clone(),
+            ttl,
+            options.request_timeout,
+            shutdown_rx,
             span,
-        ));
+        )
+        .map_err(|e| Error::unavailable(format!("cannot start the etcd keep-alive thread: {e}")))?;
         tracing::info!(lease, "etcd session opened");
         Ok(EtcdRegistry {
             shared: Arc::new(Shared {
@@ -354,6 +369,7 @@ impl EtcdRegistry {
         } else {
             None
         };
+        let lease = self.shared.session.lease();
         puts.push(TxnOp::put(key.clone(), value.to_vec(), put_options));
         let response = self
             .shared
@@ -365,7 +381,12 @@ impl EtcdRegistry {
                 "create",
                 &target,
             )
-            .await?;
+            .await
+            .inspect_err(|e| {
+                if matches!(e, Error::SessionExpired) {
+                    self.shared.session.report_lease_gone(lease);
+                }
+            })?;
         if response.succeeded() {
             let revision = u64::try_from(revision_of(&response)).unwrap_or(0);
             return Ok(Some(Node {

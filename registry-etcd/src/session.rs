@@ -13,11 +13,22 @@ use tokio::time::Instant;
 pub(crate) struct Session {
     pub(crate) lease: AtomicI64,
     pub(crate) tracker: SessionTracker,
+    /// The last lease a request found gone, so the loss is handled at once rather than at the
+    /// next keep-alive. A value (not a notification) so a report about an older lease can
+    /// never end a newer one.
+    pub(crate) lease_gone: watch::Sender<i64>,
 }
 
 impl Session {
     pub(crate) fn lease(&self) -> i64 {
         self.lease.load(Ordering::SeqCst)
+    }
+
+    /// A request saw "lease not found" for `lease`.
+    pub(crate) fn report_lease_gone(&self, lease: i64) {
+        if self.lease() == lease {
+            self.lease_gone.send_replace(lease);
+        }
     }
 }
 
@@ -52,11 +63,20 @@ async fn keep_alive(
         }
         Err(_) => return Outcome::Broken,
     };
+    let mut gone = session.lease_gone.subscribe();
+    if *gone.borrow_and_update() == lease {
+        return Outcome::Lost;
+    }
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return Outcome::Shutdown,
+            changed = gone.changed() => {
+                if changed.is_ok() && *gone.borrow_and_update() == lease {
+                    return Outcome::Lost;
+                }
+            }
             _ = tick.tick() => {
                 if keeper.keep_alive().await.is_err() {
                     return Outcome::Broken;
@@ -102,6 +122,57 @@ pub(crate) async fn grant(
             return None;
         }
     }
+}
+
+/// Runs the session on a thread of its own, with its own runtime and its own connection, so a
+/// busy application (or thousands of watch and registration tasks) can never delay a
+/// keep-alive past the TTL. The returned receiver fires when the thread has finished.
+pub(crate) fn spawn_keeper(
+    endpoints: Vec<String>,
+    connect: etcd_client::ConnectOptions,
+    session: Arc<Session>,
+    ttl: Duration,
+    request_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    span: tracing::Span,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("etcd-keepalive".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(%error, "cannot start the keep-alive runtime");
+                    return;
+                }
+            };
+            runtime.block_on(tracing::Instrument::instrument(
+                async move {
+                    let mut backoff =
+                        Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+                    let client = loop {
+                        match Client::connect(endpoints.clone(), Some(connect.clone())).await {
+                            Ok(client) => break client,
+                            Err(error) => {
+                                tracing::warn!(%error, "keep-alive connection failed; retrying")
+                            }
+                        }
+                        tokio::select! {
+                            _ = shutdown.changed() => return,
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        }
+                    };
+                    run(client, session, ttl, request_timeout, shutdown).await;
+                },
+                span,
+            ));
+            let _ = done.send(());
+        })?;
+    Ok(finished)
 }
 
 /// Keeps the session's lease alive until shutdown; reports suspension, loss and the new

@@ -1,0 +1,405 @@
+//! etcd-specific behaviour beyond the shared suite, each against its own real etcd.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conformance_tests::harness::{EtcdCluster, EtcdServer, TcpProxy};
+use conformance_tests::support::{apply_until, next_event, read_scope, summary};
+use futures::StreamExt;
+use registry_core::{
+    Bytes, CreateMode, Expected, NodePath, RegisterOptions, RegistrationStatus, Registry,
+    ResyncReason, SessionState, WatchEvent, WatchOptions, WatchScope, WatchedState,
+};
+use registry_etcd::{EtcdOptions, EtcdRegistry};
+
+fn p(s: &str) -> NodePath {
+    NodePath::new(s).unwrap()
+}
+
+async fn connect(endpoint: &str) -> Arc<dyn Registry> {
+    let options = EtcdOptions::new([endpoint.to_owned()]).with_ttl(Duration::from_secs(2));
+    Arc::new(
+        EtcdRegistry::connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("connect {endpoint}: {e}")),
+    )
+}
+
+fn etcdctl(endpoint: &str, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("etcdctl missing ({e}); run the README's test command to install etcd-client")
+        });
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_written_by_etcdctl_are_first_class() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let reg = connect(&ep).await;
+    let svc = p("/soa/runtime/services/com.today.service.goods.GoodsService");
+    let mut watch = reg.watch(&svc, WatchOptions::children()).await.unwrap();
+    assert!(
+        matches!(next_event(&mut watch, "snapshot").await, WatchEvent::Snapshot(s) if s.nodes.is_empty())
+    );
+
+    etcdctl(&ep, &["put", &format!("{svc}/192.168.10.121:9071"), "50"]);
+    let lease_line = etcdctl(&ep, &["lease", "grant", "60"]);
+    let lease_hex = lease_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("lease grant said {lease_line:?}"));
+    etcdctl(
+        &ep,
+        &[
+            "put",
+            "--lease",
+            lease_hex,
+            &format!("{svc}/192.168.10.122:9071"),
+            "70",
+        ],
+    );
+
+    let mut state = WatchedState::new();
+    apply_until(
+        &mut watch,
+        &mut state,
+        Duration::from_secs(10),
+        "etcdctl keys in the watch",
+        |s| s.len() == 2,
+    )
+    .await;
+    let children = reg.children(&svc).await.unwrap();
+    let names: Vec<_> = children
+        .nodes
+        .iter()
+        .map(|n| n.path.name().to_owned())
+        .collect();
+    assert_eq!(names, ["192.168.10.121:9071", "192.168.10.122:9071"]);
+    assert_eq!(children.nodes[0].value, "50");
+    assert!(children.nodes[0].ephemeral_owner.is_none());
+    let lease = i64::from_str_radix(lease_hex, 16).unwrap();
+    assert_eq!(children.nodes[1].ephemeral_owner.map(|s| s.0), Some(lease));
+    // Parents nobody wrote behave as empty persistent nodes.
+    let soa = reg.get(&p("/soa")).await.unwrap();
+    assert!(soa.value.is_empty() && soa.version == 0 && soa.create_order == 0);
+    let top: Vec<_> = reg
+        .children(&p("/"))
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .map(|n| n.path.to_string())
+        .collect();
+    assert_eq!(top, ["/soa"]);
+    // Our own sequence counters never show up to etcdctl users as nodes of the tree.
+    reg.create(
+        &svc.join("x-").unwrap(),
+        Bytes::new(),
+        CreateMode::PersistentSequential,
+    )
+    .await
+    .unwrap();
+    let listed = reg.children(&svc).await.unwrap();
+    assert_eq!(listed.nodes.len(), 3, "{:?}", listed.nodes);
+    reg.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_while_cut_off_ends_in_resync_and_convergence() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let writer = connect(&server.endpoint()).await;
+    let watcher = connect(&proxy.addr().to_string()).await;
+    let root = p("/c");
+    writer
+        .create(
+            &root.join("seed").unwrap(),
+            Bytes::new(),
+            CreateMode::Persistent,
+        )
+        .await
+        .unwrap();
+    let mut stream = watcher.watch(&root, WatchOptions::subtree()).await.unwrap();
+    let mut state = WatchedState::new();
+    state.apply(&next_event(&mut stream, "snapshot").await);
+
+    proxy.cut();
+    for i in 0..20 {
+        writer
+            .create(
+                &root.join(&format!("k{i}")).unwrap(),
+                Bytes::from("v"),
+                CreateMode::Persistent,
+            )
+            .await
+            .unwrap();
+    }
+    let etcd = writer.clone();
+    let rev = etcd.children(&root).await.unwrap().revision.0 as i64;
+    let mut raw = etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .unwrap();
+    raw.compact(rev, None).await.unwrap();
+    proxy.forward();
+
+    let mut saw_compacted = false;
+    let expected = summary(
+        read_scope(&writer, &root, WatchScope::Subtree)
+            .await
+            .unwrap()
+            .iter(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while summary(state.nodes()) != expected || !saw_compacted {
+        assert!(
+            Instant::now() < deadline,
+            "no convergence; compacted resync seen: {saw_compacted}"
+        );
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let WatchEvent::Resync {
+            reason: ResyncReason::Compacted,
+            ..
+        } = &event
+        {
+            saw_compacted = true;
+        }
+        state.apply(&event);
+    }
+    watcher.close().await.unwrap();
+    writer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_loses_no_event() {
+    let mut server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let writer = connect(&ep).await;
+    let watcher = connect(&ep).await;
+    let root = p("/r");
+    writer
+        .create(&root, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let mut stream = watcher.watch(&root, WatchOptions::subtree()).await.unwrap();
+    let mut state = WatchedState::new();
+    state.apply(&next_event(&mut stream, "snapshot").await);
+    for i in 0..50 {
+        writer
+            .create(
+                &root.join(&format!("a{i}")).unwrap(),
+                Bytes::from(i.to_string()),
+                CreateMode::Persistent,
+            )
+            .await
+            .unwrap();
+    }
+    server.kill().unwrap();
+    server.restart().unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..50 {
+        let path = root.join(&format!("b{i}")).unwrap();
+        // The first writes after a restart may meet a connection still being re-made.
+        let mut attempts = 0;
+        while let Err(e) = writer
+            .create(&path, Bytes::from(i.to_string()), CreateMode::Persistent)
+            .await
+        {
+            attempts += 1;
+            assert!(
+                e.is_retryable() && attempts < 50,
+                "write after restart: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let expected = summary(
+        read_scope(&writer, &root, WatchScope::Subtree)
+            .await
+            .unwrap()
+            .iter(),
+    );
+    let mut created = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while summary(state.nodes()) != expected {
+        assert!(
+            Instant::now() < deadline,
+            "watcher did not converge after restart"
+        );
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            !matches!(event, WatchEvent::Resync { .. }),
+            "a restart must resume, not resync: {event:?}"
+        );
+        if let WatchEvent::Created(n) = &event {
+            created += 1;
+            assert!(
+                state.get(&n.path).is_none(),
+                "duplicate Created for {} (modify_order {})",
+                n.path,
+                n.modify_order
+            );
+        }
+        state.apply(&event);
+    }
+    assert_eq!(
+        created, 100,
+        "every create arrives exactly once across the restart"
+    );
+    watcher.close().await.unwrap();
+    writer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_registrations_come_back_after_the_lease_is_lost() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    // The default TTL: with 2 cores busy re-creating 10k keys, a 2 s lease can starve.
+    let with_default_ttl = |ep: &str| EtcdOptions::new([ep.to_owned()]);
+    let reg: Arc<dyn Registry> =
+        Arc::new(EtcdRegistry::connect(with_default_ttl(&ep)).await.unwrap());
+    let reader: Arc<dyn Registry> =
+        Arc::new(EtcdRegistry::connect(with_default_ttl(&ep)).await.unwrap());
+    const N: usize = 10_000;
+    let mut registrations = Vec::with_capacity(N);
+    let started = Instant::now();
+    let mut batch = futures::stream::iter(0..N)
+        .map(|i| {
+            let reg = reg.clone();
+            async move {
+                reg.register(
+                    &p(&format!("/many/{i:05}")),
+                    Bytes::from("1"),
+                    RegisterOptions::new(),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(64);
+    while let Some(r) = batch.next().await {
+        registrations.push(r.unwrap());
+    }
+    drop(batch);
+    eprintln!("registered {N} in {:?}", started.elapsed());
+    let old = reg.session().session_id.unwrap();
+    let mut raw = etcd_client::Client::connect([ep.clone()], None)
+        .await
+        .unwrap();
+    let revoked_at = Instant::now();
+    raw.lease_revoke(old.0).await.unwrap();
+    let deadline = Duration::from_secs(60);
+    loop {
+        let new = reg.session().session_id;
+        let back = registrations
+            .iter()
+            .filter(|r| matches!(r.status(), RegistrationStatus::Registered(n) if n.ephemeral_owner == new && new != Some(old)))
+            .count();
+        if back == N {
+            break;
+        }
+        if revoked_at.elapsed() >= deadline {
+            let stuck: Vec<_> = registrations
+                .iter()
+                .filter(|r| !matches!(r.status(), RegistrationStatus::Registered(n) if n.ephemeral_owner == new))
+                .take(5)
+                .map(|r| format!("{} {:?}", r.requested_path(), r.status()))
+                .collect();
+            panic!(
+                "{back}/{N} registrations back after {deadline:?}; session {:?}; stuck: {stuck:#?}",
+                reg.session()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "{N} registrations back {:?} after the lease was revoked",
+        revoked_at.elapsed()
+    );
+    let listed = reader.children(&p("/many")).await.unwrap();
+    assert_eq!(listed.nodes.len(), N);
+    assert!(listed
+        .nodes
+        .iter()
+        .all(|n| n.ephemeral_owner == reg.session().session_id));
+    assert_eq!(reg.session().state, SessionState::Reestablished);
+    reg.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_stream_cancels_its_server_side_watch() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let reg = connect(&server.endpoint()).await;
+    let before = server.watcher_total().unwrap();
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        let mut s = reg
+            .watch(&p(&format!("/w/{i}")), WatchOptions::node())
+            .await
+            .unwrap();
+        next_event(&mut s, "snapshot").await;
+        streams.push(s);
+    }
+    let counted = conformance_tests::harness::wait_until(Duration::from_secs(10), || {
+        server.watcher_total() == Some(before + 5)
+    });
+    assert!(
+        counted,
+        "server holds {:?} watchers, expected {}",
+        server.watcher_total(),
+        before + 5
+    );
+    drop(streams);
+    let released = conformance_tests::harness::wait_until(Duration::from_secs(10), || {
+        server.watcher_total() == Some(before)
+    });
+    assert!(
+        released,
+        "server still holds {:?} watchers after drop",
+        server.watcher_total()
+    );
+    reg.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_does_not_fail_reads_while_others_live() {
+    let mut cluster = EtcdCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
+    let options = EtcdOptions::new(cluster.endpoints()).with_ttl(Duration::from_secs(3));
+    let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(options).await.unwrap());
+    reg.create(&p("/d/x"), Bytes::from("1"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let victim = cluster.leader().map(|l| (l + 1) % 3).unwrap_or(0);
+    cluster.kill(victim).unwrap();
+    for i in 0..30 {
+        let node = reg
+            .get(&p("/d/x"))
+            .await
+            .unwrap_or_else(|e| panic!("read {i} failed with a member down: {e}"));
+        assert_eq!(node.value, "1");
+        reg.set(&p("/d/x"), Bytes::from("1"), Expected::Any)
+            .await
+            .unwrap_or_else(|e| panic!("write {i} failed with a member down: {e}"));
+    }
+    reg.close().await.unwrap();
+}
