@@ -1,0 +1,366 @@
+//! ZooKeeper-specific behaviour beyond the shared suite, each against its own real server.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conformance_tests::harness::{wait_until, TcpProxy, ZkConfig, ZkServer};
+use conformance_tests::support::{apply_until, next_event, read_scope, summary};
+use futures::StreamExt;
+use registry_core::{
+    Bytes, CreateMode, Expected, NodePath, RegisterOptions, RegistrationStatus, Registry,
+    SessionState, WatchOptions, WatchScope, WatchedState,
+};
+use registry_zk::{ZkOptions, ZkRegistry};
+
+fn p(s: &str) -> NodePath {
+    NodePath::new(s).unwrap()
+}
+
+fn fast_server() -> ZkServer {
+    ZkServer::start(ZkConfig {
+        tick_time: Duration::from_millis(200),
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn connect(connect_string: &str, timeout: Duration) -> Arc<ZkRegistry> {
+    let options = ZkOptions::new(connect_string.to_owned()).with_session_timeout(timeout);
+    Arc::new(
+        ZkRegistry::connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}")),
+    )
+}
+
+async fn raw(connect_string: &str) -> zookeeper_client::Client {
+    zookeeper_client::Client::connector()
+        .with_session_timeout(Duration::from_secs(4))
+        .connect(connect_string)
+        .await
+        .unwrap()
+}
+
+/// What `wchs` reports as the server's total watches.
+fn total_watches(server: &ZkServer) -> usize {
+    server
+        .four_letter("wchs")
+        .and_then(|a| {
+            a.lines().find_map(|l| {
+                l.strip_prefix("Total watches:")
+                    .map(|n| n.trim().parse().ok())
+            })
+        })
+        .flatten()
+        .unwrap_or(usize::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dapeng_style_nodes_from_another_client_are_first_class() {
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let svc = p("/soa/runtime/services/S");
+    reg.create(&svc, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let mut watch = reg.watch(&svc, WatchOptions::children()).await.unwrap();
+    let mut state = WatchedState::new();
+    state.apply(&next_event(&mut watch, "snapshot").await);
+
+    // What Dapeng's Java provider does: an ephemeral-sequential `ip:port:version:`.
+    let java = raw(&server.connect_string()).await;
+    let options = zookeeper_client::CreateMode::EphemeralSequential
+        .with_acls(zookeeper_client::Acls::anyone_all());
+    let (_, sequence) = java
+        .create("/soa/runtime/services/S/1.2.3.4:9090:1.0.0:", b"", &options)
+        .await
+        .unwrap();
+    let name = format!("1.2.3.4:9090:1.0.0:{sequence}");
+    apply_until(
+        &mut watch,
+        &mut state,
+        Duration::from_secs(10),
+        "foreign instance in the watch",
+        |s| s.len() == 1,
+    )
+    .await;
+    let children = reg.children(&svc).await.unwrap();
+    assert_eq!(children.nodes.len(), 1);
+    assert_eq!(children.nodes[0].path.name(), name);
+    assert_eq!(
+        children.nodes[0].ephemeral_owner.map(|s| s.0),
+        Some(java.session_id().0)
+    );
+    drop(java);
+    apply_until(
+        &mut watch,
+        &mut state,
+        Duration::from_secs(10),
+        "foreign instance gone with its session",
+        |s| s.is_empty(),
+    )
+    .await;
+    reg.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_expiry_ends_in_lost_then_reestablished_with_everything_back() {
+    let mut server = fast_server();
+    let cs = server.connect_string();
+    let timeout = Duration::from_secs(2);
+    let owner = connect(&cs, timeout).await;
+    let watcher_client = connect(&cs, Duration::from_secs(4)).await;
+    let mut events = owner.session_events();
+    let path = p("/svc/10.0.0.9:9090");
+    let reg = owner
+        .register(&path, Bytes::from("w"), RegisterOptions::new())
+        .await
+        .unwrap();
+    let mut watch = owner
+        .watch(&p("/svc"), WatchOptions::children())
+        .await
+        .unwrap();
+    let mut state = WatchedState::new();
+    state.apply(&next_event(&mut watch, "snapshot").await);
+    let first_session = owner.session().session_id;
+
+    // A stall longer than the session timeout: the server expires the session on resume.
+    server.pause().unwrap();
+    tokio::time::sleep(timeout * 3).await;
+    server.resume().unwrap();
+
+    let mut seen = Vec::new();
+    let status = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(s) = events.next().await {
+            seen.push(s.state);
+            if s.state == SessionState::Reestablished {
+                return s;
+            }
+        }
+        panic!("session stream ended: {seen:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no Reestablished; states seen: {seen:?}"));
+    assert!(
+        seen.contains(&SessionState::Lost),
+        "Reestablished without Lost: {seen:?}"
+    );
+    assert_eq!(status.epoch, 2);
+    assert_ne!(status.session_id, first_session);
+    let node = reg.wait_registered(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(node.ephemeral_owner, owner.session().session_id);
+    let expected = summary(
+        read_scope(
+            &(watcher_client.clone() as Arc<dyn Registry>),
+            &p("/svc"),
+            WatchScope::Children,
+        )
+        .await
+        .unwrap()
+        .iter(),
+    );
+    apply_until(
+        &mut watch,
+        &mut state,
+        Duration::from_secs(15),
+        "watch converged after expiry",
+        |s| summary(s.nodes()) == expected,
+    )
+    .await;
+    reg.deregister().await.unwrap();
+    owner.close().await.unwrap();
+    watcher_client.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_connection_drop_is_not_a_loss() {
+    let server = fast_server();
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let owner = connect(&proxy.addr().to_string(), Duration::from_secs(4)).await;
+    let mut events = owner.session_events();
+    let reg = owner
+        .register(&p("/svc/10.0.0.7:1"), Bytes::new(), RegisterOptions::new())
+        .await
+        .unwrap();
+    let before = reg.wait_registered(Duration::from_secs(5)).await.unwrap();
+    let session = owner.session().session_id;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    proxy.forward();
+    let mut seen = Vec::new();
+    let back = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(s) = events.next().await {
+            seen.push(s.state);
+            if s.state == SessionState::Connected && seen.contains(&SessionState::Suspended) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "no Suspended then Connected: {seen:?}");
+    assert!(
+        !seen.contains(&SessionState::Lost),
+        "a short drop was reported as a loss: {seen:?}"
+    );
+    assert_eq!(owner.session().session_id, session);
+    let after = reg.wait_registered(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        after.create_order, before.create_order,
+        "the registration was re-created after a blip"
+    );
+    owner.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_a_thousand_changes_converges() {
+    let server = fast_server();
+    let cs = server.connect_string();
+    let writer = connect(&cs, Duration::from_secs(4)).await;
+    let watcher = connect(&cs, Duration::from_secs(4)).await;
+    let root = p("/burst");
+    writer
+        .create(&root, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let mut stream = watcher
+        .watch(&root, WatchOptions::children())
+        .await
+        .unwrap();
+    let mut state = WatchedState::new();
+    state.apply(&next_event(&mut stream, "snapshot").await);
+    let started = Instant::now();
+    let mut writes = futures::stream::iter(0..1000)
+        .map(|i| {
+            let writer = writer.clone();
+            let root = root.clone();
+            async move {
+                let path = root.join(&format!("n{}", i % 100)).unwrap();
+                if i < 100 {
+                    writer
+                        .create(&path, Bytes::from(i.to_string()), CreateMode::Persistent)
+                        .await
+                        .map(|_| ())
+                } else {
+                    writer
+                        .set(&path, Bytes::from(i.to_string()), Expected::Any)
+                        .await
+                        .map(|_| ())
+                }
+            }
+        })
+        .buffered(16);
+    while let Some(r) = writes.next().await {
+        r.unwrap();
+    }
+    let expected = summary(
+        read_scope(
+            &(writer.clone() as Arc<dyn Registry>),
+            &root,
+            WatchScope::Children,
+        )
+        .await
+        .unwrap()
+        .iter(),
+    );
+    apply_until(
+        &mut stream,
+        &mut state,
+        Duration::from_secs(30),
+        "burst converged",
+        |s| summary(s.nodes()) == expected,
+    )
+    .await;
+    eprintln!("1000 changes converged in {:?}", started.elapsed());
+    writer.close().await.unwrap();
+    watcher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_ephemeral_of_another_session_is_replaced() {
+    let server = fast_server();
+    let cs = server.connect_string();
+    let stale = raw(&cs).await;
+    let options =
+        zookeeper_client::CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all());
+    stale
+        .create(
+            "/svc",
+            b"",
+            &zookeeper_client::CreateMode::Persistent
+                .with_acls(zookeeper_client::Acls::anyone_all()),
+        )
+        .await
+        .unwrap();
+    stale
+        .create("/svc/10.0.0.8:9090", b"old", &options)
+        .await
+        .unwrap();
+    let owner = connect(&cs, Duration::from_secs(4)).await;
+    let reg = owner
+        .register(
+            &p("/svc/10.0.0.8:9090"),
+            Bytes::from("new"),
+            RegisterOptions::new(),
+        )
+        .await
+        .unwrap();
+    let node = owner.get(&p("/svc/10.0.0.8:9090")).await.unwrap();
+    assert_eq!(node.ephemeral_owner, owner.session().session_id);
+    assert_ne!(
+        node.ephemeral_owner.map(|s| s.0),
+        Some(stale.session_id().0)
+    );
+    assert_eq!(node.value, "new");
+    assert!(matches!(reg.status(), RegistrationStatus::Registered(_)));
+    owner.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_stream_stops_rearming_its_watches() {
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    for i in 0..5 {
+        reg.create(
+            &p(&format!("/w/n{i}")),
+            Bytes::new(),
+            CreateMode::Persistent,
+        )
+        .await
+        .unwrap();
+    }
+    let before = total_watches(&server);
+    let mut stream = reg.watch(&p("/w"), WatchOptions::subtree()).await.unwrap();
+    next_event(&mut stream, "snapshot").await;
+    assert!(
+        wait_until(Duration::from_secs(5), || total_watches(&server)
+            >= before + 6),
+        "watches not armed: {}",
+        total_watches(&server)
+    );
+    drop(stream);
+    // A change fires the armed watches once; nothing re-arms them afterwards.
+    reg.set(&p("/w/n0"), Bytes::from("x"), Expected::Any)
+        .await
+        .unwrap();
+    reg.create(&p("/w/n9"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    for i in 0..5 {
+        reg.set(&p(&format!("/w/n{i}")), Bytes::from("y"), Expected::Any)
+            .await
+            .unwrap();
+    }
+    reg.delete(
+        &p("/w"),
+        Expected::Any,
+        registry_core::DeleteScope::Recursive,
+    )
+    .await
+    .unwrap();
+    let released = wait_until(Duration::from_secs(10), || total_watches(&server) <= before);
+    assert!(
+        released,
+        "server still holds {} watches (had {before})",
+        total_watches(&server)
+    );
+    reg.close().await.unwrap();
+}
