@@ -3,7 +3,7 @@
 //!
 //! Running the suite against a backend takes a fixture and one macro call in a test file:
 //!
-//! ```ignore
+//! ```text
 //! use std::sync::{Arc, OnceLock};
 //! use conformance_tests::{conformance_suite, Fixture};
 //!

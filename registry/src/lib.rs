@@ -51,6 +51,7 @@ fn shared_store(name: &str) -> MemoryStore {
     stores.entry(name.to_owned()).or_default().clone()
 }
 
+#[cfg_attr(all(feature = "etcd", feature = "zk"), allow(dead_code))]
 fn missing_feature(url: &RegistryUrl) -> Error {
     Error::InvalidArgument(format!(
         "{url} needs the `{}` feature of the `registry` crate (this build has: {})",
@@ -83,18 +84,59 @@ async fn connect_zk(url: &RegistryUrl) -> Result<Arc<dyn Registry>> {
 
 #[cfg(feature = "etcd")]
 async fn connect_etcd(url: &RegistryUrl) -> Result<Arc<dyn Registry>> {
-    let _ = missing_feature;
-    Err(Error::NotSupported {
-        backend: "etcd",
-        what: format!("connecting to {url} (backend not wired yet)"),
-    })
+    let endpoints = url.endpoints.iter().map(|e| e.to_string());
+    let mut options = registry_etcd::EtcdOptions::new(endpoints);
+    if let Some(ns) = &url.namespace {
+        options = options.with_namespace(ns.clone());
+    }
+    if let Some(ttl) = url.session_timeout {
+        options = options.with_ttl(ttl);
+    }
+    if let Some(timeout) = url.request_timeout {
+        options = options.with_request_timeout(timeout);
+    }
+    if let Some(c) = &url.credentials {
+        options = options.with_credentials(c.user.clone(), c.password.clone());
+    }
+    Ok(Arc::new(
+        registry_etcd::EtcdRegistry::connect(options).await?,
+    ))
 }
 
 #[cfg(feature = "zk")]
 async fn connect_zk(url: &RegistryUrl) -> Result<Arc<dyn Registry>> {
-    let _ = missing_feature;
-    Err(Error::NotSupported {
-        backend: "zookeeper",
-        what: format!("connecting to {url} (backend not wired yet)"),
-    })
+    let hosts: Vec<String> = url.endpoints.iter().map(|e| e.to_string()).collect();
+    let mut options = registry_zk::ZkOptions::new(hosts.join(","));
+    if let Some(chroot) = &url.namespace {
+        options = options.with_chroot(chroot.clone());
+    }
+    if let Some(timeout) = url.session_timeout {
+        options = options.with_session_timeout(timeout);
+    }
+    if let Some(timeout) = url.request_timeout {
+        options = options.with_request_timeout(timeout);
+    }
+    if let Some(c) = &url.credentials {
+        options = options.with_auth("digest", format!("{}:{}", c.user, c.password));
+    }
+    Ok(Arc::new(registry_zk::ZkRegistry::connect(options).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_feature_names_it_and_hides_the_password() {
+        let url = RegistryUrl::parse("etcd://root:pw@127.0.0.1:2379/ns").unwrap();
+        let Error::InvalidArgument(message) = missing_feature(&url) else {
+            panic!("not InvalidArgument");
+        };
+        assert!(message.contains("`etcd` feature"), "{message}");
+        assert!(!message.contains("pw@"), "{message}");
+        let zk = RegistryUrl::parse("zk://127.0.0.1:2181").unwrap();
+        assert!(
+            matches!(missing_feature(&zk), Error::InvalidArgument(m) if m.contains("`zk` feature"))
+        );
+    }
 }

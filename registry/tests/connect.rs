@@ -24,26 +24,3 @@ async fn malformed_urls_fail_before_any_io() {
         );
     }
 }
-
-#[cfg(not(feature = "etcd"))]
-#[tokio::test]
-async fn etcd_without_the_feature_names_it() {
-    match connect("etcd://root:pw@127.0.0.1:2379").await {
-        Err(Error::InvalidArgument(message)) => {
-            assert!(message.contains("`etcd` feature"), "{message}");
-            assert!(!message.contains("pw@"), "password leaked: {message}");
-        }
-        other => panic!("expected InvalidArgument, got {:?}", other.map(|_| ())),
-    }
-}
-
-#[cfg(not(feature = "zk"))]
-#[tokio::test]
-async fn zookeeper_without_the_feature_names_it() {
-    match connect("zk://127.0.0.1:2181/chroot").await {
-        Err(Error::InvalidArgument(message)) => {
-            assert!(message.contains("`zk` feature"), "{message}")
-        }
-        other => panic!("expected InvalidArgument, got {:?}", other.map(|_| ())),
-    }
-}
