@@ -140,6 +140,15 @@ where
     }
 }
 
+/// Waits until `reader` no longer sees `path`, within the fixture's expiry bound.
+pub async fn wait_gone(fx: &dyn Fixture, at: &str, reader: &Arc<dyn Registry>, path: &NodePath) {
+    eventually(fx.expiry_bound(), &format!("{at} {path} removed"), || {
+        let (reader, path) = (reader.clone(), path.clone());
+        async move { matches!(reader.exists(&path).await, Ok(false)) }
+    })
+    .await;
+}
+
 /// What two reads of a node must agree on (not modify_order, which some backends report
 /// differently between reads and events).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -9,7 +9,7 @@ use registry_core::{
 };
 
 use crate::fixture::{Fault, Fixture};
-use crate::support::{eventually, p, session_of, CaseEnv, Outcome};
+use crate::support::{eventually, p, session_of, wait_gone, CaseEnv, Outcome};
 
 /// Waits until `path` exists, owned by `owner`'s current session, with `value`.
 async fn owned_by(
@@ -38,14 +38,6 @@ async fn owned_by(
             }
         },
     )
-    .await;
-}
-
-async fn gone(fx: &dyn Fixture, at: &str, reader: &Arc<dyn Registry>, path: &NodePath) {
-    eventually(fx.expiry_bound(), &format!("{at} {path} removed"), || {
-        let (reader, path) = (reader.clone(), path.clone());
-        async move { matches!(reader.exists(&path).await, Ok(false)) }
-    })
     .await;
 }
 
@@ -83,7 +75,7 @@ pub async fn register_deregister_and_drop(fx: &dyn Fixture) -> Outcome {
         .await
         .unwrap_or_else(|e| panic!("{at} register again: {e}"));
     drop(reg);
-    gone(fx, &at, &reader, &path).await;
+    wait_gone(fx, &at, &reader, &path).await;
     let r = owner
         .register(&p("/reg"), Bytes::new(), RegisterOptions::new())
         .await;

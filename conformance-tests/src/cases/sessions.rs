@@ -6,7 +6,7 @@ use futures::StreamExt;
 use registry_core::{Bytes, CreateMode, Error, SessionState, WatchOptions};
 
 use crate::fixture::{Fault, Fixture};
-use crate::support::{eventually, p, session_of, CaseEnv, Outcome};
+use crate::support::{p, session_of, wait_gone, CaseEnv, Outcome};
 
 /// An ephemeral node is visible to other clients with its owner's session, and disappears
 /// once its owner closes.
@@ -33,16 +33,7 @@ pub async fn ephemeral_gone_after_close(fx: &dyn Fixture) -> Outcome {
         .close()
         .await
         .unwrap_or_else(|e| panic!("{at} close: {e}"));
-    eventually(
-        fx.expiry_bound(),
-        &format!("{at} ephemeral gone after close"),
-        || {
-            let other = other.clone();
-            let path = path.clone();
-            async move { matches!(other.exists(&path).await, Ok(false)) }
-        },
-    )
-    .await;
+    wait_gone(fx, &at, &other, &path).await;
     assert!(
         matches!(owner.get(&path).await, Err(Error::Closed)),
         "{at} a closed client still answers"
@@ -100,16 +91,7 @@ pub async fn session_expiry_removes_ephemerals_and_reestablishes(fx: &dyn Fixtur
         status.session_id, before.session_id,
         "{at} same session id after expiry"
     );
-    eventually(
-        fx.expiry_bound(),
-        &format!("{at} ephemeral of the expired session gone"),
-        || {
-            let other = other.clone();
-            let path = path.clone();
-            async move { matches!(other.exists(&path).await, Ok(false)) }
-        },
-    )
-    .await;
+    wait_gone(fx, &at, &other, &path).await;
     owner
         .create(&p("/exp/again"), Bytes::new(), CreateMode::Ephemeral)
         .await
@@ -160,14 +142,6 @@ pub async fn close_ends_streams(fx: &dyn Fixture) -> Outcome {
         "{at} call after close"
     );
     let other = env.client().await;
-    eventually(
-        fx.expiry_bound(),
-        &format!("{at} ephemeral removed by close"),
-        || {
-            let other = other.clone();
-            async move { matches!(other.exists(&p("/cl/x")).await, Ok(false)) }
-        },
-    )
-    .await;
+    wait_gone(fx, &at, &other, &p("/cl/x")).await;
     env.finish().await
 }
