@@ -243,3 +243,95 @@ pub fn diff(expected: &[NodeSummary], found: &[NodeSummary]) -> String {
     }
     out.join("\n")
 }
+
+/// Election under an outage: `candidates` campaign (re-campaigning after any failure, as a
+/// service would) while `outage` runs (e.g. the server paused past the session timeout).
+/// Asserts that at no sampled moment two candidates believe they lead, that every new
+/// leader's fencing token is larger than the last, and that a leader exists again within
+/// `recovery` after the outage. Returns how long the recovery took.
+pub async fn election_survives_outage(
+    candidates: Vec<Arc<dyn Registry>>,
+    outage: impl Future<Output = ()>,
+    recovery: Duration,
+) -> Duration {
+    use registry_core::recipes::{Election, Leadership};
+    use std::sync::Mutex as StdMutex;
+
+    let path = p("/election/outage");
+    let leaders: Arc<StdMutex<Vec<Option<Leadership>>>> =
+        Arc::new(StdMutex::new((0..candidates.len()).map(|_| None).collect()));
+    let tokens: Arc<StdMutex<Vec<u64>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for (i, client) in candidates.into_iter().enumerate() {
+        let (leaders, tokens, path) = (leaders.clone(), tokens.clone(), path.clone());
+        tasks.push(tokio::spawn(async move {
+            let election = Election::new(client, path);
+            loop {
+                match election.campaign(Bytes::from(i.to_string())).await {
+                    Ok(leadership) => {
+                        tokens
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(leadership.token());
+                        leaders.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(leadership);
+                        // Hold until lost, then campaign again.
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            let mut all = leaders.lock().unwrap_or_else(|e| e.into_inner());
+                            if all[i].as_ref().is_some_and(|l| !l.is_leader()) {
+                                all[i] = None;
+                                break;
+                            }
+                        }
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }));
+    }
+    let count_leaders = |leaders: &StdMutex<Vec<Option<Leadership>>>| {
+        leaders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|l| l.as_ref().is_some_and(|l| l.is_leader()))
+            .count()
+    };
+    eventually(Duration::from_secs(15), "a first leader", || async {
+        count_leaders(&leaders) == 1
+    })
+    .await;
+    let sampler = {
+        let leaders = leaders.clone();
+        tokio::spawn(async move {
+            loop {
+                let n = count_leaders(&leaders);
+                assert!(n <= 1, "{n} candidates believe they lead at once");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    outage.await;
+    let resumed = tokio::time::Instant::now();
+    eventually(recovery, "a leader after the outage", || async {
+        count_leaders(&leaders) == 1
+    })
+    .await;
+    let took = resumed.elapsed();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sampler.abort();
+    if let Err(e) = sampler.await {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let tokens = tokens.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens not increasing: {tokens:?}"
+    );
+    took
+}

@@ -403,3 +403,26 @@ async fn a_dead_member_does_not_fail_reads_while_others_live() {
     }
     reg.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_single_leader_under_server_pause() {
+    let mut server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let mut candidates = Vec::new();
+    for _ in 0..3 {
+        candidates.push(connect(&ep).await);
+    }
+    let outage = async {
+        server.pause().unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        server.resume().unwrap();
+    };
+    // TTL 2 s: a new leader must appear within TTL + the reconnect, with margin.
+    let took = conformance_tests::support::election_survives_outage(
+        candidates,
+        outage,
+        Duration::from_secs(15),
+    )
+    .await;
+    eprintln!("new leader {took:?} after the server resumed");
+}

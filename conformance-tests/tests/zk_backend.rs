@@ -364,3 +364,25 @@ async fn dropping_a_stream_stops_rearming_its_watches() {
     );
     reg.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_single_leader_under_server_pause() {
+    let mut server = fast_server();
+    let cs = server.connect_string();
+    let mut candidates: Vec<Arc<dyn Registry>> = Vec::new();
+    for _ in 0..3 {
+        candidates.push(connect(&cs, Duration::from_secs(2)).await);
+    }
+    let outage = async {
+        server.pause().unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        server.resume().unwrap();
+    };
+    let took = conformance_tests::support::election_survives_outage(
+        candidates,
+        outage,
+        Duration::from_secs(15),
+    )
+    .await;
+    eprintln!("new leader {took:?} after the server resumed");
+}
