@@ -44,7 +44,7 @@ use registry_core::{
 };
 use tokio::sync::watch as channel;
 
-pub use options::EtcdOptions;
+pub use options::{EtcdOptions, EtcdTls};
 
 use error::{map, BACKEND};
 use keys::{implicit, Keys};
@@ -164,6 +164,13 @@ impl EtcdRegistry {
     pub async fn connect(options: EtcdOptions) -> Result<EtcdRegistry> {
         if options.endpoints.is_empty() {
             return Err(Error::InvalidArgument("etcd: no endpoint given".into()));
+        }
+        if options.tls.is_some() {
+            return Err(Error::NotSupported {
+                backend: BACKEND,
+                what: "TLS connections (planned; refusing rather than connecting in plaintext)"
+                    .into(),
+            });
         }
         let ttl = options.effective_ttl();
         let mut connect = ConnectOptions::new()

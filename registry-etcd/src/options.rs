@@ -8,6 +8,16 @@ use registry_core::NodePath;
 /// etcd's smallest lease TTL.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
 
+/// TLS settings: PEM files of the CA that signed the server certificate and, for mutual TLS,
+/// the client certificate and key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// CA certificate (PEM) to verify the server with.
+    pub ca_cert: std::path::PathBuf,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
 /// Options of [`EtcdRegistry::connect`](crate::EtcdRegistry::connect), as a builder.
 ///
 /// Defaults: TTL 5 s (kept alive every TTL/3), request timeout 3 s, connect timeout 3 s, no
@@ -26,6 +36,10 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// User name and password for etcd's auth.
     pub credentials: Option<(String, String)>,
+    /// TLS to the server. Accepted here; connecting with it is not supported yet and fails
+    /// with [`Error::NotSupported`](registry_core::Error::NotSupported) rather than falling
+    /// back to plaintext.
+    pub tls: Option<EtcdTls>,
 }
 
 impl EtcdOptions {
@@ -38,7 +52,14 @@ impl EtcdOptions {
             request_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(3),
             credentials: None,
+            tls: None,
         }
+    }
+
+    /// Connects over TLS (see [`EtcdOptions::tls`]).
+    pub fn with_tls(mut self, tls: EtcdTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Puts every path under `namespace`.
@@ -91,6 +112,7 @@ impl fmt::Debug for EtcdOptions {
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -112,5 +134,19 @@ mod tests {
             Duration::from_secs(6)
         );
         assert!(!format!("{o:?}").contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn tls_is_refused_not_downgraded() {
+        let o = EtcdOptions::new(["127.0.0.1:1"]).with_tls(EtcdTls {
+            ca_cert: "/nonexistent/ca.pem".into(),
+            client_identity: None,
+        });
+        let r = crate::EtcdRegistry::connect(o).await;
+        assert!(
+            matches!(r, Err(registry_core::Error::NotSupported { .. })),
+            "{:?}",
+            r.err()
+        );
     }
 }
