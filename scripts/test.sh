@@ -26,4 +26,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "==> cargo test"
-cargo test --workspace --no-fail-fast "$@"
+# Each conformance case records its result; start the run's summary empty.
+rm -rf "${CARGO_TARGET_DIR:-target}/conformance"
+status=0
+cargo test --workspace --no-fail-fast "$@" || status=$?
+echo "==> conformance summary"
+cargo run --quiet -p conformance-tests --bin conformance-report || true
+exit "$status"

@@ -16,13 +16,16 @@
 //! ```
 //! Every case becomes a `#[tokio::test]` of the same name (the test crate needs `tokio`). A
 //! case the backend cannot run (a capability it declares missing) passes and prints
-//! `SKIPPED <backend>::<case>: <reason>`.
+//! `SKIPPED <backend>::<case>: <reason>`. Every result is also recorded for the run's summary:
+//! `cargo run -p conformance-tests --bin conformance-report` prints a backend-by-case table and
+//! writes `summary.json` and `junit.xml` (see [`report`]).
 #![warn(missing_docs)]
 
 pub mod cases;
 pub mod fixture;
 pub mod harness;
 pub mod memory_fixture;
+pub mod report;
 pub mod support;
 
 use std::time::Duration;
@@ -34,10 +37,38 @@ pub use support::Outcome;
 /// Longest a single case may run before it fails as hung.
 pub const CASE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Reports a case's outcome the way every backend's test run prints it.
-pub fn report(backend: &str, case: &str, outcome: Outcome) {
-    if let Outcome::Skipped(reason) = outcome {
-        eprintln!("SKIPPED {backend}::{case}: {reason}");
+/// Runs one case of the suite: bounded by [`CASE_TIMEOUT`], recorded for the run's summary
+/// (see [`report`]), skips printed with their reason; a failure or hang fails the test.
+pub async fn run_case<F>(backend: &str, case: &str, body: F)
+where
+    F: std::future::Future<Output = Outcome>,
+{
+    use futures::FutureExt;
+    let started = std::time::Instant::now();
+    let result = std::panic::AssertUnwindSafe(tokio::time::timeout(CASE_TIMEOUT, body))
+        .catch_unwind()
+        .await;
+    let took = started.elapsed();
+    match result {
+        Ok(Ok(Outcome::Passed)) => report::record(backend, case, &report::Verdict::Passed, took),
+        Ok(Ok(Outcome::Skipped(reason))) => {
+            eprintln!("SKIPPED {backend}::{case}: {reason}");
+            report::record(backend, case, &report::Verdict::Skipped(reason), took);
+        }
+        Ok(Err(_)) => {
+            let why = format!("did not finish within {CASE_TIMEOUT:?}");
+            report::record(backend, case, &report::Verdict::Failed(why.clone()), took);
+            panic!("[{backend}::{case}] {why}");
+        }
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "panicked".into());
+            report::record(backend, case, &report::Verdict::Failed(why), took);
+            std::panic::resume_unwind(panic);
+        }
     }
 }
 
@@ -87,20 +118,12 @@ macro_rules! __conformance_cases {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let fixture: ::std::sync::Arc<dyn $crate::Fixture> = $fixture();
-                let outcome = ::tokio::time::timeout(
-                    $crate::CASE_TIMEOUT,
+                $crate::run_case(
+                    fixture.name(),
+                    stringify!($case),
                     $crate::cases::$case(&*fixture),
                 )
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "[{}::{}] did not finish within {:?}",
-                        fixture.name(),
-                        stringify!($case),
-                        $crate::CASE_TIMEOUT
-                    )
-                });
-                $crate::report(fixture.name(), stringify!($case), outcome);
+                .await;
             }
         )*
     };

@@ -258,8 +258,13 @@ mod tests {
         let first = p.pid().unwrap();
         assert!(p.is_running());
         p.pause().unwrap();
-        let stat = std::fs::read_to_string(format!("/proc/{first}/stat")).unwrap();
-        assert!(stat.contains(") T "), "not stopped: {stat}");
+        // Signal delivery is asynchronous: wait (bounded) for the stopped state.
+        let stat = || std::fs::read_to_string(format!("/proc/{first}/stat")).unwrap_or_default();
+        assert!(
+            wait_until(Duration::from_secs(2), || stat().contains(") T ")),
+            "not stopped: {}",
+            stat()
+        );
         p.resume().unwrap();
         p.restart().unwrap();
         assert!(

@@ -1,0 +1,119 @@
+//! An example of a third-party `Registry`: a decorator that counts every operation of any
+//! backend and traces it, proven with the same conformance suite the built-in backends pass
+//! (see `tests/`, which use only the public API of `conformance-tests`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use registry_core::{
+    Capabilities, Children, CreateMode, DeleteScope, Expected, Node, NodePath, RegisterOptions,
+    Registration, Registry, Result, SessionStatus, WatchOptions, WatchStream,
+};
+
+const OPERATIONS: [&str; 8] = [
+    "create", "get", "exists", "set", "delete", "children", "watch", "register",
+];
+
+/// Wraps any registry; every call is counted (see [`InstrumentedRegistry::counts`]) and traced,
+/// and otherwise passed through unchanged, so the wrapper keeps every guarantee of the inner
+/// backend. Cheap to clone.
+#[derive(Clone)]
+pub struct InstrumentedRegistry {
+    inner: Arc<dyn Registry>,
+    counts: Arc<[AtomicU64; 8]>,
+}
+
+impl InstrumentedRegistry {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Registry>) -> Self {
+        InstrumentedRegistry {
+            inner,
+            counts: Arc::new(Default::default()),
+        }
+    }
+
+    fn count(&self, operation: &'static str) {
+        if let Some(i) = OPERATIONS.iter().position(|o| *o == operation) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::trace!(operation, "registry call");
+    }
+
+    /// Calls so far, per operation name.
+    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
+        OPERATIONS
+            .iter()
+            .zip(self.counts.iter())
+            .map(|(o, c)| (*o, c.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Registry for InstrumentedRegistry {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn session(&self) -> SessionStatus {
+        self.inner.session()
+    }
+
+    fn session_events(&self) -> BoxStream<'static, SessionStatus> {
+        self.inner.session_events()
+    }
+
+    async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
+        self.count("create");
+        self.inner.create(path, value, mode).await
+    }
+
+    async fn get(&self, path: &NodePath) -> Result<Node> {
+        self.count("get");
+        self.inner.get(path).await
+    }
+
+    async fn exists(&self, path: &NodePath) -> Result<bool> {
+        self.count("exists");
+        self.inner.exists(path).await
+    }
+
+    async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
+        self.count("set");
+        self.inner.set(path, value, expected).await
+    }
+
+    async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
+        self.count("delete");
+        self.inner.delete(path, expected, scope).await
+    }
+
+    async fn children(&self, path: &NodePath) -> Result<Children> {
+        self.count("children");
+        self.inner.children(path).await
+    }
+
+    async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
+        self.count("watch");
+        self.inner.watch(path, options).await
+    }
+
+    async fn register(
+        &self,
+        path: &NodePath,
+        value: Bytes,
+        options: RegisterOptions,
+    ) -> Result<Registration> {
+        self.count("register");
+        // Through the wrapper, so the healing engine's calls are counted too.
+        Registration::start(Arc::new(self.clone()), path, value, options).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
