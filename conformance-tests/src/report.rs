@@ -75,10 +75,15 @@ pub fn record(backend: &str, case: &str, verdict: &Verdict, took: Duration) {
     }
 }
 
-/// Every recorded result in `dir`: backend -> case -> (outcome, detail, millis). A case run
-/// twice keeps its last result.
-pub fn load(dir: &Path) -> BTreeMap<String, BTreeMap<String, (String, Option<String>, u64)>> {
-    let mut out: BTreeMap<String, BTreeMap<String, _>> = BTreeMap::new();
+/// One recorded result: outcome (`passed`, `failed`, `skipped`), its detail, and duration.
+pub type CaseResult = (String, Option<String>, u64);
+
+/// Recorded results: backend -> case -> result.
+pub type Results = BTreeMap<String, BTreeMap<String, CaseResult>>;
+
+/// Every recorded result in `dir`. A case run twice keeps its last result.
+pub fn load(dir: &Path) -> Results {
+    let mut out = Results::new();
     let Ok(entries) = fs::read_dir(dir) else {
         return out;
     };
