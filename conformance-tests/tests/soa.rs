@@ -1,0 +1,350 @@
+//! The Dapeng layer on every backend: registration and discovery, churn, live config and
+//! routes, master failover. Scenarios are written once and run on memory, etcd and ZooKeeper.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use conformance_tests::harness::{EtcdServer, TcpProxy, ZkConfig, ZkServer};
+use conformance_tests::support::eventually;
+use conformance_tests::{Fixture, MemoryFixture};
+use registry_core::{Bytes, Expected, NodePath, Registry, SessionId};
+use registry_etcd::{EtcdOptions, EtcdRegistry};
+use registry_soa::master::watch_mastership;
+use registry_soa::routes::CallContext;
+use registry_soa::{Address, Provider, SelectOptions, ServiceView, SoaError};
+use registry_zk::{ZkOptions, ZkRegistry};
+
+type Opened = Pin<Box<dyn Future<Output = Arc<dyn Registry>> + Send>>;
+type Expired = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A ZooKeeper client's session and the proxy it connects through.
+type ProxiedSession = (Option<SessionId>, Arc<TcpProxy>);
+
+/// How a scenario reaches a backend: open a client (its own session), expire a session.
+struct Backend {
+    open: Box<dyn Fn() -> Opened + Send + Sync>,
+    expire: Box<dyn Fn(Arc<dyn Registry>) -> Expired + Send + Sync>,
+}
+
+const SERVICE: &str = "com.today.service.goods.GoodsService";
+
+fn addr(s: &str) -> Address {
+    s.parse().unwrap()
+}
+
+fn call(method: &str) -> CallContext {
+    CallContext {
+        service: SERVICE.into(),
+        method: method.into(),
+        version: "1.0.0".into(),
+        ..Default::default()
+    }
+}
+
+async fn wait_for(
+    view: &ServiceView,
+    what: &str,
+    pred: impl Fn(&registry_soa::ServiceSnapshot) -> bool,
+) {
+    let mut changes = view.changes();
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if pred(&view.snapshot()) {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                panic!("view ended while waiting for {what}");
+            }
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "{what}: not reached; view has {:?}",
+        view.snapshot()
+            .instances
+            .iter()
+            .map(|i| i.address.to_string())
+            .collect::<Vec<_>>()
+    );
+}
+
+async fn registration_discovery_and_churn(b: &Backend) {
+    let consumer = (b.open)().await;
+    let mut providers = Vec::new();
+    for a in ["10.0.0.1:909", "10.0.0.1:9090", "10.0.0.2:9090"] {
+        let client = (b.open)().await;
+        providers.push(
+            Provider::register(&client, SERVICE, addr(a), "1.0.0")
+                .await
+                .unwrap(),
+        );
+    }
+    let view = ServiceView::open(consumer.clone(), SERVICE).await.unwrap();
+    wait_for(&view, "three instances", |s| s.instances.len() == 3).await;
+    let snap = view.snapshot();
+    assert!(snap
+        .instances
+        .iter()
+        .all(|i| i.version.as_deref() == Some("1.0.0") && i.sequence.is_some()));
+    // Shutting down 10.0.0.1:909 must not touch 10.0.0.1:9090, whose name starts the same.
+    let gone = providers.remove(0);
+    gone.shutdown().await.unwrap();
+    wait_for(&view, "the shut-down instance gone", |s| {
+        s.instances.len() == 2
+    })
+    .await;
+    let left: Vec<String> = view
+        .snapshot()
+        .instances
+        .iter()
+        .map(|i| i.address.to_string())
+        .collect();
+    assert_eq!(left, ["10.0.0.1:9090", "10.0.0.2:9090"]);
+    for p in providers {
+        p.shutdown().await.unwrap();
+    }
+    wait_for(&view, "no instance", |s| s.instances.is_empty()).await;
+    assert!(matches!(
+        view.select(&call("get"), &SelectOptions::default()),
+        Err(SoaError::NoInstance { .. })
+    ));
+}
+
+async fn config_and_routes_apply_live(b: &Backend) {
+    let operator = (b.open)().await;
+    let client_a = (b.open)().await;
+    let client_b = (b.open)().await;
+    let a = Provider::register(&client_a, SERVICE, addr("10.0.1.1:9090"), "1.0.0")
+        .await
+        .unwrap();
+    let b2 = Provider::register(&client_b, SERVICE, addr("10.0.1.2:9090"), "1.1.0")
+        .await
+        .unwrap();
+    let view = ServiceView::open(operator.clone(), SERVICE).await.unwrap();
+    wait_for(&view, "two instances", |s| s.instances.len() == 2).await;
+
+    let routes = NodePath::new(format!("/soa/config/routes/{SERVICE}")).unwrap();
+    operator
+        .set(
+            &routes,
+            Bytes::from("method match 'getFoo' => ip'10.0.1.2'"),
+            Expected::Any,
+        )
+        .await
+        .unwrap();
+    wait_for(&view, "routes applied", |s| s.routes.len() == 1).await;
+    for _ in 0..20 {
+        assert_eq!(
+            view.select(&call("getFoo"), &SelectOptions::default())
+                .unwrap()
+                .address,
+            addr("10.0.1.2:9090")
+        );
+    }
+    operator
+        .set(
+            &routes,
+            Bytes::from("method match 'getFoo' => ~ip'10.0.1.0/24'"),
+            Expected::Any,
+        )
+        .await
+        .unwrap();
+    wait_for(&view, "routes changed", |s| {
+        s.routes.first().is_some_and(|r| {
+            r.targets.len() == 1 && format!("{:?}", r.targets[0]).contains("negated: true")
+        })
+    })
+    .await;
+    assert!(matches!(
+        view.select(&call("getFoo"), &SelectOptions::default()),
+        Err(SoaError::RoutingExcludedAll { .. })
+    ));
+    // A caller built against 1.1 may only use 1.1+ instances.
+    let mut newer = call("other");
+    newer.version = "1.1.0".into();
+    for _ in 0..20 {
+        assert_eq!(
+            view.select(&newer, &SelectOptions::default())
+                .unwrap()
+                .address,
+            addr("10.0.1.2:9090")
+        );
+    }
+    newer.version = "2.0.0".into();
+    assert!(matches!(
+        view.select(&newer, &SelectOptions::default()),
+        Err(SoaError::VersionMismatch { .. })
+    ));
+
+    // Service config: weights (most specific wins) and the strategy, applied as written.
+    let config = NodePath::new(format!("/soa/config/services/{SERVICE}")).unwrap();
+    operator
+        .set(
+            &config,
+            Bytes::from("loadBalance/roundRobin\nweight/0;weight/10.0.1.1/9090/100"),
+            Expected::Any,
+        )
+        .await
+        .unwrap();
+    wait_for(&view, "config applied", |s| s.config.weights.len() == 2).await;
+    for _ in 0..20 {
+        assert_eq!(
+            view.select(&call("other"), &SelectOptions::default())
+                .unwrap()
+                .address,
+            addr("10.0.1.1:9090")
+        );
+    }
+    // The global config node reaches the view too.
+    let global = NodePath::new("/soa/config/services").unwrap();
+    operator
+        .set(&global, Bytes::from("timeout/3s"), Expected::Any)
+        .await
+        .unwrap();
+    wait_for(&view, "global config applied", |s| {
+        s.global.timeout.default == Some(Duration::from_secs(3))
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b2.shutdown().await.unwrap();
+}
+
+async fn master_fails_over(b: &Backend) {
+    let consumer = (b.open)().await;
+    let first_client = (b.open)().await;
+    let first = Provider::register(&first_client, SERVICE, addr("10.0.2.1:9090"), "1.0.0")
+        .await
+        .unwrap();
+    let second_client = (b.open)().await;
+    let second = Provider::register(&second_client, SERVICE, addr("10.0.2.2:9090"), "1.0.0")
+        .await
+        .unwrap();
+    let view = ServiceView::open(consumer, SERVICE).await.unwrap();
+    wait_for(&view, "both instances", |s| s.instances.len() == 2).await;
+    let mut first_master = watch_mastership(&view, &first);
+    let mut second_master = watch_mastership(&view, &second);
+    assert!(
+        *first_master.borrow_and_update(),
+        "the oldest instance must be master"
+    );
+    assert!(!*second_master.borrow_and_update());
+    // The master's session dies (its process hangs or is killed): the other takes over and
+    // the old master is told.
+    (b.expire)(first_client.clone()).await;
+    let moved = tokio::time::timeout(Duration::from_secs(20), second_master.wait_for(|m| *m)).await;
+    assert!(moved.is_ok(), "no failover to the second instance");
+    eventually(
+        Duration::from_secs(20),
+        "old master told it is not master",
+        || {
+            let first_master = first_master.clone();
+            async move { !*first_master.borrow() }
+        },
+    )
+    .await;
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+}
+
+async fn all_scenarios(b: Backend) {
+    registration_discovery_and_churn(&b).await;
+    config_and_routes_apply_live(&b).await;
+    master_fails_over(&b).await;
+}
+
+fn memory_backend() -> Backend {
+    let fx = Arc::new(MemoryFixture::new());
+    let ns = format!("soa_{}", rand::random::<u32>());
+    let fx2 = fx.clone();
+    Backend {
+        open: Box::new(move || {
+            let (fx, ns) = (fx.clone(), ns.clone());
+            Box::pin(async move { fx.open(&ns).await.unwrap() })
+        }),
+        expire: Box::new(move |client| {
+            let fx = fx2.clone();
+            Box::pin(async move {
+                fx.expire_session(client.session().session_id.unwrap())
+                    .await
+                    .unwrap()
+            })
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soa_on_memory() {
+    all_scenarios(memory_backend()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soa_on_etcd() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let ep2 = ep.clone();
+    let backend = Backend {
+        open: Box::new(move || {
+            let ep = ep.clone();
+            Box::pin(async move {
+                let o = EtcdOptions::new([ep]).with_ttl(Duration::from_secs(2));
+                Arc::new(EtcdRegistry::connect(o).await.unwrap()) as Arc<dyn Registry>
+            })
+        }),
+        expire: Box::new(move |client| {
+            let ep = ep2.clone();
+            Box::pin(async move {
+                let SessionId(lease) = client.session().session_id.unwrap();
+                let mut raw = etcd_client::Client::connect([ep], None).await.unwrap();
+                raw.lease_revoke(lease).await.unwrap();
+            })
+        }),
+    };
+    all_scenarios(backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soa_on_zookeeper() {
+    let server = ZkServer::start(ZkConfig {
+        tick_time: Duration::from_millis(200),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let upstream = server.addr();
+    // Every client goes through its own proxy so one session can be partitioned away.
+    let proxies: Arc<std::sync::Mutex<Vec<ProxiedSession>>> = Arc::default();
+    let (p1, p2) = (proxies.clone(), proxies.clone());
+    let backend = Backend {
+        open: Box::new(move || {
+            let proxies = p1.clone();
+            Box::pin(async move {
+                let proxy = Arc::new(TcpProxy::start(upstream).unwrap());
+                let o = ZkOptions::new(proxy.addr().to_string())
+                    .with_session_timeout(Duration::from_secs(2));
+                let client = Arc::new(ZkRegistry::connect(o).await.unwrap()) as Arc<dyn Registry>;
+                proxies
+                    .lock()
+                    .unwrap()
+                    .push((client.session().session_id, proxy));
+                client
+            })
+        }),
+        expire: Box::new(move |client| {
+            let proxies = p2.clone();
+            Box::pin(async move {
+                let session = client.session().session_id;
+                let proxy = proxies
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(s, _)| *s == session)
+                    .map(|(_, p)| p.clone())
+                    .unwrap();
+                proxy.blackhole();
+                tokio::time::sleep(Duration::from_millis(2800)).await;
+                proxy.forward();
+            })
+        }),
+    };
+    all_scenarios(backend).await;
+}

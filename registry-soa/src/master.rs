@@ -1,0 +1,67 @@
+//! Master election per `service:version`, Dapeng's rule: the instance whose runtime node has
+//! the lowest sequence is master.
+
+use registry_core::NodePath;
+use tokio::sync::watch;
+
+use crate::discovery::{ServiceSnapshot, ServiceView};
+use crate::layout::Instance;
+use crate::provider::Provider;
+
+/// The master of `version` among `instances`: lowest sequence (then oldest) of that version.
+pub fn master_of<'i>(instances: &'i [Instance], version: &str) -> Option<&'i Instance> {
+    instances
+        .iter()
+        .filter(|i| i.version.as_deref() == Some(version) && i.sequence.is_some())
+        .min_by_key(|i| (i.sequence, i.create_order))
+}
+
+fn is_master(snapshot: &ServiceSnapshot, version: &str, node: Option<&NodePath>) -> bool {
+    !snapshot.stale
+        && node.is_some_and(|node| {
+            master_of(&snapshot.instances, version).is_some_and(|m| &m.path == node)
+        })
+}
+
+/// Whether `provider` is master now, according to `view`: false while its node is missing
+/// (session lost, being re-created) or the view is stale.
+pub fn provider_is_master(view: &ServiceView, provider: &Provider) -> bool {
+    provider.is_registered()
+        && is_master(
+            &view.snapshot(),
+            provider.version(),
+            provider.path().as_ref(),
+        )
+}
+
+/// Follows mastership of `provider`: the receiver changes whenever it becomes or stops being
+/// master (checked on every view change and every registration change). Ends with the view.
+pub fn watch_mastership(view: &ServiceView, provider: &Provider) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(provider_is_master(view, provider));
+    let mut changes = view.changes();
+    let mut status = provider.registration().watch_status();
+    let version = provider.version().to_owned();
+    let current = view.snapshot_source();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                changed = status.changed() => if changed.is_err() { return },
+            }
+            let node = match &*status.borrow() {
+                registry_core::RegistrationStatus::Registered(n) => Some(n.path.clone()),
+                _ => None,
+            };
+            let master = is_master(&current.load(), &version, node.as_ref());
+            tx.send_if_modified(|m| {
+                let changed = *m != master;
+                *m = master;
+                changed
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,96 @@
+//! `Provider`: one service instance registered the way Dapeng registers it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use registry_core::{
+    CreateMode, Error, NodePath, RegisterOptions, Registration, RegistrationStatus, Registry,
+};
+
+use crate::error::SoaError;
+use crate::layout::{instance_prefix, Address, ServicePaths};
+
+/// A registered instance: an ephemeral-sequential `ip:port:version:<seq>` node under
+/// `/soa/runtime/services/<service>`, healed by [`Registration`].
+///
+/// Guarantees: the service's persistent nodes (runtime, config, routes, cookies, freq) exist
+/// once `register` returns; [`shutdown`](Provider::shutdown) removes exactly this instance's
+/// node (by its full path), never a neighbour whose address merely contains ours.
+pub struct Provider {
+    registration: Registration,
+    paths: ServicePaths,
+    address: Address,
+    version: String,
+}
+
+impl Provider {
+    /// Registers `address` as an instance of `service` at `version`.
+    pub async fn register(
+        registry: &Arc<dyn Registry>,
+        service: &str,
+        address: Address,
+        version: &str,
+    ) -> Result<Provider, SoaError> {
+        let paths = ServicePaths::new(service)?;
+        let prefix = instance_prefix(address, version)?;
+        for node in paths.persistent_nodes() {
+            match registry
+                .create(node, Bytes::new(), CreateMode::Persistent)
+                .await
+            {
+                Ok(_) | Err(Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let node = paths.runtime.join(&prefix).map_err(SoaError::Registry)?;
+        let registration = registry
+            .register(&node, Bytes::new(), RegisterOptions::new().sequential())
+            .await?;
+        tracing::info!(service, %address, version, path = ?registration.path(), "instance registered");
+        Ok(Provider {
+            registration,
+            paths,
+            address,
+            version: version.to_owned(),
+        })
+    }
+
+    /// The instance's current node (its sequence changes when it is re-created).
+    pub fn path(&self) -> Option<NodePath> {
+        self.registration.path()
+    }
+
+    /// Whether the node exists under the current session right now.
+    pub fn is_registered(&self) -> bool {
+        matches!(
+            self.registration.status(),
+            RegistrationStatus::Registered(_)
+        )
+    }
+
+    /// The registration behind this instance (status, waits).
+    pub fn registration(&self) -> &Registration {
+        &self.registration
+    }
+
+    /// The service's paths.
+    pub fn paths(&self) -> &ServicePaths {
+        &self.paths
+    }
+
+    /// Where the instance listens.
+    pub fn address(&self) -> Address {
+        self.address
+    }
+
+    /// Its version.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Removes the instance (and only it) before the caller drains in-flight requests.
+    pub async fn shutdown(self) -> Result<(), SoaError> {
+        tracing::info!(address = %self.address, "instance deregistering");
+        Ok(self.registration.deregister().await?)
+    }
+}
