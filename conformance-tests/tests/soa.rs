@@ -348,3 +348,43 @@ async fn soa_on_zookeeper() {
     };
     all_scenarios(backend).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tower_discover_follows_the_instances() {
+    use futures::StreamExt;
+    use tower::discover::{Change, Discover};
+
+    let b = memory_backend();
+    let consumer = (b.open)().await;
+    let one = Provider::register(&(b.open)().await, SERVICE, addr("10.0.3.1:9090"), "1.0.0")
+        .await
+        .unwrap();
+    let view = ServiceView::open(consumer, SERVICE).await.unwrap();
+    let mut discover = Box::pin(registry_soa::tower::discover(&view, |i| {
+        i.address.to_string()
+    }));
+    let first = discover.next().await.unwrap().unwrap();
+    assert!(
+        matches!(first, Change::Insert(a, ref s) if a == addr("10.0.3.1:9090") && s == "10.0.3.1:9090")
+    );
+    let two = Provider::register(&(b.open)().await, SERVICE, addr("10.0.3.2:9090"), "1.0.0")
+        .await
+        .unwrap();
+    let inserted = tokio::time::timeout(Duration::from_secs(10), discover.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(inserted, Change::Insert(a, _) if a == addr("10.0.3.2:9090")));
+    one.shutdown().await.unwrap();
+    let removed = tokio::time::timeout(Duration::from_secs(10), discover.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(removed, Change::Remove(a) if a == addr("10.0.3.1:9090")));
+    // It is a tower Discover as it stands.
+    fn is_discover<D: Discover>(_: &D) {}
+    is_discover(&discover);
+    two.shutdown().await.unwrap();
+}

@@ -11,6 +11,8 @@ pub mod layout;
 pub mod master;
 pub mod provider;
 pub mod routes;
+#[cfg(feature = "tower")]
+pub mod tower;
 pub mod version;
 
 pub use discovery::{SelectOptions, ServiceSnapshot, ServiceView};

@@ -1,0 +1,66 @@
+//! The live instance list as a `tower::discover::Discover` (feature `tower`), so tower and
+//! tonic balancers can use it.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+
+use futures::stream::{self, Stream};
+use tower::discover::Change;
+
+use crate::discovery::ServiceView;
+use crate::layout::{Address, Instance};
+
+/// A stream of `Change::Insert(address, service)` / `Change::Remove(address)` that follows
+/// `view`: first an insert per current instance, then the difference after every change.
+/// It implements `tower::discover::Discover` (keys are addresses; `make` builds the service for
+/// a new instance). It ends when the view is dropped.
+pub fn discover<S, F>(
+    view: &ServiceView,
+    make: F,
+) -> impl Stream<Item = Result<Change<Address, S>, Infallible>> + Send
+where
+    S: Send + 'static,
+    F: Fn(&Instance) -> S + Send + 'static,
+{
+    let source = view.snapshot_source();
+    let changes = view.changes();
+    let state = (
+        changes,
+        HashMap::<Address, Instance>::new(),
+        VecDeque::new(),
+        make,
+        true,
+    );
+    stream::unfold(
+        state,
+        move |(mut changes, mut known, mut pending, make, mut first)| {
+            let source = source.clone();
+            async move {
+                loop {
+                    if let Some(change) = pending.pop_front() {
+                        return Some((Ok(change), (changes, known, pending, make, first)));
+                    }
+                    if !first && changes.changed().await.is_err() {
+                        return None;
+                    }
+                    first = false;
+                    let snapshot = source.load();
+                    let now: HashMap<Address, Instance> = snapshot
+                        .instances
+                        .iter()
+                        .map(|i| (i.address, i.clone()))
+                        .collect();
+                    for address in known.keys().filter(|a| !now.contains_key(a)) {
+                        pending.push_back(Change::Remove(*address));
+                    }
+                    for (address, instance) in &now {
+                        if !known.contains_key(address) {
+                            pending.push_back(Change::Insert(*address, make(instance)));
+                        }
+                    }
+                    known = now;
+                }
+            }
+        },
+    )
+}
