@@ -388,3 +388,38 @@ async fn tower_discover_follows_the_instances() {
     is_discover(&discover);
     two.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_serves_the_last_state_while_cut_off_and_says_so() {
+    let fx = Arc::new(MemoryFixture::new());
+    let ns = "soa_stale";
+    let consumer = fx.open(ns).await.unwrap();
+    let provider_client = fx.open(ns).await.unwrap();
+    let provider = Provider::register(&provider_client, SERVICE, addr("10.0.4.1:9090"), "1.0.0")
+        .await
+        .unwrap();
+    let view = ServiceView::open(consumer.clone(), SERVICE).await.unwrap();
+    wait_for(&view, "the instance", |s| {
+        s.instances.len() == 1 && !s.stale
+    })
+    .await;
+    fx.interrupt_connection(
+        consumer.session().session_id.unwrap(),
+        Duration::from_millis(800),
+    )
+    .await
+    .unwrap();
+    wait_for(&view, "stale while cut off", |s| s.stale).await;
+    // Still serving the last known instances.
+    assert_eq!(
+        view.select(&call("get"), &SelectOptions::default())
+            .unwrap()
+            .address,
+        addr("10.0.4.1:9090")
+    );
+    wait_for(&view, "fresh again after reconnect", |s| {
+        !s.stale && s.instances.len() == 1
+    })
+    .await;
+    provider.shutdown().await.unwrap();
+}
