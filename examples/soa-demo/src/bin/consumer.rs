@@ -5,12 +5,11 @@
 
 use std::process::ExitCode;
 
-use std::io::Write;
-
 use clap::Parser;
 use registry_soa::master::master_of;
 use registry_soa::routes::CallContext;
 use registry_soa::{SelectOptions, ServiceView};
+use soa_demo::say;
 
 #[derive(Parser)]
 struct Args {
@@ -78,22 +77,7 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Prints a line; a closed stdout (the reader went away) is not a reason to fail.
-fn say(line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(std::io::stdout(), "{line}");
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Args::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("consumer: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    soa_demo::main_with("consumer", run(Args::parse())).await
 }

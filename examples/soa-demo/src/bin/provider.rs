@@ -5,10 +5,9 @@
 
 use std::process::ExitCode;
 
-use std::io::Write;
-
 use clap::Parser;
 use registry_soa::{Address, Provider};
+use soa_demo::say;
 
 #[derive(Parser)]
 struct Args {
@@ -47,22 +46,7 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Prints a line; a closed stdout (the reader went away) is not a reason to fail.
-fn say(line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(std::io::stdout(), "{line}");
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Args::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("provider: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    soa_demo::main_with("provider", run(Args::parse())).await
 }
