@@ -288,12 +288,18 @@ async fn ten_thousand_registrations_come_back_after_the_lease_is_lost() {
         .map(|i| {
             let reg = reg.clone();
             async move {
-                reg.register(
-                    &p(&format!("/many/{i:05}")),
-                    Bytes::from("1"),
-                    RegisterOptions::new(),
-                )
-                .await
+                // Under load a first attempt may time out; like an application, retry that.
+                let path = p(&format!("/many/{i:05}"));
+                let mut attempt = 0;
+                loop {
+                    match reg
+                        .register(&path, Bytes::from("1"), RegisterOptions::new())
+                        .await
+                    {
+                        Err(e) if e.is_retryable() && attempt < 5 => attempt += 1,
+                        other => return other,
+                    }
+                }
             }
         })
         .buffer_unordered(64);
