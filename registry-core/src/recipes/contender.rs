@@ -35,25 +35,33 @@ impl Contender {
     ) -> Result<Contender> {
         let token: u64 = rand::thread_rng().gen();
         let prefix = dir.join(&format!("{kind}-{token:016x}-"))?;
-        let created = registry
-            .create(&prefix, value, CreateMode::EphemeralSequential)
-            .await;
-        let node = match created {
-            Ok(node) => node,
-            Err(error) if error.is_retryable() => {
-                // The create may have happened: adopt it rather than orphan it.
-                let mine = registry.children(dir).await.ok().and_then(|c| {
-                    c.nodes
-                        .into_iter()
-                        .find(|n| n.path.name().starts_with(prefix.name()))
-                });
-                match mine {
-                    Some(node) => node,
-                    None => return Err(error),
+        // Obtaining our node runs in a task of its own: if our caller is dropped meanwhile,
+        // the task still sees the outcome and removes the node nobody will own.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let (creator, dir) = (registry.clone(), dir.clone());
+        tokio::spawn(async move {
+            let created = match creator
+                .create(&prefix, value, CreateMode::EphemeralSequential)
+                .await
+            {
+                Err(error) if error.is_retryable() => {
+                    // The create may have happened: adopt it rather than orphan it.
+                    let mine = creator.children(&dir).await.ok().and_then(|c| {
+                        c.nodes
+                            .into_iter()
+                            .find(|n| n.path.name().starts_with(prefix.name()))
+                    });
+                    mine.ok_or(error)
                 }
+                other => other,
+            };
+            if let Err(Ok(orphan)) = reply.send(created) {
+                let _ = remove_node(&*creator, &orphan).await;
             }
-            Err(error) => return Err(error),
-        };
+        });
+        let node = answer
+            .await
+            .unwrap_or_else(|_| Err(Error::unavailable("recipe create task ended")))?;
         Ok(Contender {
             registry,
             node,
