@@ -1,0 +1,455 @@
+//! `regctl`: operate a registry tree by hand, and move one between backends.
+//!
+//! The registry comes from `--url` or `REGISTRY_URL` (`etcd://`, `zk://`, `mem://`).
+//! Exit codes: 0 success, 1 `diff` found differences, 2 bad input, 3 the registry failed.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use registry::{
+    connect, Bytes, CreateMode, DeleteScope, Error, Expected, Node, NodePath, Registry, WatchEvent,
+    WatchOptions, WatchScope,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "regctl",
+    about = "Operate a service registry (etcd, ZooKeeper, memory)"
+)]
+struct Cli {
+    /// Registry URL, e.g. etcd://127.0.0.1:2379 or zk://127.0.0.1:2181/chroot.
+    #[arg(long, env = "REGISTRY_URL", global = true)]
+    url: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Scope {
+    Node,
+    Children,
+    Subtree,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Direct children of a node, oldest first.
+    Ls { path: String },
+    /// A node and everything below it, indented.
+    Tree { path: String },
+    /// A node's value.
+    Get { path: String },
+    /// A node's metadata.
+    Stat { path: String },
+    /// Writes a value, creating the node (persistent) if it is missing.
+    #[command(alias = "set")]
+    Put {
+        path: String,
+        value: String,
+        /// Write only if the node is at this version.
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Creates a node.
+    Create {
+        path: String,
+        #[arg(default_value = "")]
+        value: String,
+        /// Owned by this command's session: it lives while the command runs (see --hold).
+        #[arg(long)]
+        ephemeral: bool,
+        /// Appends a 10-digit counter to the name.
+        #[arg(long)]
+        sequential: bool,
+        /// Keep running (and an ephemeral alive) until Ctrl-C.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Deletes a node.
+    Rm {
+        path: String,
+        /// With everything below it.
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Prints the snapshot, then one line per event, until Ctrl-C.
+    Watch {
+        path: String,
+        #[arg(long, value_enum, default_value_t = Scope::Subtree)]
+        scope: Scope,
+    },
+    /// Lists persistent nodes missing, extra or different in --to compared with --from.
+    Diff {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        path: String,
+    },
+    /// Copies persistent nodes (ephemerals belong to their owners) from --from to --to;
+    /// idempotent, so re-running after an interruption finishes the job.
+    Copy {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        path: String,
+        /// Report what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+enum Failure {
+    Input(String),
+    Registry(Error),
+    Differences,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidPath { .. } | Error::InvalidArgument(_) | Error::ValueTooLarge { .. } => {
+                Failure::Input(e.to_string())
+            }
+            other => Failure::Registry(other),
+        }
+    }
+}
+
+fn say(line: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+fn path(raw: &str) -> Result<NodePath, Failure> {
+    NodePath::new(raw).map_err(Failure::from)
+}
+
+fn value_text(value: &Bytes) -> String {
+    match std::str::from_utf8(value) {
+        Ok(s) => s.to_owned(),
+        Err(_) => value.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
+fn node_json(n: &Node) -> serde_json::Value {
+    serde_json::json!({
+        "path": n.path.as_str(),
+        "value": value_text(&n.value),
+        "utf8": std::str::from_utf8(&n.value).is_ok(),
+        "version": n.version,
+        "create_order": n.create_order,
+        "modify_order": n.modify_order,
+        "ephemeral_owner": n.ephemeral_owner.map(|s| s.0),
+    })
+}
+
+async fn open(url: &Option<String>) -> Result<Arc<dyn Registry>, Failure> {
+    let url = url
+        .as_deref()
+        .ok_or_else(|| Failure::Input("no registry: pass --url or set REGISTRY_URL".into()))?;
+    Ok(connect(url).await?)
+}
+
+/// Persistent nodes of a subtree, by path (ephemerals belong to their sessions).
+async fn persistent_tree(
+    reg: &Arc<dyn Registry>,
+    root: &NodePath,
+) -> Result<BTreeMap<NodePath, Node>, Failure> {
+    let mut out = BTreeMap::new();
+    let mut pending = vec![root.clone()];
+    while let Some(p) = pending.pop() {
+        match reg.get(&p).await {
+            Ok(n) if n.is_ephemeral() => continue,
+            Ok(n) => {
+                if !p.is_root() {
+                    out.insert(p.clone(), n);
+                }
+            }
+            Err(Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        match reg.children(&p).await {
+            Ok(c) => pending.extend(
+                c.nodes
+                    .into_iter()
+                    .filter(|n| !n.is_ephemeral())
+                    .map(|n| n.path),
+            ),
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let json = cli.output == Output::Json;
+    match cli.command {
+        Command::Ls { path: p } => {
+            let reg = open(&cli.url).await?;
+            let children = reg.children(&path(&p)?).await?;
+            if json {
+                say(serde_json::Value::Array(
+                    children.nodes.iter().map(node_json).collect(),
+                ));
+            } else {
+                for n in &children.nodes {
+                    say(n.path.name());
+                }
+            }
+        }
+        Command::Tree { path: p } => {
+            let reg = open(&cli.url).await?;
+            let root = path(&p)?;
+            let mut pending = vec![(root.clone(), 0usize)];
+            let mut all = Vec::new();
+            while let Some((node, depth)) = pending.pop() {
+                all.push(serde_json::json!({"path": node.as_str(), "depth": depth}));
+                if !json {
+                    say(format!(
+                        "{}{}",
+                        "  ".repeat(depth),
+                        if depth == 0 {
+                            node.as_str()
+                        } else {
+                            node.name()
+                        }
+                    ));
+                }
+                let children = reg.children(&node).await?;
+                pending.extend(
+                    children
+                        .nodes
+                        .into_iter()
+                        .rev()
+                        .map(|n| (n.path, depth + 1)),
+                );
+            }
+            if json {
+                say(serde_json::Value::Array(all));
+            }
+        }
+        Command::Get { path: p } => {
+            let reg = open(&cli.url).await?;
+            let n = reg.get(&path(&p)?).await?;
+            say(if json {
+                node_json(&n).to_string()
+            } else {
+                value_text(&n.value)
+            });
+        }
+        Command::Stat { path: p } => {
+            let reg = open(&cli.url).await?;
+            let n = reg.get(&path(&p)?).await?;
+            if json {
+                say(node_json(&n));
+            } else {
+                say(format!("path {}\nversion {}\ncreate_order {}\nmodify_order {}\nephemeral_owner {}\nlength {}", n.path, n.version, n.create_order, n.modify_order, n.ephemeral_owner.map(|s| s.to_string()).unwrap_or_else(|| "-".into()), n.value.len()));
+            }
+        }
+        Command::Put {
+            path: p,
+            value,
+            version,
+        } => {
+            let reg = open(&cli.url).await?;
+            let target = path(&p)?;
+            let expected = version.map_or(Expected::Any, Expected::Version);
+            let written = match reg.set(&target, Bytes::from(value.clone()), expected).await {
+                Err(Error::NotFound { .. }) if version.is_none() => {
+                    reg.create(&target, Bytes::from(value), CreateMode::Persistent)
+                        .await?
+                }
+                other => other?,
+            };
+            say(if json {
+                node_json(&written).to_string()
+            } else {
+                format!("{} version {}", written.path, written.version)
+            });
+        }
+        Command::Create {
+            path: p,
+            value,
+            ephemeral,
+            sequential,
+            hold,
+        } => {
+            let reg = open(&cli.url).await?;
+            let mode = match (ephemeral, sequential) {
+                (false, false) => CreateMode::Persistent,
+                (true, false) => CreateMode::Ephemeral,
+                (false, true) => CreateMode::PersistentSequential,
+                (true, true) => CreateMode::EphemeralSequential,
+            };
+            let n = reg.create(&path(&p)?, Bytes::from(value), mode).await?;
+            say(if json {
+                node_json(&n).to_string()
+            } else {
+                n.path.to_string()
+            });
+            if hold {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+            reg.close().await?;
+        }
+        Command::Rm { path: p, recursive } => {
+            let reg = open(&cli.url).await?;
+            let scope = if recursive {
+                DeleteScope::Recursive
+            } else {
+                DeleteScope::Node
+            };
+            reg.delete(&path(&p)?, Expected::Any, scope).await?;
+        }
+        Command::Watch { path: p, scope } => {
+            let reg = open(&cli.url).await?;
+            let scope = match scope {
+                Scope::Node => WatchScope::Node,
+                Scope::Children => WatchScope::Children,
+                Scope::Subtree => WatchScope::Subtree,
+            };
+            let mut stream = reg
+                .watch(&path(&p)?, WatchOptions { scope, after: None })
+                .await?;
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    _ = tokio::signal::ctrl_c() => break,
+                };
+                let Some(item) = item else { break };
+                let line = match item? {
+                    WatchEvent::Snapshot(s) => format!(
+                        "snapshot {}",
+                        s.nodes
+                            .iter()
+                            .map(|n| n.path.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                    WatchEvent::Created(n) => {
+                        format!("created {} {}", n.path, value_text(&n.value))
+                    }
+                    WatchEvent::Updated(n) => {
+                        format!("updated {} {}", n.path, value_text(&n.value))
+                    }
+                    WatchEvent::Deleted(n) => format!("deleted {}", n.path),
+                    WatchEvent::Resync { snapshot, reason } => {
+                        format!("resync {reason:?} {}", snapshot.nodes.len())
+                    }
+                };
+                say(line);
+            }
+        }
+        Command::Diff { from, to, path: p } => {
+            let root = path(&p)?;
+            let (src, dst) = (connect(&from).await?, connect(&to).await?);
+            let (a, b) = (
+                persistent_tree(&src, &root).await?,
+                persistent_tree(&dst, &root).await?,
+            );
+            let mut differences = Vec::new();
+            for (p, n) in &a {
+                match b.get(p) {
+                    None => differences.push(("missing", p.clone())),
+                    Some(m) if m.value != n.value => differences.push(("different", p.clone())),
+                    _ => {}
+                }
+            }
+            differences.extend(
+                b.keys()
+                    .filter(|p| !a.contains_key(*p))
+                    .map(|p| ("extra", p.clone())),
+            );
+            for (kind, p) in &differences {
+                say(if json {
+                    serde_json::json!({"kind": kind, "path": p.as_str()}).to_string()
+                } else {
+                    format!("{kind} {p}")
+                });
+            }
+            if !differences.is_empty() {
+                return Err(Failure::Differences);
+            }
+        }
+        Command::Copy {
+            from,
+            to,
+            path: p,
+            dry_run,
+        } => {
+            let root = path(&p)?;
+            let (src, dst) = (connect(&from).await?, connect(&to).await?);
+            let nodes = persistent_tree(&src, &root).await?;
+            let (mut created, mut updated, mut unchanged) = (0, 0, 0);
+            // Parents first (paths sort before their children), so each create finds its parent.
+            for (p, n) in &nodes {
+                match dst.get(p).await {
+                    Ok(existing) if existing.value == n.value => unchanged += 1,
+                    Ok(_) => {
+                        updated += 1;
+                        if !dry_run {
+                            dst.set(p, n.value.clone(), Expected::Any).await?;
+                        }
+                    }
+                    Err(Error::NotFound { .. }) => {
+                        created += 1;
+                        if !dry_run {
+                            match dst.create(p, n.value.clone(), CreateMode::Persistent).await {
+                                Ok(_) => {}
+                                // Created as a parent a moment ago: give it its value.
+                                Err(Error::AlreadyExists { .. }) => {
+                                    dst.set(p, n.value.clone(), Expected::Any).await?;
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let summary = format!(
+                "{} {created} created, {updated} updated, {unchanged} unchanged",
+                if dry_run { "would copy:" } else { "copied:" }
+            );
+            say(if json {
+                serde_json::json!({"dry_run": dry_run, "created": created, "updated": updated, "unchanged": unchanged}).to_string()
+            } else {
+                summary
+            });
+            let _ = (src.close().await, dst.close().await);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Differences) => ExitCode::from(1),
+        Err(Failure::Input(message)) => {
+            eprintln!("regctl: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Registry(error)) => {
+            eprintln!("regctl: {error}");
+            ExitCode::from(3)
+        }
+    }
+}

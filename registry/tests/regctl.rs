@@ -1,0 +1,130 @@
+//! `regctl` as an operator uses it, against real servers started by the harness.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use conformance_tests::harness::{EtcdServer, ZkConfig, ZkServer};
+
+fn regctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn operates_a_tree_and_migrates_it_from_zookeeper_to_etcd() {
+    let zk = ZkServer::start(ZkConfig {
+        tick_time: Duration::from_millis(200),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let etcd = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let from = format!("zk://{}", zk.connect_string());
+    let to = format!("etcd://{}", etcd.endpoint());
+    let svc = "/soa/config/services/com.today.Goods";
+
+    // By hand on ZooKeeper: put creates, get reads, stat, ls, tree.
+    let put = regctl(&[
+        "--url",
+        &from,
+        "put",
+        svc,
+        "timeout/800ms;loadBalance/leastActive",
+    ]);
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    assert!(regctl(&[
+        "--url",
+        &from,
+        "put",
+        "/soa/config/routes/com.today.Goods",
+        "otherwise => ip'10.0.0.1'"
+    ])
+    .status
+    .success());
+    assert_eq!(
+        stdout(&regctl(&["--url", &from, "get", svc])).trim(),
+        "timeout/800ms;loadBalance/leastActive"
+    );
+    assert!(stdout(&regctl(&["--url", &from, "stat", svc])).contains("version 0"));
+    assert_eq!(
+        stdout(&regctl(&["--url", &from, "ls", "/soa/config"]))
+            .lines()
+            .collect::<Vec<_>>(),
+        ["services", "routes"]
+    );
+    let tree = stdout(&regctl(&["--url", &from, "tree", "/soa"]));
+    assert!(
+        tree.lines().any(|l| l.trim() == "com.today.Goods"),
+        "{tree}"
+    );
+    // Compare-and-set through the CLI.
+    let stale = regctl(&["--url", &from, "put", svc, "x", "--version", "7"]);
+    assert_eq!(
+        stale.status.code(),
+        Some(3),
+        "version mismatch is a registry error"
+    );
+
+    // Migration: differences first, then a copy, then none; copying again changes nothing.
+    let diff = regctl(&["diff", "--from", &from, "--to", &to, "/soa"]);
+    assert_eq!(diff.status.code(), Some(1));
+    assert!(stdout(&diff).contains(&format!("missing {svc}")));
+    let dry = regctl(&["copy", "--from", &from, "--to", &to, "/soa", "--dry-run"]);
+    assert!(stdout(&dry).contains("would copy"), "{}", stdout(&dry));
+    assert_eq!(
+        regctl(&["diff", "--from", &from, "--to", &to, "/soa"])
+            .status
+            .code(),
+        Some(1),
+        "dry run wrote"
+    );
+    let copy = regctl(&["copy", "--from", &from, "--to", &to, "/soa"]);
+    assert!(
+        copy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    let diff = regctl(&["diff", "--from", &from, "--to", &to, "/soa"]);
+    assert_eq!(diff.status.code(), Some(0), "{}", stdout(&diff));
+    let again = stdout(&regctl(&[
+        "--output", "json", "copy", "--from", &from, "--to", &to, "/soa",
+    ]));
+    let summary: serde_json::Value = serde_json::from_str(again.trim()).unwrap();
+    assert_eq!(
+        (summary["created"].as_u64(), summary["updated"].as_u64()),
+        (Some(0), Some(0)),
+        "{again}"
+    );
+    assert_eq!(
+        stdout(&regctl(&["--url", &to, "get", svc])).trim(),
+        "timeout/800ms;loadBalance/leastActive"
+    );
+
+    // rm, and errors a script can rely on.
+    assert!(regctl(&["--url", &to, "rm", "-r", "/soa/config/routes"])
+        .status
+        .success());
+    assert_eq!(
+        regctl(&["--url", &to, "get", "/soa/config/routes/com.today.Goods"])
+            .status
+            .code(),
+        Some(3)
+    );
+    let bad = regctl(&["--url", &to, "get", "soa//x"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid path"));
+    let no_url = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(["get", "/x"])
+        .env_remove("REGISTRY_URL")
+        .output()
+        .unwrap();
+    assert_eq!(no_url.status.code(), Some(2));
+}
