@@ -128,3 +128,93 @@ fn operates_a_tree_and_migrates_it_from_zookeeper_to_etcd() {
         .unwrap();
     assert_eq!(no_url.status.code(), Some(2));
 }
+
+#[test]
+fn export_and_import_round_trip_binary_values() {
+    let etcd = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let zk = ZkServer::start(ZkConfig {
+        tick_time: Duration::from_millis(200),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let from = format!("etcd://{}", etcd.endpoint());
+    let to = format!("zk://{}", zk.connect_string());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let reg = registry::connect(&from).await.unwrap();
+        let binary = registry::NodePath::new("/soa/config/freq/com.today.Goods").unwrap();
+        reg.create(
+            &binary,
+            registry::Bytes::from_static(&[0, 159, 146, 150]),
+            registry::CreateMode::Persistent,
+        )
+        .await
+        .unwrap();
+        reg.close().await.unwrap();
+    });
+    assert!(regctl(&[
+        "--url",
+        &from,
+        "put",
+        "/soa/config/services/com.today.Goods",
+        "weight/600"
+    ])
+    .status
+    .success());
+    let dir = tempfile_dir();
+    let file = dir.join("soa.json");
+    let export = regctl(&[
+        "--url",
+        &from,
+        "export",
+        "/soa",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.contains("value_base64") && text.contains("weight/600"),
+        "{text}"
+    );
+    let import = regctl(&["--url", &to, "import", "--file", file.to_str().unwrap()]);
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    assert_eq!(
+        regctl(&["diff", "--from", &from, "--to", &to, "/soa"])
+            .status
+            .code(),
+        Some(0)
+    );
+    // A malformed file is refused before anything is written.
+    std::fs::write(
+        dir.join("bad.json"),
+        r#"{"nodes":[{"path":"/ok","value":"1"},{"path":"no-slash","value":"2"}]}"#,
+    )
+    .unwrap();
+    let bad = regctl(&[
+        "--url",
+        &to,
+        "import",
+        "--file",
+        dir.join("bad.json").to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert_eq!(
+        regctl(&["--url", &to, "get", "/ok"]).status.code(),
+        Some(3),
+        "a refused import wrote"
+    );
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("regctl-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

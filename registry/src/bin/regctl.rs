@@ -99,6 +99,19 @@ enum Command {
         to: String,
         path: String,
     },
+    /// Writes the persistent nodes of a subtree to a JSON file (values base64 when not UTF-8).
+    Export {
+        path: String,
+        /// The file to write.
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
+    /// Creates or updates the nodes of an exported JSON file; idempotent.
+    Import {
+        /// The file to read.
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
     /// Copies persistent nodes (ephemerals belong to their owners) from --from to --to;
     /// idempotent, so re-running after an interruption finishes the job.
     Copy {
@@ -385,6 +398,77 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if !differences.is_empty() {
                 return Err(Failure::Differences);
             }
+        }
+        Command::Export { path: p, file } => {
+            use base64::Engine;
+            let reg = open(&cli.url).await?;
+            let root = path(&p)?;
+            let nodes = persistent_tree(&reg, &root).await?;
+            let list: Vec<serde_json::Value> = nodes
+                .values()
+                .map(|n| match std::str::from_utf8(&n.value) {
+                    Ok(text) => serde_json::json!({"path": n.path.as_str(), "value": text}),
+                    Err(_) => serde_json::json!({"path": n.path.as_str(), "value_base64": base64::engine::general_purpose::STANDARD.encode(&n.value)}),
+                })
+                .collect();
+            let document = serde_json::json!({"root": root.as_str(), "nodes": list});
+            let text = serde_json::to_string_pretty(&document)
+                .map_err(|e| Failure::Input(e.to_string()))?;
+            std::fs::write(&file, text)
+                .map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
+            say(format!(
+                "exported {} nodes to {}",
+                nodes.len(),
+                file.display()
+            ));
+        }
+        Command::Import { file } => {
+            use base64::Engine;
+            let reg = open(&cli.url).await?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
+            let document: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
+            let entries = document["nodes"]
+                .as_array()
+                .ok_or_else(|| Failure::Input(format!("{}: no \"nodes\" array", file.display())))?;
+            // Validate everything before writing anything.
+            let mut nodes = BTreeMap::new();
+            for (i, entry) in entries.iter().enumerate() {
+                let raw = entry["path"]
+                    .as_str()
+                    .ok_or_else(|| Failure::Input(format!("node {i}: no path")))?;
+                let value = match (entry["value"].as_str(), entry["value_base64"].as_str()) {
+                    (Some(text), None) => Bytes::from(text.to_owned()),
+                    (None, Some(b64)) => Bytes::from(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b64)
+                            .map_err(|e| {
+                                Failure::Input(format!("node {i} ({raw}): bad base64: {e}"))
+                            })?,
+                    ),
+                    _ => {
+                        return Err(Failure::Input(format!(
+                            "node {i} ({raw}): needs exactly one of value, value_base64"
+                        )))
+                    }
+                };
+                let target = path(raw)?;
+                registry::check_value(&target, &value)?;
+                nodes.insert(target, value);
+            }
+            let (mut created, mut updated) = (0, 0);
+            for (p, value) in &nodes {
+                match reg.set(p, value.clone(), Expected::Any).await {
+                    Ok(_) => updated += 1,
+                    Err(Error::NotFound { .. }) => {
+                        reg.create(p, value.clone(), CreateMode::Persistent).await?;
+                        created += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            say(format!("imported: {created} created, {updated} updated"));
         }
         Command::Copy {
             from,
