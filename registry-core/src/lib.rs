@@ -5,12 +5,15 @@
 //! - [`NodePath`], [`Node`], [`WatchEvent`], [`SessionState`], [`Error`]: the types it speaks.
 //! - [`Registration`]: self-healing ephemeral nodes, written once on top of the trait.
 //! - [`memory`]: a complete in-memory backend for demos and fast tests.
+//! - [`DualRegistry`] and [`migrate`]: moving a live tree from one backend to another.
 #![warn(missing_docs)]
 
 pub mod backoff;
 pub mod capabilities;
+pub mod dual;
 pub mod error;
 pub mod memory;
+pub mod migrate;
 pub mod node;
 pub mod path;
 pub mod recipes;
@@ -23,6 +26,7 @@ pub use bytes::Bytes;
 
 pub use backoff::Backoff;
 pub use capabilities::Capabilities;
+pub use dual::{DualOptions, DualRegistry};
 pub use error::{BoxError, Error, InvalidPath, Result};
 pub use memory::{MemoryOptions, MemoryRegistry, MemoryStore};
 pub use node::{Children, CreateMode, DeleteScope, Expected, Node, Revision, SessionId};

@@ -126,7 +126,7 @@ pub enum DeleteScope {
 }
 
 /// The direct children of a node, as read at one revision.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Children {
     /// The children, ordered by [`Node::create_order`] (oldest first).
     pub nodes: Vec<Node>,

@@ -76,6 +76,9 @@ pub struct Registration {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    /// Registrations of the same node elsewhere (a [`DualRegistry`](crate::DualRegistry)'s
+    /// secondary) that live, take values and end with this one.
+    companions: Vec<Registration>,
 }
 
 fn lock_value(shared: &Shared) -> Bytes {
@@ -124,7 +127,16 @@ impl Registration {
             shared,
             stop,
             task: Some(task),
+            companions: Vec::new(),
         })
+    }
+
+    /// Ties `companions` to this registration: [`set_value`](Registration::set_value),
+    /// [`deregister`](Registration::deregister) and drop apply to all of them; path and status
+    /// stay this one's.
+    pub fn with_companions(mut self, companions: Vec<Registration>) -> Registration {
+        self.companions.extend(companions);
+        self
     }
 
     /// The node's current path (for sequential registrations, with its counter), if it exists.
@@ -176,6 +188,9 @@ impl Registration {
     /// kept for re-creation).
     pub async fn set_value(&self, value: Bytes) -> Result<()> {
         check_value(&self.shared.requested, &value)?;
+        for companion in &self.companions {
+            Box::pin(companion.set_value(value.clone())).await?;
+        }
         let _op = self.shared.op.lock().await;
         *self
             .shared
@@ -203,7 +218,14 @@ impl Registration {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
-        remove(&self.shared).await
+        let mut outcome = remove(&self.shared).await;
+        for companion in std::mem::take(&mut self.companions) {
+            let removed = Box::pin(companion.deregister()).await;
+            if outcome.is_ok() {
+                outcome = removed;
+            }
+        }
+        outcome
     }
 }
 

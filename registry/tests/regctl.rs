@@ -218,3 +218,102 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Lines of a running regctl, read on a thread so the test can wait with a deadline.
+fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads lines until one starts with `prefix`, up to 30 s; returns all lines read.
+fn wait_line(rx: &std::sync::mpsc::Receiver<String>, prefix: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let done = line.starts_with(prefix);
+                seen.push(line);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    panic!("no line starting with {prefix:?} within 30 s; saw {seen:?}");
+}
+
+#[test]
+fn mirror_follows_the_source_through_a_target_restart_until_interrupted() {
+    let zk = ZkServer::start(ZkConfig {
+        tick_time: Duration::from_millis(200),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut etcd = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let from = format!("zk://{}", zk.connect_string());
+    let to = format!("etcd://{}", etcd.endpoint());
+    let svc = "/soa/config/services/com.today.Goods";
+    assert!(regctl(&["--url", &from, "put", svc, "weight/100"])
+        .status
+        .success());
+
+    let mut mirror = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(["mirror", "--from", &from, "--to", &to, "/soa"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut mirror);
+    wait_line(&lines, "synced");
+    assert_eq!(
+        stdout(&regctl(&["--url", &to, "get", svc])).trim(),
+        "weight/100"
+    );
+
+    // A change while both sides are up.
+    assert!(regctl(&["--url", &from, "put", svc, "weight/200"])
+        .status
+        .success());
+    wait_line(&lines, &format!("put {svc}"));
+    assert_eq!(
+        stdout(&regctl(&["--url", &to, "get", svc])).trim(),
+        "weight/200"
+    );
+
+    // The target restarts; changes made meanwhile arrive once it is back.
+    etcd.kill().unwrap();
+    assert!(regctl(&["--url", &from, "put", svc, "weight/300"])
+        .status
+        .success());
+    etcd.restart().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stdout(&regctl(&["--url", &to, "get", svc])).trim() != "weight/300" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change made while the target was down never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let _ = Command::new("kill")
+        .args(["-INT", &mirror.id().to_string()])
+        .status();
+    wait_line(&lines, "mirror stopped");
+    let status = mirror.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        regctl(&["diff", "--from", &from, "--to", &to, "/soa"])
+            .status
+            .code(),
+        Some(0)
+    );
+}

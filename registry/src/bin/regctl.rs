@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use registry::migrate::{self, CopyOptions, CopySummary, Mirror, MirrorChange};
 use registry::{
     connect, Bytes, CreateMode, DeleteScope, Error, Expected, Node, NodePath, Registry, WatchEvent,
     WatchOptions, WatchScope,
@@ -124,6 +126,15 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Copies --from into --to, then applies every change of --from to --to until Ctrl-C;
+    /// starts over (full sync) whenever either side fails or restarts.
+    Mirror {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        path: String,
+    },
 }
 
 enum Failure {
@@ -177,36 +188,38 @@ async fn open(url: &Option<String>) -> Result<Arc<dyn Registry>, Failure> {
     Ok(connect(url).await?)
 }
 
-/// Persistent nodes of a subtree, by path (ephemerals belong to their sessions).
-async fn persistent_tree(
-    reg: &Arc<dyn Registry>,
-    root: &NodePath,
-) -> Result<BTreeMap<NodePath, Node>, Failure> {
-    let mut out = BTreeMap::new();
-    let mut pending = vec![root.clone()];
-    while let Some(p) = pending.pop() {
-        match reg.get(&p).await {
-            Ok(n) if n.is_ephemeral() => continue,
-            Ok(n) => {
-                if !p.is_root() {
-                    out.insert(p.clone(), n);
-                }
-            }
-            Err(Error::NotFound { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-        match reg.children(&p).await {
-            Ok(c) => pending.extend(
-                c.nodes
-                    .into_iter()
-                    .filter(|n| !n.is_ephemeral())
-                    .map(|n| n.path),
-            ),
-            Err(Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
+fn mirror_text(change: &MirrorChange) -> String {
+    match change {
+        MirrorChange::Synced {
+            nodes,
+            written,
+            deleted,
+        } => format!("synced {nodes} nodes ({written} written, {deleted} deleted)"),
+        MirrorChange::Put(p) => format!("put {p}"),
+        MirrorChange::Deleted(p) => format!("deleted {p}"),
+        MirrorChange::Kept(p) => format!("kept {p} (live instances below it)"),
+        MirrorChange::Retrying { error, after } => {
+            format!("retrying in {} ms: {error}", after.as_millis())
         }
     }
-    Ok(out)
+}
+
+fn mirror_json(change: &MirrorChange) -> serde_json::Value {
+    match change {
+        MirrorChange::Synced {
+            nodes,
+            written,
+            deleted,
+        } => {
+            serde_json::json!({"event": "synced", "nodes": nodes, "written": written, "deleted": deleted})
+        }
+        MirrorChange::Put(p) => serde_json::json!({"event": "put", "path": p.as_str()}),
+        MirrorChange::Deleted(p) => serde_json::json!({"event": "deleted", "path": p.as_str()}),
+        MirrorChange::Kept(p) => serde_json::json!({"event": "kept", "path": p.as_str()}),
+        MirrorChange::Retrying { error, after } => {
+            serde_json::json!({"event": "retrying", "error": error, "after_ms": after.as_millis() as u64})
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -371,28 +384,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Diff { from, to, path: p } => {
             let root = path(&p)?;
             let (src, dst) = (connect(&from).await?, connect(&to).await?);
-            let (a, b) = (
-                persistent_tree(&src, &root).await?,
-                persistent_tree(&dst, &root).await?,
-            );
-            let mut differences = Vec::new();
-            for (p, n) in &a {
-                match b.get(p) {
-                    None => differences.push(("missing", p.clone())),
-                    Some(m) if m.value != n.value => differences.push(("different", p.clone())),
-                    _ => {}
-                }
-            }
-            differences.extend(
-                b.keys()
-                    .filter(|p| !a.contains_key(*p))
-                    .map(|p| ("extra", p.clone())),
-            );
-            for (kind, p) in &differences {
+            let differences = migrate::diff(&*src, &*dst, &root).await?;
+            for d in &differences {
                 say(if json {
-                    serde_json::json!({"kind": kind, "path": p.as_str()}).to_string()
+                    serde_json::json!({"kind": d.kind.as_str(), "path": d.path.as_str()})
+                        .to_string()
                 } else {
-                    format!("{kind} {p}")
+                    format!("{} {}", d.kind.as_str(), d.path)
                 });
             }
             if !differences.is_empty() {
@@ -403,7 +401,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             use base64::Engine;
             let reg = open(&cli.url).await?;
             let root = path(&p)?;
-            let nodes = persistent_tree(&reg, &root).await?;
+            let nodes = migrate::persistent_tree(&*reg, &root).await?;
             let list: Vec<serde_json::Value> = nodes
                 .values()
                 .map(|n| match std::str::from_utf8(&n.value) {
@@ -478,34 +476,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let root = path(&p)?;
             let (src, dst) = (connect(&from).await?, connect(&to).await?);
-            let nodes = persistent_tree(&src, &root).await?;
-            let (mut created, mut updated, mut unchanged) = (0, 0, 0);
-            // Parents first (paths sort before their children), so each create finds its parent.
-            for (p, n) in &nodes {
-                match dst.get(p).await {
-                    Ok(existing) if existing.value == n.value => unchanged += 1,
-                    Ok(_) => {
-                        updated += 1;
-                        if !dry_run {
-                            dst.set(p, n.value.clone(), Expected::Any).await?;
-                        }
-                    }
-                    Err(Error::NotFound { .. }) => {
-                        created += 1;
-                        if !dry_run {
-                            match dst.create(p, n.value.clone(), CreateMode::Persistent).await {
-                                Ok(_) => {}
-                                // Created as a parent a moment ago: give it its value.
-                                Err(Error::AlreadyExists { .. }) => {
-                                    dst.set(p, n.value.clone(), Expected::Any).await?;
-                                }
-                                Err(e) => return Err(e.into()),
-                            }
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            let bar = if json {
+                ProgressBar::hidden()
+            } else {
+                // Draws only when stderr is a terminal, so scripts see the summary alone.
+                ProgressBar::new(0).with_style(
+                    ProgressStyle::with_template("{bar:40} {pos}/{len} nodes {elapsed}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                )
+            };
+            let options = CopyOptions { dry_run };
+            let CopySummary {
+                created,
+                updated,
+                unchanged,
+            } = migrate::copy(&*src, &*dst, &root, options, |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })
+            .await?;
+            bar.finish_and_clear();
             let summary = format!(
                 "{} {created} created, {updated} updated, {unchanged} unchanged",
                 if dry_run { "would copy:" } else { "copied:" }
@@ -514,6 +504,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 serde_json::json!({"dry_run": dry_run, "created": created, "updated": updated, "unchanged": unchanged}).to_string()
             } else {
                 summary
+            });
+            let _ = (src.close().await, dst.close().await);
+        }
+        Command::Mirror { from, to, path: p } => {
+            let root = path(&p)?;
+            let (src, dst) = (connect(&from).await?, connect(&to).await?);
+            let mirror =
+                Mirror::start_with_observer(src.clone(), dst.clone(), root, move |change| {
+                    say(if json {
+                        mirror_json(&change).to_string()
+                    } else {
+                        mirror_text(&change)
+                    })
+                });
+            let _ = tokio::signal::ctrl_c().await;
+            let status = mirror.stop().await;
+            say(if json {
+                serde_json::json!({"stopped": true, "applied": status.applied, "syncs": status.syncs}).to_string()
+            } else {
+                format!(
+                    "mirror stopped: {} changes applied, {} full syncs",
+                    status.applied, status.syncs
+                )
             });
             let _ = (src.close().await, dst.close().await);
         }

@@ -1,0 +1,413 @@
+//! `DualRegistry`: one registry made of two, for moving a live system from one backend to
+//! another (ZooKeeper to etcd) without a moment where a consumer sees no instance.
+//!
+//! Writes and registrations go to both; reads, watches and the session come from the
+//! primary. With [`DualOptions::merge_reads`], reads and watches show the union of both
+//! trees (the primary's node wins where both have one), so a consumer on the new backend also
+//! sees the providers that have not moved yet.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt};
+
+use crate::capabilities::Capabilities;
+use crate::error::{Error, Result};
+use crate::node::{Children, CreateMode, DeleteScope, Expected, Node};
+use crate::path::NodePath;
+use crate::registration::{RegisterOptions, Registration};
+use crate::registry::Registry;
+use crate::session::SessionStatus;
+use crate::watch::{Snapshot, WatchEvent, WatchOptions, WatchStream, WatchedState};
+
+/// Options of a [`DualRegistry`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DualOptions {
+    /// Reads (`get`, `exists`, `children`) and watches show both trees merged; where both hold
+    /// a node at one path, the primary's is shown. Off by default: reads come from the
+    /// primary alone.
+    pub merge_reads: bool,
+}
+
+impl DualOptions {
+    /// Reads from the primary only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// These options with [`merge_reads`](DualOptions::merge_reads) set.
+    pub fn with_merge_reads(mut self, yes: bool) -> Self {
+        self.merge_reads = yes;
+        self
+    }
+}
+
+/// A [`Registry`] over two others, for a migration: a provider registers through it on both
+/// the old and the new backend; a consumer reads through it from the new backend while
+/// seeing the old one too.
+///
+/// Guarantees:
+/// - A write (`create`, `set`, `delete`) goes to the primary first; only if that succeeds is
+///   it applied to the secondary. The secondary gets the exact path the primary created (a
+///   sequential create is not counted twice) and unconditional writes (versions differ between
+///   backends; the primary's check is the one that counts).
+/// - A failed `create` on the secondary is undone on the primary, so the call either happened
+///   on both or on neither. A failed `set` or `delete` on the secondary is returned as the
+///   error; the primary keeps the write (retry it, or re-copy with `regctl copy`).
+/// - [`register`](Registry::register) registers on both; each side heals itself after its own
+///   session loss; the returned handle's path and status are the primary's, and deregistering
+///   or dropping it removes both.
+/// - Sessions, capabilities and (unless merging) reads and watches are the primary's.
+/// - With [`DualOptions::merge_reads`], a watch delivers a snapshot once both sides have
+///   delivered theirs, then the changes of the merged view, and a `Resync` whenever either
+///   side resyncs. Revisions are the primary's; watching from a revision is not supported.
+pub struct DualRegistry {
+    primary: Arc<dyn Registry>,
+    secondary: Arc<dyn Registry>,
+    options: DualOptions,
+}
+
+impl DualRegistry {
+    /// Combines two open registries.
+    pub fn new(
+        primary: Arc<dyn Registry>,
+        secondary: Arc<dyn Registry>,
+        options: DualOptions,
+    ) -> DualRegistry {
+        DualRegistry {
+            primary,
+            secondary,
+            options,
+        }
+    }
+
+    /// The registry that reads, watches and sessions come from.
+    pub fn primary(&self) -> &Arc<dyn Registry> {
+        &self.primary
+    }
+
+    /// The registry that receives a copy of every write.
+    pub fn secondary(&self) -> &Arc<dyn Registry> {
+        &self.secondary
+    }
+
+    async fn put_secondary(&self, node: &Node) -> Result<()> {
+        match self
+            .secondary
+            .set(&node.path, node.value.clone(), Expected::Any)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(Error::NotFound { .. }) => {
+                let mode = if node.is_ephemeral() {
+                    CreateMode::Ephemeral
+                } else {
+                    CreateMode::Persistent
+                };
+                self.secondary
+                    .create(&node.path, node.value.clone(), mode)
+                    .await
+                    .map(|_| ())
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+impl std::fmt::Debug for DualRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DualRegistry")
+            .field("primary", &self.primary.capabilities().backend)
+            .field("secondary", &self.secondary.capabilities().backend)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Registry for DualRegistry {
+    fn capabilities(&self) -> Capabilities {
+        let primary = self.primary.capabilities();
+        if self.options.merge_reads {
+            primary.with_watch_from_revision(false)
+        } else {
+            primary
+        }
+    }
+
+    fn session(&self) -> SessionStatus {
+        self.primary.session()
+    }
+
+    fn session_events(&self) -> BoxStream<'static, SessionStatus> {
+        self.primary.session_events()
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, value), fields(path = %path))]
+    async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
+        let node = self.primary.create(path, value, mode).await?;
+        let plain = if mode.is_ephemeral() {
+            CreateMode::Ephemeral
+        } else {
+            CreateMode::Persistent
+        };
+        let copied = match self
+            .secondary
+            .create(&node.path, node.value.clone(), plain)
+            .await
+        {
+            // A persistent node already there (copied or mirrored earlier) takes the value.
+            Err(Error::AlreadyExists { .. }) if !mode.is_ephemeral() => self
+                .secondary
+                .set(&node.path, node.value.clone(), Expected::Any)
+                .await
+                .map(|_| ()),
+            other => other.map(|_| ()),
+        };
+        if let Err(error) = copied {
+            tracing::warn!(path = %node.path, %error, "secondary create failed; undoing it on the primary");
+            let _ = self
+                .primary
+                .delete(
+                    &node.path,
+                    Expected::Version(node.version),
+                    DeleteScope::Node,
+                )
+                .await;
+            return Err(error);
+        }
+        Ok(node)
+    }
+
+    async fn get(&self, path: &NodePath) -> Result<Node> {
+        match self.primary.get(path).await {
+            Err(Error::NotFound { .. }) if self.options.merge_reads => {
+                self.secondary.get(path).await
+            }
+            other => other,
+        }
+    }
+
+    async fn exists(&self, path: &NodePath) -> Result<bool> {
+        if self.primary.exists(path).await? {
+            return Ok(true);
+        }
+        if self.options.merge_reads {
+            return self.secondary.exists(path).await;
+        }
+        Ok(false)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, value), fields(path = %path))]
+    async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
+        let node = self.primary.set(path, value, expected).await?;
+        self.put_secondary(&node).await?;
+        Ok(node)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), fields(path = %path))]
+    async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
+        self.primary.delete(path, expected, scope).await?;
+        match self.secondary.delete(path, Expected::Any, scope).await {
+            Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn children(&self, path: &NodePath) -> Result<Children> {
+        let primary = self.primary.children(path).await;
+        if !self.options.merge_reads {
+            return primary;
+        }
+        let secondary = self.secondary.children(path).await;
+        let (primary, secondary) = match (primary, secondary) {
+            (Err(Error::NotFound { .. }), Err(Error::NotFound { .. })) => {
+                return Err(Error::NotFound { path: path.clone() })
+            }
+            (Err(Error::NotFound { .. }), Ok(s)) => (Children::default(), s),
+            (Ok(p), Err(Error::NotFound { .. })) => (p, Children::default()),
+            (Ok(p), Ok(s)) => (p, s),
+            (Err(error), _) | (_, Err(error)) => return Err(error),
+        };
+        let mut merged: BTreeMap<NodePath, Node> = secondary
+            .nodes
+            .into_iter()
+            .map(|n| (n.path.clone(), n))
+            .collect();
+        merged.extend(primary.nodes.into_iter().map(|n| (n.path.clone(), n)));
+        let mut nodes: Vec<Node> = merged.into_values().collect();
+        nodes.sort_by_key(|n| n.create_order);
+        Ok(Children {
+            nodes,
+            revision: primary.revision,
+        })
+    }
+
+    async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
+        if !self.options.merge_reads {
+            return self.primary.watch(path, options).await;
+        }
+        if options.after.is_some() {
+            return Err(Error::NotSupported {
+                backend: "dual",
+                what: "watching from a revision with merged reads".into(),
+            });
+        }
+        let primary = self.primary.watch(path, options.clone()).await?;
+        let secondary = self.secondary.watch(path, options).await?;
+        Ok(merge_watches(primary, secondary))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, value), fields(path = %path))]
+    async fn register(
+        &self,
+        path: &NodePath,
+        value: Bytes,
+        options: RegisterOptions,
+    ) -> Result<Registration> {
+        let primary = self
+            .primary
+            .register(path, value.clone(), options.clone())
+            .await?;
+        match self.secondary.register(path, value, options).await {
+            Ok(secondary) => Ok(primary.with_companions(vec![secondary])),
+            Err(error) => {
+                let _ = primary.deregister().await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        let primary = self.primary.close().await;
+        let secondary = self.secondary.close().await;
+        primary.and(secondary)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Secondary,
+}
+
+/// The merged view of two watches and what it last delivered.
+struct Merge {
+    primary: WatchedState,
+    secondary: WatchedState,
+    primary_ready: bool,
+    secondary_ready: bool,
+    /// Whether the merged snapshot went out (then every snapshot of a side is a resync).
+    started: bool,
+}
+
+impl Merge {
+    fn merged(&self, path: &NodePath) -> Option<&Node> {
+        self.primary.get(path).or_else(|| self.secondary.get(path))
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut nodes: BTreeMap<NodePath, Node> = self
+            .secondary
+            .nodes()
+            .map(|n| (n.path.clone(), n.clone()))
+            .collect();
+        nodes.extend(self.primary.nodes().map(|n| (n.path.clone(), n.clone())));
+        Snapshot {
+            nodes: nodes.into_values().collect(),
+            revision: self.primary.revision(),
+        }
+    }
+
+    /// Applies one side's event; returns what the merged view's consumer must see.
+    fn apply(&mut self, side: Side, event: WatchEvent) -> Vec<WatchEvent> {
+        let touched: BTreeSet<NodePath> = match &event {
+            WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n) => {
+                std::iter::once(n.path.clone()).collect()
+            }
+            WatchEvent::Snapshot(_) | WatchEvent::Resync { .. } => BTreeSet::new(),
+        };
+        let before: Vec<Option<Node>> = touched.iter().map(|p| self.merged(p).cloned()).collect();
+        let reason = match &event {
+            WatchEvent::Resync { reason, .. } => Some(reason.clone()),
+            _ => None,
+        };
+        let whole = matches!(event, WatchEvent::Snapshot(_) | WatchEvent::Resync { .. });
+        match side {
+            Side::Primary => {
+                self.primary.apply(&event);
+                self.primary_ready |= whole;
+            }
+            Side::Secondary => {
+                self.secondary.apply(&event);
+                self.secondary_ready |= whole;
+            }
+        }
+        if !(self.primary_ready && self.secondary_ready) {
+            return Vec::new();
+        }
+        if !self.started {
+            self.started = true;
+            return vec![WatchEvent::Snapshot(self.snapshot())];
+        }
+        if whole {
+            return vec![WatchEvent::Resync {
+                snapshot: self.snapshot(),
+                reason: reason.unwrap_or(crate::watch::ResyncReason::Reconnected),
+            }];
+        }
+        let mut out = Vec::new();
+        for (path, before) in touched.iter().zip(before) {
+            match (before, self.merged(path).cloned()) {
+                (None, Some(now)) => out.push(WatchEvent::Created(now)),
+                (Some(was), Some(now)) if was != now => out.push(WatchEvent::Updated(now)),
+                (Some(was), None) => out.push(WatchEvent::Deleted(was)),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// One stream showing the union of two watches of the same path and scope.
+fn merge_watches(primary: WatchStream, secondary: WatchStream) -> WatchStream {
+    let tagged = stream::select(
+        primary.map(|item| (Side::Primary, item)),
+        secondary.map(|item| (Side::Secondary, item)),
+    );
+    let state = Merge {
+        primary: WatchedState::new(),
+        secondary: WatchedState::new(),
+        primary_ready: false,
+        secondary_ready: false,
+        started: false,
+    };
+    let pending: VecDeque<Result<WatchEvent>> = VecDeque::new();
+    stream::unfold(
+        (tagged, state, pending, false),
+        |(mut tagged, mut state, mut pending, mut ended)| async move {
+            loop {
+                if let Some(item) = pending.pop_front() {
+                    return Some((item, (tagged, state, pending, ended)));
+                }
+                if ended {
+                    return None;
+                }
+                match tagged.next().await {
+                    None => return None,
+                    Some((_, Err(error))) => {
+                        // Either side failing ends the merged stream, as one watch would.
+                        ended = true;
+                        pending.push_back(Err(error));
+                    }
+                    Some((side, Ok(event))) => {
+                        pending.extend(state.apply(side, event).into_iter().map(Ok));
+                    }
+                }
+            }
+        },
+    )
+    .boxed()
+}

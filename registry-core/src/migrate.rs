@@ -1,0 +1,479 @@
+//! Moving a tree between registries: [`diff`], [`copy`] and a live [`Mirror`], built only on
+//! the [`Registry`] trait so they work between any two backends (ZooKeeper to etcd above all).
+//!
+//! All three deal in persistent nodes: ephemeral nodes belong to the sessions that created
+//! them and move when their owners re-register (see [`DualRegistry`](crate::DualRegistry)).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+use crate::node::{CreateMode, DeleteScope, Expected, Node};
+use crate::path::NodePath;
+use crate::registry::Registry;
+use crate::watch::{WatchEvent, WatchOptions};
+
+/// Reads every persistent node at and below `root` (the root `/` itself excluded), by path.
+///
+/// Ephemeral nodes and whatever is below them are left out. A missing `root` gives an empty
+/// map. Nodes deleted during the walk are skipped, so the result is a consistent picture
+/// only of a tree that is not changing.
+pub async fn persistent_tree(
+    registry: &dyn Registry,
+    root: &NodePath,
+) -> Result<BTreeMap<NodePath, Node>> {
+    let mut out = BTreeMap::new();
+    let mut pending = vec![root.clone()];
+    while let Some(path) = pending.pop() {
+        match registry.get(&path).await {
+            Ok(node) if node.is_ephemeral() => continue,
+            Ok(node) => {
+                if !path.is_root() {
+                    out.insert(path.clone(), node);
+                }
+            }
+            Err(Error::NotFound { .. }) => continue,
+            Err(error) => return Err(error),
+        }
+        match registry.children(&path).await {
+            Ok(children) => pending.extend(
+                children
+                    .nodes
+                    .into_iter()
+                    .filter(|n| !n.is_ephemeral())
+                    .map(|n| n.path),
+            ),
+            Err(Error::NotFound { .. }) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(out)
+}
+
+/// How a node differs between two trees (see [`diff`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DifferenceKind {
+    /// In the source, not in the target.
+    Missing,
+    /// In the target, not in the source.
+    Extra,
+    /// In both, with different values.
+    Different,
+}
+
+impl DifferenceKind {
+    /// `missing`, `extra` or `different`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DifferenceKind::Missing => "missing",
+            DifferenceKind::Extra => "extra",
+            DifferenceKind::Different => "different",
+        }
+    }
+}
+
+/// One node that differs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Difference {
+    /// How.
+    pub kind: DifferenceKind,
+    /// Where.
+    pub path: NodePath,
+}
+
+/// The persistent nodes at and below `root` that are missing from, extra in, or different in
+/// `to` compared with `from`, ordered by path. Values are compared byte for byte; versions and
+/// orders are not (they are each backend's own). Empty means equal.
+pub async fn diff(
+    from: &dyn Registry,
+    to: &dyn Registry,
+    root: &NodePath,
+) -> Result<Vec<Difference>> {
+    let source = persistent_tree(from, root).await?;
+    let target = persistent_tree(to, root).await?;
+    let mut out = Vec::new();
+    for (path, node) in &source {
+        match target.get(path) {
+            None => out.push(Difference {
+                kind: DifferenceKind::Missing,
+                path: path.clone(),
+            }),
+            Some(other) if other.value != node.value => out.push(Difference {
+                kind: DifferenceKind::Different,
+                path: path.clone(),
+            }),
+            Some(_) => {}
+        }
+    }
+    out.extend(
+        target
+            .keys()
+            .filter(|p| !source.contains_key(*p))
+            .map(|p| Difference {
+                kind: DifferenceKind::Extra,
+                path: p.clone(),
+            }),
+    );
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Options of [`copy`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CopyOptions {
+    /// Count what would change, change nothing.
+    pub dry_run: bool,
+}
+
+/// What a [`copy`] did (or, dry, would do).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopySummary {
+    /// Nodes created in the target.
+    pub created: usize,
+    /// Nodes whose value was replaced.
+    pub updated: usize,
+    /// Nodes already equal.
+    pub unchanged: usize,
+}
+
+/// Copies the persistent nodes at and below `root` from `from` to `to`, parents first.
+///
+/// Guarantees: idempotent and resumable: a node already equal is not written, so running it
+/// again after an interruption finishes the job and never duplicates anything. Nodes only in
+/// the target are left alone (a [`Mirror`] removes them). `progress(done, total)` is called
+/// after each node. Nothing is written with [`CopyOptions::dry_run`].
+pub async fn copy(
+    from: &dyn Registry,
+    to: &dyn Registry,
+    root: &NodePath,
+    options: CopyOptions,
+    mut progress: impl FnMut(usize, usize) + Send,
+) -> Result<CopySummary> {
+    let source = persistent_tree(from, root).await?;
+    let total = source.len();
+    let mut summary = CopySummary::default();
+    // Paths sort before their descendants, so each create finds its parent.
+    for (done, (path, node)) in source.iter().enumerate() {
+        match to.get(path).await {
+            Ok(existing) if existing.value == node.value => summary.unchanged += 1,
+            Ok(_) => {
+                summary.updated += 1;
+                if !options.dry_run {
+                    to.set(path, node.value.clone(), Expected::Any).await?;
+                }
+            }
+            Err(Error::NotFound { .. }) => {
+                summary.created += 1;
+                if !options.dry_run {
+                    put(to, path, node.value.clone()).await?;
+                }
+            }
+            Err(error) => return Err(error),
+        }
+        progress(done + 1, total);
+    }
+    Ok(summary)
+}
+
+/// Writes `value` at `path` as a persistent node, creating it if needed.
+async fn put(to: &dyn Registry, path: &NodePath, value: Bytes) -> Result<()> {
+    // Bounded: a create can only lose to a concurrent create once before the set wins.
+    for _ in 0..3 {
+        match to.set(path, value.clone(), Expected::Any).await {
+            Ok(_) => return Ok(()),
+            Err(Error::NotFound { .. }) => {}
+            Err(error) => return Err(error),
+        }
+        match to.create(path, value.clone(), CreateMode::Persistent).await {
+            Ok(_) => return Ok(()),
+            Err(Error::AlreadyExists { .. }) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Err(Error::unavailable(format!(
+        "{path} kept appearing and disappearing while being written"
+    )))
+}
+
+/// Deletes the persistent node at `path` and persistent nodes below it; ephemeral nodes (and
+/// the nodes holding them) stay, since they belong to live sessions.
+async fn remove_persistent(to: &dyn Registry, path: &NodePath) -> Result<bool> {
+    match to.delete(path, Expected::Any, DeleteScope::Node).await {
+        Ok(()) | Err(Error::NotFound { .. }) => return Ok(true),
+        Err(Error::NotEmpty { .. }) => {}
+        Err(error) => return Err(error),
+    }
+    let mut below: Vec<NodePath> = persistent_tree(to, path).await?.into_keys().collect();
+    below.sort_by_key(|p| std::cmp::Reverse(p.depth()));
+    let mut all_gone = true;
+    for p in below {
+        match to.delete(&p, Expected::Any, DeleteScope::Node).await {
+            Ok(()) | Err(Error::NotFound { .. }) => {}
+            Err(Error::NotEmpty { .. }) => all_gone = false,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(all_gone)
+}
+
+/// What a [`Mirror`] just did, as given to its observer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MirrorChange {
+    /// The target was made equal to a fresh read of the source.
+    Synced {
+        /// Persistent nodes in the source.
+        nodes: usize,
+        /// Nodes written to the target to get there.
+        written: usize,
+        /// Nodes deleted from the target to get there.
+        deleted: usize,
+    },
+    /// A node was created or updated in the target.
+    Put(NodePath),
+    /// A node was deleted from the target.
+    Deleted(NodePath),
+    /// A node could not be deleted because live ephemeral nodes sit below it in the target.
+    Kept(NodePath),
+    /// Either side failed; the mirror starts over (fresh read, then follow) after `after`.
+    Retrying {
+        /// The failure.
+        error: String,
+        /// The wait before starting over.
+        after: Duration,
+    },
+}
+
+/// Where a [`Mirror`] stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MirrorStatus {
+    /// The target equals the source as of the last event applied.
+    pub synced: bool,
+    /// Changes applied to the target since the start (puts and deletes).
+    pub applied: u64,
+    /// Full syncs since the start (the first one included).
+    pub syncs: u64,
+    /// The latest failure, if the mirror is retrying.
+    pub last_error: Option<String>,
+}
+
+/// Keeps the persistent nodes of a subtree of one registry copied into another, live.
+///
+/// Guarantees: first the target is made equal to the source (persistent nodes: written where
+/// missing or different, deleted where only in the target unless live ephemeral nodes sit
+/// below them); then every change the source's watch reports is applied. After a watch resync,
+/// a stream end, or any failure on either side (a server restarting), it waits with capped
+/// backoff and starts over with a full sync, so no change is lost for good. Ephemeral nodes
+/// are never copied. Runs until [`stop`](Mirror::stop) or drop.
+pub struct Mirror {
+    stop: watch::Sender<bool>,
+    status: watch::Receiver<MirrorStatus>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Retry delays of a mirror whose source or target failed.
+const MIRROR_RETRY_INITIAL: Duration = Duration::from_millis(100);
+const MIRROR_RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl Mirror {
+    /// Starts mirroring `root` from `from` into `to` in a background task.
+    pub fn start(from: Arc<dyn Registry>, to: Arc<dyn Registry>, root: NodePath) -> Mirror {
+        Self::start_with_observer(from, to, root, |_| {})
+    }
+
+    /// [`start`](Mirror::start), calling `observer` with each thing the mirror does.
+    pub fn start_with_observer(
+        from: Arc<dyn Registry>,
+        to: Arc<dyn Registry>,
+        root: NodePath,
+        observer: impl Fn(MirrorChange) + Send + Sync + 'static,
+    ) -> Mirror {
+        let (stop, stop_rx) = watch::channel(false);
+        let (status_tx, status) = watch::channel(MirrorStatus::default());
+        let span = tracing::info_span!("mirror", root = %root);
+        let task = tokio::spawn(
+            run_mirror(from, to, root, stop_rx, status_tx, Box::new(observer)).instrument(span),
+        );
+        Mirror {
+            stop,
+            status,
+            task: Some(task),
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> MirrorStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until the target is in sync (or `timeout` passes).
+    pub async fn wait_synced(&self, timeout: Duration) -> Result<()> {
+        let mut rx = self.status.clone();
+        let synced = tokio::time::timeout(timeout, rx.wait_for(|s| s.synced)).await;
+        match synced {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout {
+                operation: "waiting for the mirror to sync".into(),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Stops following the source and returns the final status. Changes made to the source
+    /// after this are not copied.
+    pub async fn stop(mut self) -> MirrorStatus {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.status.borrow().clone()
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("status", &*self.status.borrow())
+            .finish()
+    }
+}
+
+type Observer = Box<dyn Fn(MirrorChange) + Send + Sync>;
+
+async fn run_mirror(
+    from: Arc<dyn Registry>,
+    to: Arc<dyn Registry>,
+    root: NodePath,
+    mut stop: watch::Receiver<bool>,
+    status: watch::Sender<MirrorStatus>,
+    observer: Observer,
+) {
+    let mut backoff = Backoff::new(MIRROR_RETRY_INITIAL, MIRROR_RETRY_MAX);
+    loop {
+        let outcome = tokio::select! {
+            outcome = follow(&*from, &*to, &root, &status, &observer, &mut backoff) => outcome,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        status.send_modify(|s| s.synced = false);
+        let error = match outcome {
+            Ok(()) => "the source's watch ended".to_owned(),
+            Err(Error::Closed) => {
+                tracing::info!("a registry was closed; mirror stops");
+                return;
+            }
+            Err(error) => error.to_string(),
+        };
+        let after = backoff.next_delay();
+        tracing::warn!(%error, ?after, "mirror starts over");
+        status.send_modify(|s| s.last_error = Some(error.clone()));
+        observer(MirrorChange::Retrying { error, after });
+        tokio::select! {
+            _ = tokio::time::sleep(after) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// One round: watch the source, sync on every snapshot, apply changes; returns when the
+/// stream ends or fails (the caller starts a new round).
+async fn follow(
+    from: &dyn Registry,
+    to: &dyn Registry,
+    root: &NodePath,
+    status: &watch::Sender<MirrorStatus>,
+    observer: &Observer,
+    backoff: &mut Backoff,
+) -> Result<()> {
+    let mut events = from.watch(root, WatchOptions::subtree()).await?;
+    while let Some(item) = events.next().await {
+        match item? {
+            WatchEvent::Snapshot(snapshot) | WatchEvent::Resync { snapshot, .. } => {
+                let desired: BTreeMap<NodePath, Bytes> = snapshot
+                    .nodes
+                    .into_iter()
+                    .filter(|n| !n.is_ephemeral() && !n.path.is_root())
+                    .map(|n| (n.path, n.value))
+                    .collect();
+                let change = sync(to, root, &desired).await?;
+                tracing::info!(?change, "mirror in sync");
+                status.send_modify(|s| {
+                    s.synced = true;
+                    s.syncs += 1;
+                    s.last_error = None;
+                });
+                backoff.reset();
+                observer(change);
+            }
+            WatchEvent::Created(node) | WatchEvent::Updated(node) => {
+                if node.is_ephemeral() || node.path.is_root() {
+                    continue;
+                }
+                put(to, &node.path, node.value).await?;
+                status.send_modify(|s| s.applied += 1);
+                observer(MirrorChange::Put(node.path));
+            }
+            WatchEvent::Deleted(node) => {
+                if node.is_ephemeral() || node.path.is_root() {
+                    continue;
+                }
+                let change = if remove_persistent(to, &node.path).await? {
+                    MirrorChange::Deleted(node.path)
+                } else {
+                    MirrorChange::Kept(node.path)
+                };
+                status.send_modify(|s| s.applied += 1);
+                observer(change);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the persistent nodes of `to` under `root` equal to `desired`.
+async fn sync(
+    to: &dyn Registry,
+    root: &NodePath,
+    desired: &BTreeMap<NodePath, Bytes>,
+) -> Result<MirrorChange> {
+    let current = persistent_tree(to, root).await?;
+    let mut written = 0;
+    for (path, value) in desired {
+        if current.get(path).map(|n| &n.value) != Some(value) {
+            put(to, path, value.clone()).await?;
+            written += 1;
+        }
+    }
+    let mut extra: Vec<&NodePath> = current
+        .keys()
+        .filter(|p| !desired.contains_key(*p))
+        .collect();
+    extra.sort_by_key(|p| std::cmp::Reverse(p.depth()));
+    let mut deleted = 0;
+    for path in extra {
+        match to.delete(path, Expected::Any, DeleteScope::Node).await {
+            Ok(()) => deleted += 1,
+            // Live ephemerals below it (or gone already): leave it.
+            Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(MirrorChange::Synced {
+        nodes: desired.len(),
+        written,
+        deleted,
+    })
+}

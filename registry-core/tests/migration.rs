@@ -1,0 +1,457 @@
+//! DualRegistry, copy, diff and Mirror on the in-memory backend: each guarantee of their
+//! rustdoc, including failures of one side. The real-server migration runbook is tested in
+//! conformance-tests/tests/migration.rs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
+use registry_core::migrate::{self, CopyOptions, DifferenceKind, Mirror, MirrorChange};
+use registry_core::{
+    Bytes, CreateMode, DeleteScope, DualOptions, DualRegistry, Error, Expected, NodePath,
+    RegisterOptions, Registry, WatchEvent, WatchOptions,
+};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn p(s: &str) -> NodePath {
+    NodePath::new(s).unwrap()
+}
+
+async fn client(store: &MemoryStore) -> Arc<dyn Registry> {
+    Arc::new(
+        MemoryRegistry::connect(
+            store,
+            MemoryOptions::default().with_session_ttl(Duration::from_millis(500)),
+        )
+        .await
+        .unwrap(),
+    )
+}
+
+async fn value(reg: &dyn Registry, path: &str) -> Option<Bytes> {
+    match reg.get(&p(path)).await {
+        Ok(n) => Some(n.value),
+        Err(Error::NotFound { .. }) => None,
+        Err(e) => panic!("get {path}: {e}"),
+    }
+}
+
+/// Polls until `check` holds, up to 5 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 5 s: {what}");
+}
+
+async fn next_event(stream: &mut registry_core::WatchStream) -> WatchEvent {
+    tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("no watch event within 5 s")
+        .expect("watch stream ended")
+        .expect("watch stream error")
+}
+
+#[tokio::test]
+async fn dual_writes_reach_both_and_reads_come_from_the_primary() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+
+    dual.create(&p("/cfg/x"), Bytes::from("1"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    dual.set(&p("/cfg/x"), Bytes::from("2"), Expected::Version(0))
+        .await
+        .unwrap();
+    assert_eq!(value(&*pa, "/cfg/x").await, Some(Bytes::from("2")));
+    assert_eq!(value(&*sb, "/cfg/x").await, Some(Bytes::from("2")));
+
+    // The primary's version check is the one that counts.
+    let stale = dual
+        .set(&p("/cfg/x"), Bytes::from("3"), Expected::Version(0))
+        .await;
+    assert!(
+        matches!(stale, Err(Error::VersionMismatch { .. })),
+        "{stale:?}"
+    );
+    assert_eq!(value(&*sb, "/cfg/x").await, Some(Bytes::from("2")));
+
+    // A sequential create is counted once: the secondary gets the primary's exact name.
+    sb.create(&p("/seq/other"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let made = dual
+        .create(&p("/seq/n"), Bytes::new(), CreateMode::PersistentSequential)
+        .await
+        .unwrap();
+    assert!(
+        sb.exists(&made.path).await.unwrap(),
+        "{} not on the secondary",
+        made.path
+    );
+
+    // Reads come from the primary only.
+    sb.create(&p("/only-secondary"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    assert!(!dual.exists(&p("/only-secondary")).await.unwrap());
+
+    dual.delete(&p("/cfg"), Expected::Any, DeleteScope::Recursive)
+        .await
+        .unwrap();
+    assert_eq!(value(&*pa, "/cfg/x").await, None);
+    assert_eq!(value(&*sb, "/cfg/x").await, None);
+}
+
+#[tokio::test]
+async fn dual_create_failing_on_the_secondary_is_undone_on_the_primary() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+    sb.close().await.unwrap();
+    let made = dual
+        .create(&p("/x"), Bytes::from("v"), CreateMode::Persistent)
+        .await;
+    assert!(matches!(made, Err(Error::Closed)), "{made:?}");
+    assert_eq!(
+        value(&*pa, "/x").await,
+        None,
+        "half-written create left on the primary"
+    );
+}
+
+#[tokio::test]
+async fn dual_registration_lives_on_both_and_heals_each_side() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+    let path = p("/soa/runtime/services/S/10.0.0.1:9090:1.0.0");
+    let reg = dual
+        .register(&path, Bytes::from("v1"), RegisterOptions::new())
+        .await
+        .unwrap();
+    assert!(pa.exists(&path).await.unwrap() && sb.exists(&path).await.unwrap());
+
+    // The secondary's session is lost: its own copy comes back.
+    let lost = sb.session().session_id.unwrap();
+    b.expire_session(lost).unwrap();
+    eventually("registration back on the secondary", || async {
+        match sb.get(&path).await {
+            Ok(n) => n.ephemeral_owner.is_some() && n.ephemeral_owner != Some(lost),
+            Err(_) => false,
+        }
+    })
+    .await;
+
+    reg.set_value(Bytes::from("v2")).await.unwrap();
+    assert_eq!(value(&*pa, path.as_str()).await, Some(Bytes::from("v2")));
+    assert_eq!(value(&*sb, path.as_str()).await, Some(Bytes::from("v2")));
+
+    reg.deregister().await.unwrap();
+    assert!(!pa.exists(&path).await.unwrap());
+    assert!(!sb.exists(&path).await.unwrap());
+}
+
+#[tokio::test]
+async fn dual_registration_failing_on_the_secondary_leaves_nothing_on_the_primary() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+    sb.close().await.unwrap();
+    let path = p("/svc/i1");
+    let reg = dual
+        .register(&path, Bytes::new(), RegisterOptions::new())
+        .await;
+    assert!(reg.is_err(), "registered with a closed secondary");
+    assert!(!pa.exists(&path).await.unwrap());
+}
+
+#[tokio::test]
+async fn merged_reads_show_both_trees_and_the_primary_wins() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    let dual = DualRegistry::new(
+        pa.clone(),
+        sb.clone(),
+        DualOptions::new().with_merge_reads(true),
+    );
+    pa.create(&p("/svc/a"), Bytes::from("pa"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    sb.create(&p("/svc/a"), Bytes::from("sa"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    sb.create(&p("/svc/b"), Bytes::from("sb"), CreateMode::Persistent)
+        .await
+        .unwrap();
+
+    let names: Vec<String> = dual
+        .children(&p("/svc"))
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .map(|n| format!("{}={}", n.path.name(), String::from_utf8_lossy(&n.value)))
+        .collect();
+    assert_eq!(names, ["a=pa", "b=sb"]);
+    assert_eq!(
+        dual.get(&p("/svc/b")).await.unwrap().value,
+        Bytes::from("sb")
+    );
+
+    let mut watch = dual
+        .watch(&p("/svc"), WatchOptions::children())
+        .await
+        .unwrap();
+    match next_event(&mut watch).await {
+        WatchEvent::Snapshot(s) => assert_eq!(s.nodes.len(), 2, "{s:?}"),
+        other => panic!("expected the merged snapshot, got {other:?}"),
+    }
+    // New on the secondary only: created in the merged view.
+    sb.create(&p("/svc/c"), Bytes::from("sc"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    assert!(
+        matches!(next_event(&mut watch).await, WatchEvent::Created(n) if n.path == p("/svc/c"))
+    );
+    // Gone from the primary but still on the secondary: the secondary's node shows.
+    pa.delete(&p("/svc/a"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    assert!(matches!(next_event(&mut watch).await, WatchEvent::Updated(n) if n.value == "sa"));
+    // Gone from both: deleted.
+    sb.delete(&p("/svc/a"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    assert!(
+        matches!(next_event(&mut watch).await, WatchEvent::Deleted(n) if n.path == p("/svc/a"))
+    );
+}
+
+#[tokio::test]
+async fn copy_is_idempotent_skips_ephemerals_and_dry_run_writes_nothing() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst) = (client(&a).await, client(&b).await);
+    for (path, v) in [
+        ("/soa/config/services/S", "timeout/800ms;"),
+        ("/soa/config/routes/S", "method match 'x' => ~ip'1.2.3.4'"),
+    ] {
+        src.create(&p(path), Bytes::from(v), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    src.create(
+        &p("/soa/runtime/services/S/1.2.3.4:9090:1.0"),
+        Bytes::new(),
+        CreateMode::Ephemeral,
+    )
+    .await
+    .unwrap();
+    let root = p("/soa");
+
+    let dry = migrate::copy(
+        &*src,
+        &*dst,
+        &root,
+        CopyOptions { dry_run: true },
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert!(dry.created > 0);
+    assert_eq!(
+        value(&*dst, "/soa/config/services/S").await,
+        None,
+        "dry run wrote"
+    );
+
+    let mut calls = Vec::new();
+    let first = migrate::copy(
+        &*src,
+        &*dst,
+        &root,
+        CopyOptions::default(),
+        |done, total| calls.push((done, total)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first, dry);
+    assert_eq!(calls.last().map(|c| c.0), calls.last().map(|c| c.1));
+    assert!(
+        !dst.exists(&p("/soa/runtime/services/S/1.2.3.4:9090:1.0"))
+            .await
+            .unwrap(),
+        "an ephemeral was copied"
+    );
+    assert!(migrate::diff(&*src, &*dst, &root).await.unwrap().is_empty());
+
+    let again = migrate::copy(&*src, &*dst, &root, CopyOptions::default(), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!((again.created, again.updated), (0, 0), "{again:?}");
+
+    dst.set(
+        &p("/soa/config/services/S"),
+        Bytes::from("changed"),
+        Expected::Any,
+    )
+    .await
+    .unwrap();
+    dst.create(
+        &p("/soa/config/extra"),
+        Bytes::new(),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+    let kinds: Vec<(DifferenceKind, String)> = migrate::diff(&*src, &*dst, &root)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.kind, d.path.to_string()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (DifferenceKind::Extra, "/soa/config/extra".to_owned()),
+            (
+                DifferenceKind::Different,
+                "/soa/config/services/S".to_owned()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn mirror_syncs_follows_and_survives_both_sides_failing() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst) = (client(&a).await, client(&b).await);
+    src.create(
+        &p("/soa/config/services/S"),
+        Bytes::from("v1"),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+    // In the target only: a stale node (removed) and a service holding a live instance (kept).
+    dst.create(
+        &p("/soa/config/stale"),
+        Bytes::new(),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+    dst.create(
+        &p("/soa/runtime/services/T/i1"),
+        Bytes::new(),
+        CreateMode::Ephemeral,
+    )
+    .await
+    .unwrap();
+
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let mirror = Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa"), move |c| {
+        log.lock().unwrap().push(c)
+    });
+    mirror.wait_synced(WAIT).await.unwrap();
+    assert_eq!(
+        value(&*dst, "/soa/config/services/S").await,
+        Some(Bytes::from("v1"))
+    );
+    assert_eq!(value(&*dst, "/soa/config/stale").await, None);
+    assert!(
+        dst.exists(&p("/soa/runtime/services/T/i1")).await.unwrap(),
+        "a live instance was removed"
+    );
+
+    src.set(
+        &p("/soa/config/services/S"),
+        Bytes::from("v2"),
+        Expected::Any,
+    )
+    .await
+    .unwrap();
+    src.create(
+        &p("/soa/config/routes/S"),
+        Bytes::from("r"),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+    src.create(
+        &p("/soa/runtime/services/S/i9"),
+        Bytes::new(),
+        CreateMode::Ephemeral,
+    )
+    .await
+    .unwrap();
+    eventually("changes mirrored", || async {
+        value(&*dst, "/soa/config/services/S").await == Some(Bytes::from("v2"))
+            && value(&*dst, "/soa/config/routes/S").await.is_some()
+    })
+    .await;
+    assert!(
+        !dst.exists(&p("/soa/runtime/services/S/i9")).await.unwrap(),
+        "an ephemeral was mirrored"
+    );
+
+    // The target is cut off while the source changes; the mirror retries and catches up.
+    b.interrupt_connection(
+        dst.session().session_id.unwrap(),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    src.set(
+        &p("/soa/config/services/S"),
+        Bytes::from("v3"),
+        Expected::Any,
+    )
+    .await
+    .unwrap();
+    // The source's session is lost: its watch resyncs, and a delete made meanwhile lands.
+    a.expire_session(src.session().session_id.unwrap()).unwrap();
+    src.delete(&p("/soa/config/routes/S"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    eventually("mirror converged after failures", || async {
+        migrate::diff(&*src, &*dst, &p("/soa/config"))
+            .await
+            .map(|d| d.is_empty())
+            .unwrap_or(false)
+    })
+    .await;
+
+    let status = mirror.stop().await;
+    assert!(status.applied >= 2 && status.syncs >= 2, "{status:?}");
+    let retried = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|c| matches!(c, MirrorChange::Retrying { .. }));
+    assert!(retried, "the cut-off target never made the mirror retry");
+    // Stopped: later changes stay in the source.
+    src.set(
+        &p("/soa/config/services/S"),
+        Bytes::from("v4"),
+        Expected::Any,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        value(&*dst, "/soa/config/services/S").await,
+        Some(Bytes::from("v3"))
+    );
+}
