@@ -24,7 +24,8 @@ use crate::version::compatible;
 /// Everything known about a service at one moment. Immutable; replaced as a whole.
 #[derive(Clone, Debug, Default)]
 pub struct ServiceSnapshot {
-    /// Live instances, oldest first.
+    /// Live instances, oldest first; one per address and version, even if several nodes
+    /// name it.
     pub instances: Vec<Instance>,
     /// The service's config (`/soa/config/services/<service>`).
     pub config: ServiceConfig,
@@ -147,6 +148,10 @@ fn build(
     };
     let mut list: Vec<Instance> = instances.nodes().filter_map(parse_instance).collect();
     list.sort_by_key(|i| i.create_order);
+    // One instance seen twice (registered on both sides of a DualRegistry, or its old node
+    // not yet gone after re-registration) is one instance: keep the oldest node.
+    let mut seen = std::collections::HashSet::new();
+    list.retain(|i| seen.insert((i.address, i.version.clone())));
     ServiceSnapshot {
         instances: list,
         config: service_config,
