@@ -254,8 +254,8 @@ fn wait_line(rx: &std::sync::mpsc::Receiver<String>, prefix: &str) -> Vec<String
 }
 
 #[test]
-fn mirror_follows_the_source_through_a_target_restart_until_interrupted() {
-    let zk = ZkServer::start(ZkConfig {
+fn mirror_follows_the_source_through_restarts_of_both_sides_until_interrupted() {
+    let mut zk = ZkServer::start(ZkConfig {
         tick_time: Duration::from_millis(200),
     })
     .unwrap_or_else(|e| panic!("{e}"));
@@ -300,6 +300,21 @@ fn mirror_follows_the_source_through_a_target_restart_until_interrupted() {
         assert!(
             std::time::Instant::now() < deadline,
             "the change made while the target was down never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The source restarts too; the mirror re-syncs and keeps following.
+    zk.kill().unwrap();
+    zk.restart().unwrap();
+    assert!(regctl(&["--url", &from, "put", svc, "weight/400"])
+        .status
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stdout(&regctl(&["--url", &to, "get", svc])).trim() != "weight/400" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a change made after the source restarted never arrived"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
