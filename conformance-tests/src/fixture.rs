@@ -13,6 +13,12 @@ pub enum Fault {
     ExpireSession,
     /// Cut a client's connection for a while without ending its session.
     InterruptConnection,
+    /// Start servers of the case's own ([`Fixture::start_cluster`], 1 or 3 members) and
+    /// connect clients to given addresses ([`Fixture::connect_to`]): kills, pauses,
+    /// partitions, leader loss and owner processes.
+    Servers,
+    /// Compact the servers' history ([`Fixture::compact`]).
+    Compaction,
 }
 
 /// A backend under test: opens clients in isolated namespaces and injects faults.
@@ -59,6 +65,41 @@ pub trait Fixture: Send + Sync + 'static {
     async fn active_watches(&self, namespace: &str) -> Option<usize> {
         let _ = namespace;
         None
+    }
+
+    /// Starts `size` server processes of this backend for one fault case (blocking work is
+    /// the fixture's to move off the runtime).
+    async fn start_cluster(&self, size: usize) -> Result<Box<dyn crate::harness::Cluster>> {
+        let _ = size;
+        Err(Error::NotSupported {
+            backend: self.name(),
+            what: "servers of a case's own".into(),
+        })
+    }
+
+    /// Opens a client of the servers at `members` (one address per member, in order), with
+    /// the session TTL [`session_ttl`](Fixture::session_ttl). Must not start anything else:
+    /// owner processes call it in a fresh process.
+    async fn connect_to(&self, members: &[std::net::SocketAddr]) -> Result<Arc<dyn Registry>> {
+        let _ = members;
+        Err(Error::NotSupported {
+            backend: self.name(),
+            what: "connect_to".into(),
+        })
+    }
+
+    /// Compacts the history of the servers at `members` up to their latest revision.
+    async fn compact(&self, members: &[std::net::SocketAddr]) -> Result<()> {
+        let _ = members;
+        Err(Error::NotSupported {
+            backend: self.name(),
+            what: "compaction".into(),
+        })
+    }
+
+    /// Session TTL (etcd lease TTL, ZooKeeper session timeout) of clients the fixture opens.
+    fn session_ttl(&self) -> Duration {
+        Duration::from_secs(2)
     }
 
     /// How long after a session is lost (or its owner closed) its ephemeral nodes can still

@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod cases;
+pub mod faults;
 pub mod fixture;
 pub mod harness;
 pub mod memory_fixture;
@@ -107,6 +108,47 @@ macro_rules! conformance_suite {
             election_single_leader,
             election_leader_lost_on_session_expiry,
         );
+        $crate::__conformance_fault_cases!(
+            $fixture;
+            fault_server_restart,
+            fault_server_pause_over_ttl,
+            fault_server_pause_short,
+            fault_partition_over_ttl,
+            fault_partition_short,
+            fault_leader_kill,
+            fault_owner_crash,
+            fault_compaction,
+            fault_slow_consumer,
+            fault_chaos,
+        );
+
+        /// Not a test: the owner process `fault_owner_crash` starts by re-running this binary
+        /// (see `faults::owner_process_main`); run as a test it does nothing.
+        #[test]
+        fn conformance_owner_process() {
+            $crate::faults::owner_process_main($fixture);
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_fault_cases {
+    ($fixture:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let fixture: ::std::sync::Arc<dyn $crate::Fixture> = $fixture();
+                // One fault case at a time; the wait does not count against the case's time.
+                let _serial = $crate::faults::SERIAL.acquire().await;
+                $crate::run_case(
+                    fixture.name(),
+                    stringify!($case),
+                    $crate::cases::$case(&*fixture),
+                )
+                .await;
+            }
+        )*
     };
 }
 

@@ -1,17 +1,38 @@
 //! The whole conformance suite against a real etcd started by the harness.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use conformance_tests::harness::EtcdServer;
+use conformance_tests::harness::{Cluster, EtcdCluster, EtcdServer};
 use conformance_tests::{conformance_suite, Fault, Fixture};
 use registry_core::{Error, NodePath, Registry, Result, SessionId};
 use registry_etcd::{EtcdOptions, EtcdRegistry};
 
+const TTL: Duration = Duration::from_secs(2);
+
+/// The shared server starts with the first case that needs it (owner processes, which only
+/// call `connect_to`, never start one).
 struct EtcdFixture {
-    endpoint: String,
-    _server: Mutex<EtcdServer>,
+    server: OnceLock<(String, Mutex<EtcdServer>)>,
+}
+
+impl EtcdFixture {
+    fn endpoint(&self) -> String {
+        self.server
+            .get_or_init(|| {
+                let server =
+                    EtcdServer::start().unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+                (server.endpoint(), Mutex::new(server))
+            })
+            .0
+            .clone()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::unavailable(e.to_string())
 }
 
 #[async_trait]
@@ -21,25 +42,67 @@ impl Fixture for EtcdFixture {
     }
 
     async fn open(&self, namespace: &str) -> Result<Arc<dyn Registry>> {
-        let options = EtcdOptions::new([self.endpoint.clone()])
+        // Starting the shared server blocks, once.
+        let endpoint = tokio::task::block_in_place(|| self.endpoint());
+        let options = EtcdOptions::new([endpoint])
             .with_namespace(NodePath::new(format!("/{namespace}"))?)
-            .with_ttl(Duration::from_secs(2));
+            .with_ttl(TTL);
         Ok(Arc::new(EtcdRegistry::connect(options).await?))
     }
 
     fn supports(&self, fault: Fault) -> bool {
-        fault == Fault::ExpireSession
+        matches!(
+            fault,
+            Fault::ExpireSession | Fault::Servers | Fault::Compaction
+        )
     }
 
     async fn expire_session(&self, session: SessionId) -> Result<()> {
-        let mut client = etcd_client::Client::connect([self.endpoint.clone()], None)
+        let mut client = etcd_client::Client::connect([self.endpoint()], None)
             .await
-            .map_err(|e| Error::unavailable(e.to_string()))?;
-        client
-            .lease_revoke(session.0)
-            .await
-            .map_err(|e| Error::unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
+        client.lease_revoke(session.0).await.map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn start_cluster(&self, size: usize) -> Result<Box<dyn Cluster>> {
+        let cluster = tokio::task::spawn_blocking(move || EtcdCluster::start(size))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        Ok(Box::new(cluster))
+    }
+
+    async fn connect_to(&self, members: &[SocketAddr]) -> Result<Arc<dyn Registry>> {
+        let endpoints: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+        let options = EtcdOptions::new(endpoints).with_ttl(TTL);
+        Ok(Arc::new(EtcdRegistry::connect(options).await?))
+    }
+
+    async fn compact(&self, members: &[SocketAddr]) -> Result<()> {
+        let endpoints: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+        let mut client = etcd_client::Client::connect(endpoints, None)
+            .await
+            .map_err(unavailable)?;
+        let revision = client
+            .get("/", None)
+            .await
+            .map_err(unavailable)?
+            .header()
+            .map(|h| h.revision())
+            .ok_or_else(|| unavailable("no header in a get response"))?;
+        client
+            .compact(
+                revision,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn session_ttl(&self) -> Duration {
+        TTL
     }
 
     fn expiry_bound(&self) -> Duration {
@@ -51,10 +114,8 @@ fn fixture() -> Arc<dyn Fixture> {
     static FIXTURE: OnceLock<Arc<dyn Fixture>> = OnceLock::new();
     FIXTURE
         .get_or_init(|| {
-            let server = EtcdServer::start().unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
             Arc::new(EtcdFixture {
-                endpoint: server.endpoint(),
-                _server: Mutex::new(server),
+                server: OnceLock::new(),
             })
         })
         .clone()

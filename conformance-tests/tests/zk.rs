@@ -4,11 +4,12 @@
 //! client: a blackhole longer than the session timeout makes the server expire the session
 //! for real; a shorter one is a connection blip.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use conformance_tests::harness::{TcpProxy, ZkConfig, ZkServer};
+use conformance_tests::harness::{Cluster, TcpProxy, ZkConfig, ZkEnsemble, ZkServer};
 use conformance_tests::{conformance_suite, Fault, Fixture};
 use registry_core::{Error, NodePath, Registry, Result, SessionId};
 use registry_zk::{ZkOptions, ZkRegistry};
@@ -20,9 +21,18 @@ struct Client {
     proxy: Arc<TcpProxy>,
 }
 
+/// The shared server starts with the first case that needs it (owner processes, which only
+/// call `connect_to`, never start one).
 struct ZkFixture {
-    server: Mutex<ZkServer>,
+    server: OnceLock<Mutex<ZkServer>>,
     clients: Mutex<Vec<Client>>,
+}
+
+/// Short ticks so sessions of 2 s are allowed and expire promptly.
+fn config() -> ZkConfig {
+    ZkConfig {
+        tick_time: Duration::from_millis(200),
+    }
 }
 
 impl ZkFixture {
@@ -49,7 +59,19 @@ impl Fixture for ZkFixture {
     }
 
     async fn open(&self, namespace: &str) -> Result<Arc<dyn Registry>> {
-        let upstream = self.server.lock().unwrap_or_else(|p| p.into_inner()).addr();
+        // Starting the shared server blocks, once.
+        let upstream = tokio::task::block_in_place(|| {
+            self.server
+                .get_or_init(|| {
+                    Mutex::new(
+                        ZkServer::start(config())
+                            .unwrap_or_else(|e| panic!("cannot start ZooKeeper: {e}")),
+                    )
+                })
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .addr()
+        });
         let proxy = Arc::new(TcpProxy::start(upstream).map_err(Error::unavailable)?);
         let options = ZkOptions::new(proxy.addr().to_string())
             .with_chroot(NodePath::new(format!("/{namespace}"))?)
@@ -65,7 +87,28 @@ impl Fixture for ZkFixture {
     }
 
     fn supports(&self, fault: Fault) -> bool {
-        matches!(fault, Fault::ExpireSession | Fault::InterruptConnection)
+        matches!(
+            fault,
+            Fault::ExpireSession | Fault::InterruptConnection | Fault::Servers
+        )
+    }
+
+    async fn start_cluster(&self, size: usize) -> Result<Box<dyn Cluster>> {
+        let ensemble = tokio::task::spawn_blocking(move || ZkEnsemble::start(size, config()))
+            .await
+            .map_err(|e| Error::unavailable(e.to_string()))?
+            .map_err(Error::unavailable)?;
+        Ok(Box::new(ensemble))
+    }
+
+    async fn connect_to(&self, members: &[SocketAddr]) -> Result<Arc<dyn Registry>> {
+        let hosts: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+        let options = ZkOptions::new(hosts.join(",")).with_session_timeout(SESSION_TIMEOUT);
+        Ok(Arc::new(ZkRegistry::connect(options).await?))
+    }
+
+    fn session_ttl(&self) -> Duration {
+        SESSION_TIMEOUT
     }
 
     /// Partitions the client past the session timeout: the server expires the session.
@@ -94,12 +137,8 @@ fn fixture() -> Arc<dyn Fixture> {
     static FIXTURE: OnceLock<Arc<dyn Fixture>> = OnceLock::new();
     FIXTURE
         .get_or_init(|| {
-            let server = ZkServer::start(ZkConfig {
-                tick_time: Duration::from_millis(200),
-            })
-            .unwrap_or_else(|e| panic!("cannot start ZooKeeper: {e}"));
             Arc::new(ZkFixture {
-                server: Mutex::new(server),
+                server: OnceLock::new(),
                 clients: Mutex::new(Vec::new()),
             })
         })

@@ -2,6 +2,7 @@
 //! [`conformance_suite!`](crate::conformance_suite).
 
 mod children;
+mod faults;
 mod nodes;
 mod recipes;
 mod registration;
@@ -9,6 +10,7 @@ mod sessions;
 mod watch;
 
 pub use children::*;
+pub use faults::*;
 pub use nodes::*;
 pub use recipes::*;
 pub use registration::*;

@@ -1,11 +1,13 @@
 //! The real-server harness: starts etcd and ZooKeeper processes on free loopback ports in
 //! temp dirs, and injects faults (kill, pause, restart, connection cuts).
 
+pub mod cluster;
 pub mod etcd;
 pub mod process;
 pub mod proxy;
 pub mod zookeeper;
 
+pub use cluster::Cluster;
 pub use etcd::{EtcdCluster, EtcdServer};
 pub use process::{
     free_port, port_open, require_binary, wait_until, HarnessResult, ServerProcess, SETUP_COMMAND,

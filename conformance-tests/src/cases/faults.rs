@@ -1,0 +1,754 @@
+//! Fault cases: servers killed, paused, partitioned, a leader lost, an owner process crashed,
+//! history compacted, a consumer too slow, and a seeded chaos run. Each asserts invariants
+//! afterwards: every registration exists exactly once under its owner's current session,
+//! every watcher's state equals a fresh read, session events tell what happened.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use registry_core::{
+    Bytes, CreateMode, Error, Expected, NodePath, RegisterOptions, Registry, SessionState,
+    WatchOptions, WatchedState,
+};
+
+use crate::faults::{FaultEnv, Fleet, SessionLog, Watcher};
+use crate::fixture::{Fault, Fixture};
+use crate::support::{p, summary, CaseEnv, Outcome};
+
+/// How long a fault case waits for registrations and watchers to recover.
+pub const RECOVERY: Duration = Duration::from_secs(30);
+
+/// Servers of the case's own if the fixture can start them; else, if it can cut a client's
+/// connection, the shared backend.
+macro_rules! partition_env {
+    ($fx:expr, $case:expr) => {{
+        if $fx.supports(Fault::Servers) {
+            fault_env!($fx, $case, 1)
+        } else if $fx.supports(Fault::InterruptConnection) {
+            FaultEnv::shared($fx, $case)
+        } else {
+            return Outcome::Skipped(format!(
+                "{} can neither start servers nor cut a client off",
+                $fx.name()
+            ));
+        }
+    }};
+}
+
+macro_rules! fault_env {
+    ($fx:expr, $case:expr, $size:expr) => {{
+        if !$fx.supports(Fault::Servers) {
+            return Outcome::Skipped(format!(
+                "{} cannot start servers of a case's own (Fault::Servers)",
+                $fx.name()
+            ));
+        }
+        match FaultEnv::start($fx, $case, $size).await {
+            Ok(env) => env,
+            Err(reason) => return Outcome::Skipped(reason),
+        }
+    }};
+}
+
+/// 20 registrations over 4 clients, 3 watchers of their parent, a reader; all settled.
+async fn world(env: &FaultEnv<'_>) -> (Fleet, Vec<Watcher>, Arc<dyn Registry>) {
+    let parent = p("/svc");
+    let fleet = Fleet::start(env, &parent, 4, 5).await;
+    let reader = env.client().await;
+    let mut watchers = Vec::new();
+    for _ in 0..3 {
+        watchers.push(
+            Watcher::start(env.client().await, parent.clone(), WatchOptions::children()).await,
+        );
+    }
+    fleet.intact(&env.at, &reader, RECOVERY).await;
+    for w in &watchers {
+        w.converged(&env.at, &reader, RECOVERY).await;
+    }
+    (fleet, watchers, reader)
+}
+
+async fn all_recovered(
+    env: &FaultEnv<'_>,
+    fleet: &Fleet,
+    watchers: &[Watcher],
+    reader: &Arc<dyn Registry>,
+) {
+    fleet.intact(&env.at, reader, RECOVERY).await;
+    for w in watchers {
+        w.converged(&env.at, reader, RECOVERY).await;
+    }
+}
+
+/// A session that was lost must have been re-established with a larger epoch, and be live now.
+fn lost_then_reestablished(at: &str, who: &str, log: &SessionLog) {
+    let states = log.states();
+    let lost = states
+        .iter()
+        .position(|s| s.state == SessionState::Lost)
+        .unwrap_or_else(|| panic!("[{at}] {who}: no Lost reported; saw {states:?}"));
+    let before = states[lost].epoch;
+    assert!(
+        states[lost..]
+            .iter()
+            .any(|s| s.state == SessionState::Reestablished && s.epoch > before),
+        "[{at}] {who}: Lost at epoch {before} never followed by Reestablished with a larger epoch; saw {states:?}"
+    );
+}
+
+fn never_lost(at: &str, who: &str, log: &SessionLog) {
+    assert!(
+        !log.saw(SessionState::Lost),
+        "[{at}] {who}: reported Lost for a fault shorter than the TTL; saw {:?}",
+        log.states()
+    );
+}
+
+fn live_now(at: &str, who: &str, client: &Arc<dyn Registry>) {
+    assert!(
+        client.session().state.is_live(),
+        "[{at}] {who}: session not live after recovery: {:?}",
+        client.session()
+    );
+}
+
+/// Server SIGKILLed with 20 registrations live and 3 watchers, restarted on the same data
+/// (down for half the TTL): every registration exactly once, watchers equal a fresh read,
+/// each client reported `Suspended`, then `Connected` or `Lost` then `Reestablished`.
+pub async fn fault_server_restart(fx: &dyn Fixture) -> Outcome {
+    let env = fault_env!(fx, "fault_server_restart", 1);
+    let (fleet, watchers, reader) = world(&env).await;
+    env.kill(0).await;
+    tokio::time::sleep(env.ttl() / 2).await;
+    env.restart(0).await;
+    all_recovered(&env, &fleet, &watchers, &reader).await;
+    for (i, (client, log, _)) in fleet.owners.iter().enumerate() {
+        let who = format!("owner {i}");
+        assert!(
+            log.saw(SessionState::Suspended),
+            "[{}] {who}: the outage was never reported as Suspended; saw {:?}",
+            env.at,
+            log.states()
+        );
+        if log.saw(SessionState::Lost) {
+            lost_then_reestablished(&env.at, &who, log);
+        }
+        live_now(&env.at, &who, client);
+    }
+    Outcome::Passed
+}
+
+/// Server SIGSTOPped for twice the TTL, then continued: every client reports `Lost`, then
+/// `Reestablished` with a larger epoch; registrations come back under the new sessions (no
+/// node of an old session left); watchers converge.
+pub async fn fault_server_pause_over_ttl(fx: &dyn Fixture) -> Outcome {
+    let env = fault_env!(fx, "fault_server_pause_over_ttl", 1);
+    let (fleet, watchers, reader) = world(&env).await;
+    env.pause(0).await;
+    tokio::time::sleep(env.ttl() * 2 + Duration::from_millis(500)).await;
+    env.resume(0).await;
+    all_recovered(&env, &fleet, &watchers, &reader).await;
+    for (i, (client, log, _)) in fleet.owners.iter().enumerate() {
+        let who = format!("owner {i}");
+        lost_then_reestablished(&env.at, &who, log);
+        live_now(&env.at, &who, client);
+    }
+    Outcome::Passed
+}
+
+/// Server SIGSTOPped for a third of the TTL: nothing lost, no `Lost` reported, every
+/// registration still the node it was (same session, same creation).
+pub async fn fault_server_pause_short(fx: &dyn Fixture) -> Outcome {
+    let env = fault_env!(fx, "fault_server_pause_short", 1);
+    let (fleet, watchers, reader) = world(&env).await;
+    let before = summary(
+        reader
+            .children(&fleet.parent)
+            .await
+            .map(|c| c.nodes)
+            .unwrap_or_default()
+            .iter(),
+    );
+    env.pause(0).await;
+    tokio::time::sleep(env.ttl() / 3).await;
+    env.resume(0).await;
+    all_recovered(&env, &fleet, &watchers, &reader).await;
+    let after = summary(
+        reader
+            .children(&fleet.parent)
+            .await
+            .map(|c| c.nodes)
+            .unwrap_or_default()
+            .iter(),
+    );
+    assert_eq!(
+        before, after,
+        "[{}] registrations changed across a short pause",
+        env.at
+    );
+    for (i, (_, log, _)) in fleet.owners.iter().enumerate() {
+        never_lost(&env.at, &format!("owner {i}"), log);
+    }
+    Outcome::Passed
+}
+
+/// One client partitioned from the server (server alive) for twice the TTL: that client
+/// reports `Lost` then `Reestablished` and its registrations come back; the others never
+/// notice; watchers converge.
+pub async fn fault_partition_over_ttl(fx: &dyn Fixture) -> Outcome {
+    let env = partition_env!(fx, "fault_partition_over_ttl");
+    let (fleet, watchers, reader) = world(&env).await;
+    let victim = fleet.owners[0].0.clone();
+    env.isolate(&victim, env.ttl() * 2 + Duration::from_millis(500))
+        .await;
+    all_recovered(&env, &fleet, &watchers, &reader).await;
+    lost_then_reestablished(&env.at, "the partitioned client", &fleet.owners[0].1);
+    for (i, (_, log, _)) in fleet.owners.iter().enumerate().skip(1) {
+        never_lost(&env.at, &format!("owner {i} (not partitioned)"), log);
+    }
+    Outcome::Passed
+}
+
+/// One client partitioned for a third of the TTL: nothing lost anywhere.
+pub async fn fault_partition_short(fx: &dyn Fixture) -> Outcome {
+    let env = partition_env!(fx, "fault_partition_short");
+    let (fleet, watchers, reader) = world(&env).await;
+    let before = summary(
+        reader
+            .children(&fleet.parent)
+            .await
+            .map(|c| c.nodes)
+            .unwrap_or_default()
+            .iter(),
+    );
+    let victim = fleet.owners[0].0.clone();
+    env.isolate(&victim, env.ttl() / 3).await;
+    all_recovered(&env, &fleet, &watchers, &reader).await;
+    let after = summary(
+        reader
+            .children(&fleet.parent)
+            .await
+            .map(|c| c.nodes)
+            .unwrap_or_default()
+            .iter(),
+    );
+    assert_eq!(
+        before, after,
+        "[{}] registrations changed across a short partition",
+        env.at
+    );
+    for (i, (_, log, _)) in fleet.owners.iter().enumerate() {
+        never_lost(&env.at, &format!("owner {i}"), log);
+    }
+    Outcome::Passed
+}
+
+/// Longest writes may stall after the leader of three dies (measured about 1 to 3 s on
+/// both servers with the harness's timings; asserted with margin).
+pub const LEADER_LOSS_BOUND: Duration = Duration::from_secs(12);
+
+/// Three members, clients given every endpoint; the leader is SIGKILLed during a stream of
+/// writes: every acknowledged write is there, no registration lost, watchers converge, and
+/// writes resume within [`LEADER_LOSS_BOUND`].
+pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
+    let env = fault_env!(fx, "fault_leader_kill", 3);
+    let (fleet, watchers, reader) = world(&env).await;
+    let writer = env.client().await;
+    const KEYS: usize = 20;
+    for k in 0..KEYS {
+        let path = p(&format!("/data/k{k}"));
+        writer
+            .create(&path, Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("[{}] create {path}: {e}", env.at));
+    }
+    let acked: Arc<Mutex<BTreeMap<usize, u64>>> = Arc::default();
+    let successes: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = {
+        let (writer, acked, successes, stop) = (
+            writer.clone(),
+            acked.clone(),
+            successes.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            // Bounded by `stop` (set below) and by a count no run reaches.
+            while i < 1_000_000 {
+                let key = (i as usize) % KEYS;
+                let path = p(&format!("/data/k{key}"));
+                match writer
+                    .set(&path, Bytes::from(i.to_string()), Expected::Any)
+                    .await
+                {
+                    Ok(_) => {
+                        acked
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(key, i);
+                        successes
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(Instant::now());
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        i += 1;
+                    }
+                    // The same write again: a set of the same value is idempotent.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leader = env.leader().await;
+    let killed_at = Instant::now();
+    env.kill(leader).await;
+    let deadline = killed_at + LEADER_LOSS_BOUND + Duration::from_secs(10);
+    let resumed = loop {
+        let first = successes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .find(|t| *t > killed_at + Duration::from_millis(1));
+        if let Some(t) = first {
+            break t - killed_at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "[{}] no write succeeded within {:?} of the leader's death",
+            env.at,
+            deadline - killed_at
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "[{}] writes resumed {:?} after the leader was killed",
+        env.at, resumed
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    tokio::time::timeout(RECOVERY, task)
+        .await
+        .unwrap_or_else(|_| panic!("[{}] writer did not stop", env.at))
+        .unwrap_or_else(|e| panic!("[{}] writer: {e}", env.at));
+    assert!(
+        resumed <= LEADER_LOSS_BOUND,
+        "[{}] writes resumed only {resumed:?} after the leader died (bound {LEADER_LOSS_BOUND:?})",
+        env.at
+    );
+    let acked = acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (key, value) in &acked {
+        let path = p(&format!("/data/k{key}"));
+        let node = reader
+            .get(&path)
+            .await
+            .unwrap_or_else(|e| panic!("[{}] get {path}: {e}", env.at));
+        assert_eq!(
+            node.value,
+            Bytes::from(value.to_string()),
+            "[{}] acknowledged write to {path} lost",
+            env.at
+        );
+    }
+    all_recovered(&env, &fleet, &watchers, &reader).await;
+    Outcome::Passed
+}
+
+/// A separate process registers and is SIGKILLed: a watcher sees its node gone within
+/// TTL + 1 s. Another deregisters gracefully: gone within 1 s.
+pub async fn fault_owner_crash(fx: &dyn Fixture) -> Outcome {
+    let env = fault_env!(fx, "fault_owner_crash", 1);
+    let (crashing, graceful) = (p("/owners/crashing"), p("/owners/graceful"));
+    let mut a = env.spawn_owner(&crashing).await;
+    let mut b = env.spawn_owner(&graceful).await;
+    let watcher = Watcher::start(env.client().await, p("/owners"), WatchOptions::children()).await;
+    let reader = env.client().await;
+    watcher.converged(&env.at, &reader, RECOVERY).await;
+    assert!(
+        watcher.holds(&crashing) && watcher.holds(&graceful),
+        "[{}] owners not seen",
+        env.at
+    );
+
+    let bound = env.ttl() + Duration::from_secs(1);
+    let killed = Instant::now();
+    a.crash();
+    wait_not_held(&watcher, &crashing, killed, bound + Duration::from_secs(10)).await;
+    let crash_seen = killed.elapsed();
+    assert!(
+        crash_seen <= bound,
+        "[{}] crashed owner's node seen gone after {crash_seen:?} (bound TTL + 1 s = {bound:?})",
+        env.at
+    );
+
+    let asked = Instant::now();
+    b.deregister().await;
+    wait_not_held(&watcher, &graceful, asked, Duration::from_secs(10)).await;
+    let graceful_seen = asked.elapsed();
+    assert!(
+        graceful_seen <= Duration::from_secs(1),
+        "[{}] deregistered node seen gone after {graceful_seen:?} (bound 1 s)",
+        env.at
+    );
+    eprintln!("[{}] crash seen gone after {crash_seen:?} (TTL {:?}); deregistration after {graceful_seen:?}", env.at, env.ttl());
+    Outcome::Passed
+}
+
+/// Waits until `watcher` no longer holds `path`, failing `limit` after `since`.
+async fn wait_not_held(watcher: &Watcher, path: &NodePath, since: Instant, limit: Duration) {
+    while watcher.holds(path) {
+        assert!(
+            since.elapsed() < limit,
+            "{path} still watched after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A watcher is cut off while 100 changes happen and the history is compacted past its
+/// revision: once back, it gets a `Resync` and converges.
+pub async fn fault_compaction(fx: &dyn Fixture) -> Outcome {
+    if !fx.supports(Fault::Compaction) {
+        return Outcome::Skipped(format!(
+            "{} has no compaction (Fault::Compaction)",
+            fx.name()
+        ));
+    }
+    let env = fault_env!(fx, "fault_compaction", 1);
+    let writer = env.client().await;
+    let root = p("/compacted");
+    writer
+        .create(
+            &root.join("seed").unwrap_or_else(|e| panic!("{e}")),
+            Bytes::new(),
+            CreateMode::Persistent,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("[{}] {e}", env.at));
+    let watcher = Watcher::start(env.client().await, root.clone(), WatchOptions::subtree()).await;
+    watcher.converged(&env.at, &writer, RECOVERY).await;
+    env.cut(&watcher.client);
+    for i in 0..100 {
+        let path = root
+            .join(&format!("k{}", i % 10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        match writer
+            .set(&path, Bytes::from(i.to_string()), Expected::Any)
+            .await
+        {
+            Err(Error::NotFound { .. }) => writer
+                .create(&path, Bytes::from(i.to_string()), CreateMode::Persistent)
+                .await
+                .map(|_| ()),
+            other => other.map(|_| ()),
+        }
+        .unwrap_or_else(|e| panic!("[{}] write {path}: {e}", env.at));
+    }
+    env.compact()
+        .await
+        .unwrap_or_else(|e| panic!("[{}] compact: {e}", env.at));
+    env.heal(&watcher.client);
+    watcher.converged(&env.at, &writer, RECOVERY).await;
+    assert!(
+        watcher.resyncs() >= 1,
+        "[{}] the watcher converged without a Resync across a compaction",
+        env.at
+    );
+    Outcome::Passed
+}
+
+/// Items a watch may deliver after its consumer stalled through 10k changes: every backend
+/// buffers at most 4096 per stream and then replaces the backlog with one `Resync`.
+pub const SLOW_CONSUMER_MAX_ITEMS: usize = 2 * 4096;
+
+/// A watch stream not polled for 10 s while 10k changes happen: the session keep-alive is not
+/// starved (registrations survive, no `Lost`), the stream's buffer stays bounded (at most
+/// [`SLOW_CONSUMER_MAX_ITEMS`] items once polled), and it converges.
+pub async fn fault_slow_consumer(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "fault_slow_consumer");
+    let at = env.at();
+    let slow = env.client().await;
+    let log = SessionLog::start(&slow);
+    let mut regs = Vec::new();
+    for i in 0..5 {
+        let path = p(&format!("/svc/slow{i}"));
+        regs.push(
+            slow.register(&path, Bytes::new(), RegisterOptions::new())
+                .await
+                .unwrap_or_else(|e| panic!("[{at}] register: {e}")),
+        );
+    }
+    let writer = env.client().await;
+    let root = p("/burst");
+    for k in 0..100 {
+        writer
+            .create(
+                &p(&format!("/burst/k{k}")),
+                Bytes::new(),
+                CreateMode::Persistent,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("[{at}] create: {e}"));
+    }
+    let mut stream = slow
+        .watch(&root, WatchOptions::children())
+        .await
+        .unwrap_or_else(|e| panic!("[{at}] watch: {e}"));
+    let stalled = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..16usize {
+        let (writer, done, at) = (writer.clone(), done.clone(), at.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..625usize {
+                let k = (t * 625 + round) % 100;
+                let path = p(&format!("/burst/k{k}"));
+                // Retried: a change counts once it is written.
+                for attempt in 0..50 {
+                    match writer
+                        .set(&path, Bytes::from(format!("{t}-{round}")), Expected::Any)
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) if attempt == 49 => panic!("[{at}] write {path}: {e}"),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap_or_else(|e| panic!("[{at}] writer: {e}"));
+    }
+    assert_eq!(done.load(Ordering::Relaxed), 10_000);
+    // Time is the property here: the stream stays unpolled for 10 s.
+    let left = Duration::from_secs(10).saturating_sub(stalled.elapsed());
+    tokio::time::sleep(left).await;
+    never_lost(&at, "the slow consumer's client", &log);
+    for reg in &regs {
+        let path = reg.requested_path();
+        let node = writer
+            .get(path)
+            .await
+            .unwrap_or_else(|e| panic!("[{at}] {path} lost while the consumer stalled: {e}"));
+        assert_eq!(
+            node.ephemeral_owner,
+            slow.session().session_id,
+            "[{at}] {path} re-created: the keep-alive starved"
+        );
+    }
+    // Polled again: bounded backlog, then convergence.
+    let mut state = WatchedState::new();
+    let mut items = 0usize;
+    let expected = summary(
+        writer
+            .children(&root)
+            .await
+            .map(|c| c.nodes)
+            .unwrap_or_default()
+            .iter(),
+    );
+    let deadline = tokio::time::Instant::now() + RECOVERY;
+    while summary(state.nodes()) != expected {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, stream.next()).await {
+            Ok(Some(Ok(event))) => {
+                items += 1;
+                state.apply(&event);
+            }
+            other => panic!("[{at}] slow watch did not converge after {items} items: {other:?}"),
+        }
+    }
+    assert!(items <= SLOW_CONSUMER_MAX_ITEMS, "[{at}] {items} items were buffered for a stalled consumer (bound {SLOW_CONSUMER_MAX_ITEMS})");
+    drop(regs);
+    env.finish().await
+}
+
+/// Seconds of injected faults per chaos run.
+pub const CHAOS_RUN: Duration = Duration::from_secs(40);
+
+/// A seeded chaos run (seed from `CHAOS_SEED`, else fixed): clients register, deregister,
+/// write sequential nodes and watch while the server is killed and restarted, paused short
+/// and long, and clients are partitioned or cut. Afterwards: every registration exactly once
+/// under its owner's live session, no ephemeral node of a dead session anywhere, watchers
+/// converged, sequential names unique and all present. Prints a one-line summary.
+pub async fn fault_chaos(fx: &dyn Fixture) -> Outcome {
+    let env = fault_env!(fx, "fault_chaos", 1);
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261124);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let parent = p("/svc");
+    let fleet = Fleet::start(&env, &parent, 3, 3).await;
+    let reader = env.client().await;
+    let watchers = vec![
+        Watcher::start(env.client().await, parent.clone(), WatchOptions::children()).await,
+        Watcher::start(env.client().await, p("/seq"), WatchOptions::children()).await,
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    // Sequential writer: every name it was given must exist at the end, once.
+    let seq_client = env.client().await;
+    let names: Arc<Mutex<Vec<NodePath>>> = Arc::default();
+    let seq_task = {
+        let (client, names, stop) = (seq_client.clone(), names.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut failures = 0usize;
+            while !stop.load(Ordering::Relaxed) && failures < 100_000 {
+                match client
+                    .create(&p("/seq/n"), Bytes::new(), CreateMode::PersistentSequential)
+                    .await
+                {
+                    Ok(node) => names
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(node.path),
+                    Err(_) => {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Churn: register and deregister over and over.
+    let churn_client = env.client().await;
+    let churn_task = {
+        let (client, stop) = (churn_client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) && round < 100_000 {
+                let path = p(&format!("/churn/c{}", round % 5));
+                if let Ok(reg) = client
+                    .register(&path, Bytes::new(), RegisterOptions::new())
+                    .await
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = reg.deregister().await;
+                }
+                round += 1;
+            }
+        })
+    };
+
+    let ttl = env.ttl();
+    let mut clients: Vec<Arc<dyn Registry>> =
+        fleet.owners.iter().map(|(c, _, _)| c.clone()).collect();
+    clients.extend([seq_client.clone(), churn_client.clone()]);
+    clients.extend(watchers.iter().map(|w| w.client.clone()));
+    let started = Instant::now();
+    let mut faults = 0usize;
+    while started.elapsed() < CHAOS_RUN {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))).await;
+        faults += 1;
+        match rng.gen_range(0..5) {
+            0 => {
+                env.kill(0).await;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(100..1000))).await;
+                env.restart(0).await;
+            }
+            1 => {
+                env.pause(0).await;
+                tokio::time::sleep(ttl / 4).await;
+                env.resume(0).await;
+            }
+            2 => {
+                env.pause(0).await;
+                tokio::time::sleep(ttl * 2).await;
+                env.resume(0).await;
+            }
+            3 => {
+                let victim = &clients[rng.gen_range(0..clients.len())];
+                env.partition(victim);
+                let long = rng.gen_bool(0.5);
+                tokio::time::sleep(if long { ttl * 2 } else { ttl / 4 }).await;
+                env.heal(victim);
+            }
+            _ => {
+                let victim = &clients[rng.gen_range(0..clients.len())];
+                env.cut(victim);
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(100..800))).await;
+                env.heal(victim);
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in [seq_task, churn_task] {
+        tokio::time::timeout(RECOVERY, task)
+            .await
+            .unwrap_or_else(|_| panic!("[{}] a chaos client did not stop", env.at))
+            .unwrap_or_else(|e| panic!("[{}] chaos client: {e}", env.at));
+    }
+
+    let mut checks = 0usize;
+    fleet.intact(&env.at, &reader, RECOVERY).await;
+    checks += 1;
+    for w in &watchers {
+        w.converged(&env.at, &reader, RECOVERY).await;
+        checks += 1;
+    }
+    let names = names.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let unique: std::collections::BTreeSet<&NodePath> = names.iter().collect();
+    assert_eq!(
+        unique.len(),
+        names.len(),
+        "[{}] a sequential name was given twice",
+        env.at
+    );
+    checks += 1;
+    let present: std::collections::BTreeSet<NodePath> = reader
+        .children(&p("/seq"))
+        .await
+        .map(|c| c.nodes.into_iter().map(|n| n.path).collect())
+        .unwrap_or_default();
+    let missing: Vec<&&NodePath> = unique.iter().filter(|n| !present.contains(**n)).collect();
+    assert!(
+        missing.is_empty(),
+        "[{}] acknowledged sequential nodes missing: {missing:?}",
+        env.at
+    );
+    checks += 1;
+    // No ephemeral node of a dead session: every one left belongs to a live client session.
+    let live: Vec<_> = clients
+        .iter()
+        .filter_map(|c| c.session().session_id)
+        .collect();
+    crate::support::eventually(
+        RECOVERY,
+        &format!("[{}] no orphan ephemeral", env.at),
+        || {
+            let (reader, live) = (reader.clone(), live.clone());
+            async move {
+                let mut nodes = Vec::new();
+                for root in ["/svc", "/churn"] {
+                    match reader.children(&p(root)).await {
+                        Ok(c) => nodes.extend(c.nodes),
+                        Err(Error::NotFound { .. }) => {}
+                        Err(_) => return false,
+                    }
+                }
+                nodes
+                    .iter()
+                    .all(|n| n.ephemeral_owner.is_none_or(|o| live.contains(&o)))
+            }
+        },
+    )
+    .await;
+    checks += 1;
+    println!(
+        "chaos {} seed={seed}: {faults} faults injected, {checks} invariants checked, 0 violations ({} sequential nodes)",
+        env.at,
+        names.len()
+    );
+    Outcome::Passed
+}
