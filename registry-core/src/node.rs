@@ -39,9 +39,11 @@ pub struct Node {
     pub value: Bytes,
     /// 0 when created, +1 on every write of the value (the same on every backend).
     pub version: u64,
-    /// Strictly increasing in global creation order (etcd create_revision, ZooKeeper czxid):
-    /// a node created after another has a larger `create_order`. 0 only for implicit parents
-    /// that were never created (etcd keys written by other tools without their parents).
+    /// Increasing in global creation order (etcd create_revision, ZooKeeper czxid): a node
+    /// created after another's creation completed has a larger `create_order`. Nodes created
+    /// together in one atomic step share one (the etcd backend puts concurrent ephemeral
+    /// creates in one Txn). 0 only for implicit parents that were never created (etcd keys
+    /// written by other tools without their parents).
     pub create_order: u64,
     /// The revision of the last write to this node (etcd mod_revision, ZooKeeper mzxid).
     pub modify_order: u64,

@@ -516,9 +516,16 @@ async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                         needs_ensure = true;
                     }
                 }
-                Some(Ok(WatchEvent::Deleted(_))) => {
-                    set_recreating(&shared, "node deleted");
-                    needs_ensure = true;
+                Some(Ok(WatchEvent::Deleted(gone))) => {
+                    // A late event about an earlier incarnation (the lost session's node, after
+                    // ours was already re-created) says nothing about the current one.
+                    let stale = current_node(&shared).is_some_and(|now| {
+                        gone.ephemeral_owner.is_some() && gone.ephemeral_owner != now.ephemeral_owner
+                    });
+                    if !stale {
+                        set_recreating(&shared, "node deleted");
+                        needs_ensure = true;
+                    }
                 }
                 Some(Ok(WatchEvent::Created(node))) | Some(Ok(WatchEvent::Updated(node))) => {
                     if !owned_by_current_session(&shared, &node) {

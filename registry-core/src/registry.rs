@@ -45,8 +45,9 @@ pub fn check_value(path: &NodePath, value: &[u8]) -> Result<()> {
 ///
 /// # Versions and order
 /// [`Node::version`] is 0 at creation and grows by one per [`set`](Registry::set).
-/// [`Node::create_order`] is strictly increasing in global creation order, so sorting by it
-/// sorts by age. Sequential nodes are named `<name><counter>` with a 10-digit zero-padded
+/// [`Node::create_order`] grows with global creation order, so sorting by it sorts by age: a
+/// node created after another's creation completed has a larger one; creates that were in
+/// flight together may share one (etcd batches them into one Txn). Sequential nodes are named `<name><counter>` with a 10-digit zero-padded
 /// counter kept per parent, strictly increasing in creation order and unique under any number
 /// of concurrent creators.
 ///

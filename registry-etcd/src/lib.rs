@@ -20,6 +20,7 @@
 //! - Watches: see [`watch`].
 #![warn(missing_docs)]
 
+mod batch;
 mod error;
 mod keys;
 pub mod options;
@@ -64,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) options: EtcdOptions,
     pub(crate) session: Arc<Session>,
     pub(crate) shutdown: channel::Sender<bool>,
+    /// Ephemeral creates, coalesced into shared Txns (see `batch`).
+    creates: batch::Queue,
     closed: AtomicBool,
     session_task: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
@@ -232,17 +235,19 @@ impl EtcdRegistry {
         )
         .map_err(|e| Error::unavailable(format!("cannot start the etcd keep-alive thread: {e}")))?;
         tracing::info!(lease, "etcd session opened");
-        Ok(EtcdRegistry {
-            shared: Arc::new(Shared {
-                client,
-                keys: Keys::new(options.namespace.as_ref()),
-                options,
-                session,
-                shutdown,
-                closed: AtomicBool::new(false),
-                session_task: Mutex::new(Some(task)),
-            }),
-        })
+        let (creates, queued) = tokio::sync::mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            client,
+            keys: Keys::new(options.namespace.as_ref()),
+            options,
+            session,
+            shutdown,
+            creates,
+            closed: AtomicBool::new(false),
+            session_task: Mutex::new(Some(task)),
+        });
+        batch::spawn(Arc::downgrade(&shared), queued);
+        Ok(EtcdRegistry { shared })
     }
 
     /// The underlying etcd-client (for operations the contract does not cover).
@@ -415,6 +420,26 @@ impl EtcdRegistry {
     }
 }
 
+impl EtcdRegistry {
+    /// One create on its own: ancestors read, then a Txn; retried while it loses races.
+    pub(crate) async fn create_unbatched(
+        &self,
+        path: &NodePath,
+        value: &Bytes,
+        mode: CreateMode,
+    ) -> Result<Node> {
+        for _ in 0..MAX_CREATE_ROUNDS {
+            if let Some(node) = self.create_once(path, value, mode).await? {
+                tracing::debug!(path = %node.path, ?mode, "created");
+                return Ok(node);
+            }
+        }
+        Err(Error::unavailable(format!(
+            "etcd create {path}: too much contention, gave up after {MAX_CREATE_ROUNDS} rounds"
+        )))
+    }
+}
+
 fn gets_of_else(response: &TxnResponse) -> bool {
     gets(response).first().is_some_and(|g| !g.kvs().is_empty())
 }
@@ -439,15 +464,19 @@ impl Registry for EtcdRegistry {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot create the root node".into()));
         }
-        for _ in 0..MAX_CREATE_ROUNDS {
-            if let Some(node) = self.create_once(path, &value, mode).await? {
-                tracing::debug!(path = %node.path, ?mode, "created");
-                return Ok(node);
-            }
+        if mode != CreateMode::Ephemeral {
+            return self.create_unbatched(path, &value, mode).await;
         }
-        Err(Error::unavailable(format!(
-            "etcd create {path}: too much contention, gave up after {MAX_CREATE_ROUNDS} rounds"
-        )))
+        let (reply, result) = tokio::sync::oneshot::channel();
+        self.shared
+            .creates
+            .send(batch::Pending {
+                path: path.clone(),
+                value,
+                reply,
+            })
+            .map_err(|_| Error::Closed)?;
+        result.await.map_err(|_| Error::Closed)?
     }
 
     async fn get(&self, path: &NodePath) -> Result<Node> {

@@ -100,6 +100,23 @@ async fn keep_alive(
     }
 }
 
+/// Whether the server still holds `lease` (a busy server may answer keep-alives late while
+/// the lease lives on). Unreachable counts as gone: silent past the TTL, the lease has expired
+/// as far as any other client can tell.
+async fn still_granted(client: &mut Client, lease: i64, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, client.lease_time_to_live(lease, None)).await {
+        Ok(Ok(response)) if response.ttl() > 0 => {
+            tracing::info!(
+                lease,
+                ttl = response.ttl(),
+                "etcd lease outlived a slow keep-alive"
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Grants a lease, retrying with backoff until it works or close is asked for.
 pub(crate) async fn grant(
     client: &mut Client,
@@ -208,7 +225,7 @@ pub(crate) async fn run(
                     tracing::warn!(lease, "etcd connection lost; session suspended");
                     session.tracker.transition(SessionState::Suspended, None);
                 }
-                last_ok.elapsed() > ttl
+                last_ok.elapsed() > ttl && !still_granted(&mut client, lease, request_timeout).await
             }
         };
         if lost {

@@ -1,0 +1,204 @@
+//! Coalescing of concurrent ephemeral creates into shared Txns.
+//!
+//! After a lost lease every registration is put again at once; one Txn per node would cost
+//! two round trips each. Ephemeral creates queue here instead: while up to
+//! [`BATCHES_IN_FLIGHT`] Txns are out, new creates accumulate, and the next Txn takes up to
+//! [`MAX_BATCH`] of them. A lone create goes alone, so an idle client pays one channel hop.
+//! A batch is one read of the union of the nodes' ancestors, then one Txn whose compares hold
+//! every ancestor's `create_revision` and every key's absence, and whose puts carry the lease.
+//! If any compare fails (a key exists, a parent is missing or changed) the batch's creates
+//! run one by one, with their usual errors.
+//!
+//! Nodes created by one batch share a `create_revision`, so their `create_order` ties: they
+//! were created together, and the contract orders only a node created after another.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use registry_core::{CreateMode, Error, Node, NodePath, Result, SessionId};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::Instrument;
+
+use crate::{gets, revision_of, EtcdRegistry, Shared};
+
+/// Most creates in one Txn: with their ancestors' compares this stays under etcd's default
+/// `--max-txn-ops` of 128.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// Batches out at once; more creates wait and form the next, larger batch.
+pub(crate) const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Compares one Txn may hold (etcd's default `--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
+
+/// One queued create and where its result goes.
+pub(crate) struct Pending {
+    pub(crate) path: NodePath,
+    pub(crate) value: Bytes,
+    pub(crate) reply: oneshot::Sender<Result<Node>>,
+}
+
+/// The queue's sending side; bounded by the number of callers awaiting a reply.
+pub(crate) type Queue = mpsc::UnboundedSender<Pending>;
+
+/// Starts the batcher of `shared`'s client; it ends when the client is dropped.
+pub(crate) fn spawn(shared: Weak<Shared>, mut queue: mpsc::UnboundedReceiver<Pending>) {
+    let permits = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let task = async move {
+        while let Some(first) = queue.recv().await {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    run(EtcdRegistry { shared }, batch).await;
+                }
+                .in_current_span(),
+            );
+        }
+    };
+    tokio::spawn(task.instrument(tracing::debug_span!("etcd_create_batcher")));
+}
+
+async fn run(registry: EtcdRegistry, batch: Vec<Pending>) {
+    if batch.len() > 1 {
+        match together(&registry, &batch).await {
+            Ok(Some(nodes)) => {
+                tracing::debug!(creates = batch.len(), "batched ephemeral creates");
+                for (pending, node) in batch.into_iter().zip(nodes) {
+                    let _ = pending.reply.send(Ok(node));
+                }
+                return;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                // The Txn's fate is unknown: every create in it may or may not have happened.
+                for pending in batch {
+                    let _ = pending.reply.send(Err(same_kind(&error)));
+                }
+                return;
+            }
+        }
+    }
+    let alone = batch.into_iter().map(|pending| {
+        let registry = registry.clone();
+        async move {
+            let result = registry
+                .create_unbatched(&pending.path, &pending.value, CreateMode::Ephemeral)
+                .await;
+            let _ = pending.reply.send(result);
+        }
+    });
+    futures::future::join_all(alone).await;
+}
+
+/// An error like `error`, for each caller of a failed batch.
+fn same_kind(error: &Error) -> Error {
+    match error {
+        Error::SessionExpired => Error::SessionExpired,
+        Error::Closed => Error::Closed,
+        Error::Timeout { operation, after } => Error::Timeout {
+            operation: operation.clone(),
+            after: *after,
+        },
+        other => Error::unavailable(format!("batched create: {other}")),
+    }
+}
+
+/// Creates every node of `batch` in one Txn; `None` if that cannot work (duplicates, a
+/// missing or ephemeral parent, too many ops, a compare failed) and each must go alone.
+async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Option<Vec<Node>>> {
+    let shared = &registry.shared;
+    let keys = &shared.keys;
+    let distinct: BTreeSet<&NodePath> = batch.iter().map(|p| &p.path).collect();
+    if distinct.len() != batch.len() {
+        return Ok(None);
+    }
+    let ancestors: BTreeSet<NodePath> = batch
+        .iter()
+        .flat_map(|p| p.path.ancestors())
+        .filter(|a| !a.is_root())
+        .collect();
+    if ancestors.len() + batch.len() > MAX_TXN_OPS {
+        return Ok(None);
+    }
+    let first = &batch[0].path;
+    let read = shared
+        .read(
+            ancestors
+                .iter()
+                .map(|a| TxnOp::get(keys.node(a), None))
+                .collect(),
+            "create batch",
+            first,
+        )
+        .await?;
+    let mut compares = Vec::with_capacity(ancestors.len() + batch.len());
+    for (ancestor, get) in ancestors.iter().zip(gets(&read)) {
+        match get.kvs().first() {
+            Some(kv) if kv.lease() == 0 => compares.push(Compare::create_revision(
+                keys.node(ancestor),
+                CompareOp::Equal,
+                kv.create_revision(),
+            )),
+            // Missing (to be created first) or ephemeral (an error): the single path knows.
+            _ => return Ok(None),
+        }
+    }
+    let lease = shared.session.lease();
+    if !shared.session.tracker.status().state.is_live() {
+        return Err(Error::SessionExpired);
+    }
+    let mut puts = Vec::with_capacity(batch.len());
+    for pending in batch {
+        let key = keys.node(&pending.path);
+        compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+        puts.push(TxnOp::put(
+            key,
+            pending.value.to_vec(),
+            Some(PutOptions::new().with_lease(lease)),
+        ));
+    }
+    let response = shared
+        .txn(
+            Txn::new().when(compares).and_then(puts),
+            "create batch",
+            first,
+        )
+        .await
+        .inspect_err(|e| {
+            if matches!(e, Error::SessionExpired) {
+                shared.session.report_lease_gone(lease);
+            }
+        })?;
+    if !response.succeeded() {
+        return Ok(None);
+    }
+    let revision = u64::try_from(revision_of(&response)).unwrap_or(0);
+    Ok(Some(
+        batch
+            .iter()
+            .map(|pending| Node {
+                path: pending.path.clone(),
+                value: pending.value.clone(),
+                version: 0,
+                create_order: revision,
+                modify_order: revision,
+                ephemeral_owner: Some(SessionId(lease)),
+            })
+            .collect(),
+    ))
+}
