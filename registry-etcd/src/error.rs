@@ -19,6 +19,12 @@ pub(crate) fn map(error: etcd_client::Error, operation: &str, path: Option<&Node
                 message: format!("etcd {operation}: {}", status.message()),
                 source: Some(Box::new(status)),
             },
+            // etcd reports a wrong user or password as InvalidArgument.
+            _ if status.message().contains("authentication failed")
+                || status.message().contains("invalid auth token") =>
+            {
+                Error::AuthFailed(format!("etcd {operation}: {}", status.message()))
+            }
             Code::Unauthenticated => {
                 Error::AuthFailed(format!("etcd {operation}: {}", status.message()))
             }

@@ -168,13 +168,11 @@ impl EtcdRegistry {
         if options.endpoints.is_empty() {
             return Err(Error::InvalidArgument("etcd: no endpoint given".into()));
         }
-        if options.tls.is_some() {
-            return Err(Error::NotSupported {
-                backend: BACKEND,
-                what: "TLS connections (planned; refusing rather than connecting in plaintext)"
-                    .into(),
-            });
-        }
+        let mut options = options;
+        // Files read and endpoints checked before any I/O to a server.
+        let tls = options.tls.as_ref().map(tls_options).transpose()?;
+        let tls_on = tls.is_some();
+        options.endpoints = endpoints_for(&options.endpoints, tls.is_some())?;
         let ttl = options.effective_ttl();
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
@@ -184,6 +182,9 @@ impl EtcdRegistry {
         if let Some((user, password)) = &options.credentials {
             connect = connect.with_user(user.clone(), password.clone());
         }
+        if let Some(tls) = tls {
+            connect = connect.with_tls(tls);
+        }
         let deadline = options.connect_timeout + options.request_timeout;
         let client = match tokio::time::timeout(
             deadline,
@@ -191,7 +192,7 @@ impl EtcdRegistry {
         )
         .await
         {
-            Ok(result) => result.map_err(|e| map(e, "connect", None))?,
+            Ok(result) => result.map_err(|e| tls_hint(map(e, "connect", None), tls_on))?,
             Err(_) => {
                 return Err(Error::Timeout {
                     operation: format!("etcd connect to {:?}", options.endpoints),
@@ -206,7 +207,9 @@ impl EtcdRegistry {
         )
         .await
         {
-            Ok(result) => result.map_err(|e| map(e, "lease grant", None))?.id(),
+            Ok(result) => result
+                .map_err(|e| tls_hint(map(e, "lease grant", None), tls_on))?
+                .id(),
             Err(_) => {
                 return Err(Error::Timeout {
                     operation: format!("etcd lease grant at {:?}", options.endpoints),
@@ -418,6 +421,69 @@ impl EtcdRegistry {
         }
         Ok(None)
     }
+}
+
+/// The client TLS settings of `tls`: the CA to verify the server with and, for mutual TLS,
+/// the client identity. Unreadable or empty files are an input error.
+fn tls_options(tls: &EtcdTls) -> Result<etcd_client::TlsOptions> {
+    let read = |path: &std::path::Path, what: &str| {
+        let bytes = std::fs::read(path).map_err(|e| {
+            Error::InvalidArgument(format!("etcd TLS {what} {}: {e}", path.display()))
+        })?;
+        if !bytes.windows(10).any(|w| w == b"-----BEGIN") {
+            return Err(Error::InvalidArgument(format!(
+                "etcd TLS {what} {}: not a PEM file",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    };
+    let mut options = etcd_client::TlsOptions::new().ca_certificate(
+        etcd_client::Certificate::from_pem(read(&tls.ca_cert, "CA certificate")?),
+    );
+    if let Some((cert, key)) = &tls.client_identity {
+        options = options.identity(etcd_client::Identity::from_pem(
+            read(cert, "client certificate")?,
+            read(key, "client key")?,
+        ));
+    }
+    Ok(options)
+}
+
+/// A connection failure over TLS says so: the usual causes are the CA, or a client
+/// certificate the server requires and did not get.
+fn tls_hint(error: Error, tls: bool) -> Error {
+    match error {
+        Error::Unavailable { message, source } if tls => Error::Unavailable {
+            message: format!(
+                "{message} (over TLS: check the CA certificate, and the client certificate if the server requires one)"
+            ),
+            source,
+        },
+        other => other,
+    }
+}
+
+/// Endpoints with the scheme TLS (or its absence) needs: `https://` with TLS, `http://`
+/// without; a scheme that contradicts the settings is refused rather than silently changed.
+fn endpoints_for(endpoints: &[String], tls: bool) -> Result<Vec<String>> {
+    endpoints
+        .iter()
+        .map(|e| match (e.split_once("://"), tls) {
+            (None, true) => Ok(format!("https://{e}")),
+            (None, false) => Ok(e.clone()),
+            (Some(("https", _)), true) | (Some(("http", _)), false) => Ok(e.clone()),
+            (Some(("http", _)), true) => Err(Error::InvalidArgument(format!(
+                "etcd endpoint {e} is plaintext http but TLS is configured"
+            ))),
+            (Some(("https", _)), false) => Err(Error::InvalidArgument(format!(
+                "etcd endpoint {e} is https but no TLS settings (CA certificate) were given"
+            ))),
+            (Some((scheme, _)), _) => Err(Error::InvalidArgument(format!(
+                "etcd endpoint {e}: unknown scheme {scheme:?}"
+            ))),
+        })
+        .collect()
 }
 
 impl EtcdRegistry {

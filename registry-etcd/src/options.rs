@@ -36,9 +36,8 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// User name and password for etcd's auth.
     pub credentials: Option<(String, String)>,
-    /// TLS to the server. Accepted here; connecting with it is not supported yet and fails
-    /// with [`Error::NotSupported`](registry_core::Error::NotSupported) rather than falling
-    /// back to plaintext.
+    /// TLS to the server (the server's certificate is verified against the CA; endpoints
+    /// without a scheme become `https://`). Never falls back to plaintext.
     pub tls: Option<EtcdTls>,
 }
 
@@ -137,14 +136,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tls_is_refused_not_downgraded() {
-        let o = EtcdOptions::new(["127.0.0.1:1"]).with_tls(EtcdTls {
+    async fn tls_input_errors_come_before_any_io() {
+        let missing = EtcdOptions::new(["127.0.0.1:1"]).with_tls(EtcdTls {
             ca_cert: "/nonexistent/ca.pem".into(),
             client_identity: None,
         });
-        let r = crate::EtcdRegistry::connect(o).await;
+        let r = crate::EtcdRegistry::connect(missing).await;
         assert!(
-            matches!(r, Err(registry_core::Error::NotSupported { .. })),
+            matches!(&r, Err(registry_core::Error::InvalidArgument(m)) if m.contains("/nonexistent/ca.pem")),
+            "{:?}",
+            r.err()
+        );
+        let plain = EtcdOptions::new(["https://127.0.0.1:1"]);
+        let r = crate::EtcdRegistry::connect(plain).await;
+        assert!(
+            matches!(&r, Err(registry_core::Error::InvalidArgument(m)) if m.contains("no TLS settings")),
             "{:?}",
             r.err()
         );

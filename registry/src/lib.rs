@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub use registry_core::*;
-pub use url::{BackendKind, Credentials, Endpoint, RegistryUrl};
+pub use url::{BackendKind, Credentials, Endpoint, RegistryUrl, TlsFiles};
 
 /// Opens a registry client from a URL such as `etcd://127.0.0.1:2379/ns?ttl=5s`,
 /// `zk://127.0.0.1:2181/chroot` or `mem://name` (see [`url`] for the forms).
@@ -97,6 +97,12 @@ async fn connect_etcd(url: &RegistryUrl) -> Result<Arc<dyn Registry>> {
     }
     if let Some(c) = &url.credentials {
         options = options.with_credentials(c.user.clone(), c.password.clone());
+    }
+    if let Some(tls) = &url.tls {
+        options = options.with_tls(registry_etcd::EtcdTls {
+            ca_cert: tls.ca_cert.clone(),
+            client_identity: tls.client_identity.clone(),
+        });
     }
     Ok(Arc::new(
         registry_etcd::EtcdRegistry::connect(options).await?,

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! etcd://[user:password@]h1:2379,h2:2379[/namespace][?ttl=5s&timeout=3s]
+//! etcds://[user:password@]h1:2379[/namespace]?ca=/etc/etcd/ca.pem[&cert=client.pem&key=client-key.pem]
 //! zk://h1:2181,h2:2181[/chroot][?session_timeout=10s&timeout=3s]
 //! mem://[name]
 //! ```
@@ -103,6 +104,17 @@ pub struct RegistryUrl {
     pub session_timeout: Option<Duration>,
     /// Per-request timeout (`timeout`).
     pub request_timeout: Option<Duration>,
+    /// TLS (`etcds://`, with `ca=` and optionally `cert=` and `key=`).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for a TLS connection, from an `etcds://` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA certificate to verify the server with (`ca=`).
+    pub ca_cert: std::path::PathBuf,
+    /// Client certificate and key for mutual TLS (`cert=` and `key=`, both or neither).
+    pub client_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 fn invalid(url: &str, what: impl fmt::Display) -> Error {
@@ -198,7 +210,7 @@ impl RegistryUrl {
             .ok_or_else(|| invalid(url, "expected SCHEME://..., e.g. etcd://127.0.0.1:2379"))?;
         let kind = match scheme.to_ascii_lowercase().as_str() {
             "mem" | "memory" => BackendKind::Memory,
-            "etcd" => BackendKind::Etcd,
+            "etcd" | "etcds" => BackendKind::Etcd,
             "zk" | "zookeeper" => BackendKind::ZooKeeper,
             other => {
                 return Err(invalid(
@@ -223,7 +235,10 @@ impl RegistryUrl {
             credentials: None,
             session_timeout: None,
             request_timeout: None,
+            tls: None,
         };
+        let secure = scheme.eq_ignore_ascii_case("etcds");
+        let (mut ca, mut cert, mut key_file) = (None, None, None);
         if kind == BackendKind::Memory {
             if path.is_some_and(|p| p != "/") {
                 return Err(invalid(url, "mem:// takes no path"));
@@ -293,6 +308,12 @@ impl RegistryUrl {
                     parsed.request_timeout = Some(duration()?)
                 }
                 (BackendKind::Memory, "ttl") => parsed.session_timeout = Some(duration()?),
+                (BackendKind::Etcd, "ca" | "cert" | "key") if !secure => {
+                    return Err(invalid(url, format!("{key}= needs the etcds:// scheme")))
+                }
+                (BackendKind::Etcd, "ca") => ca = Some(std::path::PathBuf::from(value)),
+                (BackendKind::Etcd, "cert") => cert = Some(std::path::PathBuf::from(value)),
+                (BackendKind::Etcd, "key") => key_file = Some(std::path::PathBuf::from(value)),
                 _ => {
                     return Err(invalid(
                         url,
@@ -300,6 +321,19 @@ impl RegistryUrl {
                     ))
                 }
             }
+        }
+        if secure {
+            let ca_cert =
+                ca.ok_or_else(|| invalid(url, "etcds:// needs ca=PATH (the CA's PEM file)"))?;
+            let client_identity = match (cert, key_file) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => return Err(invalid(url, "cert= and key= go together")),
+            };
+            parsed.tls = Some(TlsFiles {
+                ca_cert,
+                client_identity,
+            });
         }
         Ok(parsed)
     }
@@ -315,7 +349,12 @@ impl std::str::FromStr for RegistryUrl {
 impl fmt::Display for RegistryUrl {
     /// The URL with the password replaced by `***`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://", self.kind.scheme())?;
+        let scheme = if self.tls.is_some() {
+            "etcds"
+        } else {
+            self.kind.scheme()
+        };
+        write!(f, "{scheme}://")?;
         if let Some(c) = &self.credentials {
             write!(f, "{}:***@", c.user)?;
         }
@@ -337,6 +376,13 @@ impl fmt::Display for RegistryUrl {
         }
         if let Some(t) = self.request_timeout {
             params.push(format!("timeout={}", format_duration(t)));
+        }
+        if let Some(tls) = &self.tls {
+            params.push(format!("ca={}", tls.ca_cert.display()));
+            if let Some((cert, key)) = &tls.client_identity {
+                params.push(format!("cert={}", cert.display()));
+                params.push(format!("key={}", key.display()));
+            }
         }
         if !params.is_empty() {
             write!(f, "?{}", params.join("&"))?;
@@ -439,6 +485,28 @@ mod tests {
         assert!(err("mem://a/b").contains("no path"));
         assert!(err("mem://a b").contains("store name"));
         assert!(err("etcd://:pw@h:1").contains("empty user"));
+    }
+
+    #[test]
+    fn etcds_carries_tls_files_and_round_trips() {
+        let url = RegistryUrl::parse(
+            "etcds://app:s3cret@10.0.0.1:2379/ns?ca=/pki/ca.pem&cert=/pki/c.pem&key=/pki/k.pem",
+        )
+        .unwrap();
+        let tls = url.tls.clone().unwrap();
+        assert_eq!(tls.ca_cert, std::path::PathBuf::from("/pki/ca.pem"));
+        assert_eq!(
+            tls.client_identity,
+            Some(("/pki/c.pem".into(), "/pki/k.pem".into()))
+        );
+        let shown = url.to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.starts_with("etcds://app:***@"), "{shown}");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert!(err("etcds://h:1").contains("needs ca="));
+        assert!(err("etcds://h:1?ca=/a&cert=/b").contains("go together"));
+        assert!(err("etcd://h:1?ca=/a").contains("etcds://"));
+        assert!(err("zk://h:1?ca=/a").contains("unknown parameter"));
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod process;
 pub mod proxy;
+pub mod secure;
 pub mod zookeeper;
 
 pub use cluster::Cluster;
@@ -13,4 +14,5 @@ pub use process::{
     free_port, port_open, require_binary, wait_until, HarnessResult, ServerProcess, SETUP_COMMAND,
 };
 pub use proxy::{ProxyMode, TcpProxy};
+pub use secure::{SecureEtcd, TestPki};
 pub use zookeeper::{ZkConfig, ZkEnsemble, ZkServer};

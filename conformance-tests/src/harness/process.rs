@@ -17,7 +17,7 @@ pub type HarnessResult<T> = Result<T, String>;
 
 /// The command that installs every server the harness needs (named in errors).
 pub const SETUP_COMMAND: &str =
-    "apt-get update && apt-get install -y protobuf-compiler libprotobuf-dev etcd-server etcd-client zookeeper (or run the README's test command, which does this)";
+    "apt-get update && apt-get install -y protobuf-compiler libprotobuf-dev etcd-server etcd-client zookeeper openssl (or run the README's test command, which does this)";
 
 /// Fails with a message naming the setup command if `binary` is not an existing file.
 pub fn require_binary(binary: &Path, what: &str) -> HarnessResult<()> {
