@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 use zookeeper_client as zk;
 
-pub use options::ZkOptions;
+pub use options::{ZkAcl, ZkOptions};
 
 use error::{map, BACKEND};
 
@@ -203,6 +203,14 @@ impl ZkRegistry {
     /// Connects and opens a session. Fails with a retryable error if no server answers within
     /// the connect timeout.
     pub async fn connect(options: ZkOptions) -> Result<ZkRegistry> {
+        if options.auth.is_none()
+            && (options.acl_for(true) != ZkAcl::Open || options.acl_for(false) != ZkAcl::Open)
+        {
+            return Err(Error::InvalidArgument(
+                "zookeeper: creator ACLs need an identity; add with_auth(\"digest\", \"user:password\")"
+                    .into(),
+            ));
+        }
         if options.connect_string.trim().is_empty() {
             return Err(Error::InvalidArgument(
                 "zookeeper: empty connect string".into(),
@@ -332,6 +340,19 @@ impl ZkRegistry {
     }
 }
 
+static CREATOR_WRITES_ANYONE_READS: [zk::Acl; 2] = [
+    zk::Acl::new_const(zk::Permission::READ, "world", "anyone"),
+    zk::Acl::new_const(zk::Permission::ALL, "auth", ""),
+];
+
+fn acls(acl: ZkAcl) -> zk::Acls<'static> {
+    match acl {
+        ZkAcl::Open => zk::Acls::anyone_all(),
+        ZkAcl::CreatorWritesAnyoneReads => zk::Acls::new(&CREATOR_WRITES_ANYONE_READS),
+        ZkAcl::CreatorOnly => zk::Acls::creator_all(),
+    }
+}
+
 fn zk_mode(mode: CreateMode) -> zk::CreateMode {
     match mode {
         CreateMode::Persistent => zk::CreateMode::Persistent,
@@ -374,6 +395,7 @@ impl Registry for ZkRegistry {
             .parent()
             .ok_or_else(|| Error::InvalidArgument("cannot create the root node".into()))?;
         self.shared.client()?;
+        let acl = self.shared.options.acl_for(mode.is_ephemeral());
         for round in 0..2 {
             let p = path.as_str().to_owned();
             let data = value.clone();
@@ -381,7 +403,7 @@ impl Registry for ZkRegistry {
                 .call("create", path, false, move |c| {
                     let (p, data) = (p.clone(), data.clone());
                     async move {
-                        c.create(&p, &data, &zk_mode(mode).with_acls(zk::Acls::anyone_all()))
+                        c.create(&p, &data, &zk_mode(mode).with_acls(acls(acl)))
                             .await
                     }
                 })

@@ -5,6 +5,18 @@ use std::time::Duration;
 
 use registry_core::NodePath;
 
+/// Who may do what with a node this client creates (its ZooKeeper ACL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZkAcl {
+    /// Anyone may do anything (ZooKeeper's `OPEN_ACL_UNSAFE`).
+    Open,
+    /// Anyone may read; only clients authenticated as the creator may write, delete, add
+    /// children or change the ACL.
+    CreatorWritesAnyoneReads,
+    /// Only clients authenticated as the creator may do anything, reading included.
+    CreatorOnly,
+}
+
 /// Options of [`ZkRegistry::connect`](crate::ZkRegistry::connect), as a builder.
 ///
 /// Defaults: session timeout 10 s, request timeout 3 s, connect timeout 5 s, no chroot, no
@@ -21,8 +33,22 @@ pub struct ZkOptions {
     pub request_timeout: Duration,
     /// Deadline of establishing a session.
     pub connect_timeout: Duration,
-    /// Authentication (scheme, bytes), e.g. `("digest", b"user:password")`.
+    /// Authentication (scheme, bytes), e.g. `("digest", b"user:password")`, sent again after
+    /// every reconnect and on every new session.
     pub auth: Option<(String, Vec<u8>)>,
+    /// ACL of ephemeral nodes (registrations). Default: [`ZkAcl::CreatorWritesAnyoneReads`]
+    /// with auth (others can discover an instance but not remove or change it), else
+    /// [`ZkAcl::Open`].
+    pub ephemeral_acl: Option<ZkAcl>,
+    /// ACL of persistent nodes created explicitly (config, routes, a provider's service
+    /// nodes). Default: [`ZkAcl::Open`]. Parents created on the way are always open.
+    ///
+    /// ZooKeeper checks the right to delete a node (and to create one) on its *parent*: an
+    /// instance is safe from other identities' deletes only under a service node whose ACL
+    /// denies them, e.g. one its providers created with
+    /// [`ZkAcl::CreatorWritesAnyoneReads`] (all providers of a service then share one
+    /// identity; consumers and other services can still read).
+    pub persistent_acl: Option<ZkAcl>,
 }
 
 impl ZkOptions {
@@ -35,7 +61,36 @@ impl ZkOptions {
             request_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(5),
             auth: None,
+            ephemeral_acl: None,
+            persistent_acl: None,
         }
+    }
+
+    /// Sets the ACL of ephemeral nodes (see [`ZkOptions::ephemeral_acl`]).
+    pub fn with_ephemeral_acl(mut self, acl: ZkAcl) -> Self {
+        self.ephemeral_acl = Some(acl);
+        self
+    }
+
+    /// Sets the ACL of explicitly created persistent nodes (see
+    /// [`ZkOptions::persistent_acl`]).
+    pub fn with_persistent_acl(mut self, acl: ZkAcl) -> Self {
+        self.persistent_acl = Some(acl);
+        self
+    }
+
+    /// The ACL a node created with `ephemeral` gets.
+    pub fn acl_for(&self, ephemeral: bool) -> ZkAcl {
+        let chosen = if ephemeral {
+            self.ephemeral_acl
+        } else {
+            self.persistent_acl
+        };
+        chosen.unwrap_or(if ephemeral && self.auth.is_some() {
+            ZkAcl::CreatorWritesAnyoneReads
+        } else {
+            ZkAcl::Open
+        })
     }
 
     /// Puts every path under `chroot`.
@@ -78,6 +133,8 @@ impl fmt::Debug for ZkOptions {
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("auth_scheme", &self.auth.as_ref().map(|(s, _)| s))
+            .field("ephemeral_acl", &self.acl_for(true))
+            .field("persistent_acl", &self.acl_for(false))
             .finish()
     }
 }

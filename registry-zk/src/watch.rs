@@ -223,6 +223,12 @@ async fn run(
         let read = match read_scope(&client, &root, scope).await {
             Ok(read) => read,
             Err(Error::Closed) => return,
+            // Retrying cannot fix these: the consumer gets the error and the stream ends.
+            Err(error @ (Error::PermissionDenied { .. } | Error::AuthFailed(_))) => {
+                tracing::warn!(%error, "watch read refused; ending the stream");
+                let _ = tx.send(Err(error)).await;
+                return;
+            }
             Err(error) => {
                 tracing::debug!(%error, "watch read failed; retrying");
                 tokio::select! {

@@ -1,0 +1,268 @@
+//! ZooKeeper digest auth and ACLs on a real server: registrations others can read but not
+//! remove, unreadable nodes that fail fast with a permission error, and auth that survives
+//! reconnects and new sessions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use conformance_tests::harness::{TcpProxy, ZkConfig, ZkServer};
+use futures::StreamExt;
+use registry_core::{
+    Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registry,
+    SessionState, WatchOptions,
+};
+use registry_zk::{ZkAcl, ZkOptions, ZkRegistry};
+
+const SESSION: Duration = Duration::from_secs(2);
+
+fn p(s: &str) -> NodePath {
+    NodePath::new(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn server() -> ZkServer {
+    ZkServer::start(ZkConfig {
+        tick_time: Duration::from_millis(200),
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn client(addr: String, identity: Option<&str>) -> ZkRegistry {
+    let mut options = ZkOptions::new(addr).with_session_timeout(SESSION);
+    if let Some(identity) = identity {
+        options = options.with_auth("digest", identity.as_bytes().to_vec());
+    }
+    ZkRegistry::connect(options)
+        .await
+        .unwrap_or_else(|e| panic!("connect as {identity:?}: {e}"))
+}
+
+fn denied<T: std::fmt::Debug>(what: &str, result: registry_core::Result<T>, path: &NodePath) {
+    assert!(
+        matches!(&result, Err(Error::PermissionDenied { path: at }) if at == path),
+        "{what}: expected PermissionDenied at {path}, got {result:?}"
+    );
+}
+
+/// A provider of the service: its identity, service nodes only that identity may change.
+async fn goods_provider(addr: String) -> ZkRegistry {
+    let options = ZkOptions::new(addr)
+        .with_session_timeout(SESSION)
+        .with_auth("digest", b"goods:goods-pw".to_vec())
+        .with_persistent_acl(ZkAcl::CreatorWritesAnyoneReads);
+    ZkRegistry::connect(options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_identities_can_read_a_registration_but_not_remove_or_change_it() {
+    let zk = server();
+    let alice = goods_provider(zk.connect_string()).await;
+    alice
+        .create(
+            &p("/soa/runtime/services/com.today.Goods"),
+            Bytes::new(),
+            CreateMode::Persistent,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("service node: {e}"));
+    let bob = client(zk.connect_string(), Some("bob:bob-pw")).await;
+    let anonymous = client(zk.connect_string(), None).await;
+    let path = p("/soa/runtime/services/com.today.Goods/10.0.0.1:9090:1.0.0");
+    let registration = alice
+        .register(&path, Bytes::from("alice"), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("register: {e}"));
+    // Discovery works for everyone.
+    assert_eq!(
+        bob.get(&path).await.map(|n| n.value).ok(),
+        Some(Bytes::from("alice"))
+    );
+    assert_eq!(
+        anonymous
+            .children(&p("/soa/runtime/services/com.today.Goods"))
+            .await
+            .map(|c| c.nodes.len())
+            .ok(),
+        Some(1)
+    );
+    // Nobody else can remove or change it.
+    denied(
+        "bob deletes",
+        bob.delete(&path, Expected::Any, DeleteScope::Node).await,
+        &path,
+    );
+    denied(
+        "bob writes",
+        bob.set(&path, Bytes::from("bob"), Expected::Any).await,
+        &path,
+    );
+    denied(
+        "anonymous deletes",
+        anonymous
+            .delete(&path, Expected::Any, DeleteScope::Node)
+            .await,
+        &path,
+    );
+    // Another identity cannot register under this service either.
+    let intruder = p("/soa/runtime/services/com.today.Goods/10.6.6.6:9090:1.0.0");
+    denied(
+        "bob registers under the service",
+        bob.create(&intruder, Bytes::new(), CreateMode::Ephemeral)
+            .await,
+        &intruder,
+    );
+    // A second provider of the same service (same identity) registers and leaves freely.
+    let second = goods_provider(zk.connect_string()).await;
+    let neighbour = p("/soa/runtime/services/com.today.Goods/10.0.0.2:9090:1.0.0");
+    let theirs = second
+        .register(&neighbour, Bytes::from("second"), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("second provider registers: {e}"));
+    theirs.deregister().await.unwrap_or_else(|e| panic!("{e}"));
+    registration
+        .deregister()
+        .await
+        .unwrap_or_else(|e| panic!("alice deregisters: {e}"));
+    assert!(!bob.exists(&path).await.unwrap_or(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_node_is_a_permission_error_not_a_hang() {
+    let zk = server();
+    let options = ZkOptions::new(zk.connect_string())
+        .with_session_timeout(SESSION)
+        .with_auth("digest", b"ops:ops-pw".to_vec())
+        .with_persistent_acl(ZkAcl::CreatorOnly);
+    let ops = ZkRegistry::connect(options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let secret = p("/soa/config/freq/com.today.Goods");
+    ops.create(&secret, Bytes::from("limit/100"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}"));
+    assert_eq!(
+        ops.get(&secret).await.map(|n| n.value).ok(),
+        Some(Bytes::from("limit/100"))
+    );
+    let bob = client(zk.connect_string(), Some("bob:bob-pw")).await;
+    let bounded = Duration::from_secs(5);
+    let read = tokio::time::timeout(bounded, bob.get(&secret))
+        .await
+        .unwrap_or_else(|_| panic!("a read of an unreadable node hung past {bounded:?}"));
+    denied("bob reads", read, &secret);
+    let watched = tokio::time::timeout(bounded, async {
+        match bob.watch(&secret, WatchOptions::node()).await {
+            Err(e) => Err(e),
+            Ok(mut stream) => match stream.next().await {
+                Some(Err(e)) => Err(e),
+                other => Ok(format!("{other:?}")),
+            },
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a watch of an unreadable node hung past {bounded:?}"));
+    denied("bob watches", watched, &secret);
+    // Creator ACLs without an identity are refused before any I/O.
+    let refused = ZkRegistry::connect(
+        ZkOptions::new(zk.connect_string()).with_persistent_acl(ZkAcl::CreatorOnly),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(Error::InvalidArgument(_))),
+        "{:?}",
+        refused.err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_is_sent_again_after_a_reconnect_and_on_a_new_session() {
+    let zk = server();
+    let proxy = TcpProxy::start(zk.addr()).unwrap_or_else(|e| panic!("{e}"));
+    let options = ZkOptions::new(proxy.addr().to_string())
+        .with_session_timeout(SESSION)
+        .with_auth("digest", b"alice:alice-pw".to_vec())
+        .with_persistent_acl(ZkAcl::CreatorOnly);
+    let alice = Arc::new(
+        ZkRegistry::connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let mine = p("/private/alice");
+    alice
+        .create(&mine, Bytes::from("only alice"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The service node: only alice's identity may add or remove instances under it.
+    alice
+        .create(&p("/svc"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let instance = p("/svc/alice-1");
+    let registration = alice
+        .register(&instance, Bytes::new(), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let first = alice.session().session_id;
+
+    // A short cut: same session, a new connection, which must authenticate again.
+    proxy.cut();
+    tokio::time::sleep(SESSION / 4).await;
+    proxy.forward();
+    let read = read_within(&alice, &mine).await;
+    assert_eq!(read, Bytes::from("only alice"), "after a reconnect");
+    assert_eq!(
+        alice.session().session_id,
+        first,
+        "a short cut must keep the session"
+    );
+
+    // A partition past the timeout: the server expires the session; the new one authenticates.
+    let mut events = alice.session_events();
+    proxy.blackhole();
+    tokio::time::sleep(SESSION * 2).await;
+    proxy.forward();
+    let reestablished = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(status) = events.next().await {
+            if status.state == SessionState::Reestablished {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(reestablished, Ok(true), "no new session after expiry");
+    assert_ne!(alice.session().session_id, first);
+    assert_eq!(
+        read_within(&alice, &mine).await,
+        Bytes::from("only alice"),
+        "on a new session"
+    );
+    // The registration came back with its ACL: still not removable by another identity.
+    registration
+        .wait_registered(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("registration not back: {e}"));
+    let bob = client(zk.connect_string(), Some("bob:bob-pw")).await;
+    denied(
+        "bob deletes the re-created registration",
+        bob.delete(&instance, Expected::Any, DeleteScope::Node)
+            .await,
+        &instance,
+    );
+}
+
+/// Reads `path`, retrying while the connection settles (at most 10 s).
+async fn read_within(reg: &ZkRegistry, path: &NodePath) -> Bytes {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match reg.get(path).await {
+            Ok(node) => return node.value,
+            Err(Error::PermissionDenied { .. }) => {
+                panic!("{path}: permission denied: auth was not sent again")
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => panic!("{path}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
