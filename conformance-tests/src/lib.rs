@@ -107,6 +107,7 @@ macro_rules! conformance_suite {
             lock_lost_on_session_expiry,
             election_single_leader,
             election_leader_lost_on_session_expiry,
+            limits_path_and_depth_at_the_edge,
         );
         $crate::__conformance_fault_cases!(
             $fixture;
@@ -120,6 +121,7 @@ macro_rules! conformance_suite {
             fault_compaction,
             fault_slow_consumer,
             fault_chaos,
+            limits_many_children,
         );
 
         /// Not a test: the owner process `fault_owner_crash` starts by re-running this binary
@@ -139,7 +141,8 @@ macro_rules! __conformance_fault_cases {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let fixture: ::std::sync::Arc<dyn $crate::Fixture> = $fixture();
-                // One fault case at a time; the wait does not count against the case's time.
+                // One heavy case (faults, 100k children) at a time; the wait does not count
+                // against the case's time.
                 let _serial = $crate::faults::SERIAL.acquire().await;
                 $crate::run_case(
                     fixture.name(),

@@ -28,7 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use futures::Future;
+use futures::{Future, StreamExt};
 use registry_core::{
     check_value, Backoff, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node,
     NodePath, RegisterOptions, Registration, Registry, Result, Revision, SessionId, SessionState,
@@ -340,6 +340,9 @@ impl ZkRegistry {
     }
 }
 
+/// Child reads of one `children` call in flight at once.
+const CHILD_READS_IN_FLIGHT: usize = 256;
+
 static CREATOR_WRITES_ANYONE_READS: [zk::Acl; 2] = [
     zk::Acl::new_const(zk::Permission::READ, "world", "anyone"),
     zk::Acl::new_const(zk::Permission::ALL, "auth", ""),
@@ -562,11 +565,17 @@ impl Registry for ZkRegistry {
         let client = self.shared.client()?;
         let children: Vec<NodePath> = names.iter().filter_map(|n| path.join(n).ok()).collect();
         let timeout = self.shared.options.request_timeout;
-        let reads = futures::future::join_all(children.iter().map(|child| {
-            let client = client.clone();
-            async move { tokio::time::timeout(timeout, client.get_data(child.as_str())).await }
-        }))
-        .await;
+        // Bounded: each read's deadline starts when it is sent, so 100k children take as long
+        // as the server needs rather than timing out together.
+        let owned: Vec<String> = children.iter().map(|c| c.as_str().to_owned()).collect();
+        let reads: Vec<_> = futures::stream::iter(owned)
+            .map(move |child| {
+                let client = client.clone();
+                async move { tokio::time::timeout(timeout, client.get_data(&child)).await }
+            })
+            .buffered(CHILD_READS_IN_FLIGHT)
+            .collect()
+            .await;
         let mut nodes = Vec::new();
         for (child, read) in children.into_iter().zip(reads) {
             match read {

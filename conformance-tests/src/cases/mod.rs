@@ -3,6 +3,7 @@
 
 mod children;
 mod faults;
+mod limits;
 mod nodes;
 mod recipes;
 mod registration;
@@ -11,6 +12,7 @@ mod watch;
 
 pub use children::*;
 pub use faults::*;
+pub use limits::*;
 pub use nodes::*;
 pub use recipes::*;
 pub use registration::*;

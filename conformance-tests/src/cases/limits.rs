@@ -1,0 +1,101 @@
+//! Input at the limits: the longest and deepest valid paths work end to end, and a node with
+//! 100k children gives either the full list or a typed error, promptly.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use registry_core::{Bytes, CreateMode, DeleteScope, Error, Expected, MAX_DEPTH, MAX_PATH_LEN};
+
+use crate::fixture::Fixture;
+use crate::support::{p, read_subtree, CaseEnv, Outcome};
+
+/// The longest path ([`MAX_PATH_LEN`] bytes) and the deepest ([`MAX_DEPTH`] segments) are
+/// created, read, listed and deleted like any other.
+pub async fn limits_path_and_depth_at_the_edge(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "limits_path_and_depth_at_the_edge");
+    let at = env.at();
+    let c = env.client().await;
+    let deepest = p(&"/d".repeat(MAX_DEPTH));
+    c.create(&deepest, Bytes::from("deep"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create a {MAX_DEPTH}-deep path: {e}"));
+    assert_eq!(
+        c.get(&deepest).await.map(|n| n.value).ok(),
+        Some(Bytes::from("deep")),
+        "{at} deepest path"
+    );
+    let below = read_subtree(&c, &p("/d"))
+        .await
+        .unwrap_or_else(|e| panic!("{at} read the deep chain: {e}"));
+    assert_eq!(below.len(), MAX_DEPTH, "{at} every level of the deep chain");
+    c.delete(&p("/d"), Expected::Any, DeleteScope::Recursive)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete the deep chain: {e}"));
+
+    let longest = p(&format!("/{}", "a".repeat(MAX_PATH_LEN - 1)));
+    assert_eq!(longest.as_str().len(), MAX_PATH_LEN);
+    c.create(&longest, Bytes::from("long"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create a {MAX_PATH_LEN}-byte path: {e}"));
+    let listed = c
+        .children(&p("/"))
+        .await
+        .unwrap_or_else(|e| panic!("{at} list the root: {e}"));
+    assert!(
+        listed.nodes.iter().any(|n| n.path == longest),
+        "{at} the longest path is not listed"
+    );
+    c.delete(&longest, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete the longest path: {e}"));
+    env.finish().await
+}
+
+/// Children of one node in [`limits_many_children`].
+pub const MANY_CHILDREN: usize = 100_000;
+
+/// 100k children under one node: listing them gives all of them or a typed, non-retryable
+/// error (ZooKeeper's reply would pass its 1 MiB packet limit) within a minute, never a hang.
+pub async fn limits_many_children(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "limits_many_children");
+    let at = env.at();
+    let c = env.client().await;
+    let started = Instant::now();
+    let mut creates = futures::stream::iter(0..MANY_CHILDREN)
+        .map(|i| {
+            let c = c.clone();
+            async move {
+                let path = p(&format!("/wide/child-{i:06}"));
+                // A create that timed out under load may have happened: AlreadyExists is fine.
+                for attempt in 0..5 {
+                    match c.create(&path, Bytes::new(), CreateMode::Ephemeral).await {
+                        Ok(_) | Err(Error::AlreadyExists { .. }) => return Ok(()),
+                        Err(e) if e.is_retryable() && attempt < 4 => {}
+                        Err(e) => return Err((path, e)),
+                    }
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(64);
+    while let Some(created) = creates.next().await {
+        if let Err((path, e)) = created {
+            panic!("{at} create {path}: {e}");
+        }
+    }
+    drop(creates);
+    let created_in = started.elapsed();
+    let bound = Duration::from_secs(60);
+    let listed = tokio::time::timeout(bound, c.children(&p("/wide")))
+        .await
+        .unwrap_or_else(|_| panic!("{at} listing {MANY_CHILDREN} children hung past {bound:?}"));
+    match listed {
+        Ok(children) => assert_eq!(children.nodes.len(), MANY_CHILDREN, "{at} children listed"),
+        Err(e) => assert!(
+            !e.is_retryable() && !matches!(e, Error::Timeout { .. }),
+            "{at} listing {MANY_CHILDREN} children failed with a retryable error (a retry loop would hang): {e:?}"
+        ),
+    }
+    eprintln!("{at} {MANY_CHILDREN} children created in {created_in:?}");
+    env.finish().await
+}
