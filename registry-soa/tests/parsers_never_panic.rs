@@ -67,3 +67,53 @@ proptest! {
         prop_assert!(errors.iter().all(|e| e.line >= 1));
     }
 }
+
+/// Regression corpus (tests/corpus/routes.txt): each line parses or fails, as recorded.
+#[test]
+fn routes_corpus() {
+    let mut checked = 0;
+    for (n, line) in include_str!("corpus/routes.txt").lines().enumerate() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (expect, raw) = line.split_once('\t').unwrap_or((line, ""));
+        let text = raw.replace("\\n", "\n");
+        let got = parse_routes(&text);
+        match expect {
+            "ok" => assert!(got.is_ok(), "line {}: {text:?} refused: {got:?}", n + 1),
+            "err" => {
+                let e = got.expect_err(&format!("line {}: {text:?} accepted", n + 1));
+                assert!(
+                    e.line >= 1 && e.column >= 1,
+                    "line {}: unpositioned {e:?}",
+                    n + 1
+                );
+            }
+            other => panic!("line {}: expectation {other:?}", n + 1),
+        }
+        checked += 1;
+    }
+    assert!(checked >= 15, "corpus too small: {checked}");
+}
+
+/// Huge and deeply repetitive inputs finish quickly (no quadratic blow-up, no unbounded memory).
+#[test]
+fn huge_inputs_finish_quickly() {
+    let started = std::time::Instant::now();
+    let big_rule = format!(
+        "method match {} => ip'1.1.1.1'",
+        vec!["'a'"; 20_000].join(",")
+    );
+    let many_lines = "method match 'x' => ip'1.1.1.1'\n".repeat(20_000);
+    let garbage = "=>".repeat(200_000);
+    for text in [&big_rule, &many_lines, &garbage] {
+        let _ = parse_routes(text);
+        let _ = parse_cookie_rules(text);
+        let _ = parse_config(text);
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -121,20 +121,30 @@ fn invalid(url: &str, what: impl fmt::Display) -> Error {
     Error::InvalidArgument(format!("invalid registry URL {:?}: {what}", redact(url)))
 }
 
-/// Hides the password of a URL string that may not even parse.
+/// Hides the credentials of a URL string that may not even parse: everything before the last
+/// `@` after the scheme except the user name (all of it if the scheme is not plain).
 fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (prefix, rest) = match url.split_once("://") {
+        Some((scheme, rest)) if plain_scheme(scheme) => (format!("{scheme}://"), rest),
+        _ => (String::new(), url),
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{hosts}{tail}")
-        }
+    match rest.rsplit_once('@') {
+        Some((userinfo, hosts)) => match userinfo.split_once(':') {
+            Some((user, _)) if !prefix.is_empty() && !user.contains(['/', '?']) => {
+                format!("{prefix}{user}:***@{hosts}")
+            }
+            _ => format!("{prefix}***@{hosts}"),
+        },
         None => url.to_owned(),
     }
+}
+
+/// Whether `scheme` looks like a URL scheme (so it can be shown without hiding anything).
+fn plain_scheme(scheme: &str) -> bool {
+    !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 /// Parses `5s`, `500ms`, `2m`, `1.5s`.
@@ -212,12 +222,24 @@ impl RegistryUrl {
             "mem" | "memory" => BackendKind::Memory,
             "etcd" | "etcds" => BackendKind::Etcd,
             "zk" | "zookeeper" => BackendKind::ZooKeeper,
-            other => {
+            other if plain_scheme(other) => {
                 return Err(invalid(
                     url,
                     format!("unknown scheme {other:?}; expected etcd, zk or mem"),
                 ))
             }
+            _ => {
+                return Err(invalid(
+                    url,
+                    "does not start with a scheme; expected etcd://, zk:// or mem://",
+                ))
+            }
+        };
+        // Credentials end at the last '@', so a password may hold '/', '?' or '@'; nothing
+        // after this point (and no error message) ever sees them.
+        let (userinfo, rest) = match rest.rsplit_once('@') {
+            Some((userinfo, rest)) => (Some(userinfo), rest),
+            None => (None, rest),
         };
         let (before_query, query) = match rest.split_once('?') {
             Some((a, q)) => (a, Some(q)),
@@ -253,8 +275,8 @@ impl RegistryUrl {
                 parsed.memory_name = Some(authority.to_owned());
             }
         } else {
-            let hosts = match authority.rsplit_once('@') {
-                Some((userinfo, hosts)) => {
+            let hosts = match userinfo {
+                Some(userinfo) => {
                     let (user, password) = userinfo
                         .split_once(':')
                         .ok_or_else(|| invalid(url, "credentials must be user:password@"))?;
@@ -265,7 +287,7 @@ impl RegistryUrl {
                         user: user.to_owned(),
                         password: password.to_owned(),
                     });
-                    hosts
+                    authority
                 }
                 None => authority,
             };
