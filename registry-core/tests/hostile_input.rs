@@ -36,7 +36,7 @@ fn check(input: &str) -> Result<NodePath, String> {
             assert_eq!(path.as_str(), input, "a parsed path must be the input");
             assert!(path.as_str().len() <= MAX_PATH_LEN);
             assert!(path.depth() <= MAX_DEPTH);
-            assert_eq!(NodePath::new(path.to_string()).ok(), Some(path.clone()));
+            assert_eq!(NodePath::new(path.as_str()).ok(), Some(path.clone()));
             if let Some(parent) = path.parent() {
                 assert_eq!(parent.join(path.name()).ok(), Some(path.clone()));
             }
