@@ -23,7 +23,7 @@ use serde_json::json;
 use ours::Backend;
 use report::Row;
 use scenarios::{Config, Env};
-use util::{BenchResult, Ctx, CountingAllocator};
+use util::{BenchResult, CountingAllocator, Ctx};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;

@@ -102,13 +102,17 @@ impl Ours {
             .watch(&path(at)?, WatchOptions::node())
             .await
             .ctx(format!("watch {at}"))?;
-        within(Duration::from_secs(10), format!("snapshot of {at}"), async {
-            match stream.next().await {
-                Some(Ok(_)) => Ok(()),
-                Some(Err(e)) => Err(format!("watch {at}: {e}")),
-                None => Err(format!("watch {at} ended")),
-            }
-        })
+        within(
+            Duration::from_secs(10),
+            format!("snapshot of {at}"),
+            async {
+                match stream.next().await {
+                    Some(Ok(_)) => Ok(()),
+                    Some(Err(e)) => Err(format!("watch {at}: {e}")),
+                    None => Err(format!("watch {at} ended")),
+                }
+            },
+        )
         .await?;
         Ok(Task::spawn(async move {
             for _ in 0..MAX_WATCH_EVENTS {

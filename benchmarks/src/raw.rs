@@ -31,8 +31,8 @@ pub type Seen = (usize, Option<Bytes>, Instant);
 pub enum Raw {
     /// etcd: a client and one lease kept alive (the session an application would hold).
     Etcd {
-        /// The client.
-        client: EtcdClient,
+        /// The client (boxed: it is large).
+        client: Box<EtcdClient>,
         /// The session lease, kept alive every TTL/3.
         lease: i64,
         /// The keep-alive task.
@@ -93,7 +93,7 @@ impl Raw {
         .await?;
         let (lease, task) = grant_and_keep(&client, ttl).await?;
         Ok(Raw::Etcd {
-            client,
+            client: Box::new(client),
             lease,
             _keeper: task,
         })
@@ -131,7 +131,7 @@ impl Raw {
     /// The etcd client and its lease, if this is one.
     pub fn etcd(&self) -> Option<(EtcdClient, i64)> {
         match self {
-            Raw::Etcd { client, lease, .. } => Some((client.clone(), *lease)),
+            Raw::Etcd { client, lease, .. } => Some((EtcdClient::clone(client), *lease)),
             Raw::Zk(_) => None,
         }
     }
@@ -218,10 +218,7 @@ impl Raw {
                 .await
                 .map(|_| ())
                 .ctx(format!("etcd delete {path}")),
-            Raw::Zk(c) => c
-                .delete(path, None)
-                .await
-                .ctx(format!("zk delete {path}")),
+            Raw::Zk(c) => c.delete(path, None).await.ctx(format!("zk delete {path}")),
         }
     }
 
@@ -234,8 +231,7 @@ impl Raw {
                     .get(path, None)
                     .await
                     .ctx(format!("etcd get {path}"))?;
-                Ok(r
-                    .kvs()
+                Ok(r.kvs()
                     .first()
                     .map(|kv| Bytes::copy_from_slice(kv.value()))
                     .unwrap_or_default())
@@ -416,7 +412,10 @@ impl Raw {
                         let _ = watcher.changed().await;
                         match client.get_and_watch_data(&path).await {
                             Ok((data, _, next)) => {
-                                if tx.send((index, Some(Bytes::from(data)), Instant::now())).is_err() {
+                                if tx
+                                    .send((index, Some(Bytes::from(data)), Instant::now()))
+                                    .is_err()
+                                {
                                     return;
                                 }
                                 watcher = next;
@@ -499,7 +498,9 @@ impl Raw {
                                 values.insert(n, data);
                             }
                         }
-                        if values.len() != before && tx.send((values.len(), Instant::now())).is_err() {
+                        if values.len() != before
+                            && tx.send((values.len(), Instant::now())).is_err()
+                        {
                             return;
                         }
                         let _ = watcher.changed().await;
@@ -532,13 +533,17 @@ pub async fn zk_connect(connect: &str, session_timeout: Duration) -> BenchResult
 /// Ends a ZooKeeper session from another connection: attaches to it with its id and password,
 /// then closes it, as an operator or a fencing tool would.
 pub async fn zk_expire(connect: &str, session: zk::SessionInfo) -> BenchResult<()> {
-    let thief = within(Duration::from_secs(15), "zookeeper session takeover", async {
-        zk::Client::connector()
-            .with_session(session)
-            .connect(connect)
-            .await
-            .ctx("zookeeper session takeover")
-    })
+    let thief = within(
+        Duration::from_secs(15),
+        "zookeeper session takeover",
+        async {
+            zk::Client::connector()
+                .with_session(session)
+                .connect(connect)
+                .await
+                .ctx("zookeeper session takeover")
+        },
+    )
     .await?;
     // Dropping the only handle of a non-detached client closes its session.
     drop(thief);
@@ -602,7 +607,12 @@ impl Raw {
                 let values = r
                     .kvs()
                     .iter()
-                    .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+                    .map(|kv| {
+                        (
+                            String::from_utf8_lossy(kv.key()).into_owned(),
+                            kv.value().to_vec(),
+                        )
+                    })
                     .collect();
                 let stream = etcd_watch(
                     client,

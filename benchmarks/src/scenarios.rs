@@ -485,7 +485,9 @@ pub async fn throughput(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             "ops/s",
             Target::RatioAtLeast(0.95),
             match env.backend {
-                Backend::Etcd => "raw: put; ours: set(Expected::Any) (a Txn: version > 0, put, get)",
+                Backend::Etcd => {
+                    "raw: put; ours: set(Expected::Any) (a Txn: version > 0, put, get)"
+                }
                 Backend::Zk => "raw: setData; ours: set(Expected::Any)",
             },
         ));
@@ -547,7 +549,9 @@ pub async fn watch(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                 let t0 = Instant::now();
                 env.writer.set(&key, value.as_bytes()).await?;
                 let at = arrivals(&mut rx, 1, value.as_bytes()).await?;
-                single.of(side).push(at.duration_since(t0).as_secs_f64() * 1e6);
+                single
+                    .of(side)
+                    .push(at.duration_since(t0).as_secs_f64() * 1e6);
             }
             drop(watcher);
             let (tx, mut rx) = unbounded_channel();
@@ -747,8 +751,8 @@ pub async fn failure(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             let parent = format!("/bench/failure/{}", side.name());
             env.writer.mkdir(&parent).await?;
             let key = format!("{parent}/r{rep}");
-            let proxy = conformance_tests::harness::TcpProxy::start(env.addr)
-                .ctx("start a proxy")?;
+            let proxy =
+                conformance_tests::harness::TcpProxy::start(env.addr).ctx("start a proxy")?;
             let via = proxy.addr().to_string();
             let owner = match side {
                 Side::Raw => {
@@ -763,7 +767,11 @@ pub async fn failure(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                     let ours = Ours::connect(env.backend, &via, FAILURE_TTL).await?;
                     let r = ours
                         .reg
-                        .register(&path(&key)?, Bytes::from_static(VALUE), RegisterOptions::new())
+                        .register(
+                            &path(&key)?,
+                            Bytes::from_static(VALUE),
+                            RegisterOptions::new(),
+                        )
                         .await
                         .ctx(format!("register {key}"))?;
                     Owner::Ours(ours, r)
@@ -775,15 +783,19 @@ pub async fn failure(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             tokio::time::sleep(Duration::from_millis(300 + 250 * rep as u64)).await;
             let t0 = Instant::now();
             proxy.blackhole();
-            let gone = within(ttl * 3 + Duration::from_secs(5), "owner's node gone", async {
-                loop {
-                    match rx.recv().await {
-                        Some((_, None, at)) => return Ok(at),
-                        Some(_) => {}
-                        None => return Err("the watcher ended".to_owned()),
+            let gone = within(
+                ttl * 3 + Duration::from_secs(5),
+                "owner's node gone",
+                async {
+                    loop {
+                        match rx.recv().await {
+                            Some((_, None, at)) => return Ok(at),
+                            Some(_) => {}
+                            None => return Err("the watcher ended".to_owned()),
+                        }
                     }
-                }
-            })
+                },
+            )
             .await?;
             took.of(side).push(gone.duration_since(t0).as_secs_f64());
             drop(watcher);
@@ -959,9 +971,7 @@ pub async fn memory(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                 Side::Raw => {
                     let paths = raw_register_many(&env.raw, &parent, n).await?;
                     settle().await;
-                    per_reg
-                        .raw
-                        .push((live_bytes() - before) as f64 / n as f64);
+                    per_reg.raw.push((live_bytes() - before) as f64 / n as f64);
                     let mut deletes = stream::iter(paths)
                         .map(|p| async move { env.raw.delete(&p).await })
                         .buffer_unordered(IN_FLIGHT);
@@ -972,9 +982,7 @@ pub async fn memory(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                 Side::Ours => {
                     let regs = register_many(&env.ours, &parent, n).await?;
                     settle().await;
-                    per_reg
-                        .ours
-                        .push((live_bytes() - before) as f64 / n as f64);
+                    per_reg.ours.push((live_bytes() - before) as f64 / n as f64);
                     let mut deletes = stream::iter(regs)
                         .map(|r| r.deregister())
                         .buffer_unordered(IN_FLIGHT);
@@ -989,9 +997,7 @@ pub async fn memory(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                 Side::Raw => {
                     let held = env.raw.hold_children(list).await?;
                     settle().await;
-                    per_node
-                        .raw
-                        .push((live_bytes() - before) as f64 / n as f64);
+                    per_node.raw.push((live_bytes() - before) as f64 / n as f64);
                     drop(held);
                 }
                 Side::Ours => {
