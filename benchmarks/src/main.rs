@@ -100,6 +100,9 @@ struct Cli {
     /// A/B repetitions of the latency, throughput and watch scenarios (default 5, quick 2).
     #[arg(long)]
     reps: Option<usize>,
+    /// Registrations of the recovery scenario (default 10000, quick 500).
+    #[arg(long, value_name = "N")]
+    recovery: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -129,7 +132,10 @@ fn first_addr(target: &str) -> BenchResult<SocketAddr> {
 }
 
 fn run(cli: Cli) -> BenchResult<()> {
-    let cfg = Config::new(cli.quick, cli.reps);
+    let mut cfg = Config::new(cli.quick, cli.reps);
+    if let Some(n) = cli.recovery {
+        cfg.recovery = n.max(1);
+    }
     let scenarios: Vec<Scenario> = if cli.only.is_empty() {
         ALL_SCENARIOS.to_vec()
     } else {

@@ -42,8 +42,6 @@ impl Backend {
 pub struct Ours {
     /// The registry as applications use it.
     pub reg: Arc<dyn Registry>,
-    /// The concrete ZooKeeper client (for its session id and password).
-    pub zk: Option<ZkRegistry>,
 }
 
 /// A path from a string the bench built itself.
@@ -60,19 +58,13 @@ impl Ours {
                 let reg = EtcdRegistry::connect(EtcdOptions::new([target]).with_ttl(ttl))
                     .await
                     .ctx(format!("connect our etcd registry to {target}"))?;
-                Ok(Ours {
-                    reg: Arc::new(reg),
-                    zk: None,
-                })
+                Ok(Ours { reg: Arc::new(reg) })
             }
             Backend::Zk => {
                 let reg = ZkRegistry::connect(ZkOptions::new(target).with_session_timeout(ttl))
                     .await
                     .ctx(format!("connect our zookeeper registry to {target}"))?;
-                Ok(Ours {
-                    reg: Arc::new(reg.clone()),
-                    zk: Some(reg),
-                })
+                Ok(Ours { reg: Arc::new(reg) })
             }
         }
     }

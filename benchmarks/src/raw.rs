@@ -530,26 +530,6 @@ pub async fn zk_connect(connect: &str, session_timeout: Duration) -> BenchResult
     .await
 }
 
-/// Ends a ZooKeeper session from another connection: attaches to it with its id and password,
-/// then closes it, as an operator or a fencing tool would.
-pub async fn zk_expire(connect: &str, session: zk::SessionInfo) -> BenchResult<()> {
-    let thief = within(
-        Duration::from_secs(15),
-        "zookeeper session takeover",
-        async {
-            zk::Client::connector()
-                .with_session(session)
-                .connect(connect)
-                .await
-                .ctx("zookeeper session takeover")
-        },
-    )
-    .await?;
-    // Dropping the only handle of a non-detached client closes its session.
-    drop(thief);
-    Ok(())
-}
-
 /// Grants a lease of `ttl` and keeps it alive every TTL/3 on a task.
 async fn grant_and_keep(client: &EtcdClient, ttl: Duration) -> BenchResult<(i64, Task)> {
     let mut granting = client.clone();

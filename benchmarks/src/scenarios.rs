@@ -12,7 +12,7 @@ use registry_soa::{Address, Provider, SelectOptions, ServiceView};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::ours::{path, Backend, Ours};
-use crate::raw::{zk_connect, zk_expire, Raw, Seen, IN_FLIGHT};
+use crate::raw::{zk_connect, Raw, Seen, IN_FLIGHT};
 use crate::report::{Row, Target};
 use crate::util::{live_bytes, median, micros_since, percentile, within, BenchResult, Ctx, Task};
 
@@ -822,15 +822,23 @@ pub async fn failure(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     env.writer.delete_tree("/bench/failure").await
 }
 
-/// Polls until the children of `parent` dropped below `n` and came back to `n`.
-async fn await_back(writer: &Raw, parent: &str, n: usize, limit: Duration) -> BenchResult<()> {
-    let mut dropped = false;
-    within(limit, format!("{n} registrations back"), async {
+/// Polls until `parent` has fewer than `n` children (`below`) or exactly `n` (`!below`).
+async fn await_count_of(
+    writer: &Raw,
+    parent: &str,
+    n: usize,
+    below: bool,
+    limit: Duration,
+) -> BenchResult<()> {
+    let what = if below {
+        format!("registrations under {parent} gone")
+    } else {
+        format!("{n} registrations under {parent} back")
+    };
+    within(limit, what, async {
         loop {
             let count = writer.count_children(parent).await?;
-            if count < n {
-                dropped = true;
-            } else if dropped {
+            if (below && count < n) || (!below && count == n) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -840,6 +848,11 @@ async fn await_back(writer: &Raw, parent: &str, n: usize, limit: Duration) -> Be
 }
 
 /// Session lost with many registrations -> all of them back.
+///
+/// etcd: another client revokes the session lease (every key goes at once); timed from the
+/// revoke. ZooKeeper: the owner's connection (through a proxy) is blackholed until the server
+/// expired the session and deleted its nodes, then restored; timed from the restore, the first
+/// moment the client can learn about the loss.
 pub async fn recovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let n = env.cfg.recovery;
     let limit = Duration::from_secs(if env.cfg.quick { 30 } else { 120 });
@@ -848,52 +861,14 @@ pub async fn recovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         for side in SIDES {
             let parent = format!("/bench/recovery/{}/r{rep}", side.name());
             env.writer.mkdir(&parent).await?;
-            let elapsed = match side {
-                Side::Ours => {
-                    let owner = Ours::connect(env.backend, &env.target, SESSION_TTL).await?;
-                    let regs = register_many(&owner, &parent, n).await?;
-                    let t0 = Instant::now();
-                    lose_session(env, &owner).await?;
-                    await_back(&env.writer, &parent, n, limit).await?;
-                    let elapsed = t0.elapsed();
-                    owner.reg.close().await.ctx("close")?;
-                    drop(regs);
-                    elapsed
-                }
-                Side::Raw => match env.backend {
-                    Backend::Etcd => {
-                        let mut owner = Raw::connect_etcd(&env.target, SESSION_TTL).await?;
-                        raw_register_many(&owner, &parent, n).await?;
-                        let t0 = Instant::now();
-                        revoke(env, owner.etcd().map(|(_, l)| l))?.await?;
-                        owner.renew_etcd_lease(SESSION_TTL).await?;
-                        raw_register_many(&owner, &parent, n).await?;
-                        t0.elapsed()
-                    }
-                    Backend::Zk => {
-                        let owner = Raw::connect_zk(&env.target, SESSION_TTL).await?;
-                        raw_register_many(&owner, &parent, n).await?;
-                        let client = owner.zk().ok_or("not a zookeeper client")?;
-                        let mut states = client.state_watcher();
-                        let session = client.session().clone();
-                        let t0 = Instant::now();
-                        zk_expire(&env.target, session).await?;
-                        within(limit, "raw client notices its session ended", async {
-                            loop {
-                                use zookeeper_client::SessionState as S;
-                                match states.changed().await {
-                                    S::Expired | S::Closed | S::AuthFailed => return Ok(()),
-                                    _ => {}
-                                }
-                            }
-                        })
-                        .await?;
-                        let fresh = Raw::Zk(zk_connect(&env.target, SESSION_TTL).await?);
-                        raw_register_many(&fresh, &parent, n).await?;
-                        t0.elapsed()
-                    }
-                },
-            };
+            let elapsed = recover_once(env, side, &parent, n, limit)
+                .await
+                .map_err(|e| format!("{} side: {e}", side.name()))?;
+            eprintln!(
+                "  recovery of {n}, {} r{rep}: {:.2} s",
+                side.name(),
+                elapsed.as_secs_f64()
+            );
             took.of(side).push(elapsed.as_secs_f64());
             env.writer.delete_tree(&parent).await?;
         }
@@ -902,11 +877,11 @@ pub async fn recovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let (target, note) = match env.backend {
         Backend::Etcd => (
             Target::AtMost(2.0),
-            "our lease revoked behind our back by another client, until all are back; raw: revoke, new lease, re-put all (64 in flight), told at once",
+            "our lease revoked by another client behind our back, until all are back; raw: revoke, new lease, re-put all (64 in flight), told at once",
         ),
         Backend::Zk => (
             Target::None,
-            "session closed behind our back (another connection attached with its id and password), until all are back; raw: notices the expiry, new session, re-creates all (64 in flight)",
+            "owner partitioned (proxy blackhole) until the server expired its 2 s session, timed from reconnection until all are back; raw: notices the expiry, new session, re-creates all (64 in flight)",
         ),
     };
     rows.push(env.row(
@@ -920,37 +895,94 @@ pub async fn recovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     env.writer.delete_tree("/bench/recovery").await
 }
 
-fn revoke(
+async fn recover_once(
     env: &Env,
-    lease: Option<i64>,
-) -> BenchResult<impl std::future::Future<Output = BenchResult<()>>> {
-    let (mut client, _) = env.writer.etcd().ok_or("not an etcd client")?;
-    let lease = lease.ok_or("no lease")?;
-    Ok(async move {
-        client
-            .lease_revoke(lease)
-            .await
-            .map(|_| ())
-            .ctx("revoke the lease")
-    })
-}
-
-/// Ends our client's session behind its back.
-async fn lose_session(env: &Env, owner: &Ours) -> BenchResult<()> {
+    side: Side,
+    parent: &str,
+    n: usize,
+    limit: Duration,
+) -> BenchResult<Duration> {
     match env.backend {
-        Backend::Etcd => {
-            let lease = owner.reg.session().session_id.map(|s| s.0);
-            revoke(env, lease)?.await
-        }
+        Backend::Etcd => match side {
+            Side::Ours => {
+                let owner = Ours::connect(env.backend, &env.target, SESSION_TTL).await?;
+                let regs = register_many(&owner, parent, n).await?;
+                let lease = owner.reg.session().session_id.map(|s| s.0);
+                let t0 = Instant::now();
+                revoke(env, lease).await?;
+                await_count_of(&env.writer, parent, n, true, limit).await?;
+                await_count_of(&env.writer, parent, n, false, limit).await?;
+                let elapsed = t0.elapsed();
+                owner.reg.close().await.ctx("close")?;
+                drop(regs);
+                Ok(elapsed)
+            }
+            Side::Raw => {
+                let mut owner = Raw::connect_etcd(&env.target, SESSION_TTL).await?;
+                raw_register_many(&owner, parent, n).await?;
+                let t0 = Instant::now();
+                revoke(env, owner.etcd().map(|(_, l)| l)).await?;
+                owner.renew_etcd_lease(SESSION_TTL).await?;
+                raw_register_many(&owner, parent, n).await?;
+                Ok(t0.elapsed())
+            }
+        },
         Backend::Zk => {
-            let info = owner
-                .zk
-                .as_ref()
-                .and_then(|z| z.session_info())
-                .ok_or("our zookeeper client has no session")?;
-            zk_expire(&env.target, info).await
+            let proxy =
+                conformance_tests::harness::TcpProxy::start(env.addr).ctx("start a proxy")?;
+            let via = proxy.addr().to_string();
+            let expiry = FAILURE_TTL * 4 + Duration::from_secs(5);
+            match side {
+                Side::Ours => {
+                    let owner = Ours::connect(env.backend, &via, FAILURE_TTL).await?;
+                    let regs = register_many(&owner, parent, n).await?;
+                    proxy.blackhole();
+                    await_count_of(&env.writer, parent, n, true, expiry).await?;
+                    proxy.forward();
+                    let t0 = Instant::now();
+                    await_count_of(&env.writer, parent, n, false, limit).await?;
+                    let elapsed = t0.elapsed();
+                    owner.reg.close().await.ctx("close")?;
+                    drop(regs);
+                    Ok(elapsed)
+                }
+                Side::Raw => {
+                    let client = zk_connect(&via, FAILURE_TTL).await?;
+                    let owner = Raw::Zk(client.clone());
+                    raw_register_many(&owner, parent, n).await?;
+                    let mut states = client.state_watcher();
+                    proxy.blackhole();
+                    await_count_of(&env.writer, parent, n, true, expiry).await?;
+                    proxy.forward();
+                    let t0 = Instant::now();
+                    within(limit, "raw client notices its session expired", async {
+                        for _ in 0..1000 {
+                            use zookeeper_client::SessionState as S;
+                            if let S::Expired | S::Closed | S::AuthFailed = states.changed().await {
+                                return Ok(());
+                            }
+                        }
+                        Err("no expiry among 1000 state changes".to_owned())
+                    })
+                    .await?;
+                    let fresh = Raw::Zk(zk_connect(&via, FAILURE_TTL).await?);
+                    raw_register_many(&fresh, parent, n).await?;
+                    Ok(t0.elapsed())
+                }
+            }
         }
     }
+}
+
+/// Revokes `lease` from the writer client, behind its owner's back.
+async fn revoke(env: &Env, lease: Option<i64>) -> BenchResult<()> {
+    let (mut client, _) = env.writer.etcd().ok_or("not an etcd client")?;
+    let lease = lease.ok_or("no lease")?;
+    client
+        .lease_revoke(lease)
+        .await
+        .map(|_| ())
+        .ctx("revoke the lease")
 }
 
 /// Bytes per registration and per watched node in this process.
