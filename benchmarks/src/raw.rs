@@ -69,7 +69,7 @@ async fn etcd_watch(
         .await
         .ctx(format!("etcd watch {key}"))?;
     within(Duration::from_secs(10), "etcd watch creation", async {
-        loop {
+        for _ in 0..10_000 {
             match stream.message().await {
                 Ok(Some(m)) if m.created() => return Ok(()),
                 Ok(Some(_)) => {}
@@ -77,6 +77,9 @@ async fn etcd_watch(
                 Err(e) => return Err(format!("etcd watch {key}: {e}")),
             }
         }
+        Err(format!(
+            "etcd watch {key}: no creation among 10000 messages"
+        ))
     })
     .await?;
     Ok(stream)

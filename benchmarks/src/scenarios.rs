@@ -787,13 +787,14 @@ pub async fn failure(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                 ttl * 3 + Duration::from_secs(5),
                 "owner's node gone",
                 async {
-                    loop {
+                    for _ in 0..1_000_000 {
                         match rx.recv().await {
                             Some((_, None, at)) => return Ok(at),
                             Some(_) => {}
                             None => return Err("the watcher ended".to_owned()),
                         }
                     }
+                    Err("no deletion among 1000000 events".to_owned())
                 },
             )
             .await?;
@@ -836,13 +837,15 @@ async fn await_count_of(
         format!("{n} registrations under {parent} back")
     };
     within(limit, what, async {
-        loop {
+        // Bounded by `limit` too; the count only guards against a zero limit.
+        for _ in 0..1_000_000 {
             let count = writer.count_children(parent).await?;
             if (below && count < n) || (!below && count == n) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        Err(format!("{parent} never reached the count"))
     })
     .await
 }
