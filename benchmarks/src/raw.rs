@@ -1,0 +1,644 @@
+//! The raw clients (`etcd-client`, `zookeeper-client`) doing what an application without our
+//! layer would do, behind one small interface so scenarios read the same for both backends.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_client::{
+    Client as EtcdClient, DeleteOptions, EventType, GetOptions, PutOptions,
+    WatchOptions as EtcdWatchOptions, WatchStream as EtcdWatchStream,
+};
+use futures::{stream, StreamExt};
+use tokio::sync::mpsc::UnboundedSender;
+use zookeeper_client as zk;
+
+use crate::util::{within, BenchResult, Ctx, Task};
+
+/// Requests in flight at once for bulk work (setup, cleanup, bulk creates).
+pub const IN_FLIGHT: usize = 64;
+
+/// Longest a background loop of the bench runs (keep-alives, watchers).
+const MAX_TASK_LIFE: Duration = Duration::from_secs(3600);
+
+/// Events one watcher task handles at most.
+const MAX_WATCH_EVENTS: usize = 10_000_000;
+
+/// What a node watcher saw: watcher index, the new value (`None`: node gone), when.
+pub type Seen = (usize, Option<Bytes>, Instant);
+
+/// A raw client of one backend.
+pub enum Raw {
+    /// etcd: a client and one lease kept alive (the session an application would hold).
+    Etcd {
+        /// The client (boxed: it is large).
+        client: Box<EtcdClient>,
+        /// The session lease, kept alive every TTL/3.
+        lease: i64,
+        /// The keep-alive task.
+        _keeper: Task,
+    },
+    /// ZooKeeper: one client (one session).
+    Zk(zk::Client),
+}
+
+fn zk_persistent() -> zk::CreateOptions<'static> {
+    zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
+}
+
+fn zk_ephemeral() -> zk::CreateOptions<'static> {
+    zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all())
+}
+
+fn parent_of(path: &str) -> &str {
+    match path.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &path[..i],
+    }
+}
+
+/// Opens an etcd watch and waits until the server confirms it.
+async fn etcd_watch(
+    client: &EtcdClient,
+    key: &str,
+    options: Option<EtcdWatchOptions>,
+) -> BenchResult<EtcdWatchStream> {
+    let mut stream = client
+        .clone()
+        .watch(key, options)
+        .await
+        .ctx(format!("etcd watch {key}"))?;
+    within(Duration::from_secs(10), "etcd watch creation", async {
+        for _ in 0..10_000 {
+            match stream.message().await {
+                Ok(Some(m)) if m.created() => return Ok(()),
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(format!("etcd watch {key} ended before it was created")),
+                Err(e) => return Err(format!("etcd watch {key}: {e}")),
+            }
+        }
+        Err(format!(
+            "etcd watch {key}: no creation among 10000 messages"
+        ))
+    })
+    .await?;
+    Ok(stream)
+}
+
+impl Raw {
+    /// Connects to etcd and grants a lease of `ttl`, kept alive every TTL/3.
+    pub async fn connect_etcd(endpoint: &str, ttl: Duration) -> BenchResult<Raw> {
+        let client = within(Duration::from_secs(10), "raw etcd connect", async {
+            EtcdClient::connect([endpoint], None)
+                .await
+                .ctx(format!("raw etcd connect {endpoint}"))
+        })
+        .await?;
+        let (lease, task) = grant_and_keep(&client, ttl).await?;
+        Ok(Raw::Etcd {
+            client: Box::new(client),
+            lease,
+            _keeper: task,
+        })
+    }
+
+    /// Replaces the etcd session lease with a new one (after the old one was lost), as an
+    /// application would; no-op on ZooKeeper.
+    pub async fn renew_etcd_lease(&mut self, ttl: Duration) -> BenchResult<()> {
+        if let Raw::Etcd {
+            client,
+            lease,
+            _keeper: keeper,
+        } = self
+        {
+            let (new_lease, task) = grant_and_keep(client, ttl).await?;
+            *lease = new_lease;
+            *keeper = task;
+        }
+        Ok(())
+    }
+
+    /// Connects to ZooKeeper with the given session timeout.
+    pub async fn connect_zk(connect: &str, session_timeout: Duration) -> BenchResult<Raw> {
+        Ok(Raw::Zk(zk_connect(connect, session_timeout).await?))
+    }
+
+    /// The ZooKeeper client, if this is one.
+    pub fn zk(&self) -> Option<&zk::Client> {
+        match self {
+            Raw::Zk(c) => Some(c),
+            Raw::Etcd { .. } => None,
+        }
+    }
+
+    /// The etcd client and its lease, if this is one.
+    pub fn etcd(&self) -> Option<(EtcdClient, i64)> {
+        match self {
+            Raw::Etcd { client, lease, .. } => Some((EtcdClient::clone(client), *lease)),
+            Raw::Zk(_) => None,
+        }
+    }
+
+    /// Creates `path` and its ancestors as persistent nodes (ZooKeeper); nothing on etcd,
+    /// where keys need no parents.
+    pub async fn mkdir(&self, path: &str) -> BenchResult<()> {
+        match self {
+            Raw::Etcd { .. } => Ok(()),
+            Raw::Zk(c) => c
+                .mkdir(path, &zk_persistent())
+                .await
+                .ctx(format!("zk mkdir {path}")),
+        }
+    }
+
+    /// Writes a persistent node, creating it (and, on ZooKeeper, its parents) if missing.
+    pub async fn put(&self, path: &str, value: &[u8]) -> BenchResult<()> {
+        match self {
+            Raw::Etcd { client, .. } => {
+                client
+                    .clone()
+                    .put(path, value, None)
+                    .await
+                    .ctx(format!("etcd put {path}"))?;
+                Ok(())
+            }
+            Raw::Zk(c) => match c.create(path, value, &zk_persistent()).await {
+                Ok(_) => Ok(()),
+                Err(zk::Error::NodeExists) => self.set(path, value).await,
+                Err(zk::Error::NoNode) => {
+                    self.mkdir(parent_of(path)).await?;
+                    c.create(path, value, &zk_persistent())
+                        .await
+                        .map(|_| ())
+                        .ctx(format!("zk create {path}"))
+                }
+                Err(e) => Err(format!("zk create {path}: {e}")),
+            },
+        }
+    }
+
+    /// Writes an existing node's value (etcd: a put).
+    pub async fn set(&self, path: &str, value: &[u8]) -> BenchResult<()> {
+        match self {
+            Raw::Etcd { client, .. } => client
+                .clone()
+                .put(path, value, None)
+                .await
+                .map(|_| ())
+                .ctx(format!("etcd put {path}")),
+            Raw::Zk(c) => c
+                .set_data(path, value, None)
+                .await
+                .map(|_| ())
+                .ctx(format!("zk set {path}")),
+        }
+    }
+
+    /// Registers: etcd a put under the session lease, ZooKeeper an ephemeral create (the
+    /// parent must exist).
+    pub async fn register(&self, path: &str, value: &[u8]) -> BenchResult<()> {
+        match self {
+            Raw::Etcd { client, lease, .. } => client
+                .clone()
+                .put(path, value, Some(PutOptions::new().with_lease(*lease)))
+                .await
+                .map(|_| ())
+                .ctx(format!("etcd put {path} with lease")),
+            Raw::Zk(c) => c
+                .create(path, value, &zk_ephemeral())
+                .await
+                .map(|_| ())
+                .ctx(format!("zk create ephemeral {path}")),
+        }
+    }
+
+    /// Deletes one node.
+    pub async fn delete(&self, path: &str) -> BenchResult<()> {
+        match self {
+            Raw::Etcd { client, .. } => client
+                .clone()
+                .delete(path, None)
+                .await
+                .map(|_| ())
+                .ctx(format!("etcd delete {path}")),
+            Raw::Zk(c) => c.delete(path, None).await.ctx(format!("zk delete {path}")),
+        }
+    }
+
+    /// Reads a node's value.
+    pub async fn get(&self, path: &str) -> BenchResult<Bytes> {
+        match self {
+            Raw::Etcd { client, .. } => {
+                let r = client
+                    .clone()
+                    .get(path, None)
+                    .await
+                    .ctx(format!("etcd get {path}"))?;
+                Ok(r.kvs()
+                    .first()
+                    .map(|kv| Bytes::copy_from_slice(kv.value()))
+                    .unwrap_or_default())
+            }
+            Raw::Zk(c) => {
+                let (data, _) = c.get_data(path).await.ctx(format!("zk get {path}"))?;
+                Ok(Bytes::from(data))
+            }
+        }
+    }
+
+    /// Reads every child with its value (etcd: one prefix get; ZooKeeper: the list, then
+    /// every child's data pipelined) and returns how many there are.
+    pub async fn children(&self, path: &str) -> BenchResult<usize> {
+        match self {
+            Raw::Etcd { client, .. } => {
+                let r = client
+                    .clone()
+                    .get(format!("{path}/"), Some(GetOptions::new().with_prefix()))
+                    .await
+                    .ctx(format!("etcd get prefix {path}/"))?;
+                Ok(r.kvs().len())
+            }
+            Raw::Zk(c) => {
+                let (names, _) = c
+                    .get_children(path)
+                    .await
+                    .ctx(format!("zk children {path}"))?;
+                let reads = names.iter().map(|n| c.get_data(&format!("{path}/{n}")));
+                let values = futures::future::join_all(reads).await;
+                let mut count = 0;
+                for v in values {
+                    v.ctx(format!("zk get a child of {path}"))?;
+                    count += 1;
+                }
+                Ok(count)
+            }
+        }
+    }
+
+    /// How many children `path` has (one cheap request).
+    pub async fn count_children(&self, path: &str) -> BenchResult<usize> {
+        match self {
+            Raw::Etcd { client, .. } => {
+                let r = client
+                    .clone()
+                    .get(
+                        format!("{path}/"),
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await
+                    .ctx(format!("etcd count {path}/"))?;
+                Ok(usize::try_from(r.count()).unwrap_or(0))
+            }
+            Raw::Zk(c) => Ok(c
+                .check_stat(path)
+                .await
+                .ctx(format!("zk stat {path}"))?
+                .map_or(0, |s| usize::try_from(s.num_children).unwrap_or(0))),
+        }
+    }
+
+    /// Creates `n` persistent children `c0..c<n>` of `parent`, [`IN_FLIGHT`] at a time.
+    pub async fn create_children(&self, parent: &str, n: usize, value: &[u8]) -> BenchResult<()> {
+        self.mkdir(parent).await?;
+        let mut writes = stream::iter(0..n)
+            .map(|i| {
+                let path = format!("{parent}/c{i}");
+                async move { self.put(&path, value).await }
+            })
+            .buffer_unordered(IN_FLIGHT);
+        while let Some(r) = writes.next().await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `path` and everything below it.
+    pub async fn delete_tree(&self, path: &str) -> BenchResult<()> {
+        match self {
+            Raw::Etcd { client, .. } => {
+                let mut c = client.clone();
+                c.delete(format!("{path}/"), Some(DeleteOptions::new().with_prefix()))
+                    .await
+                    .ctx(format!("etcd delete prefix {path}/"))?;
+                c.delete(path, None)
+                    .await
+                    .ctx(format!("etcd delete {path}"))?;
+                Ok(())
+            }
+            Raw::Zk(c) => {
+                let mut levels = vec![vec![path.to_owned()]];
+                for _ in 0..64 {
+                    let Some(last) = levels.last() else { break };
+                    let lists = stream::iter(last.clone())
+                        .map(|p| async move {
+                            match c.list_children(&p).await {
+                                Ok(names) => Ok(names
+                                    .into_iter()
+                                    .map(|n| format!("{}/{n}", p.trim_end_matches('/')))
+                                    .collect::<Vec<_>>()),
+                                Err(zk::Error::NoNode) => Ok(Vec::new()),
+                                Err(e) => Err(format!("zk list {p}: {e}")),
+                            }
+                        })
+                        .buffer_unordered(256)
+                        .collect::<Vec<_>>()
+                        .await;
+                    let mut next = Vec::new();
+                    for l in lists {
+                        next.extend(l?);
+                    }
+                    if next.is_empty() {
+                        break;
+                    }
+                    levels.push(next);
+                }
+                for level in levels.into_iter().rev() {
+                    let mut deletes = stream::iter(level)
+                        .map(|p| async move {
+                            match c.delete(&p, None).await {
+                                Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+                                Err(e) => Err(format!("zk delete {p}: {e}")),
+                            }
+                        })
+                        .buffer_unordered(256);
+                    while let Some(r) = deletes.next().await {
+                        r?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Watches one node; every change is sent as `(index, value, when)` (`None` when the
+    /// node is gone). Returns once the watch is in place. ZooKeeper re-arms its one-shot
+    /// watch by reading the node again, which also fetches the new value.
+    pub async fn watch_node(
+        &self,
+        path: &str,
+        index: usize,
+        tx: UnboundedSender<Seen>,
+    ) -> BenchResult<Task> {
+        match self {
+            Raw::Etcd { client, .. } => {
+                let mut stream = etcd_watch(client, path, None).await?;
+                Ok(Task::spawn(async move {
+                    for _ in 0..MAX_WATCH_EVENTS {
+                        let Ok(Some(message)) = stream.message().await else {
+                            return;
+                        };
+                        let now = Instant::now();
+                        for event in message.events() {
+                            let value = match event.event_type() {
+                                EventType::Put => event
+                                    .kv()
+                                    .map(|kv| Bytes::copy_from_slice(kv.value()))
+                                    .or_else(|| Some(Bytes::new())),
+                                EventType::Delete => None,
+                            };
+                            if tx.send((index, value, now)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }))
+            }
+            Raw::Zk(c) => {
+                let (_, _, mut watcher) = c
+                    .get_and_watch_data(path)
+                    .await
+                    .ctx(format!("zk watch {path}"))?;
+                let client = c.clone();
+                let path = path.to_owned();
+                Ok(Task::spawn(async move {
+                    for _ in 0..MAX_WATCH_EVENTS {
+                        let _ = watcher.changed().await;
+                        match client.get_and_watch_data(&path).await {
+                            Ok((data, _, next)) => {
+                                if tx
+                                    .send((index, Some(Bytes::from(data)), Instant::now()))
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                                watcher = next;
+                            }
+                            Err(zk::Error::NoNode) => {
+                                let _ = tx.send((index, None, Instant::now()));
+                                return;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                }))
+            }
+        }
+    }
+
+    /// Watches the children of `parent`, reading each new child's value; sends the number of
+    /// distinct children seen so far (and when) whenever it grows. Returns once the watch is
+    /// in place.
+    pub async fn watch_children(
+        &self,
+        parent: &str,
+        tx: UnboundedSender<(usize, Instant)>,
+    ) -> BenchResult<Task> {
+        match self {
+            Raw::Etcd { client, .. } => {
+                let mut stream = etcd_watch(
+                    client,
+                    &format!("{parent}/"),
+                    Some(EtcdWatchOptions::new().with_prefix()),
+                )
+                .await?;
+                Ok(Task::spawn(async move {
+                    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+                    for _ in 0..MAX_WATCH_EVENTS {
+                        let Ok(Some(message)) = stream.message().await else {
+                            return;
+                        };
+                        let before = seen.len();
+                        for event in message.events() {
+                            if event.event_type() == EventType::Put {
+                                if let Some(kv) = event.kv() {
+                                    seen.insert(kv.key().to_vec());
+                                }
+                            }
+                        }
+                        if seen.len() != before && tx.send((seen.len(), Instant::now())).is_err() {
+                            return;
+                        }
+                    }
+                }))
+            }
+            Raw::Zk(c) => {
+                let (names, watcher) = c
+                    .list_and_watch_children(parent)
+                    .await
+                    .ctx(format!("zk watch children {parent}"))?;
+                let client = c.clone();
+                let parent = parent.to_owned();
+                Ok(Task::spawn(async move {
+                    let mut values: HashMap<String, Vec<u8>> = HashMap::new();
+                    let mut names = names;
+                    let mut watcher = watcher;
+                    for _ in 0..MAX_WATCH_EVENTS {
+                        let fresh: Vec<String> = names
+                            .into_iter()
+                            .filter(|n| !values.contains_key(n))
+                            .collect();
+                        let reads = stream::iter(fresh)
+                            .map(|n| {
+                                let read = client.get_data(&format!("{parent}/{n}"));
+                                async move { (n, read.await) }
+                            })
+                            .buffer_unordered(256)
+                            .collect::<Vec<_>>()
+                            .await;
+                        let before = values.len();
+                        for (n, r) in reads {
+                            if let Ok((data, _)) = r {
+                                values.insert(n, data);
+                            }
+                        }
+                        if values.len() != before
+                            && tx.send((values.len(), Instant::now())).is_err()
+                        {
+                            return;
+                        }
+                        let _ = watcher.changed().await;
+                        match client.list_and_watch_children(&parent).await {
+                            Ok((n, w)) => {
+                                names = n;
+                                watcher = w;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                }))
+            }
+        }
+    }
+}
+
+/// Connects a ZooKeeper client.
+pub async fn zk_connect(connect: &str, session_timeout: Duration) -> BenchResult<zk::Client> {
+    within(Duration::from_secs(15), "raw zookeeper connect", async {
+        zk::Client::connector()
+            .with_session_timeout(session_timeout)
+            .connect(connect)
+            .await
+            .ctx(format!("raw zookeeper connect {connect}"))
+    })
+    .await
+}
+
+/// Grants a lease of `ttl` and keeps it alive every TTL/3 on a task.
+async fn grant_and_keep(client: &EtcdClient, ttl: Duration) -> BenchResult<(i64, Task)> {
+    let mut granting = client.clone();
+    let lease = granting
+        .lease_grant(ttl.as_secs().max(1) as i64, None)
+        .await
+        .ctx("raw etcd lease grant")?
+        .id();
+    let (mut keeper, mut answers) = granting
+        .lease_keep_alive(lease)
+        .await
+        .ctx("raw etcd keep-alive")?;
+    let interval = ttl / 3;
+    let task = Task::spawn(async move {
+        let until = Instant::now() + MAX_TASK_LIFE;
+        let mut tick = tokio::time::interval(interval);
+        while Instant::now() < until {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if keeper.keep_alive().await.is_err() {
+                        return;
+                    }
+                }
+                answer = answers.message() => match answer {
+                    Ok(Some(a)) if a.ttl() > 0 => {}
+                    _ => return,
+                },
+            }
+        }
+    });
+    Ok((lease, task))
+}
+
+/// What a raw application holds to follow the children of a node: every child's value and
+/// the watches that tell it about changes.
+pub struct HeldChildren {
+    _values: HashMap<String, Vec<u8>>,
+    _etcd: Option<EtcdWatchStream>,
+    _zk: Vec<zk::OneshotWatcher>,
+}
+
+impl Raw {
+    /// Reads every child of `parent` with its value and keeps watching all of them, the way
+    /// our children-scope watch does; returns what the application has to hold.
+    pub async fn hold_children(&self, parent: &str) -> BenchResult<HeldChildren> {
+        match self {
+            Raw::Etcd { client, .. } => {
+                let prefix = format!("{parent}/");
+                let r = client
+                    .clone()
+                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                    .await
+                    .ctx(format!("etcd get prefix {prefix}"))?;
+                let revision = r.header().map_or(0, |h| h.revision());
+                let values = r
+                    .kvs()
+                    .iter()
+                    .map(|kv| {
+                        (
+                            String::from_utf8_lossy(kv.key()).into_owned(),
+                            kv.value().to_vec(),
+                        )
+                    })
+                    .collect();
+                let stream = etcd_watch(
+                    client,
+                    &prefix,
+                    Some(
+                        EtcdWatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision + 1),
+                    ),
+                )
+                .await?;
+                Ok(HeldChildren {
+                    _values: values,
+                    _etcd: Some(stream),
+                    _zk: Vec::new(),
+                })
+            }
+            Raw::Zk(c) => {
+                let (names, watcher) = c
+                    .list_and_watch_children(parent)
+                    .await
+                    .ctx(format!("zk watch children {parent}"))?;
+                let reads = stream::iter(names)
+                    .map(|n| {
+                        let read = c.get_and_watch_data(&format!("{parent}/{n}"));
+                        async move { (n, read.await) }
+                    })
+                    .buffer_unordered(256)
+                    .collect::<Vec<_>>()
+                    .await;
+                let mut values = HashMap::new();
+                let mut watchers = vec![watcher];
+                for (n, r) in reads {
+                    let (data, _, w) = r.ctx(format!("zk get {parent}/{n}"))?;
+                    values.insert(n, data);
+                    watchers.push(w);
+                }
+                Ok(HeldChildren {
+                    _values: values,
+                    _etcd: None,
+                    _zk: watchers,
+                })
+            }
+        }
+    }
+}

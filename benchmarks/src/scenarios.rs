@@ -1,0 +1,1070 @@
+//! The scenarios. Each runs the raw client and our layer doing the same work, interleaved
+//! (raw, ours, raw, ours, ...) over repetitions, and appends its rows.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{stream, StreamExt};
+use registry_core::{Bytes, Expected, RegisterOptions, Registration};
+use registry_soa::routes::CallContext;
+use registry_soa::{Address, Provider, SelectOptions, ServiceView};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::ours::{path, Backend, Ours};
+use crate::raw::{zk_connect, Raw, Seen, IN_FLIGHT};
+use crate::report::{Row, Target};
+use crate::util::{live_bytes, median, micros_since, percentile, within, BenchResult, Ctx, Task};
+
+/// A node value of typical size (an instance's metadata).
+const VALUE: &[u8] = br#"{"weight":100,"zone":"a","meta":"registry-bench-value-0123456789abcdef"}"#;
+
+/// Session TTL of the clients of most scenarios.
+pub const SESSION_TTL: Duration = Duration::from_secs(4);
+
+/// Session TTL of the failure-detection scenario's owners.
+pub const FAILURE_TTL: Duration = Duration::from_secs(2);
+
+/// Target slack of p50 latencies over raw, in microseconds.
+const P50_SLACK_US: f64 = 20.0;
+
+/// Target slack of the watch p50 latency over raw, in microseconds.
+const WATCH_SLACK_US: f64 = 30.0;
+
+/// Longest a single wait for a watch event may take.
+const EVENT_WAIT: Duration = Duration::from_secs(10);
+
+/// Sizes and counts of a run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Short smoke run.
+    pub quick: bool,
+    /// A/B repetitions of the latency, throughput and watch scenarios.
+    pub reps: usize,
+    /// Latency samples per repetition and side.
+    pub samples: usize,
+    /// `children` samples per repetition and side.
+    pub children_samples: usize,
+    /// Children read by the `children` scenario.
+    pub children: usize,
+    /// How long each throughput measurement writes.
+    pub throughput_time: Duration,
+    /// Watchers of the fan-out scenario.
+    pub fanout: usize,
+    /// Fan-out samples per repetition and side.
+    pub fanout_samples: usize,
+    /// Changes of the burst scenario.
+    pub burst: usize,
+    /// Repetitions of the burst scenario.
+    pub burst_reps: usize,
+    /// How long each cached-discovery measurement runs.
+    pub discovery_time: Duration,
+    /// Repetitions of the failure-detection scenario.
+    pub failure_reps: usize,
+    /// Registrations of the recovery scenario.
+    pub recovery: usize,
+    /// Repetitions of the recovery scenario.
+    pub recovery_reps: usize,
+    /// Registrations / watched nodes of the memory scenario.
+    pub memory: usize,
+    /// Repetitions of the memory scenario.
+    pub memory_reps: usize,
+    /// Pause before each memory reading, for background work to settle.
+    pub settle: Duration,
+}
+
+impl Config {
+    /// The full run, or the smoke run with `quick`; `reps` overrides the repetitions.
+    pub fn new(quick: bool, reps: Option<usize>) -> Config {
+        let mut c = if quick {
+            Config {
+                quick,
+                reps: 2,
+                samples: 20,
+                children_samples: 10,
+                children: 100,
+                throughput_time: Duration::from_millis(250),
+                fanout: 100,
+                fanout_samples: 5,
+                burst: 1000,
+                burst_reps: 1,
+                discovery_time: Duration::from_millis(200),
+                failure_reps: 1,
+                recovery: 500,
+                recovery_reps: 1,
+                memory: 200,
+                memory_reps: 1,
+                settle: Duration::from_millis(200),
+            }
+        } else {
+            Config {
+                quick,
+                reps: 5,
+                samples: 200,
+                children_samples: 100,
+                children: 100,
+                throughput_time: Duration::from_secs(1),
+                fanout: 100,
+                fanout_samples: 20,
+                burst: 10_000,
+                burst_reps: 2,
+                discovery_time: Duration::from_secs(1),
+                failure_reps: 3,
+                recovery: 10_000,
+                recovery_reps: 2,
+                memory: 1000,
+                memory_reps: 3,
+                settle: Duration::from_millis(500),
+            }
+        };
+        if let Some(r) = reps {
+            c.reps = r.max(1);
+        }
+        c
+    }
+}
+
+/// One backend's clients and servers, shared by its scenarios.
+pub struct Env {
+    /// Which backend.
+    pub backend: Backend,
+    /// etcd endpoint or ZooKeeper connect string.
+    pub target: String,
+    /// The (first) server's address, for proxies in front of it.
+    pub addr: SocketAddr,
+    /// Our layer's client.
+    pub ours: Ours,
+    /// The raw client doing the raw side's work.
+    pub raw: Arc<Raw>,
+    /// A second raw client: writes what watchers observe and checks results, for both sides.
+    pub writer: Arc<Raw>,
+    /// Sizes and counts.
+    pub cfg: Config,
+}
+
+impl Env {
+    /// Connects every client of `backend` at `target`.
+    pub async fn connect(
+        backend: Backend,
+        target: &str,
+        addr: SocketAddr,
+        cfg: Config,
+    ) -> BenchResult<Env> {
+        Ok(Env {
+            backend,
+            target: target.to_owned(),
+            addr,
+            ours: Ours::connect(backend, target, SESSION_TTL).await?,
+            raw: Arc::new(raw_connect(backend, target, SESSION_TTL).await?),
+            writer: Arc::new(raw_connect(backend, target, SESSION_TTL).await?),
+            cfg,
+        })
+    }
+
+    fn row(
+        &self,
+        scenario: impl Into<String>,
+        raw: Option<f64>,
+        ours: Option<f64>,
+        unit: &'static str,
+        target: Target,
+        note: impl Into<String>,
+    ) -> Row {
+        Row {
+            scenario: scenario.into(),
+            backend: self.backend.name(),
+            raw,
+            ours,
+            unit,
+            target,
+            note: note.into(),
+        }
+    }
+}
+
+async fn raw_connect(backend: Backend, target: &str, ttl: Duration) -> BenchResult<Raw> {
+    match backend {
+        Backend::Etcd => Raw::connect_etcd(target, ttl).await,
+        Backend::Zk => Raw::connect_zk(target, ttl).await,
+    }
+}
+
+/// The two sides of every comparison, in the order they alternate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Raw,
+    Ours,
+}
+
+const SIDES: [Side; 2] = [Side::Raw, Side::Ours];
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Raw => "raw",
+            Side::Ours => "ours",
+        }
+    }
+}
+
+/// Samples of both sides.
+#[derive(Default)]
+struct Samples {
+    raw: Vec<f64>,
+    ours: Vec<f64>,
+}
+
+impl Samples {
+    fn of(&mut self, side: Side) -> &mut Vec<f64> {
+        match side {
+            Side::Raw => &mut self.raw,
+            Side::Ours => &mut self.ours,
+        }
+    }
+
+    fn medians(&self) -> (Option<f64>, Option<f64>) {
+        (median(&self.raw), median(&self.ours))
+    }
+}
+
+/// p50 (with the target) and p99 rows of latency samples in microseconds.
+fn latency_rows(
+    env: &Env,
+    rows: &mut Vec<Row>,
+    name: &str,
+    s: &Samples,
+    slack: Option<f64>,
+    note: &str,
+) {
+    rows.push(env.row(
+        format!("{name} p50"),
+        percentile(&s.raw, 50.0),
+        percentile(&s.ours, 50.0),
+        "us",
+        slack.map_or(Target::None, Target::AtMostRawPlus),
+        note,
+    ));
+    rows.push(env.row(
+        format!("{name} p99"),
+        percentile(&s.raw, 99.0),
+        percentile(&s.ours, 99.0),
+        "us",
+        Target::None,
+        note,
+    ));
+}
+
+/// Registers `n` nodes under `parent` through our layer, [`IN_FLIGHT`] at a time; a register
+/// that fails retryably (a timeout under load) is tried again, as an application would.
+async fn register_many(ours: &Ours, parent: &str, n: usize) -> BenchResult<Vec<Registration>> {
+    let results = stream::iter(0..n)
+        .map(|i| async move {
+            let p = path(&format!("{parent}/n{i}"))?;
+            let mut last = String::new();
+            for _ in 0..3 {
+                match ours
+                    .reg
+                    .register(&p, Bytes::from_static(VALUE), RegisterOptions::new())
+                    .await
+                {
+                    Ok(r) => return Ok(r),
+                    Err(e) if e.is_retryable() => last = e.to_string(),
+                    Err(e) => return Err(format!("register {p}: {e}")),
+                }
+            }
+            Err(format!("register {p}: {last}"))
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Registers `n` nodes under `parent` with a raw client, [`IN_FLIGHT`] at a time.
+async fn raw_register_many(raw: &Raw, parent: &str, n: usize) -> BenchResult<Vec<String>> {
+    raw.mkdir(parent).await?;
+    let results = stream::iter(0..n)
+        .map(|i| async move {
+            let p = format!("{parent}/n{i}");
+            raw.register(&p, VALUE).await.map(|()| p)
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Register and deregister latency.
+pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
+    let mut reg = Samples::default();
+    let mut dereg = Samples::default();
+    for rep in 0..env.cfg.reps {
+        for side in SIDES {
+            let base = format!("/bench/register/{}/r{rep}", side.name());
+            match side {
+                Side::Raw => {
+                    env.raw.mkdir(&base).await?;
+                    let mut paths = Vec::new();
+                    for i in 0..env.cfg.samples {
+                        let p = format!("{base}/n{i}");
+                        let t = Instant::now();
+                        env.raw.register(&p, VALUE).await?;
+                        reg.raw.push(micros_since(t));
+                        paths.push(p);
+                    }
+                    for p in &paths {
+                        let t = Instant::now();
+                        env.raw.delete(p).await?;
+                        dereg.raw.push(micros_since(t));
+                    }
+                }
+                Side::Ours => {
+                    env.ours.mkdir(&base).await?;
+                    let mut regs = Vec::new();
+                    for i in 0..env.cfg.samples {
+                        let p = path(&format!("{base}/n{i}"))?;
+                        let t = Instant::now();
+                        let r = env
+                            .ours
+                            .reg
+                            .register(&p, Bytes::from_static(VALUE), RegisterOptions::new())
+                            .await
+                            .ctx(format!("register {p}"))?;
+                        reg.ours.push(micros_since(t));
+                        regs.push(r);
+                    }
+                    for r in regs {
+                        let t = Instant::now();
+                        r.deregister().await.ctx("deregister")?;
+                        dereg.ours.push(micros_since(t));
+                    }
+                }
+            }
+        }
+    }
+    let note = match env.backend {
+        Backend::Etcd => "raw: put with the session lease / delete; ours: register() (checked create Txn + healing watch) / deregister()",
+        Backend::Zk => "raw: ephemeral create / delete; ours: register() (create + healing watch) / deregister()",
+    };
+    latency_rows(
+        env,
+        rows,
+        "register latency",
+        &reg,
+        Some(P50_SLACK_US),
+        note,
+    );
+    latency_rows(
+        env,
+        rows,
+        "deregister latency",
+        &dereg,
+        Some(P50_SLACK_US),
+        note,
+    );
+    env.writer.delete_tree("/bench/register").await
+}
+
+/// `get` and `children` latency.
+pub async fn reads(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
+    let node = "/bench/read/node";
+    let list = "/bench/read/list";
+    env.writer.put(node, VALUE).await?;
+    env.writer
+        .create_children(list, env.cfg.children, VALUE)
+        .await?;
+    let node_path = path(node)?;
+    let list_path = path(list)?;
+    let mut get = Samples::default();
+    let mut children = Samples::default();
+    for _ in 0..env.cfg.reps {
+        for side in SIDES {
+            for _ in 0..env.cfg.samples {
+                let t = Instant::now();
+                match side {
+                    Side::Raw => {
+                        env.raw.get(node).await?;
+                    }
+                    Side::Ours => {
+                        env.ours.reg.get(&node_path).await.ctx("get")?;
+                    }
+                }
+                get.of(side).push(micros_since(t));
+            }
+            for _ in 0..env.cfg.children_samples {
+                let t = Instant::now();
+                let n = match side {
+                    Side::Raw => env.raw.children(list).await?,
+                    Side::Ours => env
+                        .ours
+                        .reg
+                        .children(&list_path)
+                        .await
+                        .ctx("children")?
+                        .nodes
+                        .len(),
+                };
+                children.of(side).push(micros_since(t));
+                if n != env.cfg.children {
+                    return Err(format!(
+                        "{} children read {n} of {}",
+                        side.name(),
+                        env.cfg.children
+                    ));
+                }
+            }
+        }
+    }
+    latency_rows(env, rows, "get latency", &get, Some(P50_SLACK_US), "");
+    let note = match env.backend {
+        Backend::Etcd => "raw: one prefix get",
+        Backend::Zk => "raw: getChildren + every child's getData, pipelined",
+    };
+    latency_rows(
+        env,
+        rows,
+        &format!("children latency ({} children)", env.cfg.children),
+        &children,
+        Some(P50_SLACK_US),
+        note,
+    );
+    env.writer.delete_tree("/bench/read").await
+}
+
+/// Writes per second with many writers sharing one client.
+pub async fn throughput(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
+    for writers in [16usize, 64] {
+        let mut rates = Samples::default();
+        for side in SIDES {
+            for j in 0..writers {
+                env.writer
+                    .put(&format!("/bench/tp/{}/w{writers}/k{j}", side.name()), VALUE)
+                    .await?;
+            }
+        }
+        for _ in 0..env.cfg.reps {
+            for side in SIDES {
+                let deadline = Instant::now() + env.cfg.throughput_time;
+                let start = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for j in 0..writers {
+                    let key = format!("/bench/tp/{}/w{writers}/k{j}", side.name());
+                    let raw = env.raw.clone();
+                    let reg = env.ours.reg.clone();
+                    tasks.spawn(async move {
+                        let node = path(&key)?;
+                        let mut n = 0u64;
+                        while Instant::now() < deadline && n < 10_000_000 {
+                            match side {
+                                Side::Raw => raw.set(&key, VALUE).await?,
+                                Side::Ours => {
+                                    reg.set(&node, Bytes::from_static(VALUE), Expected::Any)
+                                        .await
+                                        .ctx(format!("set {key}"))?;
+                                }
+                            }
+                            n += 1;
+                        }
+                        Ok::<u64, String>(n)
+                    });
+                }
+                let mut total = 0u64;
+                while let Some(done) = tasks.join_next().await {
+                    total += done.ctx("writer task")??;
+                }
+                rates
+                    .of(side)
+                    .push(total as f64 / start.elapsed().as_secs_f64());
+            }
+        }
+        let (raw, ours) = rates.medians();
+        rows.push(env.row(
+            format!("write throughput, {writers} writers"),
+            raw,
+            ours,
+            "ops/s",
+            Target::RatioAtLeast(0.95),
+            match env.backend {
+                Backend::Etcd => {
+                    "raw: put; ours: set(Expected::Any) (a Txn: version > 0, put, get)"
+                }
+                Backend::Zk => "raw: setData; ours: set(Expected::Any)",
+            },
+        ));
+    }
+    env.writer.delete_tree("/bench/tp").await
+}
+
+/// Waits until `count` distinct watchers saw `value`; returns the latest arrival.
+async fn arrivals(
+    rx: &mut UnboundedReceiver<Seen>,
+    count: usize,
+    value: &[u8],
+) -> BenchResult<Instant> {
+    let mut seen = vec![false; count];
+    let mut got = 0;
+    let mut last = Instant::now();
+    within(EVENT_WAIT, "watch event", async {
+        while got < count {
+            let Some((index, v, at)) = rx.recv().await else {
+                return Err("every watcher ended".to_owned());
+            };
+            if v.as_deref() == Some(value) && index < count && !seen[index] {
+                seen[index] = true;
+                got += 1;
+                last = last.max(at);
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(last)
+}
+
+async fn watch_node(
+    env: &Env,
+    side: Side,
+    at: &str,
+    index: usize,
+    tx: tokio::sync::mpsc::UnboundedSender<Seen>,
+) -> BenchResult<Task> {
+    match side {
+        Side::Raw => env.raw.watch_node(at, index, tx).await,
+        Side::Ours => env.ours.watch_node(at, index, tx).await,
+    }
+}
+
+/// Write -> event latency at one watcher, and at the last of many watchers.
+pub async fn watch(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
+    let mut single = Samples::default();
+    let mut fan = Samples::default();
+    for rep in 0..env.cfg.reps {
+        for side in SIDES {
+            let key = format!("/bench/watch/{}/k", side.name());
+            env.writer.put(&key, b"init").await?;
+            let (tx, mut rx) = unbounded_channel();
+            let watcher = watch_node(env, side, &key, 0, tx).await?;
+            for i in 0..env.cfg.samples {
+                let value = format!("r{rep}-{i}");
+                let t0 = Instant::now();
+                env.writer.set(&key, value.as_bytes()).await?;
+                let at = arrivals(&mut rx, 1, value.as_bytes()).await?;
+                single
+                    .of(side)
+                    .push(at.duration_since(t0).as_secs_f64() * 1e6);
+            }
+            drop(watcher);
+            let (tx, mut rx) = unbounded_channel();
+            let mut watchers = Vec::new();
+            for w in 0..env.cfg.fanout {
+                watchers.push(watch_node(env, side, &key, w, tx.clone()).await?);
+            }
+            drop(tx);
+            for i in 0..env.cfg.fanout_samples {
+                let value = format!("f{rep}-{i}");
+                let t0 = Instant::now();
+                env.writer.set(&key, value.as_bytes()).await?;
+                let at = arrivals(&mut rx, env.cfg.fanout, value.as_bytes()).await?;
+                fan.of(side).push(at.duration_since(t0).as_secs_f64() * 1e6);
+            }
+        }
+    }
+    let note = match env.backend {
+        Backend::Etcd => "from the write's start (a second raw client writes for both) to the event at the watcher",
+        Backend::Zk => "from the write's start (a second raw client writes for both) to the new value at the watcher (raw: one-shot watch fires, getData re-arms)",
+    };
+    latency_rows(
+        env,
+        rows,
+        "watch event latency",
+        &single,
+        Some(WATCH_SLACK_US),
+        note,
+    );
+    latency_rows(
+        env,
+        rows,
+        &format!("watch fan-out to {} watchers", env.cfg.fanout),
+        &fan,
+        None,
+        "until the last watcher (all on one client) has the value",
+    );
+    env.writer.delete_tree("/bench/watch").await
+}
+
+/// Waits until the watcher reports `n` children; returns (children seen, when last grown).
+async fn await_count(
+    rx: &mut UnboundedReceiver<(usize, Instant)>,
+    n: usize,
+    limit: Duration,
+) -> (usize, Instant) {
+    let mut best = (0, Instant::now());
+    let _ = tokio::time::timeout(limit, async {
+        while best.0 < n {
+            match rx.recv().await {
+                Some((count, at)) if count > best.0 => best = (count, at),
+                Some(_) => {}
+                None => return,
+            }
+        }
+    })
+    .await;
+    best
+}
+
+/// Many changes delivered to one watcher: events per second, and none lost.
+pub async fn burst(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
+    let n = env.cfg.burst;
+    let mut rates = Samples::default();
+    let mut lost = Samples::default();
+    for rep in 0..env.cfg.burst_reps {
+        for side in SIDES {
+            let parent = format!("/bench/burst/{}/r{rep}", side.name());
+            env.writer.mkdir(&parent).await?;
+            let (tx, mut rx) = unbounded_channel();
+            let watcher = match side {
+                Side::Raw => env.raw.watch_children(&parent, tx).await?,
+                Side::Ours => env.ours.watch_children(&parent, tx).await?,
+            };
+            let t0 = Instant::now();
+            env.writer.create_children(&parent, n, b"x").await?;
+            let limit = Duration::from_secs(if env.cfg.quick { 20 } else { 120 });
+            let (count, at) = await_count(&mut rx, n, limit).await;
+            drop(watcher);
+            rates
+                .of(side)
+                .push(count as f64 / at.duration_since(t0).as_secs_f64());
+            lost.of(side).push(n.saturating_sub(count) as f64);
+            env.writer.delete_tree(&parent).await?;
+        }
+    }
+    let (raw, ours) = rates.medians();
+    rows.push(env.row(
+        format!("watch burst ({n} creates, one watcher)"),
+        raw,
+        ours,
+        "events/s",
+        Target::None,
+        "from the first write (64 in flight, a second raw client) to the last child at the watcher; bound by the writer",
+    ));
+    let worst = |v: &[f64]| v.iter().copied().reduce(f64::max);
+    rows.push(env.row(
+        "watch burst lost",
+        worst(&lost.raw),
+        worst(&lost.ours),
+        "events",
+        Target::AtMost(0.0),
+        "children never seen by the watcher (worst repetition)",
+    ));
+    Ok(())
+}
+
+/// Instance lookup + load-balancer pick from the live view, on one thread.
+pub async fn discovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
+    let service = "bench.DiscoveryService";
+    let mut providers = Vec::new();
+    for i in 1..=10u8 {
+        let address = Address {
+            ip: std::net::Ipv4Addr::new(10, 0, 0, i),
+            port: 9090,
+        };
+        providers.push(
+            Provider::register(&env.ours.reg, service, address, "1.0.0")
+                .await
+                .ctx("register a provider")?,
+        );
+    }
+    let view = ServiceView::open(env.ours.reg.clone(), service)
+        .await
+        .ctx("open the service view")?;
+    within(Duration::from_secs(10), "10 instances in the view", async {
+        while view.snapshot().instances.len() < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    })
+    .await?;
+    let call = CallContext {
+        service: service.into(),
+        method: "echo".into(),
+        version: "1.0.0".into(),
+        ..Default::default()
+    };
+    let options = SelectOptions::default();
+    let mut rates = Vec::new();
+    for _ in 0..env.cfg.reps {
+        let (ops, failed, took) = tokio::task::block_in_place(|| {
+            let start = Instant::now();
+            let mut ops = 0u64;
+            let mut failed = 0u64;
+            while start.elapsed() < env.cfg.discovery_time && ops < 1_000_000_000 {
+                for _ in 0..1024 {
+                    if std::hint::black_box(view.select(&call, &options)).is_err() {
+                        failed += 1;
+                    }
+                }
+                ops += 1024;
+            }
+            (ops, failed, start.elapsed())
+        });
+        if failed > 0 {
+            return Err(format!("{failed} of {ops} selections failed"));
+        }
+        rates.push(ops as f64 / took.as_secs_f64());
+    }
+    let rate = median(&rates);
+    rows.push(env.row(
+        "cached lookup+pick (10 instances)",
+        None,
+        rate,
+        "ops/s",
+        Target::AtLeast(1e7),
+        "ServiceView::select on one thread (routes, version filter, weighted random); no raw equivalent",
+    ));
+    rows.push(env.row(
+        "cached lookup+pick time",
+        None,
+        rate.map(|r| 1e9 / r),
+        "ns/op",
+        Target::AtMost(100.0),
+        "",
+    ));
+    drop(view);
+    for p in providers {
+        p.shutdown().await.ctx("provider shutdown")?;
+    }
+    env.writer.delete_tree("/soa").await
+}
+
+/// An owner whose connection goes through a proxy, and what it registered.
+enum Owner {
+    Raw(Raw),
+    Ours(Ours, Registration),
+}
+
+/// Owner killed (its connection blackholed) -> a watcher sees its node gone.
+pub async fn failure(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
+    let mut took = Samples::default();
+    let mut ttl = FAILURE_TTL;
+    for rep in 0..env.cfg.failure_reps {
+        for side in SIDES {
+            let parent = format!("/bench/failure/{}", side.name());
+            env.writer.mkdir(&parent).await?;
+            let key = format!("{parent}/r{rep}");
+            let proxy =
+                conformance_tests::harness::TcpProxy::start(env.addr).ctx("start a proxy")?;
+            let via = proxy.addr().to_string();
+            let owner = match side {
+                Side::Raw => {
+                    let raw = raw_connect(env.backend, &via, FAILURE_TTL).await?;
+                    raw.register(&key, VALUE).await?;
+                    if let Some(c) = raw.zk() {
+                        ttl = c.session_timeout();
+                    }
+                    Owner::Raw(raw)
+                }
+                Side::Ours => {
+                    let ours = Ours::connect(env.backend, &via, FAILURE_TTL).await?;
+                    let r = ours
+                        .reg
+                        .register(
+                            &path(&key)?,
+                            Bytes::from_static(VALUE),
+                            RegisterOptions::new(),
+                        )
+                        .await
+                        .ctx(format!("register {key}"))?;
+                    Owner::Ours(ours, r)
+                }
+            };
+            let (tx, mut rx) = unbounded_channel();
+            let watcher = watch_node(env, side, &key, 0, tx).await?;
+            // Vary where in the keep-alive period the owner dies.
+            tokio::time::sleep(Duration::from_millis(300 + 250 * rep as u64)).await;
+            let t0 = Instant::now();
+            proxy.blackhole();
+            let gone = within(
+                ttl * 3 + Duration::from_secs(5),
+                "owner's node gone",
+                async {
+                    for _ in 0..1_000_000 {
+                        match rx.recv().await {
+                            Some((_, None, at)) => return Ok(at),
+                            Some(_) => {}
+                            None => return Err("the watcher ended".to_owned()),
+                        }
+                    }
+                    Err("no deletion among 1000000 events".to_owned())
+                },
+            )
+            .await?;
+            took.of(side).push(gone.duration_since(t0).as_secs_f64());
+            drop(watcher);
+            drop(proxy);
+            match owner {
+                Owner::Raw(raw) => drop(raw),
+                Owner::Ours(ours, r) => {
+                    drop(r);
+                    drop(ours);
+                }
+            }
+        }
+    }
+    let (raw, ours) = took.medians();
+    let ttl_s = ttl.as_secs_f64();
+    rows.push(env.row(
+        format!("failure detection (TTL {} s)", ttl_s),
+        raw,
+        ours,
+        "s",
+        Target::AtMost(ttl_s + 0.5),
+        "owner's connection blackholed (a frozen or killed process) -> a watcher on another client sees the node gone",
+    ));
+    env.writer.delete_tree("/bench/failure").await
+}
+
+/// Polls until `parent` has fewer than `n` children (`below`) or exactly `n` (`!below`).
+async fn await_count_of(
+    writer: &Raw,
+    parent: &str,
+    n: usize,
+    below: bool,
+    limit: Duration,
+) -> BenchResult<()> {
+    let what = if below {
+        format!("registrations under {parent} gone")
+    } else {
+        format!("{n} registrations under {parent} back")
+    };
+    within(limit, what, async {
+        // Bounded by `limit` too; the count only guards against a zero limit.
+        for _ in 0..1_000_000 {
+            let count = writer.count_children(parent).await?;
+            if (below && count < n) || (!below && count == n) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(format!("{parent} never reached the count"))
+    })
+    .await
+}
+
+/// Session lost with many registrations -> all of them back.
+///
+/// etcd: another client revokes the session lease (every key goes at once); timed from the
+/// revoke. ZooKeeper: the owner's connection (through a proxy) is blackholed until the server
+/// expired the session and deleted its nodes, then restored; timed from the restore, the first
+/// moment the client can learn about the loss.
+pub async fn recovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
+    let n = env.cfg.recovery;
+    let limit = Duration::from_secs(if env.cfg.quick { 30 } else { 120 });
+    let mut took = Samples::default();
+    for rep in 0..env.cfg.recovery_reps {
+        for side in SIDES {
+            let parent = format!("/bench/recovery/{}/r{rep}", side.name());
+            env.writer.mkdir(&parent).await?;
+            let elapsed = recover_once(env, side, &parent, n, limit)
+                .await
+                .map_err(|e| format!("{} side: {e}", side.name()))?;
+            eprintln!(
+                "  recovery of {n}, {} r{rep}: {:.2} s",
+                side.name(),
+                elapsed.as_secs_f64()
+            );
+            took.of(side).push(elapsed.as_secs_f64());
+            env.writer.delete_tree(&parent).await?;
+        }
+    }
+    let (raw, ours) = took.medians();
+    let (target, note) = match env.backend {
+        Backend::Etcd => (
+            Target::AtMost(2.0),
+            "our lease revoked by another client behind our back, until all are back; raw: revoke, new lease, re-put all (64 in flight), told at once",
+        ),
+        Backend::Zk => (
+            Target::None,
+            "owner partitioned (proxy blackhole) until the server expired its 2 s session, timed from reconnection until all are back; raw: notices the expiry, new session, re-creates all (64 in flight)",
+        ),
+    };
+    rows.push(env.row(
+        format!("recovery of {n} registrations"),
+        raw,
+        ours,
+        "s",
+        target,
+        note,
+    ));
+    env.writer.delete_tree("/bench/recovery").await
+}
+
+async fn recover_once(
+    env: &Env,
+    side: Side,
+    parent: &str,
+    n: usize,
+    limit: Duration,
+) -> BenchResult<Duration> {
+    match env.backend {
+        Backend::Etcd => match side {
+            Side::Ours => {
+                let owner = Ours::connect(env.backend, &env.target, SESSION_TTL).await?;
+                let regs = register_many(&owner, parent, n).await?;
+                let lease = owner.reg.session().session_id.map(|s| s.0);
+                let t0 = Instant::now();
+                revoke(env, lease).await?;
+                await_count_of(&env.writer, parent, n, true, limit).await?;
+                await_count_of(&env.writer, parent, n, false, limit).await?;
+                let elapsed = t0.elapsed();
+                owner.reg.close().await.ctx("close")?;
+                drop(regs);
+                Ok(elapsed)
+            }
+            Side::Raw => {
+                let mut owner = Raw::connect_etcd(&env.target, SESSION_TTL).await?;
+                raw_register_many(&owner, parent, n).await?;
+                let t0 = Instant::now();
+                revoke(env, owner.etcd().map(|(_, l)| l)).await?;
+                owner.renew_etcd_lease(SESSION_TTL).await?;
+                raw_register_many(&owner, parent, n).await?;
+                Ok(t0.elapsed())
+            }
+        },
+        Backend::Zk => {
+            let proxy =
+                conformance_tests::harness::TcpProxy::start(env.addr).ctx("start a proxy")?;
+            let via = proxy.addr().to_string();
+            let expiry = FAILURE_TTL * 4 + Duration::from_secs(5);
+            match side {
+                Side::Ours => {
+                    let owner = Ours::connect(env.backend, &via, FAILURE_TTL).await?;
+                    let regs = register_many(&owner, parent, n).await?;
+                    proxy.blackhole();
+                    await_count_of(&env.writer, parent, n, true, expiry).await?;
+                    proxy.forward();
+                    let t0 = Instant::now();
+                    await_count_of(&env.writer, parent, n, false, limit).await?;
+                    let elapsed = t0.elapsed();
+                    owner.reg.close().await.ctx("close")?;
+                    drop(regs);
+                    Ok(elapsed)
+                }
+                Side::Raw => {
+                    let client = zk_connect(&via, FAILURE_TTL).await?;
+                    let owner = Raw::Zk(client.clone());
+                    raw_register_many(&owner, parent, n).await?;
+                    let mut states = client.state_watcher();
+                    proxy.blackhole();
+                    await_count_of(&env.writer, parent, n, true, expiry).await?;
+                    proxy.forward();
+                    let t0 = Instant::now();
+                    within(limit, "raw client notices its session expired", async {
+                        for _ in 0..1000 {
+                            use zookeeper_client::SessionState as S;
+                            if let S::Expired | S::Closed | S::AuthFailed = states.changed().await {
+                                return Ok(());
+                            }
+                        }
+                        Err("no expiry among 1000 state changes".to_owned())
+                    })
+                    .await?;
+                    let fresh = Raw::Zk(zk_connect(&via, FAILURE_TTL).await?);
+                    raw_register_many(&fresh, parent, n).await?;
+                    Ok(t0.elapsed())
+                }
+            }
+        }
+    }
+}
+
+/// Revokes `lease` from the writer client, behind its owner's back.
+async fn revoke(env: &Env, lease: Option<i64>) -> BenchResult<()> {
+    let (mut client, _) = env.writer.etcd().ok_or("not an etcd client")?;
+    let lease = lease.ok_or("no lease")?;
+    client
+        .lease_revoke(lease)
+        .await
+        .map(|_| ())
+        .ctx("revoke the lease")
+}
+
+/// Bytes per registration and per watched node in this process.
+pub async fn memory(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
+    let n = env.cfg.memory;
+    let settle = || tokio::time::sleep(env.cfg.settle);
+    let mut per_reg = Samples::default();
+    let mut per_node = Samples::default();
+    let list = "/bench/memory/list";
+    env.writer.create_children(list, n, VALUE).await?;
+    for rep in 0..env.cfg.memory_reps {
+        for side in SIDES {
+            let parent = format!("/bench/memory/{}/r{rep}", side.name());
+            env.writer.mkdir(&parent).await?;
+            settle().await;
+            let before = live_bytes();
+            match side {
+                Side::Raw => {
+                    let paths = raw_register_many(&env.raw, &parent, n).await?;
+                    settle().await;
+                    per_reg.raw.push((live_bytes() - before) as f64 / n as f64);
+                    let mut deletes = stream::iter(paths)
+                        .map(|p| async move { env.raw.delete(&p).await })
+                        .buffer_unordered(IN_FLIGHT);
+                    while let Some(r) = deletes.next().await {
+                        r?;
+                    }
+                }
+                Side::Ours => {
+                    let regs = register_many(&env.ours, &parent, n).await?;
+                    settle().await;
+                    per_reg.ours.push((live_bytes() - before) as f64 / n as f64);
+                    let mut deletes = stream::iter(regs)
+                        .map(|r| r.deregister())
+                        .buffer_unordered(IN_FLIGHT);
+                    while let Some(r) = deletes.next().await {
+                        r.ctx("deregister")?;
+                    }
+                }
+            }
+            settle().await;
+            let before = live_bytes();
+            match side {
+                Side::Raw => {
+                    let held = env.raw.hold_children(list).await?;
+                    settle().await;
+                    per_node.raw.push((live_bytes() - before) as f64 / n as f64);
+                    drop(held);
+                }
+                Side::Ours => {
+                    let (tx, rx) = unbounded_channel();
+                    let watcher = env.ours.watch_children(list, tx).await?;
+                    settle().await;
+                    per_node
+                        .ours
+                        .push((live_bytes() - before) as f64 / n as f64);
+                    drop(watcher);
+                    drop(rx);
+                }
+            }
+        }
+    }
+    let (raw, ours) = per_reg.medians();
+    rows.push(env.row(
+        "client memory per registration",
+        raw,
+        ours,
+        "B",
+        Target::None,
+        "live heap bytes of this process (counting allocator); raw keeps the path, ours a self-healing Registration",
+    ));
+    let (raw, ours) = per_node.medians();
+    rows.push(env.row(
+        "client memory per watched node",
+        raw,
+        ours,
+        "B",
+        Target::None,
+        "children watch over nodes with ~70-byte values; raw keeps key -> value and its watches",
+    ));
+    env.writer.delete_tree("/bench/memory").await
+}
