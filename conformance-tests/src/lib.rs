@@ -141,9 +141,9 @@ macro_rules! __conformance_fault_cases {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let fixture: ::std::sync::Arc<dyn $crate::Fixture> = $fixture();
-                // One heavy case (faults, 100k children) at a time; the wait does not count
+                // Alone: no other case of this binary runs meanwhile; the wait does not count
                 // against the case's time.
-                let _serial = $crate::faults::SERIAL.acquire().await;
+                let _alone = $crate::faults::EXCLUSIVE.write().await;
                 $crate::run_case(
                     fixture.name(),
                     stringify!($case),
@@ -163,6 +163,8 @@ macro_rules! __conformance_cases {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let fixture: ::std::sync::Arc<dyn $crate::Fixture> = $fixture();
+                // Never beside a heavy case; the wait does not count against the case's time.
+                let _shared = $crate::faults::EXCLUSIVE.read().await;
                 $crate::run_case(
                     fixture.name(),
                     stringify!($case),

@@ -225,7 +225,16 @@ pub(crate) async fn run(
                     tracing::warn!(lease, "etcd connection lost; session suspended");
                     session.tracker.transition(SessionState::Suspended, None);
                 }
-                last_ok.elapsed() > ttl && !still_granted(&mut client, lease, request_timeout).await
+                if last_ok.elapsed() <= ttl {
+                    false
+                } else if still_granted(&mut client, lease, request_timeout).await {
+                    // The server vouched for the lease: that counts as hearing from it, or
+                    // the next keep-alive round would give up before its first answer.
+                    last_ok = Instant::now();
+                    false
+                } else {
+                    true
+                }
             }
         };
         if lost {
