@@ -266,3 +266,49 @@ async fn read_within(reg: &ZkRegistry, path: &NodePath) -> Bytes {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_digest_md5_identities_and_acls() {
+    let zk = ZkServer::start_with_sasl(
+        ZkConfig {
+            tick_time: Duration::from_millis(200),
+        },
+        &[("alice", "alice-pw"), ("bob", "bob-pw")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let sasl = |user: &str, password: &str| {
+        ZkOptions::new(zk.connect_string())
+            .with_session_timeout(SESSION)
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_sasl_digest_md5(user, password)
+    };
+    let alice =
+        ZkRegistry::connect(sasl("alice", "alice-pw").with_persistent_acl(ZkAcl::CreatorOnly))
+            .await
+            .unwrap_or_else(|e| panic!("alice over SASL: {e}"));
+    let secret = p("/sasl/alice-only");
+    alice
+        .create(&secret, Bytes::from("a"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("alice creates: {e}"));
+    assert_eq!(
+        alice.get(&secret).await.map(|n| n.value).ok(),
+        Some(Bytes::from("a"))
+    );
+    let bob = ZkRegistry::connect(sasl("bob", "bob-pw"))
+        .await
+        .unwrap_or_else(|e| panic!("bob over SASL: {e}"));
+    denied("bob reads alice's node", bob.get(&secret).await, &secret);
+    // A wrong password is refused, promptly and as an authentication failure.
+    let wrong = tokio::time::timeout(
+        Duration::from_secs(20),
+        ZkRegistry::connect(sasl("alice", "wrong")),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("a wrong SASL password hung the connect"));
+    assert!(
+        matches!(wrong, Err(Error::AuthFailed(_))),
+        "expected AuthFailed, got {:?}",
+        wrong.err()
+    );
+}

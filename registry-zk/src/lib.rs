@@ -93,6 +93,10 @@ async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
         if let Some((scheme, auth)) = &options.auth {
             connector = connector.with_auth(scheme, auth);
         }
+        if let Some((user, password)) = &options.sasl_digest_md5 {
+            connector =
+                connector.with_sasl(zk::SaslOptions::digest_md5(user.clone(), password.clone()));
+        }
         let client = connector
             .connect(&options.connect_string)
             .await
@@ -203,11 +207,11 @@ impl ZkRegistry {
     /// Connects and opens a session. Fails with a retryable error if no server answers within
     /// the connect timeout.
     pub async fn connect(options: ZkOptions) -> Result<ZkRegistry> {
-        if options.auth.is_none()
+        if !options.has_identity()
             && (options.acl_for(true) != ZkAcl::Open || options.acl_for(false) != ZkAcl::Open)
         {
             return Err(Error::InvalidArgument(
-                "zookeeper: creator ACLs need an identity; add with_auth(\"digest\", \"user:password\")"
+                "zookeeper: creator ACLs need an identity; add with_auth(\"digest\", \"user:password\") or with_sasl_digest_md5"
                     .into(),
             ));
         }

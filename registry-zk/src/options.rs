@@ -36,6 +36,10 @@ pub struct ZkOptions {
     /// Authentication (scheme, bytes), e.g. `("digest", b"user:password")`, sent again after
     /// every reconnect and on every new session.
     pub auth: Option<(String, Vec<u8>)>,
+    /// SASL DIGEST-MD5 user and password (the server needs a JAAS `Server` section and the
+    /// SASL auth provider); authenticates every connection. Its ACL identity is
+    /// `sasl:<user>`.
+    pub sasl_digest_md5: Option<(String, String)>,
     /// ACL of ephemeral nodes (registrations). Default: [`ZkAcl::CreatorWritesAnyoneReads`]
     /// with auth (others can discover an instance but not remove or change it), else
     /// [`ZkAcl::Open`].
@@ -61,9 +65,25 @@ impl ZkOptions {
             request_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(5),
             auth: None,
+            sasl_digest_md5: None,
             ephemeral_acl: None,
             persistent_acl: None,
         }
+    }
+
+    /// Authenticates with SASL DIGEST-MD5 (see [`ZkOptions::sasl_digest_md5`]).
+    pub fn with_sasl_digest_md5(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.sasl_digest_md5 = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Whether connections authenticate (digest auth or SASL), so creator ACLs can apply.
+    pub fn has_identity(&self) -> bool {
+        self.auth.is_some() || self.sasl_digest_md5.is_some()
     }
 
     /// Sets the ACL of ephemeral nodes (see [`ZkOptions::ephemeral_acl`]).
@@ -86,7 +106,7 @@ impl ZkOptions {
         } else {
             self.persistent_acl
         };
-        chosen.unwrap_or(if ephemeral && self.auth.is_some() {
+        chosen.unwrap_or(if ephemeral && self.has_identity() {
             ZkAcl::CreatorWritesAnyoneReads
         } else {
             ZkAcl::Open
@@ -133,6 +153,7 @@ impl fmt::Debug for ZkOptions {
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("auth_scheme", &self.auth.as_ref().map(|(s, _)| s))
+            .field("sasl_user", &self.sasl_digest_md5.as_ref().map(|(u, _)| u))
             .field("ephemeral_acl", &self.acl_for(true))
             .field("persistent_acl", &self.acl_for(false))
             .finish()

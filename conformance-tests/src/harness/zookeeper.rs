@@ -71,6 +71,16 @@ impl ZkEnsemble {
     /// Starts `size` servers and waits until each answers `ruok` (and, for an ensemble, until
     /// one of them leads).
     pub fn start(size: usize, config: ZkConfig) -> HarnessResult<ZkEnsemble> {
+        Self::start_with_sasl(size, config, &[])
+    }
+
+    /// [`start`](ZkEnsemble::start) with SASL DIGEST-MD5 on: `users` (name, password) go in a
+    /// JAAS `Server` section and the SASL auth provider is enabled. Empty `users`: no SASL.
+    pub fn start_with_sasl(
+        size: usize,
+        config: ZkConfig,
+        users: &[(&str, &str)],
+    ) -> HarnessResult<ZkEnsemble> {
         let classpath = classpath()?;
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let tick = config.tick_time.as_millis().max(1);
@@ -99,20 +109,44 @@ impl ZkEnsemble {
                 let _ = (quorum, election);
                 "org.apache.zookeeper.server.quorum.QuorumPeerMain"
             };
+            let mut jvm_sasl = Vec::new();
+            if !users.is_empty() {
+                let entries: String = users
+                    .iter()
+                    .map(|(user, password)| format!("\n  user_{user}=\"{password}\""))
+                    .collect();
+                let jaas = format!(
+                    "Server {{\n  org.apache.zookeeper.server.auth.DigestLoginModule required{entries};\n}};\n"
+                );
+                let jaas_path = data.join("jaas.conf");
+                std::fs::write(&jaas_path, jaas).map_err(|e| format!("jaas.conf: {e}"))?;
+                jvm_sasl.push(format!(
+                    "-Djava.security.auth.login.config={}",
+                    jaas_path.display()
+                ));
+                cfg.push_str(
+                    "authProvider.1=org.apache.zookeeper.server.auth.SASLAuthenticationProvider\n",
+                );
+            }
             let cfg_path = data.join("zoo.cfg");
             std::fs::write(&cfg_path, cfg).map_err(|e| format!("zoo.cfg: {e}"))?;
             let process = ServerProcess::start(
                 format!("zookeeper {id}"),
                 JAVA,
-                vec![
+                [
                     "-Xmx256m".into(),
                     "-Dzookeeper.extendedTypesEnabled=true".into(),
                     format!("-Dzookeeper.log.dir={}", data.display()),
+                ]
+                .into_iter()
+                .chain(jvm_sasl)
+                .chain([
                     "-cp".into(),
                     classpath.clone(),
                     main_class.into(),
                     cfg_path.display().to_string(),
-                ],
+                ])
+                .collect(),
                 vec![],
                 data.join("server.log"),
             )?;
@@ -215,6 +249,14 @@ pub struct ZkServer {
 }
 
 impl ZkServer {
+    /// A standalone server with SASL DIGEST-MD5 for `users` (see
+    /// [`ZkEnsemble::start_with_sasl`]).
+    pub fn start_with_sasl(config: ZkConfig, users: &[(&str, &str)]) -> HarnessResult<ZkServer> {
+        Ok(ZkServer {
+            ensemble: ZkEnsemble::start_with_sasl(1, config, users)?,
+        })
+    }
+
     /// Starts a standalone server and waits until it serves.
     pub fn start(config: ZkConfig) -> HarnessResult<ZkServer> {
         Ok(ZkServer {
