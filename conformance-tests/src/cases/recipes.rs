@@ -148,20 +148,24 @@ pub async fn lock_cancelled_leaves_no_node(fx: &dyn Fixture) -> Outcome {
     )
     .await;
     pending.abort();
-    eventually(
-        Duration::from_secs(10),
-        &format!("{at} only the holder's node remains"),
-        || {
-            let reader = reader.clone();
-            async move {
-                reader
-                    .children(&p("/locks/c"))
-                    .await
-                    .is_ok_and(|c| c.nodes.len() == 1)
-            }
-        },
-    )
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = reader.children(&p("/locks/c")).await.map(|c| {
+            c.nodes
+                .iter()
+                .map(|n| format!("{} owner {:?}", n.path, n.ephemeral_owner))
+                .collect::<Vec<_>>()
+        });
+        if found.as_ref().is_ok_and(|names| names.len() == 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{at} only the holder's node should remain after 10 s; found {found:?} (holder token {})",
+            guard.fencing_token()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(guard.is_held(), "{at} holder lost the lock");
     guard
         .unlock()
