@@ -185,15 +185,23 @@ fn parse_endpoint(url: &str, text: &str) -> Result<Endpoint, Error> {
             .ok_or_else(|| invalid(url, format!("endpoint {text:?} needs :port")))?;
         (host, port)
     } else {
-        text.rsplit_once(':')
-            .ok_or_else(|| invalid(url, format!("endpoint {text:?} needs host:port")))?
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| invalid(url, format!("endpoint {text:?} needs host:port")))?;
+        if host.contains(':') {
+            return Err(invalid(
+                url,
+                format!("endpoint {text:?}: an IPv6 address needs brackets, as in [::1]:2379"),
+            ));
+        }
+        (host, port)
     };
     if host.is_empty() {
         return Err(invalid(url, format!("endpoint {text:?} has an empty host")));
     }
     if host
         .chars()
-        .any(|c| c.is_whitespace() || c.is_control() || "/?#@".contains(c))
+        .any(|c| c.is_whitespace() || c.is_control() || "/?#@[]".contains(c))
     {
         return Err(invalid(
             url,
