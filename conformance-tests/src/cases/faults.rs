@@ -84,6 +84,43 @@ async fn all_recovered(
     }
 }
 
+/// The registrations under the fleet's parent, as `reader` sees them now.
+async fn registrations(
+    reader: &Arc<dyn Registry>,
+    fleet: &Fleet,
+) -> Vec<crate::support::NodeSummary> {
+    let nodes = reader
+        .children(&fleet.parent)
+        .await
+        .map(|c| c.nodes)
+        .unwrap_or_default();
+    summary(nodes.iter())
+}
+
+/// Runs `fault` (shorter than the TTL) and asserts nothing was lost: afterwards the same
+/// nodes of the same sessions, watchers converged, and no client ever reported `Lost`.
+async fn nothing_lost_across(
+    env: &FaultEnv<'_>,
+    fleet: &Fleet,
+    watchers: &[Watcher],
+    reader: &Arc<dyn Registry>,
+    what: &str,
+    fault: impl std::future::Future<Output = ()>,
+) {
+    let before = registrations(reader, fleet).await;
+    fault.await;
+    all_recovered(env, fleet, watchers, reader).await;
+    let after = registrations(reader, fleet).await;
+    assert_eq!(
+        before, after,
+        "[{}] registrations changed across {what}",
+        env.at
+    );
+    for (i, (_, log, _)) in fleet.owners.iter().enumerate() {
+        never_lost(&env.at, &format!("owner {i}"), log);
+    }
+}
+
 /// A session that was lost must have been re-established with a larger epoch, and be live now.
 fn lost_then_reestablished(at: &str, who: &str, log: &SessionLog) {
     let states = log.states();
@@ -165,34 +202,12 @@ pub async fn fault_server_pause_over_ttl(fx: &dyn Fixture) -> Outcome {
 pub async fn fault_server_pause_short(fx: &dyn Fixture) -> Outcome {
     let env = fault_env!(fx, "fault_server_pause_short", 1);
     let (fleet, watchers, reader) = world(&env).await;
-    let before = summary(
-        reader
-            .children(&fleet.parent)
-            .await
-            .map(|c| c.nodes)
-            .unwrap_or_default()
-            .iter(),
-    );
-    env.pause(0).await;
-    tokio::time::sleep(env.ttl() / 3).await;
-    env.resume(0).await;
-    all_recovered(&env, &fleet, &watchers, &reader).await;
-    let after = summary(
-        reader
-            .children(&fleet.parent)
-            .await
-            .map(|c| c.nodes)
-            .unwrap_or_default()
-            .iter(),
-    );
-    assert_eq!(
-        before, after,
-        "[{}] registrations changed across a short pause",
-        env.at
-    );
-    for (i, (_, log, _)) in fleet.owners.iter().enumerate() {
-        never_lost(&env.at, &format!("owner {i}"), log);
-    }
+    nothing_lost_across(&env, &fleet, &watchers, &reader, "a short pause", async {
+        env.pause(0).await;
+        tokio::time::sleep(env.ttl() / 3).await;
+        env.resume(0).await;
+    })
+    .await;
     Outcome::Passed
 }
 
@@ -217,33 +232,18 @@ pub async fn fault_partition_over_ttl(fx: &dyn Fixture) -> Outcome {
 pub async fn fault_partition_short(fx: &dyn Fixture) -> Outcome {
     let env = partition_env!(fx, "fault_partition_short");
     let (fleet, watchers, reader) = world(&env).await;
-    let before = summary(
-        reader
-            .children(&fleet.parent)
-            .await
-            .map(|c| c.nodes)
-            .unwrap_or_default()
-            .iter(),
-    );
     let victim = fleet.owners[0].0.clone();
-    env.isolate(&victim, env.ttl() / 3).await;
-    all_recovered(&env, &fleet, &watchers, &reader).await;
-    let after = summary(
-        reader
-            .children(&fleet.parent)
-            .await
-            .map(|c| c.nodes)
-            .unwrap_or_default()
-            .iter(),
-    );
-    assert_eq!(
-        before, after,
-        "[{}] registrations changed across a short partition",
-        env.at
-    );
-    for (i, (_, log, _)) in fleet.owners.iter().enumerate() {
-        never_lost(&env.at, &format!("owner {i}"), log);
-    }
+    nothing_lost_across(
+        &env,
+        &fleet,
+        &watchers,
+        &reader,
+        "a short partition",
+        async {
+            env.isolate(&victim, env.ttl() / 3).await;
+        },
+    )
+    .await;
     Outcome::Passed
 }
 
