@@ -2,6 +2,7 @@
 //! least active, and consistent hash.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,9 +41,13 @@ impl Drop for CallGuard {
     }
 }
 
-/// 64-bit FNV-1a: stable across processes and versions, unlike the std hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+/// 64-bit FNV-1a offset basis.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// 64-bit FNV-1a continued from `hash`: stable across processes and versions, unlike the std
+/// hasher.
+fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
@@ -61,17 +66,37 @@ impl Balancer {
         candidates: &[Candidate],
         key: Option<&str>,
     ) -> Option<usize> {
-        if candidates.is_empty() {
-            return None;
-        }
-        match strategy {
-            LoadBalance::Random => Some(weighted_random(candidates)),
-            LoadBalance::RoundRobin => Some(self.smooth_round_robin(candidates)),
-            LoadBalance::LeastActive => Some(self.least_active(candidates)),
-            LoadBalance::ConsistentHash => match key {
-                Some(key) => Some(rendezvous(candidates, key)),
-                None => Some(weighted_random(candidates)),
-            },
+        self.pick_among(strategy, candidates.iter().copied().enumerate(), key)
+    }
+
+    /// [`pick`](Balancer::pick) over `(tag, candidate)` pairs, returning the chosen tag. Random
+    /// and consistent-hash picks allocate nothing, so selection can filter lazily.
+    pub(crate) fn pick_among<I>(
+        &self,
+        strategy: LoadBalance,
+        candidates: I,
+        key: Option<&str>,
+    ) -> Option<usize>
+    where
+        I: Iterator<Item = (usize, Candidate)> + Clone,
+    {
+        match (strategy, key) {
+            (LoadBalance::Random, _) | (LoadBalance::ConsistentHash, None) => {
+                weighted_random(candidates)
+            }
+            (LoadBalance::ConsistentHash, Some(key)) => rendezvous(candidates, key),
+            (LoadBalance::RoundRobin | LoadBalance::LeastActive, _) => {
+                let (tags, list): (Vec<usize>, Vec<Candidate>) = candidates.unzip();
+                if list.is_empty() {
+                    return None;
+                }
+                let chosen = if strategy == LoadBalance::RoundRobin {
+                    self.smooth_round_robin(&list)
+                } else {
+                    self.least_active(&list)
+                };
+                tags.get(chosen).copied()
+            }
         }
     }
 
@@ -102,12 +127,17 @@ impl Balancer {
     fn smooth_round_robin(&self, candidates: &[Candidate]) -> usize {
         let mut current = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
         current.retain(|a, _| candidates.iter().any(|c| c.address == *a));
-        let total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
+        let mut total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
+        // All weights 0 means equal shares, as for the other strategies.
+        let equal = total == 0;
+        if equal {
+            total = candidates.len() as i64;
+        }
         let mut best = 0;
         let mut best_value = i64::MIN;
         for (i, c) in candidates.iter().enumerate() {
             let value = current.entry(c.address).or_insert(0);
-            *value += i64::from(c.weight);
+            *value += if equal { 1 } else { i64::from(c.weight) };
             if *value > best_value {
                 best_value = *value;
                 best = i;
@@ -131,43 +161,71 @@ impl Balancer {
             .filter(|(_, a)| **a == least)
             .map(|(c, _)| *c)
             .collect();
-        let chosen = weighted_random(&tied);
+        let chosen = weighted_random(tied.iter().copied().enumerate())
+            .and_then(|i| tied.get(i))
+            .map(|c| c.address);
         candidates
             .iter()
-            .position(|c| c.address == tied[chosen].address)
+            .position(|c| Some(c.address) == chosen)
             .unwrap_or(0)
     }
 }
 
-fn weighted_random(candidates: &[Candidate]) -> usize {
-    let total: u64 = candidates.iter().map(|c| u64::from(c.weight)).sum();
-    if total == 0 {
-        return rand::thread_rng().gen_range(0..candidates.len());
+/// Weighted random over `(tag, candidate)` pairs (uniform when every weight is 0); `None` only
+/// when there are none.
+fn weighted_random<I>(candidates: I) -> Option<usize>
+where
+    I: Iterator<Item = (usize, Candidate)> + Clone,
+{
+    let (count, total) = candidates.clone().fold((0usize, 0u64), |(n, t), (_, c)| {
+        (n + 1, t + u64::from(c.weight))
+    });
+    if count == 0 {
+        return None;
     }
-    let mut point = rand::thread_rng().gen_range(0..total);
-    for (i, c) in candidates.iter().enumerate() {
+    let mut rng = rand::thread_rng();
+    if total == 0 {
+        return candidates.map(|(tag, _)| tag).nth(rng.gen_range(0..count));
+    }
+    let mut point = rng.gen_range(0..total);
+    let mut last = None;
+    for (tag, c) in candidates {
         let w = u64::from(c.weight);
         if point < w {
-            return i;
+            return Some(tag);
         }
         point -= w;
+        last = Some(tag);
     }
-    candidates.len() - 1
+    last
 }
 
 /// Weighted rendezvous hashing: the same key keeps its instance while that instance lives,
-/// and only keys of a removed instance move.
-fn rendezvous(candidates: &[Candidate], key: &str) -> usize {
-    let mut best = 0;
+/// and only keys of a removed instance move. Hashes `"{key}#{address}"` per candidate.
+fn rendezvous<I>(candidates: I, key: &str) -> Option<usize>
+where
+    I: Iterator<Item = (usize, Candidate)>,
+{
+    let prefix = fnv1a(fnv1a(FNV_OFFSET, key.as_bytes()), b"#");
+    let mut best = None;
     let mut best_score = f64::NEG_INFINITY;
-    for (i, c) in candidates.iter().enumerate() {
-        let h = fnv1a(format!("{key}#{}", c.address).as_bytes());
+    for (tag, c) in candidates {
+        // "255.255.255.255:65535" fits; formatting on the stack keeps the pick allocation-free.
+        let mut buf = [0u8; 32];
+        let mut free = &mut buf[..];
+        let h = match write!(free, "{}", c.address) {
+            Ok(()) => {
+                let len = 32 - free.len();
+                fnv1a(prefix, &buf[..len])
+            }
+            Err(_) => fnv1a(prefix, c.address.to_string().as_bytes()),
+        };
         // Map the hash to (0, 1) and score -w / ln(u): larger weight, larger share.
         let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
         let score = -f64::from(c.weight.max(1)) / u.ln();
-        if score > best_score {
+        if best.is_none() || score > best_score {
             best_score = score;
-            best = i;
+            best = Some(tag);
         }
     }
     best
@@ -251,6 +309,52 @@ mod tests {
             if *before != 0 {
                 assert_eq!(after, *before, "key {k} moved although its instance stayed");
             }
+        }
+    }
+
+    #[test]
+    fn consistent_hash_scores_key_hash_address() {
+        // Pinned to the text "{key}#{ip:port}": changing it would move every key on upgrade.
+        let c = cands(&[100, 100, 100, 100]);
+        for k in 0..200 {
+            let key = format!("user-{k}");
+            let expected = c
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let h = fnv1a(FNV_OFFSET, format!("{key}#{}", c.address).as_bytes());
+                    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                    (i, -100.0 / u.ln())
+                })
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(i, _)| i);
+            assert_eq!(
+                Balancer::new().pick(LoadBalance::ConsistentHash, &c, Some(&key)),
+                expected
+            );
+        }
+    }
+
+    #[test]
+    fn empty_and_zero_weight_lists() {
+        let b = Balancer::new();
+        for strategy in [
+            LoadBalance::Random,
+            LoadBalance::RoundRobin,
+            LoadBalance::LeastActive,
+            LoadBalance::ConsistentHash,
+        ] {
+            assert_eq!(b.pick(strategy, &[], Some("k")), None);
+            let zero = cands(&[0, 0, 0]);
+            let mut seen = [false; 3];
+            for k in 0..300 {
+                let i = b.pick(strategy, &zero, Some(&k.to_string())).unwrap();
+                seen[i] = true;
+            }
+            assert_eq!(
+                seen, [true; 3],
+                "{strategy:?} never picked some zero-weight instance"
+            );
         }
     }
 

@@ -1,11 +1,12 @@
 //! `ServiceView`: a live, lock-free view of one service (instances, its config, the global
 //! config, routes, cookies), fed by watches, with instance selection.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::stream::{self, StreamExt};
+use rand::Rng;
 use registry_core::{
     Backoff, NodePath, Registry, SessionState, WatchEvent, WatchOptions, WatchStream, WatchedState,
 };
@@ -17,9 +18,9 @@ use crate::config::{parse_config, resolve, weight_of, LoadBalance, ServiceConfig
 use crate::error::{ParseError, SoaError};
 use crate::layout::{global_config, parse_instance, Instance, ServicePaths};
 use crate::routes::{
-    apply_cookies, parse_cookie_rules, parse_routes, route, CallContext, CookieRule, Route,
+    first_match, parse_cookie_rules, parse_routes, CallContext, CookieRule, Route,
 };
-use crate::version::compatible;
+use crate::version::Numbers;
 
 /// Everything known about a service at one moment. Immutable; replaced as a whole.
 #[derive(Clone, Debug, Default)]
@@ -42,6 +43,162 @@ pub struct ServiceSnapshot {
     pub stale: bool,
     /// Grows with every change applied.
     pub generation: u64,
+    /// What `select` needs, derived from the fields above when they change.
+    selection: Arc<Selection>,
+}
+
+/// An instance's version as selection compares it.
+#[derive(Clone, Copy, Debug)]
+enum InstanceVersion {
+    /// The node carries no version: it serves every caller.
+    Any,
+    /// Dotted numbers: same major and not older than the caller's.
+    Numbers(Numbers),
+    /// Anything else: serves only the identical version.
+    Text,
+}
+
+/// The caller's version, parsed once per call.
+enum Wanted<'a> {
+    Any,
+    Numbers(Numbers),
+    Text(&'a str),
+}
+
+impl<'a> Wanted<'a> {
+    fn of(version: &'a str) -> Self {
+        if version.is_empty() {
+            return Wanted::Any;
+        }
+        Numbers::parse(version).map_or(Wanted::Text(version), Wanted::Numbers)
+    }
+}
+
+/// Callers' versions whose compatible instances a snapshot remembers; more are computed per call.
+const REMEMBERED_VERSIONS: usize = 16;
+
+/// Per-instance facts `select` needs, computed once per snapshot so that a call only filters
+/// and picks: no parsing, weight rules or copies on the call path.
+#[derive(Debug, Default)]
+struct Selection {
+    /// The snapshot's instances, shared with callers of `select`.
+    instances: Vec<Arc<Instance>>,
+    versions: Vec<InstanceVersion>,
+    /// Address and effective weight of each instance.
+    candidates: Vec<Candidate>,
+    /// The compatible instances per caller version seen so far, filled in order, so a call
+    /// neither parses nor compares versions. Set-once slots: reading takes no lock and no
+    /// atomic write.
+    compatible: [OnceLock<(String, Compatible)>; REMEMBERED_VERSIONS],
+}
+
+/// The instances compatible with one caller version, with running weight totals for a
+/// weighted-random pick by binary search.
+#[derive(Debug)]
+struct Compatible {
+    /// Indices into the snapshot's instances.
+    indices: Vec<usize>,
+    /// `cumulative[k]`: the sum of the weights of `indices[..=k]`.
+    cumulative: Vec<u64>,
+}
+
+impl Compatible {
+    /// Weighted random among these instances (uniform when every weight is 0).
+    fn pick_random(&self) -> Option<usize> {
+        let total = self.cumulative.last().copied()?;
+        let k = if total == 0 {
+            rand::thread_rng().gen_range(0..self.indices.len())
+        } else {
+            let point = rand::thread_rng().gen_range(0..total);
+            self.cumulative.partition_point(|c| *c <= point)
+        };
+        self.indices.get(k).copied()
+    }
+}
+
+impl Selection {
+    fn new(instances: &[Instance], config: &ServiceConfig, global: &ServiceConfig) -> Self {
+        Selection {
+            instances: instances.iter().cloned().map(Arc::new).collect(),
+            versions: instances
+                .iter()
+                .map(|i| match i.version.as_deref() {
+                    None => InstanceVersion::Any,
+                    Some(v) => {
+                        Numbers::parse(v).map_or(InstanceVersion::Text, InstanceVersion::Numbers)
+                    }
+                })
+                .collect(),
+            candidates: instances
+                .iter()
+                .map(|i| Candidate {
+                    address: i.address,
+                    weight: weight_of(i.address, i.weight, config, global),
+                })
+                .collect(),
+            compatible: Default::default(),
+        }
+    }
+
+    /// Runs `f` on the instances that can serve callers built against `version`, remembered
+    /// per version.
+    fn with_compatible<R>(&self, version: &str, f: impl FnOnce(&Compatible) -> R) -> R {
+        let mut free = None;
+        for slot in &self.compatible {
+            match slot.get() {
+                Some((v, known)) if v == version => return f(known),
+                Some(_) => {}
+                None => {
+                    free = Some(slot);
+                    break;
+                }
+            }
+        }
+        let computed = self.compute_compatible(version);
+        match free {
+            // A racing call may fill the slot first (then with the same or another version).
+            Some(slot) => match slot.set((version.to_owned(), computed)) {
+                Ok(()) => match slot.get() {
+                    Some((_, known)) => f(known),
+                    None => f(&self.compute_compatible(version)),
+                },
+                Err((_, computed)) => f(&computed),
+            },
+            None => f(&computed),
+        }
+    }
+
+    fn compute_compatible(&self, version: &str) -> Compatible {
+        let wanted = Wanted::of(version);
+        let indices: Vec<usize> = (0..self.instances.len())
+            .filter(|i| self.serves(*i, &wanted))
+            .collect();
+        let cumulative = indices
+            .iter()
+            .scan(0u64, |sum, i| {
+                *sum += self.candidates.get(*i).map_or(0, |c| u64::from(c.weight));
+                Some(*sum)
+            })
+            .collect();
+        Compatible {
+            indices,
+            cumulative,
+        }
+    }
+
+    /// Whether instance `index` can serve a caller built against `wanted`.
+    fn serves(&self, index: usize, wanted: &Wanted<'_>) -> bool {
+        match (self.versions.get(index), wanted) {
+            (None, _) => false,
+            (Some(InstanceVersion::Any), _) | (_, Wanted::Any) => true,
+            (Some(InstanceVersion::Numbers(own)), Wanted::Numbers(w)) => own.serves(*w),
+            (Some(_), Wanted::Numbers(_)) => false,
+            (Some(_), Wanted::Text(w)) => self
+                .instances
+                .get(index)
+                .is_some_and(|i| i.version.as_deref() == Some(*w)),
+        }
+    }
 }
 
 /// Per-call choices that override config.
@@ -152,6 +309,7 @@ fn build(
     // not yet gone after re-registration) is one instance: keep the oldest node.
     let mut seen = std::collections::HashSet::new();
     list.retain(|i| seen.insert((i.address, i.version.clone())));
+    let selection = Arc::new(Selection::new(&list, &service_config, &global_config));
     ServiceSnapshot {
         instances: list,
         config: service_config,
@@ -161,6 +319,7 @@ fn build(
         errors,
         stale,
         generation,
+        selection,
     }
 }
 
@@ -229,41 +388,36 @@ impl ServiceView {
     /// Picks an instance for a call: cookie rules, then version compatibility, then routing,
     /// then the load-balancing strategy by precedence (call > method > service > global >
     /// random) over weights (ip:port > ip > every instance > the instance's own > 100).
+    ///
+    /// Lock-free and allocation-free for random and consistent-hash picks when no cookie rule
+    /// applies (the work that depends only on the snapshot is done once per change); the
+    /// instance is shared with the snapshot, not copied.
     pub fn select(
         &self,
         call: &CallContext,
         options: &SelectOptions,
-    ) -> Result<Instance, SoaError> {
+    ) -> Result<Arc<Instance>, SoaError> {
         let snap = self.current.load();
-        if snap.instances.is_empty() {
+        let selection = &*snap.selection;
+        let count = selection.instances.len();
+        if count == 0 {
             return Err(SoaError::NoInstance {
                 service: self.service.clone(),
             });
         }
-        let mut ctx = call.clone();
-        apply_cookies(&snap.cookies, &mut ctx);
-        let compatible: Vec<Instance> = snap
-            .instances
-            .iter()
-            .filter(|i| {
-                i.version
-                    .as_deref()
-                    .is_none_or(|v| call.version.is_empty() || compatible(&call.version, v))
-            })
-            .cloned()
-            .collect();
-        if compatible.is_empty() {
-            return Err(SoaError::VersionMismatch {
-                service: self.service.clone(),
-                version: call.version.clone(),
-            });
-        }
-        let routed = route(&snap.routes, &ctx, &compatible);
-        if routed.is_empty() {
-            return Err(SoaError::RoutingExcludedAll {
-                service: self.service.clone(),
-            });
-        }
+        // Cookie rules only add cookies that routing reads: copy the call only when one does.
+        let with_cookies;
+        let ctx = match snap.cookies.iter().find(|r| r.condition.holds(call)) {
+            Some(rule) if !rule.cookies.is_empty() => {
+                let mut ctx = call.clone();
+                for (name, value) in &rule.cookies {
+                    ctx.cookies.insert(name.clone(), value.clone());
+                }
+                with_cookies = ctx;
+                &with_cookies
+            }
+            _ => call,
+        };
         let strategy = resolve(
             options.load_balance,
             &call.method,
@@ -271,20 +425,46 @@ impl ServiceView {
             &snap.global.load_balance,
             LoadBalance::Random,
         );
-        let candidates: Vec<Candidate> = routed
-            .iter()
-            .map(|i| Candidate {
-                address: i.address,
-                weight: weight_of(i.address, i.weight, &snap.config, &snap.global),
-            })
-            .collect();
-        let index = self
-            .balancer
-            .pick(strategy, &candidates, options.hash_key.as_deref())
+        let rule = first_match(&snap.routes, ctx);
+        let index = selection.with_compatible(&call.version, |compatible| {
+            if compatible.indices.is_empty() {
+                return Err(SoaError::VersionMismatch {
+                    service: self.service.clone(),
+                    version: call.version.clone(),
+                });
+            }
+            if let (None, LoadBalance::Random, _) | (None, LoadBalance::ConsistentHash, None) =
+                (rule, strategy, &options.hash_key)
+            {
+                // The common case needs no filtering: pick from the remembered totals.
+                return Ok(compatible.pick_random());
+            }
+            let routed = compatible
+                .indices
+                .iter()
+                .filter_map(|i| {
+                    Some((
+                        *i,
+                        selection.instances.get(*i)?,
+                        *selection.candidates.get(*i)?,
+                    ))
+                })
+                .filter(move |(_, instance, _)| rule.is_none_or(|r| r.admits(instance)))
+                .map(|(i, _, candidate)| (i, candidate));
+            if routed.clone().next().is_none() {
+                return Err(SoaError::RoutingExcludedAll {
+                    service: self.service.clone(),
+                });
+            }
+            Ok(self
+                .balancer
+                .pick_among(strategy, routed, options.hash_key.as_deref()))
+        })?;
+        index
+            .and_then(|index| selection.instances.get(index).cloned())
             .ok_or_else(|| SoaError::NoInstance {
                 service: self.service.clone(),
-            })?;
-        Ok(routed[index].clone())
+            })
     }
 }
 

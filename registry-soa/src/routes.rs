@@ -262,16 +262,26 @@ pub fn route<'i>(
     ctx: &CallContext,
     instances: &'i [Instance],
 ) -> Vec<&'i Instance> {
-    let Some(rule) = first_match(routes, ctx) else {
-        return instances.iter().collect();
-    };
-    let (black, white): (Vec<&Target>, Vec<&Target>) =
-        rule.targets.iter().partition(|t| t.negated());
-    instances
-        .iter()
-        .filter(|i| white.is_empty() || white.iter().any(|t| t.matches(i)))
-        .filter(|i| !black.iter().any(|t| t.matches(i)))
-        .collect()
+    match first_match(routes, ctx) {
+        Some(rule) => instances.iter().filter(|i| rule.admits(i)).collect(),
+        None => instances.iter().collect(),
+    }
+}
+
+impl Route {
+    /// Whether this rule lets a call reach `instance`: it matches a whitelist target (or the
+    /// rule has none) and no blacklist target.
+    pub fn admits(&self, instance: &Instance) -> bool {
+        let mut whitelisted = None;
+        for target in &self.targets {
+            match (target.negated(), target.matches(instance)) {
+                (true, true) => return false,
+                (false, matched) => whitelisted = Some(whitelisted.unwrap_or(false) || matched),
+                (true, false) => {}
+            }
+        }
+        whitelisted.unwrap_or(true)
+    }
 }
 
 /// Adds the cookies of the first matching cookie rule to the context.

@@ -3,26 +3,41 @@
 
 use std::cmp::Ordering;
 
-fn numbers(version: &str) -> Option<Vec<u64>> {
-    let core = version.split(['-', '+']).next()?;
-    let parts: Option<Vec<u64>> = core.split('.').map(|p| p.parse().ok()).collect();
-    parts.filter(|p| !p.is_empty() && p.len() <= 4)
+/// Most dotted parts a version may have (`1.2.3.4`).
+const MAX_PARTS: usize = 4;
+
+/// A dotted numeric version, missing parts as 0 (`1.0` equals `1.0.0`). Parsed without
+/// allocating, so selection can compare versions per call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Numbers([u64; MAX_PARTS]);
+
+impl Numbers {
+    /// `None` unless `version` is 1 to 4 dotted numbers (a `-...` or `+...` suffix ignored).
+    pub(crate) fn parse(version: &str) -> Option<Numbers> {
+        let core = version.split(['-', '+']).next()?;
+        let mut parts = [0u64; MAX_PARTS];
+        for (i, part) in core.split('.').enumerate() {
+            *parts.get_mut(i)? = part.parse().ok()?;
+        }
+        Some(Numbers(parts))
+    }
+
+    /// Whether an instance of version `self` can serve a consumer built against `wanted`.
+    pub(crate) fn serves(self, wanted: Numbers) -> bool {
+        self.0[0] == wanted.0[0] && self >= wanted
+    }
 }
 
 /// Compares two dotted numeric versions (`1.0` equals `1.0.0`); `None` if either is not one.
 pub fn compare(a: &str, b: &str) -> Option<Ordering> {
-    let (mut a, mut b) = (numbers(a)?, numbers(b)?);
-    let len = a.len().max(b.len());
-    a.resize(len, 0);
-    b.resize(len, 0);
-    Some(a.cmp(&b))
+    Some(Numbers::parse(a)?.cmp(&Numbers::parse(b)?))
 }
 
 /// Whether an instance of version `instance` can serve a consumer built against `wanted`.
 /// Versions that are not dotted numbers are compatible only when identical.
 pub fn compatible(wanted: &str, instance: &str) -> bool {
-    match (numbers(wanted), numbers(instance)) {
-        (Some(w), Some(i)) => w[0] == i[0] && compare(instance, wanted) != Some(Ordering::Less),
+    match (Numbers::parse(wanted), Numbers::parse(instance)) {
+        (Some(w), Some(i)) => i.serves(w),
         _ => wanted == instance,
     }
 }
@@ -43,5 +58,24 @@ mod tests {
         assert!(compatible("abc", "abc"));
         assert!(!compatible("abc", "1.0.0"));
         assert_eq!(compare("1.10.0", "1.9.0"), Some(Ordering::Greater));
+    }
+
+    #[test]
+    fn malformed_versions_are_not_numbers() {
+        for bad in [
+            "",
+            ".",
+            "1..0",
+            "1.2.3.4.5",
+            "1.x",
+            "-1",
+            "1.0.",
+            "99999999999999999999",
+        ] {
+            assert_eq!(Numbers::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(compare("1.2.3.4", "1.2.3.4"), Some(Ordering::Equal));
+        assert!(compatible("", ""));
+        assert!(!compatible("", "1.0.0"));
     }
 }

@@ -1,0 +1,148 @@
+//! `ServiceView::select` over the in-memory backend: what it precomputes per snapshot (weights,
+//! compatible instances per caller version) stays right as callers and config vary.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_core::{
+    Bytes, Expected, MemoryOptions, MemoryRegistry, MemoryStore, NodePath, Registry,
+};
+use registry_soa::routes::CallContext;
+use registry_soa::version::compatible;
+use registry_soa::{Address, Provider, SelectOptions, ServiceView, SoaError};
+
+const SERVICE: &str = "test.SelectService";
+
+fn call(version: &str) -> CallContext {
+    CallContext {
+        service: SERVICE.into(),
+        method: "get".into(),
+        version: version.into(),
+        ..Default::default()
+    }
+}
+
+async fn until(
+    view: &ServiceView,
+    what: &str,
+    pred: impl Fn(&registry_soa::ServiceSnapshot) -> bool,
+) {
+    let mut changes = view.changes();
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        while !pred(&view.snapshot()) {
+            if changes.changed().await.is_err() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(waited, Ok(true), "view never reached: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_follows_caller_versions_and_weights() {
+    let store = MemoryStore::new();
+    let registry: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let versions = ["1.0.0", "1.2.0", "2.0.0", "custom"];
+    let mut providers = Vec::new();
+    for (i, version) in versions.iter().enumerate() {
+        let address = Address {
+            ip: [10, 0, 0, i as u8 + 1].into(),
+            port: 9090,
+        };
+        providers.push(
+            Provider::register(&registry, SERVICE, address, version)
+                .await
+                .unwrap(),
+        );
+    }
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "four instances", |s| s.instances.len() == 4).await;
+
+    // More caller versions than a snapshot remembers: every one still gets a right answer.
+    // The reference: the documented rule, checked per pair (an empty caller version takes any).
+    let allowed = |wanted: &str| -> Vec<u8> {
+        (1..=4u8)
+            .filter(|i| wanted.is_empty() || compatible(wanted, versions[usize::from(*i) - 1]))
+            .collect()
+    };
+    let mut wanted: Vec<String> = vec!["".into(), "custom".into(), "1".into(), "2".into()];
+    wanted.extend((0..30).map(|i| format!("1.{}.{}", i % 3, i)));
+    wanted.extend(["2.0.0-SNAPSHOT".into(), "3.0.0".into(), "other".into()]);
+    for _ in 0..3 {
+        for w in &wanted {
+            let expected = allowed(w);
+            for _ in 0..20 {
+                match view.select(&call(w), &SelectOptions::default()) {
+                    Ok(instance) => assert!(
+                        expected.contains(&instance.address.ip.octets()[3]),
+                        "caller {w:?} got {}",
+                        instance.address
+                    ),
+                    Err(SoaError::VersionMismatch { .. }) => {
+                        assert!(expected.is_empty(), "caller {w:?} got no instance")
+                    }
+                    Err(e) => panic!("caller {w:?}: {e}"),
+                }
+            }
+        }
+    }
+
+    // Weights from config apply to the next snapshot: 1.0.0 callers split 1:3.
+    let config = NodePath::new(format!("/soa/config/services/{SERVICE}")).unwrap();
+    registry
+        .set(
+            &config,
+            Bytes::from("weight/10.0.0.1/100;weight/10.0.0.2/300"),
+            Expected::Any,
+        )
+        .await
+        .unwrap();
+    until(&view, "weights applied", |s| s.config.weights.len() == 2).await;
+    let mut counts: HashMap<u8, u32> = HashMap::new();
+    let n = 40_000;
+    for _ in 0..n {
+        let instance = view
+            .select(&call("1.0.0"), &SelectOptions::default())
+            .unwrap();
+        *counts.entry(instance.address.ip.octets()[3]).or_default() += 1;
+    }
+    let share = f64::from(counts.get(&2).copied().unwrap_or(0)) / f64::from(n);
+    assert!(
+        (share - 0.75).abs() < 0.02,
+        "weight-300 share {share}, counts {counts:?}"
+    );
+    assert_eq!(counts.len(), 2, "{counts:?}");
+
+    // All weights 0: equal shares rather than nothing.
+    registry
+        .set(&config, Bytes::from("weight/0"), Expected::Any)
+        .await
+        .unwrap();
+    until(&view, "zero weights applied", |s| {
+        s.config.weights.len() == 1
+    })
+    .await;
+    let mut seen = HashMap::new();
+    for _ in 0..2000 {
+        let instance = view.select(&call(""), &SelectOptions::default()).unwrap();
+        *seen.entry(instance.address).or_insert(0u32) += 1;
+    }
+    assert_eq!(seen.len(), 4, "{seen:?}");
+
+    // A selected instance is the snapshot's own, not a copy.
+    let picked = view
+        .select(&call("custom"), &SelectOptions::default())
+        .unwrap();
+    let snapshot = view.snapshot();
+    assert!(snapshot.instances.contains(&picked));
+    for p in providers {
+        p.shutdown().await.unwrap();
+    }
+}
