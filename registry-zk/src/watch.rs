@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::{self, FuturesUnordered, StreamExt};
 use registry_core::{
     Backoff, Error, Node, NodePath, Result, ResyncReason, Revision, SessionId, SessionState,
     Snapshot, WatchEvent, WatchScope, WatchStream,
@@ -28,10 +28,11 @@ use zookeeper_client as zk;
 use crate::error::map;
 use crate::Shared;
 
+/// Reads (or child lists) of one watch in flight at once.
+const READS_IN_FLIGHT: usize = 256;
+
 /// Items buffered per watch stream before the consumer counts as lagging.
 pub const WATCH_BUFFER: usize = 4096;
-
-type Armed = FuturesUnordered<BoxFuture<'static, zk::WatchedEvent>>;
 
 pub(crate) fn node_of(path: NodePath, data: Vec<u8>, stat: &zk::Stat) -> Node {
     Node {
@@ -44,34 +45,56 @@ pub(crate) fn node_of(path: NodePath, data: Vec<u8>, stat: &zk::Stat) -> Node {
     }
 }
 
+/// What a one-shot watch was set on, so a fired watch says what to read again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WatchKind {
+    /// A data watch on an existing node (fires on change and deletion).
+    Data,
+    /// A child watch (fires when children come or go, and on the node's deletion).
+    Children,
+    /// An existence watch on the missing root.
+    Exists,
+}
+
+/// A watch that fired.
+struct Fired {
+    path: NodePath,
+    kind: WatchKind,
+    event: zk::WatchedEvent,
+}
+
+type Armed = FuturesUnordered<BoxFuture<'static, Fired>>;
+/// Watches set while reading, armed once the read is done (a `Vec` can cross awaits).
+type NewWatches = Vec<BoxFuture<'static, Fired>>;
+
+fn arm(armed: &mut NewWatches, path: &NodePath, kind: WatchKind, watcher: zk::OneshotWatcher) {
+    let path = path.clone();
+    armed.push(Box::pin(async move {
+        let event = watcher.changed().await;
+        Fired { path, kind, event }
+    }));
+}
+
 struct Read {
     nodes: BTreeMap<NodePath, Node>,
-    armed: Armed,
+    armed: NewWatches,
     revision: u64,
 }
 
-fn arm(armed: &Armed, watcher: zk::OneshotWatcher) {
-    armed.push(Box::pin(watcher.changed()));
-}
-
-/// Reads a node with a data watch; a missing node gets an existence watch instead.
-async fn read_node(client: &zk::Client, path: &NodePath, read: &mut Read) -> Result<bool> {
+/// Reads the watched root with a data watch; a missing root gets an existence watch instead.
+async fn read_root(client: &zk::Client, path: &NodePath, read: &mut Read) -> Result<Option<Node>> {
     // Bounded: a node that keeps appearing and vanishing between the two calls gives up.
     for _ in 0..8 {
         match client.get_and_watch_data(path.as_str()).await {
             Ok((data, stat, watcher)) => {
-                arm(&read.armed, watcher);
+                arm(&mut read.armed, path, WatchKind::Data, watcher);
                 read.revision = read.revision.max(u64::try_from(stat.mzxid).unwrap_or(0));
-                if !path.is_root() {
-                    read.nodes
-                        .insert(path.clone(), node_of(path.clone(), data, &stat));
-                }
-                return Ok(true);
+                return Ok(Some(node_of(path.clone(), data, &stat)));
             }
             Err(zk::Error::NoNode) => match client.check_and_watch_stat(path.as_str()).await {
                 Ok((None, watcher)) => {
-                    arm(&read.armed, watcher);
-                    return Ok(false);
+                    arm(&mut read.armed, path, WatchKind::Exists, watcher);
+                    return Ok(None);
                 }
                 Ok((Some(_), _)) => continue,
                 Err(e) => return Err(map(e, "watch", path)),
@@ -84,45 +107,101 @@ async fn read_node(client: &zk::Client, path: &NodePath, read: &mut Read) -> Res
     )))
 }
 
-async fn read_children(
+/// Reads nodes below the root with data watches, pipelined. A node gone meanwhile is left
+/// out without a watch: its parent's child watch, armed before, reports it if it comes back.
+async fn read_nodes(
     client: &zk::Client,
-    path: &NodePath,
-    read: &mut Read,
-) -> Result<Vec<NodePath>> {
-    match client.get_and_watch_children(path.as_str()).await {
-        Ok((names, stat, watcher)) => {
-            arm(&read.armed, watcher);
-            read.revision = read.revision.max(u64::try_from(stat.pzxid).unwrap_or(0));
-            Ok(names.iter().filter_map(|n| path.join(n).ok()).collect())
+    paths: Vec<NodePath>,
+    armed: &mut NewWatches,
+    revision: &mut u64,
+) -> Result<BTreeMap<NodePath, Option<Node>>> {
+    let mut results = stream::iter(paths)
+        .map(|path| async move {
+            let result = client.get_and_watch_data(path.as_str()).await;
+            (path, result)
+        })
+        .buffer_unordered(READS_IN_FLIGHT);
+    let mut found = BTreeMap::new();
+    while let Some((path, result)) = results.next().await {
+        match result {
+            Ok((data, stat, watcher)) => {
+                arm(armed, &path, WatchKind::Data, watcher);
+                *revision = (*revision).max(u64::try_from(stat.mzxid).unwrap_or(0));
+                let node = node_of(path.clone(), data, &stat);
+                found.insert(path, Some(node));
+            }
+            Err(zk::Error::NoNode) => {
+                found.insert(path, None);
+            }
+            Err(e) => return Err(map(e, "watch", &path)),
         }
-        Err(zk::Error::NoNode) => Ok(Vec::new()),
-        Err(e) => Err(map(e, "watch children", path)),
     }
+    Ok(found)
+}
+
+/// Lists children with child watches, pipelined; `None` for a parent that is gone.
+async fn list_children(
+    client: &zk::Client,
+    parents: Vec<NodePath>,
+    armed: &mut NewWatches,
+    revision: &mut u64,
+) -> Result<Vec<(NodePath, Option<Vec<NodePath>>)>> {
+    let mut results = stream::iter(parents)
+        .map(|path| async move {
+            let result = client.get_and_watch_children(path.as_str()).await;
+            (path, result)
+        })
+        .buffer_unordered(READS_IN_FLIGHT);
+    let mut listed = Vec::new();
+    while let Some((path, result)) = results.next().await {
+        match result {
+            Ok((names, stat, watcher)) => {
+                arm(armed, &path, WatchKind::Children, watcher);
+                *revision = (*revision).max(u64::try_from(stat.pzxid).unwrap_or(0));
+                let children = names.iter().filter_map(|n| path.join(n).ok()).collect();
+                listed.push((path, Some(children)));
+            }
+            Err(zk::Error::NoNode) => listed.push((path, None)),
+            Err(e) => return Err(map(e, "watch children", &path)),
+        }
+    }
+    Ok(listed)
 }
 
 /// Reads everything in scope, arming a watch on each part read.
 async fn read_scope(client: &zk::Client, root: &NodePath, scope: WatchScope) -> Result<Read> {
     let mut read = Read {
         nodes: BTreeMap::new(),
-        armed: FuturesUnordered::new(),
+        armed: Vec::new(),
         revision: 0,
     };
-    match scope {
-        WatchScope::Node => {
-            read_node(client, root, &mut read).await?;
+    let Some(node) = read_root(client, root, &mut read).await? else {
+        return Ok(read);
+    };
+    if scope == WatchScope::Node {
+        if !root.is_root() {
+            read.nodes.insert(root.clone(), node);
         }
-        WatchScope::Children => {
-            if read_node_exists(client, root, &mut read).await? {
-                for child in read_children(client, root, &mut read).await? {
-                    read_node(client, &child, &mut read).await?;
-                }
-            }
-        }
-        WatchScope::Subtree => {
-            let mut pending = vec![root.clone()];
-            while let Some(path) = pending.pop() {
-                if read_node(client, &path, &mut read).await? {
-                    pending.extend(read_children(client, &path, &mut read).await?);
+        return Ok(read);
+    }
+    if scope == WatchScope::Subtree && !root.is_root() {
+        read.nodes.insert(root.clone(), node);
+    }
+    // Level by level: list the parents, then read the children found.
+    let mut parents = vec![root.clone()];
+    while !parents.is_empty() {
+        let listed = list_children(client, parents, &mut read.armed, &mut read.revision).await?;
+        let children: Vec<NodePath> = listed
+            .into_iter()
+            .flat_map(|(_, c)| c.unwrap_or_default())
+            .collect();
+        let found = read_nodes(client, children, &mut read.armed, &mut read.revision).await?;
+        parents = Vec::new();
+        for (path, node) in found {
+            if let Some(node) = node {
+                read.nodes.insert(path.clone(), node);
+                if scope == WatchScope::Subtree {
+                    parents.push(path);
                 }
             }
         }
@@ -130,36 +209,140 @@ async fn read_scope(client: &zk::Client, root: &NodePath, scope: WatchScope) -> 
     Ok(read)
 }
 
-/// Like `read_node` but keeps the node out of the results (children scope).
-async fn read_node_exists(client: &zk::Client, root: &NodePath, read: &mut Read) -> Result<bool> {
-    let before = read.nodes.clone();
-    let exists = read_node(client, root, read).await?;
-    read.nodes = before;
-    Ok(exists)
+/// What fired watches changed: the new state of each path they cover (`None`: gone), from
+/// re-reading only those paths. `Ok(None)` when only a full read can tell (the root or the
+/// session changed).
+async fn follow(
+    client: &zk::Client,
+    root: &NodePath,
+    scope: WatchScope,
+    fired: Vec<Fired>,
+    nodes: &BTreeMap<NodePath, Node>,
+    armed: &mut NewWatches,
+) -> Result<Option<BTreeMap<NodePath, Option<Node>>>> {
+    let mut to_list = Vec::new();
+    let mut to_read = Vec::new();
+    for fired in fired {
+        let root_itself = fired.path == *root && fired.kind != WatchKind::Children;
+        if fired.event.event_type == zk::EventType::Session || root_itself {
+            return Ok(None);
+        }
+        match fired.kind {
+            WatchKind::Children => to_list.push(fired.path),
+            WatchKind::Data | WatchKind::Exists => to_read.push(fired.path),
+        }
+    }
+    let mut changes: BTreeMap<NodePath, Option<Node>> = BTreeMap::new();
+    let mut listed = std::collections::BTreeSet::new();
+    let mut read = std::collections::BTreeSet::new();
+    let mut revision = 0;
+    // Each path is listed and read at most once per call, so this ends with the tree.
+    while !to_list.is_empty() || !to_read.is_empty() {
+        to_list.retain(|p: &NodePath| listed.insert(p.clone()));
+        for (parent, children) in
+            list_children(client, std::mem::take(&mut to_list), armed, &mut revision).await?
+        {
+            let children: std::collections::BTreeSet<NodePath> =
+                children.unwrap_or_default().into_iter().collect();
+            // Known children no longer listed are gone (with what was below them).
+            for known in children_of(nodes, &parent) {
+                if !children.contains(known) {
+                    remove_below(nodes, known, &mut changes);
+                    changes.insert(known.clone(), None);
+                }
+            }
+            to_read.extend(children.into_iter().filter(|c| !nodes.contains_key(c)));
+        }
+        to_read.retain(|p: &NodePath| read.insert(p.clone()));
+        for (path, node) in
+            read_nodes(client, std::mem::take(&mut to_read), armed, &mut revision).await?
+        {
+            match &node {
+                Some(new) if scope == WatchScope::Subtree => {
+                    // A new node (or a new incarnation) has children to list and watch.
+                    if nodes
+                        .get(&path)
+                        .is_none_or(|old| old.create_order != new.create_order)
+                    {
+                        to_list.push(path.clone());
+                    }
+                }
+                Some(_) => {}
+                None => remove_below(nodes, &path, &mut changes),
+            }
+            changes.insert(path, node);
+        }
+    }
+    Ok(Some(changes))
+}
+
+/// The known nodes directly below `parent`.
+fn children_of<'n>(
+    nodes: &'n BTreeMap<NodePath, Node>,
+    parent: &NodePath,
+) -> impl Iterator<Item = &'n NodePath> + 'n {
+    let parent = parent.clone();
+    below(nodes, &parent).filter(move |p| p.parent().as_ref() == Some(&parent))
+}
+
+/// The known nodes anywhere below `path`: the keys starting with `path/`, which sort together
+/// right after `path` and any sibling that only shares its text (`/a-b` before `/a/`).
+fn below<'n>(
+    nodes: &'n BTreeMap<NodePath, Node>,
+    path: &NodePath,
+) -> impl Iterator<Item = &'n NodePath> + 'n {
+    let prefix = if path.is_root() {
+        "/".to_owned()
+    } else {
+        format!("{path}/")
+    };
+    let end = prefix.clone();
+    nodes
+        .range(path.clone()..)
+        .map(|(p, _)| p)
+        .skip_while(move |p| !p.as_str().starts_with(&prefix) && p.as_str() < prefix.as_str())
+        .take_while(move |p| p.as_str().starts_with(&end))
+}
+
+fn remove_below(
+    nodes: &BTreeMap<NodePath, Node>,
+    path: &NodePath,
+    changes: &mut BTreeMap<NodePath, Option<Node>>,
+) {
+    for gone in below(nodes, path) {
+        changes.insert(gone.clone(), None);
+    }
 }
 
 /// The events that turn `old` into `new`.
 fn diff(old: &BTreeMap<NodePath, Node>, new: &BTreeMap<NodePath, Node>) -> Vec<WatchEvent> {
+    let mut paths: Vec<&NodePath> = old.keys().chain(new.keys()).collect();
+    paths.sort();
+    paths.dedup();
+    events(paths.into_iter().map(|p| (old.get(p), new.get(p))))
+}
+
+/// The events for `(before, after)` states of paths: `Deleted` children before parents, then
+/// `Created`/`Updated` in `mzxid` order; a re-created node (another `czxid`) is both.
+fn events<'n>(
+    states: impl Iterator<Item = (Option<&'n Node>, Option<&'n Node>)>,
+) -> Vec<WatchEvent> {
     let mut deleted: Vec<&Node> = Vec::new();
     let mut changed: Vec<WatchEvent> = Vec::new();
-    for (path, before) in old {
-        match new.get(path) {
-            None => deleted.push(before),
-            Some(after) if after.create_order != before.create_order => {
+    for state in states {
+        match state {
+            (Some(before), None) => deleted.push(before),
+            (Some(before), Some(after)) if after.create_order != before.create_order => {
                 deleted.push(before);
                 changed.push(WatchEvent::Created(after.clone()));
             }
-            Some(after)
+            (Some(before), Some(after))
                 if after.modify_order != before.modify_order || after.version != before.version =>
             {
                 changed.push(WatchEvent::Updated(after.clone()));
             }
-            Some(_) => {}
-        }
-    }
-    for (path, after) in new {
-        if !old.contains_key(path) {
-            changed.push(WatchEvent::Created(after.clone()));
+            (None, Some(after)) => changed.push(WatchEvent::Created(after.clone())),
+            _ => {}
         }
     }
     deleted.sort_by(|a, b| b.path.cmp(&a.path));
@@ -191,7 +374,7 @@ pub(crate) fn open(
 }
 
 enum Wake {
-    Changed,
+    Changed(Fired),
     Reconnected,
     Stop,
 }
@@ -283,10 +466,68 @@ async fn run(
             }
             continue;
         }
-        let mut armed = read.armed;
-        match wait(&mut armed, &mut sessions, &mut shutdown, &tx).await {
-            Wake::Stop => return,
-            Wake::Changed | Wake::Reconnected => {}
+        let mut armed: Armed = read.armed.into_iter().collect();
+        // Follow changes by re-reading only what fired, until only a full read can tell.
+        loop {
+            let first = match wait(&mut armed, &mut sessions, &mut shutdown, &tx).await {
+                Wake::Stop => return,
+                Wake::Reconnected => break,
+                Wake::Changed(fired) => fired,
+            };
+            let mut fired = vec![first];
+            // Watches that fired together are followed together (bounded, so a steady stream
+            // of changes still gets delivered).
+            while fired.len() < READS_IN_FLIGHT {
+                match armed.next().now_or_never() {
+                    Some(Some(more)) => fired.push(more),
+                    _ => break,
+                }
+            }
+            let Some(nodes) = delivered.as_mut() else {
+                break;
+            };
+            let client = match shared.client() {
+                Ok(c) => c,
+                Err(_) => return,
+            };
+            let mut new_watches = Vec::new();
+            let followed = follow(&client, &root, scope, fired, nodes, &mut new_watches).await;
+            armed.extend(new_watches);
+            let changes = match followed {
+                Ok(Some(changes)) => changes,
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::debug!(%error, "following a change failed; reading everything again");
+                    break;
+                }
+            };
+            let items = events(
+                changes
+                    .iter()
+                    .map(|(p, after)| (nodes.get(p), after.as_ref())),
+            );
+            for (path, after) in changes {
+                match after {
+                    Some(node) => nodes.insert(path, node),
+                    None => nodes.remove(&path),
+                };
+            }
+            for item in items {
+                match tx.try_send(Ok(item)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        lagged = true;
+                        break;
+                    }
+                }
+            }
+            if lagged {
+                break;
+            }
+        }
+        if lagged && tx.reserve().await.is_err() {
+            return;
         }
     }
 }
@@ -302,8 +543,9 @@ async fn wait(
             _ = tx.closed() => return Wake::Stop,
             _ = shutdown.changed() => return Wake::Stop,
             fired = armed.next(), if !armed.is_empty() => {
-                let _ = fired;
-                return Wake::Changed;
+                if let Some(fired) = fired {
+                    return Wake::Changed(fired);
+                }
             }
             status = sessions.next() => match status {
                 None => return Wake::Stop,
