@@ -5,7 +5,12 @@
 //! falls that far behind, the task stops reading from etcd, waits for room, and continues
 //! with a `Resync` (`Lagged`) from a fresh read: memory stays bounded and writers are never
 //! slowed. A compacted resume point also ends in a fresh read and a `Resync` (`Compacted`).
+//!
+//! A deleted node is reported as last delivered, from the task's copy of the scope: etcd's
+//! `prev_kv` would cost the server a read per event and watcher. Only a stream started after a
+//! revision, which has no snapshot to start the copy from, asks etcd for it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,10 +67,16 @@ pub(crate) async fn read_scope(
     Ok((nodes, revision))
 }
 
-fn watch_range(keys: &Keys, root: &NodePath, scope: WatchScope) -> (String, EtcdWatchOptions) {
-    let options = EtcdWatchOptions::new()
-        .with_progress_notify()
-        .with_prev_key();
+fn watch_range(
+    keys: &Keys,
+    root: &NodePath,
+    scope: WatchScope,
+    prev_kv: bool,
+) -> (String, EtcdWatchOptions) {
+    let mut options = EtcdWatchOptions::new().with_progress_notify();
+    if prev_kv {
+        options = options.with_prev_key();
+    }
     match (scope, root.is_root()) {
         (WatchScope::Node, _) => (keys.node(root), options),
         (WatchScope::Children, _) | (WatchScope::Subtree, true) => {
@@ -121,6 +132,8 @@ async fn run(
     // None: the first read is the Snapshot; Some(reason): a Resync.
     let mut pending: Option<Option<ResyncReason>> = if after.is_some() { None } else { Some(None) };
     let mut last = after.unwrap_or(0);
+    // What was delivered, to report deleted nodes; unknown until a snapshot is read.
+    let mut known: Option<HashMap<NodePath, Node>> = None;
     loop {
         if *shutdown.borrow() {
             return;
@@ -128,6 +141,7 @@ async fn run(
         if let Some(reason) = pending.take() {
             match read_scope(&shared, &root, scope).await {
                 Ok((nodes, revision)) => {
+                    known = Some(nodes.iter().map(|n| (n.path.clone(), n.clone())).collect());
                     let snapshot = Snapshot {
                         nodes,
                         revision: registry_core::Revision(revision as u64),
@@ -153,7 +167,17 @@ async fn run(
                 }
             }
         }
-        match follow(&shared, &root, scope, &mut last, &tx, &mut shutdown).await {
+        match follow(
+            &shared,
+            &root,
+            scope,
+            &mut last,
+            &mut known,
+            &tx,
+            &mut shutdown,
+        )
+        .await
+        {
             Break::Stop => return,
             Break::Resync(reason) => {
                 tracing::info!(?reason, "watch resyncs");
@@ -186,10 +210,11 @@ async fn follow(
     root: &NodePath,
     scope: WatchScope,
     last: &mut i64,
+    known: &mut Option<HashMap<NodePath, Node>>,
     tx: &mpsc::Sender<Result<WatchEvent>>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Break {
-    let (key, options) = watch_range(&shared.keys, root, scope);
+    let (key, options) = watch_range(&shared.keys, root, scope, known.is_none());
     let mut client = shared.client.clone();
     let opened = tokio::time::timeout(
         shared.options.request_timeout,
@@ -241,12 +266,21 @@ async fn follow(
                 continue;
             }
             let item = match event.event_type() {
-                EventType::Put if kv.version() == 1 => WatchEvent::Created(node),
-                EventType::Put => WatchEvent::Updated(node),
+                EventType::Put => {
+                    if let Some(known) = known.as_mut() {
+                        known.insert(node.path.clone(), node.clone());
+                    }
+                    if kv.version() == 1 {
+                        WatchEvent::Created(node)
+                    } else {
+                        WatchEvent::Updated(node)
+                    }
+                }
                 EventType::Delete => {
-                    let mut gone = event
-                        .prev_kv()
-                        .and_then(|prev| shared.keys.node_of(prev))
+                    let mut gone = known
+                        .as_mut()
+                        .and_then(|known| known.remove(&node.path))
+                        .or_else(|| event.prev_kv().and_then(|prev| shared.keys.node_of(prev)))
                         .unwrap_or(node.clone());
                     gone.modify_order = node.modify_order;
                     WatchEvent::Deleted(gone)

@@ -102,7 +102,12 @@ async fn scope_case(fx: &dyn Fixture, case: &'static str, scope: WatchScope) -> 
         let mut state = WatchedState::new();
         state.apply(&WatchEvent::Snapshot(Default::default()));
         match next_change(&mut stream, scope, &root, &format!("{at} delete")).await {
-            WatchEvent::Deleted(n) => assert_eq!(n.path, root, "{at} delete event"),
+            // The node as last delivered: the update's value and version.
+            WatchEvent::Deleted(n) => assert_eq!(
+                (&n.path, n.value.clone(), n.version),
+                (&root, Bytes::from("1"), w.version),
+                "{at} delete event"
+            ),
             other => panic!("{at} expected Deleted, got {other:?}"),
         }
         writer
@@ -125,7 +130,11 @@ async fn scope_case(fx: &dyn Fixture, case: &'static str, scope: WatchScope) -> 
             .await
             .unwrap_or_else(|e| panic!("{at} delete: {e}"));
         match next_change(&mut stream, scope, &root, &format!("{at} delete")).await {
-            WatchEvent::Deleted(n) => assert_eq!(n.path.as_str(), created, "{at} delete event"),
+            WatchEvent::Deleted(n) => assert_eq!(
+                (n.path.as_str(), n.value.clone()),
+                (created, Bytes::from("new")),
+                "{at} delete event"
+            ),
             other => panic!("{at} expected Deleted({created}), got {other:?}"),
         }
     }
@@ -287,7 +296,7 @@ pub async fn watch_from_revision(fx: &dyn Fixture) -> Outcome {
         ));
     }
     let at = env.at();
-    c.create(&p("/r/a"), Bytes::new(), CreateMode::Persistent)
+    c.create(&p("/r/a"), Bytes::from("a"), CreateMode::Persistent)
         .await
         .unwrap_or_else(|e| panic!("{at} create: {e}"));
     let listing = c
@@ -304,6 +313,18 @@ pub async fn watch_from_revision(fx: &dyn Fixture) -> Outcome {
     match next_event(&mut stream, "replayed create").await {
         WatchEvent::Created(n) => assert_eq!(n.path.as_str(), "/r/b", "{at}"),
         other => panic!("{at} expected the create after the listing, got {other:?}"),
+    }
+    // A node the stream never delivered is still reported as it was when deleted.
+    c.delete(&p("/r/a"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete: {e}"));
+    match next_event(&mut stream, "delete").await {
+        WatchEvent::Deleted(n) => assert_eq!(
+            (n.path.as_str(), n.value.clone()),
+            ("/r/a", Bytes::from("a")),
+            "{at}"
+        ),
+        other => panic!("{at} expected the delete of /r/a, got {other:?}"),
     }
     env.finish().await
 }
