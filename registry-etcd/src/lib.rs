@@ -34,8 +34,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-    TxnResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, PutOptions, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
 };
 use futures::stream::BoxStream;
 use registry_core::{
@@ -110,6 +110,39 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// One range read, retried like [`read`](Shared::read). Cheaper than a Txn for etcd and
+    /// for us (a Txn's responses are copied out of it), so common reads try it first.
+    async fn range(
+        &self,
+        key: String,
+        options: Option<GetOptions>,
+        operation: &str,
+        path: &NodePath,
+    ) -> Result<GetResponse> {
+        self.check_open()?;
+        let timeout = self.options.request_timeout;
+        let mut last = None;
+        for attempt in 0..3u32 {
+            let mut client = self.client.clone();
+            let error =
+                match tokio::time::timeout(timeout, client.get(key.clone(), options.clone())).await
+                {
+                    Ok(Ok(response)) => return Ok(response),
+                    Ok(Err(e)) => map(e, operation, Some(path)),
+                    Err(_) => Error::Timeout {
+                        operation: format!("etcd {operation} {path}"),
+                        after: timeout,
+                    },
+                };
+            if !error.is_retryable() {
+                return Err(error);
+            }
+            last = Some(error);
+            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt + 1))).await;
+        }
+        Err(last.unwrap_or_else(|| Error::unavailable("etcd read failed")))
     }
 
     /// A read-only Txn, retried on a retryable failure (another member may answer).
@@ -264,6 +297,15 @@ impl EtcdRegistry {
             return Ok((Some(implicit(NodePath::root())), 0));
         }
         let keys = &self.shared.keys;
+        // Most reads find the node itself: one range. Otherwise one Txn tells an implicit
+        // node (keys below it) from a missing one at a single revision.
+        let own = self
+            .shared
+            .range(keys.node(path), None, "get", path)
+            .await?;
+        if let Some(node) = own.kvs().first().and_then(|kv| keys.node_of(kv)) {
+            return Ok((Some(node), own.header().map_or(0, |h| h.revision())));
+        }
         let response = self
             .shared
             .read(
@@ -666,24 +708,34 @@ impl Registry for EtcdRegistry {
     async fn children(&self, path: &NodePath) -> Result<Children> {
         self.shared.check_open()?;
         let keys = &self.shared.keys;
-        let mut ops = vec![TxnOp::get(
-            keys.below(path),
-            Some(GetOptions::new().with_prefix()),
-        )];
-        if !path.is_root() {
-            ops.push(TxnOp::get(
-                keys.node(path),
-                Some(GetOptions::new().with_keys_only()),
-            ));
-        }
-        let response = self.shared.read(ops, "children", path).await?;
-        let revision = revision_of(&response);
-        let gets = gets(&response);
-        let below = gets.first().map(|g| g.kvs()).unwrap_or_default();
-        let own = path.is_root() || gets.get(1).is_some_and(|g| !g.kvs().is_empty());
-        if !own && below.is_empty() {
-            return Err(Error::NotFound { path: path.clone() });
-        }
+        let below_options = || Some(GetOptions::new().with_prefix());
+        // Keys below prove the node exists: one range. Without any, one Txn tells an empty
+        // node from a missing one at a single revision.
+        let listed = self
+            .shared
+            .range(keys.below(path), below_options(), "children", path)
+            .await?;
+        let (listed, revision) = if !listed.kvs().is_empty() || path.is_root() {
+            let revision = listed.header().map_or(0, |h| h.revision());
+            (listed, revision)
+        } else {
+            let ops = vec![
+                TxnOp::get(keys.below(path), below_options()),
+                TxnOp::get(keys.node(path), Some(GetOptions::new().with_keys_only())),
+            ];
+            let response = self.shared.read(ops, "children", path).await?;
+            let mut gets = gets(&response).into_iter();
+            let (Some(listed), Some(own)) = (gets.next(), gets.next()) else {
+                return Err(Error::unavailable(format!(
+                    "etcd children {path}: short Txn response"
+                )));
+            };
+            if own.kvs().is_empty() && listed.kvs().is_empty() {
+                return Err(Error::NotFound { path: path.clone() });
+            }
+            (listed, revision_of(&response))
+        };
+        let below = listed.kvs();
         let mut children: std::collections::BTreeMap<NodePath, Node> =
             std::collections::BTreeMap::new();
         for kv in below {
