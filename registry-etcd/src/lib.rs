@@ -34,8 +34,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-    TxnResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, PutOptions, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
 };
 use futures::stream::BoxStream;
 use registry_core::{
@@ -61,6 +61,8 @@ const MAX_CREATE_ROUNDS: usize = 256;
 /// What the registry's handles, its session task and its watch tasks share.
 pub(crate) struct Shared {
     pub(crate) client: Client,
+    /// The client's KV service alone: cheaper to clone per request than the whole client.
+    kv: KvClient,
     pub(crate) keys: Keys,
     pub(crate) options: EtcdOptions,
     pub(crate) session: Arc<Session>,
@@ -80,21 +82,25 @@ impl Shared {
         }
     }
 
-    /// Runs a Txn with the request deadline. A Txn that could not even be sent (the
+    /// Runs one KV request with the request deadline. `send` builds and sends it anew for
+    /// each attempt (a sent request is consumed). One that could not even be sent (the
     /// connection to the chosen member failed) is tried again, since it cannot have happened;
     /// the balanced channel then picks another member.
-    pub(crate) async fn txn(
+    pub(crate) async fn request<T, F, Fut>(
         &self,
-        txn: Txn,
         operation: &str,
         path: &NodePath,
-    ) -> Result<TxnResponse> {
+        mut send: F,
+    ) -> Result<T>
+    where
+        F: FnMut(KvClient) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
         self.check_open()?;
         let timeout = self.options.request_timeout;
         let mut attempt = 0u32;
         loop {
-            let mut client = self.client.clone();
-            match tokio::time::timeout(timeout, client.txn(txn.clone())).await {
+            match tokio::time::timeout(timeout, send(self.kv.clone())).await {
                 Ok(Ok(response)) => return Ok(response),
                 Ok(Err(e)) if attempt < 5 && error::not_sent(&e) => {
                     attempt += 1;
@@ -112,14 +118,29 @@ impl Shared {
         }
     }
 
+    /// Runs a Txn through [`request`](Shared::request).
+    pub(crate) async fn txn(
+        &self,
+        txn: Txn,
+        operation: &str,
+        path: &NodePath,
+    ) -> Result<TxnResponse> {
+        self.request(operation, path, |mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
     /// A read-only Txn, retried on a retryable failure (another member may answer).
     async fn read(&self, ops: Vec<TxnOp>, operation: &str, path: &NodePath) -> Result<TxnResponse> {
         let mut last = None;
         for attempt in 0..3u32 {
-            match self
-                .txn(Txn::new().and_then(ops.clone()), operation, path)
-                .await
-            {
+            let sent = self.request(operation, path, |mut kv| {
+                let txn = Txn::new().and_then(ops.clone());
+                async move { kv.txn(txn).await }
+            });
+            match sent.await {
                 Ok(r) => return Ok(r),
                 Err(e) if e.is_retryable() => {
                     last = Some(e);
@@ -240,6 +261,7 @@ impl EtcdRegistry {
         tracing::info!(lease, "etcd session opened");
         let (creates, queued) = tokio::sync::mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
+            kv: client.kv_client(),
             client,
             keys: Keys::new(options.namespace.as_ref()),
             options,
@@ -565,41 +587,81 @@ impl Registry for EtcdRegistry {
             return Err(Error::InvalidArgument("cannot write the root node".into()));
         }
         let key = self.shared.keys.node(path);
-        let condition = match expected {
-            Expected::Any => Compare::version(key.clone(), CompareOp::Greater, 0),
-            Expected::Version(v) => Compare::version(key.clone(), CompareOp::Equal, v as i64 + 1),
+        // ignore_lease keeps an ephemeral node's lease, and makes etcd refuse to write a
+        // missing key ("key not found", mapped to NotFound); prev_kv gives what the written
+        // node is made of without reading it back.
+        let put_options = || PutOptions::new().with_ignore_lease().with_prev_key();
+        let (prev, revision) = match expected {
+            // A plain put: a Txn costs etcd 3.4 about half its write throughput.
+            Expected::Any => {
+                let mut response = self
+                    .shared
+                    .request("set", path, |mut kv| {
+                        let (key, value) = (key.clone(), value.to_vec());
+                        async move { kv.put(key, value, Some(put_options())).await }
+                    })
+                    .await?;
+                let revision = response.header().map_or(0, |h| h.revision());
+                (response.take_prev_key(), revision)
+            }
+            Expected::Version(v) => {
+                let response = self
+                    .shared
+                    .request("set", path, |mut kv| {
+                        let txn = Txn::new()
+                            .when([Compare::version(
+                                key.clone(),
+                                CompareOp::Equal,
+                                v as i64 + 1,
+                            )])
+                            .and_then([TxnOp::put(
+                                key.clone(),
+                                value.to_vec(),
+                                Some(put_options()),
+                            )])
+                            .or_else([TxnOp::get(
+                                key.clone(),
+                                Some(GetOptions::new().with_keys_only()),
+                            )]);
+                        async move { kv.txn(txn).await }
+                    })
+                    .await?;
+                let first = response.op_responses().into_iter().next();
+                if !response.succeeded() {
+                    let actual = match first {
+                        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.version()),
+                        _ => None,
+                    };
+                    return Err(match actual {
+                        Some(actual) => Error::VersionMismatch {
+                            path: path.clone(),
+                            expected: v,
+                            actual: keys::version_of(actual),
+                        },
+                        None => Error::NotFound { path: path.clone() },
+                    });
+                }
+                let prev = match first {
+                    Some(TxnOpResponse::Put(mut put)) => put.take_prev_key(),
+                    _ => None,
+                };
+                (prev, revision_of(&response))
+            }
         };
-        let response = self
-            .shared
-            .txn(
-                Txn::new()
-                    .when([condition])
-                    .and_then([
-                        TxnOp::put(
-                            key.clone(),
-                            value.to_vec(),
-                            Some(PutOptions::new().with_ignore_lease()),
-                        ),
-                        TxnOp::get(key.clone(), None),
-                    ])
-                    .or_else([TxnOp::get(key, None)]),
-                "set",
-                path,
-            )
-            .await?;
-        let node = gets(&response)
-            .first()
-            .and_then(|g| g.kvs().first())
-            .and_then(|kv| self.shared.keys.node_of(kv));
-        match (response.succeeded(), node, expected) {
-            (true, Some(node), _) => Ok(node),
-            (false, Some(node), Expected::Version(v)) => Err(Error::VersionMismatch {
-                path: path.clone(),
-                expected: v,
-                actual: node.version,
-            }),
-            _ => Err(Error::NotFound { path: path.clone() }),
-        }
+        let prev = prev.ok_or_else(|| Error::Backend {
+            backend: BACKEND,
+            message: format!("set {path}: etcd returned no previous key-value"),
+            source: None,
+        })?;
+        // The key as written: etcd bumped the version, kept create revision and lease.
+        Ok(keys::node_from(
+            path.clone(),
+            value,
+            prev.version() + 1,
+            prev.create_revision(),
+            revision,
+            prev.lease(),
+        ))
     }
 
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
