@@ -4,8 +4,8 @@
 //! two round trips each. Ephemeral creates queue here instead: while up to
 //! [`BATCHES_IN_FLIGHT`] Txns are out, new creates accumulate, and the next Txn takes up to
 //! [`MAX_BATCH`] of them. A lone create goes alone, so an idle client pays one channel hop.
-//! A batch is one read of the union of the nodes' ancestors, then one Txn whose compares hold
-//! every ancestor's `create_revision` and every key's absence, and whose puts carry the lease.
+//! A batch is one Txn whose compares hold while every ancestor of its nodes exists and is
+//! persistent and every node's key is absent, and whose puts carry the lease.
 //! If any compare fails (a key exists, a parent is missing or changed) the batch's creates
 //! run one by one, with their usual errors.
 //!
@@ -16,22 +16,18 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
-use registry_core::{CreateMode, Error, Node, NodePath, Result, SessionId};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use registry_core::{CreateMode, Error, Node, NodePath, Result};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
 
-use crate::{gets, revision_of, EtcdRegistry, Shared};
+use crate::{ancestors_persistent, created, put_options, EtcdRegistry, Shared, MAX_TXN_OPS};
 
-/// Most creates in one Txn: with their ancestors' compares this stays under etcd's default
-/// `--max-txn-ops` of 128.
+/// Most creates in one Txn (with their ancestors' compares, within etcd's `--max-txn-ops`).
 pub(crate) const MAX_BATCH: usize = 64;
 
 /// Batches out at once; more creates wait and form the next, larger batch.
 pub(crate) const BATCHES_IN_FLIGHT: usize = 4;
-
-/// Compares one Txn may hold (etcd's default `--max-txn-ops`).
-const MAX_TXN_OPS: usize = 128;
 
 /// One queued create and where its result goes.
 pub(crate) struct Pending {
@@ -119,7 +115,7 @@ fn same_kind(error: &Error) -> Error {
 }
 
 /// Creates every node of `batch` in one Txn; `None` if that cannot work (duplicates, a
-/// missing or ephemeral parent, too many ops, a compare failed) and each must go alone.
+/// missing or ephemeral ancestor, too many ops, a compare failed) and each must go alone.
 async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Option<Vec<Node>>> {
     let shared = &registry.shared;
     let keys = &shared.keys;
@@ -127,78 +123,44 @@ async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Option<V
     if distinct.len() != batch.len() {
         return Ok(None);
     }
-    let ancestors: BTreeSet<NodePath> = batch
+    let ancestors: Vec<String> = batch
         .iter()
         .flat_map(|p| p.path.ancestors())
         .filter(|a| !a.is_root())
+        .collect::<BTreeSet<NodePath>>()
+        .iter()
+        .map(|a| keys.node(a))
         .collect();
-    if ancestors.len() + batch.len() > MAX_TXN_OPS {
+    if 2 * ancestors.len() + batch.len() > MAX_TXN_OPS {
         return Ok(None);
-    }
-    let first = &batch[0].path;
-    let read = shared
-        .read(
-            ancestors
-                .iter()
-                .map(|a| TxnOp::get(keys.node(a), None))
-                .collect(),
-            "create batch",
-            first,
-        )
-        .await?;
-    let mut compares = Vec::with_capacity(ancestors.len() + batch.len());
-    for (ancestor, get) in ancestors.iter().zip(gets(&read)) {
-        match get.kvs().first() {
-            Some(kv) if kv.lease() == 0 => compares.push(Compare::create_revision(
-                keys.node(ancestor),
-                CompareOp::Equal,
-                kv.create_revision(),
-            )),
-            // Missing (to be created first) or ephemeral (an error): the single path knows.
-            _ => return Ok(None),
-        }
     }
     let lease = shared.session.lease();
     if !shared.session.tracker.status().state.is_live() {
         return Err(Error::SessionExpired);
     }
+    // The ancestors are compared, not read first: one round trip.
+    let mut compares = ancestors_persistent(&ancestors);
     let mut puts = Vec::with_capacity(batch.len());
     for pending in batch {
         let key = keys.node(&pending.path);
         compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-        puts.push(TxnOp::put(
-            key,
-            pending.value.to_vec(),
-            Some(PutOptions::new().with_lease(lease)),
-        ));
+        puts.push(TxnOp::put(key, pending.value.to_vec(), put_options(lease)));
     }
     let response = shared
         .txn(
             Txn::new().when(compares).and_then(puts),
             "create batch",
-            first,
+            &batch[0].path,
         )
         .await
-        .inspect_err(|e| {
-            if matches!(e, Error::SessionExpired) {
-                shared.session.report_lease_gone(lease);
-            }
-        })?;
+        .inspect_err(|e| shared.lease_failed(e, lease))?;
     if !response.succeeded() {
         return Ok(None);
     }
-    let revision = u64::try_from(revision_of(&response)).unwrap_or(0);
     Ok(Some(
         batch
             .iter()
-            .map(|pending| Node {
-                path: pending.path.clone(),
-                value: pending.value.clone(),
-                version: 0,
-                create_order: revision,
-                modify_order: revision,
-                ephemeral_owner: Some(SessionId(lease)),
-            })
+            .map(|pending| created(pending.path.clone(), &pending.value, &response, lease))
             .collect(),
     ))
 }

@@ -10,10 +10,11 @@
 //!   own task; ephemeral nodes are keys under that lease. A lost lease is replaced by a new
 //!   one, reported as `Lost` then `Reestablished`, and registrations come back through
 //!   [`registry_core::Registration`].
-//! - Creates are Txns comparing `create_revision == 0`. Missing parents are created first,
-//!   one Txn each (so each gets its own, earlier revision), and the node's Txn compares
-//!   every ancestor's `create_revision` with what was read, which also rejects a parent that
-//!   became ephemeral. Sequential names come from a per-parent counter key updated in the same
+//! - Creates are Txns comparing `create_revision == 0`. A non-sequential create is first
+//!   tried as one Txn that also compares every ancestor's key as existing and lease-less, so
+//!   nothing is read first. Otherwise missing parents are created first, one Txn each (so
+//!   each gets its own, earlier revision), and the node's Txn compares every ancestor's
+//!   `create_revision` with what was read, which also rejects a parent that became ephemeral. Sequential names come from a per-parent counter key updated in the same
 //!   Txn as the create: under contention, every creator that lost the race retries (one more
 //!   round trip each), so N concurrent creators under one parent cost O(N²) Txns in the worst
 //!   case and O(N) when spread over time.
@@ -57,6 +58,9 @@ const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Bound on optimistic-concurrency retries of one create or delete.
 const MAX_CREATE_ROUNDS: usize = 256;
+
+/// Compares, and ops per branch, one Txn may hold (etcd's default `--max-txn-ops`).
+pub(crate) const MAX_TXN_OPS: usize = 128;
 
 /// What the registry's handles, its session task and its watch tasks share.
 pub(crate) struct Shared {
@@ -130,6 +134,13 @@ impl Shared {
             async move { kv.txn(txn).await }
         })
         .await
+    }
+
+    /// A write under `lease` failed with `error`: if the lease is gone, says so at once.
+    pub(crate) fn lease_failed(&self, error: &Error, lease: i64) {
+        if lease != 0 && matches!(error, Error::SessionExpired) {
+            self.session.report_lease_gone(lease);
+        }
     }
 
     /// A read-only Txn, retried on a retryable failure (another member may answer).
@@ -397,17 +408,8 @@ impl EtcdRegistry {
         };
         let key = keys.node(&target);
         compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-        let put_options = if mode.is_ephemeral() {
-            let lease = self.shared.session.lease();
-            if !self.shared.session.tracker.status().state.is_live() {
-                return Err(Error::SessionExpired);
-            }
-            Some(PutOptions::new().with_lease(lease))
-        } else {
-            None
-        };
-        let lease = self.shared.session.lease();
-        puts.push(TxnOp::put(key.clone(), value.to_vec(), put_options));
+        let lease = self.lease_for(mode)?;
+        puts.push(TxnOp::put(key.clone(), value.to_vec(), put_options(lease)));
         let response = self
             .shared
             .txn(
@@ -419,23 +421,9 @@ impl EtcdRegistry {
                 &target,
             )
             .await
-            .inspect_err(|e| {
-                if matches!(e, Error::SessionExpired) {
-                    self.shared.session.report_lease_gone(lease);
-                }
-            })?;
+            .inspect_err(|e| self.shared.lease_failed(e, lease))?;
         if response.succeeded() {
-            let revision = u64::try_from(revision_of(&response)).unwrap_or(0);
-            return Ok(Some(Node {
-                path: target,
-                value: value.clone(),
-                version: 0,
-                create_order: revision,
-                modify_order: revision,
-                ephemeral_owner: mode
-                    .is_ephemeral()
-                    .then(|| SessionId(self.shared.session.lease())),
-            }));
+            return Ok(Some(created(target, value, &response, lease)));
         }
         let exists = gets_of_else(&response);
         if exists && !mode.is_sequential() {
@@ -516,6 +504,12 @@ impl EtcdRegistry {
         value: &Bytes,
         mode: CreateMode,
     ) -> Result<Node> {
+        if !mode.is_sequential() {
+            if let Some(node) = self.create_checked(path, value, mode).await? {
+                tracing::debug!(path = %node.path, ?mode, "created");
+                return Ok(node);
+            }
+        }
         for _ in 0..MAX_CREATE_ROUNDS {
             if let Some(node) = self.create_once(path, value, mode).await? {
                 tracing::debug!(path = %node.path, ?mode, "created");
@@ -526,6 +520,115 @@ impl EtcdRegistry {
             "etcd create {path}: too much contention, gave up after {MAX_CREATE_ROUNDS} rounds"
         )))
     }
+}
+
+impl EtcdRegistry {
+    /// The lease an ephemeral create puts its key under (0 for a persistent one);
+    /// `SessionExpired` while the session is not live.
+    fn lease_for(&self, mode: CreateMode) -> Result<i64> {
+        if !mode.is_ephemeral() {
+            return Ok(0);
+        }
+        let lease = self.shared.session.lease();
+        if !self.shared.session.tracker.status().state.is_live() {
+            return Err(Error::SessionExpired);
+        }
+        Ok(lease)
+    }
+
+    /// A non-sequential create in one Txn, when every ancestor already has a key: it compares
+    /// that each exists and is persistent, and that the node does not exist, so nothing needs
+    /// reading first. `None` if an ancestor is missing (the caller creates it and retries the
+    /// long way).
+    async fn create_checked(
+        &self,
+        path: &NodePath,
+        value: &Bytes,
+        mode: CreateMode,
+    ) -> Result<Option<Node>> {
+        let keys = &self.shared.keys;
+        let ancestors: Vec<String> = path
+            .ancestors()
+            .iter()
+            .filter(|a| !a.is_root())
+            .map(|a| keys.node(a))
+            .collect();
+        if 2 * ancestors.len() + 1 > MAX_TXN_OPS {
+            return Ok(None);
+        }
+        let key = keys.node(path);
+        let lease = self.lease_for(mode)?;
+        let response = self
+            .shared
+            .request("create", path, |mut kv| {
+                let mut compares = ancestors_persistent(&ancestors);
+                compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+                let mut gets: Vec<TxnOp> = ancestors
+                    .iter()
+                    .map(|a| TxnOp::get(a.clone(), Some(GetOptions::new().with_keys_only())))
+                    .collect();
+                gets.push(TxnOp::get(
+                    key.clone(),
+                    Some(GetOptions::new().with_keys_only()),
+                ));
+                let txn = Txn::new()
+                    .when(compares)
+                    .and_then([TxnOp::put(key.clone(), value.to_vec(), put_options(lease))])
+                    .or_else(gets);
+                async move { kv.txn(txn).await }
+            })
+            .await
+            .inspect_err(|e| self.shared.lease_failed(e, lease))?;
+        if response.succeeded() {
+            return Ok(Some(created(path.clone(), value, &response, lease)));
+        }
+        // The failure branch read everything at the revision the compares failed at; decide
+        // as the long way would from that state, top-down.
+        let gets = gets(&response);
+        for (ancestor, get) in path.ancestors().iter().filter(|a| !a.is_root()).zip(&gets) {
+            match get.kvs().first() {
+                None => return Ok(None),
+                Some(kv) if kv.lease() != 0 => {
+                    return Err(Error::EphemeralParent {
+                        path: path.clone(),
+                        parent: ancestor.clone(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        if gets
+            .get(ancestors.len())
+            .is_some_and(|g| !g.kvs().is_empty())
+        {
+            return Err(Error::AlreadyExists { path: path.clone() });
+        }
+        Ok(None)
+    }
+}
+
+/// Compares that hold while each of `ancestors` (keys) exists and is persistent.
+pub(crate) fn ancestors_persistent(ancestors: &[String]) -> Vec<Compare> {
+    ancestors
+        .iter()
+        .flat_map(|a| {
+            [
+                Compare::create_revision(a.clone(), CompareOp::Greater, 0),
+                Compare::lease(a.clone(), CompareOp::Equal, 0),
+            ]
+        })
+        .collect()
+}
+
+/// How a created key is put: under `lease` if it is not 0.
+pub(crate) fn put_options(lease: i64) -> Option<PutOptions> {
+    (lease != 0).then(|| PutOptions::new().with_lease(lease))
+}
+
+/// The node a successful create Txn wrote at `path`.
+pub(crate) fn created(path: NodePath, value: &Bytes, response: &TxnResponse, lease: i64) -> Node {
+    let revision = revision_of(response);
+    keys::node_from(path, value.clone(), 1, revision, revision, lease)
 }
 
 fn gets_of_else(response: &TxnResponse) -> bool {
