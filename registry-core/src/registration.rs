@@ -557,22 +557,9 @@ async fn remove(shared: &Shared) -> Result<()> {
     let deadline = tokio::time::Instant::now() + DEREGISTER_DEADLINE;
     let mut backoff = Backoff::new(RETRY_INITIAL, Duration::from_secs(1));
     loop {
-        let attempt = async {
-            let now = registry.get(&node.path).await?;
-            if now.ephemeral_owner != node.ephemeral_owner {
-                // Not the node we made (ours expired; someone else's sits there now).
-                return Ok(());
-            }
-            registry
-                .delete(
-                    &node.path,
-                    Expected::Version(now.version),
-                    DeleteScope::Node,
-                )
-                .await
-        };
-        match attempt.await {
-            Ok(()) | Err(Error::NotFound { .. }) | Err(Error::Closed) => return Ok(()),
+        // A node of another owner is left alone (ours expired; someone else's sits there).
+        match registry.delete_owned(&node).await {
+            Ok(_) | Err(Error::NotFound { .. }) | Err(Error::Closed) => return Ok(()),
             Err(error)
                 if (error.is_retryable() || matches!(error, Error::VersionMismatch { .. }))
                     && tokio::time::Instant::now() < deadline =>

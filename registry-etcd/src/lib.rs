@@ -828,6 +828,44 @@ impl Registry for EtcdRegistry {
         )))
     }
 
+    async fn delete_owned(&self, node: &Node) -> Result<bool> {
+        self.shared.check_open()?;
+        let path = &node.path;
+        if path.is_root() {
+            return Err(Error::InvalidArgument("cannot delete the root node".into()));
+        }
+        let keys = &self.shared.keys;
+        let (key, below) = (keys.node(path), keys.below(path));
+        let lease = node.ephemeral_owner.map_or(0, |s| s.0);
+        // One Txn instead of read-then-delete: the owner is compared, not read first.
+        let response = self
+            .shared
+            .request("delete", path, |mut kv| {
+                let txn = Txn::new()
+                    .when([
+                        Compare::version(key.clone(), CompareOp::Greater, 0),
+                        Compare::lease(key.clone(), CompareOp::Equal, lease),
+                        Compare::create_revision(below.clone(), CompareOp::Equal, 0).with_prefix(),
+                    ])
+                    .and_then([TxnOp::delete(key.clone(), None)])
+                    .or_else([TxnOp::get(
+                        key.clone(),
+                        Some(GetOptions::new().with_keys_only()),
+                    )]);
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        if response.succeeded() {
+            tracing::debug!(path = %path, "deleted own node");
+            return Ok(true);
+        }
+        match gets(&response).first().and_then(|g| g.kvs().first()) {
+            // Ours, so what failed is the check that nothing lives below it.
+            Some(kv) if kv.lease() == lease => Err(Error::NotEmpty { path: path.clone() }),
+            _ => Ok(false),
+        }
+    }
+
     async fn children(&self, path: &NodePath) -> Result<Children> {
         self.shared.check_open()?;
         let keys = &self.shared.keys;
