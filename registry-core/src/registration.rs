@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::node::{CreateMode, DeleteScope, Expected, Node};
+use crate::node::{CreateMode, DeleteScope, Expected, Node, Revision};
 use crate::path::{parse_sequence, NodePath};
 use crate::registry::{check_value, Registry};
 use crate::session::SessionState;
@@ -464,10 +464,18 @@ async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
         if watched.is_none() {
-            let path = current_node(&shared)
-                .map(|n| n.path)
+            let current = current_node(&shared);
+            let path = current
+                .as_ref()
+                .map(|n| n.path.clone())
                 .unwrap_or_else(|| shared.requested.clone());
-            match registry.watch(&path, WatchOptions::node()).await {
+            let mut options = WatchOptions::node();
+            // Every change since the node as we know it is replayed, so the watch need not
+            // read it again first (a server that cannot replay sends a Resync instead).
+            if let Some(node) = current.filter(|_| registry.capabilities().watch_from_revision) {
+                options = options.after(Revision(node.modify_order));
+            }
+            match registry.watch(&path, options).await {
                 Ok(stream) => watched = Some((path, stream)),
                 Err(Error::Closed) => break,
                 Err(error) => {
