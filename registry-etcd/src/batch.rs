@@ -3,7 +3,8 @@
 //! After a lost lease every registration is put again at once; one Txn per node would cost
 //! two round trips each. Ephemeral creates queue here instead: while up to
 //! [`BATCHES_IN_FLIGHT`] Txns are out, new creates accumulate, and the next Txn takes up to
-//! [`MAX_BATCH`] of them. A lone create goes alone, so an idle client pays one channel hop.
+//! [`MAX_BATCH`] of them. A create that finds a Txn slot free (and no batch waiting for one)
+//! runs at once in its caller's task, so an idle client pays nothing for the queue.
 //! A batch is one Txn whose compares hold while every ancestor of its nodes exists and is
 //! persistent and every node's key is absent, and whose puts carry the lease.
 //! If any compare fails (a key exists, a parent is missing or changed) the batch's creates
@@ -18,7 +19,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use registry_core::{CreateMode, Error, Node, NodePath, Result};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::{ancestors_persistent, created, put_options, EtcdRegistry, Shared, MAX_TXN_OPS};
@@ -36,20 +37,60 @@ pub(crate) struct Pending {
     pub(crate) reply: oneshot::Sender<Result<Node>>,
 }
 
-/// The queue's sending side; bounded by the number of callers awaiting a reply.
-pub(crate) type Queue = mpsc::UnboundedSender<Pending>;
+/// The queue's sending side (bounded by the number of callers awaiting a reply) and the
+/// permits of the Txns in flight.
+pub(crate) struct Queue {
+    sender: mpsc::UnboundedSender<Pending>,
+    permits: Arc<Semaphore>,
+}
+
+/// What the batcher task takes over.
+pub(crate) struct Queued {
+    receiver: mpsc::UnboundedReceiver<Pending>,
+    permits: Arc<Semaphore>,
+}
+
+/// A new queue, and what [`spawn`] needs.
+pub(crate) fn queue() -> (Queue, Queued) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let permits = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    (
+        Queue {
+            sender,
+            permits: permits.clone(),
+        },
+        Queued { receiver, permits },
+    )
+}
+
+impl Queue {
+    /// A permit to create at once in the caller's task, if a Txn slot is free and the batcher
+    /// waits for none: a lone create then skips two task hops, while creates that pile up
+    /// still go through the queue and coalesce.
+    pub(crate) fn alone(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Queues a create; `Err` if the batcher is gone (the client was dropped).
+    pub(crate) fn send(&self, pending: Pending) -> Result<()> {
+        self.sender.send(pending).map_err(|_| Error::Closed)
+    }
+}
 
 /// Starts the batcher of `shared`'s client; it ends when the client is dropped.
-pub(crate) fn spawn(shared: Weak<Shared>, mut queue: mpsc::UnboundedReceiver<Pending>) {
-    let permits = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+pub(crate) fn spawn(shared: Weak<Shared>, queued: Queued) {
+    let Queued {
+        mut receiver,
+        permits,
+    } = queued;
     let task = async move {
-        while let Some(first) = queue.recv().await {
+        while let Some(first) = receiver.recv().await {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
-                match queue.try_recv() {
+                match receiver.try_recv() {
                     Ok(next) => batch.push(next),
                     Err(_) => break,
                 }

@@ -270,7 +270,7 @@ impl EtcdRegistry {
         )
         .map_err(|e| Error::unavailable(format!("cannot start the etcd keep-alive thread: {e}")))?;
         tracing::info!(lease, "etcd session opened");
-        let (creates, queued) = tokio::sync::mpsc::unbounded_channel();
+        let (creates, queued) = batch::queue();
         let shared = Arc::new(Shared {
             kv: client.kv_client(),
             client,
@@ -658,15 +658,15 @@ impl Registry for EtcdRegistry {
         if mode != CreateMode::Ephemeral {
             return self.create_unbatched(path, &value, mode).await;
         }
+        if let Some(_slot) = self.shared.creates.alone() {
+            return self.create_unbatched(path, &value, mode).await;
+        }
         let (reply, result) = tokio::sync::oneshot::channel();
-        self.shared
-            .creates
-            .send(batch::Pending {
-                path: path.clone(),
-                value,
-                reply,
-            })
-            .map_err(|_| Error::Closed)?;
+        self.shared.creates.send(batch::Pending {
+            path: path.clone(),
+            value,
+            reply,
+        })?;
         result.await.map_err(|_| Error::Closed)?
     }
 
