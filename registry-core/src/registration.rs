@@ -215,10 +215,13 @@ impl Registration {
     /// Retryable failures are retried for up to 10 s.
     pub async fn deregister(mut self) -> Result<()> {
         self.stop.send_replace(true);
-        if let Some(task) = self.task.take() {
+        // The healer winds down while the node is removed: once removed, it cannot
+        // re-create it (see `ensure`).
+        let task = self.task.take();
+        let mut outcome = remove(&self.shared).await;
+        if let Some(task) = task {
             let _ = task.await;
         }
-        let mut outcome = remove(&self.shared).await;
         for companion in std::mem::take(&mut self.companions) {
             let removed = Box::pin(companion.deregister()).await;
             if outcome.is_ok() {
@@ -293,6 +296,9 @@ static ENSURE_PERMITS: tokio::sync::Semaphore =
 async fn ensure(shared: &Shared) -> Result<Node> {
     let _permit = ENSURE_PERMITS.acquire().await.map_err(|_| Error::Closed)?;
     let _op = shared.op.lock().await;
+    if matches!(*shared.status.borrow(), RegistrationStatus::Deregistered) {
+        return Err(Error::Closed);
+    }
     let registry = &*shared.registry;
     let node = if shared.sequential {
         ensure_sequential(shared).await?
