@@ -486,7 +486,7 @@ pub async fn throughput(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             Target::RatioAtLeast(0.95),
             match env.backend {
                 Backend::Etcd => {
-                    "raw: put; ours: set(Expected::Any) (a Txn: version > 0, put, get)"
+                    "raw: put; ours: set(Expected::Any) (a put with ignore_lease and prev_kv)"
                 }
                 Backend::Zk => "raw: setData; ours: set(Expected::Any)",
             },

@@ -97,6 +97,7 @@ macro_rules! conformance_suite {
             watch_from_revision,
             watch_drop_releases,
             register_deregister_and_drop,
+            delete_owned_spares_other_owners,
             registration_recreated_after_expiry,
             registration_recreated_after_external_delete,
             registration_replaces_stale_node,

@@ -8,7 +8,7 @@ use conformance_tests::harness::{EtcdCluster, EtcdServer, TcpProxy};
 use conformance_tests::support::{apply_until, next_event, read_scope, summary};
 use futures::StreamExt;
 use registry_core::{
-    Bytes, CreateMode, Expected, NodePath, RegisterOptions, RegistrationStatus, Registry,
+    Bytes, CreateMode, Error, Expected, NodePath, RegisterOptions, RegistrationStatus, Registry,
     ResyncReason, SessionState, WatchEvent, WatchOptions, WatchScope, WatchedState,
 };
 use registry_etcd::{EtcdOptions, EtcdRegistry};
@@ -103,6 +103,16 @@ async fn keys_written_by_etcdctl_are_first_class() {
         .map(|n| n.path.to_string())
         .collect();
     assert_eq!(top, ["/soa"]);
+    // They have no key to write: create them first.
+    assert!(matches!(
+        reg.set(&p("/soa"), Bytes::from("x"), Expected::Any).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        reg.set(&p("/soa"), Bytes::from("x"), Expected::Version(0))
+            .await,
+        Err(Error::NotFound { .. })
+    ));
     // Our own sequence counters never show up to etcdctl users as nodes of the tree.
     reg.create(
         &svc.join("x-").unwrap(),

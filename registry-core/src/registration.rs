@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::node::{CreateMode, DeleteScope, Expected, Node};
+use crate::node::{CreateMode, DeleteScope, Expected, Node, Revision};
 use crate::path::{parse_sequence, NodePath};
 use crate::registry::{check_value, Registry};
 use crate::session::SessionState;
@@ -215,10 +215,13 @@ impl Registration {
     /// Retryable failures are retried for up to 10 s.
     pub async fn deregister(mut self) -> Result<()> {
         self.stop.send_replace(true);
-        if let Some(task) = self.task.take() {
+        // The healer winds down while the node is removed: once removed, it cannot
+        // re-create it (see `ensure`).
+        let task = self.task.take();
+        let mut outcome = remove(&self.shared).await;
+        if let Some(task) = task {
             let _ = task.await;
         }
-        let mut outcome = remove(&self.shared).await;
         for companion in std::mem::take(&mut self.companions) {
             let removed = Box::pin(companion.deregister()).await;
             if outcome.is_ok() {
@@ -293,6 +296,9 @@ static ENSURE_PERMITS: tokio::sync::Semaphore =
 async fn ensure(shared: &Shared) -> Result<Node> {
     let _permit = ENSURE_PERMITS.acquire().await.map_err(|_| Error::Closed)?;
     let _op = shared.op.lock().await;
+    if matches!(*shared.status.borrow(), RegistrationStatus::Deregistered) {
+        return Err(Error::Closed);
+    }
     let registry = &*shared.registry;
     let node = if shared.sequential {
         ensure_sequential(shared).await?
@@ -464,10 +470,18 @@ async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
         if watched.is_none() {
-            let path = current_node(&shared)
-                .map(|n| n.path)
+            let current = current_node(&shared);
+            let path = current
+                .as_ref()
+                .map(|n| n.path.clone())
                 .unwrap_or_else(|| shared.requested.clone());
-            match registry.watch(&path, WatchOptions::node()).await {
+            let mut options = WatchOptions::node();
+            // Every change since the node as we know it is replayed, so the watch need not
+            // read it again first (a server that cannot replay sends a Resync instead).
+            if let Some(node) = current.filter(|_| registry.capabilities().watch_from_revision) {
+                options = options.after(Revision(node.modify_order));
+            }
+            match registry.watch(&path, options).await {
                 Ok(stream) => watched = Some((path, stream)),
                 Err(Error::Closed) => break,
                 Err(error) => {
@@ -557,22 +571,9 @@ async fn remove(shared: &Shared) -> Result<()> {
     let deadline = tokio::time::Instant::now() + DEREGISTER_DEADLINE;
     let mut backoff = Backoff::new(RETRY_INITIAL, Duration::from_secs(1));
     loop {
-        let attempt = async {
-            let now = registry.get(&node.path).await?;
-            if now.ephemeral_owner != node.ephemeral_owner {
-                // Not the node we made (ours expired; someone else's sits there now).
-                return Ok(());
-            }
-            registry
-                .delete(
-                    &node.path,
-                    Expected::Version(now.version),
-                    DeleteScope::Node,
-                )
-                .await
-        };
-        match attempt.await {
-            Ok(()) | Err(Error::NotFound { .. }) | Err(Error::Closed) => return Ok(()),
+        // A node of another owner is left alone (ours expired; someone else's sits there).
+        match registry.delete_owned(&node).await {
+            Ok(_) | Err(Error::NotFound { .. }) | Err(Error::Closed) => return Ok(()),
             Err(error)
                 if (error.is_retryable() || matches!(error, Error::VersionMismatch { .. }))
                     && tokio::time::Instant::now() < deadline =>

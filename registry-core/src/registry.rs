@@ -107,6 +107,36 @@ pub trait Registry: Send + Sync + 'static {
     /// it finds; it never leaves a child without its parent.
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()>;
 
+    /// Deletes the node at `node.path` if it still belongs to `node.ephemeral_owner` (`None`:
+    /// a persistent node), whatever its version now; `Ok(false)` if there is no node there or
+    /// it has another owner, which is then left alone. Errors: as for
+    /// [`delete`](Registry::delete) with [`DeleteScope::Node`];
+    /// [`VersionMismatch`](crate::Error::VersionMismatch) only means a write raced with the
+    /// check (where a backend cannot check and delete in one step) and is worth retrying.
+    /// [`Registration::deregister`] removes its node with this.
+    async fn delete_owned(&self, node: &Node) -> Result<bool> {
+        let now = match self.get(&node.path).await {
+            Ok(now) => now,
+            Err(crate::Error::NotFound { .. }) => return Ok(false),
+            Err(error) => return Err(error),
+        };
+        if now.ephemeral_owner != node.ephemeral_owner {
+            return Ok(false);
+        }
+        match self
+            .delete(
+                &node.path,
+                Expected::Version(now.version),
+                DeleteScope::Node,
+            )
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(crate::Error::NotFound { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The direct children of a node, ordered by creation order, with the revision they were
     /// read at; [`NotFound`](crate::Error::NotFound) if the node does not exist.
     async fn children(&self, path: &NodePath) -> Result<Children>;

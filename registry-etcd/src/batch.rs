@@ -3,9 +3,10 @@
 //! After a lost lease every registration is put again at once; one Txn per node would cost
 //! two round trips each. Ephemeral creates queue here instead: while up to
 //! [`BATCHES_IN_FLIGHT`] Txns are out, new creates accumulate, and the next Txn takes up to
-//! [`MAX_BATCH`] of them. A lone create goes alone, so an idle client pays one channel hop.
-//! A batch is one read of the union of the nodes' ancestors, then one Txn whose compares hold
-//! every ancestor's `create_revision` and every key's absence, and whose puts carry the lease.
+//! [`MAX_BATCH`] of them. A create that finds a Txn slot free (and no batch waiting for one)
+//! runs at once in its caller's task, so an idle client pays nothing for the queue.
+//! A batch is one Txn whose compares hold while every ancestor of its nodes exists and is
+//! persistent and every node's key is absent, and whose puts carry the lease.
 //! If any compare fails (a key exists, a parent is missing or changed) the batch's creates
 //! run one by one, with their usual errors.
 //!
@@ -16,22 +17,18 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
-use registry_core::{CreateMode, Error, Node, NodePath, Result, SessionId};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use registry_core::{CreateMode, Error, Node, NodePath, Result};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use crate::{gets, revision_of, EtcdRegistry, Shared};
+use crate::{ancestors_persistent, created, put_options, EtcdRegistry, Shared, MAX_TXN_OPS};
 
-/// Most creates in one Txn: with their ancestors' compares this stays under etcd's default
-/// `--max-txn-ops` of 128.
+/// Most creates in one Txn (with their ancestors' compares, within etcd's `--max-txn-ops`).
 pub(crate) const MAX_BATCH: usize = 64;
 
 /// Batches out at once; more creates wait and form the next, larger batch.
 pub(crate) const BATCHES_IN_FLIGHT: usize = 4;
-
-/// Compares one Txn may hold (etcd's default `--max-txn-ops`).
-const MAX_TXN_OPS: usize = 128;
 
 /// One queued create and where its result goes.
 pub(crate) struct Pending {
@@ -40,20 +37,60 @@ pub(crate) struct Pending {
     pub(crate) reply: oneshot::Sender<Result<Node>>,
 }
 
-/// The queue's sending side; bounded by the number of callers awaiting a reply.
-pub(crate) type Queue = mpsc::UnboundedSender<Pending>;
+/// The queue's sending side (bounded by the number of callers awaiting a reply) and the
+/// permits of the Txns in flight.
+pub(crate) struct Queue {
+    sender: mpsc::UnboundedSender<Pending>,
+    permits: Arc<Semaphore>,
+}
+
+/// What the batcher task takes over.
+pub(crate) struct Queued {
+    receiver: mpsc::UnboundedReceiver<Pending>,
+    permits: Arc<Semaphore>,
+}
+
+/// A new queue, and what [`spawn`] needs.
+pub(crate) fn queue() -> (Queue, Queued) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let permits = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    (
+        Queue {
+            sender,
+            permits: permits.clone(),
+        },
+        Queued { receiver, permits },
+    )
+}
+
+impl Queue {
+    /// A permit to create at once in the caller's task, if a Txn slot is free and the batcher
+    /// waits for none: a lone create then skips two task hops, while creates that pile up
+    /// still go through the queue and coalesce.
+    pub(crate) fn alone(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Queues a create; `Err` if the batcher is gone (the client was dropped).
+    pub(crate) fn send(&self, pending: Pending) -> Result<()> {
+        self.sender.send(pending).map_err(|_| Error::Closed)
+    }
+}
 
 /// Starts the batcher of `shared`'s client; it ends when the client is dropped.
-pub(crate) fn spawn(shared: Weak<Shared>, mut queue: mpsc::UnboundedReceiver<Pending>) {
-    let permits = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+pub(crate) fn spawn(shared: Weak<Shared>, queued: Queued) {
+    let Queued {
+        mut receiver,
+        permits,
+    } = queued;
     let task = async move {
-        while let Some(first) = queue.recv().await {
+        while let Some(first) = receiver.recv().await {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
-                match queue.try_recv() {
+                match receiver.try_recv() {
                     Ok(next) => batch.push(next),
                     Err(_) => break,
                 }
@@ -119,7 +156,7 @@ fn same_kind(error: &Error) -> Error {
 }
 
 /// Creates every node of `batch` in one Txn; `None` if that cannot work (duplicates, a
-/// missing or ephemeral parent, too many ops, a compare failed) and each must go alone.
+/// missing or ephemeral ancestor, too many ops, a compare failed) and each must go alone.
 async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Option<Vec<Node>>> {
     let shared = &registry.shared;
     let keys = &shared.keys;
@@ -127,78 +164,44 @@ async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Option<V
     if distinct.len() != batch.len() {
         return Ok(None);
     }
-    let ancestors: BTreeSet<NodePath> = batch
+    let ancestors: Vec<String> = batch
         .iter()
         .flat_map(|p| p.path.ancestors())
         .filter(|a| !a.is_root())
+        .collect::<BTreeSet<NodePath>>()
+        .iter()
+        .map(|a| keys.node(a))
         .collect();
-    if ancestors.len() + batch.len() > MAX_TXN_OPS {
+    if 2 * ancestors.len() + batch.len() > MAX_TXN_OPS {
         return Ok(None);
-    }
-    let first = &batch[0].path;
-    let read = shared
-        .read(
-            ancestors
-                .iter()
-                .map(|a| TxnOp::get(keys.node(a), None))
-                .collect(),
-            "create batch",
-            first,
-        )
-        .await?;
-    let mut compares = Vec::with_capacity(ancestors.len() + batch.len());
-    for (ancestor, get) in ancestors.iter().zip(gets(&read)) {
-        match get.kvs().first() {
-            Some(kv) if kv.lease() == 0 => compares.push(Compare::create_revision(
-                keys.node(ancestor),
-                CompareOp::Equal,
-                kv.create_revision(),
-            )),
-            // Missing (to be created first) or ephemeral (an error): the single path knows.
-            _ => return Ok(None),
-        }
     }
     let lease = shared.session.lease();
     if !shared.session.tracker.status().state.is_live() {
         return Err(Error::SessionExpired);
     }
+    // The ancestors are compared, not read first: one round trip.
+    let mut compares = ancestors_persistent(&ancestors);
     let mut puts = Vec::with_capacity(batch.len());
     for pending in batch {
         let key = keys.node(&pending.path);
         compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-        puts.push(TxnOp::put(
-            key,
-            pending.value.to_vec(),
-            Some(PutOptions::new().with_lease(lease)),
-        ));
+        puts.push(TxnOp::put(key, pending.value.to_vec(), put_options(lease)));
     }
     let response = shared
         .txn(
             Txn::new().when(compares).and_then(puts),
             "create batch",
-            first,
+            &batch[0].path,
         )
         .await
-        .inspect_err(|e| {
-            if matches!(e, Error::SessionExpired) {
-                shared.session.report_lease_gone(lease);
-            }
-        })?;
+        .inspect_err(|e| shared.lease_failed(e, lease))?;
     if !response.succeeded() {
         return Ok(None);
     }
-    let revision = u64::try_from(revision_of(&response)).unwrap_or(0);
     Ok(Some(
         batch
             .iter()
-            .map(|pending| Node {
-                path: pending.path.clone(),
-                value: pending.value.clone(),
-                version: 0,
-                create_order: revision,
-                modify_order: revision,
-                ephemeral_owner: Some(SessionId(lease)),
-            })
+            .map(|pending| created(pending.path.clone(), &pending.value, &response, lease))
             .collect(),
     ))
 }

@@ -31,6 +31,17 @@ pub(crate) fn map(error: etcd_client::Error, operation: &str, path: Option<&Node
             // A write under a lease that expired or was revoked: the session is gone, and the
             // session task opens a new one.
             Code::NotFound if status.message().contains("lease not found") => Error::SessionExpired,
+            // A put with ignore_lease to a missing key: how `set` learns the node is missing.
+            Code::InvalidArgument if status.message() == "etcdserver: key not found" => {
+                match path {
+                    Some(path) => Error::NotFound { path: path.clone() },
+                    None => Error::Backend {
+                        backend: BACKEND,
+                        message: format!("{operation}: {}", status.message()),
+                        source: Some(Box::new(status)),
+                    },
+                }
+            }
             Code::PermissionDenied => Error::PermissionDenied {
                 path: path.cloned().unwrap_or_else(NodePath::root),
             },

@@ -52,14 +52,39 @@ impl Keys {
 
     /// The node a key-value pair holds, if it is a node of this namespace.
     pub(crate) fn node_of(&self, kv: &KeyValue) -> Option<Node> {
-        Some(Node {
-            path: self.path(kv.key())?,
-            value: Bytes::copy_from_slice(kv.value()),
-            version: u64::try_from(kv.version()).unwrap_or(1).saturating_sub(1),
-            create_order: u64::try_from(kv.create_revision()).unwrap_or(0),
-            modify_order: u64::try_from(kv.mod_revision()).unwrap_or(0),
-            ephemeral_owner: (kv.lease() != 0).then_some(SessionId(kv.lease())),
-        })
+        Some(node_from(
+            self.path(kv.key())?,
+            Bytes::copy_from_slice(kv.value()),
+            kv.version(),
+            kv.create_revision(),
+            kv.mod_revision(),
+            kv.lease(),
+        ))
+    }
+}
+
+/// Our version of a key whose etcd version (1 at creation) is `etcd_version`.
+pub(crate) fn version_of(etcd_version: i64) -> u64 {
+    u64::try_from(etcd_version).unwrap_or(1).saturating_sub(1)
+}
+
+/// The node a key holds, from etcd's fields of that key: every node the backend returns is
+/// built here, so a node returned by a write equals what a read would return.
+pub(crate) fn node_from(
+    path: NodePath,
+    value: Bytes,
+    etcd_version: i64,
+    create_revision: i64,
+    mod_revision: i64,
+    lease: i64,
+) -> Node {
+    Node {
+        path,
+        value,
+        version: version_of(etcd_version),
+        create_order: u64::try_from(create_revision).unwrap_or(0),
+        modify_order: u64::try_from(mod_revision).unwrap_or(0),
+        ephemeral_owner: (lease != 0).then_some(SessionId(lease)),
     }
 }
 

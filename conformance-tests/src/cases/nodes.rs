@@ -276,7 +276,8 @@ pub async fn errors_are_typed(fx: &dyn Fixture) -> Outcome {
 }
 
 /// Versions start at 0 and count writes; a compare-and-set with the right version succeeds;
-/// a recursive delete removes the whole subtree.
+/// a write returns the node exactly as a read then returns it; a recursive delete removes the
+/// whole subtree.
 pub async fn versions_count_writes(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "versions_count_writes");
     let c = env.client().await;
@@ -294,11 +295,34 @@ pub async fn versions_count_writes(fx: &dyn Fixture) -> Outcome {
             .unwrap_or_else(|e| panic!("{at} CAS {i}: {e}"));
         assert_eq!(n.version, i, "{at} version after {i} writes");
         assert_eq!(
-            c.get(&path).await.map(|n| n.version).ok(),
-            Some(i),
-            "{at} read version after {i} writes"
+            c.get(&path).await.ok(),
+            Some(n),
+            "{at} a read after {i} writes differs from the node set returned"
         );
     }
+    let any = c
+        .set(&path, Bytes::from("3"), Expected::Any)
+        .await
+        .unwrap_or_else(|e| panic!("{at} set any: {e}"));
+    assert_eq!(
+        c.get(&path).await.ok(),
+        Some(any),
+        "{at} a read differs from the node set(Any) returned"
+    );
+    let eph = p("/ver/e");
+    c.create(&eph, Bytes::from("0"), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create ephemeral: {e}"));
+    let eph_set = c
+        .set(&eph, Bytes::from("1"), Expected::Any)
+        .await
+        .unwrap_or_else(|e| panic!("{at} set ephemeral: {e}"));
+    assert!(eph_set.is_ephemeral(), "{at} set made a node persistent");
+    assert_eq!(
+        c.get(&eph).await.ok(),
+        Some(eph_set),
+        "{at} a read of an ephemeral node differs from the node set returned"
+    );
     assert_eq!(
         c.get(&path).await.map(|n| n.create_order).ok(),
         Some(created.create_order),
@@ -307,7 +331,7 @@ pub async fn versions_count_writes(fx: &dyn Fixture) -> Outcome {
     c.create(&p("/ver/n/a/b"), Bytes::new(), CreateMode::Persistent)
         .await
         .unwrap_or_else(|e| panic!("{at} create deep: {e}"));
-    c.delete(&path, Expected::Version(3), DeleteScope::Recursive)
+    c.delete(&path, Expected::Version(4), DeleteScope::Recursive)
         .await
         .unwrap_or_else(|e| panic!("{at} recursive delete: {e}"));
     for gone in ["/ver/n", "/ver/n/a", "/ver/n/a/b"] {

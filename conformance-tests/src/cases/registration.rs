@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use registry_core::{
-    Bytes, CreateMode, DeleteScope, Expected, NodePath, RegisterOptions, Registration,
+    Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registration,
     RegistrationStatus, Registry,
 };
 
@@ -82,6 +82,71 @@ pub async fn register_deregister_and_drop(fx: &dyn Fixture) -> Outcome {
     assert!(
         r.is_err(),
         "{at} registering over a persistent node must fail"
+    );
+    env.finish().await
+}
+
+/// `delete_owned` deletes a node only while it has the given owner, whatever its version,
+/// and leaves another owner's node at the same path alone.
+pub async fn delete_owned_spares_other_owners(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "delete_owned_spares_other_owners");
+    let mine = env.client().await;
+    let other = env.client().await;
+    let at = env.at();
+    let path = p("/own/10.0.0.9:9090");
+    let made = mine
+        .create(&path, Bytes::from("0"), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    let mut theirs = made.clone();
+    theirs.ephemeral_owner = other.session().session_id;
+    assert_eq!(
+        mine.delete_owned(&theirs).await.ok(),
+        Some(false),
+        "{at} delete_owned with another owner"
+    );
+    mine.set(&path, Bytes::from("1"), Expected::Any)
+        .await
+        .unwrap_or_else(|e| panic!("{at} set: {e}"));
+    assert_eq!(
+        mine.delete_owned(&made).await.ok(),
+        Some(true),
+        "{at} delete_owned of our node after a write"
+    );
+    assert!(
+        !other.exists(&path).await.unwrap_or(true),
+        "{at} node still there after delete_owned"
+    );
+    assert_eq!(
+        mine.delete_owned(&made).await.ok(),
+        Some(false),
+        "{at} delete_owned of a missing node"
+    );
+    other
+        .create(&path, Bytes::from("2"), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create by the other: {e}"));
+    assert_eq!(
+        mine.delete_owned(&made).await.ok(),
+        Some(false),
+        "{at} delete_owned over another session's node"
+    );
+    assert_eq!(
+        other.get(&path).await.ok().map(|n| n.value),
+        Some(Bytes::from("2")),
+        "{at} another session's node was deleted"
+    );
+    let parent = mine
+        .create(&p("/own/dir"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create parent: {e}"));
+    mine.create(&p("/own/dir/child"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create child: {e}"));
+    let refused = mine.delete_owned(&parent).await;
+    assert!(
+        matches!(refused, Err(Error::NotEmpty { .. })),
+        "{at} delete_owned with a child: {refused:?}"
     );
     env.finish().await
 }
