@@ -103,6 +103,30 @@ async fn keys_written_by_etcdctl_are_first_class() {
         .map(|n| n.path.to_string())
         .collect();
     assert_eq!(top, ["/soa"]);
+    // A child named only by deeper keys is listed once, as implicit, even when a sibling
+    // sorts between its keys (`/t/b-x` falls between `/t/b` and `/t/b/c`).
+    for key in ["/t/a", "/t/a/deep", "/t/b-x", "/t/b/c", "/t/b/d/e"] {
+        etcdctl(&ep, &["put", key, "v"]);
+    }
+    let listed: Vec<(String, bool)> = reg
+        .children(&p("/t"))
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .map(|n| (n.path.to_string(), n.create_order == 0))
+        .collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            ("/t/a".to_owned(), false),
+            ("/t/b".to_owned(), true),
+            ("/t/b-x".to_owned(), false)
+        ],
+        "{listed:?}"
+    );
     // They have no key to write: create them first.
     assert!(matches!(
         reg.set(&p("/soa"), Bytes::from("x"), Expected::Any).await,

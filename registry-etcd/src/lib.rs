@@ -936,26 +936,42 @@ impl Registry for EtcdRegistry {
             (listed, revision_of(&response))
         };
         let below = listed.kvs();
-        let mut children: std::collections::BTreeMap<NodePath, Node> =
-            std::collections::BTreeMap::new();
+        // Keys come sorted, but `/a/b/c` does not follow `/a/b` (`/a/b-x` sorts between), so
+        // deeper keys only name their child here; it is implicit if it has no key of its own.
+        let prefix = if path.is_root() {
+            "/".to_owned()
+        } else {
+            format!("{path}/")
+        };
+        let mut nodes: Vec<Node> = Vec::with_capacity(below.len());
+        let mut implied: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         for kv in below {
             let Some(node) = keys.node_of(kv) else {
                 continue;
             };
-            if node.path.is_child_of(path) {
-                children.insert(node.path.clone(), node);
-            } else if let Some(child) = node
+            match node
                 .path
-                .ancestors()
-                .into_iter()
-                .find(|a| a.is_child_of(path))
+                .as_str()
+                .strip_prefix(&prefix)
+                .map(|rest| rest.split_once('/'))
             {
-                children
-                    .entry(child.clone())
-                    .or_insert_with(|| implicit(child));
+                Some(None) => nodes.push(node),
+                Some(Some((name, _))) if !implied.contains(name) => {
+                    implied.insert(name.to_owned());
+                }
+                _ => {}
             }
         }
-        let mut nodes: Vec<Node> = children.into_values().collect();
+        if !implied.is_empty() {
+            let named: std::collections::HashSet<&str> =
+                nodes.iter().map(|n| n.path.name()).collect();
+            let missing: Vec<NodePath> = implied
+                .iter()
+                .filter(|name| !named.contains(name.as_str()))
+                .filter_map(|name| path.join(name).ok())
+                .collect();
+            nodes.extend(missing.into_iter().map(implicit));
+        }
         nodes.sort_by(|a, b| {
             a.create_order
                 .cmp(&b.create_order)
