@@ -18,7 +18,8 @@ use crate::config::{parse_config, resolve, weight_of, LoadBalance, ServiceConfig
 use crate::error::{ParseError, SoaError};
 use crate::layout::{global_config, parse_instance, Instance, ServicePaths};
 use crate::routes::{
-    first_match, parse_cookie_rules, parse_routes, CallContext, CookieRule, Route,
+    first_cookie_rule, first_match, parse_cookie_rules, parse_routes, CallContext, CookieRule,
+    Route,
 };
 use crate::version::Numbers;
 
@@ -26,8 +27,8 @@ use crate::version::Numbers;
 #[derive(Clone, Debug, Default)]
 pub struct ServiceSnapshot {
     /// Live instances, oldest first; one per address and version, even if several nodes
-    /// name it.
-    pub instances: Vec<Instance>,
+    /// name it. Shared: [`ServiceView::select`] hands these out without copying.
+    pub instances: Vec<Arc<Instance>>,
     /// The service's config (`/soa/config/services/<service>`).
     pub config: ServiceConfig,
     /// The global config (`/soa/config/services`).
@@ -77,12 +78,11 @@ impl<'a> Wanted<'a> {
 /// Callers' versions whose compatible instances a snapshot remembers; more are computed per call.
 const REMEMBERED_VERSIONS: usize = 16;
 
-/// Per-instance facts `select` needs, computed once per snapshot so that a call only filters
-/// and picks: no parsing, weight rules or copies on the call path.
+/// Per-instance facts `select` needs (in the order of the snapshot's instances), computed
+/// once per snapshot so that a call only filters and picks: no parsing, weight rules or copies
+/// on the call path.
 #[derive(Debug, Default)]
 struct Selection {
-    /// The snapshot's instances, shared with callers of `select`.
-    instances: Vec<Arc<Instance>>,
     versions: Vec<InstanceVersion>,
     /// Address and effective weight of each instance.
     candidates: Vec<Candidate>,
@@ -117,9 +117,8 @@ impl Compatible {
 }
 
 impl Selection {
-    fn new(instances: &[Instance], config: &ServiceConfig, global: &ServiceConfig) -> Self {
+    fn new(instances: &[Arc<Instance>], config: &ServiceConfig, global: &ServiceConfig) -> Self {
         Selection {
-            instances: instances.iter().cloned().map(Arc::new).collect(),
             versions: instances
                 .iter()
                 .map(|i| match i.version.as_deref() {
@@ -140,38 +139,32 @@ impl Selection {
         }
     }
 
-    /// Runs `f` on the instances that can serve callers built against `version`, remembered
-    /// per version.
-    fn with_compatible<R>(&self, version: &str, f: impl FnOnce(&Compatible) -> R) -> R {
-        let mut free = None;
+    /// Runs `f` on the instances (of `instances`, the snapshot's) that can serve callers built
+    /// against `version`, remembered per version in the first free slot.
+    fn with_compatible<R>(
+        &self,
+        instances: &[Arc<Instance>],
+        version: &str,
+        f: impl FnOnce(&Compatible) -> R,
+    ) -> R {
         for slot in &self.compatible {
-            match slot.get() {
-                Some((v, known)) if v == version => return f(known),
-                Some(_) => {}
-                None => {
-                    free = Some(slot);
-                    break;
-                }
+            let (known, compatible) = slot.get_or_init(|| {
+                (
+                    version.to_owned(),
+                    self.compute_compatible(instances, version),
+                )
+            });
+            if known == version {
+                return f(compatible);
             }
         }
-        let computed = self.compute_compatible(version);
-        match free {
-            // A racing call may fill the slot first (then with the same or another version).
-            Some(slot) => match slot.set((version.to_owned(), computed)) {
-                Ok(()) => match slot.get() {
-                    Some((_, known)) => f(known),
-                    None => f(&self.compute_compatible(version)),
-                },
-                Err((_, computed)) => f(&computed),
-            },
-            None => f(&computed),
-        }
+        f(&self.compute_compatible(instances, version))
     }
 
-    fn compute_compatible(&self, version: &str) -> Compatible {
+    fn compute_compatible(&self, instances: &[Arc<Instance>], version: &str) -> Compatible {
         let wanted = Wanted::of(version);
-        let indices: Vec<usize> = (0..self.instances.len())
-            .filter(|i| self.serves(*i, &wanted))
+        let indices: Vec<usize> = (0..instances.len())
+            .filter(|i| self.serves(instances, *i, &wanted))
             .collect();
         let cumulative = indices
             .iter()
@@ -187,14 +180,13 @@ impl Selection {
     }
 
     /// Whether instance `index` can serve a caller built against `wanted`.
-    fn serves(&self, index: usize, wanted: &Wanted<'_>) -> bool {
+    fn serves(&self, instances: &[Arc<Instance>], index: usize, wanted: &Wanted<'_>) -> bool {
         match (self.versions.get(index), wanted) {
             (None, _) => false,
             (Some(InstanceVersion::Any), _) | (_, Wanted::Any) => true,
             (Some(InstanceVersion::Numbers(own)), Wanted::Numbers(w)) => own.serves(*w),
             (Some(_), Wanted::Numbers(_)) => false,
-            (Some(_), Wanted::Text(w)) => self
-                .instances
+            (Some(_), Wanted::Text(w)) => instances
                 .get(index)
                 .is_some_and(|i| i.version.as_deref() == Some(*w)),
         }
@@ -309,9 +301,10 @@ fn build(
     // not yet gone after re-registration) is one instance: keep the oldest node.
     let mut seen = std::collections::HashSet::new();
     list.retain(|i| seen.insert((i.address, i.version.clone())));
-    let selection = Arc::new(Selection::new(&list, &service_config, &global_config));
+    let instances: Vec<Arc<Instance>> = list.into_iter().map(Arc::new).collect();
+    let selection = Arc::new(Selection::new(&instances, &service_config, &global_config));
     ServiceSnapshot {
-        instances: list,
+        instances,
         config: service_config,
         global: global_config,
         routes,
@@ -399,20 +392,18 @@ impl ServiceView {
     ) -> Result<Arc<Instance>, SoaError> {
         let snap = self.current.load();
         let selection = &*snap.selection;
-        let count = selection.instances.len();
-        if count == 0 {
+        let instances = &snap.instances;
+        if instances.is_empty() {
             return Err(SoaError::NoInstance {
                 service: self.service.clone(),
             });
         }
         // Cookie rules only add cookies that routing reads: copy the call only when one does.
         let with_cookies;
-        let ctx = match snap.cookies.iter().find(|r| r.condition.holds(call)) {
+        let ctx = match first_cookie_rule(&snap.cookies, call) {
             Some(rule) if !rule.cookies.is_empty() => {
                 let mut ctx = call.clone();
-                for (name, value) in &rule.cookies {
-                    ctx.cookies.insert(name.clone(), value.clone());
-                }
+                rule.apply(&mut ctx);
                 with_cookies = ctx;
                 &with_cookies
             }
@@ -426,7 +417,7 @@ impl ServiceView {
             LoadBalance::Random,
         );
         let rule = first_match(&snap.routes, ctx);
-        let index = selection.with_compatible(&call.version, |compatible| {
+        let index = selection.with_compatible(instances, &call.version, |compatible| {
             if compatible.indices.is_empty() {
                 return Err(SoaError::VersionMismatch {
                     service: self.service.clone(),
@@ -442,13 +433,7 @@ impl ServiceView {
             let routed = compatible
                 .indices
                 .iter()
-                .filter_map(|i| {
-                    Some((
-                        *i,
-                        selection.instances.get(*i)?,
-                        *selection.candidates.get(*i)?,
-                    ))
-                })
+                .filter_map(|i| Some((*i, instances.get(*i)?, *selection.candidates.get(*i)?)))
                 .filter(move |(_, instance, _)| rule.is_none_or(|r| r.admits(instance)))
                 .map(|(i, _, candidate)| (i, candidate));
             if routed.clone().next().is_none() {
@@ -461,7 +446,7 @@ impl ServiceView {
                 .pick_among(strategy, routed, options.hash_key.as_deref()))
         })?;
         index
-            .and_then(|index| selection.instances.get(index).cloned())
+            .and_then(|index| instances.get(index).cloned())
             .ok_or_else(|| SoaError::NoInstance {
                 service: self.service.clone(),
             })

@@ -1,6 +1,8 @@
 //! Master election per `service:version`, Dapeng's rule: the instance whose runtime node has
 //! the lowest sequence is master.
 
+use std::sync::Arc;
+
 use registry_core::NodePath;
 use tokio::sync::watch;
 
@@ -9,11 +11,12 @@ use crate::layout::Instance;
 use crate::provider::Provider;
 
 /// The master of `version` among `instances`: lowest sequence (then oldest) of that version.
-pub fn master_of<'i>(instances: &'i [Instance], version: &str) -> Option<&'i Instance> {
+pub fn master_of<'i>(instances: &'i [Arc<Instance>], version: &str) -> Option<&'i Instance> {
     instances
         .iter()
         .filter(|i| i.version.as_deref() == Some(version) && i.sequence.is_some())
         .min_by_key(|i| (i.sequence, i.create_order))
+        .map(Arc::as_ref)
 }
 
 fn is_master(snapshot: &ServiceSnapshot, version: &str, node: Option<&NodePath>) -> bool {

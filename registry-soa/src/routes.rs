@@ -286,8 +286,20 @@ impl Route {
 
 /// Adds the cookies of the first matching cookie rule to the context.
 pub fn apply_cookies(rules: &[CookieRule], ctx: &mut CallContext) {
-    if let Some(rule) = rules.iter().find(|r| r.condition.holds(ctx)) {
-        for (k, v) in &rule.cookies {
+    if let Some(rule) = first_cookie_rule(rules, ctx) {
+        rule.apply(ctx);
+    }
+}
+
+/// The first cookie rule whose condition holds for the call.
+pub fn first_cookie_rule<'r>(rules: &'r [CookieRule], ctx: &CallContext) -> Option<&'r CookieRule> {
+    rules.iter().find(|r| r.condition.holds(ctx))
+}
+
+impl CookieRule {
+    /// Adds this rule's cookies to the context (replacing same-named ones).
+    pub fn apply(&self, ctx: &mut CallContext) {
+        for (k, v) in &self.cookies {
             ctx.cookies.insert(k.clone(), v.clone());
         }
     }

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use futures::stream::{self, Stream};
 use tower::discover::Change;
@@ -26,7 +27,7 @@ where
     let changes = view.changes();
     let state = (
         changes,
-        HashMap::<Address, Instance>::new(),
+        HashMap::<Address, Arc<Instance>>::new(),
         VecDeque::new(),
         make,
         true,
@@ -45,7 +46,7 @@ where
                     }
                     first = false;
                     let snapshot = source.load();
-                    let now: HashMap<Address, Instance> = snapshot
+                    let now: HashMap<Address, Arc<Instance>> = snapshot
                         .instances
                         .iter()
                         .map(|i| (i.address, i.clone()))
