@@ -852,7 +852,8 @@ async fn await_count_of(
 
 /// Session lost with many registrations -> all of them back.
 ///
-/// etcd: another client revokes the session lease (every key goes at once); timed from the
+/// etcd: another client revokes the session's first lease (its keys go at once, the session's
+/// other leases and keys go when the session sees the loss and revokes them); timed from the
 /// revoke. ZooKeeper: the owner's connection (through a proxy) is blackholed until the server
 /// expired the session and deleted its nodes, then restored; timed from the restore, the first
 /// moment the client can learn about the loss.
@@ -880,7 +881,7 @@ pub async fn recovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let (target, note) = match env.backend {
         Backend::Etcd => (
             Target::AtMost(2.0),
-            "our lease revoked by another client behind our back, until all are back; raw: revoke, new lease, re-put all (64 in flight), told at once",
+            "our session's first lease revoked by another client behind our back (the session revokes its other leases when it notices), until all are back; raw: revoke, new lease, re-put all (64 in flight), told at once",
         ),
         Backend::Zk => (
             Target::None,

@@ -90,7 +90,10 @@ async fn keys_written_by_etcdctl_are_first_class() {
     assert_eq!(children.nodes[0].value, "50");
     assert!(children.nodes[0].ephemeral_owner.is_none());
     let lease = i64::from_str_radix(lease_hex, 16).unwrap();
-    assert_eq!(children.nodes[1].ephemeral_owner.map(|s| s.0), Some(lease));
+    assert_eq!(
+        children.nodes[1].ephemeral_owner,
+        Some(registry_etcd::session_of_lease(lease))
+    );
     // Parents nobody wrote behave as empty persistent nodes.
     let soa = reg.get(&p("/soa")).await.unwrap();
     assert!(soa.value.is_empty() && soa.version == 0 && soa.create_order == 0);
@@ -300,6 +303,119 @@ async fn restart_loses_no_event() {
     );
     watcher.close().await.unwrap();
     writer.close().await.unwrap();
+}
+
+/// Waits (bounded) until `done` holds.
+async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_spreads_its_keys_over_leases_and_loses_them_together() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let options = EtcdOptions::new([ep.clone()])
+        .with_ttl(Duration::from_secs(2))
+        .with_keys_per_lease(2);
+    let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(options).await.unwrap());
+    let mut raw = etcd_client::Client::connect([ep.clone()], None)
+        .await
+        .unwrap();
+    let session = reg.session().session_id.unwrap();
+    let mut registrations = Vec::new();
+    for i in 0..7 {
+        let path = p(&format!("/spread/r{i}"));
+        let registration = reg
+            .register(&path, Bytes::from("1"), RegisterOptions::new())
+            .await
+            .unwrap();
+        registrations.push(registration);
+    }
+    let leases_under = |response: &etcd_client::GetResponse| {
+        let mut leases: Vec<i64> = response.kvs().iter().map(|kv| kv.lease()).collect();
+        leases.sort_unstable();
+        leases.dedup();
+        leases
+    };
+    let keys = raw
+        .get(
+            "/spread/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let leases = leases_under(&keys);
+    assert_eq!(leases.len(), 4, "7 keys, 2 per lease: {leases:x?}");
+    assert!(leases
+        .iter()
+        .all(|&l| registry_etcd::session_of_lease(l) == session));
+    let nodes = reg.children(&p("/spread")).await.unwrap().nodes;
+    assert!(nodes.iter().all(|n| n.ephemeral_owner == Some(session)));
+
+    // delete_owned matches any lease of the owner's session, and no other session.
+    let extra = reg
+        .create(&p("/spread/extra"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    let mut foreign = extra.clone();
+    foreign.ephemeral_owner = Some(registry_etcd::session_of_lease(leases[0] + (1 << 28)));
+    assert!(!reg.delete_owned(&foreign).await.unwrap());
+    assert!(reg.delete_owned(&extra).await.unwrap());
+
+    // Losing one lease (not the first) loses the session: every key goes, every registration
+    // comes back under a new session, and no lease of the old one is left.
+    let mut states = reg.session_events();
+    raw.lease_revoke(leases[3]).await.unwrap();
+    let lost_within = Duration::from_secs(5);
+    let lost = tokio::time::timeout(lost_within, async {
+        while let Some(status) = states.next().await {
+            if status.state == SessionState::Reestablished {
+                return status.session_id;
+            }
+        }
+        None
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no new session within {lost_within:?}"));
+    let new = lost.unwrap();
+    assert_ne!(new, session);
+    for &old in &leases {
+        let ttl = raw.lease_time_to_live(old, None).await.unwrap().ttl();
+        assert!(
+            ttl <= 0,
+            "lease {old:x} of the lost session still has {ttl} s"
+        );
+    }
+    eventually("all registrations back", Duration::from_secs(10), || {
+        registrations.iter().all(|r| {
+            matches!(r.status(), RegistrationStatus::Registered(n) if n.ephemeral_owner == Some(new))
+        })
+    })
+    .await;
+    let keys = raw
+        .get(
+            "/spread/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys.kvs().len(), 7);
+    let leases = leases_under(&keys);
+    assert!(leases.len() >= 4, "{leases:x?}");
+    assert!(leases
+        .iter()
+        .all(|&l| registry_etcd::session_of_lease(l) == new));
+
+    // Closing revokes every lease of the session.
+    reg.close().await.unwrap();
+    for &lease in &leases {
+        let ttl = raw.lease_time_to_live(lease, None).await.unwrap().ttl();
+        assert!(ttl <= 0, "lease {lease:x} outlived close with {ttl} s");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

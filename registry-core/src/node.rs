@@ -5,7 +5,8 @@ use std::fmt;
 
 use crate::path::NodePath;
 
-/// Identity of a session (etcd lease id, ZooKeeper session id, in-memory session number).
+/// Identity of a session (etcd: the first lease of the session's block, see
+/// `registry_etcd::session_of_lease`; ZooKeeper session id; in-memory session number).
 ///
 /// Guarantees: two live sessions of one backend never share an id.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -6,7 +6,7 @@
 //! [`MAX_BATCH`] of them. A create that finds a Txn slot free (and no batch waiting for one)
 //! runs at once in its caller's task, so an idle client pays nothing for the queue.
 //! A batch is one Txn whose compares hold while every ancestor of its nodes exists and is
-//! persistent and every node's key is absent, and whose puts carry the lease.
+//! persistent and every node's key is absent, and whose puts carry the session's leases.
 //! If any compare fails (a key exists, a parent is missing or changed) the batch's creates
 //! run one by one, with their usual errors.
 //!
@@ -175,14 +175,15 @@ async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Option<V
     if 2 * ancestors.len() + batch.len() > MAX_TXN_OPS {
         return Ok(None);
     }
-    let lease = shared.session.lease();
-    if !shared.session.tracker.status().state.is_live() {
-        return Err(Error::SessionExpired);
+    // Each key its own lease slot: a batch may span two of the session's leases.
+    let mut leases = Vec::with_capacity(batch.len());
+    for _ in batch {
+        leases.push(shared.lease_for().await?);
     }
     // The ancestors are compared, not read first: one round trip.
     let mut compares = ancestors_persistent(&ancestors);
     let mut puts = Vec::with_capacity(batch.len());
-    for pending in batch {
+    for (pending, &lease) in batch.iter().zip(&leases) {
         let key = keys.node(&pending.path);
         compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
         puts.push(TxnOp::put(key, pending.value.to_vec(), put_options(lease)));
@@ -194,14 +195,15 @@ async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Option<V
             &batch[0].path,
         )
         .await
-        .inspect_err(|e| shared.lease_failed(e, lease))?;
+        .inspect_err(|e| shared.lease_failed(e, leases[0]))?;
     if !response.succeeded() {
         return Ok(None);
     }
     Ok(Some(
         batch
             .iter()
-            .map(|pending| created(pending.path.clone(), &pending.value, &response, lease))
+            .zip(leases)
+            .map(|(pending, lease)| created(pending.path.clone(), &pending.value, &response, lease))
             .collect(),
     ))
 }

@@ -84,8 +84,13 @@ pub(crate) fn node_from(
         version: version_of(etcd_version),
         create_order: u64::try_from(create_revision).unwrap_or(0),
         modify_order: u64::try_from(mod_revision).unwrap_or(0),
-        ephemeral_owner: (lease != 0).then_some(SessionId(lease)),
+        ephemeral_owner: owner_of(lease),
     }
+}
+
+/// The session owning a key under `lease` (0: none, a persistent key).
+pub(crate) fn owner_of(lease: i64) -> Option<SessionId> {
+    (lease != 0).then(|| crate::session::session_of_lease(lease))
 }
 
 /// A node that exists only because keys exist below it (written by other tools).

@@ -6,10 +6,12 @@
 //!   nodes (`version` 0, `create_order` 0), except that `set` on one fails with `NotFound`
 //!   (create it first) and watches report only nodes that have keys.
 //! - `version` is etcd's version - 1; `create_order` is `create_revision`.
-//! - One lease per session (TTL from the options, at least 2 s) kept alive every TTL/3 on its
-//!   own task; ephemeral nodes are keys under that lease. A lost lease is replaced by a new
-//!   one, reported as `Lost` then `Reestablished`, and registrations come back through
-//!   [`registry_core::Registration`].
+//! - A session is a block of leases (TTL from the options, at least 2 s) kept alive every
+//!   TTL/3 on its own thread; ephemeral nodes are keys under them, at most
+//!   [`keys_per_lease`](EtcdOptions::keys_per_lease) per lease, and every lease of a block
+//!   maps to the session ID ([`session_of_lease`]). Losing any lease loses the session: the
+//!   rest are revoked, a new block is granted, reported as `Lost` then `Reestablished`, and
+//!   registrations come back through [`registry_core::Registration`].
 //! - Creates are Txns comparing `create_revision == 0`. A non-sequential create is first
 //!   tried as one Txn that also compares every ancestor's key as existing and lease-less, so
 //!   nothing is read first. Otherwise missing parents are created first, one Txn each (so
@@ -28,7 +30,7 @@ pub mod options;
 mod session;
 pub mod watch;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,11 +44,12 @@ use futures::stream::BoxStream;
 use registry_core::{
     check_value, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node, NodePath,
     RegisterOptions, Registration, Registry, Result, Revision, SessionId, SessionState,
-    SessionStatus, SessionTracker, WatchOptions, WatchStream,
+    SessionStatus, WatchOptions, WatchStream,
 };
 use tokio::sync::watch as channel;
 
 pub use options::{EtcdOptions, EtcdTls};
+pub use session::session_of_lease;
 
 use error::{map, BACKEND};
 use keys::{implicit, Keys};
@@ -136,6 +139,19 @@ impl Shared {
         .await
     }
 
+    /// The lease to put a new ephemeral key under; `SessionExpired` while the session is not
+    /// live.
+    pub(crate) async fn lease_for(&self) -> Result<i64> {
+        if !self.session.tracker.status().state.is_live() {
+            return Err(Error::SessionExpired);
+        }
+        let ttl = self.options.effective_ttl();
+        Ok(self
+            .session
+            .lease_for(&self.client, ttl, self.options.request_timeout)
+            .await)
+    }
+
     /// A write under `lease` failed with `error`: if the lease is gone, says so at once.
     pub(crate) fn lease_failed(&self, error: &Error, lease: i64) {
         if lease != 0 && matches!(error, Error::SessionExpired) {
@@ -201,7 +217,7 @@ impl Drop for Shared {
 }
 
 /// A client of etcd implementing [`Registry`]. Cheap to clone (a handle); the session ends
-/// when [`close`](Registry::close) is called (or, without it, the lease expires after the TTL
+/// when [`close`](Registry::close) is called (or, without it, the leases expire after the TTL
 /// once every handle, registration and stream is gone).
 #[derive(Clone)]
 pub struct EtcdRegistry {
@@ -224,7 +240,7 @@ fn revision_of(response: &TxnResponse) -> i64 {
 }
 
 impl EtcdRegistry {
-    /// Connects to etcd and opens a session (grants the lease). Fails with
+    /// Connects to etcd and opens a session (grants its first lease). Fails with
     /// [`Error::Unavailable`] if no endpoint answers within the connect timeout.
     pub async fn connect(options: EtcdOptions) -> Result<EtcdRegistry> {
         if options.endpoints.is_empty() {
@@ -265,13 +281,11 @@ impl EtcdRegistry {
         let mut granting = client.clone();
         let lease = match tokio::time::timeout(
             options.request_timeout,
-            granting.lease_grant(ttl.as_secs() as i64, None),
+            session::grant_session(&mut granting, ttl),
         )
         .await
         {
-            Ok(result) => result
-                .map_err(|e| tls_hint(map(e, "lease grant", None), tls_on))?
-                .id(),
+            Ok(result) => result.map_err(|e| tls_hint(map(e, "lease grant", None), tls_on))?,
             Err(_) => {
                 return Err(Error::Timeout {
                     operation: format!("etcd lease grant at {:?}", options.endpoints),
@@ -279,11 +293,7 @@ impl EtcdRegistry {
                 })
             }
         };
-        let session = Arc::new(Session {
-            lease: AtomicI64::new(lease),
-            tracker: SessionTracker::new(),
-            lease_gone: channel::channel(0).0,
-        });
+        let session = Arc::new(Session::new(lease, options.keys_per_lease));
         session
             .tracker
             .transition(SessionState::Connected, Some(SessionId(lease)));
@@ -447,7 +457,7 @@ impl EtcdRegistry {
         };
         let key = keys.node(&target);
         compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-        let lease = self.lease_for(mode)?;
+        let lease = self.lease_for(mode).await?;
         puts.push(TxnOp::put(key.clone(), value.to_vec(), put_options(lease)));
         let response = self
             .shared
@@ -562,17 +572,12 @@ impl EtcdRegistry {
 }
 
 impl EtcdRegistry {
-    /// The lease an ephemeral create puts its key under (0 for a persistent one);
-    /// `SessionExpired` while the session is not live.
-    fn lease_for(&self, mode: CreateMode) -> Result<i64> {
+    /// The lease an ephemeral create puts its key under (0 for a persistent one).
+    async fn lease_for(&self, mode: CreateMode) -> Result<i64> {
         if !mode.is_ephemeral() {
             return Ok(0);
         }
-        let lease = self.shared.session.lease();
-        if !self.shared.session.tracker.status().state.is_live() {
-            return Err(Error::SessionExpired);
-        }
-        Ok(lease)
+        self.shared.lease_for().await
     }
 
     /// A non-sequential create in one Txn, when every ancestor already has a key: it compares
@@ -596,7 +601,7 @@ impl EtcdRegistry {
             return Ok(None);
         }
         let key = keys.node(path);
-        let lease = self.lease_for(mode)?;
+        let lease = self.lease_for(mode).await?;
         let response = self
             .shared
             .request("create", path, |mut kv| {
@@ -875,7 +880,8 @@ impl Registry for EtcdRegistry {
         }
         let keys = &self.shared.keys;
         let (key, below) = (keys.node(path), keys.below(path));
-        let lease = node.ephemeral_owner.map_or(0, |s| s.0);
+        let owner = node.ephemeral_owner.unwrap_or(SessionId(0));
+        let (first, last) = session::leases_of(owner);
         // One Txn instead of read-then-delete: the owner is compared, not read first.
         let response = self
             .shared
@@ -883,7 +889,8 @@ impl Registry for EtcdRegistry {
                 let txn = Txn::new()
                     .when([
                         Compare::version(key.clone(), CompareOp::Greater, 0),
-                        Compare::lease(key.clone(), CompareOp::Equal, lease),
+                        Compare::lease(key.clone(), CompareOp::Greater, first - 1),
+                        Compare::lease(key.clone(), CompareOp::Less, last + 1),
                         Compare::create_revision(below.clone(), CompareOp::Equal, 0).with_prefix(),
                     ])
                     .and_then([TxnOp::delete(key.clone(), None)])
@@ -900,7 +907,9 @@ impl Registry for EtcdRegistry {
         }
         match gets(&response).first().and_then(|g| g.kvs().first()) {
             // Ours, so what failed is the check that nothing lives below it.
-            Some(kv) if kv.lease() == lease => Err(Error::NotEmpty { path: path.clone() }),
+            Some(kv) if keys::owner_of(kv.lease()) == node.ephemeral_owner => {
+                Err(Error::NotEmpty { path: path.clone() })
+            }
             _ => Ok(false),
         }
     }
@@ -1018,22 +1027,26 @@ impl Registry for EtcdRegistry {
         if let Some(task) = task {
             let _ = task.await;
         }
-        let lease = self.shared.session.lease();
-        let mut client = self.shared.client.clone();
-        match tokio::time::timeout(
+        let session = &self.shared.session;
+        let leases = session.leases();
+        let revoked = session::revoke_all(
+            &self.shared.client,
+            &leases,
             self.shared.options.request_timeout,
-            client.lease_revoke(lease),
         )
-        .await
-        {
-            Ok(Ok(_)) => tracing::info!(lease, "etcd session closed; lease revoked"),
-            Ok(Err(error)) => {
-                tracing::warn!(lease, %error, "lease revoke on close failed; it expires after its TTL")
-            }
-            Err(_) => tracing::warn!(
-                lease,
-                "lease revoke on close timed out; it expires after its TTL"
-            ),
+        .await;
+        if revoked == leases.len() {
+            tracing::info!(
+                session = session.id(),
+                "etcd session closed; leases revoked"
+            );
+        } else {
+            tracing::warn!(
+                session = session.id(),
+                leases = leases.len(),
+                revoked,
+                "etcd session closed; leases not revoked expire after their TTL"
+            );
         }
         self.shared
             .session

@@ -8,6 +8,9 @@ use registry_core::NodePath;
 /// etcd's smallest lease TTL.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
 
+/// Default of [`EtcdOptions::keys_per_lease`].
+pub const DEFAULT_KEYS_PER_LEASE: usize = 256;
+
 /// TLS settings: PEM files of the CA that signed the server certificate and, for mutual TLS,
 /// the client certificate and key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,8 +23,8 @@ pub struct EtcdTls {
 
 /// Options of [`EtcdRegistry::connect`](crate::EtcdRegistry::connect), as a builder.
 ///
-/// Defaults: TTL 5 s (kept alive every TTL/3), request timeout 3 s, connect timeout 3 s, no
-/// namespace, no credentials. `Debug` never shows the password.
+/// Defaults: TTL 5 s (kept alive every TTL/3), request timeout 3 s, connect timeout 3 s,
+/// [`DEFAULT_KEYS_PER_LEASE`], no namespace, no credentials. `Debug` never shows the password.
 #[derive(Clone)]
 pub struct EtcdOptions {
     /// `host:port` or `http://host:port` of every member to use.
@@ -39,6 +42,11 @@ pub struct EtcdOptions {
     /// TLS to the server (the server's certificate is verified against the CA; endpoints
     /// without a scheme become `https://`). Never falls back to plaintext.
     pub tls: Option<EtcdTls>,
+    /// Ephemeral keys put under one lease before the session grants its next one (at least
+    /// 1). etcd before 3.4.27 / 3.5.10, and any etcd with auth on for a non-root user, spends
+    /// time linear in a lease's keys on every put under it (etcd-io/etcd#15993), so one lease
+    /// for 10k registrations makes re-registering them take seconds. Counted at creation.
+    pub keys_per_lease: usize,
 }
 
 impl EtcdOptions {
@@ -52,7 +60,14 @@ impl EtcdOptions {
             connect_timeout: Duration::from_secs(3),
             credentials: None,
             tls: None,
+            keys_per_lease: DEFAULT_KEYS_PER_LEASE,
         }
+    }
+
+    /// Sets [`EtcdOptions::keys_per_lease`] (0 counts as 1).
+    pub fn with_keys_per_lease(mut self, keys: usize) -> Self {
+        self.keys_per_lease = keys.max(1);
+        self
     }
 
     /// Connects over TLS (see [`EtcdOptions::tls`]).
@@ -112,6 +127,7 @@ impl fmt::Debug for EtcdOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
             .field("tls", &self.tls)
+            .field("keys_per_lease", &self.keys_per_lease)
             .finish()
     }
 }

@@ -1,71 +1,345 @@
-//! The session: one lease, kept alive every TTL/3 on its own task, replaced when lost.
+//! The session: a block of leases under one session ID, kept alive every TTL/3 on a thread of
+//! its own, replaced as a whole when any of them is lost.
+//!
+//! etcd spends time linear in a lease's keys on every put under it (etcd-io/etcd#15993, fixed
+//! only for auth-less or root use in 3.4.27 / 3.5.10), so one lease for thousands of
+//! registrations makes re-registering them after a loss take seconds. Like Cilium's and
+//! Kubernetes' lease managers, a session grants another lease once
+//! [`keys_per_lease`](crate::EtcdOptions::keys_per_lease) keys went under its newest one.
+//!
+//! Lease IDs are chosen by the client so that every lease of a session maps back to the
+//! session ID (see [`session_of_lease`]): `| 0 | 35 random bits | 16-bit tag | 12-bit index |`.
+//! The tag is a hash of the random bits, so an ID etcd picked for another client is read as a
+//! session of its own unless it matches by chance (1 in 65536); index 0 is the session ID.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::Client;
+use etcd_client::{Client, LeaseGrantOptions, LeaseKeepAliveResponse};
+use futures::stream::{BoxStream, SelectAll};
+use futures::StreamExt;
 use registry_core::{Backoff, SessionId, SessionState, SessionTracker};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// Bits of a lease ID that number the lease within its session.
+const INDEX_BITS: u32 = 12;
+/// Bits of the tag that marks a lease ID as one of a session's block.
+const TAG_BITS: u32 = 16;
+/// Leases one session holds at most; past that, new keys go round robin over them.
+pub(crate) const MAX_LEASES: i64 = 1 << INDEX_BITS;
+const INDEX_MASK: i64 = MAX_LEASES - 1;
+const RANDOM_BITS: u32 = 63 - INDEX_BITS - TAG_BITS;
+
+/// The tag of a block whose random bits are `high`.
+fn tag_of(high: i64) -> i64 {
+    ((high as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - TAG_BITS)) as i64
+}
+
+/// The first lease ID (the session ID) of a new, random block.
+fn new_block() -> i64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    hasher.write_u32(std::process::id());
+    let high = (hasher.finish() as i64 & ((1 << RANDOM_BITS) - 1)).max(1);
+    (high << (INDEX_BITS + TAG_BITS)) | (tag_of(high) << INDEX_BITS)
+}
+
+/// The first lease of the block `lease` belongs to, if it is one of a session's block.
+fn block_of(lease: i64) -> Option<i64> {
+    let high = lease >> (INDEX_BITS + TAG_BITS);
+    let tag = (lease >> INDEX_BITS) & ((1 << TAG_BITS) - 1);
+    (lease > 0 && high != 0 && tag == tag_of(high)).then_some(lease & !INDEX_MASK)
+}
+
+/// The session a key under `lease` belongs to: the first lease of its block for leases this
+/// backend granted, the lease itself for any other (another tool's `etcdctl lease grant`).
+/// What [`Node::ephemeral_owner`](registry_core::Node::ephemeral_owner) reports on etcd.
+pub fn session_of_lease(lease: i64) -> SessionId {
+    SessionId(block_of(lease).unwrap_or(lease))
+}
+
+/// The leases a key owned by `owner` may be under: `(first, last)` of its block.
+pub(crate) fn leases_of(owner: SessionId) -> (i64, i64) {
+    match block_of(owner.0) {
+        Some(first) if first == owner.0 => (first, first + INDEX_MASK),
+        _ => (owner.0, owner.0),
+    }
+}
+
+/// The leases of the current session.
+struct Leases {
+    /// In grant order; the first one's ID is the session ID.
+    ids: Vec<i64>,
+    /// Index (within the block) the next lease gets.
+    next_index: i64,
+    /// Keys put under the newest lease (counted at creation; deletes are not subtracted).
+    on_newest: usize,
+    /// Round-robin position once the block is full.
+    cursor: usize,
+}
+
+/// What a create should put its keys under.
+enum Slot {
+    Lease(i64),
+    /// The newest lease is full: grant `id` for session `session`.
+    Grow {
+        session: i64,
+        id: i64,
+    },
+}
+
 /// What the session task shares with the registry.
 pub(crate) struct Session {
-    pub(crate) lease: AtomicI64,
+    leases: Mutex<Leases>,
+    keys_per_lease: usize,
+    /// One grant at a time: creates waiting for room share it.
+    growing: tokio::sync::Mutex<()>,
+    /// Marked when a lease joins, so the keeper keeps it alive too.
+    joined: watch::Sender<()>,
     pub(crate) tracker: SessionTracker,
     /// The last lease a request found gone, so the loss is handled at once rather than at the
-    /// next keep-alive. A value (not a notification) so a report about an older lease can
+    /// next keep-alive. A value (not a notification) so a report about an older session can
     /// never end a newer one.
     pub(crate) lease_gone: watch::Sender<i64>,
 }
 
 impl Session {
-    pub(crate) fn lease(&self) -> i64 {
-        self.lease.load(Ordering::SeqCst)
+    /// A session whose first lease, `session`, is granted.
+    pub(crate) fn new(session: i64, keys_per_lease: usize) -> Session {
+        Session {
+            leases: Mutex::new(Leases {
+                ids: vec![session],
+                next_index: 1,
+                on_newest: 0,
+                cursor: 0,
+            }),
+            keys_per_lease: keys_per_lease.max(1),
+            growing: tokio::sync::Mutex::new(()),
+            joined: watch::channel(()).0,
+            tracker: SessionTracker::new(),
+            lease_gone: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The session ID: the first lease.
+    pub(crate) fn id(&self) -> i64 {
+        self.lock().ids[0]
+    }
+
+    /// Every lease of the session.
+    pub(crate) fn leases(&self) -> Vec<i64> {
+        self.lock().ids.clone()
+    }
+
+    /// Whether `lease` is in the current session's block.
+    fn in_block(&self, lease: i64) -> bool {
+        block_of(lease) == Some(self.id())
     }
 
     /// A request saw "lease not found" for `lease`.
     pub(crate) fn report_lease_gone(&self, lease: i64) {
-        if self.lease() == lease {
+        if self.in_block(lease) {
             self.lease_gone.send_replace(lease);
+        }
+    }
+
+    /// Starts over with one lease after a loss.
+    fn restart(&self, session: i64) {
+        *self.lock() = Leases {
+            ids: vec![session],
+            next_index: 1,
+            on_newest: 0,
+            cursor: 0,
+        };
+        self.joined.send_replace(());
+    }
+
+    /// Room for a key: under the newest lease while it has room (or `force`d), round robin
+    /// once the block is full, else a lease to grant first.
+    fn slot(&self, force: bool) -> Slot {
+        let mut leases = self.lock();
+        let newest = leases.ids[leases.ids.len() - 1];
+        if leases.on_newest < self.keys_per_lease || force {
+            leases.on_newest += 1;
+            return Slot::Lease(newest);
+        }
+        if leases.next_index >= MAX_LEASES {
+            let lease = leases.ids[leases.cursor % leases.ids.len()];
+            leases.cursor = leases.cursor.wrapping_add(1);
+            return Slot::Lease(lease);
+        }
+        Slot::Grow {
+            session: leases.ids[0],
+            id: leases.ids[0] + leases.next_index,
+        }
+    }
+
+    /// `id` of session `session` was granted (`granted`) or is taken by someone else; a
+    /// granted one becomes the newest, holding the key it was granted for.
+    fn grown(&self, session: i64, id: i64, granted: bool) -> bool {
+        let mut leases = self.lock();
+        if leases.ids[0] != session || leases.ids[0] + leases.next_index != id {
+            return false;
+        }
+        leases.next_index += 1;
+        if granted {
+            leases.ids.push(id);
+            leases.on_newest = 1;
+            drop(leases);
+            self.joined.send_replace(());
+        }
+        granted
+    }
+
+    /// The lease to put a new ephemeral key under; grants the session's next lease when the
+    /// newest is full. A failed grant puts it under the newest anyway.
+    pub(crate) async fn lease_for(&self, client: &Client, ttl: Duration, timeout: Duration) -> i64 {
+        // Bounded: each round grants, skips a taken ID, or sees another grant finish.
+        for _ in 0..8 {
+            if let Slot::Lease(lease) = self.slot(false) {
+                return lease;
+            }
+            let _growing = self.growing.lock().await;
+            let (session, id) = match self.slot(false) {
+                Slot::Lease(lease) => return lease,
+                Slot::Grow { session, id } => (session, id),
+            };
+            let mut client = client.clone();
+            let options = LeaseGrantOptions::new().with_id(id);
+            match tokio::time::timeout(
+                timeout,
+                client.lease_grant(ttl.as_secs() as i64, Some(options)),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {
+                    if self.grown(session, id, true) {
+                        tracing::debug!(session, lease = id, "etcd session grew a lease");
+                        return id;
+                    }
+                    // The session was replaced meanwhile: this lease belongs to no one.
+                    let _ = tokio::time::timeout(timeout, client.lease_revoke(id)).await;
+                }
+                Ok(Err(error)) if error.to_string().contains("already exists") => {
+                    self.grown(session, id, false);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "granting another lease failed; the newest one takes more keys");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "granting another lease timed out; the newest one takes more keys"
+                    );
+                    break;
+                }
+            }
+        }
+        self.take()
+    }
+
+    /// The newest lease, whatever it holds.
+    fn take(&self) -> i64 {
+        match self.slot(true) {
+            Slot::Lease(lease) => lease,
+            Slot::Grow { session, .. } => session,
         }
     }
 }
 
 enum Outcome {
-    /// The connection broke; the lease may still be alive.
+    /// The connection broke; the leases may still be alive.
     Broken,
-    /// The server says the lease is gone.
+    /// The server says a lease is gone.
     Lost,
     /// Close was asked for.
     Shutdown,
 }
 
+type Answers = SelectAll<
+    BoxStream<
+        'static,
+        (
+            i64,
+            Option<Result<LeaseKeepAliveResponse, etcd_client::Error>>,
+        ),
+    >,
+>;
+
+/// Opens a keep-alive stream for every lease of the session not kept yet.
+async fn keep_new(
+    client: &mut Client,
+    session: &Session,
+    timeout: Duration,
+    kept: &mut HashSet<i64>,
+    keepers: &mut Vec<etcd_client::LeaseKeeper>,
+    answers: &mut Answers,
+) -> Result<(), Outcome> {
+    for lease in session.leases() {
+        if kept.contains(&lease) {
+            continue;
+        }
+        let (keeper, stream) =
+            match tokio::time::timeout(timeout, client.lease_keep_alive(lease)).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, lease, "keep-alive stream failed to open");
+                    return Err(Outcome::Broken);
+                }
+                Err(_) => return Err(Outcome::Broken),
+            };
+        kept.insert(lease);
+        keepers.push(keeper);
+        // A stream that ends says so once, rather than leaving the set unnoticed.
+        answers.push(
+            stream
+                .map(move |answer| (lease, Some(answer)))
+                .chain(futures::stream::once(async move { (lease, None) }))
+                .boxed(),
+        );
+    }
+    Ok(())
+}
+
 async fn keep_alive(
     client: &mut Client,
-    lease: i64,
     ttl: Duration,
     session: &Session,
     last_ok: &mut Instant,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Outcome {
     let interval = ttl / 3;
-    let opened = tokio::time::timeout(
-        interval.max(Duration::from_secs(1)),
-        client.lease_keep_alive(lease),
-    )
-    .await;
-    let (mut keeper, mut stream) = match opened {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(error)) => {
-            tracing::debug!(%error, "keep-alive stream failed to open");
-            return Outcome::Broken;
-        }
-        Err(_) => return Outcome::Broken,
-    };
+    let open_timeout = interval.max(Duration::from_secs(1));
+    let mut joined = session.joined.subscribe();
+    joined.borrow_and_update();
     let mut gone = session.lease_gone.subscribe();
-    if *gone.borrow_and_update() == lease {
+    if session.in_block(*gone.borrow_and_update()) {
         return Outcome::Lost;
+    }
+    let (mut kept, mut keepers, mut answers) = (HashSet::new(), Vec::new(), SelectAll::new());
+    if let Err(outcome) = keep_new(
+        client,
+        session,
+        open_timeout,
+        &mut kept,
+        &mut keepers,
+        &mut answers,
+    )
+    .await
+    {
+        return outcome;
     }
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -73,36 +347,48 @@ async fn keep_alive(
         tokio::select! {
             _ = shutdown.changed() => return Outcome::Shutdown,
             changed = gone.changed() => {
-                if changed.is_ok() && *gone.borrow_and_update() == lease {
+                if changed.is_ok() && session.in_block(*gone.borrow_and_update()) {
                     return Outcome::Lost;
                 }
             }
-            _ = tick.tick() => {
-                if keeper.keep_alive().await.is_err() {
-                    return Outcome::Broken;
+            changed = joined.changed() => {
+                if changed.is_ok() {
+                    if let Err(outcome) = keep_new(client, session, open_timeout, &mut kept, &mut keepers, &mut answers).await {
+                        return outcome;
+                    }
                 }
-                // No answer within the TTL: the server has expired the lease by now.
+            }
+            _ = tick.tick() => {
+                for keeper in &mut keepers {
+                    if keeper.keep_alive().await.is_err() {
+                        return Outcome::Broken;
+                    }
+                }
+                // No answer within the TTL: the server has expired the leases by now.
                 if last_ok.elapsed() > ttl {
                     return Outcome::Broken;
                 }
             }
-            message = stream.message() => match message {
-                Ok(Some(response)) if response.ttl() <= 0 => return Outcome::Lost,
-                Ok(Some(_)) => {
+            answer = answers.next() => match answer {
+                Some((lease, Some(Ok(response)))) if response.ttl() <= 0 => {
+                    tracing::warn!(lease, "etcd lease expired");
+                    return Outcome::Lost;
+                }
+                Some((_, Some(Ok(_)))) => {
                     *last_ok = Instant::now();
                     if session.tracker.status().state == SessionState::Suspended {
-                        session.tracker.transition(SessionState::Connected, Some(SessionId(lease)));
+                        session.tracker.transition(SessionState::Connected, Some(SessionId(session.id())));
                     }
                 }
-                Ok(None) | Err(_) => return Outcome::Broken,
+                _ => return Outcome::Broken,
             },
         }
     }
 }
 
-/// Whether the server still holds `lease` (a busy server may answer keep-alives late while
-/// the lease lives on). Unreachable counts as gone: silent past the TTL, the lease has expired
-/// as far as any other client can tell.
+/// Whether the server still holds the session (a busy server may answer keep-alives late
+/// while the leases live on). Unreachable counts as gone: silent past the TTL, the leases have
+/// expired as far as any other client can tell.
 async fn still_granted(client: &mut Client, lease: i64, timeout: Duration) -> bool {
     match tokio::time::timeout(timeout, client.lease_time_to_live(lease, None)).await {
         Ok(Ok(response)) if response.ttl() > 0 => {
@@ -117,8 +403,33 @@ async fn still_granted(client: &mut Client, lease: i64, timeout: Duration) -> bo
     }
 }
 
-/// Grants a lease, retrying with backoff until it works or close is asked for.
-pub(crate) async fn grant(
+/// Grants the first lease of a new session, with an ID of a new block (another if that one
+/// is taken).
+pub(crate) async fn grant_session(
+    client: &mut Client,
+    ttl: Duration,
+) -> Result<i64, etcd_client::Error> {
+    let mut taken = None;
+    // Bounded: a random 35-bit block is taken by chance only.
+    for _ in 0..4 {
+        let id = new_block();
+        match client
+            .lease_grant(
+                ttl.as_secs() as i64,
+                Some(LeaseGrantOptions::new().with_id(id)),
+            )
+            .await
+        {
+            Ok(response) => return Ok(response.id()),
+            Err(error) if error.to_string().contains("already exists") => taken = Some(error),
+            Err(error) => return Err(error),
+        }
+    }
+    Err(taken.unwrap_or_else(|| etcd_client::Error::LeaseKeepAliveError("no lease ID free".into())))
+}
+
+/// Grants a new session, retrying with backoff until it works or close is asked for.
+async fn grant(
     client: &mut Client,
     ttl: Duration,
     timeout: Duration,
@@ -126,8 +437,8 @@ pub(crate) async fn grant(
 ) -> Option<i64> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        match tokio::time::timeout(timeout, client.lease_grant(ttl.as_secs() as i64, None)).await {
-            Ok(Ok(response)) => return Some(response.id()),
+        match tokio::time::timeout(timeout, grant_session(client, ttl)).await {
+            Ok(Ok(lease)) => return Some(lease),
             Ok(Err(error)) => tracing::warn!(%error, "lease grant failed; retrying"),
             Err(_) => tracing::warn!("lease grant timed out; retrying"),
         }
@@ -139,6 +450,28 @@ pub(crate) async fn grant(
             return None;
         }
     }
+}
+
+/// Revokes `leases` at once, each within `timeout`; one that fails expires after its TTL.
+pub(crate) async fn revoke_all(client: &Client, leases: &[i64], timeout: Duration) -> usize {
+    let revokes = leases.iter().map(|&lease| {
+        let mut client = client.clone();
+        async move {
+            match tokio::time::timeout(timeout, client.lease_revoke(lease)).await {
+                Ok(Ok(_)) => true,
+                Ok(Err(error)) => {
+                    tracing::debug!(lease, %error, "lease revoke failed; it expires after its TTL");
+                    false
+                }
+                Err(_) => false,
+            }
+        }
+    });
+    futures::future::join_all(revokes)
+        .await
+        .into_iter()
+        .filter(|revoked| *revoked)
+        .count()
 }
 
 /// Runs the session on a thread of its own, with its own runtime and its own connection, so a
@@ -192,7 +525,7 @@ pub(crate) fn spawn_keeper(
     Ok(finished)
 }
 
-/// Keeps the session's lease alive until shutdown; reports suspension, loss and the new
+/// Keeps the session's leases alive until shutdown; reports suspension, loss and the new
 /// session that replaces a lost one.
 pub(crate) async fn run(
     mut client: Client,
@@ -207,28 +540,20 @@ pub(crate) async fn run(
         if *shutdown.borrow() {
             return;
         }
-        let lease = session.lease();
-        let outcome = keep_alive(
-            &mut client,
-            lease,
-            ttl,
-            &session,
-            &mut last_ok,
-            &mut shutdown,
-        )
-        .await;
+        let outcome = keep_alive(&mut client, ttl, &session, &mut last_ok, &mut shutdown).await;
+        let id = session.id();
         let lost = match outcome {
             Outcome::Shutdown => return,
             Outcome::Lost => true,
             Outcome::Broken => {
                 if session.tracker.status().state.is_live() {
-                    tracing::warn!(lease, "etcd connection lost; session suspended");
+                    tracing::warn!(session = id, "etcd connection lost; session suspended");
                     session.tracker.transition(SessionState::Suspended, None);
                 }
                 if last_ok.elapsed() <= ttl {
                     false
-                } else if still_granted(&mut client, lease, request_timeout).await {
-                    // The server vouched for the lease: that counts as hearing from it, or
+                } else if still_granted(&mut client, id, request_timeout).await {
+                    // The server vouched for the session: that counts as hearing from it, or
                     // the next keep-alive round would give up before its first answer.
                     last_ok = Instant::now();
                     false
@@ -238,23 +563,104 @@ pub(crate) async fn run(
             }
         };
         if lost {
-            tracing::warn!(lease, "etcd lease lost; opening a new session");
+            tracing::warn!(session = id, "etcd session lost; opening a new one");
             session.tracker.transition(SessionState::Lost, None);
+            // The rest of the block goes too, so no key of the lost session outlives it.
+            let leases = session.leases();
+            let revoked = revoke_all(&client, &leases, request_timeout).await;
+            tracing::debug!(
+                session = id,
+                leases = leases.len(),
+                revoked,
+                "lost session's leases revoked"
+            );
             let Some(new) = grant(&mut client, ttl, request_timeout, &mut shutdown).await else {
                 return;
             };
-            session.lease.store(new, Ordering::SeqCst);
+            session.restart(new);
             last_ok = Instant::now();
             backoff.reset();
             session
                 .tracker
                 .transition(SessionState::Reestablished, Some(SessionId(new)));
-            tracing::info!(lease = new, "etcd session re-established");
+            tracing::info!(session = new, "etcd session re-established");
             continue;
         }
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_lease_of_a_block_maps_to_its_session() {
+        for _ in 0..100 {
+            let first = new_block();
+            assert!(first > 0);
+            assert_eq!(session_of_lease(first), SessionId(first));
+            assert_eq!(session_of_lease(first + 1), SessionId(first));
+            assert_eq!(session_of_lease(first + INDEX_MASK), SessionId(first));
+            assert_ne!(session_of_lease(first + MAX_LEASES), SessionId(first));
+            assert_eq!(leases_of(SessionId(first)), (first, first + INDEX_MASK));
+            assert_ne!(new_block(), first);
+        }
+    }
+
+    #[test]
+    fn leases_of_other_tools_are_their_own_sessions() {
+        // IDs as etcd itself hands them out: consecutive, with a member prefix.
+        let start = 0x694d_7a1b_2c3d_4e00_i64;
+        let own = (0..1000)
+            .filter(|i| session_of_lease(start + i) == SessionId(start + i))
+            .count();
+        assert!(own >= 990, "{own} of 1000 read as their own session");
+        assert_eq!(leases_of(SessionId(start + 5)), (start + 5, start + 5));
+        assert_eq!(session_of_lease(7), SessionId(7));
+        assert_eq!(session_of_lease(-3), SessionId(-3));
+    }
+
+    #[test]
+    fn keys_spread_over_leases() {
+        let session = Session::new(new_block(), 2);
+        let first = session.id();
+        assert!(matches!(session.slot(false), Slot::Lease(l) if l == first));
+        assert!(matches!(session.slot(false), Slot::Lease(l) if l == first));
+        let Slot::Grow { session: s, id } = session.slot(false) else {
+            panic!("a full lease must grow");
+        };
+        assert_eq!((s, id), (first, first + 1));
+        // Taken by another client: the next index is tried.
+        assert!(!session.grown(s, id, false));
+        let Slot::Grow { id, .. } = session.slot(false) else {
+            panic!("still full");
+        };
+        assert_eq!(id, first + 2);
+        assert!(session.grown(first, id, true));
+        assert_eq!(session.leases(), vec![first, first + 2]);
+        // A grant for a session that was replaced meanwhile is not taken in.
+        session.restart(first + MAX_LEASES);
+        assert!(!session.grown(first, first + 3, true));
+        assert_eq!(session.leases(), vec![first + MAX_LEASES]);
+        assert!(matches!(session.slot(true), Slot::Lease(l) if l == first + MAX_LEASES));
+    }
+
+    #[test]
+    fn a_full_block_takes_turns() {
+        let first = new_block();
+        let session = Session::new(first, 1);
+        assert!(session.grown(first, first + 1, true));
+        session.lock().next_index = MAX_LEASES;
+        let turns: Vec<i64> = (0..4)
+            .map(|_| match session.slot(false) {
+                Slot::Lease(lease) => lease,
+                Slot::Grow { .. } => panic!("a full block cannot grow"),
+            })
+            .collect();
+        assert_eq!(turns, vec![first, first + 1, first, first + 1]);
     }
 }
