@@ -314,6 +314,25 @@ async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool
     }
 }
 
+/// How many keys live under `prefix`, and the distinct leases they are under.
+async fn keys_and_leases_under(raw: &mut etcd_client::Client, prefix: &str) -> (usize, Vec<i64>) {
+    let response = raw
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let mut leases: Vec<i64> = response.kvs().iter().map(|kv| kv.lease()).collect();
+    leases.sort_unstable();
+    leases.dedup();
+    (response.kvs().len(), leases)
+}
+
+async fn assert_revoked(raw: &mut etcd_client::Client, leases: &[i64], which: &str) {
+    for &lease in leases {
+        let ttl = raw.lease_time_to_live(lease, None).await.unwrap().ttl();
+        assert!(ttl <= 0, "lease {lease:x} {which} still has {ttl} s");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_spreads_its_keys_over_leases_and_loses_them_together() {
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
@@ -335,20 +354,8 @@ async fn a_session_spreads_its_keys_over_leases_and_loses_them_together() {
             .unwrap();
         registrations.push(registration);
     }
-    let leases_under = |response: &etcd_client::GetResponse| {
-        let mut leases: Vec<i64> = response.kvs().iter().map(|kv| kv.lease()).collect();
-        leases.sort_unstable();
-        leases.dedup();
-        leases
-    };
-    let keys = raw
-        .get(
-            "/spread/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    let leases = leases_under(&keys);
+    let (keys, leases) = keys_and_leases_under(&mut raw, "/spread/").await;
+    assert_eq!(keys, 7);
     assert_eq!(leases.len(), 4, "7 keys, 2 per lease: {leases:x?}");
     assert!(leases
         .iter()
@@ -383,28 +390,15 @@ async fn a_session_spreads_its_keys_over_leases_and_loses_them_together() {
     .unwrap_or_else(|_| panic!("no new session within {lost_within:?}"));
     let new = lost.unwrap();
     assert_ne!(new, session);
-    for &old in &leases {
-        let ttl = raw.lease_time_to_live(old, None).await.unwrap().ttl();
-        assert!(
-            ttl <= 0,
-            "lease {old:x} of the lost session still has {ttl} s"
-        );
-    }
+    assert_revoked(&mut raw, &leases, "of the lost session").await;
     eventually("all registrations back", Duration::from_secs(10), || {
         registrations.iter().all(|r| {
             matches!(r.status(), RegistrationStatus::Registered(n) if n.ephemeral_owner == Some(new))
         })
     })
     .await;
-    let keys = raw
-        .get(
-            "/spread/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(keys.kvs().len(), 7);
-    let leases = leases_under(&keys);
+    let (keys, leases) = keys_and_leases_under(&mut raw, "/spread/").await;
+    assert_eq!(keys, 7);
     assert!(leases.len() >= 4, "{leases:x?}");
     assert!(leases
         .iter()
@@ -412,10 +406,7 @@ async fn a_session_spreads_its_keys_over_leases_and_loses_them_together() {
 
     // Closing revokes every lease of the session.
     reg.close().await.unwrap();
-    for &lease in &leases {
-        let ttl = raw.lease_time_to_live(lease, None).await.unwrap().ttl();
-        assert!(ttl <= 0, "lease {lease:x} outlived close with {ttl} s");
-    }
+    assert_revoked(&mut raw, &leases, "after close").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
