@@ -42,7 +42,8 @@ enum Command {
 
 /// The hub's side of one subscription.
 struct Sub {
-    responses: mpsc::Sender<WatchResponse>,
+    /// Boxed: a channel allocates room for 32 items up front, and a response is ~100 bytes.
+    responses: mpsc::Sender<Box<WatchResponse>>,
     lagged: Arc<AtomicBool>,
 }
 
@@ -116,7 +117,7 @@ impl Handle {
 /// One watch on the shared stream. Dropping it cancels the watch on the server.
 pub(crate) struct Subscription {
     id: i64,
-    responses: mpsc::Receiver<WatchResponse>,
+    responses: mpsc::Receiver<Box<WatchResponse>>,
     lagged: Arc<AtomicBool>,
     commands: mpsc::UnboundedSender<Command>,
 }
@@ -125,7 +126,7 @@ impl Subscription {
     /// The watch's next response; `None` once the watch has ended (see [`lagged`]).
     ///
     /// [`lagged`]: Subscription::lagged
-    pub(crate) async fn recv(&mut self) -> Option<WatchResponse> {
+    pub(crate) async fn recv(&mut self) -> Option<Box<WatchResponse>> {
         self.responses.recv().await
     }
 
@@ -309,7 +310,7 @@ impl Hub {
                     "watch create rejected"
                 );
                 if let Some(sub) = asked.and_then(|asked| self.subs.remove(&asked)) {
-                    let _ = sub.responses.try_send(response);
+                    let _ = sub.responses.try_send(Box::new(response));
                 }
             } else if asked != Some(id) {
                 // A server before 3.4 chose its own id: routing by id cannot work.
@@ -328,7 +329,7 @@ impl Hub {
             return;
         };
         let ended = response.canceled();
-        let lagged = match sub.responses.try_send(response) {
+        let lagged = match sub.responses.try_send(Box::new(response)) {
             Ok(()) if !ended => return,
             Ok(()) => false,
             Err(mpsc::error::TrySendError::Full(_)) => true,
