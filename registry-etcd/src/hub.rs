@@ -284,6 +284,10 @@ impl Hub {
         if self.subs.remove(&id).is_some() {
             self.send_cancel(id);
         }
+        // Give back the room of a burst of watches (thousands of registrations) once it is over.
+        if self.subs.capacity() > 64 && self.subs.len() < self.subs.capacity() / 4 {
+            self.subs.shrink_to_fit();
+        }
     }
 
     fn send_cancel(&mut self, id: i64) {
