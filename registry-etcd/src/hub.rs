@@ -7,7 +7,7 @@
 //! every subscription ends (its owner resumes from its last revision) and the next subscription
 //! opens a new stream. Dropping a [`Subscription`] cancels its watch on the server.
 //!
-//! Watch ids are chosen here (etcd >= 3.4 honours them), counting up from 1 for the client's
+//! Watch ids are chosen here (etcd >= 3.4 honours them), counting up from 1 for the hub's
 //! lifetime, so an id is never reused on a stream and a late cancel cannot hit another watch.
 //! A create the server rejects is answered with id -1, so creates are matched to their
 //! `created` answers in order (etcd answers them in the order they were sent).
