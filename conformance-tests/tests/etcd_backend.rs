@@ -537,6 +537,72 @@ async fn dropping_a_stream_cancels_its_server_side_watch() {
     reg.close().await.unwrap();
 }
 
+/// Watches and registrations of one client share one gRPC watch stream: a watch costs a
+/// create request on it, not a stream of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_of_a_client_share_one_grpc_stream() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let reg = connect(&server.endpoint()).await;
+    let streams_before = server.watch_stream_total().unwrap();
+    let watchers_before = server.watcher_total().unwrap();
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let mut s = reg
+            .watch(&p(&format!("/s/{i}")), WatchOptions::node())
+            .await
+            .unwrap();
+        next_event(&mut s, "snapshot").await;
+        streams.push(s);
+    }
+    let mut registrations = Vec::new();
+    for i in 0..20 {
+        registrations.push(
+            reg.register(
+                &p(&format!("/s/r/{i}")),
+                Bytes::from("x"),
+                RegisterOptions::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let counted = conformance_tests::harness::wait_until(Duration::from_secs(10), || {
+        server.watcher_total() == Some(watchers_before + 40)
+    });
+    assert!(
+        counted,
+        "server holds {:?} watchers, expected {}",
+        server.watcher_total(),
+        watchers_before + 40
+    );
+    assert_eq!(
+        server.watch_stream_total(),
+        Some(streams_before + 1),
+        "40 watches of one client should share one gRPC stream"
+    );
+    // Events still reach each watch on the shared stream.
+    reg.create(&p("/s/7"), Bytes::from("v"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    match next_event(&mut streams[7], "create").await {
+        WatchEvent::Created(n) => assert_eq!(n.path.as_str(), "/s/7"),
+        other => panic!("expected the create of /s/7, got {other:?}"),
+    }
+    drop(streams);
+    for r in registrations {
+        r.deregister().await.unwrap();
+    }
+    let released = conformance_tests::harness::wait_until(Duration::from_secs(10), || {
+        server.watcher_total() == Some(watchers_before)
+    });
+    assert!(
+        released,
+        "server still holds {:?} watchers",
+        server.watcher_total()
+    );
+    reg.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_member_does_not_fail_reads_while_others_live() {
     let mut cluster = EtcdCluster::start(3).unwrap_or_else(|e| panic!("{e}"));

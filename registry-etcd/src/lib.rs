@@ -25,6 +25,7 @@
 
 mod batch;
 mod error;
+mod hub;
 mod keys;
 pub mod options;
 mod session;
@@ -78,9 +79,29 @@ pub(crate) struct Shared {
     creates: batch::Queue,
     closed: AtomicBool,
     session_task: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    /// The watch stream all watches share, started with the first watch.
+    watch_hub: Mutex<Option<hub::Handle>>,
 }
 
 impl Shared {
+    /// The client's watch hub, started on first use (and again if its task has ended, e.g.
+    /// with the runtime that ran it). It holds a client handle, not `Shared`: no cycle.
+    pub(crate) fn watch_hub(&self) -> hub::Handle {
+        let mut hub = self.watch_hub.lock().unwrap_or_else(|p| p.into_inner());
+        match &*hub {
+            Some(handle) if !handle.is_closed() => handle.clone(),
+            _ => {
+                let handle = hub::Handle::start(
+                    self.client.clone(),
+                    self.options.request_timeout,
+                    self.shutdown.subscribe(),
+                );
+                *hub = Some(handle.clone());
+                handle
+            }
+        }
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::SeqCst) {
             Err(Error::Closed)
@@ -321,6 +342,7 @@ impl EtcdRegistry {
             creates,
             closed: AtomicBool::new(false),
             session_task: Mutex::new(Some(task)),
+            watch_hub: Mutex::new(None),
         });
         batch::spawn(Arc::downgrade(&shared), queued);
         Ok(EtcdRegistry { shared })

@@ -6,6 +6,11 @@
 //! with a `Resync` (`Lagged`) from a fresh read: memory stays bounded and writers are never
 //! slowed. A compacted resume point also ends in a fresh read and a `Resync` (`Compacted`).
 //!
+//! The etcd watches of all streams of a client share one gRPC stream (see the private `hub`
+//! module): a new watch costs a create request, not a stream. A stream task that falls
+//! behind the shared stream is cut off by it and continues with a `Resync` (`Lagged`) too;
+//! a broken shared stream makes every task resume from its last revision + 1.
+//!
 //! A deleted node is reported as last delivered, from the task's copy of the scope: etcd's
 //! `prev_kv` would cost the server a read per event and watcher. Only a stream started after a
 //! revision, which has no snapshot to start the copy from, asks etcd for it.
@@ -215,29 +220,28 @@ async fn follow(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Break {
     let (key, options) = watch_range(&shared.keys, root, scope, known.is_none());
-    let mut client = shared.client.clone();
-    let opened = tokio::time::timeout(
-        shared.options.request_timeout,
-        client.watch(key, Some(options.with_start_revision(*last + 1))),
-    )
-    .await;
-    let mut stream = match opened {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            tracing::debug!(%error, "watch open failed");
-            return Break::Resume;
-        }
-        Err(_) => return Break::Resume,
+    let options = options.with_start_revision(*last + 1);
+    // Dropped on return, which cancels the watch on the server.
+    let Some(mut subscription) = shared.watch_hub().subscribe(key, options) else {
+        return if *shutdown.borrow() {
+            Break::Stop
+        } else {
+            Break::Resume
+        };
     };
     loop {
         let message = tokio::select! {
             _ = tx.closed() => return Break::Stop,
             _ = shutdown.changed() => return Break::Stop,
-            message = stream.message() => message,
+            message = subscription.recv() => message,
         };
-        let response = match message {
-            Ok(Some(response)) => response,
-            Ok(None) | Err(_) => return Break::Resume,
+        let Some(response) = message else {
+            // The hub ended this watch: it fell behind, or the shared stream broke.
+            return if subscription.lagged() {
+                Break::Resync(ResyncReason::Lagged)
+            } else {
+                Break::Resume
+            };
         };
         if response.canceled() {
             if response.compact_revision() > 0 {

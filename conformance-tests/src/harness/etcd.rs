@@ -186,12 +186,22 @@ impl EtcdCluster {
     /// `etcd_debugging_mvcc_watcher_total` summed over running members: the server-side
     /// watchers.
     pub fn watcher_total(&self) -> Option<usize> {
+        self.gauge_total("etcd_debugging_mvcc_watcher_total")
+    }
+
+    /// `etcd_debugging_mvcc_watch_stream_total` summed over running members: the gRPC watch
+    /// streams open on the servers.
+    pub fn watch_stream_total(&self) -> Option<usize> {
+        self.gauge_total("etcd_debugging_mvcc_watch_stream_total")
+    }
+
+    fn gauge_total(&self, name: &str) -> Option<usize> {
         let mut total = 0usize;
         for m in &self.members {
             let body = http_get(m.client, "/metrics")?;
             let line = body
                 .lines()
-                .find(|l| l.starts_with("etcd_debugging_mvcc_watcher_total "))?;
+                .find(|l| l.split_whitespace().next() == Some(name))?;
             total += line.split_whitespace().nth(1)?.parse::<f64>().ok()? as usize;
         }
         Some(total)
@@ -249,5 +259,10 @@ impl EtcdServer {
     /// Server-side watchers, from /metrics.
     pub fn watcher_total(&self) -> Option<usize> {
         self.cluster.watcher_total()
+    }
+
+    /// Server-side gRPC watch streams, from /metrics.
+    pub fn watch_stream_total(&self) -> Option<usize> {
+        self.cluster.watch_stream_total()
     }
 }
