@@ -852,9 +852,8 @@ async fn await_count_of(
 
 /// Session lost with many registrations -> all of them back.
 ///
-/// etcd: another client revokes the session's first lease (its keys go at once, the session's
-/// other leases and keys go when the session sees the loss and revokes them); timed from the
-/// revoke. ZooKeeper: the owner's connection (through a proxy) is blackholed until the server
+/// etcd: another client revokes every lease of the session, as expiry would (every key goes);
+/// timed from the revoke. ZooKeeper: the owner's connection (through a proxy) is blackholed until the server
 /// expired the session and deleted its nodes, then restored; timed from the restore, the first
 /// moment the client can learn about the loss.
 pub async fn recovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
@@ -881,7 +880,7 @@ pub async fn recovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let (target, note) = match env.backend {
         Backend::Etcd => (
             Target::AtMost(2.0),
-            "our session's first lease revoked by another client behind our back (the session revokes its other leases when it notices), until all are back; raw: revoke, new lease, re-put all (64 in flight), told at once",
+            "every lease of our session revoked by another client behind our back, until all are back; raw: revoke, new lease, re-put all (64 in flight), told at once",
         ),
         Backend::Zk => (
             Target::None,
@@ -911,9 +910,12 @@ async fn recover_once(
             Side::Ours => {
                 let owner = Ours::connect(env.backend, &env.target, SESSION_TTL).await?;
                 let regs = register_many(&owner, parent, n).await?;
-                let lease = owner.reg.session().session_id.map(|s| s.0);
+                let session = owner.reg.session().session_id.ok_or("no session")?;
                 let t0 = Instant::now();
-                revoke(env, lease).await?;
+                let (client, _) = env.writer.etcd().ok_or("not an etcd client")?;
+                registry_etcd::revoke_session(&client, session, Duration::from_secs(30))
+                    .await
+                    .ctx("revoke the session")?;
                 await_count_of(&env.writer, parent, n, true, limit).await?;
                 await_count_of(&env.writer, parent, n, false, limit).await?;
                 let elapsed = t0.elapsed();

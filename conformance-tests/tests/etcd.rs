@@ -58,10 +58,12 @@ impl Fixture for EtcdFixture {
     }
 
     async fn expire_session(&self, session: SessionId) -> Result<()> {
-        let mut client = etcd_client::Client::connect([self.endpoint()], None)
+        let client = etcd_client::Client::connect([self.endpoint()], None)
             .await
             .map_err(unavailable)?;
-        client.lease_revoke(session.0).await.map_err(unavailable)?;
+        registry_etcd::revoke_session(&client, session, TTL)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

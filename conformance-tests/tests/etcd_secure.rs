@@ -117,8 +117,8 @@ impl Fixture for SecureFixture {
 
     async fn expire_session(&self, session: SessionId) -> Result<()> {
         let s = tokio::task::block_in_place(secured);
-        let mut root = raw_root(&s.server).await;
-        root.lease_revoke(session.0)
+        let root = raw_root(&s.server).await;
+        registry_etcd::revoke_session(&root, session, Duration::from_secs(5))
             .await
             .map_err(|e| Error::unavailable(e.to_string()))?;
         Ok(())

@@ -295,9 +295,12 @@ async fn soa_on_etcd() {
         expire: Box::new(move |client| {
             let ep = ep2.clone();
             Box::pin(async move {
-                let SessionId(lease) = client.session().session_id.unwrap();
-                let mut raw = etcd_client::Client::connect([ep], None).await.unwrap();
-                raw.lease_revoke(lease).await.unwrap();
+                let session = client.session().session_id.unwrap();
+                let raw = etcd_client::Client::connect([ep], None).await.unwrap();
+                let revoked = registry_etcd::revoke_session(&raw, session, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                assert!(revoked > 0, "session {session:?} had no lease to revoke");
             })
         }),
     };

@@ -50,7 +50,7 @@ use registry_core::{
 use tokio::sync::watch as channel;
 
 pub use options::{EtcdOptions, EtcdTls};
-pub use session::session_of_lease;
+pub use session::{revoke_session, session_of_lease};
 
 use error::{map, BACKEND};
 use keys::{implicit, Keys};

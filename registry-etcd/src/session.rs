@@ -474,6 +474,24 @@ pub(crate) async fn revoke_all(client: &Client, leases: &[i64], timeout: Duratio
         .count()
 }
 
+/// Ends session `session` from any client, as its TTL running out would: revokes every lease
+/// of its block that etcd still holds (each within `timeout`), deleting all of its keys.
+/// Returns how many leases were revoked (0: the session was already gone).
+pub async fn revoke_session(
+    client: &Client,
+    session: SessionId,
+    timeout: Duration,
+) -> Result<usize, etcd_client::Error> {
+    let listed = client.clone().leases().await?;
+    let leases: Vec<i64> = listed
+        .leases()
+        .iter()
+        .map(|lease| lease.id())
+        .filter(|&lease| session_of_lease(lease) == session)
+        .collect();
+    Ok(revoke_all(client, &leases, timeout).await)
+}
+
 /// Runs the session on a thread of its own, with its own runtime and its own connection, so a
 /// busy application (or thousands of watch and registration tasks) can never delay a
 /// keep-alive past the TTL. The returned receiver fires when the thread has finished.
