@@ -566,19 +566,20 @@ async fn watches_of_a_client_share_one_grpc_stream() {
             .unwrap(),
         );
     }
+    // The 20 registrations share their parent's children watch.
     let counted = conformance_tests::harness::wait_until(Duration::from_secs(10), || {
-        server.watcher_total() == Some(watchers_before + 40)
+        server.watcher_total() == Some(watchers_before + 21)
     });
     assert!(
         counted,
         "server holds {:?} watchers, expected {}",
         server.watcher_total(),
-        watchers_before + 40
+        watchers_before + 21
     );
     assert_eq!(
         server.watch_stream_total(),
         Some(streams_before + 1),
-        "40 watches of one client should share one gRPC stream"
+        "21 watches of one client should share one gRPC stream"
     );
     // Events still reach each watch on the shared stream.
     reg.create(&p("/s/7"), Bytes::from("v"), CreateMode::Persistent)
@@ -647,4 +648,51 @@ async fn election_single_leader_under_server_pause() {
     )
     .await;
     eprintln!("new leader {took:?} after the server resumed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_node_fails_alone_in_a_batch_of_creates() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let reg = connect(&server.endpoint()).await;
+    reg.create(&p("/batch"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    // Every tenth node exists already; 200 creates at once share Txns.
+    for i in (0..200).step_by(10) {
+        reg.create(
+            &p(&format!("/batch/n{i}")),
+            Bytes::new(),
+            CreateMode::Persistent,
+        )
+        .await
+        .unwrap();
+    }
+    let results = futures::future::join_all((0..200).map(|i| {
+        let reg = reg.clone();
+        async move {
+            let path = p(&format!("/batch/n{i}"));
+            (
+                i,
+                reg.create(&path, Bytes::from("e"), CreateMode::Ephemeral)
+                    .await,
+            )
+        }
+    }))
+    .await;
+    for (i, result) in results {
+        match result {
+            Err(Error::AlreadyExists { path }) if i % 10 == 0 => {
+                assert_eq!(path, p(&format!("/batch/n{i}")))
+            }
+            Ok(node) if i % 10 != 0 => assert!(node.is_ephemeral(), "n{i}: {node:?}"),
+            other => panic!("n{i}: {other:?}"),
+        }
+    }
+    let children = reg.children(&p("/batch")).await.unwrap().nodes;
+    assert_eq!(children.len(), 200);
+    assert_eq!(children.iter().filter(|n| n.is_ephemeral()).count(), 180);
+    reg.close().await.unwrap();
 }

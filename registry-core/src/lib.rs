@@ -33,7 +33,7 @@ pub use node::{Children, CreateMode, DeleteScope, Expected, Node, Revision, Sess
 pub use path::{
     parse_sequence, sequential_name, NodePath, MAX_DEPTH, MAX_PATH_LEN, SEQUENCE_DIGITS,
 };
-pub use registration::{RegisterOptions, Registration, RegistrationStatus};
+pub use registration::{RegisterOptions, Registration, RegistrationStatus, RegistrationWatches};
 pub use registry::{check_value, Registry, MAX_VALUE_LEN};
 pub use session::{SessionState, SessionStatus, SessionTracker};
 pub use watch::{

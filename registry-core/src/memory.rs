@@ -361,6 +361,8 @@ struct ClientInner {
     tracker: SessionTracker,
     session: Mutex<Option<SessionId>>,
     closed: AtomicBool,
+    /// Parent watches shared by this client's registrations, as the etcd backend does.
+    registration_watches: crate::RegistrationWatches,
 }
 
 impl ClientInner {
@@ -445,6 +447,7 @@ impl MemoryRegistry {
             tracker,
             session: Mutex::new(Some(session)),
             closed: AtomicBool::new(false),
+            registration_watches: crate::RegistrationWatches::new(),
         });
         state.clients.insert(
             id,
@@ -701,7 +704,8 @@ impl Registry for MemoryRegistry {
         value: Bytes,
         options: RegisterOptions,
     ) -> Result<Registration> {
-        Registration::start(Arc::new(self.clone()), path, value, options).await
+        let watches = &self.inner.registration_watches;
+        Registration::start_shared(Arc::new(self.clone()), watches, path, value, options).await
     }
 
     async fn close(&self) -> Result<()> {

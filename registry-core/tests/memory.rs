@@ -268,3 +268,92 @@ async fn sequential_registration_gets_a_new_counter_on_recreation() {
         children.nodes
     );
 }
+
+#[tokio::test]
+async fn registrations_under_one_parent_share_one_watch_and_heal_alone() {
+    let store = MemoryStore::new();
+    let owner = client(&store).await;
+    let other = client(&store).await;
+    let watchers_before = store.watcher_count();
+    let mut registrations = Vec::new();
+    for i in 0..10 {
+        let path = p(&format!("/svc/a/n{i}"));
+        let registration = owner
+            .register(&path, Bytes::from("1"), RegisterOptions::new())
+            .await
+            .unwrap();
+        registrations.push(registration);
+    }
+    // Another parent gets a watch of its own, joined after the first was open.
+    let late = owner
+        .register(&p("/svc/b/n0"), Bytes::from("1"), RegisterOptions::new())
+        .await
+        .unwrap();
+    let settled = tokio::time::timeout(WAIT, async {
+        while store.watcher_count() != watchers_before + 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "11 registrations under 2 parents hold {} watchers, not 2",
+        store.watcher_count() - watchers_before
+    );
+
+    // Deleting one node re-creates that one; its siblings keep their nodes.
+    let before: Vec<_> = registrations
+        .iter()
+        .map(|r| match r.status() {
+            RegistrationStatus::Registered(n) => n.create_order,
+            other => panic!("not registered: {other:?}"),
+        })
+        .collect();
+    let victim = p("/svc/a/n3");
+    let gone = owner.get(&victim).await.unwrap();
+    other
+        .delete(&victim, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    let healed = wait_status(
+        &registrations[3],
+        |s| matches!(s, RegistrationStatus::Registered(n) if n.create_order > gone.create_order),
+    )
+    .await;
+    assert!(matches!(healed, RegistrationStatus::Registered(n) if n.path == victim));
+    for (i, r) in registrations.iter().enumerate().filter(|(i, _)| *i != 3) {
+        assert!(
+            matches!(r.status(), RegistrationStatus::Registered(n) if n.create_order == before[i]),
+            "n{i} was touched: {:?}",
+            r.status()
+        );
+    }
+    // The late joiner hears of its node too.
+    let gone = owner.get(&p("/svc/b/n0")).await.unwrap();
+    other
+        .delete(&gone.path, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    wait_status(
+        &late,
+        |s| matches!(s, RegistrationStatus::Registered(n) if n.create_order > gone.create_order),
+    )
+    .await;
+
+    // The parents' watches go with their last registrations.
+    for r in registrations {
+        r.deregister().await.unwrap();
+    }
+    late.deregister().await.unwrap();
+    let released = tokio::time::timeout(WAIT, async {
+        while store.watcher_count() != watchers_before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        released.is_ok(),
+        "{} watchers left after every registration ended",
+        store.watcher_count() - watchers_before
+    );
+}

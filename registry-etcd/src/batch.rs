@@ -7,8 +7,10 @@
 //! runs at once in its caller's task, so an idle client pays nothing for the queue.
 //! A batch is one Txn whose compares hold while every ancestor of its nodes exists and is
 //! persistent and every node's key is absent, and whose puts carry the session's leases.
-//! If any compare fails (a key exists, a parent is missing or changed) the batch's creates
-//! run one by one, with their usual errors.
+//! If a node's key exists, that create fails with `AlreadyExists` and the rest go again as a
+//! batch (a registration re-checking a node it already re-created must not cost the others
+//! their batch). If any other compare fails (a parent is missing or changed) the batch's
+//! creates run one by one, with their usual errors.
 //!
 //! Nodes created by one batch share a `create_revision`, so their `create_order` ties: they
 //! were created together, and the contract orders only a node created after another.
@@ -17,12 +19,12 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 use registry_core::{CreateMode, Error, Node, NodePath, Result};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use crate::{ancestors_persistent, created, put_options, EtcdRegistry, Shared, MAX_TXN_OPS};
+use crate::{ancestors_persistent, created, gets, put_options, EtcdRegistry, Shared, MAX_TXN_OPS};
 
 /// Most creates in one Txn (with their ancestors' compares, within etcd's `--max-txn-ops`).
 pub(crate) const MAX_BATCH: usize = 64;
@@ -110,17 +112,39 @@ pub(crate) fn spawn(shared: Weak<Shared>, queued: Queued) {
     tokio::spawn(task.instrument(tracing::debug_span!("etcd_create_batcher")));
 }
 
-async fn run(registry: EtcdRegistry, batch: Vec<Pending>) {
-    if batch.len() > 1 {
+async fn run(registry: EtcdRegistry, mut batch: Vec<Pending>) {
+    // Bounded: a second round only follows one that took out the nodes that exist.
+    for _ in 0..2 {
+        if batch.len() < 2 {
+            break;
+        }
         match together(&registry, &batch).await {
-            Ok(Some(nodes)) => {
+            Ok(Together::Created(nodes)) => {
                 tracing::debug!(creates = batch.len(), "batched ephemeral creates");
                 for (pending, node) in batch.into_iter().zip(nodes) {
                     let _ = pending.reply.send(Ok(node));
                 }
                 return;
             }
-            Ok(None) => {}
+            Ok(Together::Exist(exists)) => {
+                let mut rest = Vec::with_capacity(batch.len());
+                for (pending, exists) in batch.into_iter().zip(exists) {
+                    if exists {
+                        let path = pending.path.clone();
+                        let _ = pending.reply.send(Err(Error::AlreadyExists { path }));
+                    } else {
+                        rest.push(pending);
+                    }
+                }
+                batch = rest;
+            }
+            Ok(Together::Cannot) => {
+                tracing::debug!(
+                    creates = batch.len(),
+                    "batch cannot go as one Txn; one by one"
+                );
+                break;
+            }
             Err(error) => {
                 // The Txn's fate is unknown: every create in it may or may not have happened.
                 for pending in batch {
@@ -155,14 +179,24 @@ fn same_kind(error: &Error) -> Error {
     }
 }
 
-/// Creates every node of `batch` in one Txn; `None` if that cannot work (duplicates, a
-/// missing or ephemeral ancestor, too many ops, a compare failed) and each must go alone.
-async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Option<Vec<Node>>> {
+/// What one Txn for a whole batch did.
+enum Together {
+    /// Every node was created, in batch order.
+    Created(Vec<Node>),
+    /// Nothing was created because these (`true`, in batch order) already exist.
+    Exist(Vec<bool>),
+    /// Nothing was created, and the batch cannot go as one (duplicates, too many ops, a
+    /// missing or ephemeral ancestor): each must go alone.
+    Cannot,
+}
+
+/// Creates every node of `batch` in one Txn.
+async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Together> {
     let shared = &registry.shared;
     let keys = &shared.keys;
     let distinct: BTreeSet<&NodePath> = batch.iter().map(|p| &p.path).collect();
     if distinct.len() != batch.len() {
-        return Ok(None);
+        return Ok(Together::Cannot);
     }
     let ancestors: Vec<String> = batch
         .iter()
@@ -173,7 +207,7 @@ async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Option<V
         .map(|a| keys.node(a))
         .collect();
     if 2 * ancestors.len() + batch.len() > MAX_TXN_OPS {
-        return Ok(None);
+        return Ok(Together::Cannot);
     }
     // Each key its own lease slot: a batch may span two of the session's leases.
     let mut leases = Vec::with_capacity(batch.len());
@@ -183,23 +217,38 @@ async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Option<V
     // The ancestors are compared, not read first: one round trip.
     let mut compares = ancestors_persistent(&ancestors);
     let mut puts = Vec::with_capacity(batch.len());
+    // On failure, which keys exist (keys only: cheap).
+    let mut probes = Vec::with_capacity(batch.len());
     for (pending, &lease) in batch.iter().zip(&leases) {
         let key = keys.node(&pending.path);
         compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-        puts.push(TxnOp::put(key, pending.value.to_vec(), put_options(lease)));
+        puts.push(TxnOp::put(
+            key.clone(),
+            pending.value.to_vec(),
+            put_options(lease),
+        ));
+        probes.push(TxnOp::get(key, Some(GetOptions::new().with_keys_only())));
     }
     let response = shared
         .txn(
-            Txn::new().when(compares).and_then(puts),
+            Txn::new().when(compares).and_then(puts).or_else(probes),
             "create batch",
             &batch[0].path,
         )
         .await
         .inspect_err(|e| shared.lease_failed(e, leases[0]))?;
     if !response.succeeded() {
-        return Ok(None);
+        let exists: Vec<bool> = gets(&response)
+            .iter()
+            .map(|g| !g.kvs().is_empty())
+            .collect();
+        return Ok(if exists.len() == batch.len() && exists.contains(&true) {
+            Together::Exist(exists)
+        } else {
+            Together::Cannot
+        });
     }
-    Ok(Some(
+    Ok(Together::Created(
         batch
             .iter()
             .zip(leases)

@@ -44,8 +44,8 @@ use etcd_client::{
 use futures::stream::BoxStream;
 use registry_core::{
     check_value, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node, NodePath,
-    RegisterOptions, Registration, Registry, Result, Revision, SessionId, SessionState,
-    SessionStatus, WatchOptions, WatchStream,
+    RegisterOptions, Registration, RegistrationWatches, Registry, Result, Revision, SessionId,
+    SessionState, SessionStatus, WatchOptions, WatchStream,
 };
 use tokio::sync::watch as channel;
 
@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     session_task: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     /// The watch stream all watches share, started with the first watch.
     watch_hub: Mutex<Option<hub::Handle>>,
+    /// One children watch per parent for all registrations under it.
+    registration_watches: RegistrationWatches,
 }
 
 impl Shared {
@@ -343,6 +345,7 @@ impl EtcdRegistry {
             closed: AtomicBool::new(false),
             session_task: Mutex::new(Some(task)),
             watch_hub: Mutex::new(None),
+            registration_watches: RegistrationWatches::new(),
         });
         batch::spawn(Arc::downgrade(&shared), queued);
         Ok(EtcdRegistry { shared })
@@ -1032,7 +1035,8 @@ impl Registry for EtcdRegistry {
         options: RegisterOptions,
     ) -> Result<Registration> {
         self.shared.check_open()?;
-        Registration::start(Arc::new(self.clone()), path, value, options).await
+        let watches = &self.shared.registration_watches;
+        Registration::start_shared(Arc::new(self.clone()), watches, path, value, options).await
     }
 
     async fn close(&self) -> Result<()> {

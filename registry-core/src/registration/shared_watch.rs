@@ -1,0 +1,252 @@
+//! Children watches shared by one client's registrations, one per parent node.
+//!
+//! A registration must hear of every change to its node. One node watch each costs the server
+//! a watcher per registration, and a session loss then sends a burst of events to thousands of
+//! watchers at once: etcd queues 128 responses per gRPC stream and retries the rest every
+//! 10 ms, which made re-registering 10k nodes take seconds longer than the writes themselves.
+//! Registrations under one parent (a service's instances) share a single children watch here
+//! instead, and each gets the events of its own path.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::path::NodePath;
+use crate::registry::Registry;
+use crate::watch::{Snapshot, WatchEvent, WatchOptions, WatchStream};
+
+/// Events buffered per registration; one that falls further behind is cut off, and its
+/// registration then checks its node itself.
+const EVENTS_PER_NODE: usize = 64;
+
+type Subscribers = HashMap<NodePath, Vec<mpsc::Sender<Result<WatchEvent>>>>;
+
+/// The children watches a client's registrations share, one per parent (see
+/// [`Registration::start_shared`](crate::Registration::start_shared)). Cheap to clone; a
+/// parent's watch lives while a registration under it does.
+#[derive(Clone, Default)]
+pub struct RegistrationWatches {
+    parents: Arc<Mutex<HashMap<NodePath, Weak<ParentWatch>>>>,
+}
+
+impl std::fmt::Debug for RegistrationWatches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parents = self.parents.lock().map(|p| p.len()).unwrap_or(0);
+        f.debug_struct("RegistrationWatches")
+            .field("parents", &parents)
+            .finish()
+    }
+}
+
+impl RegistrationWatches {
+    /// No watches yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The events of `path` from now on, through its parent's shared children watch (opened
+    /// by the first subscriber). No snapshot comes first unless the parent's watch is new:
+    /// read the node after subscribing to learn its state. The stream ends when the shared
+    /// watch does (its last item is the error, if any) or when this subscriber lags.
+    pub(crate) fn watch_node(&self, registry: &Arc<dyn Registry>, path: &NodePath) -> WatchStream {
+        let Some(parent) = path.parent() else {
+            return futures::stream::empty().boxed();
+        };
+        let (sender, receiver) = mpsc::channel(EVENTS_PER_NODE);
+        let watch = {
+            let mut parents = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+            let live = parents
+                .get(&parent)
+                .and_then(Weak::upgrade)
+                .filter(|w| !w.fanout.ended.load(Ordering::SeqCst));
+            let watch = match live {
+                Some(watch) => watch,
+                None => {
+                    parents.retain(|_, w| w.strong_count() > 0);
+                    let watch = Arc::new(ParentWatch::start(registry.clone(), parent.clone()));
+                    parents.insert(parent, Arc::downgrade(&watch));
+                    watch
+                }
+            };
+            watch.fanout.add(path.clone(), sender);
+            watch
+        };
+        let subscription = Subscription {
+            receiver,
+            watch,
+            path: path.clone(),
+        };
+        futures::stream::unfold(subscription, |mut s| async move {
+            let item = s.receiver.recv().await?;
+            Some((item, s))
+        })
+        .boxed()
+    }
+}
+
+/// One registration's share of a parent watch; leaving it unsubscribes.
+struct Subscription {
+    receiver: mpsc::Receiver<Result<WatchEvent>>,
+    watch: Arc<ParentWatch>,
+    path: NodePath,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.receiver.close();
+        self.watch.fanout.prune(&self.path);
+    }
+}
+
+/// A parent's children watch; stopped when the last subscriber leaves.
+struct ParentWatch {
+    fanout: Arc<Fanout>,
+    task: JoinHandle<()>,
+}
+
+impl ParentWatch {
+    fn start(registry: Arc<dyn Registry>, parent: NodePath) -> ParentWatch {
+        let fanout = Arc::new(Fanout::default());
+        let span = tracing::debug_span!("registration_watch", parent = %parent);
+        let task = tokio::spawn(follow(registry, parent, fanout.clone()).instrument(span));
+        ParentWatch { fanout, task }
+    }
+}
+
+impl Drop for ParentWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn follow(registry: Arc<dyn Registry>, parent: NodePath, fanout: Arc<Fanout>) {
+    let mut stream = match registry.watch(&parent, WatchOptions::children()).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::debug!(%error, "cannot watch the registrations' parent");
+            fanout.end(Some(error));
+            return;
+        }
+    };
+    // Ends with the stream: when the registry closes or the watch fails.
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(event) => fanout.dispatch(event),
+            Err(error) => {
+                fanout.end(Some(error));
+                return;
+            }
+        }
+    }
+    fanout.end(None);
+}
+
+/// The subscribers of one parent watch, by node path.
+#[derive(Default)]
+struct Fanout {
+    subscribers: Mutex<Subscribers>,
+    ended: AtomicBool,
+}
+
+impl Fanout {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Subscribers> {
+        self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, path: NodePath, sender: mpsc::Sender<Result<WatchEvent>>) {
+        self.lock().entry(path).or_default().push(sender);
+    }
+
+    fn prune(&self, path: &NodePath) {
+        let mut subscribers = self.lock();
+        if let Some(senders) = subscribers.get_mut(path) {
+            senders.retain(|s| !s.is_closed());
+            if senders.is_empty() {
+                subscribers.remove(path);
+            }
+        }
+    }
+
+    /// Hands each subscriber the part of `event` about its node: a change of its path, or a
+    /// (re)read of the parent cut down to its node.
+    fn dispatch(&self, event: WatchEvent) {
+        let mut subscribers = self.lock();
+        match event {
+            WatchEvent::Snapshot(snapshot) => {
+                let by_path = nodes_by_path(&snapshot);
+                for (path, senders) in subscribers.iter_mut() {
+                    let own = only(&by_path, path, &snapshot);
+                    send_all(senders, WatchEvent::Snapshot(own));
+                }
+            }
+            WatchEvent::Resync { snapshot, reason } => {
+                let by_path = nodes_by_path(&snapshot);
+                for (path, senders) in subscribers.iter_mut() {
+                    let own = only(&by_path, path, &snapshot);
+                    send_all(
+                        senders,
+                        WatchEvent::Resync {
+                            snapshot: own,
+                            reason: reason.clone(),
+                        },
+                    );
+                }
+            }
+            WatchEvent::Created(ref node)
+            | WatchEvent::Updated(ref node)
+            | WatchEvent::Deleted(ref node) => {
+                if let Some(senders) = subscribers.get_mut(&node.path) {
+                    send_all(senders, event.clone());
+                }
+            }
+        }
+        subscribers.retain(|_, senders| !senders.is_empty());
+    }
+
+    /// The watch is over: every subscriber gets `error` (if any) and then the end.
+    fn end(&self, error: Option<Error>) {
+        self.ended.store(true, Ordering::SeqCst);
+        let subscribers = std::mem::take(&mut *self.lock());
+        if let Some(error) = error {
+            for sender in subscribers.values().flatten() {
+                // Closed is passed on as such: it tells a registration to stop.
+                let copy = match &error {
+                    Error::Closed => Error::Closed,
+                    other => Error::unavailable(format!("registrations' parent watch: {other}")),
+                };
+                let _ = sender.try_send(Err(copy));
+            }
+        }
+    }
+}
+
+fn nodes_by_path(snapshot: &Snapshot) -> HashMap<&NodePath, &crate::node::Node> {
+    snapshot.nodes.iter().map(|n| (&n.path, n)).collect()
+}
+
+/// `snapshot` cut down to the node at `path`.
+fn only(
+    by_path: &HashMap<&NodePath, &crate::node::Node>,
+    path: &NodePath,
+    snapshot: &Snapshot,
+) -> Snapshot {
+    Snapshot {
+        nodes: by_path
+            .get(path)
+            .map(|n| vec![(*n).clone()])
+            .unwrap_or_default(),
+        revision: snapshot.revision,
+    }
+}
+
+/// Sends to every sender; one that is gone or full is dropped (a full one then sees its
+/// stream end and its registration re-checks the node).
+fn send_all(senders: &mut Vec<mpsc::Sender<Result<WatchEvent>>>, event: WatchEvent) {
+    senders.retain(|s| s.try_send(Ok(event.clone())).is_ok());
+}
