@@ -269,6 +269,17 @@ async fn sequential_registration_gets_a_new_counter_on_recreation() {
     );
 }
 
+/// Whether the store's watcher count reaches `count` within [`WAIT`].
+async fn watchers_reach(store: &MemoryStore, count: usize) -> bool {
+    tokio::time::timeout(WAIT, async {
+        while store.watcher_count() != count {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
 #[tokio::test]
 async fn registrations_under_one_parent_share_one_watch_and_heal_alone() {
     let store = MemoryStore::new();
@@ -289,14 +300,8 @@ async fn registrations_under_one_parent_share_one_watch_and_heal_alone() {
         .register(&p("/svc/b/n0"), Bytes::from("1"), RegisterOptions::new())
         .await
         .unwrap();
-    let settled = tokio::time::timeout(WAIT, async {
-        while store.watcher_count() != watchers_before + 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
     assert!(
-        settled.is_ok(),
+        watchers_reach(&store, watchers_before + 2).await,
         "11 registrations under 2 parents hold {} watchers, not 2",
         store.watcher_count() - watchers_before
     );
@@ -345,14 +350,8 @@ async fn registrations_under_one_parent_share_one_watch_and_heal_alone() {
         r.deregister().await.unwrap();
     }
     late.deregister().await.unwrap();
-    let released = tokio::time::timeout(WAIT, async {
-        while store.watcher_count() != watchers_before {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
     assert!(
-        released.is_ok(),
+        watchers_reach(&store, watchers_before).await,
         "{} watchers left after every registration ended",
         store.watcher_count() - watchers_before
     );
