@@ -565,7 +565,9 @@ async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     watched = None;
                     needs_ensure = true;
                     // A watch that failed may fail again at once: not in a tight loop.
-                    if matches!(event, Some(Err(_))) && sleep_or_stop(&mut stop, backoff.next_delay()).await {
+                    if matches!(event, Some(Err(_)))
+                        && sleep_or_stop(&mut stop, backoff.next_delay()).await
+                    {
                         return;
                     }
                 }
