@@ -86,6 +86,13 @@ struct Leases {
     cursor: usize,
 }
 
+impl Leases {
+    /// The lease keys go under now (`ids` is never empty).
+    fn newest(&self) -> i64 {
+        self.ids.last().copied().unwrap_or_default()
+    }
+}
+
 /// What a create should put its keys under.
 enum Slot {
     Lease(i64),
@@ -166,14 +173,13 @@ impl Session {
         self.joined.send_replace(());
     }
 
-    /// Room for a key: under the newest lease while it has room (or `force`d), round robin
-    /// once the block is full, else a lease to grant first.
-    fn slot(&self, force: bool) -> Slot {
+    /// Room for a key: under the newest lease while it has room, round robin once the block
+    /// is full, else a lease to grant first.
+    fn slot(&self) -> Slot {
         let mut leases = self.lock();
-        let newest = leases.ids[leases.ids.len() - 1];
-        if leases.on_newest < self.keys_per_lease || force {
+        if leases.on_newest < self.keys_per_lease {
             leases.on_newest += 1;
-            return Slot::Lease(newest);
+            return Slot::Lease(leases.newest());
         }
         if leases.next_index >= MAX_LEASES {
             let lease = leases.ids[leases.cursor % leases.ids.len()];
@@ -208,11 +214,11 @@ impl Session {
     pub(crate) async fn lease_for(&self, client: &Client, ttl: Duration, timeout: Duration) -> i64 {
         // Bounded: each round grants, skips a taken ID, or sees another grant finish.
         for _ in 0..8 {
-            if let Slot::Lease(lease) = self.slot(false) {
+            if let Slot::Lease(lease) = self.slot() {
                 return lease;
             }
             let _growing = self.growing.lock().await;
-            let (session, id) = match self.slot(false) {
+            let (session, id) = match self.slot() {
                 Slot::Lease(lease) => return lease,
                 Slot::Grow { session, id } => (session, id),
             };
@@ -252,10 +258,9 @@ impl Session {
 
     /// The newest lease, whatever it holds.
     fn take(&self) -> i64 {
-        match self.slot(true) {
-            Slot::Lease(lease) => lease,
-            Slot::Grow { session, .. } => session,
-        }
+        let mut leases = self.lock();
+        leases.on_newest += 1;
+        leases.newest()
     }
 }
 
@@ -646,15 +651,15 @@ mod tests {
     fn keys_spread_over_leases() {
         let session = Session::new(new_block(), 2);
         let first = session.id();
-        assert!(matches!(session.slot(false), Slot::Lease(l) if l == first));
-        assert!(matches!(session.slot(false), Slot::Lease(l) if l == first));
-        let Slot::Grow { session: s, id } = session.slot(false) else {
+        assert!(matches!(session.slot(), Slot::Lease(l) if l == first));
+        assert!(matches!(session.slot(), Slot::Lease(l) if l == first));
+        let Slot::Grow { session: s, id } = session.slot() else {
             panic!("a full lease must grow");
         };
         assert_eq!((s, id), (first, first + 1));
         // Taken by another client: the next index is tried.
         assert!(!session.grown(s, id, false));
-        let Slot::Grow { id, .. } = session.slot(false) else {
+        let Slot::Grow { id, .. } = session.slot() else {
             panic!("still full");
         };
         assert_eq!(id, first + 2);
@@ -664,7 +669,7 @@ mod tests {
         session.restart(first + MAX_LEASES);
         assert!(!session.grown(first, first + 3, true));
         assert_eq!(session.leases(), vec![first + MAX_LEASES]);
-        assert!(matches!(session.slot(true), Slot::Lease(l) if l == first + MAX_LEASES));
+        assert_eq!(session.take(), first + MAX_LEASES);
     }
 
     #[test]
@@ -674,7 +679,7 @@ mod tests {
         assert!(session.grown(first, first + 1, true));
         session.lock().next_index = MAX_LEASES;
         let turns: Vec<i64> = (0..4)
-            .map(|_| match session.slot(false) {
+            .map(|_| match session.slot() {
                 Slot::Lease(lease) => lease,
                 Slot::Grow { .. } => panic!("a full block cannot grow"),
             })

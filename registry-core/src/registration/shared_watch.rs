@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
+use crate::node::Node;
 use crate::path::NodePath;
 use crate::registry::Registry;
 use crate::watch::{Snapshot, WatchEvent, WatchOptions, WatchStream};
@@ -177,26 +178,28 @@ impl Fanout {
     /// (re)read of the parent cut down to its node.
     fn dispatch(&self, event: WatchEvent) {
         let mut subscribers = self.lock();
-        match event {
-            WatchEvent::Snapshot(snapshot) => {
-                let by_path = nodes_by_path(&snapshot);
-                for (path, senders) in subscribers.iter_mut() {
-                    let own = only(&by_path, path, &snapshot);
-                    send_all(senders, WatchEvent::Snapshot(own));
-                }
+        // A (re)read of the parent: each subscriber gets it cut down to its node.
+        let mut per_node = |snapshot: &Snapshot, wrap: &dyn Fn(Snapshot) -> WatchEvent| {
+            let by_path: HashMap<&NodePath, &Node> =
+                snapshot.nodes.iter().map(|n| (&n.path, n)).collect();
+            for (path, senders) in subscribers.iter_mut() {
+                let own = Snapshot {
+                    nodes: by_path
+                        .get(path)
+                        .map(|n| vec![(*n).clone()])
+                        .unwrap_or_default(),
+                    revision: snapshot.revision,
+                };
+                send_all(senders, wrap(own));
             }
+        };
+        match event {
+            WatchEvent::Snapshot(snapshot) => per_node(&snapshot, &WatchEvent::Snapshot),
             WatchEvent::Resync { snapshot, reason } => {
-                let by_path = nodes_by_path(&snapshot);
-                for (path, senders) in subscribers.iter_mut() {
-                    let own = only(&by_path, path, &snapshot);
-                    send_all(
-                        senders,
-                        WatchEvent::Resync {
-                            snapshot: own,
-                            reason: reason.clone(),
-                        },
-                    );
-                }
+                per_node(&snapshot, &|own| WatchEvent::Resync {
+                    snapshot: own,
+                    reason: reason.clone(),
+                })
             }
             WatchEvent::Created(ref node)
             | WatchEvent::Updated(ref node)
@@ -223,25 +226,6 @@ impl Fanout {
                 let _ = sender.try_send(Err(copy));
             }
         }
-    }
-}
-
-fn nodes_by_path(snapshot: &Snapshot) -> HashMap<&NodePath, &crate::node::Node> {
-    snapshot.nodes.iter().map(|n| (&n.path, n)).collect()
-}
-
-/// `snapshot` cut down to the node at `path`.
-fn only(
-    by_path: &HashMap<&NodePath, &crate::node::Node>,
-    path: &NodePath,
-    snapshot: &Snapshot,
-) -> Snapshot {
-    Snapshot {
-        nodes: by_path
-            .get(path)
-            .map(|n| vec![(*n).clone()])
-            .unwrap_or_default(),
-        revision: snapshot.revision,
     }
 }
 
