@@ -100,6 +100,7 @@ macro_rules! conformance_suite {
             delete_owned_spares_other_owners,
             registration_recreated_after_expiry,
             registration_recreated_after_external_delete,
+            registration_recreated_when_deleted_at_once,
             registration_replaces_stale_node,
             registration_set_value_survives_recreation,
             lock_mutual_exclusion,

@@ -150,10 +150,18 @@ impl Registration {
             status,
             watches,
         });
+        // Subscribed before the create, the shared watch hands on every later change, so the
+        // healer need not read the node back. A sequential node's path is known only after.
+        let watched = match &shared.watches {
+            Some(watches) if !shared.sequential => {
+                Some((path.clone(), watches.watch_node(&shared.registry, path)))
+            }
+            _ => None,
+        };
         ensure(&shared).await?;
         let (stop, stop_rx) = watch::channel(false);
         let span = tracing::info_span!("registration", path = %path);
-        let task = tokio::spawn(heal(shared.clone(), stop_rx).instrument(span));
+        let task = tokio::spawn(heal(shared.clone(), stop_rx, watched).instrument(span));
         Ok(Registration {
             shared,
             stop,
@@ -463,11 +471,15 @@ async fn ensure_sequential(shared: &Shared) -> Result<Node> {
 }
 
 /// The background task: watches the node and the session and re-creates when needed.
-async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// `watched`: a watch of the node subscribed before it was created, if any.
+async fn heal(
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    mut watched: Option<(NodePath, crate::watch::WatchStream)>,
+) {
     let registry = shared.registry.clone();
     let mut sessions = registry.session_events();
     let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
-    let mut watched: Option<(NodePath, crate::watch::WatchStream)> = None;
     let mut needs_ensure = false;
     loop {
         if *stop.borrow() {
@@ -590,7 +602,9 @@ async fn heal(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     // A late event about an earlier incarnation (the lost session's node, after
                     // ours was already re-created) says nothing about the current one.
                     let stale = current_node(&shared).is_some_and(|now| {
-                        gone.ephemeral_owner.is_some() && gone.ephemeral_owner != now.ephemeral_owner
+                        (gone.ephemeral_owner.is_some()
+                            && gone.ephemeral_owner != now.ephemeral_owner)
+                            || (gone.create_order != 0 && gone.create_order < now.create_order)
                     });
                     if !stale {
                         set_recreating(&shared, "node deleted");

@@ -232,6 +232,56 @@ pub async fn registration_recreated_after_external_delete(fx: &dyn Fixture) -> O
     env.finish().await
 }
 
+/// A registration deleted the moment `register` returns is re-created: its healing must hear
+/// of changes from the create on, not only once its background task got going.
+pub async fn registration_recreated_when_deleted_at_once(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "registration_recreated_when_deleted_at_once");
+    let owner = env.client().await;
+    let operator = env.client().await;
+    let at = env.at();
+    let mut regs = Vec::new();
+    // Several under one parent: on backends whose registrations share a parent watch, later
+    // ones join a watch that is already running.
+    for i in 0..5 {
+        let path = p(&format!("/reg/at-once/10.0.0.{i}:9090"));
+        let reg = owner
+            .register(&path, Bytes::from("x"), RegisterOptions::new())
+            .await
+            .unwrap_or_else(|e| panic!("{at} register {path}: {e}"));
+        let RegistrationStatus::Registered(first) = reg.status() else {
+            panic!("{at} {path}: not registered once register returned");
+        };
+        operator
+            .delete(&path, Expected::Any, DeleteScope::Node)
+            .await
+            .unwrap_or_else(|e| panic!("{at} delete {path}: {e}"));
+        regs.push((path, first, reg));
+    }
+    for (path, first, _) in &regs {
+        eventually(
+            Duration::from_secs(10),
+            &format!("{at} {path} re-created after delete"),
+            || {
+                let (operator, path) = (operator.clone(), path.clone());
+                async move {
+                    operator
+                        .get(&path)
+                        .await
+                        .is_ok_and(|n| n.create_order > first.create_order)
+                }
+            },
+        )
+        .await;
+        owned_by(fx, &at, &operator, &owner, path, "x").await;
+    }
+    for (_, _, reg) in regs {
+        reg.deregister()
+            .await
+            .unwrap_or_else(|e| panic!("{at} deregister: {e}"));
+    }
+    env.finish().await
+}
+
 /// A stale ephemeral of another session at the registration's path is replaced.
 pub async fn registration_replaces_stale_node(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "registration_replaces_stale_node");
