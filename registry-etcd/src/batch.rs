@@ -5,7 +5,7 @@
 //! [`BATCHES_IN_FLIGHT`] Txns are out, new creates accumulate, and the next Txn takes up to
 //! [`MAX_BATCH`] of them. A create that finds a Txn slot free (and no batch waiting for one)
 //! runs at once in its caller's task, so an idle client pays nothing for the queue.
-//! A batch is one Txn whose compares hold while every ancestor of its nodes exists and is
+//! A batch is one Txn whose compares hold while every parent of its nodes exists and is
 //! persistent and every node's key is absent, and whose puts carry the session's leases.
 //! If a node's key exists, that create fails with `AlreadyExists` and the rest go again as a
 //! batch (a registration re-checking a node it already re-created must not cost the others
@@ -24,9 +24,9 @@ use registry_core::{CreateMode, Error, Node, NodePath, Result};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use crate::{ancestors_persistent, created, gets, put_options, EtcdRegistry, Shared, MAX_TXN_OPS};
+use crate::{created, gets, persistent_parents, put_options, EtcdRegistry, Shared, MAX_TXN_OPS};
 
-/// Most creates in one Txn (with their ancestors' compares, within etcd's `--max-txn-ops`).
+/// Most creates in one Txn (with their parents' compares, within etcd's `--max-txn-ops`).
 pub(crate) const MAX_BATCH: usize = 64;
 
 /// Batches out at once; more creates wait and form the next, larger batch.
@@ -186,7 +186,7 @@ enum Together {
     /// Nothing was created because these (`true`, in batch order) already exist.
     Exist(Vec<bool>),
     /// Nothing was created, and the batch cannot go as one (duplicates, too many ops, a
-    /// missing or ephemeral ancestor): each must go alone.
+    /// missing or ephemeral parent): each must go alone.
     Cannot,
 }
 
@@ -198,15 +198,15 @@ async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Together
     if distinct.len() != batch.len() {
         return Ok(Together::Cannot);
     }
-    let ancestors: Vec<String> = batch
+    let parents: Vec<String> = batch
         .iter()
-        .flat_map(|p| p.path.ancestors())
+        .filter_map(|p| p.path.parent())
         .filter(|a| !a.is_root())
         .collect::<BTreeSet<NodePath>>()
         .iter()
         .map(|a| keys.node(a))
         .collect();
-    if 2 * ancestors.len() + batch.len() > MAX_TXN_OPS {
+    if 2 * parents.len() + batch.len() > MAX_TXN_OPS {
         return Ok(Together::Cannot);
     }
     // Each key its own lease slot: a batch may span two of the session's leases.
@@ -214,8 +214,8 @@ async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Together
     for _ in batch {
         leases.push(shared.lease_for().await?);
     }
-    // The ancestors are compared, not read first: one round trip.
-    let mut compares = ancestors_persistent(&ancestors);
+    // The parents are compared, not read first: one round trip.
+    let mut compares = persistent_parents(&parents);
     let mut puts = Vec::with_capacity(batch.len());
     // On failure, which keys exist (keys only: cheap).
     let mut probes = Vec::with_capacity(batch.len());
