@@ -196,7 +196,16 @@ enum Side {
     Ours,
 }
 
-const SIDES: [Side; 2] = [Side::Raw, Side::Ours];
+/// The sides in the order repetition `rep` runs them: raw first in even repetitions, ours
+/// first in odd ones, so whatever the first block of a repetition pays (a server batch
+/// commit, caches, the other side's leftovers) falls on both sides alike.
+fn sides(rep: usize) -> [Side; 2] {
+    if rep % 2 == 0 {
+        [Side::Raw, Side::Ours]
+    } else {
+        [Side::Ours, Side::Raw]
+    }
+}
 
 impl Side {
     fn name(self) -> &'static str {
@@ -299,7 +308,7 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let mut reg = Samples::default();
     let mut dereg = Samples::default();
     for rep in 0..env.cfg.reps {
-        for side in SIDES {
+        for side in sides(rep) {
             let base = format!("/bench/register/{}/r{rep}", side.name());
             match side {
                 Side::Raw => {
@@ -377,8 +386,8 @@ pub async fn reads(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let list_path = path(list)?;
     let mut get = Samples::default();
     let mut children = Samples::default();
-    for _ in 0..env.cfg.reps {
-        for side in SIDES {
+    for rep in 0..env.cfg.reps {
+        for side in sides(rep) {
             for _ in 0..env.cfg.samples {
                 let t = Instant::now();
                 match side {
@@ -435,15 +444,15 @@ pub async fn reads(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
 pub async fn throughput(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     for writers in [16usize, 64] {
         let mut rates = Samples::default();
-        for side in SIDES {
+        for side in sides(0) {
             for j in 0..writers {
                 env.writer
                     .put(&format!("/bench/tp/{}/w{writers}/k{j}", side.name()), VALUE)
                     .await?;
             }
         }
-        for _ in 0..env.cfg.reps {
-            for side in SIDES {
+        for rep in 0..env.cfg.reps {
+            for side in sides(rep) {
                 let deadline = Instant::now() + env.cfg.throughput_time;
                 let start = Instant::now();
                 let mut tasks = tokio::task::JoinSet::new();
@@ -539,7 +548,7 @@ pub async fn watch(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let mut single = Samples::default();
     let mut fan = Samples::default();
     for rep in 0..env.cfg.reps {
-        for side in SIDES {
+        for side in sides(rep) {
             let key = format!("/bench/watch/{}/k", side.name());
             env.writer.put(&key, b"init").await?;
             let (tx, mut rx) = unbounded_channel();
@@ -618,7 +627,7 @@ pub async fn burst(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let mut rates = Samples::default();
     let mut lost = Samples::default();
     for rep in 0..env.cfg.burst_reps {
-        for side in SIDES {
+        for side in sides(rep) {
             let parent = format!("/bench/burst/{}/r{rep}", side.name());
             env.writer.mkdir(&parent).await?;
             let (tx, mut rx) = unbounded_channel();
@@ -747,7 +756,7 @@ pub async fn failure(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let mut took = Samples::default();
     let mut ttl = FAILURE_TTL;
     for rep in 0..env.cfg.failure_reps {
-        for side in SIDES {
+        for side in sides(rep) {
             let parent = format!("/bench/failure/{}", side.name());
             env.writer.mkdir(&parent).await?;
             let key = format!("{parent}/r{rep}");
@@ -861,7 +870,7 @@ pub async fn recovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let limit = Duration::from_secs(if env.cfg.quick { 30 } else { 120 });
     let mut took = Samples::default();
     for rep in 0..env.cfg.recovery_reps {
-        for side in SIDES {
+        for side in sides(rep) {
             let parent = format!("/bench/recovery/{}/r{rep}", side.name());
             env.writer.mkdir(&parent).await?;
             let elapsed = recover_once(env, side, &parent, n, limit)
@@ -1000,7 +1009,7 @@ pub async fn memory(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let list = "/bench/memory/list";
     env.writer.create_children(list, n, VALUE).await?;
     for rep in 0..env.cfg.memory_reps {
-        for side in SIDES {
+        for side in sides(rep) {
             let parent = format!("/bench/memory/{}/r{rep}", side.name());
             env.writer.mkdir(&parent).await?;
             settle().await;
