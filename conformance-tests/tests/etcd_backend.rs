@@ -8,8 +8,8 @@ use conformance_tests::harness::{EtcdCluster, EtcdServer, TcpProxy};
 use conformance_tests::support::{apply_until, next_event, read_scope, summary};
 use futures::StreamExt;
 use registry_core::{
-    Bytes, CreateMode, Error, Expected, NodePath, RegisterOptions, RegistrationStatus, Registry,
-    ResyncReason, SessionState, WatchEvent, WatchOptions, WatchScope, WatchedState,
+    Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, RegistrationStatus,
+    Registry, ResyncReason, SessionState, WatchEvent, WatchOptions, WatchScope, WatchedState,
 };
 use registry_etcd::{EtcdOptions, EtcdRegistry};
 
@@ -695,4 +695,60 @@ async fn an_existing_node_fails_alone_in_a_batch_of_creates() {
     assert_eq!(children.len(), 200);
     assert_eq!(children.iter().filter(|n| n.is_ephemeral()).count(), 180);
     reg.close().await.unwrap();
+}
+
+/// A deep create racing with "delete the top recursively, then create it ephemeral" never
+/// leaves a key under the ephemeral top: the create puts a missing ancestor only while the
+/// ancestors above it are still the persistent keys it read. (Creates compare only their
+/// parent, so a key left under an ephemeral node would let later creates under it succeed
+/// and `delete_owned` of the top leave it behind.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_a_deep_create_leaves_nothing_under_an_ephemeral_node() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let (a, b) = (connect(&ep).await, connect(&ep).await);
+    let mut raced = 0;
+    for round in 0..4 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..32u64 {
+            let (a, b) = (a.clone(), b.clone());
+            let top = p(&format!("/race/r{round}n{i}"));
+            tasks.spawn(async move {
+                a.create(&top, Bytes::new(), CreateMode::Persistent)
+                    .await
+                    .unwrap();
+                let deep = top.join("b").unwrap().join("c").unwrap();
+                let creator = {
+                    let a = a.clone();
+                    tokio::spawn(async move {
+                        a.create(&deep, Bytes::new(), CreateMode::Persistent).await
+                    })
+                };
+                // Jitter, not synchronisation: spreads where the delete lands in the create.
+                tokio::time::sleep(Duration::from_micros((i * 97) % 1500)).await;
+                let _ = b.delete(&top, Expected::Any, DeleteScope::Recursive).await;
+                let _ = b.create(&top, Bytes::new(), CreateMode::Ephemeral).await;
+                let _ = creator.await;
+                let now = b.get(&top).await.ok();
+                let ephemeral = now.as_ref().is_some_and(|n| n.is_ephemeral());
+                let below = b.exists(&top.join("b").unwrap()).await.unwrap();
+                if ephemeral {
+                    assert!(!below, "{top} is ephemeral with a node below it");
+                    let under = a
+                        .create(&top.join("x").unwrap(), Bytes::new(), CreateMode::Ephemeral)
+                        .await;
+                    assert!(
+                        matches!(under, Err(Error::EphemeralParent { .. })),
+                        "create under ephemeral {top}: {under:?}"
+                    );
+                }
+                ephemeral
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            raced += usize::from(done.unwrap());
+        }
+    }
+    // The race must have been run, not dodged: most tops end ephemeral.
+    assert!(raced > 0, "no top ended ephemeral: the race never ran");
 }

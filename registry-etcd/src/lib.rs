@@ -442,13 +442,18 @@ impl EtcdRegistry {
                     kv.create_revision(),
                 )),
                 None => {
-                    // Each missing parent gets its own Txn, so it is older than its child.
+                    // Each missing parent gets its own Txn, so it is older than its child. It
+                    // holds only while the ancestors read above are still the persistent keys
+                    // they were: a node is never put under a deleted or ephemeral ancestor,
+                    // which is what lets a create compare its parent alone.
                     let key = keys.node(ancestor);
+                    let mut checks = compares.clone();
+                    checks.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
                     let made = self
                         .shared
                         .txn(
                             Txn::new()
-                                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                                .when(checks)
                                 .and_then([TxnOp::put(key, Vec::new(), None)]),
                             "create parent",
                             ancestor,
@@ -672,11 +677,13 @@ impl EtcdRegistry {
 
 /// Compares that hold while each of `parents` (keys) exists and is persistent.
 ///
-/// A create compares its parent only, not every ancestor: this layer keeps every node's
-/// ancestors in place (a node is created only under an existing persistent parent, a
-/// single-node delete needs nothing below, a recursive one takes the subtree with it), so an
-/// existing persistent parent has existing persistent ancestors. Each compare costs the server
-/// a range read; on a 4-level path the parent alone measured ~25 us faster per create.
+/// A create compares its parent only, not every ancestor: for keys this layer writes, every
+/// node's ancestors stay in place (a key, a missing ancestor's included, is put only while
+/// the ancestors above it are the persistent keys read, a single-node delete needs nothing
+/// below, a recursive one takes the subtree with it), so an existing persistent parent has
+/// existing persistent ancestors. Keys written by other tools carry no such promise. Each
+/// compare costs the server a range read; on a 4-level path the parent alone measured ~25 us
+/// faster per create.
 pub(crate) fn persistent_parents(parents: &[String]) -> Vec<Compare> {
     parents
         .iter()
@@ -911,9 +918,10 @@ impl Registry for EtcdRegistry {
             Compare::lease(key.clone(), CompareOp::Greater, first - 1),
             Compare::lease(key.clone(), CompareOp::Less, last + 1),
         ];
-        // A key under one of the owner's leases exists and is ephemeral, and nothing is created
-        // under an ephemeral node: the lease compares say it all (each compare costs the server
-        // a range read). A missing key compares as lease 0, which no session's lease is.
+        // A key under one of the owner's leases exists and is ephemeral, and this layer puts no
+        // key under an ephemeral one (see `persistent_parents`): the lease compares say it all
+        // (each compare costs the server a range read). A missing key compares as lease 0,
+        // which no session's lease is.
         if first <= 0 {
             compares.extend([
                 Compare::version(key.clone(), CompareOp::Greater, 0),
