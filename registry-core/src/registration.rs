@@ -150,8 +150,10 @@ impl Registration {
             status,
             watches,
         });
-        // Subscribed before the create, the shared watch hands on every later change, so the
-        // healer need not read the node back. A sequential node's path is known only after.
+        // Subscribed before the create, the healer need not read the node back: a running
+        // parent watch hands on every later change, and a new one's first snapshot is either
+        // older than the node (skipped as outdated) or shows it as it is. A sequential node's
+        // path is known only after the create.
         let watched = match &shared.watches {
             Some(watches) if !shared.sequential => {
                 Some((path.clone(), watches.watch_node(&shared.registry, path)))

@@ -232,8 +232,8 @@ pub async fn registration_recreated_after_external_delete(fx: &dyn Fixture) -> O
     env.finish().await
 }
 
-/// A registration deleted the moment `register` returns is re-created: its healing must hear
-/// of changes from the create on, not only once its background task got going.
+/// A registration deleted the moment `register` returns is re-created: nothing between the
+/// create and the healer's watch taking hold may go unnoticed.
 pub async fn registration_recreated_when_deleted_at_once(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "registration_recreated_when_deleted_at_once");
     let owner = env.client().await;
