@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use registry_core::{
-    Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registration,
+    Bytes, CreateMode, DeleteScope, Error, Expected, Node, NodePath, RegisterOptions, Registration,
     RegistrationStatus, Registry,
 };
 
@@ -192,6 +192,25 @@ pub async fn registration_recreated_after_expiry(fx: &dyn Fixture) -> Outcome {
     env.finish().await
 }
 
+/// Waits until `path` exists again, created after `first` (the node that was deleted).
+async fn recreated_after(at: &str, reader: &Arc<dyn Registry>, path: &NodePath, first: &Node) {
+    let created = first.create_order;
+    eventually(
+        Duration::from_secs(10),
+        &format!("{at} {path} re-created after delete"),
+        || {
+            let (reader, path) = (reader.clone(), path.clone());
+            async move {
+                reader
+                    .get(&path)
+                    .await
+                    .is_ok_and(|n| n.create_order > created)
+            }
+        },
+    )
+    .await;
+}
+
 /// Someone else deleting a registration does not remove it for long.
 pub async fn registration_recreated_after_external_delete(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "registration_recreated_after_external_delete");
@@ -211,20 +230,7 @@ pub async fn registration_recreated_after_external_delete(fx: &dyn Fixture) -> O
         .delete(&path, Expected::Any, DeleteScope::Node)
         .await
         .unwrap_or_else(|e| panic!("{at} delete: {e}"));
-    eventually(
-        Duration::from_secs(10),
-        &format!("{at} re-created after delete"),
-        || {
-            let (operator, path) = (operator.clone(), path.clone());
-            async move {
-                operator
-                    .get(&path)
-                    .await
-                    .is_ok_and(|n| n.create_order > first.create_order)
-            }
-        },
-    )
-    .await;
+    recreated_after(&at, &operator, &path, &first).await;
     owned_by(fx, &at, &operator, &owner, &path, "x").await;
     reg.deregister()
         .await
@@ -258,20 +264,7 @@ pub async fn registration_recreated_when_deleted_at_once(fx: &dyn Fixture) -> Ou
         regs.push((path, first, reg));
     }
     for (path, first, _) in &regs {
-        eventually(
-            Duration::from_secs(10),
-            &format!("{at} {path} re-created after delete"),
-            || {
-                let (operator, path) = (operator.clone(), path.clone());
-                async move {
-                    operator
-                        .get(&path)
-                        .await
-                        .is_ok_and(|n| n.create_order > first.create_order)
-                }
-            },
-        )
-        .await;
+        recreated_after(&at, &operator, path, first).await;
         owned_by(fx, &at, &operator, &owner, path, "x").await;
     }
     for (_, _, reg) in regs {
