@@ -8,8 +8,9 @@ use conformance_tests::harness::{EtcdCluster, EtcdServer, TcpProxy};
 use conformance_tests::support::{apply_until, next_event, read_scope, summary};
 use futures::StreamExt;
 use registry_core::{
-    Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, RegistrationStatus,
-    Registry, ResyncReason, SessionState, WatchEvent, WatchOptions, WatchScope, WatchedState,
+    Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registration,
+    RegistrationStatus, Registry, ResyncReason, SessionState, WatchEvent, WatchOptions, WatchScope,
+    WatchStream, WatchedState,
 };
 use registry_etcd::{EtcdOptions, EtcdRegistry};
 
@@ -24,6 +25,37 @@ async fn connect(endpoint: &str) -> Arc<dyn Registry> {
             .await
             .unwrap_or_else(|e| panic!("connect {endpoint}: {e}")),
     )
+}
+
+/// Node watches on `{prefix}/0` .. `{prefix}/{n-1}`, each past its first snapshot.
+async fn watch_nodes(reg: &Arc<dyn Registry>, prefix: &str, n: usize) -> Vec<WatchStream> {
+    let mut streams = Vec::new();
+    for i in 0..n {
+        let mut s = reg
+            .watch(&p(&format!("{prefix}/{i}")), WatchOptions::node())
+            .await
+            .unwrap();
+        next_event(&mut s, "snapshot").await;
+        streams.push(s);
+    }
+    streams
+}
+
+/// Registers each of `paths` with `value`, one after another.
+async fn register_all(
+    reg: &Arc<dyn Registry>,
+    paths: impl IntoIterator<Item = String>,
+    value: &'static str,
+) -> Vec<Registration> {
+    let mut registrations = Vec::new();
+    for path in paths {
+        registrations.push(
+            reg.register(&p(&path), Bytes::from(value), RegisterOptions::new())
+                .await
+                .unwrap(),
+        );
+    }
+    registrations
 }
 
 fn etcdctl(endpoint: &str, args: &[&str]) -> String {
@@ -345,15 +377,7 @@ async fn a_session_spreads_its_keys_over_leases_and_loses_them_together() {
         .await
         .unwrap();
     let session = reg.session().session_id.unwrap();
-    let mut registrations = Vec::new();
-    for i in 0..7 {
-        let path = p(&format!("/spread/r{i}"));
-        let registration = reg
-            .register(&path, Bytes::from("1"), RegisterOptions::new())
-            .await
-            .unwrap();
-        registrations.push(registration);
-    }
+    let registrations = register_all(&reg, (0..7).map(|i| format!("/spread/r{i}")), "1").await;
     let (keys, leases) = keys_and_leases_under(&mut raw, "/spread/").await;
     assert_eq!(keys, 7);
     assert_eq!(leases.len(), 4, "7 keys, 2 per lease: {leases:x?}");
@@ -507,15 +531,7 @@ async fn dropping_a_stream_cancels_its_server_side_watch() {
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
     let reg = connect(&server.endpoint()).await;
     let before = server.watcher_total().unwrap();
-    let mut streams = Vec::new();
-    for i in 0..5 {
-        let mut s = reg
-            .watch(&p(&format!("/w/{i}")), WatchOptions::node())
-            .await
-            .unwrap();
-        next_event(&mut s, "snapshot").await;
-        streams.push(s);
-    }
+    let streams = watch_nodes(&reg, "/w", 5).await;
     let counted = conformance_tests::harness::wait_until(Duration::from_secs(10), || {
         server.watcher_total() == Some(before + 5)
     });
@@ -545,27 +561,8 @@ async fn watches_of_a_client_share_one_grpc_stream() {
     let reg = connect(&server.endpoint()).await;
     let streams_before = server.watch_stream_total().unwrap();
     let watchers_before = server.watcher_total().unwrap();
-    let mut streams = Vec::new();
-    for i in 0..20 {
-        let mut s = reg
-            .watch(&p(&format!("/s/{i}")), WatchOptions::node())
-            .await
-            .unwrap();
-        next_event(&mut s, "snapshot").await;
-        streams.push(s);
-    }
-    let mut registrations = Vec::new();
-    for i in 0..20 {
-        registrations.push(
-            reg.register(
-                &p(&format!("/s/r/{i}")),
-                Bytes::from("x"),
-                RegisterOptions::default(),
-            )
-            .await
-            .unwrap(),
-        );
-    }
+    let mut streams = watch_nodes(&reg, "/s", 20).await;
+    let registrations = register_all(&reg, (0..20).map(|i| format!("/s/r/{i}")), "x").await;
     // The 20 registrations share their parent's children watch.
     let counted = conformance_tests::harness::wait_until(Duration::from_secs(10), || {
         server.watcher_total() == Some(watchers_before + 21)
