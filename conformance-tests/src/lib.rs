@@ -110,6 +110,7 @@ macro_rules! conformance_suite {
             election_single_leader,
             election_leader_lost_on_session_expiry,
             limits_path_and_depth_at_the_edge,
+            operations_traced,
         );
         $crate::__conformance_fault_cases!(
             $fixture;

@@ -524,6 +524,7 @@ impl Registry for MemoryRegistry {
         self.inner.tracker.subscribe()
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?mode))]
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         check_value(path, &value)?;
         let parent = path
@@ -566,14 +567,17 @@ impl Registry for MemoryRegistry {
         Ok(state.insert(target, value, owner))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn get(&self, path: &NodePath) -> Result<Node> {
         self.state()?.node(path).ok_or_else(|| not_found(path))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn exists(&self, path: &NodePath) -> Result<bool> {
         Ok(self.state()?.node(path).is_some())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected))]
     async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
         check_value(path, &value)?;
         if path.is_root() {
@@ -595,6 +599,7 @@ impl Registry for MemoryRegistry {
         Ok(node)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected, ?scope))]
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot delete the root node".into()));
@@ -618,6 +623,29 @@ impl Registry for MemoryRegistry {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
+    async fn delete_owned(&self, node: &Node) -> Result<bool> {
+        if node.path.is_root() {
+            return Err(Error::InvalidArgument("cannot delete the root node".into()));
+        }
+        let mut state = self.state()?;
+        let owned = state
+            .nodes
+            .get(&node.path)
+            .is_some_and(|now| now.ephemeral_owner == node.ephemeral_owner);
+        if !owned {
+            return Ok(false);
+        }
+        if state.descendants(&node.path).next().is_some() {
+            return Err(Error::NotEmpty {
+                path: node.path.clone(),
+            });
+        }
+        state.remove(&node.path);
+        Ok(true)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn children(&self, path: &NodePath) -> Result<Children> {
         let state = self.state()?;
         if state.node(path).is_none() {
@@ -635,6 +663,7 @@ impl Registry for MemoryRegistry {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, scope = ?options.scope))]
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
         let mut state = self.state()?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
@@ -698,6 +727,7 @@ impl Registry for MemoryRegistry {
         .boxed())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn register(
         &self,
         path: &NodePath,
@@ -708,6 +738,7 @@ impl Registry for MemoryRegistry {
         Registration::start_shared(Arc::new(self.clone()), watches, path, value, options).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) -> Result<()> {
         if self.inner.closed.swap(true, Ordering::SeqCst) {
             return Ok(());

@@ -63,6 +63,14 @@ pub fn check_value(path: &NodePath, value: &[u8]) -> Result<()> {
 /// retryable ones say so ([`Error::is_retryable`](crate::Error::is_retryable)). After
 /// [`close`](Registry::close) every call returns [`Error::Closed`](crate::Error::Closed).
 ///
+/// # Tracing
+/// Each call of `create`, `get`, `exists`, `set`, `delete`, `delete_owned`, `children`,
+/// `watch`, `register` and `close` runs in a `debug` span named after the method, with a
+/// `path` field (the node's path), under the backend crate's target (`registry_etcd`,
+/// `registry_zk`, `registry_core::memory`), so `RUST_LOG=registry_etcd=debug` shows every
+/// request with its path. Background tasks (session, keep-alive, watches, registrations)
+/// run in their own spans.
+///
 /// [`SessionState::Lost`]: crate::SessionState::Lost
 /// [`SessionState::Reestablished`]: crate::SessionState::Reestablished
 #[async_trait]
@@ -114,6 +122,7 @@ pub trait Registry: Send + Sync + 'static {
     /// [`VersionMismatch`](crate::Error::VersionMismatch) only means a write raced with the
     /// check (where a backend cannot check and delete in one step) and is worth retrying.
     /// [`Registration::deregister`] removes its node with this.
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn delete_owned(&self, node: &Node) -> Result<bool> {
         let now = match self.get(&node.path).await {
             Ok(now) => now,

@@ -725,6 +725,7 @@ impl Registry for EtcdRegistry {
         self.shared.session.tracker.subscribe()
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?mode))]
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         check_value(path, &value)?;
         self.shared.check_open()?;
@@ -746,6 +747,7 @@ impl Registry for EtcdRegistry {
         result.await.map_err(|_| Error::Closed)?
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn get(&self, path: &NodePath) -> Result<Node> {
         self.shared.check_open()?;
         self.read_node(path)
@@ -754,11 +756,13 @@ impl Registry for EtcdRegistry {
             .ok_or_else(|| Error::NotFound { path: path.clone() })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn exists(&self, path: &NodePath) -> Result<bool> {
         self.shared.check_open()?;
         Ok(self.read_node(path).await?.0.is_some())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected))]
     async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
         check_value(path, &value)?;
         self.shared.check_open()?;
@@ -843,6 +847,7 @@ impl Registry for EtcdRegistry {
         ))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected, ?scope))]
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         self.shared.check_open()?;
         if path.is_root() {
@@ -904,6 +909,7 @@ impl Registry for EtcdRegistry {
         )))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn delete_owned(&self, node: &Node) -> Result<bool> {
         self.shared.check_open()?;
         let path = &node.path;
@@ -955,6 +961,7 @@ impl Registry for EtcdRegistry {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn children(&self, path: &NodePath) -> Result<Children> {
         self.shared.check_open()?;
         let keys = &self.shared.keys;
@@ -1033,6 +1040,7 @@ impl Registry for EtcdRegistry {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, scope = ?options.scope))]
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
         self.shared.check_open()?;
         let after = options.after.map(|r| r.0 as i64);
@@ -1044,6 +1052,7 @@ impl Registry for EtcdRegistry {
         ))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn register(
         &self,
         path: &NodePath,
@@ -1055,6 +1064,7 @@ impl Registry for EtcdRegistry {
         Registration::start_shared(Arc::new(self.clone()), watches, path, value, options).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) -> Result<()> {
         if self.shared.closed.swap(true, Ordering::SeqCst) {
             return Ok(());

@@ -396,6 +396,7 @@ impl Registry for ZkRegistry {
         self.shared.tracker.subscribe()
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?mode))]
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         check_value(path, &value)?;
         let parent = path
@@ -437,6 +438,7 @@ impl Registry for ZkRegistry {
         Err(Error::NotFound { path: parent })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn get(&self, path: &NodePath) -> Result<Node> {
         if path.is_root() {
             self.shared.client()?;
@@ -452,6 +454,7 @@ impl Registry for ZkRegistry {
         Ok(watch::node_of(path.clone(), data, &stat))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn exists(&self, path: &NodePath) -> Result<bool> {
         if path.is_root() {
             self.shared.client()?;
@@ -460,6 +463,7 @@ impl Registry for ZkRegistry {
         Ok(self.stat(path).await?.is_some())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected))]
     async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
         check_value(path, &value)?;
         if path.is_root() {
@@ -488,6 +492,7 @@ impl Registry for ZkRegistry {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected, ?scope))]
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot delete the root node".into()));
@@ -564,6 +569,33 @@ impl Registry for ZkRegistry {
         )))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
+    async fn delete_owned(&self, node: &Node) -> Result<bool> {
+        // ZooKeeper cannot compare the owner in the delete itself: read the stat (no value
+        // sent back), then delete at the version read, so a node replaced meanwhile fails the
+        // delete instead of being removed.
+        let Some(stat) = self.stat(&node.path).await? else {
+            return Ok(false);
+        };
+        let owner = (stat.ephemeral_owner != 0).then_some(SessionId(stat.ephemeral_owner));
+        if owner != node.ephemeral_owner {
+            return Ok(false);
+        }
+        match self
+            .delete(
+                &node.path,
+                Expected::Version(u64::try_from(stat.version).unwrap_or(0)),
+                DeleteScope::Node,
+            )
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(Error::NotFound { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn children(&self, path: &NodePath) -> Result<Children> {
         let (names, stat) = self.children_of(path).await?;
         let client = self.shared.client()?;
@@ -601,6 +633,7 @@ impl Registry for ZkRegistry {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path, scope = ?options.scope))]
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
         self.shared.client()?;
         Ok(watch::open(
@@ -611,6 +644,7 @@ impl Registry for ZkRegistry {
         ))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn register(
         &self,
         path: &NodePath,
@@ -621,6 +655,7 @@ impl Registry for ZkRegistry {
         Registration::start(Arc::new(self.clone()), path, value, options).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) -> Result<()> {
         if self.shared.closed.swap(true, Ordering::SeqCst) {
             return Ok(());

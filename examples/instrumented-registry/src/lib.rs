@@ -102,6 +102,9 @@ impl Registry for InstrumentedRegistry {
         self.inner.watch(path, options).await
     }
 
+    // The contract's `register` span: the inner backend's `register` is not called, so the
+    // wrapper opens it (every other operation's span comes from the inner backend).
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]
     async fn register(
         &self,
         path: &NodePath,
