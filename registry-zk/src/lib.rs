@@ -21,6 +21,7 @@ mod error;
 pub mod options;
 pub mod watch;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -28,7 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use futures::{Future, StreamExt};
+use futures::Future;
 use registry_core::{
     check_value, Backoff, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node,
     NodePath, RegisterOptions, Registration, Registry, Result, Revision, SessionId, SessionState,
@@ -423,7 +424,7 @@ impl Registry for ZkRegistry {
                     } else {
                         path.clone()
                     };
-                    let mut node = watch::node_of(target, value.to_vec(), &stat);
+                    let mut node = watch::node_of(target, value.clone(), &stat);
                     if stat.czxid <= 0 {
                         // Old servers return no stat from create: read it.
                         node = self.get(&node.path).await?;
@@ -484,7 +485,7 @@ impl Registry for ZkRegistry {
             })
             .await;
         match written {
-            Ok(stat) => Ok(watch::node_of(path.clone(), value.to_vec(), &stat)),
+            Ok(stat) => Ok(watch::node_of(path.clone(), value, &stat)),
             Err(Error::VersionMismatch { .. }) => {
                 Err(self.mismatch(path, version.map_or(0, |v| v as u64)).await)
             }
@@ -601,29 +602,49 @@ impl Registry for ZkRegistry {
         let client = self.shared.client()?;
         let children: Vec<NodePath> = names.iter().filter_map(|n| path.join(n).ok()).collect();
         let timeout = self.shared.options.request_timeout;
-        // Bounded: each read's deadline starts when it is sent, so 100k children take as long
-        // as the server needs rather than timing out together.
-        let owned: Vec<String> = children.iter().map(|c| c.as_str().to_owned()).collect();
-        let reads: Vec<_> = futures::stream::iter(owned)
-            .map(move |child| {
-                let client = client.clone();
-                async move { tokio::time::timeout(timeout, client.get_data(&child)).await }
-            })
-            .buffered(CHILD_READS_IN_FLIGHT)
-            .collect()
-            .await;
-        let mut nodes = Vec::new();
-        for (child, read) in children.into_iter().zip(reads) {
-            match read {
-                Ok(Ok((data, stat))) => nodes.push(watch::node_of(child, data, &stat)),
-                Ok(Err(zk::Error::NoNode)) => {}
-                Ok(Err(e)) => return Err(map(e, "children", &child)),
-                Err(_) => {
-                    return Err(Error::Timeout {
-                        operation: format!("zookeeper get {child}"),
-                        after: timeout,
-                    })
+        // Up to CHILD_READS_IN_FLIGHT reads are sent at once and awaited in order (ZooKeeper
+        // answers a session's requests in order); each answer sends the next read. Measured
+        // cheaper in client CPU than a buffered stream with a timer per read.
+        let mut in_flight = VecDeque::with_capacity(CHILD_READS_IN_FLIGHT.min(children.len()));
+        let mut to_send = children.iter();
+        for child in to_send.by_ref().take(CHILD_READS_IN_FLIGHT) {
+            in_flight.push_back(client.get_data(child.as_str()));
+        }
+        // One timer for all reads: it fires only when no read finished for a whole `timeout`,
+        // so 100k children take as long as the server needs.
+        let stall = tokio::time::sleep(timeout);
+        tokio::pin!(stall);
+        let mut progress = tokio::time::Instant::now();
+        let mut nodes = Vec::with_capacity(children.len());
+        // Bounded: one read per child, each waiting at most one `timeout` without progress.
+        for child in &children {
+            let Some(read) = in_flight.pop_front() else {
+                break;
+            };
+            tokio::pin!(read);
+            let read = loop {
+                tokio::select! {
+                    biased;
+                    read = &mut read => break read,
+                    () = &mut stall => {
+                        if progress.elapsed() >= timeout {
+                            return Err(Error::Timeout {
+                                operation: format!("zookeeper get {child}"),
+                                after: timeout,
+                            });
+                        }
+                        stall.as_mut().reset(progress + timeout);
+                    }
                 }
+            };
+            progress = tokio::time::Instant::now();
+            if let Some(next) = to_send.next() {
+                in_flight.push_back(client.get_data(next.as_str()));
+            }
+            match read {
+                Ok((data, stat)) => nodes.push(watch::node_of(child.clone(), data, &stat)),
+                Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(map(e, "children", child)),
             }
         }
         nodes.sort_by_key(|n| n.create_order);

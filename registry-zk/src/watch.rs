@@ -34,10 +34,10 @@ const READS_IN_FLIGHT: usize = 256;
 /// Items buffered per watch stream before the consumer counts as lagging.
 pub const WATCH_BUFFER: usize = 4096;
 
-pub(crate) fn node_of(path: NodePath, data: Vec<u8>, stat: &zk::Stat) -> Node {
+pub(crate) fn node_of(path: NodePath, data: impl Into<Bytes>, stat: &zk::Stat) -> Node {
     Node {
         path,
-        value: Bytes::from(data),
+        value: data.into(),
         version: u64::try_from(stat.version).unwrap_or(0),
         create_order: u64::try_from(stat.czxid).unwrap_or(0),
         modify_order: u64::try_from(stat.mzxid).unwrap_or(0),
