@@ -212,6 +212,23 @@ impl State {
         node
     }
 
+    /// Deletes `path` (and with [`DeleteScope::Recursive`] everything below it) if its version
+    /// matches `expected`; the root is refused by the callers.
+    fn delete(&mut self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
+        let node = self.nodes.get(path).ok_or_else(|| not_found(path))?;
+        check_expected(path, node, expected)?;
+        let below: Vec<NodePath> = self.descendants(path).map(|n| n.path.clone()).collect();
+        if !below.is_empty() && scope == DeleteScope::Node {
+            return Err(Error::NotEmpty { path: path.clone() });
+        }
+        // Children before parents, so no event ever shows an orphan.
+        for victim in below.iter().rev() {
+            self.remove(victim);
+        }
+        self.remove(path);
+        Ok(())
+    }
+
     fn remove(&mut self, path: &NodePath) {
         if let Some(mut node) = self.nodes.remove(path) {
             self.revision += 1;
@@ -604,23 +621,7 @@ impl Registry for MemoryRegistry {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot delete the root node".into()));
         }
-        let mut state = self.state()?;
-        let node = state
-            .nodes
-            .get(path)
-            .cloned()
-            .ok_or_else(|| not_found(path))?;
-        check_expected(path, &node, expected)?;
-        let below: Vec<NodePath> = state.descendants(path).map(|n| n.path.clone()).collect();
-        if !below.is_empty() && scope == DeleteScope::Node {
-            return Err(Error::NotEmpty { path: path.clone() });
-        }
-        // Children before parents, so no event ever shows an orphan.
-        for victim in below.iter().rev() {
-            state.remove(victim);
-        }
-        state.remove(path);
-        Ok(())
+        self.state()?.delete(path, expected, scope)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
@@ -636,12 +637,7 @@ impl Registry for MemoryRegistry {
         if !owned {
             return Ok(false);
         }
-        if state.descendants(&node.path).next().is_some() {
-            return Err(Error::NotEmpty {
-                path: node.path.clone(),
-            });
-        }
-        state.remove(&node.path);
+        state.delete(&node.path, Expected::Any, DeleteScope::Node)?;
         Ok(true)
     }
 

@@ -67,8 +67,8 @@ impl<S: Subscriber> Layer<S> for SpanRecorder {
     }
 }
 
-/// The process's global default while the case runs: asks to be consulted at every callsite
-/// and records nothing. Without a global default, a callsite first reached on another test's
+/// Installed by the case as the process's global default (for the rest of the process): asks
+/// to be consulted at every callsite and records nothing. Without a global default, a callsite first reached on another test's
 /// thread (no subscriber) is cached process-wide as "never", and the case's scoped recorder
 /// would miss it (tokio-rs/tracing#2874).
 struct AskEveryTime;
