@@ -24,6 +24,10 @@ pub enum ProxyMode {
     /// Connections stay open but no byte moves in either direction (a silent partition:
     /// only timeouts and keep-alives notice).
     Blackhole,
+    /// The client's bytes reach the server; the server's are read and thrown away (a reply
+    /// lost after the server applied the request). The stream the client sees is then
+    /// broken: end it with [`cut`](TcpProxy::cut).
+    DropReplies,
 }
 
 /// A proxy listening on a free 127.0.0.1 port and forwarding to `upstream`.
@@ -106,6 +110,12 @@ impl TcpProxy {
         self.mode.send_replace(ProxyMode::Blackhole);
     }
 
+    /// Forwards requests and throws replies away until [`cut`](TcpProxy::cut) or
+    /// [`forward`](TcpProxy::forward) (see [`ProxyMode::DropReplies`]).
+    pub fn drop_replies(&self) {
+        self.mode.send_replace(ProxyMode::DropReplies);
+    }
+
     /// Lets traffic flow again.
     pub fn forward(&self) {
         self.mode.send_replace(ProxyMode::Forward);
@@ -140,7 +150,7 @@ async fn accept_loop(
                 let now = *rx.borrow_and_update();
                 match now {
                     ProxyMode::Cut => return,
-                    ProxyMode::Forward => break,
+                    ProxyMode::Forward | ProxyMode::DropReplies => break,
                     ProxyMode::Blackhole => {
                         if rx.changed().await.is_err() {
                             return;
@@ -156,21 +166,36 @@ async fn accept_loop(
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
             tokio::select! {
-                _ = pump(cr, sw, rx.clone()) => {}
-                _ = pump(sr, cw, rx) => {}
+                _ = pump(cr, sw, rx.clone(), Direction::Request) => {}
+                _ = pump(sr, cw, rx, Direction::Reply) => {}
             }
         });
     }
 }
 
-/// Copies bytes while the mode is Forward; stalls while Blackhole; returns (dropping both
-/// halves, which closes the connection) on Cut, EOF or error.
+/// Which way a [`pump`] copies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client to server.
+    Request,
+    /// Server to client.
+    Reply,
+}
+
+/// Copies bytes while the mode is Forward (replies: thrown away while DropReplies); stalls
+/// while Blackhole; returns (dropping both halves, which closes the connection) on Cut, EOF
+/// or error.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<ProxyMode>,
+    direction: Direction,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
+    let passes = |mode: ProxyMode| {
+        mode == ProxyMode::Forward
+            || (mode == ProxyMode::DropReplies && direction == Direction::Request)
+    };
     loop {
         let now = *mode.borrow_and_update();
         match now {
@@ -181,7 +206,7 @@ async fn pump(
                 }
                 continue;
             }
-            ProxyMode::Forward => {}
+            ProxyMode::Forward | ProxyMode::DropReplies => {}
         }
         tokio::select! {
             changed = mode.changed() => {
@@ -195,8 +220,9 @@ async fn pump(
                     Ok(n) => n,
                 };
                 // A read that raced a mode change is dropped: the partition started first.
-                if *mode.borrow() != ProxyMode::Forward {
-                    if *mode.borrow() == ProxyMode::Cut {
+                let now = *mode.borrow();
+                if !passes(now) {
+                    if now == ProxyMode::Cut {
                         return;
                     }
                     continue;
@@ -215,15 +241,20 @@ mod tests {
     use std::io::{Read, Write};
     use std::time::Duration;
 
-    fn echo_server() -> SocketAddr {
+    /// An echo server and the count of bytes it has received.
+    fn echo_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
         let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
+        let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = received.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().take(16) {
                 let Ok(mut s) = stream else { continue };
+                let counted = counted.clone();
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 1024];
                     while let Ok(n) = s.read(&mut buf) {
+                        counted.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
                         if n == 0 || s.write_all(&buf[..n]).is_err() {
                             break;
                         }
@@ -231,7 +262,28 @@ mod tests {
                 });
             }
         });
-        addr
+        (addr, received)
+    }
+
+    fn timed_out(err: &std::io::Error) -> bool {
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    }
+
+    /// Whether a read ended the way a reset or closed connection ends it.
+    fn closed(read: &std::io::Result<usize>) -> bool {
+        match read {
+            Ok(n) => *n == 0,
+            Err(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            ),
+        }
     }
 
     fn roundtrip(addr: SocketAddr, timeout: Duration) -> std::io::Result<Vec<u8>> {
@@ -245,7 +297,8 @@ mod tests {
 
     #[test]
     fn forwards_cuts_blackholes_and_restores() {
-        let proxy = TcpProxy::start(echo_server()).unwrap();
+        let (echo, _) = echo_server();
+        let proxy = TcpProxy::start(echo).unwrap();
         assert_eq!(
             roundtrip(proxy.addr(), Duration::from_secs(2)).unwrap(),
             b"ping"
@@ -258,22 +311,40 @@ mod tests {
         open.read_exact(&mut buf).unwrap();
 
         proxy.cut();
-        // The established connection is closed: read returns EOF or an error, not data.
+        // The established connection is closed (EOF or reset), well within the read timeout;
+        // a timeout would mean it was left open.
         let mut one = [0u8; 1];
         let after_cut = open.read(&mut one);
-        assert!(matches!(after_cut, Ok(0) | Err(_)), "{after_cut:?}");
-        assert!(roundtrip(proxy.addr(), Duration::from_millis(500)).is_err());
+        assert!(closed(&after_cut), "{after_cut:?}");
+        // So is a new one.
+        let mut new = std::net::TcpStream::connect(proxy.addr()).unwrap();
+        new.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let refused = new.read(&mut one);
+        assert!(closed(&refused), "{refused:?}");
 
         proxy.blackhole();
         let err = roundtrip(proxy.addr(), Duration::from_millis(300)).unwrap_err();
-        assert!(
-            matches!(
-                err.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
-            "blackhole should time out, got {err:?}"
-        );
+        assert!(timed_out(&err), "blackhole should time out, got {err:?}");
 
+        proxy.forward();
+        assert_eq!(
+            roundtrip(proxy.addr(), Duration::from_secs(2)).unwrap(),
+            b"ping"
+        );
+    }
+
+    #[test]
+    fn drop_replies_delivers_requests_and_loses_replies() {
+        let (echo, received) = echo_server();
+        let proxy = TcpProxy::start(echo).unwrap();
+        proxy.drop_replies();
+        let err = roundtrip(proxy.addr(), Duration::from_millis(500)).unwrap_err();
+        assert!(timed_out(&err), "a reply got through: {err:?}");
+        assert_eq!(
+            received.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "the request did not reach the server"
+        );
         proxy.forward();
         assert_eq!(
             roundtrip(proxy.addr(), Duration::from_secs(2)).unwrap(),
