@@ -386,3 +386,97 @@ async fn election_single_leader_under_server_pause() {
     .await;
     eprintln!("new leader {took:?} after the server resumed");
 }
+
+/// Waits (bounded) until `events` reports `Suspended`.
+async fn until_suspended(
+    events: &mut futures::stream::BoxStream<'static, registry_core::SessionStatus>,
+) {
+    let suspended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(s) = events.next().await {
+            if s.state == SessionState::Suspended {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(suspended.is_ok(), "the client never noticed the cut");
+}
+
+/// A write the server applied but whose reply was lost (the connection dropped first): the
+/// client cannot know it was applied. A versioned set is not sent again, since its second
+/// attempt would fail against its own first one and report a conflict; an unconditional
+/// delete is sent again and, finding no node, succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_reply_was_lost_is_not_reported_as_a_conflict() {
+    let server = fast_server();
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let ours = connect(&proxy.addr().to_string(), Duration::from_secs(4)).await;
+    let observer = raw(&server.connect_string()).await;
+    let node = p("/lost-reply/node");
+    ours.create(&node, Bytes::from_static(b"v0"), CreateMode::Persistent)
+        .await
+        .unwrap();
+
+    let mut events = ours.session_events();
+    proxy.drop_replies();
+    let set = tokio::spawn({
+        let (ours, node) = (ours.clone(), node.clone());
+        async move {
+            ours.set(&node, Bytes::from_static(b"v1"), Expected::Version(0))
+                .await
+        }
+    });
+    let mut applied = false;
+    for _ in 0..200 {
+        let (_, stat) = observer.get_data(node.as_str()).await.unwrap();
+        if stat.version == 1 {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(applied, "the server never applied the set");
+    proxy.cut();
+    until_suspended(&mut events).await;
+    proxy.forward();
+    let result = tokio::time::timeout(Duration::from_secs(10), set)
+        .await
+        .expect("the set never returned")
+        .unwrap();
+    match result {
+        Err(registry_core::Error::Unavailable { .. }) => {}
+        other => panic!("a set whose outcome is unknown must report Unavailable, got {other:?}"),
+    }
+    let now = ours.get(&node).await.unwrap();
+    assert_eq!((now.version, &now.value[..]), (1, &b"v1"[..]));
+
+    proxy.drop_replies();
+    let delete = tokio::spawn({
+        let (ours, node) = (ours.clone(), node.clone());
+        async move {
+            ours.delete(&node, Expected::Any, registry_core::DeleteScope::Node)
+                .await
+        }
+    });
+    let mut gone = false;
+    for _ in 0..200 {
+        if observer.check_stat(node.as_str()).await.unwrap().is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(gone, "the server never applied the delete");
+    proxy.cut();
+    until_suspended(&mut events).await;
+    proxy.forward();
+    let result = tokio::time::timeout(Duration::from_secs(10), delete)
+        .await
+        .expect("the delete never returned")
+        .unwrap();
+    assert!(
+        result.is_ok(),
+        "an unconditional delete resent after its first attempt removed the node: {result:?}"
+    );
+    ours.close().await.unwrap();
+}

@@ -131,7 +131,9 @@ pub enum Error {
         /// Its ephemeral parent.
         parent: NodePath,
     },
-    /// The server could not be reached or did not answer; retryable.
+    /// The server could not be reached or did not answer; retryable. A write may still have
+    /// happened (the connection dropped after the server applied it): read to learn its
+    /// outcome before repeating a versioned write.
     #[error("registry unavailable: {message}")]
     Unavailable {
         /// What was tried and what failed.

@@ -11,8 +11,11 @@
 //! - One session per client. `Disconnected` is reported as `Suspended`; `Expired`,
 //!   `AuthFailed` and `Closed` end the zookeeper-client `Client`, so a new one is built (with
 //!   capped, jittered backoff, forever) and reported as `Lost` then `Reestablished`.
-//! - Every request has a deadline. Idempotent requests (reads, unconditional or versioned
-//!   writes) are retried on connection loss; creates are not, and report `Unavailable`.
+//! - Every request has a deadline. After a connection loss or a timeout, reads and
+//!   unconditional writes are sent again (an unconditional delete that then finds no node
+//!   succeeds: its first attempt removed it); creates and versioned writes are not, since a
+//!   first attempt that was applied would make the second report a conflict with itself, so
+//!   they report `Unavailable` or `Timeout` and the caller reads to learn the outcome.
 //! - Watches: see [`watch`]. Events are converging snapshots (`exact_events` is false) and a
 //!   watch cannot start after a past revision (`watch_from_revision` is false).
 #![warn(missing_docs)]
@@ -57,14 +60,17 @@ pub(crate) struct Shared {
 impl Shared {
     /// The current client; `Closed` after close.
     pub(crate) fn client(&self) -> Result<zk::Client> {
+        self.with_client(zk::Client::clone)
+    }
+
+    /// Runs `f` on the current client without cloning it (a clone allocates); `Closed` after
+    /// close.
+    fn with_client<R>(&self, f: impl FnOnce(&zk::Client) -> R) -> Result<R> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        self.client
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(Error::Closed)
+        let client = self.client.read().unwrap_or_else(|p| p.into_inner());
+        client.as_ref().map(f).ok_or(Error::Closed)
     }
 }
 
@@ -250,25 +256,35 @@ impl ZkRegistry {
         self.shared.client().ok().map(|c| c.session().clone())
     }
 
-    /// Runs one request with the deadline; retries it on connection loss if `idempotent`.
+    /// Runs one request with the deadline, sending it again after a connection loss or a
+    /// timeout as `resend` allows. `request` sends at once (zookeeper-client queues the
+    /// request when called) and its future must not borrow the client.
     async fn call<T, F, Fut>(
         &self,
         operation: &str,
         path: &NodePath,
-        idempotent: bool,
+        resend: Resend<T>,
         request: F,
     ) -> Result<T>
     where
-        F: Fn(zk::Client) -> Fut,
+        F: Fn(&zk::Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, zk::Error>>,
     {
         let timeout = self.shared.options.request_timeout;
-        let attempts = if idempotent { 3 } else { 1 };
+        let attempts = if matches!(resend, Resend::Never) {
+            1
+        } else {
+            3
+        };
         let mut last = None;
         for attempt in 0..attempts {
-            let client = self.shared.client()?;
-            let error = match tokio::time::timeout(timeout, request(client)).await {
+            let sent = self.shared.with_client(&request)?;
+            let error = match tokio::time::timeout(timeout, sent).await {
                 Ok(Ok(value)) => return Ok(value),
+                Ok(Err(zk::Error::NoNode)) if attempt > 0 => match resend {
+                    Resend::Removal(done) => return Ok(done),
+                    _ => map(zk::Error::NoNode, operation, path),
+                },
                 Ok(Err(e)) => map(e, operation, path),
                 Err(_) => Error::Timeout {
                     operation: format!("zookeeper {operation} {path}"),
@@ -285,10 +301,8 @@ impl ZkRegistry {
     }
 
     async fn stat(&self, path: &NodePath) -> Result<Option<zk::Stat>> {
-        let p = path.as_str().to_owned();
-        self.call("exists", path, true, move |c| {
-            let p = p.clone();
-            async move { c.check_stat(&p).await }
+        self.call("exists", path, Resend::Always, |c| {
+            c.check_stat(path.as_str())
         })
         .await
     }
@@ -308,9 +322,10 @@ impl ZkRegistry {
     async fn create_parents(&self, path: &NodePath) -> Result<()> {
         for ancestor in path.ancestors().into_iter().filter(|a| !a.is_root()) {
             let p = ancestor.as_str().to_owned();
+            // A create's future borrows its client and path: hand it owned ones.
             let created = self
-                .call("create parent", &ancestor, false, move |c| {
-                    let p = p.clone();
+                .call("create parent", &ancestor, Resend::Never, |c| {
+                    let (c, p) = (c.clone(), p.clone());
                     async move {
                         c.create(
                             &p,
@@ -336,13 +351,24 @@ impl ZkRegistry {
     }
 
     async fn children_of(&self, path: &NodePath) -> Result<(Vec<String>, zk::Stat)> {
-        let p = path.as_str().to_owned();
-        self.call("children", path, true, move |c| {
-            let p = p.clone();
-            async move { c.get_children(&p).await }
+        self.call("children", path, Resend::Always, |c| {
+            c.get_children(path.as_str())
         })
         .await
     }
+}
+
+/// Whether [`ZkRegistry::call`] sends a request again after a connection loss or a timeout,
+/// which leave unknown whether the first attempt was applied.
+enum Resend<T> {
+    /// Never: a create or a versioned write applied by its first attempt would make the
+    /// second report a conflict with itself (exists, version mismatch).
+    Never,
+    /// Up to twice more: reads, and writes whose repetition leaves the same state.
+    Always,
+    /// Like `Always`, for an unconditional delete: "no node" after a resend is `T`, since the
+    /// first attempt may have removed it.
+    Removal(T),
 }
 
 /// Child reads of one `children` call in flight at once.
@@ -406,11 +432,9 @@ impl Registry for ZkRegistry {
         self.shared.client()?;
         let acl = self.shared.options.acl_for(mode.is_ephemeral());
         for round in 0..2 {
-            let p = path.as_str().to_owned();
-            let data = value.clone();
             let created = self
-                .call("create", path, false, move |c| {
-                    let (p, data) = (p.clone(), data.clone());
+                .call("create", path, Resend::Never, |c| {
+                    let (c, p, data) = (c.clone(), path.as_str().to_owned(), value.clone());
                     async move {
                         c.create(&p, &data, &zk_mode(mode).with_acls(acls(acl)))
                             .await
@@ -445,12 +469,8 @@ impl Registry for ZkRegistry {
             self.shared.client()?;
             return Ok(root_node());
         }
-        let p = path.as_str().to_owned();
         let (data, stat) = self
-            .call("get", path, true, move |c| {
-                let p = p.clone();
-                async move { c.get_data(&p).await }
-            })
+            .call("get", path, Resend::Always, |c| c.get_data(path.as_str()))
             .await?;
         Ok(watch::node_of(path.clone(), data, &stat))
     }
@@ -476,12 +496,13 @@ impl Registry for ZkRegistry {
                 Error::InvalidArgument(format!("version {v} is out of ZooKeeper's range"))
             })?),
         };
-        let p = path.as_str().to_owned();
-        let data = value.clone();
+        let resend = match version {
+            None => Resend::Always,
+            Some(_) => Resend::Never,
+        };
         let written = self
-            .call("set", path, true, move |c| {
-                let (p, data) = (p.clone(), data.clone());
-                async move { c.set_data(&p, &data, version).await }
+            .call("set", path, resend, |c| {
+                c.set_data(path.as_str(), &value, version)
             })
             .await;
         match written {
@@ -533,11 +554,9 @@ impl Registry for ZkRegistry {
                     }
                 }
                 for victim in order.iter().rev() {
-                    let p = victim.as_str().to_owned();
                     match self
-                        .call("delete", victim, true, move |c| {
-                            let p = p.clone();
-                            async move { c.delete(&p, None).await }
+                        .call("delete", victim, Resend::Removal(()), |c| {
+                            c.delete(victim.as_str(), None)
                         })
                         .await
                     {
@@ -546,12 +565,12 @@ impl Registry for ZkRegistry {
                     }
                 }
             }
-            let p = path.as_str().to_owned();
+            let resend = match version {
+                None => Resend::Removal(()),
+                Some(_) => Resend::Never,
+            };
             let deleted = self
-                .call("delete", path, true, move |c| {
-                    let p = p.clone();
-                    async move { c.delete(&p, version).await }
-                })
+                .call("delete", path, resend, |c| c.delete(path.as_str(), version))
                 .await;
             match deleted {
                 Ok(()) => {
