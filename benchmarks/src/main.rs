@@ -231,6 +231,12 @@ async fn run_backend(
     let addr = first_addr(target)?;
     let env = Env::connect(backend, target, addr, cfg.clone()).await?;
     env.writer.delete_tree("/bench").await?;
+    if !cfg.warm_up.is_zero() {
+        eprintln!("[{}] warming the server up ...", backend.name());
+        scenarios::warm_up(&env)
+            .await
+            .map_err(|e| format!("[{}] warm-up: {e}", backend.name()))?;
+    }
     for scenario in scenarios {
         let started = Instant::now();
         eprintln!("[{}] {scenario:?} ...", backend.name());
