@@ -471,6 +471,20 @@ async fn run(
     let mut sessions = registry.session_events();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut tagged = tag(streams);
+    // Sources watched again whose first snapshot has not come yet: until every one has, the
+    // view mixes their old state with new ones, so it stays stale (and keeps serving).
+    let mut awaiting = [false; 5];
+    let mark_stale = |stale: bool, generation: &mut u64| {
+        if current.load().stale != stale {
+            *generation += 1;
+            current.store(Arc::new(ServiceSnapshot {
+                stale,
+                generation: *generation,
+                ..(**current.load()).clone()
+            }));
+            publish.send_replace(*generation);
+        }
+    };
     loop {
         tokio::select! {
             status = sessions.next() => {
@@ -478,39 +492,39 @@ async fn run(
                 if status.state == SessionState::Closed {
                     return;
                 }
-                let stale = !status.state.is_live();
-                if current.load().stale != stale {
-                    generation += 1;
-                    current.store(Arc::new(ServiceSnapshot { stale, generation, ..(**current.load()).clone() }));
-                    publish.send_replace(generation);
-                }
+                let stale = !status.state.is_live() || awaiting.contains(&true);
+                mark_stale(stale, &mut generation);
             }
             item = tagged.next() => {
                 let (index, event) = match item {
                     Some((index, Ok(event))) => (index, event),
-                    Some((_, Err(_))) | None => {
-                        // A watch ended: serve what we have, marked stale, and watch again.
-                        generation += 1;
-                        current.store(Arc::new(ServiceSnapshot { stale: true, generation, ..(**current.load()).clone() }));
-                        publish.send_replace(generation);
-                        tokio::time::sleep(backoff.next_delay()).await;
-                        match reopen(&registry, &sources).await {
-                            Some(streams) => {
-                                states = Default::default();
-                                tagged = tag(streams);
-                            }
-                            None => continue,
+                    ended => {
+                        match ended {
+                            Some((index, Err(error))) => tracing::warn!(
+                                source = %sources.all()[index].1, %error,
+                                "a watch of the service view failed; watching every source again"
+                            ),
+                            _ => tracing::debug!("the service view's watches ended; watching again"),
                         }
+                        mark_stale(true, &mut generation);
+                        // The ended stream has left `tagged`: watch every source again, each
+                        // starting with a snapshot that replaces its state.
+                        let Some(streams) = rewatch(&registry, &sources, &mut backoff).await else {
+                            return;
+                        };
+                        awaiting = [true; 5];
+                        tagged = tag(streams);
                         continue;
                     }
                 };
                 backoff.reset();
                 if let WatchEvent::Snapshot(_) | WatchEvent::Resync { .. } = event {
                     tracing::debug!(source = ?sources.all()[index].0, "view resynced");
+                    awaiting[index] = false;
                 }
                 states[index].apply(&event);
                 generation += 1;
-                let stale = !registry.session().state.is_live();
+                let stale = !registry.session().state.is_live() || awaiting.contains(&true);
                 current.store(Arc::new(build(&states, &sources, stale, generation)));
                 publish.send_replace(generation);
             }
@@ -530,16 +544,32 @@ fn tag(streams: Vec<WatchStream>) -> Tagged {
     )
 }
 
-async fn reopen(registry: &Arc<dyn Registry>, sources: &Sources) -> Option<Vec<WatchStream>> {
-    let mut streams = Vec::new();
-    for (_, path, options) in sources.all() {
-        match registry.watch(&path, options).await {
-            Ok(s) => streams.push(s),
-            Err(error) => {
-                tracing::warn!(%error, path = %path, "re-watching the service failed; retrying");
-                return None;
+/// Watches every source again after a pause, until that works; `None` once the registry is
+/// closed. Ends with the view, whose drop aborts this task.
+async fn rewatch(
+    registry: &Arc<dyn Registry>,
+    sources: &Sources,
+    backoff: &mut Backoff,
+) -> Option<Vec<WatchStream>> {
+    loop {
+        tokio::time::sleep(backoff.next_delay()).await;
+        let mut streams = Vec::new();
+        let mut failed = None;
+        for (_, path, options) in sources.all() {
+            match registry.watch(&path, options).await {
+                Ok(s) => streams.push(s),
+                Err(registry_core::Error::Closed) => return None,
+                Err(error) => {
+                    failed = Some((path, error));
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => return Some(streams),
+            Some((path, error)) => {
+                tracing::warn!(%error, path = %path, "re-watching the service failed; retrying")
             }
         }
     }
-    Some(streams)
 }

@@ -1,0 +1,208 @@
+//! `ServiceView` when one of its watches fails: it keeps serving the last state marked stale,
+//! watches every source again (retrying while that fails), and never publishes a state that
+//! is both fresh and missing what it knew.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::{self, BoxStream, StreamExt};
+use registry_core::{
+    Bytes, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, MemoryOptions,
+    MemoryRegistry, MemoryStore, Node, NodePath, RegisterOptions, Registration, Registry, Result,
+    SessionStatus, WatchOptions, WatchStream,
+};
+use registry_soa::{Address, Provider, ServiceSnapshot, ServiceView};
+
+const SERVICE: &str = "test.RewatchService";
+
+/// A registry whose watches of one path the test can make fail, and whose next `watch` calls
+/// it can refuse; everything else goes to `inner`.
+struct FaultyWatches {
+    inner: Arc<dyn Registry>,
+    /// Open watches of this path yield an error and end when it is sent.
+    fail: tokio::sync::watch::Sender<Option<NodePath>>,
+    /// `watch` calls still to refuse.
+    refuse: AtomicUsize,
+}
+
+#[async_trait]
+impl Registry for FaultyWatches {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn session(&self) -> SessionStatus {
+        self.inner.session()
+    }
+    fn session_events(&self) -> BoxStream<'static, SessionStatus> {
+        self.inner.session_events()
+    }
+    async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
+        self.inner.create(path, value, mode).await
+    }
+    async fn get(&self, path: &NodePath) -> Result<Node> {
+        self.inner.get(path).await
+    }
+    async fn exists(&self, path: &NodePath) -> Result<bool> {
+        self.inner.exists(path).await
+    }
+    async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
+        self.inner.set(path, value, expected).await
+    }
+    async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
+        self.inner.delete(path, expected, scope).await
+    }
+    async fn children(&self, path: &NodePath) -> Result<Children> {
+        self.inner.children(path).await
+    }
+    async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
+        let refused = self
+            .refuse
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if refused {
+            return Err(Error::unavailable("watch refused by the test"));
+        }
+        let inner = self.inner.watch(path, options).await?;
+        let mut failing = self.fail.subscribe();
+        let path = path.clone();
+        let failed = async move {
+            while failing.changed().await.is_ok() {
+                if failing.borrow().as_ref() == Some(&path) {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        Ok(inner
+            .take_until(failed)
+            .chain(stream::once(async {
+                Err(Error::unavailable("watch failed by the test"))
+            }))
+            .boxed())
+    }
+    async fn register(
+        &self,
+        path: &NodePath,
+        value: Bytes,
+        options: RegisterOptions,
+    ) -> Result<Registration> {
+        self.inner.register(path, value, options).await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+fn address(last: u8) -> Address {
+    Address {
+        ip: [10, 0, 0, last].into(),
+        port: 9090,
+    }
+}
+
+/// Collects every snapshot the view publishes until `done` holds (bounded).
+async fn follow(
+    view: &ServiceView,
+    what: &str,
+    done: impl Fn(&ServiceSnapshot) -> bool,
+) -> Vec<Arc<ServiceSnapshot>> {
+    let mut changes = view.changes();
+    let mut seen = Vec::new();
+    let reached = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let now = view.snapshot();
+            seen.push(now.clone());
+            if done(&now) {
+                return true;
+            }
+            if changes.changed().await.is_err() {
+                return false;
+            }
+        }
+    })
+    .await;
+    assert_eq!(reached, Ok(true), "the view never reached: {what}");
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_watch_is_watched_again_and_the_view_is_never_fresh_and_emptied() {
+    let store = MemoryStore::new();
+    let providers: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let (fail, _) = tokio::sync::watch::channel(None);
+    let consumer = Arc::new(FaultyWatches {
+        inner: Arc::new(
+            MemoryRegistry::connect(&store, MemoryOptions::default())
+                .await
+                .unwrap(),
+        ),
+        fail,
+        refuse: AtomicUsize::new(0),
+    });
+    let mut held = Vec::new();
+    for last in [1, 2] {
+        held.push(
+            Provider::register(&providers, SERVICE, address(last), "1.0.0")
+                .await
+                .unwrap(),
+        );
+    }
+    let config = NodePath::new(format!("/soa/config/services/{SERVICE}")).unwrap();
+    providers
+        .set(
+            &config,
+            Bytes::from("weight/0;weight/10.0.0.1/9090/100"),
+            Expected::Any,
+        )
+        .await
+        .unwrap();
+    let view = ServiceView::open(consumer.clone(), SERVICE).await.unwrap();
+    let whole = |s: &ServiceSnapshot, instances: usize| {
+        s.instances.len() == instances && s.config.weights.len() == 2
+    };
+    follow(&view, "both instances and the config", |s| {
+        !s.stale && whole(s, 2)
+    })
+    .await;
+
+    // Every watch fails at once, and the first two attempts to watch again are refused.
+    consumer.refuse.store(2, Ordering::SeqCst);
+    let runtime = NodePath::new(format!("/soa/runtime/services/{SERVICE}")).unwrap();
+    consumer.fail.send_replace(Some(runtime.clone()));
+    consumer.fail.send_replace(Some(config.clone()));
+    let seen = follow(&view, "stale after the failure", |s| s.stale).await;
+    let seen_after = follow(&view, "fresh again", |s| !s.stale).await;
+    for s in seen.iter().chain(&seen_after) {
+        assert!(
+            s.stale || whole(s, 2),
+            "a fresh view lost what it knew: {} instances, {} weight rules",
+            s.instances.len(),
+            s.config.weights.len()
+        );
+    }
+
+    // Only the instances' watch fails, and watching again is refused once: the view must
+    // still follow new instances afterwards.
+    consumer.refuse.store(1, Ordering::SeqCst);
+    consumer.fail.send_replace(None);
+    consumer.fail.send_replace(Some(runtime));
+    held.push(
+        Provider::register(&providers, SERVICE, address(3), "1.0.0")
+            .await
+            .unwrap(),
+    );
+    follow(&view, "the third instance, fresh", |s| {
+        !s.stale && whole(s, 3)
+    })
+    .await;
+    drop(view);
+    for provider in held {
+        provider.shutdown().await.unwrap();
+    }
+}
