@@ -62,21 +62,24 @@ impl RegistrationWatches {
         let (sender, receiver) = mpsc::channel(EVENTS_PER_NODE);
         let watch = {
             let mut parents = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+            // A watch that ended after this lookup refuses the subscriber (see `add`).
             let live = parents
                 .get(&parent)
                 .and_then(Weak::upgrade)
-                .filter(|w| !w.fanout.ended.load(Ordering::SeqCst));
-            let watch = match live {
+                .filter(|w| w.fanout.add(path.clone(), sender.clone()));
+            match live {
                 Some(watch) => watch,
                 None => {
                     parents.retain(|_, w| w.strong_count() > 0);
-                    let watch = Arc::new(ParentWatch::start(registry.clone(), parent.clone()));
+                    let watch = Arc::new(ParentWatch::start(
+                        registry.clone(),
+                        parent.clone(),
+                        (path.clone(), sender),
+                    ));
                     parents.insert(parent, Arc::downgrade(&watch));
                     watch
                 }
-            };
-            watch.fanout.add(path.clone(), sender);
-            watch
+            }
         };
         let subscription = Subscription {
             receiver,
@@ -112,8 +115,15 @@ struct ParentWatch {
 }
 
 impl ParentWatch {
-    fn start(registry: Arc<dyn Registry>, parent: NodePath) -> ParentWatch {
+    /// Starts the watch with its `first` subscriber in place, so even a watch that fails at
+    /// once reaches it.
+    fn start(
+        registry: Arc<dyn Registry>,
+        parent: NodePath,
+        first: (NodePath, mpsc::Sender<Result<WatchEvent>>),
+    ) -> ParentWatch {
         let fanout = Arc::new(Fanout::default());
+        fanout.add(first.0, first.1);
         let span = tracing::debug_span!("registration_watch", parent = %parent);
         let task = tokio::spawn(follow(registry, parent, fanout.clone()).instrument(span));
         ParentWatch { fanout, task }
@@ -160,8 +170,16 @@ impl Fanout {
         self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn add(&self, path: NodePath, sender: mpsc::Sender<Result<WatchEvent>>) {
-        self.lock().entry(path).or_default().push(sender);
+    /// Subscribes `sender` to `path`'s events; false (and nothing kept) if the watch has
+    /// ended, so the caller starts another. Checked under the lock `end` takes the
+    /// subscribers with, so a subscriber is either ended by `end` or refused here.
+    fn add(&self, path: NodePath, sender: mpsc::Sender<Result<WatchEvent>>) -> bool {
+        let mut subscribers = self.lock();
+        if self.ended.load(Ordering::SeqCst) {
+            return false;
+        }
+        subscribers.entry(path).or_default().push(sender);
+        true
     }
 
     fn prune(&self, path: &NodePath) {
@@ -214,8 +232,11 @@ impl Fanout {
 
     /// The watch is over: every subscriber gets `error` (if any) and then the end.
     fn end(&self, error: Option<Error>) {
-        self.ended.store(true, Ordering::SeqCst);
-        let subscribers = std::mem::take(&mut *self.lock());
+        let subscribers = {
+            let mut subscribers = self.lock();
+            self.ended.store(true, Ordering::SeqCst);
+            std::mem::take(&mut *subscribers)
+        };
         if let Some(error) = error {
             for sender in subscribers.values().flatten() {
                 // Closed is passed on as such: it tells a registration to stop.
