@@ -9,6 +9,7 @@ use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::node::{CreateMode, DeleteScope, Expected, Node};
@@ -39,26 +40,30 @@ impl Contender {
         // the task still sees the outcome and removes the node nobody will own.
         let (reply, answer) = tokio::sync::oneshot::channel();
         let (creator, dir) = (registry.clone(), dir.clone());
-        tokio::spawn(async move {
-            let created = match creator
-                .create(&prefix, value, CreateMode::EphemeralSequential)
-                .await
-            {
-                Err(error) if error.is_retryable() => {
-                    // The create may have happened: adopt it rather than orphan it.
-                    let mine = creator.children(&dir).await.ok().and_then(|c| {
-                        c.nodes
-                            .into_iter()
-                            .find(|n| n.path.name().starts_with(prefix.name()))
-                    });
-                    mine.ok_or(error)
+        let span = tracing::debug_span!("recipe_create", prefix = %prefix);
+        tokio::spawn(
+            async move {
+                let created = match creator
+                    .create(&prefix, value, CreateMode::EphemeralSequential)
+                    .await
+                {
+                    Err(error) if error.is_retryable() => {
+                        // The create may have happened: adopt it rather than orphan it.
+                        let mine = creator.children(&dir).await.ok().and_then(|c| {
+                            c.nodes
+                                .into_iter()
+                                .find(|n| n.path.name().starts_with(prefix.name()))
+                        });
+                        mine.ok_or(error)
+                    }
+                    other => other,
+                };
+                if let Err(Ok(orphan)) = reply.send(created) {
+                    let _ = remove_node(&*creator, &orphan).await;
                 }
-                other => other,
-            };
-            if let Err(Ok(orphan)) = reply.send(created) {
-                let _ = remove_node(&*creator, &orphan).await;
             }
-        });
+            .instrument(span),
+        );
         let node = answer
             .await
             .unwrap_or_else(|_| Err(Error::unavailable("recipe create task ended")))?;
@@ -70,13 +75,16 @@ impl Contender {
     }
 
     /// Waits until our node is the oldest in `dir`, watching only the node just before it.
-    /// Returns `Err(Error::SessionExpired)` if our node disappears (session lost, deleted).
+    /// Returns `Err(Error::SessionExpired)` if our node disappears (session lost, deleted):
+    /// a lost session ends the wait at once, since our ephemeral node went with it while the
+    /// predecessor we watch may stay.
     pub(crate) async fn wait_for_turn(&self, wake_ups: &AtomicU64) -> Result<()> {
         let dir = self
             .node
             .path
             .parent()
             .ok_or_else(|| Error::InvalidArgument("contender at the root".into()))?;
+        let mut sessions = self.registry.session_events();
         // Each round either returns or waits for a predecessor to go away; the queue ahead
         // of us only shrinks, so the rounds are bounded by its length.
         loop {
@@ -95,17 +103,26 @@ impl Contender {
                 .watch(&predecessor.path, WatchOptions::node())
                 .await?;
             loop {
-                match stream.next().await {
-                    None => return Err(Error::Closed),
-                    Some(Err(error)) => return Err(error),
-                    Some(Ok(WatchEvent::Snapshot(s)))
-                    | Some(Ok(WatchEvent::Resync { snapshot: s, .. })) => {
-                        if s.nodes.is_empty() {
-                            break;
+                tokio::select! {
+                    status = sessions.next() => match status.map(|s| s.state) {
+                        None | Some(SessionState::Closed) => return Err(Error::Closed),
+                        Some(SessionState::Lost) => return Err(Error::SessionExpired),
+                        Some(_) => {}
+                    },
+                    event = stream.next() => match event {
+                        None => return Err(Error::Closed),
+                        Some(Err(error)) => return Err(error),
+                        Some(Ok(WatchEvent::Snapshot(s))) => {
+                            if s.nodes.is_empty() {
+                                break;
+                            }
                         }
-                    }
-                    Some(Ok(WatchEvent::Deleted(_))) => break,
-                    Some(Ok(_)) => {}
+                        // Continuity was lost (reconnect, new session): look at the queue again.
+                        Some(Ok(WatchEvent::Resync { .. })) | Some(Ok(WatchEvent::Deleted(_))) => {
+                            break
+                        }
+                        Some(Ok(_)) => {}
+                    },
                 }
             }
             wake_ups.fetch_add(1, Ordering::Relaxed);
@@ -171,6 +188,7 @@ impl HoldMonitor {
         let flag = held.clone();
         let owner = node.ephemeral_owner;
         let monitored = registry.clone();
+        let span = tracing::debug_span!("recipe_hold", path = %node.path);
         let task = tokio::spawn(async move {
             let mut sessions = registry.session_events();
             let stream = registry.watch(&node.path, WatchOptions::node()).await;
@@ -210,7 +228,8 @@ impl HoldMonitor {
                     },
                 }
             }
-        });
+        }
+        .instrument(span));
         HoldMonitor {
             registry: monitored,
             owner,
