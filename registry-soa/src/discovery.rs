@@ -12,6 +12,7 @@ use registry_core::{
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::balance::{Balancer, Candidate};
 use crate::config::{parse_config, resolve, weight_of, LoadBalance, ServiceConfig};
@@ -341,14 +342,10 @@ impl ServiceView {
         let first = build(&states, &sources, !registry.session().state.is_live(), 1);
         let current = Arc::new(ArcSwap::from_pointee(first));
         let (publish, changes) = watch::channel(1);
-        let task = tokio::spawn(run(
-            registry,
-            sources,
-            states,
-            streams,
-            current.clone(),
-            publish,
-        ));
+        let span = tracing::info_span!("service_view", service);
+        let task = tokio::spawn(
+            run(registry, sources, states, streams, current.clone(), publish).instrument(span),
+        );
         Ok(ServiceView {
             service: service.to_owned(),
             current,

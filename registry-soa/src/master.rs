@@ -45,26 +45,30 @@ pub fn watch_mastership(view: &ServiceView, provider: &Provider) -> watch::Recei
     let mut status = provider.registration().watch_status();
     let version = provider.version().to_owned();
     let current = view.snapshot_source();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
-                changed = status.changed() => if changed.is_err() { return },
+    let span = tracing::debug_span!("mastership", provider = %provider.address());
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    changed = status.changed() => if changed.is_err() { return },
+                }
+                let node = match &*status.borrow() {
+                    registry_core::RegistrationStatus::Registered(n) => Some(n.path.clone()),
+                    _ => None,
+                };
+                let master = is_master(&current.load(), &version, node.as_ref());
+                tx.send_if_modified(|m| {
+                    let changed = *m != master;
+                    *m = master;
+                    changed
+                });
+                if tx.is_closed() {
+                    return;
+                }
             }
-            let node = match &*status.borrow() {
-                registry_core::RegistrationStatus::Registered(n) => Some(n.path.clone()),
-                _ => None,
-            };
-            let master = is_master(&current.load(), &version, node.as_ref());
-            tx.send_if_modified(|m| {
-                let changed = *m != master;
-                *m = master;
-                changed
-            });
-            if tx.is_closed() {
-                return;
-            }
-        }
-    });
+        },
+        span,
+    ));
     rx
 }

@@ -1,7 +1,8 @@
 //! The ZooKeeper backend of the [`Registry`] contract.
 //!
 //! - Paths are znode paths under an optional chroot (created if missing); values are the raw
-//!   bytes; ACLs are open (`world:anyone`). Nodes written by other clients are first-class.
+//!   bytes; created nodes get the ACL of [`ZkOptions`]' [`ZkAcl`]. Nodes written by other
+//!   clients are first-class.
 //! - `version` is the znode version, `create_order` its `czxid`; children are sorted by
 //!   `czxid` (the server returns them unordered). `children` costs one `getChildren` plus one
 //!   pipelined `getData` per child. `Children::revision` is the parent's `pzxid`.
