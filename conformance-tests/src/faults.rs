@@ -241,7 +241,15 @@ impl<'f> FaultEnv<'f> {
             std::env::current_exe().unwrap_or_else(|e| panic!("[{}] current_exe: {e}", self.at));
         let members: Vec<String> = self.members.iter().map(|m| m.to_string()).collect();
         let mut child = Command::new(exe)
-            .args([OWNER_ENTRY, "--exact", "--nocapture", "--test-threads", "1"])
+            // The entry is `#[ignore]`d so plain runs skip it; `--ignored` runs it here.
+            .args([
+                OWNER_ENTRY,
+                "--ignored",
+                "--exact",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env(OWNER_MEMBERS, members.join(","))
             .env(OWNER_PATH, path.as_str())
             .stdin(Stdio::piped())
@@ -331,7 +339,7 @@ impl Drop for OwnerProcess {
 }
 
 /// The body of the owner process: does nothing unless started by
-/// [`FaultEnv::spawn_owner`] (so as a plain test it passes at once).
+/// [`FaultEnv::spawn_owner`] (the entry test is `#[ignore]`d, so plain runs skip it).
 pub fn owner_process_main(fixture: fn() -> Arc<dyn Fixture>) {
     let (Ok(members), Ok(path)) = (std::env::var(OWNER_MEMBERS), std::env::var(OWNER_PATH)) else {
         return;

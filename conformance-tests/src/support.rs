@@ -258,7 +258,9 @@ pub async fn election_survives_outage(
     use std::sync::Mutex as StdMutex;
 
     let path = p("/election/outage");
-    let leaders: Arc<StdMutex<Vec<Option<Leadership>>>> =
+    // No task outlives the longest a case may run, even if nobody aborts it.
+    let deadline = tokio::time::Instant::now() + crate::CASE_TIMEOUT;
+    let leaders: Arc<StdMutex<Vec<Option<Arc<Leadership>>>>> =
         Arc::new(StdMutex::new((0..candidates.len()).map(|_| None).collect()));
     let tokens: Arc<StdMutex<Vec<u64>>> = Arc::default();
     let mut tasks = Vec::new();
@@ -266,30 +268,28 @@ pub async fn election_survives_outage(
         let (leaders, tokens, path) = (leaders.clone(), tokens.clone(), path.clone());
         tasks.push(tokio::spawn(async move {
             let election = Election::new(client, path);
-            loop {
-                match election.campaign(Bytes::from(i.to_string())).await {
-                    Ok(leadership) => {
+            while tokio::time::Instant::now() < deadline {
+                let campaign = election.campaign(Bytes::from(i.to_string()));
+                match tokio::time::timeout_at(deadline, campaign).await {
+                    Ok(Ok(leadership)) => {
+                        let leadership = Arc::new(leadership);
                         tokens
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .push(leadership.token());
-                        leaders.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(leadership);
+                        leaders.lock().unwrap_or_else(|e| e.into_inner())[i] =
+                            Some(leadership.clone());
                         // Hold until lost, then campaign again.
-                        loop {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            let mut all = leaders.lock().unwrap_or_else(|e| e.into_inner());
-                            if all[i].as_ref().is_some_and(|l| !l.is_leader()) {
-                                all[i] = None;
-                                break;
-                            }
-                        }
+                        let _ = tokio::time::timeout_at(deadline, leadership.lost()).await;
+                        leaders.lock().unwrap_or_else(|e| e.into_inner())[i] = None;
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(_) => return,
                 }
             }
         }));
     }
-    let count_leaders = |leaders: &StdMutex<Vec<Option<Leadership>>>| {
+    let count_leaders = |leaders: &StdMutex<Vec<Option<Arc<Leadership>>>>| {
         leaders
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -304,7 +304,7 @@ pub async fn election_survives_outage(
     let sampler = {
         let leaders = leaders.clone();
         tokio::spawn(async move {
-            loop {
+            while tokio::time::Instant::now() < deadline {
                 let n = count_leaders(&leaders);
                 assert!(n <= 1, "{n} candidates believe they lead at once");
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -1,10 +1,11 @@
 //! etcd-specific behaviour beyond the shared suite, each against its own real etcd.
 
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conformance_tests::harness::{EtcdCluster, EtcdServer, TcpProxy};
+use conformance_tests::harness::{require_binary, EtcdCluster, EtcdServer, TcpProxy};
 use conformance_tests::support::{apply_until, next_event, read_scope, summary};
 use futures::StreamExt;
 use registry_core::{
@@ -58,15 +59,17 @@ async fn register_all(
     registrations
 }
 
+/// Where Debian's etcd-client installs it (the path the test script checks).
+const ETCDCTL: &str = "/usr/bin/etcdctl";
+
 fn etcdctl(endpoint: &str, args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
+    require_binary(Path::new(ETCDCTL), "etcdctl").unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(ETCDCTL)
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={endpoint}"))
         .args(args)
         .output()
-        .unwrap_or_else(|e| {
-            panic!("etcdctl missing ({e}); run the README's test command to install etcd-client")
-        });
+        .unwrap_or_else(|e| panic!("run {ETCDCTL}: {e}"));
     assert!(
         out.status.success(),
         "etcdctl {args:?}: {}",

@@ -366,7 +366,11 @@ async fn tower_discover_follows_the_instances() {
     let mut discover = Box::pin(registry_soa::tower::discover(&view, |i| {
         i.address.to_string()
     }));
-    let first = discover.next().await.unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), discover.next())
+        .await
+        .expect("discover reported the first instance within 10 s")
+        .expect("discover stream ended")
+        .expect("discover stream error");
     assert!(
         matches!(first, Change::Insert(a, ref s) if a == addr("10.0.3.1:9090") && s == "10.0.3.1:9090")
     );

@@ -362,6 +362,15 @@ async fn dropping_a_stream_stops_rearming_its_watches() {
         "server still holds {} watches (had {before})",
         total_watches(&server)
     );
+    // The first dip is not enough: a late re-arm would push the count back up.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = total_watches(&server);
+        assert!(
+            now <= before,
+            "watches re-armed after release: {now} (had {before})"
+        );
+    }
     reg.close().await.unwrap();
 }
 

@@ -176,13 +176,21 @@ async fn registration_heals_after_expiry_delete_and_stale_node() {
     store
         .expire_session(owner.session().session_id.unwrap())
         .unwrap();
-    wait_status(&reg, |s| matches!(s, RegistrationStatus::Registered(n) if n.ephemeral_owner == owner.session().session_id)).await;
+    let deleted = match wait_status(&reg, |s| matches!(s, RegistrationStatus::Registered(n) if n.ephemeral_owner == owner.session().session_id)).await {
+        RegistrationStatus::Registered(n) => n.create_order,
+        other => panic!("{other:?}"),
+    };
 
     other
         .delete(&path, Expected::Any, DeleteScope::Node)
         .await
         .unwrap();
-    wait_status(&reg, |s| matches!(s, RegistrationStatus::Registered(_))).await;
+    // The status still shows the deleted node until the delete is seen: wait for a newer one.
+    wait_status(
+        &reg,
+        |s| matches!(s, RegistrationStatus::Registered(n) if n.create_order > deleted),
+    )
+    .await;
     let node = tokio::time::timeout(WAIT, async {
         loop {
             if let Ok(n) = other.get(&path).await {
@@ -194,6 +202,10 @@ async fn registration_heals_after_expiry_delete_and_stale_node() {
     .await
     .unwrap();
     assert_eq!(node.ephemeral_owner, owner.session().session_id);
+    assert!(
+        node.create_order > deleted,
+        "the deleted node was not recreated"
+    );
 
     reg.set_value(Bytes::from("w=2")).await.unwrap();
     store

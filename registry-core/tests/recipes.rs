@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
-use registry_core::recipes::{Election, Mutex};
+use registry_core::recipes::{Election, Leader, Mutex};
 use registry_core::{Bytes, NodePath, Registry};
 
 async fn client(store: &MemoryStore) -> Arc<dyn Registry> {
@@ -21,6 +22,7 @@ async fn client(store: &MemoryStore) -> Arc<dyn Registry> {
 async fn lock_hands_over_in_order_with_growing_tokens() {
     let store = MemoryStore::new();
     let path = NodePath::new("/locks/a").unwrap();
+    let reader = client(&store).await;
     let first = Mutex::new(client(&store).await, path.clone());
     let second = Mutex::new(client(&store).await, path.clone());
     let held = first.lock().await.unwrap();
@@ -32,6 +34,14 @@ async fn lock_hands_over_in_order_with_growing_tokens() {
             .await
             .map(|g| (g.fencing_token(), second.wake_ups()))
     });
+    // The waiter's node queued first, so the window below tests waiting, not a slow create.
+    let queued = tokio::time::timeout(Duration::from_secs(5), async {
+        while reader.children(&path).await.unwrap().nodes.len() != 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(queued.is_ok(), "second's node never appeared in {path}");
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(
         !waiter.is_finished(),
@@ -81,18 +91,31 @@ async fn lost_session_is_reported_and_cancelled_lock_leaves_nothing() {
     assert!(!guard.is_held());
 }
 
+/// The observer's next report, within 5 s.
+async fn next_leader(
+    leaders: &mut BoxStream<'static, registry_core::Result<Option<Leader>>>,
+) -> Option<Leader> {
+    tokio::time::timeout(Duration::from_secs(5), leaders.next())
+        .await
+        .expect("observer reported nothing within 5 s")
+        .expect("observer stream ended")
+        .expect("observer stream error")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn election_observers_see_each_leader() {
     let store = MemoryStore::new();
     let path = NodePath::new("/election/e").unwrap();
     let observer = Election::new(client(&store).await, path.clone());
     let mut leaders = observer.observe().await.unwrap();
-    assert_eq!(leaders.next().await.unwrap().unwrap(), None);
+    assert_eq!(next_leader(&mut leaders).await, None);
     let a = Election::new(client(&store).await, path.clone())
         .campaign(Bytes::from("a"))
         .await
         .unwrap();
-    let seen = leaders.next().await.unwrap().unwrap().unwrap();
+    let seen = next_leader(&mut leaders)
+        .await
+        .expect("no leader after a's campaign");
     assert_eq!(seen.value, Bytes::from("a"));
     let b_election = Election::new(client(&store).await, path.clone());
     let b = tokio::spawn(async move { b_election.campaign(Bytes::from("b")).await });
@@ -103,18 +126,18 @@ async fn election_observers_see_each_leader() {
         .unwrap()
         .unwrap();
     assert!(b.is_leader());
-    loop {
-        let now = tokio::time::timeout(Duration::from_secs(5), leaders.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Some(leader) = now {
-            if leader.value == "b" {
-                assert_eq!(leader.token, b.token());
-                assert!(leader.token > seen.token);
-                break;
+    // Bounded overall, not only per item: a stream of other leaders must not spin forever.
+    let observed_b = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(leader) = next_leader(&mut leaders).await {
+                if leader.value == "b" {
+                    return leader;
+                }
             }
         }
-    }
+    })
+    .await
+    .expect("observer did not report b as leader within 10 s");
+    assert_eq!(observed_b.token, b.token());
+    assert!(observed_b.token > seen.token);
 }

@@ -269,6 +269,7 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
     let acked: Arc<Mutex<BTreeMap<usize, u64>>> = Arc::default();
     let successes: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
     let task = {
         let (writer, acked, successes, stop) = (
             writer.clone(),
@@ -306,7 +307,24 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let successes_after = |since: Instant| {
+        successes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|t| **t > since)
+            .count()
+    };
+    // The writer must be under way before the kill, or the kill proves nothing.
+    crate::support::eventually(
+        RECOVERY,
+        &format!("[{}] 10 writes before the kill", env.at),
+        || {
+            let n = successes_after(started);
+            async move { n >= 10 }
+        },
+    )
+    .await;
     let leader = env.leader().await;
     let killed_at = Instant::now();
     env.kill(leader).await;
@@ -333,7 +351,17 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
         "[{}] writes resumed {:?} after the leader was killed",
         env.at, resumed
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Writes must keep succeeding on the new leader, not just once.
+    let first_after = killed_at + resumed;
+    crate::support::eventually(
+        RECOVERY,
+        &format!("[{}] 10 more writes after resuming", env.at),
+        || {
+            let n = successes_after(first_after);
+            async move { n >= 10 }
+        },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     tokio::time::timeout(RECOVERY, task)
         .await

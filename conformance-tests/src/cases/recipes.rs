@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use registry_core::recipes::{Election, Mutex};
-use registry_core::Bytes;
+use registry_core::{Bytes, CreateMode, Expected};
 
 use crate::fixture::{Fault, Fixture};
 use crate::support::{eventually, p, session_of, CaseEnv, Outcome};
@@ -18,10 +18,23 @@ pub async fn lock_mutual_exclusion(fx: &dyn Fixture) -> Outcome {
     let at = env.at();
     let inside = Arc::new(AtomicBool::new(false));
     let last_token = Arc::new(AtomicU64::new(0));
+    // A counter outside the lock directory, read and written under the lock.
+    let counter = p("/counter/m");
+    let setup = env.client().await;
+    setup
+        .create(&counter, Bytes::from("0"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create {counter}: {e}"));
     let mut tasks = Vec::new();
     for _ in 0..5 {
-        let mutex = Mutex::new(env.client().await, p("/locks/m"));
-        let (inside, last_token, at) = (inside.clone(), last_token.clone(), at.clone());
+        let client = env.client().await;
+        let mutex = Mutex::new(client.clone(), p("/locks/m"));
+        let (inside, last_token, at, counter) = (
+            inside.clone(),
+            last_token.clone(),
+            at.clone(),
+            counter.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for _ in 0..3 {
                 let guard = mutex
@@ -35,7 +48,20 @@ pub async fn lock_mutual_exclusion(fx: &dyn Fixture) -> Outcome {
                 let token = guard.fencing_token();
                 let prev = last_token.swap(token, Ordering::SeqCst);
                 assert!(token > prev, "{at} fencing token {token} not above {prev}");
-                tokio::task::yield_now().await;
+                // Hold across server round trips: an overlapping holder would see `inside`
+                // set, and a read-modify-write race would lose an increment.
+                let node = client
+                    .get(&counter)
+                    .await
+                    .unwrap_or_else(|e| panic!("{at} get {counter}: {e}"));
+                let n: u64 = std::str::from_utf8(&node.value)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{at} counter holds {:?}", node.value));
+                client
+                    .set(&counter, Bytes::from((n + 1).to_string()), Expected::Any)
+                    .await
+                    .unwrap_or_else(|e| panic!("{at} set {counter}: {e}"));
                 inside.store(false, Ordering::SeqCst);
                 guard
                     .unlock()
@@ -47,6 +73,16 @@ pub async fn lock_mutual_exclusion(fx: &dyn Fixture) -> Outcome {
     for t in tasks {
         t.await.unwrap_or_else(|e| panic!("{at} contender: {e}"));
     }
+    let total = setup
+        .get(&counter)
+        .await
+        .unwrap_or_else(|e| panic!("{at} get {counter}: {e}"))
+        .value;
+    assert_eq!(
+        total,
+        Bytes::from("15"),
+        "{at} increments lost under the lock"
+    );
     env.finish().await
 }
 
@@ -234,6 +270,22 @@ pub async fn election_single_leader(fx: &dyn Fixture) -> Outcome {
     let c = Election::new(env.client().await, p("/el/e"));
     let tb = tokio::spawn(async move { b.campaign(Bytes::from("b")).await });
     let tc = tokio::spawn(async move { c.campaign(Bytes::from("c")).await });
+    // Both candidates queued first, so the window below tests waiting, not slow creates.
+    let reader = env.client().await;
+    eventually(
+        Duration::from_secs(10),
+        &format!("{at} candidates b and c queued"),
+        || {
+            let reader = reader.clone();
+            async move {
+                reader
+                    .children(&p("/el/e"))
+                    .await
+                    .is_ok_and(|c| c.nodes.len() == 3)
+            }
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         !tb.is_finished() && !tc.is_finished(),

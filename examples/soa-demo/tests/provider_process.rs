@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use conformance_tests::harness::EtcdServer;
@@ -12,9 +13,11 @@ use registry_soa::{Address, ServiceView};
 const SERVICE: &str = "com.today.service.goods.GoodsService";
 const TTL: Duration = Duration::from_secs(2);
 
+/// A provider process and its stdout lines (read by a thread, so waits can be bounded).
 struct Running(
     Child,
-    #[allow(dead_code)] BufReader<std::process::ChildStdout>,
+    // Kept so the reader thread keeps draining the pipe until the child is gone.
+    #[allow(dead_code)] mpsc::Receiver<String>,
 );
 
 impl Drop for Running {
@@ -24,18 +27,28 @@ impl Drop for Running {
     }
 }
 
-/// Starts a provider and waits for its "registered" line.
+/// Starts a provider and waits (at most 30 s) for its "registered" line.
 fn provider(url: &str, address: &str) -> Running {
     let mut child = Command::new(env!("CARGO_BIN_EXE_provider"))
         .args(["--url", url, "--service", SERVICE, "--address", address])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    out.read_line(&mut line).unwrap();
-    assert!(line.starts_with("registered "), "provider said {line:?}");
-    Running(child, out)
+    let out = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let running = Running(child, lines);
+    match running.1.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) => assert!(line.starts_with("registered "), "provider said {line:?}"),
+        Err(e) => panic!("provider {address} did not report registration within 30 s: {e}"),
+    }
+    running
 }
 
 async fn wait_until(
@@ -112,5 +125,17 @@ async fn killed_master_fails_over_and_graceful_stop_is_prompt() {
     )
     .await;
     eprintln!("graceful stop seen after {took:?}");
-    assert!(second.0.wait().unwrap().success());
+    // Bounded: a provider that never exits must fail the test, not hang it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "provider did not exit within 10 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "provider exited with {status}");
 }
