@@ -141,17 +141,18 @@ impl NodePath {
 
 /// The sequence number at the end of a sequential node name, if it ends with
 /// [`SEQUENCE_DIGITS`] ASCII digits.
+///
+/// Never panics: the tail is checked byte-wise before it is read as text, since its start
+/// may fall inside a multi-byte character (e.g. `"ü123456789"`).
 pub fn parse_sequence(name: &str) -> Option<u64> {
     let bytes = name.as_bytes();
-    if bytes.len() < SEQUENCE_DIGITS {
+    let start = bytes.len().checked_sub(SEQUENCE_DIGITS)?;
+    let tail = bytes.get(start..)?;
+    if !tail.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let tail = &name[bytes.len() - SEQUENCE_DIGITS..];
-    if tail.bytes().all(|b| b.is_ascii_digit()) {
-        tail.parse().ok()
-    } else {
-        None
-    }
+    // All-ASCII tail, so `start` is a char boundary and `get` succeeds.
+    name.get(start..)?.parse().ok()
 }
 
 /// Formats a sequential node name: `prefix` followed by the zero-padded counter.
@@ -378,5 +379,28 @@ mod tests {
         assert_eq!(parse_sequence("1.2.3.4:80:1.0.0:0000000022"), Some(22));
         assert_eq!(parse_sequence("x123"), None);
         assert_eq!(NodePath::new("/s/n0000000007").unwrap().sequence(), Some(7));
+    }
+
+    #[test]
+    fn sequence_of_non_ascii_names_never_panics() {
+        // The old code sliced the &str at len-10, inside 'ü' (2 bytes) or '€' (3 bytes).
+        for name in [
+            "ü123456789",
+            "ü12345678",
+            "€12345678",
+            "€1234567",
+            "x€1234567",
+            "😀123456",
+            "😀12345678",
+            "üü",
+            "ü",
+        ] {
+            assert_eq!(parse_sequence(name), None, "{name:?}");
+            let path = NodePath::new(format!("/q/{name}")).unwrap();
+            assert_eq!(path.sequence(), None, "{name:?}");
+        }
+        assert_eq!(parse_sequence("ü0000000042"), Some(42));
+        assert_eq!(parse_sequence("€😀9999999999"), Some(9_999_999_999));
+        assert_eq!(NodePath::new("/q/ü0000000003").unwrap().sequence(), Some(3));
     }
 }
