@@ -79,7 +79,8 @@ impl Eq for WholeRegex {}
 /// One pattern of a matcher.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Pattern {
-    /// `~p`: the value is present and `p` does not match it.
+    /// `~p`: the value is present and `p` does not match it. The parser folds a run of `~`
+    /// to its parity, so parsed patterns never nest `Not`.
     Not(Box<Pattern>),
     /// `'text'`: equal strings.
     Exact(String),
@@ -553,10 +554,22 @@ impl Parser<'_> {
         Ok(Matcher { id, patterns })
     }
 
+    /// A pattern with its `~` prefix folded to parity (`~~p` is `p`), so any run of tildes
+    /// nests at most one `Not`: parsing, matching and dropping stay within a fixed stack depth.
     fn pattern(&mut self) -> Result<Pattern, ParseError> {
-        if self.eat(&Tok::Tilde) {
-            return Ok(Pattern::Not(Box::new(self.pattern()?)));
+        let mut negated = false;
+        while self.eat(&Tok::Tilde) {
+            negated = !negated;
         }
+        let inner = self.plain_pattern()?;
+        Ok(if negated {
+            Pattern::Not(Box::new(inner))
+        } else {
+            inner
+        })
+    }
+
+    fn plain_pattern(&mut self) -> Result<Pattern, ParseError> {
         let (line, column) = self.here();
         let at = |m: String| error(line, column, m);
         match self.next().map(|t| t.tok) {
@@ -898,6 +911,47 @@ otherwise => ip"192.168.1.101/24:9091""#;
             assert_eq!((e.line, e.column), (line, column), "{text:?}: {e}");
             assert!(e.message.contains(needle), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn tilde_runs_fold_to_parity() {
+        let one = |rule: &str| match parse_routes(&format!("{rule} => v'1'")).unwrap()[0]
+            .condition
+            .clone()
+        {
+            Condition::All(mut m) => m.remove(0).patterns.remove(0),
+            Condition::Otherwise => unreachable!(),
+        };
+        let five = Pattern::Int(5);
+        assert_eq!(one("userId match ~5"), Pattern::Not(Box::new(five.clone())));
+        assert_eq!(one("userId match ~~5"), five);
+        assert_eq!(one("userId match ~ ~ ~5"), Pattern::Not(Box::new(five)));
+        let mut c = ctx("m");
+        c.user_id = Some(5);
+        for (tildes, holds) in [(1, false), (2, true), (3, false)] {
+            let text = format!("userId match {}5 => v'1'", "~".repeat(tildes));
+            let routes = parse_routes(&text).unwrap();
+            assert_eq!(routes[0].condition.holds(&c), holds, "{tildes} tildes");
+        }
+    }
+
+    #[test]
+    fn long_tilde_run_parses_in_bounded_stack() {
+        // The old parser recursed once per `~` (and so did matching and Drop): this aborted
+        // the process with a stack overflow.
+        let handle = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let text = format!("userId match {}1 => v'1'", "~".repeat(100_000));
+                let routes = parse_routes(&text).unwrap();
+                let mut c = ctx("m");
+                c.user_id = Some(1);
+                let held = routes[0].condition.holds(&c);
+                let odd = format!("userId match {}1 => v'1'", "~".repeat(100_001));
+                (held, parse_routes(&odd).unwrap()[0].condition.holds(&c))
+            })
+            .unwrap();
+        assert_eq!(handle.join().unwrap(), (true, false));
     }
 
     #[test]
