@@ -326,15 +326,19 @@ impl MemoryStore {
         client.tracker.transition(SessionState::Suspended, None);
         let store = self.clone();
         let ttl = client.options.session_ttl;
-        tokio::spawn(async move {
-            let expires = duration >= ttl;
-            tokio::time::sleep(duration.min(ttl)).await;
-            if expires {
-                store.drop_session(session);
-                tokio::time::sleep(duration - ttl).await;
-            }
-            client.reconnect(&store, expires);
-        });
+        let span = tracing::debug_span!("memory_interruption", session = session.0, ?duration);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let expires = duration >= ttl;
+                tokio::time::sleep(duration.min(ttl)).await;
+                if expires {
+                    store.drop_session(session);
+                    tokio::time::sleep(duration - ttl).await;
+                }
+                client.reconnect(&store, expires);
+            },
+            span,
+        ));
         Ok(())
     }
 
@@ -565,10 +569,21 @@ impl Registry for MemoryRegistry {
             }
         }
         let target = if mode.is_sequential() {
-            let counter = state.sequences.entry(parent.clone()).or_insert(0);
-            let name = sequential_name(path.name(), *counter);
-            let target = parent.join(&name)?;
-            *counter += 1;
+            // Never overwrite a node that already holds a generated name (e.g. one created
+            // explicitly): skip past it, as the counter must stay strictly increasing and
+            // sequential creates never fail with AlreadyExists. Each skip passes an existing
+            // node, so the loop ends within the number of nodes.
+            let mut counter = state.sequences.get(&parent).copied().unwrap_or(0);
+            let target = loop {
+                let candidate = parent.join(&sequential_name(path.name(), counter))?;
+                counter = counter.checked_add(1).ok_or_else(|| {
+                    Error::InvalidArgument(format!("sequence counter of {parent} is exhausted"))
+                })?;
+                if !state.nodes.contains_key(&candidate) {
+                    break candidate;
+                }
+            };
+            state.sequences.insert(parent.clone(), counter);
             target
         } else {
             if state.nodes.contains_key(path) {
@@ -798,5 +813,54 @@ impl WatchFeed {
 impl Drop for WatchFeed {
     fn drop(&mut self) {
         self.store.lock().watchers.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> NodePath {
+        NodePath::new(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn sequential_create_never_overwrites_an_existing_name() {
+        let store = MemoryStore::default();
+        let client = MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap();
+        let mode = CreateMode::PersistentSequential;
+        let first = client.create(&p("/q/job-"), Bytes::new(), mode).await;
+        assert_eq!(first.unwrap().path, p("/q/job-0000000000"));
+        // Names the counter will reach next, taken explicitly.
+        for name in [
+            "/q/job-0000000001",
+            "/q/job-0000000002",
+            "/q/job-0000000004",
+        ] {
+            let taken = Bytes::from_static(b"taken");
+            client
+                .create(&p(name), taken, CreateMode::Persistent)
+                .await
+                .unwrap();
+        }
+        let next = client
+            .create(&p("/q/job-"), Bytes::from_static(b"new"), mode)
+            .await;
+        assert_eq!(next.unwrap().path, p("/q/job-0000000003"));
+        let after = client.create(&p("/q/job-"), Bytes::new(), mode).await;
+        assert_eq!(after.unwrap().path, p("/q/job-0000000005"));
+        for name in [
+            "/q/job-0000000001",
+            "/q/job-0000000002",
+            "/q/job-0000000004",
+        ] {
+            let node = client.get(&p(name)).await.unwrap();
+            assert_eq!(&node.value[..], b"taken", "{name} was overwritten");
+            assert_eq!(node.version, 0, "{name} was overwritten");
+        }
+        let children = client.children(&p("/q")).await.unwrap();
+        assert_eq!(children.nodes.len(), 6);
     }
 }
