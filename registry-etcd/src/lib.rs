@@ -262,6 +262,51 @@ fn revision_of(response: &TxnResponse) -> i64 {
     response.header().map_or(0, |h| h.revision())
 }
 
+/// The etcd version (which counts from 1) of a key whose node has `version`; a typed error
+/// naming the value when it is beyond etcd's `i64` range.
+fn etcd_version(version: u64) -> Result<i64> {
+    i64::try_from(version)
+        .ok()
+        .and_then(|v| v.checked_add(1))
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "expected version {version} is out of etcd's range (at most {})",
+                i64::MAX - 1
+            ))
+        })
+}
+
+/// The etcd revision a watch started after `after` begins at `after + 1`; so `after` must
+/// leave room for it in `i64`. A typed error naming the value otherwise.
+fn watch_after(after: Revision) -> Result<i64> {
+    i64::try_from(after.0)
+        .ok()
+        .filter(|r| r.checked_add(1).is_some())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "watch revision {} is out of etcd's range (at most {})",
+                after.0,
+                i64::MAX - 1
+            ))
+        })
+}
+
+/// The session TTL in whole seconds as etcd's lease grant takes it (`i64`).
+fn lease_ttl_secs(ttl: Duration) -> Result<i64> {
+    i64::try_from(ttl.as_secs()).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "etcd session TTL {ttl:?} is out of etcd's range (at most {} s)",
+            i64::MAX
+        ))
+    })
+}
+
+/// The exclusive lease bounds `(above, below)` for leases in `first..=last`: etcd compares
+/// only with `>` and `<`, and a bound that would overflow `i64` is not needed (`None`).
+fn lease_bounds(first: i64, last: i64) -> (Option<i64>, Option<i64>) {
+    (first.checked_sub(1), last.checked_add(1))
+}
+
 impl EtcdRegistry {
     /// Connects to etcd and opens a session (grants its first lease). Fails with
     /// [`Error::Unavailable`] if no endpoint answers within the connect timeout.
@@ -275,6 +320,8 @@ impl EtcdRegistry {
         let tls_on = tls.is_some();
         options.endpoints = endpoints_for(&options.endpoints, tls.is_some())?;
         let ttl = options.effective_ttl();
+        // The session casts this TTL to i64 for every lease grant: checked once, here.
+        lease_ttl_secs(ttl)?;
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
             // etcd refuses pings more often than its --grpc-keepalive-min-time (5 s default).
@@ -286,7 +333,10 @@ impl EtcdRegistry {
         if let Some(tls) = tls {
             connect = connect.with_tls(tls);
         }
-        let deadline = options.connect_timeout + options.request_timeout;
+        // Saturating: Duration's `+` panics on overflow, and huge timeouts are allowed.
+        let deadline = options
+            .connect_timeout
+            .saturating_add(options.request_timeout);
         let client = match tokio::time::timeout(
             deadline,
             Client::connect(options.endpoints.clone(), Some(connect.clone())),
@@ -478,10 +528,13 @@ impl EtcdRegistry {
                 counter_kv.map_or(0, |kv| kv.version()),
             ));
             let target = parent.join(&registry_core::sequential_name(path.name(), counter))?;
-            (
-                target,
-                vec![TxnOp::put(seq_key, (counter + 1).to_string(), None)],
-            )
+            // The counter key is server data (other tools may write it): no overflow.
+            let next = counter.checked_add(1).ok_or_else(|| Error::Backend {
+                backend: BACKEND,
+                message: format!("sequence counter of {parent} is at its maximum ({counter})"),
+                source: None,
+            })?;
+            (target, vec![TxnOp::put(seq_key, next.to_string(), None)])
         } else {
             (path.clone(), Vec::new())
         };
@@ -769,6 +822,11 @@ impl Registry for EtcdRegistry {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot write the root node".into()));
         }
+        // Checked before any I/O.
+        let expected = match expected {
+            Expected::Any => None,
+            Expected::Version(v) => Some((v, etcd_version(v)?)),
+        };
         let key = self.shared.keys.node(path);
         // ignore_lease keeps an ephemeral node's lease, and makes etcd refuse to write a
         // missing key ("key not found", mapped to NotFound); prev_kv gives what the written
@@ -776,7 +834,7 @@ impl Registry for EtcdRegistry {
         let put_options = || PutOptions::new().with_ignore_lease().with_prev_key();
         let (prev, revision) = match expected {
             // A plain put: a Txn costs etcd 3.4 about half its write throughput.
-            Expected::Any => {
+            None => {
                 let mut response = self
                     .shared
                     .request("set", path, |mut kv| {
@@ -787,7 +845,7 @@ impl Registry for EtcdRegistry {
                 let revision = response.header().map_or(0, |h| h.revision());
                 (response.take_prev_key(), revision)
             }
-            Expected::Version(v) => {
+            Some((v, etcd_expected)) => {
                 let response = self
                     .shared
                     .request("set", path, |mut kv| {
@@ -795,7 +853,7 @@ impl Registry for EtcdRegistry {
                             .when([Compare::version(
                                 key.clone(),
                                 CompareOp::Equal,
-                                v as i64 + 1,
+                                etcd_expected,
                             )])
                             .and_then([TxnOp::put(
                                 key.clone(),
@@ -840,7 +898,7 @@ impl Registry for EtcdRegistry {
         Ok(keys::node_from(
             path.clone(),
             value,
-            prev.version() + 1,
+            prev.version().saturating_add(1),
             prev.create_revision(),
             revision,
             prev.lease(),
@@ -870,10 +928,16 @@ impl Registry for EtcdRegistry {
             }
             let key = keys.node(path);
             let below = keys.below(path);
+            // Read from etcd as an i64 (see `keys::node_from`), so this holds.
+            let modify_order = i64::try_from(node.modify_order).map_err(|_| Error::Backend {
+                backend: BACKEND,
+                message: format!("delete {path}: revision {} out of range", node.modify_order),
+                source: None,
+            })?;
             let mut compares = vec![Compare::mod_revision(
                 key.clone(),
                 CompareOp::Equal,
-                node.modify_order as i64,
+                modify_order,
             )];
             let mut ops = vec![TxnOp::delete(key, None)];
             match scope {
@@ -920,10 +984,13 @@ impl Registry for EtcdRegistry {
         let (key, below) = (keys.node(path), keys.below(path));
         let owner = node.ephemeral_owner.unwrap_or(SessionId(0));
         let (first, last) = session::leases_of(owner);
-        let mut compares = vec![
-            Compare::lease(key.clone(), CompareOp::Greater, first - 1),
-            Compare::lease(key.clone(), CompareOp::Less, last + 1),
-        ];
+        // The owner is caller data (any i64): bounds that would overflow are left out.
+        let (above, below_bound) = lease_bounds(first, last);
+        let mut compares: Vec<Compare> = above
+            .map(|a| Compare::lease(key.clone(), CompareOp::Greater, a))
+            .into_iter()
+            .chain(below_bound.map(|b| Compare::lease(key.clone(), CompareOp::Less, b)))
+            .collect();
         // A key under one of the owner's leases exists and is ephemeral, and this layer puts no
         // key under an ephemeral one (see `persistent_parents`): the lease compares say it all
         // (each compare costs the server a range read). A missing key compares as lease 0,
@@ -1043,7 +1110,8 @@ impl Registry for EtcdRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, scope = ?options.scope))]
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
         self.shared.check_open()?;
-        let after = options.after.map(|r| r.0 as i64);
+        // Checked before any I/O: the watch starts at `after + 1`.
+        let after = options.after.map(watch_after).transpose()?;
         Ok(watch::open(
             self.shared.clone(),
             path.clone(),
@@ -1105,5 +1173,65 @@ impl Registry for EtcdRegistry {
             .tracker
             .transition(SessionState::Closed, None);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(r: Result<i64>) -> String {
+        match r {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn expected_versions_convert_without_overflow() {
+        assert_eq!(etcd_version(0).unwrap(), 1);
+        assert_eq!(etcd_version(41).unwrap(), 42);
+        assert_eq!(etcd_version(i64::MAX as u64 - 1).unwrap(), i64::MAX);
+        // The old `v as i64 + 1` overflowed (debug panic) or wrapped to a bogus compare.
+        for v in [i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
+            assert!(invalid(etcd_version(v)).contains(&v.to_string()), "{v}");
+        }
+    }
+
+    #[test]
+    fn watch_revisions_convert_without_wrapping() {
+        assert_eq!(watch_after(Revision(0)).unwrap(), 0);
+        assert_eq!(watch_after(Revision(7)).unwrap(), 7);
+        let last_ok = i64::MAX as u64 - 1;
+        assert_eq!(watch_after(Revision(last_ok)).unwrap(), i64::MAX - 1);
+        // The old `r.0 as i64` made these negative (or i64::MAX, whose `+ 1` overflows).
+        for r in [i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
+            assert!(
+                invalid(watch_after(Revision(r))).contains(&r.to_string()),
+                "{r}"
+            );
+        }
+    }
+
+    #[test]
+    fn lease_ttls_and_bounds_never_overflow() {
+        assert_eq!(lease_ttl_secs(Duration::from_secs(5)).unwrap(), 5);
+        assert!(invalid(lease_ttl_secs(Duration::MAX)).contains("TTL"));
+        let huge = EtcdOptions::new(["127.0.0.1:1"]).with_ttl(Duration::MAX);
+        assert!(lease_ttl_secs(huge.effective_ttl()).is_err());
+        assert_eq!(lease_bounds(10, 20), (Some(9), Some(21)));
+        assert_eq!(lease_bounds(i64::MIN, i64::MIN), (None, Some(i64::MIN + 1)));
+        assert_eq!(lease_bounds(i64::MAX, i64::MAX), (Some(i64::MAX - 1), None));
+    }
+
+    #[tokio::test]
+    async fn huge_ttl_is_an_input_error_before_any_io() {
+        // Port 1: nothing listens, so an error other than InvalidArgument means I/O happened.
+        let options = EtcdOptions::new(["127.0.0.1:1"]).with_ttl(Duration::MAX);
+        match EtcdRegistry::connect(options).await {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("TTL"), "{m}"),
+            Err(other) => panic!("expected InvalidArgument, got {other:?}"),
+            Ok(_) => panic!("connected to 127.0.0.1:1"),
+        }
     }
 }

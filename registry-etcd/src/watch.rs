@@ -149,7 +149,7 @@ async fn run(
                     known = Some(nodes.iter().map(|n| (n.path.clone(), n.clone())).collect());
                     let snapshot = Snapshot {
                         nodes,
-                        revision: registry_core::Revision(revision as u64),
+                        revision: registry_core::Revision(u64::try_from(revision).unwrap_or(0)),
                     };
                     let item = match reason {
                         None => WatchEvent::Snapshot(snapshot),
@@ -220,7 +220,8 @@ async fn follow(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Break {
     let (key, options) = watch_range(&shared.keys, root, scope, known.is_none());
-    let options = options.with_start_revision(*last + 1);
+    // Saturating: `last` may come from a server's header (lib.rs bounds the caller's).
+    let options = options.with_start_revision(last.saturating_add(1));
     // Dropped on return, which cancels the watch on the server.
     let Some(mut subscription) = shared.watch_hub().subscribe(key, options) else {
         return if *shutdown.borrow() {
