@@ -87,6 +87,7 @@ macro_rules! conformance_suite {
             parents_created,
             children_direct_and_ordered,
             sequential_concurrent_unique,
+            sequential_never_overwrites,
             ephemeral_gone_after_close,
             session_expiry_removes_ephemerals_and_reestablishes,
             close_ends_streams,

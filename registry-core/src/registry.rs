@@ -89,7 +89,10 @@ pub trait Registry: Send + Sync + 'static {
     ///
     /// Missing parents are created first as empty persistent nodes. For sequential modes the
     /// last segment of `path` is a name prefix and the returned node's path carries the
-    /// counter. Errors: [`AlreadyExists`](crate::Error::AlreadyExists) (non-sequential),
+    /// counter. A sequential create never replaces a node already holding the generated name
+    /// (one created under that exact name): etcd and the in-memory backend move on to the next
+    /// free number; ZooKeeper, whose counter does not move past it, fails with
+    /// `AlreadyExists` naming it. Errors: [`AlreadyExists`](crate::Error::AlreadyExists),
     /// [`EphemeralParent`](crate::Error::EphemeralParent) if the parent (or any ancestor) is
     /// ephemeral, [`ValueTooLarge`](crate::Error::ValueTooLarge), `InvalidArgument` for the
     /// root.

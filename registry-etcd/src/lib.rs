@@ -514,6 +514,8 @@ impl EtcdRegistry {
                 }
             }
         }
+        // For a sequential create: the counter's key, its version as read, and its increment.
+        let mut sequence = None;
         let (target, mut puts) = if mode.is_sequential() {
             let counter_get = gets.get(ancestors.len());
             let counter_kv = counter_get.and_then(|g| g.kvs().first());
@@ -522,10 +524,11 @@ impl EtcdRegistry {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
             let seq_key = keys.sequence(&parent);
+            let seq_version = counter_kv.map_or(0, |kv| kv.version());
             compares.push(Compare::version(
                 seq_key.clone(),
                 CompareOp::Equal,
-                counter_kv.map_or(0, |kv| kv.version()),
+                seq_version,
             ));
             let target = parent.join(&registry_core::sequential_name(path.name(), counter))?;
             // The counter key is server data (other tools may write it): no overflow.
@@ -534,7 +537,9 @@ impl EtcdRegistry {
                 message: format!("sequence counter of {parent} is at its maximum ({counter})"),
                 source: None,
             })?;
-            (target, vec![TxnOp::put(seq_key, next.to_string(), None)])
+            let bump = TxnOp::put(seq_key.clone(), next.to_string(), None);
+            sequence = Some((seq_key, seq_version, bump.clone()));
+            (target, vec![bump])
         } else {
             (path.clone(), Vec::new())
         };
@@ -558,8 +563,22 @@ impl EtcdRegistry {
             return Ok(Some(created(target, value, &response, lease)));
         }
         let exists = gets_of_else(&response);
-        if exists && !mode.is_sequential() {
-            return Err(Error::AlreadyExists { path: target });
+        match sequence {
+            None if exists => return Err(Error::AlreadyExists { path: target }),
+            // The generated name is taken (a node created under it by name): move the counter
+            // past it, unless another creator already did, so the next round tries the next.
+            Some((seq_key, seq_version, bump)) if exists => {
+                self.shared
+                    .txn(
+                        Txn::new()
+                            .when([Compare::version(seq_key, CompareOp::Equal, seq_version)])
+                            .and_then([bump]),
+                        "create",
+                        &target,
+                    )
+                    .await?;
+            }
+            _ => {}
         }
         Ok(None)
     }

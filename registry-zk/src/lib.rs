@@ -6,7 +6,8 @@
 //! - `version` is the znode version, `create_order` its `czxid`; children are sorted by
 //!   `czxid` (the server returns them unordered). `children` costs one `getChildren` plus one
 //!   pipelined `getData` per child. `Children::revision` is the parent's `pzxid`.
-//! - Sequential creates use ZooKeeper's own sequential modes. Missing parents are created one
+//! - Sequential creates use ZooKeeper's own sequential modes (so one whose generated name
+//!   was taken by name fails with `AlreadyExists`: the server's counter does not skip it). Missing parents are created one
 //!   by one, tolerating "node exists" from concurrent creators; a recursive delete removes
 //!   the deepest nodes first and starts over if a concurrent creator added a child.
 //! - One session per client. `Disconnected` is reported as `Suspended`; `Expired`,
@@ -458,6 +459,18 @@ impl Registry for ZkRegistry {
                     return Ok(node);
                 }
                 Err(Error::NotFound { .. }) if round == 0 => self.create_parents(path).await?,
+                Err(Error::AlreadyExists { .. }) if mode.is_sequential() => {
+                    // The server's counter (the parent's cversion) names a node created under
+                    // that exact name; it does not move past it, so say which name is taken.
+                    let taken = match self.stat(&parent).await? {
+                        Some(stat) => parent.join(&registry_core::sequential_name(
+                            path.name(),
+                            u64::try_from(stat.cversion).unwrap_or(0),
+                        ))?,
+                        None => path.clone(),
+                    };
+                    return Err(Error::AlreadyExists { path: taken });
+                }
                 Err(e) => return Err(e),
             }
         }

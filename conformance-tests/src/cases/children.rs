@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use registry_core::{parse_sequence, Bytes, CreateMode, SEQUENCE_DIGITS};
+use registry_core::{parse_sequence, Bytes, CreateMode, Error, SEQUENCE_DIGITS};
 
 use crate::fixture::Fixture;
 use crate::support::{p, CaseEnv, Outcome};
@@ -124,5 +124,79 @@ pub async fn sequential_concurrent_unique(fx: &dyn Fixture) -> Outcome {
         listed, b,
         "{at} children() order differs from creation order"
     );
+    env.finish().await
+}
+
+/// A sequential create never replaces a node that already holds the name it generates (one
+/// created under that exact name): it either gets a later free number or, where the backend's
+/// counter cannot move past the name (ZooKeeper), fails with `AlreadyExists`.
+pub async fn sequential_never_overwrites(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "sequential_never_overwrites");
+    let at = env.at();
+    let client = env.client().await;
+    let first = client
+        .create(
+            &p("/seqx/job-"),
+            Bytes::new(),
+            CreateMode::PersistentSequential,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{at} first sequential create: {e}"));
+    let start = parse_sequence(first.path.name())
+        .unwrap_or_else(|| panic!("{at} bad sequential name {}", first.path));
+    // Names the counter reaches next, taken by name.
+    let mut taken = Vec::new();
+    for ahead in [2u64, 3] {
+        let name = p(&format!(
+            "/seqx/{}",
+            registry_core::sequential_name("job-", start + ahead)
+        ));
+        client
+            .create(&name, Bytes::from("taken"), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("{at} create {name}: {e}"));
+        taken.push(name);
+    }
+    let mut last = start;
+    for _ in 0..4 {
+        match client
+            .create(
+                &p("/seqx/job-"),
+                Bytes::from("new"),
+                CreateMode::PersistentSequential,
+            )
+            .await
+        {
+            Ok(node) => {
+                let seq = parse_sequence(node.path.name())
+                    .unwrap_or_else(|| panic!("{at} bad sequential name {}", node.path));
+                assert!(seq > last, "{at} sequence went from {last} to {seq}");
+                assert!(
+                    !taken.contains(&node.path),
+                    "{at} got a taken name {}",
+                    node.path
+                );
+                last = seq;
+            }
+            Err(Error::AlreadyExists { path }) => {
+                assert!(
+                    taken.contains(&path),
+                    "{at} AlreadyExists names {path}, not a taken name"
+                );
+            }
+            Err(e) => panic!("{at} sequential create past taken names: {e}"),
+        }
+    }
+    for name in &taken {
+        let node = client
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("{at} get {name}: {e}"));
+        assert_eq!(
+            (&node.value[..], node.version),
+            (&b"taken"[..], 0),
+            "{at} {name} was overwritten"
+        );
+    }
     env.finish().await
 }
