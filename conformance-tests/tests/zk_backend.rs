@@ -489,3 +489,82 @@ async fn a_write_whose_reply_was_lost_is_not_reported_as_a_conflict() {
     );
     ours.close().await.unwrap();
 }
+
+/// A versioned recursive delete and a write of the node made the moment the first child
+/// goes: either the whole tree goes (the write then finds no node) or, on a version mismatch,
+/// nothing does. Deleting child by child, then the node at its version, fails this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_versioned_recursive_delete_is_all_or_nothing() {
+    let server = fast_server();
+    let ours = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let writer = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let root = p("/atomic/tree");
+    for round in 0..3 {
+        let node = ours
+            .create(&root, Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+        for i in 0..5 {
+            ours.create(
+                &root.join(&format!("c{i}")).unwrap(),
+                Bytes::new(),
+                CreateMode::Persistent,
+            )
+            .await
+            .unwrap();
+        }
+        let mut children = writer.watch(&root, WatchOptions::children()).await.unwrap();
+        let first = next_event(&mut children, "the tree's snapshot").await;
+        assert!(
+            matches!(first, registry_core::WatchEvent::Snapshot(_)),
+            "{first:?}"
+        );
+        let write = tokio::spawn({
+            let (writer, root) = (writer.clone(), root.clone());
+            async move {
+                // Bounded: the tree has five children.
+                for _ in 0..10 {
+                    let event = next_event(&mut children, "a child deleted").await;
+                    if matches!(event, registry_core::WatchEvent::Deleted(_)) {
+                        break;
+                    }
+                }
+                writer
+                    .set(&root, Bytes::from(format!("{round}")), Expected::Any)
+                    .await
+            }
+        });
+        let outcome = ours
+            .delete(
+                &root,
+                Expected::Version(node.version),
+                registry_core::DeleteScope::Recursive,
+            )
+            .await;
+        let written = tokio::time::timeout(Duration::from_secs(10), write)
+            .await
+            .expect("the writer never saw a child go")
+            .unwrap();
+        match outcome {
+            Ok(()) => assert!(
+                written.is_err(),
+                "round {round}: the node was written after its children went, yet deleted"
+            ),
+            Err(registry_core::Error::VersionMismatch { .. }) => {
+                let left = ours.children(&root).await.unwrap().nodes.len();
+                assert_eq!(
+                    left,
+                    5,
+                    "round {round}: a failed delete removed {} children",
+                    5 - left
+                );
+                ours.delete(&root, Expected::Any, registry_core::DeleteScope::Recursive)
+                    .await
+                    .unwrap();
+            }
+            Err(e) => panic!("round {round}: {e}"),
+        }
+    }
+    ours.close().await.unwrap();
+    writer.close().await.unwrap();
+}

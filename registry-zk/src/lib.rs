@@ -9,7 +9,9 @@
 //! - Sequential creates use ZooKeeper's own sequential modes (so one whose generated name
 //!   was taken by name fails with `AlreadyExists`: the server's counter does not skip it). Missing parents are created one
 //!   by one, tolerating "node exists" from concurrent creators; a recursive delete removes
-//!   the deepest nodes first and starts over if a concurrent creator added a child.
+//!   the deepest nodes first and starts over if a concurrent creator added a child. With an
+//!   expected version, a tree of under 1000 nodes goes in one transaction (all or nothing);
+//!   a bigger one has its version checked first, then is deleted bottom-up.
 //! - One session per client. `Disconnected` is reported as `Suspended`; `Expired`,
 //!   `AuthFailed` and `Closed` end the zookeeper-client `Client`, so a new one is built (with
 //!   capped, jittered backoff, forever) and reported as `Lost` then `Reestablished`.
@@ -352,6 +354,37 @@ impl ZkRegistry {
         Ok(())
     }
 
+    /// Deletes `path` at `version` and every node of `below` (parents before children) in one
+    /// transaction: all or nothing. Not resent (a versioned write, see [`Resend`]).
+    async fn delete_tree_at(
+        &self,
+        path: &NodePath,
+        version: i32,
+        below: &[NodePath],
+    ) -> Result<()> {
+        let client = self.shared.client()?;
+        let mut writer = client.new_multi_writer();
+        let bad = |e: zk::Error| map(e, "delete", path);
+        writer
+            .add_check_version(path.as_str(), version)
+            .map_err(bad)?;
+        for victim in below.iter().rev() {
+            writer.add_delete(victim.as_str(), None).map_err(bad)?;
+        }
+        writer
+            .add_delete(path.as_str(), Some(version))
+            .map_err(bad)?;
+        let timeout = self.shared.options.request_timeout;
+        match tokio::time::timeout(timeout, writer.commit()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(map(e.into(), "delete", path)),
+            Err(_) => Err(Error::Timeout {
+                operation: format!("zookeeper delete {path}"),
+                after: timeout,
+            }),
+        }
+    }
+
     async fn children_of(&self, path: &NodePath) -> Result<(Vec<String>, zk::Stat)> {
         self.call("children", path, Resend::Always, |c| {
             c.get_children(path.as_str())
@@ -372,6 +405,10 @@ enum Resend<T> {
     /// first attempt may have removed it.
     Removal(T),
 }
+
+/// Nodes a versioned recursive delete removes in one transaction; a bigger tree (its request
+/// would near ZooKeeper's 1 MB `jute.maxbuffer`) is checked first, then deleted bottom-up.
+const ATOMIC_DELETE_MAX: usize = 1000;
 
 /// Child reads of one `children` call in flight at once.
 const CHILD_READS_IN_FLIGHT: usize = 256;
@@ -565,6 +602,21 @@ impl Registry for ZkRegistry {
                             return Err(self.mismatch(path, v as u64).await)
                         }
                         Some(_) => {}
+                    }
+                    if order.len() < ATOMIC_DELETE_MAX {
+                        // One transaction, so a version that changed meanwhile deletes nothing.
+                        match self.delete_tree_at(path, v, &order).await {
+                            Ok(()) => {
+                                tracing::debug!(path = %path, ?scope, "deleted");
+                                return Ok(());
+                            }
+                            // A node appeared or went meanwhile: list the tree again.
+                            Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => continue,
+                            Err(Error::VersionMismatch { .. }) => {
+                                return Err(self.mismatch(path, v as u64).await)
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
                 for victim in order.iter().rev() {
