@@ -54,7 +54,8 @@ impl DualOptions {
 ///   sequential create is not counted twice) and unconditional writes (versions differ between
 ///   backends; the primary's check is the one that counts).
 /// - A failed `create` on the secondary is undone on the primary, so the call either happened
-///   on both or on neither. A failed `set` or `delete` on the secondary is returned as the
+///   on both or on neither; if the undo fails too, the error says so and names the node left
+///   on the primary only (remove it, or re-copy). A failed `set` or `delete` on the secondary is returned as the
 ///   error; the primary keeps the write (retry it, or re-copy with `regctl copy`).
 /// - [`register`](Registry::register) registers on both; each side heals itself after its own
 ///   session loss; the returned handle's path and status are the primary's, and deregistering
@@ -168,7 +169,7 @@ impl Registry for DualRegistry {
         };
         if let Err(error) = copied {
             tracing::warn!(path = %node.path, %error, "secondary create failed; undoing it on the primary");
-            let _ = self
+            let undone = self
                 .primary
                 .delete(
                     &node.path,
@@ -176,7 +177,10 @@ impl Registry for DualRegistry {
                     DeleteScope::Node,
                 )
                 .await;
-            return Err(error);
+            return Err(match undone {
+                Ok(()) | Err(Error::NotFound { .. }) => error,
+                Err(undo) => half_done(&node.path, "create", error, undo),
+            });
         }
         Ok(node)
     }
@@ -273,10 +277,10 @@ impl Registry for DualRegistry {
             .await?;
         match self.secondary.register(path, value, options).await {
             Ok(secondary) => Ok(primary.with_companions(vec![secondary])),
-            Err(error) => {
-                let _ = primary.deregister().await;
-                Err(error)
-            }
+            Err(error) => match primary.deregister().await {
+                Ok(()) => Err(error),
+                Err(undo) => Err(half_done(path, "register", error, undo)),
+            },
         }
     }
 
@@ -284,6 +288,20 @@ impl Registry for DualRegistry {
         let primary = self.primary.close().await;
         let secondary = self.secondary.close().await;
         primary.and(secondary)
+    }
+}
+
+/// The secondary's failure to `operation` at `path`, when undoing it on the primary failed
+/// too: the node is left on the primary only, and the error says so.
+fn half_done(path: &NodePath, operation: &str, error: Error, undo: Error) -> Error {
+    tracing::error!(%path, %error, %undo, "left on the primary only");
+    Error::Backend {
+        backend: "dual",
+        message: format!(
+            "{operation} {path} failed on the secondary ({error}) and undoing it on the primary \
+             failed too ({undo}): {path} is on the primary only"
+        ),
+        source: Some(Box::new(error)),
     }
 }
 

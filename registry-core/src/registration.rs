@@ -226,12 +226,22 @@ impl Registration {
 
     /// Replaces the value: written now if the node exists, and used for every re-creation.
     /// Returns the write's error if the node could not be written now (the new value is still
-    /// kept for re-creation).
+    /// kept for re-creation). With companions (a [`DualRegistry`](crate::DualRegistry)'s
+    /// other side), every side takes the new value and the first failure is returned.
     pub async fn set_value(&self, value: Bytes) -> Result<()> {
         check_value(&self.shared.requested, &value)?;
+        // Every side keeps the new value even if another side's write fails.
+        let mut outcome = self.set_own_value(value.clone()).await;
         for companion in &self.companions {
-            Box::pin(companion.set_value(value.clone())).await?;
+            let written = Box::pin(companion.set_value(value.clone())).await;
+            if outcome.is_ok() {
+                outcome = written;
+            }
         }
+        outcome
+    }
+
+    async fn set_own_value(&self, value: Bytes) -> Result<()> {
         let _op = self.shared.op.lock().await;
         *self
             .shared

@@ -455,3 +455,25 @@ async fn mirror_syncs_follows_and_survives_both_sides_failing() {
         Some(Bytes::from("v3"))
     );
 }
+
+#[tokio::test]
+async fn dual_registration_set_value_keeps_the_primary_current_when_the_secondary_fails() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+    let registration = dual
+        .register(&p("/svc/a:1"), Bytes::from("old"), RegisterOptions::new())
+        .await
+        .unwrap();
+    registration.wait_registered(WAIT).await.unwrap();
+    // The secondary's client is gone: its write fails.
+    sb.close().await.unwrap();
+    let outcome = registration.set_value(Bytes::from("new")).await;
+    assert!(outcome.is_err(), "the secondary's failure was not reported");
+    assert_eq!(
+        value(&*pa, "/svc/a:1").await,
+        Some(Bytes::from("new")),
+        "the primary kept the old value because the secondary failed"
+    );
+    drop(registration);
+}
