@@ -396,10 +396,27 @@ async fn election_single_leader_under_server_pause() {
     eprintln!("new leader {took:?} after the server resumed");
 }
 
-/// Waits (bounded) until `events` reports `Suspended`.
-async fn until_suspended(
+/// Once the server has applied `what` (polled with `applied`, bounded), drops the client's
+/// connection (its reply is lost with it) and lets it reconnect after it noticed.
+async fn drop_connection_once<F, Fut>(
+    proxy: &TcpProxy,
     events: &mut futures::stream::BoxStream<'static, registry_core::SessionStatus>,
-) {
+    what: &str,
+    mut applied: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut done = false;
+    for _ in 0..200 {
+        if applied().await {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(done, "the server never applied {what}");
+    proxy.cut();
     let suspended = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(s) = events.next().await {
             if s.state == SessionState::Suspended {
@@ -409,6 +426,7 @@ async fn until_suspended(
     })
     .await;
     assert!(suspended.is_ok(), "the client never noticed the cut");
+    proxy.forward();
 }
 
 /// A write the server applied but whose reply was lost (the connection dropped first): the
@@ -435,19 +453,10 @@ async fn a_write_whose_reply_was_lost_is_not_reported_as_a_conflict() {
                 .await
         }
     });
-    let mut applied = false;
-    for _ in 0..200 {
-        let (_, stat) = observer.get_data(node.as_str()).await.unwrap();
-        if stat.version == 1 {
-            applied = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(applied, "the server never applied the set");
-    proxy.cut();
-    until_suspended(&mut events).await;
-    proxy.forward();
+    drop_connection_once(&proxy, &mut events, "the set", || async {
+        observer.get_data(node.as_str()).await.unwrap().1.version == 1
+    })
+    .await;
     let result = tokio::time::timeout(Duration::from_secs(10), set)
         .await
         .expect("the set never returned")
@@ -467,18 +476,10 @@ async fn a_write_whose_reply_was_lost_is_not_reported_as_a_conflict() {
                 .await
         }
     });
-    let mut gone = false;
-    for _ in 0..200 {
-        if observer.check_stat(node.as_str()).await.unwrap().is_none() {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(gone, "the server never applied the delete");
-    proxy.cut();
-    until_suspended(&mut events).await;
-    proxy.forward();
+    drop_connection_once(&proxy, &mut events, "the delete", || async {
+        observer.check_stat(node.as_str()).await.unwrap().is_none()
+    })
+    .await;
     let result = tokio::time::timeout(Duration::from_secs(10), delete)
         .await
         .expect("the delete never returned")
