@@ -752,3 +752,104 @@ async fn racing_a_deep_create_leaves_nothing_under_an_ephemeral_node() {
     // The race must have been run, not dodged: most tops end ephemeral.
     assert!(raced > 0, "no top ended ephemeral: the race never ran");
 }
+
+/// The next item of `stream`, within 10 s; `None` once it ended.
+async fn next_item(
+    stream: &mut WatchStream,
+    what: &str,
+) -> Option<registry_core::Result<WatchEvent>> {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("nothing within 10 s while waiting for {what}"))
+}
+
+/// With auth on, a watch the user may not make is refused for good: the stream yields the
+/// error and ends, instead of retrying silently forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_the_user_may_not_make_yields_the_error_and_ends() {
+    use etcd_client::{ConnectOptions, Permission};
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let mut plain = etcd_client::Client::connect([ep.clone()], None)
+        .await
+        .unwrap();
+    plain.user_add("root", "root-pw", None).await.unwrap();
+    plain.user_grant_role("root", "root").await.unwrap();
+    plain.auth_enable().await.unwrap();
+    let root_options = ConnectOptions::new().with_user("root", "root-pw");
+    let mut root = etcd_client::Client::connect([ep.clone()], Some(root_options))
+        .await
+        .unwrap();
+    // `reader` may read /granted and everything under /granted/, nothing else.
+    root.role_add("granted-ro").await.unwrap();
+    for permission in [
+        Permission::read("/granted"),
+        Permission::read("/granted/").with_prefix(),
+    ] {
+        root.role_grant_permission("granted-ro", permission)
+            .await
+            .unwrap();
+    }
+    root.user_add("reader", "reader-pw", None).await.unwrap();
+    root.user_grant_role("reader", "granted-ro").await.unwrap();
+    let options = EtcdOptions::new([ep.clone()])
+        .with_credentials("reader", "reader-pw")
+        .with_ttl(Duration::from_secs(2));
+    let reader = EtcdRegistry::connect(options)
+        .await
+        .unwrap_or_else(|e| panic!("connect as reader: {e}"));
+
+    // The first read is refused.
+    let secret = p("/secret");
+    let mut stream = reader
+        .watch(&secret, WatchOptions::children())
+        .await
+        .unwrap();
+    match next_item(&mut stream, "the read's error").await {
+        Some(Err(Error::PermissionDenied { path })) => assert_eq!(path, secret),
+        other => panic!("expected PermissionDenied at {secret}, got {other:?}"),
+    }
+    assert!(next_item(&mut stream, "the end").await.is_none());
+
+    // The read is allowed, the watch is not: a subtree watch of /granted covers the range
+    // ["/granted", "/granted0"), which also holds keys such as "/granted-x".
+    let granted = p("/granted");
+    let mut stream = reader
+        .watch(&granted, WatchOptions::subtree())
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_item(&mut stream, "the snapshot").await,
+        Some(Ok(WatchEvent::Snapshot(_)))
+    ));
+    match next_item(&mut stream, "the watch's error").await {
+        Some(Err(Error::PermissionDenied { path })) => assert_eq!(path, granted),
+        other => panic!("expected PermissionDenied at {granted}, got {other:?}"),
+    }
+    assert!(next_item(&mut stream, "the end").await.is_none());
+    reader.close().await.unwrap();
+}
+
+/// A first read that fails (retryably) and is retried still ends in a `Snapshot` first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_first_read_still_yields_a_snapshot_first() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let watcher = connect(&proxy.addr().to_string()).await;
+    proxy.cut();
+    let mut stream = watcher
+        .watch(&p("/s"), WatchOptions::children())
+        .await
+        .unwrap();
+    // Long enough for the first read to fail and be retried.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.forward();
+    let first = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("no first item within 30 s"));
+    assert!(
+        matches!(first, Some(Ok(WatchEvent::Snapshot(_)))),
+        "the first item must be a Snapshot, got {first:?}"
+    );
+    watcher.close().await.unwrap();
+}

@@ -75,6 +75,18 @@ pub(crate) fn map(error: etcd_client::Error, operation: &str, path: Option<&Node
     }
 }
 
+/// The error behind a watch create the server refused, if retrying cannot help. etcd gives
+/// only a reason text; before 3.5 every auth failure of a create reads "permission denied".
+pub(crate) fn watch_refused(reason: &str, path: &NodePath) -> Option<Error> {
+    if reason.contains("permission denied") {
+        Some(Error::PermissionDenied { path: path.clone() })
+    } else if reason.contains("invalid auth token") || reason.contains("user name is empty") {
+        Some(Error::AuthFailed(format!("etcd watch: {reason}")))
+    } else {
+        None
+    }
+}
+
 /// Whether a request failed before it reached any server (so retrying cannot repeat it).
 pub(crate) fn not_sent(error: &etcd_client::Error) -> bool {
     match error {

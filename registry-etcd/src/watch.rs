@@ -11,6 +11,9 @@
 //! behind the shared stream is cut off by it and continues with a `Resync` (`Lagged`) too;
 //! a broken shared stream makes every task resume from its last revision + 1.
 //!
+//! Failures retrying cannot fix (a read or a watch the user may not make) end the stream
+//! with the error; the others are retried with backoff for as long as the client lives.
+//!
 //! A deleted node is reported as last delivered, from the task's copy of the scope: etcd's
 //! `prev_kv` would cost the server a read per event and watcher. Only a stream started after a
 //! revision, which has no snapshot to start the copy from, asks etcd for it.
@@ -30,6 +33,7 @@ use registry_core::{
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
+use crate::error::watch_refused;
 use crate::keys::{subtree_end, Keys};
 use crate::Shared;
 
@@ -100,6 +104,8 @@ enum Break {
     Resume,
     /// Start over from a fresh read.
     Resync(ResyncReason),
+    /// The server refused the watch for good: end the stream with this error.
+    Refused(Error),
     /// The consumer is gone or the registry closed.
     Stop,
 }
@@ -162,9 +168,15 @@ async fn run(
                     backoff.reset();
                 }
                 Err(Error::Closed) => return,
+                // Retrying cannot fix these (the user may not read the scope): the consumer
+                // gets the error and the stream ends, as the contract says.
+                Err(error) if !error.is_retryable() => {
+                    return end_with(&tx, &mut shutdown, error).await
+                }
                 Err(error) => {
                     tracing::debug!(%error, "watch read failed; retrying");
-                    pending = Some(reason.or(Some(ResyncReason::Reconnected)));
+                    // Still owed as it was: nothing was delivered in between.
+                    pending = Some(reason);
                     if sleep_or_stop(&tx, &mut shutdown, backoff.next_delay()).await {
                         return;
                     }
@@ -184,6 +196,7 @@ async fn run(
         .await
         {
             Break::Stop => return,
+            Break::Refused(error) => return end_with(&tx, &mut shutdown, error).await,
             Break::Resync(reason) => {
                 tracing::info!(?reason, "watch resyncs");
                 pending = Some(Some(reason));
@@ -206,6 +219,20 @@ async fn sleep_or_stop(
         _ = tx.closed() => true,
         _ = shutdown.changed() => true,
         _ = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// Ends the stream with `error`, a failure retrying cannot fix.
+async fn end_with(
+    tx: &mpsc::Sender<Result<WatchEvent>>,
+    shutdown: &mut watch::Receiver<bool>,
+    error: Error,
+) {
+    tracing::warn!(%error, "watch refused; ending the stream");
+    // Waits for room behind what the consumer has not read yet, unless the registry closes.
+    tokio::select! {
+        _ = tx.send(Err(error)) => {}
+        _ = shutdown.changed() => {}
     }
 }
 
@@ -247,6 +274,10 @@ async fn follow(
         if response.canceled() {
             if response.compact_revision() > 0 {
                 return Break::Resync(ResyncReason::Compacted);
+            }
+            // A create refused for good (the user may not read the whole watched range).
+            if let Some(error) = watch_refused(response.cancel_reason(), root) {
+                return Break::Refused(error);
             }
             return Break::Resume;
         }
