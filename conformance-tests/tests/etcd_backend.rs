@@ -853,3 +853,44 @@ async fn a_retried_first_read_still_yields_a_snapshot_first() {
     );
     watcher.close().await.unwrap();
 }
+
+/// A close that cannot reach the server still releases the client, and says the session's
+/// ephemeral nodes were not deleted (they go when the leases expire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_that_cannot_revoke_says_so_and_the_nodes_expire() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let observer = connect(&server.endpoint()).await;
+    let options = EtcdOptions::new([proxy.addr().to_string()])
+        .with_ttl(Duration::from_secs(2))
+        .with_request_timeout(Duration::from_millis(500));
+    let owner = EtcdRegistry::connect(options).await.unwrap();
+    let node = p("/close/ephemeral");
+    owner
+        .create(&node, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    proxy.blackhole();
+    let closed = tokio::time::timeout(Duration::from_secs(10), owner.close())
+        .await
+        .expect("close hung on an unreachable server");
+    assert!(
+        matches!(closed, Err(registry_core::Error::Unavailable { .. })),
+        "close reported {closed:?} though it could not revoke"
+    );
+    assert!(matches!(
+        owner.get(&node).await,
+        Err(registry_core::Error::Closed)
+    ));
+    assert!(owner.close().await.is_ok(), "a second close is not Ok");
+    // The lease expires within its TTL (2 s) plus etcd's checking, with margin.
+    let started = std::time::Instant::now();
+    while observer.exists(&node).await.unwrap() {
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "the ephemeral node outlived its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    observer.close().await.unwrap();
+}

@@ -569,3 +569,44 @@ async fn a_versioned_recursive_delete_is_all_or_nothing() {
     ours.close().await.unwrap();
     writer.close().await.unwrap();
 }
+
+/// A close that cannot reach the server still releases the client, and says the session's
+/// ephemeral nodes were not deleted (they go when the session expires).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_that_cannot_end_the_session_says_so() {
+    let server = fast_server();
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let options = ZkOptions::new(proxy.addr().to_string())
+        .with_session_timeout(Duration::from_secs(2))
+        .with_request_timeout(Duration::from_millis(500));
+    let owner = ZkRegistry::connect(options).await.unwrap();
+    let observer = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let node = p("/close/ephemeral");
+    owner
+        .create(&node, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    proxy.blackhole();
+    let closed = tokio::time::timeout(Duration::from_secs(10), owner.close())
+        .await
+        .expect("close hung on an unreachable server");
+    assert!(
+        matches!(closed, Err(registry_core::Error::Unavailable { .. })),
+        "close reported {closed:?} though the server never confirmed"
+    );
+    assert!(matches!(
+        owner.get(&node).await,
+        Err(registry_core::Error::Closed)
+    ));
+    assert!(owner.close().await.is_ok(), "a second close is not Ok");
+    // The server expires the silent session within its timeout (2 s), with margin.
+    let started = Instant::now();
+    while observer.exists(&node).await.unwrap() {
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "the ephemeral node outlived its session"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    observer.close().await.unwrap();
+}

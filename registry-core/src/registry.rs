@@ -185,6 +185,9 @@ pub trait Registry: Send + Sync + 'static {
     ) -> Result<Registration>;
 
     /// Closes the client: deletes the ephemeral nodes of its session, ends every watch stream
-    /// and session stream, stops every background task. Idempotent.
+    /// and session stream, stops every background task. Once it returns `Ok`, the server has
+    /// deleted those nodes. If the server cannot be told (unreachable), everything local is
+    /// still released and it returns [`Unavailable`](crate::Error::Unavailable): the nodes
+    /// then go when the session's TTL runs out. Idempotent: a second call returns `Ok`.
     async fn close(&self) -> Result<()>;
 }

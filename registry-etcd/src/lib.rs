@@ -1191,6 +1191,14 @@ impl Registry for EtcdRegistry {
             .session
             .tracker
             .transition(SessionState::Closed, None);
+        if revoked < leases.len() {
+            return Err(Error::unavailable(format!(
+                "etcd close: {} of the session's {} leases could not be revoked; their ephemeral \
+                 nodes go when the leases expire",
+                leases.len() - revoked,
+                leases.len()
+            )));
+        }
         Ok(())
     }
 }

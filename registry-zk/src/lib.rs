@@ -777,15 +777,43 @@ impl Registry for ZkRegistry {
             let _ = task.await;
         }
         // The session closes (and ZooKeeper deletes its ephemerals) when the last clone of
-        // the client is dropped; watch tasks drop theirs on shutdown.
+        // the client is dropped; watch tasks drop theirs on shutdown. Its state says when the
+        // server has confirmed it.
         let client = self
             .shared
             .client
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        drop(client);
+        let timeout = self.shared.options.request_timeout;
+        let ended = match client {
+            None => true,
+            Some(client) => {
+                let mut states = client.state_watcher();
+                drop(client);
+                tokio::time::timeout(timeout, async {
+                    let mut state = states.state();
+                    // Checked before each wait: `changed` never returns after a terminal state.
+                    while !state.is_terminated() {
+                        state = states.changed().await;
+                    }
+                    // An expired session's ephemerals are gone too.
+                    matches!(state, zk::SessionState::Closed | zk::SessionState::Expired)
+                })
+                .await
+                .unwrap_or(false)
+            }
+        };
         self.shared.tracker.transition(SessionState::Closed, None);
+        if !ended {
+            tracing::warn!(
+                "zookeeper session end not confirmed; its ephemerals go when it expires"
+            );
+            return Err(Error::unavailable(format!(
+                "zookeeper close: the server did not confirm the session's end within {timeout:?}; \
+                 its ephemeral nodes go when the session expires"
+            )));
+        }
         tracing::info!("zookeeper session closed");
         Ok(())
     }

@@ -33,7 +33,12 @@ pub async fn ephemeral_gone_after_close(fx: &dyn Fixture) -> Outcome {
         .close()
         .await
         .unwrap_or_else(|e| panic!("{at} close: {e}"));
-    wait_gone(fx, &at, &other, &path).await;
+    // Gone once close has returned, not eventually.
+    let after = other.get(&path).await;
+    assert!(
+        matches!(after, Err(Error::NotFound { .. })),
+        "{at} the ephemeral node outlived its owner's close: {after:?}"
+    );
     assert!(
         matches!(owner.get(&path).await, Err(Error::Closed)),
         "{at} a closed client still answers"
