@@ -55,13 +55,13 @@ impl Ours {
     pub async fn connect(backend: Backend, target: &str, ttl: Duration) -> BenchResult<Ours> {
         match backend {
             Backend::Etcd => {
-                let reg = EtcdRegistry::connect(EtcdOptions::new([target]).with_ttl(ttl))
+                let reg = EtcdRegistry::connect(EtcdOptions::new([target]).with_session_ttl(ttl))
                     .await
                     .ctx(format!("connect our etcd registry to {target}"))?;
                 Ok(Ours { reg: Arc::new(reg) })
             }
             Backend::Zk => {
-                let reg = ZkRegistry::connect(ZkOptions::new(target).with_session_timeout(ttl))
+                let reg = ZkRegistry::connect(ZkOptions::new(target).with_session_ttl(ttl))
                     .await
                     .ctx(format!("connect our zookeeper registry to {target}"))?;
                 Ok(Ours { reg: Arc::new(reg) })

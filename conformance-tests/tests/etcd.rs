@@ -46,7 +46,7 @@ impl Fixture for EtcdFixture {
         let endpoint = tokio::task::block_in_place(|| self.endpoint());
         let options = EtcdOptions::new([endpoint])
             .with_namespace(NodePath::new(format!("/{namespace}"))?)
-            .with_ttl(TTL);
+            .with_session_ttl(TTL);
         Ok(Arc::new(EtcdRegistry::connect(options).await?))
     }
 
@@ -77,7 +77,7 @@ impl Fixture for EtcdFixture {
 
     async fn connect_to(&self, members: &[SocketAddr]) -> Result<Arc<dyn Registry>> {
         let endpoints: Vec<String> = members.iter().map(|m| m.to_string()).collect();
-        let options = EtcdOptions::new(endpoints).with_ttl(TTL);
+        let options = EtcdOptions::new(endpoints).with_session_ttl(TTL);
         Ok(Arc::new(EtcdRegistry::connect(options).await?))
     }
 

@@ -20,7 +20,7 @@ fn p(s: &str) -> NodePath {
 }
 
 async fn connect(endpoint: &str) -> Arc<dyn Registry> {
-    let options = EtcdOptions::new([endpoint.to_owned()]).with_ttl(Duration::from_secs(2));
+    let options = EtcdOptions::new([endpoint.to_owned()]).with_session_ttl(Duration::from_secs(2));
     Arc::new(
         EtcdRegistry::connect(options)
             .await
@@ -373,7 +373,7 @@ async fn a_session_spreads_its_keys_over_leases_and_loses_them_together() {
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
     let ep = server.endpoint();
     let options = EtcdOptions::new([ep.clone()])
-        .with_ttl(Duration::from_secs(2))
+        .with_session_ttl(Duration::from_secs(2))
         .with_keys_per_lease(2);
     let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(options).await.unwrap());
     let mut raw = etcd_client::Client::connect([ep.clone()], None)
@@ -607,7 +607,7 @@ async fn watches_of_a_client_share_one_grpc_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_member_does_not_fail_reads_while_others_live() {
     let mut cluster = EtcdCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
-    let options = EtcdOptions::new(cluster.endpoints()).with_ttl(Duration::from_secs(3));
+    let options = EtcdOptions::new(cluster.endpoints()).with_session_ttl(Duration::from_secs(3));
     let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(options).await.unwrap());
     reg.create(&p("/d/x"), Bytes::from("1"), CreateMode::Persistent)
         .await
@@ -794,7 +794,7 @@ async fn a_watch_the_user_may_not_make_yields_the_error_and_ends() {
     root.user_grant_role("reader", "granted-ro").await.unwrap();
     let options = EtcdOptions::new([ep.clone()])
         .with_credentials("reader", "reader-pw")
-        .with_ttl(Duration::from_secs(2));
+        .with_session_ttl(Duration::from_secs(2));
     let reader = EtcdRegistry::connect(options)
         .await
         .unwrap_or_else(|e| panic!("connect as reader: {e}"));
@@ -862,7 +862,7 @@ async fn a_close_that_cannot_revoke_says_so_and_the_nodes_expire() {
     let proxy = TcpProxy::start(server.addr()).unwrap();
     let observer = connect(&server.endpoint()).await;
     let options = EtcdOptions::new([proxy.addr().to_string()])
-        .with_ttl(Duration::from_secs(2))
+        .with_session_ttl(Duration::from_secs(2))
         .with_request_timeout(Duration::from_millis(500));
     let owner = EtcdRegistry::connect(options).await.unwrap();
     let node = p("/close/ephemeral");

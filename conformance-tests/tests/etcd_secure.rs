@@ -93,7 +93,7 @@ fn options(pki: &TestPki, endpoint: String, user: &str, password: &str) -> EtcdO
             client_identity: Some(pki.client.clone()),
         })
         .with_credentials(user, password)
-        .with_ttl(Duration::from_secs(2))
+        .with_session_ttl(Duration::from_secs(2))
 }
 
 struct SecureFixture;

@@ -25,7 +25,7 @@ async fn round_trip(url: &str) {
 async fn etcd_url_with_namespace_and_ttl() {
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
     round_trip(&format!(
-        "etcd://{}/facade?ttl=3s&timeout=2s",
+        "etcd://{}/facade?session_ttl=3s&timeout=2s",
         server.endpoint()
     ))
     .await;
@@ -41,13 +41,13 @@ async fn etcd_url_with_namespace_and_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zk_url_with_chroot_and_session_timeout() {
+async fn zk_url_with_namespace_and_session_ttl() {
     let server = ZkServer::start(ZkConfig {
         tick_time: Duration::from_millis(200),
     })
     .unwrap_or_else(|e| panic!("{e}"));
     round_trip(&format!(
-        "zk://{}/facade?session_timeout=3s",
+        "zk://{}/facade?session_ttl=3s",
         server.connect_string()
     ))
     .await;

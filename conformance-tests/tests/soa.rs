@@ -288,7 +288,7 @@ async fn soa_on_etcd() {
         open: Box::new(move || {
             let ep = ep.clone();
             Box::pin(async move {
-                let o = EtcdOptions::new([ep]).with_ttl(Duration::from_secs(2));
+                let o = EtcdOptions::new([ep]).with_session_ttl(Duration::from_secs(2));
                 Arc::new(EtcdRegistry::connect(o).await.unwrap()) as Arc<dyn Registry>
             })
         }),
@@ -323,7 +323,7 @@ async fn soa_on_zookeeper() {
             Box::pin(async move {
                 let proxy = Arc::new(TcpProxy::start(upstream).unwrap());
                 let o = ZkOptions::new(proxy.addr().to_string())
-                    .with_session_timeout(Duration::from_secs(2));
+                    .with_session_ttl(Duration::from_secs(2));
                 let client = Arc::new(ZkRegistry::connect(o).await.unwrap()) as Arc<dyn Registry>;
                 proxies
                     .lock()

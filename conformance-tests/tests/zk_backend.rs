@@ -24,7 +24,7 @@ fn fast_server() -> ZkServer {
 }
 
 async fn connect(connect_string: &str, timeout: Duration) -> Arc<ZkRegistry> {
-    let options = ZkOptions::new(connect_string.to_owned()).with_session_timeout(timeout);
+    let options = ZkOptions::new(connect_string.to_owned()).with_session_ttl(timeout);
     Arc::new(
         ZkRegistry::connect(options)
             .await
@@ -577,7 +577,7 @@ async fn a_close_that_cannot_end_the_session_says_so() {
     let server = fast_server();
     let proxy = TcpProxy::start(server.addr()).unwrap();
     let options = ZkOptions::new(proxy.addr().to_string())
-        .with_session_timeout(Duration::from_secs(2))
+        .with_session_ttl(Duration::from_secs(2))
         .with_request_timeout(Duration::from_millis(500));
     let owner = ZkRegistry::connect(options).await.unwrap();
     let observer = connect(&server.connect_string(), Duration::from_secs(4)).await;

@@ -168,7 +168,7 @@ impl Shared {
         if !self.session.tracker.status().state.is_live() {
             return Err(Error::SessionExpired);
         }
-        let ttl = self.options.effective_ttl();
+        let ttl = self.options.effective_session_ttl();
         Ok(self
             .session
             .lease_for(&self.client, ttl, self.options.request_timeout)
@@ -319,7 +319,7 @@ impl EtcdRegistry {
         let tls = options.tls.as_ref().map(tls_options).transpose()?;
         let tls_on = tls.is_some();
         options.endpoints = endpoints_for(&options.endpoints, tls.is_some())?;
-        let ttl = options.effective_ttl();
+        let ttl = options.effective_session_ttl();
         // The session casts this TTL to i64 for every lease grant: checked once, here.
         lease_ttl_secs(ttl)?;
         let mut connect = ConnectOptions::new()
@@ -1244,8 +1244,8 @@ mod tests {
     fn lease_ttls_and_bounds_never_overflow() {
         assert_eq!(lease_ttl_secs(Duration::from_secs(5)).unwrap(), 5);
         assert!(invalid(lease_ttl_secs(Duration::MAX)).contains("TTL"));
-        let huge = EtcdOptions::new(["127.0.0.1:1"]).with_ttl(Duration::MAX);
-        assert!(lease_ttl_secs(huge.effective_ttl()).is_err());
+        let huge = EtcdOptions::new(["127.0.0.1:1"]).with_session_ttl(Duration::MAX);
+        assert!(lease_ttl_secs(huge.effective_session_ttl()).is_err());
         assert_eq!(lease_bounds(10, 20), (Some(9), Some(21)));
         assert_eq!(lease_bounds(i64::MIN, i64::MIN), (None, Some(i64::MIN + 1)));
         assert_eq!(lease_bounds(i64::MAX, i64::MAX), (Some(i64::MAX - 1), None));
@@ -1254,7 +1254,7 @@ mod tests {
     #[tokio::test]
     async fn huge_ttl_is_an_input_error_before_any_io() {
         // Port 1: nothing listens, so an error other than InvalidArgument means I/O happened.
-        let options = EtcdOptions::new(["127.0.0.1:1"]).with_ttl(Duration::MAX);
+        let options = EtcdOptions::new(["127.0.0.1:1"]).with_session_ttl(Duration::MAX);
         match EtcdRegistry::connect(options).await {
             Err(Error::InvalidArgument(m)) => assert!(m.contains("TTL"), "{m}"),
             Err(other) => panic!("expected InvalidArgument, got {other:?}"),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use registry_core::NodePath;
 
 /// etcd's smallest lease TTL.
-pub const MIN_TTL: Duration = Duration::from_secs(2);
+pub const MIN_SESSION_TTL: Duration = Duration::from_secs(2);
 
 /// Default of [`EtcdOptions::keys_per_lease`].
 pub const DEFAULT_KEYS_PER_LEASE: usize = 256;
@@ -23,7 +23,7 @@ pub struct EtcdTls {
 
 /// Options of [`EtcdRegistry::connect`](crate::EtcdRegistry::connect), as a builder.
 ///
-/// Defaults: TTL 5 s (kept alive every TTL/3), request timeout 3 s, connect timeout 3 s,
+/// Defaults: session TTL 5 s (kept alive every TTL/3), request timeout 3 s, connect timeout 3 s,
 /// [`DEFAULT_KEYS_PER_LEASE`], no namespace, no credentials. `Debug` never shows the password.
 #[derive(Clone)]
 pub struct EtcdOptions {
@@ -31,8 +31,9 @@ pub struct EtcdOptions {
     pub endpoints: Vec<String>,
     /// Key prefix every path lives under (a chroot): `/ns` maps `/a` to key `/ns/a`.
     pub namespace: Option<NodePath>,
-    /// Lease TTL of a session; raised to [`MIN_TTL`] if smaller.
-    pub ttl: Duration,
+    /// The session's TTL: its leases expire this long after the last keep-alive the
+    /// server received. Raised to [`MIN_SESSION_TTL`] if smaller.
+    pub session_ttl: Duration,
     /// Deadline of each request.
     pub request_timeout: Duration,
     /// Deadline of establishing a connection.
@@ -55,7 +56,7 @@ impl EtcdOptions {
         EtcdOptions {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             namespace: None,
-            ttl: Duration::from_secs(5),
+            session_ttl: Duration::from_secs(5),
             request_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(3),
             credentials: None,
@@ -82,9 +83,9 @@ impl EtcdOptions {
         self
     }
 
-    /// Sets the session TTL.
-    pub fn with_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
+    /// Sets [`EtcdOptions::session_ttl`].
+    pub fn with_session_ttl(mut self, ttl: Duration) -> Self {
+        self.session_ttl = ttl;
         self
     }
 
@@ -110,9 +111,9 @@ impl EtcdOptions {
         self
     }
 
-    /// The TTL actually used: at least [`MIN_TTL`], whole seconds rounded up.
-    pub fn effective_ttl(&self) -> Duration {
-        let secs = self.ttl.max(MIN_TTL).as_secs_f64().ceil() as u64;
+    /// The TTL actually used: at least [`MIN_SESSION_TTL`], whole seconds rounded up.
+    pub fn effective_session_ttl(&self) -> Duration {
+        let secs = self.session_ttl.max(MIN_SESSION_TTL).as_secs_f64().ceil() as u64;
         Duration::from_secs(secs)
     }
 }
@@ -122,7 +123,7 @@ impl fmt::Debug for EtcdOptions {
         f.debug_struct("EtcdOptions")
             .field("endpoints", &self.endpoints)
             .field("namespace", &self.namespace)
-            .field("ttl", &self.ttl)
+            .field("session_ttl", &self.session_ttl)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
@@ -139,13 +140,13 @@ mod tests {
     #[test]
     fn ttl_floor_and_redaction() {
         let o = EtcdOptions::new(["127.0.0.1:2379"])
-            .with_ttl(Duration::from_millis(500))
+            .with_session_ttl(Duration::from_millis(500))
             .with_credentials("root", "s3cret");
-        assert_eq!(o.effective_ttl(), MIN_TTL);
+        assert_eq!(o.effective_session_ttl(), MIN_SESSION_TTL);
         assert_eq!(
             o.clone()
-                .with_ttl(Duration::from_millis(5500))
-                .effective_ttl(),
+                .with_session_ttl(Duration::from_millis(5500))
+                .effective_session_ttl(),
             Duration::from_secs(6)
         );
         assert!(!format!("{o:?}").contains("s3cret"));

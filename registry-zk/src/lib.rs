@@ -1,6 +1,6 @@
 //! The ZooKeeper backend of the [`Registry`] contract.
 //!
-//! - Paths are znode paths under an optional chroot (created if missing); values are the raw
+//! - Paths are znode paths under an optional namespace (a chroot, created if missing); values are the raw
 //!   bytes; created nodes get the ACL of [`ZkOptions`]' [`ZkAcl`]. Nodes written by other
 //!   clients are first-class.
 //! - `version` is the znode version, `create_order` its `czxid`; children are sorted by
@@ -99,7 +99,7 @@ async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
     let root = NodePath::root();
     let connect = async {
         let mut connector = zk::Client::connector()
-            .with_session_timeout(options.session_timeout)
+            .with_session_timeout(options.session_ttl)
             .with_connection_timeout(options.connect_timeout);
         if let Some((scheme, auth)) = &options.auth {
             connector = connector.with_auth(scheme, auth);
@@ -112,7 +112,7 @@ async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
             .connect(&options.connect_string)
             .await
             .map_err(|e| map(e, "connect", &root))?;
-        let Some(chroot) = &options.chroot else {
+        let Some(chroot) = &options.namespace else {
             return Ok(client);
         };
         for path in chroot

@@ -19,16 +19,17 @@ pub enum ZkAcl {
 
 /// Options of [`ZkRegistry::connect`](crate::ZkRegistry::connect), as a builder.
 ///
-/// Defaults: session timeout 10 s, request timeout 3 s, connect timeout 5 s, no chroot, no
+/// Defaults: session TTL 10 s, request timeout 3 s, connect timeout 5 s, no namespace, no
 /// auth. `Debug` never shows auth bytes.
 #[derive(Clone)]
 pub struct ZkOptions {
     /// `host:port,host:port` of the servers.
     pub connect_string: String,
-    /// Every path lives under this node (created if missing).
-    pub chroot: Option<NodePath>,
-    /// Session timeout asked of the server (it clamps to 2..20 ticks).
-    pub session_timeout: Duration,
+    /// Every path lives under this node (ZooKeeper's chroot; created if missing).
+    pub namespace: Option<NodePath>,
+    /// The session's TTL: ZooKeeper's session timeout, asked of the server (which clamps it
+    /// to 2..20 ticks); the session expires this long after the server last heard from it.
+    pub session_ttl: Duration,
     /// Deadline of each request.
     pub request_timeout: Duration,
     /// Deadline of establishing a session.
@@ -60,8 +61,8 @@ impl ZkOptions {
     pub fn new(connect_string: impl Into<String>) -> Self {
         ZkOptions {
             connect_string: connect_string.into(),
-            chroot: None,
-            session_timeout: Duration::from_secs(10),
+            namespace: None,
+            session_ttl: Duration::from_secs(10),
             request_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(5),
             auth: None,
@@ -113,15 +114,15 @@ impl ZkOptions {
         })
     }
 
-    /// Puts every path under `chroot`.
-    pub fn with_chroot(mut self, chroot: NodePath) -> Self {
-        self.chroot = (!chroot.is_root()).then_some(chroot);
+    /// Puts every path under `namespace` (see [`ZkOptions::namespace`]).
+    pub fn with_namespace(mut self, namespace: NodePath) -> Self {
+        self.namespace = (!namespace.is_root()).then_some(namespace);
         self
     }
 
-    /// Sets the session timeout.
-    pub fn with_session_timeout(mut self, timeout: Duration) -> Self {
-        self.session_timeout = timeout;
+    /// Sets [`ZkOptions::session_ttl`].
+    pub fn with_session_ttl(mut self, ttl: Duration) -> Self {
+        self.session_ttl = ttl;
         self
     }
 
@@ -148,8 +149,8 @@ impl fmt::Debug for ZkOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ZkOptions")
             .field("connect_string", &self.connect_string)
-            .field("chroot", &self.chroot)
-            .field("session_timeout", &self.session_timeout)
+            .field("namespace", &self.namespace)
+            .field("session_ttl", &self.session_ttl)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("auth_scheme", &self.auth.as_ref().map(|(s, _)| s))

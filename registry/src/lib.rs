@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub use registry_core::*;
 pub use url::{BackendKind, Credentials, Endpoint, RegistryUrl, TlsFiles};
 
-/// Opens a registry client from a URL such as `etcd://127.0.0.1:2379/ns?ttl=5s`,
+/// Opens a registry client from a URL such as `etcd://127.0.0.1:2379/ns?session_ttl=5s`,
 /// `zk://127.0.0.1:2181/chroot` or `mem://name` (see [`url`] for the forms).
 ///
 /// Guarantees: a malformed URL or one naming a backend that was not compiled in fails with
@@ -34,7 +34,7 @@ pub async fn connect_url(url: &RegistryUrl) -> Result<Arc<dyn Registry>> {
                 None => MemoryStore::new(),
             };
             let mut options = MemoryOptions::default();
-            if let Some(ttl) = url.session_timeout {
+            if let Some(ttl) = url.session_ttl {
                 options = options.with_session_ttl(ttl);
             }
             Ok(Arc::new(MemoryRegistry::connect(&store, options).await?))
@@ -89,8 +89,8 @@ async fn connect_etcd(url: &RegistryUrl) -> Result<Arc<dyn Registry>> {
     if let Some(ns) = &url.namespace {
         options = options.with_namespace(ns.clone());
     }
-    if let Some(ttl) = url.session_timeout {
-        options = options.with_ttl(ttl);
+    if let Some(ttl) = url.session_ttl {
+        options = options.with_session_ttl(ttl);
     }
     if let Some(timeout) = url.request_timeout {
         options = options.with_request_timeout(timeout);
@@ -114,10 +114,10 @@ async fn connect_zk(url: &RegistryUrl) -> Result<Arc<dyn Registry>> {
     let hosts: Vec<String> = url.endpoints.iter().map(|e| e.to_string()).collect();
     let mut options = registry_zk::ZkOptions::new(hosts.join(","));
     if let Some(chroot) = &url.namespace {
-        options = options.with_chroot(chroot.clone());
+        options = options.with_namespace(chroot.clone());
     }
-    if let Some(timeout) = url.session_timeout {
-        options = options.with_session_timeout(timeout);
+    if let Some(timeout) = url.session_ttl {
+        options = options.with_session_ttl(timeout);
     }
     if let Some(timeout) = url.request_timeout {
         options = options.with_request_timeout(timeout);

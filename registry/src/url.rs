@@ -1,9 +1,9 @@
 //! `RegistryUrl`: parsing and printing of registry URLs (`etcd://`, `zk://`, `mem://`).
 //!
 //! ```text
-//! etcd://[user:password@]h1:2379,h2:2379[/namespace][?ttl=5s&timeout=3s]
+//! etcd://[user:password@]h1:2379,h2:2379[/namespace][?session_ttl=5s&timeout=3s]
 //! etcds://[user:password@]h1:2379[/namespace]?ca=/etc/etcd/ca.pem[&cert=client.pem&key=client-key.pem]
-//! zk://h1:2181,h2:2181[/chroot][?session_timeout=10s&timeout=3s]
+//! zk://h1:2181,h2:2181[/namespace][?session_ttl=10s&timeout=3s]
 //! mem://[name]
 //! ```
 //! Every malformed URL gets an [`Error::InvalidArgument`] that says what and where. Credentials
@@ -100,8 +100,9 @@ pub struct RegistryUrl {
     pub memory_name: Option<String>,
     /// Credentials from `user:password@`.
     pub credentials: Option<Credentials>,
-    /// Session TTL (etcd `ttl`, ZooKeeper `session_timeout`).
-    pub session_timeout: Option<Duration>,
+    /// Session TTL: the `session_ttl` parameter (also read from the backends' own names,
+    /// etcd's `ttl` and ZooKeeper's `session_timeout`).
+    pub session_ttl: Option<Duration>,
     /// Per-request timeout (`timeout`).
     pub request_timeout: Option<Duration>,
     /// TLS (`etcds://`, with `ca=` and optionally `cert=` and `key=`).
@@ -263,7 +264,7 @@ impl RegistryUrl {
             namespace: None,
             memory_name: None,
             credentials: None,
-            session_timeout: None,
+            session_ttl: None,
             request_timeout: None,
             tls: None,
         };
@@ -331,13 +332,14 @@ impl RegistryUrl {
                 })
             };
             match (kind, key) {
-                (BackendKind::Etcd, "ttl") | (BackendKind::ZooKeeper, "session_timeout") => {
-                    parsed.session_timeout = Some(duration()?)
+                (_, "session_ttl")
+                | (BackendKind::Etcd | BackendKind::Memory, "ttl")
+                | (BackendKind::ZooKeeper, "session_timeout") => {
+                    parsed.session_ttl = Some(duration()?)
                 }
                 (BackendKind::Etcd | BackendKind::ZooKeeper, "timeout") => {
                     parsed.request_timeout = Some(duration()?)
                 }
-                (BackendKind::Memory, "ttl") => parsed.session_timeout = Some(duration()?),
                 (BackendKind::Etcd, "ca" | "cert" | "key") if !secure => {
                     return Err(invalid(url, format!("{key}= needs the etcds:// scheme")))
                 }
@@ -397,12 +399,8 @@ impl fmt::Display for RegistryUrl {
             write!(f, "{ns}")?;
         }
         let mut params = Vec::new();
-        if let Some(t) = self.session_timeout {
-            let key = match self.kind {
-                BackendKind::ZooKeeper => "session_timeout",
-                _ => "ttl",
-            };
-            params.push(format!("{key}={}", format_duration(t)));
+        if let Some(t) = self.session_ttl {
+            params.push(format!("session_ttl={}", format_duration(t)));
         }
         if let Some(t) = self.request_timeout {
             params.push(format!("timeout={}", format_duration(t)));
@@ -445,13 +443,22 @@ mod tests {
         assert_eq!(u.endpoints.len(), 2);
         assert_eq!(u.endpoints[1].to_string(), "10.0.0.2:2380");
         assert_eq!(u.namespace.as_ref().map(|n| n.as_str()), Some("/soa"));
-        assert_eq!(u.session_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(u.session_ttl, Some(Duration::from_secs(5)));
         assert_eq!(u.request_timeout, Some(Duration::from_secs(3)));
 
-        let z = RegistryUrl::parse("zk://127.0.0.1:2181/chroot/x?session_timeout=10s").unwrap();
+        let z = RegistryUrl::parse("zk://127.0.0.1:2181/chroot/x?session_ttl=10s").unwrap();
         assert_eq!(z.kind, BackendKind::ZooKeeper);
         assert_eq!(z.namespace.unwrap().as_str(), "/chroot/x");
-        assert_eq!(z.session_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(z.session_ttl, Some(Duration::from_secs(10)));
+        // The backends' own names for it are read too.
+        for (url, secs) in [
+            ("etcd://h:1?ttl=7s", 7),
+            ("zk://h:1?session_timeout=8s", 8),
+            ("mem://?ttl=9s", 9),
+        ] {
+            let parsed = RegistryUrl::parse(url).unwrap();
+            assert_eq!(parsed.session_ttl, Some(Duration::from_secs(secs)), "{url}");
+        }
 
         let m = RegistryUrl::parse("mem://").unwrap();
         assert_eq!(m.kind, BackendKind::Memory);
@@ -472,8 +479,8 @@ mod tests {
     #[test]
     fn round_trips_through_display() {
         for url in [
-            "etcd://h1:2379,h2:2379/ns?ttl=5s&timeout=500ms",
-            "zk://a:2181/c?session_timeout=10s",
+            "etcd://h1:2379,h2:2379/ns?session_ttl=5s&timeout=500ms",
+            "zk://a:2181/c?session_ttl=10s",
             "mem://x",
         ] {
             let parsed = RegistryUrl::parse(url).unwrap();

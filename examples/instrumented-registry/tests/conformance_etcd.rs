@@ -23,7 +23,7 @@ impl Fixture for WrappedEtcd {
     async fn open(&self, namespace: &str) -> Result<Arc<dyn Registry>> {
         let options = EtcdOptions::new([self.endpoint.clone()])
             .with_namespace(NodePath::new(format!("/{namespace}"))?)
-            .with_ttl(Duration::from_secs(2));
+            .with_session_ttl(Duration::from_secs(2));
         let inner: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(options).await?);
         Ok(Arc::new(InstrumentedRegistry::new(inner)))
     }

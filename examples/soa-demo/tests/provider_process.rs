@@ -77,7 +77,7 @@ async fn wait_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_master_fails_over_and_graceful_stop_is_prompt() {
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = format!("etcd://{}?ttl=2s", server.endpoint());
+    let url = format!("etcd://{}?session_ttl=2s", server.endpoint());
     let first = provider(&url, "10.0.5.1:9090");
     let second = provider(&url, "10.0.5.2:9090");
     let consumer = registry::connect(&url).await.unwrap();
