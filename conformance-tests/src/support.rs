@@ -335,3 +335,58 @@ pub async fn election_survives_outage(
     );
     took
 }
+
+/// Closes `owner` while its only route to the server, `proxy`, is blackholed: the close must
+/// say `Unavailable` (the server could not be told), release the client (`Closed` after, a
+/// second close `Ok`), and `owner`'s ephemeral `node` must then go, as seen by `observer`,
+/// within `expiry` (the session's TTL with margin).
+pub async fn close_while_unreachable(
+    owner: &dyn Registry,
+    proxy: &crate::harness::TcpProxy,
+    observer: &dyn Registry,
+    node: &NodePath,
+    expiry: Duration,
+) {
+    proxy.blackhole();
+    let closed = tokio::time::timeout(Duration::from_secs(10), owner.close())
+        .await
+        .unwrap_or_else(|_| panic!("close hung on an unreachable server"));
+    assert!(
+        matches!(closed, Err(Error::Unavailable { .. })),
+        "close reported {closed:?} though the server could not be told"
+    );
+    assert!(matches!(owner.get(node).await, Err(Error::Closed)));
+    assert!(owner.close().await.is_ok(), "a second close is not Ok");
+    let started = std::time::Instant::now();
+    while observer
+        .exists(node)
+        .await
+        .unwrap_or_else(|e| panic!("exists {node}: {e}"))
+    {
+        assert!(
+            started.elapsed() < expiry,
+            "{node} outlived its session by more than {expiry:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `/usr/bin/etcdctl` (v3 API) against `endpoint`; its stdout. Fails the test, naming
+/// the setup command, if etcdctl is missing, and with its stderr if it fails.
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> String {
+    const ETCDCTL: &str = "/usr/bin/etcdctl";
+    crate::harness::require_binary(std::path::Path::new(ETCDCTL), "etcdctl")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = std::process::Command::new(ETCDCTL)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {ETCDCTL}: {e}"));
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

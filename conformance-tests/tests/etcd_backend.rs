@@ -1,12 +1,12 @@
 //! etcd-specific behaviour beyond the shared suite, each against its own real etcd.
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conformance_tests::harness::{require_binary, EtcdCluster, EtcdServer, TcpProxy};
-use conformance_tests::support::{apply_until, next_event, read_scope, summary};
+use conformance_tests::harness::{EtcdCluster, EtcdServer, TcpProxy};
+use conformance_tests::support::{
+    apply_until, close_while_unreachable, etcdctl, next_event, read_scope, summary,
+};
 use futures::StreamExt;
 use registry_core::{
     Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registration,
@@ -57,25 +57,6 @@ async fn register_all(
         );
     }
     registrations
-}
-
-/// Where Debian's etcd-client installs it (the path the test script checks).
-const ETCDCTL: &str = "/usr/bin/etcdctl";
-
-fn etcdctl(endpoint: &str, args: &[&str]) -> String {
-    require_binary(Path::new(ETCDCTL), "etcdctl").unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(ETCDCTL)
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {ETCDCTL}: {e}"));
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -870,27 +851,7 @@ async fn a_close_that_cannot_revoke_says_so_and_the_nodes_expire() {
         .create(&node, Bytes::new(), CreateMode::Ephemeral)
         .await
         .unwrap();
-    proxy.blackhole();
-    let closed = tokio::time::timeout(Duration::from_secs(10), owner.close())
-        .await
-        .expect("close hung on an unreachable server");
-    assert!(
-        matches!(closed, Err(registry_core::Error::Unavailable { .. })),
-        "close reported {closed:?} though it could not revoke"
-    );
-    assert!(matches!(
-        owner.get(&node).await,
-        Err(registry_core::Error::Closed)
-    ));
-    assert!(owner.close().await.is_ok(), "a second close is not Ok");
     // The lease expires within its TTL (2 s) plus etcd's checking, with margin.
-    let started = std::time::Instant::now();
-    while observer.exists(&node).await.unwrap() {
-        assert!(
-            started.elapsed() < Duration::from_secs(8),
-            "the ephemeral node outlived its lease"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    close_while_unreachable(&owner, &proxy, &*observer, &node, Duration::from_secs(8)).await;
     observer.close().await.unwrap();
 }

@@ -1,30 +1,8 @@
 //! Self-test of the etcd harness: real members start, serve, crash and come back with data.
 
-use std::path::Path;
-use std::process::Command;
-
 use conformance_tests::harness::etcd::http_get;
-use conformance_tests::harness::{require_binary, EtcdCluster, EtcdServer};
-
-/// Where Debian's etcd-client installs it (the path the test script checks).
-const ETCDCTL: &str = "/usr/bin/etcdctl";
-
-/// Runs etcdctl against `server`; its stdout.
-fn etcdctl(server: &EtcdServer, args: &[&str]) -> String {
-    require_binary(Path::new(ETCDCTL), "etcdctl").unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(ETCDCTL)
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", server.endpoint()))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {ETCDCTL}: {e}"));
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use conformance_tests::harness::{EtcdCluster, EtcdServer};
+use conformance_tests::support::etcdctl;
 
 #[test]
 fn single_server_restarts_on_its_data() {
@@ -35,7 +13,7 @@ fn single_server_restarts_on_its_data() {
     let pid_dir = server.watcher_total();
     assert!(pid_dir.is_some(), "metrics not readable");
     // Health alone would pass on an empty data dir; the key proves the data survived.
-    etcdctl(&server, &["put", "/harness/restart", "kept"]);
+    etcdctl(&server.endpoint(), &["put", "/harness/restart", "kept"]);
     server.kill().unwrap();
     assert!(
         http_get(server.addr(), "/health").is_none(),
@@ -45,7 +23,10 @@ fn single_server_restarts_on_its_data() {
     assert!(http_get(server.addr(), "/health")
         .unwrap_or_default()
         .contains("true"));
-    let value = etcdctl(&server, &["get", "/harness/restart", "--print-value-only"]);
+    let value = etcdctl(
+        &server.endpoint(),
+        &["get", "/harness/restart", "--print-value-only"],
+    );
     assert_eq!(
         value.trim(),
         "kept",

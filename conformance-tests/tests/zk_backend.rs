@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conformance_tests::harness::{wait_until, TcpProxy, ZkConfig, ZkServer};
-use conformance_tests::support::{apply_until, next_event, read_scope, summary};
+use conformance_tests::support::{
+    apply_until, close_while_unreachable, next_event, read_scope, summary,
+};
 use futures::StreamExt;
 use registry_core::{
     Bytes, CreateMode, Expected, NodePath, RegisterOptions, RegistrationStatus, Registry,
@@ -586,27 +588,7 @@ async fn a_close_that_cannot_end_the_session_says_so() {
         .create(&node, Bytes::new(), CreateMode::Ephemeral)
         .await
         .unwrap();
-    proxy.blackhole();
-    let closed = tokio::time::timeout(Duration::from_secs(10), owner.close())
-        .await
-        .expect("close hung on an unreachable server");
-    assert!(
-        matches!(closed, Err(registry_core::Error::Unavailable { .. })),
-        "close reported {closed:?} though the server never confirmed"
-    );
-    assert!(matches!(
-        owner.get(&node).await,
-        Err(registry_core::Error::Closed)
-    ));
-    assert!(owner.close().await.is_ok(), "a second close is not Ok");
     // The server expires the silent session within its timeout (2 s), with margin.
-    let started = Instant::now();
-    while observer.exists(&node).await.unwrap() {
-        assert!(
-            started.elapsed() < Duration::from_secs(8),
-            "the ephemeral node outlived its session"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    close_while_unreachable(&owner, &proxy, &*observer, &node, Duration::from_secs(8)).await;
     observer.close().await.unwrap();
 }
