@@ -312,30 +312,24 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let mut reg = Samples::default();
     let mut dereg = Samples::default();
     for rep in 0..env.cfg.reps {
-        for side in sides(rep) {
-            let base = format!("/bench/register/{}/r{rep}", side.name());
-            match side {
-                Side::Raw => {
-                    env.raw.mkdir(&base).await?;
-                    let mut paths = Vec::new();
-                    for i in 0..env.cfg.samples {
-                        let p = format!("{base}/n{i}");
+        let base = |side: Side| format!("/bench/register/{}/r{rep}", side.name());
+        env.raw.mkdir(&base(Side::Raw)).await?;
+        env.ours.mkdir(&base(Side::Ours)).await?;
+        let mut paths = Vec::new();
+        let mut regs = Vec::new();
+        // Sides alternate sample by sample, so both meet the server in the same state.
+        for i in 0..env.cfg.samples {
+            for side in sides(rep + i) {
+                let p = format!("{}/n{i}", base(side));
+                match side {
+                    Side::Raw => {
                         let t = Instant::now();
                         env.raw.register(&p, VALUE).await?;
                         reg.raw.push(micros_since(t));
                         paths.push(p);
                     }
-                    for p in &paths {
-                        let t = Instant::now();
-                        env.raw.delete(p).await?;
-                        dereg.raw.push(micros_since(t));
-                    }
-                }
-                Side::Ours => {
-                    env.ours.mkdir(&base).await?;
-                    let mut regs = Vec::new();
-                    for i in 0..env.cfg.samples {
-                        let p = path(&format!("{base}/n{i}"))?;
+                    Side::Ours => {
+                        let p = path(&p)?;
                         let t = Instant::now();
                         let r = env
                             .ours
@@ -346,10 +340,27 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                         reg.ours.push(micros_since(t));
                         regs.push(r);
                     }
-                    for r in regs {
-                        let t = Instant::now();
-                        r.deregister().await.ctx("deregister")?;
-                        dereg.ours.push(micros_since(t));
+                }
+            }
+        }
+        let mut regs = regs.into_iter();
+        let mut paths = paths.iter();
+        for i in 0..env.cfg.samples {
+            for side in sides(rep + i) {
+                match side {
+                    Side::Raw => {
+                        if let Some(p) = paths.next() {
+                            let t = Instant::now();
+                            env.raw.delete(p).await?;
+                            dereg.raw.push(micros_since(t));
+                        }
+                    }
+                    Side::Ours => {
+                        if let Some(r) = regs.next() {
+                            let t = Instant::now();
+                            r.deregister().await.ctx("deregister")?;
+                            dereg.ours.push(micros_since(t));
+                        }
                     }
                 }
             }
@@ -391,8 +402,8 @@ pub async fn reads(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let mut get = Samples::default();
     let mut children = Samples::default();
     for rep in 0..env.cfg.reps {
-        for side in sides(rep) {
-            for _ in 0..env.cfg.samples {
+        for i in 0..env.cfg.samples {
+            for side in sides(rep + i) {
                 let t = Instant::now();
                 match side {
                     Side::Raw => {
@@ -404,7 +415,9 @@ pub async fn reads(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                 }
                 get.of(side).push(micros_since(t));
             }
-            for _ in 0..env.cfg.children_samples {
+        }
+        for i in 0..env.cfg.children_samples {
+            for side in sides(rep + i) {
                 let t = Instant::now();
                 let n = match side {
                     Side::Raw => env.raw.children(list).await?,
@@ -586,22 +599,34 @@ async fn watch_node(
 pub async fn watch(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let mut single = Samples::default();
     let mut fan = Samples::default();
+    let key = |side: Side| format!("/bench/watch/{}/k", side.name());
     for rep in 0..env.cfg.reps {
-        for side in sides(rep) {
-            let key = format!("/bench/watch/{}/k", side.name());
-            env.writer.put(&key, b"init").await?;
-            let (tx, mut rx) = unbounded_channel();
-            let watcher = watch_node(env, side, &key, 0, tx).await?;
-            for i in 0..env.cfg.samples {
+        // One watcher per side, both open, written to in turn: both meet the server and the
+        // writer in the same state.
+        let mut watched = Vec::new();
+        for side in sides(0) {
+            env.writer.put(&key(side), b"init").await?;
+            let (tx, rx) = unbounded_channel();
+            let watcher = watch_node(env, side, &key(side), 0, tx).await?;
+            watched.push((side, watcher, rx));
+        }
+        for i in 0..env.cfg.samples {
+            for side in sides(rep + i) {
+                let Some((_, _, rx)) = watched.iter_mut().find(|(s, _, _)| *s == side) else {
+                    continue;
+                };
                 let value = format!("r{rep}-{i}");
                 let t0 = Instant::now();
-                env.writer.set(&key, value.as_bytes()).await?;
-                let at = arrivals(&mut rx, 1, value.as_bytes()).await?;
+                env.writer.set(&key(side), value.as_bytes()).await?;
+                let at = arrivals(rx, 1, value.as_bytes()).await?;
                 single
                     .of(side)
                     .push(at.duration_since(t0).as_secs_f64() * 1e6);
             }
-            drop(watcher);
+        }
+        drop(watched);
+        for side in sides(rep) {
+            let key = key(side);
             let (tx, mut rx) = unbounded_channel();
             let mut watchers = Vec::new();
             for w in 0..env.cfg.fanout {
