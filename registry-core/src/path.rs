@@ -257,8 +257,13 @@ impl TryFrom<&str> for NodePath {
 
 impl TryFrom<String> for NodePath {
     type Error = Error;
+    /// Validates like [`NodePath::new`] and keeps the string (no copy).
     fn try_from(s: String) -> Result<Self, Error> {
-        NodePath::new(s)
+        validate(&s).map_err(|reason| Error::InvalidPath {
+            path: truncate_for_error(&s),
+            reason,
+        })?;
+        Ok(NodePath(s))
     }
 }
 

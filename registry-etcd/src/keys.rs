@@ -50,6 +50,39 @@ impl Keys {
         NodePath::new(rest).ok()
     }
 
+    /// [`Keys::path`] of a key the caller owns: without a namespace the key's bytes become
+    /// the path's, uncopied.
+    fn path_owned(&self, key: Vec<u8>) -> Option<NodePath> {
+        if !self.namespace.is_empty() {
+            return self.path(&key);
+        }
+        let key = String::from_utf8(key).ok()?;
+        if !key.starts_with('/') || key == "/" {
+            return None;
+        }
+        NodePath::try_from(key).ok()
+    }
+
+    /// [`Keys::node_of`] consuming the pair, so its key and value are moved, not copied
+    /// (a `children` of many nodes spent a measurable share of its client time copying).
+    pub(crate) fn node_of_owned(&self, kv: KeyValue) -> Option<Node> {
+        let (version, created, modified, lease) = (
+            kv.version(),
+            kv.create_revision(),
+            kv.mod_revision(),
+            kv.lease(),
+        );
+        let (key, value) = kv.into_key_value();
+        Some(node_from(
+            self.path_owned(key)?,
+            Bytes::from(value),
+            version,
+            created,
+            modified,
+            lease,
+        ))
+    }
+
     /// The node a key-value pair holds, if it is a node of this namespace.
     pub(crate) fn node_of(&self, kv: &KeyValue) -> Option<Node> {
         Some(node_from(

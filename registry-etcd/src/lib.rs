@@ -1058,7 +1058,7 @@ impl Registry for EtcdRegistry {
             .shared
             .range(keys.below(path), below_options(), "children", path)
             .await?;
-        let (listed, revision) = if !listed.kvs().is_empty() || path.is_root() {
+        let (mut listed, revision) = if !listed.kvs().is_empty() || path.is_root() {
             let revision = listed.header().map_or(0, |h| h.revision());
             (listed, revision)
         } else {
@@ -1078,7 +1078,7 @@ impl Registry for EtcdRegistry {
             }
             (listed, revision_of(&response))
         };
-        let below = listed.kvs();
+        let below = listed.take_kvs();
         // Keys come sorted, but `/a/b/c` does not follow `/a/b` (`/a/b-x` sorts between), so
         // deeper keys only name their child here; it is implicit if it has no key of its own.
         let prefix = if path.is_root() {
@@ -1089,7 +1089,7 @@ impl Registry for EtcdRegistry {
         let mut nodes: Vec<Node> = Vec::with_capacity(below.len());
         let mut implied: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         for kv in below {
-            let Some(node) = keys.node_of(kv) else {
+            let Some(node) = keys.node_of_owned(kv) else {
                 continue;
             };
             match node
