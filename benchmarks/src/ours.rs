@@ -61,7 +61,7 @@ impl Ours {
                 Ok(Ours { reg: Arc::new(reg) })
             }
             Backend::Zk => {
-                let reg = ZkRegistry::connect(ZkOptions::new(target).with_session_ttl(ttl))
+                let reg = ZkRegistry::connect(ZkOptions::new([target]).with_session_ttl(ttl))
                     .await
                     .ctx(format!("connect our zookeeper registry to {target}"))?;
                 Ok(Ours { reg: Arc::new(reg) })

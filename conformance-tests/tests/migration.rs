@@ -50,7 +50,7 @@ async fn runbook_moves_a_live_dapeng_tree_from_zookeeper_to_etcd() {
     let open_zk = || {
         let addr = zk_addr.clone();
         async move {
-            let options = ZkOptions::new(addr).with_session_ttl(Duration::from_secs(4));
+            let options = ZkOptions::new([addr]).with_session_ttl(Duration::from_secs(4));
             Arc::new(ZkRegistry::connect(options).await.unwrap()) as Arc<dyn Registry>
         }
     };

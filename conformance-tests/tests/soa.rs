@@ -322,7 +322,7 @@ async fn soa_on_zookeeper() {
             let proxies = p1.clone();
             Box::pin(async move {
                 let proxy = Arc::new(TcpProxy::start(upstream).unwrap());
-                let o = ZkOptions::new(proxy.addr().to_string())
+                let o = ZkOptions::new([proxy.addr().to_string()])
                     .with_session_ttl(Duration::from_secs(2));
                 let client = Arc::new(ZkRegistry::connect(o).await.unwrap()) as Arc<dyn Registry>;
                 proxies

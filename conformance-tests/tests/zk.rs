@@ -73,7 +73,7 @@ impl Fixture for ZkFixture {
                 .addr()
         });
         let proxy = Arc::new(TcpProxy::start(upstream).map_err(Error::unavailable)?);
-        let options = ZkOptions::new(proxy.addr().to_string())
+        let options = ZkOptions::new([proxy.addr().to_string()])
             .with_namespace(NodePath::new(format!("/{namespace}"))?)
             .with_session_ttl(SESSION_TIMEOUT);
         let registry = Arc::new(ZkRegistry::connect(options).await?);
@@ -103,7 +103,7 @@ impl Fixture for ZkFixture {
 
     async fn connect_to(&self, members: &[SocketAddr]) -> Result<Arc<dyn Registry>> {
         let hosts: Vec<String> = members.iter().map(|m| m.to_string()).collect();
-        let options = ZkOptions::new(hosts.join(",")).with_session_ttl(SESSION_TIMEOUT);
+        let options = ZkOptions::new([hosts.join(",")]).with_session_ttl(SESSION_TIMEOUT);
         Ok(Arc::new(ZkRegistry::connect(options).await?))
     }
 

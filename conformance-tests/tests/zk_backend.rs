@@ -26,7 +26,7 @@ fn fast_server() -> ZkServer {
 }
 
 async fn connect(connect_string: &str, timeout: Duration) -> Arc<ZkRegistry> {
-    let options = ZkOptions::new(connect_string.to_owned()).with_session_ttl(timeout);
+    let options = ZkOptions::new([connect_string.to_owned()]).with_session_ttl(timeout);
     Arc::new(
         ZkRegistry::connect(options)
             .await
@@ -578,7 +578,7 @@ async fn a_versioned_recursive_delete_is_all_or_nothing() {
 async fn a_close_that_cannot_end_the_session_says_so() {
     let server = fast_server();
     let proxy = TcpProxy::start(server.addr()).unwrap();
-    let options = ZkOptions::new(proxy.addr().to_string())
+    let options = ZkOptions::new([proxy.addr().to_string()])
         .with_session_ttl(Duration::from_secs(2))
         .with_request_timeout(Duration::from_millis(500));
     let owner = ZkRegistry::connect(options).await.unwrap();

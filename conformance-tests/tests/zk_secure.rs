@@ -27,7 +27,7 @@ fn server() -> ZkServer {
 }
 
 async fn client(addr: String, identity: Option<&str>) -> ZkRegistry {
-    let mut options = ZkOptions::new(addr).with_session_ttl(SESSION);
+    let mut options = ZkOptions::new([addr]).with_session_ttl(SESSION);
     if let Some(identity) = identity {
         options = options.with_auth("digest", identity.as_bytes().to_vec());
     }
@@ -45,7 +45,7 @@ fn denied<T: std::fmt::Debug>(what: &str, result: registry_core::Result<T>, path
 
 /// A provider of the service: its identity, service nodes only that identity may change.
 async fn goods_provider(addr: String) -> ZkRegistry {
-    let options = ZkOptions::new(addr)
+    let options = ZkOptions::new([addr])
         .with_session_ttl(SESSION)
         .with_auth("digest", b"goods:goods-pw".to_vec())
         .with_persistent_acl(ZkAcl::CreatorWritesAnyoneReads);
@@ -130,7 +130,7 @@ async fn other_identities_can_read_a_registration_but_not_remove_or_change_it() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_node_is_a_permission_error_not_a_hang() {
     let zk = server();
-    let options = ZkOptions::new(zk.connect_string())
+    let options = ZkOptions::new([zk.connect_string()])
         .with_session_ttl(SESSION)
         .with_auth("digest", b"ops:ops-pw".to_vec())
         .with_persistent_acl(ZkAcl::CreatorOnly);
@@ -165,7 +165,7 @@ async fn an_unreadable_node_is_a_permission_error_not_a_hang() {
     denied("bob watches", watched, &secret);
     // Creator ACLs without an identity are refused before any I/O.
     let refused = ZkRegistry::connect(
-        ZkOptions::new(zk.connect_string()).with_persistent_acl(ZkAcl::CreatorOnly),
+        ZkOptions::new([zk.connect_string()]).with_persistent_acl(ZkAcl::CreatorOnly),
     )
     .await;
     assert!(
@@ -179,7 +179,7 @@ async fn an_unreadable_node_is_a_permission_error_not_a_hang() {
 async fn auth_is_sent_again_after_a_reconnect_and_on_a_new_session() {
     let zk = server();
     let proxy = TcpProxy::start(zk.addr()).unwrap_or_else(|e| panic!("{e}"));
-    let options = ZkOptions::new(proxy.addr().to_string())
+    let options = ZkOptions::new([proxy.addr().to_string()])
         .with_session_ttl(SESSION)
         .with_auth("digest", b"alice:alice-pw".to_vec())
         .with_persistent_acl(ZkAcl::CreatorOnly);
@@ -277,7 +277,7 @@ async fn sasl_digest_md5_identities_and_acls() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let sasl = |user: &str, password: &str| {
-        ZkOptions::new(zk.connect_string())
+        ZkOptions::new([zk.connect_string()])
             .with_session_ttl(SESSION)
             .with_connect_timeout(Duration::from_secs(5))
             .with_sasl_digest_md5(user, password)

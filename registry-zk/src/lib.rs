@@ -109,7 +109,7 @@ async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
                 connector.with_sasl(zk::SaslOptions::digest_md5(user.clone(), password.clone()));
         }
         let client = connector
-            .connect(&options.connect_string)
+            .connect(&options.connect_string())
             .await
             .map_err(|e| map(e, "connect", &root))?;
         let Some(chroot) = &options.namespace else {
@@ -141,7 +141,7 @@ async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
     tokio::time::timeout(deadline, connect)
         .await
         .map_err(|_| Error::Timeout {
-            operation: format!("zookeeper connect to {}", options.connect_string),
+            operation: format!("zookeeper connect to {}", options.connect_string()),
             after: deadline,
         })?
 }
@@ -226,9 +226,9 @@ impl ZkRegistry {
                     .into(),
             ));
         }
-        if options.connect_string.trim().is_empty() {
+        if options.endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err(Error::InvalidArgument(
-                "zookeeper: empty connect string".into(),
+                "zookeeper: no endpoint given".into(),
             ));
         }
         let client = open_client(&options).await?;
@@ -243,7 +243,7 @@ impl ZkRegistry {
             closed: AtomicBool::new(false),
             session_task: Mutex::new(None),
         });
-        let span = tracing::info_span!("zk_session", servers = %shared.options.connect_string);
+        let span = tracing::info_span!("zk_session", servers = %shared.options.connect_string());
         let task = tokio::spawn(
             run_session(Arc::downgrade(&shared), client, shutdown_rx).instrument(span),
         );

@@ -23,8 +23,9 @@ pub enum ZkAcl {
 /// auth. `Debug` never shows auth bytes.
 #[derive(Clone)]
 pub struct ZkOptions {
-    /// `host:port,host:port` of the servers.
-    pub connect_string: String,
+    /// `host:port` of every server to use (an element may itself be a ZooKeeper connect
+    /// string `h1:2181,h2:2181`: they are joined with commas).
+    pub endpoints: Vec<String>,
     /// Every path lives under this node (ZooKeeper's chroot; created if missing).
     pub namespace: Option<NodePath>,
     /// The session's TTL: ZooKeeper's session timeout, asked of the server (which clamps it
@@ -58,9 +59,9 @@ pub struct ZkOptions {
 
 impl ZkOptions {
     /// Options for these servers with the defaults.
-    pub fn new(connect_string: impl Into<String>) -> Self {
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
         ZkOptions {
-            connect_string: connect_string.into(),
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
             namespace: None,
             session_ttl: Duration::from_secs(10),
             request_timeout: Duration::from_secs(3),
@@ -70,6 +71,11 @@ impl ZkOptions {
             ephemeral_acl: None,
             persistent_acl: None,
         }
+    }
+
+    /// The endpoints as ZooKeeper's connect string, `h1:2181,h2:2181`.
+    pub fn connect_string(&self) -> String {
+        self.endpoints.join(",")
     }
 
     /// Authenticates with SASL DIGEST-MD5 (see [`ZkOptions::sasl_digest_md5`]).
@@ -148,7 +154,7 @@ impl ZkOptions {
 impl fmt::Debug for ZkOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ZkOptions")
-            .field("connect_string", &self.connect_string)
+            .field("endpoints", &self.endpoints)
             .field("namespace", &self.namespace)
             .field("session_ttl", &self.session_ttl)
             .field("request_timeout", &self.request_timeout)

@@ -111,8 +111,7 @@ async fn connect_etcd(url: &RegistryUrl) -> Result<Arc<dyn Registry>> {
 
 #[cfg(feature = "zk")]
 async fn connect_zk(url: &RegistryUrl) -> Result<Arc<dyn Registry>> {
-    let hosts: Vec<String> = url.endpoints.iter().map(|e| e.to_string()).collect();
-    let mut options = registry_zk::ZkOptions::new(hosts.join(","));
+    let mut options = registry_zk::ZkOptions::new(url.endpoints.iter().map(|e| e.to_string()));
     if let Some(chroot) = &url.namespace {
         options = options.with_namespace(chroot.clone());
     }
