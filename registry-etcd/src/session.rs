@@ -457,13 +457,19 @@ async fn grant(
     }
 }
 
-/// Revokes `leases` at once, each within `timeout`; one that fails expires after its TTL.
+/// Revokes `leases` at once, each within `timeout`, and counts those that are gone (a lease
+/// etcd no longer has counts: its keys went with it); one that fails expires after its TTL.
 pub(crate) async fn revoke_all(client: &Client, leases: &[i64], timeout: Duration) -> usize {
     let revokes = leases.iter().map(|&lease| {
         let mut client = client.clone();
         async move {
             match tokio::time::timeout(timeout, client.lease_revoke(lease)).await {
                 Ok(Ok(_)) => true,
+                Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                    if status.message().contains("lease not found") =>
+                {
+                    true
+                }
                 Ok(Err(error)) => {
                     tracing::debug!(lease, %error, "lease revoke failed; it expires after its TTL");
                     false

@@ -169,8 +169,9 @@ async fn run(
                 }
                 Err(Error::Closed) => return,
                 // Retrying cannot fix these (the user may not read the scope): the consumer
-                // gets the error and the stream ends, as the contract says.
-                Err(error) if !error.is_retryable() => {
+                // gets the error and the stream ends, as the contract says. Anything else (a
+                // reset stream surfaces as an unclassified error) is retried.
+                Err(error @ (Error::PermissionDenied { .. } | Error::AuthFailed(_))) => {
                     return end_with(&tx, &mut shutdown, error).await
                 }
                 Err(error) => {

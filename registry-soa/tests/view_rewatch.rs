@@ -21,8 +21,8 @@ const SERVICE: &str = "test.RewatchService";
 /// it can refuse; everything else goes to `inner`.
 struct FaultyWatches {
     inner: Arc<dyn Registry>,
-    /// Open watches of this path yield an error and end when it is sent.
-    fail: tokio::sync::watch::Sender<Option<NodePath>>,
+    /// Open watches of these paths yield an error and end when they are sent.
+    fail: tokio::sync::watch::Sender<Vec<NodePath>>,
     /// `watch` calls still to refuse.
     refuse: AtomicUsize,
 }
@@ -69,7 +69,7 @@ impl Registry for FaultyWatches {
         let path = path.clone();
         let failed = async move {
             while failing.changed().await.is_ok() {
-                if failing.borrow().as_ref() == Some(&path) {
+                if failing.borrow().contains(&path) {
                     return;
                 }
             }
@@ -135,7 +135,7 @@ async fn a_failed_watch_is_watched_again_and_the_view_is_never_fresh_and_emptied
             .await
             .unwrap(),
     );
-    let (fail, _) = tokio::sync::watch::channel(None);
+    let (fail, _) = tokio::sync::watch::channel(Vec::new());
     let consumer = Arc::new(FaultyWatches {
         inner: Arc::new(
             MemoryRegistry::connect(&store, MemoryOptions::default())
@@ -174,8 +174,9 @@ async fn a_failed_watch_is_watched_again_and_the_view_is_never_fresh_and_emptied
     // Every watch fails at once, and the first two attempts to watch again are refused.
     consumer.refuse.store(2, Ordering::SeqCst);
     let runtime = NodePath::new(format!("/soa/runtime/services/{SERVICE}")).unwrap();
-    consumer.fail.send_replace(Some(runtime.clone()));
-    consumer.fail.send_replace(Some(config.clone()));
+    consumer
+        .fail
+        .send_replace(vec![runtime.clone(), config.clone()]);
     let seen = follow(&view, "stale after the failure", |s| s.stale).await;
     let seen_after = follow(&view, "fresh again", |s| !s.stale).await;
     for s in seen.iter().chain(&seen_after) {
@@ -190,8 +191,7 @@ async fn a_failed_watch_is_watched_again_and_the_view_is_never_fresh_and_emptied
     // Only the instances' watch fails, and watching again is refused once: the view must
     // still follow new instances afterwards.
     consumer.refuse.store(1, Ordering::SeqCst);
-    consumer.fail.send_replace(None);
-    consumer.fail.send_replace(Some(runtime));
+    consumer.fail.send_replace(vec![runtime]);
     held.push(
         Provider::register(&providers, SERVICE, address(3), "1.0.0")
             .await

@@ -1,8 +1,8 @@
 //! The ZooKeeper backend of the [`Registry`] contract.
 //!
-//! - Paths are znode paths under an optional namespace (a chroot, created if missing); values are the raw
-//!   bytes; created nodes get the ACL of [`ZkOptions`]' [`ZkAcl`]. Nodes written by other
-//!   clients are first-class.
+//! - Paths are znode paths under an optional namespace (a chroot, created if missing);
+//!   values are the raw bytes; created nodes get the ACL of [`ZkOptions`]' [`ZkAcl`]. Nodes
+//!   written by other clients are first-class.
 //! - `version` is the znode version, `create_order` its `czxid`; children are sorted by
 //!   `czxid` (the server returns them unordered). `children` costs one `getChildren` plus one
 //!   pipelined `getData` per child. `Children::revision` is the parent's `pzxid`.
@@ -10,8 +10,8 @@
 //!   was taken by name fails with `AlreadyExists`: the server's counter does not skip it). Missing parents are created one
 //!   by one, tolerating "node exists" from concurrent creators; a recursive delete removes
 //!   the deepest nodes first and starts over if a concurrent creator added a child. With an
-//!   expected version, a tree of under 1000 nodes goes in one transaction (all or nothing);
-//!   a bigger one has its version checked first, then is deleted bottom-up.
+//!   expected version, a tree whose paths total under 512 KiB goes in one transaction (all
+//!   or nothing); a bigger one has its version checked first, then is deleted bottom-up.
 //! - One session per client. `Disconnected` is reported as `Suspended`; `Expired`,
 //!   `AuthFailed` and `Closed` end the zookeeper-client `Client`, so a new one is built (with
 //!   capped, jittered backoff, forever) and reported as `Lost` then `Reestablished`.
@@ -406,9 +406,10 @@ enum Resend<T> {
     Removal(T),
 }
 
-/// Nodes a versioned recursive delete removes in one transaction; a bigger tree (its request
-/// would near ZooKeeper's 1 MB `jute.maxbuffer`) is checked first, then deleted bottom-up.
-const ATOMIC_DELETE_MAX: usize = 1000;
+/// Bytes of paths a versioned recursive delete removes in one transaction: half of
+/// ZooKeeper's default 1 MB `jute.maxbuffer`, which a bigger request would break (the server
+/// drops the connection). A bigger tree is checked first, then deleted bottom-up.
+const ATOMIC_DELETE_BYTES: usize = 512 * 1024;
 
 /// Child reads of one `children` call in flight at once.
 const CHILD_READS_IN_FLIGHT: usize = 256;
@@ -603,7 +604,16 @@ impl Registry for ZkRegistry {
                         }
                         Some(_) => {}
                     }
-                    if order.len() < ATOMIC_DELETE_MAX {
+                    // Each operation also carries the namespace, a header and a version.
+                    let per_op = 20
+                        + self
+                            .shared
+                            .options
+                            .namespace
+                            .as_ref()
+                            .map_or(0, |n| n.as_str().len());
+                    let request: usize = order.iter().map(|n| n.as_str().len() + per_op).sum();
+                    if request < ATOMIC_DELETE_BYTES {
                         // One transaction, so a version that changed meanwhile deletes nothing.
                         match self.delete_tree_at(path, v, &order).await {
                             Ok(()) => {
@@ -797,8 +807,9 @@ impl Registry for ZkRegistry {
                     while !state.is_terminated() {
                         state = states.changed().await;
                     }
-                    // An expired session's ephemerals are gone too.
-                    matches!(state, zk::SessionState::Closed | zk::SessionState::Expired)
+                    // Only Closed is the server's answer: the client also declares a session
+                    // Expired by itself after failing to reconnect for long enough.
+                    state == zk::SessionState::Closed
                 })
                 .await
                 .unwrap_or(false)
