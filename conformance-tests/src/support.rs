@@ -8,7 +8,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use rand::Rng;
 use registry_core::{
-    Bytes, Error, Node, NodePath, Registry, SessionId, WatchEvent, WatchStream, WatchedState,
+    Bytes, CreateMode, Error, Node, NodePath, Registry, SessionId, WatchEvent, WatchStream,
+    WatchedState,
 };
 
 use crate::fixture::Fixture;
@@ -138,6 +139,15 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits (up to 10 s) until `reader` lists `n` children of `dir`: contenders have queued.
+pub async fn until_queued(reader: &Arc<dyn Registry>, dir: &NodePath, n: usize, what: &str) {
+    eventually(Duration::from_secs(10), what, || {
+        let reader = reader.clone();
+        async move { reader.children(dir).await.is_ok_and(|c| c.nodes.len() == n) }
+    })
+    .await;
 }
 
 /// Waits until `reader` no longer sees `path`, within the fixture's expiry bound.
@@ -336,17 +346,21 @@ pub async fn election_survives_outage(
     took
 }
 
-/// Closes `owner` while its only route to the server, `proxy`, is blackholed: the close must
-/// say `Unavailable` (the server could not be told), release the client (`Closed` after, a
-/// second close `Ok`), and `owner`'s ephemeral `node` must then go, as seen by `observer`,
-/// within `expiry` (the session's TTL with margin).
+/// Creates an ephemeral node through `owner`, then closes `owner` while its only route to the
+/// server, `proxy`, is blackholed: the close must say `Unavailable` (the server could not be
+/// told), release the client (`Closed` after, a second close `Ok`), and the node must then
+/// go, as seen by `observer`, within `expiry` (the session's TTL with margin).
 pub async fn close_while_unreachable(
     owner: &dyn Registry,
     proxy: &crate::harness::TcpProxy,
     observer: &dyn Registry,
-    node: &NodePath,
     expiry: Duration,
 ) {
+    let node = &p("/close/ephemeral");
+    owner
+        .create(node, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("create {node}: {e}"));
     proxy.blackhole();
     let closed = tokio::time::timeout(Duration::from_secs(10), owner.close())
         .await

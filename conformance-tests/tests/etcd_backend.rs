@@ -846,12 +846,7 @@ async fn a_close_that_cannot_revoke_says_so_and_the_nodes_expire() {
         .with_session_ttl(Duration::from_secs(2))
         .with_request_timeout(Duration::from_millis(500));
     let owner = EtcdRegistry::connect(options).await.unwrap();
-    let node = p("/close/ephemeral");
-    owner
-        .create(&node, Bytes::new(), CreateMode::Ephemeral)
-        .await
-        .unwrap();
     // The lease expires within its TTL (2 s) plus etcd's checking, with margin.
-    close_while_unreachable(&owner, &proxy, &*observer, &node, Duration::from_secs(8)).await;
+    close_while_unreachable(&owner, &proxy, &*observer, Duration::from_secs(8)).await;
     observer.close().await.unwrap();
 }

@@ -583,12 +583,7 @@ async fn a_close_that_cannot_end_the_session_says_so() {
         .with_request_timeout(Duration::from_millis(500));
     let owner = ZkRegistry::connect(options).await.unwrap();
     let observer = connect(&server.connect_string(), Duration::from_secs(4)).await;
-    let node = p("/close/ephemeral");
-    owner
-        .create(&node, Bytes::new(), CreateMode::Ephemeral)
-        .await
-        .unwrap();
     // The server expires the silent session within its timeout (2 s), with margin.
-    close_while_unreachable(&owner, &proxy, &*observer, &node, Duration::from_secs(8)).await;
+    close_while_unreachable(&owner, &proxy, &*observer, Duration::from_secs(8)).await;
     observer.close().await.unwrap();
 }

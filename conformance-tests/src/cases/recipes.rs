@@ -9,7 +9,7 @@ use registry_core::recipes::{Election, Mutex};
 use registry_core::{Bytes, CreateMode, Expected};
 
 use crate::fixture::{Fault, Fixture};
-use crate::support::{eventually, p, session_of, CaseEnv, Outcome};
+use crate::support::{p, session_of, until_queued, CaseEnv, Outcome};
 
 /// Five clients take the lock in turns: never two holders at once, and each holder's
 /// fencing token is larger than every earlier one.
@@ -113,18 +113,11 @@ pub async fn lock_no_herd(fx: &dyn Fixture) -> Outcome {
         }));
         // Queue in a known order so each waiter has exactly one predecessor.
         let reader = client.clone();
-        eventually(
-            Duration::from_secs(10),
+        until_queued(
+            &reader,
+            &p("/locks/h"),
+            i + 2,
             &format!("{at} waiter {i} queued"),
-            || {
-                let reader = reader.clone();
-                async move {
-                    reader
-                        .children(&p("/locks/h"))
-                        .await
-                        .is_ok_and(|c| c.nodes.len() == i + 2)
-                }
-            },
         )
         .await;
     }
@@ -169,18 +162,11 @@ pub async fn lock_cancelled_leaves_no_node(fx: &dyn Fixture) -> Outcome {
         let b = b.clone();
         async move { b.lock().await.map(|_| ()) }
     });
-    eventually(
-        Duration::from_secs(10),
+    until_queued(
+        &reader,
+        &p("/locks/c"),
+        2,
         &format!("{at} pending lock queued"),
-        || {
-            let reader = reader.clone();
-            async move {
-                reader
-                    .children(&p("/locks/c"))
-                    .await
-                    .is_ok_and(|c| c.nodes.len() == 2)
-            }
-        },
     )
     .await;
     pending.abort();
@@ -272,18 +258,11 @@ pub async fn election_single_leader(fx: &dyn Fixture) -> Outcome {
     let tc = tokio::spawn(async move { c.campaign(Bytes::from("c")).await });
     // Both candidates queued first, so the window below tests waiting, not slow creates.
     let reader = env.client().await;
-    eventually(
-        Duration::from_secs(10),
+    until_queued(
+        &reader,
+        &p("/el/e"),
+        3,
         &format!("{at} candidates b and c queued"),
-        || {
-            let reader = reader.clone();
-            async move {
-                reader
-                    .children(&p("/el/e"))
-                    .await
-                    .is_ok_and(|c| c.nodes.len() == 3)
-            }
-        },
     )
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
