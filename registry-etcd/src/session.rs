@@ -457,25 +457,31 @@ async fn grant(
     }
 }
 
-/// Revokes `leases` at once, each within `timeout`, and counts those that are gone (a lease
-/// etcd no longer has counts: its keys went with it); one that fails expires after its TTL.
+/// Revokes `leases` at once and counts those that are gone (a lease etcd no longer has
+/// counts: its keys went with it); one that fails expires after its TTL. Each revoke gets
+/// `timeout`; one that fails at once (a dead member) is tried again, up to 5 times, since
+/// repeating a revoke is harmless.
 pub(crate) async fn revoke_all(client: &Client, leases: &[i64], timeout: Duration) -> usize {
     let revokes = leases.iter().map(|&lease| {
         let mut client = client.clone();
         async move {
-            match tokio::time::timeout(timeout, client.lease_revoke(lease)).await {
-                Ok(Ok(_)) => true,
-                Ok(Err(etcd_client::Error::GRpcStatus(status)))
-                    if status.message().contains("lease not found") =>
-                {
-                    true
+            for attempt in 1..=5u64 {
+                match tokio::time::timeout(timeout, client.lease_revoke(lease)).await {
+                    Ok(Ok(_)) => return true,
+                    Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                        if status.message().contains("lease not found") =>
+                    {
+                        return true
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(lease, attempt, %error, "lease revoke failed");
+                        tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                    }
+                    Err(_) => return false,
                 }
-                Ok(Err(error)) => {
-                    tracing::debug!(lease, %error, "lease revoke failed; it expires after its TTL");
-                    false
-                }
-                Err(_) => false,
             }
+            tracing::debug!(lease, "lease not revoked; it expires after its TTL");
+            false
         }
     });
     futures::future::join_all(revokes)
