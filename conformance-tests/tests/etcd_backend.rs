@@ -146,6 +146,25 @@ async fn keys_written_by_etcdctl_are_first_class() {
         ],
         "{listed:?}"
     );
+    // One deletes like an empty persistent node: not while keys live below it, and with them
+    // recursively, sparing a sibling whose keys share its prefix.
+    let implicit = p("/t/b");
+    let r = reg
+        .delete(&implicit, Expected::Any, DeleteScope::Node)
+        .await;
+    assert!(matches!(r, Err(Error::NotEmpty { .. })), "{r:?}");
+    let r = reg
+        .delete(&implicit, Expected::Version(1), DeleteScope::Recursive)
+        .await;
+    assert!(matches!(r, Err(Error::VersionMismatch { .. })), "{r:?}");
+    reg.delete(&implicit, Expected::Version(0), DeleteScope::Recursive)
+        .await
+        .unwrap();
+    for gone in ["/t/b", "/t/b/c", "/t/b/d/e"] {
+        let r = reg.get(&p(gone)).await;
+        assert!(matches!(r, Err(Error::NotFound { .. })), "{gone}: {r:?}");
+    }
+    reg.get(&p("/t/b-x")).await.unwrap();
     // They have no key to write: create them first.
     assert!(matches!(
         reg.set(&p("/soa"), Bytes::from("x"), Expected::Any).await,

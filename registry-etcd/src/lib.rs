@@ -13,13 +13,17 @@
 //!   rest are revoked, a new block is granted, reported as `Lost` then `Reestablished`, and
 //!   registrations come back through [`registry_core::Registration`].
 //! - Creates are Txns comparing `create_revision == 0`. A non-sequential create is first
-//!   tried as one Txn that also compares every ancestor's key as existing and lease-less, so
-//!   nothing is read first. Otherwise missing parents are created first, one Txn each (so
-//!   each gets its own, earlier revision), and the node's Txn compares every ancestor's
-//!   `create_revision` with what was read, which also rejects a parent that became ephemeral. Sequential names come from a per-parent counter key updated in the same
-//!   Txn as the create: under contention, every creator that lost the race retries (one more
-//!   round trip each), so N concurrent creators under one parent cost O(N²) Txns in the worst
-//!   case and O(N) when spread over time.
+//!   tried as one Txn that also compares the parent's key as existing and lease-less (see
+//!   `persistent_parents`), so nothing is read first. Otherwise missing parents are created
+//!   first, one Txn each (so each gets its own, earlier revision), and the node's Txn
+//!   compares every ancestor's `create_revision` with what was read, which also rejects a
+//!   parent that became ephemeral. Sequential names come from a per-parent counter key
+//!   updated in the same Txn as the create: under contention, every creator that lost the
+//!   race retries (one more round trip each), so N concurrent creators under one parent cost
+//!   O(N²) Txns in the worst case and O(N) when spread over time.
+//! - Deletes are one Txn comparing the key's existence, the expected version and (for a
+//!   single node) that nothing lives below; its else branch reads what names the error.
+//!   Only an implicit parent (no key of its own) is read first.
 //! - Watches: see [`watch`].
 #![warn(missing_docs)]
 
@@ -426,15 +430,7 @@ impl EtcdRegistry {
             .read(
                 vec![
                     TxnOp::get(keys.node(path), None),
-                    TxnOp::get(
-                        keys.below(path),
-                        Some(
-                            GetOptions::new()
-                                .with_prefix()
-                                .with_keys_only()
-                                .with_limit(1),
-                        ),
-                    ),
+                    TxnOp::get(keys.below(path), Some(below_one())),
                 ],
                 "get",
                 path,
@@ -747,6 +743,76 @@ impl EtcdRegistry {
     }
 }
 
+impl EtcdRegistry {
+    /// A delete of a node with a key of its own in one Txn: it compares the key's existence,
+    /// the expected `version` (etcd's) and, for [`DeleteScope::Node`], that nothing lives
+    /// below, so nothing is read first. On a failed compare the else branch reads the key and
+    /// what is below at that same revision, which names the error. `false` if the node has no
+    /// key but keys below it (an implicit node), or the reads name no failed compare: the
+    /// caller takes the long way.
+    async fn delete_at_once(
+        &self,
+        path: &NodePath,
+        expected: Expected,
+        version: Option<i64>,
+        scope: DeleteScope,
+    ) -> Result<bool> {
+        let keys = &self.shared.keys;
+        let (key, below) = (keys.node(path), keys.below(path));
+        let mut compares = vec![Compare::version(key.clone(), CompareOp::Greater, 0)];
+        compares.extend(version.map(|v| Compare::version(key.clone(), CompareOp::Equal, v)));
+        let mut ops = vec![TxnOp::delete(key.clone(), None)];
+        match scope {
+            DeleteScope::Recursive => ops.push(TxnOp::delete(
+                below.clone(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )),
+            // Over an empty range etcd compares against a zero key, so this holds exactly
+            // when nothing lives below the node.
+            DeleteScope::Node => compares
+                .push(Compare::create_revision(below.clone(), CompareOp::Equal, 0).with_prefix()),
+        }
+        let reads = [
+            TxnOp::get(key, Some(GetOptions::new().with_keys_only())),
+            TxnOp::get(below, Some(below_one())),
+        ];
+        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+        let response = self.shared.txn(txn, "delete", path).await?;
+        if response.succeeded() {
+            return Ok(true);
+        }
+        let gets = gets(&response);
+        let own = gets.first().and_then(|g| g.kvs().first());
+        let anything_below = gets.get(1).is_some_and(|g| !g.kvs().is_empty());
+        match own {
+            None if anything_below => Ok(false),
+            None => Err(Error::NotFound { path: path.clone() }),
+            Some(kv) => match expected {
+                Expected::Version(v) if version != Some(kv.version()) => {
+                    Err(Error::VersionMismatch {
+                        path: path.clone(),
+                        expected: v,
+                        actual: keys::version_of(kv.version()),
+                    })
+                }
+                _ if scope == DeleteScope::Node && anything_below => {
+                    Err(Error::NotEmpty { path: path.clone() })
+                }
+                // Every compare held at the revision read (a short response): look again.
+                _ => Ok(false),
+            },
+        }
+    }
+}
+
+/// Options reading whether anything lives below a node: one key, without its value.
+fn below_one() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_keys_only()
+        .with_limit(1)
+}
+
 /// Compares that hold while each of `parents` (keys) exists and is persistent.
 ///
 /// A create compares its parent only, not every ancestor: for keys this layer writes, every
@@ -930,9 +996,19 @@ impl Registry for EtcdRegistry {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot delete the root node".into()));
         }
+        // Checked before any I/O.
+        let version = match expected {
+            Expected::Version(v) => Some(etcd_version(v)?),
+            Expected::Any => None,
+        };
+        if self.delete_at_once(path, expected, version, scope).await? {
+            tracing::debug!(path = %path, ?scope, "deleted");
+            return Ok(());
+        }
         let keys = &self.shared.keys;
-        // Each round reads, checks, and deletes if nothing changed in between; a concurrent
-        // write makes us look again (bounded), never a spurious error.
+        // An implicit node (keys below it, none of its own): each round reads, checks, and
+        // deletes if nothing changed in between; a concurrent write makes us look again
+        // (bounded), never a spurious error.
         for _ in 0..MAX_CREATE_ROUNDS {
             let (node, _) = self.read_node(path).await?;
             let node = node.ok_or_else(|| Error::NotFound { path: path.clone() })?;
