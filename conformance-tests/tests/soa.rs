@@ -430,3 +430,53 @@ async fn the_view_serves_the_last_state_while_cut_off_and_says_so() {
     .await;
     provider.shutdown().await.unwrap();
 }
+
+/// The next change of a discover stream, within 10 s.
+async fn next_change(
+    discover: &mut (impl futures::Stream<
+        Item = Result<tower::discover::Change<Address, String>, std::convert::Infallible>,
+    > + Unpin),
+) -> tower::discover::Change<Address, String> {
+    use futures::StreamExt;
+    match tokio::time::timeout(Duration::from_secs(10), discover.next()).await {
+        Ok(Some(Ok(change))) => change,
+        Ok(Some(Err(never))) => match never {},
+        Ok(None) => panic!("discover stream ended"),
+        Err(_) => panic!("no change within 10 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tower_discover_replaces_the_service_when_another_node_takes_an_address() {
+    use tower::discover::Change;
+
+    let b = memory_backend();
+    let view = ServiceView::open((b.open)().await, SERVICE).await.unwrap();
+    let old = Provider::register(&(b.open)().await, SERVICE, addr("10.0.6.1:9090"), "1.0.0")
+        .await
+        .unwrap();
+    wait_for(&view, "the old instance", |s| s.instances.len() == 1).await;
+    let mut discover = Box::pin(registry_soa::tower::discover(&view, |i| {
+        i.version.clone().unwrap_or_default()
+    }));
+    let first = next_change(&mut discover).await;
+    assert!(
+        matches!(first, Change::Insert(a, ref v) if a == addr("10.0.6.1:9090") && v == "1.0.0")
+    );
+    // The provider is upgraded in place while the balancer is not polling: the new version
+    // registers on the same address and the old one leaves before discover looks again.
+    let new = Provider::register(&(b.open)().await, SERVICE, addr("10.0.6.1:9090"), "1.1.0")
+        .await
+        .unwrap();
+    old.shutdown().await.unwrap();
+    wait_for(&view, "only the new instance", |s| {
+        s.instances.len() == 1 && s.instances[0].version.as_deref() == Some("1.1.0")
+    })
+    .await;
+    let replaced = next_change(&mut discover).await;
+    assert!(
+        matches!(replaced, Change::Insert(a, ref v) if a == addr("10.0.6.1:9090") && v == "1.1.0"),
+        "the balancer kept the service made for the old node"
+    );
+    new.shutdown().await.unwrap();
+}

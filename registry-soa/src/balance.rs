@@ -126,7 +126,12 @@ impl Balancer {
     /// takes the largest, and subtracts the total from it.
     fn smooth_round_robin(&self, candidates: &[Candidate]) -> usize {
         let mut current = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
-        current.retain(|a, _| candidates.iter().any(|c| c.address == *a));
+        // Calls see different subsets (routes per method, caller versions): pruning to each
+        // call's subset would reset the others' positions and pin them to their first
+        // instance. Prune only once departed addresses clearly dominate.
+        if current.len() > candidates.len().saturating_mul(4).max(1024) {
+            current.retain(|a, _| candidates.iter().any(|c| c.address == *a));
+        }
         let mut total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
         // All weights 0 means equal shares, as for the other strategies.
         let equal = total == 0;
@@ -136,6 +141,11 @@ impl Balancer {
         let mut best = 0;
         let mut best_value = i64::MIN;
         for (i, c) in candidates.iter().enumerate() {
+            if !equal && c.weight == 0 {
+                // A drained instance: a value left from when it had weight must not win.
+                current.remove(&c.address);
+                continue;
+            }
             let value = current.entry(c.address).or_insert(0);
             *value += if equal { 1 } else { i64::from(c.weight) };
             if *value > best_value {
@@ -150,15 +160,24 @@ impl Balancer {
     }
 
     fn least_active(&self, candidates: &[Candidate]) -> usize {
+        // Weight 0 takes no calls unless every weight is 0, however idle it is.
+        let any_weight = candidates.iter().any(|c| c.weight > 0);
+        let eligible = |c: &Candidate| !any_weight || c.weight > 0;
         let active: Vec<u64> = candidates
             .iter()
             .map(|c| self.active_calls(c.address))
             .collect();
-        let least = active.iter().copied().min().unwrap_or(0);
+        let least = candidates
+            .iter()
+            .zip(&active)
+            .filter(|(c, _)| eligible(c))
+            .map(|(_, a)| *a)
+            .min()
+            .unwrap_or(0);
         let tied: Vec<Candidate> = candidates
             .iter()
             .zip(&active)
-            .filter(|(_, a)| **a == least)
+            .filter(|(c, a)| eligible(c) && **a == least)
             .map(|(c, _)| *c)
             .collect();
         let chosen = weighted_random(tied.iter().copied().enumerate())
@@ -204,12 +223,17 @@ where
 /// and only keys of a removed instance move. Hashes `"{key}#{address}"` per candidate.
 fn rendezvous<I>(candidates: I, key: &str) -> Option<usize>
 where
-    I: Iterator<Item = (usize, Candidate)>,
+    I: Iterator<Item = (usize, Candidate)> + Clone,
 {
+    // Weight 0 takes no keys unless every weight is 0 (then all count as 1).
+    let any_weight = candidates.clone().any(|(_, c)| c.weight > 0);
     let prefix = fnv1a(fnv1a(FNV_OFFSET, key.as_bytes()), b"#");
     let mut best = None;
     let mut best_score = f64::NEG_INFINITY;
     for (tag, c) in candidates {
+        if any_weight && c.weight == 0 {
+            continue;
+        }
         // "255.255.255.255:65535" fits; formatting on the stack keeps the pick allocation-free.
         let mut buf = [0u8; 32];
         let mut free = &mut buf[..];
@@ -356,6 +380,59 @@ mod tests {
                 "{strategy:?} never picked some zero-weight instance"
             );
         }
+    }
+
+    #[test]
+    fn zero_weight_is_never_picked_when_another_has_weight() {
+        let b = Balancer::new();
+        let c = cands(&[0, 100, 0, 100]);
+        // The drained instances are idle; the weighted ones are busy.
+        let _busy = [b.start_call(c[1].address), b.start_call(c[3].address)];
+        let offenders: Vec<LoadBalance> = [
+            LoadBalance::Random,
+            LoadBalance::RoundRobin,
+            LoadBalance::LeastActive,
+            LoadBalance::ConsistentHash,
+        ]
+        .into_iter()
+        .filter(|strategy| {
+            (0..300).any(|k| {
+                let i = b.pick(*strategy, &c, Some(&k.to_string())).unwrap();
+                c[i].weight == 0
+            })
+        })
+        .collect();
+        assert!(
+            offenders.is_empty(),
+            "{offenders:?} picked a zero-weight instance"
+        );
+    }
+
+    #[test]
+    fn round_robin_drained_instance_gets_no_call_from_its_old_position() {
+        let b = Balancer::new();
+        let pick = |c: &[Candidate]| b.pick(LoadBalance::RoundRobin, c, None).unwrap();
+        // a=1, b=2: b is picked and a keeps a positive position.
+        assert_eq!(pick(&cands(&[1, 2])), 1);
+        // Then a is drained (weight 0): it must not be picked on its leftover position.
+        for _ in 0..10 {
+            assert_eq!(pick(&cands(&[0, 2])), 1);
+        }
+    }
+
+    #[test]
+    fn round_robin_rotates_when_calls_see_different_subsets() {
+        // Calls of two methods routed to different instances interleave: each must still
+        // rotate over its own instances.
+        let b = Balancer::new();
+        let all = cands(&[100, 100, 100]);
+        let (first_two, third) = (&all[..2], &all[2..]);
+        let mut picked = Vec::new();
+        for _ in 0..4 {
+            picked.push(b.pick(LoadBalance::RoundRobin, first_two, None).unwrap());
+            assert_eq!(b.pick(LoadBalance::RoundRobin, third, None), Some(0));
+        }
+        assert_eq!(picked, [0, 1, 0, 1]);
     }
 
     #[test]

@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use registry_core::NodePath;
 use tokio::sync::watch;
 
 use crate::discovery::{ServiceSnapshot, ServiceView};
 use crate::layout::Instance;
-use crate::provider::Provider;
+use crate::provider::{live_node, Provider};
 
 /// The master of `version` among `instances`: lowest sequence (then oldest) of that version.
 pub fn master_of<'i>(instances: &'i [Arc<Instance>], version: &str) -> Option<&'i Instance> {
@@ -27,22 +28,25 @@ fn is_master(snapshot: &ServiceSnapshot, version: &str, node: Option<&NodePath>)
 }
 
 /// Whether `provider` is master now, according to `view`: false while its node is missing
-/// (session lost, being re-created) or the view is stale.
+/// (session lost, being re-created), while its session is not live (suspended: the server may
+/// expire it and let another instance take over) or the view is stale.
 pub fn provider_is_master(view: &ServiceView, provider: &Provider) -> bool {
-    provider.is_registered()
-        && is_master(
-            &view.snapshot(),
-            provider.version(),
-            provider.path().as_ref(),
-        )
+    is_master(
+        &view.snapshot(),
+        provider.version(),
+        provider.live_node().as_ref(),
+    )
 }
 
 /// Follows mastership of `provider`: the receiver changes whenever it becomes or stops being
-/// master (checked on every view change and every registration change). Ends with the view.
+/// master (checked on every view change, registration change and session change of the
+/// provider's registry). Ends with the view or when the provider's registry closes.
 pub fn watch_mastership(view: &ServiceView, provider: &Provider) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(provider_is_master(view, provider));
     let mut changes = view.changes();
     let mut status = provider.registration().watch_status();
+    let registry = provider.registry().clone();
+    let mut sessions = registry.session_events();
     let version = provider.version().to_owned();
     let current = view.snapshot_source();
     let span = tracing::debug_span!("mastership", provider = %provider.address());
@@ -52,11 +56,9 @@ pub fn watch_mastership(view: &ServiceView, provider: &Provider) -> watch::Recei
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },
                     changed = status.changed() => if changed.is_err() { return },
+                    session = sessions.next() => if session.is_none() { return },
                 }
-                let node = match &*status.borrow() {
-                    registry_core::RegistrationStatus::Registered(n) => Some(n.path.clone()),
-                    _ => None,
-                };
+                let node = live_node(&*registry, &status.borrow());
                 let master = is_master(&current.load(), &version, node.as_ref());
                 tx.send_if_modified(|m| {
                     let changed = *m != master;

@@ -17,6 +17,7 @@ use crate::layout::{instance_prefix, Address, ServicePaths};
 /// once `register` returns; [`shutdown`](Provider::shutdown) removes exactly this instance's
 /// node (by its full path), never a neighbour whose address merely contains ours.
 pub struct Provider {
+    registry: Arc<dyn Registry>,
     registration: Registration,
     paths: ServicePaths,
     address: Address,
@@ -48,6 +49,7 @@ impl Provider {
             .await?;
         tracing::info!(service, %address, version, path = ?registration.path(), "instance registered");
         Ok(Provider {
+            registry: registry.clone(),
             registration,
             paths,
             address,
@@ -66,6 +68,18 @@ impl Provider {
             self.registration.status(),
             RegistrationStatus::Registered(_)
         )
+    }
+
+    /// The instance's node if it exists under the registry's current, live session right now:
+    /// a node of a lost session is gone on the server even while the registration has not
+    /// noticed yet.
+    pub(crate) fn live_node(&self) -> Option<NodePath> {
+        live_node(&*self.registry, &self.registration.status())
+    }
+
+    /// The registry the instance is registered with.
+    pub(crate) fn registry(&self) -> &Arc<dyn Registry> {
+        &self.registry
     }
 
     /// The registration behind this instance (status, waits).
@@ -93,4 +107,16 @@ impl Provider {
         tracing::info!(address = %self.address, "instance deregistering");
         Ok(self.registration.deregister().await?)
     }
+}
+
+/// The node of `status` if the registry's session is live and owns it.
+pub(crate) fn live_node(registry: &dyn Registry, status: &RegistrationStatus) -> Option<NodePath> {
+    let RegistrationStatus::Registered(node) = status else {
+        return None;
+    };
+    let session = registry.session();
+    (session.state.is_live()
+        && node.ephemeral_owner.is_some()
+        && node.ephemeral_owner == session.session_id)
+        .then(|| node.path.clone())
 }

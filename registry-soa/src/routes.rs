@@ -36,11 +36,10 @@ pub struct IpNet {
 impl IpNet {
     /// Whether `ip` lies in this network.
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.prefix))
-        };
+        // A prefix over 32 (the fields are public) counts as 32 rather than overflowing the shift.
+        let mask = u32::MAX
+            .checked_shl(32u32.saturating_sub(u32::from(self.prefix)))
+            .unwrap_or(0);
         u32::from(self.addr) & mask == u32::from(ip) & mask
     }
 
@@ -952,6 +951,16 @@ otherwise => ip"192.168.1.101/24:9091""#;
             })
             .unwrap();
         assert_eq!(handle.join().unwrap(), (true, false));
+    }
+
+    #[test]
+    fn ip_net_with_a_prefix_over_32_does_not_panic() {
+        let net = IpNet {
+            addr: [10, 0, 0, 1].into(),
+            prefix: 40,
+        };
+        assert!(net.contains([10, 0, 0, 1].into()));
+        assert!(!net.contains([10, 0, 0, 2].into()));
     }
 
     #[test]

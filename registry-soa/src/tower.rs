@@ -12,7 +12,8 @@ use crate::discovery::ServiceView;
 use crate::layout::{Address, Instance};
 
 /// A stream of `Change::Insert(address, service)` / `Change::Remove(address)` that follows
-/// `view`: first an insert per current instance, then the difference after every change.
+/// `view`: first an insert per current instance, then the difference after every change (an
+/// insert for a known address replaces its service when another node took that address).
 /// It implements `tower::discover::Discover` (keys are addresses; `make` builds the service for
 /// a new instance). It ends when the view is dropped.
 pub fn discover<S, F>(
@@ -55,7 +56,9 @@ where
                         pending.push_back(Change::Remove(*address));
                     }
                     for (address, instance) in &now {
-                        if !known.contains_key(address) {
+                        // Another node at a known address (a provider restarted there, say
+                        // with a new version): its service replaces the old one's.
+                        if known.get(address).is_none_or(|k| k.path != instance.path) {
                             pending.push_back(Change::Insert(*address, make(instance)));
                         }
                     }

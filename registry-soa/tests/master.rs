@@ -1,0 +1,89 @@
+//! Master election over the in-memory backend: an instance is master only while its node
+//! exists under its registry's current, live session, whatever its tasks have noticed yet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_core::{MemoryOptions, MemoryRegistry, MemoryStore, Registry};
+use registry_soa::master::{provider_is_master, watch_mastership};
+use registry_soa::{Address, Provider, ServiceView};
+
+const SERVICE: &str = "test.MasterService";
+
+fn addr(s: &str) -> Address {
+    s.parse().unwrap()
+}
+
+async fn client(store: &MemoryStore) -> Arc<dyn Registry> {
+    Arc::new(
+        MemoryRegistry::connect(
+            store,
+            MemoryOptions::default().with_session_ttl(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap(),
+    )
+}
+
+async fn until_master(view: &ServiceView, provider: &Provider) {
+    let mut changes = view.changes();
+    let became = tokio::time::timeout(Duration::from_secs(10), async {
+        while !provider_is_master(view, provider) {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(became.is_ok(), "the only instance never became master");
+}
+
+#[tokio::test]
+async fn a_master_whose_session_was_lost_is_not_master_before_its_tasks_notice() {
+    let store = MemoryStore::new();
+    let registry = client(&store).await;
+    let provider = Provider::register(&registry, SERVICE, addr("10.0.5.1:9090"), "1.0.0")
+        .await
+        .unwrap();
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until_master(&view, &provider).await;
+    // The server expires the session and deletes the node; on this single-threaded runtime
+    // neither the registration nor the view has run since, so both still show the old node.
+    store
+        .expire_session(registry.session().session_id.unwrap())
+        .unwrap();
+    assert!(
+        !provider_is_master(&view, &provider),
+        "master although its node is gone with its lost session (another instance may already lead)"
+    );
+}
+
+#[tokio::test]
+async fn a_suspended_master_steps_down_even_when_the_view_is_fresh() {
+    let store = MemoryStore::new();
+    let registry = client(&store).await;
+    let provider = Provider::register(&registry, SERVICE, addr("10.0.5.2:9090"), "1.0.0")
+        .await
+        .unwrap();
+    // The view reads through another client, which stays connected.
+    let view = ServiceView::open(client(&store).await, SERVICE)
+        .await
+        .unwrap();
+    until_master(&view, &provider).await;
+    let mut master = watch_mastership(&view, &provider);
+    assert!(*master.borrow_and_update());
+    // Cut the provider off for less than its TTL: the server may expire it at any moment, so
+    // it must not act as master meanwhile; it is master again once back on the same session.
+    store
+        .interrupt_connection(
+            registry.session().session_id.unwrap(),
+            Duration::from_millis(600),
+        )
+        .unwrap();
+    assert!(!provider_is_master(&view, &provider));
+    let stepped_down = tokio::time::timeout(Duration::from_millis(500), master.wait_for(|m| !*m));
+    assert!(
+        stepped_down.await.is_ok(),
+        "watch_mastership still says master while the session is suspended"
+    );
+    let back = tokio::time::timeout(Duration::from_secs(10), master.wait_for(|m| *m));
+    assert!(back.await.is_ok(), "not master again after reconnecting");
+}
