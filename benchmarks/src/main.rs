@@ -44,7 +44,7 @@ enum Which {
 enum Scenario {
     /// Client memory per registration and per watched node.
     Memory,
-    /// Register and deregister latency.
+    /// Ephemeral create, register, delete and deregister latency.
     Register,
     /// get and children latency.
     Read,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{stream, StreamExt};
-use registry_core::{Bytes, Expected, RegisterOptions, Registration};
+use registry_core::{Bytes, CreateMode, DeleteScope, Expected, RegisterOptions, Registration};
 use registry_soa::routes::CallContext;
 use registry_soa::{Address, Provider, SelectOptions, ServiceView};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -307,84 +307,182 @@ async fn raw_register_many(raw: &Raw, parent: &str, n: usize) -> BenchResult<Vec
     results.into_iter().collect()
 }
 
-/// Register and deregister latency.
+/// What one sample of the register scenario does: the raw client's ephemeral write, our
+/// `create(Ephemeral)` (the same work, checked), or our `register()` (that create plus the
+/// healing watch, which has no raw equivalent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RegisterOp {
+    Raw,
+    Create,
+    Register,
+}
+
+impl RegisterOp {
+    fn name(self) -> &'static str {
+        match self {
+            RegisterOp::Raw => "raw",
+            RegisterOp::Create => "create",
+            RegisterOp::Register => "register",
+        }
+    }
+}
+
+/// The ops in the order turn `turn` runs them: each goes first, second and third in turn.
+fn register_ops(turn: usize) -> [RegisterOp; 3] {
+    use RegisterOp::{Create, Raw, Register};
+    match turn % 3 {
+        0 => [Raw, Create, Register],
+        1 => [Create, Register, Raw],
+        _ => [Register, Raw, Create],
+    }
+}
+
+/// Samples of the raw side and of each of our two ways to write (or remove) an ephemeral node.
+#[derive(Default)]
+struct ThreeWay {
+    raw: Vec<f64>,
+    create: Vec<f64>,
+    register: Vec<f64>,
+}
+
+impl ThreeWay {
+    fn of(&mut self, op: RegisterOp) -> &mut Vec<f64> {
+        match op {
+            RegisterOp::Raw => &mut self.raw,
+            RegisterOp::Create => &mut self.create,
+            RegisterOp::Register => &mut self.register,
+        }
+    }
+
+    /// Raw against our create (or delete), and raw against our register (or deregister).
+    fn split(self) -> (Samples, Samples) {
+        let plain = Samples {
+            raw: self.raw.clone(),
+            ours: self.create,
+        };
+        let registration = Samples {
+            raw: self.raw,
+            ours: self.register,
+        };
+        (plain, registration)
+    }
+}
+
+/// Ephemeral create, register, delete and deregister latency.
 pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
-    let mut reg = Samples::default();
-    let mut dereg = Samples::default();
+    let mut writes = ThreeWay::default();
+    let mut removals = ThreeWay::default();
     for rep in 0..env.cfg.reps {
-        let base = |side: Side| format!("/bench/register/{}/r{rep}", side.name());
-        env.raw.mkdir(&base(Side::Raw)).await?;
-        env.ours.mkdir(&base(Side::Ours)).await?;
+        let base = |op: RegisterOp| format!("/bench/register/{}/r{rep}", op.name());
+        env.raw.mkdir(&base(RegisterOp::Raw)).await?;
+        env.ours.mkdir(&base(RegisterOp::Create)).await?;
+        env.ours.mkdir(&base(RegisterOp::Register)).await?;
         let mut paths = Vec::new();
+        let mut created = Vec::new();
         let mut regs = Vec::new();
-        // Sides alternate sample by sample, so both meet the server in the same state.
+        // The three alternate sample by sample, so all meet the server in the same state.
         for i in 0..env.cfg.samples {
-            for side in sides(rep + i) {
-                let p = format!("{}/n{i}", base(side));
-                match side {
-                    Side::Raw => {
-                        let t = Instant::now();
+            for op in register_ops(rep + i) {
+                let p = format!("{}/n{i}", base(op));
+                let t = Instant::now();
+                match op {
+                    RegisterOp::Raw => {
                         env.raw.register(&p, VALUE).await?;
-                        reg.raw.push(micros_since(t));
                         paths.push(p);
                     }
-                    Side::Ours => {
+                    RegisterOp::Create => {
                         let p = path(&p)?;
-                        let t = Instant::now();
+                        env.ours
+                            .reg
+                            .create(&p, Bytes::from_static(VALUE), CreateMode::Ephemeral)
+                            .await
+                            .ctx(format!("create {p}"))?;
+                        created.push(p);
+                    }
+                    RegisterOp::Register => {
+                        let p = path(&p)?;
                         let r = env
                             .ours
                             .reg
                             .register(&p, Bytes::from_static(VALUE), RegisterOptions::new())
                             .await
                             .ctx(format!("register {p}"))?;
-                        reg.ours.push(micros_since(t));
                         regs.push(r);
                     }
                 }
+                writes.of(op).push(micros_since(t));
             }
         }
-        let mut regs = regs.into_iter();
         let mut paths = paths.iter();
+        let mut created = created.iter();
+        let mut regs = regs.into_iter();
         for i in 0..env.cfg.samples {
-            for side in sides(rep + i) {
-                match side {
-                    Side::Raw => {
-                        if let Some(p) = paths.next() {
-                            let t = Instant::now();
-                            env.raw.delete(p).await?;
-                            dereg.raw.push(micros_since(t));
-                        }
-                    }
-                    Side::Ours => {
-                        if let Some(r) = regs.next() {
-                            let t = Instant::now();
-                            r.deregister().await.ctx("deregister")?;
-                            dereg.ours.push(micros_since(t));
-                        }
-                    }
+            for op in register_ops(rep + i) {
+                let t = Instant::now();
+                match op {
+                    RegisterOp::Raw => match paths.next() {
+                        Some(p) => env.raw.delete(p).await?,
+                        None => continue,
+                    },
+                    RegisterOp::Create => match created.next() {
+                        Some(p) => env
+                            .ours
+                            .reg
+                            .delete(p, Expected::Any, DeleteScope::Node)
+                            .await
+                            .ctx(format!("delete {p}"))?,
+                        None => continue,
+                    },
+                    RegisterOp::Register => match regs.next() {
+                        Some(r) => r.deregister().await.ctx("deregister")?,
+                        None => continue,
+                    },
                 }
+                removals.of(op).push(micros_since(t));
             }
         }
     }
-    let note = match env.backend {
-        Backend::Etcd => "raw: put with the session lease / delete; ours: register() (checked create Txn + healing watch) / deregister()",
-        Backend::Zk => "raw: ephemeral create / delete; ours: register() (create + healing watch) / deregister()",
+    let (create, register) = writes.split();
+    let (delete, deregister) = removals.split();
+    let (create_note, register_note, delete_note, deregister_note) = match env.backend {
+        Backend::Etcd => (
+            "raw: put with the session lease; ours: create(Ephemeral), a Txn that fails instead of overwriting",
+            "raw: put with the session lease; ours: register() = checked create Txn + healing watch",
+            "raw: delete; ours: delete(Any, Node), a Txn that fails instead of removing children",
+            "raw: delete; ours: deregister(), a Txn that removes the node only if it is still this session's",
+        ),
+        Backend::Zk => (
+            "raw: ephemeral create; ours: create(Ephemeral)",
+            "raw: ephemeral create; ours: register() = create + healing watch",
+            "raw: delete; ours: delete(Any, Node)",
+            "raw: delete; ours: deregister() = stat, then delete at the version read if the node is still this session's",
+        ),
     };
+    let slack = Some(P50_SLACK_US);
     latency_rows(
         env,
         rows,
-        "register latency",
-        &reg,
-        Some(P50_SLACK_US),
-        note,
+        "ephemeral create latency",
+        &create,
+        slack,
+        create_note,
     );
     latency_rows(
         env,
         rows,
+        "register latency",
+        &register,
+        slack,
+        register_note,
+    );
+    latency_rows(env, rows, "delete latency", &delete, slack, delete_note);
+    latency_rows(
+        env,
+        rows,
         "deregister latency",
-        &dereg,
-        Some(P50_SLACK_US),
-        note,
+        &deregister,
+        slack,
+        deregister_note,
     );
     env.writer.delete_tree("/bench/register").await
 }

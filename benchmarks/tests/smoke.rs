@@ -67,7 +67,9 @@ fn quick_run_writes_rows_for_both_backends() {
             of.len()
         );
         for scenario in [
+            "ephemeral create latency p50",
             "register latency p50",
+            "delete latency p50",
             "write throughput, 64 writers",
             "watch event latency p50",
             "watch burst lost",
