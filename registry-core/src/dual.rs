@@ -63,7 +63,8 @@ impl DualOptions {
 /// - Sessions, capabilities and (unless merging) reads and watches are the primary's.
 /// - With [`DualOptions::merge_reads`], a watch delivers a snapshot once both sides have
 ///   delivered theirs, then the changes of the merged view, and a `Resync` whenever either
-///   side resyncs. Revisions are the primary's; watching from a revision is not supported.
+///   side resyncs, and ends when either side's stream ends. Revisions are the primary's;
+///   watching from a revision is not supported.
 pub struct DualRegistry {
     primary: Arc<dyn Registry>,
     secondary: Arc<dyn Registry>,
@@ -227,13 +228,13 @@ impl Registry for DualRegistry {
         }
         let secondary = self.secondary.children(path).await;
         let (primary, secondary) = match (primary, secondary) {
-            (Err(Error::NotFound { .. }), Err(Error::NotFound { .. })) => {
-                return Err(Error::NotFound { path: path.clone() })
-            }
-            (Err(Error::NotFound { .. }), Ok(s)) => (Children::default(), s),
-            (Ok(p), Err(Error::NotFound { .. })) => (p, Children::default()),
+            // A real failure wins over NotFound: the node may exist on the side that failed.
+            (Err(error), _) if !matches!(error, Error::NotFound { .. }) => return Err(error),
+            (_, Err(error)) if !matches!(error, Error::NotFound { .. }) => return Err(error),
+            (Err(_), Err(_)) => return Err(Error::NotFound { path: path.clone() }),
+            (Err(_), Ok(s)) => (Children::default(), s),
+            (Ok(p), Err(_)) => (p, Children::default()),
             (Ok(p), Ok(s)) => (p, s),
-            (Err(error), _) | (_, Err(error)) => return Err(error),
         };
         let mut merged: BTreeMap<NodePath, Node> = secondary
             .nodes
@@ -391,9 +392,15 @@ impl Merge {
 
 /// One stream showing the union of two watches of the same path and scope.
 fn merge_watches(primary: WatchStream, secondary: WatchStream) -> WatchStream {
+    // `None` marks a side's end: without it the merged stream would go on with a side gone
+    // (its registry closed), showing that side's last nodes forever.
     let tagged = stream::select(
-        primary.map(|item| (Side::Primary, item)),
-        secondary.map(|item| (Side::Secondary, item)),
+        primary
+            .map(|item| (Side::Primary, Some(item)))
+            .chain(stream::iter([(Side::Primary, None)])),
+        secondary
+            .map(|item| (Side::Secondary, Some(item)))
+            .chain(stream::iter([(Side::Secondary, None)])),
     );
     let state = Merge {
         primary: WatchedState::new(),
@@ -414,13 +421,13 @@ fn merge_watches(primary: WatchStream, secondary: WatchStream) -> WatchStream {
                     return None;
                 }
                 match tagged.next().await {
-                    None => return None,
-                    Some((_, Err(error))) => {
+                    None | Some((_, None)) => return None,
+                    Some((_, Some(Err(error)))) => {
                         // Either side failing ends the merged stream, as one watch would.
                         ended = true;
                         pending.push_back(Err(error));
                     }
-                    Some((side, Ok(event))) => {
+                    Some((side, Some(Ok(event)))) => {
                         pending.extend(state.apply(side, event).into_iter().map(Ok));
                     }
                 }

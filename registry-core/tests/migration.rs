@@ -477,3 +477,56 @@ async fn dual_registration_set_value_keeps_the_primary_current_when_the_secondar
     );
     drop(registration);
 }
+
+#[tokio::test]
+async fn merged_children_report_a_failing_side_rather_than_not_found() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    let dual = DualRegistry::new(
+        pa.clone(),
+        sb.clone(),
+        DualOptions::new().with_merge_reads(true),
+    );
+    // Only the secondary has the service; the secondary then fails.
+    sb.create(&p("/svc/a"), Bytes::from("sa"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    sb.close().await.unwrap();
+    let children = dual.children(&p("/svc")).await;
+    assert!(
+        matches!(children, Err(Error::Closed)),
+        "a failed secondary read as 'no such node': {children:?}"
+    );
+}
+
+#[tokio::test]
+async fn merged_watch_ends_when_either_side_ends() {
+    for close_primary in [false, true] {
+        let (a, b) = (MemoryStore::new(), MemoryStore::new());
+        let (pa, sb) = (client(&a).await, client(&b).await);
+        let dual = DualRegistry::new(
+            pa.clone(),
+            sb.clone(),
+            DualOptions::new().with_merge_reads(true),
+        );
+        sb.create(&p("/svc/b"), Bytes::from("sb"), CreateMode::Persistent)
+            .await
+            .unwrap();
+        let mut watch = dual
+            .watch(&p("/svc"), WatchOptions::children())
+            .await
+            .unwrap();
+        assert!(matches!(
+            next_event(&mut watch).await,
+            WatchEvent::Snapshot(_)
+        ));
+        let closed = if close_primary { &pa } else { &sb };
+        closed.close().await.unwrap();
+        // Going on would keep showing the closed side's last nodes as live.
+        let next = tokio::time::timeout(WAIT, watch.next()).await;
+        assert!(
+            matches!(next, Ok(None)),
+            "close_primary={close_primary}: merged watch still open: {next:?}"
+        );
+    }
+}

@@ -7,7 +7,9 @@
 //! mem://[name]
 //! ```
 //! Every malformed URL gets an [`Error::InvalidArgument`] that says what and where. Credentials
-//! are never printed: `Display` and `Debug` show `***` for the password.
+//! are never printed: `Display` and `Debug` show `***` for the password. The last `@` ends the
+//! credentials (a password may hold `/`, `?` and `@`); a namespace or parameter may not hold
+//! `@`, and a URL that reads either way is refused rather than guessed. Durations are positive.
 
 use std::fmt;
 use std::time::Duration;
@@ -169,10 +171,13 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 }
 
 fn format_duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
+    if d.subsec_nanos() == 0 {
         format!("{}s", d.as_secs())
-    } else {
+    } else if d.subsec_nanos() % 1_000_000 == 0 {
         format!("{}ms", d.as_millis())
+    } else {
+        // Not whole milliseconds (`1.5ms`): fractional seconds keep it exact.
+        format!("{}s", d.as_secs_f64())
     }
 }
 
@@ -250,6 +255,24 @@ impl RegistryUrl {
             Some((userinfo, rest)) => (Some(userinfo), rest),
             None => (None, rest),
         };
+        if let Some(userinfo) = userinfo {
+            if kind == BackendKind::Memory {
+                return Err(invalid(url, "mem:// takes no user:password@"));
+            }
+            // `h:2181/ns@x:1` also reads as host h:2181 with an '@' in its namespace; taking
+            // it as credentials would connect elsewhere, so refuse to guess.
+            if let Some(end) = userinfo.find(['/', '?']) {
+                let head = &userinfo[..end];
+                if !head.is_empty() && head.split(',').all(|e| parse_endpoint(url, e).is_ok()) {
+                    return Err(invalid(
+                        url,
+                        "ambiguous '@': the text before it starts with host:port, so it could \
+                         be a namespace or parameter holding '@' (not allowed) or a password \
+                         holding '/' or '?'",
+                    ));
+                }
+            }
+        }
         let (before_query, query) = match rest.split_once('?') {
             Some((a, q)) => (a, Some(q)),
             None => (rest, None),
@@ -323,13 +346,21 @@ impl RegistryUrl {
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| invalid(url, format!("parameter {pair:?} needs a value")))?;
+            if value.is_empty() {
+                return Err(invalid(
+                    url,
+                    format!("parameter {key:?} has an empty value"),
+                ));
+            }
             let duration = || {
-                parse_duration(value).ok_or_else(|| {
-                    invalid(
-                        url,
-                        format!("{key}={value:?} is not a duration like 5s or 500ms"),
-                    )
-                })
+                parse_duration(value)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        invalid(
+                            url,
+                            format!("{key}={value:?} is not a positive duration like 5s or 500ms"),
+                        )
+                    })
             };
             match (kind, key) {
                 (_, "session_ttl")
@@ -544,6 +575,46 @@ mod tests {
         assert!(err("etcds://h:1?ca=/a&cert=/b").contains("go together"));
         assert!(err("etcd://h:1?ca=/a").contains("etcds://"));
         assert!(err("zk://h:1?ca=/a").contains("unknown parameter"));
+    }
+
+    #[test]
+    fn an_at_sign_outside_credentials_never_redirects_the_connection() {
+        // Read as credentials `h` / `2181/soa`, this would connect to evil:2379.
+        assert!(err("zk://h:2181/soa@evil:2379").contains("ambiguous '@'"));
+        assert!(err("etcd://h1:1,h2:2/ns?ttl=5s@x:3").contains("ambiguous '@'"));
+        assert!(err("etcds://h:2379?ca=/home/a@b/ca.pem").contains("ambiguous '@'"));
+        // A password may still hold '/', '?' and '@'.
+        let u = RegistryUrl::parse("etcd://root:pa/ss?@h:1/ns").unwrap();
+        assert_eq!(u.credentials.unwrap().password, "pa/ss?");
+        assert_eq!(u.endpoints[0].to_string(), "h:1");
+    }
+
+    #[test]
+    fn memory_urls_take_no_credentials() {
+        assert!(err("mem://user:pw@demo").contains("no user:password"));
+        // Otherwise the store name came from after the '@' in a parameter.
+        assert!(err("mem://demo?ttl=5s@other").contains("no user:password"));
+    }
+
+    #[test]
+    fn empty_and_zero_parameters_are_refused() {
+        assert!(err("etcd://h:1?timeout=0s").contains("positive duration"));
+        assert!(err("zk://h:1?session_ttl=0ms").contains("positive duration"));
+        assert!(err("etcds://h:1?ca=").contains("empty value"));
+        assert!(err("etcds://h:1?ca=/ca.pem&cert=&key=/k.pem").contains("empty value"));
+    }
+
+    #[test]
+    fn sub_millisecond_durations_print_exactly() {
+        for url in ["etcd://h:1?timeout=1.5ms", "zk://h:1?session_ttl=0.25ms"] {
+            let parsed = RegistryUrl::parse(url).unwrap();
+            let shown = parsed.to_string();
+            assert_eq!(
+                RegistryUrl::parse(&shown).unwrap(),
+                parsed,
+                "{url} -> {shown}"
+            );
+        }
     }
 
     #[test]

@@ -332,3 +332,109 @@ fn mirror_follows_the_source_through_restarts_of_both_sides_until_interrupted() 
         Some(0)
     );
 }
+
+// The cases below run on `mem://` (a fresh store per process), so they need no server.
+
+/// Waits up to 10 s for `child` to exit; kills it and panics if it does not.
+fn exit_code_within_10s(child: &mut std::process::Child, what: &str) -> Option<i32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("{what}: still running after 10 s");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn output_that_cannot_be_written_fails_the_command_and_ends_a_watch() {
+    let full = || std::process::Stdio::from(std::fs::File::create("/dev/full").unwrap());
+    // A script must not see exit 0 when the output it asked for was lost.
+    let put = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(["--url", "mem://", "put", "/x", "v"])
+        .stdout(full())
+        .output()
+        .unwrap();
+    assert_eq!(put.status.code(), Some(3), "{put:?}");
+    assert!(
+        String::from_utf8_lossy(&put.stderr).contains("writing the output"),
+        "{put:?}"
+    );
+    // A watch whose output goes nowhere stops instead of running forever.
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(["--url", "mem://", "watch", "/x"])
+        .stdout(full())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(exit_code_within_10s(&mut watch, "watch"), Some(3));
+}
+
+#[test]
+fn json_output_covers_watch_import_and_export() {
+    let dir = tempfile_dir().join("json-output");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("in.json");
+    std::fs::write(
+        &file,
+        r#"{"nodes":[{"path":"/soa/config/a","value":"1"},{"path":"/soa/config/b","value_base64":"AJ8="}]}"#,
+    )
+    .unwrap();
+    let json = |o: &Output| -> serde_json::Value {
+        serde_json::from_str(stdout(o).trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", stdout(o)))
+    };
+    let import = regctl(&[
+        "--url",
+        "mem://",
+        "--output",
+        "json",
+        "import",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(import.status.success(), "{import:?}");
+    assert_eq!(json(&import)["created"], 2);
+    let export = regctl(&[
+        "--url",
+        "mem://",
+        "--output",
+        "json",
+        "export",
+        "/soa",
+        "--file",
+        dir.join("out.json").to_str().unwrap(),
+    ]);
+    assert!(export.status.success(), "{export:?}");
+    assert_eq!(json(&export)["exported"], 0);
+
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(["--url", "mem://", "--output", "json", "watch", "/x"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut watch);
+    let first = lines.recv_timeout(Duration::from_secs(10));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let first = first.expect("no line from watch within 10 s");
+    let event: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("not JSON ({e}): {first:?}"));
+    assert_eq!(event["event"], "snapshot", "{first}");
+    assert!(event["nodes"].is_array(), "{first}");
+}
+
+#[test]
+fn tree_of_a_missing_node_prints_nothing_and_fails() {
+    let tree = regctl(&["--url", "mem://", "tree", "/nope"]);
+    assert_eq!(tree.status.code(), Some(3));
+    assert_eq!(
+        stdout(&tree),
+        "",
+        "a missing node was printed as if it existed"
+    );
+}

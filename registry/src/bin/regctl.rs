@@ -1,7 +1,8 @@
 //! `regctl`: operate a registry tree by hand, and move one between backends.
 //!
 //! The registry comes from `--url` or `REGISTRY_URL` (`etcd://`, `zk://`, `mem://`).
-//! Exit codes: 0 success, 1 `diff` found differences, 2 bad input, 3 the registry failed.
+//! Exit codes: 0 success, 1 `diff` found differences, 2 bad input, 3 the registry failed (or
+//! the output could not be written; a closed pipe ends the command quietly).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -141,6 +142,8 @@ enum Failure {
     Input(String),
     Registry(Error),
     Differences,
+    /// Stdout could not be written: a script would otherwise get exit 0 and no output.
+    Output(std::io::Error),
 }
 
 impl From<Error> for Failure {
@@ -154,8 +157,8 @@ impl From<Error> for Failure {
     }
 }
 
-fn say(line: impl std::fmt::Display) {
-    let _ = writeln!(std::io::stdout(), "{line}");
+fn say(line: impl std::fmt::Display) -> Result<(), Failure> {
+    writeln!(std::io::stdout(), "{line}").map_err(Failure::Output)
 }
 
 fn path(raw: &str) -> Result<NodePath, Failure> {
@@ -179,6 +182,26 @@ fn node_json(n: &Node) -> serde_json::Value {
         "modify_order": n.modify_order,
         "ephemeral_owner": n.ephemeral_owner.map(|s| s.0),
     })
+}
+
+fn watch_json(event: &WatchEvent) -> serde_json::Value {
+    let nodes = |s: &registry::Snapshot| -> Vec<serde_json::Value> {
+        s.nodes.iter().map(node_json).collect()
+    };
+    match event {
+        WatchEvent::Snapshot(s) => {
+            serde_json::json!({"event": "snapshot", "revision": s.revision.0, "nodes": nodes(s)})
+        }
+        WatchEvent::Resync { snapshot, reason } => serde_json::json!({
+            "event": "resync",
+            "reason": format!("{reason:?}"),
+            "revision": snapshot.revision.0,
+            "nodes": nodes(snapshot),
+        }),
+        WatchEvent::Created(n) => serde_json::json!({"event": "created", "node": node_json(n)}),
+        WatchEvent::Updated(n) => serde_json::json!({"event": "updated", "node": node_json(n)}),
+        WatchEvent::Deleted(n) => serde_json::json!({"event": "deleted", "node": node_json(n)}),
+    }
 }
 
 async fn open(url: &Option<String>) -> Result<Arc<dyn Registry>, Failure> {
@@ -231,10 +254,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 say(serde_json::Value::Array(
                     children.nodes.iter().map(node_json).collect(),
-                ));
+                ))?;
             } else {
                 for n in &children.nodes {
-                    say(n.path.name());
+                    say(n.path.name())?;
                 }
             }
         }
@@ -244,6 +267,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let mut pending = vec![(root.clone(), 0usize)];
             let mut all = Vec::new();
             while let Some((node, depth)) = pending.pop() {
+                // Read before printing: a missing root prints nothing, and a node deleted
+                // since its parent was listed (an instance going away) is skipped.
+                let children = match reg.children(&node).await {
+                    Ok(children) => children,
+                    Err(Error::NotFound { .. }) if depth > 0 => continue,
+                    Err(error) => return Err(error.into()),
+                };
                 all.push(serde_json::json!({"path": node.as_str(), "depth": depth}));
                 if !json {
                     say(format!(
@@ -254,9 +284,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         } else {
                             node.name()
                         }
-                    ));
+                    ))?;
                 }
-                let children = reg.children(&node).await?;
                 pending.extend(
                     children
                         .nodes
@@ -266,7 +295,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
             if json {
-                say(serde_json::Value::Array(all));
+                say(serde_json::Value::Array(all))?;
             }
         }
         Command::Get { path: p } => {
@@ -276,15 +305,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 node_json(&n).to_string()
             } else {
                 value_text(&n.value)
-            });
+            })?;
         }
         Command::Stat { path: p } => {
             let reg = open(&cli.url).await?;
             let n = reg.get(&path(&p)?).await?;
             if json {
-                say(node_json(&n));
+                say(node_json(&n))?;
             } else {
-                say(format!("path {}\nversion {}\ncreate_order {}\nmodify_order {}\nephemeral_owner {}\nlength {}", n.path, n.version, n.create_order, n.modify_order, n.ephemeral_owner.map(|s| s.to_string()).unwrap_or_else(|| "-".into()), n.value.len()));
+                say(format!("path {}\nversion {}\ncreate_order {}\nmodify_order {}\nephemeral_owner {}\nlength {}", n.path, n.version, n.create_order, n.modify_order, n.ephemeral_owner.map(|s| s.to_string()).unwrap_or_else(|| "-".into()), n.value.len()))?;
             }
         }
         Command::Put {
@@ -306,7 +335,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 node_json(&written).to_string()
             } else {
                 format!("{} version {}", written.path, written.version)
-            });
+            })?;
         }
         Command::Create {
             path: p,
@@ -323,15 +352,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 (true, true) => CreateMode::EphemeralSequential,
             };
             let n = reg.create(&path(&p)?, Bytes::from(value), mode).await?;
-            say(if json {
+            let shown = say(if json {
                 node_json(&n).to_string()
             } else {
                 n.path.to_string()
             });
-            if hold {
+            if hold && shown.is_ok() {
                 let _ = tokio::signal::ctrl_c().await;
             }
+            // Closed even when the output failed, so an ephemeral goes now, not after its TTL.
             reg.close().await?;
+            shown?;
         }
         Command::Rm { path: p, recursive } => {
             let reg = open(&cli.url).await?;
@@ -358,7 +389,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     _ = tokio::signal::ctrl_c() => break,
                 };
                 let Some(item) = item else { break };
-                let line = match item? {
+                let item = item?;
+                if json {
+                    say(watch_json(&item))?;
+                    continue;
+                }
+                let line = match item {
                     WatchEvent::Snapshot(s) => format!(
                         "snapshot {}",
                         s.nodes
@@ -378,7 +414,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         format!("resync {reason:?} {}", snapshot.nodes.len())
                     }
                 };
-                say(line);
+                say(line)?;
             }
         }
         Command::Diff { from, to, path: p } => {
@@ -391,7 +427,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         .to_string()
                 } else {
                     format!("{} {}", d.kind.as_str(), d.path)
-                });
+                })?;
             }
             if !differences.is_empty() {
                 return Err(Failure::Differences);
@@ -414,11 +450,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| Failure::Input(e.to_string()))?;
             std::fs::write(&file, text)
                 .map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
-            say(format!(
-                "exported {} nodes to {}",
-                nodes.len(),
-                file.display()
-            ));
+            say(if json {
+                serde_json::json!({"exported": nodes.len(), "file": file.display().to_string()})
+                    .to_string()
+            } else {
+                format!("exported {} nodes to {}", nodes.len(), file.display())
+            })?;
         }
         Command::Import { file } => {
             use base64::Engine;
@@ -466,7 +503,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            say(format!("imported: {created} created, {updated} updated"));
+            say(if json {
+                serde_json::json!({"created": created, "updated": updated}).to_string()
+            } else {
+                format!("imported: {created} created, {updated} updated")
+            })?;
         }
         Command::Copy {
             from,
@@ -500,27 +541,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "{} {created} created, {updated} updated, {unchanged} unchanged",
                 if dry_run { "would copy:" } else { "copied:" }
             );
-            say(if json {
+            let shown = say(if json {
                 serde_json::json!({"dry_run": dry_run, "created": created, "updated": updated, "unchanged": unchanged}).to_string()
             } else {
                 summary
             });
             let _ = (src.close().await, dst.close().await);
+            shown?;
         }
         Command::Mirror { from, to, path: p } => {
             let root = path(&p)?;
             let (src, dst) = (connect(&from).await?, connect(&to).await?);
             let mirror =
                 Mirror::start_with_observer(src.clone(), dst.clone(), root, move |change| {
-                    say(if json {
+                    // The mirror's work does not depend on anyone reading its log.
+                    let _ = say(if json {
                         mirror_json(&change).to_string()
                     } else {
                         mirror_text(&change)
-                    })
+                    });
                 });
             let _ = tokio::signal::ctrl_c().await;
             let status = mirror.stop().await;
-            say(if json {
+            let shown = say(if json {
                 serde_json::json!({"stopped": true, "applied": status.applied, "syncs": status.syncs}).to_string()
             } else {
                 format!(
@@ -529,9 +572,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 )
             });
             let _ = (src.close().await, dst.close().await);
+            shown?;
         }
     }
     Ok(())
+}
+
+/// `eprintln!` would panic if stderr is gone.
+fn complain(message: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr(), "regctl: {message}");
 }
 
 #[tokio::main]
@@ -541,11 +590,18 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Differences) => ExitCode::from(1),
         Err(Failure::Input(message)) => {
-            eprintln!("regctl: {message}");
+            complain(message);
             ExitCode::from(2)
         }
         Err(Failure::Registry(error)) => {
-            eprintln!("regctl: {error}");
+            complain(error);
+            ExitCode::from(3)
+        }
+        Err(Failure::Output(error)) => {
+            // A reader that went away (`| head`) needs no message.
+            if error.kind() != std::io::ErrorKind::BrokenPipe {
+                complain(format!("writing the output: {error}"));
+            }
             ExitCode::from(3)
         }
     }
