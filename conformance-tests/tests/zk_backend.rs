@@ -587,3 +587,34 @@ async fn a_close_that_cannot_end_the_session_says_so() {
     close_while_unreachable(&owner, &proxy, &*observer, Duration::from_secs(8)).await;
     observer.close().await.unwrap();
 }
+
+/// A close answered only after the client pinged again (the server was slow to close it, as
+/// with a session of thousands of watched ephemerals; here the server is paused): the server
+/// ends the connection with the ping unanswered, the client reconnects, hears "session
+/// expired" and reports `Expired`, not `Closed`. `close` asks the server and returns `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_answered_after_a_ping_is_confirmed() {
+    let mut server = ZkServer::start(ZkConfig {
+        tick_time: Duration::from_millis(500),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let owner = connect(&server.connect_string(), Duration::from_secs(10)).await;
+    let observer = connect(&server.connect_string(), Duration::from_secs(10)).await;
+    let node = p("/owned");
+    owner
+        .create(&node, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    // A reply just now: the client gives up on a connection only after 4 s of silence.
+    assert!(owner.exists(&p("/")).await.unwrap());
+    server.pause().unwrap();
+    let closing = tokio::spawn(async move { owner.close().await });
+    // Time is the property: the client pings 1.5 s after the close request (3 ticks of 1/20
+    // of its 10 s session); the server resumes after that and well before the 4 s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    server.resume().unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(30), closing).await;
+    assert!(matches!(closed, Ok(Ok(Ok(())))), "{closed:?}");
+    assert!(!observer.exists(&node).await.unwrap(), "ephemeral left");
+    observer.close().await.unwrap();
+}

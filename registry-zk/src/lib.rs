@@ -94,21 +94,76 @@ fn session_id(client: &zk::Client) -> SessionId {
     SessionId(client.session_id().0)
 }
 
+/// A connector with the options' timeouts and credentials.
+fn connector(options: &ZkOptions) -> zk::Connector {
+    let mut connector = zk::Client::connector()
+        .with_session_timeout(options.session_ttl)
+        .with_connection_timeout(options.connect_timeout);
+    if let Some((scheme, auth)) = &options.auth {
+        connector = connector.with_auth(scheme, auth);
+    }
+    if let Some((user, password)) = &options.sasl_digest_md5 {
+        connector =
+            connector.with_sasl(zk::SaslOptions::digest_md5(user.clone(), password.clone()));
+    }
+    connector
+}
+
+/// The state `states` ends in (Closed, Expired or AuthFailed).
+async fn terminal_state(states: &mut zk::StateWatcher) -> zk::SessionState {
+    let mut state = states.state();
+    // Checked before each wait: `changed` never returns after a terminal state.
+    while !state.is_terminated() {
+        state = states.changed().await;
+    }
+    state
+}
+
+/// Ends the session whose last client was just dropped (which sends the close request);
+/// true once the server has confirmed it, so its ephemeral nodes are gone.
+///
+/// `Closed` is the server's answer to the close request. The client reports `Expired` both
+/// when the server said so and when it gave up reconnecting by itself (and a ping sent while
+/// a large session's close is still deleting its ephemerals makes it reconnect), so after
+/// anything but `Closed` the session is resumed with its ID: the server either refuses it as
+/// expired, which confirms the end, or takes it back, and that client is closed in turn.
+async fn end_session(
+    options: &ZkOptions,
+    session: zk::SessionInfo,
+    mut states: zk::StateWatcher,
+) -> bool {
+    let (wait, cluster) = (options.request_timeout, options.connect_string());
+    // Bounded: each round ends the session or resumes it once more.
+    for _ in 0..3 {
+        if let Ok(zk::SessionState::Closed) =
+            tokio::time::timeout(wait, terminal_state(&mut states)).await
+        {
+            return true;
+        }
+        let resume = connector(options)
+            .with_session(session.clone())
+            .connect(&cluster);
+        match tokio::time::timeout(options.connect_timeout.min(wait), resume).await {
+            Ok(Err(zk::Error::SessionExpired)) => return true,
+            Ok(Ok(client)) => {
+                tracing::debug!("zookeeper session resumed to close it again");
+                states = client.state_watcher();
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "zookeeper session end not confirmed");
+                return false;
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 /// Opens a session, creating the chroot first if there is one.
 async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
     let root = NodePath::root();
     let connect = async {
-        let mut connector = zk::Client::connector()
-            .with_session_timeout(options.session_ttl)
-            .with_connection_timeout(options.connect_timeout);
-        if let Some((scheme, auth)) = &options.auth {
-            connector = connector.with_auth(scheme, auth);
-        }
-        if let Some((user, password)) = &options.sasl_digest_md5 {
-            connector =
-                connector.with_sasl(zk::SaslOptions::digest_md5(user.clone(), password.clone()));
-        }
-        let client = connector
+        let client = connector(options)
             .connect(&options.connect_string())
             .await
             .map_err(|e| map(e, "connect", &root))?;
@@ -795,24 +850,14 @@ impl Registry for ZkRegistry {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let timeout = self.shared.options.request_timeout;
+        let options = &self.shared.options;
         let ended = match client {
             None => true,
             Some(client) => {
-                let mut states = client.state_watcher();
+                let session = client.session().clone();
+                let states = client.state_watcher();
                 drop(client);
-                tokio::time::timeout(timeout, async {
-                    let mut state = states.state();
-                    // Checked before each wait: `changed` never returns after a terminal state.
-                    while !state.is_terminated() {
-                        state = states.changed().await;
-                    }
-                    // Only Closed is the server's answer: the client also declares a session
-                    // Expired by itself after failing to reconnect for long enough.
-                    state == zk::SessionState::Closed
-                })
-                .await
-                .unwrap_or(false)
+                end_session(options, session, states).await
             }
         };
         self.shared.tracker.transition(SessionState::Closed, None);
@@ -821,8 +866,9 @@ impl Registry for ZkRegistry {
                 "zookeeper session end not confirmed; its ephemerals go when it expires"
             );
             return Err(Error::unavailable(format!(
-                "zookeeper close: the server did not confirm the session's end within {timeout:?}; \
-                 its ephemeral nodes go when the session expires"
+                "zookeeper close: the server did not confirm the session's end within {:?}; \
+                 its ephemeral nodes go when the session expires",
+                options.request_timeout
             )));
         }
         tracing::info!("zookeeper session closed");
