@@ -1,5 +1,5 @@
-//! The `provider` and `consumer` binaries of the Dapeng-style demo (see `src/bin/`), and what
-//! they share: logging to stderr, lines to stdout, exit codes.
+//! The `provider`, `consumer` and `migration` binaries of the Dapeng-style demo (see
+//! `src/bin/`), and what they share: logging to stderr, lines to stdout, exit codes.
 
 use std::future::Future;
 use std::io::Write;
