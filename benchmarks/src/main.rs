@@ -131,6 +131,43 @@ fn first_addr(target: &str) -> BenchResult<SocketAddr> {
         .ok_or_else(|| format!("{first} resolves to no address"))
 }
 
+/// The server the harness started for one backend; stopped on drop.
+#[derive(Default)]
+struct Started {
+    _etcd: Option<EtcdServer>,
+    _zk: Option<ZkServer>,
+}
+
+/// Starts `backend`'s server on a free loopback port.
+fn start_server(backend: Backend) -> BenchResult<(Started, String)> {
+    match backend {
+        Backend::Etcd => {
+            eprintln!("starting etcd ...");
+            let server = EtcdServer::start().ctx("start etcd")?;
+            let endpoint = server.endpoint();
+            let started = Started {
+                _etcd: Some(server),
+                ..Started::default()
+            };
+            Ok((started, endpoint))
+        }
+        Backend::Zk => {
+            eprintln!("starting ZooKeeper ...");
+            // A 200 ms tick allows the 2 s sessions of the failure scenario.
+            let server = ZkServer::start(ZkConfig {
+                tick_time: Duration::from_millis(200),
+            })
+            .ctx("start ZooKeeper")?;
+            let connect = server.connect_string();
+            let started = Started {
+                _zk: Some(server),
+                ..Started::default()
+            };
+            Ok((started, connect))
+        }
+    }
+}
+
 fn run(cli: Cli) -> BenchResult<()> {
     let mut cfg = Config::new(cli.quick, cli.reps);
     if let Some(n) = cli.recovery {
@@ -145,53 +182,37 @@ fn run(cli: Cli) -> BenchResult<()> {
             .collect()
     };
     let mut backends = Vec::new();
-    let mut _etcd_server = None;
-    let mut _zk_server = None;
     if cli.backend != Which::Zk {
-        let target = match &cli.etcd {
-            Some(t) => t.clone(),
-            None => {
-                eprintln!("starting etcd ...");
-                let server = EtcdServer::start().ctx("start etcd")?;
-                let endpoint = server.endpoint();
-                _etcd_server = Some(server);
-                endpoint
-            }
-        };
-        backends.push((Backend::Etcd, target));
+        backends.push((Backend::Etcd, cli.etcd.clone()));
     }
     if cli.backend != Which::Etcd {
-        let target = match &cli.zk {
-            Some(t) => t.clone(),
-            None => {
-                eprintln!("starting ZooKeeper ...");
-                // A 200 ms tick allows the 2 s sessions of the failure scenario.
-                let server = ZkServer::start(ZkConfig {
-                    tick_time: Duration::from_millis(200),
-                })
-                .ctx("start ZooKeeper")?;
-                let connect = server.connect_string();
-                _zk_server = Some(server);
-                connect
-            }
-        };
-        backends.push((Backend::Zk, target));
+        backends.push((Backend::Zk, cli.zk.clone()));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .ctx("start the tokio runtime")?;
     let started = Instant::now();
-    let result = runtime.block_on(async {
-        let mut rows = Vec::new();
-        for (backend, target) in &backends {
-            run_backend(*backend, target, &cfg, &scenarios, &mut rows).await?;
+    let mut rows = Vec::new();
+    let mut result = Ok(());
+    for (backend, given) in backends {
+        // Each server runs only while its backend is measured: an idle JVM warming up (JIT)
+        // next to etcd takes CPU from both sides of etcd's rows, and more from the side with
+        // more client work per operation.
+        let server = match given {
+            Some(target) => Ok((Started::default(), target)),
+            None => start_server(backend),
+        };
+        result = server.and_then(|(_server, target)| {
+            runtime.block_on(run_backend(backend, &target, &cfg, &scenarios, &mut rows))
+        });
+        if result.is_err() {
+            break;
         }
-        Ok::<Vec<Row>, String>(rows)
-    });
+    }
     // Background tasks (best-effort removals of dropped registrations) must not hold us up.
     runtime.shutdown_timeout(Duration::from_secs(2));
-    let rows = result?;
+    result?;
     print!("{}", report::table(&rows));
     let notes = report::notes(&rows);
     if !notes.is_empty() {

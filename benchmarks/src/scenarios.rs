@@ -49,7 +49,7 @@ pub struct Config {
     pub children: usize,
     /// How long each throughput measurement writes.
     pub throughput_time: Duration,
-    /// How long the server is written to before the first scenario.
+    /// How long the server is written to before the first scenario (3x for ZooKeeper).
     pub warm_up: Duration,
     /// Watchers of the fan-out scenario.
     pub fanout: usize,
@@ -643,7 +643,12 @@ async fn write_for(env: &Env, side: Side, writers: usize, time: Duration) -> Ben
 /// the first scenarios' numbers depend on the order they ran in.
 pub async fn warm_up(env: &Env) -> BenchResult<()> {
     create_writer_keys(env, 16).await?;
-    let until = Instant::now() + env.cfg.warm_up;
+    // A JVM just started keeps compiling its hot paths for a while longer than etcd needs.
+    let warm_up = match env.backend {
+        Backend::Etcd => env.cfg.warm_up,
+        Backend::Zk => env.cfg.warm_up * 3,
+    };
+    let until = Instant::now() + warm_up;
     let mut round = 0;
     while Instant::now() < until && round < 1000 {
         for side in sides(round) {
