@@ -869,3 +869,200 @@ async fn a_close_that_cannot_revoke_says_so_and_the_nodes_expire() {
     close_while_unreachable(&owner, &proxy, &*observer, Duration::from_secs(8)).await;
     observer.close().await.unwrap();
 }
+
+/// Ephemeral creates of large values at once (as when registrations with big values come
+/// back after a lost lease) each succeed: a coalesced Txn stays within etcd's request limit
+/// (1.5 MiB by default), where eight of them in one Txn were refused as a whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_large_values_stay_within_the_request_limit() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let reg = connect(&server.endpoint()).await;
+    reg.create(&p("/large"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let value = Bytes::from(vec![b'v'; 400 * 1024]);
+    let results = futures::future::join_all((0..12).map(|i| {
+        let (reg, value) = (reg.clone(), value.clone());
+        async move {
+            let path = p(&format!("/large/n{i}"));
+            (i, reg.create(&path, value, CreateMode::Ephemeral).await)
+        }
+    }))
+    .await;
+    for (i, result) in results {
+        match result {
+            Ok(node) => assert!(node.is_ephemeral(), "n{i}: {node:?}"),
+            Err(e) => panic!("create of n{i} (400 KiB) failed: {e}"),
+        }
+    }
+    reg.close().await.unwrap();
+}
+
+/// A parent whose children hold more than 4 MiB together (12 values of 400 KiB) can be
+/// listed and watched: responses that large used to fail `children` for good (tonic's 4 MiB
+/// default), and a watch retried its first read silently forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_and_watches_of_more_than_four_mib_are_read() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let reg = connect(&ep).await;
+    let parent = p("/wide");
+    let value = Bytes::from(vec![b'w'; 400 * 1024]);
+    for i in 0..12 {
+        reg.create(
+            &parent.join(&format!("n{i:02}")).unwrap(),
+            value.clone(),
+            CreateMode::Persistent,
+        )
+        .await
+        .unwrap();
+    }
+    let listed = reg
+        .children(&parent)
+        .await
+        .unwrap_or_else(|e| panic!("children of 12 x 400 KiB: {e}"));
+    assert_eq!(listed.nodes.len(), 12);
+    let mut stream = reg.watch(&parent, WatchOptions::children()).await.unwrap();
+    match next_item(&mut stream, "the snapshot").await {
+        Some(Ok(WatchEvent::Snapshot(s))) => assert_eq!(s.nodes.len(), 12),
+        other => panic!("expected a snapshot of 12 nodes, got {other:?}"),
+    }
+    // A watch resumed after these writes gets them in one catch-up response (> 4 MiB).
+    let resumed = reg
+        .watch(
+            &parent,
+            WatchOptions::children().after(registry_core::Revision(1)),
+        )
+        .await
+        .unwrap();
+    let mut state = WatchedState::new();
+    let mut resumed = resumed;
+    let mut created = 0;
+    while created < 12 {
+        match next_item(&mut resumed, "the replayed creates").await {
+            Some(Ok(event)) => {
+                created += usize::from(matches!(event, WatchEvent::Created(_)));
+                state.apply(&event);
+            }
+            other => panic!("replaying 12 creates: {other:?}"),
+        }
+    }
+    assert_eq!(state.len(), 12);
+    reg.close().await.unwrap();
+}
+
+/// With auth on, ephemeral creates at once under a path the user may write and one it may
+/// not: each gets its own outcome. A coalesced Txn refused as a whole used to turn every
+/// create in it, the permitted ones too, into a retryable `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_gives_each_create_its_own_outcome() {
+    use etcd_client::{ConnectOptions, Permission};
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let mut plain = etcd_client::Client::connect([ep.clone()], None)
+        .await
+        .unwrap();
+    plain.put("/ok", "", None).await.unwrap();
+    plain.put("/no", "", None).await.unwrap();
+    plain.user_add("root", "root-pw", None).await.unwrap();
+    plain.user_grant_role("root", "root").await.unwrap();
+    plain.auth_enable().await.unwrap();
+    let root_options = ConnectOptions::new().with_user("root", "root-pw");
+    let mut root = etcd_client::Client::connect([ep.clone()], Some(root_options))
+        .await
+        .unwrap();
+    // `writer` may read everything and write only under /ok/.
+    root.role_add("ok-rw").await.unwrap();
+    for permission in [
+        Permission::read("/").with_prefix(),
+        Permission::read_write("/ok/").with_prefix(),
+    ] {
+        root.role_grant_permission("ok-rw", permission)
+            .await
+            .unwrap();
+    }
+    root.user_add("writer", "writer-pw", None).await.unwrap();
+    root.user_grant_role("writer", "ok-rw").await.unwrap();
+    let options = EtcdOptions::new([ep.clone()])
+        .with_credentials("writer", "writer-pw")
+        .with_session_ttl(Duration::from_secs(2));
+    let writer: Arc<dyn Registry> = Arc::new(
+        EtcdRegistry::connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("connect as writer: {e}")),
+    );
+    let results = futures::future::join_all((0..32).map(|i| {
+        let writer = writer.clone();
+        let dir = if i % 2 == 0 { "ok" } else { "no" };
+        async move {
+            let path = p(&format!("/{dir}/n{i}"));
+            let result = writer
+                .create(&path, Bytes::new(), CreateMode::Ephemeral)
+                .await;
+            (path, result)
+        }
+    }))
+    .await;
+    for (path, result) in results {
+        if path.as_str().starts_with("/ok/") {
+            assert!(result.is_ok(), "{path}: {result:?}");
+        } else {
+            match result {
+                Err(Error::PermissionDenied { path: denied }) => assert_eq!(denied, path),
+                other => panic!("{path}: expected PermissionDenied, got {other:?}"),
+            }
+        }
+    }
+    writer.close().await.unwrap();
+}
+
+/// A session revoked while its client was cut off is reported `Lost` (then `Reestablished`)
+/// as soon as the client is back and the server says the lease is gone, not only once a
+/// whole TTL has passed without a keep-alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_revoked_while_cut_off_is_lost_at_reconnect() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let ttl = Duration::from_secs(20);
+    let options = EtcdOptions::new([proxy.addr().to_string()]).with_session_ttl(ttl);
+    let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(options).await.unwrap());
+    let session = reg.session().session_id.unwrap();
+    let mut states = reg.session_events();
+    proxy.cut();
+    next_state_is(&mut states, SessionState::Suspended)
+        .await
+        .unwrap_or_else(|_| panic!("no Suspended within 5 s of the cut"));
+    let raw = etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .unwrap();
+    let revoked = registry_etcd::revoke_session(&raw, session, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert!(revoked > 0, "no lease of {session:?} to revoke");
+    proxy.forward();
+    // Far under the 20 s TTL: the keep-alive reopened at reconnect hears the lease is gone.
+    next_state_is(&mut states, SessionState::Lost)
+        .await
+        .unwrap_or_else(|_| panic!("no Lost within 5 s of the reconnect (TTL {ttl:?})"));
+    let back = next_state_is(&mut states, SessionState::Reestablished)
+        .await
+        .unwrap_or_else(|_| panic!("no Reestablished within 5 s of Lost"));
+    assert_ne!(back.session_id, Some(session));
+    reg.close().await.unwrap();
+}
+
+/// The next session status in `want` state, within 5 s (`Err` if none came).
+async fn next_state_is(
+    states: &mut futures::stream::BoxStream<'static, registry_core::SessionStatus>,
+    want: SessionState,
+) -> Result<registry_core::SessionStatus, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(status) = states.next().await {
+            if status.state == want {
+                return status;
+            }
+        }
+        panic!("session events ended before {want:?}");
+    })
+    .await
+}

@@ -3,8 +3,9 @@
 //! After a lost lease every registration is put again at once; one Txn per node would cost
 //! two round trips each. Ephemeral creates queue here instead: while up to
 //! [`BATCHES_IN_FLIGHT`] Txns are out, new creates accumulate, and the next Txn takes up to
-//! [`MAX_BATCH`] of them. A create that finds a Txn slot free (and no batch waiting for one)
-//! runs at once in its caller's task, so an idle client pays nothing for the queue.
+//! [`MAX_BATCH`] of them, within [`MAX_BATCH_BYTES`]. A create that finds a Txn slot free
+//! (and no batch waiting for one) runs at once in its caller's task, so an idle client pays
+//! nothing for the queue.
 //! A batch is one Txn whose compares hold while every parent of its nodes exists and is
 //! persistent and every node's key is absent, and whose puts carry the session's leases.
 //! If a node's key exists, that create fails with `AlreadyExists` and the rest go again as a
@@ -31,6 +32,17 @@ pub(crate) const MAX_BATCH: usize = 64;
 
 /// Batches out at once; more creates wait and form the next, larger batch.
 pub(crate) const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Request bytes one batch may take (estimated by [`request_bytes`]): well under etcd's
+/// default `--max-request-bytes` of 1.5 MiB, which refuses the whole Txn, whereas each of its
+/// creates (values up to 512 KiB) fits alone.
+pub(crate) const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// About what one create adds to a batch's request: its key (compared, put and probed) and
+/// value, and the ops around them.
+fn request_bytes(pending: &Pending) -> usize {
+    3 * (pending.path.as_str().len() + 64) + pending.value.len()
+}
 
 /// One queued create and where its result goes.
 pub(crate) struct Pending {
@@ -86,14 +98,31 @@ pub(crate) fn spawn(shared: Weak<Shared>, queued: Queued) {
         permits,
     } = queued;
     let task = async move {
-        while let Some(first) = receiver.recv().await {
+        // A create that did not fit the last batch starts the next one.
+        let mut carried: Option<Pending> = None;
+        loop {
+            let first = match carried.take() {
+                Some(first) => first,
+                None => match receiver.recv().await {
+                    Some(first) => first,
+                    None => return,
+                },
+            };
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
+            let mut bytes = request_bytes(&first);
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match receiver.try_recv() {
-                    Ok(next) => batch.push(next),
+                    Ok(next) if bytes + request_bytes(&next) > MAX_BATCH_BYTES => {
+                        carried = Some(next);
+                        break;
+                    }
+                    Ok(next) => {
+                        bytes += request_bytes(&next);
+                        batch.push(next);
+                    }
                     Err(_) => break,
                 }
             }
@@ -143,6 +172,12 @@ async fn run(registry: EtcdRegistry, mut batch: Vec<Pending>) {
                     creates = batch.len(),
                     "batch cannot go as one Txn; one by one"
                 );
+                break;
+            }
+            // Refused by the server, so nothing was written: each create goes alone and gets
+            // its own error (a permission denied on one path is not the others').
+            Err(error) if !error.is_retryable() && !matches!(error, Error::Closed) => {
+                tracing::debug!(%error, creates = batch.len(), "batch refused; one by one");
                 break;
             }
             Err(error) => {

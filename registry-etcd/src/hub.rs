@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream};
+use etcd_client::{
+    WatchClient, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
+};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -64,7 +66,7 @@ pub(crate) struct Handle {
 impl Handle {
     /// Starts a hub task for `client`; it ends when `shutdown` turns true or its sender drops.
     pub(crate) fn start(
-        client: Client,
+        client: WatchClient,
         open_timeout: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Handle {
@@ -154,7 +156,7 @@ struct Stream {
 }
 
 struct Hub {
-    client: Client,
+    client: WatchClient,
     open_timeout: Duration,
     commands: mpsc::UnboundedReceiver<Command>,
     shutdown: watch::Receiver<bool>,

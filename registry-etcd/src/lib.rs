@@ -70,6 +70,10 @@ const MAX_CREATE_ROUNDS: usize = 256;
 /// Compares, and ops per branch, one Txn may hold (etcd's default `--max-txn-ops`).
 pub(crate) const MAX_TXN_OPS: usize = 128;
 
+/// Largest response the client decodes: etcd sends up to `math.MaxInt32` bytes. tonic's
+/// default of 4 MiB failed `children` and watch reads of a few large values for good.
+pub(crate) const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
+
 /// What the registry's handles, its session task and its watch tasks share.
 pub(crate) struct Shared {
     pub(crate) client: Client,
@@ -98,7 +102,9 @@ impl Shared {
             Some(handle) if !handle.is_closed() => handle.clone(),
             _ => {
                 let handle = hub::Handle::start(
-                    self.client.clone(),
+                    self.client
+                        .watch_client()
+                        .max_decoding_message_size(MAX_RESPONSE_BYTES),
                     self.options.request_timeout,
                     self.shutdown.subscribe(),
                 );
@@ -389,7 +395,9 @@ impl EtcdRegistry {
         tracing::info!(lease, "etcd session opened");
         let (creates, queued) = batch::queue();
         let shared = Arc::new(Shared {
-            kv: client.kv_client(),
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
             client,
             keys: Keys::new(options.namespace.as_ref()),
             options,

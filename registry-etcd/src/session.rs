@@ -299,6 +299,14 @@ async fn keep_new(
         let (keeper, stream) =
             match tokio::time::timeout(timeout, client.lease_keep_alive(lease)).await {
                 Ok(Ok(pair)) => pair,
+                // The server answered: the lease is gone (revoked or expired while the stream
+                // was down). Not a broken connection to wait out for a whole TTL.
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(message)))
+                    if message.contains("lease not found") =>
+                {
+                    tracing::warn!(lease, "etcd lease gone");
+                    return Err(Outcome::Lost);
+                }
                 Ok(Err(error)) => {
                     tracing::debug!(%error, lease, "keep-alive stream failed to open");
                     return Err(Outcome::Broken);
