@@ -82,6 +82,7 @@ macro_rules! conformance_suite {
             $fixture;
             values_round_trip,
             paths_rejected,
+            paths_at_character_edges_work,
             errors_are_typed,
             versions_count_writes,
             parents_created,

@@ -81,6 +81,15 @@ struct SessionEntry {
 struct ClientEntry {
     inner: Weak<ClientInner>,
     connected: bool,
+    /// While cut off: when the cut began (the session's TTL runs from here) and when the
+    /// latest of the overlapping cuts ends (only that one's end reconnects).
+    cut: Option<Cut>,
+}
+
+#[derive(Clone, Copy)]
+struct Cut {
+    since: tokio::time::Instant,
+    until: tokio::time::Instant,
 }
 
 #[derive(Default)]
@@ -287,9 +296,11 @@ impl MemoryStore {
                 Error::InvalidArgument(format!("no live session {session} in this store"))
             })?;
             state.remove_ephemerals_of(session);
+            // A cut-off client learns of the expiry when it reconnects, as from a server.
             state
                 .clients
                 .get(&entry.client)
+                .filter(|c| c.connected)
                 .and_then(|c| c.inner.upgrade())
         };
         tracing::info!(%session, "memory store: session expired");
@@ -303,11 +314,14 @@ impl MemoryStore {
     ///
     /// Returns at once (it needs a tokio runtime). While cut, the client reports `Suspended`,
     /// its operations fail with [`Error::Unavailable`] and its watches receive nothing. If
-    /// `duration` reaches the session TTL, the store expires the session at the TTL, and on
+    /// the cut reaches the session TTL, the store expires the session at the TTL, and on
     /// reconnection the client reports `Lost` then `Reestablished`; otherwise `Connected` with
-    /// the same session. Either way its watches then deliver a `Resync`.
+    /// the same session. Either way its watches then deliver a `Resync`. A cut made while
+    /// the client is already cut off extends it: the client reconnects when the last one
+    /// ends, and the TTL counts from the start of the first.
     pub fn interrupt_connection(&self, session: SessionId, duration: Duration) -> Result<()> {
-        let client = {
+        let now = tokio::time::Instant::now();
+        let (client, cut) = {
             let mut state = self.lock();
             let entry = state.sessions.get(&session).ok_or_else(|| {
                 Error::InvalidArgument(format!("no live session {session} in this store"))
@@ -318,24 +332,35 @@ impl MemoryStore {
                 .get_mut(&client_id)
                 .ok_or_else(|| Error::InvalidArgument(format!("no client for {session}")))?;
             client.connected = false;
-            client.inner.upgrade()
+            let ends = now + duration;
+            let cut = match client.cut {
+                Some(cut) => Cut {
+                    since: cut.since,
+                    until: cut.until.max(ends),
+                },
+                None => Cut {
+                    since: now,
+                    until: ends,
+                },
+            };
+            client.cut = Some(cut);
+            (client.inner.upgrade(), cut)
         };
         let Some(client) = client else {
             return Ok(());
         };
         client.tracker.transition(SessionState::Suspended, None);
         let store = self.clone();
-        let ttl = client.options.session_ttl;
+        let expires = cut.since + client.options.session_ttl;
         let span = tracing::debug_span!("memory_interruption", session = session.0, ?duration);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let expires = duration >= ttl;
-                tokio::time::sleep(duration.min(ttl)).await;
-                if expires {
+                if cut.until >= expires {
+                    tokio::time::sleep_until(expires).await;
                     store.drop_session(session);
-                    tokio::time::sleep(duration - ttl).await;
                 }
-                client.reconnect(&store, expires);
+                tokio::time::sleep_until(cut.until).await;
+                client.reconnect(&store, cut.until);
             },
             span,
         ));
@@ -399,6 +424,11 @@ impl ClientInner {
         self.tracker.transition(SessionState::Lost, None);
         let new = {
             let mut state = store.lock();
+            // Checked again under the lock `close` releases the session with: a session
+            // opened after that would outlive the client.
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
             let id = state.open_session(self.id);
             *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
             id
@@ -407,22 +437,34 @@ impl ClientInner {
             .transition(SessionState::Reestablished, Some(new));
     }
 
-    fn reconnect(&self, store: &MemoryStore, session_expired: bool) {
+    /// Ends the cut that ends at `ends`, unless a later cut still holds the client off.
+    fn reconnect(&self, store: &MemoryStore, ends: tokio::time::Instant) {
         if self.closed.load(Ordering::SeqCst) {
             return;
         }
-        {
+        let session_expired = {
             let mut state = store.lock();
-            if let Some(client) = state.clients.get_mut(&self.id) {
-                client.connected = true;
+            let Some(client) = state.clients.get_mut(&self.id) else {
+                return;
+            };
+            // Another cut still holds the client off, or an equal one already ended.
+            if client.cut.is_none_or(|cut| cut.until > ends) {
+                return;
             }
+            client.connected = true;
+            client.cut = None;
+            // Expired at the TTL, or by `expire_session` while cut off.
+            let session_expired = !self
+                .session_id()
+                .is_some_and(|id| state.sessions.contains_key(&id));
             let reason = if session_expired {
                 ResyncReason::SessionReestablished
             } else {
                 ResyncReason::Reconnected
             };
             state.resync_watchers_of(self.id, reason);
-        }
+            session_expired
+        };
         if session_expired {
             self.session_lost(store);
         } else {
@@ -435,9 +477,12 @@ impl ClientInner {
 impl Drop for ClientInner {
     fn drop(&mut self) {
         // A client dropped without close() behaves as a crashed process whose session the
-        // server expires: here, at once.
+        // server expires: here, at once. After close() the session is gone or expiring.
         let mut state = self.store.lock();
-        if let Some(session) = self.session_id() {
+        if let Some(session) = self
+            .session_id()
+            .filter(|_| !self.closed.load(Ordering::SeqCst))
+        {
             if state.sessions.remove(&session).is_some() {
                 state.remove_ephemerals_of(session);
             }
@@ -475,6 +520,7 @@ impl MemoryRegistry {
             ClientEntry {
                 inner: Arc::downgrade(&inner),
                 connected: true,
+                cut: None,
             },
         );
         drop(state);
@@ -754,19 +800,39 @@ impl Registry for MemoryRegistry {
         if self.inner.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        {
+        let unreachable = {
             let mut state = self.inner.store.lock();
-            if let Some(session) = self.inner.session_id() {
-                if state.sessions.remove(&session).is_some() {
-                    state.remove_ephemerals_of(session);
+            let cut = state.clients.get(&self.inner.id).and_then(|c| c.cut);
+            let session = self.inner.session_id();
+            let unreachable = match (cut, session) {
+                // The store cannot be told: the session expires at its TTL, as on a server.
+                (Some(cut), Some(session)) => Some((session, cut.since)),
+                (None, Some(session)) => {
+                    if state.sessions.remove(&session).is_some() {
+                        state.remove_ephemerals_of(session);
+                    }
+                    None
                 }
-            }
+                (_, None) => None,
+            };
             // Dropping the senders ends each stream after what it already buffered.
             state.watchers.retain(|_, w| w.client != self.inner.id);
-        }
+            unreachable
+        };
         self.inner.tracker.transition(SessionState::Closed, None);
         tracing::debug!("memory client closed");
-        Ok(())
+        let Some((session, since)) = unreachable else {
+            return Ok(());
+        };
+        let store = self.inner.store.clone();
+        let expires = since + self.inner.options.session_ttl;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(expires).await;
+            store.drop_session(session);
+        });
+        Err(Error::unavailable(
+            "memory client closed while cut off from its store: its session expires at its TTL",
+        ))
     }
 }
 

@@ -8,7 +8,8 @@
 //! - no trailing `/` (except the root), no empty segment (`//`);
 //! - no `.` or `..` segment (ZooKeeper rejects them);
 //! - no control characters (U+0000–U+001F, U+007F–U+009F), no characters ZooKeeper refuses
-//!   (U+E000–U+F8FF, U+FFF0–U+FFFF);
+//!   (U+E000–U+F8FF, U+FFF0–U+FFFF, and everything above U+FFFF: Java stores those as
+//!   surrogate pairs, U+D800–U+DFFF, which its path check refuses);
 //! - the first segment may not be `zookeeper` (ZooKeeper reserves `/zookeeper`);
 //! - at most [`MAX_PATH_LEN`] bytes of UTF-8 and at most [`MAX_DEPTH`] segments.
 
@@ -177,7 +178,9 @@ fn forbidden_char(c: char) -> bool {
         '\u{0000}'..='\u{001F}'
         | '\u{007F}'..='\u{009F}'
         | '\u{E000}'..='\u{F8FF}'
-        | '\u{FFF0}'..='\u{FFFF}')
+        | '\u{FFF0}'..='\u{FFFF}'
+        // ZooKeeper sees these as surrogate pairs and refuses them after the round trip.
+        | '\u{10000}'..)
 }
 
 fn validate(path: &str) -> Result<(), InvalidPath> {
@@ -376,6 +379,26 @@ mod tests {
     }
 
     #[test]
+    fn beyond_the_bmp_is_refused() {
+        // ZooKeeper's server refuses these (InvalidArgument after the request went out).
+        for (path, offset, character) in [
+            ("/a\u{1F600}b", 2, '\u{1F600}'),
+            ("/x/\u{10000}", 3, '\u{10000}'),
+            ("/\u{10FFFF}", 1, '\u{10FFFF}'),
+        ] {
+            assert_eq!(
+                reason(path),
+                InvalidPath::ForbiddenCharacter { offset, character },
+                "{path:?}"
+            );
+        }
+        // The edges of the allowed ranges stay valid.
+        for path in ["/\u{D7FF}", "/\u{F900}", "/\u{FFEF}", "/\u{A0}", "/中文"] {
+            assert!(NodePath::new(path).is_ok(), "{path:?}");
+        }
+    }
+
+    #[test]
     fn sequences() {
         assert_eq!(
             sequential_name("1.2.3.4:80:1.0.0:", 22),
@@ -401,8 +424,10 @@ mod tests {
             "ü",
         ] {
             assert_eq!(parse_sequence(name), None, "{name:?}");
-            let path = NodePath::new(format!("/q/{name}")).unwrap();
-            assert_eq!(path.sequence(), None, "{name:?}");
+            // Names beyond U+FFFF are no valid segment (see `beyond_the_bmp_is_refused`).
+            if let Ok(path) = NodePath::new(format!("/q/{name}")) {
+                assert_eq!(path.sequence(), None, "{name:?}");
+            }
         }
         assert_eq!(parse_sequence("ü0000000042"), Some(42));
         assert_eq!(parse_sequence("€😀9999999999"), Some(9_999_999_999));

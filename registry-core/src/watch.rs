@@ -157,6 +157,9 @@ impl WatchedState {
                 self.nodes.insert(node.path.clone(), node.clone());
             }
             WatchEvent::Deleted(node) => {
+                // A delete is a change too: its node carries the delete's revision where the
+                // backend knows it (etcd, memory), else the node's last write.
+                self.revision = self.revision.max(Revision(node.modify_order));
                 self.nodes.remove(&node.path);
             }
         }
@@ -185,5 +188,40 @@ impl WatchedState {
     /// The latest revision applied (snapshot revision or newest change).
     pub fn revision(&self) -> Revision {
         self.revision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(path: &str, create: u64, modify: u64) -> Node {
+        Node {
+            path: NodePath::new(path).unwrap(),
+            value: bytes::Bytes::new(),
+            version: 0,
+            create_order: create,
+            modify_order: modify,
+            ephemeral_owner: None,
+        }
+    }
+
+    #[test]
+    fn a_delete_advances_the_revision() {
+        let mut state = WatchedState::new();
+        state.apply(&WatchEvent::Snapshot(Snapshot {
+            nodes: vec![node("/a", 3, 3)],
+            revision: Revision(4),
+        }));
+        state.apply(&WatchEvent::Created(node("/b", 5, 5)));
+        // Deleted at revision 6: the node as delivered, with the delete's revision.
+        state.apply(&WatchEvent::Deleted(node("/a", 3, 6)));
+        assert_eq!(state.len(), 1);
+        // Resuming after 5 would deliver the delete of /a a second time.
+        assert_eq!(state.revision(), Revision(6));
+        // A backend that only knows the node's last write never moves it back.
+        state.apply(&WatchEvent::Deleted(node("/b", 5, 5)));
+        assert_eq!(state.revision(), Revision(6));
+        assert!(state.is_empty());
     }
 }

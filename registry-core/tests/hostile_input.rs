@@ -115,6 +115,7 @@ fn path_soup() -> impl Strategy<Value = String> {
         "\u{ffff}",
         "é",
         "你",
+        "😀",
         "\u{202e}",
         " ",
         "%2F",

@@ -368,3 +368,163 @@ async fn registrations_under_one_parent_share_one_watch_and_heal_alone() {
         store.watcher_count() - watchers_before
     );
 }
+
+/// The next session state from `events`, within [`WAIT`].
+async fn next_state(
+    events: &mut futures::stream::BoxStream<'static, registry_core::SessionStatus>,
+) -> SessionState {
+    tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("no session event within 5 s")
+        .expect("session stream ended")
+        .state
+}
+
+#[tokio::test]
+async fn close_while_cut_off_is_unavailable_and_the_session_expires_at_its_ttl() {
+    let store = MemoryStore::new();
+    let ttl = Duration::from_millis(500);
+    let owner = client(&store).await;
+    let observer = client(&store).await;
+    let node = p("/close/ephemeral");
+    owner
+        .create(&node, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    let session = owner.session().session_id.unwrap();
+    let mut gone = observer.watch(&node, WatchOptions::node()).await.unwrap();
+    next_event(&mut gone).await;
+    let cut_at = tokio::time::Instant::now();
+    store
+        .interrupt_connection(session, Duration::from_millis(100))
+        .unwrap();
+    // As on a real server (see `close_while_unreachable`): the server could not be told.
+    let closed = owner.close().await;
+    assert!(
+        matches!(closed, Err(Error::Unavailable { .. })),
+        "close while cut off reported {closed:?}"
+    );
+    assert!(matches!(owner.get(&node).await, Err(Error::Closed)));
+    assert!(owner.close().await.is_ok(), "a second close is not Ok");
+    assert_eq!(owner.session().state, SessionState::Closed);
+    assert!(
+        observer.exists(&node).await.unwrap(),
+        "the node went before its session's TTL ran out"
+    );
+    // The session outlives the end of the cut (nobody keeps it alive) until its TTL.
+    assert!(matches!(
+        next_event(&mut gone).await,
+        WatchEvent::Deleted(_)
+    ));
+    let after = cut_at.elapsed();
+    assert!(
+        after >= ttl - Duration::from_millis(50),
+        "the node went {after:?} after the cut, before the {ttl:?} TTL"
+    );
+    assert!(
+        store.sessions().iter().all(|(id, _)| *id != session),
+        "the closed client's session is still live: {:?}",
+        store.sessions()
+    );
+}
+
+#[tokio::test]
+async fn a_cut_made_during_a_cut_extends_it() {
+    let store = MemoryStore::new();
+    let c = MemoryRegistry::connect(
+        &store,
+        MemoryOptions::default().with_session_ttl(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let session = c.session().session_id.unwrap();
+    let mut events = c.session_events();
+    assert_eq!(next_state(&mut events).await, SessionState::Connected);
+    let start = tokio::time::Instant::now();
+    store
+        .interrupt_connection(session, Duration::from_millis(300))
+        .unwrap();
+    assert_eq!(next_state(&mut events).await, SessionState::Suspended);
+    // Timing of the fault itself, not a wait for an event.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store
+        .interrupt_connection(session, Duration::from_millis(500))
+        .unwrap();
+    // The first cut's end must not reconnect the client: the second holds it off to ~600 ms.
+    assert_eq!(next_state(&mut events).await, SessionState::Connected);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(550),
+        "reconnected after {took:?}, while the second cut lasts until 600 ms"
+    );
+    assert_eq!(c.session().session_id, Some(session), "session changed");
+    assert!(c.exists(&p("/x")).await.is_ok());
+}
+
+#[tokio::test]
+async fn overlapping_cuts_count_the_ttl_from_the_first() {
+    let store = MemoryStore::new();
+    let c = client(&store).await; // TTL 500 ms
+    let other = client(&store).await;
+    let node = p("/e");
+    c.create(&node, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    let session = c.session().session_id.unwrap();
+    let mut watch = other.watch(&node, WatchOptions::node()).await.unwrap();
+    next_event(&mut watch).await;
+    let mut events = c.session_events();
+    assert_eq!(next_state(&mut events).await, SessionState::Connected);
+    store
+        .interrupt_connection(session, Duration::from_millis(300))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Together 200 + 400 ms without a connection: past the TTL, though neither cut is.
+    store
+        .interrupt_connection(session, Duration::from_millis(400))
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut watch).await,
+        WatchEvent::Deleted(_)
+    ));
+    let mut seen = Vec::new();
+    while !seen.contains(&SessionState::Reestablished) {
+        seen.push(next_state(&mut events).await);
+    }
+    assert_eq!(
+        seen,
+        [
+            SessionState::Suspended,
+            SessionState::Lost,
+            SessionState::Reestablished
+        ]
+    );
+    assert_ne!(c.session().session_id, Some(session));
+}
+
+#[tokio::test]
+async fn an_expiry_during_a_cut_is_learned_on_reconnection() {
+    let store = MemoryStore::new();
+    let c = MemoryRegistry::connect(
+        &store,
+        MemoryOptions::default().with_session_ttl(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let session = c.session().session_id.unwrap();
+    let mut events = c.session_events();
+    assert_eq!(next_state(&mut events).await, SessionState::Connected);
+    store
+        .interrupt_connection(session, Duration::from_millis(200))
+        .unwrap();
+    assert_eq!(next_state(&mut events).await, SessionState::Suspended);
+    store.expire_session(session).unwrap();
+    // Still cut off: no new session can be live yet.
+    assert_eq!(c.session().state, SessionState::Suspended);
+    assert_eq!(next_state(&mut events).await, SessionState::Lost);
+    assert_eq!(next_state(&mut events).await, SessionState::Reestablished);
+    assert!(
+        c.exists(&p("/x")).await.is_ok(),
+        "reconnected client unusable"
+    );
+}

@@ -373,3 +373,64 @@ pub async fn parents_created(fx: &dyn Fixture) -> Outcome {
     }
     env.finish().await
 }
+
+/// Every path the parser accepts works on every backend (the rules are the union of what
+/// ZooKeeper and etcd store faithfully): names at the edges of the allowed characters are
+/// created, read and listed as given; a character beyond U+FFFF, which ZooKeeper's server
+/// refuses, is refused by the parser before any request.
+pub async fn paths_at_character_edges_work(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "paths_at_character_edges_work");
+    let c = env.client().await;
+    let at = env.at();
+    let names = [
+        "\u{a0}",
+        "\u{d7ff}",
+        "\u{f900}",
+        "\u{ffef}",
+        "中文",
+        "\u{202e}rtl",
+        "..b",
+        "...",
+    ];
+    let dir = p("/chars");
+    for name in names {
+        let path = dir
+            .join(name)
+            .unwrap_or_else(|e| panic!("{at} {name:?} refused: {e}"));
+        let created = c
+            .create(&path, Bytes::from(name), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("{at} create {path:?}: {e}"));
+        assert_eq!(created.path, path, "{at} created elsewhere");
+        let read = c
+            .get(&path)
+            .await
+            .unwrap_or_else(|e| panic!("{at} get {path:?}: {e}"));
+        assert_eq!(read.value, Bytes::from(name), "{at} value of {path:?}");
+    }
+    let listed = c
+        .children(&dir)
+        .await
+        .unwrap_or_else(|e| panic!("{at} children: {e}"));
+    let mut found: Vec<&str> = listed.nodes.iter().map(|n| n.path.name()).collect();
+    let mut expected = names.to_vec();
+    found.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(found, expected, "{at} listed names");
+    for raw in ["/chars/a\u{1f600}", "/chars/\u{10000}", "/\u{10ffff}"] {
+        assert!(
+            matches!(
+                NodePath::new(raw),
+                Err(Error::InvalidPath {
+                    reason: InvalidPath::ForbiddenCharacter { .. },
+                    ..
+                })
+            ),
+            "{at} {raw:?} accepted, but ZooKeeper refuses characters beyond U+FFFF"
+        );
+    }
+    c.delete(&dir, Expected::Any, DeleteScope::Recursive)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete: {e}"));
+    env.finish().await
+}
