@@ -68,14 +68,19 @@ struct Shared {
     status: watch::Sender<RegistrationStatus>,
     /// The parent watches to share; without them, one node watch of its own.
     watches: Option<RegistrationWatches>,
+    /// `create_order` of the last node this registration created or adopted.
+    last_created: Mutex<Option<u64>>,
 }
 
 /// A self-healing ephemeral node, returned by [`Registry::register`].
 ///
 /// Guarantees: while this handle lives and the registry is open, the node is re-created after
-/// its session is lost, after anyone deletes it, and when a node of another session sits at
-/// its path; the value last given to [`set_value`](Registration::set_value) is the one
-/// re-created. [`deregister`](Registration::deregister) removes it and returns only when it
+/// its session is lost, after anyone deletes it, and when a node of an older session sits at
+/// its path (a restarted process's, say); the value last given to
+/// [`set_value`](Registration::set_value) is the one re-created. A node created after this
+/// registration's last one (another live registration of the same plain path) is left alone:
+/// this one reports `Recreating` until that node goes, so two live registrations of one path
+/// take turns instead of replacing each other forever. [`deregister`](Registration::deregister) removes it and returns only when it
 /// is gone; dropping the handle removes it best-effort in the background.
 pub struct Registration {
     shared: Arc<Shared>,
@@ -149,6 +154,7 @@ impl Registration {
             op: tokio::sync::Mutex::new(()),
             status,
             watches,
+            last_created: Mutex::new(None),
         });
         // Subscribed before the create, the healer need not read the node back: a running
         // parent watch hands on every later change, and a new one's first snapshot is either
@@ -324,6 +330,15 @@ fn owned_by_current_session(shared: &Shared, node: &Node) -> bool {
         && node.ephemeral_owner == session.session_id
 }
 
+/// Whether `node` was created after the last node this registration created.
+fn created_after_ours(shared: &Shared, node: &Node) -> bool {
+    shared
+        .last_created
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some_and(|ours| node.create_order > ours)
+}
+
 fn set_recreating(shared: &Shared, reason: impl Into<String>) {
     let reason = reason.into();
     shared.status.send_if_modified(|status| match status {
@@ -368,6 +383,10 @@ async fn ensure(shared: &Shared) -> Result<Node> {
     } else {
         node
     };
+    *shared
+        .last_created
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(node.create_order);
     shared
         .status
         .send_replace(RegistrationStatus::Registered(node.clone()));
@@ -398,6 +417,13 @@ async fn ensure_plain(shared: &Shared) -> Result<Node> {
         }
         match registry.get(path).await {
             Ok(node) if owned_by_current_session(shared, &node) => return Ok(node),
+            // Created after our last node, so by a session alive then (a stale one creates
+            // nothing): a live registration of the same path elsewhere. The newer one keeps
+            // the path and we wait for it to go; replacing it would start a fight in which
+            // the two replace each other forever.
+            Ok(node) if node.is_ephemeral() && created_after_ours(shared, &node) => {
+                return Err(Error::AlreadyExists { path: path.clone() });
+            }
             Ok(node) if node.is_ephemeral() => {
                 tracing::info!(path = %path, owner = ?node.ephemeral_owner, "replacing a stale ephemeral node of another session");
                 match registry
@@ -510,6 +536,13 @@ async fn heal(
                     }
                 }
                 Err(Error::Closed) => break,
+                Err(Error::AlreadyExists { path }) => {
+                    // Another registration (or a persistent node) holds the path: its
+                    // deletion reaches the watch and wakes us, so no polling.
+                    tracing::info!(%path, "path held by another session's node; waiting for it to go");
+                    set_recreating(&shared, format!("{path} is held by another session's node"));
+                    needs_ensure = false;
+                }
                 Err(error) => {
                     // Retryable failures are expected while a session turns over.
                     if error.is_retryable() {

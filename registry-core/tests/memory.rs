@@ -528,3 +528,50 @@ async fn an_expiry_during_a_cut_is_learned_on_reconnection() {
         "reconnected client unusable"
     );
 }
+
+/// Two live registrations of one plain path (two processes configured with one address):
+/// the newer keeps the path and the older waits for it to go, instead of each replacing the
+/// other's node in turn forever.
+#[tokio::test]
+async fn two_live_registrations_of_one_path_take_turns_instead_of_fighting() {
+    let store = MemoryStore::new();
+    let (older, newer, observer) = (
+        client(&store).await,
+        client(&store).await,
+        client(&store).await,
+    );
+    let path = p("/svc/10.0.0.1:9090");
+    let first = older
+        .register(&path, Bytes::from("older"), RegisterOptions::new())
+        .await
+        .unwrap();
+    let second = newer
+        .register(&path, Bytes::from("newer"), RegisterOptions::new())
+        .await
+        .unwrap();
+    wait_status(&first, |s| {
+        matches!(s, RegistrationStatus::Recreating { .. })
+    })
+    .await;
+    let mut changes = observer.watch(&path, WatchOptions::node()).await.unwrap();
+    let WatchEvent::Snapshot(snapshot) = next_event(&mut changes).await else {
+        panic!("no snapshot first");
+    };
+    assert_eq!(snapshot.nodes[0].value, "newer");
+    // Time is the property: the old code replaced the newer node within the first retry
+    // (50 ms), and the two went on replacing each other.
+    let quiet = tokio::time::timeout(Duration::from_secs(1), changes.next()).await;
+    assert!(quiet.is_err(), "the path changed hands again: {quiet:?}");
+    assert!(matches!(
+        first.status(),
+        RegistrationStatus::Recreating { .. }
+    ));
+    // Once the newer one goes, the older takes the path back.
+    second.deregister().await.unwrap();
+    let back = wait_status(&first, |s| matches!(s, RegistrationStatus::Registered(_))).await;
+    let RegistrationStatus::Registered(node) = back else {
+        unreachable!()
+    };
+    assert_eq!(node.value, "older");
+    assert_eq!(observer.get(&path).await.unwrap().value, "older");
+}
