@@ -618,3 +618,140 @@ async fn a_close_answered_after_a_ping_is_confirmed() {
     assert!(!observer.exists(&node).await.unwrap(), "ephemeral left");
     observer.close().await.unwrap();
 }
+
+/// A subtree watcher that lists a node just deleted (gone) and then reads it just re-created
+/// (back) must list the new incarnation again: otherwise it holds no child watch on it and
+/// never sees its children. Each round races a delete and a re-create (each one transaction,
+/// a varying few hundred microseconds apart) against the watcher's list and read, then checks
+/// that the new children, and one added afterwards, are seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subtree_watch_follows_a_node_recreated_between_its_list_and_read() {
+    let server = fast_server();
+    let watcher = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let writer = raw(&server.connect_string()).await;
+    let root = p("/race");
+    let parent = p("/race/p");
+    watcher
+        .create(&parent, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let mut stream = watcher.watch(&root, WatchOptions::subtree()).await.unwrap();
+    let mut state = WatchedState::new();
+    state.apply(&next_event(&mut stream, "snapshot").await);
+    let open =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let mut children: Vec<String> = Vec::new();
+    for round in 0..24u32 {
+        let mut gone = writer.new_multi_writer();
+        for child in children.drain(..) {
+            gone.add_delete(&child, None).unwrap();
+        }
+        gone.add_delete(parent.as_str(), None).unwrap();
+        gone.commit().await.unwrap();
+        // Not a wait for anything: it moves the re-create across the watcher's reads.
+        let gap = Duration::from_micros(u64::from(round % 8) * 100);
+        let started = Instant::now();
+        while started.elapsed() < gap {
+            std::hint::spin_loop();
+        }
+        let child = format!("/race/p/c{round}");
+        let mut back = writer.new_multi_writer();
+        back.add_create(parent.as_str(), b"", &open).unwrap();
+        back.add_create(&child, b"", &open).unwrap();
+        back.commit().await.unwrap();
+        children.push(child.clone());
+        let czxid = writer
+            .check_stat(parent.as_str())
+            .await
+            .unwrap()
+            .map_or(0, |stat| u64::try_from(stat.czxid).unwrap_or(0));
+        let (parent_path, child_path) = (parent.clone(), p(&child));
+        apply_until(
+            &mut stream,
+            &mut state,
+            Duration::from_secs(5),
+            &format!("round {round}: the re-created node and its child"),
+            |s| {
+                s.get(&parent_path).is_some_and(|n| n.create_order == czxid)
+                    && s.get(&child_path).is_some()
+            },
+        )
+        .await;
+        // The watcher is quiet now: only the new incarnation's child watch reports this.
+        let late = format!("/race/p/late{round}");
+        writer.create(&late, b"", &open).await.unwrap();
+        children.push(late.clone());
+        let late = p(&late);
+        apply_until(
+            &mut stream,
+            &mut state,
+            Duration::from_secs(5),
+            &format!("round {round}: a child added to the re-created node"),
+            |s| s.get(&late).is_some(),
+        )
+        .await;
+    }
+    watcher.close().await.unwrap();
+}
+
+/// A consumer that stopped reading (its stream lagged and the task waits for room) must not
+/// keep the session open: close ends it at once instead of waiting out the request timeout
+/// for a client the stalled watch task still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_is_prompt_while_a_watch_consumer_lags() {
+    let server = fast_server();
+    let options = ZkOptions::new([server.connect_string()])
+        .with_session_ttl(Duration::from_secs(4))
+        .with_request_timeout(Duration::from_secs(10));
+    let watcher = ZkRegistry::connect(options).await.unwrap();
+    let writer = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let root = p("/lag");
+    writer
+        .create(&root, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let before = total_watches(&server);
+    let mut stream = watcher
+        .watch(&root, WatchOptions::children())
+        .await
+        .unwrap();
+    next_event(&mut stream, "snapshot").await;
+    // More changes than a stream buffers (4096), never read.
+    let n = 4200;
+    let mut writes = futures::stream::iter(0..n)
+        .map(|i| {
+            let (writer, path) = (writer.clone(), root.join(&format!("n{i}")).unwrap());
+            async move {
+                writer
+                    .create(&path, Bytes::new(), CreateMode::Persistent)
+                    .await
+            }
+        })
+        .buffer_unordered(64);
+    while let Some(written) = writes.next().await {
+        written.unwrap();
+    }
+    // The root's child watch and more data watches than the stream buffers: the watcher
+    // read a child for every buffered item and one more, so it waits for room. (It reads a
+    // round of children before sending their items, so it may stop short of all n.)
+    let lagging = before + 1 + registry_zk::watch::WATCH_BUFFER + 1;
+    assert!(
+        wait_until(Duration::from_secs(30), || total_watches(&server)
+            >= lagging),
+        "the watcher never read every child: {} watches",
+        total_watches(&server)
+    );
+    let started = Instant::now();
+    watcher.close().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "close took {:?} with a lagging watch",
+        started.elapsed()
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while stream.next().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the lagging stream did not end after close");
+    writer.close().await.unwrap();
+}

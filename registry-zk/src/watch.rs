@@ -31,6 +31,9 @@ use crate::Shared;
 /// Reads (or child lists) of one watch in flight at once.
 const READS_IN_FLIGHT: usize = 256;
 
+/// Rounds of listing and reading one `follow` makes before falling back to a full read.
+const FOLLOW_ROUNDS: usize = 32;
+
 /// Items buffered per watch stream before the consumer counts as lagging.
 pub const WATCH_BUFFER: usize = 4096;
 
@@ -139,13 +142,14 @@ async fn read_nodes(
     Ok(found)
 }
 
-/// Lists children with child watches, pipelined; `None` for a parent that is gone.
+/// Lists children with child watches, pipelined: for each parent its `czxid` (which
+/// incarnation was listed) and children, or `None` if it is gone.
 async fn list_children(
     client: &zk::Client,
     parents: Vec<NodePath>,
     armed: &mut NewWatches,
     revision: &mut u64,
-) -> Result<Vec<(NodePath, Option<Vec<NodePath>>)>> {
+) -> Result<Vec<(NodePath, Option<(u64, Vec<NodePath>)>)>> {
     let mut results = stream::iter(parents)
         .map(|path| async move {
             let result = client.get_and_watch_children(path.as_str()).await;
@@ -159,7 +163,8 @@ async fn list_children(
                 arm(armed, &path, WatchKind::Children, watcher);
                 *revision = (*revision).max(u64::try_from(stat.pzxid).unwrap_or(0));
                 let children = names.iter().filter_map(|n| path.join(n).ok()).collect();
-                listed.push((path, Some(children)));
+                let czxid = u64::try_from(stat.czxid).unwrap_or(0);
+                listed.push((path, Some((czxid, children))));
             }
             Err(zk::Error::NoNode) => listed.push((path, None)),
             Err(e) => return Err(map(e, "watch children", &path)),
@@ -193,7 +198,7 @@ async fn read_scope(client: &zk::Client, root: &NodePath, scope: WatchScope) -> 
         let listed = list_children(client, parents, &mut read.armed, &mut read.revision).await?;
         let children: Vec<NodePath> = listed
             .into_iter()
-            .flat_map(|(_, c)| c.unwrap_or_default())
+            .flat_map(|(_, c)| c.map(|(_, c)| c).unwrap_or_default())
             .collect();
         let found = read_nodes(client, children, &mut read.armed, &mut read.revision).await?;
         parents = Vec::new();
@@ -211,7 +216,7 @@ async fn read_scope(client: &zk::Client, root: &NodePath, scope: WatchScope) -> 
 
 /// What fired watches changed: the new state of each path they cover (`None`: gone), from
 /// re-reading only those paths. `Ok(None)` when only a full read can tell (the root or the
-/// session changed).
+/// session changed, or the tree kept changing under the reads).
 async fn follow(
     client: &zk::Client,
     root: &NodePath,
@@ -233,17 +238,25 @@ async fn follow(
         }
     }
     let mut changes: BTreeMap<NodePath, Option<Node>> = BTreeMap::new();
-    let mut listed = std::collections::BTreeSet::new();
-    let mut read = std::collections::BTreeSet::new();
+    // The incarnation (`czxid`) each parent was listed at in this call; `None`: it was gone.
+    let mut listed: BTreeMap<NodePath, Option<u64>> = BTreeMap::new();
     let mut revision = 0;
-    // Each path is listed and read at most once per call, so this ends with the tree.
-    while !to_list.is_empty() || !to_read.is_empty() {
-        to_list.retain(|p: &NodePath| listed.insert(p.clone()));
+    // A path is listed or read again only when a later answer shows the earlier one stale (a
+    // parent gone when listed but back when read, a child gone when read but listed since):
+    // skipping those loses the re-created node's watch. A tree that keeps changing under us
+    // is left to a full read.
+    for _ in 0..FOLLOW_ROUNDS {
+        to_list.sort();
+        to_list.dedup();
         for (parent, children) in
             list_children(client, std::mem::take(&mut to_list), armed, &mut revision).await?
         {
-            let children: std::collections::BTreeSet<NodePath> =
-                children.unwrap_or_default().into_iter().collect();
+            listed.insert(parent.clone(), children.as_ref().map(|(czxid, _)| *czxid));
+            let children: std::collections::BTreeSet<NodePath> = children
+                .map(|(_, children)| children)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
             // Known children no longer listed are gone (with what was below them).
             for known in children_of(nodes, &parent) {
                 if !children.contains(known) {
@@ -251,19 +264,30 @@ async fn follow(
                     changes.insert(known.clone(), None);
                 }
             }
-            to_read.extend(children.into_iter().filter(|c| !nodes.contains_key(c)));
+            // Read what we hold no node for: new children, and any read as gone before.
+            to_read.extend(children.into_iter().filter(|c| match changes.get(c) {
+                Some(node) => node.is_none(),
+                None => !nodes.contains_key(c),
+            }));
         }
-        to_read.retain(|p: &NodePath| read.insert(p.clone()));
+        to_read.sort();
+        to_read.dedup();
+        if to_read.is_empty() {
+            return Ok(Some(changes));
+        }
         for (path, node) in
             read_nodes(client, std::mem::take(&mut to_read), armed, &mut revision).await?
         {
             match &node {
                 Some(new) if scope == WatchScope::Subtree => {
-                    // A new node (or a new incarnation) has children to list and watch.
-                    if nodes
-                        .get(&path)
-                        .is_none_or(|old| old.create_order != new.create_order)
-                    {
+                    // Its children need a list (and child watch) of this incarnation.
+                    let covered = match listed.get(&path) {
+                        Some(at) => *at == Some(new.create_order),
+                        None => nodes
+                            .get(&path)
+                            .is_some_and(|old| old.create_order == new.create_order),
+                    };
+                    if !covered {
                         to_list.push(path.clone());
                     }
                 }
@@ -272,8 +296,11 @@ async fn follow(
             }
             changes.insert(path, node);
         }
+        if to_list.is_empty() {
+            return Ok(Some(changes));
+        }
     }
-    Ok(Some(changes))
+    Ok(None)
 }
 
 /// The known nodes directly below `parent`.
@@ -461,7 +488,7 @@ async fn run(
         delivered = Some(read.nodes);
         if lagged {
             // Wait for room, then read again and deliver a Resync.
-            if tx.reserve().await.is_err() {
+            if !room(&tx, &mut shutdown).await {
                 return;
             }
             continue;
@@ -526,9 +553,22 @@ async fn run(
                 break;
             }
         }
-        if lagged && tx.reserve().await.is_err() {
+        if lagged && !room(&tx, &mut shutdown).await {
             return;
         }
+    }
+}
+
+/// Waits until the consumer made room; false once it is gone or the registry closes (the
+/// task must not hold its client for a stalled consumer: close waits for every clone).
+async fn room(tx: &mpsc::Sender<Result<WatchEvent>>, shutdown: &mut watch::Receiver<bool>) -> bool {
+    // `changed` only reports a shutdown sent after the last look.
+    if *shutdown.borrow_and_update() {
+        return false;
+    }
+    tokio::select! {
+        permit = tx.reserve() => permit.is_ok(),
+        _ = shutdown.changed() => false,
     }
 }
 
