@@ -166,7 +166,17 @@ impl Registration {
             }
             _ => None,
         };
-        ensure(&shared).await?;
+        if let Err(error) = ensure(&shared).await {
+            // The create may have happened (its reply lost, or the value update after it
+            // failed): one attempt to leave nothing behind, as `register` promises.
+            if error.is_retryable() || matches!(error, Error::VersionMismatch { .. }) {
+                let now = tokio::time::Instant::now();
+                for node in own_nodes(&shared).await {
+                    let _ = delete_own(&*shared.registry, &node, now).await;
+                }
+            }
+            return Err(error);
+        }
         let (stop, stop_rx) = watch::channel(false);
         let span = tracing::info_span!("registration", path = %path);
         let task = tokio::spawn(heal(shared.clone(), stop_rx, watched).instrument(span));
@@ -677,17 +687,47 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, delay: Duration) -> boo
 
 async fn remove(shared: &Shared) -> Result<()> {
     let _op = shared.op.lock().await;
-    let node = current_node(shared);
+    let nodes = own_nodes(shared).await;
     shared.status.send_replace(RegistrationStatus::Deregistered);
-    let Some(node) = node else {
-        return Ok(());
-    };
-    let registry = &*shared.registry;
     let deadline = tokio::time::Instant::now() + DEREGISTER_DEADLINE;
+    for node in nodes {
+        delete_own(&*shared.registry, &node, deadline).await?;
+    }
+    Ok(())
+}
+
+/// The nodes to remove: the registered one, or while not registered (a create whose reply
+/// was lost, a create whose value update then failed) any node of this session at its path.
+async fn own_nodes(shared: &Shared) -> Vec<Node> {
+    if let Some(node) = current_node(shared) {
+        return vec![node];
+    }
+    let Some(owner) = shared.registry.session().session_id else {
+        return Vec::new();
+    };
+    if shared.sequential {
+        return own_sequential_nodes(shared).await.unwrap_or_default();
+    }
+    vec![Node {
+        path: shared.requested.clone(),
+        value: Bytes::new(),
+        version: 0,
+        create_order: 0,
+        modify_order: 0,
+        ephemeral_owner: Some(owner),
+    }]
+}
+
+/// Deletes `node` if it is still its owner's, retrying until `deadline`; a node of another
+/// owner is left alone (ours expired; someone else's sits there).
+async fn delete_own(
+    registry: &dyn Registry,
+    node: &Node,
+    deadline: tokio::time::Instant,
+) -> Result<()> {
     let mut backoff = Backoff::new(RETRY_INITIAL, Duration::from_secs(1));
     loop {
-        // A node of another owner is left alone (ours expired; someone else's sits there).
-        match registry.delete_owned(&node).await {
+        match registry.delete_owned(node).await {
             Ok(_) | Err(Error::NotFound { .. }) | Err(Error::Closed) => return Ok(()),
             Err(error)
                 if (error.is_retryable() || matches!(error, Error::VersionMismatch { .. }))
