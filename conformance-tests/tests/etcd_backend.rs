@@ -29,6 +29,37 @@ async fn connect(endpoint: &str) -> Arc<dyn Registry> {
 }
 
 /// Node watches on `{prefix}/0` .. `{prefix}/{n-1}`, each past its first snapshot.
+/// Turns auth on (with a root user) and adds `user` (password `<user>-pw`) holding
+/// `permissions`; the options connect as that user with a 2 s session TTL.
+async fn user_under_auth(
+    ep: &str,
+    user: &str,
+    permissions: impl IntoIterator<Item = etcd_client::Permission>,
+) -> EtcdOptions {
+    use etcd_client::ConnectOptions;
+    let mut plain = etcd_client::Client::connect([ep], None).await.unwrap();
+    plain.user_add("root", "root-pw", None).await.unwrap();
+    plain.user_grant_role("root", "root").await.unwrap();
+    plain.auth_enable().await.unwrap();
+    let root_options = ConnectOptions::new().with_user("root", "root-pw");
+    let mut root = etcd_client::Client::connect([ep], Some(root_options))
+        .await
+        .unwrap();
+    let role = format!("{user}-role");
+    root.role_add(role.as_str()).await.unwrap();
+    for permission in permissions {
+        root.role_grant_permission(role.as_str(), permission)
+            .await
+            .unwrap();
+    }
+    let password = format!("{user}-pw");
+    root.user_add(user, password.as_str(), None).await.unwrap();
+    root.user_grant_role(user, role.as_str()).await.unwrap();
+    EtcdOptions::new([ep.to_owned()])
+        .with_credentials(user, password)
+        .with_session_ttl(Duration::from_secs(2))
+}
+
 async fn watch_nodes(reg: &Arc<dyn Registry>, prefix: &str, n: usize) -> Vec<WatchStream> {
     let mut streams = Vec::new();
     for i in 0..n {
@@ -767,34 +798,19 @@ async fn next_item(
 /// error and ends, instead of retrying silently forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_the_user_may_not_make_yields_the_error_and_ends() {
-    use etcd_client::{ConnectOptions, Permission};
+    use etcd_client::Permission;
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
     let ep = server.endpoint();
-    let mut plain = etcd_client::Client::connect([ep.clone()], None)
-        .await
-        .unwrap();
-    plain.user_add("root", "root-pw", None).await.unwrap();
-    plain.user_grant_role("root", "root").await.unwrap();
-    plain.auth_enable().await.unwrap();
-    let root_options = ConnectOptions::new().with_user("root", "root-pw");
-    let mut root = etcd_client::Client::connect([ep.clone()], Some(root_options))
-        .await
-        .unwrap();
     // `reader` may read /granted and everything under /granted/, nothing else.
-    root.role_add("granted-ro").await.unwrap();
-    for permission in [
-        Permission::read("/granted"),
-        Permission::read("/granted/").with_prefix(),
-    ] {
-        root.role_grant_permission("granted-ro", permission)
-            .await
-            .unwrap();
-    }
-    root.user_add("reader", "reader-pw", None).await.unwrap();
-    root.user_grant_role("reader", "granted-ro").await.unwrap();
-    let options = EtcdOptions::new([ep.clone()])
-        .with_credentials("reader", "reader-pw")
-        .with_session_ttl(Duration::from_secs(2));
+    let options = user_under_auth(
+        &ep,
+        "reader",
+        [
+            Permission::read("/granted"),
+            Permission::read("/granted/").with_prefix(),
+        ],
+    )
+    .await;
     let reader = EtcdRegistry::connect(options)
         .await
         .unwrap_or_else(|e| panic!("connect as reader: {e}"));
@@ -956,7 +972,7 @@ async fn children_and_watches_of_more_than_four_mib_are_read() {
 /// create in it, the permitted ones too, into a retryable `Unavailable`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_batch_gives_each_create_its_own_outcome() {
-    use etcd_client::{ConnectOptions, Permission};
+    use etcd_client::Permission;
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
     let ep = server.endpoint();
     let mut plain = etcd_client::Client::connect([ep.clone()], None)
@@ -964,28 +980,16 @@ async fn a_refused_batch_gives_each_create_its_own_outcome() {
         .unwrap();
     plain.put("/ok", "", None).await.unwrap();
     plain.put("/no", "", None).await.unwrap();
-    plain.user_add("root", "root-pw", None).await.unwrap();
-    plain.user_grant_role("root", "root").await.unwrap();
-    plain.auth_enable().await.unwrap();
-    let root_options = ConnectOptions::new().with_user("root", "root-pw");
-    let mut root = etcd_client::Client::connect([ep.clone()], Some(root_options))
-        .await
-        .unwrap();
     // `writer` may read everything and write only under /ok/.
-    root.role_add("ok-rw").await.unwrap();
-    for permission in [
-        Permission::read("/").with_prefix(),
-        Permission::read_write("/ok/").with_prefix(),
-    ] {
-        root.role_grant_permission("ok-rw", permission)
-            .await
-            .unwrap();
-    }
-    root.user_add("writer", "writer-pw", None).await.unwrap();
-    root.user_grant_role("writer", "ok-rw").await.unwrap();
-    let options = EtcdOptions::new([ep.clone()])
-        .with_credentials("writer", "writer-pw")
-        .with_session_ttl(Duration::from_secs(2));
+    let options = user_under_auth(
+        &ep,
+        "writer",
+        [
+            Permission::read("/").with_prefix(),
+            Permission::read_write("/ok/").with_prefix(),
+        ],
+    )
+    .await;
     let writer: Arc<dyn Registry> = Arc::new(
         EtcdRegistry::connect(options)
             .await

@@ -18,12 +18,13 @@ fn p(s: &str) -> NodePath {
 }
 
 async fn client(store: &MemoryStore) -> MemoryRegistry {
-    MemoryRegistry::connect(
-        store,
-        MemoryOptions::default().with_session_ttl(Duration::from_millis(500)),
-    )
-    .await
-    .unwrap()
+    client_with_ttl(store, Duration::from_millis(500)).await
+}
+
+async fn client_with_ttl(store: &MemoryStore, ttl: Duration) -> MemoryRegistry {
+    MemoryRegistry::connect(store, MemoryOptions::default().with_session_ttl(ttl))
+        .await
+        .unwrap()
 }
 
 async fn next_event(stream: &mut registry_core::WatchStream) -> WatchEvent {
@@ -431,12 +432,7 @@ async fn close_while_cut_off_is_unavailable_and_the_session_expires_at_its_ttl()
 #[tokio::test]
 async fn a_cut_made_during_a_cut_extends_it() {
     let store = MemoryStore::new();
-    let c = MemoryRegistry::connect(
-        &store,
-        MemoryOptions::default().with_session_ttl(Duration::from_secs(3)),
-    )
-    .await
-    .unwrap();
+    let c = client_with_ttl(&store, Duration::from_secs(3)).await;
     let session = c.session().session_id.unwrap();
     let mut events = c.session_events();
     assert_eq!(next_state(&mut events).await, SessionState::Connected);
@@ -505,12 +501,7 @@ async fn overlapping_cuts_count_the_ttl_from_the_first() {
 #[tokio::test]
 async fn an_expiry_during_a_cut_is_learned_on_reconnection() {
     let store = MemoryStore::new();
-    let c = MemoryRegistry::connect(
-        &store,
-        MemoryOptions::default().with_session_ttl(Duration::from_secs(3)),
-    )
-    .await
-    .unwrap();
+    let c = client_with_ttl(&store, Duration::from_secs(3)).await;
     let session = c.session().session_id.unwrap();
     let mut events = c.session_events();
     assert_eq!(next_state(&mut events).await, SessionState::Connected);

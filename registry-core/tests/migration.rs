@@ -19,6 +19,20 @@ fn p(s: &str) -> NodePath {
     NodePath::new(s).unwrap()
 }
 
+/// A primary and a secondary on stores of their own, and a DualRegistry merging their reads.
+async fn merged() -> (Arc<dyn Registry>, Arc<dyn Registry>, DualRegistry) {
+    let (pa, sb) = (
+        client(&MemoryStore::new()).await,
+        client(&MemoryStore::new()).await,
+    );
+    let dual = DualRegistry::new(
+        pa.clone(),
+        sb.clone(),
+        DualOptions::new().with_merge_reads(true),
+    );
+    (pa, sb, dual)
+}
+
 async fn client(store: &MemoryStore) -> Arc<dyn Registry> {
     Arc::new(
         MemoryRegistry::connect(
@@ -179,13 +193,7 @@ async fn dual_registration_failing_on_the_secondary_leaves_nothing_on_the_primar
 
 #[tokio::test]
 async fn merged_reads_show_both_trees_and_the_primary_wins() {
-    let (a, b) = (MemoryStore::new(), MemoryStore::new());
-    let (pa, sb) = (client(&a).await, client(&b).await);
-    let dual = DualRegistry::new(
-        pa.clone(),
-        sb.clone(),
-        DualOptions::new().with_merge_reads(true),
-    );
+    let (pa, sb, dual) = merged().await;
     pa.create(&p("/svc/a"), Bytes::from("pa"), CreateMode::Persistent)
         .await
         .unwrap();
@@ -480,13 +488,7 @@ async fn dual_registration_set_value_keeps_the_primary_current_when_the_secondar
 
 #[tokio::test]
 async fn merged_children_report_a_failing_side_rather_than_not_found() {
-    let (a, b) = (MemoryStore::new(), MemoryStore::new());
-    let (pa, sb) = (client(&a).await, client(&b).await);
-    let dual = DualRegistry::new(
-        pa.clone(),
-        sb.clone(),
-        DualOptions::new().with_merge_reads(true),
-    );
+    let (_, sb, dual) = merged().await;
     // Only the secondary has the service; the secondary then fails.
     sb.create(&p("/svc/a"), Bytes::from("sa"), CreateMode::Persistent)
         .await
@@ -502,13 +504,7 @@ async fn merged_children_report_a_failing_side_rather_than_not_found() {
 #[tokio::test]
 async fn merged_watch_ends_when_either_side_ends() {
     for close_primary in [false, true] {
-        let (a, b) = (MemoryStore::new(), MemoryStore::new());
-        let (pa, sb) = (client(&a).await, client(&b).await);
-        let dual = DualRegistry::new(
-            pa.clone(),
-            sb.clone(),
-            DualOptions::new().with_merge_reads(true),
-        );
+        let (pa, sb, dual) = merged().await;
         sb.create(&p("/svc/b"), Bytes::from("sb"), CreateMode::Persistent)
             .await
             .unwrap();
