@@ -7,7 +7,7 @@ use conformance_tests::harness::{EtcdCluster, EtcdServer, TcpProxy};
 use conformance_tests::support::{
     apply_until, close_while_unreachable, etcdctl, next_event, read_scope, summary,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use registry_core::{
     Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registration,
     RegistrationStatus, Registry, ResyncReason, SessionState, WatchEvent, WatchOptions, WatchScope,
@@ -1069,4 +1069,36 @@ async fn next_state_is(
         panic!("session events ended before {want:?}");
     })
     .await
+}
+
+/// A member that stops answering (paused, as by a stalled disk) must not cost a session its
+/// leases while the other two members serve: whichever member the keep-alives go to, they
+/// move to a live one within the TTL. Each member is paused in turn for twice the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_member_does_not_cost_the_session() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    let mut cluster = EtcdCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
+    let ttl = Duration::from_secs(3);
+    let options = EtcdOptions::new(cluster.endpoints()).with_session_ttl(ttl);
+    let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(options).await.unwrap());
+    let first = reg.session();
+    let mut events = reg.session_events();
+    for member in 0..3 {
+        cluster.pause(member).unwrap();
+        tokio::time::sleep(ttl * 2).await;
+        cluster.resume(member).unwrap();
+        let status = reg.session();
+        assert_eq!(
+            (status.session_id, status.epoch),
+            (first.session_id, first.epoch),
+            "session replaced while member {member} was paused: {status:?}"
+        );
+    }
+    // No transition to Lost was published on the way.
+    while let Some(Some(status)) = events.next().now_or_never() {
+        assert_ne!(status.state, SessionState::Lost, "{status:?}");
+    }
+    reg.close().await.unwrap();
 }

@@ -387,7 +387,10 @@ impl EtcdRegistry {
             connect,
             session.clone(),
             ttl,
-            options.request_timeout,
+            session::Timeouts {
+                connect: options.connect_timeout,
+                request: options.request_timeout,
+            },
             shutdown_rx,
             span,
         )

@@ -1,5 +1,7 @@
 //! The session: a block of leases under one session ID, kept alive every TTL/3 on a thread of
-//! its own, replaced as a whole when any of them is lost.
+//! its own, replaced as a whole when any of them is lost. With several endpoints the
+//! keep-alives go to one member at a time and move to the next when it breaks or falls silent
+//! for half the TTL, so one stalled member cannot cost the session.
 //!
 //! etcd spends time linear in a lease's keys on every put under it (etcd-io/etcd#15993, fixed
 //! only for auth-less or root use in 3.4.27 / 3.5.10), so one lease for thousands of
@@ -267,6 +269,9 @@ impl Session {
 enum Outcome {
     /// The connection broke; the leases may still be alive.
     Broken,
+    /// The member stopped answering keep-alives with its connection still open (paused, a
+    /// stalled disk); the leases may still be alive.
+    Silent,
     /// The server says a lease is gone.
     Lost,
     /// Close was asked for.
@@ -326,9 +331,12 @@ async fn keep_new(
     Ok(())
 }
 
+/// Keeps the session's leases alive over `client` until that fails. With `silence_limit`,
+/// gives up on the member once no answer came for that long.
 async fn keep_alive(
     client: &mut Client,
     ttl: Duration,
+    silence_limit: Option<Duration>,
     session: &Session,
     last_ok: &mut Instant,
     shutdown: &mut watch::Receiver<bool>,
@@ -356,9 +364,22 @@ async fn keep_alive(
     }
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A member just moved to gets the whole limit to answer.
+    let started = Instant::now();
     loop {
+        let silent_since = (*last_ok).max(started);
+        let silence = async {
+            match silence_limit {
+                Some(limit) => tokio::time::sleep_until(silent_since + limit).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shutdown.changed() => return Outcome::Shutdown,
+            _ = silence => {
+                tracing::warn!(silent_ms = silent_since.elapsed().as_millis() as u64, "etcd member stopped answering keep-alives");
+                return Outcome::Silent;
+            }
             changed = gone.changed() => {
                 if changed.is_ok() && session.in_block(*gone.borrow_and_update()) {
                     return Outcome::Lost;
@@ -443,17 +464,20 @@ pub(crate) async fn grant_session(
 
 /// Grants a new session, retrying with backoff until it works or close is asked for.
 async fn grant(
-    client: &mut Client,
+    link: &mut Link,
     ttl: Duration,
     timeout: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<i64> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        match tokio::time::timeout(timeout, grant_session(client, ttl)).await {
+        match tokio::time::timeout(timeout, grant_session(&mut link.client, ttl)).await {
             Ok(Ok(lease)) => return Some(lease),
             Ok(Err(error)) => tracing::warn!(%error, "lease grant failed; retrying"),
             Err(_) => tracing::warn!("lease grant timed out; retrying"),
+        }
+        if link.has_others() && !link.move_on(shutdown).await {
+            return None;
         }
         tokio::select! {
             _ = shutdown.changed() => return None,
@@ -517,6 +541,100 @@ pub async fn revoke_session(
     Ok(revoke_all(client, &leases, timeout).await)
 }
 
+/// The keeper's connection. With several endpoints it talks to one member at a time: a
+/// member that stops answering with its connection open (paused, a stalled disk) would hold a
+/// balanced channel's keep-alive stream until HTTP/2 pings give up, which can take longer
+/// than the TTL, while one member at a time can be left as soon as it falls silent.
+struct Link {
+    endpoints: Vec<String>,
+    connect: etcd_client::ConnectOptions,
+    /// Bounds a connect, which authenticates when credentials are set.
+    timeout: Duration,
+    member: usize,
+    client: Client,
+}
+
+impl Link {
+    /// Connects to the member at `first` (failing that, the next ones in turn), retrying with
+    /// backoff; `None` once close is asked for.
+    async fn open(
+        endpoints: Vec<String>,
+        connect: etcd_client::ConnectOptions,
+        timeout: Duration,
+        first: usize,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Link> {
+        let (member, client) = connect_from(&endpoints, &connect, timeout, first, shutdown).await?;
+        Some(Link {
+            endpoints,
+            connect,
+            timeout,
+            member,
+            client,
+        })
+    }
+
+    /// Whether there is another member to move to.
+    fn has_others(&self) -> bool {
+        self.endpoints.len() > 1
+    }
+
+    /// Moves to the next member that takes a connection; `false` once close is asked for.
+    async fn move_on(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let next = self.member + 1;
+        let (endpoints, connect) = (&self.endpoints, &self.connect);
+        let Some((member, client)) =
+            connect_from(endpoints, connect, self.timeout, next, shutdown).await
+        else {
+            return false;
+        };
+        (self.member, self.client) = (member, client);
+        if self.has_others() {
+            tracing::info!(endpoint = %self.endpoints[member], "keep-alives moved to another etcd member");
+        }
+        true
+    }
+}
+
+/// A client of one member, trying them in turn from `first` (of all of them, with one
+/// endpoint), with backoff between attempts; `None` once close is asked for.
+async fn connect_from(
+    endpoints: &[String],
+    connect: &etcd_client::ConnectOptions,
+    timeout: Duration,
+    first: usize,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(usize, Client)> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    for attempt in 0..usize::MAX {
+        let member = first.wrapping_add(attempt) % endpoints.len().max(1);
+        let targets = match endpoints.get(member) {
+            Some(one) if endpoints.len() > 1 => vec![one.clone()],
+            _ => endpoints.to_vec(),
+        };
+        let client = Client::connect(targets, Some(connect.clone()));
+        match tokio::time::timeout(timeout, client).await {
+            Ok(Ok(client)) => return Some((member, client)),
+            Ok(Err(error)) => tracing::warn!(%error, "keep-alive connection failed; retrying"),
+            Err(_) => tracing::warn!("keep-alive connection timed out; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return None,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+    None
+}
+
+/// How long the keeper waits for a connection and for a request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timeouts {
+    /// For a connection to a member.
+    pub connect: Duration,
+    /// For one request.
+    pub request: Duration,
+}
+
 /// Runs the session on a thread of its own, with its own runtime and its own connection, so a
 /// busy application (or thousands of watch and registration tasks) can never delay a
 /// keep-alive past the TTL. The returned receiver fires when the thread has finished.
@@ -525,7 +643,7 @@ pub(crate) fn spawn_keeper(
     connect: etcd_client::ConnectOptions,
     session: Arc<Session>,
     ttl: Duration,
-    request_timeout: Duration,
+    timeouts: Timeouts,
     mut shutdown: watch::Receiver<bool>,
     span: tracing::Span,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
@@ -545,21 +663,17 @@ pub(crate) fn spawn_keeper(
             };
             runtime.block_on(tracing::Instrument::instrument(
                 async move {
-                    let mut backoff =
-                        Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-                    let client = loop {
-                        match Client::connect(endpoints.clone(), Some(connect.clone())).await {
-                            Ok(client) => break client,
-                            Err(error) => {
-                                tracing::warn!(%error, "keep-alive connection failed; retrying")
-                            }
-                        }
-                        tokio::select! {
-                            _ = shutdown.changed() => return,
-                            _ = tokio::time::sleep(backoff.next_delay()) => {}
-                        }
+                    // Members taken in turn from one picked by the session ID, so clients
+                    // spread their keep-alives over the cluster.
+                    let first = session.id().unsigned_abs() as usize % endpoints.len().max(1);
+                    // A connect authenticates when credentials are set: a request of its own.
+                    let connect_timeout = timeouts.connect.saturating_add(timeouts.request);
+                    let link =
+                        Link::open(endpoints, connect, connect_timeout, first, &mut shutdown);
+                    let Some(link) = link.await else {
+                        return;
                     };
-                    run(client, session, ttl, request_timeout, shutdown).await;
+                    run(link, session, ttl, timeouts.request, shutdown).await;
                 },
                 span,
             ));
@@ -570,8 +684,8 @@ pub(crate) fn spawn_keeper(
 
 /// Keeps the session's leases alive until shutdown; reports suspension, loss and the new
 /// session that replaces a lost one.
-pub(crate) async fn run(
-    mut client: Client,
+async fn run(
+    mut link: Link,
     session: Arc<Session>,
     ttl: Duration,
     request_timeout: Duration,
@@ -579,23 +693,38 @@ pub(crate) async fn run(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut last_ok = Instant::now();
+    // Silent for half the TTL, a member is left while the other half is time to reach
+    // another one before the leases expire.
+    let silence_limit = link.has_others().then_some(ttl / 2);
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let outcome = keep_alive(&mut client, ttl, &session, &mut last_ok, &mut shutdown).await;
+        let outcome = keep_alive(
+            &mut link.client,
+            ttl,
+            silence_limit,
+            &session,
+            &mut last_ok,
+            &mut shutdown,
+        )
+        .await;
         let id = session.id();
         let lost = match outcome {
             Outcome::Shutdown => return,
             Outcome::Lost => true,
-            Outcome::Broken => {
+            Outcome::Broken | Outcome::Silent => {
                 if session.tracker.status().state.is_live() {
                     tracing::warn!(session = id, "etcd connection lost; session suspended");
                     session.tracker.transition(SessionState::Suspended, None);
                 }
+                // Another member may answer where this one did not.
+                if link.has_others() && !link.move_on(&mut shutdown).await {
+                    return;
+                }
                 if last_ok.elapsed() <= ttl {
                     false
-                } else if still_granted(&mut client, id, request_timeout).await {
+                } else if still_granted(&mut link.client, id, request_timeout).await {
                     // The server vouched for the session: that counts as hearing from it, or
                     // the next keep-alive round would give up before its first answer.
                     last_ok = Instant::now();
@@ -610,14 +739,14 @@ pub(crate) async fn run(
             session.tracker.transition(SessionState::Lost, None);
             // The rest of the block goes too, so no key of the lost session outlives it.
             let leases = session.leases();
-            let revoked = revoke_all(&client, &leases, request_timeout).await;
+            let revoked = revoke_all(&link.client, &leases, request_timeout).await;
             tracing::debug!(
                 session = id,
                 leases = leases.len(),
                 revoked,
                 "lost session's leases revoked"
             );
-            let Some(new) = grant(&mut client, ttl, request_timeout, &mut shutdown).await else {
+            let Some(new) = grant(&mut link, ttl, request_timeout, &mut shutdown).await else {
                 return;
             };
             session.restart(new);
@@ -627,6 +756,10 @@ pub(crate) async fn run(
                 .tracker
                 .transition(SessionState::Reestablished, Some(SessionId(new)));
             tracing::info!(session = new, "etcd session re-established");
+            continue;
+        }
+        // The leases' time is running out: the next member is tried at once.
+        if matches!(outcome, Outcome::Silent) {
             continue;
         }
         tokio::select! {
