@@ -31,6 +31,7 @@ mod batch;
 mod error;
 mod hub;
 mod keys;
+mod members;
 pub mod options;
 mod session;
 pub mod watch;
@@ -91,6 +92,8 @@ pub(crate) struct Shared {
     watch_hub: Mutex<Option<hub::Handle>>,
     /// One children watch per parent for all registrations under it.
     registration_watches: RegistrationWatches,
+    /// Takes silent members out of the rotation (with several endpoints).
+    members: Option<Arc<members::MemberHealth>>,
 }
 
 impl Shared {
@@ -149,10 +152,14 @@ impl Shared {
                 }
                 Ok(Err(e)) => return Err(map(e, operation, Some(path))),
                 Err(_) => {
+                    // Perhaps a member that stopped answering: the next ones avoid it.
+                    if let Some(members) = &self.members {
+                        members.suspect();
+                    }
                     return Err(Error::Timeout {
                         operation: format!("etcd {operation} {path}"),
                         after: timeout,
-                    })
+                    });
                 }
             }
         }
@@ -382,6 +389,7 @@ impl EtcdRegistry {
             .transition(SessionState::Connected, Some(SessionId(lease)));
         let (shutdown, shutdown_rx) = channel::channel(false);
         let span = tracing::info_span!("etcd_session", endpoints = ?options.endpoints);
+        let connect_options = connect.clone();
         let task = session::spawn_keeper(
             options.endpoints.clone(),
             connect,
@@ -396,6 +404,13 @@ impl EtcdRegistry {
         )
         .map_err(|e| Error::unavailable(format!("cannot start the etcd keep-alive thread: {e}")))?;
         tracing::info!(lease, "etcd session opened");
+        let members = members::spawn(
+            client.clone(),
+            &options.endpoints,
+            connect_options,
+            options.request_timeout,
+            shutdown.subscribe(),
+        );
         let (creates, queued) = batch::queue();
         let shared = Arc::new(Shared {
             kv: client
@@ -411,6 +426,7 @@ impl EtcdRegistry {
             session_task: Mutex::new(Some(task)),
             watch_hub: Mutex::new(None),
             registration_watches: RegistrationWatches::new(),
+            members,
         });
         batch::spawn(Arc::downgrade(&shared), queued);
         Ok(EtcdRegistry { shared })
