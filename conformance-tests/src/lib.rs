@@ -122,6 +122,7 @@ macro_rules! conformance_suite {
             fault_partition_over_ttl,
             fault_partition_short,
             fault_leader_kill,
+            fault_member_pause,
             fault_owner_crash,
             fault_compaction,
             fault_slow_consumer,

@@ -390,6 +390,53 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
     Outcome::Passed
 }
 
+/// Requests a client may lose to a member that stops answering: those that find it silent
+/// before the client moves away from it.
+pub const MEMBER_PAUSE_FAILURES: usize = 2;
+
+/// Three members, clients given every endpoint; each member in turn is SIGSTOPped for twice
+/// the TTL (a stalled disk or process): no session is lost, no registration changes, watchers
+/// converge, and of 40 requests a client makes meanwhile at most
+/// [`MEMBER_PAUSE_FAILURES`] fail.
+pub async fn fault_member_pause(fx: &dyn Fixture) -> Outcome {
+    let env = fault_env!(fx, "fault_member_pause", 3);
+    let (fleet, watchers, reader) = world(&env).await;
+    let writer = env.client().await;
+    let path = p("/data/paused");
+    writer
+        .create(&path, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("[{}] create {path}: {e}", env.at));
+    for member in 0..3 {
+        let what = format!("a pause of member {member} for twice the TTL");
+        nothing_lost_across(&env, &fleet, &watchers, &reader, &what, async {
+            env.pause(member).await;
+            let paused_at = Instant::now();
+            let mut failed = Vec::new();
+            for i in 0..20 {
+                let value = Bytes::from(format!("{member}-{i}"));
+                if let Err(e) = writer.set(&path, value, Expected::Any).await {
+                    failed.push(format!("set {i}: {e}"));
+                }
+                if let Err(e) = writer.get(&path).await {
+                    failed.push(format!("get {i}: {e}"));
+                }
+            }
+            assert!(
+                failed.len() <= MEMBER_PAUSE_FAILURES,
+                "[{}] member {member} paused: {} of 40 requests failed: {failed:?}",
+                env.at,
+                failed.len()
+            );
+            // The pause lasts twice the TTL however long the requests took.
+            tokio::time::sleep((env.ttl() * 2).saturating_sub(paused_at.elapsed())).await;
+            env.resume(member).await;
+        })
+        .await;
+    }
+    Outcome::Passed
+}
+
 /// A separate process registers and is SIGKILLed: a watcher sees its node gone within
 /// TTL + 1 s. Another deregisters gracefully: gone within 1 s.
 pub async fn fault_owner_crash(fx: &dyn Fixture) -> Outcome {
