@@ -210,6 +210,12 @@ impl<'f> FaultEnv<'f> {
         self.with_cluster("resume", move |c| c.resume(index)).await
     }
 
+    /// Waits until member `index` serves again (after a resume, it has to catch up).
+    pub async fn wait_serving(&self, index: usize) {
+        self.with_cluster("wait until serving", move |c| c.wait_serving(index))
+            .await
+    }
+
     /// The member that leads now, waiting up to 20 s for one.
     pub async fn leader(&self) -> usize {
         let Some(cluster) = self.cluster.clone() else {

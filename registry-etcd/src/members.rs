@@ -5,8 +5,8 @@
 //! connection looks ready, so about one request in N waits out its timeout for as long as the
 //! stall lasts (HTTP/2 pings drop the connection, but the reconnect succeeds at the TCP level).
 //! So a timed-out request makes the client ask every member for its status; a member that
-//! does not answer within the probe timeout leaves the rotation, and is asked again every
-//! second until it answers. When no member answers there is nothing to prefer: all stay.
+//! does not answer within the probe timeout leaves the rotation, and is asked again about
+//! every second until it answers. When no member answers there is nothing to prefer: all stay.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,7 +97,10 @@ impl Watcher {
             if *shutdown.borrow() {
                 return;
             }
-            self.round().await;
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = self.round() => {}
+            }
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(MIN_ROUND_GAP) => {}
@@ -114,28 +117,50 @@ impl Watcher {
             tracing::debug!("no etcd member answered; all stay in the rotation");
             answered.fill(true);
         }
-        for (member, answered) in self.members.iter_mut().zip(answered) {
-            let uri = uri_of(&member.endpoint);
-            match (member.out, answered) {
-                (false, false) => match self.client.remove_endpoint(&uri).await {
-                    Ok(()) => {
-                        member.out = true;
-                        tracing::warn!(endpoint = %member.endpoint, "etcd member not answering; out of the rotation");
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, endpoint = %member.endpoint, "cannot take the member out")
-                    }
-                },
-                (true, true) => match self.client.add_endpoint(&uri).await {
-                    Ok(()) => {
-                        member.out = false;
-                        tracing::info!(endpoint = %member.endpoint, "etcd member answers again; back in the rotation");
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, endpoint = %member.endpoint, "cannot put the member back")
-                    }
-                },
-                _ => {}
+        // Members come back before others leave, so the rotation is never empty between.
+        for (index, answered) in answered.iter().enumerate() {
+            if *answered {
+                self.set_out(index, false).await;
+            }
+        }
+        for (index, answered) in answered.iter().enumerate() {
+            if !*answered {
+                self.set_out(index, true).await;
+            }
+        }
+    }
+
+    /// Takes member `index` out of the rotation or puts it back, if it is not so already.
+    /// Bounded: etcd-client queues changes (at most 64) until a request comes.
+    async fn set_out(&mut self, index: usize, out: bool) {
+        let Some(member) = self.members.get_mut(index) else {
+            return;
+        };
+        if member.out == out {
+            return;
+        }
+        let uri = uri_of(&member.endpoint);
+        let change = async {
+            if out {
+                self.client.remove_endpoint(&uri).await
+            } else {
+                self.client.add_endpoint(&uri).await
+            }
+        };
+        match tokio::time::timeout(self.probe_timeout, change).await {
+            Ok(Ok(())) if out => {
+                tracing::warn!(endpoint = %member.endpoint, "etcd member not answering; out of the rotation");
+                member.out = true;
+            }
+            Ok(Ok(())) => {
+                tracing::info!(endpoint = %member.endpoint, "etcd member answers again; back in the rotation");
+                member.out = false;
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, endpoint = %member.endpoint, out, "rotation change failed")
+            }
+            Err(_) => {
+                tracing::debug!(endpoint = %member.endpoint, out, "rotation change not taken in time")
             }
         }
     }

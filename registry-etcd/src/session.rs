@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{Client, LeaseGrantOptions, LeaseKeepAliveResponse};
-use futures::stream::{BoxStream, SelectAll};
+use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
 use futures::StreamExt;
 use registry_core::{Backoff, SessionId, SessionState, SessionTracker};
 use tokio::sync::watch;
@@ -293,6 +293,7 @@ async fn keep_new(
     client: &mut Client,
     session: &Session,
     timeout: Duration,
+    last_ok: &mut Instant,
     kept: &mut HashSet<i64>,
     keepers: &mut Vec<etcd_client::LeaseKeeper>,
     answers: &mut Answers,
@@ -318,6 +319,8 @@ async fn keep_new(
                 }
                 Err(_) => return Err(Outcome::Broken),
             };
+        // Opening a stream waits for the server's first keep-alive answer.
+        *last_ok = Instant::now();
         kept.insert(lease);
         keepers.push(keeper);
         // A stream that ends says so once, rather than leaving the set unnoticed.
@@ -354,6 +357,7 @@ async fn keep_alive(
         client,
         session,
         open_timeout,
+        last_ok,
         &mut kept,
         &mut keepers,
         &mut answers,
@@ -364,18 +368,37 @@ async fn keep_alive(
     }
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A member just moved to gets the whole limit to answer.
+    // A member just moved to (after another's silence) gets half the limit to answer, so a
+    // second silent member is still left before the leases expire.
     let started = Instant::now();
     loop {
-        let silent_since = (*last_ok).max(started);
+        let silent_since = *last_ok;
         let silence = async {
             match silence_limit {
-                Some(limit) => tokio::time::sleep_until(silent_since + limit).await,
+                Some(limit) => {
+                    let deadline = (silent_since + limit).max(started + limit / 2);
+                    tokio::time::sleep_until(deadline).await
+                }
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
+            // An answer that is already there counts before the silence deadline does.
+            biased;
             _ = shutdown.changed() => return Outcome::Shutdown,
+            answer = answers.next() => match answer {
+                Some((lease, Some(Ok(response)))) if response.ttl() <= 0 => {
+                    tracing::warn!(lease, "etcd lease expired");
+                    return Outcome::Lost;
+                }
+                Some((_, Some(Ok(_)))) => {
+                    *last_ok = Instant::now();
+                    if session.tracker.status().state == SessionState::Suspended {
+                        session.tracker.transition(SessionState::Connected, Some(SessionId(session.id())));
+                    }
+                }
+                _ => return Outcome::Broken,
+            },
             _ = silence => {
                 tracing::warn!(silent_ms = silent_since.elapsed().as_millis() as u64, "etcd member stopped answering keep-alives");
                 return Outcome::Silent;
@@ -387,7 +410,7 @@ async fn keep_alive(
             }
             changed = joined.changed() => {
                 if changed.is_ok() {
-                    if let Err(outcome) = keep_new(client, session, open_timeout, &mut kept, &mut keepers, &mut answers).await {
+                    if let Err(outcome) = keep_new(client, session, open_timeout, last_ok, &mut kept, &mut keepers, &mut answers).await {
                         return outcome;
                     }
                 }
@@ -403,19 +426,6 @@ async fn keep_alive(
                     return Outcome::Broken;
                 }
             }
-            answer = answers.next() => match answer {
-                Some((lease, Some(Ok(response)))) if response.ttl() <= 0 => {
-                    tracing::warn!(lease, "etcd lease expired");
-                    return Outcome::Lost;
-                }
-                Some((_, Some(Ok(_)))) => {
-                    *last_ok = Instant::now();
-                    if session.tracker.status().state == SessionState::Suspended {
-                        session.tracker.transition(SessionState::Connected, Some(SessionId(session.id())));
-                    }
-                }
-                _ => return Outcome::Broken,
-            },
         }
     }
 }
@@ -596,6 +606,40 @@ impl Link {
     }
 }
 
+impl Link {
+    /// Whether the server still holds `lease`, asked of every member at once: after a
+    /// leader's loss a member may hang forwarding lease requests to it for seconds while
+    /// another answers. The link moves to the first member that vouches. Unreachable
+    /// everywhere counts as gone (see [`still_granted`]).
+    async fn still_granted(&mut self, lease: i64, timeout: Duration) -> bool {
+        if !self.has_others() {
+            return still_granted(&mut self.client, lease, timeout).await;
+        }
+        let asks: FuturesUnordered<_> = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(member, endpoint)| {
+                let connect = self.connect.clone();
+                async move {
+                    let mut client = Client::connect([endpoint], Some(connect)).await.ok()?;
+                    let ttl = client.lease_time_to_live(lease, None).await.ok()?.ttl();
+                    (ttl > 0).then_some((member, client, ttl))
+                }
+            })
+            .collect();
+        let mut vouched = asks.filter_map(std::future::ready).boxed();
+        match tokio::time::timeout(timeout, vouched.next()).await {
+            Ok(Some((member, client, ttl))) => {
+                tracing::info!(lease, ttl, endpoint = %self.endpoints[member], "etcd lease outlived a slow keep-alive");
+                (self.member, self.client) = (member, client);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A client of one member, trying them in turn from `first` (of all of them, with one
 /// endpoint), with backoff between attempts; `None` once close is asked for.
 async fn connect_from(
@@ -625,6 +669,9 @@ async fn connect_from(
     }
     None
 }
+
+/// The keeper's shortest wait for a connection, however short the TTL.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long the keeper waits for a connection and for a request.
 #[derive(Clone, Copy, Debug)]
@@ -667,7 +714,13 @@ pub(crate) fn spawn_keeper(
                     // spread their keep-alives over the cluster.
                     let first = session.id().unsigned_abs() as usize % endpoints.len().max(1);
                     // A connect authenticates when credentials are set: a request of its own.
-                    let connect_timeout = timeouts.connect.saturating_add(timeouts.request);
+                    // Within a third of the TTL, so a silent member cannot use up the time
+                    // the leases have left.
+                    let connect_timeout = timeouts
+                        .connect
+                        .saturating_add(timeouts.request)
+                        .min(ttl / 3)
+                        .max(MIN_CONNECT_TIMEOUT);
                     let link =
                         Link::open(endpoints, connect, connect_timeout, first, &mut shutdown);
                     let Some(link) = link.await else {
@@ -694,7 +747,7 @@ async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut last_ok = Instant::now();
     // Silent for half the TTL, a member is left while the other half is time to reach
-    // another one before the leases expire.
+    // another one before the leases expire (see `keep_alive` for a second silent one).
     let silence_limit = link.has_others().then_some(ttl / 2);
     loop {
         if *shutdown.borrow() {
@@ -724,7 +777,7 @@ async fn run(
                 }
                 if last_ok.elapsed() <= ttl {
                     false
-                } else if still_granted(&mut link.client, id, request_timeout).await {
+                } else if link.still_granted(id, request_timeout).await {
                     // The server vouched for the session: that counts as hearing from it, or
                     // the next keep-alive round would give up before its first answer.
                     last_ok = Instant::now();

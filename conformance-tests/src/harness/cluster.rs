@@ -20,6 +20,8 @@ pub trait Cluster: Send {
     fn pause(&mut self, index: usize) -> HarnessResult<()>;
     /// SIGCONT.
     fn resume(&mut self, index: usize) -> HarnessResult<()>;
+    /// Waits until member `index` serves (has a leader, or is one), as after a resume.
+    fn wait_serving(&self, index: usize) -> HarnessResult<()>;
     /// Starts a killed member again on its data and waits until it serves.
     fn restart(&mut self, index: usize) -> HarnessResult<()>;
 }
@@ -45,6 +47,9 @@ macro_rules! cluster_impl {
             }
             fn resume(&mut self, index: usize) -> HarnessResult<()> {
                 <$ty>::resume(self, index)
+            }
+            fn wait_serving(&self, index: usize) -> HarnessResult<()> {
+                <$ty>::wait_serving(self, index)
             }
             fn restart(&mut self, index: usize) -> HarnessResult<()> {
                 <$ty>::restart(self, index)

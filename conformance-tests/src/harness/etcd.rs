@@ -117,6 +117,11 @@ impl EtcdCluster {
         Ok(cluster)
     }
 
+    /// Waits until member `index` reports healthy (it has a leader and serves).
+    pub fn wait_serving(&self, index: usize) -> HarnessResult<()> {
+        self.wait_healthy(index)
+    }
+
     fn wait_healthy(&self, index: usize) -> HarnessResult<()> {
         let member = self.member(index)?;
         if wait_until(READY_TIMEOUT, || member.healthy()) {

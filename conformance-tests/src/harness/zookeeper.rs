@@ -175,6 +175,11 @@ impl ZkEnsemble {
             .ok_or_else(|| format!("no ZooKeeper server {index}"))
     }
 
+    /// Waits until server `index` serves as leader or follower.
+    pub fn wait_serving(&self, index: usize) -> HarnessResult<()> {
+        self.wait_ready(index)
+    }
+
     fn wait_ready(&self, index: usize) -> HarnessResult<()> {
         let server = self.server(index)?;
         let serving = || four_letter(server.client, "srvr").is_some_and(|a| a.contains("Mode: "));
