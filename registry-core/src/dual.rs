@@ -170,16 +170,8 @@ impl Registry for DualRegistry {
         };
         if let Err(error) = copied {
             tracing::warn!(path = %node.path, %error, "secondary create failed; undoing it on the primary");
-            let undone = self
-                .primary
-                .delete(
-                    &node.path,
-                    Expected::Version(node.version),
-                    DeleteScope::Node,
-                )
-                .await;
-            return Err(match undone {
-                Ok(()) | Err(Error::NotFound { .. }) => error,
+            return Err(match self.undo_create(&node).await {
+                Ok(()) => error,
                 Err(undo) => half_done(&node.path, "create", error, undo),
             });
         }
@@ -294,6 +286,42 @@ impl Registry for DualRegistry {
 
 /// The secondary's failure to `operation` at `path`, when undoing it on the primary failed
 /// too: the node is left on the primary only, and the error says so.
+impl DualRegistry {
+    /// Removes `node`, just created on the primary, as long as it is still the one created.
+    /// An ephemeral node is removed while it belongs to this session, whatever writes others
+    /// made to it meanwhile; a persistent one only at its version (after another writer's
+    /// change it is no longer ours to remove).
+    async fn undo_create(&self, node: &Node) -> Result<()> {
+        if node.ephemeral_owner.is_none() {
+            return match self
+                .primary
+                .delete(
+                    &node.path,
+                    Expected::Version(node.version),
+                    DeleteScope::Node,
+                )
+                .await
+            {
+                Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
+                Err(error) => Err(error),
+            };
+        }
+        // A version mismatch here only means a write raced with the owner check.
+        let mut raced = None;
+        for _ in 0..UNDO_ROUNDS {
+            match self.primary.delete_owned(node).await {
+                Ok(_) => return Ok(()),
+                Err(error @ Error::VersionMismatch { .. }) => raced = Some(error),
+                Err(error) => return Err(error),
+            }
+        }
+        Err(raced.unwrap_or_else(|| Error::unavailable("undo raced with writers")))
+    }
+}
+
+/// Attempts at removing an ephemeral node that other writers keep changing.
+const UNDO_ROUNDS: usize = 3;
+
 fn half_done(path: &NodePath, operation: &str, error: Error, undo: Error) -> Error {
     tracing::error!(%path, %error, %undo, "left on the primary only");
     Error::Backend {

@@ -2,6 +2,8 @@
 //! rustdoc, including failures of one side. The real-server migration runbook is tested in
 //! conformance-tests/tests/migration.rs.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -142,6 +144,39 @@ async fn dual_create_failing_on_the_secondary_is_undone_on_the_primary() {
         value(&*pa, "/x").await,
         None,
         "half-written create left on the primary"
+    );
+}
+
+/// A failed create must not leave this session's ephemeral node on the primary, even when
+/// another writer changed it before the undo (the versioned undo used to fail then, and the
+/// node stayed on the primary only).
+#[tokio::test]
+async fn dual_ephemeral_create_is_undone_whatever_others_wrote_to_it() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb, other) = (client(&a).await, client(&b).await, client(&a).await);
+    sb.create(&p("/x"), Bytes::from("theirs"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let secondary = support::Faulty::new(sb.clone());
+    secondary.on_create(Arc::new(move |path, answer| {
+        let other = other.clone();
+        Box::pin(async move {
+            other
+                .set(&path, Bytes::from("changed"), Expected::Any)
+                .await
+                .unwrap();
+            answer
+        })
+    }));
+    let dual = DualRegistry::new(pa.clone(), secondary, DualOptions::new());
+    let made = dual
+        .create(&p("/x"), Bytes::from("ours"), CreateMode::Ephemeral)
+        .await;
+    assert!(matches!(made, Err(Error::AlreadyExists { .. })), "{made:?}");
+    assert_eq!(
+        value(&*pa, "/x").await,
+        None,
+        "the failed create left its node on the primary"
     );
 }
 

@@ -1,96 +1,31 @@
 //! Registrations whose create happened on the server although the client heard only an
 //! error (a lost reply): neither a failed `register` nor a `deregister` may leave that node
-//! behind. Driven through a decorator of the in-memory backend that loses replies on demand.
+//! behind. Driven through a decorator of the in-memory backend that loses replies on demand
+//! (`support::Faulty`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
 use registry_core::{
-    Bytes, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node, NodePath,
-    RegisterOptions, Registration, RegistrationStatus, Registry, Result, SessionStatus, WatchEvent,
-    WatchOptions, WatchStream,
+    Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registration,
+    RegistrationStatus, Registry, WatchEvent, WatchOptions, WatchStream,
 };
+use support::Faulty;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-/// The in-memory backend, except that while `lose_creates` a create happens but reports
-/// `Unavailable`, and while `fail_gets` every get fails.
-struct LostReplies {
-    inner: MemoryRegistry,
-    lose_creates: AtomicBool,
-    fail_gets: AtomicBool,
-}
-
-#[async_trait]
-impl Registry for LostReplies {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn session(&self) -> SessionStatus {
-        self.inner.session()
-    }
-    fn session_events(&self) -> BoxStream<'static, SessionStatus> {
-        self.inner.session_events()
-    }
-    async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
-        let created = self.inner.create(path, value, mode).await?;
-        if self.lose_creates.load(Ordering::SeqCst) {
-            return Err(Error::unavailable("reply lost by the test"));
-        }
-        Ok(created)
-    }
-    async fn get(&self, path: &NodePath) -> Result<Node> {
-        if self.fail_gets.load(Ordering::SeqCst) {
-            return Err(Error::unavailable("get failed by the test"));
-        }
-        self.inner.get(path).await
-    }
-    async fn exists(&self, path: &NodePath) -> Result<bool> {
-        self.inner.exists(path).await
-    }
-    async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
-        self.inner.set(path, value, expected).await
-    }
-    async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
-        self.inner.delete(path, expected, scope).await
-    }
-    async fn delete_owned(&self, node: &Node) -> Result<bool> {
-        self.inner.delete_owned(node).await
-    }
-    async fn children(&self, path: &NodePath) -> Result<Children> {
-        self.inner.children(path).await
-    }
-    async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
-        self.inner.watch(path, options).await
-    }
-    async fn register(
-        &self,
-        path: &NodePath,
-        value: Bytes,
-        options: RegisterOptions,
-    ) -> Result<Registration> {
-        self.inner.register(path, value, options).await
-    }
-    async fn close(&self) -> Result<()> {
-        self.inner.close().await
-    }
-}
-
-async fn setup() -> (Arc<LostReplies>, MemoryRegistry, NodePath) {
+async fn setup() -> (Arc<Faulty>, MemoryRegistry, NodePath) {
     let store = MemoryStore::new();
     let options = MemoryOptions::default();
-    let owner = Arc::new(LostReplies {
-        inner: MemoryRegistry::connect(&store, options.clone())
+    let owner = Faulty::new(Arc::new(
+        MemoryRegistry::connect(&store, options.clone())
             .await
             .unwrap(),
-        lose_creates: AtomicBool::new(false),
-        fail_gets: AtomicBool::new(false),
-    });
+    ));
     let observer = MemoryRegistry::connect(&store, options).await.unwrap();
     let path = NodePath::new("/svc/10.0.0.1:9090").unwrap();
     observer
@@ -112,8 +47,8 @@ async fn next(node: &mut WatchStream) -> WatchEvent {
 #[tokio::test]
 async fn a_register_that_failed_after_its_create_leaves_nothing_behind() {
     let (owner, observer, path) = setup().await;
-    owner.lose_creates.store(true, Ordering::SeqCst);
-    owner.fail_gets.store(true, Ordering::SeqCst);
+    owner.lose_create_replies();
+    owner.fail_gets();
     let registered = Registration::start(
         owner.clone(),
         &path,
@@ -143,8 +78,8 @@ async fn deregister_while_recreating_removes_a_node_whose_create_reply_was_lost(
     .await
     .unwrap();
     // From now on the healer's re-create happens but it cannot learn so.
-    owner.lose_creates.store(true, Ordering::SeqCst);
-    owner.fail_gets.store(true, Ordering::SeqCst);
+    owner.lose_create_replies();
+    owner.fail_gets();
     let mut node = observer.watch(&path, WatchOptions::node()).await.unwrap();
     assert!(matches!(next(&mut node).await, WatchEvent::Snapshot(_)));
     observer

@@ -1,0 +1,112 @@
+//! A decorator of a registry for tests that need an answer to go wrong at a chosen moment.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use registry_core::{
+    Bytes, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node, NodePath,
+    RegisterOptions, Registration, Registry, Result, SessionStatus, WatchOptions, WatchStream,
+};
+
+/// Turns the answer to a create (already made on the inner registry) into what the caller
+/// hears; it may act on other registries first.
+pub type CreateHook =
+    Arc<dyn Fn(NodePath, Result<Node>) -> BoxFuture<'static, Result<Node>> + Send + Sync>;
+
+/// Passes every call to `inner`, except that a create's answer goes through `on_create` when
+/// one is set, and while `fail_gets` every get fails with `Unavailable`.
+pub struct Faulty {
+    pub inner: Arc<dyn Registry>,
+    on_create: Mutex<Option<CreateHook>>,
+    fail_gets: AtomicBool,
+}
+
+#[allow(dead_code)] // Each test binary uses a part.
+impl Faulty {
+    pub fn new(inner: Arc<dyn Registry>) -> Arc<Faulty> {
+        Arc::new(Faulty {
+            inner,
+            on_create: Mutex::new(None),
+            fail_gets: AtomicBool::new(false),
+        })
+    }
+
+    /// From now on, creates go through `hook`.
+    pub fn on_create(&self, hook: CreateHook) {
+        *self.on_create.lock().unwrap() = Some(hook);
+    }
+
+    /// From now on, creates happen but report `Unavailable` (a lost reply).
+    pub fn lose_create_replies(&self) {
+        self.on_create(Arc::new(|_, answer| {
+            Box::pin(async move {
+                answer?;
+                Err(Error::unavailable("reply lost by the test"))
+            })
+        }));
+    }
+
+    /// From now on, every get fails.
+    pub fn fail_gets(&self) {
+        self.fail_gets.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Registry for Faulty {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn session(&self) -> SessionStatus {
+        self.inner.session()
+    }
+    fn session_events(&self) -> BoxStream<'static, SessionStatus> {
+        self.inner.session_events()
+    }
+    async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
+        let answer = self.inner.create(path, value, mode).await;
+        let hook = self.on_create.lock().unwrap().clone();
+        match hook {
+            Some(hook) => hook(path.clone(), answer).await,
+            None => answer,
+        }
+    }
+    async fn get(&self, path: &NodePath) -> Result<Node> {
+        if self.fail_gets.load(Ordering::SeqCst) {
+            return Err(Error::unavailable("get failed by the test"));
+        }
+        self.inner.get(path).await
+    }
+    async fn exists(&self, path: &NodePath) -> Result<bool> {
+        self.inner.exists(path).await
+    }
+    async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
+        self.inner.set(path, value, expected).await
+    }
+    async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
+        self.inner.delete(path, expected, scope).await
+    }
+    async fn delete_owned(&self, node: &Node) -> Result<bool> {
+        self.inner.delete_owned(node).await
+    }
+    async fn children(&self, path: &NodePath) -> Result<Children> {
+        self.inner.children(path).await
+    }
+    async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
+        self.inner.watch(path, options).await
+    }
+    async fn register(
+        &self,
+        path: &NodePath,
+        value: Bytes,
+        options: RegisterOptions,
+    ) -> Result<Registration> {
+        self.inner.register(path, value, options).await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
