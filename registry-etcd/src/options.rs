@@ -27,7 +27,10 @@ pub struct EtcdTls {
 /// [`DEFAULT_KEYS_PER_LEASE`], no namespace, no credentials. `Debug` never shows the password.
 #[derive(Clone)]
 pub struct EtcdOptions {
-    /// `host:port` or `http://host:port` of every member to use.
+    /// `host:port` or `http://host:port` of every member to use. With several, requests
+    /// are balanced over them and a member that stops answering leaves the rotation until it
+    /// answers again; keep-alives go to one member at a time and move on from one that falls
+    /// silent for half the TTL.
     pub endpoints: Vec<String>,
     /// Key prefix every path lives under (a chroot): `/ns` maps `/a` to key `/ns/a`.
     pub namespace: Option<NodePath>,
