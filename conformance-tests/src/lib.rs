@@ -123,6 +123,7 @@ macro_rules! conformance_suite {
             fault_partition_short,
             fault_leader_kill,
             fault_member_pause,
+            fault_leader_pause_short,
             fault_owner_crash,
             fault_compaction,
             fault_slow_consumer,
