@@ -307,15 +307,14 @@ impl DualRegistry {
             };
         }
         // A version mismatch here only means a write raced with the owner check.
-        let mut raced = None;
-        for _ in 0..UNDO_ROUNDS {
+        let mut round = 1;
+        loop {
             match self.primary.delete_owned(node).await {
                 Ok(_) => return Ok(()),
-                Err(error @ Error::VersionMismatch { .. }) => raced = Some(error),
+                Err(Error::VersionMismatch { .. }) if round < UNDO_ROUNDS => round += 1,
                 Err(error) => return Err(error),
             }
         }
-        Err(raced.unwrap_or_else(|| Error::unavailable("undo raced with writers")))
     }
 }
 

@@ -80,9 +80,8 @@ struct SessionEntry {
 
 struct ClientEntry {
     inner: Weak<ClientInner>,
-    connected: bool,
-    /// While cut off: when the cut began (the session's TTL runs from here) and when the
-    /// latest of the overlapping cuts ends (only that one's end reconnects).
+    /// While cut off (`None`: connected): when the cut began (the session's TTL runs from
+    /// here) and when the latest of the overlapping cuts ends (only that one's end reconnects).
     cut: Option<Cut>,
 }
 
@@ -192,7 +191,7 @@ impl State {
             let connected = self
                 .clients
                 .get(&watcher.client)
-                .is_some_and(|c| c.connected);
+                .is_some_and(|c| c.cut.is_none());
             if !connected {
                 continue;
             }
@@ -300,7 +299,7 @@ impl MemoryStore {
             state
                 .clients
                 .get(&entry.client)
-                .filter(|c| c.connected)
+                .filter(|c| c.cut.is_none())
                 .and_then(|c| c.inner.upgrade())
         };
         tracing::info!(%session, "memory store: session expired");
@@ -331,7 +330,6 @@ impl MemoryStore {
                 .clients
                 .get_mut(&client_id)
                 .ok_or_else(|| Error::InvalidArgument(format!("no client for {session}")))?;
-            client.connected = false;
             let ends = now + duration;
             let cut = match client.cut {
                 Some(cut) => Cut {
@@ -451,7 +449,6 @@ impl ClientInner {
             if client.cut.is_none_or(|cut| cut.until > ends) {
                 return;
             }
-            client.connected = true;
             client.cut = None;
             // Expired at the TTL, or by `expire_session` while cut off.
             let session_expired = !self
@@ -519,7 +516,6 @@ impl MemoryRegistry {
             id,
             ClientEntry {
                 inner: Arc::downgrade(&inner),
-                connected: true,
                 cut: None,
             },
         );
@@ -545,7 +541,7 @@ impl MemoryRegistry {
         let connected = state
             .clients
             .get(&self.inner.id)
-            .is_some_and(|c| c.connected);
+            .is_some_and(|c| c.cut.is_none());
         if !connected {
             return Err(Error::unavailable(
                 "memory client is cut off from its store (fault injected)",

@@ -178,9 +178,9 @@ fn forbidden_char(c: char) -> bool {
         '\u{0000}'..='\u{001F}'
         | '\u{007F}'..='\u{009F}'
         | '\u{E000}'..='\u{F8FF}'
-        | '\u{FFF0}'..='\u{FFFF}'
-        // ZooKeeper sees these as surrogate pairs and refuses them after the round trip.
-        | '\u{10000}'..)
+        // Specials, and above U+FFFF what ZooKeeper sees as surrogate pairs and refuses
+        // after the round trip.
+        | '\u{FFF0}'..)
 }
 
 fn validate(path: &str) -> Result<(), InvalidPath> {

@@ -114,17 +114,16 @@ pub(crate) fn spawn(shared: Weak<Shared>, queued: Queued) {
             let mut bytes = request_bytes(&first);
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
-                match receiver.try_recv() {
-                    Ok(next) if bytes + request_bytes(&next) > MAX_BATCH_BYTES => {
-                        carried = Some(next);
-                        break;
-                    }
-                    Ok(next) => {
-                        bytes += request_bytes(&next);
-                        batch.push(next);
-                    }
-                    Err(_) => break,
+                let Ok(next) = receiver.try_recv() else {
+                    break;
+                };
+                let size = request_bytes(&next);
+                if bytes + size > MAX_BATCH_BYTES {
+                    carried = Some(next);
+                    break;
                 }
+                bytes += size;
+                batch.push(next);
             }
             let Some(shared) = shared.upgrade() else {
                 return;

@@ -486,7 +486,7 @@ async fn grant(
             Ok(Err(error)) => tracing::warn!(%error, "lease grant failed; retrying"),
             Err(_) => tracing::warn!("lease grant timed out; retrying"),
         }
-        if link.has_others() && !link.move_on(shutdown).await {
+        if !link.move_on(shutdown).await {
             return None;
         }
         tokio::select! {
@@ -589,8 +589,12 @@ impl Link {
         self.endpoints.len() > 1
     }
 
-    /// Moves to the next member that takes a connection; `false` once close is asked for.
+    /// Moves to the next member that takes a connection (with one endpoint, stays); `false`
+    /// once close is asked for.
     async fn move_on(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        if !self.has_others() {
+            return true;
+        }
         let next = self.member + 1;
         let (endpoints, connect) = (&self.endpoints, &self.connect);
         let Some((member, client)) =
@@ -599,14 +603,10 @@ impl Link {
             return false;
         };
         (self.member, self.client) = (member, client);
-        if self.has_others() {
-            tracing::info!(endpoint = %self.endpoints[member], "keep-alives moved to another etcd member");
-        }
+        tracing::info!(endpoint = %self.endpoints[member], "keep-alives moved to another etcd member");
         true
     }
-}
 
-impl Link {
     /// Whether the server still holds `lease`, asked of every member at once: after a
     /// leader's loss a member may hang forwarding lease requests to it for seconds while
     /// another answers. The link moves to the first member that vouches. Unreachable
@@ -772,7 +772,7 @@ async fn run(
                     session.tracker.transition(SessionState::Suspended, None);
                 }
                 // Another member may answer where this one did not.
-                if link.has_others() && !link.move_on(&mut shutdown).await {
+                if !link.move_on(&mut shutdown).await {
                     return;
                 }
                 if last_ok.elapsed() <= ttl {

@@ -562,13 +562,9 @@ async fn run(
 /// Waits until the consumer made room; false once it is gone or the registry closes (the
 /// task must not hold its client for a stalled consumer: close waits for every clone).
 async fn room(tx: &mpsc::Sender<Result<WatchEvent>>, shutdown: &mut watch::Receiver<bool>) -> bool {
-    // `changed` only reports a shutdown sent after the last look.
-    if *shutdown.borrow_and_update() {
-        return false;
-    }
     tokio::select! {
         permit = tx.reserve() => permit.is_ok(),
-        _ = shutdown.changed() => false,
+        _ = shutdown.wait_for(|closing| *closing) => false,
     }
 }
 
