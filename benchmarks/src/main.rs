@@ -132,10 +132,9 @@ fn first_addr(target: &str) -> BenchResult<SocketAddr> {
 }
 
 /// The server the harness started for one backend; stopped on drop.
-#[derive(Default)]
-struct Started {
-    _etcd: Option<EtcdServer>,
-    _zk: Option<ZkServer>,
+enum Started {
+    Etcd { _server: EtcdServer },
+    Zk { _server: ZkServer },
 }
 
 /// Starts `backend`'s server on a free loopback port.
@@ -145,11 +144,7 @@ fn start_server(backend: Backend) -> BenchResult<(Started, String)> {
             eprintln!("starting etcd ...");
             let server = EtcdServer::start().ctx("start etcd")?;
             let endpoint = server.endpoint();
-            let started = Started {
-                _etcd: Some(server),
-                ..Started::default()
-            };
-            Ok((started, endpoint))
+            Ok((Started::Etcd { _server: server }, endpoint))
         }
         Backend::Zk => {
             eprintln!("starting ZooKeeper ...");
@@ -159,11 +154,7 @@ fn start_server(backend: Backend) -> BenchResult<(Started, String)> {
             })
             .ctx("start ZooKeeper")?;
             let connect = server.connect_string();
-            let started = Started {
-                _zk: Some(server),
-                ..Started::default()
-            };
-            Ok((started, connect))
+            Ok((Started::Zk { _server: server }, connect))
         }
     }
 }
