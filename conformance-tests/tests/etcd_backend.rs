@@ -1070,3 +1070,43 @@ async fn next_state_is(
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_gives_a_parent_without_a_key_its_value() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let target = connect(&ep).await;
+    // Written by another tool: `/svc/a` has a key, its parent `/svc` has none.
+    etcdctl(&ep, &["put", "/svc/a", "route"]);
+    assert_eq!(target.get(&p("/svc")).await.unwrap().value, Bytes::new());
+    let store = registry_core::MemoryStore::new();
+    let source = registry_core::MemoryRegistry::connect(&store, Default::default())
+        .await
+        .unwrap();
+    source
+        .create(
+            &p("/svc"),
+            Bytes::from("parent value"),
+            CreateMode::Persistent,
+        )
+        .await
+        .unwrap();
+    source
+        .create(&p("/svc/a"), Bytes::from("route"), CreateMode::Persistent)
+        .await
+        .unwrap();
+
+    let summary =
+        registry_core::migrate::copy(&source, &*target, &p("/svc"), Default::default(), |_, _| {})
+            .await
+            .unwrap_or_else(|e| panic!("copy onto a parent without a key: {e}"));
+    assert_eq!((summary.updated, summary.unchanged), (1, 1), "{summary:?}");
+    assert_eq!(
+        target.get(&p("/svc")).await.unwrap().value,
+        Bytes::from("parent value")
+    );
+    let left = registry_core::migrate::diff(&source, &*target, &p("/svc"))
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -167,7 +167,9 @@ pub async fn copy(
             Ok(_) => {
                 summary.updated += 1;
                 if !options.dry_run {
-                    to.set(path, node.value.clone(), Expected::Any).await?;
+                    // Not `set` alone: an etcd parent with no key of its own reads as an
+                    // empty node, but only a create gives it the value.
+                    put(to, path, node.value.clone()).await?;
                 }
             }
             Err(Error::NotFound { .. }) => {
