@@ -270,7 +270,10 @@ pub struct MirrorStatus {
 ///
 /// Guarantees: first the target is made equal to the source (persistent nodes: written where
 /// missing or different, deleted where only in the target unless live ephemeral nodes sit
-/// below them); then every change the source's watch reports is applied. After a watch resync,
+/// below them); then every change the source's watch reports is applied. A full sync never
+/// empties the target because the source's root is missing (a wrong path or chroot, a source
+/// restarted without its data): it reports [`MirrorChange::Retrying`] instead until the
+/// root exists. After a watch resync,
 /// a stream end, or any failure on either side (a server restarting), it waits with capped
 /// backoff and starts over with a full sync, so no change is lost for good. Ephemeral nodes
 /// are never copied. Runs until [`stop`](Mirror::stop) or drop.
@@ -404,13 +407,14 @@ async fn follow(
     while let Some(item) = events.next().await {
         match item? {
             WatchEvent::Snapshot(snapshot) | WatchEvent::Resync { snapshot, .. } => {
+                let source_missing = snapshot.nodes.is_empty();
                 let desired: BTreeMap<NodePath, Bytes> = snapshot
                     .nodes
                     .into_iter()
                     .filter(|n| !n.is_ephemeral() && !n.path.is_root())
                     .map(|n| (n.path, n.value))
                     .collect();
-                let change = sync(to, root, &desired).await?;
+                let change = sync(to, root, &desired, source_missing).await?;
                 tracing::info!(?change, "mirror in sync");
                 status.send_modify(|s| {
                     s.synced = true;
@@ -445,13 +449,24 @@ async fn follow(
     Ok(())
 }
 
-/// Makes the persistent nodes of `to` under `root` equal to `desired`.
+/// Makes the persistent nodes of `to` under `root` equal to `desired`. Refuses (a retryable
+/// error) to empty the target when nothing at all exists at `root` in the source.
 async fn sync(
     to: &dyn Registry,
     root: &NodePath,
     desired: &BTreeMap<NodePath, Bytes>,
+    source_missing: bool,
 ) -> Result<MirrorChange> {
     let current = persistent_tree(to, root).await?;
+    // A missing source root is far likelier a wrong path or chroot, or a source that came
+    // back empty, than a tree someone meant to delete: deleting the target would lose it.
+    if source_missing && !current.is_empty() {
+        return Err(Error::unavailable(format!(
+            "{root} does not exist in the source; not deleting the {} nodes under it in the \
+             target (create {root} in the source to mirror an empty tree)",
+            current.len()
+        )));
+    }
     let mut written = 0;
     for (path, value) in desired {
         if current.get(path).map(|n| &n.value) != Some(value) {

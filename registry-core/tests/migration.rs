@@ -561,3 +561,43 @@ async fn merged_watch_ends_when_either_side_ends() {
         );
     }
 }
+
+#[tokio::test]
+async fn mirror_never_empties_the_target_from_a_missing_source_root() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst) = (client(&a).await, client(&b).await);
+    dst.create(
+        &p("/soa/config/services/S"),
+        Bytes::from("kept"),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+
+    // A wrong root (or a source that lost its data): nothing at /soa/config in the source.
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mirror =
+        Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa/config"), move |c| {
+            let _ = tx.send(c);
+        });
+    let first = tokio::time::timeout(WAIT, changes.recv()).await.unwrap();
+    match first {
+        Some(MirrorChange::Retrying { error, .. }) => {
+            assert!(error.contains("does not exist in the source"), "{error}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        value(&*dst, "/soa/config/services/S").await,
+        Some(Bytes::from("kept"))
+    );
+    assert!(!mirror.status().synced);
+
+    // Once the root exists, the mirror syncs as usual, deletions included.
+    src.create(&p("/soa/config"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    mirror.wait_synced(WAIT).await.unwrap();
+    assert_eq!(value(&*dst, "/soa/config/services/S").await, None);
+    mirror.stop().await;
+}

@@ -127,8 +127,10 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Copies --from into --to, then applies every change of --from to --to until Ctrl-C;
-    /// starts over (full sync) whenever either side fails or restarts.
+    /// Makes --to equal to --from under PATH (persistent nodes only in --to are deleted),
+    /// then applies every change of --from to --to until Ctrl-C; starts over (full sync)
+    /// whenever either side fails or restarts. Refuses to delete anything while PATH is
+    /// missing in --from.
     Mirror {
         #[arg(long)]
         from: String,
