@@ -372,6 +372,44 @@ fn output_that_cannot_be_written_fails_the_command_and_ends_a_watch() {
         .spawn()
         .unwrap();
     assert_eq!(exit_code_within_10s(&mut watch, "watch"), Some(3));
+    // Nor does a mirror: its log is the operator's only view of it.
+    let mut mirror = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(["mirror", "--from", "mem://", "--to", "mem://", "/x"])
+        .stdout(full())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(exit_code_within_10s(&mut mirror, "mirror"), Some(3));
+    // A file export that cannot be written is an output failure, not bad input.
+    let export = regctl(&[
+        "--url",
+        "mem://",
+        "export",
+        "--file",
+        "/dev/full/nested.json",
+        "/",
+    ]);
+    assert_eq!(export.status.code(), Some(3), "{export:?}");
+}
+
+#[test]
+fn bad_input_is_refused_before_connecting() {
+    // Nothing listens on port 1: had regctl connected first, it would fail with exit 3.
+    let url = "etcd://127.0.0.1:1";
+    for args in [
+        &["get", "relative"][..],
+        &["ls", "/a//b"],
+        &["tree", "no-slash"],
+        &["stat", "/trailing/"],
+        &["put", "/a/../b", "v"],
+        &["create", "bad", "v"],
+        &["rm", "-r", "//"],
+        &["watch", "x"],
+        &["export", "--file", "/tmp/regctl-never-written.json", "x"],
+    ] {
+        let out = regctl(&[&["--url", url][..], args].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    }
 }
 
 #[test]

@@ -251,8 +251,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.output == Output::Json;
     match cli.command {
         Command::Ls { path: p } => {
+            let target = path(&p)?;
             let reg = open(&cli.url).await?;
-            let children = reg.children(&path(&p)?).await?;
+            let children = reg.children(&target).await?;
             if json {
                 say(serde_json::Value::Array(
                     children.nodes.iter().map(node_json).collect(),
@@ -264,8 +265,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Tree { path: p } => {
-            let reg = open(&cli.url).await?;
             let root = path(&p)?;
+            let reg = open(&cli.url).await?;
             let mut pending = vec![(root.clone(), 0usize)];
             let mut all = Vec::new();
             while let Some((node, depth)) = pending.pop() {
@@ -301,8 +302,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Get { path: p } => {
+            let target = path(&p)?;
             let reg = open(&cli.url).await?;
-            let n = reg.get(&path(&p)?).await?;
+            let n = reg.get(&target).await?;
             say(if json {
                 node_json(&n).to_string()
             } else {
@@ -310,8 +312,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             })?;
         }
         Command::Stat { path: p } => {
+            let target = path(&p)?;
             let reg = open(&cli.url).await?;
-            let n = reg.get(&path(&p)?).await?;
+            let n = reg.get(&target).await?;
             if json {
                 say(node_json(&n))?;
             } else {
@@ -323,8 +326,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             value,
             version,
         } => {
-            let reg = open(&cli.url).await?;
             let target = path(&p)?;
+            registry::check_value(&target, value.as_bytes())?;
+            let reg = open(&cli.url).await?;
             let expected = version.map_or(Expected::Any, Expected::Version);
             let written = match reg.set(&target, Bytes::from(value.clone()), expected).await {
                 Err(Error::NotFound { .. }) if version.is_none() => {
@@ -346,6 +350,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             sequential,
             hold,
         } => {
+            let target = path(&p)?;
+            registry::check_value(&target, value.as_bytes())?;
             let reg = open(&cli.url).await?;
             let mode = match (ephemeral, sequential) {
                 (false, false) => CreateMode::Persistent,
@@ -353,7 +359,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 (false, true) => CreateMode::PersistentSequential,
                 (true, true) => CreateMode::EphemeralSequential,
             };
-            let n = reg.create(&path(&p)?, Bytes::from(value), mode).await?;
+            let n = reg.create(&target, Bytes::from(value), mode).await?;
             let shown = say(if json {
                 node_json(&n).to_string()
             } else {
@@ -367,15 +373,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             shown?;
         }
         Command::Rm { path: p, recursive } => {
+            let target = path(&p)?;
             let reg = open(&cli.url).await?;
             let scope = if recursive {
                 DeleteScope::Recursive
             } else {
                 DeleteScope::Node
             };
-            reg.delete(&path(&p)?, Expected::Any, scope).await?;
+            reg.delete(&target, Expected::Any, scope).await?;
         }
         Command::Watch { path: p, scope } => {
+            let target = path(&p)?;
             let reg = open(&cli.url).await?;
             let scope = match scope {
                 Scope::Node => WatchScope::Node,
@@ -383,12 +391,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Scope::Subtree => WatchScope::Subtree,
             };
             let mut stream = reg
-                .watch(&path(&p)?, WatchOptions { scope, after: None })
+                .watch(&target, WatchOptions { scope, after: None })
                 .await?;
+            // One future for the whole loop: a new one per item could miss a Ctrl-C that
+            // arrives between two of them.
+            let interrupted = tokio::signal::ctrl_c();
+            tokio::pin!(interrupted);
             loop {
                 let item = tokio::select! {
                     item = stream.next() => item,
-                    _ = tokio::signal::ctrl_c() => break,
+                    _ = &mut interrupted => break,
                 };
                 let Some(item) = item else { break };
                 let item = item?;
@@ -437,8 +449,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Export { path: p, file } => {
             use base64::Engine;
-            let reg = open(&cli.url).await?;
             let root = path(&p)?;
+            let reg = open(&cli.url).await?;
             let nodes = migrate::persistent_tree(&*reg, &root).await?;
             let list: Vec<serde_json::Value> = nodes
                 .values()
@@ -450,8 +462,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let document = serde_json::json!({"root": root.as_str(), "nodes": list});
             let text = serde_json::to_string_pretty(&document)
                 .map_err(|e| Failure::Input(e.to_string()))?;
-            std::fs::write(&file, text)
-                .map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
+            std::fs::write(&file, text).map_err(|e| {
+                Failure::Output(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", file.display()),
+                ))
+            })?;
             say(if json {
                 serde_json::json!({"exported": nodes.len(), "file": file.display().to_string()})
                     .to_string()
@@ -461,7 +477,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Import { file } => {
             use base64::Engine;
-            let reg = open(&cli.url).await?;
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
             let document: serde_json::Value = serde_json::from_str(&text)
@@ -494,6 +509,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 registry::check_value(&target, &value)?;
                 nodes.insert(target, value);
             }
+            let reg = open(&cli.url).await?;
             let (mut created, mut updated) = (0, 0);
             for (p, value) in &nodes {
                 match reg.set(p, value.clone(), Expected::Any).await {
@@ -554,17 +570,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Mirror { from, to, path: p } => {
             let root = path(&p)?;
             let (src, dst) = (connect(&from).await?, connect(&to).await?);
+            // The log is the operator's only view of the mirror: once it cannot be written
+            // (`| head` went away), the mirror stops rather than run unseen.
+            let (unwritable, mut output_failed) = tokio::sync::mpsc::unbounded_channel();
             let mirror =
                 Mirror::start_with_observer(src.clone(), dst.clone(), root, move |change| {
-                    // The mirror's work does not depend on anyone reading its log.
-                    let _ = say(if json {
+                    let line = if json {
                         mirror_json(&change).to_string()
                     } else {
                         mirror_text(&change)
-                    });
+                    };
+                    if let Err(Failure::Output(error)) = say(line) {
+                        let _ = unwritable.send(error);
+                    }
                 });
-            let _ = tokio::signal::ctrl_c().await;
+            let output_error = tokio::select! {
+                _ = tokio::signal::ctrl_c() => None,
+                error = output_failed.recv() => error,
+            };
             let status = mirror.stop().await;
+            if let Some(error) = output_error {
+                let _ = (src.close().await, dst.close().await);
+                return Err(Failure::Output(error));
+            }
             let shown = say(if json {
                 serde_json::json!({"stopped": true, "applied": status.applied, "syncs": status.syncs}).to_string()
             } else {
