@@ -9,7 +9,11 @@
 //! Every malformed URL gets an [`Error::InvalidArgument`] that says what and where. Credentials
 //! are never printed: `Display` and `Debug` show `***` for the password. The last `@` ends the
 //! credentials (a password may hold `/`, `?` and `@`); a namespace or parameter may not hold
-//! `@`, and a URL that reads either way is refused rather than guessed. Durations are positive.
+//! `@`, and a URL that reads either way is refused rather than guessed. User name, password,
+//! namespace and parameter values are percent-decoded (`p%40ss` is `p@ss`, `%26` a `&` in a
+//! file name; a literal `%` is `%25`), and a `%` not followed by two hex digits is refused.
+//! Ports are decimal digits; a parameter given twice (under any of its names) is refused.
+//! Durations are positive.
 
 use std::fmt;
 use std::time::Duration;
@@ -214,16 +218,60 @@ fn parse_endpoint(url: &str, text: &str) -> Result<Endpoint, Error> {
             format!("endpoint {text:?} has an invalid host"),
         ));
     }
-    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
-        invalid(
-            url,
-            format!("endpoint {text:?} has an invalid port {port:?}"),
-        )
-    })?;
+    // `u16::from_str` also takes a sign (`+2379`).
+    let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    let port: u16 = digits
+        .then(|| port.parse().ok())
+        .flatten()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            invalid(
+                url,
+                format!("endpoint {text:?} has an invalid port {port:?}"),
+            )
+        })?;
     Ok(Endpoint {
         host: host.to_owned(),
         port,
     })
+}
+
+/// What [`RegistryUrl`]'s `Display` escapes in a namespace: what would end it or start an
+/// escape.
+const IN_PATH: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'%')
+    .add(b'?')
+    .add(b'#')
+    .add(b'@');
+/// ... in a parameter value: also what would end it.
+const IN_VALUE: &percent_encoding::AsciiSet = &IN_PATH.add(b'&').add(b'=');
+/// ... in a user name: also what would end it.
+const IN_USER: &percent_encoding::AsciiSet = &IN_VALUE.add(b'/').add(b':');
+
+fn encode<'a>(text: &'a str, set: &'static percent_encoding::AsciiSet) -> impl fmt::Display + 'a {
+    percent_encoding::utf8_percent_encode(text, set)
+}
+
+/// `text` with `%XX` sequences decoded; `what` names the part for the error.
+fn decode(url: &str, what: &str, text: &str) -> Result<String, Error> {
+    let bytes = text.as_bytes();
+    let well_formed = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return Err(invalid(
+            url,
+            format!("{what}: '%' must start a %XX escape (a literal '%' is %25)"),
+        ));
+    }
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| invalid(url, format!("{what} is not UTF-8 once %-decoded")))
 }
 
 impl RegistryUrl {
@@ -316,8 +364,8 @@ impl RegistryUrl {
                         return Err(invalid(url, "empty user name"));
                     }
                     parsed.credentials = Some(Credentials {
-                        user: user.to_owned(),
-                        password: password.to_owned(),
+                        user: decode(url, "user name", user)?,
+                        password: decode(url, "password", password)?,
                     });
                     authority
                 }
@@ -333,11 +381,12 @@ impl RegistryUrl {
                 parsed.endpoints.push(parse_endpoint(url, endpoint)?);
             }
             if let Some(path) = path.filter(|p| *p != "/") {
-                let namespace =
-                    NodePath::new(path).map_err(|e| invalid(url, format!("namespace: {e}")))?;
+                let namespace = NodePath::new(decode(url, "namespace", path)?)
+                    .map_err(|e| invalid(url, format!("namespace: {e}")))?;
                 parsed.namespace = Some(namespace);
             }
         }
+        let mut seen: Vec<&str> = Vec::new();
         for pair in query
             .into_iter()
             .flat_map(|q| q.split('&'))
@@ -346,6 +395,16 @@ impl RegistryUrl {
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| invalid(url, format!("parameter {pair:?} needs a value")))?;
+            // One setting under several names: the last one winning silently hides a typo.
+            let setting = match key {
+                "ttl" | "session_timeout" => "session_ttl",
+                other => other,
+            };
+            if seen.contains(&setting) {
+                return Err(invalid(url, format!("{setting} is given twice")));
+            }
+            seen.push(setting);
+            let value = &decode(url, key, value)?;
             if value.is_empty() {
                 return Err(invalid(
                     url,
@@ -419,7 +478,7 @@ impl fmt::Display for RegistryUrl {
         };
         write!(f, "{scheme}://")?;
         if let Some(c) = &self.credentials {
-            write!(f, "{}:***@", c.user)?;
+            write!(f, "{}:***@", encode(&c.user, IN_USER))?;
         }
         if let Some(name) = &self.memory_name {
             f.write_str(name)?;
@@ -427,7 +486,7 @@ impl fmt::Display for RegistryUrl {
         let hosts: Vec<String> = self.endpoints.iter().map(|e| e.to_string()).collect();
         f.write_str(&hosts.join(","))?;
         if let Some(ns) = &self.namespace {
-            write!(f, "{ns}")?;
+            write!(f, "{}", encode(ns.as_str(), IN_PATH))?;
         }
         let mut params = Vec::new();
         if let Some(t) = self.session_ttl {
@@ -437,10 +496,12 @@ impl fmt::Display for RegistryUrl {
             params.push(format!("timeout={}", format_duration(t)));
         }
         if let Some(tls) = &self.tls {
-            params.push(format!("ca={}", tls.ca_cert.display()));
+            let file =
+                |path: &std::path::Path| encode(&path.to_string_lossy(), IN_VALUE).to_string();
+            params.push(format!("ca={}", file(&tls.ca_cert)));
             if let Some((cert, key)) = &tls.client_identity {
-                params.push(format!("cert={}", cert.display()));
-                params.push(format!("key={}", key.display()));
+                params.push(format!("cert={}", file(cert)));
+                params.push(format!("key={}", file(key)));
             }
         }
         if !params.is_empty() {
@@ -615,6 +676,45 @@ mod tests {
                 "{url} -> {shown}"
             );
         }
+    }
+
+    #[test]
+    fn escapes_are_decoded_and_printed_back() {
+        let u =
+            RegistryUrl::parse("etcds://us%3Aer:p%40ss%25@h:1/a%20b?ca=/pki/x%26y.pem&timeout=2s")
+                .unwrap();
+        let c = u.credentials.clone().unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("us:er", "p@ss%"));
+        assert_eq!(u.namespace.as_ref().unwrap().as_str(), "/a b");
+        assert_eq!(
+            u.tls.as_ref().unwrap().ca_cert,
+            std::path::PathBuf::from("/pki/x&y.pem")
+        );
+        let shown = u.to_string();
+        assert_eq!(
+            shown,
+            "etcds://us%3Aer:***@h:1/a%20b?timeout=2s&ca=/pki/x%26y.pem"
+        );
+        let mut back = RegistryUrl::parse(&shown.replace("***", "p%40ss%25")).unwrap();
+        assert_eq!(back.credentials.take().unwrap().password, "p@ss%");
+        back.credentials = u.credentials.clone();
+        assert_eq!(back, u);
+        assert!(err("etcd://u:100%@h:1").contains("%25"));
+        assert!(err("etcd://u:%zz@h:1").contains("%25"));
+        assert!(err("etcd://h:1/ns%ff").contains("UTF-8"));
+    }
+
+    #[test]
+    fn ports_are_digits_and_parameters_come_once() {
+        assert!(err("etcd://h:+2379").contains("invalid port"));
+        assert!(err("etcd://h:").contains("invalid port"));
+        assert_eq!(
+            RegistryUrl::parse("etcd://h:02379").unwrap().endpoints[0].port,
+            2379
+        );
+        assert!(err("etcd://h:1?ttl=5s&ttl=9s").contains("given twice"));
+        assert!(err("etcd://h:1?ttl=5s&session_ttl=9s").contains("session_ttl is given twice"));
+        assert!(err("etcds://h:1?ca=/a&ca=/b").contains("ca is given twice"));
     }
 
     #[test]
