@@ -26,7 +26,10 @@ use crate::watch::{Snapshot, WatchEvent, WatchOptions, WatchStream, WatchedState
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DualOptions {
     /// Reads (`get`, `exists`, `children`) and watches show both trees merged; where both hold
-    /// a node at one path, the primary's is shown. Off by default: reads come from the
+    /// a node at one path, the primary's is shown. `children` lists the primary's nodes first,
+    /// then those only the secondary has, each part by `create_order`: the two sides' orders
+    /// are separate counters, so age is comparable only within a side (run recipes such as
+    /// elections on one backend, not on a merged view). Off by default: reads come from the
     /// primary alone.
     pub merge_reads: bool,
 }
@@ -228,14 +231,19 @@ impl Registry for DualRegistry {
             (Ok(p), Err(_)) => (p, Children::default()),
             (Ok(p), Ok(s)) => (p, s),
         };
-        let mut merged: BTreeMap<NodePath, Node> = secondary
+        // The two sides' create orders are different counters (a ZooKeeper zxid, an etcd
+        // revision): only the primary's nodes are ordered against each other, and they come
+        // first, so the oldest node is the one a primary-only client also sees as oldest.
+        let mut nodes = primary.nodes;
+        nodes.sort_by_key(|n| n.create_order);
+        let on_primary: BTreeSet<NodePath> = nodes.iter().map(|n| n.path.clone()).collect();
+        let mut only_secondary: Vec<Node> = secondary
             .nodes
             .into_iter()
-            .map(|n| (n.path.clone(), n))
+            .filter(|n| !on_primary.contains(&n.path))
             .collect();
-        merged.extend(primary.nodes.into_iter().map(|n| (n.path.clone(), n)));
-        let mut nodes: Vec<Node> = merged.into_values().collect();
-        nodes.sort_by_key(|n| n.create_order);
+        only_secondary.sort_by_key(|n| n.create_order);
+        nodes.extend(only_secondary);
         Ok(Children {
             nodes,
             revision: primary.revision,

@@ -601,3 +601,36 @@ async fn mirror_never_empties_the_target_from_a_missing_source_root() {
     assert_eq!(value(&*dst, "/soa/config/services/S").await, None);
     mirror.stop().await;
 }
+
+#[tokio::test]
+async fn merged_children_put_the_primary_first_as_create_orders_are_not_comparable() {
+    let (pa, sb, dual) = merged().await;
+    // The primary's counter runs ahead (as a ZooKeeper zxid does of a fresh etcd revision).
+    for i in 0..5 {
+        pa.create(
+            &p(&format!("/other/{i}")),
+            Bytes::new(),
+            CreateMode::Persistent,
+        )
+        .await
+        .unwrap();
+    }
+    let older = pa
+        .create(&p("/q/x"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let newer = sb
+        .create(&p("/q/y"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    assert!(newer.create_order < older.create_order, "set-up");
+    let names: Vec<String> = dual
+        .children(&p("/q"))
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .map(|n| n.path.name().to_owned())
+        .collect();
+    assert_eq!(names, ["x", "y"]);
+}
