@@ -91,7 +91,8 @@ pub enum Pattern {
     Range(i64, i64),
     /// `ip'a.b.c.d/m'`: the value is an IPv4 address in the network.
     Ip(IpNet),
-    /// `%'Bn+A..B'` (or `+K`): the value modulo `base` is in `low..=high`.
+    /// `%'Bn+A..B'` (or `+K`): the value modulo `base` is in `low..=high`; a hand-built one
+    /// whose remainder cannot be computed (`base` 0) matches nothing.
     Modulo {
         /// The modulus.
         base: i64,
@@ -112,9 +113,11 @@ impl Pattern {
             Pattern::Int(n) => int() == Some(*n),
             Pattern::Range(a, b) => int().is_some_and(|v| (*a..=*b).contains(&v)),
             Pattern::Ip(net) => value.trim().parse().is_ok_and(|ip| net.contains(ip)),
-            Pattern::Modulo { base, low, high } => {
-                int().is_some_and(|v| (*low..=*high).contains(&v.rem_euclid(*base)))
-            }
+            // Checked: the fields are public, and a base of 0 (or -1 with i64::MIN) would
+            // panic; a remainder that cannot be computed matches nothing.
+            Pattern::Modulo { base, low, high } => int()
+                .and_then(|v| v.checked_rem_euclid(*base))
+                .is_some_and(|r| (*low..=*high).contains(&r)),
         }
     }
 }
@@ -951,6 +954,18 @@ otherwise => ip"192.168.1.101/24:9091""#;
             })
             .unwrap();
         assert_eq!(handle.join().unwrap(), (true, false));
+    }
+
+    #[test]
+    fn hand_built_modulo_with_an_impossible_base_matches_nothing() {
+        let modulo = |base| Pattern::Modulo {
+            base,
+            low: 0,
+            high: 0,
+        };
+        assert!(!modulo(0).matches("5"), "base 0");
+        assert!(!modulo(-1).matches(&i64::MIN.to_string()), "base -1, i64::MIN");
+        assert!(modulo(-1).matches("5"), "5 mod -1 is 0");
     }
 
     #[test]
