@@ -579,8 +579,11 @@ impl Parser<'_> {
             Some(Tok::Int(n)) => Ok(Pattern::Int(n)),
             Some(Tok::Range(a, b)) => Ok(Pattern::Range(a, b)),
             Some(Tok::Regex(source)) => {
-                let regex = Regex::new(&format!("^(?:{source})$"))
-                    .map_err(|e| at(format!("invalid regex {source:?}: {e}")))?;
+                let invalid = |e: regex::Error| at(format!("invalid regex {source:?}: {e}"));
+                // Checked alone first: wrapped, an unbalanced source such as `a)|(?:b` would
+                // close the group itself and escape the whole-value anchors.
+                Regex::new(&source).map_err(invalid)?;
+                let regex = Regex::new(&format!("^(?:{source})$")).map_err(invalid)?;
                 Ok(Pattern::Regex(WholeRegex { source, regex }))
             }
             Some(Tok::Ip(s)) => Ok(Pattern::Ip(IpNet::parse(&s).map_err(at)?)),
@@ -907,6 +910,8 @@ otherwise => ip"192.168.1.101/24:9091""#;
             ("otherwise => v'1' v'2'", (1, 19), "end of the line"),
             ("otherwise =>", (1, 13), "target"),
             ("method match $ => v'1'", (1, 14), "unexpected character"),
+            // Wrapped as `^(?:a)|(?:b)$` it would parse, and match "axyz".
+            ("method match r'a)|(?:b' => v'1'", (1, 14), "regex"),
         ];
         for (text, (line, column), needle) in cases {
             let e = parse_routes(text).unwrap_err();
