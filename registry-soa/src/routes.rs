@@ -91,8 +91,9 @@ pub enum Pattern {
     Range(i64, i64),
     /// `ip'a.b.c.d/m'`: the value is an IPv4 address in the network.
     Ip(IpNet),
-    /// `%'Bn+A..B'` (or `+K`): the value modulo `base` is in `low..=high`; a hand-built one
-    /// whose remainder cannot be computed (`base` 0) matches nothing.
+    /// `%'Bn+A..B'` (or `+K`): the value modulo `base` (the Euclidean remainder, in
+    /// `0..base`) is in `low..=high`. Parsed ones have `0 <= low <= high < base`; a
+    /// hand-built one whose remainder cannot be computed (`base` 0) matches nothing.
     Modulo {
         /// The modulus.
         base: i64,
@@ -706,6 +707,14 @@ fn parse_modulo(text: &str) -> Result<Pattern, String> {
     if low > high {
         return Err(format!("remainder range {low}..{high} is empty"));
     }
+    // A remainder mod `base` lies in 0..base: a bound outside would never match, or quietly
+    // shrink the range (`4n+2..9` acting as 2..3), so it is a mistake to report.
+    if low < 0 || high >= base {
+        return Err(format!(
+            "remainder range {low}..{high} is outside 0..{} for modulus {base}",
+            base - 1
+        ));
+    }
     Ok(Pattern::Modulo { base, low, high })
 }
 
@@ -880,6 +889,7 @@ otherwise => ip"192.168.1.101/24:9091""#;
             !hold("method match r'm.+'", &c),
             "regex must match the whole value"
         );
+        assert!(hold("userId match %'1024n+0..1023'", &c), "every remainder");
         assert!(hold("method match 'x', 'm' ; userId match 1030", &c));
         assert!(!hold("method match 'x', 'm' ; userId match 1", &c));
     }
@@ -907,6 +917,11 @@ otherwise => ip"192.168.1.101/24:9091""#;
                 "unexpected character",
             ),
             ("method match 5..2 => v'1'", (1, 14), "empty"),
+            // Remainders mod B lie in 0..B: these would never match, or match less than written.
+            ("userId match %'1024n+1024' => v'1'", (1, 14), "outside 0..1023"),
+            ("userId match %'1024n+-1' => v'1'", (1, 14), "outside 0..1023"),
+            ("userId match %'4n+2..9' => v'1'", (1, 14), "outside 0..3"),
+            ("userId match %'4n+-1..2' => v'1'", (1, 14), "outside 0..3"),
             ("otherwise => v'1' v'2'", (1, 19), "end of the line"),
             ("otherwise =>", (1, 13), "target"),
             ("method match $ => v'1'", (1, 14), "unexpected character"),
