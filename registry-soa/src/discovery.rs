@@ -380,8 +380,8 @@ impl ServiceView {
     /// random) over weights (ip:port > ip > every instance > the instance's own > 100).
     ///
     /// Lock-free and allocation-free for random and consistent-hash picks when no cookie rule
-    /// applies (the work that depends only on the snapshot is done once per change); the
-    /// instance is shared with the snapshot, not copied.
+    /// applies (the work that depends only on the snapshot is done once per change, and rules
+    /// read the call's values in place); the instance is shared with the snapshot, not copied.
     pub fn select(
         &self,
         call: &CallContext,

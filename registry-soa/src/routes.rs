@@ -17,6 +17,7 @@
 //! must pass both; port 0 or no port means any port.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::net::Ipv4Addr;
 
 use regex::Regex;
@@ -224,21 +225,43 @@ pub struct CallContext {
 }
 
 impl CallContext {
-    /// The value of a rule ID, if the call has one.
+    /// The value of a rule ID, if the call has one (an owned copy; rule evaluation reads it
+    /// in place instead).
     pub fn value(&self, id: &str) -> Option<String> {
+        self.with_value(id, str::to_owned)
+    }
+
+    /// Runs `f` on the value of a rule ID, if the call has one, without allocating: text is
+    /// borrowed, and numbers and addresses are formatted on the stack.
+    fn with_value<R>(&self, id: &str, f: impl FnOnce(&str) -> R) -> Option<R> {
         match id {
-            "service" => Some(self.service.clone()),
-            "method" => Some(self.method.clone()),
-            "version" => Some(self.version.clone()),
-            "userId" => self.user_id.map(|v| v.to_string()),
-            "callerIp" => self.caller_ip.map(|v| v.to_string()),
-            "calleeIp" => self.callee_ip.map(|v| v.to_string()),
-            "userIp" => self.user_ip.map(|v| v.to_string()),
+            "service" => Some(f(&self.service)),
+            "method" => Some(f(&self.method)),
+            "version" => Some(f(&self.version)),
+            "userId" => Some(formatted(self.user_id?, f)),
+            "callerIp" => Some(formatted(self.caller_ip?, f)),
+            "calleeIp" => Some(formatted(self.callee_ip?, f)),
+            "userIp" => Some(formatted(self.user_ip?, f)),
             _ => id
                 .strip_prefix("cookie_")
-                .and_then(|name| self.cookies.get(name).cloned()),
+                .and_then(|name| self.cookies.get(name))
+                .map(|v| f(v)),
         }
     }
+}
+
+/// Runs `f` on `value` formatted into a stack buffer (a heap one only if it did not fit).
+fn formatted<R>(value: impl std::fmt::Display, f: impl FnOnce(&str) -> R) -> R {
+    // i64::MIN (20 characters) and 255.255.255.255 (15) both fit.
+    let mut buf = [0u8; 24];
+    let mut free = &mut buf[..];
+    if write!(free, "{value}").is_ok() {
+        let len = 24 - free.len();
+        if let Ok(text) = std::str::from_utf8(&buf[..len]) {
+            return f(text);
+        }
+    }
+    f(&value.to_string())
 }
 
 impl Condition {
@@ -247,8 +270,8 @@ impl Condition {
         match self {
             Condition::Otherwise => true,
             Condition::All(matchers) => matchers.iter().all(|m| {
-                ctx.value(&m.id)
-                    .is_some_and(|v| m.patterns.iter().any(|p| p.matches(&v)))
+                ctx.with_value(&m.id, |v| m.patterns.iter().any(|p| p.matches(v)))
+                    .unwrap_or(false)
             }),
         }
     }
