@@ -210,7 +210,8 @@ pub struct CallContext {
     pub service: String,
     /// Method name.
     pub method: String,
-    /// Version the caller was built against.
+    /// Version the caller was built against; empty means none: every instance's version
+    /// serves it (see [`compatible`](crate::version::compatible)).
     pub version: String,
     /// The end user's id.
     pub user_id: Option<i64>,

@@ -34,8 +34,13 @@ pub fn compare(a: &str, b: &str) -> Option<Ordering> {
 }
 
 /// Whether an instance of version `instance` can serve a consumer built against `wanted`.
-/// Versions that are not dotted numbers are compatible only when identical.
+/// An empty `wanted` (a caller that names no version) is served by every instance, as in
+/// [`ServiceView::select`](crate::ServiceView::select). Versions that are not dotted numbers
+/// are compatible only when identical.
 pub fn compatible(wanted: &str, instance: &str) -> bool {
+    if wanted.is_empty() {
+        return true;
+    }
     match (Numbers::parse(wanted), Numbers::parse(instance)) {
         (Some(w), Some(i)) => i.serves(w),
         _ => wanted == instance,
@@ -75,7 +80,10 @@ mod tests {
             assert_eq!(Numbers::parse(bad), None, "{bad:?}");
         }
         assert_eq!(compare("1.2.3.4", "1.2.3.4"), Some(Ordering::Equal));
+        // No caller version takes any instance, as selection does.
         assert!(compatible("", ""));
-        assert!(!compatible("", "1.0.0"));
+        assert!(compatible("", "1.0.0"));
+        assert!(compatible("", "custom"));
+        assert!(!compatible("1.0.0", ""));
     }
 }
