@@ -26,16 +26,21 @@ pub struct Candidate {
 /// Guarantees: `pick` returns an index into the candidates, or `None` only for an empty list.
 /// Round robin rotates each distinct candidate set (the same addresses and weights, in any
 /// order) by weight on its own, however calls over different sets interleave; the
-/// [`ROTATIONS`] most recently used sets keep their positions.
+/// [`ROTATIONS`] most recently used sets keep their positions. Memory stays bounded under
+/// instance churn: idle in-flight counters of any address are dropped as the map grows.
 #[derive(Default)]
 pub struct Balancer {
     round_robin: Mutex<Rotations>,
-    active: Mutex<HashMap<Address, Arc<AtomicU64>>>,
+    active: Mutex<InFlight>,
 }
 
 /// How many candidate sets a balancer keeps round-robin positions for; a set beyond that
 /// replaces the least recently used one, which starts over if it comes back.
 pub const ROTATIONS: usize = 64;
+
+/// Size below which the in-flight map is not pruned: pruning scans it, so it waits until the
+/// map is large, and then until it has doubled again, to keep calls amortised O(1).
+const ACTIVE_PRUNE_FLOOR: usize = 1024;
 
 /// Round-robin state of every candidate set seen recently, keyed by a hash of the set.
 #[derive(Default)]
@@ -53,6 +58,14 @@ struct Rotation {
     /// Each member's current value.
     current: Vec<i64>,
     used: u64,
+}
+
+/// In-flight counters by address.
+#[derive(Default)]
+struct InFlight {
+    counters: HashMap<Address, Arc<AtomicU64>>,
+    /// Map size at which the next prune happens.
+    prune_at: usize,
 }
 
 /// Marks one call in flight for least-active balancing; dropping it marks the call finished.
@@ -129,13 +142,15 @@ impl Balancer {
 
     /// Records a call starting on `address`; the returned guard records its end.
     pub fn start_call(&self, address: Address) -> CallGuard {
-        let counter = self
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(address)
-            .or_default()
-            .clone();
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.counters.len() >= active.prune_at.max(ACTIVE_PRUNE_FLOOR) {
+            // Only the map holds an idle counter (no guard clones it): dropping it is the same
+            // as keeping 0, and departed addresses would otherwise pile up forever.
+            active.counters.retain(|_, c| Arc::strong_count(c) > 1);
+            active.prune_at = active.counters.len().saturating_mul(2);
+        }
+        let counter = active.counters.entry(address).or_default().clone();
+        drop(active);
         counter.fetch_add(1, Ordering::Relaxed);
         CallGuard { counter }
     }
@@ -145,6 +160,7 @@ impl Balancer {
         self.active
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .counters
             .get(&address)
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
@@ -185,6 +201,16 @@ impl Balancer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .sets
+            .len()
+    }
+
+    /// Addresses with an in-flight counter (for tests of the pruning).
+    #[cfg(test)]
+    fn tracked_addresses(&self) -> usize {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counters
             .len()
     }
 
@@ -557,6 +583,28 @@ mod tests {
             b.pick(LoadBalance::RoundRobin, &all[..end], None).unwrap();
         }
         assert_eq!(b.rotations(), ROTATIONS);
+    }
+
+    #[test]
+    fn idle_in_flight_counters_are_pruned_busy_ones_kept() {
+        let b = Balancer::new();
+        let address = |i: u32| Address {
+            ip: (0x0a00_0000 + i).into(),
+            port: 9090,
+        };
+        let busy = b.start_call(address(0));
+        // Instances come and go: each address takes one call and is never seen again.
+        for i in 1..=10_000 {
+            drop(b.start_call(address(i)));
+        }
+        assert!(
+            b.tracked_addresses() <= ACTIVE_PRUNE_FLOOR,
+            "{} counters kept after 10000 finished calls",
+            b.tracked_addresses()
+        );
+        assert_eq!(b.active_calls(address(0)), 1, "a call in flight was forgotten");
+        drop(busy);
+        assert_eq!(b.active_calls(address(0)), 0);
     }
 
     #[test]
