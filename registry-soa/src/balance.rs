@@ -570,9 +570,13 @@ mod tests {
         let mut picked = Vec::new();
         for _ in 0..2 {
             picked.push(c[b.pick(LoadBalance::RoundRobin, &c, None).unwrap()].address);
-            picked.push(reversed[b.pick(LoadBalance::RoundRobin, &reversed, None).unwrap()].address);
+            picked
+                .push(reversed[b.pick(LoadBalance::RoundRobin, &reversed, None).unwrap()].address);
         }
-        assert_eq!(picked, [c[0].address, c[1].address, c[0].address, c[1].address]);
+        assert_eq!(
+            picked,
+            [c[0].address, c[1].address, c[0].address, c[1].address]
+        );
     }
 
     #[test]
@@ -602,7 +606,11 @@ mod tests {
             "{} counters kept after 10000 finished calls",
             b.tracked_addresses()
         );
-        assert_eq!(b.active_calls(address(0)), 1, "a call in flight was forgotten");
+        assert_eq!(
+            b.active_calls(address(0)),
+            1,
+            "a call in flight was forgotten"
+        );
         drop(busy);
         assert_eq!(b.active_calls(address(0)), 0);
     }

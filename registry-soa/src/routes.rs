@@ -942,8 +942,16 @@ otherwise => ip"192.168.1.101/24:9091""#;
             ),
             ("method match 5..2 => v'1'", (1, 14), "empty"),
             // Remainders mod B lie in 0..B: these would never match, or match less than written.
-            ("userId match %'1024n+1024' => v'1'", (1, 14), "outside 0..1023"),
-            ("userId match %'1024n+-1' => v'1'", (1, 14), "outside 0..1023"),
+            (
+                "userId match %'1024n+1024' => v'1'",
+                (1, 14),
+                "outside 0..1023",
+            ),
+            (
+                "userId match %'1024n+-1' => v'1'",
+                (1, 14),
+                "outside 0..1023",
+            ),
             ("userId match %'4n+2..9' => v'1'", (1, 14), "outside 0..3"),
             ("userId match %'4n+-1..2' => v'1'", (1, 14), "outside 0..3"),
             ("otherwise => v'1' v'2'", (1, 19), "end of the line"),
@@ -1008,7 +1016,10 @@ otherwise => ip"192.168.1.101/24:9091""#;
             high: 0,
         };
         assert!(!modulo(0).matches("5"), "base 0");
-        assert!(!modulo(-1).matches(&i64::MIN.to_string()), "base -1, i64::MIN");
+        assert!(
+            !modulo(-1).matches(&i64::MIN.to_string()),
+            "base -1, i64::MIN"
+        );
         assert!(modulo(-1).matches("5"), "5 mod -1 is 0");
     }
 

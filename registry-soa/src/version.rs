@@ -141,11 +141,18 @@ mod tests {
         ];
         for pair in ordered.windows(2) {
             assert_eq!(compare(pair[0], pair[1]), Some(Ordering::Less), "{pair:?}");
-            assert_eq!(compare(pair[1], pair[0]), Some(Ordering::Greater), "{pair:?}");
+            assert_eq!(
+                compare(pair[1], pair[0]),
+                Some(Ordering::Greater),
+                "{pair:?}"
+            );
         }
         assert_eq!(compare("1.0.0+a", "1.0.0+b"), Some(Ordering::Equal));
         assert_eq!(
-            compare("1.0.0-99999999999999999999999", "1.0.0-100000000000000000000000"),
+            compare(
+                "1.0.0-99999999999999999999999",
+                "1.0.0-100000000000000000000000"
+            ),
             Some(Ordering::Less)
         );
     }

@@ -76,7 +76,11 @@ async fn select_follows_caller_versions_and_weights() {
     };
     let mut wanted: Vec<String> = vec!["".into(), "custom".into(), "1".into(), "2".into()];
     wanted.extend((0..30).map(|i| format!("1.{}.{}", i % 3, i)));
-    wanted.extend(["2.0.0-SNAPSHOT".into(), "1.0.0-SNAPSHOT".into(), "3.0.0".into()]);
+    wanted.extend([
+        "2.0.0-SNAPSHOT".into(),
+        "1.0.0-SNAPSHOT".into(),
+        "3.0.0".into(),
+    ]);
     wanted.push("other".into());
     for _ in 0..3 {
         for w in &wanted {
