@@ -20,14 +20,52 @@ pub struct Candidate {
     pub weight: u32,
 }
 
-/// Per-service balancer state: round-robin positions and in-flight counts, keyed by address so
-/// they survive instance churn.
+/// Per-service balancer state: round-robin positions per set of candidates, and in-flight
+/// counts per address.
 ///
 /// Guarantees: `pick` returns an index into the candidates, or `None` only for an empty list.
+/// Round robin rotates each distinct candidate set (the same addresses and weights, in any
+/// order) by weight on its own, however calls over different sets interleave; the
+/// [`ROTATIONS`] most recently used sets keep their positions. Memory stays bounded under
+/// instance churn: idle in-flight counters of any address are dropped as the map grows.
 #[derive(Default)]
 pub struct Balancer {
-    round_robin: Mutex<HashMap<Address, i64>>,
-    active: Mutex<HashMap<Address, Arc<AtomicU64>>>,
+    round_robin: Mutex<Rotations>,
+    active: Mutex<InFlight>,
+}
+
+/// How many candidate sets a balancer keeps round-robin positions for; a set beyond that
+/// replaces the least recently used one, which starts over if it comes back.
+pub const ROTATIONS: usize = 64;
+
+/// Size below which the in-flight map is not pruned: pruning scans it, so it waits until the
+/// map is large, and then until it has doubled again, to keep calls amortised O(1).
+const ACTIVE_PRUNE_FLOOR: usize = 1024;
+
+/// Round-robin state of every candidate set seen recently, keyed by a hash of the set.
+#[derive(Default)]
+struct Rotations {
+    sets: HashMap<u64, Rotation>,
+    /// Counts picks; a set's `used` is its value at the set's last pick.
+    clock: u64,
+}
+
+/// Smooth weighted round robin over one candidate set.
+struct Rotation {
+    /// The set, sorted by address and weight; compared in full on lookup, so two sets whose
+    /// hashes collide never share positions.
+    members: Vec<Candidate>,
+    /// Each member's current value.
+    current: Vec<i64>,
+    used: u64,
+}
+
+/// In-flight counters by address.
+#[derive(Default)]
+struct InFlight {
+    counters: HashMap<Address, Arc<AtomicU64>>,
+    /// Map size at which the next prune happens.
+    prune_at: usize,
 }
 
 /// Marks one call in flight for least-active balancing; dropping it marks the call finished.
@@ -85,30 +123,34 @@ impl Balancer {
                 weighted_random(candidates)
             }
             (LoadBalance::ConsistentHash, Some(key)) => rendezvous(candidates, key),
-            (LoadBalance::RoundRobin | LoadBalance::LeastActive, _) => {
+            (LoadBalance::RoundRobin, _) => {
+                let mut set: Vec<(usize, Candidate)> = candidates.collect();
+                // Sorted, the same set reached in any order has one rotation.
+                set.sort_unstable_by_key(|(_, c)| (c.address, c.weight));
+                let chosen = self.smooth_round_robin(&set)?;
+                set.get(chosen).map(|(tag, _)| *tag)
+            }
+            (LoadBalance::LeastActive, _) => {
                 let (tags, list): (Vec<usize>, Vec<Candidate>) = candidates.unzip();
                 if list.is_empty() {
                     return None;
                 }
-                let chosen = if strategy == LoadBalance::RoundRobin {
-                    self.smooth_round_robin(&list)
-                } else {
-                    self.least_active(&list)
-                };
-                tags.get(chosen).copied()
+                tags.get(self.least_active(&list)).copied()
             }
         }
     }
 
     /// Records a call starting on `address`; the returned guard records its end.
     pub fn start_call(&self, address: Address) -> CallGuard {
-        let counter = self
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(address)
-            .or_default()
-            .clone();
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.counters.len() >= active.prune_at.max(ACTIVE_PRUNE_FLOOR) {
+            // Only the map holds an idle counter (no guard clones it): dropping it is the same
+            // as keeping 0, and departed addresses would otherwise pile up forever.
+            active.counters.retain(|_, c| Arc::strong_count(c) > 1);
+            active.prune_at = active.counters.len().saturating_mul(2);
+        }
+        let counter = active.counters.entry(address).or_default().clone();
+        drop(active);
         counter.fetch_add(1, Ordering::Relaxed);
         CallGuard { counter }
     }
@@ -118,45 +160,58 @@ impl Balancer {
         self.active
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .counters
             .get(&address)
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
-    /// Nginx's smooth weighted round robin: each pick adds every weight to its current value,
-    /// takes the largest, and subtracts the total from it.
-    fn smooth_round_robin(&self, candidates: &[Candidate]) -> usize {
-        let mut current = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
-        // Calls see different subsets (routes per method, caller versions): pruning to each
-        // call's subset would reset the others' positions and pin them to their first
-        // instance. Prune only once departed addresses clearly dominate.
-        if current.len() > candidates.len().saturating_mul(4).max(1024) {
-            current.retain(|a, _| candidates.iter().any(|c| c.address == *a));
+    /// Nginx's smooth weighted round robin over `set` (sorted by address and weight), with
+    /// the positions of exactly this set; `None` only for an empty set.
+    fn smooth_round_robin(&self, set: &[(usize, Candidate)]) -> Option<usize> {
+        if set.is_empty() {
+            return None;
         }
-        let mut total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
-        // All weights 0 means equal shares, as for the other strategies.
-        let equal = total == 0;
-        if equal {
-            total = candidates.len() as i64;
-        }
-        let mut best = 0;
-        let mut best_value = i64::MIN;
-        for (i, c) in candidates.iter().enumerate() {
-            if !equal && c.weight == 0 {
-                // A drained instance: a value left from when it had weight must not win.
-                current.remove(&c.address);
-                continue;
-            }
-            let value = current.entry(c.address).or_insert(0);
-            *value += if equal { 1 } else { i64::from(c.weight) };
-            if *value > best_value {
-                best_value = *value;
-                best = i;
+        let key = set.iter().fold(FNV_OFFSET, |h, (_, c)| {
+            let h = fnv1a(h, &c.address.ip.octets());
+            let h = fnv1a(h, &c.address.port.to_le_bytes());
+            fnv1a(h, &c.weight.to_le_bytes())
+        });
+        let mut rotations = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
+        let Rotations { sets, clock } = &mut *rotations;
+        *clock += 1;
+        if sets.len() >= ROTATIONS && !sets.contains_key(&key) {
+            let oldest = sets.iter().min_by_key(|(_, r)| r.used).map(|(k, _)| *k);
+            if let Some(oldest) = oldest {
+                sets.remove(&oldest);
             }
         }
-        if let Some(value) = current.get_mut(&candidates[best].address) {
-            *value -= total;
+        let rotation = sets.entry(key).or_insert_with(|| Rotation::new(set));
+        if !rotation.is_over(set) {
+            // Another set with the same hash: this one starts over rather than share.
+            *rotation = Rotation::new(set);
         }
-        best
+        rotation.used = *clock;
+        Some(rotation.next())
+    }
+
+    /// Candidate sets with round-robin positions (for tests of the bound).
+    #[cfg(test)]
+    fn rotations(&self) -> usize {
+        self.round_robin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sets
+            .len()
+    }
+
+    /// Addresses with an in-flight counter (for tests of the pruning).
+    #[cfg(test)]
+    fn tracked_addresses(&self) -> usize {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counters
+            .len()
     }
 
     fn least_active(&self, candidates: &[Candidate]) -> usize {
@@ -187,6 +242,48 @@ impl Balancer {
             .iter()
             .position(|c| Some(c.address) == chosen)
             .unwrap_or(0)
+    }
+}
+
+impl Rotation {
+    fn new(set: &[(usize, Candidate)]) -> Self {
+        Rotation {
+            members: set.iter().map(|(_, c)| *c).collect(),
+            current: vec![0; set.len()],
+            used: 0,
+        }
+    }
+
+    fn is_over(&self, set: &[(usize, Candidate)]) -> bool {
+        self.members.len() == set.len() && self.members.iter().zip(set).all(|(m, (_, c))| m == c)
+    }
+
+    /// The next member: every weight is added to its current value, the largest wins and
+    /// gives back the total.
+    fn next(&mut self) -> usize {
+        let mut total: i64 = self.members.iter().map(|c| i64::from(c.weight)).sum();
+        // All weights 0 means equal shares, as for the other strategies.
+        let equal = total == 0;
+        if equal {
+            total = self.members.len() as i64;
+        }
+        let mut best = 0;
+        let mut best_value = i64::MIN;
+        for (i, (c, value)) in self.members.iter().zip(&mut self.current).enumerate() {
+            if !equal && c.weight == 0 {
+                // A drained instance takes no calls while another has weight.
+                continue;
+            }
+            *value += if equal { 1 } else { i64::from(c.weight) };
+            if *value > best_value {
+                best_value = *value;
+                best = i;
+            }
+        }
+        if let Some(value) = self.current.get_mut(best) {
+            *value -= total;
+        }
+        best
     }
 }
 
@@ -433,6 +530,89 @@ mod tests {
             assert_eq!(b.pick(LoadBalance::RoundRobin, third, None), Some(0));
         }
         assert_eq!(picked, [0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn round_robin_rotates_each_overlapping_set_by_weight() {
+        // Two methods routed to overlapping sets, calls interleaved: [a, b] used to go to b
+        // on almost every call, because [a, b, c]'s picks moved the shared positions.
+        let b = Balancer::new();
+        let pick = |c: &[Candidate]| b.pick(LoadBalance::RoundRobin, c, None).unwrap();
+        for weights in [[100, 100, 100], [100, 300, 200]] {
+            let all = cands(&weights);
+            let two = &all[..2];
+            let (mut of_two, mut of_all) = ([0u32; 2], [0u32; 3]);
+            for _ in 0..1200 {
+                of_two[pick(two)] += 1;
+                of_all[pick(&all)] += 1;
+            }
+            let share = |w: u32, total: u32| 1200 * w / total;
+            let (w0, w1, w2) = (weights[0], weights[1], weights[2]);
+            assert_eq!(
+                of_two,
+                [share(w0, w0 + w1), share(w1, w0 + w1)],
+                "weights {weights:?}: picks over [a, b]"
+            );
+            let sum = w0 + w1 + w2;
+            assert_eq!(
+                of_all,
+                [share(w0, sum), share(w1, sum), share(w2, sum)],
+                "weights {weights:?}: picks over [a, b, c]"
+            );
+        }
+    }
+
+    #[test]
+    fn round_robin_set_in_another_order_shares_its_rotation() {
+        let b = Balancer::new();
+        let c = cands(&[100, 100]);
+        let reversed = [c[1], c[0]];
+        let mut picked = Vec::new();
+        for _ in 0..2 {
+            picked.push(c[b.pick(LoadBalance::RoundRobin, &c, None).unwrap()].address);
+            picked
+                .push(reversed[b.pick(LoadBalance::RoundRobin, &reversed, None).unwrap()].address);
+        }
+        assert_eq!(
+            picked,
+            [c[0].address, c[1].address, c[0].address, c[1].address]
+        );
+    }
+
+    #[test]
+    fn round_robin_keeps_a_bounded_number_of_sets() {
+        let b = Balancer::new();
+        let all = cands(&[100; 200]);
+        for end in 1..=all.len() {
+            b.pick(LoadBalance::RoundRobin, &all[..end], None).unwrap();
+        }
+        assert_eq!(b.rotations(), ROTATIONS);
+    }
+
+    #[test]
+    fn idle_in_flight_counters_are_pruned_busy_ones_kept() {
+        let b = Balancer::new();
+        let address = |i: u32| Address {
+            ip: (0x0a00_0000 + i).into(),
+            port: 9090,
+        };
+        let busy = b.start_call(address(0));
+        // Instances come and go: each address takes one call and is never seen again.
+        for i in 1..=10_000 {
+            drop(b.start_call(address(i)));
+        }
+        assert!(
+            b.tracked_addresses() <= ACTIVE_PRUNE_FLOOR,
+            "{} counters kept after 10000 finished calls",
+            b.tracked_addresses()
+        );
+        assert_eq!(
+            b.active_calls(address(0)),
+            1,
+            "a call in flight was forgotten"
+        );
+        drop(busy);
+        assert_eq!(b.active_calls(address(0)), 0);
     }
 
     #[test]

@@ -49,21 +49,10 @@ pub struct ServiceSnapshot {
     selection: Arc<Selection>,
 }
 
-/// An instance's version as selection compares it.
-#[derive(Clone, Copy, Debug)]
-enum InstanceVersion {
-    /// The node carries no version: it serves every caller.
-    Any,
-    /// Dotted numbers: same major and not older than the caller's.
-    Numbers(Numbers),
-    /// Anything else: serves only the identical version.
-    Text,
-}
-
 /// The caller's version, parsed once per call.
 enum Wanted<'a> {
     Any,
-    Numbers(Numbers),
+    Numbers(Numbers<'a>),
     Text(&'a str),
 }
 
@@ -84,7 +73,6 @@ const REMEMBERED_VERSIONS: usize = 16;
 /// on the call path.
 #[derive(Debug, Default)]
 struct Selection {
-    versions: Vec<InstanceVersion>,
     /// Address and effective weight of each instance.
     candidates: Vec<Candidate>,
     /// The compatible instances per caller version seen so far, filled in order, so a call
@@ -120,15 +108,6 @@ impl Compatible {
 impl Selection {
     fn new(instances: &[Arc<Instance>], config: &ServiceConfig, global: &ServiceConfig) -> Self {
         Selection {
-            versions: instances
-                .iter()
-                .map(|i| match i.version.as_deref() {
-                    None => InstanceVersion::Any,
-                    Some(v) => {
-                        Numbers::parse(v).map_or(InstanceVersion::Text, InstanceVersion::Numbers)
-                    }
-                })
-                .collect(),
             candidates: instances
                 .iter()
                 .map(|i| Candidate {
@@ -165,7 +144,7 @@ impl Selection {
     fn compute_compatible(&self, instances: &[Arc<Instance>], version: &str) -> Compatible {
         let wanted = Wanted::of(version);
         let indices: Vec<usize> = (0..instances.len())
-            .filter(|i| self.serves(instances, *i, &wanted))
+            .filter(|i| Self::serves(instances, *i, &wanted))
             .collect();
         let cumulative = indices
             .iter()
@@ -180,16 +159,18 @@ impl Selection {
         }
     }
 
-    /// Whether instance `index` can serve a caller built against `wanted`.
-    fn serves(&self, instances: &[Arc<Instance>], index: usize, wanted: &Wanted<'_>) -> bool {
-        match (self.versions.get(index), wanted) {
-            (None, _) => false,
-            (Some(InstanceVersion::Any), _) | (_, Wanted::Any) => true,
-            (Some(InstanceVersion::Numbers(own)), Wanted::Numbers(w)) => own.serves(*w),
-            (Some(_), Wanted::Numbers(_)) => false,
-            (Some(_), Wanted::Text(w)) => instances
-                .get(index)
-                .is_some_and(|i| i.version.as_deref() == Some(*w)),
+    /// Whether instance `index` can serve a caller built against `wanted`: an instance
+    /// without a version serves everyone; dotted numbers need the same major and not older
+    /// than the caller's; other texts serve only the identical version.
+    fn serves(instances: &[Arc<Instance>], index: usize, wanted: &Wanted<'_>) -> bool {
+        let Some(instance) = instances.get(index) else {
+            return false;
+        };
+        match (instance.version.as_deref(), wanted) {
+            (None, _) | (_, Wanted::Any) => true,
+            // Parsed again per caller version remembered, not per call: it borrows the text.
+            (Some(own), Wanted::Numbers(w)) => Numbers::parse(own).is_some_and(|own| own.serves(w)),
+            (Some(own), Wanted::Text(w)) => own == *w,
         }
     }
 }
@@ -380,8 +361,8 @@ impl ServiceView {
     /// random) over weights (ip:port > ip > every instance > the instance's own > 100).
     ///
     /// Lock-free and allocation-free for random and consistent-hash picks when no cookie rule
-    /// applies (the work that depends only on the snapshot is done once per change); the
-    /// instance is shared with the snapshot, not copied.
+    /// applies (the work that depends only on the snapshot is done once per change, and rules
+    /// read the call's values in place); the instance is shared with the snapshot, not copied.
     pub fn select(
         &self,
         call: &CallContext,

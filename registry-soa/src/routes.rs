@@ -17,6 +17,7 @@
 //! must pass both; port 0 or no port means any port.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::net::Ipv4Addr;
 
 use regex::Regex;
@@ -91,7 +92,9 @@ pub enum Pattern {
     Range(i64, i64),
     /// `ip'a.b.c.d/m'`: the value is an IPv4 address in the network.
     Ip(IpNet),
-    /// `%'Bn+A..B'` (or `+K`): the value modulo `base` is in `low..=high`.
+    /// `%'Bn+A..B'` (or `+K`): the value modulo `base` (the Euclidean remainder, in
+    /// `0..base`) is in `low..=high`. Parsed ones have `0 <= low <= high < base`; a
+    /// hand-built one whose remainder cannot be computed (`base` 0) matches nothing.
     Modulo {
         /// The modulus.
         base: i64,
@@ -112,9 +115,11 @@ impl Pattern {
             Pattern::Int(n) => int() == Some(*n),
             Pattern::Range(a, b) => int().is_some_and(|v| (*a..=*b).contains(&v)),
             Pattern::Ip(net) => value.trim().parse().is_ok_and(|ip| net.contains(ip)),
-            Pattern::Modulo { base, low, high } => {
-                int().is_some_and(|v| (*low..=*high).contains(&v.rem_euclid(*base)))
-            }
+            // Checked: the fields are public, and a base of 0 (or -1 with i64::MIN) would
+            // panic; a remainder that cannot be computed matches nothing.
+            Pattern::Modulo { base, low, high } => int()
+                .and_then(|v| v.checked_rem_euclid(*base))
+                .is_some_and(|r| (*low..=*high).contains(&r)),
         }
     }
 }
@@ -205,7 +210,8 @@ pub struct CallContext {
     pub service: String,
     /// Method name.
     pub method: String,
-    /// Version the caller was built against.
+    /// Version the caller was built against; empty means none: every instance's version
+    /// serves it (see [`compatible`](crate::version::compatible)).
     pub version: String,
     /// The end user's id.
     pub user_id: Option<i64>,
@@ -220,21 +226,43 @@ pub struct CallContext {
 }
 
 impl CallContext {
-    /// The value of a rule ID, if the call has one.
+    /// The value of a rule ID, if the call has one (an owned copy; rule evaluation reads it
+    /// in place instead).
     pub fn value(&self, id: &str) -> Option<String> {
+        self.with_value(id, str::to_owned)
+    }
+
+    /// Runs `f` on the value of a rule ID, if the call has one, without allocating: text is
+    /// borrowed, and numbers and addresses are formatted on the stack.
+    fn with_value<R>(&self, id: &str, f: impl FnOnce(&str) -> R) -> Option<R> {
         match id {
-            "service" => Some(self.service.clone()),
-            "method" => Some(self.method.clone()),
-            "version" => Some(self.version.clone()),
-            "userId" => self.user_id.map(|v| v.to_string()),
-            "callerIp" => self.caller_ip.map(|v| v.to_string()),
-            "calleeIp" => self.callee_ip.map(|v| v.to_string()),
-            "userIp" => self.user_ip.map(|v| v.to_string()),
+            "service" => Some(f(&self.service)),
+            "method" => Some(f(&self.method)),
+            "version" => Some(f(&self.version)),
+            "userId" => Some(formatted(self.user_id?, f)),
+            "callerIp" => Some(formatted(self.caller_ip?, f)),
+            "calleeIp" => Some(formatted(self.callee_ip?, f)),
+            "userIp" => Some(formatted(self.user_ip?, f)),
             _ => id
                 .strip_prefix("cookie_")
-                .and_then(|name| self.cookies.get(name).cloned()),
+                .and_then(|name| self.cookies.get(name))
+                .map(|v| f(v)),
         }
     }
+}
+
+/// Runs `f` on `value` formatted into a stack buffer (a heap one only if it did not fit).
+fn formatted<R>(value: impl std::fmt::Display, f: impl FnOnce(&str) -> R) -> R {
+    // i64::MIN (20 characters) and 255.255.255.255 (15) both fit.
+    let mut buf = [0u8; 24];
+    let mut free = &mut buf[..];
+    if write!(free, "{value}").is_ok() {
+        let len = 24 - free.len();
+        if let Ok(text) = std::str::from_utf8(&buf[..len]) {
+            return f(text);
+        }
+    }
+    f(&value.to_string())
 }
 
 impl Condition {
@@ -243,8 +271,8 @@ impl Condition {
         match self {
             Condition::Otherwise => true,
             Condition::All(matchers) => matchers.iter().all(|m| {
-                ctx.value(&m.id)
-                    .is_some_and(|v| m.patterns.iter().any(|p| p.matches(&v)))
+                ctx.with_value(&m.id, |v| m.patterns.iter().any(|p| p.matches(v)))
+                    .unwrap_or(false)
             }),
         }
     }
@@ -576,8 +604,11 @@ impl Parser<'_> {
             Some(Tok::Int(n)) => Ok(Pattern::Int(n)),
             Some(Tok::Range(a, b)) => Ok(Pattern::Range(a, b)),
             Some(Tok::Regex(source)) => {
-                let regex = Regex::new(&format!("^(?:{source})$"))
-                    .map_err(|e| at(format!("invalid regex {source:?}: {e}")))?;
+                let invalid = |e: regex::Error| at(format!("invalid regex {source:?}: {e}"));
+                // Checked alone first: wrapped, an unbalanced source such as `a)|(?:b` would
+                // close the group itself and escape the whole-value anchors.
+                Regex::new(&source).map_err(invalid)?;
+                let regex = Regex::new(&format!("^(?:{source})$")).map_err(invalid)?;
                 Ok(Pattern::Regex(WholeRegex { source, regex }))
             }
             Some(Tok::Ip(s)) => Ok(Pattern::Ip(IpNet::parse(&s).map_err(at)?)),
@@ -699,6 +730,14 @@ fn parse_modulo(text: &str) -> Result<Pattern, String> {
     };
     if low > high {
         return Err(format!("remainder range {low}..{high} is empty"));
+    }
+    // A remainder mod `base` lies in 0..base: a bound outside would never match, or quietly
+    // shrink the range (`4n+2..9` acting as 2..3), so it is a mistake to report.
+    if low < 0 || high >= base {
+        return Err(format!(
+            "remainder range {low}..{high} is outside 0..{} for modulus {base}",
+            base - 1
+        ));
     }
     Ok(Pattern::Modulo { base, low, high })
 }
@@ -874,6 +913,7 @@ otherwise => ip"192.168.1.101/24:9091""#;
             !hold("method match r'm.+'", &c),
             "regex must match the whole value"
         );
+        assert!(hold("userId match %'1024n+0..1023'", &c), "every remainder");
         assert!(hold("method match 'x', 'm' ; userId match 1030", &c));
         assert!(!hold("method match 'x', 'm' ; userId match 1", &c));
     }
@@ -901,9 +941,24 @@ otherwise => ip"192.168.1.101/24:9091""#;
                 "unexpected character",
             ),
             ("method match 5..2 => v'1'", (1, 14), "empty"),
+            // Remainders mod B lie in 0..B: these would never match, or match less than written.
+            (
+                "userId match %'1024n+1024' => v'1'",
+                (1, 14),
+                "outside 0..1023",
+            ),
+            (
+                "userId match %'1024n+-1' => v'1'",
+                (1, 14),
+                "outside 0..1023",
+            ),
+            ("userId match %'4n+2..9' => v'1'", (1, 14), "outside 0..3"),
+            ("userId match %'4n+-1..2' => v'1'", (1, 14), "outside 0..3"),
             ("otherwise => v'1' v'2'", (1, 19), "end of the line"),
             ("otherwise =>", (1, 13), "target"),
             ("method match $ => v'1'", (1, 14), "unexpected character"),
+            // Wrapped as `^(?:a)|(?:b)$` it would parse, and match "axyz".
+            ("method match r'a)|(?:b' => v'1'", (1, 14), "regex"),
         ];
         for (text, (line, column), needle) in cases {
             let e = parse_routes(text).unwrap_err();
@@ -951,6 +1006,21 @@ otherwise => ip"192.168.1.101/24:9091""#;
             })
             .unwrap();
         assert_eq!(handle.join().unwrap(), (true, false));
+    }
+
+    #[test]
+    fn hand_built_modulo_with_an_impossible_base_matches_nothing() {
+        let modulo = |base| Pattern::Modulo {
+            base,
+            low: 0,
+            high: 0,
+        };
+        assert!(!modulo(0).matches("5"), "base 0");
+        assert!(
+            !modulo(-1).matches(&i64::MIN.to_string()),
+            "base -1, i64::MIN"
+        );
+        assert!(modulo(-1).matches("5"), "5 mod -1 is 0");
     }
 
     #[test]

@@ -49,7 +49,8 @@ async fn select_follows_caller_versions_and_weights() {
             .await
             .unwrap(),
     );
-    let versions = ["1.0.0", "1.2.0", "2.0.0", "custom"];
+    // A snapshot ranks below its release: it serves 1.0.0-SNAPSHOT callers, not 1.0.0 ones.
+    let versions = ["1.0.0", "1.2.0", "2.0.0", "custom", "1.0.0-SNAPSHOT"];
     let mut providers = Vec::new();
     for (i, version) in versions.iter().enumerate() {
         let address = Address {
@@ -63,18 +64,24 @@ async fn select_follows_caller_versions_and_weights() {
         );
     }
     let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
-    until(&view, "four instances", |s| s.instances.len() == 4).await;
+    until(&view, "five instances", |s| s.instances.len() == 5).await;
 
     // More caller versions than a snapshot remembers: every one still gets a right answer.
-    // The reference: the documented rule, checked per pair (an empty caller version takes any).
+    // The reference: the documented rule, checked per pair (an empty caller version takes any
+    // there too, so the two cannot disagree).
     let allowed = |wanted: &str| -> Vec<u8> {
-        (1..=4u8)
-            .filter(|i| wanted.is_empty() || compatible(wanted, versions[usize::from(*i) - 1]))
+        (1..=5u8)
+            .filter(|i| compatible(wanted, versions[usize::from(*i) - 1]))
             .collect()
     };
     let mut wanted: Vec<String> = vec!["".into(), "custom".into(), "1".into(), "2".into()];
     wanted.extend((0..30).map(|i| format!("1.{}.{}", i % 3, i)));
-    wanted.extend(["2.0.0-SNAPSHOT".into(), "3.0.0".into(), "other".into()]);
+    wanted.extend([
+        "2.0.0-SNAPSHOT".into(),
+        "1.0.0-SNAPSHOT".into(),
+        "3.0.0".into(),
+    ]);
+    wanted.push("other".into());
     for _ in 0..3 {
         for w in &wanted {
             let expected = allowed(w);
@@ -134,7 +141,7 @@ async fn select_follows_caller_versions_and_weights() {
         let instance = view.select(&call(""), &SelectOptions::default()).unwrap();
         *seen.entry(instance.address).or_insert(0u32) += 1;
     }
-    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(seen.len(), 5, "{seen:?}");
 
     // A selected instance is the snapshot's own, not a copy.
     let picked = view
