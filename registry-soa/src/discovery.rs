@@ -34,12 +34,14 @@ pub struct ServiceSnapshot {
     pub config: ServiceConfig,
     /// The global config (`/soa/config/services`).
     pub global: ServiceConfig,
-    /// Routing rules.
+    /// Routing rules. When the routes text stops parsing, the last rules that parsed stay
+    /// in force (an operator's typo must not lift a blacklist) and the error is in `errors`.
     pub routes: Vec<Route>,
-    /// Cookie-injection rules.
+    /// Cookie-injection rules; like `routes`, the last ones that parsed while the text does
+    /// not.
     pub cookies: Vec<CookieRule>,
-    /// Malformed config properties, rule texts that did not parse (their rules are not
-    /// applied; the rest is).
+    /// Malformed config properties (left out; the rest of the config applies) and rule texts
+    /// that do not parse (the last rules that did stay in force).
     pub errors: Vec<(NodePath, ParseError)>,
     /// True while the registry is unreachable: this is the last known state.
     pub stale: bool,
@@ -248,9 +250,11 @@ fn text(state: &WatchedState, path: &NodePath) -> String {
         .unwrap_or_default()
 }
 
+/// The view's snapshot of `states`; `previous` supplies the last rules that parsed.
 fn build(
     states: &[WatchedState; 5],
     sources: &Sources,
+    previous: Option<&ServiceSnapshot>,
     stale: bool,
     generation: u64,
 ) -> ServiceSnapshot {
@@ -266,15 +270,17 @@ fn build(
     let routes = match parse_routes(&text(routes, &sources.paths.routes)) {
         Ok(r) => r,
         Err(e) => {
+            tracing::warn!(path = %sources.paths.routes, error = %e, "routes do not parse; the last rules that did stay in force");
             errors.push((sources.paths.routes.clone(), e));
-            Vec::new()
+            previous.map(|p| p.routes.clone()).unwrap_or_default()
         }
     };
     let cookies = match parse_cookie_rules(&text(cookies, &sources.paths.cookies)) {
         Ok(c) => c,
         Err(e) => {
+            tracing::warn!(path = %sources.paths.cookies, error = %e, "cookie rules do not parse; the last rules that did stay in force");
             errors.push((sources.paths.cookies.clone(), e));
-            Vec::new()
+            previous.map(|p| p.cookies.clone()).unwrap_or_default()
         }
     };
     let mut list: Vec<Instance> = instances.nodes().filter_map(parse_instance).collect();
@@ -320,7 +326,13 @@ impl ServiceView {
             }
             streams.push(stream);
         }
-        let first = build(&states, &sources, !registry.session().state.is_live(), 1);
+        let first = build(
+            &states,
+            &sources,
+            None,
+            !registry.session().state.is_live(),
+            1,
+        );
         let current = Arc::new(ArcSwap::from_pointee(first));
         let (publish, changes) = watch::channel(1);
         let span = tracing::info_span!("service_view", service);
@@ -503,7 +515,8 @@ async fn run(
                 states[index].apply(&event);
                 generation += 1;
                 let stale = !registry.session().state.is_live() || awaiting.contains(&true);
-                current.store(Arc::new(build(&states, &sources, stale, generation)));
+                let next = build(&states, &sources, Some(&current.load()), stale, generation);
+                current.store(Arc::new(next));
                 publish.send_replace(generation);
             }
         }

@@ -153,3 +153,61 @@ async fn select_follows_caller_versions_and_weights() {
         p.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_that_stop_parsing_keep_the_last_rules_in_force() {
+    let store = MemoryStore::new();
+    let registry: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let mut providers = Vec::new();
+    for i in 1..=2u8 {
+        let address = Address {
+            ip: [10, 0, 0, i].into(),
+            port: 9090,
+        };
+        providers.push(
+            Provider::register(&registry, SERVICE, address, "1.0.0")
+                .await
+                .unwrap(),
+        );
+    }
+    let routes = NodePath::new(format!("/soa/config/routes/{SERVICE}")).unwrap();
+    let set_routes = |text: &'static str| {
+        let (registry, routes) = (registry.clone(), routes.clone());
+        async move {
+            registry
+                .set(&routes, Bytes::from(text), Expected::Any)
+                .await
+                .unwrap()
+        }
+    };
+    set_routes("otherwise => ~ip'10.0.0.1'").await;
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "two instances", |s| s.instances.len() == 2).await;
+    let picked = |view: &ServiceView| -> std::collections::BTreeSet<u8> {
+        (0..200)
+            .map(|_| {
+                view.select(&call("1.0.0"), &SelectOptions::default())
+                    .unwrap()
+                    .address
+                    .ip
+                    .octets()[3]
+            })
+            .collect()
+    };
+    assert_eq!(picked(&view), [2].into());
+
+    // A typo on a new line: the blacklist stays in force, and the error shows.
+    set_routes("otherwise => ~ip'10.0.0.1'\nmethod match 'x' => ip'1.2.3'").await;
+    until(&view, "the parse error", |s| !s.errors.is_empty()).await;
+    assert_eq!(view.snapshot().routes.len(), 1);
+    assert_eq!(picked(&view), [2].into());
+
+    // Fixed (here: no rules at all), it applies and the error goes.
+    set_routes("").await;
+    until(&view, "no error", |s| s.errors.is_empty()).await;
+    assert_eq!(picked(&view), [1, 2].into());
+}
