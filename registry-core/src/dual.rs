@@ -57,7 +57,8 @@ impl DualOptions {
 ///   sequential create is not counted twice) and unconditional writes (versions differ between
 ///   backends; the primary's check is the one that counts).
 /// - A failed `create` on the secondary is undone on the primary, so the call either happened
-///   on both or on neither; if the undo fails too, the error says so and names the node left
+///   on both or on neither (except for missing parents the primary's create made: they stay,
+///   empty and persistent, as after any create that fails once its parents exist); if the undo fails too, the error says so and names the node left
 ///   on the primary only (remove it, or re-copy). A failed `set` or `delete` on the secondary is returned as the
 ///   error; the primary keeps the write (retry it, or re-copy with `regctl copy`).
 /// - [`register`](Registry::register) registers on both; each side heals itself after its own

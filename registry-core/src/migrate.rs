@@ -3,6 +3,10 @@
 //!
 //! All three deal in persistent nodes: ephemeral nodes belong to the sessions that created
 //! them and move when their owners re-register (see [`DualRegistry`](crate::DualRegistry)).
+//! Nodes are copied by name, so sequence counters are not: after copying `/q/item0000000005`,
+//! a sequential create under `/q` in the target still starts from its own counter (etcd and
+//! the in-memory backend skip names that are taken), so its names are unique but may sort
+//! before copied ones. Order such nodes by `create_order`, or create them on one backend.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
