@@ -160,6 +160,9 @@ fn export_and_import_round_trip_binary_values() {
     ])
     .status
     .success());
+    // `get` prints the bytes as stored.
+    let got = regctl(&["--url", &from, "get", "/soa/config/freq/com.today.Goods"]);
+    assert_eq!(got.stdout, [0, 159, 146, 150, b'\n'], "{got:?}");
     let dir = tempfile_dir();
     let file = dir.join("soa.json");
     let export = regctl(&[

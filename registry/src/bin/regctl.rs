@@ -167,6 +167,7 @@ fn path(raw: &str) -> Result<NodePath, Failure> {
     NodePath::new(raw).map_err(Failure::from)
 }
 
+/// A value on one line of text: as is if UTF-8, else as hex (watch lines; `get` prints bytes).
 fn value_text(value: &Bytes) -> String {
     match std::str::from_utf8(value) {
         Ok(s) => s.to_owned(),
@@ -305,11 +306,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let target = path(&p)?;
             let reg = open(&cli.url).await?;
             let n = reg.get(&target).await?;
-            say(if json {
-                node_json(&n).to_string()
+            if json {
+                say(node_json(&n))?;
             } else {
-                value_text(&n.value)
-            })?;
+                // The bytes as stored (as `etcdctl get --print-value-only` prints them), so
+                // `regctl get P > file` keeps a binary value intact.
+                let mut out = std::io::stdout().lock();
+                out.write_all(&n.value)
+                    .and_then(|()| out.write_all(b"\n"))
+                    .map_err(Failure::Output)?;
+            }
         }
         Command::Stat { path: p } => {
             let target = path(&p)?;
