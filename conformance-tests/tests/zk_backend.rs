@@ -755,3 +755,28 @@ async fn close_is_prompt_while_a_watch_consumer_lags() {
     assert!(ended.is_ok(), "the lagging stream did not end after close");
     writer.close().await.unwrap();
 }
+
+/// A sequential create whose path is valid only without the 10 digits the server appends is
+/// an input error: nothing is sent, so neither the node nor its missing parent is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_name_too_long_with_its_counter_creates_nothing() {
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let observer = raw(&server.connect_string()).await;
+    let parent = "/seqlong";
+    // 1020 bytes: valid as given, 1030 with the counter.
+    let path = p(&format!("{parent}/{}", "x".repeat(1020 - parent.len() - 1)));
+    for mode in [
+        CreateMode::PersistentSequential,
+        CreateMode::EphemeralSequential,
+    ] {
+        let created = reg.create(&path, Bytes::new(), mode).await;
+        assert!(
+            matches!(created, Err(registry_core::Error::InvalidPath { .. })),
+            "{mode:?}: expected InvalidPath, got {created:?}"
+        );
+        let left = observer.check_stat(parent).await.unwrap();
+        assert!(left.is_none(), "{mode:?}: {parent} was created: {left:?}");
+    }
+    reg.close().await.unwrap();
+}

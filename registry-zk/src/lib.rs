@@ -556,6 +556,11 @@ impl Registry for ZkRegistry {
                     // The server's counter (the parent's cversion) names a node created under
                     // that exact name; it does not move past it, so say which name is taken.
                     let taken = match self.stat(&parent).await? {
+        if mode.is_sequential() {
+            // The server appends 10 digits: a name valid only without them would be created,
+            // then rejected here, left behind. Input errors come before any I/O.
+            parent.join(&registry_core::sequential_name(path.name(), 0))?;
+        }
                         Some(stat) => parent.join(&registry_core::sequential_name(
                             path.name(),
                             u64::try_from(stat.cversion).unwrap_or(0),
