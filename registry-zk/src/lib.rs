@@ -201,6 +201,20 @@ async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
         })?
 }
 
+/// The state a fresh `states` starts in if it is one the session task must still act on.
+///
+/// `Client::state_watcher` marks the current state as seen, so `changed` would not report
+/// a disconnection or an expiry that happened before the watcher was made (after a terminal
+/// state it never returns at all). A connected state was already reported with the client.
+fn missed_state(states: &mut zk::StateWatcher) -> Option<zk::SessionState> {
+    let state = states.state();
+    let connected = matches!(
+        state,
+        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+    );
+    (!connected).then_some(state)
+}
+
 /// Follows the client's session states; replaces the client when its session ends.
 async fn run_session(
     shared: std::sync::Weak<Shared>,
@@ -208,11 +222,15 @@ async fn run_session(
     mut shutdown: channel::Receiver<bool>,
 ) {
     let mut states = client.state_watcher();
+    let mut missed = missed_state(&mut states);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     loop {
-        let state = tokio::select! {
-            _ = shutdown.changed() => return,
-            state = states.changed() => state,
+        let state = match missed.take() {
+            Some(state) => state,
+            None => tokio::select! {
+                _ = shutdown.changed() => return,
+                state = states.changed() => state,
+            },
         };
         let Some(owner) = shared.upgrade() else {
             return;
@@ -260,6 +278,7 @@ async fn run_session(
                 }
                 *owner.client.write().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
                 states = client.state_watcher();
+                missed = missed_state(&mut states);
                 owner
                     .tracker
                     .transition(SessionState::Reestablished, Some(session_id(&client)));
@@ -878,5 +897,107 @@ impl Registry for ZkRegistry {
         }
         tracing::info!("zookeeper session closed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves ZooKeeper's connect handshake only: the first connection gets session 0x1234
+    /// (and an answer to the client's first ping) and is closed once `expire` fires; every
+    /// later one is told the session expired (session id 0).
+    async fn expiring_server(
+        listener: tokio::net::TcpListener,
+        expire: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let mut expire = Some(expire);
+        for attempt in 0u32.. {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut len = [0; 4];
+            if socket.read_exact(&mut len).await.is_err() {
+                continue;
+            }
+            let mut request = vec![0; u32::from_be_bytes(len) as usize];
+            if socket.read_exact(&mut request).await.is_err() {
+                continue;
+            }
+            let session: i64 = if attempt == 0 { 0x1234 } else { 0 };
+            let mut body = Vec::new();
+            body.extend_from_slice(&0i32.to_be_bytes()); // protocol version
+            body.extend_from_slice(&4000i32.to_be_bytes()); // session timeout, ms
+            body.extend_from_slice(&session.to_be_bytes());
+            body.extend_from_slice(&16i32.to_be_bytes());
+            body.extend_from_slice(&[7; 16]); // password
+            body.push(0); // not read-only
+            let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&body);
+            let _ = socket.write_all(&frame).await;
+            if let Some(expire) = expire.take() {
+                // The client pings once connected and waits for the answer: reply header
+                // with the ping's xid (-2), zxid 0, no error.
+                let mut ping = [0; 12];
+                if socket.read_exact(&mut ping).await.is_ok() {
+                    let mut pong = 16u32.to_be_bytes().to_vec();
+                    pong.extend_from_slice(&(-2i32).to_be_bytes());
+                    pong.extend_from_slice(&[0; 12]);
+                    let _ = socket.write_all(&pong).await;
+                }
+                let _ = expire.await;
+            }
+            // Closing the connection makes the client reconnect and hear "expired".
+        }
+    }
+
+    /// A client whose session ended before the session task made its state watcher: the
+    /// watcher starts with that state marked as seen, and the task must still report `Lost`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_ended_before_the_task_watches_it_is_reported_lost() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (expire, expire_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(expiring_server(listener, expire_rx));
+        let options = ZkOptions::new([addr.clone()])
+            .with_session_ttl(Duration::from_secs(4))
+            .with_connect_timeout(Duration::from_secs(1));
+        let client = connector(&options).connect(&addr).await.unwrap();
+        let _ = expire.send(());
+        let ended = tokio::time::timeout(
+            Duration::from_secs(10),
+            terminal_state(&mut client.state_watcher()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(ended, zk::SessionState::Expired);
+
+        let tracker = SessionTracker::new();
+        tracker.transition(SessionState::Connected, Some(session_id(&client)));
+        let mut events = tracker.subscribe();
+        let (shutdown, shutdown_rx) = channel::channel(false);
+        let shared = Arc::new(Shared {
+            client: RwLock::new(Some(client.clone())),
+            options,
+            tracker,
+            shutdown,
+            closed: AtomicBool::new(false),
+            session_task: Mutex::new(None),
+        });
+        let task = tokio::spawn(run_session(Arc::downgrade(&shared), client, shutdown_rx));
+        let lost = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(status) = events.next().await {
+                if status.state == SessionState::Lost {
+                    return;
+                }
+            }
+        })
+        .await;
+        shared.shutdown.send_replace(true);
+        task.await.unwrap();
+        server.abort();
+        assert!(lost.is_ok(), "the ended session was never reported lost");
     }
 }
