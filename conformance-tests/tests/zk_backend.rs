@@ -780,3 +780,52 @@ async fn a_sequential_name_too_long_with_its_counter_creates_nothing() {
     }
     reg.close().await.unwrap();
 }
+
+/// ZooKeeper's version is a 32-bit counter: an expected version beyond `i32::MAX` is still a
+/// version (the counter goes there after 2^31 writes); `u32::MAX` would be sent as -1, which
+/// the server reads as "any version", and one beyond it is one no znode holds. All are
+/// mismatches (or `NotFound` without a node), never input errors, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_beyond_i32_are_mismatches_not_input_errors() {
+    use registry_core::{DeleteScope, Error};
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let node = p("/versions/n");
+    reg.create(&node, Bytes::from("v0"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    for expected in [
+        1u64 << 31,
+        u64::from(u32::MAX),
+        u64::from(u32::MAX) + 1,
+        u64::MAX,
+    ] {
+        let set = reg
+            .set(&node, Bytes::from("x"), Expected::Version(expected))
+            .await;
+        assert!(
+            matches!(set, Err(Error::VersionMismatch { expected: e, actual: 0, .. }) if e == expected),
+            "set at {expected}: {set:?}"
+        );
+        for scope in [DeleteScope::Node, DeleteScope::Recursive] {
+            let deleted = reg.delete(&node, Expected::Version(expected), scope).await;
+            assert!(
+                matches!(deleted, Err(Error::VersionMismatch { expected: e, actual: 0, .. }) if e == expected),
+                "delete {scope:?} at {expected}: {deleted:?}"
+            );
+        }
+        let missing = reg
+            .set(
+                &p("/versions/none"),
+                Bytes::new(),
+                Expected::Version(expected),
+            )
+            .await;
+        assert!(
+            matches!(missing, Err(Error::NotFound { .. })),
+            "set of a missing node at {expected}: {missing:?}"
+        );
+    }
+    assert_eq!(reg.get(&node).await.unwrap().value, Bytes::from("v0"));
+    reg.close().await.unwrap();
+}

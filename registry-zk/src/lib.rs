@@ -3,9 +3,13 @@
 //! - Paths are znode paths under an optional namespace (a chroot, created if missing);
 //!   values are the raw bytes; created nodes get the ACL of [`ZkOptions`]' [`ZkAcl`]. Nodes
 //!   written by other clients are first-class.
-//! - `version` is the znode version, `create_order` its `czxid`; children are sorted by
-//!   `czxid` (the server returns them unordered). `children` costs one `getChildren` plus one
-//!   pipelined `getData` per child. `Children::revision` is the parent's `pzxid`.
+//! - `version` is the znode version read as an unsigned 32-bit counter (ZooKeeper's `int`
+//!   goes negative after 2^31 writes; read unsigned it keeps growing, and wraps to 0 only
+//!   after 2^32). An expected version of `u32::MAX` or above never matches (the server reads
+//!   -1 as "any version"): `VersionMismatch`, or `NotFound` without a node.
+//! - `create_order` is the `czxid`; children are sorted by `czxid` (the server returns them
+//!   unordered). `children` costs one `getChildren` plus one pipelined `getData` per child.
+//!   `Children::revision` is the parent's `pzxid`.
 //! - Sequential creates use ZooKeeper's own sequential modes (so one whose generated name
 //!   was taken by name fails with `AlreadyExists`: the server's counter does not skip it). Missing parents are created one
 //!   by one, tolerating "node exists" from concurrent creators; a recursive delete removes
@@ -26,6 +30,7 @@
 
 mod error;
 pub mod options;
+mod version;
 pub mod watch;
 
 use std::collections::VecDeque;
@@ -390,7 +395,7 @@ impl ZkRegistry {
             Ok(Some(stat)) => Error::VersionMismatch {
                 path: path.clone(),
                 expected,
-                actual: u64::try_from(stat.version).unwrap_or(0),
+                actual: version::from_zk(stat.version),
             },
             Ok(None) => Error::NotFound { path: path.clone() },
             Err(e) => e,
@@ -621,11 +626,13 @@ impl Registry for ZkRegistry {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot write the root node".into()));
         }
-        let version = match expected {
-            Expected::Any => None,
-            Expected::Version(v) => Some(i32::try_from(v).map_err(|_| {
-                Error::InvalidArgument(format!("version {v} is out of ZooKeeper's range"))
-            })?),
+        let (version, wanted) = match expected {
+            Expected::Any => (None, 0),
+            Expected::Version(v) => match version::to_zk(v) {
+                Some(sent) => (Some(sent), v),
+                // Not expressible (see `version::to_zk`): never met, as the server would say.
+                None => return Err(self.mismatch(path, v).await),
+            },
         };
         let resend = match version {
             None => Resend::Always,
@@ -638,9 +645,7 @@ impl Registry for ZkRegistry {
             .await;
         match written {
             Ok(stat) => Ok(watch::node_of(path.clone(), value, &stat)),
-            Err(Error::VersionMismatch { .. }) => {
-                Err(self.mismatch(path, version.map_or(0, |v| v as u64)).await)
-            }
+            Err(Error::VersionMismatch { .. }) => Err(self.mismatch(path, wanted).await),
             Err(e) => Err(e),
         }
     }
@@ -650,11 +655,13 @@ impl Registry for ZkRegistry {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot delete the root node".into()));
         }
-        let version = match expected {
-            Expected::Any => None,
-            Expected::Version(v) => Some(i32::try_from(v).map_err(|_| {
-                Error::InvalidArgument(format!("version {v} is out of ZooKeeper's range"))
-            })?),
+        let (version, wanted) = match expected {
+            Expected::Any => (None, 0),
+            Expected::Version(v) => match version::to_zk(v) {
+                Some(sent) => (Some(sent), v),
+                // Not expressible (see `version::to_zk`): never met, as the server would say.
+                None => return Err(self.mismatch(path, v).await),
+            },
         };
         // Bounded: each round removes what it found; only concurrent creators cause another.
         for _ in 0..16 {
@@ -679,7 +686,7 @@ impl Registry for ZkRegistry {
                     match self.stat(path).await? {
                         None => return Err(Error::NotFound { path: path.clone() }),
                         Some(stat) if stat.version != v => {
-                            return Err(self.mismatch(path, v as u64).await)
+                            return Err(self.mismatch(path, wanted).await)
                         }
                         Some(_) => {}
                     }
@@ -702,7 +709,7 @@ impl Registry for ZkRegistry {
                             // A node appeared or went meanwhile: list the tree again.
                             Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => continue,
                             Err(Error::VersionMismatch { .. }) => {
-                                return Err(self.mismatch(path, v as u64).await)
+                                return Err(self.mismatch(path, wanted).await)
                             }
                             Err(e) => return Err(e),
                         }
@@ -734,7 +741,7 @@ impl Registry for ZkRegistry {
                 }
                 Err(Error::NotEmpty { .. }) if scope == DeleteScope::Recursive => continue,
                 Err(Error::VersionMismatch { .. }) => {
-                    return Err(self.mismatch(path, version.map_or(0, |v| v as u64)).await)
+                    return Err(self.mismatch(path, wanted).await)
                 }
                 Err(e) => return Err(e),
             }
@@ -759,7 +766,7 @@ impl Registry for ZkRegistry {
         match self
             .delete(
                 &node.path,
-                Expected::Version(u64::try_from(stat.version).unwrap_or(0)),
+                Expected::Version(version::from_zk(stat.version)),
                 DeleteScope::Node,
             )
             .await

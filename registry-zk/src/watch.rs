@@ -41,7 +41,7 @@ pub(crate) fn node_of(path: NodePath, data: impl Into<Bytes>, stat: &zk::Stat) -
     Node {
         path,
         value: data.into(),
-        version: u64::try_from(stat.version).unwrap_or(0),
+        version: crate::version::from_zk(stat.version),
         create_order: u64::try_from(stat.czxid).unwrap_or(0),
         modify_order: u64::try_from(stat.mzxid).unwrap_or(0),
         ephemeral_owner: (stat.ephemeral_owner != 0).then_some(SessionId(stat.ephemeral_owner)),
