@@ -829,3 +829,97 @@ async fn versions_beyond_i32_are_mismatches_not_input_errors() {
     assert_eq!(reg.get(&node).await.unwrap().value, Bytes::from("v0"));
     reg.close().await.unwrap();
 }
+
+/// Forwards ZooKeeper traffic frame by frame; once armed, sends the client a reply to a
+/// request it never made just before the next reply to one of its requests. The client then
+/// resets the connection (a protocol error) and fails the requests in flight.
+struct BogusReplyProxy {
+    addr: std::net::SocketAddr,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BogusReplyProxy {
+    async fn start(upstream: std::net::SocketAddr) -> BogusReplyProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let flag = armed.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                });
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    // The first frame answers the connect request and carries no xid.
+                    let mut first = true;
+                    loop {
+                        let mut len = [0u8; 4];
+                        if server_rx.read_exact(&mut len).await.is_err() {
+                            return;
+                        }
+                        let mut body = vec![0; u32::from_be_bytes(len) as usize];
+                        if server_rx.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let xid = body
+                            .get(..4)
+                            .map_or(0, |x| i32::from_be_bytes([x[0], x[1], x[2], x[3]]));
+                        // Positive xids answer requests; negative ones are pings, events.
+                        if !first && xid > 0 && flag.swap(false, Ordering::SeqCst) {
+                            let mut bogus = 16u32.to_be_bytes().to_vec();
+                            bogus.extend_from_slice(&0x7fff_0000i32.to_be_bytes()); // xid
+                            bogus.extend_from_slice(&0i64.to_be_bytes()); // zxid
+                            bogus.extend_from_slice(&0i32.to_be_bytes()); // error code
+                            if client_tx.write_all(&bogus).await.is_err() {
+                                return;
+                            }
+                        }
+                        first = false;
+                        if client_tx.write_all(&len).await.is_err()
+                            || client_tx.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        BogusReplyProxy { addr, armed }
+    }
+}
+
+/// A request failed by the client's reset after a protocol error (its "unexpected error")
+/// is retryable: the session survives, and the read is sent again and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_failed_by_a_protocol_reset_is_sent_again() {
+    let server = fast_server();
+    let proxy = BogusReplyProxy::start(server.addr()).await;
+    let reg = connect(&proxy.addr.to_string(), Duration::from_secs(4)).await;
+    let node = p("/reset/n");
+    reg.create(&node, Bytes::from("v"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let session = reg.session().session_id;
+    proxy.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let read = reg.get(&node).await;
+    assert!(
+        !proxy.armed.load(std::sync::atomic::Ordering::SeqCst),
+        "no bogus reply was sent"
+    );
+    let value = read.as_ref().ok().map(|n| n.value.clone());
+    assert_eq!(value, Some(Bytes::from("v")), "{read:?}");
+    assert_eq!(
+        reg.session().session_id,
+        session,
+        "the session was replaced"
+    );
+    reg.close().await.unwrap();
+}
