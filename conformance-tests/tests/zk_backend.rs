@@ -923,3 +923,41 @@ async fn a_request_failed_by_a_protocol_reset_is_sent_again() {
     );
     reg.close().await.unwrap();
 }
+
+/// Nodes another client created deeper (over 64 levels) or with longer paths (over 1024
+/// bytes) than a `NodePath` allows: listings leave them out (with a warning), and a
+/// recursive delete removes them with the rest, versioned (one transaction) or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recursive_delete_removes_nodes_too_deep_or_long_for_a_node_path() {
+    use registry_core::{DeleteScope, MAX_DEPTH, MAX_PATH_LEN};
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let other = raw(&server.connect_string()).await;
+    let open =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    for (root, expected) in [("/deep", Expected::Any), ("/deep2", Expected::Version(0))] {
+        let mut path = root.to_owned();
+        other.create(&path, b"", &open).await.unwrap();
+        // One level past the limit.
+        for _ in 0..MAX_DEPTH {
+            path.push_str("/a");
+            other.create(&path, b"", &open).await.unwrap();
+        }
+        let long = format!("{root}/{}", "l".repeat(MAX_PATH_LEN));
+        other.create(&long, b"", &open).await.unwrap();
+        other
+            .create(&format!("{long}/below"), b"", &open)
+            .await
+            .unwrap();
+
+        let listed = reg.children(&p(root)).await.unwrap();
+        let names: Vec<&str> = listed.nodes.iter().map(|n| n.path.name()).collect();
+        assert_eq!(names, ["a"], "{root}: children listed");
+
+        let deleted = reg.delete(&p(root), expected, DeleteScope::Recursive).await;
+        assert!(deleted.is_ok(), "{root} ({expected:?}): {deleted:?}");
+        let left = other.check_stat(root).await.unwrap();
+        assert!(left.is_none(), "{root} still exists: {left:?}");
+    }
+    reg.close().await.unwrap();
+}

@@ -433,14 +433,10 @@ impl ZkRegistry {
         Ok(())
     }
 
-    /// Deletes `path` at `version` and every node of `below` (parents before children) in one
-    /// transaction: all or nothing. Not resent (a versioned write, see [`Resend`]).
-    async fn delete_tree_at(
-        &self,
-        path: &NodePath,
-        version: i32,
-        below: &[NodePath],
-    ) -> Result<()> {
+    /// Deletes `path` at `version` and every node of `below` (raw paths, parents before
+    /// children) in one transaction: all or nothing. Not resent (a versioned write, see
+    /// [`Resend`]).
+    async fn delete_tree_at(&self, path: &NodePath, version: i32, below: &[String]) -> Result<()> {
         let client = self.shared.client()?;
         let mut writer = client.new_multi_writer();
         let bad = |e: zk::Error| map(e, "delete", path);
@@ -448,7 +444,7 @@ impl ZkRegistry {
             .add_check_version(path.as_str(), version)
             .map_err(bad)?;
         for victim in below.iter().rev() {
-            writer.add_delete(victim.as_str(), None).map_err(bad)?;
+            writer.add_delete(victim, None).map_err(bad)?;
         }
         writer
             .add_delete(path.as_str(), Some(version))
@@ -515,6 +511,19 @@ fn zk_mode(mode: CreateMode) -> zk::CreateMode {
     }
 }
 
+/// `parent`'s child `name` as a `NodePath`; `None`, with a warning, if it is not one (another
+/// client may create nodes deeper or with longer paths than a `NodePath` allows), so such a
+/// child is left out of a listing, but not silently.
+fn child_path(parent: &NodePath, name: &str) -> Option<NodePath> {
+    match parent.join(name) {
+        Ok(child) => Some(child),
+        Err(error) => {
+            tracing::warn!(%parent, child = name, %error, "child left out: not a valid path");
+            None
+        }
+    }
+}
+
 fn root_node() -> Node {
     Node {
         path: NodePath::root(),
@@ -548,6 +557,11 @@ impl Registry for ZkRegistry {
         let parent = path
             .parent()
             .ok_or_else(|| Error::InvalidArgument("cannot create the root node".into()))?;
+        if mode.is_sequential() {
+            // The server appends 10 digits: a name valid only without them would be created,
+            // then rejected here, left behind. Input errors come before any I/O.
+            parent.join(&registry_core::sequential_name(path.name(), 0))?;
+        }
         self.shared.client()?;
         let acl = self.shared.options.acl_for(mode.is_ephemeral());
         for round in 0..2 {
@@ -580,11 +594,6 @@ impl Registry for ZkRegistry {
                     // The server's counter (the parent's cversion) names a node created under
                     // that exact name; it does not move past it, so say which name is taken.
                     let taken = match self.stat(&parent).await? {
-        if mode.is_sequential() {
-            // The server appends 10 digits: a name valid only without them would be created,
-            // then rejected here, left behind. Input errors come before any I/O.
-            parent.join(&registry_core::sequential_name(path.name(), 0))?;
-        }
                         Some(stat) => parent.join(&registry_core::sequential_name(
                             path.name(),
                             u64::try_from(stat.cversion).unwrap_or(0),
@@ -666,16 +675,20 @@ impl Registry for ZkRegistry {
         // Bounded: each round removes what it found; only concurrent creators cause another.
         for _ in 0..16 {
             if scope == DeleteScope::Recursive {
-                let mut order = Vec::new();
-                let mut pending = vec![path.clone()];
+                // Raw paths: another client may have created nodes deeper or with longer paths
+                // than a `NodePath` allows; they are deleted all the same.
+                let mut order: Vec<String> = Vec::new();
+                let mut pending = vec![path.as_str().to_owned()];
                 while let Some(p) = pending.pop() {
-                    match self.children_of(&p).await {
+                    let listed = self
+                        .call("list below", path, Resend::Always, |c| c.get_children(&p))
+                        .await;
+                    match listed {
                         Ok((names, _)) => {
                             for name in names {
-                                if let Ok(child) = p.join(&name) {
-                                    pending.push(child.clone());
-                                    order.push(child);
-                                }
+                                let child = format!("{p}/{name}");
+                                pending.push(child.clone());
+                                order.push(child);
                             }
                         }
                         Err(Error::NotFound { .. }) => {}
@@ -698,7 +711,7 @@ impl Registry for ZkRegistry {
                             .namespace
                             .as_ref()
                             .map_or(0, |n| n.as_str().len());
-                    let request: usize = order.iter().map(|n| n.as_str().len() + per_op).sum();
+                    let request: usize = order.iter().map(|n| n.len() + per_op).sum();
                     if request < ATOMIC_DELETE_BYTES {
                         // One transaction, so a version that changed meanwhile deletes nothing.
                         match self.delete_tree_at(path, v, &order).await {
@@ -716,9 +729,10 @@ impl Registry for ZkRegistry {
                     }
                 }
                 for victim in order.iter().rev() {
+                    // Errors name the path being deleted: `victim` may not be a `NodePath`.
                     match self
-                        .call("delete", victim, Resend::Removal(()), |c| {
-                            c.delete(victim.as_str(), None)
+                        .call("delete below", path, Resend::Removal(()), |c| {
+                            c.delete(victim, None)
                         })
                         .await
                     {
@@ -781,7 +795,10 @@ impl Registry for ZkRegistry {
     async fn children(&self, path: &NodePath) -> Result<Children> {
         let (names, stat) = self.children_of(path).await?;
         let client = self.shared.client()?;
-        let children: Vec<NodePath> = names.iter().filter_map(|n| path.join(n).ok()).collect();
+        let children: Vec<NodePath> = names
+            .iter()
+            .filter_map(|name| child_path(path, name))
+            .collect();
         let timeout = self.shared.options.request_timeout;
         // Up to CHILD_READS_IN_FLIGHT reads are sent at once and awaited in order (ZooKeeper
         // answers a session's requests in order); each answer sends the next read. Measured
