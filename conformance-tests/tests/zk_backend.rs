@@ -755,3 +755,209 @@ async fn close_is_prompt_while_a_watch_consumer_lags() {
     assert!(ended.is_ok(), "the lagging stream did not end after close");
     writer.close().await.unwrap();
 }
+
+/// A sequential create whose path is valid only without the 10 digits the server appends is
+/// an input error: nothing is sent, so neither the node nor its missing parent is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_name_too_long_with_its_counter_creates_nothing() {
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let observer = raw(&server.connect_string()).await;
+    let parent = "/seqlong";
+    // 1020 bytes: valid as given, 1030 with the counter.
+    let path = p(&format!("{parent}/{}", "x".repeat(1020 - parent.len() - 1)));
+    for mode in [
+        CreateMode::PersistentSequential,
+        CreateMode::EphemeralSequential,
+    ] {
+        let created = reg.create(&path, Bytes::new(), mode).await;
+        assert!(
+            matches!(created, Err(registry_core::Error::InvalidPath { .. })),
+            "{mode:?}: expected InvalidPath, got {created:?}"
+        );
+        let left = observer.check_stat(parent).await.unwrap();
+        assert!(left.is_none(), "{mode:?}: {parent} was created: {left:?}");
+    }
+    reg.close().await.unwrap();
+}
+
+/// ZooKeeper's version is a 32-bit counter: an expected version beyond `i32::MAX` is still a
+/// version (the counter goes there after 2^31 writes); `u32::MAX` would be sent as -1, which
+/// the server reads as "any version", and one beyond it is one no znode holds. All are
+/// mismatches (or `NotFound` without a node), never input errors, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_beyond_i32_are_mismatches_not_input_errors() {
+    use registry_core::{DeleteScope, Error};
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let node = p("/versions/n");
+    reg.create(&node, Bytes::from("v0"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    for expected in [
+        1u64 << 31,
+        u64::from(u32::MAX),
+        u64::from(u32::MAX) + 1,
+        u64::MAX,
+    ] {
+        let set = reg
+            .set(&node, Bytes::from("x"), Expected::Version(expected))
+            .await;
+        assert!(
+            matches!(set, Err(Error::VersionMismatch { expected: e, actual: 0, .. }) if e == expected),
+            "set at {expected}: {set:?}"
+        );
+        for scope in [DeleteScope::Node, DeleteScope::Recursive] {
+            let deleted = reg.delete(&node, Expected::Version(expected), scope).await;
+            assert!(
+                matches!(deleted, Err(Error::VersionMismatch { expected: e, actual: 0, .. }) if e == expected),
+                "delete {scope:?} at {expected}: {deleted:?}"
+            );
+        }
+        let missing = reg
+            .set(
+                &p("/versions/none"),
+                Bytes::new(),
+                Expected::Version(expected),
+            )
+            .await;
+        assert!(
+            matches!(missing, Err(Error::NotFound { .. })),
+            "set of a missing node at {expected}: {missing:?}"
+        );
+    }
+    assert_eq!(reg.get(&node).await.unwrap().value, Bytes::from("v0"));
+    reg.close().await.unwrap();
+}
+
+/// Forwards ZooKeeper traffic frame by frame; once armed, sends the client a reply to a
+/// request it never made just before the next reply to one of its requests. The client then
+/// resets the connection (a protocol error) and fails the requests in flight.
+struct BogusReplyProxy {
+    addr: std::net::SocketAddr,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BogusReplyProxy {
+    async fn start(upstream: std::net::SocketAddr) -> BogusReplyProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let flag = armed.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                });
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    // The first frame answers the connect request and carries no xid.
+                    let mut first = true;
+                    loop {
+                        let mut len = [0u8; 4];
+                        if server_rx.read_exact(&mut len).await.is_err() {
+                            return;
+                        }
+                        let mut body = vec![0; u32::from_be_bytes(len) as usize];
+                        if server_rx.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let xid = body
+                            .get(..4)
+                            .map_or(0, |x| i32::from_be_bytes([x[0], x[1], x[2], x[3]]));
+                        // Positive xids answer requests; negative ones are pings, events.
+                        if !first && xid > 0 && flag.swap(false, Ordering::SeqCst) {
+                            let mut bogus = 16u32.to_be_bytes().to_vec();
+                            bogus.extend_from_slice(&0x7fff_0000i32.to_be_bytes()); // xid
+                            bogus.extend_from_slice(&0i64.to_be_bytes()); // zxid
+                            bogus.extend_from_slice(&0i32.to_be_bytes()); // error code
+                            if client_tx.write_all(&bogus).await.is_err() {
+                                return;
+                            }
+                        }
+                        first = false;
+                        if client_tx.write_all(&len).await.is_err()
+                            || client_tx.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        BogusReplyProxy { addr, armed }
+    }
+}
+
+/// A request failed by the client's reset after a protocol error (its "unexpected error")
+/// is retryable: the session survives, and the read is sent again and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_failed_by_a_protocol_reset_is_sent_again() {
+    let server = fast_server();
+    let proxy = BogusReplyProxy::start(server.addr()).await;
+    let reg = connect(&proxy.addr.to_string(), Duration::from_secs(4)).await;
+    let node = p("/reset/n");
+    reg.create(&node, Bytes::from("v"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let session = reg.session().session_id;
+    proxy.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let read = reg.get(&node).await;
+    assert!(
+        !proxy.armed.load(std::sync::atomic::Ordering::SeqCst),
+        "no bogus reply was sent"
+    );
+    let value = read.as_ref().ok().map(|n| n.value.clone());
+    assert_eq!(value, Some(Bytes::from("v")), "{read:?}");
+    assert_eq!(
+        reg.session().session_id,
+        session,
+        "the session was replaced"
+    );
+    reg.close().await.unwrap();
+}
+
+/// Nodes another client created deeper (over 64 levels) or with longer paths (over 1024
+/// bytes) than a `NodePath` allows: listings leave them out (with a warning), and a
+/// recursive delete removes them with the rest, versioned (one transaction) or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recursive_delete_removes_nodes_too_deep_or_long_for_a_node_path() {
+    use registry_core::{DeleteScope, MAX_DEPTH, MAX_PATH_LEN};
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let other = raw(&server.connect_string()).await;
+    let open =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    for (root, expected) in [("/deep", Expected::Any), ("/deep2", Expected::Version(0))] {
+        let mut path = root.to_owned();
+        other.create(&path, b"", &open).await.unwrap();
+        // One level past the limit.
+        for _ in 0..MAX_DEPTH {
+            path.push_str("/a");
+            other.create(&path, b"", &open).await.unwrap();
+        }
+        let long = format!("{root}/{}", "l".repeat(MAX_PATH_LEN));
+        other.create(&long, b"", &open).await.unwrap();
+        other
+            .create(&format!("{long}/below"), b"", &open)
+            .await
+            .unwrap();
+
+        let listed = reg.children(&p(root)).await.unwrap();
+        let names: Vec<&str> = listed.nodes.iter().map(|n| n.path.name()).collect();
+        assert_eq!(names, ["a"], "{root}: children listed");
+
+        let deleted = reg.delete(&p(root), expected, DeleteScope::Recursive).await;
+        assert!(deleted.is_ok(), "{root} ({expected:?}): {deleted:?}");
+        let left = other.check_stat(root).await.unwrap();
+        assert!(left.is_none(), "{root} still exists: {left:?}");
+    }
+    reg.close().await.unwrap();
+}

@@ -38,7 +38,8 @@ pub struct Node {
     pub path: NodePath,
     /// Its value: arbitrary bytes, possibly empty or containing NUL.
     pub value: Bytes,
-    /// 0 when created, +1 on every write of the value (the same on every backend).
+    /// 0 when created, +1 on every write of the value (the same on every backend; ZooKeeper
+    /// keeps 32 bits, so there it wraps to 0 after 2^32 writes).
     pub version: u64,
     /// Increasing in global creation order (etcd create_revision, ZooKeeper czxid): a node
     /// created after another's creation completed has a larger `create_order`. Nodes created
@@ -113,7 +114,8 @@ pub enum Expected {
     #[default]
     Any,
     /// Write only if the node's version is this; otherwise
-    /// [`Error::VersionMismatch`](crate::Error::VersionMismatch).
+    /// [`Error::VersionMismatch`](crate::Error::VersionMismatch). A version the backend
+    /// cannot ask for (ZooKeeper: `u32::MAX` and above) is not an input error: it never matches.
     Version(u64),
 }
 

@@ -25,7 +25,12 @@ pub(crate) fn map(error: Zk, operation: &str, path: &NodePath) -> Error {
         Zk::AuthFailed => Error::AuthFailed(format!("zookeeper {operation} {path}")),
         Zk::SessionExpired | Zk::ClientClosed => Error::SessionExpired,
         Zk::BadArguments(m) => Error::InvalidArgument(format!("zookeeper {operation} {path}: {m}")),
-        Zk::ConnectionLoss
+        // The client resets the connection when it cannot make sense of what the server sent
+        // (a reply to no pending request, bytes it cannot decode) and fails every request in
+        // flight with that error; the session goes on, so sending again can succeed.
+        Zk::UnexpectedError(_)
+        | Zk::UnmarshalError { .. }
+        | Zk::ConnectionLoss
         | Zk::Timeout
         | Zk::NoHosts
         | Zk::Throttled

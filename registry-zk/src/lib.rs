@@ -3,9 +3,13 @@
 //! - Paths are znode paths under an optional namespace (a chroot, created if missing);
 //!   values are the raw bytes; created nodes get the ACL of [`ZkOptions`]' [`ZkAcl`]. Nodes
 //!   written by other clients are first-class.
-//! - `version` is the znode version, `create_order` its `czxid`; children are sorted by
-//!   `czxid` (the server returns them unordered). `children` costs one `getChildren` plus one
-//!   pipelined `getData` per child. `Children::revision` is the parent's `pzxid`.
+//! - `version` is the znode version read as an unsigned 32-bit counter (ZooKeeper's `int`
+//!   goes negative after 2^31 writes; read unsigned it keeps growing, and wraps to 0 only
+//!   after 2^32). An expected version of `u32::MAX` or above never matches (the server reads
+//!   -1 as "any version"): `VersionMismatch`, or `NotFound` without a node.
+//! - `create_order` is the `czxid`; children are sorted by `czxid` (the server returns them
+//!   unordered). `children` costs one `getChildren` plus one pipelined `getData` per child.
+//!   `Children::revision` is the parent's `pzxid`.
 //! - Sequential creates use ZooKeeper's own sequential modes (so one whose generated name
 //!   was taken by name fails with `AlreadyExists`: the server's counter does not skip it). Missing parents are created one
 //!   by one, tolerating "node exists" from concurrent creators; a recursive delete removes
@@ -26,6 +30,7 @@
 
 mod error;
 pub mod options;
+mod version;
 pub mod watch;
 
 use std::collections::VecDeque;
@@ -201,6 +206,20 @@ async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
         })?
 }
 
+/// The state a fresh `states` starts in if it is one the session task must still act on.
+///
+/// `Client::state_watcher` marks the current state as seen, so `changed` would not report
+/// a disconnection or an expiry that happened before the watcher was made (after a terminal
+/// state it never returns at all). A connected state was already reported with the client.
+fn missed_state(states: &mut zk::StateWatcher) -> Option<zk::SessionState> {
+    let state = states.state();
+    let connected = matches!(
+        state,
+        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+    );
+    (!connected).then_some(state)
+}
+
 /// Follows the client's session states; replaces the client when its session ends.
 async fn run_session(
     shared: std::sync::Weak<Shared>,
@@ -208,11 +227,15 @@ async fn run_session(
     mut shutdown: channel::Receiver<bool>,
 ) {
     let mut states = client.state_watcher();
+    let mut missed = missed_state(&mut states);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     loop {
-        let state = tokio::select! {
-            _ = shutdown.changed() => return,
-            state = states.changed() => state,
+        let state = match missed.take() {
+            Some(state) => state,
+            None => tokio::select! {
+                _ = shutdown.changed() => return,
+                state = states.changed() => state,
+            },
         };
         let Some(owner) = shared.upgrade() else {
             return;
@@ -260,6 +283,7 @@ async fn run_session(
                 }
                 *owner.client.write().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
                 states = client.state_watcher();
+                missed = missed_state(&mut states);
                 owner
                     .tracker
                     .transition(SessionState::Reestablished, Some(session_id(&client)));
@@ -371,7 +395,7 @@ impl ZkRegistry {
             Ok(Some(stat)) => Error::VersionMismatch {
                 path: path.clone(),
                 expected,
-                actual: u64::try_from(stat.version).unwrap_or(0),
+                actual: version::from_zk(stat.version),
             },
             Ok(None) => Error::NotFound { path: path.clone() },
             Err(e) => e,
@@ -409,14 +433,10 @@ impl ZkRegistry {
         Ok(())
     }
 
-    /// Deletes `path` at `version` and every node of `below` (parents before children) in one
-    /// transaction: all or nothing. Not resent (a versioned write, see [`Resend`]).
-    async fn delete_tree_at(
-        &self,
-        path: &NodePath,
-        version: i32,
-        below: &[NodePath],
-    ) -> Result<()> {
+    /// Deletes `path` at `version` and every node of `below` (raw paths, parents before
+    /// children) in one transaction: all or nothing. Not resent (a versioned write, see
+    /// [`Resend`]).
+    async fn delete_tree_at(&self, path: &NodePath, version: i32, below: &[String]) -> Result<()> {
         let client = self.shared.client()?;
         let mut writer = client.new_multi_writer();
         let bad = |e: zk::Error| map(e, "delete", path);
@@ -424,7 +444,7 @@ impl ZkRegistry {
             .add_check_version(path.as_str(), version)
             .map_err(bad)?;
         for victim in below.iter().rev() {
-            writer.add_delete(victim.as_str(), None).map_err(bad)?;
+            writer.add_delete(victim, None).map_err(bad)?;
         }
         writer
             .add_delete(path.as_str(), Some(version))
@@ -491,6 +511,19 @@ fn zk_mode(mode: CreateMode) -> zk::CreateMode {
     }
 }
 
+/// `parent`'s child `name` as a `NodePath`; `None`, with a warning, if it is not one (another
+/// client may create nodes deeper or with longer paths than a `NodePath` allows), so such a
+/// child is left out of a listing, but not silently.
+fn child_path(parent: &NodePath, name: &str) -> Option<NodePath> {
+    match parent.join(name) {
+        Ok(child) => Some(child),
+        Err(error) => {
+            tracing::warn!(%parent, child = name, %error, "child left out: not a valid path");
+            None
+        }
+    }
+}
+
 fn root_node() -> Node {
     Node {
         path: NodePath::root(),
@@ -524,6 +557,11 @@ impl Registry for ZkRegistry {
         let parent = path
             .parent()
             .ok_or_else(|| Error::InvalidArgument("cannot create the root node".into()))?;
+        if mode.is_sequential() {
+            // The server appends 10 digits: a name valid only without them would be created,
+            // then rejected here, left behind. Input errors come before any I/O.
+            parent.join(&registry_core::sequential_name(path.name(), 0))?;
+        }
         self.shared.client()?;
         let acl = self.shared.options.acl_for(mode.is_ephemeral());
         for round in 0..2 {
@@ -597,11 +635,13 @@ impl Registry for ZkRegistry {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot write the root node".into()));
         }
-        let version = match expected {
-            Expected::Any => None,
-            Expected::Version(v) => Some(i32::try_from(v).map_err(|_| {
-                Error::InvalidArgument(format!("version {v} is out of ZooKeeper's range"))
-            })?),
+        let (version, wanted) = match expected {
+            Expected::Any => (None, 0),
+            Expected::Version(v) => match version::to_zk(v) {
+                Some(sent) => (Some(sent), v),
+                // Not expressible (see `version::to_zk`): never met, as the server would say.
+                None => return Err(self.mismatch(path, v).await),
+            },
         };
         let resend = match version {
             None => Resend::Always,
@@ -614,9 +654,7 @@ impl Registry for ZkRegistry {
             .await;
         match written {
             Ok(stat) => Ok(watch::node_of(path.clone(), value, &stat)),
-            Err(Error::VersionMismatch { .. }) => {
-                Err(self.mismatch(path, version.map_or(0, |v| v as u64)).await)
-            }
+            Err(Error::VersionMismatch { .. }) => Err(self.mismatch(path, wanted).await),
             Err(e) => Err(e),
         }
     }
@@ -626,25 +664,31 @@ impl Registry for ZkRegistry {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot delete the root node".into()));
         }
-        let version = match expected {
-            Expected::Any => None,
-            Expected::Version(v) => Some(i32::try_from(v).map_err(|_| {
-                Error::InvalidArgument(format!("version {v} is out of ZooKeeper's range"))
-            })?),
+        let (version, wanted) = match expected {
+            Expected::Any => (None, 0),
+            Expected::Version(v) => match version::to_zk(v) {
+                Some(sent) => (Some(sent), v),
+                // Not expressible (see `version::to_zk`): never met, as the server would say.
+                None => return Err(self.mismatch(path, v).await),
+            },
         };
         // Bounded: each round removes what it found; only concurrent creators cause another.
         for _ in 0..16 {
             if scope == DeleteScope::Recursive {
-                let mut order = Vec::new();
-                let mut pending = vec![path.clone()];
+                // Raw paths: another client may have created nodes deeper or with longer paths
+                // than a `NodePath` allows; they are deleted all the same.
+                let mut order: Vec<String> = Vec::new();
+                let mut pending = vec![path.as_str().to_owned()];
                 while let Some(p) = pending.pop() {
-                    match self.children_of(&p).await {
+                    let listed = self
+                        .call("list below", path, Resend::Always, |c| c.get_children(&p))
+                        .await;
+                    match listed {
                         Ok((names, _)) => {
                             for name in names {
-                                if let Ok(child) = p.join(&name) {
-                                    pending.push(child.clone());
-                                    order.push(child);
-                                }
+                                let child = format!("{p}/{name}");
+                                pending.push(child.clone());
+                                order.push(child);
                             }
                         }
                         Err(Error::NotFound { .. }) => {}
@@ -655,7 +699,7 @@ impl Registry for ZkRegistry {
                     match self.stat(path).await? {
                         None => return Err(Error::NotFound { path: path.clone() }),
                         Some(stat) if stat.version != v => {
-                            return Err(self.mismatch(path, v as u64).await)
+                            return Err(self.mismatch(path, wanted).await)
                         }
                         Some(_) => {}
                     }
@@ -667,7 +711,7 @@ impl Registry for ZkRegistry {
                             .namespace
                             .as_ref()
                             .map_or(0, |n| n.as_str().len());
-                    let request: usize = order.iter().map(|n| n.as_str().len() + per_op).sum();
+                    let request: usize = order.iter().map(|n| n.len() + per_op).sum();
                     if request < ATOMIC_DELETE_BYTES {
                         // One transaction, so a version that changed meanwhile deletes nothing.
                         match self.delete_tree_at(path, v, &order).await {
@@ -678,16 +722,17 @@ impl Registry for ZkRegistry {
                             // A node appeared or went meanwhile: list the tree again.
                             Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => continue,
                             Err(Error::VersionMismatch { .. }) => {
-                                return Err(self.mismatch(path, v as u64).await)
+                                return Err(self.mismatch(path, wanted).await)
                             }
                             Err(e) => return Err(e),
                         }
                     }
                 }
                 for victim in order.iter().rev() {
+                    // Errors name the path being deleted: `victim` may not be a `NodePath`.
                     match self
-                        .call("delete", victim, Resend::Removal(()), |c| {
-                            c.delete(victim.as_str(), None)
+                        .call("delete below", path, Resend::Removal(()), |c| {
+                            c.delete(victim, None)
                         })
                         .await
                     {
@@ -710,7 +755,7 @@ impl Registry for ZkRegistry {
                 }
                 Err(Error::NotEmpty { .. }) if scope == DeleteScope::Recursive => continue,
                 Err(Error::VersionMismatch { .. }) => {
-                    return Err(self.mismatch(path, version.map_or(0, |v| v as u64)).await)
+                    return Err(self.mismatch(path, wanted).await)
                 }
                 Err(e) => return Err(e),
             }
@@ -735,7 +780,7 @@ impl Registry for ZkRegistry {
         match self
             .delete(
                 &node.path,
-                Expected::Version(u64::try_from(stat.version).unwrap_or(0)),
+                Expected::Version(version::from_zk(stat.version)),
                 DeleteScope::Node,
             )
             .await
@@ -750,7 +795,10 @@ impl Registry for ZkRegistry {
     async fn children(&self, path: &NodePath) -> Result<Children> {
         let (names, stat) = self.children_of(path).await?;
         let client = self.shared.client()?;
-        let children: Vec<NodePath> = names.iter().filter_map(|n| path.join(n).ok()).collect();
+        let children: Vec<NodePath> = names
+            .iter()
+            .filter_map(|name| child_path(path, name))
+            .collect();
         let timeout = self.shared.options.request_timeout;
         // Up to CHILD_READS_IN_FLIGHT reads are sent at once and awaited in order (ZooKeeper
         // answers a session's requests in order); each answer sends the next read. Measured
@@ -873,5 +921,107 @@ impl Registry for ZkRegistry {
         }
         tracing::info!("zookeeper session closed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves ZooKeeper's connect handshake only: the first connection gets session 0x1234
+    /// (and an answer to the client's first ping) and is closed once `expire` fires; every
+    /// later one is told the session expired (session id 0).
+    async fn expiring_server(
+        listener: tokio::net::TcpListener,
+        expire: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let mut expire = Some(expire);
+        for attempt in 0u32.. {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut len = [0; 4];
+            if socket.read_exact(&mut len).await.is_err() {
+                continue;
+            }
+            let mut request = vec![0; u32::from_be_bytes(len) as usize];
+            if socket.read_exact(&mut request).await.is_err() {
+                continue;
+            }
+            let session: i64 = if attempt == 0 { 0x1234 } else { 0 };
+            let mut body = Vec::new();
+            body.extend_from_slice(&0i32.to_be_bytes()); // protocol version
+            body.extend_from_slice(&4000i32.to_be_bytes()); // session timeout, ms
+            body.extend_from_slice(&session.to_be_bytes());
+            body.extend_from_slice(&16i32.to_be_bytes());
+            body.extend_from_slice(&[7; 16]); // password
+            body.push(0); // not read-only
+            let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&body);
+            let _ = socket.write_all(&frame).await;
+            if let Some(expire) = expire.take() {
+                // The client pings once connected and waits for the answer: reply header
+                // with the ping's xid (-2), zxid 0, no error.
+                let mut ping = [0; 12];
+                if socket.read_exact(&mut ping).await.is_ok() {
+                    let mut pong = 16u32.to_be_bytes().to_vec();
+                    pong.extend_from_slice(&(-2i32).to_be_bytes());
+                    pong.extend_from_slice(&[0; 12]);
+                    let _ = socket.write_all(&pong).await;
+                }
+                let _ = expire.await;
+            }
+            // Closing the connection makes the client reconnect and hear "expired".
+        }
+    }
+
+    /// A client whose session ended before the session task made its state watcher: the
+    /// watcher starts with that state marked as seen, and the task must still report `Lost`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_ended_before_the_task_watches_it_is_reported_lost() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (expire, expire_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(expiring_server(listener, expire_rx));
+        let options = ZkOptions::new([addr.clone()])
+            .with_session_ttl(Duration::from_secs(4))
+            .with_connect_timeout(Duration::from_secs(1));
+        let client = connector(&options).connect(&addr).await.unwrap();
+        let _ = expire.send(());
+        let ended = tokio::time::timeout(
+            Duration::from_secs(10),
+            terminal_state(&mut client.state_watcher()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(ended, zk::SessionState::Expired);
+
+        let tracker = SessionTracker::new();
+        tracker.transition(SessionState::Connected, Some(session_id(&client)));
+        let mut events = tracker.subscribe();
+        let (shutdown, shutdown_rx) = channel::channel(false);
+        let shared = Arc::new(Shared {
+            client: RwLock::new(Some(client.clone())),
+            options,
+            tracker,
+            shutdown,
+            closed: AtomicBool::new(false),
+            session_task: Mutex::new(None),
+        });
+        let task = tokio::spawn(run_session(Arc::downgrade(&shared), client, shutdown_rx));
+        let lost = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(status) = events.next().await {
+                if status.state == SessionState::Lost {
+                    return;
+                }
+            }
+        })
+        .await;
+        shared.shutdown.send_replace(true);
+        task.await.unwrap();
+        server.abort();
+        assert!(lost.is_ok(), "the ended session was never reported lost");
     }
 }

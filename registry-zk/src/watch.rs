@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{self, FuturesUnordered, StreamExt};
+use futures::Future;
 use registry_core::{
     Backoff, Error, Node, NodePath, Result, ResyncReason, Revision, SessionId, SessionState,
     Snapshot, WatchEvent, WatchScope, WatchStream,
@@ -41,10 +42,31 @@ pub(crate) fn node_of(path: NodePath, data: impl Into<Bytes>, stat: &zk::Stat) -
     Node {
         path,
         value: data.into(),
-        version: u64::try_from(stat.version).unwrap_or(0),
+        version: crate::version::from_zk(stat.version),
         create_order: u64::try_from(stat.czxid).unwrap_or(0),
         modify_order: u64::try_from(stat.mzxid).unwrap_or(0),
         ephemeral_owner: (stat.ephemeral_owner != 0).then_some(SessionId(stat.ephemeral_owner)),
+    }
+}
+
+/// Children a stream leaves out because their path is not a valid `NodePath` (another client
+/// may create nodes deeper or with longer paths than it allows): each is warned about once
+/// per stream, not at every listing.
+#[derive(Default)]
+struct Skipped(std::collections::BTreeSet<String>);
+
+impl Skipped {
+    /// `parent`'s child `name` as a `NodePath`, or `None` (warned about the first time).
+    fn child(&mut self, parent: &NodePath, name: &str) -> Option<NodePath> {
+        match parent.join(name) {
+            Ok(child) => Some(child),
+            Err(error) => {
+                if self.0.insert(format!("{parent}/{name}")) {
+                    tracing::warn!(%parent, child = name, %error, "watch skips a child: not a valid path");
+                }
+                None
+            }
+        }
     }
 }
 
@@ -78,6 +100,26 @@ fn arm(armed: &mut NewWatches, path: &NodePath, kind: WatchKind, watcher: zk::On
     }));
 }
 
+/// What the reads of one stream use: its session's client and the deadline of each request.
+struct Reader {
+    client: zk::Client,
+    timeout: Duration,
+}
+
+impl Reader {
+    /// Runs `request` with the deadline: a stalled connection must not hold the stream's
+    /// task until the client gives up on the session (~1.4x its TTL). A timeout is retried
+    /// as a lost connection is.
+    async fn within<T>(
+        &self,
+        request: impl Future<Output = std::result::Result<T, zk::Error>>,
+    ) -> std::result::Result<T, zk::Error> {
+        tokio::time::timeout(self.timeout, request)
+            .await
+            .unwrap_or(Err(zk::Error::Timeout))
+    }
+}
+
 struct Read {
     nodes: BTreeMap<NodePath, Node>,
     armed: NewWatches,
@@ -85,16 +127,22 @@ struct Read {
 }
 
 /// Reads the watched root with a data watch; a missing root gets an existence watch instead.
-async fn read_root(client: &zk::Client, path: &NodePath, read: &mut Read) -> Result<Option<Node>> {
+async fn read_root(reader: &Reader, path: &NodePath, read: &mut Read) -> Result<Option<Node>> {
     // Bounded: a node that keeps appearing and vanishing between the two calls gives up.
     for _ in 0..8 {
-        match client.get_and_watch_data(path.as_str()).await {
+        match reader
+            .within(reader.client.get_and_watch_data(path.as_str()))
+            .await
+        {
             Ok((data, stat, watcher)) => {
                 arm(&mut read.armed, path, WatchKind::Data, watcher);
                 read.revision = read.revision.max(u64::try_from(stat.mzxid).unwrap_or(0));
                 return Ok(Some(node_of(path.clone(), data, &stat)));
             }
-            Err(zk::Error::NoNode) => match client.check_and_watch_stat(path.as_str()).await {
+            Err(zk::Error::NoNode) => match reader
+                .within(reader.client.check_and_watch_stat(path.as_str()))
+                .await
+            {
                 Ok((None, watcher)) => {
                     arm(&mut read.armed, path, WatchKind::Exists, watcher);
                     return Ok(None);
@@ -113,14 +161,16 @@ async fn read_root(client: &zk::Client, path: &NodePath, read: &mut Read) -> Res
 /// Reads nodes below the root with data watches, pipelined. A node gone meanwhile is left
 /// out without a watch: its parent's child watch, armed before, reports it if it comes back.
 async fn read_nodes(
-    client: &zk::Client,
+    reader: &Reader,
     paths: Vec<NodePath>,
     armed: &mut NewWatches,
     revision: &mut u64,
 ) -> Result<BTreeMap<NodePath, Option<Node>>> {
     let mut results = stream::iter(paths)
         .map(|path| async move {
-            let result = client.get_and_watch_data(path.as_str()).await;
+            let result = reader
+                .within(reader.client.get_and_watch_data(path.as_str()))
+                .await;
             (path, result)
         })
         .buffer_unordered(READS_IN_FLIGHT);
@@ -145,14 +195,17 @@ async fn read_nodes(
 /// Lists children with child watches, pipelined: for each parent its `czxid` (which
 /// incarnation was listed) and children, or `None` if it is gone.
 async fn list_children(
-    client: &zk::Client,
+    reader: &Reader,
     parents: Vec<NodePath>,
     armed: &mut NewWatches,
     revision: &mut u64,
+    skipped: &mut Skipped,
 ) -> Result<Vec<(NodePath, Option<(u64, Vec<NodePath>)>)>> {
     let mut results = stream::iter(parents)
         .map(|path| async move {
-            let result = client.get_and_watch_children(path.as_str()).await;
+            let result = reader
+                .within(reader.client.get_and_watch_children(path.as_str()))
+                .await;
             (path, result)
         })
         .buffer_unordered(READS_IN_FLIGHT);
@@ -162,7 +215,10 @@ async fn list_children(
             Ok((names, stat, watcher)) => {
                 arm(armed, &path, WatchKind::Children, watcher);
                 *revision = (*revision).max(u64::try_from(stat.pzxid).unwrap_or(0));
-                let children = names.iter().filter_map(|n| path.join(n).ok()).collect();
+                let children = names
+                    .iter()
+                    .filter_map(|n| skipped.child(&path, n))
+                    .collect();
                 let czxid = u64::try_from(stat.czxid).unwrap_or(0);
                 listed.push((path, Some((czxid, children))));
             }
@@ -174,13 +230,18 @@ async fn list_children(
 }
 
 /// Reads everything in scope, arming a watch on each part read.
-async fn read_scope(client: &zk::Client, root: &NodePath, scope: WatchScope) -> Result<Read> {
+async fn read_scope(
+    reader: &Reader,
+    root: &NodePath,
+    scope: WatchScope,
+    skipped: &mut Skipped,
+) -> Result<Read> {
     let mut read = Read {
         nodes: BTreeMap::new(),
         armed: Vec::new(),
         revision: 0,
     };
-    let Some(node) = read_root(client, root, &mut read).await? else {
+    let Some(node) = read_root(reader, root, &mut read).await? else {
         return Ok(read);
     };
     if scope == WatchScope::Node {
@@ -195,12 +256,19 @@ async fn read_scope(client: &zk::Client, root: &NodePath, scope: WatchScope) -> 
     // Level by level: list the parents, then read the children found.
     let mut parents = vec![root.clone()];
     while !parents.is_empty() {
-        let listed = list_children(client, parents, &mut read.armed, &mut read.revision).await?;
+        let listed = list_children(
+            reader,
+            parents,
+            &mut read.armed,
+            &mut read.revision,
+            skipped,
+        )
+        .await?;
         let children: Vec<NodePath> = listed
             .into_iter()
             .flat_map(|(_, c)| c.map(|(_, c)| c).unwrap_or_default())
             .collect();
-        let found = read_nodes(client, children, &mut read.armed, &mut read.revision).await?;
+        let found = read_nodes(reader, children, &mut read.armed, &mut read.revision).await?;
         parents = Vec::new();
         for (path, node) in found {
             if let Some(node) = node {
@@ -218,12 +286,13 @@ async fn read_scope(client: &zk::Client, root: &NodePath, scope: WatchScope) -> 
 /// re-reading only those paths. `Ok(None)` when only a full read can tell (the root or the
 /// session changed, or the tree kept changing under the reads).
 async fn follow(
-    client: &zk::Client,
+    reader: &Reader,
     root: &NodePath,
     scope: WatchScope,
     fired: Vec<Fired>,
     nodes: &BTreeMap<NodePath, Node>,
     armed: &mut NewWatches,
+    skipped: &mut Skipped,
 ) -> Result<Option<BTreeMap<NodePath, Option<Node>>>> {
     let mut to_list = Vec::new();
     let mut to_read = Vec::new();
@@ -248,8 +317,14 @@ async fn follow(
     for _ in 0..FOLLOW_ROUNDS {
         to_list.sort();
         to_list.dedup();
-        for (parent, children) in
-            list_children(client, std::mem::take(&mut to_list), armed, &mut revision).await?
+        for (parent, children) in list_children(
+            reader,
+            std::mem::take(&mut to_list),
+            armed,
+            &mut revision,
+            skipped,
+        )
+        .await?
         {
             listed.insert(parent.clone(), children.as_ref().map(|(czxid, _)| *czxid));
             let children: std::collections::BTreeSet<NodePath> = children
@@ -276,7 +351,7 @@ async fn follow(
             return Ok(Some(changes));
         }
         for (path, node) in
-            read_nodes(client, std::mem::take(&mut to_read), armed, &mut revision).await?
+            read_nodes(reader, std::mem::take(&mut to_read), armed, &mut revision).await?
         {
             match &node {
                 Some(new) if scope == WatchScope::Subtree => {
@@ -422,24 +497,36 @@ async fn run(
     let mut epoch = shared.tracker.status().epoch;
     let mut lagged = false;
     let mut first_reason = replay.then_some(ResyncReason::StartNotReplayable);
+    let mut skipped = Skipped::default();
+    let timeout = shared.options.request_timeout;
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let client = match shared.client() {
-            Ok(c) => c,
+        let reader = match shared.client() {
+            Ok(client) => Reader { client, timeout },
             Err(_) => return,
         };
-        let read = match read_scope(&client, &root, scope).await {
-            Ok(read) => read,
-            Err(Error::Closed) => return,
+        let read = match stoppable(
+            read_scope(&reader, &root, scope, &mut skipped),
+            &mut shutdown,
+            &tx,
+        )
+        .await
+        {
+            None => return,
+            Some(Ok(read)) => read,
+            Some(Err(Error::Closed)) => return,
             // Retrying cannot fix these: the consumer gets the error and the stream ends.
-            Err(error @ (Error::PermissionDenied { .. } | Error::AuthFailed(_))) => {
+            Some(Err(error @ (Error::PermissionDenied { .. } | Error::AuthFailed(_)))) => {
                 tracing::warn!(%error, "watch read refused; ending the stream");
-                let _ = tx.send(Err(error)).await;
+                tokio::select! {
+                    _ = tx.send(Err(error)) => {}
+                    _ = shutdown.wait_for(|closing| *closing) => {}
+                }
                 return;
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 tracing::debug!(%error, "watch read failed; retrying");
                 tokio::select! {
                     _ = tx.closed() => return,
@@ -513,12 +600,23 @@ async fn run(
             let Some(nodes) = delivered.as_mut() else {
                 break;
             };
-            let client = match shared.client() {
-                Ok(c) => c,
+            let reader = match shared.client() {
+                Ok(client) => Reader { client, timeout },
                 Err(_) => return,
             };
             let mut new_watches = Vec::new();
-            let followed = follow(&client, &root, scope, fired, nodes, &mut new_watches).await;
+            let following = follow(
+                &reader,
+                &root,
+                scope,
+                fired,
+                nodes,
+                &mut new_watches,
+                &mut skipped,
+            );
+            let Some(followed) = stoppable(following, &mut shutdown, &tx).await else {
+                return;
+            };
             armed.extend(new_watches);
             let changes = match followed {
                 Ok(Some(changes)) => changes,
@@ -556,6 +654,20 @@ async fn run(
         if lagged && !room(&tx, &mut shutdown).await {
             return;
         }
+    }
+}
+
+/// Runs a read unless the registry closes or the consumer drops the stream first (`None`):
+/// the task must not hold its client for either (close waits for every clone).
+async fn stoppable<T>(
+    read: impl Future<Output = T>,
+    shutdown: &mut watch::Receiver<bool>,
+    tx: &mpsc::Sender<Result<WatchEvent>>,
+) -> Option<T> {
+    tokio::select! {
+        read = read => Some(read),
+        _ = shutdown.wait_for(|closing| *closing) => None,
+        _ = tx.closed() => None,
     }
 }
 
