@@ -45,3 +45,39 @@ async fn a_waiting_lock_ends_when_its_session_is_lost() {
     assert!(held.is_held(), "the holder lost the lock meanwhile");
     held.unlock().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlock_that_fails_while_cut_off_still_frees_the_lock() {
+    let store = MemoryStore::new();
+    let path = NodePath::new("/locks/cut-unlock").unwrap();
+    let connect = || async {
+        Arc::new(
+            MemoryRegistry::connect(
+                &store,
+                MemoryOptions::default().with_session_ttl(Duration::from_secs(30)),
+            )
+            .await
+            .unwrap(),
+        )
+    };
+    let (holder_client, next_client) = (connect().await, connect().await);
+    let held = Mutex::new(holder_client.clone(), path.clone())
+        .lock()
+        .await
+        .unwrap();
+    // Cut off well within the TTL: the session, and so the node, outlive the cut.
+    let session = holder_client.session().session_id.unwrap();
+    store
+        .interrupt_connection(session, Duration::from_millis(300))
+        .unwrap();
+    let unlocked = held.unlock().await;
+    assert!(
+        matches!(unlocked, Err(Error::Unavailable { .. })),
+        "{unlocked:?}"
+    );
+    // The removal goes on once the connection is back, long before the session would end.
+    let next = Mutex::new(next_client, path.clone());
+    let took = next.lock_timeout(Duration::from_secs(5)).await;
+    assert!(took.is_ok(), "the lock stayed taken: {took:?}");
+    assert_eq!(holder_client.session().session_id, Some(session));
+}

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -11,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::node::{CreateMode, DeleteScope, Expected, Node};
 use crate::path::NodePath;
@@ -43,23 +45,28 @@ impl Contender {
         let span = tracing::debug_span!("recipe_create", prefix = %prefix);
         tokio::spawn(
             async move {
-                let created = match creator
+                let (created, unknown) = match creator
                     .create(&prefix, value, CreateMode::EphemeralSequential)
                     .await
                 {
                     Err(error) if error.is_retryable() => {
                         // The create may have happened: adopt it rather than orphan it.
-                        let mine = creator.children(&dir).await.ok().and_then(|c| {
-                            c.nodes
-                                .into_iter()
-                                .find(|n| n.path.name().starts_with(prefix.name()))
-                        });
-                        mine.ok_or(error)
+                        match find_own(&*creator, &dir, &prefix).await {
+                            Ok(Some(mine)) => (Ok(mine), false),
+                            Ok(None) => (Err(error), false),
+                            Err(_) => (Err(error), true),
+                        }
                     }
-                    other => other,
+                    other => (other, false),
                 };
-                if let Err(Ok(orphan)) = reply.send(created) {
-                    let _ = remove_node(&*creator, &orphan).await;
+                match reply.send(created) {
+                    Err(Ok(orphan)) => remove_node(creator, &orphan).await.unwrap_or(()),
+                    // Whether the create happened is still unknown: look again until the
+                    // queue can be read, and remove what is found (nobody owns it).
+                    Err(Err(_)) | Ok(()) if unknown => {
+                        remove_lost_create(creator, dir, prefix).await
+                    }
+                    _ => {}
                 }
             }
             .instrument(span),
@@ -129,10 +136,10 @@ impl Contender {
         }
     }
 
-    /// Deletes our node now (idempotent; a node already gone is fine).
+    /// Deletes our node now (idempotent; a node already gone is fine); see [`remove_node`].
     pub(crate) async fn remove(mut self) -> Result<()> {
         self.armed = false;
-        remove_node(&*self.registry, &self.node).await
+        remove_node(self.registry.clone(), &self.node).await
     }
 
     /// Hands the node over to a holder object that removes it itself.
@@ -142,7 +149,27 @@ impl Contender {
     }
 }
 
-pub(crate) async fn remove_node(registry: &dyn Registry, node: &Node) -> Result<()> {
+/// Retry delays and attempts of a removal that goes on in the background: about ten
+/// minutes, far past any session TTL, after which the node has gone with its session.
+const REMOVE_RETRY_INITIAL: Duration = Duration::from_millis(100);
+const REMOVE_RETRY_MAX: Duration = Duration::from_secs(5);
+const REMOVE_ATTEMPTS: usize = 128;
+
+/// Our `<kind>-<token>-` node in `dir`, if the queue shows one.
+async fn find_own(
+    registry: &dyn Registry,
+    dir: &NodePath,
+    prefix: &NodePath,
+) -> Result<Option<Node>> {
+    let children = registry.children(dir).await?;
+    Ok(children
+        .nodes
+        .into_iter()
+        .find(|n| n.path.name().starts_with(prefix.name())))
+}
+
+/// One delete of `node`: `Ok` once it is gone (or the registry closed, which ends its session).
+async fn delete_once(registry: &dyn Registry, node: &Node) -> Result<()> {
     match registry
         .delete(&node.path, Expected::Any, DeleteScope::Node)
         .await
@@ -152,14 +179,79 @@ pub(crate) async fn remove_node(registry: &dyn Registry, node: &Node) -> Result<
     }
 }
 
-/// Deletes a node in the background (drop paths, where we cannot await).
+/// Whether `node`'s session has ended for sure, so the server removed it: a new session is
+/// live, or the registry closed.
+fn session_gone(registry: &dyn Registry, node: &Node) -> bool {
+    let session = registry.session();
+    session.state == SessionState::Closed
+        || (session.state.is_live() && session.session_id != node.ephemeral_owner)
+}
+
+/// Deletes our node. If the delete fails for a reason that passes (connection suspended), the
+/// error is returned and the delete goes on in the background until the node is gone or its
+/// session ends (Curator's guaranteed delete): a node left in the queue would block every
+/// later contender for as long as our session lives.
+pub(crate) async fn remove_node(registry: Arc<dyn Registry>, node: &Node) -> Result<()> {
+    match delete_once(&*registry, node).await {
+        Err(error) if error.is_retryable() => {
+            tracing::info!(path = %node.path, %error, "recipe node removal continues in the background");
+            remove_in_background(registry, node.clone());
+            Err(error)
+        }
+        other => other,
+    }
+}
+
+/// Deletes `node` in a background task (drop paths, where we cannot await), retrying with
+/// backoff while failures pass, until it is gone or its session ends.
 pub(crate) fn remove_in_background(registry: Arc<dyn Registry>, node: Node) {
-    if let Ok(handle) = tokio::runtime::Handle::try_current() {
-        handle.spawn(async move {
-            if let Err(error) = remove_node(&*registry, &node).await {
-                tracing::warn!(path = %node.path, %error, "could not remove recipe node");
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let span = tracing::debug_span!("recipe_remove", path = %node.path);
+    handle.spawn(
+        async move {
+            let mut backoff = Backoff::new(REMOVE_RETRY_INITIAL, REMOVE_RETRY_MAX);
+            for _ in 0..REMOVE_ATTEMPTS {
+                if session_gone(&*registry, &node) {
+                    return;
+                }
+                match delete_once(&*registry, &node).await {
+                    Ok(()) => return,
+                    Err(error) if error.is_retryable() => {
+                        tracing::debug!(%error, "recipe node removal failed; retrying");
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not remove recipe node");
+                        return;
+                    }
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
             }
-        });
+            tracing::warn!("gave up removing recipe node; it goes when its session ends");
+        }
+        .instrument(span),
+    );
+}
+
+/// After a create whose outcome is unknown and a queue that could not be read: reads the
+/// queue again with backoff until it can, and removes our node if the create happened.
+async fn remove_lost_create(registry: Arc<dyn Registry>, dir: NodePath, prefix: NodePath) {
+    let mut backoff = Backoff::new(REMOVE_RETRY_INITIAL, REMOVE_RETRY_MAX);
+    for _ in 0..REMOVE_ATTEMPTS {
+        tokio::time::sleep(backoff.next_delay()).await;
+        match find_own(&*registry, &dir, &prefix).await {
+            Ok(Some(orphan)) => {
+                let _ = remove_node(registry, &orphan).await;
+                return;
+            }
+            Ok(None) => return,
+            Err(error) if error.is_retryable() => {}
+            Err(error) => {
+                tracing::warn!(%prefix, %error, "cannot look for a recipe node whose create failed");
+                return;
+            }
+        }
     }
 }
 

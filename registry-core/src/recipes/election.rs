@@ -137,10 +137,12 @@ impl Leadership {
         self.monitor.lost().await
     }
 
-    /// Steps down and waits until our candidate node is gone.
+    /// Steps down and waits until our candidate node is gone. If the delete fails for a
+    /// reason that passes (connection suspended), the error is returned and the delete goes on
+    /// in the background until the node is gone or its session ends.
     pub async fn resign(mut self) -> Result<()> {
         match self.node.take() {
-            Some(node) => remove_node(&*self.registry, &node).await,
+            Some(node) => remove_node(self.registry.clone(), &node).await,
             None => Ok(()),
         }
     }

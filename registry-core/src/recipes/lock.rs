@@ -113,10 +113,12 @@ impl MutexGuard {
         self.monitor.lost().await
     }
 
-    /// Releases the lock and waits until its node is gone.
+    /// Releases the lock and waits until its node is gone. If the delete fails for a reason
+    /// that passes (connection suspended), the error is returned and the delete goes on in the
+    /// background until the node is gone or its session ends.
     pub async fn unlock(mut self) -> Result<()> {
         match self.node.take() {
-            Some(node) => super::contender::remove_node(&*self.registry, &node).await,
+            Some(node) => super::contender::remove_node(self.registry.clone(), &node).await,
             None => Ok(()),
         }
     }
