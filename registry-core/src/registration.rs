@@ -102,6 +102,8 @@ fn lock_value(shared: &Shared) -> Bytes {
 const RETRY_INITIAL: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 const DEREGISTER_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a failed `register` tries to remove what it may have created.
+const CLEANUP_DEADLINE: Duration = Duration::from_secs(2);
 
 impl Registration {
     /// Creates the node through `registry` and starts healing it, watching the node on its
@@ -170,9 +172,13 @@ impl Registration {
             // The create may have happened (its reply lost, or the value update after it
             // failed): one attempt to leave nothing behind, as `register` promises.
             if error.is_retryable() || matches!(error, Error::VersionMismatch { .. }) {
-                let now = tokio::time::Instant::now();
-                for node in own_nodes(&shared).await {
-                    let _ = delete_own(&*shared.registry, &node, now).await;
+                // Awaited, not in the background: a caller that retries at once would race a
+                // background delete of this session's node at the same path.
+                let deadline = tokio::time::Instant::now() + CLEANUP_DEADLINE;
+                if let Ok(nodes) = own_nodes(&shared).await {
+                    for node in nodes {
+                        let _ = delete_own(&*shared.registry, &node, deadline).await;
+                    }
                 }
             }
             return Err(error);
@@ -240,9 +246,12 @@ impl Registration {
             })?
     }
 
-    /// Replaces the value: written now if the node exists, and used for every re-creation.
-    /// Returns the write's error if the node could not be written now (the new value is still
-    /// kept for re-creation). With companions (a [`DualRegistry`](crate::DualRegistry)'s
+    /// Replaces the value: written now if this session's node exists, and used for every
+    /// re-creation. The node is read first and written at the version read, only while it is
+    /// this session's, so the write does not land in another session's node; if the node is gone or not ours, the
+    /// status turns `Recreating` and the node is re-created with the new value. Returns the
+    /// write's error if the node could not be written now (the new value is still kept for
+    /// re-creation). With companions (a [`DualRegistry`](crate::DualRegistry)'s
     /// other side), every side takes the new value and the first failure is returned.
     pub async fn set_value(&self, value: Bytes) -> Result<()> {
         check_value(&self.shared.requested, &value)?;
@@ -264,17 +273,38 @@ impl Registration {
             .value
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = value.clone();
-        let Some(node) = current_node(&self.shared) else {
+        if current_node(&self.shared).is_none() {
             return Ok(());
-        };
-        let written = self
-            .shared
-            .registry
-            .set(&node.path, value, Expected::Any)
-            .await?;
-        self.shared
-            .status
-            .send_replace(RegistrationStatus::Registered(written));
+        }
+        let registry = &*self.shared.registry;
+        let path = self.path().unwrap_or_else(|| self.shared.requested.clone());
+        // Read first, then write at the version read: after our session went, another process
+        // may hold a node at this path at the very version ours had, which a write by version
+        // alone would take over (and we would report as registered). Bounded: each round loses
+        // to a write made since its read.
+        for _ in 0..3 {
+            let node = match registry.get(&path).await {
+                Ok(node) if owned_by_current_session(&self.shared, &node) => node,
+                Ok(_) | Err(Error::NotFound { .. }) => break,
+                Err(error) => return Err(error),
+            };
+            match registry
+                .set(&path, value.clone(), Expected::Version(node.version))
+                .await
+            {
+                Ok(written) => {
+                    self.shared
+                        .status
+                        .send_replace(RegistrationStatus::Registered(written));
+                    return Ok(());
+                }
+                Err(Error::VersionMismatch { .. }) => {}
+                Err(Error::NotFound { .. }) => break,
+                Err(error) => return Err(error),
+            }
+        }
+        // Not ours any more: the healer re-creates it with the new value.
+        set_recreating(&self.shared, "node no longer this session's");
         Ok(())
     }
 
@@ -338,6 +368,16 @@ fn owned_by_current_session(shared: &Shared, node: &Node) -> bool {
     session.state.is_live()
         && node.ephemeral_owner.is_some()
         && node.ephemeral_owner == session.session_id
+}
+
+/// The current session, while it is live (`None`: no node can be this session's now).
+fn live_session(shared: &Shared) -> Option<crate::node::SessionId> {
+    let session = shared.registry.session();
+    session
+        .state
+        .is_live()
+        .then_some(session.session_id)
+        .flatten()
 }
 
 /// Whether `node` was created after the last node this registration created.
@@ -436,11 +476,10 @@ async fn ensure_plain(shared: &Shared) -> Result<Node> {
             }
             Ok(node) if node.is_ephemeral() => {
                 tracing::info!(path = %path, owner = ?node.ephemeral_owner, "replacing a stale ephemeral node of another session");
-                match registry
-                    .delete(path, Expected::Version(node.version), DeleteScope::Node)
-                    .await
-                {
-                    Ok(()) | Err(Error::NotFound { .. }) | Err(Error::VersionMismatch { .. }) => {}
+                // By owner: by version, it could remove a live peer's node created at the
+                // same version after the stale one expired.
+                match registry.delete_owned(&node).await {
+                    Ok(_) | Err(Error::NotFound { .. }) | Err(Error::VersionMismatch { .. }) => {}
                     Err(error) => return Err(error),
                 }
             }
@@ -454,8 +493,12 @@ async fn ensure_plain(shared: &Shared) -> Result<Node> {
     )))
 }
 
-/// Our own sequential nodes under the parent: created by this session with our prefix.
-async fn own_sequential_nodes(shared: &Shared) -> Result<Vec<Node>> {
+/// Sequential nodes under the parent with our prefix, created by session `owner` (none for
+/// `None`).
+async fn own_sequential_nodes(
+    shared: &Shared,
+    owner: Option<crate::node::SessionId>,
+) -> Result<Vec<Node>> {
     let Some(parent) = shared.requested.parent() else {
         return Ok(Vec::new());
     };
@@ -472,7 +515,8 @@ async fn own_sequential_nodes(shared: &Shared) -> Result<Vec<Node>> {
             name.len() == prefix.len() + crate::path::SEQUENCE_DIGITS
                 && name.starts_with(prefix)
                 && parse_sequence(name).is_some()
-                && owned_by_current_session(shared, n)
+                && owner.is_some()
+                && n.ephemeral_owner == owner
         })
         .collect())
 }
@@ -488,7 +532,7 @@ async fn ensure_sequential(shared: &Shared) -> Result<Node> {
     }
     // Adopt a node an earlier attempt of this session created (the reply may have been lost),
     // rather than leaving it orphaned next to a duplicate.
-    let mut own = own_sequential_nodes(shared).await?;
+    let mut own = own_sequential_nodes(shared, live_session(shared)).await?;
     if let Some(newest) = own.pop() {
         for extra in own {
             let _ = registry
@@ -507,7 +551,7 @@ async fn ensure_sequential(shared: &Shared) -> Result<Node> {
     {
         Ok(node) => Ok(node),
         Err(error) if error.is_retryable() => {
-            if let Ok(mut own) = own_sequential_nodes(shared).await {
+            if let Ok(mut own) = own_sequential_nodes(shared, live_session(shared)).await {
                 if let Some(node) = own.pop() {
                     return Ok(node);
                 }
@@ -687,35 +731,48 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, delay: Duration) -> boo
 
 async fn remove(shared: &Shared) -> Result<()> {
     let _op = shared.op.lock().await;
-    let nodes = own_nodes(shared).await;
-    shared.status.send_replace(RegistrationStatus::Deregistered);
     let deadline = tokio::time::Instant::now() + DEREGISTER_DEADLINE;
-    for node in nodes {
+    let mut backoff = Backoff::new(RETRY_INITIAL, Duration::from_secs(1));
+    // Which nodes to remove must be known: "none found" after a failed read would return
+    // Ok with a node left behind.
+    let listed = loop {
+        match own_nodes(shared).await {
+            Err(error) if error.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            // Closed: the session ended and its ephemeral nodes with it.
+            Err(Error::Closed) => break Ok(Vec::new()),
+            other => break other,
+        }
+    };
+    shared.status.send_replace(RegistrationStatus::Deregistered);
+    for node in listed? {
         delete_own(&*shared.registry, &node, deadline).await?;
     }
     Ok(())
 }
 
 /// The nodes to remove: the registered one, or while not registered (a create whose reply
-/// was lost, a create whose value update then failed) any node of this session at its path.
-async fn own_nodes(shared: &Shared) -> Vec<Node> {
+/// was lost, a create whose value update then failed) any node of this session at its path,
+/// live or suspended.
+async fn own_nodes(shared: &Shared) -> Result<Vec<Node>> {
     if let Some(node) = current_node(shared) {
-        return vec![node];
+        return Ok(vec![node]);
     }
     let Some(owner) = shared.registry.session().session_id else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     if shared.sequential {
-        return own_sequential_nodes(shared).await.unwrap_or_default();
+        return own_sequential_nodes(shared, Some(owner)).await;
     }
-    vec![Node {
+    Ok(vec![Node {
         path: shared.requested.clone(),
         value: Bytes::new(),
         version: 0,
         create_order: 0,
         modify_order: 0,
         ephemeral_owner: Some(owner),
-    }]
+    }])
 }
 
 /// Deletes `node` if it is still its owner's, retrying until `deadline`; a node of another

@@ -98,3 +98,57 @@ async fn deregister_while_recreating_removes_a_node_whose_create_reply_was_lost(
         "deregister left the re-created node behind"
     );
 }
+
+#[tokio::test]
+async fn deregister_waits_to_list_a_sequential_node_it_cannot_see_yet() {
+    let (owner, observer, path) = setup().await;
+    let registration = Registration::start(
+        owner.clone(),
+        &path,
+        Bytes::from("v"),
+        RegisterOptions::new().sequential(),
+    )
+    .await
+    .unwrap();
+    let parent = path.parent().unwrap();
+    let first = registration.path().unwrap();
+    // The healer's re-create happens but it cannot learn so, nor find the node by listing.
+    let faulty = owner.clone();
+    owner.on_create(Arc::new(move |_, answer| {
+        faulty.fail_children(true);
+        Box::pin(async move {
+            answer?;
+            Err(Error::unavailable("reply lost by the test"))
+        })
+    }));
+    owner.fail_gets();
+    let mut children = observer
+        .watch(&parent, WatchOptions::children())
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut children).await, WatchEvent::Snapshot(_)));
+    observer
+        .delete(&first, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut children).await, WatchEvent::Deleted(_)));
+    assert!(matches!(next(&mut children).await, WatchEvent::Created(_)));
+    assert!(matches!(
+        registration.status(),
+        RegistrationStatus::Recreating { .. }
+    ));
+    let deregistering = tokio::spawn(registration.deregister());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !deregistering.is_finished(),
+        "deregister ended without knowing its nodes"
+    );
+    owner.fail_children(false);
+    tokio::time::timeout(WAIT, deregistering)
+        .await
+        .expect("deregister never ended")
+        .unwrap()
+        .unwrap();
+    let left = observer.children(&parent).await.unwrap().nodes;
+    assert!(left.is_empty(), "deregister left {left:?} behind");
+}

@@ -17,11 +17,13 @@ pub type CreateHook =
     Arc<dyn Fn(NodePath, Result<Node>) -> BoxFuture<'static, Result<Node>> + Send + Sync>;
 
 /// Passes every call to `inner`, except that a create's answer goes through `on_create` when
-/// one is set, and while `fail_gets` every get fails with `Unavailable`.
+/// one is set, and while `fail_gets` every get (while `fail_children`, every children read)
+/// fails with `Unavailable`.
 pub struct Faulty {
     pub inner: Arc<dyn Registry>,
     on_create: Mutex<Option<CreateHook>>,
     fail_gets: AtomicBool,
+    fail_children: AtomicBool,
 }
 
 #[allow(dead_code)] // Each test binary uses a part.
@@ -31,6 +33,7 @@ impl Faulty {
             inner,
             on_create: Mutex::new(None),
             fail_gets: AtomicBool::new(false),
+            fail_children: AtomicBool::new(false),
         })
     }
 
@@ -52,6 +55,11 @@ impl Faulty {
     /// From now on, every get fails.
     pub fn fail_gets(&self) {
         self.fail_gets.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether children reads fail from now on.
+    pub fn fail_children(&self, fail: bool) {
+        self.fail_children.store(fail, Ordering::SeqCst);
     }
 }
 
@@ -93,6 +101,9 @@ impl Registry for Faulty {
         self.inner.delete_owned(node).await
     }
     async fn children(&self, path: &NodePath) -> Result<Children> {
+        if self.fail_children.load(Ordering::SeqCst) {
+            return Err(Error::unavailable("children failed by the test"));
+        }
         self.inner.children(path).await
     }
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
