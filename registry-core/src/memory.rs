@@ -320,6 +320,9 @@ impl MemoryStore {
     /// ends, and the TTL counts from the start of the first.
     pub fn interrupt_connection(&self, session: SessionId, duration: Duration) -> Result<()> {
         let now = tokio::time::Instant::now();
+        let ends = now.checked_add(duration).ok_or_else(|| {
+            Error::InvalidArgument(format!("an interruption of {duration:?} never ends"))
+        })?;
         let (client, cut) = {
             let mut state = self.lock();
             let entry = state.sessions.get(&session).ok_or_else(|| {
@@ -330,7 +333,6 @@ impl MemoryStore {
                 .clients
                 .get_mut(&client_id)
                 .ok_or_else(|| Error::InvalidArgument(format!("no client for {session}")))?;
-            let ends = now + duration;
             let cut = match client.cut {
                 Some(cut) => Cut {
                     since: cut.since,
@@ -349,11 +351,12 @@ impl MemoryStore {
         };
         client.tracker.transition(SessionState::Suspended, None);
         let store = self.clone();
-        let expires = cut.since + client.options.session_ttl;
+        // A TTL too long for the clock never expires.
+        let expires = cut.since.checked_add(client.options.session_ttl);
         let span = tracing::debug_span!("memory_interruption", session = session.0, ?duration);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                if cut.until >= expires {
+                if let Some(expires) = expires.filter(|e| cut.until >= *e) {
                     tokio::time::sleep_until(expires).await;
                     store.drop_session(session);
                 }
@@ -821,11 +824,13 @@ impl Registry for MemoryRegistry {
             return Ok(());
         };
         let store = self.inner.store.clone();
-        let expires = since + self.inner.options.session_ttl;
-        tokio::spawn(async move {
-            tokio::time::sleep_until(expires).await;
-            store.drop_session(session);
-        });
+        // A TTL too long for the clock never expires.
+        if let Some(expires) = since.checked_add(self.inner.options.session_ttl) {
+            tokio::spawn(async move {
+                tokio::time::sleep_until(expires).await;
+                store.drop_session(session);
+            });
+        }
         Err(Error::unavailable(
             "memory client closed while cut off from its store: its session expires at its TTL",
         ))

@@ -566,3 +566,38 @@ async fn two_live_registrations_of_one_path_take_turns_instead_of_fighting() {
     assert_eq!(node.value, "older");
     assert_eq!(observer.get(&path).await.unwrap().value, "older");
 }
+
+#[tokio::test]
+async fn durations_past_the_clock_are_refused_or_never_expire() {
+    let store = MemoryStore::new();
+    let c = client(&store).await;
+    let session = c.session().session_id.unwrap();
+    assert!(matches!(
+        store.interrupt_connection(session, Duration::MAX),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(c.session().state, SessionState::Connected);
+    // A TTL too long to add to the clock: a cut never ends the session.
+    let forever = MemoryRegistry::connect(
+        &store,
+        MemoryOptions::default().with_session_ttl(Duration::MAX),
+    )
+    .await
+    .unwrap();
+    let session = forever.session().session_id.unwrap();
+    store
+        .interrupt_connection(session, Duration::from_millis(50))
+        .unwrap();
+    let mut events = forever.session_events();
+    let back = tokio::time::timeout(WAIT, async {
+        while let Some(status) = events.next().await {
+            if status.state == SessionState::Connected {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(back, Ok(true));
+    assert_eq!(forever.session().session_id, Some(session));
+}
