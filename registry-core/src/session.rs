@@ -194,4 +194,21 @@ mod tests {
         );
         assert_eq!(t.transition(Connected, Some(SessionId(9))).state, Closed);
     }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_jumps_ahead_and_never_goes_back() {
+        let t = SessionTracker::new();
+        let mut events = t.subscribe();
+        assert_eq!(events.next().await.map(|s| s.epoch), Some(0));
+        // Far more transitions than the buffer holds, each a new epoch.
+        for i in 0..2000 {
+            t.transition(SessionState::Lost, None);
+            t.transition(SessionState::Connected, Some(SessionId(i)));
+        }
+        let first = events.next().await.map(|s| (s.state, s.epoch));
+        assert_eq!(first, Some((SessionState::Reestablished, 2000)));
+        t.transition(SessionState::Closed, None);
+        let rest: Vec<_> = events.map(|s| (s.state, s.epoch)).collect().await;
+        assert_eq!(rest, [(SessionState::Closed, 2000)]);
+    }
 }
