@@ -480,3 +480,38 @@ async fn tower_discover_replaces_the_service_when_another_node_takes_an_address(
     );
     new.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tower_discover_replaces_the_service_when_a_weight_is_rewritten_in_place() {
+    use tower::discover::Change;
+
+    let b = memory_backend();
+    let writer = (b.open)().await;
+    let node =
+        registry_core::NodePath::new(format!("/soa/runtime/services/{SERVICE}/10.0.7.1:9090"))
+            .unwrap();
+    writer
+        .create(
+            &node,
+            Bytes::from("100"),
+            registry_core::CreateMode::Persistent,
+        )
+        .await
+        .unwrap();
+    let view = ServiceView::open((b.open)().await, SERVICE).await.unwrap();
+    let mut discover = Box::pin(registry_soa::tower::discover(&view, |i| {
+        i.weight.unwrap_or_default().to_string()
+    }));
+    let first = next_change(&mut discover).await;
+    assert!(matches!(first, Change::Insert(_, ref w) if w == "100"));
+    // The etcd write-up's keys carry the weight as their value: an operator rewrites it.
+    writer
+        .set(&node, Bytes::from("300"), Expected::Any)
+        .await
+        .unwrap();
+    let replaced = next_change(&mut discover).await;
+    assert!(
+        matches!(replaced, Change::Insert(a, ref w) if a == addr("10.0.7.1:9090") && w == "300"),
+        "the balancer kept the service made with the old weight"
+    );
+}

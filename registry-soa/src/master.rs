@@ -40,7 +40,8 @@ pub fn provider_is_master(view: &ServiceView, provider: &Provider) -> bool {
 
 /// Follows mastership of `provider`: the receiver changes whenever it becomes or stops being
 /// master (checked on every view change, registration change and session change of the
-/// provider's registry). Ends with the view or when the provider's registry closes.
+/// provider's registry). Ends with the view or when the provider's registry closes, and then
+/// always reads `false`: nothing follows mastership any more.
 pub fn watch_mastership(view: &ServiceView, provider: &Provider) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(provider_is_master(view, provider));
     let mut changes = view.changes();
@@ -52,6 +53,15 @@ pub fn watch_mastership(view: &ServiceView, provider: &Provider) -> watch::Recei
     let span = tracing::debug_span!("mastership", provider = %provider.address());
     tokio::spawn(tracing::Instrument::instrument(
         async move {
+            // Whichever way the loop ends, the receiver must not go on reading `true`.
+            struct StepDown(watch::Sender<bool>);
+            impl Drop for StepDown {
+                fn drop(&mut self) {
+                    self.0.send_replace(false);
+                }
+            }
+            let tx = StepDown(tx);
+            let tx = &tx.0;
             loop {
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },

@@ -57,8 +57,9 @@ where
                     }
                     for (address, instance) in &now {
                         // Another node at a known address (a provider restarted there, say
-                        // with a new version): its service replaces the old one's.
-                        if known.get(address).is_none_or(|k| k.path != instance.path) {
+                        // with a new version), or the same node with another value (a weight
+                        // rewritten in place): its service replaces the old one's.
+                        if known.get(address).is_none_or(|k| **k != **instance) {
                             pending.push_back(Change::Insert(*address, make(instance)));
                         }
                     }

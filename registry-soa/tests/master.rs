@@ -87,3 +87,27 @@ async fn a_suspended_master_steps_down_even_when_the_view_is_fresh() {
     let back = tokio::time::timeout(Duration::from_secs(10), master.wait_for(|m| *m));
     assert!(back.await.is_ok(), "not master again after reconnecting");
 }
+
+#[tokio::test]
+async fn mastership_reads_false_once_nothing_follows_it() {
+    let store = MemoryStore::new();
+    let registry = client(&store).await;
+    let provider = Provider::register(&registry, SERVICE, addr("10.0.5.3:9090"), "1.0.0")
+        .await
+        .unwrap();
+    let view = ServiceView::open(client(&store).await, SERVICE)
+        .await
+        .unwrap();
+    until_master(&view, &provider).await;
+    let mut master = watch_mastership(&view, &provider);
+    assert!(*master.borrow_and_update());
+    // The view goes: its updates end, and the mastership it showed cannot be trusted.
+    drop(view);
+    // Ends either way: the value flips to false, or the sender goes (then the last value).
+    let ended = tokio::time::timeout(Duration::from_secs(5), master.changed()).await;
+    assert!(ended.is_ok(), "mastership neither changed nor ended");
+    assert!(
+        !*master.borrow(),
+        "still master after the view that decided it ended"
+    );
+}
