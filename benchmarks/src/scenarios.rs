@@ -659,7 +659,8 @@ pub async fn warm_up(env: &Env) -> BenchResult<()> {
     env.writer.delete_tree("/bench/tp").await
 }
 
-/// Waits until `count` distinct watchers saw `value`; returns the latest arrival.
+/// Waits until `count` distinct watchers saw `value`; returns the latest arrival, as the
+/// watchers stamped it (an event may arrive before the writer's call returns).
 async fn arrivals(
     rx: &mut UnboundedReceiver<Seen>,
     count: usize,
@@ -667,7 +668,7 @@ async fn arrivals(
 ) -> BenchResult<Instant> {
     let mut seen = vec![false; count];
     let mut got = 0;
-    let mut last = Instant::now();
+    let mut last: Option<Instant> = None;
     within(EVENT_WAIT, "watch event", async {
         while got < count {
             let Some((index, v, at)) = rx.recv().await else {
@@ -676,13 +677,13 @@ async fn arrivals(
             if v.as_deref() == Some(value) && index < count && !seen[index] {
                 seen[index] = true;
                 got += 1;
-                last = last.max(at);
+                last = Some(last.map_or(at, |l| l.max(at)));
             }
         }
         Ok(())
     })
     .await?;
-    Ok(last)
+    last.ok_or_else(|| "no watcher to wait for".to_owned())
 }
 
 async fn watch_node(
@@ -728,22 +729,29 @@ pub async fn watch(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             }
         }
         drop(watched);
-        for side in sides(rep) {
-            let key = key(side);
-            let (tx, mut rx) = unbounded_channel();
+        // Fan-out likewise: both sides' watchers open, sides alternating sample by sample.
+        let mut fanned = Vec::new();
+        for side in sides(0) {
+            let (tx, rx) = unbounded_channel();
             let mut watchers = Vec::new();
             for w in 0..env.cfg.fanout {
-                watchers.push(watch_node(env, side, &key, w, tx.clone()).await?);
+                watchers.push(watch_node(env, side, &key(side), w, tx.clone()).await?);
             }
-            drop(tx);
-            for i in 0..env.cfg.fanout_samples {
+            fanned.push((side, watchers, rx));
+        }
+        for i in 0..env.cfg.fanout_samples {
+            for side in sides(rep + i) {
+                let Some((_, _, rx)) = fanned.iter_mut().find(|(s, _, _)| *s == side) else {
+                    continue;
+                };
                 let value = format!("f{rep}-{i}");
                 let t0 = Instant::now();
-                env.writer.set(&key, value.as_bytes()).await?;
-                let at = arrivals(&mut rx, env.cfg.fanout, value.as_bytes()).await?;
+                env.writer.set(&key(side), value.as_bytes()).await?;
+                let at = arrivals(rx, env.cfg.fanout, value.as_bytes()).await?;
                 fan.of(side).push(at.duration_since(t0).as_secs_f64() * 1e6);
             }
         }
+        drop(fanned);
     }
     let note = match env.backend {
         Backend::Etcd => "from the write's start (a second raw client writes for both) to the event at the watcher",
@@ -835,6 +843,43 @@ pub async fn burst(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     Ok(())
 }
 
+/// The discovery scenario's rules: a cookie added per method, and routes that send every
+/// call to nine of the ten instances (the first line matches).
+const ROUTES: &[u8] =
+    b"method match 'echo' ; version match '1.0.0' => ~ip'10.0.0.10'\notherwise => ip'10.0.0.0/24'";
+const COOKIES: &[u8] = b"method match r'ec.*' => c\"thread-log-level#DEBUG\"";
+
+/// Selections per second from `view` on this thread, median over repetitions.
+fn select_rate(
+    env: &Env,
+    view: &ServiceView,
+    call: &CallContext,
+    options: &SelectOptions,
+) -> BenchResult<Option<f64>> {
+    let mut rates = Vec::new();
+    for _ in 0..env.cfg.reps {
+        let (ops, failed, took) = tokio::task::block_in_place(|| {
+            let start = Instant::now();
+            let mut ops = 0u64;
+            let mut failed = 0u64;
+            while start.elapsed() < env.cfg.discovery_time && ops < 1_000_000_000 {
+                for _ in 0..1024 {
+                    if std::hint::black_box(view.select(call, options)).is_err() {
+                        failed += 1;
+                    }
+                }
+                ops += 1024;
+            }
+            (ops, failed, start.elapsed())
+        });
+        if failed > 0 {
+            return Err(format!("{failed} of {ops} selections failed"));
+        }
+        rates.push(ops as f64 / took.as_secs_f64());
+    }
+    Ok(median(&rates))
+}
+
 /// Instance lookup + load-balancer pick from the live view, on one thread.
 pub async fn discovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let service = "bench.DiscoveryService";
@@ -867,40 +912,58 @@ pub async fn discovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         ..Default::default()
     };
     let options = SelectOptions::default();
-    let mut rates = Vec::new();
-    for _ in 0..env.cfg.reps {
-        let (ops, failed, took) = tokio::task::block_in_place(|| {
-            let start = Instant::now();
-            let mut ops = 0u64;
-            let mut failed = 0u64;
-            while start.elapsed() < env.cfg.discovery_time && ops < 1_000_000_000 {
-                for _ in 0..1024 {
-                    if std::hint::black_box(view.select(&call, &options)).is_err() {
-                        failed += 1;
-                    }
-                }
-                ops += 1024;
-            }
-            (ops, failed, start.elapsed())
-        });
-        if failed > 0 {
-            return Err(format!("{failed} of {ops} selections failed"));
-        }
-        rates.push(ops as f64 / took.as_secs_f64());
-    }
-    let rate = median(&rates);
+    let plain = select_rate(env, &view, &call, &options)?;
     rows.push(env.row(
         "cached lookup+pick (10 instances)",
         None,
-        rate,
+        plain,
         "ops/s",
         Target::AtLeast(1e7),
-        "ServiceView::select on one thread (routes, version filter, weighted random); no raw equivalent",
+        "ServiceView::select on one thread (version filter, weighted random; no rules configured); no raw equivalent",
     ));
     rows.push(env.row(
         "cached lookup+pick time",
         None,
-        rate.map(|r| 1e9 / r),
+        plain.map(|r| 1e9 / r),
+        "ns/op",
+        Target::AtMost(100.0),
+        "",
+    ));
+    // The same with a routes text and a cookie rule that apply to every call.
+    let paths = registry_soa::layout::ServicePaths::new(service).ctx("service paths")?;
+    env.ours
+        .reg
+        .set(&paths.routes, Bytes::from_static(ROUTES), Expected::Any)
+        .await
+        .ctx("write the routes")?;
+    env.ours
+        .reg
+        .set(&paths.cookies, Bytes::from_static(COOKIES), Expected::Any)
+        .await
+        .ctx("write the cookie rules")?;
+    within(Duration::from_secs(10), "the rules in the view", async {
+        loop {
+            let snapshot = view.snapshot();
+            if !snapshot.routes.is_empty() && !snapshot.cookies.is_empty() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await?;
+    let ruled = select_rate(env, &view, &call, &options)?;
+    rows.push(env.row(
+        "cached lookup+pick with routes and cookies",
+        None,
+        ruled,
+        "ops/s",
+        Target::AtLeast(1e7),
+        "as above, with two route lines and a cookie rule evaluated per call; no raw equivalent",
+    ));
+    rows.push(env.row(
+        "cached lookup+pick with rules time",
+        None,
+        ruled.map(|r| 1e9 / r),
         "ns/op",
         Target::AtMost(100.0),
         "",

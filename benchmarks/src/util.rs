@@ -68,9 +68,16 @@ pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
     sorted.get(rank.min(sorted.len() - 1)).copied()
 }
 
-/// The median of `samples`; `None` when empty.
+/// The median of `samples` (the mean of the middle two for an even count); `None` when empty.
 pub fn median(samples: &[f64]) -> Option<f64> {
-    percentile(samples, 50.0)
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let mid = sorted.len() / 2;
+    match sorted.len() {
+        0 => None,
+        n if n % 2 == 1 => sorted.get(mid).copied(),
+        _ => Some((sorted.get(mid - 1)? + sorted.get(mid)?) / 2.0),
+    }
 }
 
 static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
@@ -130,5 +137,8 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), Some(99.0));
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[]), None);
+        // Two repetitions: their mean, not the larger.
+        assert_eq!(median(&[4.0, 2.0]), Some(3.0));
+        assert_eq!(median(&[1.0, 9.0, 2.0, 4.0]), Some(3.0));
     }
 }

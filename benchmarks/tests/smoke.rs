@@ -74,6 +74,7 @@ fn quick_run_writes_rows_for_both_backends() {
             "watch event latency p50",
             "watch burst lost",
             "client memory per registration",
+            "cached lookup+pick with routes and cookies",
         ] {
             let row = of
                 .iter()
