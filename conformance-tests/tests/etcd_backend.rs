@@ -1333,3 +1333,38 @@ async fn a_restart_with_auth_on_keeps_writes_and_watches_working() {
     .await;
     reg.close().await.unwrap();
 }
+
+/// Huge timeouts are allowed (they mean "no deadline"): with a request timeout of
+/// `Duration::MAX`, requests and watches work as with any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_request_timeout_means_no_deadline() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let options = EtcdOptions::new([server.endpoint()])
+        .with_session_ttl(Duration::from_secs(2))
+        .with_request_timeout(Duration::MAX);
+    let reg: Arc<dyn Registry> = Arc::new(
+        EtcdRegistry::connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}")),
+    );
+    let root = p("/huge");
+    reg.create(&root, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let mut stream = reg.watch(&root, WatchOptions::children()).await.unwrap();
+    let mut state = WatchedState::new();
+    state.apply(&next_event(&mut stream, "snapshot").await);
+    let child = p("/huge/a");
+    reg.create(&child, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    apply_until(
+        &mut stream,
+        &mut state,
+        Duration::from_secs(10),
+        "watch",
+        |s| s.get(&child).is_some(),
+    )
+    .await;
+    reg.close().await.unwrap();
+}

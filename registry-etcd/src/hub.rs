@@ -205,6 +205,12 @@ async fn next_response(
     }
 }
 
+/// `timeout` after `start`; `None` (no deadline) when that is beyond what an `Instant` holds,
+/// as with a huge timeout (allowed: it means "never"), where `+` would panic.
+pub(crate) fn deadline_after(start: Instant, timeout: Duration) -> Option<Instant> {
+    start.checked_add(timeout)
+}
+
 /// Sleeps until `deadline`, or forever without one.
 async fn until(deadline: Option<Instant>) {
     match deadline {
@@ -224,7 +230,7 @@ impl Hub {
                 .stream
                 .as_ref()
                 .and_then(|s| s.creating.front())
-                .map(|&(_, sent)| sent + self.open_timeout);
+                .and_then(|&(_, sent)| deadline_after(sent, self.open_timeout));
             tokio::select! {
                 changed = self.shutdown.changed() => {
                     if changed.is_err() || *self.shutdown.borrow() {
@@ -445,5 +451,20 @@ async fn write(mut sender: WatchRequestSender, mut requests: mpsc::UnboundedRece
             tracing::debug!(%error, "watch request not sent");
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_timeout_is_no_deadline_rather_than_a_panic() {
+        let now = Instant::now();
+        assert_eq!(deadline_after(now, Duration::MAX), None);
+        assert_eq!(
+            deadline_after(now, Duration::from_secs(3)),
+            Some(now + Duration::from_secs(3))
+        );
     }
 }
