@@ -32,7 +32,8 @@ pub struct EtcdOptions {
     /// answers again; keep-alives go to one member at a time and move on from one that falls
     /// silent for half the TTL.
     pub endpoints: Vec<String>,
-    /// Key prefix every path lives under (a chroot): `/ns` maps `/a` to key `/ns/a`.
+    /// Key prefix every path lives under (a chroot): `/ns` maps `/a` to key `/ns/a`. The root
+    /// counts as no namespace.
     pub namespace: Option<NodePath>,
     /// The session's TTL: its leases expire this long after the last keep-alive the
     /// server received. Raised to [`MIN_SESSION_TTL`] if smaller.
