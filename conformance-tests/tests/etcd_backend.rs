@@ -1110,3 +1110,261 @@ async fn copy_gives_a_parent_without_a_key_its_value() {
         .unwrap();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Every key: what the users of the auth-token tests may read and write (sequence counters
+/// live outside "/").
+fn all_keys() -> etcd_client::Permission {
+    etcd_client::Permission::read_write(vec![0u8]).with_from_key()
+}
+
+/// Writes `path`, retrying only what the contract calls retryable (a connection still being
+/// re-made after a restart), 50 times at most.
+async fn create_retrying(reg: &Arc<dyn Registry>, path: &NodePath, value: &str) {
+    let mut attempts = 0;
+    while let Err(e) = reg
+        .create(path, Bytes::from(value.to_owned()), CreateMode::Persistent)
+        .await
+    {
+        attempts += 1;
+        assert!(
+            e.is_retryable() && attempts < 50,
+            "create {path} (attempt {attempts}): {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// etcd's simple auth token expires after `--auth-token-ttl` without use. A client with
+/// credentials logs in again and retries: reads, writes, watches opened before and after,
+/// and registrations keep working past the token's TTL (twice, so a renewed token expiring
+/// is renewed too), never reporting `AuthFailed` or `PermissionDenied`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_auth_token_is_renewed_not_reported() {
+    use etcd_client::ConnectOptions;
+    const TOKEN_TTL: Duration = Duration::from_secs(2);
+    // etcd drops expired tokens on a 1 s tick: this is past the TTL whatever the phase.
+    const PAST_TOKEN_TTL: Duration = Duration::from_secs(TOKEN_TTL.as_secs() + 2);
+    let ttl_arg = TOKEN_TTL.as_secs().to_string();
+    let server = EtcdServer::start_with_args(&["--auth-token-ttl", ttl_arg.as_str()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let options = user_under_auth(&ep, "app", [all_keys()]).await;
+    let (user, password) = options.credentials.clone().unwrap();
+    let reg: Arc<dyn Registry> = Arc::new(
+        EtcdRegistry::connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("connect as app: {e}")),
+    );
+    // Logged in the same way but never renewing: shows the server did expire the token.
+    let mut plain = etcd_client::Client::connect(
+        [ep.as_str()],
+        Some(ConnectOptions::new().with_user(user, password)),
+    )
+    .await
+    .unwrap();
+
+    let t = p("/t");
+    let a = p("/t/a");
+    reg.create(&a, Bytes::from("1"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let mut early = reg.watch(&t, WatchOptions::children()).await.unwrap();
+    let mut early_state = WatchedState::new();
+    early_state.apply(&next_event(&mut early, "early snapshot").await);
+
+    for round in 0..2 {
+        // Time is the property: nothing this client does refreshes its token meanwhile.
+        tokio::time::sleep(PAST_TOKEN_TTL).await;
+        match plain.get("/t", None).await {
+            Err(e) if e.to_string().contains("invalid auth token") => {}
+            other => panic!("round {round}: the idle token should have expired: {other:?}"),
+        }
+
+        let value = format!("v{round}");
+        let got = reg
+            .get(&a)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: get after the token TTL: {e}"));
+        assert_eq!(got.version, u64::try_from(round).unwrap(), "round {round}");
+        reg.set(&a, Bytes::from(value.clone()), Expected::Any)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: set after the token TTL: {e}"));
+        let b = t.join(&format!("b{round}")).unwrap();
+        reg.create(&b, Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: create after the token TTL: {e}"));
+
+        // A watch opened now: its create is sent on the stream opened with the old token.
+        let mut late = reg.watch(&t, WatchOptions::children()).await.unwrap();
+        let mut late_state = WatchedState::new();
+        late_state.apply(&next_event(&mut late, "late snapshot").await);
+        assert!(
+            late_state.get(&b).is_some(),
+            "round {round}: late snapshot lacks {b}"
+        );
+        let c = t.join(&format!("c{round}")).unwrap();
+        reg.create(&c, Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: create: {e}"));
+        apply_until(
+            &mut late,
+            &mut late_state,
+            Duration::from_secs(10),
+            "late watch",
+            |s| s.get(&c).is_some(),
+        )
+        .await;
+
+        // A registration made now is created, and healed (through its own watch) when its
+        // node is deleted.
+        let svc = t.join(&format!("svc{round}")).unwrap();
+        let registration = reg
+            .register(&svc, Bytes::from("x"), RegisterOptions::new())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: register after the token TTL: {e}"));
+        let first = registration
+            .wait_registered(Duration::from_secs(10))
+            .await
+            .unwrap();
+        reg.delete(&svc, Expected::Any, DeleteScope::Node)
+            .await
+            .unwrap();
+        let mut status = registration.watch_status();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            status.wait_for(|s| {
+                matches!(s, RegistrationStatus::Registered(n) if n.create_order > first.create_order)
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: registration not re-created: {:?}", registration.status()))
+        .unwrap();
+
+        // The watch opened before the TTL sees all of it.
+        apply_until(
+            &mut early,
+            &mut early_state,
+            Duration::from_secs(10),
+            "early watch",
+            |s| {
+                s.get(&a).is_some_and(|n| n.value == value.as_bytes())
+                    && s.get(&c).is_some()
+                    && s.get(&svc).is_some()
+            },
+        )
+        .await;
+        drop(late);
+        drop(registration);
+    }
+    reg.close().await.unwrap();
+}
+
+/// etcd forgets every simple token when it restarts. A client with credentials logs in
+/// again: writes succeed, and a watch open across the restart goes on (resumed or resynced)
+/// and delivers every write made after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_auth_on_keeps_writes_and_watches_working() {
+    let mut server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let options = user_under_auth(&ep, "app", [all_keys()]).await;
+    let (user, password) = options.credentials.clone().unwrap();
+    let reg: Arc<dyn Registry> = Arc::new(
+        EtcdRegistry::connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("connect as app: {e}")),
+    );
+    // Logged in the same way but never renewing: shows the restart forgot the token.
+    let login = |user: String, password: String| {
+        etcd_client::Client::connect(
+            [ep.clone()],
+            Some(etcd_client::ConnectOptions::new().with_user(user, password)),
+        )
+    };
+    let mut plain = login(user, password).await.unwrap();
+    let mut admin = login("root".into(), "root-pw".into()).await.unwrap();
+    let root = p("/r");
+    reg.create(&root, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let mut stream = reg.watch(&root, WatchOptions::subtree()).await.unwrap();
+    let mut state = WatchedState::new();
+    state.apply(&next_event(&mut stream, "snapshot").await);
+    for i in 0..5 {
+        create_retrying(&reg, &root.join(&format!("a{i}")).unwrap(), "a").await;
+    }
+    apply_until(
+        &mut stream,
+        &mut state,
+        Duration::from_secs(10),
+        "before restart",
+        |s| s.nodes().count() == 6,
+    )
+    .await;
+    // etcd re-creates the tokens of the logins it replays from its log at startup: those
+    // after the last write its backend committed. A forced commit (a hash does one) after
+    // the writes above puts every login behind that point, as etcd's 100 ms commit interval
+    // does in production.
+    admin.hash().await.unwrap();
+
+    server.kill().unwrap();
+    server.restart().unwrap_or_else(|e| panic!("{e}"));
+    match plain.get("/r", None).await {
+        Err(e) if e.to_string().contains("invalid auth token") => {}
+        other => panic!("the restart should have forgotten the token: {other:?}"),
+    }
+
+    for i in 0..5 {
+        create_retrying(&reg, &root.join(&format!("b{i}")).unwrap(), "b").await;
+    }
+    let expected = summary(
+        read_scope(&reg, &root, WatchScope::Subtree)
+            .await
+            .unwrap()
+            .iter(),
+    );
+    assert_eq!(expected.len(), 11, "{expected:?}");
+    apply_until(
+        &mut stream,
+        &mut state,
+        Duration::from_secs(30),
+        "after restart",
+        |s| summary(s.nodes()) == expected,
+    )
+    .await;
+    reg.close().await.unwrap();
+}
+
+/// Huge timeouts are allowed (they mean "no deadline"): with a request timeout of
+/// `Duration::MAX`, requests and watches work as with any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_request_timeout_means_no_deadline() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let options = EtcdOptions::new([server.endpoint()])
+        .with_session_ttl(Duration::from_secs(2))
+        .with_request_timeout(Duration::MAX);
+    let reg: Arc<dyn Registry> = Arc::new(
+        EtcdRegistry::connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}")),
+    );
+    let root = p("/huge");
+    reg.create(&root, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let mut stream = reg.watch(&root, WatchOptions::children()).await.unwrap();
+    let mut state = WatchedState::new();
+    state.apply(&next_event(&mut stream, "snapshot").await);
+    let child = p("/huge/a");
+    reg.create(&child, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    apply_until(
+        &mut stream,
+        &mut state,
+        Duration::from_secs(10),
+        "watch",
+        |s| s.get(&child).is_some(),
+    )
+    .await;
+    reg.close().await.unwrap();
+}

@@ -19,10 +19,19 @@ pub(crate) fn map(error: etcd_client::Error, operation: &str, path: Option<&Node
                 message: format!("etcd {operation}: {}", status.message()),
                 source: Some(Box::new(status)),
             },
+            // The client logs in again and retries once when its token was refused (expired or
+            // forgotten by a restart); refused again, the token is new, so it is a race (another
+            // restart) and the credentials still hold: retryable, not terminal. A failed login
+            // says "authentication failed" below.
+            _ if status.message().contains("invalid auth token") => Error::Unavailable {
+                message: format!(
+                    "etcd {operation}: login token refused after logging in again: {}",
+                    status.message()
+                ),
+                source: Some(Box::new(status)),
+            },
             // etcd reports a wrong user or password as InvalidArgument.
-            _ if status.message().contains("authentication failed")
-                || status.message().contains("invalid auth token") =>
-            {
+            _ if status.message().contains("authentication failed") => {
                 Error::AuthFailed(format!("etcd {operation}: {}", status.message()))
             }
             Code::Unauthenticated => {
@@ -76,15 +85,28 @@ pub(crate) fn map(error: etcd_client::Error, operation: &str, path: Option<&Node
 }
 
 /// The error behind a watch create the server refused, if retrying cannot help. etcd gives
-/// only a reason text; before 3.5 every auth failure of a create reads "permission denied".
+/// only a reason text. The hub has already logged in again and retried a create refused for
+/// what may be its token (see [`token_refusal`]), so "permission denied" here is final. An
+/// "invalid auth token" is not: the login just succeeded, so the credentials hold, and the
+/// watch retries (logging in again), while a login that fails ends it with `AuthFailed`.
 pub(crate) fn watch_refused(reason: &str, path: &NodePath) -> Option<Error> {
     if reason.contains("permission denied") {
         Some(Error::PermissionDenied { path: path.clone() })
-    } else if reason.contains("invalid auth token") || reason.contains("user name is empty") {
+    } else if reason.contains("user name is empty") {
         Some(Error::AuthFailed(format!("etcd watch: {reason}")))
     } else {
         None
     }
+}
+
+/// Whether a watch create refused with `reason` may have been refused for the stream's login
+/// token rather than for the user's permissions, so that logging in again may help. etcd
+/// 3.4.23 (measured) says "invalid auth token" for an expired or forgotten token; earlier
+/// releases say "permission denied" for it too, so that is worth one fresh login as well.
+pub(crate) fn token_refusal(reason: &str) -> bool {
+    reason.contains("invalid auth token")
+        || reason.contains("user name is empty")
+        || reason.contains("permission denied")
 }
 
 /// Whether a request failed before it reached any server (so retrying cannot repeat it).
@@ -97,5 +119,63 @@ pub(crate) fn not_sent(error: &etcd_client::Error) -> bool {
                     || status.message().contains("Connection refused"))
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn a_refused_token_is_retryable_and_a_refused_login_is_terminal() {
+        // What is left of an expired token after the client logged in again and retried.
+        let token = map(
+            status(Code::Unauthenticated, "etcdserver: invalid auth token"),
+            "get",
+            None,
+        );
+        assert!(
+            matches!(token, Error::Unavailable { .. }) && token.is_retryable(),
+            "{token:?}"
+        );
+        let login = map(
+            status(
+                Code::InvalidArgument,
+                "etcdserver: authentication failed, invalid user ID or password",
+            ),
+            "get",
+            None,
+        );
+        assert!(matches!(login, Error::AuthFailed(_)), "{login:?}");
+        let path = NodePath::new("/a").unwrap();
+        let denied = map(
+            status(Code::PermissionDenied, "etcdserver: permission denied"),
+            "get",
+            Some(&path),
+        );
+        assert!(
+            matches!(&denied, Error::PermissionDenied { path: p } if *p == path),
+            "{denied:?}"
+        );
+    }
+
+    #[test]
+    fn watch_refusals_worth_a_new_login_and_final_ones() {
+        let path = NodePath::new("/a").unwrap();
+        let stale = "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token";
+        assert!(token_refusal(stale));
+        assert!(watch_refused(stale, &path).is_none());
+        // Older servers say this for a stale token too: one new login, then final.
+        assert!(token_refusal("etcdserver: permission denied"));
+        assert!(matches!(
+            watch_refused("etcdserver: permission denied", &path),
+            Some(Error::PermissionDenied { .. })
+        ));
+        assert!(!token_refusal("mvcc: required revision has been compacted"));
+        assert!(watch_refused("mvcc: required revision has been compacted", &path).is_none());
     }
 }

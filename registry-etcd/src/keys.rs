@@ -15,9 +15,15 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
+    /// Keys under `namespace`. The root as namespace is none: the public field of
+    /// `EtcdOptions` can hold it (only `with_namespace` filters it), and its "/" prefix would
+    /// make keys like "//a".
     pub(crate) fn new(namespace: Option<&NodePath>) -> Self {
         Keys {
-            namespace: namespace.map(|n| n.to_string()).unwrap_or_default(),
+            namespace: namespace
+                .filter(|n| !n.is_root())
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -163,5 +169,19 @@ mod tests {
         assert!(k.path(b"/nsx/a").is_none());
         let root = Keys::new(None);
         assert!(root.path(root.sequence(&a).as_bytes()).is_none());
+    }
+
+    #[test]
+    fn a_root_namespace_is_no_namespace() {
+        // What `EtcdOptions { namespace: Some(NodePath::root()), .. }` gives, past the check
+        // of `with_namespace`: it made keys like "//a".
+        let keys = Keys::new(Some(&NodePath::root()));
+        let a = NodePath::new("/a").unwrap();
+        let none = Keys::new(None);
+        assert_eq!(keys.node(&a), "/a");
+        assert_eq!(keys.below(&NodePath::root()), "/");
+        assert_eq!(keys.below(&a), none.below(&a));
+        assert_eq!(keys.sequence(&a), none.sequence(&a));
+        assert_eq!(keys.path(b"/a"), Some(a));
     }
 }

@@ -25,6 +25,8 @@
 //!   single node) that nothing lives below; its else branch reads what names the error.
 //!   Only an implicit parent (no key of its own) is read first.
 //! - Watches: see [`watch`].
+//! - With credentials, a login token etcd refuses (expired or forgotten by a restart) is
+//!   renewed and the refused request retried; see [`EtcdOptions::credentials`].
 #![warn(missing_docs)]
 
 mod batch;
@@ -108,6 +110,10 @@ impl Shared {
                     self.client
                         .watch_client()
                         .max_decoding_message_size(MAX_RESPONSE_BYTES),
+                    self.options
+                        .credentials
+                        .is_some()
+                        .then(|| self.client.clone()),
                     self.options.request_timeout,
                     self.shutdown.subscribe(),
                 );
@@ -345,7 +351,13 @@ impl EtcdRegistry {
             .with_keep_alive(HTTP2_PING_INTERVAL, options.request_timeout)
             .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &options.credentials {
-            connect = connect.with_user(user.clone(), password.clone());
+            // etcd's login token expires when unused for --auth-token-ttl (simple tokens,
+            // 300 s by default) and is forgotten when etcd restarts: a request refused for its
+            // token logs in again and is retried once, by every client built from these options
+            // (the session keeper's and the member probes' too).
+            connect = connect
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         if let Some(tls) = tls {
             connect = connect.with_tls(tls);

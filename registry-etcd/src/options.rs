@@ -32,7 +32,8 @@ pub struct EtcdOptions {
     /// answers again; keep-alives go to one member at a time and move on from one that falls
     /// silent for half the TTL.
     pub endpoints: Vec<String>,
-    /// Key prefix every path lives under (a chroot): `/ns` maps `/a` to key `/ns/a`.
+    /// Key prefix every path lives under (a chroot): `/ns` maps `/a` to key `/ns/a`. The root
+    /// counts as no namespace.
     pub namespace: Option<NodePath>,
     /// The session's TTL: its leases expire this long after the last keep-alive the
     /// server received. Raised to [`MIN_SESSION_TTL`] if smaller.
@@ -41,7 +42,12 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// Deadline of establishing a connection.
     pub connect_timeout: Duration,
-    /// User name and password for etcd's auth.
+    /// User name and password for etcd's auth. The client logs in when it connects and again
+    /// whenever etcd refuses its login token (unused for etcd's `--auth-token-ttl`, or
+    /// forgotten by a restart), then retries what was refused, once; watches are re-created
+    /// with the new token. So while these credentials are valid no operation fails with
+    /// `AuthFailed`; a login etcd refuses (wrong password, user removed) does, and a missing
+    /// permission fails with `PermissionDenied` as before.
     pub credentials: Option<(String, String)>,
     /// TLS to the server (the server's certificate is verified against the CA; endpoints
     /// without a scheme become `https://`). Never falls back to plaintext.
@@ -104,7 +110,7 @@ impl EtcdOptions {
         self
     }
 
-    /// Authenticates as `user`.
+    /// Authenticates as `user` (see [`EtcdOptions::credentials`] for how the login is kept).
     pub fn with_credentials(
         mut self,
         user: impl Into<String>,

@@ -373,12 +373,14 @@ async fn keep_alive(
     let started = Instant::now();
     loop {
         let silent_since = *last_ok;
+        // Checked: the limit comes from the TTL, which may be huge (no deadline then).
+        let deadline = silence_limit.and_then(|limit| {
+            let since = crate::hub::deadline_after(silent_since, limit)?;
+            Some(since.max(crate::hub::deadline_after(started, limit / 2)?))
+        });
         let silence = async {
-            match silence_limit {
-                Some(limit) => {
-                    let deadline = (silent_since + limit).max(started + limit / 2);
-                    tokio::time::sleep_until(deadline).await
-                }
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
                 None => std::future::pending().await,
             }
         };

@@ -33,7 +33,8 @@ use registry_core::{
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::error::watch_refused;
+use crate::error::{map, watch_refused};
+use crate::hub::Ended;
 use crate::keys::{subtree_end, Keys};
 use crate::Shared;
 
@@ -265,11 +266,20 @@ async fn follow(
             message = subscription.recv() => message,
         };
         let Some(response) = message else {
-            // The hub ended this watch: it fell behind, or the shared stream broke.
-            return if subscription.lagged() {
-                Break::Resync(ResyncReason::Lagged)
-            } else {
-                Break::Resume
+            // The hub ended this watch: it fell behind, logging in again failed, or the
+            // shared stream broke.
+            return match subscription.ended() {
+                Some(Ended::Lagged) => Break::Resync(ResyncReason::Lagged),
+                Some(Ended::Login(error)) => match map(error, "watch login", Some(root)) {
+                    error @ (Error::AuthFailed(_) | Error::PermissionDenied { .. }) => {
+                        Break::Refused(error)
+                    }
+                    error => {
+                        tracing::debug!(%error, "logging in again for the watch failed; resuming");
+                        Break::Resume
+                    }
+                },
+                None => Break::Resume,
             };
         };
         if response.canceled() {

@@ -82,6 +82,12 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Starts `size` members and waits until every one reports healthy.
     pub fn start(size: usize) -> HarnessResult<EtcdCluster> {
+        Self::start_with_args(size, &[])
+    }
+
+    /// [`start`](EtcdCluster::start) with `extra` appended to every member's arguments (e.g.
+    /// `["--auth-token-ttl", "2"]`); they stay in force across restarts.
+    pub fn start_with_args(size: usize, extra: &[&str]) -> HarnessResult<EtcdCluster> {
         super::process::require_binary(std::path::Path::new(ETCD_BINARY), "etcd")?;
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let ports: Vec<(SocketAddr, SocketAddr)> = (0..size)
@@ -100,7 +106,10 @@ impl EtcdCluster {
             let process = ServerProcess::start(
                 format!("etcd {name}"),
                 ETCD_BINARY,
-                member_args(&name, &path, *client, *peer, &cluster),
+                member_args(&name, &path, *client, *peer, &cluster)
+                    .into_iter()
+                    .chain(extra.iter().map(|&a| a.to_owned()))
+                    .collect(),
                 vec![],
                 path.join(format!("{name}.log")),
             )?;
@@ -228,6 +237,14 @@ impl EtcdServer {
     pub fn start() -> HarnessResult<EtcdServer> {
         Ok(EtcdServer {
             cluster: EtcdCluster::start(1)?,
+        })
+    }
+
+    /// [`start`](EtcdServer::start) with `extra` appended to etcd's arguments, also when it
+    /// restarts.
+    pub fn start_with_args(extra: &[&str]) -> HarnessResult<EtcdServer> {
+        Ok(EtcdServer {
+            cluster: EtcdCluster::start_with_args(1, extra)?,
         })
     }
 
