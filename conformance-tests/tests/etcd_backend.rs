@@ -1368,3 +1368,39 @@ async fn a_huge_request_timeout_means_no_deadline() {
     .await;
     reg.close().await.unwrap();
 }
+
+/// With one endpoint and nowhere to move on to, a session whose keep-alives go unanswered
+/// still reports `Suspended` well before the server can expire its leases (TTL after the
+/// last keep-alive it got), so a master or lock holder steps down before another takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_session_is_suspended_before_its_leases_can_expire() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let ttl = Duration::from_secs(2);
+    let reg = connect(&proxy.addr().to_string()).await;
+    let mut states = reg.session_events();
+    assert!(next_state_is(&mut states, SessionState::Connected)
+        .await
+        .is_ok());
+    // Steady state first: the keep-alive stream open and answered for a while (nothing
+    // signals it; a cut while it opens is noticed by the open's own timeout instead).
+    tokio::time::sleep(ttl).await;
+    let cut_at = Instant::now();
+    proxy.blackhole();
+    let suspended = next_state_is(&mut states, SessionState::Suspended).await;
+    let after = cut_at.elapsed();
+    assert!(suspended.is_ok(), "never suspended");
+    // Half the TTL after the last answer (which came at most a keep-alive interval, TTL/3,
+    // before the cut), with margin; never as late as the TTL.
+    assert!(
+        after < ttl * 9 / 10,
+        "suspended {after:?} after the cut; the leases may expire {ttl:?} after it"
+    );
+    proxy.forward();
+    assert!(
+        next_state_is(&mut states, SessionState::Connected)
+            .await
+            .is_ok(),
+        "not connected again after the cut ended"
+    );
+}

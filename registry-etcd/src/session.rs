@@ -384,6 +384,22 @@ async fn keep_alive(
                 None => std::future::pending().await,
             }
         };
+        // Half the TTL without an answer: the server may expire the leases before the next
+        // one comes, so the session must stop counting as live now (a master steps down
+        // before another can take over), also with one endpoint and nowhere to move on to.
+        let suspend_at = session
+            .tracker
+            .status()
+            .state
+            .is_live()
+            .then(|| crate::hub::deadline_after(silent_since, ttl / 2))
+            .flatten();
+        let suspend = async {
+            match suspend_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             // An answer that is already there counts before the silence deadline does.
             biased;
@@ -404,6 +420,10 @@ async fn keep_alive(
             _ = silence => {
                 tracing::warn!(silent_ms = silent_since.elapsed().as_millis() as u64, "etcd member stopped answering keep-alives");
                 return Outcome::Silent;
+            }
+            _ = suspend => {
+                tracing::warn!(session = session.id(), "no keep-alive answer for half the TTL; session suspended");
+                session.tracker.transition(SessionState::Suspended, None);
             }
             changed = gone.changed() => {
                 if changed.is_ok() && session.in_block(*gone.borrow_and_update()) {
