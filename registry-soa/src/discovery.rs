@@ -19,8 +19,7 @@ use crate::config::{parse_config, resolve, weight_of, LoadBalance, ServiceConfig
 use crate::error::{ParseError, SoaError};
 use crate::layout::{global_config, parse_instance, Instance, ServicePaths};
 use crate::routes::{
-    first_cookie_rule, first_match, parse_cookie_rules, parse_routes, CallContext, CookieRule,
-    Route,
+    first_cookie_rule, parse_cookie_rules, parse_routes, CallContext, CookieRule, Route,
 };
 use crate::version::Numbers;
 
@@ -81,6 +80,8 @@ struct Selection {
     /// neither parses nor compares versions. Set-once slots: reading takes no lock and no
     /// atomic write.
     compatible: [OnceLock<(String, Compatible)>; REMEMBERED_VERSIONS],
+    /// How many routes the snapshot has (each compatible set remembers what each admits).
+    routes: usize,
 }
 
 /// The instances compatible with one caller version, with running weight totals for a
@@ -91,9 +92,52 @@ struct Compatible {
     indices: Vec<usize>,
     /// `cumulative[k]`: the sum of the weights of `indices[..=k]`.
     cumulative: Vec<u64>,
+    /// Per route of the snapshot, the part of these instances it admits, once a call needed
+    /// it: a route's targets depend on the instance only, so a call that routes only picks.
+    routed: Box<[OnceLock<Compatible>]>,
 }
 
 impl Compatible {
+    /// These instances with running totals of `candidates`' weights; `routes` empty slots.
+    fn of(indices: Vec<usize>, candidates: &[Candidate], routes: usize) -> Compatible {
+        let cumulative = indices
+            .iter()
+            .scan(0u64, |sum, i| {
+                *sum += candidates.get(*i).map_or(0, |c| u64::from(c.weight));
+                Some(*sum)
+            })
+            .collect();
+        Compatible {
+            indices,
+            cumulative,
+            routed: (0..routes).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The part of these instances that `route` (the snapshot's route number `index`) admits.
+    fn routed(
+        &self,
+        index: usize,
+        route: &Route,
+        instances: &[Arc<Instance>],
+        candidates: &[Candidate],
+    ) -> Option<&Compatible> {
+        let slot = self.routed.get(index)?;
+        Some(slot.get_or_init(|| {
+            let admitted = self
+                .indices
+                .iter()
+                .copied()
+                .filter(|i| {
+                    instances
+                        .get(*i)
+                        .is_some_and(|instance| route.admits(instance))
+                })
+                .collect();
+            Compatible::of(admitted, candidates, 0)
+        }))
+    }
+
     /// Weighted random among these instances (uniform when every weight is 0).
     fn pick_random(&self) -> Option<usize> {
         let total = self.cumulative.last().copied()?;
@@ -108,8 +152,14 @@ impl Compatible {
 }
 
 impl Selection {
-    fn new(instances: &[Arc<Instance>], config: &ServiceConfig, global: &ServiceConfig) -> Self {
+    fn new(
+        instances: &[Arc<Instance>],
+        config: &ServiceConfig,
+        global: &ServiceConfig,
+        routes: usize,
+    ) -> Self {
         Selection {
+            routes,
             candidates: instances
                 .iter()
                 .map(|i| Candidate {
@@ -148,17 +198,7 @@ impl Selection {
         let indices: Vec<usize> = (0..instances.len())
             .filter(|i| Self::serves(instances, *i, &wanted))
             .collect();
-        let cumulative = indices
-            .iter()
-            .scan(0u64, |sum, i| {
-                *sum += self.candidates.get(*i).map_or(0, |c| u64::from(c.weight));
-                Some(*sum)
-            })
-            .collect();
-        Compatible {
-            indices,
-            cumulative,
-        }
+        Compatible::of(indices, &self.candidates, self.routes)
     }
 
     /// Whether instance `index` can serve a caller built against `wanted`: an instance
@@ -290,7 +330,12 @@ fn build(
     let mut seen = std::collections::HashSet::new();
     list.retain(|i| seen.insert((i.address, i.version.clone())));
     let instances: Vec<Arc<Instance>> = list.into_iter().map(Arc::new).collect();
-    let selection = Arc::new(Selection::new(&instances, &service_config, &global_config));
+    let selection = Arc::new(Selection::new(
+        &instances,
+        &service_config,
+        &global_config,
+        routes.len(),
+    ));
     ServiceSnapshot {
         instances,
         config: service_config,
@@ -388,17 +433,9 @@ impl ServiceView {
                 service: self.service.clone(),
             });
         }
-        // Cookie rules only add cookies that routing reads: copy the call only when one does.
-        let with_cookies;
-        let ctx = match first_cookie_rule(&snap.cookies, call) {
-            Some(rule) if !rule.cookies.is_empty() => {
-                let mut ctx = call.clone();
-                rule.apply(&mut ctx);
-                with_cookies = ctx;
-                &with_cookies
-            }
-            _ => call,
-        };
+        // Cookie rules only add cookies that routing reads: routing sees them added, without
+        // a copy of the call.
+        let added = first_cookie_rule(&snap.cookies, call).map_or(&[][..], |r| &r.cookies[..]);
         let strategy = resolve(
             options.load_balance,
             &call.method,
@@ -406,7 +443,11 @@ impl ServiceView {
             &snap.global.load_balance,
             LoadBalance::Random,
         );
-        let rule = first_match(&snap.routes, ctx);
+        let rule_index = snap
+            .routes
+            .iter()
+            .position(|r| r.condition.holds_with(call, added));
+        let rule = rule_index.and_then(|i| snap.routes.get(i));
         let index = selection.with_compatible(instances, &call.version, |compatible| {
             if compatible.indices.is_empty() {
                 return Err(SoaError::VersionMismatch {
@@ -414,11 +455,25 @@ impl ServiceView {
                     version: call.version.clone(),
                 });
             }
-            if let (None, LoadBalance::Random, _) | (None, LoadBalance::ConsistentHash, None) =
-                (rule, strategy, &options.hash_key)
+            if let (LoadBalance::Random, _) | (LoadBalance::ConsistentHash, None) =
+                (strategy, &options.hash_key)
             {
-                // The common case needs no filtering: pick from the remembered totals.
-                return Ok(compatible.pick_random());
+                // The common cases need no filtering: pick from the remembered totals, of
+                // the routed part when a route applies.
+                let from = match (rule_index, rule) {
+                    (Some(index), Some(route)) => compatible
+                        .routed(index, route, instances, &selection.candidates)
+                        .ok_or_else(|| SoaError::NoInstance {
+                            service: self.service.clone(),
+                        })?,
+                    _ => compatible,
+                };
+                if from.indices.is_empty() {
+                    return Err(SoaError::RoutingExcludedAll {
+                        service: self.service.clone(),
+                    });
+                }
+                return Ok(from.pick_random());
             }
             let routed = compatible
                 .indices

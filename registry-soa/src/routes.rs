@@ -235,6 +235,17 @@ impl CallContext {
     /// Runs `f` on the value of a rule ID, if the call has one, without allocating: text is
     /// borrowed, and numbers and addresses are formatted on the stack.
     fn with_value<R>(&self, id: &str, f: impl FnOnce(&str) -> R) -> Option<R> {
+        self.with_value_and(id, &[], f)
+    }
+
+    /// [`with_value`](CallContext::with_value) as if `added` cookies (the later of two
+    /// same-named ones winning) had been inserted into [`cookies`](CallContext::cookies).
+    fn with_value_and<R>(
+        &self,
+        id: &str,
+        added: &[(String, String)],
+        f: impl FnOnce(&str) -> R,
+    ) -> Option<R> {
         match id {
             "service" => Some(f(&self.service)),
             "method" => Some(f(&self.method)),
@@ -243,10 +254,15 @@ impl CallContext {
             "callerIp" => Some(formatted(self.caller_ip?, f)),
             "calleeIp" => Some(formatted(self.callee_ip?, f)),
             "userIp" => Some(formatted(self.user_ip?, f)),
-            _ => id
-                .strip_prefix("cookie_")
-                .and_then(|name| self.cookies.get(name))
-                .map(|v| f(v)),
+            _ => id.strip_prefix("cookie_").and_then(|name| {
+                let value = added
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v)
+                    .or_else(|| self.cookies.get(name))?;
+                Some(f(value))
+            }),
         }
     }
 }
@@ -268,10 +284,16 @@ fn formatted<R>(value: impl std::fmt::Display, f: impl FnOnce(&str) -> R) -> R {
 impl Condition {
     /// Whether the call satisfies this condition.
     pub fn holds(&self, ctx: &CallContext) -> bool {
+        self.holds_with(ctx, &[])
+    }
+
+    /// Whether the call satisfies this condition once `added` cookies are applied to it (as
+    /// [`CookieRule::apply`] would), without copying the call.
+    pub fn holds_with(&self, ctx: &CallContext, added: &[(String, String)]) -> bool {
         match self {
             Condition::Otherwise => true,
             Condition::All(matchers) => matchers.iter().all(|m| {
-                ctx.with_value(&m.id, |v| m.patterns.iter().any(|p| p.matches(v)))
+                ctx.with_value_and(&m.id, added, |v| m.patterns.iter().any(|p| p.matches(v)))
                     .unwrap_or(false)
             }),
         }
@@ -280,7 +302,17 @@ impl Condition {
 
 /// The first route whose condition holds.
 pub fn first_match<'r>(routes: &'r [Route], ctx: &CallContext) -> Option<&'r Route> {
-    routes.iter().find(|r| r.condition.holds(ctx))
+    first_match_with(routes, ctx, &[])
+}
+
+/// The first route whose condition holds once `added` cookies are applied to the call (the
+/// cookies of the call's first matching [`CookieRule`]).
+pub fn first_match_with<'r>(
+    routes: &'r [Route],
+    ctx: &CallContext,
+    added: &[(String, String)],
+) -> Option<&'r Route> {
+    routes.iter().find(|r| r.condition.holds_with(ctx, added))
 }
 
 /// The instances the routes allow for this call: all of them when no route matches; the

@@ -211,3 +211,137 @@ async fn routes_that_stop_parsing_keep_the_last_rules_in_force() {
     until(&view, "no error", |s| s.errors.is_empty()).await;
     assert_eq!(picked(&view), [1, 2].into());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_added_by_rules_steer_routing() {
+    let store = MemoryStore::new();
+    let registry: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let mut providers = Vec::new();
+    for i in 1..=2u8 {
+        let address = Address {
+            ip: [10, 0, 0, i].into(),
+            port: 9090,
+        };
+        providers.push(
+            Provider::register(&registry, SERVICE, address, "1.0.0")
+                .await
+                .unwrap(),
+        );
+    }
+    let config = |kind: &str| NodePath::new(format!("/soa/config/{kind}/{SERVICE}")).unwrap();
+    registry
+        .set(
+            &config("cookies"),
+            Bytes::from("method match 'get' => c\"tier#gold\""),
+            Expected::Any,
+        )
+        .await
+        .unwrap();
+    registry
+        .set(
+            &config("routes"),
+            Bytes::from("cookie_tier match 'gold' => ip'10.0.0.2'"),
+            Expected::Any,
+        )
+        .await
+        .unwrap();
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "instances and rules", |s| {
+        s.instances.len() == 2 && !s.routes.is_empty() && !s.cookies.is_empty()
+    })
+    .await;
+    let picked = |ctx: &CallContext| -> std::collections::BTreeSet<u8> {
+        (0..200)
+            .map(|_| {
+                view.select(ctx, &SelectOptions::default())
+                    .unwrap()
+                    .address
+                    .ip
+                    .octets()[3]
+            })
+            .collect()
+    };
+    // The rule adds tier=gold, replacing the caller's own tier.
+    let mut silver = call("1.0.0");
+    silver.cookies.insert("tier".into(), "silver".into());
+    assert_eq!(picked(&call("1.0.0")), [2].into());
+    assert_eq!(picked(&silver), [2].into());
+    // Another method gets no cookie: its own tier decides (no route matches silver).
+    let mut other = silver.clone();
+    other.method = "other".into();
+    assert_eq!(picked(&other), [1, 2].into());
+    let mut gold = other.clone();
+    gold.cookies.insert("tier".into(), "gold".into());
+    assert_eq!(picked(&gold), [2].into());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_route_keeps_to_its_own_instances_across_versions() {
+    let store = MemoryStore::new();
+    let registry: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let mut providers = Vec::new();
+    for (i, version) in [(1u8, "1.0.0"), (2, "1.0.0"), (3, "1.1.0"), (4, "1.1.0")] {
+        let address = Address {
+            ip: [10, 0, 0, i].into(),
+            port: 9090,
+        };
+        providers.push(
+            Provider::register(&registry, SERVICE, address, version)
+                .await
+                .unwrap(),
+        );
+    }
+    let routes = NodePath::new(format!("/soa/config/routes/{SERVICE}")).unwrap();
+    registry
+        .set(
+            &routes,
+            Bytes::from(
+                "method match 'get' => ip'10.0.0.1', ip'10.0.0.3'\n\
+                 method match 'put' => ~ip'10.0.0.1', ~ip'10.0.0.3'\n\
+                 method match 'none' => ip'10.0.9.9'",
+            ),
+            Expected::Any,
+        )
+        .await
+        .unwrap();
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "instances and routes", |s| {
+        s.instances.len() == 4 && s.routes.len() == 3
+    })
+    .await;
+    let picked = |method: &str, version: &str| -> std::collections::BTreeSet<u8> {
+        let mut ctx = call(version);
+        ctx.method = method.into();
+        (0..300)
+            .map(|_| {
+                view.select(&ctx, &SelectOptions::default())
+                    .unwrap()
+                    .address
+                    .ip
+                    .octets()[3]
+            })
+            .collect()
+    };
+    // Interleaved, so each (version, route) pair's remembered part is used after the others.
+    for _ in 0..2 {
+        assert_eq!(picked("get", "1.0.0"), [1, 3].into());
+        assert_eq!(picked("put", "1.0.0"), [2, 4].into());
+        assert_eq!(picked("get", "1.1.0"), [3].into());
+        assert_eq!(picked("put", "1.1.0"), [4].into());
+        assert_eq!(picked("other", "1.1.0"), [3, 4].into());
+    }
+    let mut none = call("1.0.0");
+    none.method = "none".into();
+    assert!(matches!(
+        view.select(&none, &SelectOptions::default()),
+        Err(SoaError::RoutingExcludedAll { .. })
+    ));
+}
