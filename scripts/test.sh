@@ -12,6 +12,8 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/share/java/zookeeper.jar ] || need+=(zookeeper)
 # The TLS tests make a throwaway PKI with openssl.
 [ -x /usr/bin/openssl ] || need+=(openssl)
+# Fault tests pause and resume servers with kill(1).
+[ -x /bin/kill ] || need+=(procps)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_cmd=""

@@ -17,7 +17,7 @@ pub type HarnessResult<T> = Result<T, String>;
 
 /// The command that installs every server the harness needs (named in errors).
 pub const SETUP_COMMAND: &str =
-    "apt-get update && apt-get install -y protobuf-compiler libprotobuf-dev etcd-server etcd-client zookeeper openssl (or run the README's test command, which does this)";
+    "apt-get update && apt-get install -y protobuf-compiler libprotobuf-dev etcd-server etcd-client zookeeper openssl procps (or run ./scripts/test.sh, which does this)";
 
 /// Fails with a message naming the setup command if `binary` is not an existing file.
 pub fn require_binary(binary: &Path, what: &str) -> HarnessResult<()> {
@@ -109,7 +109,9 @@ impl ServerProcess {
             .map_err(|e| format!("cannot clone log handle: {e}"))?;
         // The guard starts the server, prints its pid, then waits for EOF on stdin (our exit)
         // and kills it; a SIGSTOPped server is continued first so SIGKILL is not delayed.
-        let script = r#""$@" 1>&3 2>&4 & pid=$!; echo $pid; cat >/dev/null; kill -CONT $pid 2>/dev/null; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null"#;
+        // It ignores the terminal's signals (Ctrl-C reaches the whole process group): dying
+        // with the test binary before its kill would orphan a JVM, which ignores SIGINT.
+        let script = r#"trap '' INT QUIT HUP TERM; "$@" 1>&3 2>&4 & pid=$!; echo $pid; cat >/dev/null; kill -CONT $pid 2>/dev/null; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null"#;
         let mut command = Command::new("sh");
         command
             .arg("-c")

@@ -36,20 +36,17 @@ pub fn four_letter(addr: SocketAddr, word: &str) -> Option<String> {
     Some(answer)
 }
 
+/// Debian's own classpath (the jar's manifest names its dependencies) plus one logging
+/// backend, named: every jar in /usr/share/java would let SLF4J pick whichever backend sorts
+/// first there, which depends on what else the machine has installed (Maven's, or
+/// `slf4j-jcl` beside `jcl-over-slf4j`, which refuses to start).
 fn classpath() -> HarnessResult<String> {
     require_binary(Path::new(JAVA), "java (Java 17 runs ZooKeeper)")?;
     require_binary(Path::new(ZOOKEEPER_JAR), "ZooKeeper's jar")?;
-    let mut parts = vec!["/etc/zookeeper/conf".to_owned()];
-    let jars = std::fs::read_dir("/usr/share/java").map_err(|e| format!("/usr/share/java: {e}"))?;
-    let mut jars: Vec<String> = jars
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jar"))
-        .map(|p| p.display().to_string())
-        .collect();
-    jars.sort();
-    parts.extend(jars);
-    Ok(parts.join(":"))
+    // From libslf4j-java, which ZooKeeper's package depends on; logs to stderr (server.log).
+    let logger = "/usr/share/java/slf4j-simple.jar";
+    require_binary(Path::new(logger), "SLF4J's simple logger (package libslf4j-java)")?;
+    Ok(format!("/etc/zookeeper/conf:{ZOOKEEPER_JAR}:{logger}"))
 }
 
 struct Server {
