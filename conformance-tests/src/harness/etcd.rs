@@ -76,7 +76,7 @@ impl Member {
 /// every process is killed on drop and when the test process exits.
 pub struct EtcdCluster {
     members: Vec<Member>,
-    dir: tempfile::TempDir,
+    dir: super::process::ServerDir,
 }
 
 impl EtcdCluster {
@@ -89,7 +89,7 @@ impl EtcdCluster {
     /// `["--auth-token-ttl", "2"]`); they stay in force across restarts.
     pub fn start_with_args(size: usize, extra: &[&str]) -> HarnessResult<EtcdCluster> {
         super::process::require_binary(std::path::Path::new(ETCD_BINARY), "etcd")?;
-        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let dir = super::process::ServerDir::new()?;
         let ports: Vec<(SocketAddr, SocketAddr)> = (0..size)
             .map(|_| Ok((loopback(free_port()?), loopback(free_port()?))))
             .collect::<HarnessResult<_>>()?;

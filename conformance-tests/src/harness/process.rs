@@ -31,6 +31,55 @@ pub fn require_binary(binary: &Path, what: &str) -> HarnessResult<()> {
     }
 }
 
+/// A temp dir for a server's data, removed on drop and also when the test process exits
+/// without dropping it (servers shared through a `static` never are): a reaper process
+/// removes it once our end of its stdin closes. etcd preallocates 64 MB of WAL per member, so
+/// leaked dirs fill the disk over repeated runs.
+pub struct ServerDir {
+    dir: tempfile::TempDir,
+    reaper: Option<Child>,
+}
+
+impl ServerDir {
+    /// A new empty dir under the system's temp dir.
+    pub fn new() -> HarnessResult<ServerDir> {
+        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        // Ignores the terminal's signals like the server guards, and waits a moment for them
+        // to kill their servers (same EOF) before removing what those write to.
+        let reaper = Command::new("sh")
+            .arg("-c")
+            .arg(r#"trap '' INT QUIT HUP TERM; cat >/dev/null; sleep 1; rm -rf -- "$1""#)
+            .arg("dir-reaper")
+            .arg(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the temp dir reaper: {e}"))?;
+        Ok(ServerDir {
+            dir,
+            reaper: Some(reaper),
+        })
+    }
+
+    /// The dir.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for ServerDir {
+    fn drop(&mut self) {
+        if let Some(mut reaper) = self.reaper.take() {
+            drop(reaper.stdin.take());
+            // Reaped off the caller's thread: dropping a server must not wait a second.
+            std::thread::spawn(move || {
+                let _ = reaper.wait();
+            });
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (bound once, then released for the server to take).
 pub fn free_port() -> HarnessResult<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

@@ -107,7 +107,7 @@ pub struct SecureEtcd {
     client: SocketAddr,
     /// The PKI its certificates come from.
     pub pki: TestPki,
-    _dir: tempfile::TempDir,
+    _dir: super::process::ServerDir,
 }
 
 impl SecureEtcd {
@@ -115,7 +115,7 @@ impl SecureEtcd {
     /// refused. Auth (users, roles) is for the test to enable through a client.
     pub fn start(client_cert_auth: bool) -> HarnessResult<SecureEtcd> {
         require_binary(Path::new(ETCD_BINARY), "etcd")?;
-        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let dir = super::process::ServerDir::new()?;
         let pki = TestPki::generate(dir.path())?;
         let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let (client, peer, metrics) = (

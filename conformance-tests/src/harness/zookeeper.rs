@@ -61,7 +61,7 @@ struct Server {
 /// every process is killed on drop and when the test process exits.
 pub struct ZkEnsemble {
     servers: Vec<Server>,
-    dir: tempfile::TempDir,
+    dir: super::process::ServerDir,
 }
 
 impl ZkEnsemble {
@@ -79,7 +79,7 @@ impl ZkEnsemble {
         users: &[(&str, &str)],
     ) -> HarnessResult<ZkEnsemble> {
         let classpath = classpath()?;
-        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let dir = super::process::ServerDir::new()?;
         let tick = config.tick_time.as_millis().max(1);
         let ports: Vec<(u16, u16, u16)> = (0..size)
             .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
