@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 
 use std::time::Duration;
 
-use super::process::{free_port, wait_until, HarnessResult, ServerProcess};
+use super::process::{free_ports, wait_until, HarnessResult, ServerProcess};
 
 /// Where Debian installs etcd.
 pub const ETCD_BINARY: &str = "/usr/bin/etcd";
@@ -90,9 +90,10 @@ impl EtcdCluster {
     pub fn start_with_args(size: usize, extra: &[&str]) -> HarnessResult<EtcdCluster> {
         super::process::require_binary(std::path::Path::new(ETCD_BINARY), "etcd")?;
         let dir = super::process::ServerDir::new()?;
-        let ports: Vec<(SocketAddr, SocketAddr)> = (0..size)
-            .map(|_| Ok((loopback(free_port()?), loopback(free_port()?))))
-            .collect::<HarnessResult<_>>()?;
+        let ports: Vec<(SocketAddr, SocketAddr)> = free_ports(size * 2)?
+            .chunks_exact(2)
+            .map(|p| (loopback(p[0]), loopback(p[1])))
+            .collect();
         let cluster = ports
             .iter()
             .enumerate()

@@ -82,12 +82,28 @@ impl Drop for ServerDir {
 
 /// A free TCP port on 127.0.0.1 (bound once, then released for the server to take).
 pub fn free_port() -> HarnessResult<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(|e| format!("cannot bind a free loopback port: {e}"))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot read the bound port: {e}"))
+    free_ports(1)?
+        .pop()
+        .ok_or_else(|| "no free loopback port".to_owned())
+}
+
+/// `n` distinct free TCP ports on 127.0.0.1: all are held bound until every one is picked, so
+/// the OS cannot hand one out twice (it may reuse a port released a moment ago).
+pub fn free_ports(n: usize) -> HarnessResult<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .map_err(|e| format!("cannot bind a free loopback port: {e}"))
+        })
+        .collect::<HarnessResult<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(|e| format!("cannot read the bound port: {e}"))
+        })
+        .collect()
 }
 
 /// Polls `probe` every 50 ms until it returns true or `timeout` passes.

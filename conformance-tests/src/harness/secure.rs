@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::etcd::{http_get, ETCD_BINARY};
-use super::process::{free_port, require_binary, wait_until, HarnessResult, ServerProcess};
+use super::process::{free_ports, require_binary, wait_until, HarnessResult, ServerProcess};
 
 /// Where Debian installs openssl.
 pub const OPENSSL_BINARY: &str = "/usr/bin/openssl";
@@ -118,11 +118,9 @@ impl SecureEtcd {
         let dir = super::process::ServerDir::new()?;
         let pki = TestPki::generate(dir.path())?;
         let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let (client, peer, metrics) = (
-            loopback(free_port()?),
-            loopback(free_port()?),
-            loopback(free_port()?),
-        );
+        let ports = free_ports(3)?;
+        let port = |i: usize| ports.get(i).copied().ok_or("too few free ports");
+        let (client, peer, metrics) = (loopback(port(0)?), loopback(port(1)?), loopback(port(2)?));
         let mut args: Vec<String> = vec![
             "--name".into(),
             "secure".into(),

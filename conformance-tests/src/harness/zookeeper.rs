@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use super::process::{free_port, require_binary, wait_until, HarnessResult, ServerProcess};
+use super::process::{free_ports, require_binary, wait_until, HarnessResult, ServerProcess};
 
 const JAVA: &str = "/usr/bin/java";
 const ZOOKEEPER_JAR: &str = "/usr/share/java/zookeeper.jar";
@@ -45,7 +45,10 @@ fn classpath() -> HarnessResult<String> {
     require_binary(Path::new(ZOOKEEPER_JAR), "ZooKeeper's jar")?;
     // From libslf4j-java, which ZooKeeper's package depends on; logs to stderr (server.log).
     let logger = "/usr/share/java/slf4j-simple.jar";
-    require_binary(Path::new(logger), "SLF4J's simple logger (package libslf4j-java)")?;
+    require_binary(
+        Path::new(logger),
+        "SLF4J's simple logger (package libslf4j-java)",
+    )?;
     Ok(format!("/etc/zookeeper/conf:{ZOOKEEPER_JAR}:{logger}"))
 }
 
@@ -81,9 +84,10 @@ impl ZkEnsemble {
         let classpath = classpath()?;
         let dir = super::process::ServerDir::new()?;
         let tick = config.tick_time.as_millis().max(1);
-        let ports: Vec<(u16, u16, u16)> = (0..size)
-            .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
-            .collect::<HarnessResult<_>>()?;
+        let ports: Vec<(u16, u16, u16)> = free_ports(size * 3)?
+            .chunks_exact(3)
+            .map(|p| (p[0], p[1], p[2]))
+            .collect();
         let mut servers = Vec::new();
         for (i, (client, quorum, election)) in ports.iter().enumerate() {
             let id = i + 1;
