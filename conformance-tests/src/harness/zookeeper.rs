@@ -176,9 +176,37 @@ impl ZkEnsemble {
             .ok_or_else(|| format!("no ZooKeeper server {index}"))
     }
 
-    /// Waits until server `index` serves as leader or follower.
+    /// Waits until server `index` serves as leader or follower and, in an ensemble, a leader
+    /// has every follower synced: right after SIGCONT a server still reports the mode it had
+    /// before the pause, although the leader dropped it and it must sync again, and pausing
+    /// another member meanwhile would cost the quorum.
     pub fn wait_serving(&self, index: usize) -> HarnessResult<()> {
-        self.wait_ready(index)
+        self.wait_ready(index)?;
+        let followers = self.servers.len().saturating_sub(1);
+        if followers == 0 {
+            return Ok(());
+        }
+        let synced = || {
+            self.servers.iter().any(|s| {
+                four_letter(s.client, "mntr").is_some_and(|m| {
+                    let value = |key: &str| {
+                        m.lines()
+                            .find_map(|l| l.strip_prefix(key)?.strip_prefix('\t'))
+                            .map(str::trim)
+                    };
+                    value("zk_server_state") == Some("leader")
+                        && value("zk_synced_followers").and_then(|v| v.parse().ok())
+                            == Some(followers)
+                })
+            })
+        };
+        if wait_until(READY_TIMEOUT, synced) {
+            Ok(())
+        } else {
+            Err(format!(
+                "no ZooKeeper leader with all {followers} followers synced within {READY_TIMEOUT:?}"
+            ))
+        }
     }
 
     fn wait_ready(&self, index: usize) -> HarnessResult<()> {
