@@ -848,6 +848,8 @@ pub async fn burst(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
 const ROUTES: &[u8] =
     b"method match 'echo' ; version match '1.0.0' => ~ip'10.0.0.10'\notherwise => ip'10.0.0.0/24'";
 const COOKIES: &[u8] = b"method match r'ec.*' => c\"thread-log-level#DEBUG\"";
+/// [`ROUTES`] after a line on the user (which the call does not match).
+const USER_ROUTES: &[u8] = b"userId match %'1024n+0..99' => ip'10.0.0.1'\nmethod match 'echo' ; version match '1.0.0' => ~ip'10.0.0.10'\notherwise => ip'10.0.0.0/24'";
 
 /// Selections per second from `view` on this thread, median over repetitions.
 fn select_rate(
@@ -958,12 +960,54 @@ pub async fn discovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         ruled,
         "ops/s",
         Target::AtLeast(1e7),
-        "as above, with two route lines and a cookie rule evaluated per call; no raw equivalent",
+        "as above, with two route lines and a cookie rule on method and version (their outcome remembered per call identity); no raw equivalent",
     ));
     rows.push(env.row(
         "cached lookup+pick with rules time",
         None,
         ruled.map(|r| 1e9 / r),
+        "ns/op",
+        Target::AtMost(100.0),
+        "",
+    ));
+    // A route on the user as well: the rules are evaluated on every call.
+    env.ours
+        .reg
+        .set(
+            &paths.routes,
+            Bytes::from_static(USER_ROUTES),
+            Expected::Any,
+        )
+        .await
+        .ctx("write the user routes")?;
+    within(
+        Duration::from_secs(10),
+        "the user routes in the view",
+        async {
+            while view.snapshot().routes.len() != 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    let per_user = CallContext {
+        user_id: Some(4242),
+        ..call.clone()
+    };
+    let by_user = select_rate(env, &view, &per_user, &options)?;
+    rows.push(env.row(
+        "cached lookup+pick with a route on userId",
+        None,
+        by_user,
+        "ops/s",
+        Target::AtLeast(1e7),
+        "as above plus a first route line on userId (modulo), so every call evaluates the rules; no raw equivalent",
+    ));
+    rows.push(env.row(
+        "cached lookup+pick with userId route time",
+        None,
+        by_user.map(|r| 1e9 / r),
         "ns/op",
         Target::AtMost(100.0),
         "",

@@ -82,6 +82,31 @@ struct Selection {
     compatible: [OnceLock<(String, Compatible)>; REMEMBERED_VERSIONS],
     /// How many routes the snapshot has (each compatible set remembers what each admits).
     routes: usize,
+    /// When every cookie rule and route reads only the call's service, method and version:
+    /// the route (index) each such triple seen so far takes, so a call compares strings
+    /// instead of evaluating rules. Set-once slots, like `compatible`.
+    route_of_call: Option<RoutesByCall>,
+}
+
+/// Remembered routes of calls, one set-once slot per call identity.
+type RoutesByCall = [OnceLock<(CallIdentity, Option<usize>)>; REMEMBERED_CALLS];
+
+/// Calls (service, method, version) whose route a snapshot remembers; more are evaluated per
+/// call.
+const REMEMBERED_CALLS: usize = 32;
+
+/// What decides the route of a call when the rules read nothing else.
+#[derive(Debug, PartialEq, Eq)]
+struct CallIdentity {
+    service: String,
+    method: String,
+    version: String,
+}
+
+impl CallIdentity {
+    fn is(&self, call: &CallContext) -> bool {
+        self.method == call.method && self.version == call.version && self.service == call.service
+    }
 }
 
 /// The instances compatible with one caller version, with running weight totals for a
@@ -156,10 +181,18 @@ impl Selection {
         instances: &[Arc<Instance>],
         config: &ServiceConfig,
         global: &ServiceConfig,
-        routes: usize,
+        routes: &[Route],
+        cookies: &[CookieRule],
     ) -> Self {
+        let identity_only = routes
+            .iter()
+            .all(|r| r.condition.reads_only_call_identity())
+            && cookies
+                .iter()
+                .all(|c| c.condition.reads_only_call_identity());
         Selection {
-            routes,
+            routes: routes.len(),
+            route_of_call: (identity_only && !routes.is_empty()).then(Default::default),
             candidates: instances
                 .iter()
                 .map(|i| Candidate {
@@ -169,6 +202,36 @@ impl Selection {
                 .collect(),
             compatible: Default::default(),
         }
+    }
+
+    /// The index of the route `call` takes (`evaluate` decides it), remembered per call
+    /// identity when the rules read nothing else.
+    fn route_of(
+        &self,
+        call: &CallContext,
+        evaluate: impl FnOnce() -> Option<usize>,
+    ) -> Option<usize> {
+        let Some(slots) = &self.route_of_call else {
+            return evaluate();
+        };
+        let mut evaluate = Some(evaluate);
+        for slot in slots {
+            let (identity, route) = slot.get_or_init(|| {
+                let route = evaluate.take().and_then(|f| f());
+                (
+                    CallIdentity {
+                        service: call.service.clone(),
+                        method: call.method.clone(),
+                        version: call.version.clone(),
+                    },
+                    route,
+                )
+            });
+            if identity.is(call) {
+                return *route;
+            }
+        }
+        evaluate.and_then(|f| f())
     }
 
     /// Runs `f` on the instances (of `instances`, the snapshot's) that can serve callers built
@@ -334,7 +397,8 @@ fn build(
         &instances,
         &service_config,
         &global_config,
-        routes.len(),
+        &routes,
+        &cookies,
     ));
     ServiceSnapshot {
         instances,
@@ -433,9 +497,6 @@ impl ServiceView {
                 service: self.service.clone(),
             });
         }
-        // Cookie rules only add cookies that routing reads: routing sees them added, without
-        // a copy of the call.
-        let added = first_cookie_rule(&snap.cookies, call).map_or(&[][..], |r| &r.cookies[..]);
         let strategy = resolve(
             options.load_balance,
             &call.method,
@@ -443,10 +504,14 @@ impl ServiceView {
             &snap.global.load_balance,
             LoadBalance::Random,
         );
-        let rule_index = snap
-            .routes
-            .iter()
-            .position(|r| r.condition.holds_with(call, added));
+        let rule_index = selection.route_of(call, || {
+            // Cookie rules only add cookies that routing reads: routing sees them added,
+            // without a copy of the call.
+            let added = first_cookie_rule(&snap.cookies, call).map_or(&[][..], |r| &r.cookies[..]);
+            snap.routes
+                .iter()
+                .position(|r| r.condition.holds_with(call, added))
+        });
         let rule = rule_index.and_then(|i| snap.routes.get(i));
         let index = selection.with_compatible(instances, &call.version, |compatible| {
             if compatible.indices.is_empty() {

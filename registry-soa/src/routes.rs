@@ -282,6 +282,17 @@ fn formatted<R>(value: impl std::fmt::Display, f: impl FnOnce(&str) -> R) -> R {
 }
 
 impl Condition {
+    /// Whether only the call's `service`, `method` and `version` decide this condition (no
+    /// user, address or cookie), so its outcome can be remembered per such triple.
+    pub fn reads_only_call_identity(&self) -> bool {
+        match self {
+            Condition::Otherwise => true,
+            Condition::All(matchers) => matchers
+                .iter()
+                .all(|m| matches!(m.id.as_str(), "service" | "method" | "version")),
+        }
+    }
+
     /// Whether the call satisfies this condition.
     pub fn holds(&self, ctx: &CallContext) -> bool {
         self.holds_with(ctx, &[])

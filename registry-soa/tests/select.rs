@@ -345,3 +345,63 @@ async fn each_route_keeps_to_its_own_instances_across_versions() {
         Err(SoaError::RoutingExcludedAll { .. })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_on_the_user_are_decided_per_call_among_routes_on_the_method() {
+    let store = MemoryStore::new();
+    let registry: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let mut providers = Vec::new();
+    for i in 1..=2u8 {
+        let address = Address {
+            ip: [10, 0, 0, i].into(),
+            port: 9090,
+        };
+        providers.push(
+            Provider::register(&registry, SERVICE, address, "1.0.0")
+                .await
+                .unwrap(),
+        );
+    }
+    let routes = NodePath::new(format!("/soa/config/routes/{SERVICE}")).unwrap();
+    let set_routes = |text: &'static str| {
+        let (registry, routes) = (registry.clone(), routes.clone());
+        async move {
+            registry
+                .set(&routes, Bytes::from(text), Expected::Any)
+                .await
+                .unwrap()
+        }
+    };
+    set_routes("method match 'get' => ip'10.0.0.1'").await;
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "instances and routes", |s| {
+        s.instances.len() == 2 && s.routes.len() == 1
+    })
+    .await;
+    let picked = |user: Option<i64>| -> std::collections::BTreeSet<u8> {
+        let mut ctx = call("1.0.0");
+        ctx.user_id = user;
+        (0..200)
+            .map(|_| {
+                view.select(&ctx, &SelectOptions::default())
+                    .unwrap()
+                    .address
+                    .ip
+                    .octets()[3]
+            })
+            .collect()
+    };
+    assert_eq!(picked(None), [1].into());
+    // A rule on the user: the same method and version now route by who calls.
+    set_routes("userId match 7 => ip'10.0.0.2'\nmethod match 'get' => ip'10.0.0.1'").await;
+    until(&view, "two routes", |s| s.routes.len() == 2).await;
+    for _ in 0..2 {
+        assert_eq!(picked(Some(7)), [2].into());
+        assert_eq!(picked(Some(8)), [1].into());
+        assert_eq!(picked(None), [1].into());
+    }
+}
