@@ -285,6 +285,16 @@ impl Registration {
         for _ in 0..3 {
             let node = match registry.get(&path).await {
                 Ok(node) if owned_by_current_session(&self.shared, &node) => node,
+                // Ours, but the session is not live (suspended): it may come back as it was,
+                // and then nothing would re-create the node with the new value.
+                Ok(node)
+                    if node.ephemeral_owner.is_some()
+                        && node.ephemeral_owner == registry.session().session_id =>
+                {
+                    return Err(Error::unavailable(format!(
+                        "{path}: the session is not live; the new value is kept for the node"
+                    )));
+                }
                 Ok(_) | Err(Error::NotFound { .. }) => break,
                 Err(error) => return Err(error),
             };

@@ -101,12 +101,11 @@ pub(crate) fn watch_refused(reason: &str, path: &NodePath) -> Option<Error> {
 
 /// Whether a watch create refused with `reason` may have been refused for the stream's login
 /// token rather than for the user's permissions, so that logging in again may help. etcd
-/// 3.4.23 (measured) says "invalid auth token" for an expired or forgotten token; earlier
-/// releases say "permission denied" for it too, so that is worth one fresh login as well.
+/// 3.4.23 (measured) says "invalid auth token" for an expired or forgotten token. "permission
+/// denied" is the user's permissions and final: a new login (which re-opens the stream every
+/// watch of the client shares) would only repeat for every refused watch.
 pub(crate) fn token_refusal(reason: &str) -> bool {
-    reason.contains("invalid auth token")
-        || reason.contains("user name is empty")
-        || reason.contains("permission denied")
+    reason.contains("invalid auth token") || reason.contains("user name is empty")
 }
 
 /// Whether a request failed before it reached any server (so retrying cannot repeat it).
@@ -169,8 +168,8 @@ mod tests {
         let stale = "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token";
         assert!(token_refusal(stale));
         assert!(watch_refused(stale, &path).is_none());
-        // Older servers say this for a stale token too: one new login, then final.
-        assert!(token_refusal("etcdserver: permission denied"));
+        // The user's permissions: final at once, no new login.
+        assert!(!token_refusal("etcdserver: permission denied"));
         assert!(matches!(
             watch_refused("etcdserver: permission denied", &path),
             Some(Error::PermissionDenied { .. })

@@ -384,15 +384,16 @@ async fn keep_alive(
                 None => std::future::pending().await,
             }
         };
-        // Half the TTL without an answer: the server may expire the leases before the next
-        // one comes, so the session must stop counting as live now (a master steps down
-        // before another can take over), also with one endpoint and nowhere to move on to.
+        // Two thirds of the TTL without an answer (an answer a whole keep-alive interval
+        // late): the server may expire the leases before the next one comes, so the session
+        // must stop counting as live now (a master steps down before another can take over),
+        // also with one endpoint and nowhere to move on to.
         let suspend_at = session
             .tracker
             .status()
             .state
             .is_live()
-            .then(|| crate::hub::deadline_after(silent_since, ttl / 2))
+            .then(|| crate::hub::deadline_after(silent_since, ttl * 2 / 3))
             .flatten();
         let suspend = async {
             match suspend_at {
@@ -422,7 +423,7 @@ async fn keep_alive(
                 return Outcome::Silent;
             }
             _ = suspend => {
-                tracing::warn!(session = session.id(), "no keep-alive answer for half the TTL; session suspended");
+                tracing::warn!(session = session.id(), "no keep-alive answer for two thirds of the TTL; session suspended");
                 session.tracker.transition(SessionState::Suspended, None);
             }
             changed = gone.changed() => {
