@@ -82,14 +82,51 @@ struct Selection {
     compatible: [OnceLock<(String, Compatible)>; REMEMBERED_VERSIONS],
     /// How many routes the snapshot has (each compatible set remembers what each admits).
     routes: usize,
-    /// When every cookie rule and route reads only the call's service, method and version:
-    /// the route (index) each such triple seen so far takes, so a call compares strings
-    /// instead of evaluating rules. Set-once slots, like `compatible`.
-    route_of_call: Option<RoutesByCall>,
+    /// Per call identity (service, method, version) seen so far: the cookie rules and routes
+    /// whose matchers on the identity hold, so a call compares three strings and evaluates
+    /// only the other matchers (none, for per-method rules). Set-once slots, like
+    /// `compatible`; empty without routes.
+    plans: Option<PlansByCall>,
 }
 
-/// Remembered routes of calls, one set-once slot per call identity.
-type RoutesByCall = [OnceLock<(CallIdentity, Option<usize>)>; REMEMBERED_CALLS];
+/// Remembered plans of calls, one set-once slot per call identity.
+type PlansByCall = [OnceLock<(CallIdentity, Plan)>; REMEMBERED_CALLS];
+
+/// The rules that may apply to calls of one identity, in order: index, and whether matchers
+/// beyond the identity remain to be checked per call.
+#[derive(Debug)]
+struct Plan {
+    cookies: Vec<(usize, bool)>,
+    routes: Vec<(usize, bool)>,
+    /// The route when nothing is left to check per call (per-method rules): decided once.
+    fixed: Option<Option<usize>>,
+}
+
+impl Plan {
+    /// The route of `call` (of this plan's identity) among `routes`, `cookies` applied.
+    fn route(&self, call: &CallContext, cookies: &[CookieRule], routes: &[Route]) -> Option<usize> {
+        if let Some(fixed) = self.fixed {
+            return fixed;
+        }
+        // Cookie rules only add cookies that routing reads: routing sees them added,
+        // without a copy of the call.
+        let added = self
+            .cookies
+            .iter()
+            .filter_map(|(i, check)| Some((cookies.get(*i)?, *check)))
+            .find(|(r, check)| !check || r.condition.holds_beyond_identity(call, &[]))
+            .map_or(&[][..], |(r, _)| &r.cookies[..]);
+        self.routes
+            .iter()
+            .find(|(i, check)| {
+                !check
+                    || routes
+                        .get(*i)
+                        .is_some_and(|r| r.condition.holds_beyond_identity(call, added))
+            })
+            .map(|(i, _)| *i)
+    }
+}
 
 /// Calls (service, method, version) whose route a snapshot remembers; more are evaluated per
 /// call.
@@ -182,17 +219,10 @@ impl Selection {
         config: &ServiceConfig,
         global: &ServiceConfig,
         routes: &[Route],
-        cookies: &[CookieRule],
     ) -> Self {
-        let identity_only = routes
-            .iter()
-            .all(|r| r.condition.reads_only_call_identity())
-            && cookies
-                .iter()
-                .all(|c| c.condition.reads_only_call_identity());
         Selection {
             routes: routes.len(),
-            route_of_call: (identity_only && !routes.is_empty()).then(Default::default),
+            plans: (!routes.is_empty()).then(Default::default),
             candidates: instances
                 .iter()
                 .map(|i| Candidate {
@@ -204,34 +234,54 @@ impl Selection {
         }
     }
 
-    /// The index of the route `call` takes (`evaluate` decides it), remembered per call
-    /// identity when the rules read nothing else.
+    /// The index of the route `call` takes among `routes`, `cookies`' rules applied first.
     fn route_of(
         &self,
         call: &CallContext,
-        evaluate: impl FnOnce() -> Option<usize>,
+        cookies: &[CookieRule],
+        routes: &[Route],
     ) -> Option<usize> {
-        let Some(slots) = &self.route_of_call else {
-            return evaluate();
-        };
-        let mut evaluate = Some(evaluate);
+        let slots = self.plans.as_ref()?;
+        let mut made = false;
         for slot in slots {
-            let (identity, route) = slot.get_or_init(|| {
-                let route = evaluate.take().and_then(|f| f());
-                (
-                    CallIdentity {
-                        service: call.service.clone(),
-                        method: call.method.clone(),
-                        version: call.version.clone(),
-                    },
-                    route,
-                )
+            let (identity, plan) = slot.get_or_init(|| {
+                made = true;
+                let plan_of = |conditions: &mut dyn Iterator<Item = &crate::routes::Condition>| {
+                    conditions
+                        .enumerate()
+                        .filter(|(_, c)| c.holds_on_identity(call))
+                        .map(|(i, c)| (i, c.reads_beyond_identity()))
+                        .collect()
+                };
+                let mut plan = Plan {
+                    cookies: plan_of(&mut cookies.iter().map(|r| &r.condition)),
+                    routes: plan_of(&mut routes.iter().map(|r| &r.condition)),
+                    fixed: None,
+                };
+                if !plan
+                    .cookies
+                    .iter()
+                    .chain(&plan.routes)
+                    .any(|(_, check)| *check)
+                {
+                    plan.fixed = Some(plan.route(call, cookies, routes));
+                }
+                let identity = CallIdentity {
+                    service: call.service.clone(),
+                    method: call.method.clone(),
+                    version: call.version.clone(),
+                };
+                (identity, plan)
             });
-            if identity.is(call) {
-                return *route;
+            if made || identity.is(call) {
+                return plan.route(call, cookies, routes);
             }
         }
-        evaluate.and_then(|f| f())
+        // More identities than remembered: every matcher, every call.
+        let added = first_cookie_rule(cookies, call).map_or(&[][..], |r| &r.cookies[..]);
+        routes
+            .iter()
+            .position(|r| r.condition.holds_with(call, added))
     }
 
     /// Runs `f` on the instances (of `instances`, the snapshot's) that can serve callers built
@@ -398,7 +448,6 @@ fn build(
         &service_config,
         &global_config,
         &routes,
-        &cookies,
     ));
     ServiceSnapshot {
         instances,
@@ -504,14 +553,7 @@ impl ServiceView {
             &snap.global.load_balance,
             LoadBalance::Random,
         );
-        let rule_index = selection.route_of(call, || {
-            // Cookie rules only add cookies that routing reads: routing sees them added,
-            // without a copy of the call.
-            let added = first_cookie_rule(&snap.cookies, call).map_or(&[][..], |r| &r.cookies[..]);
-            snap.routes
-                .iter()
-                .position(|r| r.condition.holds_with(call, added))
-        });
+        let rule_index = selection.route_of(call, &snap.cookies, &snap.routes);
         let rule = rule_index.and_then(|i| snap.routes.get(i));
         let index = selection.with_compatible(instances, &call.version, |compatible| {
             if compatible.indices.is_empty() {
@@ -680,6 +722,85 @@ async fn rewatch(
             None => return Some(streams),
             Some((path, error)) => {
                 tracing::warn!(%error, path = %path, "re-watching the service failed; retrying")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::{parse_cookie_rules, parse_routes};
+
+    /// The plan-based route of a call (remembered per identity, then other matchers) is
+    /// always the route a full evaluation finds, for calls seen first, again, and beyond the
+    /// remembered identities.
+    #[test]
+    fn remembered_plans_route_as_a_full_evaluation_does() {
+        let cookies = parse_cookie_rules(
+            "method match r'ge.*' ; userId match 1..50 => c\"tier#gold\"\n\
+             version match '2.0.0' => c\"tier#new\"\n\
+             cookie_tier match 'silver' => c\"zone#b\"",
+        )
+        .unwrap();
+        let routes = parse_routes(
+            "cookie_tier match 'gold' => ip'10.0.0.1'\n\
+             userId match %'4n+1' ; method match 'put' => ip'10.0.0.2'\n\
+             cookie_zone match 'b' => ip'10.0.0.3'\n\
+             method match 'get','list' ; version match '1.0.0' => ~ip'10.0.0.4'\n\
+             otherwise => ip'10.0.0.0/24'",
+        )
+        .unwrap();
+        let selection = Selection::new(
+            &[],
+            &ServiceConfig::default(),
+            &ServiceConfig::default(),
+            &routes,
+        );
+        let mut calls = Vec::new();
+        for method in ["get", "put", "list", "gex"] {
+            for version in ["1.0.0", "2.0.0", ""] {
+                for user in [None, Some(1), Some(5), Some(60)] {
+                    for tier in [None, Some("silver"), Some("gold")] {
+                        let mut call = CallContext {
+                            service: "S".into(),
+                            method: method.into(),
+                            version: version.into(),
+                            user_id: user,
+                            ..Default::default()
+                        };
+                        if let Some(tier) = tier {
+                            call.cookies.insert("tier".into(), tier.into());
+                        }
+                        calls.push(call);
+                    }
+                }
+            }
+        }
+        // More identities than remembered, each seen twice: filling, hitting, falling back.
+        for _ in 0..2 {
+            for (n, call) in calls.iter().enumerate() {
+                let added = first_cookie_rule(&cookies, call).map_or(&[][..], |r| &r.cookies[..]);
+                let full = routes
+                    .iter()
+                    .position(|r| r.condition.holds_with(call, added));
+                let mut service_call = call.clone();
+                service_call.service = format!("S{}", n % 3);
+                let added =
+                    first_cookie_rule(&cookies, &service_call).map_or(&[][..], |r| &r.cookies[..]);
+                let full_other = routes
+                    .iter()
+                    .position(|r| r.condition.holds_with(&service_call, added));
+                assert_eq!(
+                    selection.route_of(call, &cookies, &routes),
+                    full,
+                    "{call:?}"
+                );
+                assert_eq!(
+                    selection.route_of(&service_call, &cookies, &routes),
+                    full_other,
+                    "{service_call:?}"
+                );
             }
         }
     }

@@ -105,7 +105,32 @@ pub enum Pattern {
     },
 }
 
+/// A number or address rule value, compared as such (no text in between).
+#[derive(Clone, Copy)]
+enum Typed {
+    Int(i64),
+    Ip(Ipv4Addr),
+}
+
 impl Pattern {
+    /// [`matches`](Pattern::matches) on the value's text, decided without the text; `None`
+    /// for patterns that need it (exact text, regex).
+    fn matches_typed(&self, value: Typed) -> Option<bool> {
+        Some(match (self, value) {
+            (Pattern::Not(inner), _) => !inner.matches_typed(value)?,
+            (Pattern::Exact(_) | Pattern::Regex(_), _) => return None,
+            (Pattern::Int(n), Typed::Int(v)) => v == *n,
+            (Pattern::Range(a, b), Typed::Int(v)) => (*a..=*b).contains(&v),
+            (Pattern::Modulo { base, low, high }, Typed::Int(v)) => v
+                .checked_rem_euclid(*base)
+                .is_some_and(|r| (*low..=*high).contains(&r)),
+            (Pattern::Ip(net), Typed::Ip(ip)) => net.contains(ip),
+            // A number's text is no address, and an address's text no number.
+            (Pattern::Int(_) | Pattern::Range(..) | Pattern::Modulo { .. }, Typed::Ip(_))
+            | (Pattern::Ip(_), Typed::Int(_)) => false,
+        })
+    }
+
     fn matches(&self, value: &str) -> bool {
         let int = || value.trim().parse::<i64>().ok();
         match self {
@@ -282,14 +307,34 @@ fn formatted<R>(value: impl std::fmt::Display, f: impl FnOnce(&str) -> R) -> R {
 }
 
 impl Condition {
-    /// Whether only the call's `service`, `method` and `version` decide this condition (no
-    /// user, address or cookie), so its outcome can be remembered per such triple.
-    pub fn reads_only_call_identity(&self) -> bool {
+    /// Whether the matchers on the call's identity (`service`, `method`, `version`) hold;
+    /// the others are not looked at. With [`holds_beyond_identity`](Condition::holds_beyond_identity)
+    /// it splits [`holds_with`](Condition::holds_with), so the first part can be remembered
+    /// per call identity.
+    pub fn holds_on_identity(&self, ctx: &CallContext) -> bool {
+        self.holds_where(ctx, &[], true)
+    }
+
+    /// Whether the matchers on anything but the call's identity hold, with `added` cookies.
+    pub fn holds_beyond_identity(&self, ctx: &CallContext, added: &[(String, String)]) -> bool {
+        self.holds_where(ctx, added, false)
+    }
+
+    /// Whether any matcher reads more than the call's identity.
+    pub fn reads_beyond_identity(&self) -> bool {
+        match self {
+            Condition::Otherwise => false,
+            Condition::All(matchers) => matchers.iter().any(|m| !is_identity(&m.id)),
+        }
+    }
+
+    fn holds_where(&self, ctx: &CallContext, added: &[(String, String)], identity: bool) -> bool {
         match self {
             Condition::Otherwise => true,
             Condition::All(matchers) => matchers
                 .iter()
-                .all(|m| matches!(m.id.as_str(), "service" | "method" | "version")),
+                .filter(|m| is_identity(&m.id) == identity)
+                .all(|m| m.holds(ctx, added)),
         }
     }
 
@@ -303,11 +348,47 @@ impl Condition {
     pub fn holds_with(&self, ctx: &CallContext, added: &[(String, String)]) -> bool {
         match self {
             Condition::Otherwise => true,
-            Condition::All(matchers) => matchers.iter().all(|m| {
-                ctx.with_value_and(&m.id, added, |v| m.patterns.iter().any(|p| p.matches(v)))
-                    .unwrap_or(false)
-            }),
+            Condition::All(matchers) => matchers.iter().all(|m| m.holds(ctx, added)),
         }
+    }
+}
+
+/// Whether a rule ID names part of the call's identity (the same for every call of one
+/// method of one service at one version).
+fn is_identity(id: &str) -> bool {
+    matches!(id, "service" | "method" | "version")
+}
+
+impl Matcher {
+    /// Whether the ID has a value (with `added` cookies) that one of the patterns matches.
+    fn holds(&self, ctx: &CallContext, added: &[(String, String)]) -> bool {
+        // Numbers and addresses are compared as such where every pattern can: formatting one
+        // to text only to parse it back costs more than the rest of a pick.
+        let typed = match self.id.as_str() {
+            "userId" => Some(ctx.user_id.map(Typed::Int)),
+            "callerIp" => Some(ctx.caller_ip.map(Typed::Ip)),
+            "calleeIp" => Some(ctx.callee_ip.map(Typed::Ip)),
+            "userIp" => Some(ctx.user_ip.map(Typed::Ip)),
+            _ => None,
+        };
+        if let Some(value) = typed {
+            // A missing value never matches, also under `~`.
+            let Some(value) = value else {
+                return false;
+            };
+            // `None` if a pattern needs the text; no allocation either way.
+            let decided = self
+                .patterns
+                .iter()
+                .try_fold(false, |any, p| Some(any | p.matches_typed(value)?));
+            if let Some(matched) = decided {
+                return matched;
+            }
+        }
+        ctx.with_value_and(&self.id, added, |v| {
+            self.patterns.iter().any(|p| p.matches(v))
+        })
+        .unwrap_or(false)
     }
 }
 
@@ -828,6 +909,71 @@ mod tests {
     use super::*;
     use crate::layout::Address;
     use registry_core::NodePath;
+
+    /// Numbers and addresses compared as such decide exactly what matching their text does.
+    #[test]
+    fn typed_values_match_as_their_text_does() {
+        let conditions = [
+            "userId match 5",
+            "userId match 1..10",
+            "userId match %'4n+1'",
+            "userId match %'1024n+2..4', 42",
+            "userId match ~5",
+            "userId match ~1..3, 7",
+            "userId match '5'",
+            "userId match r'4.*'",
+            "userId match ip'10.0.0.0/8'",
+            "callerIp match ip'10.0.0.0/8'",
+            "callerIp match ~ip'10.1.0.0/16'",
+            "callerIp match 5",
+            "callerIp match '10.0.0.1'",
+            "userIp match ip'192.168.1.0/24', ~ip'192.168.1.7'",
+            "calleeIp match 1..9",
+        ];
+        let users = [
+            None,
+            Some(-5),
+            Some(0),
+            Some(5),
+            Some(42),
+            Some(1026),
+            Some(i64::MIN),
+        ];
+        let ips: [Option<Ipv4Addr>; 4] = [
+            None,
+            Some([10, 0, 0, 1].into()),
+            Some([10, 1, 2, 3].into()),
+            Some([192, 168, 1, 7].into()),
+        ];
+        for text in conditions {
+            let routes = parse_routes(&format!("{text} => ip'1.2.3.4'")).unwrap();
+            let Condition::All(matchers) = &routes[0].condition else {
+                panic!("{text}");
+            };
+            let matcher = &matchers[0];
+            for user in users {
+                for ip in ips {
+                    let ctx = CallContext {
+                        user_id: user,
+                        caller_ip: ip,
+                        callee_ip: ip,
+                        user_ip: ip,
+                        ..Default::default()
+                    };
+                    let by_text = ctx
+                        .with_value(&matcher.id, |v| {
+                            matcher.patterns.iter().any(|p| p.matches(v))
+                        })
+                        .unwrap_or(false);
+                    assert_eq!(
+                        matcher.holds(&ctx, &[]),
+                        by_text,
+                        "{text} on {user:?} {ip:?}"
+                    );
+                }
+            }
+        }
+    }
 
     fn inst(ip: &str, port: u16, version: &str) -> Instance {
         Instance {
