@@ -851,6 +851,21 @@ const COOKIES: &[u8] = b"method match r'ec.*' => c\"thread-log-level#DEBUG\"";
 /// [`ROUTES`] after a line on the user (which the call does not match).
 const USER_ROUTES: &[u8] = b"userId match %'1024n+0..99' => ip'10.0.0.1'\nmethod match 'echo' ; version match '1.0.0' => ~ip'10.0.0.10'\notherwise => ip'10.0.0.0/24'";
 
+/// The rate row (`names[0]`, >= 10 M/s) and its time-per-pick row (`names[1]`, <= 100 ns)
+/// of one lookup+pick measurement.
+fn lookup_rows(env: &Env, rows: &mut Vec<Row>, names: [&str; 2], rate: Option<f64>, note: &str) {
+    let [name, time] = names;
+    rows.push(env.row(name, None, rate, "ops/s", Target::AtLeast(1e7), note));
+    rows.push(env.row(
+        time,
+        None,
+        rate.map(|r| 1e9 / r),
+        "ns/op",
+        Target::AtMost(100.0),
+        "",
+    ));
+}
+
 /// Selections per second from `view` on this thread, median over repetitions.
 fn select_rate(
     env: &Env,
@@ -915,22 +930,13 @@ pub async fn discovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     };
     let options = SelectOptions::default();
     let plain = select_rate(env, &view, &call, &options)?;
-    rows.push(env.row(
-        "cached lookup+pick (10 instances)",
-        None,
+    lookup_rows(
+        env,
+        rows,
+        ["cached lookup+pick (10 instances)", "cached lookup+pick time"],
         plain,
-        "ops/s",
-        Target::AtLeast(1e7),
         "ServiceView::select on one thread (version filter, weighted random; no rules configured); no raw equivalent",
-    ));
-    rows.push(env.row(
-        "cached lookup+pick time",
-        None,
-        plain.map(|r| 1e9 / r),
-        "ns/op",
-        Target::AtMost(100.0),
-        "",
-    ));
+    );
     // The same with a routes text and a cookie rule that apply to every call.
     let paths = registry_soa::layout::ServicePaths::new(service).ctx("service paths")?;
     env.ours
@@ -954,22 +960,13 @@ pub async fn discovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     })
     .await?;
     let ruled = select_rate(env, &view, &call, &options)?;
-    rows.push(env.row(
-        "cached lookup+pick with routes and cookies",
-        None,
+    lookup_rows(
+        env,
+        rows,
+        ["cached lookup+pick with routes and cookies", "cached lookup+pick with rules time"],
         ruled,
-        "ops/s",
-        Target::AtLeast(1e7),
         "as above, with two route lines and a cookie rule on method and version (their outcome remembered per call identity); no raw equivalent",
-    ));
-    rows.push(env.row(
-        "cached lookup+pick with rules time",
-        None,
-        ruled.map(|r| 1e9 / r),
-        "ns/op",
-        Target::AtMost(100.0),
-        "",
-    ));
+    );
     // A route on the user as well: the rules are evaluated on every call.
     env.ours
         .reg
@@ -996,22 +993,13 @@ pub async fn discovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         ..call.clone()
     };
     let by_user = select_rate(env, &view, &per_user, &options)?;
-    rows.push(env.row(
-        "cached lookup+pick with a route on userId",
-        None,
+    lookup_rows(
+        env,
+        rows,
+        ["cached lookup+pick with a route on userId", "cached lookup+pick with userId route time"],
         by_user,
-        "ops/s",
-        Target::AtLeast(1e7),
         "as above plus a first route line on userId (modulo), so every call evaluates the rules; no raw equivalent",
-    ));
-    rows.push(env.row(
-        "cached lookup+pick with userId route time",
-        None,
-        by_user.map(|r| 1e9 / r),
-        "ns/op",
-        Target::AtMost(100.0),
-        "",
-    ));
+    );
     drop(view);
     for p in providers {
         p.shutdown().await.ctx("provider shutdown")?;

@@ -154,8 +154,9 @@ async fn select_follows_caller_versions_and_weights() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routes_that_stop_parsing_keep_the_last_rules_in_force() {
+/// A registry on a store of its own, with a provider at `10.0.0.<n>:9090` per
+/// `(n, version)`.
+async fn with_providers(instances: &[(u8, &str)]) -> (Arc<dyn Registry>, Vec<Provider>) {
     let store = MemoryStore::new();
     let registry: Arc<dyn Registry> = Arc::new(
         MemoryRegistry::connect(&store, MemoryOptions::default())
@@ -163,134 +164,9 @@ async fn routes_that_stop_parsing_keep_the_last_rules_in_force() {
             .unwrap(),
     );
     let mut providers = Vec::new();
-    for i in 1..=2u8 {
+    for (n, version) in instances {
         let address = Address {
-            ip: [10, 0, 0, i].into(),
-            port: 9090,
-        };
-        providers.push(
-            Provider::register(&registry, SERVICE, address, "1.0.0")
-                .await
-                .unwrap(),
-        );
-    }
-    let routes = NodePath::new(format!("/soa/config/routes/{SERVICE}")).unwrap();
-    let set_routes = |text: &'static str| {
-        let (registry, routes) = (registry.clone(), routes.clone());
-        async move {
-            registry
-                .set(&routes, Bytes::from(text), Expected::Any)
-                .await
-                .unwrap()
-        }
-    };
-    set_routes("otherwise => ~ip'10.0.0.1'").await;
-    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
-    until(&view, "two instances", |s| s.instances.len() == 2).await;
-    let picked = |view: &ServiceView| -> std::collections::BTreeSet<u8> {
-        (0..200)
-            .map(|_| {
-                view.select(&call("1.0.0"), &SelectOptions::default())
-                    .unwrap()
-                    .address
-                    .ip
-                    .octets()[3]
-            })
-            .collect()
-    };
-    assert_eq!(picked(&view), [2].into());
-
-    // A typo on a new line: the blacklist stays in force, and the error shows.
-    set_routes("otherwise => ~ip'10.0.0.1'\nmethod match 'x' => ip'1.2.3'").await;
-    until(&view, "the parse error", |s| !s.errors.is_empty()).await;
-    assert_eq!(view.snapshot().routes.len(), 1);
-    assert_eq!(picked(&view), [2].into());
-
-    // Fixed (here: no rules at all), it applies and the error goes.
-    set_routes("").await;
-    until(&view, "no error", |s| s.errors.is_empty()).await;
-    assert_eq!(picked(&view), [1, 2].into());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cookies_added_by_rules_steer_routing() {
-    let store = MemoryStore::new();
-    let registry: Arc<dyn Registry> = Arc::new(
-        MemoryRegistry::connect(&store, MemoryOptions::default())
-            .await
-            .unwrap(),
-    );
-    let mut providers = Vec::new();
-    for i in 1..=2u8 {
-        let address = Address {
-            ip: [10, 0, 0, i].into(),
-            port: 9090,
-        };
-        providers.push(
-            Provider::register(&registry, SERVICE, address, "1.0.0")
-                .await
-                .unwrap(),
-        );
-    }
-    let config = |kind: &str| NodePath::new(format!("/soa/config/{kind}/{SERVICE}")).unwrap();
-    registry
-        .set(
-            &config("cookies"),
-            Bytes::from("method match 'get' => c\"tier#gold\""),
-            Expected::Any,
-        )
-        .await
-        .unwrap();
-    registry
-        .set(
-            &config("routes"),
-            Bytes::from("cookie_tier match 'gold' => ip'10.0.0.2'"),
-            Expected::Any,
-        )
-        .await
-        .unwrap();
-    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
-    until(&view, "instances and rules", |s| {
-        s.instances.len() == 2 && !s.routes.is_empty() && !s.cookies.is_empty()
-    })
-    .await;
-    let picked = |ctx: &CallContext| -> std::collections::BTreeSet<u8> {
-        (0..200)
-            .map(|_| {
-                view.select(ctx, &SelectOptions::default())
-                    .unwrap()
-                    .address
-                    .ip
-                    .octets()[3]
-            })
-            .collect()
-    };
-    // The rule adds tier=gold, replacing the caller's own tier.
-    let mut silver = call("1.0.0");
-    silver.cookies.insert("tier".into(), "silver".into());
-    assert_eq!(picked(&call("1.0.0")), [2].into());
-    assert_eq!(picked(&silver), [2].into());
-    // Another method gets no cookie: its own tier decides (no route matches silver).
-    let mut other = silver.clone();
-    other.method = "other".into();
-    assert_eq!(picked(&other), [1, 2].into());
-    let mut gold = other.clone();
-    gold.cookies.insert("tier".into(), "gold".into());
-    assert_eq!(picked(&gold), [2].into());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_route_keeps_to_its_own_instances_across_versions() {
-    let store = MemoryStore::new();
-    let registry: Arc<dyn Registry> = Arc::new(
-        MemoryRegistry::connect(&store, MemoryOptions::default())
-            .await
-            .unwrap(),
-    );
-    let mut providers = Vec::new();
-    for (i, version) in [(1u8, "1.0.0"), (2, "1.0.0"), (3, "1.1.0"), (4, "1.1.0")] {
-        let address = Address {
-            ip: [10, 0, 0, i].into(),
+            ip: [10, 0, 0, *n].into(),
             port: 9090,
         };
         providers.push(
@@ -299,44 +175,115 @@ async fn each_route_keeps_to_its_own_instances_across_versions() {
                 .unwrap(),
         );
     }
-    let routes = NodePath::new(format!("/soa/config/routes/{SERVICE}")).unwrap();
+    (registry, providers)
+}
+
+/// Writes the service's `kind` config node (`routes`, `cookies`).
+async fn write_rules(registry: &Arc<dyn Registry>, kind: &str, text: &str) {
+    let node = NodePath::new(format!("/soa/config/{kind}/{SERVICE}")).unwrap();
     registry
-        .set(
-            &routes,
-            Bytes::from(
-                "method match 'get' => ip'10.0.0.1', ip'10.0.0.3'\n\
-                 method match 'put' => ~ip'10.0.0.1', ~ip'10.0.0.3'\n\
-                 method match 'none' => ip'10.0.9.9'",
-            ),
-            Expected::Any,
-        )
+        .set(&node, Bytes::from(text.to_owned()), Expected::Any)
         .await
         .unwrap();
+}
+
+/// The last octets of the instances 300 selections of `ctx` picked.
+fn picked(view: &ServiceView, ctx: &CallContext) -> std::collections::BTreeSet<u8> {
+    (0..300)
+        .map(|_| {
+            view.select(ctx, &SelectOptions::default())
+                .unwrap()
+                .address
+                .ip
+                .octets()[3]
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_that_stop_parsing_keep_the_last_rules_in_force() {
+    let (registry, _providers) = with_providers(&[(1, "1.0.0"), (2, "1.0.0")]).await;
+    write_rules(&registry, "routes", "otherwise => ~ip'10.0.0.1'").await;
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "two instances", |s| s.instances.len() == 2).await;
+    let plain = call("1.0.0");
+    assert_eq!(picked(&view, &plain), [2].into());
+
+    // A typo on a new line: the blacklist stays in force, and the error shows.
+    write_rules(
+        &registry,
+        "routes",
+        "otherwise => ~ip'10.0.0.1'\nmethod match 'x' => ip'1.2.3'",
+    )
+    .await;
+    until(&view, "the parse error", |s| !s.errors.is_empty()).await;
+    assert_eq!(view.snapshot().routes.len(), 1);
+    assert_eq!(picked(&view, &plain), [2].into());
+
+    // Fixed (here: no rules at all), it applies and the error goes.
+    write_rules(&registry, "routes", "").await;
+    until(&view, "no error", |s| s.errors.is_empty()).await;
+    assert_eq!(picked(&view, &plain), [1, 2].into());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_added_by_rules_steer_routing() {
+    let (registry, _providers) = with_providers(&[(1, "1.0.0"), (2, "1.0.0")]).await;
+    write_rules(&registry, "cookies", "method match 'get' => c\"tier#gold\"").await;
+    write_rules(
+        &registry,
+        "routes",
+        "cookie_tier match 'gold' => ip'10.0.0.2'",
+    )
+    .await;
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "instances and rules", |s| {
+        s.instances.len() == 2 && !s.routes.is_empty() && !s.cookies.is_empty()
+    })
+    .await;
+    // The rule adds tier=gold, replacing the caller's own tier.
+    let mut silver = call("1.0.0");
+    silver.cookies.insert("tier".into(), "silver".into());
+    assert_eq!(picked(&view, &call("1.0.0")), [2].into());
+    assert_eq!(picked(&view, &silver), [2].into());
+    // Another method gets no cookie: its own tier decides (no route matches silver).
+    let mut other = silver.clone();
+    other.method = "other".into();
+    assert_eq!(picked(&view, &other), [1, 2].into());
+    let mut gold = other.clone();
+    gold.cookies.insert("tier".into(), "gold".into());
+    assert_eq!(picked(&view, &gold), [2].into());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_route_keeps_to_its_own_instances_across_versions() {
+    let (registry, _providers) =
+        with_providers(&[(1, "1.0.0"), (2, "1.0.0"), (3, "1.1.0"), (4, "1.1.0")]).await;
+    write_rules(
+        &registry,
+        "routes",
+        "method match 'get' => ip'10.0.0.1', ip'10.0.0.3'\n\
+         method match 'put' => ~ip'10.0.0.1', ~ip'10.0.0.3'\n\
+         method match 'none' => ip'10.0.9.9'",
+    )
+    .await;
     let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
     until(&view, "instances and routes", |s| {
         s.instances.len() == 4 && s.routes.len() == 3
     })
     .await;
-    let picked = |method: &str, version: &str| -> std::collections::BTreeSet<u8> {
+    let of = |method: &str, version: &str| {
         let mut ctx = call(version);
         ctx.method = method.into();
-        (0..300)
-            .map(|_| {
-                view.select(&ctx, &SelectOptions::default())
-                    .unwrap()
-                    .address
-                    .ip
-                    .octets()[3]
-            })
-            .collect()
+        picked(&view, &ctx)
     };
     // Interleaved, so each (version, route) pair's remembered part is used after the others.
     for _ in 0..2 {
-        assert_eq!(picked("get", "1.0.0"), [1, 3].into());
-        assert_eq!(picked("put", "1.0.0"), [2, 4].into());
-        assert_eq!(picked("get", "1.1.0"), [3].into());
-        assert_eq!(picked("put", "1.1.0"), [4].into());
-        assert_eq!(picked("other", "1.1.0"), [3, 4].into());
+        assert_eq!(of("get", "1.0.0"), [1, 3].into());
+        assert_eq!(of("put", "1.0.0"), [2, 4].into());
+        assert_eq!(of("get", "1.1.0"), [3].into());
+        assert_eq!(of("put", "1.1.0"), [4].into());
+        assert_eq!(of("other", "1.1.0"), [3, 4].into());
     }
     let mut none = call("1.0.0");
     none.method = "none".into();
@@ -348,60 +295,30 @@ async fn each_route_keeps_to_its_own_instances_across_versions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_on_the_user_are_decided_per_call_among_routes_on_the_method() {
-    let store = MemoryStore::new();
-    let registry: Arc<dyn Registry> = Arc::new(
-        MemoryRegistry::connect(&store, MemoryOptions::default())
-            .await
-            .unwrap(),
-    );
-    let mut providers = Vec::new();
-    for i in 1..=2u8 {
-        let address = Address {
-            ip: [10, 0, 0, i].into(),
-            port: 9090,
-        };
-        providers.push(
-            Provider::register(&registry, SERVICE, address, "1.0.0")
-                .await
-                .unwrap(),
-        );
-    }
-    let routes = NodePath::new(format!("/soa/config/routes/{SERVICE}")).unwrap();
-    let set_routes = |text: &'static str| {
-        let (registry, routes) = (registry.clone(), routes.clone());
-        async move {
-            registry
-                .set(&routes, Bytes::from(text), Expected::Any)
-                .await
-                .unwrap()
-        }
-    };
-    set_routes("method match 'get' => ip'10.0.0.1'").await;
+    let (registry, _providers) = with_providers(&[(1, "1.0.0"), (2, "1.0.0")]).await;
+    write_rules(&registry, "routes", "method match 'get' => ip'10.0.0.1'").await;
     let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
     until(&view, "instances and routes", |s| {
         s.instances.len() == 2 && s.routes.len() == 1
     })
     .await;
-    let picked = |user: Option<i64>| -> std::collections::BTreeSet<u8> {
+    let of = |user: Option<i64>| {
         let mut ctx = call("1.0.0");
         ctx.user_id = user;
-        (0..200)
-            .map(|_| {
-                view.select(&ctx, &SelectOptions::default())
-                    .unwrap()
-                    .address
-                    .ip
-                    .octets()[3]
-            })
-            .collect()
+        picked(&view, &ctx)
     };
-    assert_eq!(picked(None), [1].into());
+    assert_eq!(of(None), [1].into());
     // A rule on the user: the same method and version now route by who calls.
-    set_routes("userId match 7 => ip'10.0.0.2'\nmethod match 'get' => ip'10.0.0.1'").await;
+    write_rules(
+        &registry,
+        "routes",
+        "userId match 7 => ip'10.0.0.2'\nmethod match 'get' => ip'10.0.0.1'",
+    )
+    .await;
     until(&view, "two routes", |s| s.routes.len() == 2).await;
     for _ in 0..2 {
-        assert_eq!(picked(Some(7)), [2].into());
-        assert_eq!(picked(Some(8)), [1].into());
-        assert_eq!(picked(None), [1].into());
+        assert_eq!(of(Some(7)), [2].into());
+        assert_eq!(of(Some(8)), [1].into());
+        assert_eq!(of(None), [1].into());
     }
 }
