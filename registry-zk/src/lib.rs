@@ -67,6 +67,23 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The state of a registry whose first session is `client`'s, reported `Connected`; the
+    /// receiver is the session task's shutdown signal.
+    fn new(client: &zk::Client, options: ZkOptions) -> (Arc<Shared>, channel::Receiver<bool>) {
+        let tracker = SessionTracker::new();
+        tracker.transition(SessionState::Connected, Some(session_id(client)));
+        let (shutdown, shutdown_rx) = channel::channel(false);
+        let shared = Arc::new(Shared {
+            client: RwLock::new(Some(client.clone())),
+            options,
+            tracker,
+            shutdown,
+            closed: AtomicBool::new(false),
+            session_task: Mutex::new(None),
+        });
+        (shared, shutdown_rx)
+    }
+
     /// The current client; `Closed` after close.
     pub(crate) fn client(&self) -> Result<zk::Client> {
         self.with_client(zk::Client::clone)
@@ -311,17 +328,7 @@ impl ZkRegistry {
             ));
         }
         let client = open_client(&options).await?;
-        let tracker = SessionTracker::new();
-        tracker.transition(SessionState::Connected, Some(session_id(&client)));
-        let (shutdown, shutdown_rx) = channel::channel(false);
-        let shared = Arc::new(Shared {
-            client: RwLock::new(Some(client.clone())),
-            options,
-            tracker,
-            shutdown,
-            closed: AtomicBool::new(false),
-            session_task: Mutex::new(None),
-        });
+        let (shared, shutdown_rx) = Shared::new(&client, options);
         let span = tracing::info_span!("zk_session", servers = %shared.options.connect_string());
         let task = tokio::spawn(
             run_session(Arc::downgrade(&shared), client, shutdown_rx).instrument(span),
@@ -998,18 +1005,8 @@ mod tests {
         .unwrap();
         assert_eq!(ended, zk::SessionState::Expired);
 
-        let tracker = SessionTracker::new();
-        tracker.transition(SessionState::Connected, Some(session_id(&client)));
-        let mut events = tracker.subscribe();
-        let (shutdown, shutdown_rx) = channel::channel(false);
-        let shared = Arc::new(Shared {
-            client: RwLock::new(Some(client.clone())),
-            options,
-            tracker,
-            shutdown,
-            closed: AtomicBool::new(false),
-            session_task: Mutex::new(None),
-        });
+        let (shared, shutdown_rx) = Shared::new(&client, options);
+        let mut events = shared.tracker.subscribe();
         let task = tokio::spawn(run_session(Arc::downgrade(&shared), client, shutdown_rx));
         let lost = tokio::time::timeout(Duration::from_secs(5), async {
             while let Some(status) = events.next().await {
