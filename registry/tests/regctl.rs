@@ -163,7 +163,8 @@ fn export_and_import_round_trip_binary_values() {
     // `get` prints the bytes as stored.
     let got = regctl(&["--url", &from, "get", "/soa/config/freq/com.today.Goods"]);
     assert_eq!(got.stdout, [0, 159, 146, 150, b'\n'], "{got:?}");
-    let dir = tempfile_dir();
+    let tmp = tempfile_dir();
+    let dir = tmp.path();
     let file = dir.join("soa.json");
     let export = regctl(&[
         "--url",
@@ -216,10 +217,13 @@ fn export_and_import_round_trip_binary_values() {
     );
 }
 
-fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("regctl-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A directory of the test's own, removed when dropped (a fixed name under /tmp piled up
+/// one directory per run).
+fn tempfile_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("regctl-test-")
+        .tempdir()
+        .unwrap()
 }
 
 /// Lines of a running regctl, read on a thread so the test can wait with a deadline.
@@ -417,8 +421,8 @@ fn bad_input_is_refused_before_connecting() {
 
 #[test]
 fn json_output_covers_watch_import_and_export() {
-    let dir = tempfile_dir().join("json-output");
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile_dir();
+    let dir = tmp.path();
     let file = dir.join("in.json");
     std::fs::write(
         &file,
