@@ -961,3 +961,66 @@ async fn a_recursive_delete_removes_nodes_too_deep_or_long_for_a_node_path() {
     }
     reg.close().await.unwrap();
 }
+
+/// A client whose server goes silent (connection open, no answer, like a paused process)
+/// resumes its session through another listed server within 5/8 of the TTL, even when its
+/// first try is the silent server again: zookeeper-client shuffles the servers after each
+/// connection, so that happens to half the clients here; with every try bounded by 2/5 of the
+/// TTL (its default) such a client took 4/5 of the TTL, and lost its session under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_is_left_well_within_the_session() {
+    const CLIENTS: usize = 6;
+    const TTL: Duration = Duration::from_secs(4);
+    let server = fast_server();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (first, spare) = (
+            TcpProxy::start(server.addr()).unwrap(),
+            TcpProxy::start(server.addr()).unwrap(),
+        );
+        // Refused while the session opens, so it opens through `first`.
+        spare.cut();
+        let registry = connect(&format!("{},{}", first.addr(), spare.addr()), TTL).await;
+        spare.forward();
+        let events = registry.session_events();
+        clients.push((registry, first, spare, events));
+    }
+    let silenced = Instant::now();
+    for (_, first, _, _) in &clients {
+        first.blackhole();
+    }
+    let bound = TTL * 5 / 8;
+    // Each client's events are followed at once, so each resumption is timed when it happens.
+    let resumptions = clients
+        .iter_mut()
+        .map(|(registry, _, _, events)| async move {
+            let session = registry.session().session_id;
+            let mut suspended = false;
+            // Bounded by the TTL: the session expires by then if nothing answered.
+            let resumed = tokio::time::timeout(TTL, async {
+                while let Some(status) = events.next().await {
+                    match status.state {
+                        SessionState::Suspended => suspended = true,
+                        SessionState::Connected if suspended => return Some(silenced.elapsed()),
+                        SessionState::Lost => return None,
+                        _ => {}
+                    }
+                }
+                None
+            })
+            .await
+            .ok()
+            .flatten();
+            (resumed, registry.session().session_id == session)
+        });
+    let resumptions = futures::future::join_all(resumptions).await;
+    for (i, (resumed, same_session)) in resumptions.into_iter().enumerate() {
+        let resumed = resumed
+            .unwrap_or_else(|| panic!("client {i} did not resume its session within the TTL"));
+        assert!(same_session, "client {i} resumed another session");
+        assert!(
+            resumed <= bound,
+            "client {i} resumed its session {resumed:?} after its server went silent (bound {bound:?}, TTL {TTL:?})"
+        );
+    }
+}

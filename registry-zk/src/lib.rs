@@ -120,7 +120,7 @@ fn session_id(client: &zk::Client) -> SessionId {
 fn connector(options: &ZkOptions) -> zk::Connector {
     let mut connector = zk::Client::connector()
         .with_session_timeout(options.session_ttl)
-        .with_connection_timeout(options.connect_timeout);
+        .with_connection_timeout(options.connection_attempt_timeout());
     if let Some((scheme, auth)) = &options.auth {
         connector = connector.with_auth(scheme, auth);
     }

@@ -33,7 +33,8 @@ pub struct ZkOptions {
     pub session_ttl: Duration,
     /// Deadline of each request.
     pub request_timeout: Duration,
-    /// Deadline of establishing a session.
+    /// Deadline of establishing a session. Each try of one server, and the silence after
+    /// which a connection counts as lost, is shorter: at most a quarter of `session_ttl`.
     pub connect_timeout: Duration,
     /// Authentication (scheme, bytes), e.g. `("digest", b"user:password")`, sent again after
     /// every reconnect and on every new session.
@@ -130,6 +131,15 @@ impl ZkOptions {
     pub fn with_session_ttl(mut self, ttl: Duration) -> Self {
         self.session_ttl = ttl;
         self
+    }
+
+    /// How long one server gets to answer a connection attempt, and how long a connection
+    /// may stay silent before the client moves to another server: at most a quarter of the
+    /// session TTL. zookeeper-client shuffles the servers after each connection, so the first
+    /// try after a server went silent can be that server again; a quarter leaves two more
+    /// tries before the session expires (its default, 2/5, left room for one).
+    pub(crate) fn connection_attempt_timeout(&self) -> Duration {
+        self.connect_timeout.min(self.session_ttl / 4)
     }
 
     /// Sets the per-request deadline.
