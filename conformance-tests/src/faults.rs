@@ -235,6 +235,15 @@ impl<'f> FaultEnv<'f> {
         panic!("[{}] no leader within 20 s", self.at)
     }
 
+    /// The member leading now, asked once (`None`: none, or no servers of the case's own).
+    pub async fn current_leader(&self) -> Option<usize> {
+        let cluster = self.cluster.clone()?;
+        tokio::task::spawn_blocking(move || locked(&cluster).leader())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Compacts the servers' history up to now (etcd).
     pub async fn compact(&self) -> Result<(), Error> {
         self.fx.compact(&self.members).await

@@ -275,13 +275,16 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
     }
     let acked: Arc<Mutex<BTreeMap<usize, u64>>> = Arc::default();
     let successes: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    // The writer's latest failure, for the report if writes never resume.
+    let last_error: Arc<Mutex<Option<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let task = {
-        let (writer, acked, successes, stop) = (
+        let (writer, acked, successes, last_error, stop) = (
             writer.clone(),
             acked.clone(),
             successes.clone(),
+            last_error.clone(),
             stop.clone(),
         );
         tokio::spawn(async move {
@@ -309,7 +312,11 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
                         i += 1;
                     }
                     // The same write again: a set of the same value is idempotent.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(e) => {
+                        *last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(format!("{:?} after the start: {e}", started.elapsed()));
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
                 }
             }
         })
@@ -346,12 +353,19 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
         if let Some(t) = first {
             break t - killed_at;
         }
-        assert!(
-            Instant::now() < deadline,
-            "[{}] no write succeeded within {:?} of the leader's death",
-            env.at,
-            deadline - killed_at
-        );
+        if Instant::now() >= deadline {
+            let error = last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            panic!(
+                "[{}] no write succeeded within {:?} of the leader's death (member {leader} \
+                 killed at {:?} after the start; leading now: {:?}; the writer's session: {:?}; \
+                 its last error: {error:?})",
+                env.at,
+                deadline - killed_at,
+                killed_at - started,
+                env.current_leader().await,
+                writer.session(),
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     eprintln!(
