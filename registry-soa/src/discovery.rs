@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::stream::{self, StreamExt};
-use rand::Rng;
 use registry_core::{
     Backoff, NodePath, Registry, SessionState, WatchEvent, WatchOptions, WatchStream, WatchedState,
 };
@@ -14,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::balance::{Balancer, Candidate};
+use crate::balance::{random_below, Balancer, Candidate};
 use crate::config::{parse_config, resolve, weight_of, LoadBalance, ServiceConfig};
 use crate::error::{ParseError, SoaError};
 use crate::layout::{global_config, parse_instance, Instance, ServicePaths};
@@ -204,9 +203,9 @@ impl Compatible {
     fn pick_random(&self) -> Option<usize> {
         let total = self.cumulative.last().copied()?;
         let k = if total == 0 {
-            rand::thread_rng().gen_range(0..self.indices.len())
+            usize::try_from(random_below(self.indices.len() as u64)).ok()?
         } else {
-            let point = rand::thread_rng().gen_range(0..total);
+            let point = random_below(total);
             self.cumulative.partition_point(|c| *c <= point)
         };
         self.indices.get(k).copied()
