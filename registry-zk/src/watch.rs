@@ -126,6 +126,15 @@ struct Read {
     revision: u64,
 }
 
+/// Returns once the server answering `reader` has applied every write committed before the
+/// sync reached the leader.
+async fn sync(reader: &Reader, root: &NodePath) -> Result<()> {
+    match reader.within(reader.client.sync(root.as_str())).await {
+        Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+        Err(e) => Err(map(e, "sync", root)),
+    }
+}
+
 /// Reads the watched root with a data watch; a missing root gets an existence watch instead.
 async fn read_root(reader: &Reader, path: &NodePath, read: &mut Read) -> Result<Option<Node>> {
     // Bounded: a node that keeps appearing and vanishing between the two calls gives up.
@@ -507,8 +516,17 @@ async fn run(
             Ok(client) => Reader { client, timeout },
             Err(_) => return,
         };
+        // A new session can be served by a follower behind the server that answered the
+        // last session's reads (within a session, ZooKeeper never goes back): sync first, so
+        // a resync never shows an older tree than the one delivered.
+        let resumed = delivered.is_some() && shared.tracker.status().epoch != epoch;
         let read = match stoppable(
-            read_scope(&reader, &root, scope, &mut skipped),
+            async {
+                if resumed {
+                    sync(&reader, &root).await?;
+                }
+                read_scope(&reader, &root, scope, &mut skipped).await
+            },
             &mut shutdown,
             &tx,
         )
