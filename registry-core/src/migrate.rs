@@ -154,6 +154,11 @@ pub struct CopySummary {
 /// again after an interruption finishes the job and never duplicates anything. Nodes only in
 /// the target are left alone (a [`Mirror`] removes them). `progress(done, total)` is called
 /// after each node. Nothing is written with [`CopyOptions::dry_run`].
+///
+/// Fails with [`Error::AlreadyExists`], before writing anything (dry run or not), if the
+/// target holds a path of the source as an ephemeral node: writing into it would tie the
+/// copied value to that node's session (and nothing can be created below it), replacing it
+/// would remove a live registration.
 pub async fn copy(
     from: &dyn Registry,
     to: &dyn Registry,
@@ -164,39 +169,77 @@ pub async fn copy(
     let source = persistent_tree(from, root).await?;
     let total = source.len();
     let mut summary = CopySummary::default();
-    // Paths sort before their descendants, so each create finds its parent.
-    for (done, (path, node)) in source.iter().enumerate() {
+    // Every target node is read before the first write, so a conflict writes nothing.
+    let mut writes = Vec::new();
+    for (path, node) in &source {
         match to.get(path).await {
-            Ok(existing) if existing.value == node.value => summary.unchanged += 1,
-            Ok(_) => {
+            Ok(existing) if existing.is_ephemeral() => {
+                return Err(Error::AlreadyExists { path: path.clone() })
+            }
+            Ok(existing) if existing.value == node.value => {
+                summary.unchanged += 1;
+                progress(summary.unchanged, total);
+            }
+            Ok(existing) => {
                 summary.updated += 1;
-                if !options.dry_run {
-                    // Not `set` alone: an etcd parent with no key of its own reads as an
-                    // empty node, but only a create gives it the value.
-                    put(to, path, node.value.clone()).await?;
-                }
+                writes.push((path, node, Some(existing.version)));
             }
             Err(Error::NotFound { .. }) => {
                 summary.created += 1;
-                if !options.dry_run {
-                    put(to, path, node.value.clone()).await?;
-                }
+                writes.push((path, node, None));
             }
             Err(error) => return Err(error),
         }
-        progress(done + 1, total);
+    }
+    if options.dry_run {
+        progress(total, total);
+        return Ok(summary);
+    }
+    // Paths sort before their descendants, so each create finds its parent.
+    let unchanged = summary.unchanged;
+    for (done, (path, node, version)) in writes.into_iter().enumerate() {
+        put(to, path, node.value.clone(), Some(version)).await?;
+        progress(unchanged + done + 1, total);
     }
     Ok(summary)
 }
 
-/// Writes `value` at `path` as a persistent node, creating it if needed.
-async fn put(to: &dyn Registry, path: &NodePath, value: Bytes) -> Result<()> {
-    // Bounded: a create can only lose to a concurrent create once before the set wins.
+/// Writes `value` at `path` as a persistent node, creating it if needed. Refuses with
+/// [`Error::AlreadyExists`] a path the target holds as an ephemeral node (and
+/// [`Error::EphemeralParent`] one below such a node): that node belongs to a live session.
+/// `seen`: the version of the persistent node there (`Some(None)`: none) as just read.
+async fn put(
+    to: &dyn Registry,
+    path: &NodePath,
+    value: Bytes,
+    mut seen: Option<Option<u64>>,
+) -> Result<()> {
+    // Bounded: each round loses at most one race with another writer.
     for _ in 0..3 {
-        match to.set(path, value.clone(), Expected::Any).await {
-            Ok(_) => return Ok(()),
-            Err(Error::NotFound { .. }) => {}
-            Err(error) => return Err(error),
+        let version = match seen.take() {
+            Some(version) => version,
+            None => match to.get(path).await {
+                Ok(node) if node.is_ephemeral() => {
+                    return Err(Error::AlreadyExists { path: path.clone() })
+                }
+                Ok(node) => Some(node.version),
+                Err(Error::NotFound { .. }) => None,
+                Err(error) => return Err(error),
+            },
+        };
+        if let Some(version) = version {
+            // At the version read: a node replaced meanwhile is looked at again.
+            match to
+                .set(path, value.clone(), Expected::Version(version))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(Error::VersionMismatch { .. }) => continue,
+                // An etcd parent with no key of its own reads as an empty node, but only a
+                // create gives it the value.
+                Err(Error::NotFound { .. }) => {}
+                Err(error) => return Err(error),
+            }
         }
         match to.create(path, value.clone(), CreateMode::Persistent).await {
             Ok(_) => return Ok(()),
@@ -205,8 +248,17 @@ async fn put(to: &dyn Registry, path: &NodePath, value: Bytes) -> Result<()> {
         }
     }
     Err(Error::unavailable(format!(
-        "{path} kept appearing and disappearing while being written"
+        "{path} kept changing while being written"
     )))
+}
+
+/// Whether a failed [`put`] means the target holds the path (or a parent of it) as a live
+/// session's ephemeral node, which a mirror leaves alone.
+fn held_by_a_session(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::AlreadyExists { .. } | Error::EphemeralParent { .. }
+    )
 }
 
 /// Deletes the persistent node at `path` and persistent nodes below it; ephemeral nodes (and
@@ -241,6 +293,9 @@ pub enum MirrorChange {
         written: usize,
         /// Nodes deleted from the target to get there.
         deleted: usize,
+        /// Source nodes not written: the target holds their paths (or a parent) as live
+        /// sessions' ephemeral nodes (see [`MirrorChange::Held`]).
+        held: usize,
     },
     /// A node was created or updated in the target.
     Put(NodePath),
@@ -248,6 +303,9 @@ pub enum MirrorChange {
     Deleted(NodePath),
     /// A node could not be deleted because live ephemeral nodes sit below it in the target.
     Kept(NodePath),
+    /// A source node was not written: the target holds its path, or a parent of it, as a live
+    /// session's ephemeral node.
+    Held(NodePath),
     /// Either side failed; the mirror starts over (fresh read, then follow) after `after`.
     Retrying {
         /// The failure.
@@ -432,9 +490,16 @@ async fn follow(
                 if node.is_ephemeral() || node.path.is_root() {
                     continue;
                 }
-                put(to, &node.path, node.value).await?;
+                let change = match put(to, &node.path, node.value, None).await {
+                    Ok(()) => MirrorChange::Put(node.path),
+                    Err(error) if held_by_a_session(&error) => {
+                        tracing::warn!(path = %node.path, %error, "not mirrored: the target holds it as a live session's ephemeral node");
+                        MirrorChange::Held(node.path)
+                    }
+                    Err(error) => return Err(error),
+                };
                 status.send_modify(|s| s.applied += 1);
-                observer(MirrorChange::Put(node.path));
+                observer(change);
             }
             WatchEvent::Deleted(node) => {
                 if node.is_ephemeral() || node.path.is_root() {
@@ -471,11 +536,19 @@ async fn sync(
             current.len()
         )));
     }
-    let mut written = 0;
+    let (mut written, mut held) = (0, 0);
     for (path, value) in desired {
         if current.get(path).map(|n| &n.value) != Some(value) {
-            put(to, path, value.clone()).await?;
-            written += 1;
+            // A path missing from `current` may be an ephemeral node there: `put` reads it.
+            let seen = current.get(path).map(|node| Some(node.version));
+            match put(to, path, value.clone(), seen).await {
+                Ok(()) => written += 1,
+                Err(error) if held_by_a_session(&error) => {
+                    tracing::warn!(path = %path, %error, "not mirrored: the target holds it as a live session's ephemeral node");
+                    held += 1;
+                }
+                Err(error) => return Err(error),
+            }
         }
     }
     let mut extra: Vec<&NodePath> = current
@@ -496,5 +569,6 @@ async fn sync(
         nodes: desired.len(),
         written,
         deleted,
+        held,
     })
 }

@@ -634,3 +634,74 @@ async fn merged_children_put_the_primary_first_as_create_orders_are_not_comparab
         .collect();
     assert_eq!(names, ["x", "y"]);
 }
+
+/// A path the target holds as a live session's ephemeral node (a provider registered there
+/// directly) is neither written into nor replaced: `copy` refuses before writing anything, a
+/// mirror syncs everything else and reports the path as held.
+#[tokio::test]
+async fn copy_and_mirror_leave_a_live_sessions_ephemeral_node_alone() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst) = (client(&a).await, client(&b).await);
+    for (path, v) in [
+        ("/soa/config/a", "1"),
+        ("/soa/config/held", "2"),
+        ("/soa/config/held/below", "3"),
+    ] {
+        src.create(&p(path), Bytes::from(v), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    dst.create(
+        &p("/soa/config/held"),
+        Bytes::from("live"),
+        CreateMode::Ephemeral,
+    )
+    .await
+    .unwrap();
+    let live = |node: registry_core::Node| (node.value, node.ephemeral_owner);
+    let before = live(dst.get(&p("/soa/config/held")).await.unwrap());
+
+    for dry_run in [true, false] {
+        let refused =
+            migrate::copy(&*src, &*dst, &p("/soa"), CopyOptions { dry_run }, |_, _| {}).await;
+        assert!(
+            matches!(&refused, Err(Error::AlreadyExists { path }) if *path == p("/soa/config/held")),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(
+        value(&*dst, "/soa/config/a").await,
+        None,
+        "a refused copy wrote"
+    );
+    assert_eq!(live(dst.get(&p("/soa/config/held")).await.unwrap()), before);
+
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mirror = Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa"), move |c| {
+        let _ = tx.send(c);
+    });
+    mirror.wait_synced(WAIT).await.unwrap();
+    match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+        // The held node and the one below it.
+        Some(MirrorChange::Synced { held, .. }) => assert_eq!(held, 2),
+        other => panic!("expected the first sync, got {other:?}"),
+    }
+    assert_eq!(value(&*dst, "/soa/config/a").await, Some(Bytes::from("1")));
+    src.set(&p("/soa/config/held"), Bytes::from("2b"), Expected::Any)
+        .await
+        .unwrap();
+    match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+        Some(MirrorChange::Held(path)) => assert_eq!(path, p("/soa/config/held")),
+        other => panic!("expected the held path, got {other:?}"),
+    }
+    assert_eq!(live(dst.get(&p("/soa/config/held")).await.unwrap()), before);
+    // The mirror goes on with the rest.
+    src.set(&p("/soa/config/a"), Bytes::from("1b"), Expected::Any)
+        .await
+        .unwrap();
+    match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+        Some(MirrorChange::Put(path)) => assert_eq!(path, p("/soa/config/a")),
+        other => panic!("expected a put, got {other:?}"),
+    }
+    mirror.stop().await;
+}

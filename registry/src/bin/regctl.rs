@@ -220,10 +220,14 @@ fn mirror_text(change: &MirrorChange) -> String {
             nodes,
             written,
             deleted,
-        } => format!("synced {nodes} nodes ({written} written, {deleted} deleted)"),
+            held,
+        } => format!(
+            "synced {nodes} nodes ({written} written, {deleted} deleted, {held} held by live sessions)"
+        ),
         MirrorChange::Put(p) => format!("put {p}"),
         MirrorChange::Deleted(p) => format!("deleted {p}"),
         MirrorChange::Kept(p) => format!("kept {p} (live instances below it)"),
+        MirrorChange::Held(p) => format!("held {p} (a live session's ephemeral node in the target)"),
         MirrorChange::Retrying { error, after } => {
             format!("retrying in {} ms: {error}", after.as_millis())
         }
@@ -236,12 +240,14 @@ fn mirror_json(change: &MirrorChange) -> serde_json::Value {
             nodes,
             written,
             deleted,
+            held,
         } => {
-            serde_json::json!({"event": "synced", "nodes": nodes, "written": written, "deleted": deleted})
+            serde_json::json!({"event": "synced", "nodes": nodes, "written": written, "deleted": deleted, "held": held})
         }
         MirrorChange::Put(p) => serde_json::json!({"event": "put", "path": p.as_str()}),
         MirrorChange::Deleted(p) => serde_json::json!({"event": "deleted", "path": p.as_str()}),
         MirrorChange::Kept(p) => serde_json::json!({"event": "kept", "path": p.as_str()}),
+        MirrorChange::Held(p) => serde_json::json!({"event": "held", "path": p.as_str()}),
         MirrorChange::Retrying { error, after } => {
             serde_json::json!({"event": "retrying", "error": error, "after_ms": after.as_millis() as u64})
         }
@@ -559,7 +565,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
             })
-            .await?;
+            .await
+            .inspect_err(|error| {
+                if let Error::AlreadyExists { path } = error {
+                    eprintln!(
+                        "regctl: the target holds {path} as a live session's ephemeral node; copy writes persistent nodes only and wrote nothing"
+                    );
+                }
+            })?;
             bar.finish_and_clear();
             let summary = format!(
                 "{} {created} created, {updated} updated, {unchanged} unchanged",
