@@ -141,3 +141,41 @@ async fn election_observers_see_each_leader() {
     assert_eq!(observed_b.token, b.token());
     assert!(observed_b.token > seen.token);
 }
+
+/// A `lock()` dropped after its node was created but before it read the create's reply (a
+/// caller cancelled at that instant) leaves no node: the reply, unread, removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_dropped_before_reading_its_created_node_leaves_nothing() {
+    let store = MemoryStore::new();
+    let path = NodePath::new("/locks/unread").unwrap();
+    let reader = client(&store).await;
+    let mutex = Mutex::new(client(&store).await, path.clone());
+    let nodes = |reader: Arc<dyn Registry>, path: NodePath| async move {
+        reader
+            .children(&path)
+            .await
+            .map(|c| c.nodes.len())
+            .unwrap_or(0)
+    };
+    let mut lock = Box::pin(mutex.lock());
+    // One poll sends the create; the future is not polled again, so it never reads the reply.
+    assert!(futures::poll!(lock.as_mut()).is_pending());
+    let created = tokio::time::timeout(Duration::from_secs(5), async {
+        while nodes(reader.clone(), path.clone()).await != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(created.is_ok(), "the lock's node never appeared");
+    // The create's task hands its reply over right after the node exists; no event tells
+    // when, so give it ample time before dropping the unread reply.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(lock);
+    let removed = tokio::time::timeout(Duration::from_secs(5), async {
+        while nodes(reader.clone(), path.clone()).await != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(removed.is_ok(), "the dropped lock's node stayed");
+}

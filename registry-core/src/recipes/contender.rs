@@ -41,7 +41,7 @@ impl Contender {
         // Obtaining our node runs in a task of its own: if our caller is dropped meanwhile,
         // the task still sees the outcome and removes the node nobody will own.
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let (creator, dir) = (registry.clone(), dir.clone());
+        let (creator, dir) = (registry, dir.clone());
         let span = tracing::debug_span!("recipe_create", prefix = %prefix);
         tokio::spawn(
             async move {
@@ -59,8 +59,16 @@ impl Contender {
                     }
                     other => (other, false),
                 };
+                // Handed over as an armed contender, not a bare node: if the caller is gone
+                // before it reads the reply (even after the send succeeded), dropping the
+                // reply removes the node nobody will own.
+                let created = created.map(|node| Contender {
+                    registry: creator.clone(),
+                    node,
+                    armed: true,
+                });
                 match reply.send(created) {
-                    Err(Ok(orphan)) => remove_node(creator, &orphan).await.unwrap_or(()),
+                    Err(Ok(orphan)) => drop(orphan),
                     // Whether the create happened is still unknown: look again until the
                     // queue can be read, and remove what is found (nobody owns it).
                     Err(Err(_)) | Ok(()) if unknown => {
@@ -71,14 +79,9 @@ impl Contender {
             }
             .instrument(span),
         );
-        let node = answer
+        answer
             .await
-            .unwrap_or_else(|_| Err(Error::unavailable("recipe create task ended")))?;
-        Ok(Contender {
-            registry,
-            node,
-            armed: true,
-        })
+            .unwrap_or_else(|_| Err(Error::unavailable("recipe create task ended")))
     }
 
     /// Waits until our node is the oldest in `dir`, watching only the node just before it.
