@@ -148,7 +148,8 @@ impl ZkOptions {
         self
     }
 
-    /// Sets the session-establishment deadline.
+    /// Sets the session-establishment deadline. Each try of one server is bounded by the
+    /// smaller of this and a quarter of the session TTL.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
