@@ -176,7 +176,9 @@ pub trait Registry: Send + Sync + 'static {
     /// status and removal. With [`RegisterOptions::sequential`] the last segment is a name
     /// prefix (Dapeng's `ip:port:version:`) and every re-creation gets a new counter.
     /// Errors: input errors, [`EphemeralParent`](crate::Error::EphemeralParent), and the first
-    /// attempt's failure (nothing is left behind then).
+    /// attempt's failure (nothing is left behind then). A future dropped before it returns
+    /// may leave its node created with nothing healing it: the node goes with the session,
+    /// and a later `register` of the same path in this session adopts it.
     async fn register(
         &self,
         path: &NodePath,
