@@ -319,14 +319,15 @@ impl Registration {
     }
 
     /// Stops healing and deletes the node; returns once it is gone (or was never there).
-    /// Retryable failures are retried for up to 10 s.
+    /// Retryable failures are retried for up to 10 s. A future dropped before it returns
+    /// leaves the removal to the background, as dropping the registration does.
     pub async fn deregister(mut self) -> Result<()> {
         self.stop.send_replace(true);
         // The healer winds down while the node is removed: once removed, it cannot
-        // re-create it (see `ensure`).
-        let task = self.task.take();
+        // re-create it (see `ensure`). Its handle stays in `self` until then, so a deregister
+        // dropped midway leaves the removal to `drop`.
         let mut outcome = remove(&self.shared).await;
-        if let Some(task) = task {
+        if let Some(task) = self.task.take() {
             let _ = task.await;
         }
         for companion in std::mem::take(&mut self.companions) {

@@ -50,3 +50,47 @@ async fn set_value_never_writes_another_sessions_node() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A `deregister` dropped before it finished (a caller's timeout) still removes the node: the
+/// registration, dropped with it, takes the removal over in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deregister_dropped_midway_still_removes_the_node() {
+    let store = MemoryStore::new();
+    let connect = || async {
+        Arc::new(
+            MemoryRegistry::connect(&store, MemoryOptions::default())
+                .await
+                .unwrap(),
+        )
+    };
+    let (ours, reader) = (connect().await, connect().await);
+    let path = NodePath::new("/svc/10.0.0.2:9090").unwrap();
+    let registration = ours
+        .register(&path, Bytes::from("ours"), RegisterOptions::new())
+        .await
+        .unwrap();
+    // Cut off (well within the TTL): the removal keeps failing and retrying meanwhile.
+    store
+        .interrupt_connection(
+            ours.session().session_id.unwrap(),
+            std::time::Duration::from_millis(500),
+        )
+        .unwrap();
+    let mut deregister = Box::pin(registration.deregister());
+    assert!(futures::poll!(deregister.as_mut()).is_pending());
+    drop(deregister);
+    let removed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while reader.exists(&path).await.unwrap() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        removed.is_ok(),
+        "the node stayed after a dropped deregister"
+    );
+    assert!(
+        ours.session().state.is_live(),
+        "the session must outlive the cut"
+    );
+}
