@@ -1,6 +1,8 @@
 //! Smoke tests of the recipes on the in-memory backend; the full cases (`lock_*`,
 //! `election_*`) run on every backend in the conformance suite.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,4 +180,45 @@ async fn lock_dropped_before_reading_its_created_node_leaves_nothing() {
     })
     .await;
     assert!(removed.is_ok(), "the dropped lock's node stayed");
+}
+
+/// An `unlock()` or `resign()` dropped before its delete was answered (a caller's timeout
+/// while the server is slow) still frees the lock and the leadership: the guard, dropped with
+/// it, removes the node in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlock_and_resign_dropped_midway_still_remove_their_nodes() {
+    let store = MemoryStore::new();
+    let reader = client(&store).await;
+    let faulty = support::Faulty::new(client(&store).await);
+    let registry: Arc<dyn Registry> = faulty.clone();
+    let lock_path = NodePath::new("/locks/slow").unwrap();
+    let election_path = NodePath::new("/election/slow").unwrap();
+    let guard = Mutex::new(registry.clone(), lock_path.clone())
+        .lock()
+        .await
+        .unwrap();
+    let leadership = Election::new(registry.clone(), election_path.clone())
+        .campaign(Bytes::from("a"))
+        .await
+        .unwrap();
+    faulty.hold_deletes(true);
+    let mut unlock = Box::pin(guard.unlock());
+    assert!(futures::poll!(unlock.as_mut()).is_pending());
+    drop(unlock);
+    let mut resign = Box::pin(leadership.resign());
+    assert!(futures::poll!(resign.as_mut()).is_pending());
+    drop(resign);
+    faulty.hold_deletes(false);
+    for path in [lock_path, election_path] {
+        let removed = tokio::time::timeout(Duration::from_secs(5), async {
+            while !reader.children(&path).await.unwrap().nodes.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            removed.is_ok(),
+            "{path} kept its node after a dropped release"
+        );
+    }
 }

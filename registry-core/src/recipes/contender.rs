@@ -141,8 +141,10 @@ impl Contender {
 
     /// Deletes our node now (idempotent; a node already gone is fine); see [`remove_node`].
     pub(crate) async fn remove(mut self) -> Result<()> {
+        let outcome = remove_node(self.registry.clone(), &self.node).await;
+        // Armed until the delete was answered: dropped midway, `drop` removes the node.
         self.armed = false;
-        remove_node(self.registry.clone(), &self.node).await
+        outcome
     }
 
     /// Hands the node over to a holder object that removes it itself.

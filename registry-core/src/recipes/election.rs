@@ -140,11 +140,16 @@ impl Leadership {
     /// Steps down and waits until our candidate node is gone. If the delete fails for a
     /// reason that passes (connection suspended), the error is returned and the delete goes on
     /// in the background until the node is gone or its session ends.
+    /// A future dropped before it returns leaves the delete to the background too.
     pub async fn resign(mut self) -> Result<()> {
-        match self.node.take() {
-            Some(node) => remove_node(self.registry.clone(), &node).await,
-            None => Ok(()),
-        }
+        let Some(node) = self.node.clone() else {
+            return Ok(());
+        };
+        let outcome = remove_node(self.registry.clone(), &node).await;
+        // Kept until the delete was answered: a resign dropped midway leaves the removal to
+        // `drop`, in the background.
+        self.node = None;
+        outcome
     }
 }
 

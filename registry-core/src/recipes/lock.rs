@@ -116,11 +116,16 @@ impl MutexGuard {
     /// Releases the lock and waits until its node is gone. If the delete fails for a reason
     /// that passes (connection suspended), the error is returned and the delete goes on in the
     /// background until the node is gone or its session ends.
+    /// A future dropped before it returns leaves the delete to the background too.
     pub async fn unlock(mut self) -> Result<()> {
-        match self.node.take() {
-            Some(node) => super::contender::remove_node(self.registry.clone(), &node).await,
-            None => Ok(()),
-        }
+        let Some(node) = self.node.clone() else {
+            return Ok(());
+        };
+        let outcome = super::contender::remove_node(self.registry.clone(), &node).await;
+        // Kept until the delete was answered: an unlock dropped midway leaves the removal to
+        // `drop`, in the background.
+        self.node = None;
+        outcome
     }
 }
 

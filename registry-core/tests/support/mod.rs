@@ -17,13 +17,15 @@ pub type CreateHook =
     Arc<dyn Fn(NodePath, Result<Node>) -> BoxFuture<'static, Result<Node>> + Send + Sync>;
 
 /// Passes every call to `inner`, except that a create's answer goes through `on_create` when
-/// one is set, and while `fail_gets` every get (while `fail_children`, every children read)
-/// fails with `Unavailable`.
+/// one is set, while `fail_gets` every get (while `fail_children`, every children read)
+/// fails with `Unavailable`, and while deletes are held they wait (a server that does not
+/// answer yet).
 pub struct Faulty {
     pub inner: Arc<dyn Registry>,
     on_create: Mutex<Option<CreateHook>>,
     fail_gets: AtomicBool,
     fail_children: AtomicBool,
+    hold_deletes: tokio::sync::watch::Sender<bool>,
 }
 
 #[allow(dead_code)] // Each test binary uses a part.
@@ -34,7 +36,18 @@ impl Faulty {
             on_create: Mutex::new(None),
             fail_gets: AtomicBool::new(false),
             fail_children: AtomicBool::new(false),
+            hold_deletes: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// Whether deletes (plain and by owner) wait before reaching `inner` from now on.
+    pub fn hold_deletes(&self, hold: bool) {
+        self.hold_deletes.send_replace(hold);
+    }
+
+    async fn until_deletes_pass(&self) {
+        let mut held = self.hold_deletes.subscribe();
+        let _ = held.wait_for(|hold| !*hold).await;
     }
 
     /// From now on, creates go through `hook`.
@@ -95,9 +108,11 @@ impl Registry for Faulty {
         self.inner.set(path, value, expected).await
     }
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
+        self.until_deletes_pass().await;
         self.inner.delete(path, expected, scope).await
     }
     async fn delete_owned(&self, node: &Node) -> Result<bool> {
+        self.until_deletes_pass().await;
         self.inner.delete_owned(node).await
     }
     async fn children(&self, path: &NodePath) -> Result<Children> {
