@@ -9,19 +9,20 @@ use registry_core::{
     Registry,
 };
 
+async fn client(store: &MemoryStore) -> Arc<MemoryRegistry> {
+    Arc::new(
+        MemoryRegistry::connect(store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    )
+}
+
 // One thread: the healer runs only when the test awaits something pending, and the in-memory
 // backend answers at once, so the steps below happen before it sees the deletion.
 #[tokio::test(flavor = "current_thread")]
 async fn set_value_never_writes_another_sessions_node() {
     let store = MemoryStore::new();
-    let connect = || async {
-        Arc::new(
-            MemoryRegistry::connect(&store, MemoryOptions::default())
-                .await
-                .unwrap(),
-        )
-    };
-    let (ours, theirs) = (connect().await, connect().await);
+    let (ours, theirs) = (client(&store).await, client(&store).await);
     let path = NodePath::new("/svc/10.0.0.1:9090").unwrap();
     let registration = ours
         .register(&path, Bytes::from("ours"), RegisterOptions::new())
@@ -56,14 +57,7 @@ async fn set_value_never_writes_another_sessions_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deregister_dropped_midway_still_removes_the_node() {
     let store = MemoryStore::new();
-    let connect = || async {
-        Arc::new(
-            MemoryRegistry::connect(&store, MemoryOptions::default())
-                .await
-                .unwrap(),
-        )
-    };
-    let (ours, reader) = (connect().await, connect().await);
+    let (ours, reader) = (client(&store).await, client(&store).await);
     let path = NodePath::new("/svc/10.0.0.2:9090").unwrap();
     let registration = ours
         .register(&path, Bytes::from("ours"), RegisterOptions::new())
