@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use etcd_client::{
-    Client as EtcdClient, DeleteOptions, EventType, GetOptions, PutOptions,
-    WatchOptions as EtcdWatchOptions, WatchStream as EtcdWatchStream,
+    Client as EtcdClient, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, WatchOptions as EtcdWatchOptions, WatchStream as EtcdWatchStream,
 };
 use futures::{stream, StreamExt};
 use tokio::sync::mpsc::UnboundedSender;
@@ -209,6 +209,85 @@ impl Raw {
                 .await
                 .map(|_| ())
                 .ctx(format!("zk create ephemeral {path}")),
+        }
+    }
+
+    /// Registers with the checks our `create(Ephemeral)` makes, written against the raw
+    /// client: on etcd the same Txn (parent exists and is persistent, key absent; put under
+    /// the session lease; else read both, to name the failure); on ZooKeeper an ephemeral
+    /// create, which checks this itself. Fails if a check does.
+    pub async fn register_checked(&self, path: &str, value: &[u8]) -> BenchResult<()> {
+        match self {
+            Raw::Etcd { client, lease, .. } => {
+                let parent = parent_of(path);
+                let keys_only = || Some(GetOptions::new().with_keys_only());
+                let txn = Txn::new()
+                    .when([
+                        Compare::create_revision(parent, CompareOp::Greater, 0),
+                        Compare::lease(parent, CompareOp::Equal, 0),
+                        Compare::create_revision(path, CompareOp::Equal, 0),
+                    ])
+                    .and_then([TxnOp::put(
+                        path,
+                        value,
+                        Some(PutOptions::new().with_lease(*lease)),
+                    )])
+                    .or_else([
+                        TxnOp::get(parent, keys_only()),
+                        TxnOp::get(path, keys_only()),
+                    ]);
+                let response = client
+                    .clone()
+                    .txn(txn)
+                    .await
+                    .ctx(format!("etcd checked create {path}"))?;
+                if response.succeeded() {
+                    Ok(())
+                } else {
+                    Err(format!("etcd checked create {path}: a check failed"))
+                }
+            }
+            Raw::Zk(_) => self.register(path, value).await,
+        }
+    }
+
+    /// Deletes a node only while this client's session owns it, as our `deregister()` does:
+    /// on etcd one Txn comparing the key's lease with the session lease; on ZooKeeper a stat,
+    /// then a delete at the version read if the stat names this session as the owner. Fails
+    /// if the node is missing or not this session's.
+    pub async fn delete_owned(&self, path: &str) -> BenchResult<()> {
+        let refused = || {
+            Err(format!(
+                "owner-checked delete {path}: not this session's node"
+            ))
+        };
+        match self {
+            Raw::Etcd { client, lease, .. } => {
+                let txn = Txn::new()
+                    .when([Compare::lease(path, CompareOp::Equal, *lease)])
+                    .and_then([TxnOp::delete(path, None)])
+                    .or_else([TxnOp::get(path, Some(GetOptions::new().with_keys_only()))]);
+                let response = client
+                    .clone()
+                    .txn(txn)
+                    .await
+                    .ctx(format!("etcd owner-checked delete {path}"))?;
+                if response.succeeded() {
+                    Ok(())
+                } else {
+                    refused()
+                }
+            }
+            Raw::Zk(c) => {
+                let stat = c.check_stat(path).await.ctx(format!("zk stat {path}"))?;
+                match stat {
+                    Some(stat) if stat.ephemeral_owner == c.session_id().0 => c
+                        .delete(path, Some(stat.version))
+                        .await
+                        .ctx(format!("zk delete {path} at version {}", stat.version)),
+                    _ => refused(),
+                }
+            }
         }
     }
 

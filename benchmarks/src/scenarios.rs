@@ -307,12 +307,15 @@ async fn raw_register_many(raw: &Raw, parent: &str, n: usize) -> BenchResult<Vec
     results.into_iter().collect()
 }
 
-/// What one sample of the register scenario does: the raw client's ephemeral write, our
-/// `create(Ephemeral)` (the same work, checked), or our `register()` (that create plus the
-/// healing watch, which has no raw equivalent).
+/// What one sample of the register scenario does: the raw client's ephemeral write, the raw
+/// client writing with the checks our layer makes, our `create(Ephemeral)` (the same work,
+/// checked), or our `register()` (that create plus the healing watch, which has no raw
+/// equivalent). Removals mirror them: a raw delete, a raw delete only while the session owns
+/// the node, our `delete`, our `deregister()`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RegisterOp {
     Raw,
+    RawChecked,
     Create,
     Register,
 }
@@ -321,66 +324,74 @@ impl RegisterOp {
     fn name(self) -> &'static str {
         match self {
             RegisterOp::Raw => "raw",
+            RegisterOp::RawChecked => "raw-checked",
             RegisterOp::Create => "create",
             RegisterOp::Register => "register",
         }
     }
 }
 
-/// The ops in the order turn `turn` runs them: each goes first, second and third in turn.
-fn register_ops(turn: usize) -> [RegisterOp; 3] {
-    use RegisterOp::{Create, Raw, Register};
-    match turn % 3 {
-        0 => [Raw, Create, Register],
-        1 => [Create, Register, Raw],
-        _ => [Register, Raw, Create],
-    }
+/// The ops in the order turn `turn` runs them: each goes first, second, third and last in
+/// turn.
+fn register_ops(turn: usize) -> [RegisterOp; 4] {
+    use RegisterOp::{Create, Raw, RawChecked, Register};
+    let mut ops = [Raw, RawChecked, Create, Register];
+    let len = ops.len();
+    ops.rotate_left(turn % len);
+    ops
 }
 
-/// Samples of the raw side and of each of our two ways to write (or remove) an ephemeral node.
+/// Samples of the two raw ways and of each of our two ways to write (or remove) an
+/// ephemeral node.
 #[derive(Default)]
-struct ThreeWay {
+struct RegisterSamples {
     raw: Vec<f64>,
+    raw_checked: Vec<f64>,
     create: Vec<f64>,
     register: Vec<f64>,
 }
 
-impl ThreeWay {
+impl RegisterSamples {
     fn of(&mut self, op: RegisterOp) -> &mut Vec<f64> {
         match op {
             RegisterOp::Raw => &mut self.raw,
+            RegisterOp::RawChecked => &mut self.raw_checked,
             RegisterOp::Create => &mut self.create,
             RegisterOp::Register => &mut self.register,
         }
     }
 
-    /// Raw against our create (or delete), and raw against our register (or deregister).
-    fn split(self) -> (Samples, Samples) {
-        let plain = Samples {
-            raw: self.raw.clone(),
-            ours: self.create,
-        };
-        let registration = Samples {
-            raw: self.raw,
-            ours: self.register,
-        };
-        (plain, registration)
+    /// Raw against `ours`, or the raw side that makes the same checks against `ours`.
+    fn against(&self, ours: &[f64], checked: bool) -> Samples {
+        Samples {
+            raw: if checked {
+                self.raw_checked.clone()
+            } else {
+                self.raw.clone()
+            },
+            ours: ours.to_vec(),
+        }
     }
 }
 
-/// Ephemeral create, register, delete and deregister latency.
+/// Ephemeral create, register, delete and deregister latency, against the raw client's
+/// plain write and delete, and (where they differ from those) against the raw client making
+/// the same checks our layer makes: what the checks cost the server, apart from our layer.
 pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
-    let mut writes = ThreeWay::default();
-    let mut removals = ThreeWay::default();
+    let mut writes = RegisterSamples::default();
+    let mut removals = RegisterSamples::default();
     for rep in 0..env.cfg.reps {
         let base = |op: RegisterOp| format!("/bench/register/{}/r{rep}", op.name());
         env.raw.mkdir(&base(RegisterOp::Raw)).await?;
+        // A key of its own on etcd too: the checked create compares its parent's.
+        env.raw.put(&base(RegisterOp::RawChecked), b"").await?;
         env.ours.mkdir(&base(RegisterOp::Create)).await?;
         env.ours.mkdir(&base(RegisterOp::Register)).await?;
         let mut paths = Vec::new();
+        let mut checked_paths = Vec::new();
         let mut created = Vec::new();
         let mut regs = Vec::new();
-        // The three alternate sample by sample, so all meet the server in the same state.
+        // The four alternate sample by sample, so all meet the server in the same state.
         for i in 0..env.cfg.samples {
             for op in register_ops(rep + i) {
                 let p = format!("{}/n{i}", base(op));
@@ -389,6 +400,10 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                     RegisterOp::Raw => {
                         env.raw.register(&p, VALUE).await?;
                         paths.push(p);
+                    }
+                    RegisterOp::RawChecked => {
+                        env.raw.register_checked(&p, VALUE).await?;
+                        checked_paths.push(p);
                     }
                     RegisterOp::Create => {
                         let p = path(&p)?;
@@ -414,6 +429,7 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             }
         }
         let mut paths = paths.iter();
+        let mut checked_paths = checked_paths.iter();
         let mut created = created.iter();
         let mut regs = regs.into_iter();
         for i in 0..env.cfg.samples {
@@ -422,6 +438,10 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                 match op {
                     RegisterOp::Raw => match paths.next() {
                         Some(p) => env.raw.delete(p).await?,
+                        None => continue,
+                    },
+                    RegisterOp::RawChecked => match checked_paths.next() {
+                        Some(p) => env.raw.delete_owned(p).await?,
                         None => continue,
                     },
                     RegisterOp::Create => match created.next() {
@@ -442,8 +462,6 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             }
         }
     }
-    let (create, register) = writes.split();
-    let (delete, deregister) = removals.split();
     let (create_note, register_note, delete_note, deregister_note) = match env.backend {
         Backend::Etcd => (
             "raw: put with the session lease; ours: create(Ephemeral), a Txn that fails instead of overwriting",
@@ -459,30 +477,52 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         ),
     };
     let slack = Some(P50_SLACK_US);
+    let plain = [
+        (
+            "ephemeral create latency",
+            &writes,
+            &writes.create,
+            create_note,
+        ),
+        ("register latency", &writes, &writes.register, register_note),
+        ("delete latency", &removals, &removals.create, delete_note),
+        (
+            "deregister latency",
+            &removals,
+            &removals.register,
+            deregister_note,
+        ),
+    ];
+    for (name, samples, ours, note) in plain {
+        latency_rows(env, rows, name, &samples.against(ours, false), slack, note);
+    }
+    // The same work with the same checks on the raw side (a ZooKeeper create checks by
+    // itself, so only its owner-checked delete differs from the plain rows).
+    if env.backend == Backend::Etcd {
+        latency_rows(
+            env,
+            rows,
+            "ephemeral create latency (raw: same checks)",
+            &writes.against(&writes.create, true),
+            slack,
+            "raw: the Txn our create sends (parent exists and is persistent, key absent; put with the session lease); ours: create(Ephemeral)",
+        );
+    }
+    let owner_checked_note = match env.backend {
+        Backend::Etcd => {
+            "raw: a Txn that deletes the key only under the session lease; ours: deregister()"
+        }
+        Backend::Zk => {
+            "raw: stat, then delete at the version read if this session owns the node; ours: deregister()"
+        }
+    };
     latency_rows(
         env,
         rows,
-        "ephemeral create latency",
-        &create,
+        "deregister latency (raw: same owner check)",
+        &removals.against(&removals.register, true),
         slack,
-        create_note,
-    );
-    latency_rows(
-        env,
-        rows,
-        "register latency",
-        &register,
-        slack,
-        register_note,
-    );
-    latency_rows(env, rows, "delete latency", &delete, slack, delete_note);
-    latency_rows(
-        env,
-        rows,
-        "deregister latency",
-        &deregister,
-        slack,
-        deregister_note,
+        owner_checked_note,
     );
     env.writer.delete_tree("/bench/register").await
 }

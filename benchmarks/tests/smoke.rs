@@ -70,6 +70,8 @@ fn quick_run_writes_rows_for_both_backends() {
             "ephemeral create latency p50",
             "register latency p50",
             "delete latency p50",
+            "deregister latency p50",
+            "deregister latency (raw: same owner check) p50",
             "write throughput, 64 writers",
             "watch event latency p50",
             "watch burst lost",
