@@ -90,10 +90,11 @@ impl Row {
     }
 }
 
-/// A number with as many digits as are meaningful.
+/// A number with as many digits as are meaningful; millions in `M`, so rates on either side
+/// of a target such as 10 M/s read alike.
 pub fn fmt_num(v: f64) -> String {
     let a = v.abs();
-    if a >= 1e7 {
+    if a >= 1e6 {
         format!("{:.2}M", v / 1e6)
     } else if a >= 100.0 || v == v.trunc() {
         format!("{v:.0}")
@@ -210,6 +211,15 @@ mod tests {
         );
         assert_eq!(Target::AtLeast(1e7).met(None, Some(2e7)), Some(true));
         assert_eq!(Target::None.met(Some(1.0), Some(1.0)), None);
+    }
+
+    #[test]
+    fn numbers_read_alike_on_both_sides_of_a_million() {
+        assert_eq!(fmt_num(8_552_425.0), "8.55M");
+        assert_eq!(fmt_num(13_860_000.0), "13.86M");
+        assert_eq!(fmt_num(999_999.0), "999999");
+        assert_eq!(fmt_num(58.44), "58.4");
+        assert_eq!(fmt_num(1.234), "1.23");
     }
 
     #[test]
