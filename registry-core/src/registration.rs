@@ -251,7 +251,8 @@ impl Registration {
     /// this session's, so the write does not land in another session's node; if the node is gone or not ours, the
     /// status turns `Recreating` and the node is re-created with the new value. Returns the
     /// write's error if the node could not be written now (the new value is still kept for
-    /// re-creation). With companions (a [`DualRegistry`](crate::DualRegistry)'s
+    /// re-creation): `VersionMismatch` if others wrote the node before each of three tries,
+    /// which leaves it registered with their value. With companions (a [`DualRegistry`](crate::DualRegistry)'s
     /// other side), every side takes the new value and the first failure is returned.
     pub async fn set_value(&self, value: Bytes) -> Result<()> {
         check_value(&self.shared.requested, &value)?;
@@ -282,6 +283,7 @@ impl Registration {
         // may hold a node at this path at the very version ours had, which a write by version
         // alone would take over (and we would report as registered). Bounded: each round loses
         // to a write made since its read.
+        let mut lost = None;
         for _ in 0..3 {
             let node = match registry.get(&path).await {
                 Ok(node) if owned_by_current_session(&self.shared, &node) => node,
@@ -295,7 +297,10 @@ impl Registration {
                         "{path}: the session is not live; the new value is kept for the node"
                     )));
                 }
-                Ok(_) | Err(Error::NotFound { .. }) => break,
+                Ok(_) | Err(Error::NotFound { .. }) => {
+                    lost = None;
+                    break;
+                }
                 Err(error) => return Err(error),
             };
             match registry
@@ -308,10 +313,19 @@ impl Registration {
                         .send_replace(RegistrationStatus::Registered(written));
                     return Ok(());
                 }
-                Err(Error::VersionMismatch { .. }) => {}
-                Err(Error::NotFound { .. }) => break,
+                Err(error @ Error::VersionMismatch { .. }) => lost = Some(error),
+                Err(Error::NotFound { .. }) => {
+                    lost = None;
+                    break;
+                }
                 Err(error) => return Err(error),
             }
+        }
+        // Still ours, but written by someone else before each of our writes: it stays
+        // registered with the value it has, and the new one waits for the next re-creation
+        // (nothing is wrong with the node, so the healer would not re-create it).
+        if let Some(error) = lost {
+            return Err(error);
         }
         // Not ours any more: the healer re-creates it with the new value.
         set_recreating(&self.shared, "node no longer this session's");
@@ -601,7 +615,9 @@ async fn heal(
                     }
                 }
                 Err(Error::Closed) => break,
-                Err(Error::AlreadyExists { path }) => {
+                // A sequential create that finds its generated name taken (ZooKeeper, after
+                // a migration wrote that name) has no node to watch for: it is retried below.
+                Err(Error::AlreadyExists { path }) if !shared.sequential => {
                     // Another registration (or a persistent node) holds the path: its
                     // deletion reaches the watch and wakes us, so no polling.
                     tracing::info!(%path, "path held by another session's node; waiting for it to go");

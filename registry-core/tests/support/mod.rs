@@ -16,13 +16,17 @@ use registry_core::{
 pub type CreateHook =
     Arc<dyn Fn(NodePath, Result<Node>) -> BoxFuture<'static, Result<Node>> + Send + Sync>;
 
+/// Runs before a set reaches the inner registry (it may act on other registries first).
+pub type SetHook = Arc<dyn Fn(NodePath) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// Passes every call to `inner`, except that a create's answer goes through `on_create` when
-/// one is set, while `fail_gets` every get (while `fail_children`, every children read)
+/// one is set, a set waits for `before_set` when one is set, while `fail_gets` every get (while `fail_children`, every children read)
 /// fails with `Unavailable`, and while deletes are held they wait (a server that does not
 /// answer yet).
 pub struct Faulty {
     pub inner: Arc<dyn Registry>,
     on_create: Mutex<Option<CreateHook>>,
+    before_set: Mutex<Option<SetHook>>,
     fail_gets: AtomicBool,
     fail_children: AtomicBool,
     hold_deletes: tokio::sync::watch::Sender<bool>,
@@ -34,6 +38,7 @@ impl Faulty {
         Arc::new(Faulty {
             inner,
             on_create: Mutex::new(None),
+            before_set: Mutex::new(None),
             fail_gets: AtomicBool::new(false),
             fail_children: AtomicBool::new(false),
             hold_deletes: tokio::sync::watch::channel(false).0,
@@ -53,6 +58,11 @@ impl Faulty {
     /// From now on, creates go through `hook`.
     pub fn on_create(&self, hook: CreateHook) {
         *self.on_create.lock().unwrap() = Some(hook);
+    }
+
+    /// From now on, sets first run `hook` (`None`: no more).
+    pub fn before_set(&self, hook: Option<SetHook>) {
+        *self.before_set.lock().unwrap() = hook;
     }
 
     /// From now on, creates happen but report `Unavailable` (a lost reply).
@@ -105,6 +115,10 @@ impl Registry for Faulty {
         self.inner.exists(path).await
     }
     async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
+        let hook = self.before_set.lock().unwrap().clone();
+        if let Some(hook) = hook {
+            hook(path.clone()).await;
+        }
         self.inner.set(path, value, expected).await
     }
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {

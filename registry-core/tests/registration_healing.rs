@@ -1,0 +1,131 @@
+//! A registration keeps healing whatever its own calls ran into: a value write that kept
+//! losing to other writers, a sequential name that was taken.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
+use registry_core::{
+    Bytes, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registration,
+    RegistrationStatus, Registry,
+};
+use support::Faulty;
+
+async fn client(store: &MemoryStore) -> Arc<MemoryRegistry> {
+    Arc::new(
+        MemoryRegistry::connect(store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    )
+}
+
+/// Another writer rewrites the node before each of `set_value`'s writes: the call says the
+/// value could not be written, and the registration stays registered (it used to turn
+/// `Recreating` with nothing left to re-create it, for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_write_that_keeps_losing_leaves_the_registration_registered() {
+    let store = MemoryStore::new();
+    let (ours, admin) = (client(&store).await, client(&store).await);
+    let faulty = Faulty::new(ours.clone());
+    let path = NodePath::new("/svc/10.0.0.1:9090").unwrap();
+    let registration = Registration::start(
+        faulty.clone(),
+        &path,
+        Bytes::from("v1"),
+        RegisterOptions::new(),
+    )
+    .await
+    .unwrap();
+    let writer = admin.clone();
+    faulty.before_set(Some(Arc::new(move |path| {
+        let writer = writer.clone();
+        Box::pin(async move {
+            writer
+                .set(&path, Bytes::from("admin"), Expected::Any)
+                .await
+                .unwrap();
+        })
+    })));
+
+    let outcome = registration.set_value(Bytes::from("v2")).await;
+    assert!(
+        matches!(outcome, Err(Error::VersionMismatch { .. })),
+        "{outcome:?}"
+    );
+    assert!(
+        matches!(registration.status(), RegistrationStatus::Registered(_)),
+        "{:?}",
+        registration.status()
+    );
+
+    // Once the other writer stops, the next write goes through.
+    faulty.before_set(None);
+    registration.set_value(Bytes::from("v3")).await.unwrap();
+    assert_eq!(admin.get(&path).await.unwrap().value, Bytes::from("v3"));
+    assert_eq!(
+        registration.path().as_ref(),
+        Some(&path),
+        "{:?}",
+        registration.status()
+    );
+}
+
+/// A sequential re-creation whose generated name is taken (ZooKeeper answers `AlreadyExists`
+/// when a migration wrote that name) is tried again; it used to wait for an event on the old
+/// node's path that never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_registration_whose_name_was_taken_tries_again() {
+    let store = MemoryStore::new();
+    let (ours, other) = (client(&store).await, client(&store).await);
+    let faulty = Faulty::new(ours.clone());
+    let prefix = NodePath::new("/svc/inst:").unwrap();
+    let registration = Registration::start(
+        faulty.clone(),
+        &prefix,
+        Bytes::from("v1"),
+        RegisterOptions::new().sequential(),
+    )
+    .await
+    .unwrap();
+    let first = registration.path().unwrap();
+    // The next sequential create finds its name taken, once.
+    let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inner = ours.clone();
+    faulty.on_create(Arc::new(move |path, answer| {
+        let (taken, inner) = (taken.clone(), inner.clone());
+        Box::pin(async move {
+            let node = answer?;
+            if taken.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Ok(node);
+            }
+            inner
+                .delete(&node.path, Expected::Any, DeleteScope::Node)
+                .await?;
+            Err(Error::AlreadyExists { path })
+        })
+    }));
+
+    other
+        .delete(&first, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    let mut status = registration.watch_status();
+    let again = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let RegistrationStatus::Registered(node) = &*status.borrow_and_update() {
+                if node.path != first {
+                    return node.clone();
+                }
+            }
+            status.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not re-registered: {:?}", registration.status()));
+    let parent = prefix.parent().unwrap();
+    let children = other.children(&parent).await.unwrap().nodes;
+    assert_eq!(children.len(), 1, "{children:?}");
+    assert_eq!(children[0].path, again.path);
+}
