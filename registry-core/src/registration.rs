@@ -1,6 +1,8 @@
 //! `Registration`: a self-healing ephemeral node, built only on the [`Registry`] trait so it
 //! behaves the same on every backend.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +72,72 @@ struct Shared {
     watches: Option<RegistrationWatches>,
     /// `create_order` of the last node this registration created or adopted.
     last_created: Mutex<Option<u64>>,
+    /// This registration among the process's (see [`CLAIMS`]).
+    id: u64,
+    /// The node this registration holds in [`CLAIMS`], if any.
+    claimed: Mutex<Option<ClaimKey>>,
+}
+
+/// A node of a session: its path and owner.
+type ClaimKey = (NodePath, i64);
+
+/// Which live registration of this process holds each node. Registering a path again in the
+/// same session (`reg = registry.register(..)`, replacing the handle) adopts the node the
+/// first registration made; the adopter holds it from then on, and the first one's removal
+/// leaves it alone instead of deleting it from under the adopter. Session IDs are unique per
+/// server (and the in-memory backend's per process), so nodes of different clients never
+/// share a key.
+static CLAIMS: Mutex<BTreeMap<ClaimKey, u64>> = Mutex::new(BTreeMap::new());
+
+/// The ID of the next registration (see [`CLAIMS`]).
+static NEXT_REGISTRATION: AtomicU64 = AtomicU64::new(1);
+
+fn claims() -> std::sync::MutexGuard<'static, BTreeMap<ClaimKey, u64>> {
+    CLAIMS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn claim_key(node: &Node) -> Option<ClaimKey> {
+    node.ephemeral_owner
+        .map(|owner| (node.path.clone(), owner.0))
+}
+
+/// Publishes `node` as this registration's, which takes it over from any other registration
+/// of the process that held it, and lets go of the node it held before.
+fn set_registered(shared: &Shared, node: Node) {
+    if let Some(key) = claim_key(&node) {
+        let mut claimed = shared.claimed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut claims = claims();
+        if let Some(old) = claimed.take().filter(|old| *old != key) {
+            if claims.get(&old) == Some(&shared.id) {
+                claims.remove(&old);
+            }
+        }
+        claims.insert(key.clone(), shared.id);
+        *claimed = Some(key);
+    }
+    shared
+        .status
+        .send_replace(RegistrationStatus::Registered(node));
+}
+
+/// Whether another live registration of this process holds `node` (it adopted it).
+fn held_by_another(shared: &Shared, node: &Node) -> bool {
+    claim_key(node).is_some_and(|key| claims().get(&key).is_some_and(|id| *id != shared.id))
+}
+
+/// Lets go of the node this registration holds, unless another one took it over.
+fn release_claim(shared: &Shared) {
+    let claimed = shared
+        .claimed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(key) = claimed {
+        let mut claims = claims();
+        if claims.get(&key) == Some(&shared.id) {
+            claims.remove(&key);
+        }
+    }
 }
 
 /// A self-healing ephemeral node, returned by [`Registry::register`].
@@ -81,7 +149,9 @@ struct Shared {
 /// registration's last one (another live registration of the same plain path) is left alone:
 /// this one reports `Recreating` until that node goes, so two live registrations of one path
 /// take turns instead of replacing each other forever. [`deregister`](Registration::deregister) removes it and returns only when it
-/// is gone; dropping the handle removes it best-effort in the background.
+/// is gone; dropping the handle removes it best-effort in the background. A node adopted by
+/// another registration of this process (the path registered again in the same session) is
+/// that one's to remove: removing this one leaves it in place.
 pub struct Registration {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
@@ -157,6 +227,8 @@ impl Registration {
             status,
             watches,
             last_created: Mutex::new(None),
+            id: NEXT_REGISTRATION.fetch_add(1, Ordering::Relaxed),
+            claimed: Mutex::new(None),
         });
         // Subscribed before the create, the healer need not read the node back: a running
         // parent watch hands on every later change, and a new one's first snapshot is either
@@ -176,10 +248,11 @@ impl Registration {
                 // background delete of this session's node at the same path.
                 let deadline = tokio::time::Instant::now() + CLEANUP_DEADLINE;
                 if let Ok(nodes) = own_nodes(&shared).await {
-                    for node in nodes {
-                        let _ = delete_own(&*shared.registry, &node, deadline).await;
+                    for node in nodes.iter().filter(|n| !held_by_another(&shared, n)) {
+                        let _ = delete_own(&*shared.registry, node, deadline).await;
                     }
                 }
+                release_claim(&shared);
             }
             return Err(error);
         }
@@ -308,9 +381,7 @@ impl Registration {
                 .await
             {
                 Ok(written) => {
-                    self.shared
-                        .status
-                        .send_replace(RegistrationStatus::Registered(written));
+                    set_registered(&self.shared, written);
                     return Ok(());
                 }
                 Err(error @ Error::VersionMismatch { .. }) => lost = Some(error),
@@ -332,7 +403,8 @@ impl Registration {
         Ok(())
     }
 
-    /// Stops healing and deletes the node; returns once it is gone (or was never there).
+    /// Stops healing and deletes the node; returns once it is gone (or was never there, or
+    /// another registration of this process adopted it and keeps it).
     /// Retryable failures are retried for up to 10 s. A future dropped before it returns
     /// leaves the removal to the background, as dropping the registration does.
     pub async fn deregister(mut self) -> Result<()> {
@@ -462,9 +534,7 @@ async fn ensure(shared: &Shared) -> Result<Node> {
         .last_created
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(node.create_order);
-    shared
-        .status
-        .send_replace(RegistrationStatus::Registered(node.clone()));
+    set_registered(shared, node.clone());
     Ok(node)
 }
 
@@ -773,7 +843,21 @@ async fn remove(shared: &Shared) -> Result<()> {
         }
     };
     shared.status.send_replace(RegistrationStatus::Deregistered);
+    let outcome = remove_listed(shared, listed, deadline).await;
+    release_claim(shared);
+    outcome
+}
+
+async fn remove_listed(
+    shared: &Shared,
+    listed: Result<Vec<Node>>,
+    deadline: tokio::time::Instant,
+) -> Result<()> {
     for node in listed? {
+        if held_by_another(shared, &node) {
+            tracing::debug!(path = %node.path, "node left to the registration that adopted it");
+            continue;
+        }
         delete_own(&*shared.registry, &node, deadline).await?;
     }
     Ok(())

@@ -178,7 +178,10 @@ pub trait Registry: Send + Sync + 'static {
     /// Errors: input errors, [`EphemeralParent`](crate::Error::EphemeralParent), and the first
     /// attempt's failure (nothing is left behind then). A future dropped before it returns
     /// may leave its node created with nothing healing it: the node goes with the session,
-    /// and a later `register` of the same path in this session adopts it.
+    /// and a later `register` of the same path in this session adopts it. A registration
+    /// that adopts a node of another live registration of this process (the same path
+    /// registered again, replacing the handle) holds it from then on: the other one's removal
+    /// leaves it in place.
     async fn register(
         &self,
         path: &NodePath,

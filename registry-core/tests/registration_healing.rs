@@ -129,3 +129,43 @@ async fn a_sequential_registration_whose_name_was_taken_tries_again() {
     assert_eq!(children.len(), 1, "{children:?}");
     assert_eq!(children[0].path, again.path);
 }
+
+/// Registering a path again in the same session (`reg = registry.register(..)`, which drops
+/// the old handle after the new one adopted the node) keeps the node: the old handle's
+/// removal used to delete it from under the new one, which then made another (watchers saw
+/// the instance go and come back; a sequential one came back under a new name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_a_path_again_keeps_its_node_when_the_old_handle_goes() {
+    let store = MemoryStore::new();
+    let (ours, reader) = (client(&store).await, client(&store).await);
+    for options in [RegisterOptions::new(), RegisterOptions::new().sequential()] {
+        let requested = NodePath::new(if options.sequential {
+            "/seq/inst:"
+        } else {
+            "/plain/10.0.0.1:9090"
+        })
+        .unwrap();
+        let old = ours
+            .register(&requested, Bytes::from("v1"), options.clone())
+            .await
+            .unwrap();
+        let node = old.wait_registered(Duration::from_secs(5)).await.unwrap();
+        let new = ours
+            .register(&requested, Bytes::from("v2"), options.clone())
+            .await
+            .unwrap();
+        assert_eq!(new.path().as_ref(), Some(&node.path), "the node is adopted");
+
+        old.deregister().await.unwrap();
+        let now = reader.get(&node.path).await.unwrap();
+        assert_eq!(
+            now.create_order, node.create_order,
+            "{options:?}: the node was removed and made again"
+        );
+        assert_eq!(now.value, Bytes::from("v2"));
+
+        // The adopter's own removal does remove it.
+        new.deregister().await.unwrap();
+        assert!(!reader.exists(&node.path).await.unwrap(), "{options:?}");
+    }
+}
