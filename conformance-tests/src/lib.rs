@@ -111,6 +111,7 @@ macro_rules! conformance_suite {
             lock_lost_on_session_expiry,
             election_single_leader,
             election_leader_lost_on_session_expiry,
+            recipes_skip_foreign_nodes,
             limits_path_and_depth_at_the_edge,
             operations_traced,
         );

@@ -196,6 +196,78 @@ pub async fn lock_cancelled_leaves_no_node(fx: &dyn Fixture) -> Outcome {
     env.finish().await
 }
 
+/// Nodes under a lock's or an election's path that the recipe did not make (a persistent
+/// node, a deeper path's parent, an ephemeral node of another name) take no turn: the lock is
+/// free, a campaign wins at once, and the leader named is the candidate.
+pub async fn recipes_skip_foreign_nodes(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "recipes_skip_foreign_nodes");
+    let at = env.at();
+    let other = env.client().await;
+    for dir in ["/locks/f", "/el/f"] {
+        for (path, mode) in [
+            (format!("{dir}/config"), CreateMode::Persistent),
+            (format!("{dir}/sub/leaf"), CreateMode::Persistent),
+            (format!("{dir}/lock-foreign"), CreateMode::Ephemeral),
+            (format!("{dir}/candidate-foreign"), CreateMode::Ephemeral),
+        ] {
+            other
+                .create(&p(&path), Bytes::from("x"), mode)
+                .await
+                .unwrap_or_else(|e| panic!("{at} create {path}: {e}"));
+        }
+    }
+    let mutex = Mutex::new(env.client().await, p("/locks/f"));
+    let guard = mutex
+        .try_lock()
+        .await
+        .unwrap_or_else(|e| panic!("{at} try_lock: {e}"))
+        .unwrap_or_else(|| panic!("{at} try_lock: a foreign node was taken for a holder"));
+    guard
+        .unlock()
+        .await
+        .unwrap_or_else(|e| panic!("{at} unlock: {e}"));
+    let guard = mutex
+        .lock_timeout(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{at} lock behind foreign nodes: {e}"));
+    guard
+        .unlock()
+        .await
+        .unwrap_or_else(|e| panic!("{at} unlock: {e}"));
+
+    let election = Election::new(env.client().await, p("/el/f"));
+    assert_eq!(
+        election.leader().await.ok().flatten(),
+        None,
+        "{at} a foreign node named leader"
+    );
+    let leadership =
+        tokio::time::timeout(Duration::from_secs(10), election.campaign(Bytes::from("a")))
+            .await
+            .unwrap_or_else(|_| panic!("{at} campaign behind foreign nodes did not win"))
+            .unwrap_or_else(|e| panic!("{at} campaign: {e}"));
+    assert_eq!(
+        election.leader().await.ok().flatten().map(|l| l.value),
+        Some(Bytes::from("a")),
+        "{at} leader()"
+    );
+    let mut leaders = election
+        .observe()
+        .await
+        .unwrap_or_else(|e| panic!("{at} observe: {e}"));
+    match tokio::time::timeout(Duration::from_secs(10), leaders.next()).await {
+        Ok(Some(Ok(Some(leader)))) => {
+            assert_eq!(leader.token, leadership.token(), "{at} observed leader")
+        }
+        other => panic!("{at} observe: {other:?}"),
+    }
+    leadership
+        .resign()
+        .await
+        .unwrap_or_else(|e| panic!("{at} resign: {e}"));
+    env.finish().await
+}
+
 /// A holder whose session expires is told at once and never believes it still holds the
 /// lock; the next contender gets it with a larger token.
 pub async fn lock_lost_on_session_expiry(fx: &dyn Fixture) -> Outcome {

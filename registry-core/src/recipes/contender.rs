@@ -15,10 +15,40 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::node::{CreateMode, DeleteScope, Expected, Node};
-use crate::path::NodePath;
+use crate::path::{parse_sequence, NodePath, SEQUENCE_DIGITS};
 use crate::registry::Registry;
 use crate::session::SessionState;
 use crate::watch::{WatchEvent, WatchOptions};
+
+/// The name a lock's contenders start with.
+pub(crate) const LOCK: &str = "lock";
+
+/// The name an election's candidates start with.
+pub(crate) const CANDIDATE: &str = "candidate";
+
+/// Whether `node` takes a turn in a queue of `kind`: an ephemeral node named
+/// `<kind>-<16 hex digits>-<counter>`, as [`Contender::enqueue`] makes them. Anything else
+/// under the directory (another tool's node, an implicit parent on etcd) is no contender:
+/// taken for one, it would stand first in the queue for good (as Curator filters a lock's
+/// children by its lock name).
+pub(crate) fn is_contender(node: &Node, kind: &str) -> bool {
+    let name = node.path.name();
+    let rest = name.strip_prefix(kind).and_then(|r| r.strip_prefix('-'));
+    node.is_ephemeral()
+        && rest.is_some_and(|rest| {
+            rest.len() == 16 + 1 + SEQUENCE_DIGITS
+                && rest
+                    .get(..16)
+                    .is_some_and(|token| token.bytes().all(|b| b.is_ascii_hexdigit()))
+                && rest.as_bytes().get(16) == Some(&b'-')
+                && parse_sequence(name).is_some()
+        })
+}
+
+/// The kind of queue our own node `name` stands in (what precedes its token).
+fn kind_of(name: &str) -> &str {
+    name.split('-').next().unwrap_or(name)
+}
 
 /// A node we created in the queue; deleted on drop unless handed over.
 pub(crate) struct Contender {
@@ -94,20 +124,24 @@ impl Contender {
             .path
             .parent()
             .ok_or_else(|| Error::InvalidArgument("contender at the root".into()))?;
+        let kind = kind_of(self.node.path.name());
         let mut sessions = self.registry.session_events();
         // Each round either returns or waits for a predecessor to go away; the queue ahead
         // of us only shrinks, so the rounds are bounded by its length.
         loop {
             let children = self.registry.children(&dir).await?;
-            let position = children
+            let queue: Vec<&Node> = children
                 .nodes
+                .iter()
+                .filter(|n| is_contender(n, kind))
+                .collect();
+            let position = queue
                 .iter()
                 .position(|n| n.path == self.node.path)
                 .ok_or(Error::SessionExpired)?;
-            if position == 0 {
+            let Some(predecessor) = position.checked_sub(1).and_then(|p| queue.get(p)) else {
                 return Ok(());
-            }
-            let predecessor = &children.nodes[position - 1];
+            };
             let mut stream = self
                 .registry
                 .watch(&predecessor.path, WatchOptions::node())

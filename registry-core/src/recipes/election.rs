@@ -7,14 +7,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 
-use super::contender::{remove_in_background, remove_node, Contender, HoldMonitor};
+use super::contender::{
+    is_contender, remove_in_background, remove_node, Contender, HoldMonitor, CANDIDATE,
+};
 use crate::error::Result;
 use crate::node::Node;
 use crate::path::NodePath;
 use crate::registry::Registry;
 use crate::watch::{WatchOptions, WatchedState};
 
-/// A leader election among the candidates under a path.
+/// A leader election among the candidates under a path (ephemeral-sequential
+/// `candidate-<token>-<counter>` children; other nodes under the path are not candidates).
 ///
 /// Guarantees: the leader is the oldest candidate (lowest `create_order`); at most one
 /// [`Leadership`] per path is held while sessions are intact; leaders' tokens grow strictly;
@@ -45,12 +48,16 @@ pub struct Leadership {
     monitor: HoldMonitor,
 }
 
+/// The oldest candidate among `nodes` (other nodes under the path are no candidates).
 fn leader_of(nodes: impl Iterator<Item = Node>) -> Option<Leader> {
-    nodes.min_by_key(|n| n.create_order).map(|n| Leader {
-        value: n.value,
-        token: n.create_order,
-        path: n.path,
-    })
+    nodes
+        .filter(|n| is_contender(n, CANDIDATE))
+        .min_by_key(|n| n.create_order)
+        .map(|n| Leader {
+            value: n.value,
+            token: n.create_order,
+            path: n.path,
+        })
 }
 
 impl Election {
@@ -71,7 +78,7 @@ impl Election {
     /// Waits until this candidate leads; `value` is published to observers.
     pub async fn campaign(&self, value: Bytes) -> Result<Leadership> {
         let contender =
-            Contender::enqueue(self.registry.clone(), &self.path, "candidate", value).await?;
+            Contender::enqueue(self.registry.clone(), &self.path, CANDIDATE, value).await?;
         contender.wait_for_turn(&self.wake_ups).await?;
         let (registry, node) = contender.disarm();
         let monitor = HoldMonitor::start(registry.clone(), node.clone());

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::contender::{remove_in_background, Contender, HoldMonitor};
+use super::contender::{is_contender, remove_in_background, Contender, HoldMonitor, LOCK};
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::path::NodePath;
 use crate::registry::Registry;
 
-/// A distributed lock at a path: contenders queue as ephemeral-sequential children.
+/// A distributed lock at a path: contenders queue as ephemeral-sequential children
+/// (`lock-<token>-<counter>`); other nodes under the path take no turn.
 ///
 /// Guarantees: at most one [`MutexGuard`] per lock path is held at a time while sessions are
 /// intact; a release wakes exactly the next waiter; fencing tokens grow strictly from holder
@@ -57,7 +58,7 @@ impl Mutex {
     /// Waits until the lock is ours.
     pub async fn lock(&self) -> Result<MutexGuard> {
         let contender =
-            Contender::enqueue(self.registry.clone(), &self.path, "lock", Bytes::new()).await?;
+            Contender::enqueue(self.registry.clone(), &self.path, LOCK, Bytes::new()).await?;
         contender.wait_for_turn(&self.wake_ups).await?;
         Ok(self.hold(contender))
     }
@@ -65,9 +66,10 @@ impl Mutex {
     /// Takes the lock if nobody holds or waits for it; `None` otherwise (nothing left behind).
     pub async fn try_lock(&self) -> Result<Option<MutexGuard>> {
         let contender =
-            Contender::enqueue(self.registry.clone(), &self.path, "lock", Bytes::new()).await?;
+            Contender::enqueue(self.registry.clone(), &self.path, LOCK, Bytes::new()).await?;
         let children = self.registry.children(&self.path).await?;
-        if children.nodes.first().map(|n| &n.path) == Some(&contender.node.path) {
+        let first = children.nodes.iter().find(|n| is_contender(n, LOCK));
+        if first.map(|n| &n.path) == Some(&contender.node.path) {
             Ok(Some(self.hold(contender)))
         } else {
             contender.remove().await?;
