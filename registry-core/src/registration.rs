@@ -381,7 +381,19 @@ impl Registration {
                 .await
             {
                 Ok(written) => {
-                    set_registered(&self.shared, written);
+                    // An answer that comes after the session went is about the lost
+                    // session's node: the healer re-creates it with the new value. (A
+                    // suspended session may come back as it was, with the node.)
+                    let session = registry.session();
+                    let gone = matches!(session.state, SessionState::Lost | SessionState::Closed);
+                    if !gone
+                        && written.ephemeral_owner.is_some()
+                        && written.ephemeral_owner == session.session_id
+                    {
+                        set_registered(&self.shared, written);
+                    } else {
+                        set_recreating(&self.shared, "session lost during the value write");
+                    }
                     return Ok(());
                 }
                 Err(error @ Error::VersionMismatch { .. }) => lost = Some(error),

@@ -169,3 +169,49 @@ async fn registering_a_path_again_keeps_its_node_when_the_old_handle_goes() {
         assert!(!reader.exists(&node.path).await.unwrap(), "{options:?}");
     }
 }
+
+/// A value write whose answer comes after the session was lost does not report the lost
+/// session's node as registered (it used to, until the healer re-created the node).
+// One thread: the healer runs only while the test awaits, so the status is read right as
+// `set_value` returns, before the healer re-creates the node.
+#[tokio::test(flavor = "current_thread")]
+async fn a_value_written_as_the_session_goes_does_not_report_the_lost_node() {
+    let store = MemoryStore::new();
+    let ours = client(&store).await;
+    let faulty = Faulty::new(ours.clone());
+    let path = NodePath::new("/svc/10.0.0.1:9090").unwrap();
+    let registration = Registration::start(
+        faulty.clone(),
+        &path,
+        Bytes::from("v1"),
+        RegisterOptions::new(),
+    )
+    .await
+    .unwrap();
+    let lost_session = ours.session().session_id.unwrap();
+    let expiring = store.clone();
+    faulty.on_set(Arc::new(move |_, answer| {
+        let expiring = expiring.clone();
+        Box::pin(async move {
+            // The write is made; the session goes before its answer arrives.
+            expiring.expire_session(lost_session).unwrap();
+            answer
+        })
+    }));
+
+    registration.set_value(Bytes::from("v2")).await.unwrap();
+    if let RegistrationStatus::Registered(node) = registration.status() {
+        assert_ne!(
+            node.ephemeral_owner,
+            Some(lost_session),
+            "the lost session's node reported as registered"
+        );
+    }
+    // It is re-created in the new session, with the new value.
+    let again = registration
+        .wait_registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_ne!(again.ephemeral_owner, Some(lost_session));
+    assert_eq!(again.value, Bytes::from("v2"));
+}

@@ -11,8 +11,8 @@ use registry_core::{
     RegisterOptions, Registration, Registry, Result, SessionStatus, WatchOptions, WatchStream,
 };
 
-/// Turns the answer to a create (already made on the inner registry) into what the caller
-/// hears; it may act on other registries first.
+/// Turns the answer to a create or a set (already made on the inner registry) into what the
+/// caller hears; it may act on other registries first.
 pub type CreateHook =
     Arc<dyn Fn(NodePath, Result<Node>) -> BoxFuture<'static, Result<Node>> + Send + Sync>;
 
@@ -27,6 +27,7 @@ pub struct Faulty {
     pub inner: Arc<dyn Registry>,
     on_create: Mutex<Option<CreateHook>>,
     before_set: Mutex<Option<SetHook>>,
+    on_set: Mutex<Option<CreateHook>>,
     fail_gets: AtomicBool,
     fail_children: AtomicBool,
     hold_deletes: tokio::sync::watch::Sender<bool>,
@@ -39,6 +40,7 @@ impl Faulty {
             inner,
             on_create: Mutex::new(None),
             before_set: Mutex::new(None),
+            on_set: Mutex::new(None),
             fail_gets: AtomicBool::new(false),
             fail_children: AtomicBool::new(false),
             hold_deletes: tokio::sync::watch::channel(false).0,
@@ -63,6 +65,12 @@ impl Faulty {
     /// From now on, sets first run `hook` (`None`: no more).
     pub fn before_set(&self, hook: Option<SetHook>) {
         *self.before_set.lock().unwrap() = hook;
+    }
+
+    /// From now on, a set's answer (the set already made on the inner registry) goes
+    /// through `hook`.
+    pub fn on_set(&self, hook: CreateHook) {
+        *self.on_set.lock().unwrap() = Some(hook);
     }
 
     /// From now on, creates happen but report `Unavailable` (a lost reply).
@@ -119,7 +127,12 @@ impl Registry for Faulty {
         if let Some(hook) = hook {
             hook(path.clone()).await;
         }
-        self.inner.set(path, value, expected).await
+        let answer = self.inner.set(path, value, expected).await;
+        let hook = self.on_set.lock().unwrap().clone();
+        match hook {
+            Some(hook) => hook(path.clone(), answer).await,
+            None => answer,
+        }
     }
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         self.until_deletes_pass().await;
