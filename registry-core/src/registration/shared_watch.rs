@@ -26,7 +26,12 @@ use crate::watch::{Snapshot, WatchEvent, WatchOptions, WatchStream};
 /// registration then checks its node itself.
 const EVENTS_PER_NODE: usize = 64;
 
-type Subscribers = HashMap<NodePath, Vec<mpsc::Sender<Result<WatchEvent>>>>;
+/// What a subscriber's channel carries. Boxed: a tokio channel allocates its first block of
+/// 32 slots up front, which for the item itself (~100 bytes) was about half of what a
+/// registration keeps in memory, while a registration hears of its node rarely.
+type Item = Box<Result<WatchEvent>>;
+
+type Subscribers = HashMap<NodePath, Vec<mpsc::Sender<Item>>>;
 
 /// The children watches a client's registrations share, one per parent (see
 /// [`Registration::start_shared`](crate::Registration::start_shared)). Cheap to clone; a
@@ -87,7 +92,7 @@ impl RegistrationWatches {
             path: path.clone(),
         };
         futures::stream::unfold(subscription, |mut s| async move {
-            let item = s.receiver.recv().await?;
+            let item = *s.receiver.recv().await?;
             Some((item, s))
         })
         .boxed()
@@ -96,7 +101,7 @@ impl RegistrationWatches {
 
 /// One registration's share of a parent watch; leaving it unsubscribes.
 struct Subscription {
-    receiver: mpsc::Receiver<Result<WatchEvent>>,
+    receiver: mpsc::Receiver<Item>,
     watch: Arc<ParentWatch>,
     path: NodePath,
 }
@@ -120,7 +125,7 @@ impl ParentWatch {
     fn start(
         registry: Arc<dyn Registry>,
         parent: NodePath,
-        first: (NodePath, mpsc::Sender<Result<WatchEvent>>),
+        first: (NodePath, mpsc::Sender<Item>),
     ) -> ParentWatch {
         let fanout = Arc::new(Fanout::default());
         fanout.add(first.0, first.1);
@@ -173,7 +178,7 @@ impl Fanout {
     /// Subscribes `sender` to `path`'s events; false (and nothing kept) if the watch has
     /// ended, so the caller starts another. Checked under the lock `end` takes the
     /// subscribers with, so a subscriber is either ended by `end` or refused here.
-    fn add(&self, path: NodePath, sender: mpsc::Sender<Result<WatchEvent>>) -> bool {
+    fn add(&self, path: NodePath, sender: mpsc::Sender<Item>) -> bool {
         let mut subscribers = self.lock();
         if self.ended.load(Ordering::SeqCst) {
             return false;
@@ -244,7 +249,7 @@ impl Fanout {
                     Error::Closed => Error::Closed,
                     other => Error::unavailable(format!("registrations' parent watch: {other}")),
                 };
-                let _ = sender.try_send(Err(copy));
+                let _ = sender.try_send(Box::new(Err(copy)));
             }
         }
     }
@@ -252,6 +257,6 @@ impl Fanout {
 
 /// Sends to every sender; one that is gone or full is dropped (a full one then sees its
 /// stream end and its registration re-checks the node).
-fn send_all(senders: &mut Vec<mpsc::Sender<Result<WatchEvent>>>, event: WatchEvent) {
-    senders.retain(|s| s.try_send(Ok(event.clone())).is_ok());
+fn send_all(senders: &mut Vec<mpsc::Sender<Item>>, event: WatchEvent) {
+    senders.retain(|s| s.try_send(Box::new(Ok(event.clone()))).is_ok());
 }
