@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::node::{CreateMode, DeleteScope, Expected, Node};
+use crate::node::{CreateMode, Expected, Node};
 use crate::path::NodePath;
 use crate::registry::Registry;
 use crate::watch::{WatchEvent, WatchOptions};
@@ -262,10 +262,10 @@ fn held_by_a_session(error: &Error) -> bool {
 }
 
 /// Deletes the persistent node at `path` and persistent nodes below it; ephemeral nodes (and
-/// the nodes holding them) stay, since they belong to live sessions.
+/// the nodes holding them) stay, since they belong to live sessions. True if nothing is left.
 async fn remove_persistent(to: &dyn Registry, path: &NodePath) -> Result<bool> {
-    match to.delete(path, Expected::Any, DeleteScope::Node).await {
-        Ok(()) | Err(Error::NotFound { .. }) => return Ok(true),
+    match delete_if_persistent(to, path).await {
+        Ok(gone) => return Ok(gone),
         Err(Error::NotEmpty { .. }) => {}
         Err(error) => return Err(error),
     }
@@ -273,13 +273,32 @@ async fn remove_persistent(to: &dyn Registry, path: &NodePath) -> Result<bool> {
     below.sort_by_key(|p| std::cmp::Reverse(p.depth()));
     let mut all_gone = true;
     for p in below {
-        match to.delete(&p, Expected::Any, DeleteScope::Node).await {
-            Ok(()) | Err(Error::NotFound { .. }) => {}
+        match delete_if_persistent(to, &p).await {
+            Ok(gone) => all_gone &= gone,
             Err(Error::NotEmpty { .. }) => all_gone = false,
             Err(error) => return Err(error),
         }
     }
     Ok(all_gone)
+}
+
+/// Deletes the node at `path` only while it is persistent, in one step where the backend can
+/// (a live session's ephemeral node there stays). True if no node is left at `path`.
+async fn delete_if_persistent(to: &dyn Registry, path: &NodePath) -> Result<bool> {
+    let persistent = Node {
+        path: path.clone(),
+        value: Bytes::new(),
+        version: 0,
+        create_order: 0,
+        modify_order: 0,
+        ephemeral_owner: None,
+    };
+    match to.delete_owned(&persistent).await {
+        Ok(true) | Err(Error::NotFound { .. }) => Ok(true),
+        // Nothing there, or a session's node: which one decides what to report.
+        Ok(false) => Ok(!to.exists(path).await?),
+        Err(error) => Err(error),
+    }
 }
 
 /// What a [`Mirror`] just did, as given to its observer.
@@ -558,10 +577,11 @@ async fn sync(
     extra.sort_by_key(|p| std::cmp::Reverse(p.depth()));
     let mut deleted = 0;
     for path in extra {
-        match to.delete(path, Expected::Any, DeleteScope::Node).await {
-            Ok(()) => deleted += 1,
-            // Live ephemerals below it (or gone already): leave it.
-            Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => {}
+        // Only while still persistent: it may have turned into a session's node since read.
+        match delete_if_persistent(to, path).await {
+            Ok(true) => deleted += 1,
+            // Live ephemerals below it or at it (or gone already): leave it.
+            Ok(false) | Err(Error::NotEmpty { .. }) => {}
             Err(error) => return Err(error),
         }
     }

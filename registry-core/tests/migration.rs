@@ -703,5 +703,24 @@ async fn copy_and_mirror_leave_a_live_sessions_ephemeral_node_alone() {
         Some(MirrorChange::Put(path)) => assert_eq!(path, p("/soa/config/a")),
         other => panic!("expected a put, got {other:?}"),
     }
+    // Deleted in the source: the live node in the target stays (it used to be deleted).
+    src.delete(
+        &p("/soa/config/held"),
+        Expected::Any,
+        DeleteScope::Recursive,
+    )
+    .await
+    .unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+            Some(MirrorChange::Deleted(path)) if path == p("/soa/config/held/below") => {}
+            Some(MirrorChange::Kept(path)) => {
+                assert_eq!(path, p("/soa/config/held"));
+                break;
+            }
+            other => panic!("expected the held node kept, got {other:?}"),
+        }
+    }
+    assert_eq!(live(dst.get(&p("/soa/config/held")).await.unwrap()), before);
     mirror.stop().await;
 }
