@@ -198,17 +198,20 @@ pub async fn copy(
     // Paths sort before their descendants, so each create finds its parent.
     let unchanged = summary.unchanged;
     for (done, (path, node, version)) in writes.into_iter().enumerate() {
-        put(to, path, node.value.clone(), Some(version)).await?;
+        put_persistent(to, path, node.value.clone(), Some(version)).await?;
         progress(unchanged + done + 1, total);
     }
     Ok(summary)
 }
 
-/// Writes `value` at `path` as a persistent node, creating it if needed. Refuses with
-/// [`Error::AlreadyExists`] a path the target holds as an ephemeral node (and
-/// [`Error::EphemeralParent`] one below such a node): that node belongs to a live session.
-/// `seen`: the version of the persistent node there (`Some(None)`: none) as just read.
-async fn put(
+/// Writes `value` at `path` as a persistent node, creating it if needed, the way `copy`
+/// and [`Mirror`] write (and `regctl import`). Refuses with [`Error::AlreadyExists`] a path
+/// the target holds as an ephemeral node (and [`Error::EphemeralParent`] one below such a
+/// node): that node belongs to a live session, and a value written into it would go with
+/// that session. A node replaced between a read and the write is read again (bounded).
+/// `seen`: the version of the persistent node there (`Some(None)`: none) as just read, or
+/// `None` to read it first.
+pub async fn put_persistent(
     to: &dyn Registry,
     path: &NodePath,
     value: Bytes,
@@ -252,7 +255,7 @@ async fn put(
     )))
 }
 
-/// Whether a failed [`put`] means the target holds the path (or a parent of it) as a live
+/// Whether a failed [`put_persistent`] means the target holds the path (or a parent of it) as a live
 /// session's ephemeral node, which a mirror leaves alone.
 fn held_by_a_session(error: &Error) -> bool {
     matches!(
@@ -509,7 +512,7 @@ async fn follow(
                 if node.is_ephemeral() || node.path.is_root() {
                     continue;
                 }
-                let change = match put(to, &node.path, node.value, None).await {
+                let change = match put_persistent(to, &node.path, node.value, None).await {
                     Ok(()) => MirrorChange::Put(node.path),
                     Err(error) if held_by_a_session(&error) => {
                         tracing::warn!(path = %node.path, %error, "not mirrored: the target holds it as a live session's ephemeral node");
@@ -560,7 +563,7 @@ async fn sync(
         if current.get(path).map(|n| &n.value) != Some(value) {
             // A path missing from `current` may be an ephemeral node there: `put` reads it.
             let seen = current.get(path).map(|node| Some(node.version));
-            match put(to, path, value.clone(), seen).await {
+            match put_persistent(to, path, value.clone(), seen).await {
                 Ok(()) => written += 1,
                 Err(error) if held_by_a_session(&error) => {
                     tracing::warn!(path = %path, %error, "not mirrored: the target holds it as a live session's ephemeral node");

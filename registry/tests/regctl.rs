@@ -215,6 +215,50 @@ fn export_and_import_round_trip_binary_values() {
         Some(3),
         "a refused import wrote"
     );
+
+    // A path held by a live session's ephemeral node is refused before anything is written
+    // (a value written into it would go with that session).
+    let held =
+        registry::NodePath::new("/soa/runtime/services/com.today.Goods/10.0.0.1:9090").unwrap();
+    let live = runtime.block_on(async {
+        let reg = registry::connect(&to).await.unwrap();
+        reg.create(
+            &held,
+            registry::Bytes::from("live"),
+            registry::CreateMode::Ephemeral,
+        )
+        .await
+        .unwrap();
+        reg
+    });
+    std::fs::write(
+        dir.join("held.json"),
+        format!(r#"{{"nodes":[{{"path":"/ok","value":"1"}},{{"path":"{held}","value":"2"}}]}}"#),
+    )
+    .unwrap();
+    let refused = regctl(&[
+        "--url",
+        &to,
+        "import",
+        "--file",
+        dir.join("held.json").to_str().unwrap(),
+    ]);
+    assert_eq!(refused.status.code(), Some(3), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("live session's ephemeral node"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        regctl(&["--url", &to, "get", "/ok"]).status.code(),
+        Some(3),
+        "a refused import wrote"
+    );
+    runtime.block_on(async {
+        let node = live.get(&held).await.unwrap();
+        assert_eq!(node.value, registry::Bytes::from("live"));
+        assert_eq!(node.ephemeral_owner, live.session().session_id);
+        live.close().await.unwrap();
+    });
 }
 
 /// A directory of the test's own, removed when dropped (a fixed name under /tmp piled up

@@ -522,15 +522,31 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 nodes.insert(target, value);
             }
             let reg = open(&cli.url).await?;
+            // Every target read first: a path held as a live session's ephemeral node (whose
+            // value would go with that session) refuses the import before anything is written.
+            let mut seen = BTreeMap::new();
+            for p in nodes.keys() {
+                let version = match reg.get(p).await {
+                    Ok(node) if node.is_ephemeral() => {
+                        complain(format_args!(
+                            "the target holds {p} as a live session's ephemeral node; import writes persistent nodes only and wrote nothing"
+                        ));
+                        return Err(Error::AlreadyExists { path: p.clone() }.into());
+                    }
+                    Ok(node) => Some(node.version),
+                    Err(Error::NotFound { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                seen.insert(p.clone(), version);
+            }
             let (mut created, mut updated) = (0, 0);
             for (p, value) in &nodes {
-                match reg.set(p, value.clone(), Expected::Any).await {
-                    Ok(_) => updated += 1,
-                    Err(Error::NotFound { .. }) => {
-                        reg.create(p, value.clone(), CreateMode::Persistent).await?;
-                        created += 1;
-                    }
-                    Err(e) => return Err(e.into()),
+                let version = seen.get(p).copied().flatten();
+                migrate::put_persistent(&*reg, p, value.clone(), Some(version)).await?;
+                if version.is_some() {
+                    updated += 1;
+                } else {
+                    created += 1;
                 }
             }
             say(if json {
@@ -568,9 +584,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             .await
             .inspect_err(|error| {
                 if let Error::AlreadyExists { path } = error {
-                    eprintln!(
-                        "regctl: the target holds {path} as a live session's ephemeral node; copy writes persistent nodes only and wrote nothing"
-                    );
+                    complain(format_args!(
+                        "the target holds {path} as a live session's ephemeral node; copy writes persistent nodes only and wrote nothing"
+                    ));
                 }
             })?;
             bar.finish_and_clear();
