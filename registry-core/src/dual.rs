@@ -15,6 +15,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 
 use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
+use crate::migrate::put_persistent;
 use crate::node::{Children, CreateMode, DeleteScope, Expected, Node};
 use crate::path::NodePath;
 use crate::registration::{RegisterOptions, Registration};
@@ -55,7 +56,9 @@ impl DualOptions {
 /// - A write (`create`, `set`, `delete`) goes to the primary first; only if that succeeds is
 ///   it applied to the secondary. The secondary gets the exact path the primary created (a
 ///   sequential create is not counted twice) and unconditional writes (versions differ between
-///   backends; the primary's check is the one that counts).
+///   backends; the primary's check is the one that counts). A persistent node's write never
+///   lands in a live session's ephemeral node on the secondary: it fails there with
+///   [`Error::AlreadyExists`] (a `create` is then undone as below).
 /// - A failed `create` on the secondary is undone on the primary, so the call either happened
 ///   on both or on neither (except for missing parents the primary's create made: they stay,
 ///   empty and persistent, as after any create that fails once its parents exist); if the undo fails too, the error says so and names the node left
@@ -99,7 +102,13 @@ impl DualRegistry {
         &self.secondary
     }
 
+    /// Copies `node` (as the primary now has it) to the secondary. A persistent node never
+    /// lands in a live session's ephemeral node there ([`Error::AlreadyExists`]): its value
+    /// would go with that session.
     async fn put_secondary(&self, node: &Node) -> Result<()> {
+        if !node.is_ephemeral() {
+            return put_persistent(&*self.secondary, &node.path, node.value.clone(), None).await;
+        }
         match self
             .secondary
             .set(&node.path, node.value.clone(), Expected::Any)
@@ -164,12 +173,11 @@ impl Registry for DualRegistry {
             .create(&node.path, node.value.clone(), plain)
             .await
         {
-            // A persistent node already there (copied or mirrored earlier) takes the value.
-            Err(Error::AlreadyExists { .. }) if !mode.is_ephemeral() => self
-                .secondary
-                .set(&node.path, node.value.clone(), Expected::Any)
-                .await
-                .map(|_| ()),
+            // A persistent node already there (copied or mirrored earlier) takes the value; a
+            // live session's ephemeral node there refuses it (and the create is undone).
+            Err(Error::AlreadyExists { .. }) if !mode.is_ephemeral() => {
+                put_persistent(&*self.secondary, &node.path, node.value.clone(), None).await
+            }
             other => other.map(|_| ()),
         };
         if let Err(error) = copied {

@@ -147,6 +147,43 @@ async fn dual_create_failing_on_the_secondary_is_undone_on_the_primary() {
     );
 }
 
+/// A persistent create or write through the dual never lands in a live session's ephemeral
+/// node on the secondary (its value would go with that session): the create is refused and
+/// undone on the primary, the write is refused.
+#[tokio::test]
+async fn dual_writes_leave_a_live_sessions_ephemeral_node_on_the_secondary_alone() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb, session) = (client(&a).await, client(&b).await, client(&b).await);
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+    session
+        .create(&p("/c/x"), Bytes::from("live"), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    let live = || async { sb.get(&p("/c/x")).await.unwrap() };
+    let before = live().await;
+
+    let made = dual
+        .create(&p("/c/x"), Bytes::from("v"), CreateMode::Persistent)
+        .await;
+    assert!(matches!(made, Err(Error::AlreadyExists { .. })), "{made:?}");
+    assert_eq!(
+        value(&*pa, "/c/x").await,
+        None,
+        "the create stayed on the primary"
+    );
+    assert_eq!(live().await, before);
+
+    pa.create(&p("/c/x"), Bytes::from("v1"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let written = dual.set(&p("/c/x"), Bytes::from("v2"), Expected::Any).await;
+    assert!(
+        matches!(written, Err(Error::AlreadyExists { .. })),
+        "{written:?}"
+    );
+    assert_eq!(live().await, before);
+}
+
 /// A failed create must not leave this session's ephemeral node on the primary, even when
 /// another writer changed it before the undo (the versioned undo used to fail then, and the
 /// node stayed on the primary only).
