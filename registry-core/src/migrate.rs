@@ -8,7 +8,7 @@
 //! the in-memory backend skip names that are taken), so its names are unique but may sort
 //! before copied ones. Order such nodes by `create_order`, or create them on one backend.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -340,7 +340,8 @@ pub enum MirrorChange {
 /// Where a [`Mirror`] stands.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MirrorStatus {
-    /// The target equals the source as of the last event applied.
+    /// The target equals the source as of the last event applied, apart from the
+    /// [`held`](MirrorStatus::held) paths.
     pub synced: bool,
     /// Changes applied to the target since the start (puts and deletes).
     pub applied: u64,
@@ -348,6 +349,10 @@ pub struct MirrorStatus {
     pub syncs: u64,
     /// The latest failure, if the mirror is retrying.
     pub last_error: Option<String>,
+    /// Source paths not written because the target holds them (or a parent) as live
+    /// sessions' ephemeral nodes; each is tried again every [`HELD_RETRY`] until it is
+    /// written or gone from the source.
+    pub held: usize,
 }
 
 /// Keeps the persistent nodes of a subtree of one registry copied into another, live.
@@ -360,12 +365,18 @@ pub struct MirrorStatus {
 /// root exists. After a watch resync,
 /// a stream end, or any failure on either side (a server restarting), it waits with capped
 /// backoff and starts over with a full sync, so no change is lost for good. Ephemeral nodes
-/// are never copied. Runs until [`stop`](Mirror::stop) or drop.
+/// are never copied, and a path the target holds as a live session's ephemeral node is left
+/// alone ([`MirrorChange::Held`]) and written once that node is gone (tried every
+/// [`HELD_RETRY`]). Runs until [`stop`](Mirror::stop) or drop.
 pub struct Mirror {
     stop: watch::Sender<bool>,
     status: watch::Receiver<MirrorStatus>,
     task: Option<JoinHandle<()>>,
 }
+
+/// How often a mirror tries again the paths held by a live session's ephemeral node in the
+/// target (nothing announces that such a node went).
+pub const HELD_RETRY: Duration = Duration::from_secs(1);
 
 /// Retry delays of a mirror whose source or target failed.
 const MIRROR_RETRY_INITIAL: Duration = Duration::from_millis(100);
@@ -488,7 +499,21 @@ async fn follow(
     backoff: &mut Backoff,
 ) -> Result<()> {
     let mut events = from.watch(root, WatchOptions::subtree()).await?;
-    while let Some(item) = events.next().await {
+    let mut held = BTreeSet::new();
+    let mut retry = tokio::time::interval_at(tokio::time::Instant::now() + HELD_RETRY, HELD_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let item = tokio::select! {
+            item = events.next() => item,
+            _ = retry.tick(), if !held.is_empty() => {
+                retry_held(from, to, &mut held, status, observer).await?;
+                status.send_modify(|s| s.held = held.len());
+                continue;
+            }
+        };
+        let Some(item) = item else {
+            break;
+        };
         match item? {
             WatchEvent::Snapshot(snapshot) | WatchEvent::Resync { snapshot, .. } => {
                 let source_missing = snapshot.nodes.is_empty();
@@ -498,12 +523,14 @@ async fn follow(
                     .filter(|n| !n.is_ephemeral() && !n.path.is_root())
                     .map(|n| (n.path, n.value))
                     .collect();
-                let change = sync(to, root, &desired, source_missing).await?;
+                held.clear();
+                let change = sync(to, root, &desired, source_missing, &mut held).await?;
                 tracing::info!(?change, "mirror in sync");
                 status.send_modify(|s| {
                     s.synced = true;
                     s.syncs += 1;
                     s.last_error = None;
+                    s.held = held.len();
                 });
                 backoff.reset();
                 observer(change);
@@ -513,26 +540,37 @@ async fn follow(
                     continue;
                 }
                 let change = match put_persistent(to, &node.path, node.value, None).await {
-                    Ok(()) => MirrorChange::Put(node.path),
+                    Ok(()) => {
+                        held.remove(&node.path);
+                        MirrorChange::Put(node.path)
+                    }
                     Err(error) if held_by_a_session(&error) => {
                         tracing::warn!(path = %node.path, %error, "not mirrored: the target holds it as a live session's ephemeral node");
+                        held.insert(node.path.clone());
                         MirrorChange::Held(node.path)
                     }
                     Err(error) => return Err(error),
                 };
-                status.send_modify(|s| s.applied += 1);
+                status.send_modify(|s| {
+                    s.applied += 1;
+                    s.held = held.len();
+                });
                 observer(change);
             }
             WatchEvent::Deleted(node) => {
                 if node.is_ephemeral() || node.path.is_root() {
                     continue;
                 }
+                held.remove(&node.path);
                 let change = if remove_persistent(to, &node.path).await? {
                     MirrorChange::Deleted(node.path)
                 } else {
                     MirrorChange::Kept(node.path)
                 };
-                status.send_modify(|s| s.applied += 1);
+                status.send_modify(|s| {
+                    s.applied += 1;
+                    s.held = held.len();
+                });
                 observer(change);
             }
         }
@@ -540,13 +578,48 @@ async fn follow(
     Ok(())
 }
 
-/// Makes the persistent nodes of `to` under `root` equal to `desired`. Refuses (a retryable
-/// error) to empty the target when nothing at all exists at `root` in the source.
+/// Writes again the source's nodes at the `held` paths; a path written, or no longer a
+/// persistent node in the source, leaves the set.
+async fn retry_held(
+    from: &dyn Registry,
+    to: &dyn Registry,
+    held: &mut BTreeSet<NodePath>,
+    status: &watch::Sender<MirrorStatus>,
+    observer: &Observer,
+) -> Result<()> {
+    for path in held.clone() {
+        let node = match from.get(&path).await {
+            Ok(node) if !node.is_ephemeral() => node,
+            // Its deletion reaches the mirror through the watch.
+            Ok(_) | Err(Error::NotFound { .. }) => {
+                held.remove(&path);
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        match put_persistent(to, &path, node.value, None).await {
+            Ok(()) => {
+                held.remove(&path);
+                tracing::info!(%path, "held path written: the session's node is gone");
+                status.send_modify(|s| s.applied += 1);
+                observer(MirrorChange::Put(path));
+            }
+            Err(error) if held_by_a_session(&error) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+/// Makes the persistent nodes of `to` under `root` equal to `desired`, adding to `held` the
+/// paths it could not write (see [`MirrorStatus::held`]). Refuses (a retryable error) to
+/// empty the target when nothing at all exists at `root` in the source.
 async fn sync(
     to: &dyn Registry,
     root: &NodePath,
     desired: &BTreeMap<NodePath, Bytes>,
     source_missing: bool,
+    held_paths: &mut BTreeSet<NodePath>,
 ) -> Result<MirrorChange> {
     let current = persistent_tree(to, root).await?;
     // A missing source root is far likelier a wrong path or chroot, or a source that came
@@ -568,6 +641,7 @@ async fn sync(
                 Err(error) if held_by_a_session(&error) => {
                     tracing::warn!(path = %path, %error, "not mirrored: the target holds it as a live session's ephemeral node");
                     held += 1;
+                    held_paths.insert(path.clone());
                 }
                 Err(error) => return Err(error),
             }

@@ -147,6 +147,50 @@ async fn dual_create_failing_on_the_secondary_is_undone_on_the_primary() {
     );
 }
 
+/// A path the target holds as a live session's ephemeral node is written once that node is
+/// gone (it used to stay missing until the mirror started over for some other reason).
+#[tokio::test]
+async fn mirror_writes_a_held_path_once_the_session_node_is_gone() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst, session) = (client(&a).await, client(&b).await, client(&b).await);
+    src.create(
+        &p("/soa/config/x"),
+        Bytes::from("v"),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+    session
+        .create(
+            &p("/soa/config/x"),
+            Bytes::from("live"),
+            CreateMode::Ephemeral,
+        )
+        .await
+        .unwrap();
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mirror = Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa"), move |c| {
+        let _ = tx.send(c);
+    });
+    mirror.wait_synced(WAIT).await.unwrap();
+    match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+        Some(MirrorChange::Synced { held, .. }) => assert_eq!(held, 1),
+        other => panic!("expected the first sync, got {other:?}"),
+    }
+    assert_eq!(mirror.status().held, 1);
+
+    session.close().await.unwrap();
+    match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+        Some(MirrorChange::Put(path)) => assert_eq!(path, p("/soa/config/x")),
+        other => panic!("expected the held path written, got {other:?}"),
+    }
+    let node = dst.get(&p("/soa/config/x")).await.unwrap();
+    assert_eq!(node.value, Bytes::from("v"));
+    assert!(!node.is_ephemeral());
+    assert_eq!(mirror.status().held, 0);
+    mirror.stop().await;
+}
+
 /// A persistent create or write through the dual never lands in a live session's ephemeral
 /// node on the secondary (its value would go with that session): the create is refused and
 /// undone on the primary, the write is refused.
