@@ -236,12 +236,7 @@ impl Raw {
                         TxnOp::get(parent, keys_only()),
                         TxnOp::get(path, keys_only()),
                     ]);
-                let response = client
-                    .clone()
-                    .txn(txn)
-                    .await
-                    .ctx(format!("etcd checked create {path}"))?;
-                if response.succeeded() {
+                if etcd_txn_succeeded(client, txn, "checked create", path).await? {
                     Ok(())
                 } else {
                     Err(format!("etcd checked create {path}: a check failed"))
@@ -267,12 +262,7 @@ impl Raw {
                     .when([Compare::lease(path, CompareOp::Equal, *lease)])
                     .and_then([TxnOp::delete(path, None)])
                     .or_else([TxnOp::get(path, Some(GetOptions::new().with_keys_only()))]);
-                let response = client
-                    .clone()
-                    .txn(txn)
-                    .await
-                    .ctx(format!("etcd owner-checked delete {path}"))?;
-                if response.succeeded() {
+                if etcd_txn_succeeded(client, txn, "owner-checked delete", path).await? {
                     Ok(())
                 } else {
                     refused()
@@ -610,6 +600,21 @@ pub async fn zk_connect(connect: &str, session_timeout: Duration) -> BenchResult
             .ctx(format!("raw zookeeper connect {connect}"))
     })
     .await
+}
+
+/// Sends `txn` (the `what` of `path`); whether its compares held.
+async fn etcd_txn_succeeded(
+    client: &EtcdClient,
+    txn: Txn,
+    what: &str,
+    path: &str,
+) -> BenchResult<bool> {
+    let response = client
+        .clone()
+        .txn(txn)
+        .await
+        .ctx(format!("etcd {what} {path}"))?;
+    Ok(response.succeeded())
 }
 
 /// Grants a lease of `ttl` and keeps it alive every TTL/3 on a task.

@@ -13,6 +13,18 @@ use registry_core::{
 };
 use support::Faulty;
 
+/// A registration of `path` with value `v1` made through `faulty`, so its calls meet the
+/// faults the test sets.
+async fn register_through(
+    faulty: &Arc<Faulty>,
+    path: &NodePath,
+    options: RegisterOptions,
+) -> Registration {
+    Registration::start(faulty.clone(), path, Bytes::from("v1"), options)
+        .await
+        .unwrap()
+}
+
 async fn client(store: &MemoryStore) -> Arc<MemoryRegistry> {
     Arc::new(
         MemoryRegistry::connect(store, MemoryOptions::default())
@@ -30,14 +42,7 @@ async fn a_value_write_that_keeps_losing_leaves_the_registration_registered() {
     let (ours, admin) = (client(&store).await, client(&store).await);
     let faulty = Faulty::new(ours.clone());
     let path = NodePath::new("/svc/10.0.0.1:9090").unwrap();
-    let registration = Registration::start(
-        faulty.clone(),
-        &path,
-        Bytes::from("v1"),
-        RegisterOptions::new(),
-    )
-    .await
-    .unwrap();
+    let registration = register_through(&faulty, &path, RegisterOptions::new()).await;
     let writer = admin.clone();
     faulty.before_set(Some(Arc::new(move |path| {
         let writer = writer.clone();
@@ -81,14 +86,8 @@ async fn a_sequential_registration_whose_name_was_taken_tries_again() {
     let (ours, other) = (client(&store).await, client(&store).await);
     let faulty = Faulty::new(ours.clone());
     let prefix = NodePath::new("/svc/inst:").unwrap();
-    let registration = Registration::start(
-        faulty.clone(),
-        &prefix,
-        Bytes::from("v1"),
-        RegisterOptions::new().sequential(),
-    )
-    .await
-    .unwrap();
+    let registration =
+        register_through(&faulty, &prefix, RegisterOptions::new().sequential()).await;
     let first = registration.path().unwrap();
     // The next sequential create finds its name taken, once.
     let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -180,14 +179,7 @@ async fn a_value_written_as_the_session_goes_does_not_report_the_lost_node() {
     let ours = client(&store).await;
     let faulty = Faulty::new(ours.clone());
     let path = NodePath::new("/svc/10.0.0.1:9090").unwrap();
-    let registration = Registration::start(
-        faulty.clone(),
-        &path,
-        Bytes::from("v1"),
-        RegisterOptions::new(),
-    )
-    .await
-    .unwrap();
+    let registration = register_through(&faulty, &path, RegisterOptions::new()).await;
     let lost_session = ours.session().session_id.unwrap();
     let expiring = store.clone();
     faulty.on_set(Arc::new(move |_, answer| {
