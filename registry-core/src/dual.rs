@@ -12,6 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
+use tracing::Instrument;
 
 use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
@@ -64,6 +65,8 @@ impl DualOptions {
 ///   empty and persistent, as after any create that fails once its parents exist); if the undo fails too, the error says so and names the node left
 ///   on the primary only (remove it, or re-copy). A failed `set` or `delete` on the secondary is returned as the
 ///   error; the primary keeps the write (retry it, or re-copy with `regctl copy`).
+/// - A write runs to its end, undo included, even when its caller stops waiting (a timeout
+///   drops the call's future): a cancelled call never leaves it done on the primary alone.
 /// - [`register`](Registry::register) registers on both; each side heals itself after its own
 ///   session loss; the returned handle's path and status are the primary's, and deregistering
 ///   or dropping it removes both.
@@ -72,6 +75,9 @@ impl DualOptions {
 ///   delivered theirs, then the changes of the merged view, and a `Resync` whenever either
 ///   side resyncs, and ends when either side's stream ends. Revisions are the primary's;
 ///   watching from a revision is not supported.
+///
+/// Cloning is cheap: the clones share the two registries.
+#[derive(Clone)]
 pub struct DualRegistry {
     primary: Arc<dyn Registry>,
     secondary: Arc<dyn Registry>,
@@ -162,32 +168,8 @@ impl Registry for DualRegistry {
 
     #[tracing::instrument(level = "debug", skip(self, value), fields(path = %path))]
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
-        let node = self.primary.create(path, value, mode).await?;
-        let plain = if mode.is_ephemeral() {
-            CreateMode::Ephemeral
-        } else {
-            CreateMode::Persistent
-        };
-        let copied = match self
-            .secondary
-            .create(&node.path, node.value.clone(), plain)
-            .await
-        {
-            // A persistent node already there (copied or mirrored earlier) takes the value; a
-            // live session's ephemeral node there refuses it (and the create is undone).
-            Err(Error::AlreadyExists { .. }) if !mode.is_ephemeral() => {
-                put_persistent(&*self.secondary, &node.path, node.value.clone(), None).await
-            }
-            other => other.map(|_| ()),
-        };
-        if let Err(error) = copied {
-            tracing::warn!(path = %node.path, %error, "secondary create failed; undoing it on the primary");
-            return Err(match self.undo_create(&node).await {
-                Ok(()) => error,
-                Err(undo) => half_done(&node.path, "create", error, undo),
-            });
-        }
-        Ok(node)
+        let (this, path) = (self.clone(), path.clone());
+        on_both(async move { this.create_on_both(&path, value, mode).await }).await
     }
 
     async fn get(&self, path: &NodePath) -> Result<Node> {
@@ -211,18 +193,26 @@ impl Registry for DualRegistry {
 
     #[tracing::instrument(level = "debug", skip(self, value), fields(path = %path))]
     async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
-        let node = self.primary.set(path, value, expected).await?;
-        self.put_secondary(&node).await?;
-        Ok(node)
+        let (this, path) = (self.clone(), path.clone());
+        on_both(async move {
+            let node = this.primary.set(&path, value, expected).await?;
+            this.put_secondary(&node).await?;
+            Ok(node)
+        })
+        .await
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(path = %path))]
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
-        self.primary.delete(path, expected, scope).await?;
-        match self.secondary.delete(path, Expected::Any, scope).await {
-            Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
-            Err(error) => Err(error),
-        }
+        let (this, path) = (self.clone(), path.clone());
+        on_both(async move {
+            this.primary.delete(&path, expected, scope).await?;
+            match this.secondary.delete(&path, Expected::Any, scope).await {
+                Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
+                Err(error) => Err(error),
+            }
+        })
+        .await
     }
 
     async fn children(&self, path: &NodePath) -> Result<Children> {
@@ -301,9 +291,43 @@ impl Registry for DualRegistry {
     }
 }
 
-/// The secondary's failure to `operation` at `path`, when undoing it on the primary failed
-/// too: the node is left on the primary only, and the error says so.
 impl DualRegistry {
+    /// `create` on the primary, then on the secondary; undone on the primary if the
+    /// secondary's fails.
+    async fn create_on_both(
+        &self,
+        path: &NodePath,
+        value: Bytes,
+        mode: CreateMode,
+    ) -> Result<Node> {
+        let node = self.primary.create(path, value, mode).await?;
+        let plain = if mode.is_ephemeral() {
+            CreateMode::Ephemeral
+        } else {
+            CreateMode::Persistent
+        };
+        let copied = match self
+            .secondary
+            .create(&node.path, node.value.clone(), plain)
+            .await
+        {
+            // A persistent node already there (copied or mirrored earlier) takes the value; a
+            // live session's ephemeral node there refuses it (and the create is undone).
+            Err(Error::AlreadyExists { .. }) if !mode.is_ephemeral() => {
+                put_persistent(&*self.secondary, &node.path, node.value.clone(), None).await
+            }
+            other => other.map(|_| ()),
+        };
+        if let Err(error) = copied {
+            tracing::warn!(path = %node.path, %error, "secondary create failed; undoing it on the primary");
+            return Err(match self.undo_create(&node).await {
+                Ok(()) => error,
+                Err(undo) => half_done(&node.path, "create", error, undo),
+            });
+        }
+        Ok(node)
+    }
+
     /// Removes `node`, just created on the primary, as long as it is still the one created.
     /// An ephemeral node is removed while it belongs to this session, whatever writes others
     /// made to it meanwhile; a persistent one only at its version (after another writer's
@@ -338,6 +362,23 @@ impl DualRegistry {
 /// Attempts at removing an ephemeral node that other writers keep changing.
 const UNDO_ROUNDS: usize = 3;
 
+/// Runs a write of both sides in a task of its own, so that a caller who stops waiting cannot
+/// stop it between the primary and the secondary.
+async fn on_both<T: Send + 'static>(
+    write: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    match tokio::spawn(write.in_current_span()).await {
+        Ok(outcome) => outcome,
+        Err(failed) => Err(Error::Backend {
+            backend: "dual",
+            message: format!("the write's task failed: {failed}"),
+            source: Some(Box::new(failed)),
+        }),
+    }
+}
+
+/// The secondary's failure to `operation` at `path`, when undoing it on the primary failed
+/// too: the node is left on the primary only, and the error says so.
 fn half_done(path: &NodePath, operation: &str, error: Error, undo: Error) -> Error {
     tracing::error!(%path, %error, %undo, "left on the primary only");
     Error::Backend {

@@ -147,6 +147,60 @@ async fn dual_create_failing_on_the_secondary_is_undone_on_the_primary() {
     );
 }
 
+/// A caller that stops waiting (a timeout) between the two sides' writes used to stop the
+/// write there: the primary kept a create the secondary refused, or a delete the secondary
+/// never got.
+#[tokio::test]
+async fn dual_writes_dropped_midway_still_finish_on_both_sides() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    sb.create(&p("/taken"), Bytes::from("theirs"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let secondary = support::Faulty::new(sb.clone());
+    let (gate, open) = tokio::sync::watch::channel(false);
+    secondary.on_create(Arc::new(move |_, answer| {
+        let mut open = open.clone();
+        Box::pin(async move {
+            let _ = open.wait_for(|open| *open).await;
+            answer
+        })
+    }));
+    let dual = DualRegistry::new(pa.clone(), secondary.clone(), DualOptions::new());
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        dual.create(&p("/taken"), Bytes::from("ours"), CreateMode::Ephemeral),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the create did not wait: {gave_up:?}");
+    assert!(
+        value(&*pa, "/taken").await.is_some(),
+        "the primary's create had not run"
+    );
+    gate.send_replace(true);
+    eventually("the refused create undone on the primary", || async {
+        value(&*pa, "/taken").await.is_none()
+    })
+    .await;
+
+    dual.create(&p("/gone"), Bytes::from("v"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    secondary.hold_deletes(true);
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        dual.delete(&p("/gone"), Expected::Any, DeleteScope::Node),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the delete did not wait: {gave_up:?}");
+    assert_eq!(value(&*pa, "/gone").await, None);
+    secondary.hold_deletes(false);
+    eventually("the delete finished on the secondary", || async {
+        value(&*sb, "/gone").await.is_none()
+    })
+    .await;
+}
+
 /// A path the target holds as a live session's ephemeral node is written once that node is
 /// gone (it used to stay missing until the mirror started over for some other reason).
 #[tokio::test]
