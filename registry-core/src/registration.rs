@@ -420,14 +420,14 @@ impl Registration {
     /// Retryable failures are retried for up to 10 s. A future dropped before it returns
     /// leaves the removal to the background, as dropping the registration does.
     pub async fn deregister(mut self) -> Result<()> {
-        self.stop.send_replace(true);
-        // The healer winds down while the node is removed: once removed, it cannot
-        // re-create it (see `ensure`). Its handle stays in `self` until then, so a deregister
-        // dropped midway leaves the removal to `drop`.
+        // The healer is stopped only after the removal, which it cannot undo (see `ensure`),
+        // and not waited for, having nothing left to do. Its node watch has fired by then, so
+        // dropping it costs the server nothing; one dropped unfired first is a remove-watch
+        // request queued ahead of the delete. Its handle stays in `self` until then, so a
+        // deregister dropped midway leaves the removal to `drop`.
         let mut outcome = remove(&self.shared).await;
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        self.stop.send_replace(true);
+        drop(self.task.take());
         for companion in std::mem::take(&mut self.companions) {
             let removed = Box::pin(companion.deregister()).await;
             if outcome.is_ok() {
