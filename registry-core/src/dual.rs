@@ -69,7 +69,10 @@ impl DualOptions {
 ///   drops the call's future): a cancelled call never leaves it done on the primary alone.
 /// - [`register`](Registry::register) registers on both; each side heals itself after its own
 ///   session loss; the returned handle's path and status are the primary's, and deregistering
-///   or dropping it removes both.
+///   or dropping it removes both. A sequential registration has the primary's generated name
+///   on the secondary too (registered there as a plain one), unless another node holds that
+///   name there (the secondary then generates one); after the primary re-creates its node
+///   under a new name (a session loss), the secondary keeps the first name.
 /// - Sessions, capabilities and (unless merging) reads and watches are the primary's.
 /// - With [`DualOptions::merge_reads`], a watch delivers a snapshot once both sides have
 ///   delivered theirs, then the changes of the merged view, and a `Resync` whenever either
@@ -275,7 +278,25 @@ impl Registry for DualRegistry {
             .primary
             .register(path, value.clone(), options.clone())
             .await?;
-        match self.secondary.register(path, value, options).await {
+        // A sequential one gets the primary's generated name on the secondary too: the two
+        // counters differ, and a merged view would show one provider twice. Where another
+        // node holds that name there, the secondary counts a name of its own.
+        let secondary = match primary.path() {
+            Some(generated) if options.sequential => {
+                match self
+                    .secondary
+                    .register(&generated, value.clone(), RegisterOptions::new())
+                    .await
+                {
+                    Err(Error::AlreadyExists { .. }) => {
+                        self.secondary.register(path, value, options).await
+                    }
+                    other => other,
+                }
+            }
+            _ => self.secondary.register(path, value, options).await,
+        };
+        match secondary {
             Ok(secondary) => Ok(primary.with_companions(vec![secondary])),
             Err(error) => match primary.deregister().await {
                 Ok(()) => Err(error),

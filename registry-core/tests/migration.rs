@@ -347,6 +347,77 @@ async fn dual_registration_lives_on_both_and_heals_each_side() {
     assert!(!sb.exists(&path).await.unwrap());
 }
 
+/// Each backend used to count a sequential registration's name itself, so a merged view
+/// showed the provider twice, under two names.
+#[tokio::test]
+async fn dual_sequential_registration_has_one_name_on_both_sides() {
+    let (pa, sb, dual) = merged().await;
+    // The secondary's counter runs ahead of the primary's.
+    for _ in 0..3 {
+        sb.create(
+            &p("/svc/other-"),
+            Bytes::new(),
+            CreateMode::PersistentSequential,
+        )
+        .await
+        .unwrap();
+    }
+    let reg = dual
+        .register(
+            &p("/svc/i-"),
+            Bytes::from("v"),
+            RegisterOptions::new().sequential(),
+        )
+        .await
+        .unwrap();
+    let name = reg.path().expect("registered");
+    assert_eq!(value(&*pa, name.as_str()).await, Some(Bytes::from("v")));
+    assert_eq!(value(&*sb, name.as_str()).await, Some(Bytes::from("v")));
+    let listed = dual.children(&p("/svc")).await.unwrap();
+    let ours: Vec<_> = listed.nodes.iter().filter(|n| n.is_ephemeral()).collect();
+    assert_eq!(ours.len(), 1, "the merged view shows {ours:?}");
+    reg.deregister().await.unwrap();
+    assert_eq!(value(&*pa, name.as_str()).await, None);
+    assert_eq!(value(&*sb, name.as_str()).await, None);
+}
+
+/// Where the primary's generated name is taken on the secondary, the secondary generates one
+/// of its own rather than failing the registration.
+#[tokio::test]
+async fn dual_sequential_registration_whose_name_is_taken_on_the_secondary_still_registers() {
+    let (pa, sb, dual) = merged().await;
+    sb.create(
+        &p("/svc/i-0000000000"),
+        Bytes::from("theirs"),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+    let reg = dual
+        .register(
+            &p("/svc/i-"),
+            Bytes::from("v"),
+            RegisterOptions::new().sequential(),
+        )
+        .await
+        .unwrap();
+    let name = reg.path().expect("registered");
+    assert_eq!(name.as_str(), "/svc/i-0000000000");
+    assert_eq!(value(&*pa, name.as_str()).await, Some(Bytes::from("v")));
+    let on_secondary = sb.children(&p("/svc")).await.unwrap();
+    let ours: Vec<_> = on_secondary
+        .nodes
+        .iter()
+        .filter(|n| n.value == "v" && n.is_ephemeral())
+        .collect();
+    assert_eq!(ours.len(), 1, "secondary holds {on_secondary:?}");
+    assert_eq!(
+        value(&*sb, "/svc/i-0000000000").await,
+        Some(Bytes::from("theirs"))
+    );
+    reg.deregister().await.unwrap();
+}
+
 #[tokio::test]
 async fn dual_registration_failing_on_the_secondary_leaves_nothing_on_the_primary() {
     let (a, b) = (MemoryStore::new(), MemoryStore::new());
