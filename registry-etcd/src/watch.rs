@@ -140,7 +140,7 @@ async fn run(
     tx: mpsc::Sender<Result<WatchEvent>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    let mut backoff = Backoff::new(Duration::from_millis(50), RETRY_MAX);
     // None: the first read is the Snapshot; Some(reason): a Resync.
     let mut pending: Option<Option<ResyncReason>> = if after.is_some() { None } else { Some(None) };
     let mut last = after.unwrap_or(0);
@@ -186,6 +186,7 @@ async fn run(
                 }
             }
         }
+        let following = tokio::time::Instant::now();
         match follow(
             &shared,
             &root,
@@ -204,12 +205,27 @@ async fn run(
                 pending = Some(Some(reason));
             }
             Break::Resume => {
-                if sleep_or_stop(&tx, &mut shutdown, backoff.next_delay()).await {
+                let delay = resume_delay(&mut backoff, following.elapsed());
+                if sleep_or_stop(&tx, &mut shutdown, delay).await {
                     return;
                 }
             }
         }
     }
+}
+
+/// The longest wait before a watch resumes or re-reads. A resumed watch that held this long
+/// starts the delays over at its next break; one that breaks right after each resume keeps
+/// backing off.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// The wait before resuming a watch that held for `held`. One that held a while worked: its
+/// break starts the delays over, instead of every later break waiting the longest delay.
+fn resume_delay(backoff: &mut Backoff, held: Duration) -> Duration {
+    if held >= RETRY_MAX {
+        backoff.reset();
+    }
+    backoff.next_delay()
 }
 
 async fn sleep_or_stop(
@@ -347,5 +363,21 @@ async fn follow(
         }
         // etcd sends all events of a revision in one response (no fragmenting requested).
         *last = newest;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_that_held_resumes_after_the_shortest_delay() {
+        let mut backoff = Backoff::new(Duration::from_millis(50), RETRY_MAX);
+        // Breaks right after each resume keep backing off up to the longest delay.
+        for _ in 0..8 {
+            resume_delay(&mut backoff, Duration::ZERO);
+        }
+        assert!(resume_delay(&mut backoff, Duration::from_millis(100)) >= RETRY_MAX / 2);
+        assert!(resume_delay(&mut backoff, RETRY_MAX) <= Duration::from_millis(50));
     }
 }
