@@ -158,7 +158,10 @@ pub struct CopySummary {
 /// Fails with [`Error::AlreadyExists`], before writing anything (dry run or not), if the
 /// target holds a path of the source as an ephemeral node: writing into it would tie the
 /// copied value to that node's session (and nothing can be created below it), replacing it
-/// would remove a live registration.
+/// would remove a live registration. A node that turns ephemeral after that check, once
+/// writing has begun, fails the copy with an [`Error::Backend`] that names it and says how
+/// many nodes were written (its source is the `AlreadyExists`); running the copy again once
+/// that session is gone finishes the job.
 pub async fn copy(
     from: &dyn Registry,
     to: &dyn Registry,
@@ -198,7 +201,21 @@ pub async fn copy(
     // Paths sort before their descendants, so each create finds its parent.
     let unchanged = summary.unchanged;
     for (done, (path, node, version)) in writes.into_iter().enumerate() {
-        put_persistent(to, path, node.value.clone(), Some(version)).await?;
+        match put_persistent(to, path, node.value.clone(), Some(version)).await {
+            Ok(()) => {}
+            // Not the up-front refusal: earlier nodes are written, and the caller must know.
+            Err(taken @ Error::AlreadyExists { .. }) if done > 0 => {
+                return Err(Error::Backend {
+                    backend: "copy",
+                    message: format!(
+                        "the target turned {path} into a live session's ephemeral node during \
+                         the copy, after {done} nodes were written; copy again once it is gone"
+                    ),
+                    source: Some(Box::new(taken)),
+                })
+            }
+            Err(error) => return Err(error),
+        }
         progress(unchanged + done + 1, total);
     }
     Ok(summary)
@@ -209,7 +226,10 @@ pub async fn copy(
 /// the target holds as an ephemeral node (and [`Error::EphemeralParent`] one below such a
 /// node): that node belongs to a live session, and a value written into it would go with
 /// that session. A node replaced between a read and the write is read again (bounded).
-/// `seen`: the version of the persistent node there (`Some(None)`: none) as just read, or
+/// Writes compare versions only (all a ZooKeeper write can compare): a node replaced by a
+/// live session's ephemeral node at the same version in the one round trip between the read
+/// and the write takes the value, which is then reported as [`Error::AlreadyExists`] rather
+/// than as written. `seen`: the version of the persistent node there (`Some(None)`: none) as just read, or
 /// `None` to read it first.
 pub async fn put_persistent(
     to: &dyn Registry,
@@ -236,6 +256,10 @@ pub async fn put_persistent(
                 .set(path, value.clone(), Expected::Version(version))
                 .await
             {
+                Ok(written) if written.is_ephemeral() => {
+                    tracing::warn!(%path, owner = ?written.ephemeral_owner, "a persistent write landed in a session's ephemeral node that replaced the node read");
+                    return Err(Error::AlreadyExists { path: path.clone() });
+                }
                 Ok(_) => return Ok(()),
                 Err(Error::VersionMismatch { .. }) => continue,
                 // An etcd parent with no key of its own reads as an empty node, but only a

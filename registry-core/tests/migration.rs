@@ -488,6 +488,57 @@ async fn merged_reads_show_both_trees_and_the_primary_wins() {
     );
 }
 
+/// A target node that turns ephemeral after the up-front check, once writing has begun, used
+/// to count as copied when the session's node had the version read (the write landed in it),
+/// and otherwise to fail the copy with the same `AlreadyExists` as the check, whose meaning
+/// is "nothing written" (and regctl said so), while earlier nodes were written.
+#[tokio::test]
+async fn copy_that_meets_a_new_ephemeral_node_midway_says_what_it_wrote() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst, other) = (client(&a).await, client(&b).await, client(&b).await);
+    for (path, v) in [("/cfg/a", "1"), ("/cfg/b", "2")] {
+        src.create(&p(path), Bytes::from(v), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    dst.create(&p("/cfg/b"), Bytes::from("old"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let target = support::Faulty::new(dst.clone());
+    target.before_set(Some(Arc::new(move |path| {
+        let other = other.clone();
+        Box::pin(async move {
+            other
+                .delete(&path, Expected::Any, DeleteScope::Node)
+                .await
+                .unwrap();
+            other
+                .create(&path, Bytes::from("live"), CreateMode::Ephemeral)
+                .await
+                .unwrap();
+        })
+    })));
+    let copied = migrate::copy(
+        &*src,
+        &*target,
+        &p("/cfg"),
+        CopyOptions::default(),
+        |_, _| {},
+    )
+    .await;
+    match copied {
+        Err(Error::Backend { message, .. }) => {
+            assert!(message.contains("/cfg/b"), "{message}");
+            assert!(message.contains("after 1 nodes were written"), "{message}");
+        }
+        other => panic!("expected a copy error that says what was written, got {other:?}"),
+    }
+    assert_eq!(value(&*dst, "/cfg/a").await, Some(Bytes::from("1")));
+    // Replaced at the same version, the node took the value (a write compares versions
+    // only), but it is still the session's and the copy did not count it as copied.
+    assert!(dst.get(&p("/cfg/b")).await.unwrap().is_ephemeral());
+}
+
 #[tokio::test]
 async fn copy_is_idempotent_skips_ephemerals_and_dry_run_writes_nothing() {
     let (a, b) = (MemoryStore::new(), MemoryStore::new());
