@@ -425,16 +425,18 @@ impl Registration {
         // dropping it costs the server nothing; one dropped unfired first is a remove-watch
         // request queued ahead of the delete. Its handle stays in `self` until then, so a
         // deregister dropped midway leaves the removal to `drop`.
-        let mut outcome = remove(&self.shared).await;
+        // Companions (the other backend's, for a DualRegistry) are removed at the same time.
+        let companions = std::mem::take(&mut self.companions)
+            .into_iter()
+            .map(|companion| Box::pin(companion.deregister()));
+        let (outcome, removed) =
+            futures::future::join(remove(&self.shared), futures::future::join_all(companions))
+                .await;
         self.stop.send_replace(true);
         drop(self.task.take());
-        for companion in std::mem::take(&mut self.companions) {
-            let removed = Box::pin(companion.deregister()).await;
-            if outcome.is_ok() {
-                outcome = removed;
-            }
-        }
-        outcome
+        removed
+            .into_iter()
+            .fold(outcome, |first, next| first.and(next))
     }
 }
 
