@@ -100,6 +100,7 @@ macro_rules! conformance_suite {
             watch_drop_releases,
             register_deregister_and_drop,
             delete_owned_spares_other_owners,
+            set_owned_spares_other_owners,
             registration_recreated_after_expiry,
             registration_recreated_after_external_delete,
             registration_recreated_when_deleted_at_once,

@@ -14,6 +14,11 @@ pub struct Capabilities {
     /// A watch can start after a past revision ([`WatchOptions::after`](crate::WatchOptions::after))
     /// and replay every change since.
     pub watch_from_revision: bool,
+    /// A sequential create moves past a name that a node already holds, so a node created
+    /// under a name ahead of the counter is harmless (etcd, memory). When false, the create
+    /// fails with `AlreadyExists` naming it until that node goes (ZooKeeper, whose counter
+    /// stays at the taken name).
+    pub sequential_skips_taken: bool,
 }
 
 impl Capabilities {
@@ -23,12 +28,19 @@ impl Capabilities {
             backend,
             exact_events: true,
             watch_from_revision: true,
+            sequential_skips_taken: true,
         }
     }
 
     /// These capabilities with `exact_events` set.
     pub fn with_exact_events(mut self, yes: bool) -> Self {
         self.exact_events = yes;
+        self
+    }
+
+    /// These capabilities with `sequential_skips_taken` set.
+    pub fn with_sequential_skips_taken(mut self, yes: bool) -> Self {
+        self.sequential_skips_taken = yes;
         self
     }
 

@@ -222,6 +222,23 @@ impl State {
 
     /// Deletes `path` (and with [`DeleteScope::Recursive`] everything below it) if its version
     /// matches `expected`; the root is refused by the callers.
+    /// Writes the value of the node at `path` if its version matches `expected`.
+    fn write(&mut self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
+        let mut node = self
+            .nodes
+            .get(path)
+            .cloned()
+            .ok_or_else(|| not_found(path))?;
+        check_expected(path, &node, expected)?;
+        self.revision += 1;
+        node.value = value;
+        node.version += 1;
+        node.modify_order = self.revision;
+        self.nodes.insert(path.clone(), node.clone());
+        self.commit(WatchEvent::Updated(node.clone()));
+        Ok(node)
+    }
+
     fn delete(&mut self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         let node = self.nodes.get(path).ok_or_else(|| not_found(path))?;
         check_expected(path, node, expected)?;
@@ -660,20 +677,24 @@ impl Registry for MemoryRegistry {
         if path.is_root() {
             return Err(Error::InvalidArgument("cannot write the root node".into()));
         }
+        self.state()?.write(path, value, expected)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
+    async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
+        check_value(&node.path, &value)?;
+        if node.path.is_root() {
+            return Err(Error::InvalidArgument("cannot write the root node".into()));
+        }
         let mut state = self.state()?;
-        let mut node = state
+        let owned = state
             .nodes
-            .get(path)
-            .cloned()
-            .ok_or_else(|| not_found(path))?;
-        check_expected(path, &node, expected)?;
-        state.revision += 1;
-        node.value = value;
-        node.version += 1;
-        node.modify_order = state.revision;
-        state.nodes.insert(path.clone(), node.clone());
-        state.commit(WatchEvent::Updated(node.clone()));
-        Ok(node)
+            .get(&node.path)
+            .is_some_and(|now| now.ephemeral_owner == node.ephemeral_owner);
+        if !owned {
+            return Ok(None);
+        }
+        state.write(&node.path, value, Expected::Any).map(Some)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected, ?scope))]

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::node::{CreateMode, Expected, Node};
+use crate::node::{CreateMode, Node};
 use crate::path::NodePath;
 use crate::registry::Registry;
 use crate::watch::{WatchEvent, WatchOptions};
@@ -158,10 +158,11 @@ pub struct CopySummary {
 /// Fails with [`Error::AlreadyExists`], before writing anything (dry run or not), if the
 /// target holds a path of the source as an ephemeral node: writing into it would tie the
 /// copied value to that node's session (and nothing can be created below it), replacing it
-/// would remove a live registration. A node that turns ephemeral after that check, once
-/// writing has begun, fails the copy with an [`Error::Backend`] that names it and says how
-/// many nodes were written (its source is the `AlreadyExists`); running the copy again once
-/// that session is gone finishes the job.
+/// would remove a live registration. A node that turns ephemeral (or gets an ephemeral
+/// parent) after that check, once writing has begun, fails the copy with an
+/// [`Error::Backend`] that names it and says how many nodes were written (its source is the
+/// `AlreadyExists` or `EphemeralParent`); running the copy again once that session is gone
+/// finishes the job.
 pub async fn copy(
     from: &dyn Registry,
     to: &dyn Registry,
@@ -203,13 +204,15 @@ pub async fn copy(
     for (done, (path, node, version)) in writes.into_iter().enumerate() {
         match put_persistent(to, path, node.value.clone(), Some(version)).await {
             Ok(()) => {}
-            // Not the up-front refusal: earlier nodes are written, and the caller must know.
-            Err(taken @ Error::AlreadyExists { .. }) if done > 0 => {
+            // Not the up-front refusal, which means nothing was written: the caller must
+            // know how far the copy got.
+            Err(taken @ (Error::AlreadyExists { .. } | Error::EphemeralParent { .. })) => {
                 return Err(Error::Backend {
                     backend: "copy",
                     message: format!(
-                        "the target turned {path} into a live session's ephemeral node during \
-                         the copy, after {done} nodes were written; copy again once it is gone"
+                        "in the target, {path} (or a parent of it) became a live session's \
+                         ephemeral node during the copy, after {done} nodes were written; copy \
+                         again once it is gone"
                     ),
                     source: Some(Box::new(taken)),
                 })
@@ -225,11 +228,11 @@ pub async fn copy(
 /// and [`Mirror`] write (and `regctl import`). Refuses with [`Error::AlreadyExists`] a path
 /// the target holds as an ephemeral node (and [`Error::EphemeralParent`] one below such a
 /// node): that node belongs to a live session, and a value written into it would go with
-/// that session. A node replaced between a read and the write is read again (bounded).
-/// Writes compare versions only (all a ZooKeeper write can compare): a node replaced by a
-/// live session's ephemeral node at the same version in the one round trip between the read
-/// and the write takes the value, which is then reported as [`Error::AlreadyExists`] rather
-/// than as written. `seen`: the version of the persistent node there (`Some(None)`: none) as just read, or
+/// that session. The write is owner-checked ([`Registry::set_owned`]): a node replaced by a
+/// session's ephemeral node after it was read is left alone and refused the same way (on
+/// ZooKeeper, one replaced within the round trip of the check takes the value, and is
+/// refused all the same). A node replaced otherwise is read again (bounded). `seen`: whether
+/// a persistent node is there (`Some(Some(version))`) or not (`Some(None)`) as just read, or
 /// `None` to read it first.
 pub async fn put_persistent(
     to: &dyn Registry,
@@ -237,34 +240,39 @@ pub async fn put_persistent(
     value: Bytes,
     mut seen: Option<Option<u64>>,
 ) -> Result<()> {
+    let persistent = Node {
+        path: path.clone(),
+        value: Bytes::new(),
+        version: 0,
+        create_order: 0,
+        modify_order: 0,
+        ephemeral_owner: None,
+    };
     // Bounded: each round loses at most one race with another writer.
     for _ in 0..3 {
-        let version = match seen.take() {
-            Some(version) => version,
+        let exists = match seen.take() {
+            Some(version) => version.is_some(),
             None => match to.get(path).await {
                 Ok(node) if node.is_ephemeral() => {
                     return Err(Error::AlreadyExists { path: path.clone() })
                 }
-                Ok(node) => Some(node.version),
-                Err(Error::NotFound { .. }) => None,
+                Ok(_) => true,
+                Err(Error::NotFound { .. }) => false,
                 Err(error) => return Err(error),
             },
         };
-        if let Some(version) = version {
-            // At the version read: a node replaced meanwhile is looked at again.
-            match to
-                .set(path, value.clone(), Expected::Version(version))
-                .await
-            {
-                Ok(written) if written.is_ephemeral() => {
+        if exists {
+            match to.set_owned(&persistent, value.clone()).await {
+                Ok(Some(written)) if written.is_ephemeral() => {
                     tracing::warn!(%path, owner = ?written.ephemeral_owner, "a persistent write landed in a session's ephemeral node that replaced the node read");
                     return Err(Error::AlreadyExists { path: path.clone() });
                 }
-                Ok(_) => return Ok(()),
+                Ok(Some(_)) => return Ok(()),
+                // Gone or replaced (the create below finds out which), or an etcd parent
+                // with no key of its own, which reads as an empty node but only a create
+                // gives the value.
+                Ok(None) => {}
                 Err(Error::VersionMismatch { .. }) => continue,
-                // An etcd parent with no key of its own reads as an empty node, but only a
-                // create gives it the value.
-                Err(Error::NotFound { .. }) => {}
                 Err(error) => return Err(error),
             }
         }

@@ -376,11 +376,10 @@ impl Registration {
                 }
                 Err(error) => return Err(error),
             };
-            match registry
-                .set(&path, value.clone(), Expected::Version(node.version))
-                .await
-            {
-                Ok(written) => {
+            // Owner-checked: a node another session put here since the read keeps its value
+            // (on ZooKeeper, unless it came within the one round trip of its own check).
+            match registry.set_owned(&node, value.clone()).await {
+                Ok(Some(written)) => {
                     // An answer that comes after the session went is about the lost
                     // session's node: the healer re-creates it with the new value. (A
                     // suspended session may come back as it was, with the node.)
@@ -397,7 +396,7 @@ impl Registration {
                     return Ok(());
                 }
                 Err(error @ Error::VersionMismatch { .. }) => lost = Some(error),
-                Err(Error::NotFound { .. }) => {
+                Ok(None) | Err(Error::NotFound { .. }) => {
                     lost = None;
                     break;
                 }
@@ -535,12 +534,11 @@ async fn ensure(shared: &Shared) -> Result<Node> {
     };
     let node = if node.value != lock_value(shared) {
         registry
-            .set(
-                &node.path,
-                lock_value(shared),
-                Expected::Version(node.version),
-            )
+            .set_owned(&node, lock_value(shared))
             .await?
+            .ok_or_else(|| Error::NotFound {
+                path: node.path.clone(),
+            })?
     } else {
         node
     };

@@ -64,7 +64,7 @@ pub fn check_value(path: &NodePath, value: &[u8]) -> Result<()> {
 /// [`close`](Registry::close) every call returns [`Error::Closed`](crate::Error::Closed).
 ///
 /// # Tracing
-/// Each call of `create`, `get`, `exists`, `set`, `delete`, `delete_owned`, `children`,
+/// Each call of `create`, `get`, `exists`, `set`, `set_owned`, `delete`, `delete_owned`, `children`,
 /// `watch`, `register` and `close` runs in a `debug` span named after the method, with a
 /// `path` field (the node's path), under the backend crate's target (`registry_etcd`,
 /// `registry_zk`, `registry_core::memory`), so `RUST_LOG=registry_etcd=debug` shows every
@@ -145,6 +145,37 @@ pub trait Registry: Send + Sync + 'static {
         {
             Ok(()) => Ok(true),
             Err(crate::Error::NotFound { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Writes `value` into the node at `node.path` if it still belongs to
+    /// `node.ephemeral_owner` (`None`: a persistent node), whatever its version now, and
+    /// returns it as written; `Ok(None)` if there is no node there or it has another owner,
+    /// which is then left alone. etcd and the in-memory backend check and write in one step.
+    /// ZooKeeper cannot compare an owner in a write: it reads the owner, then writes at the
+    /// version read, so a node replaced at that same version within that one round trip is
+    /// written (the returned node's owner then shows it), and
+    /// [`VersionMismatch`](crate::Error::VersionMismatch) only means a write raced with the
+    /// check and is worth retrying. Errors: as for [`set`](Registry::set).
+    /// [`Registration::set_value`] writes with this.
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
+    async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
+        check_value(&node.path, &value)?;
+        let now = match self.get(&node.path).await {
+            Ok(now) => now,
+            Err(crate::Error::NotFound { .. }) => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        if now.ephemeral_owner != node.ephemeral_owner {
+            return Ok(None);
+        }
+        match self
+            .set(&node.path, value, Expected::Version(now.version))
+            .await
+        {
+            Ok(written) => Ok(Some(written)),
+            Err(crate::Error::NotFound { .. }) => Ok(None),
             Err(error) => Err(error),
         }
     }

@@ -326,6 +326,49 @@ fn lease_ttl_secs(ttl: Duration) -> Result<i64> {
 
 /// The exclusive lease bounds `(above, below)` for leases in `first..=last`: etcd compares
 /// only with `>` and `<`, and a bound that would overflow `i64` is not needed (`None`).
+/// The compares that hold while `key` exists and belongs to `owner` (`None`: a persistent
+/// node, under no lease).
+fn owner_compares(key: &str, owner: Option<SessionId>) -> Vec<Compare> {
+    let (first, last) = session::leases_of(owner.unwrap_or(SessionId(0)));
+    // The owner is caller data (any i64): bounds that would overflow are left out.
+    let (above, below) = lease_bounds(first, last);
+    let mut compares: Vec<Compare> = above
+        .map(|a| Compare::lease(key, CompareOp::Greater, a))
+        .into_iter()
+        .chain(below.map(|b| Compare::lease(key, CompareOp::Less, b)))
+        .collect();
+    // A key under one of the owner's leases exists: the lease compares say it all (each
+    // compare costs the server a range read). A missing key compares as lease 0, which no
+    // session's lease is, so lease 0 needs the key's existence compared too.
+    if first <= 0 {
+        compares.push(Compare::version(key, CompareOp::Greater, 0));
+    }
+    compares
+}
+
+/// The node a put with `prev_kv` wrote: etcd bumped the version, kept create revision and
+/// lease.
+fn written(
+    path: &NodePath,
+    value: Bytes,
+    prev: Option<etcd_client::KeyValue>,
+    revision: i64,
+) -> Result<Node> {
+    let prev = prev.ok_or_else(|| Error::Backend {
+        backend: BACKEND,
+        message: format!("set {path}: etcd returned no previous key-value"),
+        source: None,
+    })?;
+    Ok(keys::node_from(
+        path.clone(),
+        value,
+        prev.version().saturating_add(1),
+        prev.create_revision(),
+        revision,
+        prev.lease(),
+    ))
+}
+
 fn lease_bounds(first: i64, last: i64) -> (Option<i64>, Option<i64>) {
     (first.checked_sub(1), last.checked_add(1))
 }
@@ -1013,20 +1056,40 @@ impl Registry for EtcdRegistry {
                 (prev, revision_of(&response))
             }
         };
-        let prev = prev.ok_or_else(|| Error::Backend {
-            backend: BACKEND,
-            message: format!("set {path}: etcd returned no previous key-value"),
-            source: None,
-        })?;
-        // The key as written: etcd bumped the version, kept create revision and lease.
-        Ok(keys::node_from(
-            path.clone(),
-            value,
-            prev.version().saturating_add(1),
-            prev.create_revision(),
-            revision,
-            prev.lease(),
-        ))
+        written(path, value, prev, revision)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
+    async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
+        let path = &node.path;
+        check_value(path, &value)?;
+        self.shared.check_open()?;
+        if path.is_root() {
+            return Err(Error::InvalidArgument("cannot write the root node".into()));
+        }
+        let key = self.shared.keys.node(path);
+        // One Txn: the owner is compared, not read first.
+        let compares = owner_compares(&key, node.ephemeral_owner);
+        let response = self
+            .shared
+            .request("set", path, |mut kv| {
+                let txn = Txn::new().when(compares.clone()).and_then([TxnOp::put(
+                    key.clone(),
+                    value.to_vec(),
+                    Some(PutOptions::new().with_ignore_lease().with_prev_key()),
+                )]);
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        if !response.succeeded() {
+            return Ok(None);
+        }
+        let revision = revision_of(&response);
+        let prev = match response.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Put(mut put)) => put.take_prev_key(),
+            _ => None,
+        };
+        written(path, value, prev, revision).map(Some)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected, ?scope))]
@@ -1116,24 +1179,14 @@ impl Registry for EtcdRegistry {
         }
         let keys = &self.shared.keys;
         let (key, below) = (keys.node(path), keys.below(path));
-        let owner = node.ephemeral_owner.unwrap_or(SessionId(0));
-        let (first, last) = session::leases_of(owner);
-        // The owner is caller data (any i64): bounds that would overflow are left out.
-        let (above, below_bound) = lease_bounds(first, last);
-        let mut compares: Vec<Compare> = above
-            .map(|a| Compare::lease(key.clone(), CompareOp::Greater, a))
-            .into_iter()
-            .chain(below_bound.map(|b| Compare::lease(key.clone(), CompareOp::Less, b)))
-            .collect();
-        // A key under one of the owner's leases exists and is ephemeral, and this layer puts no
-        // key under an ephemeral one (see `persistent_parents`): the lease compares say it all
-        // (each compare costs the server a range read). A missing key compares as lease 0,
-        // which no session's lease is.
+        let mut compares = owner_compares(&key, node.ephemeral_owner);
+        // A key under one of the owner's leases is ephemeral, and this layer puts no key
+        // under an ephemeral one (see `persistent_parents`): only where the lease compares
+        // admit lease 0 (a persistent node) is the check that nothing lives below needed.
+        let (first, _) = session::leases_of(node.ephemeral_owner.unwrap_or(SessionId(0)));
         if first <= 0 {
-            compares.extend([
-                Compare::version(key.clone(), CompareOp::Greater, 0),
-                Compare::create_revision(below.clone(), CompareOp::Equal, 0).with_prefix(),
-            ]);
+            compares
+                .push(Compare::create_revision(below.clone(), CompareOp::Equal, 0).with_prefix());
         }
         // One Txn instead of read-then-delete: the owner is compared, not read first.
         let response = self

@@ -548,6 +548,7 @@ impl Registry for ZkRegistry {
         Capabilities::full(BACKEND)
             .with_exact_events(false)
             .with_watch_from_revision(false)
+            .with_sequential_skips_taken(false)
     }
 
     fn session(&self) -> SessionStatus {
@@ -794,6 +795,32 @@ impl Registry for ZkRegistry {
         {
             Ok(()) => Ok(true),
             Err(Error::NotFound { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
+    async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
+        check_value(&node.path, &value)?;
+        // As `delete_owned`: the stat's owner, then a write at the version read, so a node
+        // replaced after the stat (at another version) fails the write instead of taking it.
+        let Some(stat) = self.stat(&node.path).await? else {
+            return Ok(None);
+        };
+        let owner = (stat.ephemeral_owner != 0).then_some(SessionId(stat.ephemeral_owner));
+        if owner != node.ephemeral_owner {
+            return Ok(None);
+        }
+        match self
+            .set(
+                &node.path,
+                value,
+                Expected::Version(version::from_zk(stat.version)),
+            )
+            .await
+        {
+            Ok(written) => Ok(Some(written)),
+            Err(Error::NotFound { .. }) => Ok(None),
             Err(error) => Err(error),
         }
     }

@@ -14,11 +14,12 @@ use crate::fixture::Fixture;
 use crate::support::{p, CaseEnv, Outcome};
 
 /// The operations whose spans the contract names.
-const TRACED: [&str; 10] = [
+const TRACED: [&str; 11] = [
     "create",
     "get",
     "exists",
     "set",
+    "set_owned",
     "delete",
     "delete_owned",
     "children",
@@ -121,6 +122,11 @@ pub async fn operations_traced(fx: &dyn Fixture) -> Outcome {
                 .await
                 .map_err(|e| format!("watch: {e}"))?,
         );
+        let node = c
+            .set_owned(&node, Bytes::from("c"))
+            .await
+            .map_err(|e| format!("set_owned: {e}"))?
+            .ok_or("set_owned: the node was not written")?;
         c.delete_owned(&node)
             .await
             .map_err(|e| format!("delete_owned: {e}"))?;

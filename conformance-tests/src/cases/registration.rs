@@ -151,6 +151,93 @@ pub async fn delete_owned_spares_other_owners(fx: &dyn Fixture) -> Outcome {
     env.finish().await
 }
 
+/// `set_owned` writes a node only while it has the given owner (none: a persistent node),
+/// whatever its version, and leaves any other node alone.
+pub async fn set_owned_spares_other_owners(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "set_owned_spares_other_owners");
+    let mine = env.client().await;
+    let other = env.client().await;
+    let at = env.at();
+    let path = p("/owned/10.0.0.9:9090");
+    let made = mine
+        .create(&path, Bytes::from("0"), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    mine.set(&path, Bytes::from("1"), Expected::Any)
+        .await
+        .unwrap_or_else(|e| panic!("{at} set: {e}"));
+    let written = mine
+        .set_owned(&made, Bytes::from("2"))
+        .await
+        .unwrap_or_else(|e| panic!("{at} set_owned of our node after a write: {e}"))
+        .unwrap_or_else(|| panic!("{at} set_owned did not write our node"));
+    assert_eq!(
+        (
+            written.value.clone(),
+            written.version,
+            written.ephemeral_owner
+        ),
+        (Bytes::from("2"), 2, made.ephemeral_owner),
+        "{at} set_owned's node as written"
+    );
+    assert_eq!(
+        other.get(&path).await.ok().map(|n| n.value),
+        Some(Bytes::from("2")),
+        "{at} value after set_owned"
+    );
+    let mut theirs = made.clone();
+    theirs.ephemeral_owner = other.session().session_id;
+    let persistent = Node {
+        ephemeral_owner: None,
+        ..made.clone()
+    };
+    for (asked, what) in [(&theirs, "another owner"), (&persistent, "no owner")] {
+        assert_eq!(
+            mine.set_owned(asked, Bytes::from("x")).await.ok(),
+            Some(None),
+            "{at} set_owned of an ephemeral node with {what}"
+        );
+    }
+    mine.delete(&path, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete: {e}"));
+    assert_eq!(
+        mine.set_owned(&made, Bytes::from("x")).await.ok(),
+        Some(None),
+        "{at} set_owned of a missing node"
+    );
+    // Replaced by another session's node at the very version ours had.
+    other
+        .create(&path, Bytes::from("theirs"), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create by the other: {e}"));
+    assert_eq!(
+        mine.set_owned(&made, Bytes::from("x")).await.ok(),
+        Some(None),
+        "{at} set_owned over another session's node"
+    );
+    let config = p("/owned/config");
+    let kept = mine
+        .create(&config, Bytes::from("a"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create persistent: {e}"));
+    let written = mine
+        .set_owned(&kept, Bytes::from("b"))
+        .await
+        .unwrap_or_else(|e| panic!("{at} set_owned of a persistent node: {e}"));
+    assert_eq!(
+        written.map(|n| (n.value, n.ephemeral_owner)),
+        Some((Bytes::from("b"), None)),
+        "{at} set_owned of a persistent node"
+    );
+    assert_eq!(
+        other.get(&path).await.ok().map(|n| n.value),
+        Some(Bytes::from("theirs")),
+        "{at} another session's node was written"
+    );
+    env.finish().await
+}
+
 /// After the session expires, the registration comes back under the new session, with the
 /// value last set.
 pub async fn registration_recreated_after_expiry(fx: &dyn Fixture) -> Outcome {
