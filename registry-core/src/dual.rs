@@ -65,14 +65,18 @@ impl DualOptions {
 ///   empty and persistent, as after any create that fails once its parents exist); if the undo fails too, the error says so and names the node left
 ///   on the primary only (remove it, or re-copy). A failed `set` or `delete` on the secondary is returned as the
 ///   error; the primary keeps the write (retry it, or re-copy with `regctl copy`).
-/// - A write runs to its end, undo included, even when its caller stops waiting (a timeout
-///   drops the call's future): a cancelled call never leaves it done on the primary alone.
+/// - Writes through one `DualRegistry` (and its clones) are applied one at a time, in the
+///   order they were called. A write runs to its end, undo included, even when its caller
+///   stops waiting (a timeout drops the call's future), and later writes wait for it: a
+///   cancelled call never leaves a write on the primary alone, nor lands after a later one.
 /// - [`register`](Registry::register) registers on both; each side heals itself after its own
 ///   session loss; the returned handle's path and status are the primary's, and deregistering
 ///   or dropping it removes both. A sequential registration has the primary's generated name
-///   on the secondary too (registered there as a plain one), unless another node holds that
-///   name there (the secondary then generates one); after the primary re-creates its node
-///   under a new name (a session loss), the secondary keeps the first name.
+///   on the secondary too (registered there as a plain one) where the secondary's sequential
+///   creates move past taken names ([`Capabilities::sequential_skips_taken`]; not on
+///   ZooKeeper) and no node holds that name there; otherwise the secondary generates one.
+///   After the primary re-creates its node under a new name (a session loss), the secondary
+///   keeps the first name.
 /// - Sessions, capabilities and (unless merging) reads and watches are the primary's.
 /// - With [`DualOptions::merge_reads`], a watch delivers a snapshot once both sides have
 ///   delivered theirs, then the changes of the merged view, and a `Resync` whenever either
@@ -85,6 +89,8 @@ pub struct DualRegistry {
     primary: Arc<dyn Registry>,
     secondary: Arc<dyn Registry>,
     options: DualOptions,
+    /// Taken by each write before it starts, and held by its task until it ends.
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl DualRegistry {
@@ -98,6 +104,7 @@ impl DualRegistry {
             primary,
             secondary,
             options,
+            writes: Arc::default(),
         }
     }
 
@@ -172,7 +179,8 @@ impl Registry for DualRegistry {
     #[tracing::instrument(level = "debug", skip(self, value), fields(path = %path))]
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         let (this, path) = (self.clone(), path.clone());
-        on_both(async move { this.create_on_both(&path, value, mode).await }).await
+        self.on_both(async move { this.create_on_both(&path, value, mode).await })
+            .await
     }
 
     async fn get(&self, path: &NodePath) -> Result<Node> {
@@ -197,7 +205,7 @@ impl Registry for DualRegistry {
     #[tracing::instrument(level = "debug", skip(self, value), fields(path = %path))]
     async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
         let (this, path) = (self.clone(), path.clone());
-        on_both(async move {
+        self.on_both(async move {
             let node = this.primary.set(&path, value, expected).await?;
             this.put_secondary(&node).await?;
             Ok(node)
@@ -208,7 +216,7 @@ impl Registry for DualRegistry {
     #[tracing::instrument(level = "debug", skip(self), fields(path = %path))]
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         let (this, path) = (self.clone(), path.clone());
-        on_both(async move {
+        self.on_both(async move {
             this.primary.delete(&path, expected, scope).await?;
             match this.secondary.delete(&path, Expected::Any, scope).await {
                 Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
@@ -278,21 +286,11 @@ impl Registry for DualRegistry {
             .primary
             .register(path, value.clone(), options.clone())
             .await?;
-        // A sequential one gets the primary's generated name on the secondary too: the two
-        // counters differ, and a merged view would show one provider twice. Where another
-        // node holds that name there, the secondary counts a name of its own.
         let secondary = match primary.path() {
-            Some(generated) if options.sequential => {
-                match self
-                    .secondary
-                    .register(&generated, value.clone(), RegisterOptions::new())
-                    .await
-                {
-                    Err(Error::AlreadyExists { .. }) => {
-                        self.secondary.register(path, value, options).await
-                    }
-                    other => other,
-                }
+            Some(generated)
+                if options.sequential && self.secondary.capabilities().sequential_skips_taken =>
+            {
+                self.register_named(path, &generated, value, options).await
             }
             _ => self.secondary.register(path, value, options).await,
         };
@@ -313,6 +311,66 @@ impl Registry for DualRegistry {
 }
 
 impl DualRegistry {
+    /// Runs a write of both sides in a task of its own, so that a caller who stops waiting
+    /// cannot stop it between the primary and the secondary, after the writes called before
+    /// it, so that one finishing after its caller gave up cannot land after a later one.
+    async fn on_both<T: Send + 'static>(
+        &self,
+        write: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        // Taken before the task starts: a caller gone while waiting for its turn wrote nothing.
+        let turn = self.writes.clone().lock_owned().await;
+        let task = tokio::spawn(
+            async move {
+                let outcome = write.await;
+                drop(turn);
+                outcome
+            }
+            .in_current_span(),
+        );
+        match task.await {
+            Ok(outcome) => outcome,
+            Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => Err(Error::Closed),
+        }
+    }
+
+    /// Registers on the secondary under `generated`, the primary's name for the sequential
+    /// `path`: the two counters differ, and a merged view would show one provider twice.
+    /// Only where the secondary's own sequential creates move past a taken name (on
+    /// ZooKeeper, a name ahead of its counter would block every other client's next one),
+    /// and only if no node holds the name there: a registration would replace another
+    /// session's node, so the node is created first, then adopted. Otherwise the secondary
+    /// generates a name of its own.
+    async fn register_named(
+        &self,
+        path: &NodePath,
+        generated: &NodePath,
+        value: Bytes,
+        options: RegisterOptions,
+    ) -> Result<Registration> {
+        let created = match self
+            .secondary
+            .create(generated, value.clone(), CreateMode::Ephemeral)
+            .await
+        {
+            Ok(created) => created,
+            Err(Error::AlreadyExists { .. }) => {
+                return self.secondary.register(path, value, options).await
+            }
+            Err(error) => return Err(error),
+        };
+        let registered = self
+            .secondary
+            .register(generated, value, RegisterOptions::new())
+            .await;
+        if registered.is_err() {
+            let _ = self.secondary.delete_owned(&created).await;
+        }
+        registered
+    }
+
     /// `create` on the primary, then on the secondary; undone on the primary if the
     /// secondary's fails.
     async fn create_on_both(
@@ -382,21 +440,6 @@ impl DualRegistry {
 
 /// Attempts at removing an ephemeral node that other writers keep changing.
 const UNDO_ROUNDS: usize = 3;
-
-/// Runs a write of both sides in a task of its own, so that a caller who stops waiting cannot
-/// stop it between the primary and the secondary.
-async fn on_both<T: Send + 'static>(
-    write: impl std::future::Future<Output = Result<T>> + Send + 'static,
-) -> Result<T> {
-    match tokio::spawn(write.in_current_span()).await {
-        Ok(outcome) => outcome,
-        Err(failed) => Err(Error::Backend {
-            backend: "dual",
-            message: format!("the write's task failed: {failed}"),
-            source: Some(Box::new(failed)),
-        }),
-    }
-}
 
 /// The secondary's failure to `operation` at `path`, when undoing it on the primary failed
 /// too: the node is left on the primary only, and the error says so.

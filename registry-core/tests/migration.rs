@@ -201,6 +201,66 @@ async fn dual_writes_dropped_midway_still_finish_on_both_sides() {
     .await;
 }
 
+/// A write whose caller gave up (a timeout) used to finish in the background after the
+/// caller's next write, and land on the secondary over it.
+#[tokio::test]
+async fn dual_write_dropped_midway_never_lands_after_a_later_one() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    let secondary = support::Faulty::new(sb.clone());
+    let dual = DualRegistry::new(pa.clone(), secondary.clone(), DualOptions::new());
+    dual.create(&p("/x"), Bytes::from("v0"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    // The secondary's first write waits at the gate; every write's answer is reported.
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    secondary.before_set(Some(Arc::new(move |_| {
+        let mut open = open.clone();
+        let first = first.swap(false, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if first {
+                let _ = open.wait_for(|open| *open).await;
+            }
+        })
+    })));
+    let (written, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    secondary.on_set(Arc::new(move |_, answer| {
+        if let Ok(node) = &answer {
+            let _ = written.send(node.value.clone());
+        }
+        Box::pin(async move { answer })
+    }));
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        dual.set(&p("/x"), Bytes::from("v1"), Expected::Any),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the set did not wait: {gave_up:?}");
+    let mut later = tokio::spawn({
+        let dual = dual.clone();
+        async move { dual.set(&p("/x"), Bytes::from("v2"), Expected::Any).await }
+    });
+    // Waits for its turn behind the first (it used to go ahead and finish here).
+    let _ = tokio::time::timeout(Duration::from_millis(200), &mut later).await;
+    gate.send_replace(true);
+    let mut seen = Vec::new();
+    while !(seen.contains(&Bytes::from("v1")) && seen.contains(&Bytes::from("v2"))) {
+        let value = tokio::time::timeout(WAIT, answers.recv())
+            .await
+            .expect("both writes did not reach the secondary within 5 s")
+            .expect("hook gone");
+        seen.push(value);
+    }
+    assert_eq!(
+        seen.last(),
+        Some(&Bytes::from("v2")),
+        "order on the secondary: {seen:?}"
+    );
+    assert_eq!(value(&*sb, "/x").await, Some(Bytes::from("v2")));
+    assert_eq!(value(&*pa, "/x").await, Some(Bytes::from("v2")));
+}
+
 /// A path the target holds as a live session's ephemeral node is written once that node is
 /// gone (it used to stay missing until the mirror started over for some other reason).
 #[tokio::test]
@@ -382,17 +442,21 @@ async fn dual_sequential_registration_has_one_name_on_both_sides() {
 }
 
 /// Where the primary's generated name is taken on the secondary, the secondary generates one
-/// of its own rather than failing the registration.
+/// of its own rather than failing the registration, and the node holding the name keeps it
+/// (a plain registration there used to replace another session's live node as stale).
 #[tokio::test]
 async fn dual_sequential_registration_whose_name_is_taken_on_the_secondary_still_registers() {
-    let (pa, sb, dual) = merged().await;
-    sb.create(
-        &p("/svc/i-0000000000"),
-        Bytes::from("theirs"),
-        CreateMode::Persistent,
-    )
-    .await
-    .unwrap();
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb, legacy) = (client(&a).await, client(&b).await, client(&b).await);
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+    let theirs = legacy
+        .create(
+            &p("/svc/i-"),
+            Bytes::from("theirs"),
+            CreateMode::EphemeralSequential,
+        )
+        .await
+        .unwrap();
     let reg = dual
         .register(
             &p("/svc/i-"),
@@ -402,8 +466,14 @@ async fn dual_sequential_registration_whose_name_is_taken_on_the_secondary_still
         .await
         .unwrap();
     let name = reg.path().expect("registered");
-    assert_eq!(name.as_str(), "/svc/i-0000000000");
+    assert_eq!(name, theirs.path, "the two counters were meant to meet");
     assert_eq!(value(&*pa, name.as_str()).await, Some(Bytes::from("v")));
+    let still = sb.get(&theirs.path).await.unwrap();
+    assert_eq!(
+        (still.value, still.ephemeral_owner),
+        (Bytes::from("theirs"), theirs.ephemeral_owner),
+        "the other session's node was taken over"
+    );
     let on_secondary = sb.children(&p("/svc")).await.unwrap();
     let ours: Vec<_> = on_secondary
         .nodes
@@ -411,11 +481,11 @@ async fn dual_sequential_registration_whose_name_is_taken_on_the_secondary_still
         .filter(|n| n.value == "v" && n.is_ephemeral())
         .collect();
     assert_eq!(ours.len(), 1, "secondary holds {on_secondary:?}");
+    reg.deregister().await.unwrap();
     assert_eq!(
-        value(&*sb, "/svc/i-0000000000").await,
+        value(&*sb, theirs.path.as_str()).await,
         Some(Bytes::from("theirs"))
     );
-    reg.deregister().await.unwrap();
 }
 
 #[tokio::test]
