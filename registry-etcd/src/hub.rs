@@ -412,8 +412,11 @@ impl Hub {
                     "etcd ignored the client's watch id (etcd >= 3.4 is needed)"
                 );
                 self.broken("unexpected watch id");
+            } else if let Some(sub) = self.subs.get(&id) {
+                // The watch is in place: its owner learns it is (a watch that holds resumes
+                // quickly after its next break).
+                let _ = sub.responses.try_send(Box::new(response));
             }
-            // Otherwise the watch is in place; its owner needs no word of it.
             return None;
         }
         let Some(sub) = self.subs.get(&id) else {

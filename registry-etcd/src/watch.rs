@@ -186,7 +186,7 @@ async fn run(
                 }
             }
         }
-        let following = tokio::time::Instant::now();
+        let mut established = None;
         match follow(
             &shared,
             &root,
@@ -195,6 +195,7 @@ async fn run(
             &mut known,
             &tx,
             &mut shutdown,
+            &mut established,
         )
         .await
         {
@@ -205,7 +206,9 @@ async fn run(
                 pending = Some(Some(reason));
             }
             Break::Resume => {
-                let delay = resume_delay(&mut backoff, following.elapsed());
+                let held =
+                    established.map_or(Duration::ZERO, |at: tokio::time::Instant| at.elapsed());
+                let delay = resume_delay(&mut backoff, held);
                 if sleep_or_stop(&tx, &mut shutdown, delay).await {
                     return;
                 }
@@ -215,8 +218,8 @@ async fn run(
 }
 
 /// The longest wait before a watch resumes or re-reads. A resumed watch that held this long
-/// starts the delays over at its next break; one that breaks right after each resume keeps
-/// backing off.
+/// after etcd confirmed it starts the delays over at its next break; one that breaks (or is
+/// never confirmed) right after each resume keeps backing off.
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// The wait before resuming a watch that held for `held`. One that held a while worked: its
@@ -254,7 +257,9 @@ async fn end_with(
     }
 }
 
-/// Follows etcd's watch from `last + 1`, delivering whole revisions and advancing `last`.
+/// Follows etcd's watch from `last + 1`, delivering whole revisions and advancing `last`;
+/// `established`: when etcd confirmed the watch.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     shared: &Shared,
     root: &NodePath,
@@ -263,6 +268,7 @@ async fn follow(
     known: &mut Option<HashMap<NodePath, Node>>,
     tx: &mpsc::Sender<Result<WatchEvent>>,
     shutdown: &mut watch::Receiver<bool>,
+    established: &mut Option<tokio::time::Instant>,
 ) -> Break {
     let (key, options) = watch_range(&shared.keys, root, scope, known.is_none());
     // Saturating: `last` may come from a server's header (lib.rs bounds the caller's).
@@ -307,6 +313,9 @@ async fn follow(
                 return Break::Refused(error);
             }
             return Break::Resume;
+        }
+        if response.created() {
+            *established = Some(tokio::time::Instant::now());
         }
         let events = response.events();
         if events.is_empty() {
