@@ -133,7 +133,8 @@ pub fn parse_config(text: &str) -> (ServiceConfig, Vec<ParseError>) {
     for (line_index, line) in text.lines().enumerate() {
         let mut column = 1;
         for property in line.split(';') {
-            let start = column + (property.len() - property.trim_start().len());
+            // In characters, as `column`: leading white space may be wider than a byte.
+            let start = column + property.chars().take_while(|c| c.is_whitespace()).count();
             column += property.chars().count() + 1;
             let property = property.trim();
             if property.is_empty() {
@@ -318,6 +319,14 @@ mod tests {
         assert!(errors[0].message.contains("duration"));
         assert!(errors[1].message.contains("IPv4"));
         assert!(errors[2].message.contains("key/value"));
+    }
+
+    /// Columns count characters, also past wide white space (they used to count its bytes).
+    #[test]
+    fn error_columns_count_characters() {
+        let (_, errors) = parse_config("timeout/1ms;\u{3000}\u{3000}bogus");
+        let positions: Vec<_> = errors.iter().map(|e| (e.line, e.column)).collect();
+        assert_eq!(positions, [(1, 15)], "{errors:?}");
     }
 
     #[test]

@@ -274,6 +274,8 @@ impl CallContext {
         match id {
             "service" => Some(f(&self.service)),
             "method" => Some(f(&self.method)),
+            // Empty: the caller named no version, and a missing value never matches.
+            "version" if self.version.is_empty() => None,
             "version" => Some(f(&self.version)),
             "userId" => Some(formatted(self.user_id?, f)),
             "callerIp" => Some(formatted(self.caller_ip?, f)),
@@ -1077,6 +1079,31 @@ otherwise => ip"192.168.1.101/24:9091""#;
         let mut c = ctx("m");
         c.cookies.insert("x".into(), "b".into());
         assert!(routed(rules, &c, &all).is_empty());
+    }
+
+    /// A caller that names no version has none: a `~` pattern on the version used to match it.
+    #[test]
+    fn an_empty_version_is_missing() {
+        let hold = |rule: &str, c: &CallContext| {
+            parse_routes(&format!("{rule} => ip'1.1.1.1'")).unwrap()[0]
+                .condition
+                .holds(c)
+        };
+        let mut c = ctx("m");
+        c.version = String::new();
+        assert!(!hold("version match ~'1.0.0'", &c));
+        assert!(!hold("version match r'.*'", &c));
+        c.version = "2.0.0".into();
+        assert!(hold("version match ~'1.0.0'", &c));
+    }
+
+    /// Dapeng's Java regexes may ask for case-insensitive matching.
+    #[test]
+    fn regexes_may_ignore_case() {
+        let routes = parse_routes("method match r'(?i)get.*' => ip'1.1.1.1'");
+        let routes = routes.unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(routes[0].condition.holds(&ctx("GetUser")));
+        assert!(!routes[0].condition.holds(&ctx("putUser")));
     }
 
     #[test]
