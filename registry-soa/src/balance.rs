@@ -231,19 +231,16 @@ impl Balancer {
             .map(|(_, a)| *a)
             .min()
             .unwrap_or(0);
-        let tied: Vec<Candidate> = candidates
+        // By position, not address: one address can be listed twice (two versions of an
+        // instance), with different weights.
+        let tied: Vec<(usize, Candidate)> = candidates
             .iter()
             .zip(&active)
-            .filter(|(c, a)| eligible(c) && **a == least)
-            .map(|(c, _)| *c)
+            .enumerate()
+            .filter(|(_, (c, a))| eligible(c) && **a == least)
+            .map(|(i, (c, _))| (i, *c))
             .collect();
-        let chosen = weighted_random(tied.iter().copied().enumerate())
-            .and_then(|i| tied.get(i))
-            .map(|c| c.address);
-        candidates
-            .iter()
-            .position(|c| Some(c.address) == chosen)
-            .unwrap_or(0)
+        weighted_random(tied.into_iter()).unwrap_or(0)
     }
 }
 
@@ -651,5 +648,17 @@ mod tests {
         }
         drop(_busy);
         assert_eq!(b.active_calls(c[0].address), 0);
+    }
+
+    /// One address listed twice (two versions of an instance): the pick is the weighted one,
+    /// not the first entry with its address (which used to be returned).
+    #[test]
+    fn least_active_returns_the_entry_it_picked() {
+        let b = Balancer::new();
+        let mut c = cands(&[0, 100]);
+        c[1].address = c[0].address;
+        for _ in 0..50 {
+            assert_eq!(b.pick(LoadBalance::LeastActive, &c, None), Some(1));
+        }
     }
 }
