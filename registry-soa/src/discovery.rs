@@ -639,10 +639,11 @@ async fn run(
     loop {
         tokio::select! {
             status = sessions.next() => {
-                let Some(status) = status else { return };
-                if status.state == SessionState::Closed {
+                // Closed: nothing will update the view again.
+                let Some(status) = status.filter(|s| s.state != SessionState::Closed) else {
+                    mark_stale(true, &mut generation);
                     return;
-                }
+                };
                 let stale = !status.state.is_live() || awaiting.contains(&true);
                 mark_stale(stale, &mut generation);
             }

@@ -206,3 +206,25 @@ async fn a_failed_watch_is_watched_again_and_the_view_is_never_fresh_and_emptied
         provider.shutdown().await.unwrap();
     }
 }
+
+/// A view whose registry was closed used to stay fresh, although nothing could update it.
+#[tokio::test]
+async fn a_view_of_a_closed_registry_is_stale() {
+    let store = MemoryStore::new();
+    let consumer: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let view = ServiceView::open(consumer.clone(), SERVICE).await.unwrap();
+    let mut changes = view.changes();
+    assert!(!view.snapshot().stale, "a fresh view starts stale");
+    consumer.close().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        changes.wait_for(|_| view.snapshot().stale),
+    )
+    .await
+    .expect("the view of a closed registry is not stale within 5 s")
+    .expect("the view's task ended without marking it stale");
+}
