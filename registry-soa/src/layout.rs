@@ -139,13 +139,15 @@ pub fn instance_prefix(address: Address, version: &str) -> Result<String, SoaErr
 }
 
 /// Reads an instance from a runtime node: `ip:port:version:seq` (Dapeng, sequential) or
-/// `ip:port` with an optional weight as value (the etcd write-up). `None` for other names.
+/// `ip:port` with an optional weight as value (the etcd write-up); `ip:port:version` is read
+/// too. `None` for other names, and for port 0.
 pub fn parse_instance(node: &Node) -> Option<Instance> {
     let name = node.path.name();
     let parts: Vec<&str> = name.split(':').collect();
     let address = Address {
         ip: parts.first()?.parse().ok()?,
-        port: parts.get(1)?.parse().ok()?,
+        // Port 0 is no instance's (as `Address` parsing says).
+        port: parts.get(1)?.parse().ok().filter(|port| *port != 0)?,
     };
     let weight = std::str::from_utf8(&node.value)
         .ok()
@@ -203,6 +205,8 @@ mod tests {
             "1.2.3.4:port",
             "1.2.3.4:1:v:12",
             "1.2.3.4:1:v:s:0000000001",
+            "1.2.3.4:0:1.0.0:0000000001",
+            "1.2.3.4:0",
         ] {
             assert!(
                 parse_instance(&node(&format!("/s/{bad}"), "")).is_none(),
