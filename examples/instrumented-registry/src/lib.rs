@@ -14,8 +14,17 @@ use registry_core::{
     Registration, Registry, Result, SessionStatus, WatchOptions, WatchStream,
 };
 
-const OPERATIONS: [&str; 8] = [
-    "create", "get", "exists", "set", "delete", "children", "watch", "register",
+const OPERATIONS: [&str; 10] = [
+    "create",
+    "get",
+    "exists",
+    "set",
+    "set_owned",
+    "delete",
+    "delete_owned",
+    "children",
+    "watch",
+    "register",
 ];
 
 /// Wraps any registry; every call is counted (see [`InstrumentedRegistry::counts`]) and traced,
@@ -24,7 +33,7 @@ const OPERATIONS: [&str; 8] = [
 #[derive(Clone)]
 pub struct InstrumentedRegistry {
     inner: Arc<dyn Registry>,
-    counts: Arc<[AtomicU64; 8]>,
+    counts: Arc<[AtomicU64; OPERATIONS.len()]>,
 }
 
 impl InstrumentedRegistry {
@@ -87,9 +96,21 @@ impl Registry for InstrumentedRegistry {
         self.inner.set(path, value, expected).await
     }
 
+    // Passed through, not left to the trait's read-then-write default: the inner backend
+    // may compare the owner in the write itself (etcd, memory).
+    async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
+        self.count("set_owned");
+        self.inner.set_owned(node, value).await
+    }
+
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         self.count("delete");
         self.inner.delete(path, expected, scope).await
+    }
+
+    async fn delete_owned(&self, node: &Node) -> Result<bool> {
+        self.count("delete_owned");
+        self.inner.delete_owned(node).await
     }
 
     async fn children(&self, path: &NodePath) -> Result<Children> {

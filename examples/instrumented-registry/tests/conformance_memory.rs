@@ -53,15 +53,31 @@ async fn the_wrapper_counts_what_passes_through() {
     let inner = fixture().open("counting").await.unwrap();
     let reg = InstrumentedRegistry::new(inner);
     let path = registry_core::NodePath::new("/a").unwrap();
-    reg.create(
-        &path,
-        registry_core::Bytes::new(),
-        registry_core::CreateMode::Persistent,
-    )
-    .await
-    .unwrap();
+    let node = reg
+        .create(
+            &path,
+            registry_core::Bytes::new(),
+            registry_core::CreateMode::Persistent,
+        )
+        .await
+        .unwrap();
     reg.get(&path).await.unwrap();
     reg.get(&path).await.unwrap();
     let counts = reg.counts();
     assert_eq!((counts["create"], counts["get"], counts["set"]), (1, 2, 0));
+    // The owner-checked calls reach the inner backend as such, not as a read and a write.
+    reg.set_owned(&node, registry_core::Bytes::from("v"))
+        .await
+        .unwrap();
+    assert!(reg.delete_owned(&node).await.unwrap());
+    let counts = reg.counts();
+    assert_eq!(
+        (
+            counts["get"],
+            counts["set"],
+            counts["set_owned"],
+            counts["delete_owned"]
+        ),
+        (2, 0, 1, 1)
+    );
 }
