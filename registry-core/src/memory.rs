@@ -115,14 +115,7 @@ pub struct MemoryStore {
 }
 
 fn root_node() -> Node {
-    Node {
-        path: NodePath::root(),
-        value: Bytes::new(),
-        version: 0,
-        create_order: 0,
-        modify_order: 0,
-        ephemeral_owner: None,
-    }
+    Node::empty(NodePath::root(), None)
 }
 
 impl State {

@@ -240,14 +240,7 @@ pub async fn put_persistent(
     value: Bytes,
     mut seen: Option<Option<u64>>,
 ) -> Result<()> {
-    let persistent = Node {
-        path: path.clone(),
-        value: Bytes::new(),
-        version: 0,
-        create_order: 0,
-        modify_order: 0,
-        ephemeral_owner: None,
-    };
+    let persistent = Node::empty(path.clone(), None);
     // Bounded: each round loses at most one race with another writer.
     for _ in 0..3 {
         let exists = match seen.take() {
@@ -320,14 +313,7 @@ async fn remove_persistent(to: &dyn Registry, path: &NodePath) -> Result<bool> {
 /// Deletes the node at `path` only while it is persistent, in one step where the backend can
 /// (a live session's ephemeral node there stays). True if no node is left at `path`.
 async fn delete_if_persistent(to: &dyn Registry, path: &NodePath) -> Result<bool> {
-    let persistent = Node {
-        path: path.clone(),
-        value: Bytes::new(),
-        version: 0,
-        create_order: 0,
-        modify_order: 0,
-        ephemeral_owner: None,
-    };
+    let persistent = Node::empty(path.clone(), None);
     match to.delete_owned(&persistent).await {
         Ok(true) | Err(Error::NotFound { .. }) => Ok(true),
         // Nothing there, or a session's node: which one decides what to report.

@@ -54,6 +54,21 @@ pub struct Node {
 }
 
 impl Node {
+    /// An empty node at `path` owned by `owner`, with version and orders 0: how an implicit
+    /// parent or the root reads, and the node to name to
+    /// [`delete_owned`](crate::Registry::delete_owned) or
+    /// [`set_owned`](crate::Registry::set_owned) when only its path and owner matter.
+    pub fn empty(path: NodePath, owner: Option<SessionId>) -> Node {
+        Node {
+            path,
+            value: Bytes::new(),
+            version: 0,
+            create_order: 0,
+            modify_order: 0,
+            ephemeral_owner: owner,
+        }
+    }
+
     /// Whether the node is ephemeral (owned by a session).
     pub fn is_ephemeral(&self) -> bool {
         self.ephemeral_owner.is_some()

@@ -888,14 +888,7 @@ async fn own_nodes(shared: &Shared) -> Result<Vec<Node>> {
     if shared.sequential {
         return own_sequential_nodes(shared, Some(owner)).await;
     }
-    Ok(vec![Node {
-        path: shared.requested.clone(),
-        value: Bytes::new(),
-        version: 0,
-        create_order: 0,
-        modify_order: 0,
-        ephemeral_owner: Some(owner),
-    }])
+    Ok(vec![Node::empty(shared.requested.clone(), Some(owner))])
 }
 
 /// Deletes `node` if it is still its owner's, retrying until `deadline`; a node of another

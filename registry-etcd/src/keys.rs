@@ -134,14 +134,7 @@ pub(crate) fn owner_of(lease: i64) -> Option<SessionId> {
 
 /// A node that exists only because keys exist below it (written by other tools).
 pub(crate) fn implicit(path: NodePath) -> Node {
-    Node {
-        path,
-        value: Bytes::new(),
-        version: 0,
-        create_order: 0,
-        modify_order: 0,
-        ephemeral_owner: None,
-    }
+    Node::empty(path, None)
 }
 
 /// The end of the key range holding `key` and every key under `key + "/"`.

@@ -397,6 +397,19 @@ impl ZkRegistry {
         .await
     }
 
+    /// The version to write or delete `node` at, if the node at its path has its owner.
+    /// ZooKeeper cannot compare an owner in a write: the stat (no value sent back) is read,
+    /// then the write goes at the version read, so a node replaced after the stat at another
+    /// version fails the write instead of taking it.
+    async fn owned_version(&self, node: &Node) -> Result<Option<Expected>> {
+        let Some(stat) = self.stat(&node.path).await? else {
+            return Ok(None);
+        };
+        let owner = (stat.ephemeral_owner != 0).then_some(SessionId(stat.ephemeral_owner));
+        Ok((owner == node.ephemeral_owner)
+            .then(|| Expected::Version(version::from_zk(stat.version))))
+    }
+
     async fn mismatch(&self, path: &NodePath, expected: u64) -> Error {
         match self.stat(path).await {
             Ok(Some(stat)) => Error::VersionMismatch {
@@ -532,14 +545,7 @@ fn child_path(parent: &NodePath, name: &str) -> Option<NodePath> {
 }
 
 fn root_node() -> Node {
-    Node {
-        path: NodePath::root(),
-        value: Bytes::new(),
-        version: 0,
-        create_order: 0,
-        modify_order: 0,
-        ephemeral_owner: None,
-    }
+    Node::empty(NodePath::root(), None)
 }
 
 #[async_trait]
@@ -775,24 +781,10 @@ impl Registry for ZkRegistry {
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn delete_owned(&self, node: &Node) -> Result<bool> {
-        // ZooKeeper cannot compare the owner in the delete itself: read the stat (no value
-        // sent back), then delete at the version read, so a node replaced meanwhile fails the
-        // delete instead of being removed.
-        let Some(stat) = self.stat(&node.path).await? else {
+        let Some(version) = self.owned_version(node).await? else {
             return Ok(false);
         };
-        let owner = (stat.ephemeral_owner != 0).then_some(SessionId(stat.ephemeral_owner));
-        if owner != node.ephemeral_owner {
-            return Ok(false);
-        }
-        match self
-            .delete(
-                &node.path,
-                Expected::Version(version::from_zk(stat.version)),
-                DeleteScope::Node,
-            )
-            .await
-        {
+        match self.delete(&node.path, version, DeleteScope::Node).await {
             Ok(()) => Ok(true),
             Err(Error::NotFound { .. }) => Ok(false),
             Err(error) => Err(error),
@@ -802,23 +794,10 @@ impl Registry for ZkRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
         check_value(&node.path, &value)?;
-        // As `delete_owned`: the stat's owner, then a write at the version read, so a node
-        // replaced after the stat (at another version) fails the write instead of taking it.
-        let Some(stat) = self.stat(&node.path).await? else {
+        let Some(version) = self.owned_version(node).await? else {
             return Ok(None);
         };
-        let owner = (stat.ephemeral_owner != 0).then_some(SessionId(stat.ephemeral_owner));
-        if owner != node.ephemeral_owner {
-            return Ok(None);
-        }
-        match self
-            .set(
-                &node.path,
-                value,
-                Expected::Version(version::from_zk(stat.version)),
-            )
-            .await
-        {
+        match self.set(&node.path, value, version).await {
             Ok(written) => Ok(Some(written)),
             Err(Error::NotFound { .. }) => Ok(None),
             Err(error) => Err(error),
