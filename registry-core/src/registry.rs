@@ -127,22 +127,10 @@ pub trait Registry: Send + Sync + 'static {
     /// [`Registration::deregister`] removes its node with this.
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn delete_owned(&self, node: &Node) -> Result<bool> {
-        let now = match self.get(&node.path).await {
-            Ok(now) => now,
-            Err(crate::Error::NotFound { .. }) => return Ok(false),
-            Err(error) => return Err(error),
-        };
-        if now.ephemeral_owner != node.ephemeral_owner {
+        let Some(version) = owned_version(self, node).await? else {
             return Ok(false);
-        }
-        match self
-            .delete(
-                &node.path,
-                Expected::Version(now.version),
-                DeleteScope::Node,
-            )
-            .await
-        {
+        };
+        match self.delete(&node.path, version, DeleteScope::Node).await {
             Ok(()) => Ok(true),
             Err(crate::Error::NotFound { .. }) => Ok(false),
             Err(error) => Err(error),
@@ -162,18 +150,10 @@ pub trait Registry: Send + Sync + 'static {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
         check_value(&node.path, &value)?;
-        let now = match self.get(&node.path).await {
-            Ok(now) => now,
-            Err(crate::Error::NotFound { .. }) => return Ok(None),
-            Err(error) => return Err(error),
-        };
-        if now.ephemeral_owner != node.ephemeral_owner {
+        let Some(version) = owned_version(self, node).await? else {
             return Ok(None);
-        }
-        match self
-            .set(&node.path, value, Expected::Version(now.version))
-            .await
-        {
+        };
+        match self.set(&node.path, value, version).await {
             Ok(written) => Ok(Some(written)),
             Err(crate::Error::NotFound { .. }) => Ok(None),
             Err(error) => Err(error),
@@ -226,4 +206,20 @@ pub trait Registry: Send + Sync + 'static {
     /// still released and it returns [`Unavailable`](crate::Error::Unavailable): the nodes
     /// then go when the session's TTL runs out. Idempotent: a second call returns `Ok`.
     async fn close(&self) -> Result<()>;
+}
+
+/// The version to write or delete `node` at, if the node at its path has `node`'s owner:
+/// the owner check of the default `delete_owned` and `set_owned`, a read before the write.
+async fn owned_version<R: Registry + ?Sized>(
+    registry: &R,
+    node: &Node,
+) -> Result<Option<Expected>> {
+    match registry.get(&node.path).await {
+        Ok(now) => {
+            Ok((now.ephemeral_owner == node.ephemeral_owner)
+                .then_some(Expected::Version(now.version)))
+        }
+        Err(crate::Error::NotFound { .. }) => Ok(None),
+        Err(error) => Err(error),
+    }
 }

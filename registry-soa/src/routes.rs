@@ -991,6 +991,13 @@ mod tests {
         }
     }
 
+    /// Whether the left side `rule` holds for `c`.
+    fn hold(rule: &str, c: &CallContext) -> bool {
+        parse_routes(&format!("{rule} => ip'1.1.1.1'")).unwrap()[0]
+            .condition
+            .holds(c)
+    }
+
     fn ctx(method: &str) -> CallContext {
         CallContext {
             service: "S".into(),
@@ -1084,11 +1091,6 @@ otherwise => ip"192.168.1.101/24:9091""#;
     /// A caller that names no version has none: a `~` pattern on the version used to match it.
     #[test]
     fn an_empty_version_is_missing() {
-        let hold = |rule: &str, c: &CallContext| {
-            parse_routes(&format!("{rule} => ip'1.1.1.1'")).unwrap()[0]
-                .condition
-                .holds(c)
-        };
         let mut c = ctx("m");
         c.version = String::new();
         assert!(!hold("version match ~'1.0.0'", &c));
@@ -1108,11 +1110,6 @@ otherwise => ip"192.168.1.101/24:9091""#;
 
     #[test]
     fn patterns() {
-        let hold = |rule: &str, c: &CallContext| {
-            parse_routes(&format!("{rule} => ip'1.1.1.1'")).unwrap()[0]
-                .condition
-                .holds(c)
-        };
         let mut c = ctx("m");
         c.user_id = Some(1030);
         c.caller_ip = Some([192, 168, 5, 7].into());
