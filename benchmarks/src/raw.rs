@@ -344,6 +344,39 @@ impl Raw {
         }
     }
 
+    /// ZooKeeper only: reads every child with its value as `children` does on a 3.6+
+    /// server: the list, then the values in `multiRead`s of
+    /// [`MULTI_READ_NODES`](registry_zk::MULTI_READ_NODES), all sent at once.
+    pub async fn children_multi_read(&self, path: &str) -> BenchResult<usize> {
+        let Raw::Zk(c) = self else {
+            return Err("multiRead is ZooKeeper's".into());
+        };
+        let (names, _) = c
+            .get_children(path)
+            .await
+            .ctx(format!("zk children {path}"))?;
+        let paths: Vec<String> = names.iter().map(|n| format!("{path}/{n}")).collect();
+        let mut reads = Vec::new();
+        for chunk in paths.chunks(registry_zk::MULTI_READ_NODES) {
+            let mut reader = c.new_multi_reader();
+            for child in chunk {
+                reader
+                    .add_get_data(child)
+                    .ctx(format!("zk multiRead {child}"))?;
+            }
+            reads.push(reader.commit());
+        }
+        let mut count = 0;
+        for results in futures::future::join_all(reads).await {
+            for result in results.ctx(format!("zk multiRead below {path}"))? {
+                if let zk::MultiReadResult::Data { .. } = result {
+                    count += 1;
+                }
+            }
+        }
+        Ok(count)
+    }
+
     /// How many children `path` has (one cheap request).
     pub async fn count_children(&self, path: &str) -> BenchResult<usize> {
         match self {

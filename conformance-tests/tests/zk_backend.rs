@@ -1026,3 +1026,241 @@ async fn a_silent_server_is_left_well_within_the_session() {
         );
     }
 }
+
+/// What `srvr` reports as the packets the server received so far.
+fn packets_received(server: &ZkServer) -> u64 {
+    server
+        .four_letter("srvr")
+        .and_then(|a| {
+            a.lines()
+                .find_map(|l| l.strip_prefix("Received:").map(|n| n.trim().parse().ok()))
+        })
+        .flatten()
+        .unwrap_or(u64::MAX)
+}
+
+/// Packets the server received while `registry` listed `parent` with values, and what it
+/// listed.
+async fn children_cost(
+    server: &ZkServer,
+    registry: &ZkRegistry,
+    parent: &NodePath,
+) -> (u64, Vec<(NodePath, Bytes, u64, u64)>) {
+    let before = packets_received(server);
+    let children = registry.children(parent).await.unwrap();
+    let cost = packets_received(server).saturating_sub(before);
+    let nodes = children
+        .nodes
+        .into_iter()
+        .map(|n| (n.path, n.value, n.version, n.create_order))
+        .collect();
+    (cost, nodes)
+}
+
+/// ZooKeeper 3.6 and later read many values in one `multiRead`: `children` uses it once the
+/// server said its release at connect, and reads the same nodes as one `getData` per child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_values_come_in_multi_reads_from_a_server_that_has_them() {
+    let server = fast_server();
+    let cs = server.connect_string();
+    let setup = connect(&cs, Duration::from_secs(4)).await;
+    let parent = p("/svc");
+    setup
+        .create(&parent, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    for i in 0..100 {
+        let child = parent.join(&format!("c{i:03}")).unwrap();
+        let value = Bytes::from(format!("value {i}"));
+        setup
+            .create(&child, value, CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    // An update, so versions differ between children.
+    setup
+        .set(&p("/svc/c042"), Bytes::from_static(b"again"), Expected::Any)
+        .await
+        .unwrap();
+
+    let options = ZkOptions::new([cs.clone()]).with_session_ttl(Duration::from_secs(4));
+    let one_by_one = ZkRegistry::connect(options.clone().with_multi_read(false))
+        .await
+        .unwrap();
+    let (each_cost, expected) = children_cost(&server, &one_by_one, &parent).await;
+    assert_eq!(expected.len(), 100);
+    assert!(
+        each_cost >= 101,
+        "one getData per child: {each_cost} packets"
+    );
+    let c042 = expected.iter().find(|n| n.0 == p("/svc/c042")).unwrap();
+    assert_eq!((&c042.1[..], c042.2), (&b"again"[..], 1));
+
+    // Told to, and asked (the answer to `srvr` arrives in the background after connect).
+    let told = ZkRegistry::connect(options.clone().with_multi_read(true))
+        .await
+        .unwrap();
+    let (told_cost, told_nodes) = children_cost(&server, &told, &parent).await;
+    assert_eq!(told_nodes, expected);
+    assert!(told_cost <= 20, "four multiReads: {told_cost} packets");
+    let asked = ZkRegistry::connect(options).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let asked_cost = loop {
+        let (cost, nodes) = children_cost(&server, &asked, &parent).await;
+        assert_eq!(nodes, expected);
+        if cost <= 20 || Instant::now() >= deadline {
+            break cost;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        asked_cost <= 20,
+        "a 3.8 server's release was not learnt: {asked_cost} packets"
+    );
+    for registry in [&one_by_one, &told, &asked] {
+        registry.close().await.unwrap();
+    }
+    setup.close().await.unwrap();
+}
+
+/// ZooKeeper's opcode of `multiRead`, new in 3.6.
+const OP_MULTI_READ: i32 = 22;
+/// ZooKeeper's error code `UNIMPLEMENTED`.
+const ERR_UNIMPLEMENTED: i32 = -6;
+
+/// Stands in front of `server` as a ZooKeeper older than 3.6 does: a `multiRead` gets an
+/// `UNIMPLEMENTED` answer and the connection is closed (what `UnimplementedRequestProcessor`
+/// does); everything else passes. Counts the `multiRead`s it refused.
+async fn pre_3_6_proxy(
+    server: std::net::SocketAddr,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = refused.clone();
+    tokio::spawn(async move {
+        // Bounded by the test: it ends when the runtime does.
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(server).await else {
+                continue;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let (mut client_read, client_write) = client.into_split();
+                let (mut server_read, mut server_write) = upstream.into_split();
+                let client_write = Arc::new(tokio::sync::Mutex::new(client_write));
+                let to_client = client_write.clone();
+                // Whole frames only, so a refusal never lands inside an answer.
+                let answers = tokio::spawn(async move {
+                    loop {
+                        let mut len = [0u8; 4];
+                        if server_read.read_exact(&mut len).await.is_err() {
+                            return;
+                        }
+                        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+                        if server_read.read_exact(&mut frame).await.is_err() {
+                            return;
+                        }
+                        let mut out = to_client.lock().await;
+                        if out.write_all(&len).await.is_err()
+                            || out.write_all(&frame).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                let mut first = true;
+                loop {
+                    let mut len = [0u8; 4];
+                    if client_read.read_exact(&mut len).await.is_err() {
+                        break;
+                    }
+                    let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+                    if client_read.read_exact(&mut frame).await.is_err() {
+                        break;
+                    }
+                    // The connect request has no request header.
+                    let op = (!first && frame.len() >= 8)
+                        .then(|| i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]));
+                    first = false;
+                    if op == Some(OP_MULTI_READ) {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let mut reply = 16u32.to_be_bytes().to_vec();
+                        reply.extend_from_slice(&frame[0..4]); // its xid
+                        reply.extend_from_slice(&0i64.to_be_bytes());
+                        reply.extend_from_slice(&ERR_UNIMPLEMENTED.to_be_bytes());
+                        let _ = client_write.lock().await.write_all(&reply).await;
+                        break;
+                    }
+                    if server_write.write_all(&len).await.is_err()
+                        || server_write.write_all(&frame).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                answers.abort();
+                let _ = client_write.lock().await.shutdown().await;
+            });
+        }
+    });
+    (address, refused)
+}
+
+/// A server that turns out not to know `multiRead` (told to use it, or one of an ensemble
+/// mid-upgrade) costs the client one dropped connection: it then reads children one by one,
+/// in the same session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_multi_read_turns_it_off() {
+    let server = fast_server();
+    let setup = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let parent = p("/svc");
+    setup
+        .create(&parent, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    for i in 0..10 {
+        let child = parent.join(&format!("c{i}")).unwrap();
+        setup
+            .create(&child, Bytes::from(format!("{i}")), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    let (address, refused) = pre_3_6_proxy(server.addr()).await;
+    let options = ZkOptions::new([address])
+        .with_session_ttl(Duration::from_secs(4))
+        .with_multi_read(true);
+    let registry = ZkRegistry::connect(options).await.unwrap();
+    let session = registry.session().session_id;
+    // The first read may meet the dropped connection: a retryable error, not a wrong answer.
+    let mut listed = None;
+    for _ in 0..20 {
+        match registry.children(&parent).await {
+            Ok(children) => {
+                listed = Some(children);
+                break;
+            }
+            Err(error) => {
+                assert!(error.is_retryable(), "{error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let listed = listed.expect("children never read after the refusal");
+    assert_eq!(listed.nodes.len(), 10);
+    for _ in 0..3 {
+        assert_eq!(registry.children(&parent).await.unwrap().nodes.len(), 10);
+    }
+    assert_eq!(
+        refused.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "multiRead was sent again after the server refused it"
+    );
+    assert_eq!(
+        registry.session().session_id,
+        session,
+        "the session survives"
+    );
+    registry.close().await.unwrap();
+    setup.close().await.unwrap();
+}

@@ -56,6 +56,13 @@ pub struct ZkOptions {
     /// [`ZkAcl::CreatorWritesAnyoneReads`] (all providers of a service then share one
     /// identity; consumers and other services can still read).
     pub persistent_acl: Option<ZkAcl>,
+    /// Whether `children` reads the children's values in `multiRead` requests (ZooKeeper
+    /// 3.6 and later; up to [`MULTI_READ_NODES`](crate::MULTI_READ_NODES) nodes each) instead
+    /// of one `getData` per child. `None` (the default): when every server that answers the
+    /// `srvr` four-letter word at connect runs 3.6 or later. A server that refuses one anyway
+    /// (ZooKeeper then drops the connection; the session survives) turns it off for the
+    /// client, and the read is made the other way.
+    pub multi_read: Option<bool>,
 }
 
 impl ZkOptions {
@@ -71,6 +78,7 @@ impl ZkOptions {
             sasl_digest_md5: None,
             ephemeral_acl: None,
             persistent_acl: None,
+            multi_read: None,
         }
     }
 
@@ -119,6 +127,13 @@ impl ZkOptions {
         } else {
             ZkAcl::Open
         })
+    }
+
+    /// Uses `multiRead` for `children` always (`true`) or never (`false`), instead of
+    /// asking the servers' release (see [`ZkOptions::multi_read`]).
+    pub fn with_multi_read(mut self, multi_read: bool) -> Self {
+        self.multi_read = Some(multi_read);
+        self
     }
 
     /// Puts every path under `namespace` (see [`ZkOptions::namespace`]).
@@ -174,6 +189,7 @@ impl fmt::Debug for ZkOptions {
             .field("sasl_user", &self.sasl_digest_md5.as_ref().map(|(u, _)| u))
             .field("ephemeral_acl", &self.acl_for(true))
             .field("persistent_acl", &self.acl_for(false))
+            .field("multi_read", &self.multi_read)
             .finish()
     }
 }
