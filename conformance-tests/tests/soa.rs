@@ -515,3 +515,75 @@ async fn tower_discover_replaces_the_service_when_a_weight_is_rewritten_in_place
         "the balancer kept the service made with the old weight"
     );
 }
+
+/// What changed while a consumer was cut off is in the first fresh view it publishes after:
+/// a view used to turn fresh as soon as its session was live again, with the changes still
+/// on their way (an etcd watch resuming, a ZooKeeper re-read).
+async fn fresh_after_a_cut_holds_what_changed(
+    consumer: Arc<dyn Registry>,
+    proxy: &TcpProxy,
+    provider_client: Arc<dyn Registry>,
+) {
+    let view = ServiceView::open(consumer, SERVICE).await.unwrap();
+    wait_for(&view, "fresh", |s| !s.stale).await;
+    let mut held = Vec::new();
+    for round in 1..=3u8 {
+        let instance = addr(&format!("10.0.9.{round}:9090"));
+        proxy.cut();
+        wait_for(&view, "stale while cut off", |s| s.stale).await;
+        held.push(
+            Provider::register(&provider_client, SERVICE, instance, "1.0.0")
+                .await
+                .unwrap(),
+        );
+        proxy.forward();
+        let mut changes = view.changes();
+        let fresh = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let now = view.snapshot();
+                if !now.stale {
+                    return now;
+                }
+                changes.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("not fresh again within 20 s");
+        assert!(
+            fresh.instances.iter().any(|i| i.address == instance),
+            "round {round}: fresh after the cut without {instance}, registered during it"
+        );
+    }
+    for provider in held {
+        provider.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_fresh_after_a_cut_holds_what_changed_on_etcd() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let through = |endpoint: String| async move {
+        let options = EtcdOptions::new([endpoint]).with_session_ttl(Duration::from_secs(10));
+        Arc::new(EtcdRegistry::connect(options).await.unwrap()) as Arc<dyn Registry>
+    };
+    let consumer = through(proxy.addr().to_string()).await;
+    let provider_client = through(server.endpoint()).await;
+    fresh_after_a_cut_holds_what_changed(consumer, &proxy, provider_client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_fresh_after_a_cut_holds_what_changed_on_zookeeper() {
+    let server = ZkServer::start(ZkConfig {
+        tick_time: Duration::from_millis(200),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let through = |endpoint: String| async move {
+        let options = ZkOptions::new([endpoint]).with_session_ttl(Duration::from_secs(4));
+        Arc::new(ZkRegistry::connect(options).await.unwrap()) as Arc<dyn Registry>
+    };
+    let consumer = through(proxy.addr().to_string()).await;
+    let provider_client = through(server.connect_string()).await;
+    fresh_after_a_cut_holds_what_changed(consumer, &proxy, provider_client).await;
+}

@@ -41,7 +41,8 @@ pub struct ServiceSnapshot {
     /// Malformed config properties (left out; the rest of the config applies) and rule texts
     /// that do not parse (the last rules that did stay in force).
     pub errors: Vec<(NodePath, ParseError)>,
-    /// True while the registry is unreachable: this is the last known state.
+    /// True while the registry is unreachable, and after it is reachable again until the
+    /// view has read every source anew: this is the last known state.
     pub stale: bool,
     /// Grows with every change applied.
     pub generation: u64,
@@ -342,8 +343,10 @@ pub struct SelectOptions {
 /// [`select`](ServiceView::select)) take no lock; a background task applies watch events.
 ///
 /// Guarantees: every change of any watched node reaches the view; while the registry is
-/// unreachable the last known state keeps being served with `stale` set; dropping the view
-/// stops its task and watches.
+/// unreachable the last known state keeps being served with `stale` set, and a view fresh
+/// again after that holds every change made meanwhile (each source is watched anew, and the
+/// view is fresh once all of them have been read); dropping the view stops its task and
+/// watches.
 pub struct ServiceView {
     service: String,
     current: Arc<ArcSwap<ServiceSnapshot>>,
@@ -625,6 +628,7 @@ async fn run(
     // Sources watched again whose first snapshot has not come yet: until every one has, the
     // view mixes their old state with new ones, so it stays stale (and keeps serving).
     let mut awaiting = [false; 5];
+    let mut live = registry.session().state.is_live();
     let mark_stale = |stale: bool, generation: &mut u64| {
         if current.load().stale != stale {
             *generation += 1;
@@ -644,7 +648,22 @@ async fn run(
                     mark_stale(true, &mut generation);
                     return;
                 };
-                let stale = !status.state.is_live() || awaiting.contains(&true);
+                let was_live = std::mem::replace(&mut live, status.state.is_live());
+                if live && !was_live {
+                    // Back after a cut: what changed meanwhile may still be on its way (an
+                    // etcd watch resuming, a ZooKeeper re-read), and no backend says when it
+                    // has all come. A new watch of every source starts with a snapshot read
+                    // now, so the view is fresh once each has delivered one.
+                    mark_stale(true, &mut generation);
+                    backoff.reset();
+                    let Some(streams) = rewatch(&registry, &sources, &mut backoff).await else {
+                        return;
+                    };
+                    awaiting = [true; 5];
+                    tagged = tag(streams);
+                    continue;
+                }
+                let stale = !live || awaiting.contains(&true);
                 mark_stale(stale, &mut generation);
             }
             item = tagged.next() => {
@@ -676,7 +695,10 @@ async fn run(
                 }
                 states[index].apply(&event);
                 generation += 1;
-                let stale = !registry.session().state.is_live() || awaiting.contains(&true);
+                // `live` too: a source's re-read can come before the view has heard of the
+                // reconnect, and the other sources may still hold what they had before.
+                let stale =
+                    !live || !registry.session().state.is_live() || awaiting.contains(&true);
                 let next = build(&states, &sources, Some(&current.load()), stale, generation);
                 current.store(Arc::new(next));
                 publish.send_replace(generation);

@@ -228,3 +228,53 @@ async fn a_view_of_a_closed_registry_is_stale() {
     .expect("the view of a closed registry is not stale within 5 s")
     .expect("the view's task ended without marking it stale");
 }
+
+/// After a connection cut, a view used to turn fresh as soon as the session was live again,
+/// while what changed during the cut was still on its way: a fresh view must already hold
+/// it. 20 rounds: before the fix, runs failed within the first dozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_is_not_fresh_after_a_reconnect_until_it_has_caught_up() {
+    let store = MemoryStore::new();
+    let providers: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let consumer = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let view = ServiceView::open(consumer.clone() as Arc<dyn Registry>, SERVICE)
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for round in 0..20u8 {
+        follow(&view, "fresh with every instance", |s| {
+            !s.stale && s.instances.len() == held.len()
+        })
+        .await;
+        let session = consumer.session().session_id.unwrap();
+        store
+            .interrupt_connection(session, Duration::from_millis(200))
+            .unwrap();
+        follow(&view, "stale during the cut", |s| s.stale).await;
+        held.push(
+            Provider::register(&providers, SERVICE, address(round + 1), "1.0.0")
+                .await
+                .unwrap(),
+        );
+        let seen = follow(&view, "fresh after the cut", |s| !s.stale).await;
+        let fresh = seen.last().unwrap();
+        assert_eq!(
+            fresh.instances.len(),
+            held.len(),
+            "round {round}: fresh after the reconnect without the instance registered during the cut: {:?}",
+            seen.iter().map(|s| (s.stale, s.instances.len(), s.generation)).collect::<Vec<_>>()
+        );
+    }
+    drop(view);
+    for provider in held {
+        provider.shutdown().await.unwrap();
+    }
+}
