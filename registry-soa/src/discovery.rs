@@ -642,6 +642,9 @@ async fn run(
     };
     loop {
         tokio::select! {
+            // Session first: a transition queued with stream items changes what they mean
+            // (a snapshot read before a second cut must not make the view fresh).
+            biased;
             status = sessions.next() => {
                 // Closed: nothing will update the view again.
                 let Some(status) = status.filter(|s| s.state != SessionState::Closed) else {

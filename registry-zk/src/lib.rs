@@ -340,10 +340,15 @@ impl ZkRegistry {
             // Asked in the background: until the answer, children are read one by one.
             let (weak, endpoints) = (Arc::downgrade(&shared), shared.options.endpoints.clone());
             let timeout = shared.options.connection_attempt_timeout();
+            let mut shutdown = shared.shutdown.subscribe();
             let span = tracing::debug_span!("zk_server_release");
             tokio::spawn(
                 async move {
-                    let supported = server_version::multi_read_supported(&endpoints, timeout).await;
+                    // Ends with the registry: close stops every background task.
+                    let supported = tokio::select! {
+                        _ = shutdown.wait_for(|closed| *closed) => return,
+                        supported = server_version::multi_read_supported(&endpoints, timeout) => supported,
+                    };
                     if let Some(shared) = weak.upgrade() {
                         shared.multi_read.store(supported, Ordering::Relaxed);
                     }
@@ -509,6 +514,23 @@ impl ZkRegistry {
         .await
     }
 
+    /// [`read_each`](ZkRegistry::read_each) on the current client, sent again (up to twice)
+    /// after a retryable failure, as [`call`](ZkRegistry::call) does: after a refused
+    /// multiRead the server drops the connection, which fails the reads in flight.
+    async fn read_each_again(&self, children: &[NodePath]) -> Result<Vec<Node>> {
+        let mut attempt = 0u64;
+        loop {
+            let client = self.shared.client()?;
+            match self.read_each(&client, children).await {
+                Err(error) if error.is_retryable() && attempt < 2 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// `children`' nodes, one `getData` each (a child gone since the listing is left out).
     async fn read_each(&self, client: &zk::Client, children: &[NodePath]) -> Result<Vec<Node>> {
         let mut nodes = Vec::with_capacity(children.len());
@@ -617,7 +639,7 @@ impl From<Stalled<Error>> for Error {
 
 /// Sends `requests` (each is sent when made) with up to `in_flight` out at once, and hands
 /// each answer, in order, to `handle` with its index: ZooKeeper answers a session's requests
-/// in order, and each answer makes the next request. Measured cheaper in client CPU than a
+/// in order, and each handled answer makes the next request. Measured cheaper in client CPU than a
 /// buffered stream with a timer per request. One timer for all: it fires only when no answer
 /// came for a whole `timeout` (a `Timeout` naming `stalled(index)`), so 100k requests take as
 /// long as the server needs.
@@ -657,8 +679,9 @@ where
             }
         };
         progress = tokio::time::Instant::now();
-        out.extend(requests.next());
+        // Handled before the next is sent: after a refusal nothing more goes out.
         handle(index, answer).map_err(Stalled::Handled)?;
+        out.extend(requests.next());
     }
     Ok(())
 }
@@ -1009,7 +1032,7 @@ impl Registry for ZkRegistry {
         }
         let mut nodes = match nodes {
             Some(nodes) => nodes,
-            None => self.read_each(&client, &children).await?,
+            None => self.read_each_again(&children).await?,
         };
         nodes.sort_by_key(|n| n.create_order);
         Ok(Children {

@@ -20,7 +20,7 @@ pub enum ZkAcl {
 /// Options of [`ZkRegistry::connect`](crate::ZkRegistry::connect), as a builder.
 ///
 /// Defaults: session TTL 10 s, request timeout 3 s, connect timeout 5 s, no namespace, no
-/// auth. `Debug` never shows auth bytes.
+/// auth, `multiRead` for children when the servers have it. `Debug` never shows auth bytes.
 #[derive(Clone)]
 pub struct ZkOptions {
     /// `host:port` of every server to use (an element may itself be a ZooKeeper connect
@@ -58,10 +58,11 @@ pub struct ZkOptions {
     pub persistent_acl: Option<ZkAcl>,
     /// Whether `children` reads the children's values in `multiRead` requests (ZooKeeper
     /// 3.6 and later; up to [`MULTI_READ_NODES`](crate::MULTI_READ_NODES) nodes each) instead
-    /// of one `getData` per child. `None` (the default): when every server that answers the
-    /// `srvr` four-letter word at connect runs 3.6 or later. A server that refuses one anyway
-    /// (ZooKeeper then drops the connection; the session survives) turns it off for the
-    /// client, and the read is made the other way.
+    /// of one `getData` per child. `None` (the default): when at least one server answers
+    /// the `srvr` four-letter word at connect, and every one that answers runs 3.6 or later
+    /// (until the answers come, children are read one by one). A server that refuses one
+    /// anyway (ZooKeeper then drops the connection; the session survives) turns it off for
+    /// the client, and the read is made the other way, sent again after the reconnect.
     pub multi_read: Option<bool>,
 }
 
