@@ -833,6 +833,22 @@ async fn versions_beyond_i32_are_mismatches_not_input_errors() {
 /// Forwards ZooKeeper traffic frame by frame; once armed, sends the client a reply to a
 /// request it never made just before the next reply to one of its requests. The client then
 /// resets the connection (a protocol error) and fails the requests in flight.
+/// One length-prefixed ZooKeeper frame from `from`: its length bytes and body. `None` when
+/// the connection ends, or on a length no frame has (the answer to the client's `srvr`
+/// question, read as a length).
+async fn read_frame(from: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<([u8; 4], Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    from.read_exact(&mut len).await.ok()?;
+    let size = u32::from_be_bytes(len) as usize;
+    if size > 16 << 20 {
+        return None;
+    }
+    let mut body = vec![0u8; size];
+    from.read_exact(&mut body).await.ok()?;
+    Some((len, body))
+}
+
 struct BogusReplyProxy {
     addr: std::net::SocketAddr,
     armed: Arc<std::sync::atomic::AtomicBool>,
@@ -841,7 +857,7 @@ struct BogusReplyProxy {
 impl BogusReplyProxy {
     async fn start(upstream: std::net::SocketAddr) -> BogusReplyProxy {
         use std::sync::atomic::{AtomicBool, Ordering};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let armed = Arc::new(AtomicBool::new(false));
@@ -860,20 +876,8 @@ impl BogusReplyProxy {
                 tokio::spawn(async move {
                     // The first frame answers the connect request and carries no xid.
                     let mut first = true;
-                    loop {
-                        let mut len = [0u8; 4];
-                        if server_rx.read_exact(&mut len).await.is_err() {
-                            return;
-                        }
-                        // Not a frame (the answer to the client's `srvr` question): stop.
-                        let len_value = u32::from_be_bytes(len) as usize;
-                        if len_value > 16 << 20 {
-                            return;
-                        }
-                        let mut body = vec![0; len_value];
-                        if server_rx.read_exact(&mut body).await.is_err() {
-                            return;
-                        }
+                    // Bounded by the connection: it ends when either side closes.
+                    while let Some((len, body)) = read_frame(&mut server_rx).await {
                         let xid = body
                             .get(..4)
                             .map_or(0, |x| i32::from_be_bytes([x[0], x[1], x[2], x[3]]));
@@ -1139,7 +1143,7 @@ const ERR_UNIMPLEMENTED: i32 = -6;
 async fn pre_3_6_proxy(
     server: std::net::SocketAddr,
 ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1158,15 +1162,7 @@ async fn pre_3_6_proxy(
                 let to_client = client_write.clone();
                 // Whole frames only, so a refusal never lands inside an answer.
                 let answers = tokio::spawn(async move {
-                    loop {
-                        let mut len = [0u8; 4];
-                        if server_read.read_exact(&mut len).await.is_err() {
-                            return;
-                        }
-                        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
-                        if server_read.read_exact(&mut frame).await.is_err() {
-                            return;
-                        }
+                    while let Some((len, frame)) = read_frame(&mut server_read).await {
                         let mut out = to_client.lock().await;
                         if out.write_all(&len).await.is_err()
                             || out.write_all(&frame).await.is_err()
@@ -1176,15 +1172,7 @@ async fn pre_3_6_proxy(
                     }
                 });
                 let mut first = true;
-                loop {
-                    let mut len = [0u8; 4];
-                    if client_read.read_exact(&mut len).await.is_err() {
-                        break;
-                    }
-                    let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
-                    if client_read.read_exact(&mut frame).await.is_err() {
-                        break;
-                    }
+                while let Some((len, frame)) = read_frame(&mut client_read).await {
                     // The connect request has no request header.
                     let op = (!first && frame.len() >= 8)
                         .then(|| i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]));
