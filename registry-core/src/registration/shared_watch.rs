@@ -227,9 +227,15 @@ impl Fanout {
             WatchEvent::Created(ref node)
             | WatchEvent::Updated(ref node)
             | WatchEvent::Deleted(ref node) => {
+                // Only this path's entry can have emptied: a change costs the same however
+                // many registrations share the parent (a session loss brings one per node).
                 if let Some(senders) = subscribers.get_mut(&node.path) {
                     send_all(senders, event.clone());
+                    if senders.is_empty() {
+                        subscribers.remove(&node.path);
+                    }
                 }
+                return;
             }
         }
         subscribers.retain(|_, senders| !senders.is_empty());
