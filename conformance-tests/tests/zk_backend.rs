@@ -1244,3 +1244,84 @@ async fn a_server_refusing_multi_read_turns_it_off() {
     registry.close().await.unwrap();
     setup.close().await.unwrap();
 }
+
+/// After a session loss a registration re-creates its node before it watches the node
+/// again. Its node watch used to be re-armed in the new session at once (a sync and a read),
+/// ahead of the create, which then fired it for another read: ten thousand registrations
+/// queued those requests in front of their own creates and took about 5 s to come back.
+/// Now each costs the server about two requests: the create and the new watch's read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_come_back_after_a_session_loss_for_two_requests_each() {
+    const N: usize = 100;
+    const TTL: Duration = Duration::from_secs(2);
+    let server = fast_server();
+    let setup = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let parent = p("/svc");
+    setup
+        .create(&parent, Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let owner = connect(&proxy.addr().to_string(), TTL).await;
+    let mut registrations = Vec::new();
+    for i in 0..N {
+        let path = parent.join(&format!("10.0.0.{i}:9090")).unwrap();
+        let registration = owner
+            .register(&path, Bytes::from_static(b"v"), RegisterOptions::new())
+            .await
+            .unwrap();
+        registrations.push(registration);
+    }
+    let lost = owner.session().session_id;
+    proxy.blackhole();
+    conformance_tests::support::eventually(
+        TTL * 5,
+        "the server expires the cut-off session and its nodes",
+        || async {
+            setup
+                .children(&parent)
+                .await
+                .is_ok_and(|c| c.nodes.is_empty())
+        },
+    )
+    .await;
+    let before = packets_received(&server);
+    proxy.forward();
+    for registration in &registrations {
+        let mut status = registration.watch_status();
+        let back = tokio::time::timeout(
+            Duration::from_secs(20),
+            status.wait_for(|s| {
+                matches!(s, RegistrationStatus::Registered(node) if node.ephemeral_owner != lost)
+            }),
+        )
+        .await;
+        assert!(
+            matches!(back, Ok(Ok(_))),
+            "{:?} not back under a new session within 20 s",
+            registration.requested_path()
+        );
+    }
+    conformance_tests::support::eventually(
+        Duration::from_secs(10),
+        "every registration watches its node again",
+        || async {
+            let watches = total_watches(&server);
+            watches != usize::MAX && watches >= N
+        },
+    )
+    .await;
+    let after = packets_received(&server);
+    assert!(
+        before != u64::MAX && after != u64::MAX,
+        "srvr did not report packet counts"
+    );
+    let cost = after - before;
+    // Two per registration, and a few for the new connection, the session and pings.
+    assert!(
+        cost <= 2 * N as u64 + 30,
+        "recovering {N} registrations cost the server {cost} requests"
+    );
+    let children = setup.children(&parent).await.unwrap();
+    assert_eq!(children.nodes.len(), N);
+}

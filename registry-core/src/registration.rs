@@ -680,6 +680,10 @@ async fn heal(
     let mut sessions = registry.session_events();
     let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
     let mut needs_ensure = false;
+    // A node watch of its own is let go when the session is lost, and opened again only once
+    // the node is back: kept, every registration's watch would re-arm in the new session (a
+    // sync and a read each) all at once, ahead of the re-creations it is there to guard.
+    let mut parked = false;
     loop {
         if *stop.borrow() {
             return;
@@ -734,7 +738,7 @@ async fn heal(
             }
             watched = Some((path, stream));
         }
-        if watched.is_none() {
+        if watched.is_none() && !parked {
             let current = current_node(&shared);
             let path = current
                 .as_ref()
@@ -758,25 +762,44 @@ async fn heal(
                 }
             }
         }
-        let Some((_, stream)) = watched.as_mut() else {
-            continue;
+        let next_event = async {
+            match watched.as_mut() {
+                Some((_, stream)) => stream.next().await,
+                None => std::future::pending().await,
+            }
         };
         tokio::select! {
             _ = stop.changed() => return,
             // A pending re-creation is re-checked at least every second, bounding any wait on
             // a session event that raced our last look at the state.
-            _ = tokio::time::sleep(Duration::from_secs(1)), if needs_ensure => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)), if needs_ensure || parked => {
+                // A Reestablished can be skipped (a lagging subscriber sees only the latest
+                // status): a live session ends the wait for it.
+                if parked && registry.session().state.is_live() {
+                    parked = false;
+                    needs_ensure = true;
+                }
+            }
             status = sessions.next() => match status {
                 None => break,
                 Some(status) => match status.state {
                     SessionState::Closed => break,
-                    SessionState::Lost => set_recreating(&shared, "session lost"),
-                    SessionState::Reestablished => needs_ensure = true,
+                    SessionState::Lost => {
+                        set_recreating(&shared, "session lost");
+                        if shared.watches.is_none() {
+                            watched = None;
+                            parked = true;
+                        }
+                    }
+                    SessionState::Reestablished => {
+                        needs_ensure = true;
+                        parked = false;
+                    }
                     SessionState::Connected if needs_ensure => {}
                     _ => {}
                 },
             },
-            event = stream.next() => match event {
+            event = next_event => match event {
                 None | Some(Err(_)) => {
                     // A watch that ended tells us nothing about the node: check it.
                     if matches!(event, Some(Err(Error::Closed))) {

@@ -239,7 +239,7 @@ pub async fn set_owned_spares_other_owners(fx: &dyn Fixture) -> Outcome {
 }
 
 /// After the session expires, the registration comes back under the new session, with the
-/// value last set.
+/// value last set, and goes on healing: deleted then, it is re-created.
 pub async fn registration_recreated_after_expiry(fx: &dyn Fixture) -> Outcome {
     if !fx.supports(Fault::ExpireSession) {
         return Outcome::Skipped("fixture cannot expire sessions".into());
@@ -272,6 +272,17 @@ pub async fn registration_recreated_after_expiry(fx: &dyn Fixture) -> Outcome {
         },
     )
     .await;
+    owned_by(fx, &at, &reader, &owner, &path, "v2").await;
+    // It heals in the new session too: the node's watch came back with the node.
+    let back = reader
+        .get(&path)
+        .await
+        .unwrap_or_else(|e| panic!("{at} get: {e}"));
+    reader
+        .delete(&path, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete after the expiry: {e}"));
+    recreated_after(&at, &reader, &path, &back).await;
     owned_by(fx, &at, &reader, &owner, &path, "v2").await;
     reg.deregister()
         .await
