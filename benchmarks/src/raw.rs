@@ -281,6 +281,41 @@ impl Raw {
         }
     }
 
+    /// Deletes a node with the checks our `delete(Any, Node)` makes: on etcd the same Txn
+    /// (the key exists and nothing lives below it; else read both, to name the failure); on
+    /// ZooKeeper a delete, which checks this itself. Fails if a check does.
+    pub async fn delete_checked(&self, path: &str) -> BenchResult<()> {
+        match self {
+            Raw::Etcd { client, .. } => {
+                let below = format!("{path}/");
+                let txn = Txn::new()
+                    .when([
+                        Compare::version(path, CompareOp::Greater, 0),
+                        Compare::create_revision(below.as_str(), CompareOp::Equal, 0).with_prefix(),
+                    ])
+                    .and_then([TxnOp::delete(path, None)])
+                    .or_else([
+                        TxnOp::get(path, Some(GetOptions::new().with_keys_only())),
+                        TxnOp::get(
+                            below.as_str(),
+                            Some(
+                                GetOptions::new()
+                                    .with_prefix()
+                                    .with_keys_only()
+                                    .with_limit(1),
+                            ),
+                        ),
+                    ]);
+                if etcd_txn_succeeded(client, txn, "checked delete", path).await? {
+                    Ok(())
+                } else {
+                    Err(format!("etcd checked delete {path}: a check failed"))
+                }
+            }
+            Raw::Zk(_) => self.delete(path).await,
+        }
+    }
+
     /// Deletes one node.
     pub async fn delete(&self, path: &str) -> BenchResult<()> {
         match self {

@@ -311,11 +311,13 @@ async fn raw_register_many(raw: &Raw, parent: &str, n: usize) -> BenchResult<Vec
 /// client writing with the checks our layer makes, our `create(Ephemeral)` (the same work,
 /// checked), or our `register()` (that create plus the healing watch, which has no raw
 /// equivalent). Removals mirror them: a raw delete, a raw delete only while the session owns
-/// the node, our `delete`, our `deregister()`.
+/// the node, our `delete`, our `deregister()`. On etcd a fifth op writes as `RawChecked`
+/// does and removes with the checks of our `delete` (a ZooKeeper delete makes them itself).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RegisterOp {
     Raw,
     RawChecked,
+    RawCheckedDelete,
     Create,
     Register,
 }
@@ -325,17 +327,21 @@ impl RegisterOp {
         match self {
             RegisterOp::Raw => "raw",
             RegisterOp::RawChecked => "raw-checked",
+            RegisterOp::RawCheckedDelete => "raw-checked-delete",
             RegisterOp::Create => "create",
             RegisterOp::Register => "register",
         }
     }
 }
 
-/// The ops in the order turn `turn` runs them: each goes first, second, third and last in
-/// turn.
-fn register_ops(turn: usize) -> [RegisterOp; 4] {
-    use RegisterOp::{Create, Raw, RawChecked, Register};
-    let mut ops = [Raw, RawChecked, Create, Register];
+/// The ops in the order turn `turn` runs them on `backend`: each goes first, second, ... and
+/// last in turn.
+fn register_ops(backend: Backend, turn: usize) -> Vec<RegisterOp> {
+    use RegisterOp::{Create, Raw, RawChecked, RawCheckedDelete, Register};
+    let mut ops = match backend {
+        Backend::Etcd => vec![Raw, RawChecked, RawCheckedDelete, Create, Register],
+        Backend::Zk => vec![Raw, RawChecked, Create, Register],
+    };
     let len = ops.len();
     ops.rotate_left(turn % len);
     ops
@@ -347,6 +353,7 @@ fn register_ops(turn: usize) -> [RegisterOp; 4] {
 struct RegisterSamples {
     raw: Vec<f64>,
     raw_checked: Vec<f64>,
+    raw_checked_delete: Vec<f64>,
     create: Vec<f64>,
     register: Vec<f64>,
 }
@@ -356,19 +363,21 @@ impl RegisterSamples {
         match op {
             RegisterOp::Raw => &mut self.raw,
             RegisterOp::RawChecked => &mut self.raw_checked,
+            RegisterOp::RawCheckedDelete => &mut self.raw_checked_delete,
             RegisterOp::Create => &mut self.create,
             RegisterOp::Register => &mut self.register,
         }
     }
 
-    /// Raw against `ours`, or the raw side that makes the same checks against `ours`.
-    fn against(&self, ours: &[f64], checked: bool) -> Samples {
+    /// The raw side `raw` (one of the raw ops) against `ours`.
+    fn against(&self, ours: &[f64], raw: RegisterOp) -> Samples {
+        let raw = match raw {
+            RegisterOp::RawChecked => &self.raw_checked,
+            RegisterOp::RawCheckedDelete => &self.raw_checked_delete,
+            _ => &self.raw,
+        };
         Samples {
-            raw: if checked {
-                self.raw_checked.clone()
-            } else {
-                self.raw.clone()
-            },
+            raw: raw.clone(),
             ours: ours.to_vec(),
         }
     }
@@ -385,15 +394,19 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         env.raw.mkdir(&base(RegisterOp::Raw)).await?;
         // A key of its own on etcd too: the checked create compares its parent's.
         env.raw.put(&base(RegisterOp::RawChecked), b"").await?;
+        env.raw
+            .put(&base(RegisterOp::RawCheckedDelete), b"")
+            .await?;
         env.ours.mkdir(&base(RegisterOp::Create)).await?;
         env.ours.mkdir(&base(RegisterOp::Register)).await?;
         let mut paths = Vec::new();
         let mut checked_paths = Vec::new();
+        let mut checked_delete_paths = Vec::new();
         let mut created = Vec::new();
         let mut regs = Vec::new();
         // The four alternate sample by sample, so all meet the server in the same state.
         for i in 0..env.cfg.samples {
-            for op in register_ops(rep + i) {
+            for op in register_ops(env.backend, rep + i) {
                 let p = format!("{}/n{i}", base(op));
                 let t = Instant::now();
                 match op {
@@ -404,6 +417,10 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                     RegisterOp::RawChecked => {
                         env.raw.register_checked(&p, VALUE).await?;
                         checked_paths.push(p);
+                    }
+                    RegisterOp::RawCheckedDelete => {
+                        env.raw.register_checked(&p, VALUE).await?;
+                        checked_delete_paths.push(p);
                     }
                     RegisterOp::Create => {
                         let p = path(&p)?;
@@ -430,10 +447,11 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         }
         let mut paths = paths.iter();
         let mut checked_paths = checked_paths.iter();
+        let mut checked_delete_paths = checked_delete_paths.iter();
         let mut created = created.iter();
         let mut regs = regs.into_iter();
         for i in 0..env.cfg.samples {
-            for op in register_ops(rep + i) {
+            for op in register_ops(env.backend, rep + i) {
                 let t = Instant::now();
                 match op {
                     RegisterOp::Raw => match paths.next() {
@@ -442,6 +460,10 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                     },
                     RegisterOp::RawChecked => match checked_paths.next() {
                         Some(p) => env.raw.delete_owned(p).await?,
+                        None => continue,
+                    },
+                    RegisterOp::RawCheckedDelete => match checked_delete_paths.next() {
+                        Some(p) => env.raw.delete_checked(p).await?,
                         None => continue,
                     },
                     RegisterOp::Create => match created.next() {
@@ -494,7 +516,14 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         ),
     ];
     for (name, samples, ours, note) in plain {
-        latency_rows(env, rows, name, &samples.against(ours, false), slack, note);
+        latency_rows(
+            env,
+            rows,
+            name,
+            &samples.against(ours, RegisterOp::Raw),
+            slack,
+            note,
+        );
     }
     // The same work with the same checks on the raw side (a ZooKeeper create checks by
     // itself, so only its owner-checked delete differs from the plain rows).
@@ -503,9 +532,17 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             env,
             rows,
             "ephemeral create latency (raw: same checks)",
-            &writes.against(&writes.create, true),
+            &writes.against(&writes.create, RegisterOp::RawChecked),
             slack,
             "raw: the Txn our create sends (parent exists and is persistent, key absent; put with the session lease); ours: create(Ephemeral)",
+        );
+        latency_rows(
+            env,
+            rows,
+            "delete latency (raw: same checks)",
+            &removals.against(&removals.create, RegisterOp::RawCheckedDelete),
+            slack,
+            "raw: the Txn our delete sends (the key exists, nothing lives below it); ours: delete(Any, Node)",
         );
     }
     let owner_checked_note = match env.backend {
@@ -520,7 +557,7 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         env,
         rows,
         "deregister latency (raw: same owner check)",
-        &removals.against(&removals.register, true),
+        &removals.against(&removals.register, RegisterOp::RawChecked),
         slack,
         owner_checked_note,
     );
