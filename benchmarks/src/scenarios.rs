@@ -404,7 +404,7 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         let mut checked_delete_paths = Vec::new();
         let mut created = Vec::new();
         let mut regs = Vec::new();
-        // The four alternate sample by sample, so all meet the server in the same state.
+        // The ops alternate sample by sample, so all meet the server in the same state.
         for i in 0..env.cfg.samples {
             for op in register_ops(env.backend, rep + i) {
                 let p = format!("{}/n{i}", base(op));

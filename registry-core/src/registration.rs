@@ -694,6 +694,8 @@ async fn heal(
             match ensure(&shared).await {
                 Ok(node) => {
                     needs_ensure = false;
+                    // The node is back (a live session came before its Reestablished): watch.
+                    parked = false;
                     backoff.reset();
                     tracing::info!(path = %node.path, "registered");
                     if watched.as_ref().map(|(p, _)| p) != Some(&node.path) {
@@ -709,6 +711,7 @@ async fn heal(
                     tracing::info!(%path, "path held by another session's node; waiting for it to go");
                     set_recreating(&shared, format!("{path} is held by another session's node"));
                     needs_ensure = false;
+                    parked = false;
                 }
                 Err(error) => {
                     // Retryable failures are expected while a session turns over.
@@ -773,8 +776,8 @@ async fn heal(
             // A pending re-creation is re-checked at least every second, bounding any wait on
             // a session event that raced our last look at the state.
             _ = tokio::time::sleep(Duration::from_secs(1)), if needs_ensure || parked => {
-                // A Reestablished can be skipped (a lagging subscriber sees only the latest
-                // status): a live session ends the wait for it.
+                // A Reestablished can be missed (a lagging subscriber is handed the latest
+                // status in place of those it missed): a live session ends the wait for it.
                 if parked && registry.session().state.is_live() {
                     parked = false;
                     needs_ensure = true;
