@@ -146,18 +146,34 @@ impl SessionTracker {
         let first = *current;
         drop(current);
         let rest = stream::unfold(
-            (rx, latest, first.state == SessionState::Closed),
-            |(mut rx, latest, done)| async move {
+            (rx, latest, first.state == SessionState::Closed, first),
+            |(mut rx, latest, done, last)| async move {
                 if done {
                     return None;
                 }
-                let status = match rx.recv().await {
-                    Ok(status) => status,
-                    Err(broadcast::error::RecvError::Lagged(_)) => *latest.borrow(),
-                    Err(broadcast::error::RecvError::Closed) => return None,
+                // Each round takes one transition off the channel (or one lag), so it ends
+                // with the transitions; the tracker never sends the same status twice in a
+                // row, so one equal to the last handed out is the resubscription's overlap.
+                let status = loop {
+                    match rx.recv().await {
+                        Ok(status) if status == last => {}
+                        Ok(status) => break status,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            // A lagged receiver goes on from the oldest status still buffered,
+                            // older than the latest handed out here: start afresh after it.
+                            // Subscribed before the latest is read, so nothing in between is
+                            // missed (a transition in both is skipped above).
+                            rx = rx.resubscribe();
+                            let now = *latest.borrow();
+                            if now != last {
+                                break now;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
                 };
                 let done = status.state == SessionState::Closed;
-                Some((status, (rx, latest, done)))
+                Some((status, (rx, latest, done, status)))
             },
         );
         stream::once(async move { first }).chain(rest).boxed()
@@ -207,6 +223,12 @@ mod tests {
         }
         let first = events.next().await.map(|s| (s.state, s.epoch));
         assert_eq!(first, Some((SessionState::Reestablished, 2000)));
+        // Nothing older follows the jump: the next is the next transition.
+        let buffered = futures::FutureExt::now_or_never(events.next());
+        assert_eq!(buffered.flatten().map(|s| (s.state, s.epoch)), None);
+        t.transition(SessionState::Suspended, None);
+        let next = events.next().await.map(|s| (s.state, s.epoch));
+        assert_eq!(next, Some((SessionState::Suspended, 2000)));
         t.transition(SessionState::Closed, None);
         let rest: Vec<_> = events.map(|s| (s.state, s.epoch)).collect().await;
         assert_eq!(rest, [(SessionState::Closed, 2000)]);
