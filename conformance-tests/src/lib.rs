@@ -123,6 +123,7 @@ macro_rules! conformance_suite {
             fault_server_pause_short,
             fault_partition_over_ttl,
             fault_partition_short,
+            fault_lock_holder_partitioned,
             fault_leader_kill,
             fault_member_pause,
             fault_leader_pause_short,

@@ -254,6 +254,57 @@ pub async fn fault_partition_short(fx: &dyn Fixture) -> Outcome {
     Outcome::Passed
 }
 
+/// A lock holder partitioned from the servers is told its lock is at risk before the server
+/// expires its session and the next contender takes the lock: the two never both act as
+/// holders (Curator users treat `SUSPENDED` as lost). Its client learns of the expiry itself
+/// later, or only once it reaches a server again.
+pub async fn fault_lock_holder_partitioned(fx: &dyn Fixture) -> Outcome {
+    let env = partition_env!(fx, "fault_lock_holder_partitioned");
+    let at = env.at.clone();
+    let path = p("/locks/partitioned");
+    let holder = env.client().await;
+    let guard = registry_core::recipes::Mutex::new(holder.clone(), path.clone())
+        .lock()
+        .await
+        .unwrap_or_else(|e| panic!("[{at}] lock: {e}"));
+    let next = registry_core::recipes::Mutex::new(env.client().await, path);
+    let waiter = tokio::spawn(async move { next.lock().await });
+    let told_first = async {
+        let told = tokio::time::timeout(env.ttl() * 2, guard.lost()).await;
+        (told.is_ok(), waiter.is_finished(), guard.is_held())
+    };
+    let ((told, taken, held), ()) = futures::join!(
+        told_first,
+        env.isolate(&holder, env.ttl() * 2 + Duration::from_millis(500))
+    );
+    assert!(
+        told,
+        "[{at}] the partitioned holder was not told within 2 TTLs"
+    );
+    assert!(
+        !taken,
+        "[{at}] the next contender took the lock before the holder was told it was at risk"
+    );
+    assert!(
+        !held,
+        "[{at}] the holder still counts the lock as held once told"
+    );
+    let next_guard = tokio::time::timeout(RECOVERY, waiter)
+        .await
+        .unwrap_or_else(|_| panic!("[{at}] the next contender never got the lock"))
+        .unwrap_or_else(|e| panic!("[{at}] {e}"))
+        .unwrap_or_else(|e| panic!("[{at}] next lock: {e}"));
+    assert!(
+        next_guard.fencing_token() > guard.fencing_token(),
+        "[{at}] the fencing token did not grow"
+    );
+    next_guard
+        .unlock()
+        .await
+        .unwrap_or_else(|e| panic!("[{at}] unlock: {e}"));
+    Outcome::Passed
+}
+
 /// Longest writes may stall after the leader of three dies (measured about 1 to 3 s on
 /// both servers with the harness's timings; asserted with margin).
 pub const LEADER_LOSS_BOUND: Duration = Duration::from_secs(12);

@@ -344,6 +344,15 @@ impl HoldMonitor {
                             mark_lost("session lost");
                             return;
                         }
+                        // The server may expire the session and hand the node's place to the
+                        // next contender before this client hears of it (a ZooKeeper client
+                        // learns of an expiry up to 0.4 TTL late; an etcd client only once a
+                        // member answers again): the holder must stop now, as Curator's
+                        // recipes do on SUSPENDED. The hold itself may survive.
+                        Some(s) if s.state == SessionState::Suspended && !*lost_tx.borrow() => {
+                            lost_tx.send_replace(true);
+                            tracing::warn!(path = %node.path, "recipe node at risk: session suspended");
+                        }
                         Some(_) => {}
                     },
                     event = stream.next() => match event {
@@ -379,7 +388,7 @@ impl HoldMonitor {
             && session.session_id == self.owner
     }
 
-    /// Resolves once the hold is lost.
+    /// Resolves once the hold is lost or at risk (its session suspended).
     pub(crate) async fn lost(&self) {
         let mut rx = self.lost.clone();
         let _ = rx.wait_for(|lost| *lost).await;

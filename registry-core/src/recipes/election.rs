@@ -134,12 +134,17 @@ impl Leadership {
         self.node.as_ref().map_or(0, |n| n.create_order)
     }
 
-    /// Whether we still lead: false once our session or node is lost.
+    /// Whether we still lead: false while our session is suspended, and for good once our
+    /// session or node is lost.
     pub fn is_leader(&self) -> bool {
         self.node.is_some() && self.monitor.is_held()
     }
 
-    /// Resolves when leadership is lost (session lost, node deleted).
+    /// Resolves once leadership can no longer be counted on: the session is suspended (the
+    /// server may expire it and another candidate take over before this client learns of
+    /// it), lost or closed, or the node was deleted. Stop leading then, as Curator's
+    /// `LeaderSelector` does on `SUSPENDED`. A suspension can end with the same session and
+    /// leadership kept: [`is_leader`](Leadership::is_leader) tells.
     pub async fn lost(&self) {
         self.monitor.lost().await
     }

@@ -105,12 +105,17 @@ impl MutexGuard {
         self.node.as_ref().map_or(0, |n| n.create_order)
     }
 
-    /// Whether the lock is still ours: false once our session or node is lost.
+    /// Whether the lock is still ours: false while our session is suspended, and for good
+    /// once our session or node is lost.
     pub fn is_held(&self) -> bool {
         self.node.is_some() && self.monitor.is_held()
     }
 
-    /// Resolves when the lock is lost (session lost, node deleted by someone else).
+    /// Resolves once the lock can no longer be counted on: the session is suspended (the
+    /// server may expire it and give the lock to the next contender before this client
+    /// learns of it), lost or closed, or the node was deleted by someone else. Stop acting
+    /// as the holder then, as Curator users do on `SUSPENDED`. A suspension can end with the
+    /// same session and the lock still held: [`is_held`](MutexGuard::is_held) tells.
     pub async fn lost(&self) {
         self.monitor.lost().await
     }
