@@ -1337,3 +1337,62 @@ async fn registrations_come_back_after_a_session_loss_for_two_requests_each() {
     let children = setup.children(&parent).await.unwrap();
     assert_eq!(children.nodes.len(), N);
 }
+
+/// A write that timed out while the connection was down is not sent again: zookeeper-client
+/// keeps every attempt queued and sends them all once the connection is back, so each resend
+/// was applied too (one `set` moved the version by 3, and its copies landed after the caller
+/// had been told it timed out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_timed_out_while_disconnected_is_applied_once() {
+    let server = fast_server();
+    let setup = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    let path = p("/once");
+    setup
+        .create(&path, Bytes::from_static(b"v0"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let options = ZkOptions::new([proxy.addr().to_string()])
+        .with_session_ttl(Duration::from_secs(4))
+        .with_request_timeout(Duration::from_millis(300));
+    let writer = ZkRegistry::connect(options).await.unwrap();
+    let session = writer.session().session_id;
+    let mut events = writer.session_events();
+    proxy.cut();
+    let suspended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(status) = events.next().await {
+            if status.state == SessionState::Suspended {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(suspended.is_ok(), "not suspended within 5 s of the cut");
+    let set = writer
+        .set(&path, Bytes::from_static(b"v1"), Expected::Any)
+        .await;
+    assert!(
+        matches!(set, Err(registry_core::Error::Timeout { .. })),
+        "a set with no connection: {set:?}"
+    );
+    proxy.forward();
+    let back = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(status) = events.next().await {
+            if status.state == SessionState::Connected {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "not connected again within 5 s");
+    assert_eq!(writer.session().session_id, session, "the session changed");
+    // Requests go out in order: this read is answered after whatever was queued before it.
+    let node = writer.get(&path).await.unwrap();
+    assert_eq!(node.value, Bytes::from_static(b"v1"));
+    assert_eq!(
+        node.version, 1,
+        "the timed-out set was applied more than once"
+    );
+    writer.close().await.unwrap();
+    setup.close().await.unwrap();
+}

@@ -21,11 +21,13 @@
 //! - One session per client. `Disconnected` is reported as `Suspended`; `Expired`,
 //!   `AuthFailed` and `Closed` end the zookeeper-client `Client`, so a new one is built (with
 //!   capped, jittered backoff, forever) and reported as `Lost` then `Reestablished`.
-//! - Every request has a deadline. After a connection loss or a timeout, reads and
-//!   unconditional writes are sent again (an unconditional delete that then finds no node
-//!   succeeds: its first attempt removed it); creates and versioned writes are not, since a
-//!   first attempt that was applied would make the second report a conflict with itself, so
-//!   they report `Unavailable` or `Timeout` and the caller reads to learn the outcome.
+//! - Every request has a deadline. After a connection loss or a timeout, reads are sent
+//!   again; unconditional writes only after a connection loss (an unconditional delete that
+//!   then finds no node succeeds: its first attempt removed it), since zookeeper-client keeps
+//!   a timed-out request queued and sends it once connected, so a resend would be applied
+//!   too. Creates and versioned writes are not sent again, since a first attempt that was
+//!   applied would make the second report a conflict with itself, so they report
+//!   `Unavailable` or `Timeout` and the caller reads to learn the outcome.
 //! - Watches: see [`watch`]. Events are converging snapshots (`exact_events` is false) and a
 //!   watch cannot start after a past revision (`watch_from_revision` is false).
 #![warn(missing_docs)]
@@ -396,19 +398,25 @@ impl ZkRegistry {
         let mut last = None;
         for attempt in 0..attempts {
             let sent = self.shared.with_client(&request)?;
-            let error = match tokio::time::timeout(timeout, sent).await {
+            let (error, timed_out) = match tokio::time::timeout(timeout, sent).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(zk::Error::NoNode)) if attempt > 0 => match resend {
                     Resend::Removal(done) => return Ok(done),
-                    _ => map(zk::Error::NoNode, operation, path),
+                    _ => (map(zk::Error::NoNode, operation, path), false),
                 },
-                Ok(Err(e)) => map(e, operation, path),
-                Err(_) => Error::Timeout {
-                    operation: format!("zookeeper {operation} {path}"),
-                    after: timeout,
-                },
+                Ok(Err(e)) => (map(e, operation, path), false),
+                Err(_) => {
+                    let error = Error::Timeout {
+                        operation: format!("zookeeper {operation} {path}"),
+                        after: timeout,
+                    };
+                    (error, true)
+                }
             };
-            if !error.is_retryable() || attempt + 1 == attempts {
+            // A write that timed out is still queued in the client and goes out once
+            // connected: sent again, it would be applied twice.
+            let write = matches!(resend, Resend::Write | Resend::Removal(_));
+            if !error.is_retryable() || attempt + 1 == attempts || (timed_out && write) {
                 return Err(error);
             }
             last = Some(error);
@@ -418,7 +426,7 @@ impl ZkRegistry {
     }
 
     async fn stat(&self, path: &NodePath) -> Result<Option<zk::Stat>> {
-        self.call("exists", path, Resend::Always, |c| {
+        self.call("exists", path, Resend::Read, |c| {
             c.check_stat(path.as_str())
         })
         .await
@@ -508,7 +516,7 @@ impl ZkRegistry {
     }
 
     async fn children_of(&self, path: &NodePath) -> Result<(Vec<String>, zk::Stat)> {
-        self.call("children", path, Resend::Always, |c| {
+        self.call("children", path, Resend::Read, |c| {
             c.get_children(path.as_str())
         })
         .await
@@ -692,9 +700,13 @@ enum Resend<T> {
     /// Never: a create or a versioned write applied by its first attempt would make the
     /// second report a conflict with itself (exists, version mismatch).
     Never,
-    /// Up to twice more: reads, and writes whose repetition leaves the same state.
-    Always,
-    /// Like `Always`, for an unconditional delete: "no node" after a resend is `T`, since the
+    /// Reads: up to twice more, after a connection loss or a timeout.
+    Read,
+    /// Writes whose repetition leaves the same state: up to twice more, after a connection
+    /// loss only (the client failed that attempt and does not send it again). A timed-out
+    /// attempt is still queued and is sent once connected.
+    Write,
+    /// Like `Write`, for an unconditional delete: "no node" after a resend is `T`, since the
     /// first attempt may have removed it.
     Removal(T),
 }
@@ -834,7 +846,7 @@ impl Registry for ZkRegistry {
             return Ok(root_node());
         }
         let (data, stat) = self
-            .call("get", path, Resend::Always, |c| c.get_data(path.as_str()))
+            .call("get", path, Resend::Read, |c| c.get_data(path.as_str()))
             .await?;
         Ok(watch::node_of(path.clone(), data, &stat))
     }
@@ -863,7 +875,7 @@ impl Registry for ZkRegistry {
             },
         };
         let resend = match version {
-            None => Resend::Always,
+            None => Resend::Write,
             Some(_) => Resend::Never,
         };
         let written = self
@@ -900,7 +912,7 @@ impl Registry for ZkRegistry {
                 let mut pending = vec![path.as_str().to_owned()];
                 while let Some(p) = pending.pop() {
                     let listed = self
-                        .call("list below", path, Resend::Always, |c| c.get_children(&p))
+                        .call("list below", path, Resend::Read, |c| c.get_children(&p))
                         .await;
                     match listed {
                         Ok((names, _)) => {
