@@ -159,6 +159,9 @@ pub struct Registration {
     /// Registrations of the same node elsewhere (a [`DualRegistry`](crate::DualRegistry)'s
     /// secondary) that live, take values and end with this one.
     companions: Vec<Registration>,
+    /// The runtime it was made on: a registration dropped outside any still removes its
+    /// node there, which would otherwise stay for as long as the session lives.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 fn lock_value(shared: &Shared) -> Bytes {
@@ -264,6 +267,7 @@ impl Registration {
             stop,
             task: Some(task),
             companions: Vec::new(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -446,13 +450,18 @@ impl Drop for Registration {
         };
         self.stop.send_replace(true);
         let shared = self.shared.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.runtime.clone());
+        if let Some(handle) = runtime {
             handle.spawn(async move {
                 let _ = task.await;
                 if let Err(error) = remove(&shared).await {
                     tracing::warn!(path = %shared.requested, %error, "best-effort deregistration on drop failed");
                 }
             });
+        } else {
+            tracing::warn!(path = %shared.requested, "registration dropped outside a tokio runtime; its node stays until its session ends");
         }
     }
 }

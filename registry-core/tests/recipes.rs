@@ -224,3 +224,40 @@ async fn unlock_and_resign_dropped_midway_still_remove_their_nodes() {
         );
     }
 }
+
+/// A guard or a leadership dropped on a thread with no tokio runtime still removes its node
+/// (on the runtime it was taken on): left behind, it would block every later contender for
+/// as long as its session lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holders_dropped_outside_the_runtime_still_free_their_place() {
+    let store = MemoryStore::new();
+    // The holders' client stays open: its session (and an undeleted node) lives on.
+    let holder = client(&store).await;
+    let lock_path = NodePath::new("/locks/threads").unwrap();
+    let held = Mutex::new(holder.clone(), lock_path.clone())
+        .lock()
+        .await
+        .unwrap();
+    std::thread::spawn(move || drop(held)).join().unwrap();
+    let next = Mutex::new(client(&store).await, lock_path)
+        .lock_timeout(Duration::from_secs(5))
+        .await;
+    assert!(next.is_ok(), "the lock stayed taken: {next:?}");
+
+    let election_path = NodePath::new("/election/threads").unwrap();
+    let leading = Election::new(holder.clone(), election_path.clone())
+        .campaign(Bytes::from_static(b"a"))
+        .await
+        .unwrap();
+    std::thread::spawn(move || drop(leading)).join().unwrap();
+    let next = tokio::time::timeout(
+        Duration::from_secs(5),
+        Election::new(client(&store).await, election_path).campaign(Bytes::from_static(b"b")),
+    )
+    .await;
+    assert!(
+        matches!(next, Ok(Ok(_))),
+        "leadership stayed taken: {next:?}"
+    );
+    holder.close().await.unwrap();
+}

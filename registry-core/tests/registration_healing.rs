@@ -207,3 +207,31 @@ async fn a_value_written_as_the_session_goes_does_not_report_the_lost_node() {
     assert_ne!(again.ephemeral_owner, Some(lost_session));
     assert_eq!(again.value, Bytes::from("v2"));
 }
+
+/// A registration dropped on a thread with no tokio runtime still removes its node, on the
+/// runtime it was made on: the session lives on, and the node with it otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_dropped_outside_the_runtime_removes_its_node() {
+    let store = MemoryStore::new();
+    let owner = client(&store).await;
+    let reader = client(&store).await;
+    let path = NodePath::new("/svc/10.0.0.9:9090").unwrap();
+    let registration = owner
+        .register(&path, Bytes::from("v1"), RegisterOptions::new())
+        .await
+        .unwrap();
+    std::thread::spawn(move || drop(registration))
+        .join()
+        .unwrap();
+    let gone = tokio::time::timeout(Duration::from_secs(5), async {
+        while reader.get(&path).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        gone.is_ok(),
+        "{path} stayed after its registration was dropped"
+    );
+    owner.close().await.unwrap();
+}

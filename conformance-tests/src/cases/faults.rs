@@ -425,15 +425,21 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
     );
     // Writes must keep succeeding on the new leader, not just once.
     let first_after = killed_at + resumed;
-    crate::support::eventually(
-        RECOVERY,
-        &format!("[{}] 10 more writes after resuming", env.at),
-        || {
-            let n = successes_after(first_after);
-            async move { n >= 10 }
-        },
-    )
-    .await;
+    let more_by = Instant::now() + RECOVERY;
+    while successes_after(first_after) < 10 {
+        if Instant::now() >= more_by {
+            let error = last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            panic!(
+                "[{}] {} more writes within {RECOVERY:?} of the first after the kill, not 10 \
+                 (leading now: {:?}; the writer's session: {:?}; its last error: {error:?})",
+                env.at,
+                successes_after(first_after),
+                env.current_leader().await,
+                writer.session(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     tokio::time::timeout(RECOVERY, task)
         .await

@@ -55,6 +55,8 @@ pub(crate) struct Contender {
     pub(crate) registry: Arc<dyn Registry>,
     pub(crate) node: Node,
     armed: bool,
+    /// The runtime it was made on, for a drop outside any (see [`remove_in_background`]).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Contender {
@@ -96,6 +98,7 @@ impl Contender {
                     registry: creator.clone(),
                     node,
                     armed: true,
+                    runtime: tokio::runtime::Handle::try_current().ok(),
                 });
                 match reply.send(created) {
                     Err(Ok(orphan)) => drop(orphan),
@@ -234,7 +237,7 @@ pub(crate) async fn remove_node(registry: Arc<dyn Registry>, node: &Node) -> Res
     match delete_once(&*registry, node).await {
         Err(error) if error.is_retryable() => {
             tracing::info!(path = %node.path, %error, "recipe node removal continues in the background");
-            remove_in_background(registry, node.clone());
+            remove_in_background(registry, node.clone(), None);
             Err(error)
         }
         other => other,
@@ -242,9 +245,20 @@ pub(crate) async fn remove_node(registry: Arc<dyn Registry>, node: &Node) -> Res
 }
 
 /// Deletes `node` in a background task (drop paths, where we cannot await), retrying with
-/// backoff while failures pass, until it is gone or its session ends.
-pub(crate) fn remove_in_background(registry: Arc<dyn Registry>, node: Node) {
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+/// backoff while failures pass, until it is gone or its session ends. The task runs on the
+/// current runtime, or else on `runtime` (where the holder was made): a guard dropped on a
+/// thread of its own must still free the lock, which would otherwise stay taken for as
+/// long as the session lives.
+pub(crate) fn remove_in_background(
+    registry: Arc<dyn Registry>,
+    node: Node,
+    runtime: Option<&tokio::runtime::Handle>,
+) {
+    let handle = tokio::runtime::Handle::try_current()
+        .ok()
+        .or_else(|| runtime.cloned());
+    let Some(handle) = handle else {
+        tracing::warn!(path = %node.path, "recipe node dropped outside a tokio runtime; it stays until its session ends");
         return;
     };
     let span = tracing::debug_span!("recipe_remove", path = %node.path);
@@ -298,7 +312,11 @@ impl Drop for Contender {
     fn drop(&mut self) {
         // A cancelled lock()/campaign() must not leave its node behind.
         if self.armed {
-            remove_in_background(self.registry.clone(), self.node.clone());
+            remove_in_background(
+                self.registry.clone(),
+                self.node.clone(),
+                self.runtime.as_ref(),
+            );
         }
     }
 }
@@ -310,6 +328,8 @@ pub(crate) struct HoldMonitor {
     held: Arc<AtomicBool>,
     lost: watch::Receiver<bool>,
     task: JoinHandle<()>,
+    /// The runtime the hold was taken on, for a holder dropped outside any.
+    pub(crate) runtime: Option<tokio::runtime::Handle>,
 }
 
 impl HoldMonitor {
@@ -376,6 +396,7 @@ impl HoldMonitor {
             held,
             lost,
             task,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 

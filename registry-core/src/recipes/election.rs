@@ -168,7 +168,7 @@ impl Leadership {
 impl Drop for Leadership {
     fn drop(&mut self) {
         if let Some(node) = self.node.take() {
-            remove_in_background(self.registry.clone(), node);
+            remove_in_background(self.registry.clone(), node, self.monitor.runtime.as_ref());
         }
     }
 }

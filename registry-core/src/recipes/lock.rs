@@ -139,7 +139,7 @@ impl MutexGuard {
 impl Drop for MutexGuard {
     fn drop(&mut self) {
         if let Some(node) = self.node.take() {
-            remove_in_background(self.registry.clone(), node);
+            remove_in_background(self.registry.clone(), node, self.monitor.runtime.as_ref());
         }
     }
 }
