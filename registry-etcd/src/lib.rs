@@ -1335,7 +1335,7 @@ impl Registry for EtcdRegistry {
             let _ = task.await;
         }
         let session = &self.shared.session;
-        let leases = session.leases();
+        let leases = session.retire();
         let revoked = session::revoke_all(
             &self.shared.client,
             &leases,

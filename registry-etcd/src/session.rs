@@ -86,6 +86,9 @@ struct Leases {
     on_newest: usize,
     /// Round-robin position once the block is full.
     cursor: usize,
+    /// The session is being revoked (lost or closed): a grant that completes now is not
+    /// taken in, so the revocation's list of leases is complete.
+    retired: bool,
 }
 
 impl Leases {
@@ -129,6 +132,7 @@ impl Session {
                 next_index: 1,
                 on_newest: 0,
                 cursor: 0,
+                retired: false,
             }),
             keys_per_lease: keys_per_lease.max(1),
             growing: tokio::sync::Mutex::new(()),
@@ -152,6 +156,15 @@ impl Session {
         self.lock().ids.clone()
     }
 
+    /// Every lease of the session, to revoke: from now on a grant that completes is revoked
+    /// by its granter instead of joining (else a key put under it would outlive the session
+    /// by up to a TTL).
+    pub(crate) fn retire(&self) -> Vec<i64> {
+        let mut leases = self.lock();
+        leases.retired = true;
+        leases.ids.clone()
+    }
+
     /// Whether `lease` is in the current session's block.
     fn in_block(&self, lease: i64) -> bool {
         block_of(lease) == Some(self.id())
@@ -171,6 +184,7 @@ impl Session {
             next_index: 1,
             on_newest: 0,
             cursor: 0,
+            retired: false,
         };
         self.joined.send_replace(());
     }
@@ -179,6 +193,10 @@ impl Session {
     /// is full, else a lease to grant first.
     fn slot(&self) -> Slot {
         let mut leases = self.lock();
+        // Being revoked: no grant for it; the create fails or its key goes with the rest.
+        if leases.retired {
+            return Slot::Lease(leases.newest());
+        }
         if leases.on_newest < self.keys_per_lease {
             leases.on_newest += 1;
             return Slot::Lease(leases.newest());
@@ -198,7 +216,7 @@ impl Session {
     /// granted one becomes the newest, holding the key it was granted for.
     fn grown(&self, session: i64, id: i64, granted: bool) -> bool {
         let mut leases = self.lock();
-        if leases.ids[0] != session || leases.ids[0] + leases.next_index != id {
+        if leases.retired || leases.ids[0] != session || leases.ids[0] + leases.next_index != id {
             return false;
         }
         leases.next_index += 1;
@@ -814,7 +832,7 @@ async fn run(
             tracing::warn!(session = id, "etcd session lost; opening a new one");
             session.tracker.transition(SessionState::Lost, None);
             // The rest of the block goes too, so no key of the lost session outlives it.
-            let leases = session.leases();
+            let leases = session.retire();
             let revoked = revoke_all(&link.client, &leases, request_timeout).await;
             tracing::debug!(
                 session = id,
@@ -899,6 +917,25 @@ mod tests {
         assert!(!session.grown(first, first + 3, true));
         assert_eq!(session.leases(), vec![first + MAX_LEASES]);
         assert_eq!(session.take(), first + MAX_LEASES);
+    }
+
+    #[test]
+    fn a_grant_that_completes_after_the_leases_were_listed_for_revoking_is_not_taken_in() {
+        let first = new_block();
+        let session = Session::new(first, 1);
+        assert!(matches!(session.slot(), Slot::Lease(l) if l == first));
+        let Slot::Grow { session: s, id } = session.slot() else {
+            panic!("a full lease must grow");
+        };
+        assert_eq!(session.retire(), vec![first]);
+        // Not taken in: its granter revokes it, and the list being revoked stays complete.
+        assert!(!session.grown(s, id, true));
+        assert_eq!(session.leases(), vec![first]);
+        // And no other grant starts.
+        assert!(matches!(session.slot(), Slot::Lease(l) if l == first));
+        // A new session takes grants again.
+        session.restart(first + MAX_LEASES);
+        assert!(session.grown(first + MAX_LEASES, first + MAX_LEASES + 1, true));
     }
 
     #[test]
