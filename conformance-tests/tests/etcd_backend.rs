@@ -1404,3 +1404,65 @@ async fn an_unanswered_session_is_suspended_before_its_leases_can_expire() {
         "not connected again after the cut ended"
     );
 }
+
+/// With credentials every connection logs in first, so trying the members in turn fails for
+/// as long as none is reachable. A session cut off from all its endpoints past the TTL is
+/// still reported lost within the TTL and a bit (its leases have expired on the server), not
+/// only once a member answers again: cut off right after it opened (before its keeper's
+/// first connection), and again while it is being kept alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cut_off_from_every_member_is_lost_within_the_ttl_with_credentials() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let options = user_under_auth(
+        &ep,
+        "cut",
+        [etcd_client::Permission::read_write("/").with_prefix()],
+    )
+    .await;
+    let (user, password) = options.credentials.clone().unwrap();
+    let proxies = [
+        TcpProxy::start(server.addr()).unwrap(),
+        TcpProxy::start(server.addr()).unwrap(),
+    ];
+    let ttl = Duration::from_secs(2);
+    let options = EtcdOptions::new(proxies.iter().map(|p| p.addr().to_string()))
+        .with_credentials(user, password)
+        .with_session_ttl(ttl);
+    let reg = EtcdRegistry::connect(options).await.unwrap();
+    let mut events = reg.session_events();
+    for round in ["right after connecting", "while kept alive"] {
+        proxies.iter().for_each(TcpProxy::cut);
+        let cut = Instant::now();
+        let lost = tokio::time::timeout(ttl * 4, async {
+            while let Some(status) = events.next().await {
+                if status.state == SessionState::Lost {
+                    return cut.elapsed();
+                }
+            }
+            Duration::MAX
+        })
+        .await;
+        // The TTL, then the vouching request's deadline (3 s by default) and a margin.
+        let bound = ttl + Duration::from_secs(4);
+        assert!(
+            lost.as_ref().is_ok_and(|after| *after <= bound),
+            "cut off {round}: not lost within {bound:?}: {lost:?}"
+        );
+        proxies.iter().for_each(TcpProxy::forward);
+        let back = tokio::time::timeout(Duration::from_secs(15), async {
+            while let Some(status) = events.next().await {
+                if status.state == SessionState::Reestablished {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(back, Ok(true)),
+            "cut off {round}: no new session once reachable again"
+        );
+    }
+    reg.close().await.unwrap();
+}

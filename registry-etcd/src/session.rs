@@ -527,7 +527,7 @@ async fn grant(
             Ok(Err(error)) => tracing::warn!(%error, "lease grant failed; retrying"),
             Err(_) => tracing::warn!("lease grant timed out; retrying"),
         }
-        if !link.move_on(shutdown).await {
+        if !link.move_on(shutdown, None).await {
             return None;
         }
         tokio::select! {
@@ -614,15 +614,18 @@ impl Link {
         timeout: Duration,
         first: usize,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Option<Link> {
-        let (member, client) = connect_from(&endpoints, &connect, timeout, first, shutdown).await?;
-        Some(Link {
-            endpoints,
-            connect,
-            timeout,
-            member,
-            client,
-        })
+        deadline: Option<Instant>,
+    ) -> Result<Link, Reached> {
+        match connect_from(&endpoints, &connect, timeout, first, shutdown, deadline).await {
+            Reached::Member(member, client) => Ok(Link {
+                endpoints,
+                connect,
+                timeout,
+                member,
+                client: *client,
+            }),
+            other => Err(other),
+        }
     }
 
     /// Whether there is another member to move to.
@@ -630,22 +633,27 @@ impl Link {
         self.endpoints.len() > 1
     }
 
-    /// Moves to the next member that takes a connection (with one endpoint, stays); `false`
-    /// once close is asked for.
-    async fn move_on(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+    /// Moves to the next member that takes a connection (with one endpoint, or none by
+    /// `deadline`, stays); `false` once close is asked for.
+    async fn move_on(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        deadline: Option<Instant>,
+    ) -> bool {
         if !self.has_others() {
             return true;
         }
         let next = self.member + 1;
         let (endpoints, connect) = (&self.endpoints, &self.connect);
-        let Some((member, client)) =
-            connect_from(endpoints, connect, self.timeout, next, shutdown).await
-        else {
-            return false;
-        };
-        (self.member, self.client) = (member, client);
-        tracing::info!(endpoint = %self.endpoints[member], "keep-alives moved to another etcd member");
-        true
+        match connect_from(endpoints, connect, self.timeout, next, shutdown, deadline).await {
+            Reached::Member(member, client) => {
+                (self.member, self.client) = (member, *client);
+                tracing::info!(endpoint = %self.endpoints[member], "keep-alives moved to another etcd member");
+                true
+            }
+            Reached::Deadline => true,
+            Reached::Shutdown => false,
+        }
     }
 
     /// Whether the server still holds `lease`, asked of every member at once: after a
@@ -681,16 +689,35 @@ impl Link {
     }
 }
 
+/// How trying to reach a member ended.
+enum Reached {
+    /// A client of this member (its index); boxed, being large.
+    Member(usize, Box<Client>),
+    /// Close was asked for.
+    Shutdown,
+    /// None took a connection by the deadline.
+    Deadline,
+}
+
 /// A client of one member, trying them in turn from `first` (of all of them, with one
-/// endpoint), with backoff between attempts; `None` once close is asked for.
+/// endpoint), with backoff between attempts, until `deadline` if there is one. With
+/// credentials a connect logs in, so with no member reachable every attempt fails: the
+/// deadline lets the session be declared lost meanwhile (see [`run`]).
 async fn connect_from(
     endpoints: &[String],
     connect: &etcd_client::ConnectOptions,
     timeout: Duration,
     first: usize,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<(usize, Client)> {
+    deadline: Option<Instant>,
+) -> Reached {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let until_deadline = || async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    };
     for attempt in 0..usize::MAX {
         let member = first.wrapping_add(attempt) % endpoints.len().max(1);
         let targets = match endpoints.get(member) {
@@ -698,17 +725,21 @@ async fn connect_from(
             _ => endpoints.to_vec(),
         };
         let client = Client::connect(targets, Some(connect.clone()));
-        match tokio::time::timeout(timeout, client).await {
-            Ok(Ok(client)) => return Some((member, client)),
-            Ok(Err(error)) => tracing::warn!(%error, "keep-alive connection failed; retrying"),
-            Err(_) => tracing::warn!("keep-alive connection timed out; retrying"),
+        tokio::select! {
+            outcome = tokio::time::timeout(timeout, client) => match outcome {
+                Ok(Ok(client)) => return Reached::Member(member, Box::new(client)),
+                Ok(Err(error)) => tracing::warn!(%error, "keep-alive connection failed; retrying"),
+                Err(_) => tracing::warn!("keep-alive connection timed out; retrying"),
+            },
+            _ = until_deadline() => return Reached::Deadline,
         }
         tokio::select! {
-            _ = shutdown.changed() => return None,
+            _ = shutdown.changed() => return Reached::Shutdown,
             _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = until_deadline() => return Reached::Deadline,
         }
     }
-    None
+    Reached::Deadline
 }
 
 /// The keeper's shortest wait for a connection, however short the TTL.
@@ -762,12 +793,51 @@ pub(crate) fn spawn_keeper(
                         .saturating_add(timeouts.request)
                         .min(ttl / 3)
                         .max(MIN_CONNECT_TIMEOUT);
-                    let link =
-                        Link::open(endpoints, connect, connect_timeout, first, &mut shutdown);
-                    let Some(link) = link.await else {
-                        return;
+                    // The session was granted just now: unless a member takes the keeper's
+                    // connection, it is suspended at two thirds of the TTL and lost at the
+                    // TTL, as a silent one would be (with credentials a connect fails for as
+                    // long as no member is reachable).
+                    let granted = Instant::now();
+                    let opened = {
+                        let open = Link::open(
+                            endpoints.clone(),
+                            connect.clone(),
+                            connect_timeout,
+                            first,
+                            &mut shutdown,
+                            Some(granted + ttl),
+                        );
+                        tokio::pin!(open);
+                        tokio::select! {
+                            opened = &mut open => opened,
+                            _ = tokio::time::sleep_until(granted + ttl * 2 / 3) => {
+                                tracing::warn!(session = session.id(), "no etcd member reached for two thirds of the TTL; session suspended");
+                                session.tracker.transition(SessionState::Suspended, None);
+                                open.await
+                            }
+                        }
                     };
-                    run(link, session, ttl, timeouts.request, shutdown).await;
+                    let (link, lost_already) = match opened {
+                        Ok(link) => (link, false),
+                        Err(Reached::Deadline) => {
+                            tracing::warn!(session = session.id(), "no etcd member reached within the TTL; session lost");
+                            session.tracker.transition(SessionState::Lost, None);
+                            let reopened = Link::open(
+                                endpoints,
+                                connect,
+                                connect_timeout,
+                                first,
+                                &mut shutdown,
+                                None,
+                            );
+                            match reopened.await {
+                                Ok(link) => (link, true),
+                                Err(_) => return,
+                            }
+                        }
+                        Err(_) => return,
+                    };
+                    run(link, session, ttl, timeouts.request, shutdown, lost_already).await;
                 },
                 span,
             ));
@@ -777,13 +847,15 @@ pub(crate) fn spawn_keeper(
 }
 
 /// Keeps the session's leases alive until shutdown; reports suspension, loss and the new
-/// session that replaces a lost one.
+/// session that replaces a lost one. `lost_already`: the session was lost before the keeper
+/// could reach a member, so it starts by replacing it.
 async fn run(
     mut link: Link,
     session: Arc<Session>,
     ttl: Duration,
     request_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
+    mut lost_already: bool,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut last_ok = Instant::now();
@@ -794,15 +866,19 @@ async fn run(
         if *shutdown.borrow() {
             return;
         }
-        let outcome = keep_alive(
-            &mut link.client,
-            ttl,
-            silence_limit,
-            &session,
-            &mut last_ok,
-            &mut shutdown,
-        )
-        .await;
+        let outcome = if std::mem::take(&mut lost_already) {
+            Outcome::Lost
+        } else {
+            keep_alive(
+                &mut link.client,
+                ttl,
+                silence_limit,
+                &session,
+                &mut last_ok,
+                &mut shutdown,
+            )
+            .await
+        };
         let id = session.id();
         let lost = match outcome {
             Outcome::Shutdown => return,
@@ -812,8 +888,9 @@ async fn run(
                     tracing::warn!(session = id, "etcd connection lost; session suspended");
                     session.tracker.transition(SessionState::Suspended, None);
                 }
-                // Another member may answer where this one did not.
-                if !link.move_on(&mut shutdown).await {
+                // Another member may answer where this one did not; tried until the leases'
+                // time is up, then the server is asked whether they are still granted.
+                if !link.move_on(&mut shutdown, Some(last_ok + ttl)).await {
                     return;
                 }
                 if last_ok.elapsed() <= ttl {
