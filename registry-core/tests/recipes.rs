@@ -261,3 +261,33 @@ async fn holders_dropped_outside_the_runtime_still_free_their_place() {
     );
     holder.close().await.unwrap();
 }
+
+/// A lock whose create timed out, though the server applies it later (an etcd Txn still in
+/// the leader's log, read around), fails; its late node is found and removed in the
+/// background: left, it would stand first in the queue for as long as the session lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_create_applied_after_its_timeout_leaves_no_node_in_the_queue() {
+    let store = MemoryStore::new();
+    let faulty = support::Faulty::new(client(&store).await);
+    faulty.commit_creates_late(Duration::from_millis(300));
+    let path = NodePath::new("/locks/late").unwrap();
+    let failed = Mutex::new(faulty.clone(), path.clone()).lock().await;
+    assert!(failed.is_err(), "a lock whose create timed out: {failed:?}");
+    // The late node shows up in the queue (and is removed from it, once the fix finds it).
+    let reader = client(&store).await;
+    let appeared = tokio::time::timeout(Duration::from_secs(5), async {
+        while reader
+            .children(&path)
+            .await
+            .map_or(true, |c| c.nodes.is_empty())
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(appeared.is_ok(), "the late create never happened");
+    let next = Mutex::new(client(&store).await, path)
+        .lock_timeout(Duration::from_secs(10))
+        .await;
+    assert!(next.is_ok(), "the late node kept the lock taken: {next:?}");
+}

@@ -82,11 +82,12 @@ impl Contender {
                     .await
                 {
                     Err(error) if error.is_retryable() => {
-                        // The create may have happened: adopt it rather than orphan it.
+                        // The create may have happened: adopt it rather than orphan it. Not
+                        // found yet, it may still be applied (an etcd Txn in the leader's log,
+                        // a request the client sends once connected): unknown.
                         match find_own(&*creator, &dir, &prefix).await {
                             Ok(Some(mine)) => (Ok(mine), false),
-                            Ok(None) => (Err(error), false),
-                            Err(_) => (Err(error), true),
+                            Ok(None) | Err(_) => (Err(error), true),
                         }
                     }
                     other => (other, false),
@@ -203,7 +204,11 @@ async fn find_own(
     dir: &NodePath,
     prefix: &NodePath,
 ) -> Result<Option<Node>> {
-    let children = registry.children(dir).await?;
+    let children = match registry.children(dir).await {
+        // No queue yet: our create (which makes the directory) has not been applied.
+        Err(Error::NotFound { .. }) => return Ok(None),
+        other => other?,
+    };
     Ok(children
         .nodes
         .into_iter()
@@ -287,10 +292,17 @@ pub(crate) fn remove_in_background(
     );
 }
 
-/// After a create whose outcome is unknown and a queue that could not be read: reads the
-/// queue again with backoff until it can, and removes our node if the create happened.
+/// How long a create whose caller gave up may still be applied: a request the client sends
+/// once it is connected again (within a session's life) or a Txn committed after a leader
+/// change. A node of ours that appears within it is removed.
+const LATE_CREATE_WINDOW: Duration = Duration::from_secs(30);
+
+/// After a create whose outcome is unknown: reads the queue again with backoff, and removes
+/// our node if the create happened, until [`LATE_CREATE_WINDOW`] has passed with the queue
+/// read and no node of ours in it.
 async fn remove_lost_create(registry: Arc<dyn Registry>, dir: NodePath, prefix: NodePath) {
     let mut backoff = Backoff::new(REMOVE_RETRY_INITIAL, REMOVE_RETRY_MAX);
+    let window = tokio::time::Instant::now() + LATE_CREATE_WINDOW;
     for _ in 0..REMOVE_ATTEMPTS {
         tokio::time::sleep(backoff.next_delay()).await;
         match find_own(&*registry, &dir, &prefix).await {
@@ -298,7 +310,9 @@ async fn remove_lost_create(registry: Arc<dyn Registry>, dir: NodePath, prefix: 
                 let _ = remove_node(registry, &orphan).await;
                 return;
             }
-            Ok(None) => return,
+            // Read after the window with no node of ours: the create was never applied.
+            Ok(None) if tokio::time::Instant::now() >= window => return,
+            Ok(None) => {}
             Err(error) if error.is_retryable() => {}
             Err(error) => {
                 tracing::warn!(%prefix, %error, "cannot look for a recipe node whose create failed");

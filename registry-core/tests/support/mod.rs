@@ -31,6 +31,7 @@ pub struct Faulty {
     fail_gets: AtomicBool,
     fail_children: AtomicBool,
     hold_deletes: tokio::sync::watch::Sender<bool>,
+    late_creates: Mutex<Option<std::time::Duration>>,
 }
 
 #[allow(dead_code)] // Each test binary uses a part.
@@ -44,6 +45,7 @@ impl Faulty {
             fail_gets: AtomicBool::new(false),
             fail_children: AtomicBool::new(false),
             hold_deletes: tokio::sync::watch::channel(false).0,
+            late_creates: Mutex::new(None),
         })
     }
 
@@ -83,6 +85,12 @@ impl Faulty {
         }));
     }
 
+    /// From now on, creates report a timeout at once and happen `after` that (a request
+    /// still in the server's pipeline when its caller gave up).
+    pub fn commit_creates_late(&self, after: std::time::Duration) {
+        *self.late_creates.lock().unwrap() = Some(after);
+    }
+
     /// From now on, every get fails.
     pub fn fail_gets(&self) {
         self.fail_gets.store(true, Ordering::SeqCst);
@@ -106,6 +114,18 @@ impl Registry for Faulty {
         self.inner.session_events()
     }
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
+        let late = *self.late_creates.lock().unwrap();
+        if let Some(after) = late {
+            let (inner, late_path) = (self.inner.clone(), path.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = inner.create(&late_path, value, mode).await;
+            });
+            return Err(Error::Timeout {
+                operation: format!("create {path}"),
+                after: std::time::Duration::ZERO,
+            });
+        }
         let answer = self.inner.create(path, value, mode).await;
         let hook = self.on_create.lock().unwrap().clone();
         match hook {
