@@ -55,8 +55,12 @@ pub struct SessionStatus {
 /// state; streams end after `Closed`.
 pub struct SessionTracker {
     current: Mutex<SessionStatus>,
-    events: broadcast::Sender<SessionStatus>,
+    /// Each transition with its number (1, 2, ...), so a subscriber can tell an old one
+    /// from a new one whatever way it came.
+    events: broadcast::Sender<(u64, SessionStatus)>,
     latest: watch::Sender<SessionStatus>,
+    /// `latest` with its number, for subscribers that skip ahead.
+    numbered: watch::Sender<(u64, SessionStatus)>,
 }
 
 impl Default for SessionTracker {
@@ -75,10 +79,12 @@ impl SessionTracker {
         };
         let (events, _) = broadcast::channel(256);
         let (latest, _) = watch::channel(initial);
+        let (numbered, _) = watch::channel((0, initial));
         SessionTracker {
             current: Mutex::new(initial),
             events,
             latest,
+            numbered,
         }
     }
 
@@ -123,9 +129,11 @@ impl SessionTracker {
             return next;
         }
         *current = next;
+        let number = self.numbered.borrow().0 + 1;
         // Latest first: whoever receives the event must already read this state (or later).
         self.latest.send_replace(next);
-        let _ = self.events.send(next);
+        self.numbered.send_replace((number, next));
+        let _ = self.events.send((number, next));
         tracing::debug!(state = ?next.state, epoch = next.epoch, session = ?next.session_id, "session transition");
         next
     }
@@ -142,30 +150,30 @@ impl SessionTracker {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let rx = self.events.subscribe();
-        let latest = self.latest.subscribe();
-        let first = *current;
+        let numbered = self.numbered.subscribe();
+        // Read under the lock transitions take: the first status and the channel agree.
+        let (number, first) = *numbered.borrow();
         drop(current);
         let rest = stream::unfold(
-            (rx, latest, first.state == SessionState::Closed, first),
-            |(mut rx, latest, done, last)| async move {
+            (rx, numbered, first.state == SessionState::Closed, number),
+            |(mut rx, numbered, done, last)| async move {
                 if done {
                     return None;
                 }
                 // Each round takes one transition off the channel (or one lag), so it ends
-                // with the transitions; the tracker never sends the same status twice in a
-                // row, so one equal to the last handed out is the resubscription's overlap.
-                let status = loop {
+                // with the transitions. Numbers up to the last handed out are old news.
+                let (number, status) = loop {
                     match rx.recv().await {
-                        Ok(status) if status == last => {}
-                        Ok(status) => break status,
+                        Ok((number, _)) if number <= last => {}
+                        Ok(numbered_status) => break numbered_status,
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             // A lagged receiver goes on from the oldest status still buffered,
                             // older than the latest handed out here: start afresh after it.
-                            // Subscribed before the latest is read, so nothing in between is
-                            // missed (a transition in both is skipped above).
+                            // Subscribed before the latest is read, so nothing after it is
+                            // missed, and what both carry is skipped by its number.
                             rx = rx.resubscribe();
-                            let now = *latest.borrow();
-                            if now != last {
+                            let now = *numbered.borrow();
+                            if now.0 > last {
                                 break now;
                             }
                         }
@@ -173,7 +181,7 @@ impl SessionTracker {
                     }
                 };
                 let done = status.state == SessionState::Closed;
-                Some((status, (rx, latest, done, status)))
+                Some((status, (rx, numbered, done, number)))
             },
         );
         stream::once(async move { first }).chain(rest).boxed()

@@ -291,3 +291,46 @@ async fn a_lock_create_applied_after_its_timeout_leaves_no_node_in_the_queue() {
         .await;
     assert!(next.is_ok(), "the late node kept the lock taken: {next:?}");
 }
+
+/// A suspension that ends with the same session: `lost()` resolves while it lasts (the lock
+/// is at risk), and once the session is back the lock is held again and `lost()` waits anew,
+/// so a holder that goes on after checking `is_held()` does not spin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_at_risk_during_a_suspension_is_held_again_after_it() {
+    let store = MemoryStore::new();
+    let holder = client(&store).await;
+    let guard = Mutex::new(holder.clone(), NodePath::new("/locks/risk").unwrap())
+        .lock()
+        .await
+        .unwrap();
+    let session = holder.session().session_id.unwrap();
+    let mut events = holder.session_events();
+    store
+        .interrupt_connection(session, Duration::from_millis(300))
+        .unwrap();
+    let at_risk = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
+    assert!(at_risk.is_ok(), "not told of the suspension");
+    assert!(!guard.is_held());
+    let resumed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(status) = events.next().await {
+            if status.state == registry_core::SessionState::Connected
+                && status.session_id == Some(session)
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(resumed.is_ok(), "the session did not resume");
+    let held_again = tokio::time::timeout(Duration::from_secs(5), async {
+        while !guard.is_held() || futures::FutureExt::now_or_never(guard.lost()).is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        held_again.is_ok(),
+        "not held again, or lost() still resolved, after resuming"
+    );
+    guard.unlock().await.unwrap();
+}

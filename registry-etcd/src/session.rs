@@ -837,7 +837,11 @@ pub(crate) fn spawn_keeper(
                         }
                         Err(_) => return,
                     };
-                    run(link, session, ttl, timeouts.request, shutdown, lost_already).await;
+                    let start = Start {
+                        lost_already,
+                        heard_at: granted,
+                    };
+                    run(link, session, ttl, timeouts.request, shutdown, start).await;
                 },
                 span,
             ));
@@ -846,19 +850,28 @@ pub(crate) fn spawn_keeper(
     Ok(finished)
 }
 
+/// How the keeper's first connection went.
+struct Start {
+    /// The session was lost before the keeper could reach a member: replace it first.
+    lost_already: bool,
+    /// When the server last renewed the session's leases (their grant, at first).
+    heard_at: Instant,
+}
+
 /// Keeps the session's leases alive until shutdown; reports suspension, loss and the new
-/// session that replaces a lost one. `lost_already`: the session was lost before the keeper
-/// could reach a member, so it starts by replacing it.
+/// session that replaces a lost one.
 async fn run(
     mut link: Link,
     session: Arc<Session>,
     ttl: Duration,
     request_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
-    mut lost_already: bool,
+    start: Start,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-    let mut last_ok = Instant::now();
+    // The leases' time runs from their grant, not from the keeper's first connection.
+    let mut last_ok = start.heard_at;
+    let mut lost_already = start.lost_already;
     // Silent for half the TTL, a member is left while the other half is time to reach
     // another one before the leases expire (see `keep_alive` for a second silent one).
     let silence_limit = link.has_others().then_some(ttl / 2);

@@ -387,6 +387,11 @@ impl HoldMonitor {
                             lost_tx.send_replace(true);
                             tracing::warn!(path = %node.path, "recipe node at risk: session suspended");
                         }
+                        // Back with the same session: held again, and a later `lost()` waits.
+                        Some(s) if s.state.is_live() && *lost_tx.borrow() => {
+                            lost_tx.send_replace(false);
+                            tracing::info!(path = %node.path, "recipe node held again: session resumed");
+                        }
                         Some(_) => {}
                     },
                     event = stream.next() => match event {
@@ -423,7 +428,8 @@ impl HoldMonitor {
             && session.session_id == self.owner
     }
 
-    /// Resolves once the hold is lost or at risk (its session suspended).
+    /// Resolves while the hold is lost or at risk (its session suspended); after a
+    /// suspension that ends with the same session, a later call waits again.
     pub(crate) async fn lost(&self) {
         let mut rx = self.lost.clone();
         let _ = rx.wait_for(|lost| *lost).await;

@@ -144,7 +144,8 @@ impl Leadership {
     /// server may expire it and another candidate take over before this client learns of
     /// it), lost or closed, or the node was deleted. Stop leading then, as Curator's
     /// `LeaderSelector` does on `SUSPENDED`. A suspension can end with the same session and
-    /// leadership kept: [`is_leader`](Leadership::is_leader) tells.
+    /// leadership kept: [`is_leader`](Leadership::is_leader) tells, and a later call waits
+    /// again until the next suspension or loss.
     pub async fn lost(&self) {
         self.monitor.lost().await
     }

@@ -115,7 +115,8 @@ impl MutexGuard {
     /// server may expire it and give the lock to the next contender before this client
     /// learns of it), lost or closed, or the node was deleted by someone else. Stop acting
     /// as the holder then, as Curator users do on `SUSPENDED`. A suspension can end with the
-    /// same session and the lock still held: [`is_held`](MutexGuard::is_held) tells.
+    /// same session and the lock still held: [`is_held`](MutexGuard::is_held) tells, and a
+    /// later call waits again until the next suspension or loss.
     pub async fn lost(&self) {
         self.monitor.lost().await
     }
