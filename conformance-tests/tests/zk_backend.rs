@@ -10,7 +10,7 @@ use conformance_tests::support::{
 use futures::StreamExt;
 use registry_core::{
     Bytes, CreateMode, Expected, NodePath, RegisterOptions, RegistrationStatus, Registry,
-    SessionState, WatchOptions, WatchScope, WatchedState,
+    SessionState, WatchEvent, WatchOptions, WatchScope, WatchedState,
 };
 use registry_zk::{ZkOptions, ZkRegistry};
 
@@ -1397,5 +1397,100 @@ async fn a_write_that_timed_out_while_disconnected_is_applied_once() {
         "the timed-out set was applied more than once"
     );
     writer.close().await.unwrap();
+    setup.close().await.unwrap();
+}
+
+/// A parent deleted and re-created with its child, again and again under a subtree watch,
+/// in one transaction or in four pipelined requests whose notifications come apart: every
+/// `Created` or `Updated` comes after its parent's, in the parent's current incarnation
+/// (commit order), and the watch ends up with both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subtree_watch_reports_a_recreated_parent_before_its_child() {
+    let server = fast_server();
+    let cs = server.connect_string();
+    let setup = connect(&cs, Duration::from_secs(4)).await;
+    for path in ["/t", "/t/x", "/t/x/c"] {
+        setup
+            .create(&p(path), Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    let mut stream = setup
+        .watch(&p("/t"), WatchOptions::subtree())
+        .await
+        .unwrap();
+    // Each node the watch reports, by path, with its create order.
+    let mut present: std::collections::BTreeMap<NodePath, u64> = Default::default();
+    let apply =
+        |present: &mut std::collections::BTreeMap<NodePath, u64>, event: WatchEvent| match event {
+            WatchEvent::Snapshot(s) | WatchEvent::Resync { snapshot: s, .. } => {
+                *present = s
+                    .nodes
+                    .into_iter()
+                    .map(|n| (n.path, n.create_order))
+                    .collect();
+            }
+            WatchEvent::Created(n) | WatchEvent::Updated(n) => {
+                let parent = n.path.parent().unwrap();
+                if parent != p("/t") {
+                    let parent_created = present.get(&parent).copied();
+                    assert!(
+                        parent_created.is_some_and(|c| c <= n.create_order),
+                        "{} (created at {}) reported under {parent} created at {parent_created:?}",
+                        n.path,
+                        n.create_order
+                    );
+                }
+                present.insert(n.path, n.create_order);
+            }
+            WatchEvent::Deleted(n) => {
+                present.remove(&n.path);
+            }
+        };
+    let first = next_event(&mut stream, "snapshot").await;
+    apply(&mut present, first);
+    let writer = raw(&cs).await;
+    let persistent =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    for round in 0..200 {
+        if round % 2 == 0 {
+            let mut multi = writer.new_multi_writer();
+            multi.add_delete("/t/x/c", None).unwrap();
+            multi.add_delete("/t/x", None).unwrap();
+            multi.add_create("/t/x", b"", &persistent).unwrap();
+            multi.add_create("/t/x/c", b"", &persistent).unwrap();
+            multi.commit().await.unwrap();
+        } else {
+            let (a, b, c, d) = futures::join!(
+                writer.delete("/t/x/c", None),
+                writer.delete("/t/x", None),
+                writer.create("/t/x", b"", &persistent),
+                writer.create("/t/x/c", b"", &persistent),
+            );
+            a.unwrap();
+            b.unwrap();
+            c.unwrap();
+            d.unwrap();
+        }
+        // Whatever the watch delivered by now keeps the order.
+        while let Some(Some(item)) = futures::FutureExt::now_or_never(stream.next()) {
+            apply(&mut present, item.unwrap());
+        }
+    }
+    let last = setup.children(&p("/t/x")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Converged: both nodes, in their last incarnations.
+    while present.get(&p("/t/x/c")) != last.nodes.first().map(|n| n.create_order).as_ref()
+        || !present.contains_key(&p("/t/x"))
+    {
+        assert!(Instant::now() < deadline, "never converged: {present:?}");
+        let item = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .ok()
+            .flatten();
+        if let Some(item) = item {
+            apply(&mut present, item.unwrap());
+        }
+    }
     setup.close().await.unwrap();
 }

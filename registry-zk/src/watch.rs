@@ -335,7 +335,8 @@ async fn follow(
         )
         .await?
         {
-            listed.insert(parent.clone(), children.as_ref().map(|(czxid, _)| *czxid));
+            let czxid = children.as_ref().map(|(czxid, _)| *czxid);
+            listed.insert(parent.clone(), czxid);
             let children: std::collections::BTreeSet<NodePath> = children
                 .map(|(_, children)| children)
                 .unwrap_or_default()
@@ -348,10 +349,14 @@ async fn follow(
                     changes.insert(known.clone(), None);
                 }
             }
-            // Read what we hold no node for: new children, and any read as gone before.
-            to_read.extend(children.into_iter().filter(|c| match changes.get(c) {
-                Some(node) => node.is_none(),
-                None => !nodes.contains_key(c),
+            // Read what we hold no node for: new children, any read as gone before, and any
+            // held from an older incarnation of the parent (created before it).
+            to_read.extend(children.into_iter().filter(|c| {
+                let held = match changes.get(c) {
+                    Some(node) => node.as_ref(),
+                    None => nodes.get(c),
+                };
+                held.is_none_or(|held| czxid.is_some_and(|parent| held.create_order < parent))
             }));
         }
         to_read.sort();
@@ -380,11 +385,68 @@ async fn follow(
             }
             changes.insert(path, node);
         }
-        if to_list.is_empty() {
+        if scope == WatchScope::Subtree {
+            to_read.extend(mismatched(root, nodes, &mut changes));
+        }
+        if to_list.is_empty() && to_read.is_empty() {
             return Ok(Some(changes));
         }
     }
     Ok(None)
+}
+
+/// Reads made at different moments can mix incarnations when a parent and what is below it
+/// are deleted and created again quickly: a child read before its parent went, the parent
+/// read after it came back. A child is created after its parent (a higher or, in one
+/// transaction, the same `czxid`), so any node of the state `changes` leads to that sits
+/// under a missing parent or one created after it is not reported: it is dropped (not
+/// delivered yet) or reported gone, and returned to be read again where the parent is there
+/// (a gone parent's creation fires the watch armed on it).
+fn mismatched(
+    root: &NodePath,
+    nodes: &BTreeMap<NodePath, Node>,
+    changes: &mut BTreeMap<NodePath, Option<Node>>,
+) -> Vec<NodePath> {
+    // What changed, and what was delivered below a parent that changed incarnation or went.
+    let mut check: std::collections::BTreeSet<NodePath> = changes.keys().cloned().collect();
+    for (path, after) in changes.iter() {
+        let moved = nodes.get(path).is_some_and(|old| {
+            after
+                .as_ref()
+                .is_none_or(|new| new.create_order != old.create_order)
+        });
+        if moved {
+            check.extend(below(nodes, path).cloned());
+        }
+    }
+    let now = |changes: &BTreeMap<NodePath, Option<Node>>, path: &NodePath| match changes.get(path)
+    {
+        Some(after) => after.as_ref().map(|n| n.create_order),
+        None => nodes.get(path).map(|n| n.create_order),
+    };
+    let mut again = Vec::new();
+    // Sorted: a parent is settled before what is below it.
+    for path in check {
+        let Some(created) = now(changes, &path) else {
+            continue;
+        };
+        let Some(parent) = path.parent().filter(|p| p != root && p.is_within(root)) else {
+            continue;
+        };
+        let parent_created = now(changes, &parent);
+        if parent_created.is_some_and(|parent| parent <= created) {
+            continue;
+        }
+        if nodes.contains_key(&path) {
+            changes.insert(path.clone(), None);
+        } else {
+            changes.remove(&path);
+        }
+        if parent_created.is_some() {
+            again.push(path);
+        }
+    }
+    again
 }
 
 /// The known nodes directly below `parent`.
