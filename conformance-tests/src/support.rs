@@ -141,6 +141,24 @@ where
     }
 }
 
+/// Waits up to `bound` for the next session status in `state` from `events`; whether it came
+/// (false also when the stream ended first).
+pub async fn session_reaches(
+    events: &mut futures::stream::BoxStream<'static, registry_core::SessionStatus>,
+    state: registry_core::SessionState,
+    bound: Duration,
+) -> bool {
+    let reached = tokio::time::timeout(bound, async {
+        while let Some(status) = events.next().await {
+            if status.state == state {
+                return true;
+            }
+        }
+        false
+    });
+    matches!(reached.await, Ok(true))
+}
+
 /// Waits (up to 10 s) until `reader` lists `n` children of `dir`: contenders have queued.
 pub async fn until_queued(reader: &Arc<dyn Registry>, dir: &NodePath, n: usize, what: &str) {
     eventually(Duration::from_secs(10), what, || {

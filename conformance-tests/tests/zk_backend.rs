@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use conformance_tests::harness::{wait_until, TcpProxy, ZkConfig, ZkServer};
 use conformance_tests::support::{
-    apply_until, close_while_unreachable, next_event, read_scope, summary,
+    apply_until, close_while_unreachable, next_event, read_scope, session_reaches, summary,
 };
 use futures::StreamExt;
 use registry_core::{
@@ -1362,15 +1362,10 @@ async fn a_write_that_timed_out_while_disconnected_is_applied_once() {
     let session = writer.session().session_id;
     let mut events = writer.session_events();
     proxy.cut();
-    let suspended = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(status) = events.next().await {
-            if status.state == SessionState::Suspended {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(suspended.is_ok(), "not suspended within 5 s of the cut");
+    assert!(
+        session_reaches(&mut events, SessionState::Suspended, Duration::from_secs(5)).await,
+        "not suspended within 5 s of the cut"
+    );
     let set = writer
         .set(&path, Bytes::from_static(b"v1"), Expected::Any)
         .await;
@@ -1379,15 +1374,10 @@ async fn a_write_that_timed_out_while_disconnected_is_applied_once() {
         "a set with no connection: {set:?}"
     );
     proxy.forward();
-    let back = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(status) = events.next().await {
-            if status.state == SessionState::Connected {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(back.is_ok(), "not connected again within 5 s");
+    assert!(
+        session_reaches(&mut events, SessionState::Connected, Duration::from_secs(5)).await,
+        "not connected again within 5 s"
+    );
     assert_eq!(writer.session().session_id, session, "the session changed");
     // Requests go out in order: this read is answered after whatever was queued before it.
     let node = writer.get(&path).await.unwrap();

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conformance_tests::harness::{TcpProxy, ZkConfig, ZkServer};
+use conformance_tests::support::session_reaches;
 use futures::StreamExt;
 use registry_core::{
     Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registry,
@@ -222,16 +223,15 @@ async fn auth_is_sent_again_after_a_reconnect_and_on_a_new_session() {
     proxy.blackhole();
     tokio::time::sleep(SESSION * 2).await;
     proxy.forward();
-    let reestablished = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(status) = events.next().await {
-            if status.state == SessionState::Reestablished {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(reestablished, Ok(true), "no new session after expiry");
+    assert!(
+        session_reaches(
+            &mut events,
+            SessionState::Reestablished,
+            Duration::from_secs(20)
+        )
+        .await,
+        "no new session after expiry"
+    );
     assert_ne!(alice.session().session_id, first);
     assert_eq!(
         read_within(&alice, &mine).await,

@@ -352,11 +352,8 @@ async fn follow(
             // Read what we hold no node for: new children, any read as gone before, and any
             // held from an older incarnation of the parent (created before it).
             to_read.extend(children.into_iter().filter(|c| {
-                let held = match changes.get(c) {
-                    Some(node) => node.as_ref(),
-                    None => nodes.get(c),
-                };
-                held.is_none_or(|held| czxid.is_some_and(|parent| held.create_order < parent))
+                held(nodes, &changes, c)
+                    .is_none_or(|held| czxid.is_some_and(|parent| held.create_order < parent))
             }));
         }
         to_read.sort();
@@ -419,10 +416,8 @@ fn mismatched(
             check.extend(below(nodes, path).cloned());
         }
     }
-    let now = |changes: &BTreeMap<NodePath, Option<Node>>, path: &NodePath| match changes.get(path)
-    {
-        Some(after) => after.as_ref().map(|n| n.create_order),
-        None => nodes.get(path).map(|n| n.create_order),
+    let now = |changes: &BTreeMap<NodePath, Option<Node>>, path: &NodePath| {
+        held(nodes, changes, path).map(|n| n.create_order)
     };
     let mut again = Vec::new();
     // Sorted: a parent is settled before what is below it.
@@ -447,6 +442,18 @@ fn mismatched(
         }
     }
     again
+}
+
+/// `path` as this call has it so far: its change if it has one, else as delivered.
+fn held<'n>(
+    nodes: &'n BTreeMap<NodePath, Node>,
+    changes: &'n BTreeMap<NodePath, Option<Node>>,
+    path: &NodePath,
+) -> Option<&'n Node> {
+    match changes.get(path) {
+        Some(after) => after.as_ref(),
+        None => nodes.get(path),
+    }
 }
 
 /// The known nodes directly below `parent`.
