@@ -305,6 +305,15 @@ async fn a_lock_at_risk_during_a_suspension_is_held_again_after_it() {
         .unwrap();
     let session = holder.session().session_id.unwrap();
     let mut events = holder.session_events();
+    // The guard watches its node from a task of its own: cut before that watch is open, the
+    // watch cannot open and the hold counts as lost for good (a conservative answer).
+    let watching = tokio::time::timeout(Duration::from_secs(5), async {
+        while store.watcher_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(watching.is_ok(), "the guard never watched its node");
     store
         .interrupt_connection(session, Duration::from_millis(300))
         .unwrap();
