@@ -153,6 +153,10 @@ async fn follow(registry: Arc<dyn Registry>, parent: NodePath, fanout: Arc<Fanou
     // Ends with the stream: when the registry closes or the watch fails.
     while let Some(item) = stream.next().await {
         match item {
+            // A registration only acts on changes its session did not make (see `heal`):
+            // its own writes' events, one per register, wake nobody.
+            Ok(WatchEvent::Created(node) | WatchEvent::Updated(node))
+                if made_by_live_session(&*registry, &node) => {}
             Ok(event) => fanout.dispatch(event),
             Err(error) => {
                 fanout.end(Some(error));
@@ -161,6 +165,14 @@ async fn follow(registry: Arc<dyn Registry>, parent: NodePath, fanout: Arc<Fanou
         }
     }
     fanout.end(None);
+}
+
+/// Whether `node` is an ephemeral node of `registry`'s session while that session is live.
+fn made_by_live_session(registry: &dyn Registry, node: &Node) -> bool {
+    let session = registry.session();
+    session.state.is_live()
+        && node.ephemeral_owner.is_some()
+        && node.ephemeral_owner == session.session_id
 }
 
 /// The subscribers of one parent watch, by node path.
@@ -265,4 +277,60 @@ impl Fanout {
 /// stream end and its registration re-checks the node).
 fn send_all(senders: &mut Vec<mpsc::Sender<Item>>, event: WatchEvent) {
     senders.retain(|s| s.try_send(Box::new(Ok(event.clone()))).is_ok());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
+    use crate::node::CreateMode;
+    use crate::{DeleteScope, Expected};
+
+    async fn next(events: &mut WatchStream) -> Option<Result<WatchEvent>> {
+        tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event within 5 s")
+    }
+
+    /// A registration acts only on changes its session did not make, so its own create wakes
+    /// nobody: the next event its subscriber gets is another client's delete.
+    #[tokio::test]
+    async fn a_subscriber_is_not_handed_its_own_sessions_writes() {
+        let store = MemoryStore::new();
+        let ours: Arc<dyn Registry> = Arc::new(
+            MemoryRegistry::connect(&store, MemoryOptions::default())
+                .await
+                .unwrap(),
+        );
+        let other = MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap();
+        let parent = NodePath::new("/svc").unwrap();
+        let node = parent.join("a").unwrap();
+        ours.create(&parent, Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+        let watches = RegistrationWatches::new();
+        let mut events = watches.watch_node(&ours, &node);
+        // A new parent watch starts with its read of the parent.
+        match next(&mut events).await {
+            Some(Ok(WatchEvent::Snapshot(s))) => assert!(s.nodes.is_empty(), "{s:?}"),
+            other => panic!("expected the first snapshot, got {other:?}"),
+        }
+        ours.create(&node, Bytes::from("v"), CreateMode::Ephemeral)
+            .await
+            .unwrap();
+        other
+            .delete(&node, Expected::Any, DeleteScope::Node)
+            .await
+            .unwrap();
+        match next(&mut events).await {
+            Some(Ok(WatchEvent::Deleted(gone))) => assert_eq!(gone.path, node),
+            other => panic!("expected the other client's delete, got {other:?}"),
+        }
+    }
 }
