@@ -312,12 +312,15 @@ async fn raw_register_many(raw: &Raw, parent: &str, n: usize) -> BenchResult<Vec
 /// checked), or our `register()` (that create plus the healing watch, which has no raw
 /// equivalent). Removals mirror them: a raw delete, a raw delete only while the session owns
 /// the node, our `delete`, our `deregister()`. On etcd a fifth op writes as `RawChecked`
-/// does and removes with the checks of our `delete` (a ZooKeeper delete makes them itself).
+/// does and removes with the checks of our `delete` (a ZooKeeper delete makes them itself),
+/// and a sixth does `RawChecked`'s work under a parent the raw client watches, as our
+/// registrations' shared healing watch does: what a watched write costs the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RegisterOp {
     Raw,
     RawChecked,
     RawCheckedDelete,
+    RawWatched,
     Create,
     Register,
 }
@@ -328,6 +331,7 @@ impl RegisterOp {
             RegisterOp::Raw => "raw",
             RegisterOp::RawChecked => "raw-checked",
             RegisterOp::RawCheckedDelete => "raw-checked-delete",
+            RegisterOp::RawWatched => "raw-watched",
             RegisterOp::Create => "create",
             RegisterOp::Register => "register",
         }
@@ -337,9 +341,16 @@ impl RegisterOp {
 /// The ops in the order turn `turn` runs them on `backend`: each goes first, second, ... and
 /// last in turn.
 fn register_ops(backend: Backend, turn: usize) -> Vec<RegisterOp> {
-    use RegisterOp::{Create, Raw, RawChecked, RawCheckedDelete, Register};
+    use RegisterOp::{Create, Raw, RawChecked, RawCheckedDelete, RawWatched, Register};
     let mut ops = match backend {
-        Backend::Etcd => vec![Raw, RawChecked, RawCheckedDelete, Create, Register],
+        Backend::Etcd => vec![
+            Raw,
+            RawChecked,
+            RawCheckedDelete,
+            RawWatched,
+            Create,
+            Register,
+        ],
         Backend::Zk => vec![Raw, RawChecked, Create, Register],
     };
     let len = ops.len();
@@ -354,6 +365,7 @@ struct RegisterSamples {
     raw: Vec<f64>,
     raw_checked: Vec<f64>,
     raw_checked_delete: Vec<f64>,
+    raw_watched: Vec<f64>,
     create: Vec<f64>,
     register: Vec<f64>,
 }
@@ -364,6 +376,7 @@ impl RegisterSamples {
             RegisterOp::Raw => &mut self.raw,
             RegisterOp::RawChecked => &mut self.raw_checked,
             RegisterOp::RawCheckedDelete => &mut self.raw_checked_delete,
+            RegisterOp::RawWatched => &mut self.raw_watched,
             RegisterOp::Create => &mut self.create,
             RegisterOp::Register => &mut self.register,
         }
@@ -374,6 +387,7 @@ impl RegisterSamples {
         let raw = match raw {
             RegisterOp::RawChecked => &self.raw_checked,
             RegisterOp::RawCheckedDelete => &self.raw_checked_delete,
+            RegisterOp::RawWatched => &self.raw_watched,
             _ => &self.raw,
         };
         Samples {
@@ -397,11 +411,25 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         env.raw
             .put(&base(RegisterOp::RawCheckedDelete), b"")
             .await?;
+        // Watched as our registrations' parent is, for the rep; the events are not looked at.
+        let (seen, _unread) = unbounded_channel();
+        let _raw_watch = match env.backend {
+            Backend::Etcd => {
+                env.raw.put(&base(RegisterOp::RawWatched), b"").await?;
+                Some(
+                    env.raw
+                        .watch_children(&base(RegisterOp::RawWatched), seen)
+                        .await?,
+                )
+            }
+            Backend::Zk => None,
+        };
         env.ours.mkdir(&base(RegisterOp::Create)).await?;
         env.ours.mkdir(&base(RegisterOp::Register)).await?;
         let mut paths = Vec::new();
         let mut checked_paths = Vec::new();
         let mut checked_delete_paths = Vec::new();
+        let mut watched_paths = Vec::new();
         let mut created = Vec::new();
         let mut regs = Vec::new();
         // The ops alternate sample by sample, so all meet the server in the same state.
@@ -421,6 +449,10 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                     RegisterOp::RawCheckedDelete => {
                         env.raw.register_checked(&p, VALUE).await?;
                         checked_delete_paths.push(p);
+                    }
+                    RegisterOp::RawWatched => {
+                        env.raw.register_checked(&p, VALUE).await?;
+                        watched_paths.push(p);
                     }
                     RegisterOp::Create => {
                         let p = path(&p)?;
@@ -448,6 +480,7 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         let mut paths = paths.iter();
         let mut checked_paths = checked_paths.iter();
         let mut checked_delete_paths = checked_delete_paths.iter();
+        let mut watched_paths = watched_paths.iter();
         let mut created = created.iter();
         let mut regs = regs.into_iter();
         for i in 0..env.cfg.samples {
@@ -464,6 +497,10 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                     },
                     RegisterOp::RawCheckedDelete => match checked_delete_paths.next() {
                         Some(p) => env.raw.delete_checked(p).await?,
+                        None => continue,
+                    },
+                    RegisterOp::RawWatched => match watched_paths.next() {
+                        Some(p) => env.raw.delete_owned(p).await?,
                         None => continue,
                     },
                     RegisterOp::Create => match created.next() {
@@ -544,6 +581,14 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             slack,
             "raw: the Txn our delete sends (the key exists, nothing lives below it); ours: delete(Any, Node)",
         );
+        latency_rows(
+            env,
+            rows,
+            "register latency (raw: same Txn, parent watched)",
+            &writes.against(&writes.register, RegisterOp::RawWatched),
+            slack,
+            "raw: our create's Txn under a parent the raw client watches (as our registrations share one watch per parent); ours: register()",
+        );
     }
     let owner_checked_note = match env.backend {
         Backend::Etcd => {
@@ -561,6 +606,16 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         slack,
         owner_checked_note,
     );
+    if env.backend == Backend::Etcd {
+        latency_rows(
+            env,
+            rows,
+            "deregister latency (raw: same owner check, parent watched)",
+            &removals.against(&removals.register, RegisterOp::RawWatched),
+            slack,
+            "raw: a Txn that deletes the key only under the session lease, under a parent the raw client watches; ours: deregister()",
+        );
+    }
     env.writer.delete_tree("/bench/register").await
 }
 
