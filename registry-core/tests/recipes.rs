@@ -305,8 +305,8 @@ async fn a_lock_at_risk_during_a_suspension_is_held_again_after_it() {
         .unwrap();
     let session = holder.session().session_id.unwrap();
     let mut events = holder.session_events();
-    // The guard watches its node from a task of its own: cut before that watch is open, the
-    // watch cannot open and the hold counts as lost for good (a conservative answer).
+    // Cut once the guard watches its node, so the session's return alone makes it held
+    // again (a cut before that is the next test's).
     let watching = tokio::time::timeout(Duration::from_secs(5), async {
         while store.watcher_count() == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -340,6 +340,48 @@ async fn a_lock_at_risk_during_a_suspension_is_held_again_after_it() {
     assert!(
         held_again.is_ok(),
         "not held again, or lost() still resolved, after resuming"
+    );
+    guard.unlock().await.unwrap();
+}
+
+/// The connection drops right after the lock is taken, before the guard's watch on its node
+/// is open: the watch opens once the connection is back, and the lock is held again (the
+/// failed open used to count the lock as lost for good, with the same session still
+/// holding the node).
+#[tokio::test(flavor = "current_thread")]
+async fn a_lock_cut_off_before_its_watch_opens_is_held_again_after_it() {
+    let store = MemoryStore::new();
+    let holder = client(&store).await;
+    let guard = Mutex::new(holder.clone(), NodePath::new("/locks/early").unwrap())
+        .lock()
+        .await
+        .unwrap();
+    let session = holder.session().session_id.unwrap();
+    // One thread, not yielded to since the lock was taken: the guard's task has not run.
+    assert_eq!(
+        store.watcher_count(),
+        0,
+        "the guard already watches its node"
+    );
+    store
+        .interrupt_connection(session, Duration::from_millis(300))
+        .unwrap();
+    let at_risk = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
+    assert!(at_risk.is_ok(), "not told of the suspension");
+    let held_again = tokio::time::timeout(Duration::from_secs(10), async {
+        while !guard.is_held() || futures::FutureExt::now_or_never(guard.lost()).is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        held_again.is_ok(),
+        "not held again after the connection came back"
+    );
+    assert_eq!(holder.session().session_id, Some(session));
+    assert!(
+        store.watcher_count() > 0,
+        "the guard does not watch its node"
     );
     guard.unlock().await.unwrap();
 }

@@ -335,6 +335,18 @@ impl Drop for Contender {
     }
 }
 
+/// Retry delays of a held node's watch that could not open or broke.
+const WATCH_RETRY_INITIAL: Duration = Duration::from_millis(50);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Sleeps for `delay`, or forever without one.
+async fn sleep_for(delay: Option<Duration>) {
+    match delay {
+        Some(delay) => tokio::time::sleep(delay).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Watches a held node and its session; flips `held` to false when either is lost.
 pub(crate) struct HoldMonitor {
     registry: Arc<dyn Registry>,
@@ -356,20 +368,52 @@ impl HoldMonitor {
         let span = tracing::debug_span!("recipe_hold", path = %node.path);
         let task = tokio::spawn(async move {
             let mut sessions = registry.session_events();
-            let stream = registry.watch(&node.path, WatchOptions::node()).await;
             let mark_lost = |why: &str| {
                 flag.store(false, Ordering::SeqCst);
                 lost_tx.send_replace(true);
                 tracing::warn!(path = %node.path, why, "recipe node lost");
             };
-            let mut stream = match stream {
-                Ok(s) => s,
-                Err(_) => {
-                    mark_lost("cannot watch the held node");
-                    return;
+            // Back with the same session (and, if the watch was reopened, the node seen):
+            // held again, and a later `lost()` waits.
+            let held_again = |why: &str| {
+                let session = registry.session();
+                if *lost_tx.borrow() && session.state.is_live() && session.session_id == owner {
+                    lost_tx.send_replace(false);
+                    tracing::info!(path = %node.path, why, "recipe node held again");
                 }
             };
+            // A watch that cannot open, or breaks, while the session lives (the connection
+            // dropped right after the node was taken) is opened again: the session's own
+            // events still tell of the risk meanwhile, and the reopened watch's first read
+            // tells whether the node went.
+            let mut stream = None;
+            let mut backoff = Backoff::new(WATCH_RETRY_INITIAL, WATCH_RETRY_MAX);
             loop {
+                if stream.is_none() {
+                    match registry.watch(&node.path, WatchOptions::node()).await {
+                        Ok(opened) => stream = Some(opened),
+                        Err(error) if error.is_retryable() => {
+                            tracing::debug!(%error, "cannot watch the held node yet; retrying");
+                        }
+                        Err(_) => {
+                            mark_lost("cannot watch the held node");
+                            return;
+                        }
+                    }
+                }
+                let retry_in = match stream {
+                    Some(_) => {
+                        backoff.reset();
+                        None
+                    }
+                    None => Some(backoff.next_delay()),
+                };
+                let next_event = async {
+                    match stream.as_mut() {
+                        Some(stream) => stream.next().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     status = sessions.next() => match status {
                         None => { mark_lost("registry closed"); return; }
@@ -387,14 +431,17 @@ impl HoldMonitor {
                             lost_tx.send_replace(true);
                             tracing::warn!(path = %node.path, "recipe node at risk: session suspended");
                         }
-                        // Back with the same session: held again, and a later `lost()` waits.
-                        Some(s) if s.state.is_live() && *lost_tx.borrow() => {
-                            lost_tx.send_replace(false);
-                            tracing::info!(path = %node.path, "recipe node held again: session resumed");
+                        // Without a watch, only its reopening can show the node is still there.
+                        Some(s) if s.state.is_live() && stream.is_some() => {
+                            held_again("session resumed");
                         }
                         Some(_) => {}
                     },
-                    event = stream.next() => match event {
+                    event = next_event => match event {
+                        Some(Err(error)) if error.is_retryable() => {
+                            tracing::debug!(%error, "watch on the held node broke; reopening");
+                            stream = None;
+                        }
                         None | Some(Err(_)) => { mark_lost("watch on the held node ended"); return; }
                         Some(Ok(WatchEvent::Deleted(_))) => { mark_lost("held node deleted"); return; }
                         Some(Ok(WatchEvent::Snapshot(s))) | Some(Ok(WatchEvent::Resync { snapshot: s, .. })) => {
@@ -402,9 +449,11 @@ impl HoldMonitor {
                                 mark_lost("held node missing");
                                 return;
                             }
+                            held_again("node read again");
                         }
                         Some(Ok(_)) => {}
                     },
+                    () = sleep_for(retry_in) => {}
                 }
             }
         }
@@ -419,11 +468,13 @@ impl HoldMonitor {
         }
     }
 
-    /// Whether the node and its session are still ours, as far as we know.
+    /// Whether the node and its session are still ours, as far as we know, and not at risk
+    /// (exactly when [`lost`](HoldMonitor::lost) would wait).
     pub(crate) fn is_held(&self) -> bool {
         // Checked synchronously too, so a holder never believes in a session already lost.
         let session = self.registry.session();
         self.held.load(Ordering::SeqCst)
+            && !*self.lost.borrow()
             && session.state.is_live()
             && session.session_id == self.owner
     }

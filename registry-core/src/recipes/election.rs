@@ -134,8 +134,8 @@ impl Leadership {
         self.node.as_ref().map_or(0, |n| n.create_order)
     }
 
-    /// Whether we still lead: false while our session is suspended, and for good once our
-    /// session or node is lost.
+    /// Whether we still lead: false while leadership is at risk (see
+    /// [`lost`](Leadership::lost)), and for good once our session or node is lost.
     pub fn is_leader(&self) -> bool {
         self.node.is_some() && self.monitor.is_held()
     }

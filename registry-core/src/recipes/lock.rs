@@ -105,8 +105,8 @@ impl MutexGuard {
         self.node.as_ref().map_or(0, |n| n.create_order)
     }
 
-    /// Whether the lock is still ours: false while our session is suspended, and for good
-    /// once our session or node is lost.
+    /// Whether the lock is still ours: false while it is at risk (see
+    /// [`lost`](MutexGuard::lost)), and for good once our session or node is lost.
     pub fn is_held(&self) -> bool {
         self.node.is_some() && self.monitor.is_held()
     }
