@@ -152,10 +152,10 @@ impl Contender {
                 .await?;
             loop {
                 tokio::select! {
-                    status = sessions.next() => match status.map(|s| s.state) {
-                        None | Some(SessionState::Closed) => return Err(Error::Closed),
-                        Some(SessionState::Lost) => return Err(Error::SessionExpired),
-                        Some(_) => {}
+                    status = sessions.next() => {
+                        if let Some(error) = turn_ended_by(status, self.node.ephemeral_owner) {
+                            return Err(error);
+                        }
                     },
                     event = stream.next() => match event {
                         None => return Err(Error::Closed),
@@ -189,6 +189,29 @@ impl Contender {
     pub(crate) fn disarm(mut self) -> (Arc<dyn Registry>, Node) {
         self.armed = false;
         (self.registry.clone(), self.node.clone())
+    }
+}
+
+/// Why a wait for our turn ends on session status `status` (`None`: the registry closed),
+/// for a node of session `owner`: a lost session took the node with it, while the predecessor
+/// we watch may stay. A session other than the node's counts as lost even without the
+/// `Lost` before it (a subscriber that lagged is handed the latest status in place of those
+/// it missed); the first status handed out may be the `Reestablished` of the node's own.
+fn turn_ended_by(
+    status: Option<crate::session::SessionStatus>,
+    owner: Option<crate::node::SessionId>,
+) -> Option<Error> {
+    let status = match status {
+        None => return Some(Error::Closed),
+        Some(status) => status,
+    };
+    match status.state {
+        SessionState::Closed => Some(Error::Closed),
+        SessionState::Lost => Some(Error::SessionExpired),
+        state if state.is_live() && owner.is_some() && status.session_id != owner => {
+            Some(Error::SessionExpired)
+        }
+        _ => None,
     }
 }
 
@@ -490,5 +513,48 @@ impl HoldMonitor {
 impl Drop for HoldMonitor {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::SessionId;
+    use crate::session::SessionStatus;
+
+    fn status(state: SessionState, session: i64) -> Option<SessionStatus> {
+        Some(SessionStatus {
+            state,
+            epoch: 1,
+            session_id: Some(SessionId(session)),
+        })
+    }
+
+    #[test]
+    fn a_wait_for_our_turn_ends_with_any_sign_of_a_new_session() {
+        let owner = Some(SessionId(7));
+        let ends = |s| turn_ended_by(s, owner);
+        assert!(ends(status(SessionState::Connected, 7)).is_none());
+        assert!(ends(status(SessionState::Suspended, 7)).is_none());
+        // The node was made in the session re-established before the wait began.
+        assert!(ends(status(SessionState::Reestablished, 7)).is_none());
+        assert!(matches!(
+            ends(status(SessionState::Lost, 7)),
+            Some(Error::SessionExpired)
+        ));
+        // A lagging subscriber may be handed the new session without the Lost before it.
+        assert!(matches!(
+            ends(status(SessionState::Reestablished, 8)),
+            Some(Error::SessionExpired)
+        ));
+        assert!(matches!(
+            ends(status(SessionState::Connected, 8)),
+            Some(Error::SessionExpired)
+        ));
+        assert!(matches!(
+            ends(status(SessionState::Closed, 7)),
+            Some(Error::Closed)
+        ));
+        assert!(matches!(ends(None), Some(Error::Closed)));
     }
 }
