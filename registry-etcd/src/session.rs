@@ -471,10 +471,10 @@ async fn keep_alive(
     }
 }
 
-/// Whether the server still holds the session (a busy server may answer keep-alives late
-/// while the leases live on). Unreachable counts as gone: silent past the TTL, the leases have
-/// expired as far as any other client can tell.
-async fn still_granted(client: &mut Client, lease: i64, timeout: Duration) -> bool {
+/// How long the server still holds the session, if it does (a busy server may answer
+/// keep-alives late while the leases live on). Unreachable counts as gone: silent past the
+/// TTL, the leases have expired as far as any other client can tell.
+async fn still_granted(client: &mut Client, lease: i64, timeout: Duration) -> Option<Duration> {
     match tokio::time::timeout(timeout, client.lease_time_to_live(lease, None)).await {
         Ok(Ok(response)) if response.ttl() > 0 => {
             tracing::info!(
@@ -482,10 +482,23 @@ async fn still_granted(client: &mut Client, lease: i64, timeout: Duration) -> bo
                 ttl = response.ttl(),
                 "etcd lease outlived a slow keep-alive"
             );
-            true
+            Some(remaining(response.ttl()))
         }
-        _ => false,
+        _ => None,
     }
+}
+
+/// A lease's remaining seconds as etcd reports them (rounded down).
+fn remaining(ttl_secs: i64) -> Duration {
+    Duration::from_secs(u64::try_from(ttl_secs).unwrap_or(0))
+}
+
+/// When a lease of `ttl` with `remaining` left at `now` was last renewed: what the keeper
+/// counts its silence from, so that it gives the session up when the server does, not a
+/// whole TTL after the server vouched for it.
+fn renewed_at(now: Instant, ttl: Duration, remaining: Duration) -> Instant {
+    now.checked_sub(ttl.saturating_sub(remaining))
+        .unwrap_or(now)
 }
 
 /// Grants the first lease of a new session, with an ID of a new block (another if that one
@@ -660,7 +673,7 @@ impl Link {
     /// leader's loss a member may hang forwarding lease requests to it for seconds while
     /// another answers. The link moves to the first member that vouches. Unreachable
     /// everywhere counts as gone (see [`still_granted`]).
-    async fn still_granted(&mut self, lease: i64, timeout: Duration) -> bool {
+    async fn still_granted(&mut self, lease: i64, timeout: Duration) -> Option<Duration> {
         if !self.has_others() {
             return still_granted(&mut self.client, lease, timeout).await;
         }
@@ -673,18 +686,18 @@ impl Link {
                 async move {
                     let mut client = Client::connect([endpoint], Some(connect)).await.ok()?;
                     let ttl = client.lease_time_to_live(lease, None).await.ok()?.ttl();
-                    (ttl > 0).then_some((member, client, ttl))
+                    (ttl > 0).then_some((member, client, remaining(ttl)))
                 }
             })
             .collect();
         let mut vouched = asks.filter_map(std::future::ready).boxed();
         match tokio::time::timeout(timeout, vouched.next()).await {
-            Ok(Some((member, client, ttl))) => {
-                tracing::info!(lease, ttl, endpoint = %self.endpoints[member], "etcd lease outlived a slow keep-alive");
+            Ok(Some((member, client, left))) => {
+                tracing::info!(lease, ttl = left.as_secs(), endpoint = %self.endpoints[member], "etcd lease outlived a slow keep-alive");
                 (self.member, self.client) = (member, client);
-                true
+                Some(left)
             }
-            _ => false,
+            _ => None,
         }
     }
 }
@@ -908,10 +921,11 @@ async fn run(
                 }
                 if last_ok.elapsed() <= ttl {
                     false
-                } else if link.still_granted(id, request_timeout).await {
-                    // The server vouched for the session: that counts as hearing from it, or
-                    // the next keep-alive round would give up before its first answer.
-                    last_ok = Instant::now();
+                } else if let Some(left) = link.still_granted(id, request_timeout).await {
+                    // The server vouched for the session: that counts as hearing from it when
+                    // the leases were last renewed, or the next keep-alive round would give up
+                    // before its first answer.
+                    last_ok = renewed_at(Instant::now(), ttl, left);
                     false
                 } else {
                     true
@@ -956,6 +970,20 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vouched_lease_counts_from_its_last_renewal() {
+        let now = Instant::now() + Duration::from_secs(60);
+        let ttl = Duration::from_secs(10);
+        assert_eq!(
+            renewed_at(now, ttl, remaining(3)),
+            now - Duration::from_secs(7)
+        );
+        assert_eq!(renewed_at(now, ttl, remaining(10)), now);
+        // A lease granted with more than the session's TTL (or a bad answer) counts as new.
+        assert_eq!(renewed_at(now, ttl, remaining(30)), now);
+        assert_eq!(remaining(-1), Duration::ZERO);
+    }
 
     #[test]
     fn every_lease_of_a_block_maps_to_its_session() {
