@@ -578,6 +578,9 @@ async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut delivered: Option<BTreeMap<NodePath, Node>> = None;
     let mut epoch = shared.tracker.status().epoch;
+    // The ZooKeeper session whose reads were delivered last: told by the client that reads,
+    // not by the tracker, whose new epoch can lag behind the new session's client.
+    let mut read_in: Option<zk::SessionId> = None;
     let mut lagged = false;
     let mut first_reason = replay.then_some(ResyncReason::StartNotReplayable);
     let mut skipped = Skipped::default();
@@ -593,7 +596,9 @@ async fn run(
         // A new session can be served by a follower behind the server that answered the
         // last session's reads (within a session, ZooKeeper never goes back): sync first, so
         // a resync never shows an older tree than the one delivered.
-        let resumed = delivered.is_some() && shared.tracker.status().epoch != epoch;
+        let resumed = delivered.is_some()
+            && (shared.tracker.status().epoch != epoch
+                || read_in != Some(reader.client.session_id()));
         let read = match stoppable(
             async {
                 if resumed {
@@ -653,6 +658,7 @@ async fn run(
             Some(old) => diff(old, &read.nodes),
         };
         epoch = now_epoch;
+        read_in = Some(reader.client.session_id());
         lagged = false;
         for item in items {
             match tx.try_send(Box::new(Ok(item))) {
@@ -696,6 +702,11 @@ async fn run(
                 Ok(client) => Reader { client, timeout },
                 Err(_) => return,
             };
+            // A new session's client, before its Reconnected reached us: only a full read,
+            // synced first, may show what it serves.
+            if read_in != Some(reader.client.session_id()) {
+                break;
+            }
             let mut new_watches = Vec::new();
             let following = follow(
                 &reader,
