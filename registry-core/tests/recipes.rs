@@ -385,3 +385,36 @@ async fn a_lock_cut_off_before_its_watch_opens_is_held_again_after_it() {
     );
     guard.unlock().await.unwrap();
 }
+
+/// A lock whose node watch breaks while the session lives is at risk until a watch opens
+/// again and reads the node (unwatched, a delete by someone else would go unseen); then it is
+/// held again. Opens that fail meanwhile are tried again after a delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_whose_watch_breaks_is_at_risk_until_its_node_is_read_again() {
+    let store = MemoryStore::new();
+    let faulty = support::Faulty::new(client(&store).await);
+    let guard = Mutex::new(faulty.clone(), NodePath::new("/locks/unwatched").unwrap())
+        .lock()
+        .await
+        .unwrap();
+    let watching = tokio::time::timeout(Duration::from_secs(5), async {
+        while faulty.watches_opened() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(watching.is_ok(), "the guard never watched its node");
+    faulty.fail_watch_opens(2);
+    faulty.break_watches();
+    let at_risk = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
+    assert!(at_risk.is_ok(), "not told that its node went unwatched");
+    let held_again = tokio::time::timeout(Duration::from_secs(10), async {
+        while !guard.is_held() || futures::FutureExt::now_or_never(guard.lost()).is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(held_again.is_ok(), "not held again once watched again");
+    assert_eq!(faulty.watches_opened(), 2, "the watch was not opened again");
+    guard.unlock().await.unwrap();
+}

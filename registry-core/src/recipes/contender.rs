@@ -153,7 +153,7 @@ impl Contender {
             loop {
                 tokio::select! {
                     status = sessions.next() => {
-                        if let Some(error) = turn_ended_by(status, self.node.ephemeral_owner) {
+                        if let Some(error) = session_ended(status, self.node.ephemeral_owner) {
                             return Err(error);
                         }
                     },
@@ -192,12 +192,12 @@ impl Contender {
     }
 }
 
-/// Why a wait for our turn ends on session status `status` (`None`: the registry closed),
-/// for a node of session `owner`: a lost session took the node with it, while the predecessor
-/// we watch may stay. A session other than the node's counts as lost even without the
-/// `Lost` before it (a subscriber that lagged is handed the latest status in place of those
-/// it missed); the first status handed out may be the `Reestablished` of the node's own.
-fn turn_ended_by(
+/// Why a node of session `owner` (a contender's, a holder's) is gone, if session status
+/// `status` (`None`: the registry closed) says so: a lost session took the node with it.
+/// A session other than the node's counts as lost even without the `Lost` before it (a
+/// subscriber that lagged is handed the latest status in place of those it missed), live
+/// or not; the first status handed out may be the `Reestablished` of the node's own.
+fn session_ended(
     status: Option<crate::session::SessionStatus>,
     owner: Option<crate::node::SessionId>,
 ) -> Option<Error> {
@@ -208,7 +208,7 @@ fn turn_ended_by(
     match status.state {
         SessionState::Closed => Some(Error::Closed),
         SessionState::Lost => Some(Error::SessionExpired),
-        state if state.is_live() && owner.is_some() && status.session_id != owner => {
+        _ if owner.is_some() && status.session_id.is_some() && status.session_id != owner => {
             Some(Error::SessionExpired)
         }
         _ => None,
@@ -362,14 +362,6 @@ impl Drop for Contender {
 const WATCH_RETRY_INITIAL: Duration = Duration::from_millis(50);
 const WATCH_RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Sleeps for `delay`, or forever without one.
-async fn sleep_for(delay: Option<Duration>) {
-    match delay {
-        Some(delay) => tokio::time::sleep(delay).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Watches a held node and its session; flips `held` to false when either is lost.
 pub(crate) struct HoldMonitor {
     registry: Arc<dyn Registry>,
@@ -396,8 +388,12 @@ impl HoldMonitor {
                 lost_tx.send_replace(true);
                 tracing::warn!(path = %node.path, why, "recipe node lost");
             };
-            // Back with the same session (and, if the watch was reopened, the node seen):
-            // held again, and a later `lost()` waits.
+            let at_risk = |why: &str| {
+                if !*lost_tx.borrow() {
+                    lost_tx.send_replace(true);
+                    tracing::warn!(path = %node.path, why, "recipe node at risk");
+                }
+            };
             let held_again = |why: &str| {
                 let session = registry.session();
                 if *lost_tx.borrow() && session.state.is_live() && session.session_id == owner {
@@ -405,18 +401,25 @@ impl HoldMonitor {
                     tracing::info!(path = %node.path, why, "recipe node held again");
                 }
             };
-            // A watch that cannot open, or breaks, while the session lives (the connection
-            // dropped right after the node was taken) is opened again: the session's own
-            // events still tell of the risk meanwhile, and the reopened watch's first read
-            // tells whether the node went.
+            // A watch that cannot open, or breaks, for a reason that passes (the connection
+            // dropped right after the node was taken) leaves the hold at risk, unwatched, and
+            // is opened again after a delay for as long as the session lives; only its first
+            // read can show the node is still there.
             let mut stream = None;
+            let mut read = false;
+            let mut reopen_at: Option<tokio::time::Instant> = None;
             let mut backoff = Backoff::new(WATCH_RETRY_INITIAL, WATCH_RETRY_MAX);
             loop {
-                if stream.is_none() {
+                if stream.is_none() && reopen_at.is_none() {
                     match registry.watch(&node.path, WatchOptions::node()).await {
-                        Ok(opened) => stream = Some(opened),
+                        Ok(opened) => {
+                            stream = Some(opened);
+                            read = false;
+                        }
                         Err(error) if error.is_retryable() => {
-                            tracing::debug!(%error, "cannot watch the held node yet; retrying");
+                            tracing::debug!(%error, "cannot watch the held node; retrying");
+                            at_risk("cannot watch it");
+                            reopen_at = Some(tokio::time::Instant::now() + backoff.next_delay());
                         }
                         Err(_) => {
                             mark_lost("cannot watch the held node");
@@ -424,46 +427,45 @@ impl HoldMonitor {
                         }
                     }
                 }
-                let retry_in = match stream {
-                    Some(_) => {
-                        backoff.reset();
-                        None
-                    }
-                    None => Some(backoff.next_delay()),
-                };
                 let next_event = async {
                     match stream.as_mut() {
                         Some(stream) => stream.next().await,
                         None => std::future::pending().await,
                     }
                 };
+                let reopen = async {
+                    match reopen_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    status = sessions.next() => match status {
-                        None => { mark_lost("registry closed"); return; }
-                        Some(s) if matches!(s.state, SessionState::Lost | SessionState::Closed)
-                            || (s.state.is_live() && s.session_id != owner && owner.is_some()) => {
-                            mark_lost("session lost");
-                            return;
+                    status = sessions.next() => {
+                        match session_ended(status, owner) {
+                            Some(Error::Closed) => { mark_lost("registry closed"); return; }
+                            Some(_) => { mark_lost("session lost"); return; }
+                            None => {}
                         }
-                        // The server may expire the session and hand the node's place to the
-                        // next contender before this client hears of it (a ZooKeeper client
-                        // learns of an expiry up to 0.4 TTL late; an etcd client only once a
-                        // member answers again): the holder must stop now, as Curator's
-                        // recipes do on SUSPENDED. The hold itself may survive.
-                        Some(s) if s.state == SessionState::Suspended && !*lost_tx.borrow() => {
-                            lost_tx.send_replace(true);
-                            tracing::warn!(path = %node.path, "recipe node at risk: session suspended");
+                        match status.map(|s| s.state) {
+                            // The server may expire the session and hand the node's place to
+                            // the next contender before this client hears of it (a ZooKeeper
+                            // client learns of an expiry up to 0.4 TTL late; an etcd client
+                            // only once a member answers again): the holder must stop now, as
+                            // Curator's recipes do on SUSPENDED. The hold itself may survive.
+                            Some(SessionState::Suspended) => at_risk("session suspended"),
+                            // Back with the same session, and the node seen since the watch
+                            // (re)opened: held again, and a later `lost()` waits.
+                            Some(state) if state.is_live() && read => held_again("session resumed"),
+                            _ => {}
                         }
-                        // Without a watch, only its reopening can show the node is still there.
-                        Some(s) if s.state.is_live() && stream.is_some() => {
-                            held_again("session resumed");
-                        }
-                        Some(_) => {}
                     },
                     event = next_event => match event {
                         Some(Err(error)) if error.is_retryable() => {
                             tracing::debug!(%error, "watch on the held node broke; reopening");
+                            at_risk("its watch broke");
                             stream = None;
+                            read = false;
+                            reopen_at = Some(tokio::time::Instant::now() + backoff.next_delay());
                         }
                         None | Some(Err(_)) => { mark_lost("watch on the held node ended"); return; }
                         Some(Ok(WatchEvent::Deleted(_))) => { mark_lost("held node deleted"); return; }
@@ -472,11 +474,13 @@ impl HoldMonitor {
                                 mark_lost("held node missing");
                                 return;
                             }
+                            read = true;
+                            backoff.reset();
                             held_again("node read again");
                         }
                         Some(Ok(_)) => {}
                     },
-                    () = sleep_for(retry_in) => {}
+                    () = reopen => reopen_at = None,
                 }
             }
         }
@@ -533,7 +537,7 @@ mod tests {
     #[test]
     fn a_wait_for_our_turn_ends_with_any_sign_of_a_new_session() {
         let owner = Some(SessionId(7));
-        let ends = |s| turn_ended_by(s, owner);
+        let ends = |s| session_ended(s, owner);
         assert!(ends(status(SessionState::Connected, 7)).is_none());
         assert!(ends(status(SessionState::Suspended, 7)).is_none());
         // The node was made in the session re-established before the wait began.
@@ -549,6 +553,11 @@ mod tests {
         ));
         assert!(matches!(
             ends(status(SessionState::Connected, 8)),
+            Some(Error::SessionExpired)
+        ));
+        // The new session, already suspended by the time the lagging subscriber reads.
+        assert!(matches!(
+            ends(status(SessionState::Suspended, 8)),
             Some(Error::SessionExpired)
         ));
         assert!(matches!(

@@ -1,6 +1,6 @@
 //! A decorator of a registry for tests that need an answer to go wrong at a chosen moment.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -32,6 +32,9 @@ pub struct Faulty {
     fail_children: AtomicBool,
     hold_deletes: tokio::sync::watch::Sender<bool>,
     late_creates: Mutex<Option<std::time::Duration>>,
+    watches_opened: AtomicUsize,
+    failing_watch_opens: AtomicUsize,
+    watch_breaks: tokio::sync::watch::Sender<u64>,
 }
 
 #[allow(dead_code)] // Each test binary uses a part.
@@ -46,7 +49,25 @@ impl Faulty {
             fail_children: AtomicBool::new(false),
             hold_deletes: tokio::sync::watch::channel(false).0,
             late_creates: Mutex::new(None),
+            watches_opened: AtomicUsize::new(0),
+            failing_watch_opens: AtomicUsize::new(0),
+            watch_breaks: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// How many watch streams were opened through this registry.
+    pub fn watches_opened(&self) -> usize {
+        self.watches_opened.load(Ordering::SeqCst)
+    }
+
+    /// The next `count` watch opens fail with `Unavailable`.
+    pub fn fail_watch_opens(&self, count: usize) {
+        self.failing_watch_opens.store(count, Ordering::SeqCst);
+    }
+
+    /// Every watch stream open now yields `Unavailable` next, and ends.
+    pub fn break_watches(&self) {
+        self.watch_breaks.send_modify(|n| *n += 1);
     }
 
     /// Whether deletes (plain and by owner) wait before reaching `inner` from now on.
@@ -169,7 +190,34 @@ impl Registry for Faulty {
         self.inner.children(path).await
     }
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
-        self.inner.watch(path, options).await
+        let failing =
+            self.failing_watch_opens
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(Error::unavailable("watch open failed by the test"));
+        }
+        let mut breaks = self.watch_breaks.subscribe();
+        breaks.borrow_and_update();
+        let inner = self.inner.watch(path, options).await?;
+        self.watches_opened.fetch_add(1, Ordering::SeqCst);
+        let broken = futures::stream::unfold(
+            (inner, breaks, false),
+            |(mut inner, mut breaks, done)| async move {
+                if done {
+                    return None;
+                }
+                tokio::select! {
+                    item = futures::StreamExt::next(&mut inner) => {
+                        item.map(|item| (item, (inner, breaks, false)))
+                    }
+                    _ = breaks.changed() => Some((
+                        Err(Error::unavailable("watch broken by the test")),
+                        (inner, breaks, true),
+                    )),
+                }
+            },
+        );
+        Ok(Box::pin(broken))
     }
     async fn register(
         &self,
