@@ -483,7 +483,13 @@ fn current_node(shared: &Shared) -> Option<Node> {
 }
 
 fn owned_by_current_session(shared: &Shared, node: &Node) -> bool {
-    let session = shared.registry.session();
+    owned_by_live_session(&*shared.registry, node)
+}
+
+/// Whether `node` is an ephemeral node of `registry`'s session while that session is live:
+/// the nodes a registration leaves alone.
+pub(crate) fn owned_by_live_session(registry: &dyn Registry, node: &Node) -> bool {
+    let session = registry.session();
     session.state.is_live()
         && node.ephemeral_owner.is_some()
         && node.ephemeral_owner == session.session_id

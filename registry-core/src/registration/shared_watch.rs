@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::path::NodePath;
+use crate::registration::owned_by_live_session;
 use crate::registry::Registry;
 use crate::watch::{Snapshot, WatchEvent, WatchOptions, WatchStream};
 
@@ -153,10 +154,10 @@ async fn follow(registry: Arc<dyn Registry>, parent: NodePath, fanout: Arc<Fanou
     // Ends with the stream: when the registry closes or the watch fails.
     while let Some(item) = stream.next().await {
         match item {
-            // A registration only acts on changes its session did not make (see `heal`):
-            // its own writes' events, one per register, wake nobody.
+            // A registration leaves alone a node its live session owns (see `heal`): the
+            // events of its own writes, one per register, wake nobody.
             Ok(WatchEvent::Created(node) | WatchEvent::Updated(node))
-                if made_by_live_session(&*registry, &node) => {}
+                if owned_by_live_session(&*registry, &node) => {}
             Ok(event) => fanout.dispatch(event),
             Err(error) => {
                 fanout.end(Some(error));
@@ -165,14 +166,6 @@ async fn follow(registry: Arc<dyn Registry>, parent: NodePath, fanout: Arc<Fanou
         }
     }
     fanout.end(None);
-}
-
-/// Whether `node` is an ephemeral node of `registry`'s session while that session is live.
-fn made_by_live_session(registry: &dyn Registry, node: &Node) -> bool {
-    let session = registry.session();
-    session.state.is_live()
-        && node.ephemeral_owner.is_some()
-        && node.ephemeral_owner == session.session_id
 }
 
 /// The subscribers of one parent watch, by node path.
