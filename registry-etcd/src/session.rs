@@ -471,10 +471,16 @@ async fn keep_alive(
     }
 }
 
-/// How long the server still holds the session, if it does (a busy server may answer
-/// keep-alives late while the leases live on). Unreachable counts as gone: silent past the
-/// TTL, the leases have expired as far as any other client can tell.
-async fn still_granted(client: &mut Client, lease: i64, timeout: Duration) -> Option<Duration> {
+/// If the server still holds the session (a busy server may answer keep-alives late while
+/// the leases live on): the time left, and when it was asked, which the time left counts
+/// from (the answer may take a while to come back). Unreachable counts as gone: silent past
+/// the TTL, the leases have expired as far as any other client can tell.
+async fn still_granted(
+    client: &mut Client,
+    lease: i64,
+    timeout: Duration,
+) -> Option<(Duration, Instant)> {
+    let asked = Instant::now();
     match tokio::time::timeout(timeout, client.lease_time_to_live(lease, None)).await {
         Ok(Ok(response)) if response.ttl() > 0 => {
             tracing::info!(
@@ -482,7 +488,7 @@ async fn still_granted(client: &mut Client, lease: i64, timeout: Duration) -> Op
                 ttl = response.ttl(),
                 "etcd lease outlived a slow keep-alive"
             );
-            Some(remaining(response.ttl()))
+            Some((remaining(response.ttl()), asked))
         }
         _ => None,
     }
@@ -493,12 +499,13 @@ fn remaining(ttl_secs: i64) -> Duration {
     Duration::from_secs(u64::try_from(ttl_secs).unwrap_or(0))
 }
 
-/// When a lease of `ttl` with `remaining` left at `now` was last renewed: what the keeper
+/// When a lease of `ttl` with `remaining` left at `asked` was last renewed: what the keeper
 /// counts its silence from, so that it gives the session up when the server does, not a
 /// whole TTL after the server vouched for it.
-fn renewed_at(now: Instant, ttl: Duration, remaining: Duration) -> Instant {
-    now.checked_sub(ttl.saturating_sub(remaining))
-        .unwrap_or(now)
+fn renewed_at(asked: Instant, ttl: Duration, remaining: Duration) -> Instant {
+    asked
+        .checked_sub(ttl.saturating_sub(remaining))
+        .unwrap_or(asked)
 }
 
 /// Grants the first lease of a new session, with an ID of a new block (another if that one
@@ -673,7 +680,11 @@ impl Link {
     /// leader's loss a member may hang forwarding lease requests to it for seconds while
     /// another answers. The link moves to the first member that vouches. Unreachable
     /// everywhere counts as gone (see [`still_granted`]).
-    async fn still_granted(&mut self, lease: i64, timeout: Duration) -> Option<Duration> {
+    async fn still_granted(
+        &mut self,
+        lease: i64,
+        timeout: Duration,
+    ) -> Option<(Duration, Instant)> {
         if !self.has_others() {
             return still_granted(&mut self.client, lease, timeout).await;
         }
@@ -685,17 +696,18 @@ impl Link {
                 let connect = self.connect.clone();
                 async move {
                     let mut client = Client::connect([endpoint], Some(connect)).await.ok()?;
+                    let asked = Instant::now();
                     let ttl = client.lease_time_to_live(lease, None).await.ok()?.ttl();
-                    (ttl > 0).then_some((member, client, remaining(ttl)))
+                    (ttl > 0).then_some((member, client, (remaining(ttl), asked)))
                 }
             })
             .collect();
         let mut vouched = asks.filter_map(std::future::ready).boxed();
         match tokio::time::timeout(timeout, vouched.next()).await {
-            Ok(Some((member, client, left))) => {
-                tracing::info!(lease, ttl = left.as_secs(), endpoint = %self.endpoints[member], "etcd lease outlived a slow keep-alive");
+            Ok(Some((member, client, vouched))) => {
+                tracing::info!(lease, ttl = vouched.0.as_secs(), endpoint = %self.endpoints[member], "etcd lease outlived a slow keep-alive");
                 (self.member, self.client) = (member, client);
-                Some(left)
+                Some(vouched)
             }
             _ => None,
         }
@@ -921,11 +933,11 @@ async fn run(
                 }
                 if last_ok.elapsed() <= ttl {
                     false
-                } else if let Some(left) = link.still_granted(id, request_timeout).await {
+                } else if let Some((left, asked)) = link.still_granted(id, request_timeout).await {
                     // The server vouched for the session: that counts as hearing from it when
                     // the leases were last renewed, or the next keep-alive round would give up
                     // before its first answer.
-                    last_ok = renewed_at(Instant::now(), ttl, left);
+                    last_ok = renewed_at(asked, ttl, left);
                     false
                 } else {
                     true
