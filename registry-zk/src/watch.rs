@@ -7,7 +7,8 @@
 //! before parents, then `Created`/`Updated` in `mzxid` order; a node deleted and re-created
 //! in between (another `czxid`) is reported as both. A change undone between two reads is
 //! not seen (`Capabilities::exact_events` is false). After a session loss the next read is
-//! delivered as a `Resync`. A stream's buffer holds [`WATCH_BUFFER`] items; a consumer that
+//! delivered as a `Resync` (and a read made through the new session's client before the
+//! session's change is reported comes as one too, so a second one may follow). A stream's buffer holds [`WATCH_BUFFER`] items; a consumer that
 //! falls behind is sent one `Resync` (`Lagged`) once it catches up.
 
 use std::collections::BTreeMap;
@@ -647,10 +648,13 @@ async fn run(
                 },
                 None => WatchEvent::Snapshot(snapshot()),
             }],
-            Some(_) if now_epoch != epoch => vec![WatchEvent::Resync {
-                snapshot: snapshot(),
-                reason: ResyncReason::SessionReestablished,
-            }],
+            // A new session, as the tracker or the client read through tells first.
+            Some(_) if now_epoch != epoch || read_in != Some(reader.client.session_id()) => {
+                vec![WatchEvent::Resync {
+                    snapshot: snapshot(),
+                    reason: ResyncReason::SessionReestablished,
+                }]
+            }
             Some(_) if lagged => vec![WatchEvent::Resync {
                 snapshot: snapshot(),
                 reason: ResyncReason::Lagged,
