@@ -1393,7 +1393,8 @@ async fn a_write_that_timed_out_while_disconnected_is_applied_once() {
 /// A parent deleted and re-created with its child, again and again under a subtree watch,
 /// in one transaction or in four pipelined requests whose notifications come apart: every
 /// `Created` or `Updated` comes after its parent's, in the parent's current incarnation
-/// (commit order), and the watch ends up with both nodes.
+/// (commit order), nothing reported lives on below a node reported deleted, and the watch
+/// ends up with both nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subtree_watch_reports_a_recreated_parent_before_its_child() {
     let server = fast_server();
@@ -1434,6 +1435,16 @@ async fn a_subtree_watch_reports_a_recreated_parent_before_its_child() {
                 present.insert(n.path, n.create_order);
             }
             WatchEvent::Deleted(n) => {
+                // Nothing reported below a node goes on living after it.
+                let below: Vec<&NodePath> = present
+                    .keys()
+                    .filter(|p| p.is_within(&n.path) && **p != n.path)
+                    .collect();
+                assert!(
+                    below.is_empty(),
+                    "{} reported deleted with {below:?} below it",
+                    n.path
+                );
                 present.remove(&n.path);
             }
         };

@@ -362,9 +362,42 @@ async fn follow(
         if to_read.is_empty() {
             return Ok(Some(changes));
         }
-        for (path, node) in
-            read_nodes(reader, std::mem::take(&mut to_read), armed, &mut revision).await?
-        {
+        // A node read at a new incarnation may sit under a newer incarnation of its parent
+        // than the one held (re-created since it was listed, or not listed in this call): the
+        // parent is read again in the same pipeline, after its children, so its answer is at
+        // least as new as theirs (a session's requests are answered in order). One also read
+        // before its children in this batch is read twice, and the later answer is kept.
+        let mut parents = Vec::new();
+        if scope == WatchScope::Subtree {
+            for path in &to_read {
+                let Some(parent) = path.parent() else {
+                    continue;
+                };
+                let new = held(nodes, &changes, path).is_none() || listed.contains_key(&parent);
+                if new && parent != *root && parent.is_within(root) {
+                    parents.push(parent);
+                }
+            }
+            parents.sort();
+            parents.dedup();
+        }
+        let reading: Vec<NodePath> = std::mem::take(&mut to_read)
+            .into_iter()
+            .chain(parents)
+            .collect();
+        for (path, node) in read_nodes(reader, reading, armed, &mut revision).await? {
+            // A node already held, read at another incarnation (deleted and created again
+            // since): its parent may have been too, and is read again in the next round.
+            let recreated = node.as_ref().is_some_and(|new| {
+                held(nodes, &changes, &path).is_some_and(|old| old.create_order != new.create_order)
+            });
+            if recreated && scope == WatchScope::Subtree {
+                if let Some(parent) = path.parent().filter(|p| p != root && p.is_within(root)) {
+                    if !changes.contains_key(&parent) {
+                        to_read.push(parent);
+                    }
+                }
+            }
             match &node {
                 Some(new) if scope == WatchScope::Subtree => {
                     // Its children need a list (and child watch) of this incarnation.
