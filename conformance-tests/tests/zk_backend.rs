@@ -1391,7 +1391,8 @@ async fn a_write_that_timed_out_while_disconnected_is_applied_once() {
 }
 
 /// A parent deleted and re-created with its child, again and again under a subtree watch,
-/// in one transaction or in four pipelined requests whose notifications come apart: every
+/// in one transaction or in pipelined requests whose notifications come apart (with or
+/// without a write of the parent's value first): every
 /// `Created` or `Updated` comes after its parent's, in the parent's current incarnation
 /// (commit order), nothing reported lives on below a node reported deleted, and the watch
 /// ends up with both nodes.
@@ -1453,8 +1454,23 @@ async fn a_subtree_watch_reports_a_recreated_parent_before_its_child() {
     let writer = raw(&cs).await;
     let persistent =
         zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
-    for round in 0..200 {
-        if round % 2 == 0 {
+    for round in 0..300 {
+        if round % 3 == 2 {
+            // The parent's own data watch fires too (so it is read ahead of its child), and
+            // the next round writes the parent after its child was created.
+            let (set, a, b, c, d) = futures::join!(
+                writer.set_data("/t/x", b"v", None),
+                writer.delete("/t/x/c", None),
+                writer.delete("/t/x", None),
+                writer.create("/t/x", b"", &persistent),
+                writer.create("/t/x/c", b"", &persistent),
+            );
+            set.unwrap();
+            a.unwrap();
+            b.unwrap();
+            c.unwrap();
+            d.unwrap();
+        } else if round % 3 == 0 {
             let mut multi = writer.new_multi_writer();
             multi.add_delete("/t/x/c", None).unwrap();
             multi.add_delete("/t/x", None).unwrap();

@@ -4,11 +4,13 @@
 //! reads (data watches on nodes, child watches on parents, an existence watch on a missing
 //! root). When any watch fires, or the connection comes back, it drops the rest, reads again
 //! and emits only the net difference from what it already delivered: `Deleted` children
-//! before parents, then `Created`/`Updated` in `mzxid` order; a node deleted and re-created
-//! in between (another `czxid`) is reported as both. A change undone between two reads is
-//! not seen (`Capabilities::exact_events` is false). After a session loss the next read is
-//! delivered as a `Resync` (and a read made through the new session's client before the
-//! session's change is reported comes as one too, so a second one may follow). A stream's buffer holds [`WATCH_BUFFER`] items; a consumer that
+//! before parents, then `Created` and `Updated` ordered by the zxid each stands for (a
+//! creation's `czxid`, a write's `mzxid`), so a parent comes before its children; a node
+//! deleted and re-created in between (another `czxid`) is reported as both. A change undone
+//! between two reads is not seen (`Capabilities::exact_events` is false). After a session
+//! loss the next read is delivered as a `Resync` (a read made through the new session's
+//! client before the session's change is reported comes as one too, so a second one may
+//! follow). A stream's buffer holds [`WATCH_BUFFER`] items; a consumer that
 //! falls behind is sent one `Resync` (`Lagged`) once it catches up.
 
 use std::collections::BTreeMap;
@@ -537,7 +539,7 @@ fn diff(old: &BTreeMap<NodePath, Node>, new: &BTreeMap<NodePath, Node>) -> Vec<W
 }
 
 /// The events for `(before, after)` states of paths: `Deleted` children before parents, then
-/// `Created`/`Updated` in `mzxid` order; a re-created node (another `czxid`) is both.
+/// `Created`/`Updated` in `czxid`/`mzxid` order; a re-created node (another `czxid`) is both.
 fn events<'n>(
     states: impl Iterator<Item = (Option<&'n Node>, Option<&'n Node>)>,
 ) -> Vec<WatchEvent> {
@@ -560,8 +562,11 @@ fn events<'n>(
         }
     }
     deleted.sort_by(|a, b| b.path.cmp(&a.path));
+    // A creation counts at its `czxid`: a parent written after its child was created is
+    // still reported before it.
     changed.sort_by_key(|e| match e {
-        WatchEvent::Created(n) | WatchEvent::Updated(n) => (n.modify_order, n.path.clone()),
+        WatchEvent::Created(n) => (n.create_order, n.path.clone()),
+        WatchEvent::Updated(n) => (n.modify_order, n.path.clone()),
         _ => (0, NodePath::root()),
     });
     deleted
