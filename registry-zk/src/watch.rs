@@ -170,19 +170,30 @@ async fn read_root(reader: &Reader, path: &NodePath, read: &mut Read) -> Result<
     )))
 }
 
-/// Reads nodes below the root with data watches, pipelined. A node gone meanwhile is left
-/// out without a watch: its parent's child watch, armed before, reports it if it comes back.
+/// Reads nodes below the root with data watches, pipelined and sent in the order given. A
+/// node gone meanwhile is left out without a watch: its parent's child watch, armed before,
+/// reports it if it comes back. Those in `unwatched` are read without one (theirs is still
+/// armed: another would pile up on it).
 async fn read_nodes(
     reader: &Reader,
     paths: Vec<NodePath>,
+    unwatched: &std::collections::BTreeSet<NodePath>,
     armed: &mut NewWatches,
     revision: &mut u64,
 ) -> Result<BTreeMap<NodePath, Option<Node>>> {
     let mut results = stream::iter(paths)
         .map(|path| async move {
-            let result = reader
-                .within(reader.client.get_and_watch_data(path.as_str()))
-                .await;
+            let result = if unwatched.contains(&path) {
+                reader
+                    .within(reader.client.get_data(path.as_str()))
+                    .await
+                    .map(|(data, stat)| (data, stat, None))
+            } else {
+                reader
+                    .within(reader.client.get_and_watch_data(path.as_str()))
+                    .await
+                    .map(|(data, stat, watcher)| (data, stat, Some(watcher)))
+            };
             (path, result)
         })
         .buffer_unordered(READS_IN_FLIGHT);
@@ -190,7 +201,9 @@ async fn read_nodes(
     while let Some((path, result)) = results.next().await {
         match result {
             Ok((data, stat, watcher)) => {
-                arm(armed, &path, WatchKind::Data, watcher);
+                if let Some(watcher) = watcher {
+                    arm(armed, &path, WatchKind::Data, watcher);
+                }
                 *revision = (*revision).max(u64::try_from(stat.mzxid).unwrap_or(0));
                 let node = node_of(path.clone(), data, &stat);
                 found.insert(path, Some(node));
@@ -280,7 +293,14 @@ async fn read_scope(
             .into_iter()
             .flat_map(|(_, c)| c.map(|(_, c)| c).unwrap_or_default())
             .collect();
-        let found = read_nodes(reader, children, &mut read.armed, &mut read.revision).await?;
+        let found = read_nodes(
+            reader,
+            children,
+            &Default::default(),
+            &mut read.armed,
+            &mut read.revision,
+        )
+        .await?;
         parents = Vec::new();
         for (path, node) in found {
             if let Some(node) = node {
@@ -319,6 +339,8 @@ async fn follow(
         }
     }
     let mut changes: BTreeMap<NodePath, Option<Node>> = BTreeMap::new();
+    // Read to check an incarnation, not because their own watch fired: read without a watch.
+    let mut unwatched = std::collections::BTreeSet::new();
     // The incarnation (`czxid`) each parent was listed at in this call; `None`: it was gone.
     let mut listed: BTreeMap<NodePath, Option<u64>> = BTreeMap::new();
     let mut revision = 0;
@@ -366,10 +388,9 @@ async fn follow(
         }
         // A node read at a new incarnation may sit under a newer incarnation of its parent
         // than the one held (re-created since it was listed, or not listed in this call): the
-        // parent is read again in the same pipeline, after its children, so its answer is at
-        // least as new as theirs (a session's requests are answered in order). One also read
-        // before its children in this batch is read twice, and the later answer is kept.
-        let mut parents = Vec::new();
+        // parent is read (again) in the same pipeline, after its children, so its answer is at
+        // least as new as theirs (a session's requests are answered in order).
+        let mut after: Vec<NodePath> = Vec::new();
         if scope == WatchScope::Subtree {
             for path in &to_read {
                 let Some(parent) = path.parent() else {
@@ -377,25 +398,41 @@ async fn follow(
                 };
                 let new = held(nodes, &changes, path).is_none() || listed.contains_key(&parent);
                 if new && parent != *root && parent.is_within(root) {
-                    parents.push(parent);
+                    after.push(parent);
                 }
             }
-            parents.sort();
-            parents.dedup();
+            after.sort();
+            after.dedup();
+            // Read once, at the end; one that is not due a read of its own keeps its armed
+            // watch and is read without another.
+            for parent in &after {
+                match to_read.binary_search(parent) {
+                    Ok(at) => {
+                        to_read.remove(at);
+                    }
+                    Err(_) => {
+                        unwatched.insert(parent.clone());
+                    }
+                }
+            }
         }
         let reading: Vec<NodePath> = std::mem::take(&mut to_read)
             .into_iter()
-            .chain(parents)
+            .chain(after.iter().cloned())
             .collect();
-        for (path, node) in read_nodes(reader, reading, armed, &mut revision).await? {
+        for (path, node) in read_nodes(reader, reading, &unwatched, armed, &mut revision).await? {
             // A node already held, read at another incarnation (deleted and created again
-            // since): its parent may have been too, and is read again in the next round.
+            // since): its parent may have been too. Unless read after it just now, the parent
+            // is read again in the next round (an earlier answer may predate the child's).
             let recreated = node.as_ref().is_some_and(|new| {
                 held(nodes, &changes, &path).is_some_and(|old| old.create_order != new.create_order)
             });
             if recreated && scope == WatchScope::Subtree {
                 if let Some(parent) = path.parent().filter(|p| p != root && p.is_within(root)) {
-                    if !changes.contains_key(&parent) {
+                    if after.binary_search(&parent).is_err() {
+                        if held(nodes, &changes, &parent).is_some() {
+                            unwatched.insert(parent.clone());
+                        }
                         to_read.push(parent);
                     }
                 }
