@@ -406,6 +406,7 @@ impl HoldMonitor {
             // is opened again after a delay for as long as the session lives; only its first
             // read can show the node is still there.
             let mut stream = None;
+            let mut opened_at = tokio::time::Instant::now();
             let mut read = false;
             let mut reopen_at: Option<tokio::time::Instant> = None;
             let mut backoff = Backoff::new(WATCH_RETRY_INITIAL, WATCH_RETRY_MAX);
@@ -414,6 +415,7 @@ impl HoldMonitor {
                     match registry.watch(&node.path, WatchOptions::node()).await {
                         Ok(opened) => {
                             stream = Some(opened);
+                            opened_at = tokio::time::Instant::now();
                             read = false;
                         }
                         Err(error) if error.is_retryable() => {
@@ -465,6 +467,10 @@ impl HoldMonitor {
                             at_risk("its watch broke");
                             stream = None;
                             read = false;
+                            // Only a watch that held a while starts the delays over.
+                            if opened_at.elapsed() >= WATCH_RETRY_MAX {
+                                backoff.reset();
+                            }
                             reopen_at = Some(tokio::time::Instant::now() + backoff.next_delay());
                         }
                         None | Some(Err(_)) => { mark_lost("watch on the held node ended"); return; }
@@ -475,7 +481,6 @@ impl HoldMonitor {
                                 return;
                             }
                             read = true;
-                            backoff.reset();
                             held_again("node read again");
                         }
                         Some(Ok(_)) => {}

@@ -142,10 +142,11 @@ impl Leadership {
 
     /// Resolves once leadership can no longer be counted on: the session is suspended (the
     /// server may expire it and another candidate take over before this client learns of
-    /// it), lost or closed, or the node was deleted. Stop leading then, as Curator's
-    /// `LeaderSelector` does on `SUSPENDED`. A suspension can end with the same session and
-    /// leadership kept: [`is_leader`](Leadership::is_leader) tells, and a later call waits
-    /// again until the next suspension or loss.
+    /// it), lost or closed, the node was deleted, or the watch on it could not open or broke
+    /// (a delete would go unseen). Stop leading then, as Curator's `LeaderSelector` does on
+    /// `SUSPENDED`. A suspension can end with the same session and leadership kept, and a
+    /// watch opens again and reads the node: [`is_leader`](Leadership::is_leader) tells, and
+    /// a later call waits again until the next risk or loss.
     pub async fn lost(&self) {
         self.monitor.lost().await
     }

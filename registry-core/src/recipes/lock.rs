@@ -113,10 +113,12 @@ impl MutexGuard {
 
     /// Resolves once the lock can no longer be counted on: the session is suspended (the
     /// server may expire it and give the lock to the next contender before this client
-    /// learns of it), lost or closed, or the node was deleted by someone else. Stop acting
-    /// as the holder then, as Curator users do on `SUSPENDED`. A suspension can end with the
-    /// same session and the lock still held: [`is_held`](MutexGuard::is_held) tells, and a
-    /// later call waits again until the next suspension or loss.
+    /// learns of it), lost or closed, the node was deleted by someone else, or the watch on
+    /// it could not open or broke (a delete would go unseen). Stop acting as the holder then,
+    /// as Curator users do on `SUSPENDED`. A suspension can end with the same session and the
+    /// lock still held, and a watch opens again and reads the node:
+    /// [`is_held`](MutexGuard::is_held) tells, and a later call waits again until the next
+    /// risk or loss.
     pub async fn lost(&self) {
         self.monitor.lost().await
     }
