@@ -442,17 +442,15 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
                         env.raw.register(&p, VALUE).await?;
                         paths.push(p);
                     }
-                    RegisterOp::RawChecked => {
+                    RegisterOp::RawChecked
+                    | RegisterOp::RawCheckedDelete
+                    | RegisterOp::RawWatched => {
                         env.raw.register_checked(&p, VALUE).await?;
-                        checked_paths.push(p);
-                    }
-                    RegisterOp::RawCheckedDelete => {
-                        env.raw.register_checked(&p, VALUE).await?;
-                        checked_delete_paths.push(p);
-                    }
-                    RegisterOp::RawWatched => {
-                        env.raw.register_checked(&p, VALUE).await?;
-                        watched_paths.push(p);
+                        match op {
+                            RegisterOp::RawCheckedDelete => checked_delete_paths.push(p),
+                            RegisterOp::RawWatched => watched_paths.push(p),
+                            _ => checked_paths.push(p),
+                        }
                     }
                     RegisterOp::Create => {
                         let p = path(&p)?;

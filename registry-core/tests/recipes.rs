@@ -20,6 +20,17 @@ async fn client(store: &MemoryStore) -> Arc<dyn Registry> {
     )
 }
 
+/// Whether `guard` is held again within `bound`, with `lost()` waiting again.
+async fn held_again_within(guard: &registry_core::recipes::MutexGuard, bound: Duration) -> bool {
+    tokio::time::timeout(bound, async {
+        while !guard.is_held() || futures::FutureExt::now_or_never(guard.lost()).is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_hands_over_in_order_with_growing_tokens() {
     let store = MemoryStore::new();
@@ -331,14 +342,9 @@ async fn a_lock_at_risk_during_a_suspension_is_held_again_after_it() {
     })
     .await;
     assert!(resumed.is_ok(), "the session did not resume");
-    let held_again = tokio::time::timeout(Duration::from_secs(5), async {
-        while !guard.is_held() || futures::FutureExt::now_or_never(guard.lost()).is_some() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let held_again = held_again_within(&guard, Duration::from_secs(5)).await;
     assert!(
-        held_again.is_ok(),
+        held_again,
         "not held again, or lost() still resolved, after resuming"
     );
     guard.unlock().await.unwrap();
@@ -368,16 +374,8 @@ async fn a_lock_cut_off_before_its_watch_opens_is_held_again_after_it() {
         .unwrap();
     let at_risk = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
     assert!(at_risk.is_ok(), "not told of the suspension");
-    let held_again = tokio::time::timeout(Duration::from_secs(10), async {
-        while !guard.is_held() || futures::FutureExt::now_or_never(guard.lost()).is_some() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(
-        held_again.is_ok(),
-        "not held again after the connection came back"
-    );
+    let held_again = held_again_within(&guard, Duration::from_secs(10)).await;
+    assert!(held_again, "not held again after the connection came back");
     assert_eq!(holder.session().session_id, Some(session));
     assert!(
         store.watcher_count() > 0,
@@ -408,13 +406,8 @@ async fn a_lock_whose_watch_breaks_is_at_risk_until_its_node_is_read_again() {
     faulty.break_watches();
     let at_risk = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
     assert!(at_risk.is_ok(), "not told that its node went unwatched");
-    let held_again = tokio::time::timeout(Duration::from_secs(10), async {
-        while !guard.is_held() || futures::FutureExt::now_or_never(guard.lost()).is_some() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(held_again.is_ok(), "not held again once watched again");
+    let held_again = held_again_within(&guard, Duration::from_secs(10)).await;
+    assert!(held_again, "not held again once watched again");
     assert_eq!(faulty.watches_opened(), 2, "the watch was not opened again");
     guard.unlock().await.unwrap();
 }
