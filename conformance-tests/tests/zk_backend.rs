@@ -1511,3 +1511,80 @@ async fn a_subtree_watch_reports_a_recreated_parent_before_its_child() {
     }
     setup.close().await.unwrap();
 }
+
+/// Subtree watches opened while a parent and its child are deleted and created again (in one
+/// transaction, over and over): a first read made level by level can list a parent's new
+/// incarnation after reading its old one, and must then be made again. No stream ever shows a
+/// node whose parent is missing, or anything living on below a node reported deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subtree_watches_opened_while_a_tree_is_recreated_never_show_an_orphan() {
+    let server = fast_server();
+    let cs = server.connect_string();
+    let setup = connect(&cs, Duration::from_secs(4)).await;
+    for path in ["/t", "/t/x", "/t/x/c"] {
+        setup
+            .create(&p(path), Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    type Present = std::collections::BTreeMap<NodePath, u64>;
+    let check = |present: &Present, at: &str| {
+        for child in present.keys() {
+            let parent = child.parent().unwrap();
+            if parent != p("/t") && parent != NodePath::root() {
+                assert!(
+                    present.contains_key(&parent),
+                    "{at}: {child} shown without its parent: {present:?}"
+                );
+            }
+        }
+    };
+    let apply = |present: &mut Present, event: WatchEvent| match event {
+        WatchEvent::Snapshot(s) | WatchEvent::Resync { snapshot: s, .. } => {
+            *present = s
+                .nodes
+                .into_iter()
+                .map(|n| (n.path, n.create_order))
+                .collect();
+            check(present, "snapshot");
+        }
+        WatchEvent::Created(n) | WatchEvent::Updated(n) => {
+            present.insert(n.path, n.create_order);
+            check(present, "created");
+        }
+        WatchEvent::Deleted(n) => {
+            present.remove(&n.path);
+            let below: Vec<&NodePath> = present.keys().filter(|q| q.is_within(&n.path)).collect();
+            assert!(
+                below.is_empty(),
+                "{} reported deleted with {below:?} below it",
+                n.path
+            );
+        }
+    };
+    let writer = raw(&cs).await;
+    let persistent =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let mut streams: Vec<(registry_core::WatchStream, Present)> = Vec::new();
+    for round in 0..300 {
+        if round % 5 == 0 {
+            let stream = setup
+                .watch(&p("/t"), WatchOptions::subtree())
+                .await
+                .unwrap();
+            streams.push((stream, Present::new()));
+        }
+        let mut multi = writer.new_multi_writer();
+        multi.add_delete("/t/x/c", None).unwrap();
+        multi.add_delete("/t/x", None).unwrap();
+        multi.add_create("/t/x", b"", &persistent).unwrap();
+        multi.add_create("/t/x/c", b"", &persistent).unwrap();
+        multi.commit().await.unwrap();
+        for (stream, present) in &mut streams {
+            while let Some(Some(item)) = futures::FutureExt::now_or_never(stream.next()) {
+                apply(present, item.unwrap());
+            }
+        }
+    }
+    setup.close().await.unwrap();
+}

@@ -254,31 +254,71 @@ async fn list_children(
     Ok(listed)
 }
 
-/// Reads everything in scope, arming a watch on each part read.
+/// Full reads of a scope made again when one mixed incarnations, before giving up.
+const SCOPE_READS: usize = 4;
+
+/// Reads everything in scope, arming a watch on each part read. A read made level by level
+/// can mix incarnations (a parent read, then deleted and created again before it was listed,
+/// with the new one's children): such a read is made again. The watches it armed are kept:
+/// they still cover what they were set on, and dropped unfired each would cost a request.
 async fn read_scope(
     reader: &Reader,
     root: &NodePath,
     scope: WatchScope,
     skipped: &mut Skipped,
 ) -> Result<Read> {
+    let mut earlier: NewWatches = Vec::new();
+    for _ in 0..SCOPE_READS {
+        let (mut read, consistent) = read_scope_once(reader, root, scope, skipped).await?;
+        if consistent {
+            read.armed.append(&mut earlier);
+            return Ok(read);
+        }
+        earlier.append(&mut read.armed);
+    }
+    Err(Error::unavailable(format!(
+        "zookeeper watch {root}: the tree kept changing under the read"
+    )))
+}
+
+/// One full read of the scope, and whether every parent was still at the incarnation it
+/// was read at when listed and after its children were read.
+async fn read_scope_once(
+    reader: &Reader,
+    root: &NodePath,
+    scope: WatchScope,
+    skipped: &mut Skipped,
+) -> Result<(Read, bool)> {
     let mut read = Read {
         nodes: BTreeMap::new(),
         armed: Vec::new(),
         revision: 0,
     };
     let Some(node) = read_root(reader, root, &mut read).await? else {
-        return Ok(read);
+        return Ok((read, true));
     };
+    let root_created = node.create_order;
     if scope == WatchScope::Node {
         if !root.is_root() {
             read.nodes.insert(root.clone(), node);
         }
-        return Ok(read);
+        return Ok((read, true));
     }
     if scope == WatchScope::Subtree && !root.is_root() {
         read.nodes.insert(root.clone(), node);
     }
-    // Level by level: list the parents, then read the children found.
+    let read_at = |nodes: &BTreeMap<NodePath, Node>, parent: &NodePath| {
+        if parent == root {
+            Some(root_created)
+        } else {
+            nodes.get(parent).map(|n| n.create_order)
+        }
+    };
+    let mut consistent = true;
+    // Level by level: list the parents, then read the children found, and then the parents
+    // again (without another watch): a parent deleted and created again since it was read
+    // can be listed, or have children read, at its new incarnation. ZooKeeper answers a
+    // session's requests in order, so the parents' second answers are the newer ones.
     let mut parents = vec![root.clone()];
     while !parents.is_empty() {
         let listed = list_children(
@@ -289,20 +329,27 @@ async fn read_scope(
             skipped,
         )
         .await?;
-        let children: Vec<NodePath> = listed
-            .into_iter()
-            .flat_map(|(_, c)| c.map(|(_, c)| c).unwrap_or_default())
-            .collect();
-        let found = read_nodes(
-            reader,
-            children,
-            &Default::default(),
-            &mut read.armed,
-            &mut read.revision,
-        )
-        .await?;
+        let mut children = Vec::new();
+        let mut again = std::collections::BTreeSet::new();
+        for (parent, found) in listed {
+            let czxid = found.as_ref().map(|(czxid, _)| *czxid);
+            consistent &= czxid == read_at(&read.nodes, &parent);
+            let found = found.map(|(_, c)| c).unwrap_or_default();
+            if !found.is_empty() {
+                again.insert(parent);
+            }
+            children.extend(found);
+        }
+        let reading = children.into_iter().chain(again.iter().cloned()).collect();
+        let found =
+            read_nodes(reader, reading, &again, &mut read.armed, &mut read.revision).await?;
         parents = Vec::new();
         for (path, node) in found {
+            if again.contains(&path) {
+                let now = node.map(|n| n.create_order);
+                consistent &= now.is_some() && now == read_at(&read.nodes, &path);
+                continue;
+            }
             if let Some(node) = node {
                 read.nodes.insert(path.clone(), node);
                 if scope == WatchScope::Subtree {
@@ -311,7 +358,7 @@ async fn read_scope(
             }
         }
     }
-    Ok(read)
+    Ok((read, consistent))
 }
 
 /// What fired watches changed: the new state of each path they cover (`None`: gone), from
@@ -410,15 +457,17 @@ async fn follow(
                     Ok(at) => {
                         to_read.remove(at);
                     }
-                    Err(_) => {
+                    Err(_) if held(nodes, &changes, parent).is_some() => {
                         unwatched.insert(parent.clone());
                     }
+                    Err(_) => {}
                 }
             }
         }
+        // Deepest first: a parent after its children, and so after theirs.
         let reading: Vec<NodePath> = std::mem::take(&mut to_read)
             .into_iter()
-            .chain(after.iter().cloned())
+            .chain(after.iter().rev().cloned())
             .collect();
         for (path, node) in read_nodes(reader, reading, &unwatched, armed, &mut revision).await? {
             // A node already held, read at another incarnation (deleted and created again
