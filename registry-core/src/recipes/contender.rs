@@ -480,6 +480,10 @@ impl HoldMonitor {
                                 mark_lost("held node missing");
                                 return;
                             }
+                            if !read {
+                                // How long this watch holds counts from its first read.
+                                opened_at = tokio::time::Instant::now();
+                            }
                             read = true;
                             held_again("node read again");
                         }
@@ -511,8 +515,9 @@ impl HoldMonitor {
             && session.session_id == self.owner
     }
 
-    /// Resolves while the hold is lost or at risk (its session suspended); after a
-    /// suspension that ends with the same session, a later call waits again.
+    /// Resolves while the hold is lost or at risk (its session suspended, or its node
+    /// unwatched); once the same session is back and a watch has read the node, a later call
+    /// waits again.
     pub(crate) async fn lost(&self) {
         let mut rx = self.lost.clone();
         let _ = rx.wait_for(|lost| *lost).await;
