@@ -260,7 +260,7 @@ const SCOPE_READS: usize = 4;
 /// Reads everything in scope, arming a watch on each part read. A read made level by level
 /// can mix incarnations (a parent read, then deleted and created again before it was listed,
 /// with the new one's children): such a read is made again. The watches it armed are kept:
-/// they still cover what they were set on, and dropped unfired each would cost a request.
+/// they still cover what they were set on (a fired one only causes a re-read).
 async fn read_scope(
     reader: &Reader,
     root: &NodePath,
@@ -332,8 +332,10 @@ async fn read_scope_once(
         let mut children = Vec::new();
         let mut again = std::collections::BTreeSet::new();
         for (parent, found) in listed {
-            let czxid = found.as_ref().map(|(czxid, _)| *czxid);
-            consistent &= czxid == read_at(&read.nodes, &parent);
+            // Gone by now is no mix: nothing is read below it, and its watches have fired.
+            if let Some((czxid, _)) = &found {
+                consistent &= Some(*czxid) == read_at(&read.nodes, &parent);
+            }
             let found = found.map(|(_, c)| c).unwrap_or_default();
             if !found.is_empty() {
                 again.insert(parent);
@@ -343,11 +345,21 @@ async fn read_scope_once(
         let reading = children.into_iter().chain(again.iter().cloned()).collect();
         let found =
             read_nodes(reader, reading, &again, &mut read.armed, &mut read.revision).await?;
+        // A parent deleted since its children were read leaves them out (no orphan; the
+        // watches armed on them report what comes next); one created again is a mix.
+        let mut gone = std::collections::BTreeSet::new();
+        for parent in &again {
+            match found.get(parent) {
+                Some(Some(now)) if Some(now.create_order) == read_at(&read.nodes, parent) => {}
+                Some(None) => {
+                    gone.insert(parent.clone());
+                }
+                _ => consistent = false,
+            }
+        }
         parents = Vec::new();
         for (path, node) in found {
-            if again.contains(&path) {
-                let now = node.map(|n| n.create_order);
-                consistent &= now.is_some() && now == read_at(&read.nodes, &path);
+            if again.contains(&path) || path.parent().is_some_and(|p| gone.contains(&p)) {
                 continue;
             }
             if let Some(node) = node {
