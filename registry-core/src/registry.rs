@@ -172,10 +172,10 @@ pub trait Registry: Send + Sync + 'static {
     /// snapshot. Where the backend cannot guarantee continuity (reconnect, session loss,
     /// compaction, a consumer too slow), it yields a [`Resync`](crate::WatchEvent::Resync)
     /// with a fresh snapshot, so a consumer applying every item converges to the server's state.
-    /// Backends without [`Capabilities::exact_events`] deliver the net change between reads,
-    /// ordered by the revision each event stands for (a creation's, a write's), so a parent's
-    /// `Created` comes before its children's and their `Deleted` before its own; a `Created`
-    /// node may carry a write made after its creation.
+    /// Backends without [`Capabilities::exact_events`] deliver the net change between reads:
+    /// first every `Deleted`, children before parents, then `Created` and `Updated` ordered by
+    /// the revision each stands for (a creation's, a write's), so a parent's `Created` comes
+    /// before its children's; a `Created` node may carry a write made after its creation.
     ///
     /// The stream never ends silently: it ends when dropped, after an error item it cannot
     /// recover from, or when the registry is closed. Dropping it releases the server-side
