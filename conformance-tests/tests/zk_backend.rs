@@ -1390,6 +1390,48 @@ async fn a_write_that_timed_out_while_disconnected_is_applied_once() {
     setup.close().await.unwrap();
 }
 
+/// Each node a watch reported, by path, with its create order.
+type Present = std::collections::BTreeMap<NodePath, u64>;
+
+fn create_orders(snapshot: registry_core::Snapshot) -> Present {
+    snapshot
+        .nodes
+        .into_iter()
+        .map(|n| (n.path, n.create_order))
+        .collect()
+}
+
+/// Nothing reported below a node reported deleted goes on living after it.
+fn assert_nothing_below(present: &Present, deleted: &NodePath) {
+    let below: Vec<&NodePath> = present.keys().filter(|q| q.is_within(deleted)).collect();
+    assert!(
+        below.is_empty(),
+        "{deleted} reported deleted with {below:?} below it"
+    );
+}
+
+/// `/t`, its child `/t/x` and grandchild `/t/x/c`, persistent.
+async fn create_parent_and_child(setup: &Arc<ZkRegistry>) {
+    for path in ["/t", "/t/x", "/t/x/c"] {
+        setup
+            .create(&p(path), Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+}
+
+/// Deletes `/t/x/c` and `/t/x` and creates them again, in one transaction.
+async fn recreate_parent_and_child(writer: &zookeeper_client::Client) {
+    let persistent =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let mut multi = writer.new_multi_writer();
+    multi.add_delete("/t/x/c", None).unwrap();
+    multi.add_delete("/t/x", None).unwrap();
+    multi.add_create("/t/x", b"", &persistent).unwrap();
+    multi.add_create("/t/x/c", b"", &persistent).unwrap();
+    multi.commit().await.unwrap();
+}
+
 /// A parent deleted and re-created with its child, again and again under a subtree watch,
 /// in one transaction or in pipelined requests whose notifications come apart (with or
 /// without a write of the parent's value first): every
@@ -1401,54 +1443,35 @@ async fn a_subtree_watch_reports_a_recreated_parent_before_its_child() {
     let server = fast_server();
     let cs = server.connect_string();
     let setup = connect(&cs, Duration::from_secs(4)).await;
-    for path in ["/t", "/t/x", "/t/x/c"] {
-        setup
-            .create(&p(path), Bytes::new(), CreateMode::Persistent)
-            .await
-            .unwrap();
-    }
+    create_parent_and_child(&setup).await;
     let mut stream = setup
         .watch(&p("/t"), WatchOptions::subtree())
         .await
         .unwrap();
     // Each node the watch reports, by path, with its create order.
-    let mut present: std::collections::BTreeMap<NodePath, u64> = Default::default();
-    let apply =
-        |present: &mut std::collections::BTreeMap<NodePath, u64>, event: WatchEvent| match event {
-            WatchEvent::Snapshot(s) | WatchEvent::Resync { snapshot: s, .. } => {
-                *present = s
-                    .nodes
-                    .into_iter()
-                    .map(|n| (n.path, n.create_order))
-                    .collect();
-            }
-            WatchEvent::Created(n) | WatchEvent::Updated(n) => {
-                let parent = n.path.parent().unwrap();
-                if parent != p("/t") {
-                    let parent_created = present.get(&parent).copied();
-                    assert!(
-                        parent_created.is_some_and(|c| c <= n.create_order),
-                        "{} (created at {}) reported under {parent} created at {parent_created:?}",
-                        n.path,
-                        n.create_order
-                    );
-                }
-                present.insert(n.path, n.create_order);
-            }
-            WatchEvent::Deleted(n) => {
-                // Nothing reported below a node goes on living after it.
-                let below: Vec<&NodePath> = present
-                    .keys()
-                    .filter(|p| p.is_within(&n.path) && **p != n.path)
-                    .collect();
+    let mut present = Present::new();
+    let apply = |present: &mut Present, event: WatchEvent| match event {
+        WatchEvent::Snapshot(s) | WatchEvent::Resync { snapshot: s, .. } => {
+            *present = create_orders(s);
+        }
+        WatchEvent::Created(n) | WatchEvent::Updated(n) => {
+            let parent = n.path.parent().unwrap();
+            if parent != p("/t") {
+                let parent_created = present.get(&parent).copied();
                 assert!(
-                    below.is_empty(),
-                    "{} reported deleted with {below:?} below it",
-                    n.path
+                    parent_created.is_some_and(|c| c <= n.create_order),
+                    "{} (created at {}) reported under {parent} created at {parent_created:?}",
+                    n.path,
+                    n.create_order
                 );
-                present.remove(&n.path);
             }
-        };
+            present.insert(n.path, n.create_order);
+        }
+        WatchEvent::Deleted(n) => {
+            present.remove(&n.path);
+            assert_nothing_below(present, &n.path);
+        }
+    };
     let first = next_event(&mut stream, "snapshot").await;
     apply(&mut present, first);
     let writer = raw(&cs).await;
@@ -1471,12 +1494,7 @@ async fn a_subtree_watch_reports_a_recreated_parent_before_its_child() {
             c.unwrap();
             d.unwrap();
         } else if round % 3 == 0 {
-            let mut multi = writer.new_multi_writer();
-            multi.add_delete("/t/x/c", None).unwrap();
-            multi.add_delete("/t/x", None).unwrap();
-            multi.add_create("/t/x", b"", &persistent).unwrap();
-            multi.add_create("/t/x/c", b"", &persistent).unwrap();
-            multi.commit().await.unwrap();
+            recreate_parent_and_child(&writer).await;
         } else {
             let (a, b, c, d) = futures::join!(
                 writer.delete("/t/x/c", None),
@@ -1521,13 +1539,7 @@ async fn subtree_watches_opened_while_a_tree_is_recreated_never_show_an_orphan()
     let server = fast_server();
     let cs = server.connect_string();
     let setup = connect(&cs, Duration::from_secs(4)).await;
-    for path in ["/t", "/t/x", "/t/x/c"] {
-        setup
-            .create(&p(path), Bytes::new(), CreateMode::Persistent)
-            .await
-            .unwrap();
-    }
-    type Present = std::collections::BTreeMap<NodePath, u64>;
+    create_parent_and_child(&setup).await;
     let check = |present: &Present, at: &str| {
         for child in present.keys() {
             let parent = child.parent().unwrap();
@@ -1541,11 +1553,7 @@ async fn subtree_watches_opened_while_a_tree_is_recreated_never_show_an_orphan()
     };
     let apply = |present: &mut Present, event: WatchEvent| match event {
         WatchEvent::Snapshot(s) | WatchEvent::Resync { snapshot: s, .. } => {
-            *present = s
-                .nodes
-                .into_iter()
-                .map(|n| (n.path, n.create_order))
-                .collect();
+            *present = create_orders(s);
             check(present, "snapshot");
         }
         WatchEvent::Created(n) | WatchEvent::Updated(n) => {
@@ -1554,17 +1562,10 @@ async fn subtree_watches_opened_while_a_tree_is_recreated_never_show_an_orphan()
         }
         WatchEvent::Deleted(n) => {
             present.remove(&n.path);
-            let below: Vec<&NodePath> = present.keys().filter(|q| q.is_within(&n.path)).collect();
-            assert!(
-                below.is_empty(),
-                "{} reported deleted with {below:?} below it",
-                n.path
-            );
+            assert_nothing_below(present, &n.path);
         }
     };
     let writer = raw(&cs).await;
-    let persistent =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
     let mut streams: Vec<(registry_core::WatchStream, Present)> = Vec::new();
     for round in 0..300 {
         if round % 5 == 0 {
@@ -1574,12 +1575,7 @@ async fn subtree_watches_opened_while_a_tree_is_recreated_never_show_an_orphan()
                 .unwrap();
             streams.push((stream, Present::new()));
         }
-        let mut multi = writer.new_multi_writer();
-        multi.add_delete("/t/x/c", None).unwrap();
-        multi.add_delete("/t/x", None).unwrap();
-        multi.add_create("/t/x", b"", &persistent).unwrap();
-        multi.add_create("/t/x/c", b"", &persistent).unwrap();
-        multi.commit().await.unwrap();
+        recreate_parent_and_child(&writer).await;
         for (stream, present) in &mut streams {
             while let Some(Some(item)) = futures::FutureExt::now_or_never(stream.next()) {
                 apply(present, item.unwrap());

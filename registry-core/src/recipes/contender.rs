@@ -435,12 +435,6 @@ impl HoldMonitor {
                         None => std::future::pending().await,
                     }
                 };
-                let reopen = async {
-                    match reopen_at {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 tokio::select! {
                     status = sessions.next() => {
                         match session_ended(status, owner) {
@@ -489,7 +483,8 @@ impl HoldMonitor {
                         }
                         Some(Ok(_)) => {}
                     },
-                    () = reopen => reopen_at = None,
+                    () = tokio::time::sleep_until(reopen_at.unwrap_or_else(tokio::time::Instant::now)),
+                        if reopen_at.is_some() => reopen_at = None,
                 }
             }
         }
