@@ -97,6 +97,7 @@ macro_rules! conformance_suite {
             watch_subtree_scope,
             watch_model_check,
             watch_from_revision,
+            watch_deletions_only,
             watch_drop_releases,
             register_deregister_and_drop,
             delete_owned_spares_other_owners,

@@ -270,9 +270,14 @@ impl Registry for DualRegistry {
                 what: "watching from a revision with merged reads".into(),
             });
         }
-        let primary = self.primary.watch(path, options.clone()).await?;
-        let secondary = self.secondary.watch(path, options).await?;
-        Ok(merge_watches(primary, secondary))
+        // The merge needs every write of both sides to tell which nodes either still has.
+        let every_event = WatchOptions {
+            deletions_only: false,
+            ..options.clone()
+        };
+        let primary = self.primary.watch(path, every_event.clone()).await?;
+        let secondary = self.secondary.watch(path, every_event).await?;
+        Ok(options.filter(merge_watches(primary, secondary)))
     }
 
     #[tracing::instrument(level = "debug", skip(self, value), fields(path = %path))]

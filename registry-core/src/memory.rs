@@ -790,11 +790,12 @@ impl Registry for MemoryRegistry {
             lagged,
             first,
         };
-        Ok(stream::unfold(feed, |mut feed| async move {
+        let events = stream::unfold(feed, |mut feed| async move {
             let event = feed.next().await?;
             Some((Ok(event), feed))
         })
-        .boxed())
+        .boxed();
+        Ok(options.filter(events))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]

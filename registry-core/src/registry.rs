@@ -177,6 +177,11 @@ pub trait Registry: Send + Sync + 'static {
     /// the revision each stands for (a creation's, a write's), so a parent's `Created` comes
     /// before its children's; a `Created` node may carry a write made after its creation.
     ///
+    /// With [`WatchOptions::deletions_only`] the stream leaves out `Created` and `Updated`
+    /// (its snapshots and resyncs still show every node in scope). A `Deleted` node the
+    /// stream showed is reported as shown or later; one it never showed may carry only its
+    /// path and, in `modify_order`, the delete's revision.
+    ///
     /// The stream never ends silently: it ends when dropped, after an error item it cannot
     /// recover from, or when the registry is closed. Dropping it releases the server-side
     /// watch. Buffering per stream is bounded; a consumer that falls behind gets a `Resync`

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use futures::stream::BoxStream;
+use futures::StreamExt;
 
 use crate::error::Result;
 use crate::node::{Node, Revision};
@@ -41,6 +42,10 @@ pub struct WatchOptions {
     /// [`Capabilities::watch_from_revision`](crate::Capabilities::watch_from_revision) is true
     /// honour it exactly; the others start with a [`WatchEvent::Resync`].
     pub after: Option<Revision>,
+    /// Leave out `Created` and `Updated` events: the stream carries its snapshots, resyncs and
+    /// `Deleted` events only (see [`Registry::watch`](crate::Registry::watch)). etcd then
+    /// sends no writes at all; the other backends drop them in the client.
+    pub deletions_only: bool,
 }
 
 impl WatchOptions {
@@ -53,7 +58,7 @@ impl WatchOptions {
     pub fn children() -> Self {
         WatchOptions {
             scope: WatchScope::Children,
-            after: None,
+            ..Self::default()
         }
     }
 
@@ -61,7 +66,7 @@ impl WatchOptions {
     pub fn subtree() -> Self {
         WatchOptions {
             scope: WatchScope::Subtree,
-            after: None,
+            ..Self::default()
         }
     }
 
@@ -69,6 +74,27 @@ impl WatchOptions {
     pub fn after(mut self, revision: Revision) -> Self {
         self.after = Some(revision);
         self
+    }
+
+    /// Only deletions (see [`WatchOptions::deletions_only`]): for a consumer that acts only
+    /// when nodes go, such as a registration's healer, which then costs nothing per write.
+    pub fn deletions_only(mut self) -> Self {
+        self.deletions_only = true;
+        self
+    }
+
+    /// `stream` without the events these options leave out; for backends that cannot leave
+    /// them out on the server.
+    pub fn filter(&self, stream: WatchStream) -> WatchStream {
+        if !self.deletions_only {
+            return stream;
+        }
+        stream
+            .filter(|item| {
+                let keep = !matches!(item, Ok(WatchEvent::Created(_) | WatchEvent::Updated(_)));
+                std::future::ready(keep)
+            })
+            .boxed()
     }
 }
 

@@ -1302,7 +1302,7 @@ impl Registry for EtcdRegistry {
         Ok(watch::open(
             self.shared.clone(),
             path.clone(),
-            options.scope,
+            &options,
             after,
         ))
     }

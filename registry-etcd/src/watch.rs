@@ -16,19 +16,22 @@
 //!
 //! A deleted node is reported as last delivered, from the task's copy of the scope: etcd's
 //! `prev_kv` would cost the server a read per event and watcher. Only a stream started after a
-//! revision, which has no snapshot to start the copy from, asks etcd for it.
+//! revision, which has no snapshot to start the copy from, asks etcd for it. A
+//! deletions-only stream asks etcd to leave out puts (`NoPut`), so its copy never learns of
+//! nodes written after its read: their deletions carry the key and the delete's revision.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions as EtcdWatchOptions,
+    EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchFilterType,
+    WatchOptions as EtcdWatchOptions,
 };
 use futures::StreamExt;
 use registry_core::{
-    Backoff, Error, Node, NodePath, Result, ResyncReason, Snapshot, WatchEvent, WatchScope,
-    WatchStream,
+    Backoff, Error, Node, NodePath, Result, ResyncReason, Snapshot, WatchEvent, WatchOptions,
+    WatchScope, WatchStream,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
@@ -77,15 +80,14 @@ pub(crate) async fn read_scope(
     Ok((nodes, revision))
 }
 
-fn watch_range(
-    keys: &Keys,
-    root: &NodePath,
-    scope: WatchScope,
-    prev_kv: bool,
-) -> (String, EtcdWatchOptions) {
+fn watch_range(keys: &Keys, watched: &Watched, prev_kv: bool) -> (String, EtcdWatchOptions) {
+    let (root, scope) = (&watched.root, watched.scope);
     let mut options = EtcdWatchOptions::new().with_progress_notify();
     if prev_kv {
         options = options.with_prev_key();
+    }
+    if watched.deletions_only {
+        options = options.with_filters([WatchFilterType::NoPut]);
     }
     match (scope, root.is_root()) {
         (WatchScope::Node, _) => (keys.node(root), options),
@@ -98,6 +100,14 @@ fn watch_range(
             (key, options.with_range(end))
         }
     }
+}
+
+/// What a stream watches.
+struct Watched {
+    root: NodePath,
+    scope: WatchScope,
+    /// Puts are left out on the server (see [`WatchOptions::deletions_only`]).
+    deletions_only: bool,
 }
 
 enum Break {
@@ -115,13 +125,19 @@ enum Break {
 pub(crate) fn open(
     shared: Arc<Shared>,
     root: NodePath,
-    scope: WatchScope,
+    options: &WatchOptions,
     after: Option<i64>,
 ) -> WatchStream {
     let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-    let span = tracing::debug_span!("etcd_watch", path = %root, ?scope);
+    let scope = options.scope;
+    let span = tracing::debug_span!("etcd_watch", path = %root, ?scope, deletions_only = options.deletions_only);
     let shutdown = shared.shutdown.subscribe();
-    tokio::spawn(run(shared, root, scope, after, tx, shutdown).instrument(span));
+    let watched = Watched {
+        root,
+        scope,
+        deletions_only: options.deletions_only,
+    };
+    tokio::spawn(run(shared, watched, after, tx, shutdown).instrument(span));
     tokio_stream_from(rx)
 }
 
@@ -134,8 +150,7 @@ fn tokio_stream_from(rx: mpsc::Receiver<Result<WatchEvent>>) -> WatchStream {
 
 async fn run(
     shared: Arc<Shared>,
-    root: NodePath,
-    scope: WatchScope,
+    watched: Watched,
     after: Option<i64>,
     tx: mpsc::Sender<Result<WatchEvent>>,
     mut shutdown: watch::Receiver<bool>,
@@ -151,7 +166,7 @@ async fn run(
             return;
         }
         if let Some(reason) = pending.take() {
-            match read_scope(&shared, &root, scope).await {
+            match read_scope(&shared, &watched.root, watched.scope).await {
                 Ok((nodes, revision)) => {
                     known = Some(nodes.iter().map(|n| (n.path.clone(), n.clone())).collect());
                     let snapshot = Snapshot {
@@ -189,8 +204,7 @@ async fn run(
         let mut established = None;
         match follow(
             &shared,
-            &root,
-            scope,
+            &watched,
             &mut last,
             &mut known,
             &tx,
@@ -262,15 +276,15 @@ async fn end_with(
 #[allow(clippy::too_many_arguments)]
 async fn follow(
     shared: &Shared,
-    root: &NodePath,
-    scope: WatchScope,
+    watched: &Watched,
     last: &mut i64,
     known: &mut Option<HashMap<NodePath, Node>>,
     tx: &mpsc::Sender<Result<WatchEvent>>,
     shutdown: &mut watch::Receiver<bool>,
     established: &mut Option<tokio::time::Instant>,
 ) -> Break {
-    let (key, options) = watch_range(&shared.keys, root, scope, known.is_none());
+    let (root, scope) = (&watched.root, watched.scope);
+    let (key, options) = watch_range(&shared.keys, watched, known.is_none());
     // Saturating: `last` may come from a server's header (lib.rs bounds the caller's).
     let options = options.with_start_revision(last.saturating_add(1));
     // Dropped on return, which cancels the watch on the server.

@@ -1056,12 +1056,13 @@ impl Registry for ZkRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, scope = ?options.scope))]
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
         self.shared.client()?;
-        Ok(watch::open(
+        // ZooKeeper cannot leave out writes: they are dropped here.
+        Ok(options.filter(watch::open(
             self.shared.clone(),
             path.clone(),
             options.scope,
             options.after.is_some(),
-        ))
+        )))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]

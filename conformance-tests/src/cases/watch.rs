@@ -47,7 +47,13 @@ async fn scope_case(fx: &dyn Fixture, case: &'static str, scope: WatchScope) -> 
             .unwrap_or_else(|e| panic!("{at} create {path}: {e}"));
     }
     let mut stream = c
-        .watch(&root, WatchOptions { scope, after: None })
+        .watch(
+            &root,
+            WatchOptions {
+                scope,
+                ..WatchOptions::default()
+            },
+        )
         .await
         .unwrap_or_else(|e| panic!("{at} watch: {e}"));
     let expected_snapshot: &[&str] = match scope {
@@ -226,7 +232,7 @@ pub async fn watch_model_check(fx: &dyn Fixture) -> Outcome {
                 path,
                 WatchOptions {
                     scope: *scope,
-                    after: None,
+                    ..WatchOptions::default()
                 },
             )
             .await
@@ -325,6 +331,68 @@ pub async fn watch_from_revision(fx: &dyn Fixture) -> Outcome {
             "{at}"
         ),
         other => panic!("{at} expected the delete of /r/a, got {other:?}"),
+    }
+    env.finish().await
+}
+
+/// A deletions-only watch shows every node in its snapshot and then only deletions, of nodes
+/// it showed and of nodes created after it, in commit order; no write reaches it.
+pub async fn watch_deletions_only(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "watch_deletions_only");
+    let c = env.client().await;
+    let writer = env.client().await;
+    let at = env.at();
+    c.create(&p("/o"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create /o: {e}"));
+    let a = c
+        .create(&p("/o/a"), Bytes::from("0"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create /o/a: {e}"));
+    let mut stream = c
+        .watch(&p("/o"), WatchOptions::children().deletions_only())
+        .await
+        .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+    match next_event(&mut stream, "snapshot").await {
+        WatchEvent::Snapshot(s) => {
+            let paths: Vec<_> = s.nodes.iter().map(|n| n.path.as_str()).collect();
+            assert_eq!(paths, ["/o/a"], "{at} snapshot");
+        }
+        other => panic!("{at} first item is not a snapshot: {other:?}"),
+    }
+    writer
+        .set(&p("/o/a"), Bytes::from("1"), Expected::Any)
+        .await
+        .unwrap_or_else(|e| panic!("{at} set /o/a: {e}"));
+    let b = writer
+        .create(&p("/o/b"), Bytes::from("0"), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create /o/b: {e}"));
+    writer
+        .set(&p("/o/b"), Bytes::from("1"), Expected::Any)
+        .await
+        .unwrap_or_else(|e| panic!("{at} set /o/b: {e}"));
+    // One deletion at a time: a backend that reports the net change between its reads has
+    // read /o/b by the time it reports /o/a gone, so /o/b's deletion is a change it sees.
+    // A write that got through would come before the deletion after it (commit order).
+    for (path, created) in [("/o/a", a.create_order), ("/o/b", b.create_order)] {
+        writer
+            .delete(&p(path), Expected::Any, DeleteScope::Node)
+            .await
+            .unwrap_or_else(|e| panic!("{at} delete {path}: {e}"));
+        match next_event(&mut stream, &format!("{at} delete of {path}")).await {
+            WatchEvent::Deleted(n) => {
+                assert_eq!(n.path.as_str(), path, "{at} deletion");
+                // The delete's revision, or the last write the backend saw: never before the
+                // creation, which is what a registration tells incarnations apart by.
+                assert!(
+                    n.modify_order >= created,
+                    "{at} {path} reported at {}, before its creation at {created}",
+                    n.modify_order
+                );
+            }
+            other => panic!("{at} expected only the delete of {path}, got {other:?}"),
+        }
     }
     env.finish().await
 }

@@ -403,7 +403,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Scope::Subtree => WatchScope::Subtree,
             };
             let mut stream = reg
-                .watch(&target, WatchOptions { scope, after: None })
+                .watch(
+                    &target,
+                    WatchOptions {
+                        scope,
+                        ..WatchOptions::default()
+                    },
+                )
                 .await?;
             // One future for the whole loop: a new one per item could miss a Ctrl-C that
             // arrives between two of them.
