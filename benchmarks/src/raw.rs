@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use etcd_client::{
     Client as EtcdClient, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, WatchOptions as EtcdWatchOptions, WatchStream as EtcdWatchStream,
+    Txn, TxnOp, WatchFilterType, WatchOptions as EtcdWatchOptions, WatchStream as EtcdWatchStream,
 };
 use futures::{stream, StreamExt};
 use tokio::sync::mpsc::UnboundedSender;
@@ -570,6 +570,26 @@ impl Raw {
                 }))
             }
         }
+    }
+
+    /// Watches the deletions of `parent`'s children (etcd's `NoPut` filter), as our
+    /// registrations' shared watch does, reading and dropping them. Returns once the watch is
+    /// in place. etcd only: ZooKeeper cannot leave writes out.
+    pub async fn watch_deletions(&self, parent: &str) -> BenchResult<Task> {
+        let Raw::Etcd { client, .. } = self else {
+            return Err("a deletions-only watch needs etcd".into());
+        };
+        let options = EtcdWatchOptions::new()
+            .with_prefix()
+            .with_filters([WatchFilterType::NoPut]);
+        let mut stream = etcd_watch(client, &format!("{parent}/"), Some(options)).await?;
+        Ok(Task::spawn(async move {
+            for _ in 0..MAX_WATCH_EVENTS {
+                if !matches!(stream.message().await, Ok(Some(_))) {
+                    return;
+                }
+            }
+        }))
     }
 
     /// Watches the children of `parent`, reading each new child's value; sends the number of

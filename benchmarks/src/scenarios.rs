@@ -313,8 +313,8 @@ async fn raw_register_many(raw: &Raw, parent: &str, n: usize) -> BenchResult<Vec
 /// equivalent). Removals mirror them: a raw delete, a raw delete only while the session owns
 /// the node, our `delete`, our `deregister()`. On etcd a fifth op writes as `RawChecked`
 /// does and removes with the checks of our `delete` (a ZooKeeper delete makes them itself),
-/// and a sixth does `RawChecked`'s work under a parent the raw client watches, as our
-/// registrations' shared healing watch does: what a watched write costs the server.
+/// and a sixth does `RawChecked`'s work under a parent the raw client watches for deletions,
+/// as our registrations' shared healing watch does: what such a watcher costs the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RegisterOp {
     Raw,
@@ -411,14 +411,13 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         env.raw
             .put(&base(RegisterOp::RawCheckedDelete), b"")
             .await?;
-        // Watched as our registrations' parent is, for the rep; the events are not looked at.
-        let (seen, _unread) = unbounded_channel();
+        // Watched as our registrations' parent is (deletions only), for the rep.
         let _raw_watch = match env.backend {
             Backend::Etcd => {
                 env.raw.put(&base(RegisterOp::RawWatched), b"").await?;
                 Some(
                     env.raw
-                        .watch_children(&base(RegisterOp::RawWatched), seen)
+                        .watch_deletions(&base(RegisterOp::RawWatched))
                         .await?,
                 )
             }
@@ -585,7 +584,7 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             "register latency (raw: same Txn, parent watched)",
             &writes.against(&writes.register, RegisterOp::RawWatched),
             slack,
-            "raw: our create's Txn under a parent the raw client watches (as our registrations share one watch per parent); ours: register()",
+            "raw: our create's Txn under a parent the raw client watches for deletions (as our registrations share one such watch per parent); ours: register()",
         );
     }
     let owner_checked_note = match env.backend {
@@ -611,7 +610,7 @@ pub async fn register(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
             "deregister latency (raw: same owner check, parent watched)",
             &removals.against(&removals.register, RegisterOp::RawWatched),
             slack,
-            "raw: a Txn that deletes the key only under the session lease, under a parent the raw client watches; ours: deregister()",
+            "raw: a Txn that deletes the key only under the session lease, under a parent the raw client watches for deletions; ours: deregister()",
         );
     }
     env.writer.delete_tree("/bench/register").await

@@ -194,7 +194,10 @@ impl Registration {
     /// As [`start`](Registration::start), but the registration hears of its node through its
     /// parent's children watch in `watches`, shared with the client's other registrations
     /// under that parent: one server-side watch per parent instead of one per node. For
-    /// backends whose watchers are costly in numbers (etcd).
+    /// backends whose watchers are costly in numbers (etcd). The shared watch asks for
+    /// deletions only, so writes under the parent cost nothing: a node replaced without being
+    /// deleted first (which only a raw etcd client can do, overwriting the key) is noticed at
+    /// the parent's next read, after a reconnect.
     pub async fn start_shared(
         registry: Arc<dyn Registry>,
         watches: &RegistrationWatches,
@@ -482,14 +485,10 @@ fn current_node(shared: &Shared) -> Option<Node> {
     }
 }
 
-fn owned_by_current_session(shared: &Shared, node: &Node) -> bool {
-    owned_by_live_session(&*shared.registry, node)
-}
-
-/// Whether `node` is an ephemeral node of `registry`'s session while that session is live:
+/// Whether `node` is an ephemeral node of the registry's session while that session is live:
 /// the nodes a registration leaves alone.
-pub(crate) fn owned_by_live_session(registry: &dyn Registry, node: &Node) -> bool {
-    let session = registry.session();
+fn owned_by_current_session(shared: &Shared, node: &Node) -> bool {
+    let session = shared.registry.session();
     session.state.is_live()
         && node.ephemeral_owner.is_some()
         && node.ephemeral_owner == session.session_id
@@ -848,13 +847,7 @@ async fn heal(
                     }
                 }
                 Some(Ok(WatchEvent::Deleted(gone))) => {
-                    // A late event about an earlier incarnation (the lost session's node, after
-                    // ours was already re-created) says nothing about the current one.
-                    let stale = current_node(&shared).is_some_and(|now| {
-                        (gone.ephemeral_owner.is_some()
-                            && gone.ephemeral_owner != now.ephemeral_owner)
-                            || (gone.create_order != 0 && gone.create_order < now.create_order)
-                    });
+                    let stale = current_node(&shared).is_some_and(|now| earlier(&gone, &now));
                     if !stale {
                         set_recreating(&shared, "node deleted");
                         needs_ensure = true;
@@ -869,6 +862,17 @@ async fn heal(
         }
     }
     shared.status.send_replace(RegistrationStatus::Deregistered);
+}
+
+/// Whether deleted node `gone` was an incarnation before `now`: a late event about it (the lost
+/// session's node, after ours was already re-created) says nothing about the current one. A
+/// shared watch's deletion may carry only its revision (it asks for deletions only); one older
+/// than our node's creation is an earlier incarnation's, as every write to ours, and its
+/// deletion, come after that.
+fn earlier(gone: &Node, now: &Node) -> bool {
+    (gone.ephemeral_owner.is_some() && gone.ephemeral_owner != now.ephemeral_owner)
+        || (gone.create_order != 0 && gone.create_order < now.create_order)
+        || (gone.modify_order != 0 && gone.modify_order < now.create_order)
 }
 
 /// Sleeps for `delay`; returns true if asked to stop meanwhile.
@@ -951,5 +955,33 @@ async fn delete_own(
             }
             Err(error) => return Err(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::SessionId;
+
+    fn node(owner: Option<i64>, created: u64, modified: u64) -> Node {
+        Node {
+            create_order: created,
+            modify_order: modified,
+            ..Node::empty(NodePath::new("/svc/a").unwrap(), owner.map(SessionId))
+        }
+    }
+
+    #[test]
+    fn a_deletion_is_told_apart_from_the_current_incarnation() {
+        let now = node(Some(2), 10, 12);
+        // Reported in full: by owner, or by creation.
+        assert!(earlier(&node(Some(1), 10, 11), &now));
+        assert!(earlier(&node(Some(2), 5, 6), &now));
+        assert!(!earlier(&node(Some(2), 10, 12), &now));
+        // Reported by a deletions-only watch that never saw the node: key and delete revision.
+        assert!(earlier(&node(None, 0, 9), &now));
+        assert!(!earlier(&node(None, 0, 13), &now));
+        // Nothing to go by: taken as ours, which a re-check then settles.
+        assert!(!earlier(&node(None, 0, 0), &now));
     }
 }

@@ -19,7 +19,6 @@ use tracing::Instrument;
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::path::NodePath;
-use crate::registration::owned_by_live_session;
 use crate::registry::Registry;
 use crate::watch::{Snapshot, WatchEvent, WatchOptions, WatchStream};
 
@@ -143,7 +142,11 @@ impl Drop for ParentWatch {
 }
 
 async fn follow(registry: Arc<dyn Registry>, parent: NodePath, fanout: Arc<Fanout>) {
-    let mut stream = match registry.watch(&parent, WatchOptions::children()).await {
+    // A registration acts on its node going, not on writes to it (see `heal`): so the server
+    // sends nothing per register, and a parent with many registrations (a busy service's
+    // instances, each registering and updating) wakes this task only when one goes.
+    let options = WatchOptions::children().deletions_only();
+    let mut stream = match registry.watch(&parent, options).await {
         Ok(stream) => stream,
         Err(error) => {
             tracing::debug!(%error, "cannot watch the registrations' parent");
@@ -154,10 +157,6 @@ async fn follow(registry: Arc<dyn Registry>, parent: NodePath, fanout: Arc<Fanou
     // Ends with the stream: when the registry closes or the watch fails.
     while let Some(item) = stream.next().await {
         match item {
-            // A registration leaves alone a node its live session owns (see `heal`): the
-            // events of its own writes, one per register, wake nobody.
-            Ok(WatchEvent::Created(node) | WatchEvent::Updated(node))
-                if owned_by_live_session(&*registry, &node) => {}
             Ok(event) => fanout.dispatch(event),
             Err(error) => {
                 fanout.end(Some(error));
@@ -289,10 +288,11 @@ mod tests {
             .expect("an event within 5 s")
     }
 
-    /// A registration acts only on changes its session did not make, so its own create wakes
-    /// nobody: the next event its subscriber gets is another client's delete.
+    /// A registration acts only on its node going, so no write wakes it: the next event its
+    /// subscriber gets after its own create and another client's update is that client's
+    /// delete.
     #[tokio::test]
-    async fn a_subscriber_is_not_handed_its_own_sessions_writes() {
+    async fn a_subscriber_is_handed_deletions_only() {
         let store = MemoryStore::new();
         let ours: Arc<dyn Registry> = Arc::new(
             MemoryRegistry::connect(&store, MemoryOptions::default())
@@ -315,6 +315,10 @@ mod tests {
             other => panic!("expected the first snapshot, got {other:?}"),
         }
         ours.create(&node, Bytes::from("v"), CreateMode::Ephemeral)
+            .await
+            .unwrap();
+        other
+            .set(&node, Bytes::from("w"), Expected::Any)
             .await
             .unwrap();
         other
