@@ -1452,3 +1452,49 @@ async fn a_session_cut_off_from_every_member_is_lost_within_the_ttl_with_credent
     }
     reg.close().await.unwrap();
 }
+
+/// A key put over a registration's node (by a raw client, with its own lease) reaches no
+/// registration watch, which asks for deletions only; the next value write finds the node not
+/// ours and has the healer replace it with ours, carrying the new value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_put_over_a_registration_is_replaced_at_its_next_value_write() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let reg = connect(&ep).await;
+    let mut raw = etcd_client::Client::connect([ep.clone()], None)
+        .await
+        .unwrap();
+    let session = reg.session().session_id;
+    reg.create(&p("/ov"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let registration = reg
+        .register(&p("/ov/a"), Bytes::from("1"), RegisterOptions::new())
+        .await
+        .unwrap();
+    let theirs = raw.lease_grant(60, None).await.unwrap().id();
+    raw.put(
+        "/ov/a",
+        "theirs",
+        Some(etcd_client::PutOptions::new().with_lease(theirs)),
+    )
+    .await
+    .unwrap();
+    registration.set_value(Bytes::from("2")).await.unwrap();
+    let node = registration
+        .wait_registered(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("not registered again within 10 s: {e}"));
+    assert_eq!(
+        (node.value, node.ephemeral_owner),
+        (Bytes::from("2"), session),
+        "the node after the value write"
+    );
+    let stored = reg.get(&p("/ov/a")).await.unwrap();
+    assert_eq!(
+        (stored.value, stored.ephemeral_owner),
+        (Bytes::from("2"), session)
+    );
+    registration.deregister().await.unwrap();
+    reg.close().await.unwrap();
+}

@@ -67,6 +67,8 @@ struct Shared {
     value: Mutex<Bytes>,
     /// Serialises re-creation, value updates and removal.
     op: tokio::sync::Mutex<()>,
+    /// Wakes the healer to check the node (a value write found it not ours).
+    recheck: tokio::sync::Notify,
     status: watch::Sender<RegistrationStatus>,
     /// The parent watches to share; without them, one node watch of its own.
     watches: Option<RegistrationWatches>,
@@ -195,9 +197,10 @@ impl Registration {
     /// parent's children watch in `watches`, shared with the client's other registrations
     /// under that parent: one server-side watch per parent instead of one per node. For
     /// backends whose watchers are costly in numbers (etcd). The shared watch asks for
-    /// deletions only, so writes under the parent cost nothing: a node replaced without being
-    /// deleted first (which only a raw etcd client can do, overwriting the key) is noticed at
-    /// the parent's next read, after a reconnect.
+    /// deletions only, so writes under the parent cost nothing. A node put over ours without
+    /// a deletion (only a raw etcd client can: it overwrites the key) is therefore noticed
+    /// only at the next check of the node: a session change, a re-read of the parent (a
+    /// `Resync`), or a [`set_value`](Registration::set_value), which then re-creates ours.
     pub async fn start_shared(
         registry: Arc<dyn Registry>,
         watches: &RegistrationWatches,
@@ -230,6 +233,7 @@ impl Registration {
             sequential: options.sequential,
             value: Mutex::new(value),
             op: tokio::sync::Mutex::new(()),
+            recheck: tokio::sync::Notify::new(),
             status,
             watches,
             last_created: Mutex::new(None),
@@ -237,7 +241,7 @@ impl Registration {
             claimed: Mutex::new(None),
         });
         // Subscribed before the create, the healer need not read the node back: a running
-        // parent watch hands on every later change, and a new one's first snapshot is either
+        // parent watch hands on every later deletion, and a new one's first snapshot is either
         // older than the node (skipped as outdated) or shows it as it is. A sequential node's
         // path is known only after the create.
         let watched = match &shared.watches {
@@ -416,8 +420,10 @@ impl Registration {
         if let Some(error) = lost {
             return Err(error);
         }
-        // Not ours any more: the healer re-creates it with the new value.
+        // Not ours any more: the healer re-creates it with the new value. Woken here, as a
+        // node put over ours without a deletion (a raw etcd write) reaches no shared watch.
         set_recreating(&self.shared, "node no longer this session's");
+        self.shared.recheck.notify_one();
         Ok(())
     }
 
@@ -787,6 +793,7 @@ async fn heal(
         };
         tokio::select! {
             _ = stop.changed() => return,
+            _ = shared.recheck.notified() => needs_ensure = true,
             // A pending re-creation is re-checked at least every second, bounding any wait on
             // a session event that raced our last look at the state.
             _ = tokio::time::sleep(Duration::from_secs(1)), if needs_ensure || parked => {

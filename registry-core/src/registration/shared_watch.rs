@@ -1,6 +1,6 @@
 //! Children watches shared by one client's registrations, one per parent node.
 //!
-//! A registration must hear of every change to its node. One node watch each costs the server
+//! A registration must hear of its node going. One node watch each costs the server
 //! a watcher per registration, and a session loss then sends a burst of events to thousands of
 //! watchers at once: etcd queues 128 responses per gRPC stream and retries the rest every
 //! 10 ms, which made re-registering 10k nodes take seconds longer than the writes themselves.
