@@ -32,8 +32,10 @@ impl WatchScope {
     }
 }
 
-/// Options of [`Registry::watch`](crate::Registry::watch).
+/// Options of [`Registry::watch`](crate::Registry::watch). Built with the constructors and
+/// builder methods (non-exhaustive: options may be added without breaking callers).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WatchOptions {
     /// What the watch covers.
     pub scope: WatchScope,
@@ -49,6 +51,14 @@ pub struct WatchOptions {
 }
 
 impl WatchOptions {
+    /// Watch what `scope` covers.
+    pub fn scoped(scope: WatchScope) -> Self {
+        WatchOptions {
+            scope,
+            ..Self::default()
+        }
+    }
+
     /// Watch the node itself.
     pub fn node() -> Self {
         Self::default()
@@ -56,18 +66,12 @@ impl WatchOptions {
 
     /// Watch the direct children.
     pub fn children() -> Self {
-        WatchOptions {
-            scope: WatchScope::Children,
-            ..Self::default()
-        }
+        Self::scoped(WatchScope::Children)
     }
 
     /// Watch the node and its whole subtree.
     pub fn subtree() -> Self {
-        WatchOptions {
-            scope: WatchScope::Subtree,
-            ..Self::default()
-        }
+        Self::scoped(WatchScope::Subtree)
     }
 
     /// Start after `revision` (e.g. [`Children::revision`](crate::Children::revision)).

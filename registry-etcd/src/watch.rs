@@ -19,6 +19,9 @@
 //! revision, which has no snapshot to start the copy from, asks etcd for it. A
 //! deletions-only stream asks etcd to leave out puts (`NoPut`), so its copy never learns of
 //! nodes written after its read: their deletions carry the key and the delete's revision.
+//! Its resume point moves only with deletions and with etcd's progress notifications (every
+//! 10 minutes by default), so after a break it may resume from further back than a stream of
+//! every event would, or from a compacted revision, which ends in a `Resync` (`Compacted`).
 
 use std::collections::HashMap;
 use std::sync::Arc;

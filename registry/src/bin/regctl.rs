@@ -402,15 +402,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Scope::Children => WatchScope::Children,
                 Scope::Subtree => WatchScope::Subtree,
             };
-            let mut stream = reg
-                .watch(
-                    &target,
-                    WatchOptions {
-                        scope,
-                        ..WatchOptions::default()
-                    },
-                )
-                .await?;
+            let mut stream = reg.watch(&target, WatchOptions::scoped(scope)).await?;
             // One future for the whole loop: a new one per item could miss a Ctrl-C that
             // arrives between two of them.
             let interrupted = tokio::signal::ctrl_c();
