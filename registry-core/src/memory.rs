@@ -68,7 +68,8 @@ enum Signal {
 
 struct Watcher {
     root: NodePath,
-    scope: WatchScope,
+    /// Its scope, and which events it leaves out (filtered here, as etcd's server does).
+    options: WatchOptions,
     client: u64,
     tx: mpsc::Sender<Signal>,
     lagged: Arc<AtomicBool>,
@@ -175,7 +176,8 @@ impl State {
             _ => return,
         };
         for watcher in self.watchers.values() {
-            if !watcher.scope.covers(&watcher.root, &path) {
+            if !watcher.options.scope.covers(&watcher.root, &path) || !watcher.options.keeps(&event)
+            {
                 continue;
             }
             if watcher.lagged.load(Ordering::SeqCst) {
@@ -754,6 +756,7 @@ impl Registry for MemoryRegistry {
                             .iter()
                             .filter(|(rev, e)| {
                                 *rev > after
+                                    && options.keeps(e)
                                     && matches!(e, WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n)
                                         if options.scope.covers(path, &n.path))
                             })
@@ -773,7 +776,7 @@ impl Registry for MemoryRegistry {
             id,
             Watcher {
                 root: path.clone(),
-                scope: options.scope,
+                options: options.clone(),
                 client: self.inner.id,
                 tx,
                 lagged: lagged.clone(),
@@ -790,12 +793,11 @@ impl Registry for MemoryRegistry {
             lagged,
             first,
         };
-        let events = stream::unfold(feed, |mut feed| async move {
+        Ok(stream::unfold(feed, |mut feed| async move {
             let event = feed.next().await?;
             Some((Ok(event), feed))
         })
-        .boxed();
-        Ok(options.filter(events))
+        .boxed())
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path))]

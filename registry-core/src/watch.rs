@@ -87,16 +87,22 @@ impl WatchOptions {
         self
     }
 
+    /// Whether a stream with these options carries `event` (see
+    /// [`deletions_only`](WatchOptions::deletions_only)).
+    pub fn keeps(&self, event: &WatchEvent) -> bool {
+        !(self.deletions_only && matches!(event, WatchEvent::Created(_) | WatchEvent::Updated(_)))
+    }
+
     /// `stream` without the events these options leave out; for backends that cannot leave
     /// them out on the server.
     pub fn filter(&self, stream: WatchStream) -> WatchStream {
         if !self.deletions_only {
             return stream;
         }
+        let options = self.clone();
         stream
-            .filter(|item| {
-                let keep = !matches!(item, Ok(WatchEvent::Created(_) | WatchEvent::Updated(_)));
-                std::future::ready(keep)
+            .filter(move |item| {
+                std::future::ready(item.as_ref().map_or(true, |event| options.keeps(event)))
             })
             .boxed()
     }
