@@ -744,31 +744,40 @@ pub async fn reads(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
 /// reported: raw against raw it was 0.99-1.03x over the same runs.
 const THROUGHPUT_SLICES: usize = 10;
 
-/// Writes per second with many writers sharing one client.
+/// Writes per second with many writers sharing one client; then, for 64 writers, a control
+/// with the raw client's code on both sides (the "ours" side through the second raw client),
+/// whose ratio shows how far apart two equal sides land in this run.
 pub async fn throughput(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
-    for writers in [16usize, 64] {
+    for (writers, control) in [(16usize, false), (64, false), (64, true)] {
         create_writer_keys(env, writers).await?;
         let mut rates = Samples::default();
         let slice = env.cfg.throughput_time / THROUGHPUT_SLICES as u32;
         for round in 0..env.cfg.reps * THROUGHPUT_SLICES {
             for side in sides(round) {
-                let rate = write_for(env, side, writers, slice).await?;
+                let rate = write_for(env, side, writers, slice, control).await?;
                 rates.of(side).push(rate);
             }
         }
         let (raw, ours) = rates.medians();
-        let what = match env.backend {
-            Backend::Etcd => {
+        let what = match (env.backend, control) {
+            (_, true) => "control: both sides raw, each on its own client",
+            (Backend::Etcd, false) => {
                 "raw: put; ours: set(Expected::Any) (a put with ignore_lease and prev_kv)"
             }
-            Backend::Zk => "raw: setData; ours: set(Expected::Any)",
+            (Backend::Zk, false) => "raw: setData; ours: set(Expected::Any)",
         };
         let mut row = env.row(
-            format!("write throughput, {writers} writers"),
+            match control {
+                false => format!("write throughput, {writers} writers"),
+                true => format!("write throughput, {writers} writers (control: raw as ours)"),
+            },
             raw,
             ours,
             "ops/s",
-            Target::RatioAtLeast(0.95),
+            match control {
+                false => Target::RatioAtLeast(0.95),
+                true => Target::None,
+            },
             format!("{what}; ratio: median over rounds of ours / raw in back-to-back slices"),
         );
         row.paired_ratio = rates.paired_ratio();
@@ -793,20 +802,29 @@ async fn create_writer_keys(env: &Env, writers: usize) -> BenchResult<()> {
 }
 
 /// `writers` tasks on `side`'s one client, each setting its own node (made by
-/// [`create_writer_keys`]) until `time` is up; returns the writes per second.
-async fn write_for(env: &Env, side: Side, writers: usize, time: Duration) -> BenchResult<f64> {
+/// [`create_writer_keys`]) until `time` is up; returns the writes per second. With
+/// `control`, the ours side writes through the second raw client instead of our layer.
+async fn write_for(
+    env: &Env,
+    side: Side,
+    writers: usize,
+    time: Duration,
+    control: bool,
+) -> BenchResult<f64> {
     let start = Instant::now();
     let deadline = start + time;
     let mut tasks = tokio::task::JoinSet::new();
     for key in writer_keys(side, writers) {
         let raw = env.raw.clone();
         let reg = env.ours.reg.clone();
+        let second = env.writer.clone();
         tasks.spawn(async move {
             let node = path(&key)?;
             let mut n = 0u64;
             while Instant::now() < deadline && n < 10_000_000 {
                 match side {
                     Side::Raw => raw.set(&key, VALUE).await?,
+                    Side::Ours if control => second.set(&key, VALUE).await?,
                     Side::Ours => {
                         reg.set(&node, Bytes::from_static(VALUE), Expected::Any)
                             .await
@@ -839,7 +857,7 @@ pub async fn warm_up(env: &Env) -> BenchResult<()> {
     let mut round = 0;
     while Instant::now() < until && round < 1000 {
         for side in sides(round) {
-            write_for(env, side, 16, Duration::from_millis(250)).await?;
+            write_for(env, side, 16, Duration::from_millis(250), false).await?;
         }
         round += 1;
     }

@@ -73,6 +73,7 @@ fn quick_run_writes_rows_for_both_backends() {
             "deregister latency p50",
             "deregister latency (raw: same owner check) p50",
             "write throughput, 64 writers",
+            "write throughput, 64 writers (control: raw as ours)",
             "watch event latency p50",
             "watch burst lost",
             "client memory per registration",
@@ -84,6 +85,17 @@ fn quick_run_writes_rows_for_both_backends() {
             assert!(
                 row["raw"].is_number() && row["ours"].is_number(),
                 "{scenario:?} on {backend} lacks a value: {row}"
+            );
+        }
+        // Throughput is judged by the ratio within back-to-back slices.
+        for row in of.iter().filter(|r| {
+            r["scenario"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("write throughput"))
+        }) {
+            assert!(
+                row["paired_ratio"].is_number() && row["ratio"] == row["paired_ratio"],
+                "throughput row without its paired ratio: {row}"
             );
         }
         // No raw equivalent: ours alone.
