@@ -184,6 +184,46 @@ fn export_and_import_round_trip_binary_values() {
         text.contains("value_base64") && text.contains("weight/600"),
         "{text}"
     );
+    // Without --file the document alone goes to stdout (the summary to stderr), and import
+    // reads it from stdin: `export | import`.
+    let piped = regctl(&["--url", &from, "export", "/soa"]);
+    assert!(piped.status.success(), "{piped:?}");
+    let document: serde_json::Value = serde_json::from_slice(&piped.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not the document ({e}): {piped:?}"));
+    let exported = serde_json::from_str::<serde_json::Value>(&text).unwrap();
+    assert_eq!(document, exported);
+    assert!(
+        String::from_utf8_lossy(&piped.stderr).contains("exported"),
+        "{piped:?}"
+    );
+    let mut import = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args([
+            "--url", "mem://", "--output", "json", "import", "--file", "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = import.stdin.take().unwrap();
+        stdin.write_all(&piped.stdout).unwrap();
+    }
+    let imported = import.wait_with_output().unwrap();
+    assert!(imported.status.success(), "{imported:?}");
+    let summary: serde_json::Value = serde_json::from_slice(&imported.stdout).unwrap();
+    assert_eq!(
+        summary["created"].as_u64(),
+        exported["nodes"].as_array().map(|n| n.len() as u64),
+        "{summary}"
+    );
+    // A delete refused for children names the flag that does it.
+    let refused = regctl(&["--url", &from, "rm", "/soa"]);
+    assert_eq!(refused.status.code(), Some(3), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("rm -r"),
+        "{refused:?}"
+    );
     let import = regctl(&["--url", &to, "import", "--file", file.to_str().unwrap()]);
     assert!(
         import.status.success(),

@@ -50,17 +50,31 @@ enum Scope {
 #[derive(Subcommand)]
 enum Command {
     /// Direct children of a node, oldest first.
-    Ls { path: String },
+    Ls {
+        /// The node whose children to list.
+        path: String,
+    },
     /// A node and everything below it, indented.
-    Tree { path: String },
+    Tree {
+        /// The subtree's root.
+        path: String,
+    },
     /// A node's value.
-    Get { path: String },
+    Get {
+        /// The node to read.
+        path: String,
+    },
     /// A node's metadata.
-    Stat { path: String },
+    Stat {
+        /// The node to read.
+        path: String,
+    },
     /// Writes a value, creating the node (persistent) if it is missing.
     #[command(alias = "set")]
     Put {
+        /// The node to write.
         path: String,
+        /// The new value (UTF-8 text).
         value: String,
         /// Write only if the node is at this version.
         #[arg(long)]
@@ -68,7 +82,9 @@ enum Command {
     },
     /// Creates a node.
     Create {
+        /// The node to create (with --sequential, the name's prefix).
         path: String,
+        /// Its value (UTF-8 text).
         #[arg(default_value = "")]
         value: String,
         /// Owned by this command's session: it lives while the command runs (see --hold).
@@ -83,6 +99,7 @@ enum Command {
     },
     /// Deletes a node.
     Rm {
+        /// The node to delete.
         path: String,
         /// With everything below it.
         #[arg(short, long)]
@@ -90,38 +107,47 @@ enum Command {
     },
     /// Prints the snapshot, then one line per event, until Ctrl-C.
     Watch {
+        /// The node watched (and, by scope, what is below it).
         path: String,
         #[arg(long, value_enum, default_value_t = Scope::Subtree)]
         scope: Scope,
     },
     /// Lists persistent nodes missing, extra or different in --to compared with --from.
     Diff {
+        /// The registry URL taken as the truth.
         #[arg(long)]
         from: String,
+        /// The registry URL compared with it.
         #[arg(long)]
         to: String,
+        /// The subtree's root.
         path: String,
     },
-    /// Writes the persistent nodes of a subtree to a JSON file (values base64 when not UTF-8).
+    /// Writes the persistent nodes of a subtree as JSON (values base64 when not UTF-8).
     Export {
+        /// The subtree's root.
         path: String,
-        /// The file to write.
+        /// The file to write; without it (or `-`) the JSON goes to standard output and the
+        /// summary to standard error, so `export | import` works.
         #[arg(long)]
-        file: std::path::PathBuf,
+        file: Option<std::path::PathBuf>,
     },
-    /// Creates or updates the nodes of an exported JSON file; idempotent.
+    /// Creates or updates the nodes of an exported JSON document; idempotent.
     Import {
-        /// The file to read.
+        /// The file to read; without it (or `-`), standard input.
         #[arg(long)]
-        file: std::path::PathBuf,
+        file: Option<std::path::PathBuf>,
     },
     /// Copies persistent nodes (ephemerals belong to their owners) from --from to --to;
     /// idempotent, so re-running after an interruption finishes the job.
     Copy {
+        /// The registry URL to copy from.
         #[arg(long)]
         from: String,
+        /// The registry URL to copy to.
         #[arg(long)]
         to: String,
+        /// The subtree's root.
         path: String,
         /// Report what would change, change nothing.
         #[arg(long)]
@@ -132,10 +158,13 @@ enum Command {
     /// whenever either side fails or restarts. Refuses to delete anything while PATH is
     /// missing in --from.
     Mirror {
+        /// The registry URL to follow.
         #[arg(long)]
         from: String,
+        /// The registry URL kept equal to it.
         #[arg(long)]
         to: String,
+        /// The subtree's root.
         path: String,
     },
 }
@@ -143,6 +172,8 @@ enum Command {
 enum Failure {
     Input(String),
     Registry(Error),
+    /// The registry refused, told in the command's terms.
+    Refused(String),
     Differences,
     /// Stdout could not be written: a script would otherwise get exit 0 and no output.
     Output(std::io::Error),
@@ -392,7 +423,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 DeleteScope::Node
             };
-            reg.delete(&target, Expected::Any, scope).await?;
+            match reg.delete(&target, Expected::Any, scope).await {
+                Err(error @ Error::NotEmpty { .. }) => {
+                    return Err(Failure::Refused(format!("{error} (`rm -r`)")));
+                }
+                other => other?,
+            }
         }
         Command::Watch { path: p, scope } => {
             let target = path(&p)?;
@@ -472,28 +508,49 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let document = serde_json::json!({"root": root.as_str(), "nodes": list});
             let text = serde_json::to_string_pretty(&document)
                 .map_err(|e| Failure::Input(e.to_string()))?;
-            std::fs::write(&file, text).map_err(|e| {
-                Failure::Output(std::io::Error::new(
-                    e.kind(),
-                    format!("{}: {e}", file.display()),
-                ))
-            })?;
-            say(if json {
-                serde_json::json!({"exported": nodes.len(), "file": file.display().to_string()})
-                    .to_string()
-            } else {
-                format!("exported {} nodes to {}", nodes.len(), file.display())
-            })?;
+            match file.filter(|f| f.as_os_str() != "-") {
+                Some(file) => {
+                    std::fs::write(&file, text).map_err(|e| {
+                        Failure::Output(std::io::Error::new(
+                            e.kind(),
+                            format!("{}: {e}", file.display()),
+                        ))
+                    })?;
+                    say(if json {
+                        serde_json::json!({"exported": nodes.len(), "file": file.display().to_string()})
+                            .to_string()
+                    } else {
+                        format!("exported {} nodes to {}", nodes.len(), file.display())
+                    })?;
+                }
+                // The document is the output; the summary must not mix into it.
+                None => {
+                    say(text)?;
+                    complain(format_args!("exported {} nodes", nodes.len()));
+                }
+            }
         }
         Command::Import { file } => {
             use base64::Engine;
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
+            let (source, text) = match file.filter(|f| f.as_os_str() != "-") {
+                Some(file) => {
+                    let source = file.display().to_string();
+                    let text = std::fs::read_to_string(&file)
+                        .map_err(|e| Failure::Input(format!("{source}: {e}")))?;
+                    (source, text)
+                }
+                None => {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                        .map_err(|e| Failure::Input(format!("standard input: {e}")))?;
+                    ("standard input".to_owned(), text)
+                }
+            };
             let document: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
+                .map_err(|e| Failure::Input(format!("{source}: {e}")))?;
             let entries = document["nodes"]
                 .as_array()
-                .ok_or_else(|| Failure::Input(format!("{}: no \"nodes\" array", file.display())))?;
+                .ok_or_else(|| Failure::Input(format!("{source}: no \"nodes\" array")))?;
             // Validate everything before writing anything.
             let mut nodes = BTreeMap::new();
             for (i, entry) in entries.iter().enumerate() {
@@ -658,6 +715,10 @@ async fn main() -> ExitCode {
         }
         Err(Failure::Registry(error)) => {
             complain(error);
+            ExitCode::from(3)
+        }
+        Err(Failure::Refused(message)) => {
+            complain(message);
             ExitCode::from(3)
         }
         Err(Failure::Output(error)) => {
