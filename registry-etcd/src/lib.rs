@@ -430,7 +430,11 @@ impl EtcdRegistry {
         )
         .await
         {
-            Ok(result) => result.map_err(|e| tls_hint(map(e, "lease grant", None), tls_on))?,
+            // The channel connects lazily: this grant is the first contact with a member.
+            Ok(result) => result.map_err(|e| {
+                let operation = format!("connect to {}", options.endpoints.join(", "));
+                tls_hint(map(e, &operation, None), tls_on)
+            })?,
             Err(_) => {
                 return Err(Error::Timeout {
                     operation: format!("etcd lease grant at {:?}", options.endpoints),

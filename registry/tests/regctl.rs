@@ -504,6 +504,16 @@ fn bad_input_is_refused_before_connecting() {
 }
 
 #[test]
+fn an_unreachable_server_is_named_with_the_root_cause() {
+    // Nothing listens on port 1: the operator reads which endpoint failed, and why.
+    let out = regctl(&["--url", "etcd://127.0.0.1:1", "ls", "/"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("connect to 127.0.0.1:1"), "{said}");
+    assert!(said.contains("Connection refused"), "{said}");
+}
+
+#[test]
 fn json_output_covers_watch_import_and_export() {
     let tmp = tempfile_dir();
     let dir = tmp.path();

@@ -698,6 +698,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The error and its root cause ("Connection refused" is what an operator needs; the
+/// layers between say nothing more), unless its message already says it.
+fn with_root_cause(error: &Error) -> String {
+    let text = error.to_string();
+    let mut root = None;
+    let mut cause = std::error::Error::source(error);
+    // Bounded: a chain is short, but nothing guarantees it ends.
+    for _ in 0..16 {
+        let Some(next) = cause else { break };
+        root = Some(next.to_string());
+        cause = next.source();
+    }
+    match root {
+        Some(root) if !root.is_empty() && !text.contains(&root) => format!("{text}: {root}"),
+        _ => text,
+    }
+}
+
 /// `eprintln!` would panic if stderr is gone.
 fn complain(message: impl std::fmt::Display) {
     let _ = writeln!(std::io::stderr(), "regctl: {message}");
@@ -714,7 +732,7 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::Registry(error)) => {
-            complain(error);
+            complain(with_root_cause(&error));
             ExitCode::from(3)
         }
         Err(Failure::Refused(message)) => {
