@@ -98,6 +98,7 @@ macro_rules! conformance_suite {
             watch_model_check,
             watch_from_revision,
             watch_deletions_only,
+            watch_recursive_delete_children_first,
             watch_drop_releases,
             register_deregister_and_drop,
             delete_owned_spares_other_owners,

@@ -345,6 +345,7 @@ async fn follow(
             continue;
         }
         let mut newest = *last;
+        let mut items = Vec::with_capacity(events.len());
         for event in events {
             let Some(kv) = event.kv() else { continue };
             newest = newest.max(kv.mod_revision());
@@ -375,6 +376,10 @@ async fn follow(
                     WatchEvent::Deleted(gone)
                 }
             };
+            items.push((kv.mod_revision(), item));
+        }
+        in_tree_order(&mut items);
+        for (_, item) in items {
             match tx.try_send(Ok(item)) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Closed(_)) => return Break::Stop,
@@ -392,9 +397,67 @@ async fn follow(
     }
 }
 
+/// Orders the events of each revision as the other backends report one change: deletions
+/// first, children before parents, then writes, parents before children. etcd lists a
+/// revision's events by key, which puts a recursive delete's parent ahead of what was below
+/// it; a revision is atomic, so any order within it is a true one.
+fn in_tree_order(items: &mut [(i64, WatchEvent)]) {
+    let rank = |event: &WatchEvent| -> (u8, usize) {
+        match event {
+            WatchEvent::Deleted(n) => (0, usize::MAX - n.path.depth()),
+            WatchEvent::Created(n) | WatchEvent::Updated(n) => (1, n.path.depth()),
+            WatchEvent::Snapshot(_) | WatchEvent::Resync { .. } => (1, 0),
+        }
+    };
+    // Stable: events of one revision and rank keep etcd's order.
+    items.sort_by_key(|(revision, event)| (*revision, rank(event)));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revision_reports_deletions_children_first_then_writes_parents_first() {
+        let node = |path: &str| Node::empty(NodePath::new(path).unwrap(), None);
+        let deleted = |path: &str| WatchEvent::Deleted(node(path));
+        let created = |path: &str| WatchEvent::Created(node(path));
+        // As etcd lists them: by key within each revision.
+        let mut items = vec![
+            (5, created("/a")),
+            (5, created("/a/b")),
+            (7, deleted("/a")),
+            (7, deleted("/a/b")),
+            (7, deleted("/a/b/c")),
+            (7, deleted("/a/d")),
+            (8, created("/x/y")),
+            (8, deleted("/z")),
+            (8, created("/x")),
+        ];
+        in_tree_order(&mut items);
+        let order: Vec<(i64, String)> = items
+            .iter()
+            .map(|(revision, event)| match event {
+                WatchEvent::Deleted(n) => (*revision, format!("-{}", n.path)),
+                WatchEvent::Created(n) => (*revision, format!("+{}", n.path)),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let expected = [
+            (5, "+/a"),
+            (5, "+/a/b"),
+            (7, "-/a/b/c"),
+            (7, "-/a/b"),
+            (7, "-/a/d"),
+            (7, "-/a"),
+            (8, "-/z"),
+            (8, "+/x"),
+            (8, "+/x/y"),
+        ];
+        let expected: Vec<(i64, String)> =
+            expected.iter().map(|(r, s)| (*r, s.to_string())).collect();
+        assert_eq!(order, expected);
+    }
 
     #[test]
     fn a_watch_that_held_resumes_after_the_shortest_delay() {

@@ -396,6 +396,52 @@ pub async fn watch_deletions_only(fx: &dyn Fixture) -> Outcome {
     env.finish().await
 }
 
+/// A recursive delete reports each node's deletion after its descendants', so a consumer
+/// applying events one by one never holds a node whose parent it already removed.
+pub async fn watch_recursive_delete_children_first(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "watch_recursive_delete_children_first");
+    let c = env.client().await;
+    let writer = env.client().await;
+    let at = env.at();
+    for path in ["/t", "/t/a", "/t/a/b", "/t/a/b/c", "/t/a/d", "/t/e"] {
+        c.create(&p(path), Bytes::from("0"), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("{at} create {path}: {e}"));
+    }
+    let mut stream = c
+        .watch(&p("/t"), WatchOptions::scoped(WatchScope::Subtree))
+        .await
+        .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+    match next_event(&mut stream, "snapshot").await {
+        WatchEvent::Snapshot(s) => assert_eq!(s.nodes.len(), 6, "{at} snapshot: {s:?}"),
+        other => panic!("{at} first item is not a snapshot: {other:?}"),
+    }
+    writer
+        .delete(&p("/t/a"), Expected::Any, DeleteScope::Recursive)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete /t/a: {e}"));
+    let mut order: Vec<NodePath> = Vec::new();
+    while order.len() < 4 {
+        match next_change(&mut stream, WatchScope::Subtree, &p("/t"), "the deletions").await {
+            WatchEvent::Deleted(n) => order.push(n.path),
+            other => panic!("{at} expected only deletions, got {other:?} after {order:?}"),
+        }
+    }
+    let mut deleted: Vec<&str> = order.iter().map(|n| n.as_str()).collect();
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        ["/t/a", "/t/a/b", "/t/a/b/c", "/t/a/d"],
+        "{at} deleted {order:?}"
+    );
+    for (i, node) in order.iter().enumerate() {
+        if let Some(late) = order[i + 1..].iter().find(|later| later.is_within(node)) {
+            panic!("{at} {node} reported deleted before {late}, below it: {order:?}");
+        }
+    }
+    env.finish().await
+}
+
 /// Dropping a watch stream releases it on the server (where the fixture can count watches).
 pub async fn watch_drop_releases(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "watch_drop_releases");
