@@ -169,7 +169,9 @@ pub trait Registry: Send + Sync + 'static {
     /// The stream yields first a [`Snapshot`](crate::WatchEvent::Snapshot) of every node in
     /// scope (the watched path need not exist), then `Created` / `Updated` / `Deleted` events
     /// for nodes in scope, in commit order, without duplicates and without a gap after the
-    /// snapshot. Where the backend cannot guarantee continuity (reconnect, session loss,
+    /// snapshot. The events of one atomic change (a recursive delete on etcd) come deletions
+    /// first, children before parents, then writes, parents before children: no event shows
+    /// a node below one already reported deleted, or before its parent's creation. Where the backend cannot guarantee continuity (reconnect, session loss,
     /// compaction, a consumer too slow), it yields a [`Resync`](crate::WatchEvent::Resync)
     /// with a fresh snapshot, so a consumer applying every item converges to the server's state.
     /// Backends without [`Capabilities::exact_events`] deliver the net change between reads:
