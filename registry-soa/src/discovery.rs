@@ -44,10 +44,24 @@ pub struct ServiceSnapshot {
     /// True while the registry is unreachable, and after it is reachable again until the
     /// view has read every source anew: this is the last known state.
     pub stale: bool,
-    /// Grows with every change applied.
+    /// Grows with every change of what the fields above say (an event that changes none of
+    /// them leaves it, and the view, as they were).
     pub generation: u64,
     /// What `select` needs, derived from the fields above when they change.
     selection: Arc<Selection>,
+}
+
+impl ServiceSnapshot {
+    /// Whether `other` shows readers the same service (everything but the generation).
+    fn same_content(&self, other: &ServiceSnapshot) -> bool {
+        self.stale == other.stale
+            && self.instances == other.instances
+            && self.config == other.config
+            && self.global == other.global
+            && self.routes == other.routes
+            && self.cookies == other.cookies
+            && self.errors == other.errors
+    }
 }
 
 /// The caller's version, parsed once per call.
@@ -518,7 +532,9 @@ impl ServiceView {
         self.current.clone()
     }
 
-    /// A receiver that changes (to the snapshot's generation) whenever the view does.
+    /// A receiver that changes (to the snapshot's generation) whenever the view does: an
+    /// instance, a config, a rule, an error or staleness; never for an event that leaves them
+    /// all as they were.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.clone()
     }
@@ -697,12 +713,18 @@ async fn run(
                     awaiting[index] = false;
                 }
                 states[index].apply(&event);
-                generation += 1;
                 // `live` too: a source's re-read can come before the view has heard of the
                 // reconnect, and the other sources may still hold what they had before.
                 let stale =
                     !live || !registry.session().state.is_live() || awaiting.contains(&true);
-                let next = build(&states, &sources, Some(&current.load()), stale, generation);
+                let next = build(&states, &sources, Some(&current.load()), stale, generation + 1);
+                // An event that changes nothing a reader sees (a provider creating the
+                // service's empty config nodes, a resync that finds what we had) is not a
+                // change: `changes()` subscribers would otherwise wake for nothing.
+                if next.same_content(&current.load()) {
+                    continue;
+                }
+                generation += 1;
                 current.store(Arc::new(next));
                 publish.send_replace(generation);
             }

@@ -322,3 +322,42 @@ async fn routes_on_the_user_are_decided_per_call_among_routes_on_the_method() {
         assert_eq!(of(None), [1].into());
     }
 }
+
+/// An event that changes nothing the view shows (a provider creating the service's empty
+/// config nodes) does not wake `changes()` subscribers: the next change they see is the next
+/// real one, one generation on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_changes_nothing_visible_is_not_a_change() {
+    let store = MemoryStore::new();
+    let registry: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    let before = view.snapshot();
+    let mut changes = view.changes();
+    let paths = registry_soa::layout::ServicePaths::new(SERVICE).unwrap();
+    // Empty config and rules say what missing ones say. Same source, so in this order.
+    for node in [&paths.config, &paths.routes, &paths.cookies] {
+        registry
+            .create(node, Bytes::new(), registry_core::CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    registry
+        .set(&paths.cookies, Bytes::new(), Expected::Any)
+        .await
+        .unwrap();
+    registry
+        .set(&paths.config, Bytes::from("timeout/800ms"), Expected::Any)
+        .await
+        .unwrap();
+    let changed = tokio::time::timeout(Duration::from_secs(10), changes.changed()).await;
+    assert!(matches!(changed, Ok(Ok(()))), "no change within 10 s");
+    let after = view.snapshot();
+    if after.config == before.config {
+        panic!("woken by an event that changed nothing: {after:?}");
+    }
+    assert_eq!(after.generation, before.generation + 1, "{after:?}");
+}
