@@ -100,6 +100,8 @@ macro_rules! conformance_suite {
             watch_deletions_only,
             watch_recursive_delete_children_first,
             watch_drop_releases,
+            tree_cache_follows_writes,
+            tree_cache_recovers_after_session_loss,
             register_deregister_and_drop,
             delete_owned_spares_other_owners,
             set_owned_spares_other_owners,

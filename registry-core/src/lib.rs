@@ -4,11 +4,13 @@
 //!   `conformance-tests` crate against every backend.
 //! - [`NodePath`], [`Node`], [`WatchEvent`], [`SessionState`], [`Error`]: the types it speaks.
 //! - [`Registration`]: self-healing ephemeral nodes, written once on top of the trait.
+//! - [`TreeCache`]: a live local copy of a subtree (Curator's `CuratorCache`), on the trait.
 //! - [`memory`]: a complete in-memory backend for demos and fast tests.
 //! - [`DualRegistry`] and [`migrate`]: moving a live tree from one backend to another.
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod cache;
 pub mod capabilities;
 pub mod dual;
 pub mod error;
@@ -25,6 +27,7 @@ pub mod watch;
 pub use bytes::Bytes;
 
 pub use backoff::Backoff;
+pub use cache::{CachedTree, TreeCache};
 pub use capabilities::Capabilities;
 pub use dual::{DualOptions, DualRegistry};
 pub use error::{BoxError, Error, InvalidPath, Result};

@@ -1,6 +1,7 @@
 //! The cases, one function each, grouped by topic. The list that expands them into tests is
 //! [`conformance_suite!`](crate::conformance_suite).
 
+mod cache;
 mod children;
 mod faults;
 mod limits;
@@ -11,6 +12,7 @@ mod registration;
 mod sessions;
 mod watch;
 
+pub use cache::*;
 pub use children::*;
 pub use faults::*;
 pub use limits::*;

@@ -1,0 +1,170 @@
+//! Cases on [`TreeCache`], the live copy of a subtree built only on the trait.
+
+use std::time::Duration;
+
+use registry_core::{
+    Bytes, CachedTree, CreateMode, DeleteScope, Expected, TreeCache, WatchOptions, WatchScope,
+};
+
+use crate::fixture::{Fault, Fixture};
+use crate::support::{p, read_scope, session_of, summary, CaseEnv, NodeSummary, Outcome};
+
+/// Waits, waking on the cache's changes, until its copy satisfies `done`, within `bound`.
+async fn cache_until(
+    cache: &TreeCache,
+    bound: Duration,
+    what: &str,
+    done: impl Fn(&CachedTree) -> bool,
+) {
+    let mut changes = cache.changes();
+    let reached = tokio::time::timeout(bound, async {
+        loop {
+            if done(&changes.borrow_and_update()) {
+                return true;
+            }
+            if changes.changed().await.is_err() {
+                return false;
+            }
+        }
+    })
+    .await;
+    if reached != Ok(true) {
+        let tree = cache.borrow();
+        panic!(
+            "{what}: not reached within {bound:?}; stale {}, copy {:?}",
+            tree.is_stale(),
+            summary(tree.nodes())
+        );
+    }
+}
+
+/// What a fresh read of `root`'s subtree through `reader` finds.
+async fn fresh(
+    reader: &std::sync::Arc<dyn registry_core::Registry>,
+    root: &str,
+) -> Vec<NodeSummary> {
+    let nodes = read_scope(reader, &p(root), WatchScope::Subtree)
+        .await
+        .unwrap_or_else(|e| panic!("read {root}: {e}"));
+    summary(nodes.iter())
+}
+
+/// The cache opens with the tree as it is, then follows every write: its copy ends equal to
+/// a fresh read, children in creation order.
+pub async fn tree_cache_follows_writes(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "tree_cache_follows_writes");
+    let c = env.client().await;
+    let writer = env.client().await;
+    let at = env.at();
+    for path in ["/tc/a", "/tc/a/x", "/tc/b"] {
+        c.create(&p(path), Bytes::from("1"), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("{at} create {path}: {e}"));
+    }
+    let cache = TreeCache::open(c.clone(), &p("/tc"), WatchOptions::subtree())
+        .await
+        .unwrap_or_else(|e| panic!("{at} open: {e}"));
+    {
+        let tree = cache.borrow();
+        assert!(!tree.is_stale(), "{at} stale right after open");
+        let names: Vec<&str> = tree
+            .children(&p("/tc"))
+            .iter()
+            .map(|n| n.path.as_str())
+            .collect();
+        assert_eq!(names, ["/tc/a", "/tc/b"], "{at} children at open");
+        assert!(tree.get(&p("/tc/a/x")).is_some(), "{at} grandchild at open");
+    }
+    writer
+        .set(&p("/tc/a"), Bytes::from("2"), Expected::Any)
+        .await
+        .unwrap_or_else(|e| panic!("{at} set: {e}"));
+    for (path, mode) in [
+        ("/tc/c", CreateMode::Persistent),
+        ("/tc/a/y", CreateMode::Ephemeral),
+    ] {
+        writer
+            .create(&p(path), Bytes::from("1"), mode)
+            .await
+            .unwrap_or_else(|e| panic!("{at} create {path}: {e}"));
+    }
+    writer
+        .delete(&p("/tc/b"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete: {e}"));
+    let expected = fresh(&writer, "/tc").await;
+    cache_until(
+        &cache,
+        Duration::from_secs(10),
+        &format!("{at} copy equals a read"),
+        |tree| summary(tree.nodes()) == expected,
+    )
+    .await;
+    let names: Vec<String> = cache
+        .children(&p("/tc"))
+        .iter()
+        .map(|n| n.path.to_string())
+        .collect();
+    assert_eq!(names, ["/tc/a", "/tc/c"], "{at} children after the writes");
+    assert_eq!(
+        cache.get(&p("/tc/a")).map(|n| n.value),
+        Some(Bytes::from("2")),
+        "{at} value after the write"
+    );
+    env.finish().await
+}
+
+/// After its client's session is lost, the cache keeps serving and comes back fresh with
+/// every change made meanwhile, the lost session's ephemeral node gone.
+pub async fn tree_cache_recovers_after_session_loss(fx: &dyn Fixture) -> Outcome {
+    if !fx.supports(Fault::ExpireSession) {
+        return Outcome::Skipped("fixture cannot expire sessions".into());
+    }
+    let mut env = CaseEnv::new(fx, "tree_cache_recovers_after_session_loss");
+    let c = env.client().await;
+    let writer = env.client().await;
+    let at = env.at();
+    writer
+        .create(&p("/tr/kept"), Bytes::from("1"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    c.create(&p("/tr/mine"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create ephemeral: {e}"));
+    let cache = TreeCache::open(c.clone(), &p("/tr"), WatchOptions::subtree())
+        .await
+        .unwrap_or_else(|e| panic!("{at} open: {e}"));
+    assert!(
+        cache.get(&p("/tr/mine")).is_some(),
+        "{at} ephemeral at open"
+    );
+    fx.expire_session(session_of(&c))
+        .await
+        .unwrap_or_else(|e| panic!("{at} expire: {e}"));
+    // Written while the cache's session turns over.
+    writer
+        .create(&p("/tr/during"), Bytes::from("1"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create during: {e}"));
+    writer
+        .set(&p("/tr/kept"), Bytes::from("2"), Expected::Any)
+        .await
+        .unwrap_or_else(|e| panic!("{at} set during: {e}"));
+    let bound = fx.expiry_bound() + Duration::from_secs(20);
+    cache_until(
+        &cache,
+        bound,
+        &format!("{at} the ephemeral leaves the copy"),
+        |tree| tree.get(&p("/tr/mine")).is_none(),
+    )
+    .await;
+    let expected = fresh(&writer, "/tr").await;
+    cache_until(
+        &cache,
+        bound,
+        &format!("{at} fresh and equal to a read"),
+        |tree| !tree.is_stale() && summary(tree.nodes()) == expected,
+    )
+    .await;
+    env.finish().await
+}

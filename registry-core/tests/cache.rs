@@ -1,0 +1,98 @@
+//! `TreeCache` on the memory backend, whose fault hooks make a cut connection last exactly as
+//! long as the test says (the conformance suite runs its other cases on every backend).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
+use registry_core::{
+    Bytes, CachedTree, CreateMode, Error, NodePath, Registry, TreeCache, WatchOptions,
+};
+
+fn p(path: &str) -> NodePath {
+    NodePath::new(path).unwrap()
+}
+
+async fn client(store: &MemoryStore) -> Arc<MemoryRegistry> {
+    Arc::new(
+        MemoryRegistry::connect(store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    )
+}
+
+/// Waits, waking on the cache's changes, until `done` holds (10 s at most).
+async fn until(cache: &TreeCache, what: &str, done: impl Fn(&CachedTree) -> bool) {
+    let mut changes = cache.changes();
+    let reached = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if done(&changes.borrow_and_update()) {
+                return true;
+            }
+            if changes.changed().await.is_err() {
+                return false;
+            }
+        }
+    })
+    .await;
+    assert_eq!(reached, Ok(true), "{what}: {cache:?}");
+}
+
+/// While its client is cut off, the cache says it is stale and keeps the last copy; once the
+/// client is back, it is fresh and holds what was written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_makes_the_copy_stale_until_it_is_read_again() {
+    let store = MemoryStore::new();
+    let (c, writer) = (client(&store).await, client(&store).await);
+    writer
+        .create(&p("/s/kept"), Bytes::from("1"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let cache = TreeCache::open(c.clone(), &p("/s"), WatchOptions::subtree())
+        .await
+        .unwrap();
+    let generation = cache.borrow().generation();
+    let session = c.session().session_id.unwrap();
+    // Long enough to be seen, well inside the session TTL (the session stays).
+    store
+        .interrupt_connection(session, Duration::from_secs(2))
+        .unwrap();
+    until(&cache, "stale while cut off", |tree| tree.is_stale()).await;
+    writer
+        .create(&p("/s/during"), Bytes::from("1"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    {
+        let tree = cache.borrow();
+        assert!(tree.get(&p("/s/kept")).is_some(), "the last copy is kept");
+        assert!(tree.generation() > generation);
+    }
+    until(&cache, "fresh with the write made meanwhile", |tree| {
+        !tree.is_stale() && tree.get(&p("/s/during")).is_some()
+    })
+    .await;
+    assert_eq!(c.session().session_id, Some(session), "the session stayed");
+}
+
+/// Dropping the cache releases its watch; a closed registry cannot open one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_cache_releases_its_watch() {
+    let store = MemoryStore::new();
+    let c = client(&store).await;
+    let before = store.watcher_count();
+    let cache = TreeCache::open(c.clone(), &p("/d"), WatchOptions::children())
+        .await
+        .unwrap();
+    assert_eq!(store.watcher_count(), before + 1);
+    drop(cache);
+    let released = tokio::time::timeout(Duration::from_secs(10), async {
+        while store.watcher_count() > before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(released.is_ok(), "watch still open 10 s after the drop");
+    c.close().await.unwrap();
+    let refused = TreeCache::open(c.clone(), &p("/d"), WatchOptions::children()).await;
+    assert!(matches!(refused, Err(Error::Closed)), "{refused:?}");
+}
