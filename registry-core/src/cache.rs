@@ -151,6 +151,34 @@ impl TreeCache {
     pub fn changes(&self) -> watch::Receiver<CachedTree> {
         self.tree.clone()
     }
+
+    /// Waits until the copy satisfies `done` (checked now, then at each change), for at most
+    /// `bound`: [`Timeout`](Error::Timeout) after it, [`Closed`](Error::Closed) if the cache's
+    /// task has ended (its registry closed) with `done` still false.
+    pub async fn wait_for(
+        &self,
+        bound: Duration,
+        done: impl Fn(&CachedTree) -> bool,
+    ) -> Result<()> {
+        let mut changes = self.tree.clone();
+        let waited = tokio::time::timeout(bound, async {
+            loop {
+                if done(&changes.borrow_and_update()) {
+                    return Ok(());
+                }
+                if changes.changed().await.is_err() {
+                    return Err(Error::Closed);
+                }
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                operation: format!("waiting on the cache of {}", self.root),
+                after: bound,
+            })
+        })
+    }
 }
 
 impl Drop for TreeCache {
@@ -185,23 +213,13 @@ async fn follow(
     // A new watch's snapshot not in yet: the copy mixes the old state with what came since.
     let mut awaiting = false;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let set_stale = |stale: bool| {
-        tx.send_if_modified(|tree| {
-            let changed = tree.stale != stale;
-            if changed {
-                tree.stale = stale;
-                tree.generation += 1;
-            }
-            changed
-        });
-    };
     loop {
         tokio::select! {
             // Session first: a loss queued with stream items changes what they mean.
             biased;
             status = sessions.next() => {
                 let Some(status) = status.filter(|s| s.state != SessionState::Closed) else {
-                    set_stale(true);
+                    set_stale(&tx, true);
                     return;
                 };
                 let was_live = std::mem::replace(&mut live, status.state.is_live());
@@ -209,23 +227,21 @@ async fn follow(
                     // Back after a cut: what changed meanwhile may still be on its way, and
                     // no backend says when it has all come. A new watch starts with a
                     // snapshot read now, so the copy is fresh once that is in.
-                    set_stale(true);
                     backoff.reset();
-                    let Some(next) = rewatch(&*registry, &root, &options, &mut backoff).await
+                    let Some(next) = reopen(&*registry, &root, &options, &mut backoff, &tx).await
                     else {
                         return;
                     };
-                    stream = next;
-                    awaiting = true;
+                    (stream, awaiting) = (next, true);
                     continue;
                 }
-                set_stale(!live || awaiting);
+                set_stale(&tx, !live || awaiting);
             }
             item = stream.next() => {
                 let event = match item {
                     Some(Ok(event)) => event,
                     Some(Err(Error::Closed)) => {
-                        set_stale(true);
+                        set_stale(&tx, true);
                         return;
                     }
                     ended => {
@@ -235,13 +251,11 @@ async fn follow(
                             }
                             _ => tracing::debug!("the cache's watch ended; watching again"),
                         }
-                        set_stale(true);
-                        let Some(next) = rewatch(&*registry, &root, &options, &mut backoff).await
+                        let Some(next) = reopen(&*registry, &root, &options, &mut backoff, &tx).await
                         else {
                             return;
                         };
-                        stream = next;
-                        awaiting = true;
+                        (stream, awaiting) = (next, true);
                         continue;
                     }
                 };
@@ -275,14 +289,28 @@ async fn follow(
     }
 }
 
-/// A new watch of `root`, retried with `backoff` until one opens; `None` once the registry is
-/// closed.
-async fn rewatch(
+/// Marks the copy stale (or fresh), a change only if it was not already.
+fn set_stale(tx: &watch::Sender<CachedTree>, stale: bool) {
+    tx.send_if_modified(|tree| {
+        let changed = tree.stale != stale;
+        if changed {
+            tree.stale = stale;
+            tree.generation += 1;
+        }
+        changed
+    });
+}
+
+/// Marks the copy stale and opens a new watch of `root`, retried with `backoff` until one
+/// opens; `None` once the registry is closed.
+async fn reopen(
     registry: &dyn Registry,
     root: &NodePath,
     options: &WatchOptions,
     backoff: &mut Backoff,
+    tx: &watch::Sender<CachedTree>,
 ) -> Option<WatchStream> {
+    set_stale(tx, true);
     loop {
         tokio::time::sleep(backoff.next_delay()).await;
         match registry.watch(root, options.clone()).await {

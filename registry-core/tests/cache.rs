@@ -21,21 +21,10 @@ async fn client(store: &MemoryStore) -> Arc<MemoryRegistry> {
     )
 }
 
-/// Waits, waking on the cache's changes, until `done` holds (10 s at most).
+/// Waits until `done` holds (10 s at most).
 async fn until(cache: &TreeCache, what: &str, done: impl Fn(&CachedTree) -> bool) {
-    let mut changes = cache.changes();
-    let reached = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if done(&changes.borrow_and_update()) {
-                return true;
-            }
-            if changes.changed().await.is_err() {
-                return false;
-            }
-        }
-    })
-    .await;
-    assert_eq!(reached, Ok(true), "{what}: {cache:?}");
+    let waited = cache.wait_for(Duration::from_secs(10), done).await;
+    assert!(waited.is_ok(), "{what}: {waited:?}, {cache:?}");
 }
 
 /// While its client is cut off, the cache says it is stale and keeps the last copy; once the
@@ -95,4 +84,21 @@ async fn a_dropped_cache_releases_its_watch() {
     c.close().await.unwrap();
     let refused = TreeCache::open(c.clone(), &p("/d"), WatchOptions::children()).await;
     assert!(matches!(refused, Err(Error::Closed)), "{refused:?}");
+}
+
+/// `wait_for` says why it gave up: its bound ran out, or the registry closed under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_ends_in_a_timeout_or_on_close() {
+    let store = MemoryStore::new();
+    let c = client(&store).await;
+    let cache = TreeCache::open(c.clone(), &p("/w"), WatchOptions::subtree())
+        .await
+        .unwrap();
+    let never = |tree: &CachedTree| tree.get(&p("/w/never")).is_some();
+    let waited = cache.wait_for(Duration::from_millis(50), never).await;
+    assert!(matches!(waited, Err(Error::Timeout { .. })), "{waited:?}");
+    c.close().await.unwrap();
+    let waited = cache.wait_for(Duration::from_secs(10), never).await;
+    assert!(matches!(waited, Err(Error::Closed)), "{waited:?}");
+    assert!(cache.is_stale(), "a closed registry's copy is stale");
 }

@@ -9,29 +9,17 @@ use registry_core::{
 use crate::fixture::{Fault, Fixture};
 use crate::support::{p, read_scope, session_of, summary, CaseEnv, NodeSummary, Outcome};
 
-/// Waits, waking on the cache's changes, until its copy satisfies `done`, within `bound`.
+/// Waits until the cache's copy satisfies `done`, within `bound`.
 async fn cache_until(
     cache: &TreeCache,
     bound: Duration,
     what: &str,
     done: impl Fn(&CachedTree) -> bool,
 ) {
-    let mut changes = cache.changes();
-    let reached = tokio::time::timeout(bound, async {
-        loop {
-            if done(&changes.borrow_and_update()) {
-                return true;
-            }
-            if changes.changed().await.is_err() {
-                return false;
-            }
-        }
-    })
-    .await;
-    if reached != Ok(true) {
+    if let Err(error) = cache.wait_for(bound, done).await {
         let tree = cache.borrow();
         panic!(
-            "{what}: not reached within {bound:?}; stale {}, copy {:?}",
+            "{what}: {error}; stale {}, copy {:?}",
             tree.is_stale(),
             summary(tree.nodes())
         );
