@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::{
     Backoff, Error, Node, NodePath, Registry, Result, SessionState, WatchEvent, WatchOptions,
-    WatchStream, WatchedState,
+    WatchScope, WatchStream, WatchedState,
 };
 
 /// How long [`TreeCache::open`] waits for the watch's first snapshot.
@@ -23,6 +23,7 @@ pub struct CachedTree {
     state: WatchedState,
     stale: bool,
     generation: u64,
+    failure: Option<Arc<Error>>,
 }
 
 impl CachedTree {
@@ -60,6 +61,13 @@ impl CachedTree {
     pub fn generation(&self) -> u64 {
         self.generation
     }
+
+    /// Why the cache stopped following the server, if a failure that retrying cannot mend
+    /// ended it (say [`PermissionDenied`](Error::PermissionDenied) on the watched range):
+    /// the copy is then stale for good. `None` while it follows, and after a close.
+    pub fn failure(&self) -> Option<&Error> {
+        self.failure.as_deref()
+    }
 }
 
 /// A live copy of the nodes a watch of `root` covers, for readers that must not go to the
@@ -67,10 +75,11 @@ impl CachedTree {
 ///
 /// Guarantees: once [`open`](TreeCache::open) returns, the copy holds the watch's snapshot,
 /// then every change the watch reports, in order; when the watch breaks or the session is
-/// lost, the copy is marked stale, kept for readers, and replaced by a fresh snapshot as soon
-/// as a new watch delivers one (so it holds every change made meanwhile). Reads take a
-/// read lock and never wait on the server. Dropping the cache stops its task and releases its
-/// watch.
+/// not live, the copy is marked stale, kept for readers, and replaced by a fresh snapshot as
+/// soon as a new watch delivers one (so it holds every change made meanwhile). A failure that
+/// retrying cannot mend ends the following, stale, with [`CachedTree::failure`] saying why.
+/// Reads take a read lock and never wait on the server. Dropping the cache stops its task and
+/// releases its watch.
 pub struct TreeCache {
     root: NodePath,
     tree: watch::Receiver<CachedTree>,
@@ -78,17 +87,26 @@ pub struct TreeCache {
 }
 
 impl TreeCache {
-    /// Watches `root` with `options` and returns once the first snapshot is in the copy.
-    /// Errors: the watch's own (an invalid path, [`Closed`](Error::Closed), ...), or
+    /// Watches what `scope` covers of `root` and returns once the first snapshot is in the
+    /// copy. Errors: the watch's own (an invalid path, [`Closed`](Error::Closed), ...), or
     /// [`Timeout`](Error::Timeout) when no snapshot comes within 30 s.
     pub async fn open(
         registry: Arc<dyn Registry>,
         root: &NodePath,
-        options: WatchOptions,
+        scope: WatchScope,
     ) -> Result<TreeCache> {
+        // Every event, from a snapshot: a copy built from fewer would be wrong and say fresh.
+        let options = WatchOptions::scoped(scope);
         let mut stream = registry.watch(root, options.clone()).await?;
         let first = match tokio::time::timeout(FIRST_SNAPSHOT, stream.next()).await {
-            Ok(Some(Ok(first))) => first,
+            Ok(Some(Ok(first @ (WatchEvent::Snapshot(_) | WatchEvent::Resync { .. })))) => first,
+            Ok(Some(Ok(other))) => {
+                return Err(Error::Backend {
+                    backend: "tree cache",
+                    message: format!("the watch of {root} began with {other:?}, not a snapshot"),
+                    source: None,
+                })
+            }
             Ok(Some(Err(error))) => return Err(error),
             Ok(None) => return Err(Error::unavailable(format!("the watch of {root} ended"))),
             Err(_) => {
@@ -104,6 +122,7 @@ impl TreeCache {
             state,
             stale: !registry.session().state.is_live(),
             generation: 1,
+            failure: None,
         });
         let span = tracing::info_span!("tree_cache", root = %root);
         let task =
@@ -147,14 +166,19 @@ impl TreeCache {
     }
 
     /// A receiver that is marked changed whenever the copy's
-    /// [`generation`](CachedTree::generation) grows.
+    /// [`generation`](CachedTree::generation) grows from now on.
     pub fn changes(&self) -> watch::Receiver<CachedTree> {
-        self.tree.clone()
+        let mut changes = self.tree.clone();
+        // From now on: a change before this call would wake the first `changed()` at once.
+        changes.borrow_and_update();
+        changes
     }
 
-    /// Waits until the copy satisfies `done` (checked now, then at each change), for at most
-    /// `bound`: [`Timeout`](Error::Timeout) after it, [`Closed`](Error::Closed) if the cache's
-    /// task has ended (its registry closed) with `done` still false.
+    /// Waits until the copy satisfies `done`, for at most `bound`. `done` sees the copy now,
+    /// then the latest copy after each change (changes that come together are seen as one,
+    /// so a state that held only in between may be missed). [`Timeout`](Error::Timeout)
+    /// after `bound`; [`Closed`](Error::Closed) if the cache stopped following (its registry
+    /// closed, or a [`failure`](CachedTree::failure)) with `done` still false.
     pub async fn wait_for(
         &self,
         bound: Duration,
@@ -244,6 +268,11 @@ async fn follow(
                         set_stale(&tx, true);
                         return;
                     }
+                    Some(Err(error)) if !error.is_retryable() => {
+                        tracing::warn!(%error, "the cache's watch failed for good; it stays stale");
+                        fail(&tx, error);
+                        return;
+                    }
                     ended => {
                         match ended {
                             Some(Err(error)) => {
@@ -301,8 +330,17 @@ fn set_stale(tx: &watch::Sender<CachedTree>, stale: bool) {
     });
 }
 
+/// Ends the following: the copy stays stale, with `error` as the reason.
+fn fail(tx: &watch::Sender<CachedTree>, error: Error) {
+    tx.send_modify(|tree| {
+        tree.stale = true;
+        tree.failure = Some(Arc::new(error));
+        tree.generation += 1;
+    });
+}
+
 /// Marks the copy stale and opens a new watch of `root`, retried with `backoff` until one
-/// opens; `None` once the registry is closed.
+/// opens; `None` once the registry is closed or a failure that retrying cannot mend came.
 async fn reopen(
     registry: &dyn Registry,
     root: &NodePath,
@@ -316,6 +354,11 @@ async fn reopen(
         match registry.watch(root, options.clone()).await {
             Ok(stream) => return Some(stream),
             Err(Error::Closed) => return None,
+            Err(error) if !error.is_retryable() => {
+                tracing::warn!(%error, "watching again failed for good; the cache stays stale");
+                fail(tx, error);
+                return None;
+            }
             Err(error) => tracing::warn!(%error, "watching again failed; retrying"),
         }
     }

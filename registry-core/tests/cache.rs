@@ -5,9 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
+mod support;
+
 use registry_core::{
-    Bytes, CachedTree, CreateMode, Error, NodePath, Registry, TreeCache, WatchOptions,
+    Bytes, CachedTree, CreateMode, Error, NodePath, Registry, TreeCache, WatchScope,
 };
+use support::Faulty;
 
 fn p(path: &str) -> NodePath {
     NodePath::new(path).unwrap()
@@ -37,10 +40,9 @@ async fn a_cut_connection_makes_the_copy_stale_until_it_is_read_again() {
         .create(&p("/s/kept"), Bytes::from("1"), CreateMode::Persistent)
         .await
         .unwrap();
-    let cache = TreeCache::open(c.clone(), &p("/s"), WatchOptions::subtree())
+    let cache = TreeCache::open(c.clone(), &p("/s"), WatchScope::Subtree)
         .await
         .unwrap();
-    let generation = cache.borrow().generation();
     let session = c.session().session_id.unwrap();
     // Long enough to be seen, well inside the session TTL (the session stays).
     store
@@ -52,9 +54,14 @@ async fn a_cut_connection_makes_the_copy_stale_until_it_is_read_again() {
         .await
         .unwrap();
     {
+        // Written while cut off (2 s is ample), so only a new read can bring it.
         let tree = cache.borrow();
+        assert!(tree.is_stale(), "the cut ended before the write");
         assert!(tree.get(&p("/s/kept")).is_some(), "the last copy is kept");
-        assert!(tree.generation() > generation);
+        assert!(
+            tree.get(&p("/s/during")).is_none(),
+            "a cut-off watch delivered"
+        );
     }
     until(&cache, "fresh with the write made meanwhile", |tree| {
         !tree.is_stale() && tree.get(&p("/s/during")).is_some()
@@ -69,7 +76,7 @@ async fn a_dropped_cache_releases_its_watch() {
     let store = MemoryStore::new();
     let c = client(&store).await;
     let before = store.watcher_count();
-    let cache = TreeCache::open(c.clone(), &p("/d"), WatchOptions::children())
+    let cache = TreeCache::open(c.clone(), &p("/d"), WatchScope::Children)
         .await
         .unwrap();
     assert_eq!(store.watcher_count(), before + 1);
@@ -82,7 +89,7 @@ async fn a_dropped_cache_releases_its_watch() {
     .await;
     assert!(released.is_ok(), "watch still open 10 s after the drop");
     c.close().await.unwrap();
-    let refused = TreeCache::open(c.clone(), &p("/d"), WatchOptions::children()).await;
+    let refused = TreeCache::open(c.clone(), &p("/d"), WatchScope::Children).await;
     assert!(matches!(refused, Err(Error::Closed)), "{refused:?}");
 }
 
@@ -91,7 +98,7 @@ async fn a_dropped_cache_releases_its_watch() {
 async fn wait_for_ends_in_a_timeout_or_on_close() {
     let store = MemoryStore::new();
     let c = client(&store).await;
-    let cache = TreeCache::open(c.clone(), &p("/w"), WatchOptions::subtree())
+    let cache = TreeCache::open(c.clone(), &p("/w"), WatchScope::Subtree)
         .await
         .unwrap();
     let never = |tree: &CachedTree| tree.get(&p("/w/never")).is_some();
@@ -101,4 +108,40 @@ async fn wait_for_ends_in_a_timeout_or_on_close() {
     let waited = cache.wait_for(Duration::from_secs(10), never).await;
     assert!(matches!(waited, Err(Error::Closed)), "{waited:?}");
     assert!(cache.is_stale(), "a closed registry's copy is stale");
+}
+
+/// A broken watch that cannot be opened again at first is retried until it opens; one that
+/// is refused for good ends the following, stale, with the refusal as the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_watch_is_reopened_unless_refused_for_good() {
+    let store = MemoryStore::new();
+    let faulty = Faulty::new(client(&store).await);
+    let writer = client(&store).await;
+    let cache = TreeCache::open(faulty.clone(), &p("/b"), WatchScope::Subtree)
+        .await
+        .unwrap();
+    faulty.fail_watch_opens(2);
+    faulty.break_watches();
+    writer
+        .create(&p("/b/after"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    until(&cache, "reopened and fresh", |tree| {
+        !tree.is_stale() && tree.get(&p("/b/after")).is_some()
+    })
+    .await;
+    assert!(faulty.watches_opened() >= 2, "never reopened");
+    faulty.refuse_watch_opens(true);
+    faulty.break_watches();
+    let waited = cache
+        .wait_for(Duration::from_secs(10), |tree| tree.failure().is_some())
+        .await;
+    assert!(waited.is_ok(), "{waited:?}");
+    let tree = cache.borrow();
+    assert!(tree.is_stale());
+    assert!(
+        matches!(tree.failure(), Some(Error::PermissionDenied { .. })),
+        "{:?}",
+        tree.failure()
+    );
 }

@@ -536,7 +536,10 @@ impl ServiceView {
     /// instance, a config, a rule, an error or staleness; never for an event that leaves them
     /// all as they were.
     pub fn changes(&self) -> watch::Receiver<u64> {
-        self.changes.clone()
+        let mut changes = self.changes.clone();
+        // From now on: a change before this call would wake the first `changed()` at once.
+        changes.borrow_and_update();
+        changes
     }
 
     /// The balancer's state (round-robin positions, calls in flight) for this service.

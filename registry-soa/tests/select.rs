@@ -324,8 +324,8 @@ async fn routes_on_the_user_are_decided_per_call_among_routes_on_the_method() {
 }
 
 /// An event that changes nothing the view shows (a provider creating the service's empty
-/// config nodes) does not wake `changes()` subscribers: the next change they see is the next
-/// real one, one generation on.
+/// config node, a write of the same empty text) does not wake `changes()` subscribers: the
+/// next change they see is the next real one, one generation on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_that_changes_nothing_visible_is_not_a_change() {
     let store = MemoryStore::new();
@@ -337,20 +337,21 @@ async fn an_event_that_changes_nothing_visible_is_not_a_change() {
     let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
     let before = view.snapshot();
     let mut changes = view.changes();
-    let paths = registry_soa::layout::ServicePaths::new(SERVICE).unwrap();
-    // Empty config and rules say what missing ones say. Same source, so in this order.
-    for node in [&paths.config, &paths.routes, &paths.cookies] {
-        registry
-            .create(node, Bytes::new(), registry_core::CreateMode::Persistent)
-            .await
-            .unwrap();
-    }
+    let config = registry_soa::layout::ServicePaths::new(SERVICE)
+        .unwrap()
+        .config;
+    // All three on the one node, so its watch reports them in this order: an empty config
+    // says what a missing one says.
     registry
-        .set(&paths.cookies, Bytes::new(), Expected::Any)
+        .create(&config, Bytes::new(), registry_core::CreateMode::Persistent)
         .await
         .unwrap();
     registry
-        .set(&paths.config, Bytes::from("timeout/800ms"), Expected::Any)
+        .set(&config, Bytes::new(), Expected::Any)
+        .await
+        .unwrap();
+    registry
+        .set(&config, Bytes::from("timeout/800ms"), Expected::Any)
         .await
         .unwrap();
     let changed = tokio::time::timeout(Duration::from_secs(10), changes.changed()).await;

@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use registry_core::{
-    Bytes, CachedTree, CreateMode, DeleteScope, Expected, TreeCache, WatchOptions, WatchScope,
-};
+use registry_core::{Bytes, CachedTree, CreateMode, DeleteScope, Expected, TreeCache, WatchScope};
 
 use crate::fixture::{Fault, Fixture};
 use crate::support::{p, read_scope, session_of, summary, CaseEnv, NodeSummary, Outcome};
@@ -49,7 +47,7 @@ pub async fn tree_cache_follows_writes(fx: &dyn Fixture) -> Outcome {
             .await
             .unwrap_or_else(|e| panic!("{at} create {path}: {e}"));
     }
-    let cache = TreeCache::open(c.clone(), &p("/tc"), WatchOptions::subtree())
+    let cache = TreeCache::open(c.clone(), &p("/tc"), WatchScope::Subtree)
         .await
         .unwrap_or_else(|e| panic!("{at} open: {e}"));
     {
@@ -119,7 +117,7 @@ pub async fn tree_cache_recovers_after_session_loss(fx: &dyn Fixture) -> Outcome
     c.create(&p("/tr/mine"), Bytes::new(), CreateMode::Ephemeral)
         .await
         .unwrap_or_else(|e| panic!("{at} create ephemeral: {e}"));
-    let cache = TreeCache::open(c.clone(), &p("/tr"), WatchOptions::subtree())
+    let cache = TreeCache::open(c.clone(), &p("/tr"), WatchScope::Subtree)
         .await
         .unwrap_or_else(|e| panic!("{at} open: {e}"));
     assert!(

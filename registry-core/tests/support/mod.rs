@@ -34,6 +34,7 @@ pub struct Faulty {
     late_creates: Mutex<Option<std::time::Duration>>,
     watches_opened: AtomicUsize,
     failing_watch_opens: AtomicUsize,
+    refusing_watch_opens: AtomicBool,
     watch_breaks: tokio::sync::watch::Sender<u64>,
 }
 
@@ -51,6 +52,7 @@ impl Faulty {
             late_creates: Mutex::new(None),
             watches_opened: AtomicUsize::new(0),
             failing_watch_opens: AtomicUsize::new(0),
+            refusing_watch_opens: AtomicBool::new(false),
             watch_breaks: tokio::sync::watch::channel(0).0,
         })
     }
@@ -63,6 +65,11 @@ impl Faulty {
     /// The next `count` watch opens fail with `Unavailable`.
     pub fn fail_watch_opens(&self, count: usize) {
         self.failing_watch_opens.store(count, Ordering::SeqCst);
+    }
+
+    /// Whether watch opens are refused with `PermissionDenied` (not retryable) from now on.
+    pub fn refuse_watch_opens(&self, refuse: bool) {
+        self.refusing_watch_opens.store(refuse, Ordering::SeqCst);
     }
 
     /// Every watch stream open now yields `Unavailable` next, and ends.
@@ -195,6 +202,9 @@ impl Registry for Faulty {
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if failing.is_ok() {
             return Err(Error::unavailable("watch open failed by the test"));
+        }
+        if self.refusing_watch_opens.load(Ordering::SeqCst) {
+            return Err(Error::PermissionDenied { path: path.clone() });
         }
         let mut breaks = self.watch_breaks.subscribe();
         breaks.borrow_and_update();
