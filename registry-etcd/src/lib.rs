@@ -430,14 +430,22 @@ impl EtcdRegistry {
         )
         .await
         {
-            // The channel connects lazily: this grant is the first contact with a member.
+            // The channel connects lazily: this grant is the first contact with a member, so
+            // one that reached none is a failure to connect.
             Ok(result) => result.map_err(|e| {
-                let operation = format!("connect to {}", options.endpoints.join(", "));
+                let operation = if error::not_sent(&e) {
+                    format!("connect to {}", options.endpoints.join(", "))
+                } else {
+                    "lease grant".to_owned()
+                };
                 tls_hint(map(e, &operation, None), tls_on)
             })?,
             Err(_) => {
                 return Err(Error::Timeout {
-                    operation: format!("etcd lease grant at {:?}", options.endpoints),
+                    operation: format!(
+                        "etcd connect to {} (no answer to the first lease grant)",
+                        options.endpoints.join(", ")
+                    ),
                     after: options.request_timeout,
                 })
             }

@@ -540,6 +540,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     (source, text)
                 }
                 None => {
+                    // A terminal would wait, silent, for a document typed by hand.
+                    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                        return Err(Failure::Input(
+                            "import reads an exported document: pass --file, or pipe one in".into(),
+                        ));
+                    }
                     let mut text = String::new();
                     std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
                         .map_err(|e| Failure::Input(format!("standard input: {e}")))?;
