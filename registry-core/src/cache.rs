@@ -37,7 +37,7 @@ impl CachedTree {
     pub fn children(&self, parent: &NodePath) -> Vec<&Node> {
         let mut children: Vec<&Node> = self
             .state
-            .nodes()
+            .below(parent)
             .filter(|n| n.path.is_child_of(parent))
             .collect();
         children.sort_by_key(|n| n.create_order);

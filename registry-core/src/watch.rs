@@ -211,6 +211,24 @@ impl WatchedState {
         self.nodes.get(path)
     }
 
+    /// The nodes below `path` (not `path` itself), ordered by path; a range of the map, so
+    /// the cost follows the subtree, not the whole state.
+    pub fn below<'a>(&'a self, path: &NodePath) -> impl Iterator<Item = &'a Node> + 'a {
+        // Every path below `/a` starts with `/a/`, and those sort together.
+        let prefix = if path.is_root() {
+            "/".to_owned()
+        } else {
+            format!("{path}/")
+        };
+        self.nodes
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(_, node)| node)
+            .take_while(move |node| node.path.as_str().starts_with(prefix.as_str()))
+    }
+
     /// Number of nodes.
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -240,6 +258,28 @@ mod tests {
             modify_order: modify,
             ephemeral_owner: None,
         }
+    }
+
+    #[test]
+    fn below_is_the_subtree_and_nothing_that_only_shares_a_prefix() {
+        let mut state = WatchedState::new();
+        state.apply(&WatchEvent::Snapshot(Snapshot {
+            nodes: ["/a", "/a-b", "/a/x", "/a/x/y", "/a/y", "/a0", "/b"]
+                .iter()
+                .map(|p| node(p, 1, 1))
+                .collect(),
+            revision: Revision(1),
+        }));
+        let below = |p: &str| -> Vec<&str> {
+            state
+                .below(&NodePath::new(p).unwrap())
+                .map(|n| n.path.as_str())
+                .collect()
+        };
+        assert_eq!(below("/a"), ["/a/x", "/a/x/y", "/a/y"]);
+        assert_eq!(below("/a/x"), ["/a/x/y"]);
+        assert_eq!(below("/b"), Vec::<&str>::new());
+        assert_eq!(below("/").len(), 7);
     }
 
     #[test]
