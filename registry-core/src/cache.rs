@@ -80,6 +80,26 @@ impl CachedTree {
 /// retrying cannot mend ends the following, stale, with [`CachedTree::failure`] saying why.
 /// Reads take a read lock and never wait on the server. Dropping the cache stops its task and
 /// releases its watch.
+///
+/// ```
+/// # async fn demo() -> registry_core::Result<()> {
+/// use std::{sync::Arc, time::Duration};
+/// use registry_core::{Bytes, CreateMode, MemoryOptions, MemoryRegistry, MemoryStore};
+/// use registry_core::{NodePath, Registry, TreeCache, WatchScope};
+///
+/// let registry: Arc<dyn Registry> =
+///     Arc::new(MemoryRegistry::connect(&MemoryStore::new(), MemoryOptions::default()).await?);
+/// let services = NodePath::new("/soa/runtime/services")?;
+/// let cache = TreeCache::open(registry.clone(), &services, WatchScope::Subtree).await?;
+/// let instance = NodePath::new("/soa/runtime/services/Goods/10.0.0.1:9090")?;
+/// registry.create(&instance, Bytes::new(), CreateMode::Ephemeral).await?;
+/// cache.wait_for(Duration::from_secs(5), |tree| tree.get(&instance).is_some()).await?;
+/// let goods = NodePath::new("/soa/runtime/services/Goods")?;
+/// assert_eq!(cache.children(&goods).len(), 1);
+/// # Ok(())
+/// # }
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(demo()).unwrap();
+/// ```
 pub struct TreeCache {
     root: NodePath,
     tree: watch::Receiver<CachedTree>,
