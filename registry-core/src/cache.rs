@@ -186,7 +186,8 @@ impl TreeCache {
     }
 
     /// A receiver that is marked changed whenever the copy's
-    /// [`generation`](CachedTree::generation) grows from now on.
+    /// [`generation`](CachedTree::generation) grows from now on. Take it before reading the
+    /// copy it is to keep up with, so that no change falls in between.
     pub fn changes(&self) -> watch::Receiver<CachedTree> {
         let mut changes = self.tree.clone();
         // From now on: a change before this call would wake the first `changed()` at once.

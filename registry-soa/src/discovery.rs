@@ -535,6 +535,8 @@ impl ServiceView {
     /// A receiver that changes (to the snapshot's generation) whenever the view does: an
     /// instance, a config, a rule, an error or staleness; never for an event that leaves them
     /// all as they were.
+    /// It starts from now: take it before reading the snapshot it is to keep up with, so
+    /// that no change falls in between.
     pub fn changes(&self) -> watch::Receiver<u64> {
         let mut changes = self.changes.clone();
         // From now on: a change before this call would wake the first `changed()` at once.

@@ -43,11 +43,12 @@ pub fn provider_is_master(view: &ServiceView, provider: &Provider) -> bool {
 /// provider's registry). Ends with the view or when the provider's registry closes, and then
 /// always reads `false`: nothing follows mastership any more.
 pub fn watch_mastership(view: &ServiceView, provider: &Provider) -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(provider_is_master(view, provider));
+    // Subscribed before the first read: a change in between wakes the task below.
     let mut changes = view.changes();
     let mut status = provider.registration().watch_status();
     let registry = provider.registry().clone();
     let mut sessions = registry.session_events();
+    let (tx, rx) = watch::channel(provider_is_master(view, provider));
     let version = provider.version().to_owned();
     let current = view.snapshot_source();
     let span = tracing::debug_span!("mastership", provider = %provider.address());
