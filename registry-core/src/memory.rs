@@ -129,18 +129,7 @@ impl State {
 
     /// Nodes strictly below `path`, in path order.
     fn descendants<'a>(&'a self, path: &'a NodePath) -> impl Iterator<Item = &'a Node> + 'a {
-        let start = if path.is_root() {
-            "/".to_owned()
-        } else {
-            format!("{path}/")
-        };
-        self.nodes
-            .range::<str, _>((
-                std::ops::Bound::Included(start.as_str()),
-                std::ops::Bound::Unbounded,
-            ))
-            .take_while(move |(p, _)| p.as_str().starts_with(&start))
-            .map(|(_, n)| n)
+        crate::path::range_below(&self.nodes, path).map(|(_, n)| n)
     }
 
     fn in_scope(&self, root: &NodePath, scope: WatchScope) -> Vec<Node> {

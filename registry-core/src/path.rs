@@ -183,6 +183,25 @@ fn forbidden_char(c: char) -> bool {
         | '\u{FFF0}'..)
 }
 
+/// The entries of a map keyed by path that lie strictly below `path`, in path order. Every
+/// path below `/a` starts with `/a/` and those sort together, so this is a range of the map:
+/// its cost follows the subtree, not the map.
+pub(crate) fn range_below<'a, V>(
+    map: &'a std::collections::BTreeMap<NodePath, V>,
+    path: &NodePath,
+) -> impl Iterator<Item = (&'a NodePath, &'a V)> + 'a {
+    let prefix = if path.is_root() {
+        "/".to_owned()
+    } else {
+        format!("{path}/")
+    };
+    map.range::<str, _>((
+        std::ops::Bound::Included(prefix.as_str()),
+        std::ops::Bound::Unbounded,
+    ))
+    .take_while(move |(p, _)| p.as_str().starts_with(prefix.as_str()))
+}
+
 fn validate(path: &str) -> Result<(), InvalidPath> {
     if path.is_empty() {
         return Err(InvalidPath::Empty);

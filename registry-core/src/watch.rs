@@ -214,19 +214,7 @@ impl WatchedState {
     /// The nodes below `path` (not `path` itself), ordered by path; a range of the map, so
     /// the cost follows the subtree, not the whole state.
     pub fn below<'a>(&'a self, path: &NodePath) -> impl Iterator<Item = &'a Node> + 'a {
-        // Every path below `/a` starts with `/a/`, and those sort together.
-        let prefix = if path.is_root() {
-            "/".to_owned()
-        } else {
-            format!("{path}/")
-        };
-        self.nodes
-            .range::<str, _>((
-                std::ops::Bound::Included(prefix.as_str()),
-                std::ops::Bound::Unbounded,
-            ))
-            .map(|(_, node)| node)
-            .take_while(move |node| node.path.as_str().starts_with(prefix.as_str()))
+        crate::path::range_below(&self.nodes, path).map(|(_, node)| node)
     }
 
     /// Number of nodes.
