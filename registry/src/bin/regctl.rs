@@ -194,6 +194,11 @@ fn say(line: impl std::fmt::Display) -> Result<(), Failure> {
     writeln!(std::io::stdout(), "{line}").map_err(Failure::Output)
 }
 
+/// A `--file` that names a file; none, or `-`, means standard input or output.
+fn named(file: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+    file.filter(|f| f.as_os_str() != "-")
+}
+
 fn path(raw: &str) -> Result<NodePath, Failure> {
     NodePath::new(raw).map_err(Failure::from)
 }
@@ -508,7 +513,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let document = serde_json::json!({"root": root.as_str(), "nodes": list});
             let text = serde_json::to_string_pretty(&document)
                 .map_err(|e| Failure::Input(e.to_string()))?;
-            match file.filter(|f| f.as_os_str() != "-") {
+            match named(file) {
                 Some(file) => {
                     std::fs::write(&file, text).map_err(|e| {
                         Failure::Output(std::io::Error::new(
@@ -532,7 +537,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Import { file } => {
             use base64::Engine;
-            let (source, text) = match file.filter(|f| f.as_os_str() != "-") {
+            let (source, text) = match named(file) {
                 Some(file) => {
                     let source = file.display().to_string();
                     let text = std::fs::read_to_string(&file)
