@@ -4,18 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::{
-    Backoff, Error, Node, NodePath, Registry, Result, SessionState, WatchEvent, WatchOptions,
-    WatchScope, WatchStream, WatchedState,
-};
-
-/// How long [`TreeCache::open`] waits for the watch's first snapshot.
-const FIRST_SNAPSHOT: Duration = Duration::from_secs(30);
+use crate::persistent::{PersistentItem, PersistentWatch};
+use crate::{Error, Node, NodePath, Registry, Result, WatchEvent, WatchScope, WatchedState};
 
 /// What a [`TreeCache`] holds at one moment.
 #[derive(Clone, Debug, Default)]
@@ -109,44 +103,25 @@ pub struct TreeCache {
 impl TreeCache {
     /// Watches what `scope` covers of `root` and returns once the first snapshot is in the
     /// copy. Errors: the watch's own (an invalid path, [`Closed`](Error::Closed), ...), or
-    /// [`Timeout`](Error::Timeout) when no snapshot comes within 30 s.
+    /// [`Timeout`](Error::Timeout) when no snapshot comes within
+    /// [`FIRST_SNAPSHOT`](crate::persistent::FIRST_SNAPSHOT).
     pub async fn open(
         registry: Arc<dyn Registry>,
         root: &NodePath,
         scope: WatchScope,
     ) -> Result<TreeCache> {
-        // Every event, from a snapshot: a copy built from fewer would be wrong and say fresh.
-        let options = WatchOptions::scoped(scope);
-        let mut stream = registry.watch(root, options.clone()).await?;
-        let first = match tokio::time::timeout(FIRST_SNAPSHOT, stream.next()).await {
-            Ok(Some(Ok(first @ (WatchEvent::Snapshot(_) | WatchEvent::Resync { .. })))) => first,
-            Ok(Some(Ok(other))) => {
-                return Err(Error::Backend {
-                    backend: "tree cache",
-                    message: format!("the watch of {root} began with {other:?}, not a snapshot"),
-                    source: None,
-                })
-            }
-            Ok(Some(Err(error))) => return Err(error),
-            Ok(None) => return Err(Error::unavailable(format!("the watch of {root} ended"))),
-            Err(_) => {
-                return Err(Error::Timeout {
-                    operation: format!("first snapshot of {root}"),
-                    after: FIRST_SNAPSHOT,
-                })
-            }
-        };
+        let (watch, firsts) =
+            PersistentWatch::open(registry.clone(), vec![(root.clone(), scope)]).await?;
         let mut state = WatchedState::new();
-        state.apply(&first);
+        firsts.iter().for_each(|first| state.apply(first));
         let (tx, tree) = watch::channel(CachedTree {
             state,
-            stale: !registry.session().state.is_live(),
+            stale: watch.is_stale(),
             generation: 1,
             failure: None,
         });
         let span = tracing::info_span!("tree_cache", root = %root);
-        let task =
-            tokio::spawn(follow(registry, root.clone(), options, stream, tx).instrument(span));
+        let task = tokio::spawn(follow(watch, tx).instrument(span));
         Ok(TreeCache {
             root: root.clone(),
             tree,
@@ -244,99 +219,44 @@ impl std::fmt::Debug for TreeCache {
     }
 }
 
-/// The cache's task: applies the watch's items, and watches anew after a break or a lost
-/// session. Ends when the registry closes (or the cache is dropped).
-async fn follow(
-    registry: Arc<dyn Registry>,
-    root: NodePath,
-    options: WatchOptions,
-    mut stream: WatchStream,
-    tx: watch::Sender<CachedTree>,
-) {
-    let mut sessions = registry.session_events();
-    let mut live = registry.session().state.is_live();
-    // A new watch's snapshot not in yet: the copy mixes the old state with what came since.
-    let mut awaiting = false;
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            // Session first: a loss queued with stream items changes what they mean.
-            biased;
-            status = sessions.next() => {
-                let Some(status) = status.filter(|s| s.state != SessionState::Closed) else {
-                    set_stale(&tx, true);
-                    return;
-                };
-                let was_live = std::mem::replace(&mut live, status.state.is_live());
-                if live && !was_live {
-                    // Back after a cut: what changed meanwhile may still be on its way, and
-                    // no backend says when it has all come. A new watch starts with a
-                    // snapshot read now, so the copy is fresh once that is in.
-                    backoff.reset();
-                    let Some(next) = reopen(&*registry, &root, &options, &mut backoff, &tx).await
-                    else {
-                        return;
-                    };
-                    (stream, awaiting) = (next, true);
-                    continue;
-                }
-                set_stale(&tx, !live || awaiting);
+/// The cache's task: applies the watch's items. Ends when the registry closes, on a failure
+/// that retrying cannot mend, or when the cache is dropped.
+async fn follow(mut watch: PersistentWatch, tx: watch::Sender<CachedTree>) {
+    while let Some(item) = watch.next().await {
+        let event = match item {
+            Ok(PersistentItem::Event { event, .. }) => event,
+            Ok(PersistentItem::Staleness) => {
+                set_stale(&tx, watch.is_stale());
+                continue;
             }
-            item = stream.next() => {
-                let event = match item {
-                    Some(Ok(event)) => event,
-                    Some(Err(Error::Closed)) => {
-                        set_stale(&tx, true);
-                        return;
-                    }
-                    Some(Err(error)) if !error.is_retryable() => {
-                        tracing::warn!(%error, "the cache's watch failed for good; it stays stale");
-                        fail(&tx, error);
-                        return;
-                    }
-                    ended => {
-                        match ended {
-                            Some(Err(error)) => {
-                                tracing::warn!(%error, "the cache's watch failed; watching again");
-                            }
-                            _ => tracing::debug!("the cache's watch ended; watching again"),
-                        }
-                        let Some(next) = reopen(&*registry, &root, &options, &mut backoff, &tx).await
-                        else {
-                            return;
-                        };
-                        (stream, awaiting) = (next, true);
-                        continue;
-                    }
-                };
-                backoff.reset();
-                let replaces = matches!(event, WatchEvent::Snapshot(_) | WatchEvent::Resync { .. });
-                if replaces {
-                    tracing::debug!("cache resynced");
-                    awaiting = false;
-                }
-                let stale = !live || !registry.session().state.is_live() || awaiting;
-                tx.send_if_modified(|tree| {
-                    let changed = if replaces {
-                        let mut next = WatchedState::new();
-                        next.apply(&event);
-                        let changed = !next.nodes().eq(tree.state.nodes());
-                        tree.state = next;
-                        changed
-                    } else {
-                        tree.state.apply(&event);
-                        true
-                    };
-                    let changed = changed || tree.stale != stale;
-                    tree.stale = stale;
-                    if changed {
-                        tree.generation += 1;
-                    }
-                    changed
-                });
+            Err(error) => {
+                tracing::warn!(%error, "the cache's watch failed for good; it stays stale");
+                fail(&tx, error);
+                return;
             }
-        }
+        };
+        let replaces = matches!(event, WatchEvent::Snapshot(_) | WatchEvent::Resync { .. });
+        let stale = watch.is_stale();
+        tx.send_if_modified(|tree| {
+            let changed = if replaces {
+                let mut next = WatchedState::new();
+                next.apply(&event);
+                let changed = !next.nodes().eq(tree.state.nodes());
+                tree.state = next;
+                changed
+            } else {
+                tree.state.apply(&event);
+                true
+            };
+            let changed = changed || tree.stale != stale;
+            tree.stale = stale;
+            if changed {
+                tree.generation += 1;
+            }
+            changed
+        });
     }
+    set_stale(&tx, true);
 }
 
 /// Marks the copy stale (or fresh), a change only if it was not already.
@@ -358,29 +278,4 @@ fn fail(tx: &watch::Sender<CachedTree>, error: Error) {
         tree.failure = Some(Arc::new(error));
         tree.generation += 1;
     });
-}
-
-/// Marks the copy stale and opens a new watch of `root`, retried with `backoff` until one
-/// opens; `None` once the registry is closed or a failure that retrying cannot mend came.
-async fn reopen(
-    registry: &dyn Registry,
-    root: &NodePath,
-    options: &WatchOptions,
-    backoff: &mut Backoff,
-    tx: &watch::Sender<CachedTree>,
-) -> Option<WatchStream> {
-    set_stale(tx, true);
-    loop {
-        tokio::time::sleep(backoff.next_delay()).await;
-        match registry.watch(root, options.clone()).await {
-            Ok(stream) => return Some(stream),
-            Err(Error::Closed) => return None,
-            Err(error) if !error.is_retryable() => {
-                tracing::warn!(%error, "watching again failed for good; the cache stays stale");
-                fail(tx, error);
-                return None;
-            }
-            Err(error) => tracing::warn!(%error, "watching again failed; retrying"),
-        }
-    }
 }

@@ -4,7 +4,8 @@
 //!   `conformance-tests` crate against every backend.
 //! - [`NodePath`], [`Node`], [`WatchEvent`], [`SessionState`], [`Error`]: the types it speaks.
 //! - [`Registration`]: self-healing ephemeral nodes, written once on top of the trait.
-//! - [`TreeCache`]: a live local copy of a subtree (Curator's `CuratorCache`), on the trait.
+//! - [`TreeCache`]: a live local copy of a subtree (Curator's `CuratorCache`), on the trait;
+//!   [`PersistentWatch`]: watches that outlive broken streams and lost sessions, under it.
 //! - [`memory`]: a complete in-memory backend for demos and fast tests.
 //! - [`DualRegistry`] and [`migrate`]: moving a live tree from one backend to another.
 #![warn(missing_docs)]
@@ -18,6 +19,7 @@ pub mod memory;
 pub mod migrate;
 pub mod node;
 pub mod path;
+pub mod persistent;
 pub mod recipes;
 pub mod registration;
 pub mod registry;
@@ -36,6 +38,7 @@ pub use node::{Children, CreateMode, DeleteScope, Expected, Node, Revision, Sess
 pub use path::{
     parse_sequence, sequential_name, NodePath, MAX_DEPTH, MAX_PATH_LEN, SEQUENCE_DIGITS,
 };
+pub use persistent::{PersistentItem, PersistentWatch};
 pub use registration::{RegisterOptions, Registration, RegistrationStatus, RegistrationWatches};
 pub use registry::{check_value, Registry, MAX_VALUE_LEN};
 pub use session::{SessionState, SessionStatus, SessionTracker};

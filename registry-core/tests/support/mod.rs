@@ -36,6 +36,8 @@ pub struct Faulty {
     failing_watch_opens: AtomicUsize,
     refusing_watch_opens: AtomicBool,
     watch_breaks: tokio::sync::watch::Sender<u64>,
+    /// Open watches of this path end, without an error, when it is sent.
+    watch_ends: tokio::sync::watch::Sender<Option<NodePath>>,
 }
 
 #[allow(dead_code)] // Each test binary uses a part.
@@ -54,6 +56,7 @@ impl Faulty {
             failing_watch_opens: AtomicUsize::new(0),
             refusing_watch_opens: AtomicBool::new(false),
             watch_breaks: tokio::sync::watch::channel(0).0,
+            watch_ends: tokio::sync::watch::channel(None).0,
         })
     }
 
@@ -77,6 +80,10 @@ impl Faulty {
         self.watch_breaks.send_modify(|n| *n += 1);
     }
 
+    /// Every watch stream of `path` open now ends, without an error.
+    pub fn end_watches_of(&self, path: &NodePath) {
+        self.watch_ends.send_replace(Some(path.clone()));
+    }
     /// Whether deletes (plain and by owner) wait before reaching `inner` from now on.
     pub fn hold_deletes(&self, hold: bool) {
         self.hold_deletes.send_replace(hold);
@@ -208,10 +215,22 @@ impl Registry for Faulty {
         }
         let mut breaks = self.watch_breaks.subscribe();
         breaks.borrow_and_update();
+        let mut ends = self.watch_ends.subscribe();
+        ends.borrow_and_update();
         let inner = self.inner.watch(path, options).await?;
         self.watches_opened.fetch_add(1, Ordering::SeqCst);
+        let path = path.clone();
+        let ended = async move {
+            while ends.changed().await.is_ok() {
+                if ends.borrow().as_ref() == Some(&path) {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        let inner = futures::StreamExt::take_until(inner, ended);
         let broken = futures::stream::unfold(
-            (inner, breaks, false),
+            (Box::pin(inner), breaks, false),
             |(mut inner, mut breaks, done)| async move {
                 if done {
                     return None;

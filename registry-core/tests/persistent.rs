@@ -1,0 +1,177 @@
+//! `PersistentWatch` on the memory backend: a source whose watch ends or breaks is watched
+//! again with the others, a refusal is the owner's to act on, and the watch says it is stale
+//! until every source has been read anew. (`TreeCache` and the service view rest on it; the
+//! conformance suite runs the cache on every backend.)
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
+mod support;
+
+use registry_core::{
+    Bytes, CreateMode, Error, NodePath, PersistentItem, PersistentWatch, Registry, WatchScope,
+    WatchedState,
+};
+use support::Faulty;
+
+fn p(path: &str) -> NodePath {
+    NodePath::new(path).unwrap()
+}
+
+async fn client(store: &MemoryStore) -> Arc<MemoryRegistry> {
+    Arc::new(
+        MemoryRegistry::connect(store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    )
+}
+
+/// What the owner of a watch sees: each source's state, and the errors it was handed.
+struct Followed {
+    watch: PersistentWatch,
+    states: Vec<WatchedState>,
+    errors: Vec<Error>,
+    /// Sources whose state a `Snapshot` or `Resync` replaced since the last `drive`.
+    read_anew: Vec<usize>,
+}
+
+impl Followed {
+    async fn open(registry: Arc<dyn Registry>, sources: Vec<(NodePath, WatchScope)>) -> Self {
+        let (watch, firsts) = PersistentWatch::open(registry, sources).await.unwrap();
+        let states = firsts
+            .iter()
+            .map(|first| {
+                let mut state = WatchedState::new();
+                state.apply(first);
+                state
+            })
+            .collect();
+        Followed {
+            watch,
+            states,
+            errors: Vec::new(),
+            read_anew: Vec::new(),
+        }
+    }
+
+    /// Takes items until `done` holds after one (10 s at most): true then, false if the watch
+    /// ended first, a panic if time ran out.
+    async fn drive(&mut self, done: impl Fn(&Followed) -> bool) -> bool {
+        self.read_anew.clear();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(item) = self.watch.next().await {
+                match item {
+                    Ok(PersistentItem::Event { source, event }) => {
+                        if matches!(
+                            event,
+                            registry_core::WatchEvent::Snapshot(_)
+                                | registry_core::WatchEvent::Resync { .. }
+                        ) {
+                            self.read_anew.push(source);
+                        }
+                        self.states[source].apply(&event);
+                    }
+                    Ok(PersistentItem::Staleness) => {}
+                    Err(error) => self.errors.push(error),
+                }
+                if done(self) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("neither done nor ended within 10 s")
+    }
+}
+
+/// One source's watch ending quietly (no error) is not lost among the others': every source
+/// is watched again, and the watch is stale until each has been read anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_whose_watch_ends_is_watched_again_with_the_others() {
+    let store = MemoryStore::new();
+    let faulty = Faulty::new(client(&store).await);
+    let writer = client(&store).await;
+    let mut followed = Followed::open(
+        faulty.clone(),
+        vec![
+            (p("/a"), WatchScope::Subtree),
+            (p("/b"), WatchScope::Children),
+        ],
+    )
+    .await;
+    assert!(!followed.watch.is_stale());
+    assert_eq!(faulty.watches_opened(), 2);
+    faulty.end_watches_of(&p("/b"));
+    writer
+        .create(&p("/b/x"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let stale_seen = followed.drive(|f| f.watch.is_stale()).await;
+    assert!(stale_seen, "never stale after a source's watch ended");
+    let caught_up = followed
+        .drive(|f| f.read_anew.contains(&0) && f.read_anew.contains(&1))
+        .await;
+    assert!(caught_up, "not every source was read anew");
+    assert!(
+        !followed.watch.is_stale(),
+        "stale after every source was read"
+    );
+    assert_eq!(faulty.watches_opened(), 4, "both sources watched again");
+    assert!(followed.states[1].get(&p("/b/x")).is_some());
+    assert!(followed.errors.is_empty(), "{:?}", followed.errors);
+}
+
+/// A refusal that retrying cannot mend goes to the owner, with the watch stale; calling on
+/// tries again (after a backoff), and once the refusal is lifted the sources are read anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_goes_to_the_owner_and_the_next_call_tries_again() {
+    let store = MemoryStore::new();
+    let faulty = Faulty::new(client(&store).await);
+    let writer = client(&store).await;
+    let mut followed = Followed::open(faulty.clone(), vec![(p("/r"), WatchScope::Subtree)]).await;
+    faulty.refuse_watch_opens(true);
+    faulty.break_watches();
+    let refused = followed.drive(|f| !f.errors.is_empty()).await;
+    assert!(refused, "the refusal never reached the owner");
+    assert!(
+        matches!(followed.errors[0], Error::PermissionDenied { .. }),
+        "{:?}",
+        followed.errors
+    );
+    assert!(followed.watch.is_stale(), "fresh while refused");
+    writer
+        .create(&p("/r/meanwhile"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    faulty.refuse_watch_opens(false);
+    let read = followed.drive(|f| f.read_anew.contains(&0)).await;
+    assert!(read, "never read anew after the refusal was lifted");
+    assert!(!followed.watch.is_stale());
+    assert!(followed.states[0].get(&p("/r/meanwhile")).is_some());
+}
+
+/// No sources is bad input, refused before any watch; a closed registry ends the watch, which
+/// then says it is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sources_is_refused_and_a_close_ends_the_watch() {
+    let store = MemoryStore::new();
+    let faulty = Faulty::new(client(&store).await);
+    let none = PersistentWatch::open(faulty.clone(), Vec::new()).await;
+    assert!(matches!(none, Err(Error::InvalidArgument(_))), "{none:?}");
+    assert_eq!(faulty.watches_opened(), 0);
+    let mut followed = Followed::open(faulty.clone(), vec![(p("/c"), WatchScope::Node)]).await;
+    faulty.close().await.unwrap();
+    let done = followed.drive(|_| false).await;
+    assert!(!done, "the watch went on after its registry closed");
+    let after = tokio::time::timeout(Duration::from_secs(10), followed.watch.next()).await;
+    assert!(
+        matches!(after, Ok(None)),
+        "an item after the end: {after:?}"
+    );
+    assert!(
+        followed.watch.is_stale(),
+        "a closed registry's watch is fresh"
+    );
+}
