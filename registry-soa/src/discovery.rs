@@ -2,12 +2,10 @@
 //! config, routes, cookies), fed by watches, with instance selection.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures::stream::{self, StreamExt};
 use registry_core::{
-    Backoff, NodePath, Registry, SessionState, WatchEvent, WatchOptions, WatchStream, WatchedState,
+    NodePath, PersistentItem, PersistentWatch, Registry, WatchScope, WatchedState,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -369,45 +367,22 @@ pub struct ServiceView {
     task: JoinHandle<()>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Source {
-    Instances,
-    Config,
-    Global,
-    Routes,
-    Cookies,
-}
-
 struct Sources {
     paths: ServicePaths,
     global: NodePath,
 }
 
 impl Sources {
-    fn all(&self) -> [(Source, NodePath, WatchOptions); 5] {
-        [
-            (
-                Source::Instances,
-                self.paths.runtime.clone(),
-                WatchOptions::children(),
-            ),
-            (
-                Source::Config,
-                self.paths.config.clone(),
-                WatchOptions::node(),
-            ),
+    /// What each source's watch covers, in the order `build` reads their states: instances,
+    /// the service's config, the global config, routes, cookie rules.
+    fn all(&self) -> Vec<(NodePath, WatchScope)> {
+        vec![
+            (self.paths.runtime.clone(), WatchScope::Children),
+            (self.paths.config.clone(), WatchScope::Node),
             // Node scope: the global node's children are the per-service configs.
-            (Source::Global, self.global.clone(), WatchOptions::node()),
-            (
-                Source::Routes,
-                self.paths.routes.clone(),
-                WatchOptions::node(),
-            ),
-            (
-                Source::Cookies,
-                self.paths.cookies.clone(),
-                WatchOptions::node(),
-            ),
+            (self.global.clone(), WatchScope::Node),
+            (self.paths.routes.clone(), WatchScope::Node),
+            (self.paths.cookies.clone(), WatchScope::Node),
         ]
     }
 }
@@ -485,34 +460,17 @@ impl ServiceView {
             paths: ServicePaths::new(service)?,
             global: global_config(),
         };
-        let mut streams = Vec::new();
+        let (watch, firsts) = PersistentWatch::open(registry, sources.all()).await?;
         let mut states: [WatchedState; 5] = Default::default();
-        for (i, (_, path, options)) in sources.all().into_iter().enumerate() {
-            let mut stream = registry.watch(&path, options).await?;
-            match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
-                Ok(Some(Ok(first))) => states[i].apply(&first),
-                Ok(Some(Err(e))) => return Err(e.into()),
-                _ => {
-                    return Err(SoaError::Registry(registry_core::Error::unavailable(
-                        format!("no snapshot of {path}"),
-                    )))
-                }
-            }
-            streams.push(stream);
+        for (state, first) in states.iter_mut().zip(&firsts) {
+            state.apply(first);
         }
-        let first = build(
-            &states,
-            &sources,
-            None,
-            !registry.session().state.is_live(),
-            1,
-        );
+        let first = build(&states, &sources, None, watch.is_stale(), 1);
         let current = Arc::new(ArcSwap::from_pointee(first));
         let (publish, changes) = watch::channel(1);
         let span = tracing::info_span!("service_view", service);
-        let task = tokio::spawn(
-            run(registry, sources, states, streams, current.clone(), publish).instrument(span),
-        );
+        let task =
+            tokio::spawn(run(watch, sources, states, current.clone(), publish).instrument(span));
         Ok(ServiceView {
             service: service.to_owned(),
             current,
@@ -634,22 +592,16 @@ impl Drop for ServiceView {
     }
 }
 
+/// The view's task: applies the sources' items and publishes what changes. Ends when the
+/// registry closes (the view then stays stale) or the view is dropped.
 async fn run(
-    registry: Arc<dyn Registry>,
+    mut watch: PersistentWatch,
     sources: Sources,
     mut states: [WatchedState; 5],
-    streams: Vec<WatchStream>,
     current: Arc<ArcSwap<ServiceSnapshot>>,
     publish: watch::Sender<u64>,
 ) {
     let mut generation = 1;
-    let mut sessions = registry.session_events();
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let mut tagged = tag(streams);
-    // Sources watched again whose first snapshot has not come yet: until every one has, the
-    // view mixes their old state with new ones, so it stays stale (and keeps serving).
-    let mut awaiting = [false; 5];
-    let mut live = registry.session().state.is_live();
     let mark_stale = |stale: bool, generation: &mut u64| {
         if current.load().stale != stale {
             *generation += 1;
@@ -661,122 +613,43 @@ async fn run(
             publish.send_replace(*generation);
         }
     };
-    loop {
-        tokio::select! {
-            // Session first: a transition queued with stream items changes what they mean
-            // (a snapshot read before a second cut must not make the view fresh).
-            biased;
-            status = sessions.next() => {
-                // Closed: nothing will update the view again.
-                let Some(status) = status.filter(|s| s.state != SessionState::Closed) else {
-                    mark_stale(true, &mut generation);
-                    return;
-                };
-                let was_live = std::mem::replace(&mut live, status.state.is_live());
-                if live && !was_live {
-                    // Back after a cut: what changed meanwhile may still be on its way (an
-                    // etcd watch resuming, a ZooKeeper re-read), and no backend says when it
-                    // has all come. A new watch of every source starts with a snapshot read
-                    // now, so the view is fresh once each has delivered one.
-                    mark_stale(true, &mut generation);
-                    backoff.reset();
-                    let Some(streams) = rewatch(&registry, &sources, &mut backoff).await else {
-                        return;
-                    };
-                    awaiting = [true; 5];
-                    tagged = tag(streams);
-                    continue;
-                }
-                let stale = !live || awaiting.contains(&true);
-                mark_stale(stale, &mut generation);
+    while let Some(item) = watch.next().await {
+        let (source, event) = match item {
+            Ok(PersistentItem::Event { source, event }) => (source, event),
+            Ok(PersistentItem::Staleness) => {
+                mark_stale(watch.is_stale(), &mut generation);
+                continue;
             }
-            item = tagged.next() => {
-                let (index, event) = match item {
-                    Some((index, Ok(event))) => (index, event),
-                    ended => {
-                        match ended {
-                            Some((index, Err(error))) => tracing::warn!(
-                                source = %sources.all()[index].1, %error,
-                                "a watch of the service view failed; watching every source again"
-                            ),
-                            _ => tracing::debug!("the service view's watches ended; watching again"),
-                        }
-                        mark_stale(true, &mut generation);
-                        // The ended stream has left `tagged`: watch every source again, each
-                        // starting with a snapshot that replaces its state.
-                        let Some(streams) = rewatch(&registry, &sources, &mut backoff).await else {
-                            return;
-                        };
-                        awaiting = [true; 5];
-                        tagged = tag(streams);
-                        continue;
-                    }
-                };
-                backoff.reset();
-                if let WatchEvent::Snapshot(_) | WatchEvent::Resync { .. } = event {
-                    tracing::debug!(source = ?sources.all()[index].0, "view resynced");
-                    awaiting[index] = false;
-                }
-                states[index].apply(&event);
-                // `live` too: a source's re-read can come before the view has heard of the
-                // reconnect, and the other sources may still hold what they had before.
-                let stale =
-                    !live || !registry.session().state.is_live() || awaiting.contains(&true);
-                let next = build(&states, &sources, Some(&current.load()), stale, generation + 1);
-                // An event that changes nothing a reader sees (a provider creating the
-                // service's empty config nodes, a resync that finds what we had) is not a
-                // change: `changes()` subscribers would otherwise wake for nothing.
-                if next.same_content(&current.load()) {
-                    continue;
-                }
-                generation += 1;
-                current.store(Arc::new(next));
-                publish.send_replace(generation);
+            Err(error) => {
+                // A refusal (say of a source's ACL) may be lifted by an operator: the view
+                // keeps serving what it knew, stale, and keeps trying with a backoff.
+                tracing::warn!(%error, "watching the service was refused; retrying");
+                mark_stale(true, &mut generation);
+                continue;
             }
+        };
+        let Some(state) = states.get_mut(source) else {
+            continue;
+        };
+        state.apply(&event);
+        let next = build(
+            &states,
+            &sources,
+            Some(&current.load()),
+            watch.is_stale(),
+            generation + 1,
+        );
+        // An event that changes nothing a reader sees (a provider creating the service's
+        // empty config nodes, a resync that finds what we had) is not a change: `changes()`
+        // subscribers would otherwise wake for nothing.
+        if next.same_content(&current.load()) {
+            continue;
         }
+        generation += 1;
+        current.store(Arc::new(next));
+        publish.send_replace(generation);
     }
-}
-
-type Tagged =
-    stream::SelectAll<stream::BoxStream<'static, (usize, registry_core::Result<WatchEvent>)>>;
-
-fn tag(streams: Vec<WatchStream>) -> Tagged {
-    stream::select_all(
-        streams
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| s.map(move |item| (i, item)).boxed()),
-    )
-}
-
-/// Watches every source again after a pause, until that works; `None` once the registry is
-/// closed. Ends with the view, whose drop aborts this task.
-async fn rewatch(
-    registry: &Arc<dyn Registry>,
-    sources: &Sources,
-    backoff: &mut Backoff,
-) -> Option<Vec<WatchStream>> {
-    loop {
-        tokio::time::sleep(backoff.next_delay()).await;
-        let mut streams = Vec::new();
-        let mut failed = None;
-        for (_, path, options) in sources.all() {
-            match registry.watch(&path, options).await {
-                Ok(s) => streams.push(s),
-                Err(registry_core::Error::Closed) => return None,
-                Err(error) => {
-                    failed = Some((path, error));
-                    break;
-                }
-            }
-        }
-        match failed {
-            None => return Some(streams),
-            Some((path, error)) => {
-                tracing::warn!(%error, path = %path, "re-watching the service failed; retrying")
-            }
-        }
-    }
+    mark_stale(true, &mut generation);
 }
 
 #[cfg(test)]
