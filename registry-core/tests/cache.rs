@@ -1,28 +1,13 @@
 //! `TreeCache` on the memory backend, whose fault hooks make a cut connection last exactly as
 //! long as the test says (the conformance suite runs its other cases on every backend).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
+use registry_core::memory::MemoryStore;
 mod support;
 
-use registry_core::{
-    Bytes, CachedTree, CreateMode, Error, NodePath, Registry, TreeCache, WatchScope,
-};
-use support::Faulty;
-
-fn p(path: &str) -> NodePath {
-    NodePath::new(path).unwrap()
-}
-
-async fn client(store: &MemoryStore) -> Arc<MemoryRegistry> {
-    Arc::new(
-        MemoryRegistry::connect(store, MemoryOptions::default())
-            .await
-            .unwrap(),
-    )
-}
+use registry_core::{Bytes, CachedTree, CreateMode, Error, Registry, TreeCache, WatchScope};
+use support::{client, p, Faulty};
 
 /// Waits until `done` holds (10 s at most).
 async fn until(cache: &TreeCache, what: &str, done: impl Fn(&CachedTree) -> bool) {

@@ -6,26 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
+use registry_core::memory::MemoryStore;
 mod support;
 
 use registry_core::{
     Bytes, CreateMode, Error, NodePath, PersistentItem, PersistentWatch, Registry, WatchScope,
     WatchedState,
 };
-use support::Faulty;
-
-fn p(path: &str) -> NodePath {
-    NodePath::new(path).unwrap()
-}
-
-async fn client(store: &MemoryStore) -> Arc<MemoryRegistry> {
-    Arc::new(
-        MemoryRegistry::connect(store, MemoryOptions::default())
-            .await
-            .unwrap(),
-    )
-}
+use support::{client, p, Faulty};
 
 /// What the owner of a watch sees: each source's state, and the errors it was handed.
 struct Followed {

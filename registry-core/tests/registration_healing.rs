@@ -6,12 +6,12 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
+use registry_core::memory::MemoryStore;
 use registry_core::{
     Bytes, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registration,
     RegistrationStatus, Registry,
 };
-use support::Faulty;
+use support::{client, Faulty};
 
 /// A registration of `path` with value `v1` made through `faulty`, so its calls meet the
 /// faults the test sets.
@@ -23,14 +23,6 @@ async fn register_through(
     Registration::start(faulty.clone(), path, Bytes::from("v1"), options)
         .await
         .unwrap()
-}
-
-async fn client(store: &MemoryStore) -> Arc<MemoryRegistry> {
-    Arc::new(
-        MemoryRegistry::connect(store, MemoryOptions::default())
-            .await
-            .unwrap(),
-    )
 }
 
 /// Another writer rewrites the node before each of `set_value`'s writes: the call says the

@@ -6,10 +6,27 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
 use registry_core::{
     Bytes, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node, NodePath,
     RegisterOptions, Registration, Registry, Result, SessionStatus, WatchOptions, WatchStream,
 };
+
+/// `path` as a `NodePath`; tests write only valid ones.
+#[allow(dead_code)] // Each test binary uses a part.
+pub fn p(path: &str) -> NodePath {
+    NodePath::new(path).unwrap()
+}
+
+/// A memory client of `store` with default options.
+#[allow(dead_code)]
+pub async fn client(store: &MemoryStore) -> Arc<MemoryRegistry> {
+    Arc::new(
+        MemoryRegistry::connect(store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    )
+}
 
 /// Turns the answer to a create or a set (already made on the inner registry) into what the
 /// caller hears; it may act on other registries first.
