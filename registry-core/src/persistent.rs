@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::try_join_all;
+use tokio::time::Instant;
+
+use futures::future::{try_join_all, FutureExt};
 use futures::stream::{self, BoxStream, SelectAll, StreamExt};
 
 use crate::{
@@ -13,8 +15,17 @@ use crate::{
     WatchOptions, WatchScope, WatchStream,
 };
 
-/// How long [`PersistentWatch::open`] waits for each source's first snapshot.
+/// How long [`PersistentWatch::open`] waits for each source's first snapshot; a new watch
+/// after a break whose snapshot is this late is given up and opened again.
 pub const FIRST_SNAPSHOT: Duration = Duration::from_secs(30);
+
+const RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// The longest wait between re-opens; also how long watches must have held for the next break
+/// to start the waits over (a source that keeps ending at once must not spin).
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// At most this many queued session changes are taken before a stream item.
+const QUEUED_SESSION_CHANGES: usize = 64;
 
 /// What [`PersistentWatch::next`] reports.
 #[derive(Debug)]
@@ -30,7 +41,8 @@ pub enum PersistentItem {
         event: WatchEvent,
     },
     /// No event, but [`PersistentWatch::is_stale`] may say otherwise than before: the session
-    /// was lost or is back, or a watch broke and every source is about to be watched anew.
+    /// was lost or is back, or a watch broke (or its new snapshot is overdue) and every source
+    /// is about to be watched anew.
     Staleness,
 }
 
@@ -40,10 +52,12 @@ pub enum PersistentItem {
 /// that replaces what the source held, so that nothing changed meanwhile is missed.
 ///
 /// Guarantees: items of one source come in the order its watch reports them; each source's
-/// first item after a new watch is a `Snapshot` (or `Resync`); [`is_stale`](Self::is_stale)
-/// is true whenever the sources' states, with every item so far applied, may be behind the
-/// server. No task of its own: it moves only while its owner awaits [`next`](Self::next), and
-/// dropping it releases its watches.
+/// first item after a new watch is a `Snapshot` (or `Resync`): a new watch that begins
+/// otherwise, or whose snapshot is [`FIRST_SNAPSHOT`] late, is opened again;
+/// [`is_stale`](Self::is_stale) is true whenever the sources' states, with every item so far
+/// applied, may be behind the server, as far as the session changes queued when an item is
+/// taken tell. No task of its own: it moves only while its owner awaits
+/// [`next`](Self::next), and dropping it releases its watches.
 pub struct PersistentWatch {
     registry: Arc<dyn Registry>,
     sources: Vec<(NodePath, WatchScope)>,
@@ -52,8 +66,15 @@ pub struct PersistentWatch {
     live: bool,
     /// Sources watched anew whose snapshot has not come: their states mix old and new.
     awaiting: Vec<bool>,
-    /// Every source is to be watched anew before the next item.
+    /// When the snapshots of a new watch of every source are overdue.
+    snapshots_due: Option<Instant>,
+    /// Every source is to be watched anew before the next item, at `reopen_at`.
     reopen: bool,
+    reopen_at: Instant,
+    /// When the current watches opened.
+    opened_at: Instant,
+    /// A stream item taken with session changes queued behind it: it comes after them.
+    held: Option<(usize, Option<Result<WatchEvent>>)>,
     closed: bool,
     backoff: Backoff,
 }
@@ -86,9 +107,13 @@ impl PersistentWatch {
                 "a persistent watch needs at least one source".into(),
             ));
         }
-        // Before the watches: a cut while they open is then seen, and read anew.
-        let sessions = registry.session_events();
-        let live = registry.session().state.is_live();
+        // Before the watches: a cut while they open is then seen, and read anew. The stream
+        // starts with the current status; taken now, it is not mistaken for a change.
+        let mut sessions = registry.session_events();
+        let live = match sessions.next().now_or_never() {
+            Some(Some(status)) => status.state.is_live(),
+            _ => registry.session().state.is_live(),
+        };
         let opened = try_join_all(sources.iter().map(|(path, scope)| {
             let registry = &registry;
             async move {
@@ -106,9 +131,13 @@ impl PersistentWatch {
             streams: tag(streams),
             sessions,
             live,
+            snapshots_due: None,
             reopen: false,
+            reopen_at: Instant::now(),
+            opened_at: Instant::now(),
+            held: None,
             closed: false,
-            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            backoff: Backoff::new(RETRY_INITIAL, RETRY_MAX),
         };
         Ok((watch, firsts))
     }
@@ -132,11 +161,16 @@ impl PersistentWatch {
     /// The next item; `None` once the registry is closed (nothing will come again). An error
     /// that retrying cannot mend (say [`PermissionDenied`](Error::PermissionDenied) on a
     /// source) is returned as it comes; the watch is then stale, and the next call tries again
-    /// after a backoff, so an owner that gives up stops calling. Session changes come before
-    /// stream items queued with them, as they change what those mean.
+    /// after a backoff, so an owner that gives up stops calling. A session change queued when
+    /// a stream item is taken comes first (as a `Staleness`), as it changes what the item
+    /// means. Cancellation-safe: a call dropped before it returns loses no item and no wait
+    /// already served, so it may be one branch of a `select!`.
     pub async fn next(&mut self) -> Option<Result<PersistentItem>> {
         if self.closed {
             return None;
+        }
+        if let Some((source, item)) = self.held.take() {
+            return self.take(source, item);
         }
         if self.reopen {
             match self.watch_again().await {
@@ -148,53 +182,119 @@ impl PersistentWatch {
                 Err(error) => return Some(Err(error)),
             }
         }
+        let due = self.snapshots_due;
         tokio::select! {
             biased;
-            status = self.sessions.next() => {
-                let Some(status) = status.filter(|s| s.state != SessionState::Closed) else {
-                    self.closed = true;
-                    return None;
-                };
-                let was_live = std::mem::replace(&mut self.live, status.state.is_live());
-                if self.live && !was_live {
-                    // Back after a cut: what changed meanwhile may still be on its way (an
-                    // etcd watch resuming, a ZooKeeper re-read), and no backend says when it
-                    // has all come. New watches start with a snapshot read now.
-                    self.backoff.reset();
-                    self.reopen = true;
-                }
-                Some(Ok(PersistentItem::Staleness))
-            }
-            Some((source, item)) = self.streams.next() => match item {
-                Some(Ok(event)) => {
-                    self.backoff.reset();
-                    if let WatchEvent::Snapshot(_) | WatchEvent::Resync { .. } = event {
-                        tracing::debug!(source = %self.path(source), "source read anew");
-                        if let Some(awaiting) = self.awaiting.get_mut(source) {
-                            *awaiting = false;
-                        }
-                    }
-                    Some(Ok(PersistentItem::Event { source, event }))
-                }
-                Some(Err(Error::Closed)) => {
+            status = self.sessions.next() => match status {
+                Some(status) if self.take_status(status) => Some(Ok(PersistentItem::Staleness)),
+                _ => {
                     self.closed = true;
                     None
                 }
-                Some(Err(error)) => {
-                    self.reopen = true;
-                    if !error.is_retryable() {
-                        return Some(Err(error));
+            },
+            Some((source, item)) = self.streams.next() => {
+                let mut changed = false;
+                for _ in 0..QUEUED_SESSION_CHANGES {
+                    match self.sessions.next().now_or_never() {
+                        None => break,
+                        Some(Some(status)) if self.take_status(status) => changed = true,
+                        Some(_) => {
+                            self.closed = true;
+                            return None;
+                        }
                     }
-                    tracing::warn!(source = %self.path(source), %error, "a watch failed; watching every source again");
-                    Some(Ok(PersistentItem::Staleness))
                 }
-                None => {
-                    tracing::debug!(source = %self.path(source), "a watch ended; watching every source again");
-                    self.reopen = true;
-                    Some(Ok(PersistentItem::Staleness))
+                if self.reopen {
+                    // New snapshots of every source will supersede it.
+                    return Some(Ok(PersistentItem::Staleness));
                 }
+                if changed {
+                    self.held = Some((source, item));
+                    return Some(Ok(PersistentItem::Staleness));
+                }
+                self.take(source, item)
+            },
+            () = sleep_until_due(due) => {
+                tracing::warn!(after = ?FIRST_SNAPSHOT, "a new watch's snapshot is overdue; watching every source again");
+                self.schedule_reopen();
+                Some(Ok(PersistentItem::Staleness))
             },
         }
+    }
+
+    /// Takes in a session change; false for `Closed`.
+    fn take_status(&mut self, status: SessionStatus) -> bool {
+        if status.state == SessionState::Closed {
+            return false;
+        }
+        let was_live = std::mem::replace(&mut self.live, status.state.is_live());
+        if self.live && !was_live {
+            // Back after a cut: what changed meanwhile may still be on its way (an etcd watch
+            // resuming, a ZooKeeper re-read), and no backend says when it has all come. New
+            // watches start with a snapshot read now.
+            self.schedule_reopen();
+        }
+        true
+    }
+
+    /// What a stream item of `source` means to the owner (`None` for the end of a stream).
+    fn take(
+        &mut self,
+        source: usize,
+        item: Option<Result<WatchEvent>>,
+    ) -> Option<Result<PersistentItem>> {
+        match item {
+            Some(Ok(event)) => {
+                let replaces = matches!(event, WatchEvent::Snapshot(_) | WatchEvent::Resync { .. });
+                let awaited = self.awaiting.get_mut(source);
+                match awaited {
+                    Some(awaiting) if *awaiting && !replaces => {
+                        tracing::warn!(source = %self.path(source), ?event, "a new watch began without a snapshot; watching every source again");
+                        self.schedule_reopen();
+                        return Some(Ok(PersistentItem::Staleness));
+                    }
+                    Some(awaiting) if replaces => {
+                        *awaiting = false;
+                        tracing::debug!(source = %self.path(source), "source read anew");
+                        if !self.awaiting.contains(&true) {
+                            self.snapshots_due = None;
+                        }
+                    }
+                    _ => {}
+                }
+                Some(Ok(PersistentItem::Event { source, event }))
+            }
+            Some(Err(Error::Closed)) => {
+                self.closed = true;
+                None
+            }
+            Some(Err(error)) => {
+                self.schedule_reopen();
+                if !error.is_retryable() {
+                    return Some(Err(error));
+                }
+                tracing::warn!(source = %self.path(source), %error, "a watch failed; watching every source again");
+                Some(Ok(PersistentItem::Staleness))
+            }
+            None => {
+                tracing::debug!(source = %self.path(source), "a watch ended; watching every source again");
+                self.schedule_reopen();
+                Some(Ok(PersistentItem::Staleness))
+            }
+        }
+    }
+
+    /// Marks every source to be watched anew after the next backoff delay, which starts over
+    /// when the current watches held a while.
+    fn schedule_reopen(&mut self) {
+        if self.reopen {
+            return;
+        }
+        if self.opened_at.elapsed() >= RETRY_MAX {
+            self.backoff.reset();
+        }
+        self.reopen = true;
+        self.reopen_at = Instant::now() + self.backoff.next_delay();
     }
 
     fn path(&self, source: usize) -> &str {
@@ -203,10 +303,14 @@ impl PersistentWatch {
             .map_or("?", |(path, _)| path.as_str())
     }
 
-    /// Watches every source anew after a backoff, retrying what retrying may mend.
+    /// Watches every source anew at `reopen_at`, retrying what retrying may mend; a failure
+    /// sets the next try a backoff delay later, so a cancelled call's wait is not served again.
     async fn watch_again(&mut self) -> Result<()> {
         loop {
-            tokio::time::sleep(self.backoff.next_delay()).await;
+            tokio::time::sleep_until(self.reopen_at).await;
+            if self.registry.session().state == SessionState::Closed {
+                return Err(Error::Closed);
+            }
             let opened = try_join_all(
                 self.sources
                     .iter()
@@ -215,17 +319,31 @@ impl PersistentWatch {
             .await;
             match opened {
                 Ok(streams) => {
+                    let now = Instant::now();
                     self.streams = tag(streams);
                     self.awaiting = vec![true; self.sources.len()];
+                    self.snapshots_due = Some(now + FIRST_SNAPSHOT);
+                    self.opened_at = now;
                     self.reopen = false;
                     return Ok(());
                 }
-                Err(error) if error.is_retryable() => {
+                Err(error) => {
+                    self.reopen_at = Instant::now() + self.backoff.next_delay();
+                    if !error.is_retryable() {
+                        return Err(error);
+                    }
                     tracing::warn!(%error, "watching again failed; retrying");
                 }
-                Err(error) => return Err(error),
             }
         }
+    }
+}
+
+/// Ready at `due`; never without one.
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
     }
 }
 

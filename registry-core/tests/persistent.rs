@@ -163,3 +163,64 @@ async fn no_sources_is_refused_and_a_close_ends_the_watch() {
         "a closed registry's watch is fresh"
     );
 }
+
+/// `next` may be one branch of a `select!` whose other branch wins far more often than the
+/// re-open's backoff delay lasts: the delay already served is kept, so the sources are
+/// still watched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_next_keeps_the_wait_it_served() {
+    let store = MemoryStore::new();
+    let faulty = Faulty::new(client(&store).await);
+    let mut followed = Followed::open(faulty.clone(), vec![(p("/k"), WatchScope::Subtree)]).await;
+    faulty.break_watches();
+    let mut read_anew = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !read_anew && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            item = followed.watch.next() => {
+                if let Some(Ok(PersistentItem::Event { event: registry_core::WatchEvent::Snapshot(_), .. })) = item {
+                    read_anew = true;
+                }
+            }
+            // Shorter than the first re-open delay (100 ms).
+            () = tokio::time::sleep(Duration::from_millis(30)) => {}
+        }
+    }
+    assert!(read_anew, "never watched again under cancellation");
+    assert_eq!(faulty.watches_opened(), 2);
+    assert!(!followed.watch.is_stale());
+}
+
+/// A new watch that begins with an event instead of a snapshot would leave a wrong state
+/// that says it is current: it is opened again until one begins with a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_watch_without_a_snapshot_is_opened_again() {
+    let store = MemoryStore::new();
+    let faulty = Faulty::new(client(&store).await);
+    let writer = client(&store).await;
+    let mut followed = Followed::open(faulty.clone(), vec![(p("/n"), WatchScope::Subtree)]).await;
+    faulty.skip_first_items(true);
+    faulty.break_watches();
+    // Wait for the re-open (its snapshot skipped), then write: its first item is an event.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while faulty.watches_opened() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            _ = followed.watch.next() => {}
+            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    assert_eq!(faulty.watches_opened(), 2, "never re-opened");
+    faulty.skip_first_items(false);
+    writer
+        .create(&p("/n/x"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let read = followed.drive(|f| f.read_anew.contains(&0)).await;
+    assert!(read, "never read anew");
+    assert!(
+        faulty.watches_opened() >= 3,
+        "the snapshot-less watch was kept"
+    );
+    assert!(!followed.watch.is_stale());
+    assert!(followed.states[0].get(&p("/n/x")).is_some());
+}

@@ -357,8 +357,10 @@ pub struct SelectOptions {
 /// Guarantees: every change of any watched node reaches the view; while the registry is
 /// unreachable the last known state keeps being served with `stale` set, and a view fresh
 /// again after that holds every change made meanwhile (each source is watched anew, and the
-/// view is fresh once all of them have been read); dropping the view stops its task and
-/// watches.
+/// view is fresh once all of them have been read); a watch the registry refuses (say a source's
+/// ACL) leaves the view serving its last state, stale, while it keeps trying with a backoff
+/// (an operator may lift the refusal); once the registry is closed the view stays stale;
+/// dropping the view stops its task and watches.
 pub struct ServiceView {
     service: String,
     current: Arc<ArcSwap<ServiceSnapshot>>,
@@ -454,7 +456,10 @@ fn build(
 }
 
 impl ServiceView {
-    /// Starts watching `service` and returns once every watch delivered its first snapshot.
+    /// Starts watching `service` and returns once every watch delivered its first snapshot
+    /// (they open at once). Errors: an invalid service name, a watch's own error, or a
+    /// timeout when a snapshot does not come within
+    /// [`FIRST_SNAPSHOT`](registry_core::persistent::FIRST_SNAPSHOT).
     pub async fn open(registry: Arc<dyn Registry>, service: &str) -> Result<ServiceView, SoaError> {
         let sources = Sources {
             paths: ServicePaths::new(service)?,

@@ -55,6 +55,8 @@ pub struct Faulty {
     watch_breaks: tokio::sync::watch::Sender<u64>,
     /// Open watches of this path end, without an error, when it is sent.
     watch_ends: tokio::sync::watch::Sender<Option<NodePath>>,
+    /// Watches opened while set lose their first item (a backend that skipped a snapshot).
+    skip_first_items: AtomicBool,
 }
 
 #[allow(dead_code)] // Each test binary uses a part.
@@ -74,6 +76,7 @@ impl Faulty {
             refusing_watch_opens: AtomicBool::new(false),
             watch_breaks: tokio::sync::watch::channel(0).0,
             watch_ends: tokio::sync::watch::channel(None).0,
+            skip_first_items: AtomicBool::new(false),
         })
     }
 
@@ -100,6 +103,10 @@ impl Faulty {
     /// Every watch stream of `path` open now ends, without an error.
     pub fn end_watches_of(&self, path: &NodePath) {
         self.watch_ends.send_replace(Some(path.clone()));
+    }
+    /// Whether watches opened from now on lose their first item (their snapshot).
+    pub fn skip_first_items(&self, skip: bool) {
+        self.skip_first_items.store(skip, Ordering::SeqCst);
     }
     /// Whether deletes (plain and by owner) wait before reaching `inner` from now on.
     pub fn hold_deletes(&self, hold: bool) {
@@ -245,7 +252,8 @@ impl Registry for Faulty {
             }
             std::future::pending::<()>().await
         };
-        let inner = futures::StreamExt::take_until(inner, ended);
+        let skip = usize::from(self.skip_first_items.load(Ordering::SeqCst));
+        let inner = futures::StreamExt::skip(futures::StreamExt::take_until(inner, ended), skip);
         let broken = futures::stream::unfold(
             (Box::pin(inner), breaks, false),
             |(mut inner, mut breaks, done)| async move {
