@@ -102,6 +102,7 @@ macro_rules! conformance_suite {
             watch_drop_releases,
             tree_cache_follows_writes,
             tree_cache_recovers_after_session_loss,
+            persistent_watch_reads_every_source_anew,
             register_deregister_and_drop,
             delete_owned_spares_other_owners,
             set_owned_spares_other_owners,

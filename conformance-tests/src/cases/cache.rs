@@ -1,8 +1,12 @@
-//! Cases on [`TreeCache`], the live copy of a subtree built only on the trait.
+//! Cases on [`TreeCache`], the live copy of a subtree built only on the trait, and on the
+//! [`PersistentWatch`] under it.
 
 use std::time::Duration;
 
-use registry_core::{Bytes, CachedTree, CreateMode, DeleteScope, Expected, TreeCache, WatchScope};
+use registry_core::{
+    Bytes, CachedTree, CreateMode, DeleteScope, Expected, PersistentItem, PersistentWatch,
+    TreeCache, WatchScope, WatchedState,
+};
 
 use crate::fixture::{Fault, Fixture};
 use crate::support::{p, read_scope, session_of, summary, CaseEnv, NodeSummary, Outcome};
@@ -152,5 +156,95 @@ pub async fn tree_cache_recovers_after_session_loss(fx: &dyn Fixture) -> Outcome
         |tree| !tree.is_stale() && summary(tree.nodes()) == expected,
     )
     .await;
+    env.finish().await
+}
+
+/// A persistent watch of three sources (children, node and subtree scopes) whose session is
+/// lost says it is stale, and the first time it is fresh again every source's state, built
+/// from its items alone, equals a fresh read: the lost session's ephemeral gone, every write
+/// made meanwhile in.
+pub async fn persistent_watch_reads_every_source_anew(fx: &dyn Fixture) -> Outcome {
+    if !fx.supports(Fault::ExpireSession) {
+        return Outcome::Skipped("fixture cannot expire sessions".into());
+    }
+    let mut env = CaseEnv::new(fx, "persistent_watch_reads_every_source_anew");
+    let c = env.client().await;
+    let writer = env.client().await;
+    let at = env.at();
+    for (path, value) in [("/pw/a/x", "1"), ("/pw/b", "1"), ("/pw/c/d", "1")] {
+        writer
+            .create(&p(path), Bytes::from(value), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("{at} create {path}: {e}"));
+    }
+    c.create(&p("/pw/a/mine"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create ephemeral: {e}"));
+    let sources = vec![
+        (p("/pw/a"), WatchScope::Children),
+        (p("/pw/b"), WatchScope::Node),
+        (p("/pw/c"), WatchScope::Subtree),
+    ];
+    let (mut watch, firsts) = PersistentWatch::open(c.clone(), sources.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{at} open: {e}"));
+    let mut states: Vec<WatchedState> = firsts
+        .iter()
+        .map(|first| {
+            let mut state = WatchedState::new();
+            state.apply(first);
+            state
+        })
+        .collect();
+    assert!(!watch.is_stale(), "{at} stale right after open");
+    assert!(
+        states[0].get(&p("/pw/a/mine")).is_some(),
+        "{at} ephemeral at open"
+    );
+    fx.expire_session(session_of(&c))
+        .await
+        .unwrap_or_else(|e| panic!("{at} expire: {e}"));
+    writer
+        .set(&p("/pw/b"), Bytes::from("2"), Expected::Any)
+        .await
+        .unwrap_or_else(|e| panic!("{at} set during: {e}"));
+    for path in ["/pw/a/y", "/pw/c/d/e"] {
+        writer
+            .create(&p(path), Bytes::from("1"), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("{at} create {path} during: {e}"));
+    }
+    let bound = fx.expiry_bound() + Duration::from_secs(20);
+    let mut stale_seen = false;
+    let followed = tokio::time::timeout(bound, async {
+        while let Some(item) = watch.next().await {
+            match item {
+                Ok(PersistentItem::Event { source, event }) => states[source].apply(&event),
+                Ok(PersistentItem::Staleness) => {}
+                Err(error) => panic!("{at} refused: {error}"),
+            }
+            stale_seen |= watch.is_stale();
+            if stale_seen && !watch.is_stale() {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        followed,
+        Ok(true),
+        "{at} fresh again after the session loss (stale seen: {stale_seen})"
+    );
+    for ((path, scope), state) in sources.iter().zip(&states) {
+        let read = read_scope(&writer, path, *scope)
+            .await
+            .unwrap_or_else(|e| panic!("{at} read {path}: {e}"));
+        assert_eq!(
+            summary(state.nodes()),
+            summary(read.iter()),
+            "{at} {path} ({scope:?}) at the first fresh moment"
+        );
+    }
     env.finish().await
 }
