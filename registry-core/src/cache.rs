@@ -110,10 +110,9 @@ impl TreeCache {
         root: &NodePath,
         scope: WatchScope,
     ) -> Result<TreeCache> {
-        let (watch, firsts) =
+        let (watch, states) =
             PersistentWatch::open(registry.clone(), vec![(root.clone(), scope)]).await?;
-        let mut state = WatchedState::new();
-        firsts.iter().for_each(|first| state.apply(first));
+        let state = states.into_iter().next().unwrap_or_default();
         let (tx, tree) = watch::channel(CachedTree {
             state,
             stale: watch.is_stale(),

@@ -12,7 +12,7 @@ use futures::stream::{self, BoxStream, SelectAll, StreamExt};
 
 use crate::{
     Backoff, Error, NodePath, Registry, Result, SessionState, SessionStatus, WatchEvent,
-    WatchOptions, WatchScope, WatchStream,
+    WatchOptions, WatchScope, WatchStream, WatchedState,
 };
 
 /// How long [`PersistentWatch::open`] waits for each source's first snapshot; a new watch
@@ -93,15 +93,16 @@ fn tag(streams: Vec<WatchStream>) -> Tagged {
 }
 
 impl PersistentWatch {
-    /// Watches every source (all at once) and returns with each one's first snapshot, in the
-    /// sources' order. Errors: [`InvalidArgument`](Error::InvalidArgument) for no sources
+    /// Watches every source (all at once) and returns with each one's state as its first
+    /// snapshot shows it, in the sources' order: apply the source's later
+    /// [`Event`](PersistentItem::Event)s to it. Errors: [`InvalidArgument`](Error::InvalidArgument) for no sources
     /// (before any I/O), a watch's own error ([`Closed`](Error::Closed), an invalid path,
     /// ...), or [`Timeout`](Error::Timeout) when a snapshot does not come within
     /// [`FIRST_SNAPSHOT`].
     pub async fn open(
         registry: Arc<dyn Registry>,
         sources: Vec<(NodePath, WatchScope)>,
-    ) -> Result<(PersistentWatch, Vec<WatchEvent>)> {
+    ) -> Result<(PersistentWatch, Vec<WatchedState>)> {
         if sources.is_empty() {
             return Err(Error::InvalidArgument(
                 "a persistent watch needs at least one source".into(),
@@ -139,7 +140,15 @@ impl PersistentWatch {
             closed: false,
             backoff: Backoff::new(RETRY_INITIAL, RETRY_MAX),
         };
-        Ok((watch, firsts))
+        let states = firsts
+            .iter()
+            .map(|first| {
+                let mut state = WatchedState::new();
+                state.apply(first);
+                state
+            })
+            .collect();
+        Ok((watch, states))
     }
 
     /// The watched sources, in the order [`PersistentItem::Event`] numbers them.

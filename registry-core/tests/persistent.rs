@@ -26,15 +26,7 @@ struct Followed {
 
 impl Followed {
     async fn open(registry: Arc<dyn Registry>, sources: Vec<(NodePath, WatchScope)>) -> Self {
-        let (watch, firsts) = PersistentWatch::open(registry, sources).await.unwrap();
-        let states = firsts
-            .iter()
-            .map(|first| {
-                let mut state = WatchedState::new();
-                state.apply(first);
-                state
-            })
-            .collect();
+        let (watch, states) = PersistentWatch::open(registry, sources).await.unwrap();
         Followed {
             watch,
             states,

@@ -465,11 +465,10 @@ impl ServiceView {
             paths: ServicePaths::new(service)?,
             global: global_config(),
         };
-        let (watch, firsts) = PersistentWatch::open(registry, sources.all()).await?;
-        let mut states: [WatchedState; 5] = Default::default();
-        for (state, first) in states.iter_mut().zip(&firsts) {
-            state.apply(first);
-        }
+        let (watch, states) = PersistentWatch::open(registry, sources.all()).await?;
+        let mut states = states.into_iter();
+        // One state per source, in order; an absent one reads as empty.
+        let states: [WatchedState; 5] = std::array::from_fn(|_| states.next().unwrap_or_default());
         let first = build(&states, &sources, None, watch.is_stale(), 1);
         let current = Arc::new(ArcSwap::from_pointee(first));
         let (publish, changes) = watch::channel(1);

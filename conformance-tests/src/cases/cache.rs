@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use registry_core::{
     Bytes, CachedTree, CreateMode, DeleteScope, Expected, PersistentItem, PersistentWatch,
-    TreeCache, WatchScope, WatchedState,
+    TreeCache, WatchScope,
 };
 
 use crate::fixture::{Fault, Fixture};
@@ -185,17 +185,9 @@ pub async fn persistent_watch_reads_every_source_anew(fx: &dyn Fixture) -> Outco
         (p("/pw/b"), WatchScope::Node),
         (p("/pw/c"), WatchScope::Subtree),
     ];
-    let (mut watch, firsts) = PersistentWatch::open(c.clone(), sources.clone())
+    let (mut watch, mut states) = PersistentWatch::open(c.clone(), sources.clone())
         .await
         .unwrap_or_else(|e| panic!("{at} open: {e}"));
-    let mut states: Vec<WatchedState> = firsts
-        .iter()
-        .map(|first| {
-            let mut state = WatchedState::new();
-            state.apply(first);
-            state
-        })
-        .collect();
     assert!(!watch.is_stale(), "{at} stale right after open");
     assert!(
         states[0].get(&p("/pw/a/mine")).is_some(),
