@@ -198,6 +198,13 @@ impl Error {
         )
     }
 
+    /// The [`InvalidArgument`](Error::InvalidArgument) every backend gives for an attempt
+    /// to `operation` ("create", "write", "delete", "register") the root node, which always exists and
+    /// belongs to no one: the same words everywhere, before any I/O.
+    pub fn root(operation: &str) -> Self {
+        Error::InvalidArgument(format!("cannot {operation} the root node"))
+    }
+
     /// Shorthand for [`Error::Unavailable`] without a source.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Error::Unavailable {

@@ -594,9 +594,7 @@ impl Registry for MemoryRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?mode))]
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         check_value(path, &value)?;
-        let parent = path
-            .parent()
-            .ok_or_else(|| Error::InvalidArgument("cannot create the root node".into()))?;
+        let parent = path.parent().ok_or_else(|| Error::root("create"))?;
         let mut state = self.state()?;
         let owner = if mode.is_ephemeral() {
             Some(self.live_session(&state)?)
@@ -659,7 +657,7 @@ impl Registry for MemoryRegistry {
     async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
         check_value(path, &value)?;
         if path.is_root() {
-            return Err(Error::InvalidArgument("cannot write the root node".into()));
+            return Err(Error::root("write"));
         }
         self.state()?.write(path, value, expected)
     }
@@ -668,7 +666,7 @@ impl Registry for MemoryRegistry {
     async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
         check_value(&node.path, &value)?;
         if node.path.is_root() {
-            return Err(Error::InvalidArgument("cannot write the root node".into()));
+            return Err(Error::root("write"));
         }
         let mut state = self.state()?;
         let owned = state
@@ -684,7 +682,7 @@ impl Registry for MemoryRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected, ?scope))]
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         if path.is_root() {
-            return Err(Error::InvalidArgument("cannot delete the root node".into()));
+            return Err(Error::root("delete"));
         }
         self.state()?.delete(path, expected, scope)
     }
@@ -692,7 +690,7 @@ impl Registry for MemoryRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn delete_owned(&self, node: &Node) -> Result<bool> {
         if node.path.is_root() {
-            return Err(Error::InvalidArgument("cannot delete the root node".into()));
+            return Err(Error::root("delete"));
         }
         let mut state = self.state()?;
         let owned = state

@@ -220,9 +220,7 @@ impl Registration {
     ) -> Result<Registration> {
         check_value(path, &value)?;
         if path.is_root() {
-            return Err(Error::InvalidArgument(
-                "cannot register the root node".into(),
-            ));
+            return Err(Error::root("register"));
         }
         let (status, _) = watch::channel(RegistrationStatus::Recreating {
             reason: "registering".into(),

@@ -550,9 +550,7 @@ impl EtcdRegistry {
         mode: CreateMode,
     ) -> Result<Option<Node>> {
         let keys = &self.shared.keys;
-        let parent = path
-            .parent()
-            .ok_or_else(|| Error::InvalidArgument("cannot create the root node".into()))?;
+        let parent = path.parent().ok_or_else(|| Error::root("create"))?;
         let ancestors: Vec<NodePath> = path
             .ancestors()
             .into_iter()
@@ -962,7 +960,7 @@ impl Registry for EtcdRegistry {
         check_value(path, &value)?;
         self.shared.check_open()?;
         if path.is_root() {
-            return Err(Error::InvalidArgument("cannot create the root node".into()));
+            return Err(Error::root("create"));
         }
         if mode != CreateMode::Ephemeral {
             return self.create_unbatched(path, &value, mode).await;
@@ -999,7 +997,7 @@ impl Registry for EtcdRegistry {
         check_value(path, &value)?;
         self.shared.check_open()?;
         if path.is_root() {
-            return Err(Error::InvalidArgument("cannot write the root node".into()));
+            return Err(Error::root("write"));
         }
         // Checked before any I/O.
         let expected = match expected {
@@ -1077,7 +1075,7 @@ impl Registry for EtcdRegistry {
         check_value(path, &value)?;
         self.shared.check_open()?;
         if path.is_root() {
-            return Err(Error::InvalidArgument("cannot write the root node".into()));
+            return Err(Error::root("write"));
         }
         let key = self.shared.keys.node(path);
         // One Txn: the owner is compared, not read first.
@@ -1108,7 +1106,7 @@ impl Registry for EtcdRegistry {
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         self.shared.check_open()?;
         if path.is_root() {
-            return Err(Error::InvalidArgument("cannot delete the root node".into()));
+            return Err(Error::root("delete"));
         }
         // Checked before any I/O.
         let version = match expected {
@@ -1187,7 +1185,7 @@ impl Registry for EtcdRegistry {
         self.shared.check_open()?;
         let path = &node.path;
         if path.is_root() {
-            return Err(Error::InvalidArgument("cannot delete the root node".into()));
+            return Err(Error::root("delete"));
         }
         let keys = &self.shared.keys;
         let (key, below) = (keys.node(path), keys.below(path));

@@ -785,9 +785,7 @@ impl Registry for ZkRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?mode))]
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         check_value(path, &value)?;
-        let parent = path
-            .parent()
-            .ok_or_else(|| Error::InvalidArgument("cannot create the root node".into()))?;
+        let parent = path.parent().ok_or_else(|| Error::root("create"))?;
         if mode.is_sequential() {
             // The server appends 10 digits: a name valid only without them would be created,
             // then rejected here, left behind. Input errors come before any I/O.
@@ -864,7 +862,7 @@ impl Registry for ZkRegistry {
     async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
         check_value(path, &value)?;
         if path.is_root() {
-            return Err(Error::InvalidArgument("cannot write the root node".into()));
+            return Err(Error::root("write"));
         }
         let (version, wanted) = match expected {
             Expected::Any => (None, 0),
@@ -893,7 +891,7 @@ impl Registry for ZkRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected, ?scope))]
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         if path.is_root() {
-            return Err(Error::InvalidArgument("cannot delete the root node".into()));
+            return Err(Error::root("delete"));
         }
         let (version, wanted) = match expected {
             Expected::Any => (None, 0),

@@ -1,7 +1,8 @@
 //! Cases on single nodes: values, paths, typed errors, versions, parents.
 
 use registry_core::{
-    Bytes, CreateMode, DeleteScope, Error, Expected, InvalidPath, NodePath, MAX_VALUE_LEN,
+    Bytes, CreateMode, DeleteScope, Error, Expected, InvalidPath, NodePath, RegisterOptions,
+    MAX_VALUE_LEN,
 };
 
 use crate::fixture::Fixture;
@@ -253,20 +254,36 @@ pub async fn errors_are_typed(fx: &dyn Fixture) -> Outcome {
         !c.exists(&p("/e/eph/kid")).await.unwrap_or(true),
         "{at} a child of an ephemeral was created"
     );
+    // The root always exists and is no one's: every backend refuses to create, write,
+    // delete or register it with the same typed error.
     let root = NodePath::root();
-    assert!(
-        matches!(
-            c.create(&root, Bytes::new(), CreateMode::Persistent).await,
-            Err(Error::InvalidArgument(_) | Error::AlreadyExists { .. })
-        ),
-        "{at} create root"
+    let refused = |r: Result<(), Error>, operation: &str| {
+        let expected = Error::root(operation).to_string();
+        assert!(
+            matches!(&r, Err(e @ Error::InvalidArgument(_)) if e.to_string() == expected),
+            "{at} {operation} the root: {r:?}"
+        );
+    };
+    refused(
+        c.create(&root, Bytes::new(), CreateMode::Persistent)
+            .await
+            .map(drop),
+        "create",
     );
-    assert!(
-        matches!(
-            c.delete(&root, Expected::Any, DeleteScope::Recursive).await,
-            Err(Error::InvalidArgument(_))
-        ),
-        "{at} delete root"
+    refused(
+        c.set(&root, Bytes::from("x"), Expected::Any)
+            .await
+            .map(drop),
+        "write",
+    );
+    for scope in [DeleteScope::Node, DeleteScope::Recursive] {
+        refused(c.delete(&root, Expected::Any, scope).await, "delete");
+    }
+    refused(
+        c.register(&root, Bytes::new(), RegisterOptions::default())
+            .await
+            .map(drop),
+        "register",
     );
     assert!(
         c.exists(&root).await.unwrap_or(false),
