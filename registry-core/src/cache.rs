@@ -4,12 +4,40 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use futures::stream::{self, BoxStream};
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::persistent::{PersistentItem, PersistentWatch};
 use crate::{Error, Node, NodePath, Registry, Result, WatchEvent, WatchScope, WatchedState};
+
+/// How many changes a [`TreeCache::events`] listener may fall behind before it misses some.
+pub const EVENTS_BUFFER: usize = 1024;
+
+/// A change of a [`TreeCache`]'s copy, node by node, as a listener (Curator's
+/// `CuratorCacheListener`) sees it: a re-read after a break is compared with the copy it
+/// replaces, so a listener never sees a snapshot, only what changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheEvent {
+    /// A node the copy did not hold.
+    Created(Node),
+    /// A node the copy held, now different.
+    Updated {
+        /// As the copy held it.
+        old: Node,
+        /// As it is now.
+        new: Node,
+    },
+    /// A node the copy held is gone (as the copy held it, value included).
+    Deleted(Node),
+    /// This listener fell [`EVENTS_BUFFER`] changes behind, and `count` changes were dropped
+    /// for it: the copy ([`TreeCache::borrow`]) holds their result.
+    Missed {
+        /// How many.
+        count: u64,
+    },
+}
 
 /// What a [`TreeCache`] holds at one moment.
 #[derive(Clone, Debug, Default)]
@@ -72,6 +100,7 @@ impl CachedTree {
 /// not live, the copy is marked stale, kept for readers, and replaced by a fresh snapshot as
 /// soon as a new watch delivers one (so it holds every change made meanwhile). A failure that
 /// retrying cannot mend ends the following, stale, with [`CachedTree::failure`] saying why.
+/// [`events`](TreeCache::events) tells listeners each change node by node, a re-read included.
 /// Reads take a read lock and never wait on the server. Dropping the cache stops its task and
 /// releases its watch.
 ///
@@ -97,6 +126,8 @@ impl CachedTree {
 pub struct TreeCache {
     root: NodePath,
     tree: watch::Receiver<CachedTree>,
+    /// Never read: what [`TreeCache::events`] subscribes from.
+    events: broadcast::Receiver<CacheEvent>,
     task: JoinHandle<()>,
 }
 
@@ -119,11 +150,13 @@ impl TreeCache {
             generation: 1,
             failure: None,
         });
+        let (events_tx, events) = broadcast::channel(EVENTS_BUFFER);
         let span = tracing::info_span!("tree_cache", root = %root);
-        let task = tokio::spawn(follow(watch, tx).instrument(span));
+        let task = tokio::spawn(follow(watch, tx, events_tx).instrument(span));
         Ok(TreeCache {
             root: root.clone(),
             tree,
+            events,
             task,
         })
     }
@@ -167,6 +200,24 @@ impl TreeCache {
         // From now on: a change before this call would wake the first `changed()` at once.
         changes.borrow_and_update();
         changes
+    }
+
+    /// Every change of the copy from now on, node by node and in the order applied: deletions
+    /// of one re-read children first, then creations and updates parents first. Each comes
+    /// after the copy holds it. A listener that falls [`EVENTS_BUFFER`] behind gets a
+    /// [`CacheEvent::Missed`] in place of what it missed. Ends when the cache stops following
+    /// (its registry closed, a [`failure`](CachedTree::failure)) or is dropped.
+    pub fn events(&self) -> BoxStream<'static, CacheEvent> {
+        let receiver = self.events.resubscribe();
+        Box::pin(stream::unfold(receiver, |mut receiver| async move {
+            match receiver.recv().await {
+                Ok(event) => Some((event, receiver)),
+                Err(broadcast::error::RecvError::Lagged(count)) => {
+                    Some((CacheEvent::Missed { count }, receiver))
+                }
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        }))
     }
 
     /// Waits until the copy satisfies `done`, for at most `bound`. `done` sees the copy now,
@@ -220,7 +271,11 @@ impl std::fmt::Debug for TreeCache {
 
 /// The cache's task: applies the watch's items. Ends when the registry closes, on a failure
 /// that retrying cannot mend, or when the cache is dropped.
-async fn follow(mut watch: PersistentWatch, tx: watch::Sender<CachedTree>) {
+async fn follow(
+    mut watch: PersistentWatch,
+    tx: watch::Sender<CachedTree>,
+    events: broadcast::Sender<CacheEvent>,
+) {
     while let Some(item) = watch.next().await {
         let event = match item {
             Ok(PersistentItem::Event { event, .. }) => event,
@@ -236,14 +291,25 @@ async fn follow(mut watch: PersistentWatch, tx: watch::Sender<CachedTree>) {
         };
         let replaces = matches!(event, WatchEvent::Snapshot(_) | WatchEvent::Resync { .. });
         let stale = watch.is_stale();
+        // Only the channel's own receiver: nobody listens, so no change is worked out.
+        let listened = events.receiver_count() > 1;
+        let mut changes = Vec::new();
         tx.send_if_modified(|tree| {
             let changed = if replaces {
                 let mut next = WatchedState::new();
                 next.apply(&event);
-                let changed = !next.nodes().eq(tree.state.nodes());
+                let changed = if listened {
+                    compare(&tree.state, &next, &mut changes);
+                    !changes.is_empty()
+                } else {
+                    !next.nodes().eq(tree.state.nodes())
+                };
                 tree.state = next;
                 changed
             } else {
+                if listened {
+                    changes.extend(change(&tree.state, &event));
+                }
                 tree.state.apply(&event);
                 true
             };
@@ -254,8 +320,47 @@ async fn follow(mut watch: PersistentWatch, tx: watch::Sender<CachedTree>) {
             }
             changed
         });
+        for change in changes {
+            // No listener left is no error: the next one subscribes from then on.
+            let _ = events.send(change);
+        }
     }
     set_stale(&tx, true);
+}
+
+/// What `event` changes of `copy`, before it is applied (nothing, for a write that leaves a
+/// node as the copy holds it or a deletion of a node it does not hold).
+fn change(copy: &WatchedState, event: &WatchEvent) -> Option<CacheEvent> {
+    match event {
+        WatchEvent::Created(node) | WatchEvent::Updated(node) => match copy.get(&node.path) {
+            None => Some(CacheEvent::Created(node.clone())),
+            Some(old) if old != node => Some(CacheEvent::Updated {
+                old: old.clone(),
+                new: node.clone(),
+            }),
+            Some(_) => None,
+        },
+        WatchEvent::Deleted(node) => copy.get(&node.path).cloned().map(CacheEvent::Deleted),
+        WatchEvent::Snapshot(_) | WatchEvent::Resync { .. } => None,
+    }
+}
+
+/// The changes from `old` to `new`, in the order the contract gives one atomic change's
+/// events: deletions children first (reverse path order puts every node after its
+/// descendants), then creations and updates parents first.
+fn compare(old: &WatchedState, new: &WatchedState, changes: &mut Vec<CacheEvent>) {
+    let gone: Vec<&Node> = old.nodes().filter(|n| new.get(&n.path).is_none()).collect();
+    changes.extend(gone.into_iter().rev().cloned().map(CacheEvent::Deleted));
+    for node in new.nodes() {
+        match old.get(&node.path) {
+            None => changes.push(CacheEvent::Created(node.clone())),
+            Some(was) if was != node => changes.push(CacheEvent::Updated {
+                old: was.clone(),
+                new: node.clone(),
+            }),
+            Some(_) => {}
+        }
+    }
 }
 
 /// Marks the copy stale (or fresh), a change only if it was not already.

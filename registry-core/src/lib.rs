@@ -29,7 +29,7 @@ pub mod watch;
 pub use bytes::Bytes;
 
 pub use backoff::Backoff;
-pub use cache::{CachedTree, TreeCache};
+pub use cache::{CacheEvent, CachedTree, TreeCache};
 pub use capabilities::Capabilities;
 pub use dual::{DualOptions, DualRegistry};
 pub use error::{BoxError, Error, InvalidPath, Result};

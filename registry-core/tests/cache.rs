@@ -6,7 +6,12 @@ use std::time::Duration;
 use registry_core::memory::MemoryStore;
 mod support;
 
-use registry_core::{Bytes, CachedTree, CreateMode, Error, Registry, TreeCache, WatchScope};
+use futures::StreamExt;
+use registry_core::cache::EVENTS_BUFFER;
+use registry_core::{
+    Bytes, CacheEvent, CachedTree, CreateMode, DeleteScope, Error, Expected, Registry, TreeCache,
+    WatchScope,
+};
 use support::{client, p, Faulty};
 
 /// Waits until `done` holds (10 s at most).
@@ -129,4 +134,168 @@ async fn a_broken_watch_is_reopened_unless_refused_for_good() {
         "{:?}",
         tree.failure()
     );
+}
+
+/// The next `n` events of `events` (10 s at most for all).
+async fn next_events(
+    events: &mut futures::stream::BoxStream<'static, CacheEvent>,
+    n: usize,
+) -> Vec<CacheEvent> {
+    let taken =
+        tokio::time::timeout(Duration::from_secs(10), events.take(n).collect::<Vec<_>>()).await;
+    taken.unwrap_or_else(|_| panic!("fewer than {n} events within 10 s"))
+}
+
+/// (kind, path) of each event, for comparing with what was written.
+fn kinds(events: &[CacheEvent]) -> Vec<(&'static str, String)> {
+    events
+        .iter()
+        .map(|e| match e {
+            CacheEvent::Created(n) => ("created", n.path.to_string()),
+            CacheEvent::Updated { new, .. } => ("updated", new.path.to_string()),
+            CacheEvent::Deleted(n) => ("deleted", n.path.to_string()),
+            CacheEvent::Missed { count } => ("missed", count.to_string()),
+        })
+        .collect()
+}
+
+/// A listener hears each change node by node, in order, after the copy holds it: an update
+/// with the node before and after, a deletion with the node as the copy held it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_hears_every_change_node_by_node() {
+    let store = MemoryStore::new();
+    let (c, writer) = (client(&store).await, client(&store).await);
+    writer
+        .create(&p("/ev/a"), Bytes::from("1"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let cache = TreeCache::open(c.clone(), &p("/ev"), WatchScope::Subtree)
+        .await
+        .unwrap();
+    let mut events = cache.events();
+    writer
+        .create(&p("/ev/b"), Bytes::from("b"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    writer
+        .set(&p("/ev/a"), Bytes::from("2"), Expected::Any)
+        .await
+        .unwrap();
+    writer
+        .delete(&p("/ev/b"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    let heard = next_events(&mut events, 3).await;
+    assert_eq!(
+        kinds(&heard),
+        [
+            ("created", "/ev/b".to_owned()),
+            ("updated", "/ev/a".to_owned()),
+            ("deleted", "/ev/b".to_owned()),
+        ]
+    );
+    match &heard[1] {
+        CacheEvent::Updated { old, new } => {
+            assert_eq!(
+                (old.value.as_ref(), new.value.as_ref()),
+                (&b"1"[..], &b"2"[..])
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match &heard[2] {
+        CacheEvent::Deleted(gone) => assert_eq!(gone.value.as_ref(), b"b", "the copy's node"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// What changed while the client was cut off comes, once the copy is read again, as changes
+/// against the copy it replaces (no snapshot): deletions children first, then creations and
+/// updates in path order; what did not change is not told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_read_is_told_as_the_changes_it_brings() {
+    let store = MemoryStore::new();
+    let (c, writer) = (client(&store).await, client(&store).await);
+    for path in ["/rr/old", "/rr/old/kid", "/rr/kept", "/rr/same"] {
+        writer
+            .create(&p(path), Bytes::from("1"), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    let cache = TreeCache::open(c.clone(), &p("/rr"), WatchScope::Subtree)
+        .await
+        .unwrap();
+    let mut events = cache.events();
+    let session = c.session().session_id.unwrap();
+    store
+        .interrupt_connection(session, Duration::from_secs(2))
+        .unwrap();
+    until(&cache, "stale while cut off", |tree| tree.is_stale()).await;
+    // Written in the reverse of the order a re-read tells them in: events passed on as they
+    // came would show it.
+    writer
+        .create(&p("/rr/new"), Bytes::from("1"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    writer
+        .set(&p("/rr/kept"), Bytes::from("2"), Expected::Any)
+        .await
+        .unwrap();
+    writer
+        .delete(&p("/rr/old"), Expected::Any, DeleteScope::Recursive)
+        .await
+        .unwrap();
+    let heard = next_events(&mut events, 4).await;
+    assert_eq!(
+        kinds(&heard),
+        [
+            ("deleted", "/rr/old/kid".to_owned()),
+            ("deleted", "/rr/old".to_owned()),
+            ("updated", "/rr/kept".to_owned()),
+            ("created", "/rr/new".to_owned()),
+        ]
+    );
+    until(&cache, "fresh", |tree| !tree.is_stale()).await;
+}
+
+/// A listener that falls behind is told how many changes it missed, then hears the rest; the
+/// stream ends once the registry is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_behind_is_told_what_it_missed() {
+    let store = MemoryStore::new();
+    let (c, writer) = (client(&store).await, client(&store).await);
+    let cache = TreeCache::open(c.clone(), &p("/m"), WatchScope::Children)
+        .await
+        .unwrap();
+    let mut events = cache.events();
+    let written = EVENTS_BUFFER + 76;
+    writer
+        .create(&p("/m"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    for i in 0..written {
+        writer
+            .create(
+                &p(&format!("/m/n{i}")),
+                Bytes::new(),
+                CreateMode::Persistent,
+            )
+            .await
+            .unwrap();
+    }
+    cache
+        .wait_for(Duration::from_secs(10), |tree| {
+            tree.children(&p("/m")).len() == written
+        })
+        .await
+        .unwrap();
+    let first = next_events(&mut events, 1).await;
+    assert_eq!(first, [CacheEvent::Missed { count: 76 }]);
+    let rest = next_events(&mut events, EVENTS_BUFFER).await;
+    assert!(
+        matches!(rest.last(), Some(CacheEvent::Created(n)) if n.path == p(&format!("/m/n{}", written - 1)))
+    );
+    c.close().await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), events.next()).await;
+    assert!(matches!(end, Ok(None)), "{end:?}");
 }

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use registry_core::{
-    Bytes, CachedTree, CreateMode, DeleteScope, Expected, PersistentItem, PersistentWatch,
-    TreeCache, WatchScope,
+    Bytes, CacheEvent, CachedTree, CreateMode, DeleteScope, Expected, PersistentItem,
+    PersistentWatch, TreeCache, WatchScope,
 };
 
 use crate::fixture::{Fault, Fixture};
@@ -40,7 +40,8 @@ async fn fresh(
 }
 
 /// The cache opens with the tree as it is, then follows every write: its copy ends equal to
-/// a fresh read, children in creation order.
+/// a fresh read, children in creation order, and a listener hears each write once, node by
+/// node.
 pub async fn tree_cache_follows_writes(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "tree_cache_follows_writes");
     let c = env.client().await;
@@ -65,6 +66,7 @@ pub async fn tree_cache_follows_writes(fx: &dyn Fixture) -> Outcome {
         assert_eq!(names, ["/tc/a", "/tc/b"], "{at} children at open");
         assert!(tree.get(&p("/tc/a/x")).is_some(), "{at} grandchild at open");
     }
+    let mut events = cache.events();
     writer
         .set(&p("/tc/a"), Bytes::from("2"), Expected::Any)
         .await
@@ -100,6 +102,42 @@ pub async fn tree_cache_follows_writes(fx: &dyn Fixture) -> Outcome {
         cache.get(&p("/tc/a")).map(|n| n.value),
         Some(Bytes::from("2")),
         "{at} value after the write"
+    );
+    // Each path was written once: one change each, in any order across paths (ZooKeeper
+    // reports net changes per read).
+    let heard = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::collect::<Vec<_>>(futures::StreamExt::take(&mut events, 4)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{at} fewer than 4 cache events"));
+    let mut kinds: Vec<(&str, String)> = heard
+        .iter()
+        .map(|e| match e {
+            CacheEvent::Created(n) => ("created", n.path.to_string()),
+            CacheEvent::Updated { old, new } => {
+                assert_eq!(
+                    (&old.value[..], &new.value[..]),
+                    (&b"1"[..], &b"2"[..]),
+                    "{at} update"
+                );
+                ("updated", new.path.to_string())
+            }
+            CacheEvent::Deleted(n) => ("deleted", n.path.to_string()),
+            CacheEvent::Missed { count } => panic!("{at} missed {count}"),
+        })
+        .collect();
+    kinds.sort();
+    let expected = [
+        ("created", "/tc/a/y"),
+        ("created", "/tc/c"),
+        ("deleted", "/tc/b"),
+        ("updated", "/tc/a"),
+    ];
+    assert_eq!(
+        kinds,
+        expected.map(|(k, path)| (k, path.to_owned())),
+        "{at} cache events"
     );
     env.finish().await
 }
