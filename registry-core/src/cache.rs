@@ -126,8 +126,9 @@ impl CachedTree {
 pub struct TreeCache {
     root: NodePath,
     tree: watch::Receiver<CachedTree>,
-    /// Never read: what [`TreeCache::events`] subscribes from.
-    events: broadcast::Receiver<CacheEvent>,
+    /// What [`TreeCache::events`] subscribes to; weak, so listeners' streams end with the
+    /// cache's task.
+    events: broadcast::WeakSender<CacheEvent>,
     task: JoinHandle<()>,
 }
 
@@ -150,7 +151,8 @@ impl TreeCache {
             generation: 1,
             failure: None,
         });
-        let (events_tx, events) = broadcast::channel(EVENTS_BUFFER);
+        let (events_tx, _) = broadcast::channel(EVENTS_BUFFER);
+        let events = events_tx.downgrade();
         let span = tracing::info_span!("tree_cache", root = %root);
         let task = tokio::spawn(follow(watch, tx, events_tx).instrument(span));
         Ok(TreeCache {
@@ -204,20 +206,28 @@ impl TreeCache {
 
     /// Every change of the copy from now on, node by node and in the order applied: deletions
     /// of one re-read children first, then creations and updates parents first. Each comes
-    /// after the copy holds it. A listener that falls [`EVENTS_BUFFER`] behind gets a
-    /// [`CacheEvent::Missed`] in place of what it missed. Ends when the cache stops following
-    /// (its registry closed, a [`failure`](CachedTree::failure)) or is dropped.
+    /// after the copy holds it. Take it before reading the copy it is to keep up with: every
+    /// change applied after the call is told (one applied at that very moment may be both in
+    /// the copy read and told). A listener that falls [`EVENTS_BUFFER`] behind gets a
+    /// [`CacheEvent::Missed`] in place of what it missed. Ends, after what was told before,
+    /// when the cache stops following (its registry closed, a
+    /// [`failure`](CachedTree::failure)) or is dropped; empty if it already stopped.
     pub fn events(&self) -> BoxStream<'static, CacheEvent> {
-        let receiver = self.events.resubscribe();
-        Box::pin(stream::unfold(receiver, |mut receiver| async move {
-            match receiver.recv().await {
-                Ok(event) => Some((event, receiver)),
-                Err(broadcast::error::RecvError::Lagged(count)) => {
-                    Some((CacheEvent::Missed { count }, receiver))
+        let Some(sender) = self.events.upgrade() else {
+            return Box::pin(stream::empty());
+        };
+        Box::pin(stream::unfold(
+            sender.subscribe(),
+            |mut receiver| async move {
+                match receiver.recv().await {
+                    Ok(event) => Some((event, receiver)),
+                    Err(broadcast::error::RecvError::Lagged(count)) => {
+                        Some((CacheEvent::Missed { count }, receiver))
+                    }
+                    Err(broadcast::error::RecvError::Closed) => None,
                 }
-                Err(broadcast::error::RecvError::Closed) => None,
-            }
-        }))
+            },
+        ))
     }
 
     /// Waits until the copy satisfies `done`, for at most `bound`. `done` sees the copy now,
@@ -291,25 +301,19 @@ async fn follow(
         };
         let replaces = matches!(event, WatchEvent::Snapshot(_) | WatchEvent::Resync { .. });
         let stale = watch.is_stale();
-        // Only the channel's own receiver: nobody listens, so no change is worked out.
-        let listened = events.receiver_count() > 1;
+        // Worked out even with no listener: one may subscribe while this change is applied,
+        // and must not miss it (it would be neither in its read of the copy nor told).
         let mut changes = Vec::new();
         tx.send_if_modified(|tree| {
             let changed = if replaces {
                 let mut next = WatchedState::new();
                 next.apply(&event);
-                let changed = if listened {
-                    compare(&tree.state, &next, &mut changes);
-                    !changes.is_empty()
-                } else {
-                    !next.nodes().eq(tree.state.nodes())
-                };
+                compare(&tree.state, &next, &mut changes);
+                let changed = !changes.is_empty();
                 tree.state = next;
                 changed
             } else {
-                if listened {
-                    changes.extend(change(&tree.state, &event));
-                }
+                changes.extend(change(&tree.state, &event));
                 tree.state.apply(&event);
                 true
             };
@@ -320,9 +324,11 @@ async fn follow(
             }
             changed
         });
-        for change in changes {
-            // No listener left is no error: the next one subscribes from then on.
-            let _ = events.send(change);
+        if events.receiver_count() > 0 {
+            for change in changes {
+                // The last listener gone meanwhile is no error.
+                let _ = events.send(change);
+            }
         }
     }
     set_stale(&tx, true);

@@ -259,7 +259,7 @@ async fn a_re_read_is_told_as_the_changes_it_brings() {
 }
 
 /// A listener that falls behind is told how many changes it missed, then hears the rest; the
-/// stream ends once the registry is closed.
+/// stream ends once the registry is closed, and a listener that comes later hears nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_behind_is_told_what_it_missed() {
     let store = MemoryStore::new();
@@ -298,4 +298,9 @@ async fn a_listener_behind_is_told_what_it_missed() {
     c.close().await.unwrap();
     let end = tokio::time::timeout(Duration::from_secs(10), events.next()).await;
     assert!(matches!(end, Ok(None)), "{end:?}");
+    let late = tokio::time::timeout(Duration::from_secs(10), cache.events().next()).await;
+    assert!(
+        matches!(late, Ok(None)),
+        "a stopped cache's new listener: {late:?}"
+    );
 }
