@@ -12,7 +12,8 @@ use tracing::Instrument;
 use crate::persistent::{PersistentItem, PersistentWatch};
 use crate::{Error, Node, NodePath, Registry, Result, WatchEvent, WatchScope, WatchedState};
 
-/// How many changes a [`TreeCache::events`] listener may fall behind before it misses some.
+/// How many changes a [`TreeCache::events`] listener may be behind; one further behind misses
+/// some.
 pub const EVENTS_BUFFER: usize = 1024;
 
 /// A change of a [`TreeCache`]'s copy, node by node, as a listener (Curator's
@@ -31,8 +32,8 @@ pub enum CacheEvent {
     },
     /// A node the copy held is gone (as the copy held it, value included).
     Deleted(Node),
-    /// This listener fell [`EVENTS_BUFFER`] changes behind, and `count` changes were dropped
-    /// for it: the copy ([`TreeCache::borrow`]) holds their result.
+    /// This listener fell more than [`EVENTS_BUFFER`] changes behind, and `count` changes were
+    /// dropped for it: the copy ([`TreeCache::borrow`]) holds their result.
     Missed {
         /// How many.
         count: u64,
@@ -204,30 +205,51 @@ impl TreeCache {
         changes
     }
 
-    /// Every change of the copy from now on, node by node and in the order applied: deletions
-    /// of one re-read children first, then creations and updates parents first. Each comes
-    /// after the copy holds it. Take it before reading the copy it is to keep up with: every
-    /// change applied after the call is told (one applied at that very moment may be both in
-    /// the copy read and told). A listener that falls [`EVENTS_BUFFER`] behind gets a
+    /// Every change of the copy after this call, exactly once, node by node and in the order
+    /// applied: deletions of one re-read children first, then creations and updates parents
+    /// first. Each comes after the copy holds it, so a copy read after the call may already
+    /// hold changes still to be told; [`listen`](TreeCache::listen) gives the copy the
+    /// changes start from. A node deleted and created again between two reads of a backend
+    /// that reports net changes (ZooKeeper) is told as `Updated` (its `create_order`
+    /// differs). A listener more than [`EVENTS_BUFFER`] changes behind gets a
     /// [`CacheEvent::Missed`] in place of what it missed. Ends, after what was told before,
     /// when the cache stops following (its registry closed, a
     /// [`failure`](CachedTree::failure)) or is dropped; empty if it already stopped.
     pub fn events(&self) -> BoxStream<'static, CacheEvent> {
+        self.listen_with(|_| ()).1
+    }
+
+    /// The copy as it is now and every change after it, exactly once (as
+    /// [`events`](TreeCache::events) tells them): a listener that keeps state derived from
+    /// the copy starts from this one, with no change both in it and told, and none in
+    /// neither. Clones the copy.
+    pub fn listen(&self) -> (CachedTree, BoxStream<'static, CacheEvent>) {
+        self.listen_with(CachedTree::clone)
+    }
+
+    /// Subscribes under the copy's read lock: the task applies and tells each change under
+    /// its write lock, so the subscription falls exactly between two changes.
+    fn listen_with<T>(
+        &self,
+        read: impl FnOnce(&CachedTree) -> T,
+    ) -> (T, BoxStream<'static, CacheEvent>) {
+        let tree = self.tree.borrow();
+        let read = read(&tree);
         let Some(sender) = self.events.upgrade() else {
-            return Box::pin(stream::empty());
+            return (read, Box::pin(stream::empty()));
         };
-        Box::pin(stream::unfold(
-            sender.subscribe(),
-            |mut receiver| async move {
-                match receiver.recv().await {
-                    Ok(event) => Some((event, receiver)),
-                    Err(broadcast::error::RecvError::Lagged(count)) => {
-                        Some((CacheEvent::Missed { count }, receiver))
-                    }
-                    Err(broadcast::error::RecvError::Closed) => None,
+        let receiver = sender.subscribe();
+        drop(tree);
+        let events = stream::unfold(receiver, |mut receiver| async move {
+            match receiver.recv().await {
+                Ok(event) => Some((event, receiver)),
+                Err(broadcast::error::RecvError::Lagged(count)) => {
+                    Some((CacheEvent::Missed { count }, receiver))
                 }
-            },
-        ))
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        });
+        (read, Box::pin(events))
     }
 
     /// Waits until the copy satisfies `done`, for at most `bound`. `done` sees the copy now,
@@ -301,10 +323,8 @@ async fn follow(
         };
         let replaces = matches!(event, WatchEvent::Snapshot(_) | WatchEvent::Resync { .. });
         let stale = watch.is_stale();
-        // Worked out even with no listener: one may subscribe while this change is applied,
-        // and must not miss it (it would be neither in its read of the copy nor told).
-        let mut changes = Vec::new();
         tx.send_if_modified(|tree| {
+            let mut changes = Vec::new();
             let changed = if replaces {
                 let mut next = WatchedState::new();
                 next.apply(&event);
@@ -317,6 +337,14 @@ async fn follow(
                 tree.state.apply(&event);
                 true
             };
+            // Told under the write lock: a listener subscribes under the read lock, so each
+            // change is either in the copy it started from or told to it, never both.
+            if events.receiver_count() > 0 {
+                for change in changes {
+                    // The last listener gone meanwhile is no error.
+                    let _ = events.send(change);
+                }
+            }
             let changed = changed || tree.stale != stale;
             tree.stale = stale;
             if changed {
@@ -324,12 +352,6 @@ async fn follow(
             }
             changed
         });
-        if events.receiver_count() > 0 {
-            for change in changes {
-                // The last listener gone meanwhile is no error.
-                let _ = events.send(change);
-            }
-        }
     }
     set_stale(&tx, true);
 }

@@ -304,3 +304,68 @@ async fn a_listener_behind_is_told_what_it_missed() {
         "a stopped cache's new listener: {late:?}"
     );
 }
+
+/// `listen` while nodes are being created: every node is in the copy it returns or told as
+/// created after it, never both and never neither (20 rounds, subscribing mid-burst).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_starts_exactly_where_its_copy_ends() {
+    let store = MemoryStore::new();
+    let (c, writer) = (client(&store).await, client(&store).await);
+    const NODES: usize = 200;
+    for round in 0..20 {
+        let root = p(&format!("/l{round}"));
+        writer
+            .create(&root, Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+        let cache = TreeCache::open(c.clone(), &root, WatchScope::Children)
+            .await
+            .unwrap();
+        let burst = {
+            let (writer, root) = (writer.clone(), root.clone());
+            tokio::spawn(async move {
+                for i in 0..NODES {
+                    let path = p(&format!("{root}/n{i:04}"));
+                    writer
+                        .create(&path, Bytes::new(), CreateMode::Persistent)
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        // Mid-burst, as far as the round's timing goes.
+        cache
+            .wait_for(Duration::from_secs(10), |tree| {
+                tree.children(&root).len() >= round * NODES / 20
+            })
+            .await
+            .unwrap();
+        let (copy, mut events) = cache.listen();
+        let mut seen: std::collections::BTreeSet<String> = copy
+            .children(&root)
+            .iter()
+            .map(|n| n.path.to_string())
+            .collect();
+        let collected = tokio::time::timeout(Duration::from_secs(10), async {
+            while seen.len() < NODES {
+                match events.next().await {
+                    Some(CacheEvent::Created(node)) => {
+                        let path = node.path.to_string();
+                        assert!(
+                            seen.insert(path.clone()),
+                            "round {round}: {path} in the copy and told"
+                        );
+                    }
+                    other => panic!("round {round}: {other:?}"),
+                }
+            }
+        })
+        .await;
+        assert!(
+            collected.is_ok(),
+            "round {round}: {} of {NODES} nodes seen",
+            seen.len()
+        );
+        burst.await.unwrap();
+    }
+}

@@ -139,6 +139,13 @@ pub async fn tree_cache_follows_writes(fx: &dyn Fixture) -> Outcome {
         expected.map(|(k, path)| (k, path.to_owned())),
         "{at} cache events"
     );
+    // Nothing else changed: no fifth event (half a second is ample for one already due).
+    let extra = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::StreamExt::next(&mut events),
+    )
+    .await;
+    assert!(extra.is_err(), "{at} an event beyond the writes: {extra:?}");
     env.finish().await
 }
 
