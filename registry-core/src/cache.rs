@@ -58,13 +58,7 @@ impl CachedTree {
     /// The direct children of `parent` the copy holds, in creation order (as
     /// [`Registry::children`] lists them).
     pub fn children(&self, parent: &NodePath) -> Vec<&Node> {
-        let mut children: Vec<&Node> = self
-            .state
-            .below(parent)
-            .filter(|n| n.path.is_child_of(parent))
-            .collect();
-        children.sort_by_key(|n| n.create_order);
-        children
+        self.state.children(parent)
     }
 
     /// Every node of the copy, ordered by path.
@@ -360,16 +354,23 @@ async fn follow(
 /// node as the copy holds it or a deletion of a node it does not hold).
 fn change(copy: &WatchedState, event: &WatchEvent) -> Option<CacheEvent> {
     match event {
-        WatchEvent::Created(node) | WatchEvent::Updated(node) => match copy.get(&node.path) {
-            None => Some(CacheEvent::Created(node.clone())),
-            Some(old) if old != node => Some(CacheEvent::Updated {
-                old: old.clone(),
-                new: node.clone(),
-            }),
-            Some(_) => None,
-        },
+        WatchEvent::Created(node) | WatchEvent::Updated(node) => {
+            written(copy.get(&node.path), node)
+        }
         WatchEvent::Deleted(node) => copy.get(&node.path).cloned().map(CacheEvent::Deleted),
         WatchEvent::Snapshot(_) | WatchEvent::Resync { .. } => None,
+    }
+}
+
+/// What finding `node` where the copy held `was` means: created, updated, or nothing.
+fn written(was: Option<&Node>, node: &Node) -> Option<CacheEvent> {
+    match was {
+        None => Some(CacheEvent::Created(node.clone())),
+        Some(old) if old != node => Some(CacheEvent::Updated {
+            old: old.clone(),
+            new: node.clone(),
+        }),
+        Some(_) => None,
     }
 }
 
@@ -379,16 +380,10 @@ fn change(copy: &WatchedState, event: &WatchEvent) -> Option<CacheEvent> {
 fn compare(old: &WatchedState, new: &WatchedState, changes: &mut Vec<CacheEvent>) {
     let gone: Vec<&Node> = old.nodes().filter(|n| new.get(&n.path).is_none()).collect();
     changes.extend(gone.into_iter().rev().cloned().map(CacheEvent::Deleted));
-    for node in new.nodes() {
-        match old.get(&node.path) {
-            None => changes.push(CacheEvent::Created(node.clone())),
-            Some(was) if was != node => changes.push(CacheEvent::Updated {
-                old: was.clone(),
-                new: node.clone(),
-            }),
-            Some(_) => {}
-        }
-    }
+    changes.extend(
+        new.nodes()
+            .filter_map(|node| written(old.get(&node.path), node)),
+    );
 }
 
 /// Marks the copy stale (or fresh), a change only if it was not already.

@@ -710,14 +710,11 @@ impl Registry for MemoryRegistry {
         if state.node(path).is_none() {
             return Err(not_found(path));
         }
-        let mut nodes: Vec<Node> = state
-            .descendants(path)
-            .filter(|n| n.path.is_child_of(path))
-            .cloned()
-            .collect();
-        nodes.sort_by_key(|n| n.create_order);
         Ok(Children {
-            nodes,
+            nodes: crate::path::children_in(&state.nodes, path)
+                .into_iter()
+                .cloned()
+                .collect(),
             revision: Revision(state.revision),
         })
     }

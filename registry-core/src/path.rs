@@ -202,6 +202,20 @@ pub(crate) fn range_below<'a, V>(
     .take_while(move |(p, _)| p.as_str().starts_with(prefix.as_str()))
 }
 
+/// The direct children of `parent` among the nodes of `map`, in creation order: the order
+/// [`Registry::children`](crate::Registry::children) lists them in.
+pub(crate) fn children_in<'a>(
+    map: &'a std::collections::BTreeMap<NodePath, crate::Node>,
+    parent: &NodePath,
+) -> Vec<&'a crate::Node> {
+    let mut children: Vec<&crate::Node> = range_below(map, parent)
+        .map(|(_, node)| node)
+        .filter(|node| node.path.is_child_of(parent))
+        .collect();
+    children.sort_by_key(|node| node.create_order);
+    children
+}
+
 fn validate(path: &str) -> Result<(), InvalidPath> {
     if path.is_empty() {
         return Err(InvalidPath::Empty);

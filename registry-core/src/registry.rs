@@ -171,7 +171,8 @@ pub trait Registry: Send + Sync + 'static {
     /// for nodes in scope, in commit order, without duplicates and without a gap after the
     /// snapshot. The events of one atomic change (a recursive delete on etcd) come deletions
     /// first, children before parents, then writes, parents before children: no event shows
-    /// a node below one already reported deleted, or before its parent's creation. Where the backend cannot guarantee continuity (reconnect, session loss,
+    /// a node below one already reported deleted, or before its parent's creation. Where the
+    /// backend cannot guarantee continuity (reconnect, session loss,
     /// compaction, a consumer too slow), it yields a [`Resync`](crate::WatchEvent::Resync)
     /// with a fresh snapshot, so a consumer applying every item converges to the server's state.
     /// Backends without [`Capabilities::exact_events`] deliver the net change between reads:

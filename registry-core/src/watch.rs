@@ -217,6 +217,12 @@ impl WatchedState {
         crate::path::range_below(&self.nodes, path).map(|(_, node)| node)
     }
 
+    /// The direct children of `path`, in creation order (as
+    /// [`Registry::children`](crate::Registry::children) lists them).
+    pub fn children(&self, path: &NodePath) -> Vec<&Node> {
+        crate::path::children_in(&self.nodes, path)
+    }
+
     /// Number of nodes.
     pub fn len(&self) -> usize {
         self.nodes.len()
