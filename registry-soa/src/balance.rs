@@ -92,6 +92,22 @@ fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
     })
 }
 
+/// MurmurHash3's 64-bit finaliser. FNV-1a leaves its last bytes in the low bits only, so
+/// addresses differing in the port or last octet got nearly equal high bits: one of five
+/// ports on a host took half the keys, and weights lost to that skew.
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// A rendezvous score in (0, 1) from a candidate's hash of `"{key}#{address}"`.
+fn unit_interval(h: u64) -> f64 {
+    ((fmix64(h) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
 impl Balancer {
     /// A balancer with no history.
     pub fn new() -> Self {
@@ -364,8 +380,8 @@ where
             }
             Err(_) => fnv1a(prefix, c.address.to_string().as_bytes()),
         };
-        // Map the hash to (0, 1) and score -w / ln(u): larger weight, larger share.
-        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        // Score -w / ln(u): larger weight, larger share.
+        let u = unit_interval(h);
         let score = -f64::from(c.weight.max(1)) / u.ln();
         if best.is_none() || score > best_score {
             best_score = score;
@@ -456,6 +472,54 @@ mod tests {
         }
     }
 
+    /// Keys per candidate out of 10 000.
+    fn consistent_shares(c: &[Candidate]) -> Vec<u32> {
+        let b = Balancer::new();
+        let mut shares = vec![0u32; c.len()];
+        for k in 0..10_000 {
+            let key = format!("user-{k}");
+            shares[b.pick(LoadBalance::ConsistentHash, c, Some(&key)).unwrap()] += 1;
+        }
+        shares
+    }
+
+    fn at(ip: [u8; 4], port: u16, weight: u32) -> Candidate {
+        Candidate {
+            address: Address {
+                ip: ip.into(),
+                port,
+            },
+            weight,
+        }
+    }
+
+    #[test]
+    fn consistent_hash_follows_weights_whatever_the_addresses_share() {
+        // Bounds are about 5 standard deviations wide: a fair hash stays inside them.
+        let ports: Vec<_> = (0..5).map(|i| at([10, 0, 0, 1], 9090 + i, 100)).collect();
+        let shares = consistent_shares(&ports);
+        assert!(
+            shares.iter().all(|n| (1_800..2_200).contains(n)),
+            "five ports of one host, equal weights: {shares:?}"
+        );
+        let octets: Vec<_> = (10..15).map(|i| at([192, 168, 1, i], 9090, 100)).collect();
+        let shares = consistent_shares(&octets);
+        assert!(
+            shares.iter().all(|n| (1_800..2_200).contains(n)),
+            "five hosts differing in the last octet: {shares:?}"
+        );
+        for pair in [
+            [at([10, 0, 0, 1], 9090, 100), at([10, 0, 0, 1], 9091, 300)],
+            [at([10, 0, 0, 1], 9090, 100), at([10, 0, 0, 2], 9090, 300)],
+        ] {
+            let shares = consistent_shares(&pair);
+            assert!(
+                (2_300..2_700).contains(&shares[0]),
+                "weights 100 and 300 should split 1:3: {shares:?}"
+            );
+        }
+    }
+
     #[test]
     fn consistent_hash_scores_key_hash_address() {
         // Pinned to the text "{key}#{ip:port}": changing it would move every key on upgrade.
@@ -467,8 +531,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, c)| {
                     let h = fnv1a(FNV_OFFSET, format!("{key}#{}", c.address).as_bytes());
-                    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-                    (i, -100.0 / u.ln())
+                    (i, -100.0 / unit_interval(h).ln())
                 })
                 .max_by(|a, b| a.1.total_cmp(&b.1))
                 .map(|(i, _)| i);

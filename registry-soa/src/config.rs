@@ -130,7 +130,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 pub fn parse_config(text: &str) -> (ServiceConfig, Vec<ParseError>) {
     let mut config = ServiceConfig::default();
     let mut errors = Vec::new();
-    for (line_index, line) in text.lines().enumerate() {
+    for (line_index, line) in crate::error::text_lines(text).enumerate() {
         let mut column = 1;
         for property in line.split(';') {
             // In characters, as `column`: leading white space may be wider than a byte.
@@ -273,6 +273,15 @@ pub fn weight_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_end_at_a_lone_cr_too() {
+        let (c, errors) = parse_config("timeout/800ms\rloadBalance/random\r\nweight/600\rbad");
+        assert_eq!(c.timeout.default, Some(Duration::from_millis(800)));
+        assert_eq!(c.load_balance.default, Some(LoadBalance::Random));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].line, errors[0].column), (4, 1));
+    }
 
     #[test]
     fn parses_dapeng_properties() {

@@ -4,10 +4,38 @@ use std::fmt;
 
 use registry_core::Error as RegistryError;
 
+/// The lines of a config or routes text: split at `\n`, `\r\n` and a lone `\r`, as
+/// Dapeng's lexer and config reader split them. [`ParseError::line`] counts these.
+pub(crate) fn text_lines(text: &str) -> impl Iterator<Item = &str> {
+    // As `str::lines`: a final line end ends the last line; it does not start another.
+    let mut rest = (!text.is_empty()).then(|| {
+        let text = text.strip_suffix('\n').unwrap_or(text);
+        text.strip_suffix('\r').unwrap_or(text)
+    });
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match current.find(['\r', '\n']) {
+            Some(at) => {
+                let skip = if current[at..].starts_with("\r\n") {
+                    2
+                } else {
+                    1
+                };
+                rest = Some(&current[at + skip..]);
+                Some(&current[..at])
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
+    })
+}
+
 /// A syntax error in a config or routes text, with its position.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParseError {
-    /// 1-based line.
+    /// 1-based line (lines end at `\n`, `\r\n` or a lone `\r`).
     pub line: usize,
     /// 1-based column (in characters).
     pub column: usize,
@@ -62,4 +90,23 @@ pub enum SoaError {
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::text_lines;
+
+    #[test]
+    fn lines_end_at_lf_crlf_and_lone_cr() {
+        let lines = |t| text_lines(t).collect::<Vec<_>>();
+        assert_eq!(lines("a\nb\r\nc\rd"), ["a", "b", "c", "d"]);
+        assert_eq!(lines("a\r\n\r\nb\n"), ["a", "", "b"]);
+        assert_eq!(lines("a\r"), ["a"]);
+        assert_eq!(lines("a\n\n"), ["a", ""]);
+        assert!(lines("").is_empty());
+        // As `str::lines` for text without a lone CR.
+        for t in ["x\ny", "x\r\ny\r\n", "\n", "\nx", "x\n\n\ny"] {
+            assert_eq!(lines(t), t.lines().collect::<Vec<_>>(), "{t:?}");
+        }
+    }
 }

@@ -14,7 +14,13 @@
 //! IDs: service, method, version, userId, callerIp, calleeIp, userIp, `cookie_<name>`. An
 //! unknown ID or a missing value never matches, also under `~`. Regexes match the whole value;
 //! ranges are inclusive. Plain targets are a whitelist, `~` targets a blacklist; an instance
-//! must pass both; port 0 or no port means any port.
+//! must pass both; port 0 or no port means any port. Lines end at `\n`, `\r\n` or a lone
+//! `\r`, as in Dapeng's lexer.
+//!
+//! Regexes are the [`regex`] crate's syntax, which is Java's without look-around,
+//! backreferences and `\Q...\E` (it guarantees linear-time matching on the call path). A rule
+//! using those is rejected with its position, like any syntax error; write it with `~`
+//! instead (`method match ~r'get.*'` for Java's `(?!get).*`).
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -504,7 +510,9 @@ fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
         let column = i - line_start + 1;
         let push = |tokens: &mut Vec<Token>, tok| tokens.push(Token { tok, line, column });
         match c {
-            '\n' => {
+            // A lone CR ends a line too, as in Dapeng's lexer; CRLF is one line end.
+            '\r' if chars.get(i + 1) == Some(&'\n') => i += 1,
+            '\n' | '\r' => {
                 push(&mut tokens, Tok::Newline);
                 i += 1;
                 line += 1;
@@ -599,7 +607,7 @@ fn quoted(
     while i < chars.len() {
         match chars[i] {
             c if c == quote => return Ok((s, i + 1)),
-            '\n' => break,
+            '\n' | '\r' => break,
             c => s.push(c),
         }
         i += 1;
@@ -869,8 +877,10 @@ fn parse_modulo(text: &str) -> Result<Pattern, String> {
 }
 
 fn parser<'t>(tokens: &'t [Token], text: &str) -> Parser<'t> {
-    let lines = text.lines().count().max(1);
-    let last = text.lines().last().map_or(0, |l| l.chars().count());
+    let lines = crate::error::text_lines(text).count().max(1);
+    let last = crate::error::text_lines(text)
+        .last()
+        .map_or(0, |l| l.chars().count());
     Parser {
         tokens,
         pos: 0,
@@ -1129,6 +1139,32 @@ otherwise => ip"192.168.1.101/24:9091""#;
         assert!(hold("userId match %'1024n+0..1023'", &c), "every remainder");
         assert!(hold("method match 'x', 'm' ; userId match 1030", &c));
         assert!(!hold("method match 'x', 'm' ; userId match 1", &c));
+    }
+
+    #[test]
+    fn negated_regex_stands_in_for_java_look_ahead() {
+        let error = parse_routes("method match r'(?!get).*' => ip'1.1.1.1'");
+        assert_eq!(error.map_err(|e| (e.line, e.column)), Err((1, 14)));
+        assert!(hold("method match ~r'get.*'", &ctx("listFoo")));
+        assert!(!hold("method match ~r'get.*'", &ctx("getFoo")));
+    }
+
+    #[test]
+    fn lines_end_at_a_lone_cr_too() {
+        // Dapeng's lexer ends a line at '\r' as well as '\n'.
+        for text in [
+            "otherwise => ip'1.1.1.1'\rmethod match 'a' => ip'2.2.2.2'",
+            "otherwise => ip'1.1.1.1'\r\nmethod match 'a' => ip'2.2.2.2'\r\n",
+        ] {
+            assert_eq!(parse_routes(text).map(|r| r.len()), Ok(2), "{text:?}");
+        }
+        let error = parse_routes("otherwise => ip'1.1.1.1'\rmethod 'a' => ip'2.2.2.2'");
+        assert_eq!(error.map_err(|e| (e.line, e.column)), Err((2, 8)));
+        let error = parse_routes("otherwise => ip'1.1.1.1\rmethod match 'a' => ip'2.2.2.2'");
+        assert!(
+            matches!(&error, Err(e) if e.line == 1 && e.message.contains("unterminated")),
+            "{error:?}"
+        );
     }
 
     #[test]
