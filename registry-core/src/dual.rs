@@ -63,8 +63,15 @@ impl DualOptions {
 /// - A failed `create` on the secondary is undone on the primary, so the call either happened
 ///   on both or on neither (except for missing parents the primary's create made: they stay,
 ///   empty and persistent, as after any create that fails once its parents exist); if the undo fails too, the error says so and names the node left
-///   on the primary only (remove it, or re-copy). A failed `set` or `delete` on the secondary is returned as the
-///   error; the primary keeps the write (retry it, or re-copy with `regctl copy`).
+///   on the primary only (remove it, or re-copy). A create whose answer the secondary lost
+///   is read back there: found as this client's, it counts as done; not found, an ephemeral
+///   one is removed there if it can be (a persistent one unseen may stay: re-copy). A
+///   sequential name the secondary already holds (a node of its own counter's) is never
+///   written over: the primary's node is undone and the create made again under the
+///   primary's next name, up to 8 times. A failed `set` or `delete` on the secondary is returned as the
+///   error; the primary keeps the write (retry it, or re-copy with `regctl copy`). A `set` of
+///   another session's ephemeral node is copied only where the secondary has a node at its
+///   path: one created there would belong to this client and outlive its owner.
 /// - Writes through one `DualRegistry` (and its clones) are applied one at a time, in the
 ///   order they were called. A write runs to its end, undo included, even when its caller
 ///   stops waiting (a timeout drops the call's future), and later writes wait for it: a
@@ -120,7 +127,8 @@ impl DualRegistry {
 
     /// Copies `node` (as the primary now has it) to the secondary. A persistent node never
     /// lands in a live session's ephemeral node there ([`Error::AlreadyExists`]): its value
-    /// would go with that session.
+    /// would go with that session. An ephemeral node missing there is created only if it is
+    /// this client's: another session's, created by this client, would outlive its owner.
     async fn put_secondary(&self, node: &Node) -> Result<()> {
         if !node.is_ephemeral() {
             return put_persistent(&*self.secondary, &node.path, node.value.clone(), None).await;
@@ -131,18 +139,42 @@ impl DualRegistry {
             .await
         {
             Ok(_) => Ok(()),
-            Err(Error::NotFound { .. }) => {
-                let mode = if node.is_ephemeral() {
-                    CreateMode::Ephemeral
-                } else {
-                    CreateMode::Persistent
-                };
+            Err(Error::NotFound { .. })
+                if node.ephemeral_owner == self.primary.session().session_id =>
+            {
                 self.secondary
-                    .create(&node.path, node.value.clone(), mode)
+                    .create(&node.path, node.value.clone(), CreateMode::Ephemeral)
                     .await
                     .map(|_| ())
             }
+            Err(Error::NotFound { .. }) => Ok(()),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Whether `found` on the secondary is the node of `value` (`ephemeral` or not) this
+    /// client created there.
+    fn is_own_copy(&self, found: &Node, value: &Bytes, ephemeral: bool) -> bool {
+        let owner = if ephemeral {
+            match self.secondary.session().session_id {
+                Some(session) => Some(session),
+                None => return false,
+            }
+        } else {
+            None
+        };
+        found.ephemeral_owner == owner && found.value == *value
+    }
+
+    /// Removes the ephemeral node at `path` on the secondary if this client's session holds
+    /// it (a create there whose answer was lost); best effort, as the node goes with the
+    /// session anyway.
+    async fn remove_own_ephemeral(&self, path: &NodePath) {
+        if let Some(session) = self.secondary.session().session_id {
+            let own = Node::empty(path.clone(), Some(session));
+            if let Err(error) = self.secondary.delete_owned(&own).await {
+                tracing::warn!(%path, %error, "a create's node may stay on the secondary until its session ends");
+            }
         }
     }
 }
@@ -364,6 +396,15 @@ impl DualRegistry {
             Err(Error::AlreadyExists { .. }) => {
                 return self.secondary.register(path, value, options).await
             }
+            // The create may have happened (its answer lost): adopted if so, as `register`
+            // leaves nothing behind when it fails.
+            Err(error) if error.is_retryable() => match self.secondary.get(generated).await {
+                Ok(found) if self.is_own_copy(&found, &value, true) => found,
+                _ => {
+                    self.remove_own_ephemeral(generated).await;
+                    return Err(error);
+                }
+            },
             Err(error) => return Err(error),
         };
         let registered = self
@@ -377,39 +418,66 @@ impl DualRegistry {
     }
 
     /// `create` on the primary, then on the secondary; undone on the primary if the
-    /// secondary's fails.
+    /// secondary's fails, and made again under the primary's next name where a sequential
+    /// one's name is taken on the secondary.
     async fn create_on_both(
         &self,
         path: &NodePath,
         value: Bytes,
         mode: CreateMode,
     ) -> Result<Node> {
-        let node = self.primary.create(path, value, mode).await?;
+        let mut round = 1;
+        loop {
+            let node = self.primary.create(path, value.clone(), mode).await?;
+            let Err(error) = self.copy_created(&node, mode).await else {
+                return Ok(node);
+            };
+            tracing::warn!(path = %node.path, %error, "secondary create failed; undoing it on the primary");
+            if let Err(undo) = self.undo_create(&node).await {
+                return Err(half_done(&node.path, "create", error, undo));
+            }
+            let name_taken = mode.is_sequential() && matches!(error, Error::AlreadyExists { .. });
+            if !name_taken || round == SEQUENTIAL_ROUNDS {
+                return Err(error);
+            }
+            round += 1;
+        }
+    }
+
+    /// Creates on the secondary, at its exact path, the node the primary just created.
+    async fn copy_created(&self, node: &Node, mode: CreateMode) -> Result<()> {
         let plain = if mode.is_ephemeral() {
             CreateMode::Ephemeral
         } else {
             CreateMode::Persistent
         };
-        let copied = match self
+        let error = match self
             .secondary
             .create(&node.path, node.value.clone(), plain)
             .await
         {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        match error {
             // A persistent node already there (copied or mirrored earlier) takes the value; a
-            // live session's ephemeral node there refuses it (and the create is undone).
-            Err(Error::AlreadyExists { .. }) if !mode.is_ephemeral() => {
+            // live session's ephemeral node there refuses it (and the create is undone). Not
+            // under a sequential name: the node there is another's, of the secondary's counter.
+            Error::AlreadyExists { .. } if !mode.is_ephemeral() && !mode.is_sequential() => {
                 put_persistent(&*self.secondary, &node.path, node.value.clone(), None).await
             }
-            other => other.map(|_| ()),
-        };
-        if let Err(error) = copied {
-            tracing::warn!(path = %node.path, %error, "secondary create failed; undoing it on the primary");
-            return Err(match self.undo_create(&node).await {
-                Ok(()) => error,
-                Err(undo) => half_done(&node.path, "create", error, undo),
-            });
+            // The create may have happened (its answer lost): read it back.
+            error if error.is_retryable() => match self.secondary.get(&node.path).await {
+                Ok(found) if self.is_own_copy(&found, &node.value, node.is_ephemeral()) => Ok(()),
+                _ => {
+                    if node.is_ephemeral() {
+                        self.remove_own_ephemeral(&node.path).await;
+                    }
+                    Err(error)
+                }
+            },
+            error => Err(error),
         }
-        Ok(node)
     }
 
     /// Removes `node`, just created on the primary, as long as it is still the one created.
@@ -445,6 +513,10 @@ impl DualRegistry {
 
 /// Attempts at removing an ephemeral node that other writers keep changing.
 const UNDO_ROUNDS: usize = 3;
+
+/// Primary names a sequential create through a [`DualRegistry`] tries before it gives up on
+/// finding one the secondary does not hold ([`Error::AlreadyExists`] then).
+const SEQUENTIAL_ROUNDS: usize = 8;
 
 /// The secondary's failure to `operation` at `path`, when undoing it on the primary failed
 /// too: the node is left on the primary only, and the error says so.

@@ -336,12 +336,16 @@ pub enum MirrorChange {
         /// Source nodes not written: the target holds their paths (or a parent) as live
         /// sessions' ephemeral nodes (see [`MirrorChange::Held`]).
         held: usize,
+        /// Target nodes not deleted although the source lacks them: live sessions'
+        /// ephemeral nodes sit below them (see [`MirrorChange::Kept`]).
+        kept: usize,
     },
     /// A node was created or updated in the target.
     Put(NodePath),
     /// A node was deleted from the target.
     Deleted(NodePath),
-    /// A node could not be deleted because live ephemeral nodes sit below it in the target.
+    /// A node could not be deleted because live ephemeral nodes sit below it in the target;
+    /// it is deleted once they are gone (tried every [`HELD_RETRY`]).
     Kept(NodePath),
     /// A source node was not written: the target holds its path, or a parent of it, as a live
     /// session's ephemeral node.
@@ -359,7 +363,7 @@ pub enum MirrorChange {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MirrorStatus {
     /// The target equals the source as of the last event applied, apart from the
-    /// [`held`](MirrorStatus::held) paths.
+    /// [`held`](MirrorStatus::held) and [`kept`](MirrorStatus::kept) paths.
     pub synced: bool,
     /// Changes applied to the target since the start (puts and deletes).
     pub applied: u64,
@@ -371,13 +375,18 @@ pub struct MirrorStatus {
     /// sessions' ephemeral nodes; each is tried again every [`HELD_RETRY`] until it is
     /// written or gone from the source.
     pub held: usize,
+    /// Target paths the source no longer has, not deleted because live sessions' ephemeral
+    /// nodes sit below them; each is tried again every [`HELD_RETRY`] until it is deleted or
+    /// back in the source.
+    pub kept: usize,
 }
 
 /// Keeps the persistent nodes of a subtree of one registry copied into another, live.
 ///
 /// Guarantees: first the target is made equal to the source (persistent nodes: written where
 /// missing or different, deleted where only in the target unless live ephemeral nodes sit
-/// below them); then every change the source's watch reports is applied. A full sync never
+/// below them, in which case they are kept and deleted once those are gone, tried every
+/// [`HELD_RETRY`]); then every change the source's watch reports is applied. A full sync never
 /// empties the target because the source's root is missing (a wrong path or chroot, a source
 /// restarted without its data): it reports [`MirrorChange::Retrying`] instead until the
 /// root exists. After a watch resync,
@@ -393,7 +402,8 @@ pub struct Mirror {
 }
 
 /// How often a mirror tries again the paths held by a live session's ephemeral node in the
-/// target (nothing announces that such a node went).
+/// target, and deleting the paths kept for live ephemeral nodes below them (nothing announces
+/// that such a node went).
 pub const HELD_RETRY: Duration = Duration::from_secs(1);
 
 /// Retry delays of a mirror whose source or target failed.
@@ -518,14 +528,19 @@ async fn follow(
 ) -> Result<()> {
     let mut events = from.watch(root, WatchOptions::subtree()).await?;
     let mut held = BTreeSet::new();
+    let mut kept = BTreeSet::new();
     let mut retry = tokio::time::interval_at(tokio::time::Instant::now() + HELD_RETRY, HELD_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let item = tokio::select! {
             item = events.next() => item,
-            _ = retry.tick(), if !held.is_empty() => {
+            _ = retry.tick(), if !held.is_empty() || !kept.is_empty() => {
                 retry_held(from, to, &mut held, status, observer).await?;
-                status.send_modify(|s| s.held = held.len());
+                retry_kept(to, &mut kept, status, observer).await?;
+                status.send_modify(|s| {
+                    s.held = held.len();
+                    s.kept = kept.len();
+                });
                 continue;
             }
         };
@@ -542,13 +557,15 @@ async fn follow(
                     .map(|n| (n.path, n.value))
                     .collect();
                 held.clear();
-                let change = sync(to, root, &desired, source_missing, &mut held).await?;
+                kept.clear();
+                let change = sync(to, root, &desired, source_missing, &mut held, &mut kept).await?;
                 tracing::info!(?change, "mirror in sync");
                 status.send_modify(|s| {
                     s.synced = true;
                     s.syncs += 1;
                     s.last_error = None;
                     s.held = held.len();
+                    s.kept = kept.len();
                 });
                 backoff.reset();
                 observer(change);
@@ -557,6 +574,8 @@ async fn follow(
                 if node.is_ephemeral() || node.path.is_root() {
                     continue;
                 }
+                // Back in the source: no longer to delete, whatever the put finds.
+                kept.remove(&node.path);
                 let change = match put_persistent(to, &node.path, node.value, None).await {
                     Ok(()) => {
                         held.remove(&node.path);
@@ -572,6 +591,7 @@ async fn follow(
                 status.send_modify(|s| {
                     s.applied += 1;
                     s.held = held.len();
+                    s.kept = kept.len();
                 });
                 observer(change);
             }
@@ -583,11 +603,13 @@ async fn follow(
                 let change = if remove_persistent(to, &node.path).await? {
                     MirrorChange::Deleted(node.path)
                 } else {
+                    kept.insert(node.path.clone());
                     MirrorChange::Kept(node.path)
                 };
                 status.send_modify(|s| {
                     s.applied += 1;
                     s.held = held.len();
+                    s.kept = kept.len();
                 });
                 observer(change);
             }
@@ -629,15 +651,38 @@ async fn retry_held(
     Ok(())
 }
 
-/// Makes the persistent nodes of `to` under `root` equal to `desired`, adding to `held` the
-/// paths it could not write (see [`MirrorStatus::held`]). Refuses (a retryable error) to
-/// empty the target when nothing at all exists at `root` in the source.
+/// Deletes again the `kept` paths (the source has none of them); a path gone from the target
+/// leaves the set.
+async fn retry_kept(
+    to: &dyn Registry,
+    kept: &mut BTreeSet<NodePath>,
+    status: &watch::Sender<MirrorStatus>,
+    observer: &Observer,
+) -> Result<()> {
+    let mut deepest_first: Vec<NodePath> = kept.iter().cloned().collect();
+    deepest_first.sort_by_key(|p| std::cmp::Reverse(p.depth()));
+    for path in deepest_first {
+        if remove_persistent(to, &path).await? {
+            kept.remove(&path);
+            tracing::info!(%path, "kept path deleted: the live nodes below it are gone");
+            status.send_modify(|s| s.applied += 1);
+            observer(MirrorChange::Deleted(path));
+        }
+    }
+    Ok(())
+}
+
+/// Makes the persistent nodes of `to` under `root` equal to `desired`, adding to `held_paths`
+/// the paths it could not write (see [`MirrorStatus::held`]) and to `kept_paths` those it could
+/// not delete (see [`MirrorStatus::kept`]). Refuses (a retryable error) to empty the target
+/// when nothing at all exists at `root` in the source.
 async fn sync(
     to: &dyn Registry,
     root: &NodePath,
     desired: &BTreeMap<NodePath, Bytes>,
     source_missing: bool,
     held_paths: &mut BTreeSet<NodePath>,
+    kept_paths: &mut BTreeSet<NodePath>,
 ) -> Result<MirrorChange> {
     let current = persistent_tree(to, root).await?;
     // A missing source root is far likelier a wrong path or chroot, or a source that came
@@ -675,8 +720,12 @@ async fn sync(
         // Only while still persistent: it may have turned into a session's node since read.
         match delete_if_persistent(to, path).await {
             Ok(true) => deleted += 1,
-            // Live ephemerals below it or at it (or gone already): leave it.
-            Ok(false) | Err(Error::NotEmpty { .. }) => {}
+            // Now a session's node at the path: not ours to delete.
+            Ok(false) => {}
+            // Live ephemerals below it: deleted once they go.
+            Err(Error::NotEmpty { .. }) => {
+                kept_paths.insert(path.clone());
+            }
             Err(error) => return Err(error),
         }
     }
@@ -685,5 +734,6 @@ async fn sync(
         written,
         deleted,
         held,
+        kept: kept_paths.len(),
     })
 }

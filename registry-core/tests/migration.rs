@@ -305,6 +305,83 @@ async fn mirror_writes_a_held_path_once_the_session_node_is_gone() {
     mirror.stop().await;
 }
 
+/// A path deleted in the source but kept in the target for live ephemeral nodes below it is
+/// deleted once they go, by a followed deletion and by a full sync alike; meanwhile the
+/// status counts it (it used to stay for good while the mirror said it was in sync).
+#[tokio::test]
+async fn mirror_deletes_a_kept_path_once_the_live_nodes_below_it_are_gone() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst, instances) = (client(&a).await, client(&b).await, client(&b).await);
+    for service in ["/soa/s/followed", "/soa/s/synced"] {
+        src.create(&p(service), Bytes::from("cfg"), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mirror = Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa"), move |c| {
+        let _ = tx.send(c);
+    });
+    mirror.wait_synced(WAIT).await.unwrap();
+    for service in ["/soa/s/followed", "/soa/s/synced"] {
+        instances
+            .create(
+                &p(&format!("{service}/i1")),
+                Bytes::new(),
+                CreateMode::Ephemeral,
+            )
+            .await
+            .unwrap();
+    }
+    // Followed: the source's deletion meets the live instance.
+    src.delete(&p("/soa/s/followed"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+            Some(MirrorChange::Kept(path)) => {
+                assert_eq!(path, p("/soa/s/followed"));
+                break;
+            }
+            Some(MirrorChange::Synced { .. }) => {}
+            other => panic!("expected the service node kept, got {other:?}"),
+        }
+    }
+    assert_eq!(mirror.status().kept, 1);
+    // Synced: a new mirror finds the source without the node and the target with it.
+    mirror.stop().await;
+    src.delete(&p("/soa/s/synced"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mirror = Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa"), move |c| {
+        let _ = tx.send(c);
+    });
+    mirror.wait_synced(WAIT).await.unwrap();
+    match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+        Some(MirrorChange::Synced { kept, deleted, .. }) => assert_eq!((kept, deleted), (2, 0)),
+        other => panic!("expected the first sync, got {other:?}"),
+    }
+    assert_eq!(mirror.status().kept, 2);
+    assert!(mirror.status().synced);
+
+    instances.close().await.unwrap();
+    let mut deleted = Vec::new();
+    while deleted.len() < 2 {
+        match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+            Some(MirrorChange::Deleted(path)) => deleted.push(path),
+            other => panic!("expected the kept paths deleted, got {other:?}"),
+        }
+    }
+    deleted.sort();
+    assert_eq!(deleted, [p("/soa/s/followed"), p("/soa/s/synced")]);
+    assert_eq!(mirror.status().kept, 0);
+    assert!(migrate::diff(&*src, &*dst, &p("/soa"))
+        .await
+        .unwrap()
+        .is_empty());
+    mirror.stop().await;
+}
+
 /// A persistent create or write through the dual never lands in a live session's ephemeral
 /// node on the secondary (its value would go with that session): the create is refused and
 /// undone on the primary, the write is refused.
@@ -439,6 +516,158 @@ async fn dual_sequential_registration_has_one_name_on_both_sides() {
     reg.deregister().await.unwrap();
     assert_eq!(value(&*pa, name.as_str()).await, None);
     assert_eq!(value(&*sb, name.as_str()).await, None);
+}
+
+/// A create whose answer the secondary lost is read back there: it happened, so the call
+/// succeeds on both sides (the primary's node used to be undone, the secondary's left, and a
+/// retried ephemeral create failed for good on it). Unreadable, it fails on both: the
+/// secondary's ephemeral node is removed with the primary's.
+#[tokio::test]
+async fn dual_create_whose_secondary_answer_was_lost_is_read_back() {
+    let (pa, sb) = (
+        client(&MemoryStore::new()).await,
+        client(&MemoryStore::new()).await,
+    );
+    let faulty = support::Faulty::new(sb.clone());
+    faulty.lose_create_replies();
+    let dual = DualRegistry::new(pa.clone(), faulty.clone(), DualOptions::new());
+    for (path, mode) in [
+        ("/svc/e", CreateMode::Ephemeral),
+        ("/svc/p", CreateMode::Persistent),
+        ("/svc/s-", CreateMode::EphemeralSequential),
+        ("/svc/q-", CreateMode::PersistentSequential),
+    ] {
+        let made = dual
+            .create(&p(path), Bytes::from("v"), mode)
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        assert_eq!(value(&*pa, made.path.as_str()).await, Some(Bytes::from("v")));
+        assert_eq!(value(&*sb, made.path.as_str()).await, Some(Bytes::from("v")));
+    }
+
+    faulty.fail_gets();
+    let made = dual
+        .create(&p("/svc/lost"), Bytes::from("v"), CreateMode::Ephemeral)
+        .await;
+    assert!(made.is_err(), "{made:?}");
+    assert_eq!(value(&*pa, "/svc/lost").await, None);
+    assert_eq!(value(&*sb, "/svc/lost").await, None, "left on the secondary");
+}
+
+/// A sequential name the secondary already holds, made by its own counter, is never written
+/// over (a persistent one used to be), nor fails the create (an ephemeral one did): the
+/// create moves on to the primary's next name on both sides.
+#[tokio::test]
+async fn dual_sequential_create_moves_past_a_name_the_secondary_holds() {
+    let (pa, sb, legacy) = {
+        let b = MemoryStore::new();
+        (
+            client(&MemoryStore::new()).await,
+            client(&b).await,
+            client(&b).await,
+        )
+    };
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+    for (prefix, mode) in [
+        ("/q/job-", CreateMode::PersistentSequential),
+        ("/lock/n-", CreateMode::EphemeralSequential),
+    ] {
+        let theirs = legacy
+            .create(&p(prefix), Bytes::from("theirs"), mode)
+            .await
+            .unwrap();
+        let ours = dual
+            .create(&p(prefix), Bytes::from("ours"), mode)
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        assert_ne!(ours.path, theirs.path, "{mode:?}");
+        let kept = sb.get(&theirs.path).await.unwrap();
+        assert_eq!(
+            (kept.value, kept.ephemeral_owner),
+            (Bytes::from("theirs"), theirs.ephemeral_owner),
+            "{mode:?}: the secondary's own node was written over"
+        );
+        assert_eq!(value(&*pa, theirs.path.as_str()).await, None, "{mode:?}");
+        assert_eq!(value(&*pa, ours.path.as_str()).await, Some(Bytes::from("ours")));
+        assert_eq!(value(&*sb, ours.path.as_str()).await, Some(Bytes::from("ours")));
+    }
+}
+
+/// A sequential registration whose create on the secondary lost its answer adopts the node
+/// it made there (it used to fail and leave that node behind, healed by nothing).
+#[tokio::test]
+async fn dual_sequential_registration_adopts_a_secondary_node_whose_answer_was_lost() {
+    let (pa, sb) = (
+        client(&MemoryStore::new()).await,
+        client(&MemoryStore::new()).await,
+    );
+    let faulty = support::Faulty::new(sb.clone());
+    faulty.lose_create_replies();
+    let dual = DualRegistry::new(pa.clone(), faulty.clone(), DualOptions::new());
+    let reg = dual
+        .register(
+            &p("/svc/i-"),
+            Bytes::from("v"),
+            RegisterOptions::new().sequential(),
+        )
+        .await
+        .unwrap();
+    let name = reg.path().expect("registered");
+    let on_secondary = sb.children(&p("/svc")).await.unwrap().nodes;
+    assert_eq!(
+        on_secondary.iter().map(|n| &n.path).collect::<Vec<_>>(),
+        [&name]
+    );
+    reg.deregister().await.unwrap();
+    assert!(sb.children(&p("/svc")).await.unwrap().nodes.is_empty());
+
+    faulty.fail_gets();
+    let reg = dual
+        .register(
+            &p("/svc/i-"),
+            Bytes::from("v"),
+            RegisterOptions::new().sequential(),
+        )
+        .await;
+    assert!(reg.is_err(), "registered without knowing the secondary's node");
+    let left = sb.children(&p("/svc")).await.unwrap().nodes;
+    assert!(left.is_empty(), "left behind on the secondary: {left:?}");
+    assert!(pa.children(&p("/svc")).await.unwrap().nodes.is_empty());
+}
+
+/// A write to another session's ephemeral node reaches the secondary only where it has a
+/// node there: one created by the dual would be the dual's, and outlive its owner.
+#[tokio::test]
+async fn dual_set_of_another_sessions_ephemeral_node_creates_none_on_the_secondary() {
+    let a = MemoryStore::new();
+    let (provider, pa, sb) = (
+        client(&a).await,
+        client(&a).await,
+        client(&MemoryStore::new()).await,
+    );
+    provider
+        .create(&p("/svc/i1"), Bytes::from("w=1"), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+    dual.set(&p("/svc/i1"), Bytes::from("w=2"), Expected::Any)
+        .await
+        .unwrap();
+    assert_eq!(value(&*pa, "/svc/i1").await, Some(Bytes::from("w=2")));
+    assert_eq!(value(&*sb, "/svc/i1").await, None);
+    // The dual's own ephemeral node is still written on both.
+    dual.create(&p("/svc/own"), Bytes::from("a"), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    sb.delete(&p("/svc/own"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    dual.set(&p("/svc/own"), Bytes::from("b"), Expected::Any)
+        .await
+        .unwrap();
+    let copy = sb.get(&p("/svc/own")).await.unwrap();
+    assert_eq!(copy.value, Bytes::from("b"));
+    assert_eq!(copy.ephemeral_owner, sb.session().session_id);
 }
 
 /// Where the primary's generated name is taken on the secondary, the secondary generates one

@@ -257,8 +257,9 @@ fn mirror_text(change: &MirrorChange) -> String {
             written,
             deleted,
             held,
+            kept,
         } => format!(
-            "synced {nodes} nodes ({written} written, {deleted} deleted, {held} held by live sessions)"
+            "synced {nodes} nodes ({written} written, {deleted} deleted, {held} held by live sessions, {kept} kept for live instances below)"
         ),
         MirrorChange::Put(p) => format!("put {p}"),
         MirrorChange::Deleted(p) => format!("deleted {p}"),
@@ -277,8 +278,9 @@ fn mirror_json(change: &MirrorChange) -> serde_json::Value {
             written,
             deleted,
             held,
+            kept,
         } => {
-            serde_json::json!({"event": "synced", "nodes": nodes, "written": written, "deleted": deleted, "held": held})
+            serde_json::json!({"event": "synced", "nodes": nodes, "written": written, "deleted": deleted, "held": held, "kept": kept})
         }
         MirrorChange::Put(p) => serde_json::json!({"event": "put", "path": p.as_str()}),
         MirrorChange::Deleted(p) => serde_json::json!({"event": "deleted", "path": p.as_str()}),
