@@ -155,10 +155,12 @@ pub struct CopySummary {
 /// the target are left alone (a [`Mirror`] removes them). `progress(done, total)` is called
 /// after each node. Nothing is written with [`CopyOptions::dry_run`].
 ///
-/// Fails with [`Error::AlreadyExists`], before writing anything (dry run or not), if the
-/// target holds a path of the source as an ephemeral node: writing into it would tie the
-/// copied value to that node's session (and nothing can be created below it), replacing it
-/// would remove a live registration. A node that turns ephemeral (or gets an ephemeral
+/// Fails with [`Error::NotFound`] if `root` does not exist in the source (a mistyped path or
+/// chroot would otherwise copy nothing, successfully). Fails with [`Error::AlreadyExists`],
+/// before writing anything (dry run or not), if the target holds a path of the source as an
+/// ephemeral node: writing into it would tie the copied value to that node's session (and
+/// nothing can be created below it), replacing it would remove a live registration; with
+/// [`Error::EphemeralParent`] likewise if it holds a parent of `root` as one. A node that turns ephemeral (or gets an ephemeral
 /// parent) after that check, once writing has begun, fails the copy with an
 /// [`Error::Backend`] that names it and says how many nodes were written (its source is the
 /// `AlreadyExists` or `EphemeralParent`); running the copy again once that session is gone
@@ -171,9 +173,24 @@ pub async fn copy(
     mut progress: impl FnMut(usize, usize) + Send,
 ) -> Result<CopySummary> {
     let source = persistent_tree(from, root).await?;
+    if source.is_empty() && !root.is_root() && !from.exists(root).await? {
+        return Err(Error::NotFound { path: root.clone() });
+    }
     let total = source.len();
     let mut summary = CopySummary::default();
     // Every target node is read before the first write, so a conflict writes nothing.
+    for parent in root.ancestors().into_iter().filter(|p| !p.is_root()) {
+        match to.get(&parent).await {
+            Ok(existing) if existing.is_ephemeral() => {
+                return Err(Error::EphemeralParent {
+                    path: root.clone(),
+                    parent,
+                })
+            }
+            Ok(_) | Err(Error::NotFound { .. }) => {}
+            Err(error) => return Err(error),
+        }
+    }
     let mut writes = Vec::new();
     for (path, node) in &source {
         match to.get(path).await {

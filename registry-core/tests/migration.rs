@@ -541,8 +541,14 @@ async fn dual_create_whose_secondary_answer_was_lost_is_read_back() {
             .create(&p(path), Bytes::from("v"), mode)
             .await
             .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
-        assert_eq!(value(&*pa, made.path.as_str()).await, Some(Bytes::from("v")));
-        assert_eq!(value(&*sb, made.path.as_str()).await, Some(Bytes::from("v")));
+        assert_eq!(
+            value(&*pa, made.path.as_str()).await,
+            Some(Bytes::from("v"))
+        );
+        assert_eq!(
+            value(&*sb, made.path.as_str()).await,
+            Some(Bytes::from("v"))
+        );
     }
 
     faulty.fail_gets();
@@ -551,7 +557,11 @@ async fn dual_create_whose_secondary_answer_was_lost_is_read_back() {
         .await;
     assert!(made.is_err(), "{made:?}");
     assert_eq!(value(&*pa, "/svc/lost").await, None);
-    assert_eq!(value(&*sb, "/svc/lost").await, None, "left on the secondary");
+    assert_eq!(
+        value(&*sb, "/svc/lost").await,
+        None,
+        "left on the secondary"
+    );
 }
 
 /// A sequential name the secondary already holds, made by its own counter, is never written
@@ -588,8 +598,14 @@ async fn dual_sequential_create_moves_past_a_name_the_secondary_holds() {
             "{mode:?}: the secondary's own node was written over"
         );
         assert_eq!(value(&*pa, theirs.path.as_str()).await, None, "{mode:?}");
-        assert_eq!(value(&*pa, ours.path.as_str()).await, Some(Bytes::from("ours")));
-        assert_eq!(value(&*sb, ours.path.as_str()).await, Some(Bytes::from("ours")));
+        assert_eq!(
+            value(&*pa, ours.path.as_str()).await,
+            Some(Bytes::from("ours"))
+        );
+        assert_eq!(
+            value(&*sb, ours.path.as_str()).await,
+            Some(Bytes::from("ours"))
+        );
     }
 }
 
@@ -629,7 +645,10 @@ async fn dual_sequential_registration_adopts_a_secondary_node_whose_answer_was_l
             RegisterOptions::new().sequential(),
         )
         .await;
-    assert!(reg.is_err(), "registered without knowing the secondary's node");
+    assert!(
+        reg.is_err(),
+        "registered without knowing the secondary's node"
+    );
     let left = sb.children(&p("/svc")).await.unwrap().nodes;
     assert!(left.is_empty(), "left behind on the secondary: {left:?}");
     assert!(pa.children(&p("/svc")).await.unwrap().nodes.is_empty());
@@ -836,6 +855,46 @@ async fn copy_that_meets_a_new_ephemeral_node_midway_says_what_it_wrote() {
     // Replaced at the same version, the node took the value (a write compares versions
     // only), but it is still the session's and the copy did not count it as copied.
     assert!(dst.get(&p("/cfg/b")).await.unwrap().is_ephemeral());
+}
+
+/// A source root that does not exist is an error, not an empty copy (a mistyped path used to
+/// succeed doing nothing); a target holding a parent of the root as an ephemeral node is
+/// refused up front, dry run or not (a dry run used to succeed, and the copy to fail
+/// halfway with an error naming a change "during the copy").
+#[tokio::test]
+async fn copy_refuses_a_missing_source_root_and_an_ephemeral_parent_up_front() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst, session) = (client(&a).await, client(&b).await, client(&b).await);
+    let copied = migrate::copy(&*src, &*dst, &p("/sao"), CopyOptions::default(), |_, _| {}).await;
+    assert!(
+        matches!(&copied, Err(Error::NotFound { path }) if *path == p("/sao")),
+        "{copied:?}"
+    );
+    src.create(
+        &p("/soa/config/x"),
+        Bytes::from("v"),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+    session
+        .create(&p("/soa"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    for dry_run in [true, false] {
+        let copied = migrate::copy(
+            &*src,
+            &*dst,
+            &p("/soa/config"),
+            CopyOptions { dry_run },
+            |_, _| {},
+        )
+        .await;
+        assert!(
+            matches!(&copied, Err(Error::EphemeralParent { parent, .. }) if *parent == p("/soa")),
+            "dry run {dry_run}: {copied:?}"
+        );
+    }
 }
 
 #[tokio::test]
