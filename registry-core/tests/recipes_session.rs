@@ -1,12 +1,15 @@
 //! A recipe waiter whose session is lost stops waiting: its queued node went with the
 //! session, while the node ahead of it that it watches may stay for good.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
 use registry_core::recipes::Mutex;
-use registry_core::{Error, NodePath, Registry};
+use registry_core::{DeleteScope, Error, Expected, NodePath, Registry, SessionState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_lock_ends_when_its_session_is_lost() {
@@ -80,4 +83,69 @@ async fn an_unlock_that_fails_while_cut_off_still_frees_the_lock() {
     let took = next.lock_timeout(Duration::from_secs(5)).await;
     assert!(took.is_ok(), "the lock stayed taken: {took:?}");
     assert_eq!(holder_client.session().session_id, Some(session));
+}
+
+/// A holder cut off while its lock node is deleted is not told it holds the lock again when
+/// the same session comes back before its watch has caught up (a ZooKeeper watch re-reads
+/// after the reconnection, so its deletion comes after the `Connected`): it used to be, from
+/// the reconnection until the watch's deletion arrived, while another client could hold the
+/// lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_is_not_told_held_again_before_its_node_is_read_after_a_cut() {
+    let store = MemoryStore::new();
+    let path = NodePath::new("/locks/cut-delete").unwrap();
+    let options = MemoryOptions::default().with_session_ttl(Duration::from_secs(30));
+    let holder_client = Arc::new(
+        MemoryRegistry::connect(&store, options.clone())
+            .await
+            .unwrap(),
+    );
+    let other = Arc::new(MemoryRegistry::connect(&store, options).await.unwrap());
+    let faulty = support::Faulty::new(holder_client.clone());
+    let held = Mutex::new(faulty.clone(), path.clone())
+        .lock()
+        .await
+        .unwrap();
+    assert!(held.is_held());
+    let node = other.children(&path).await.unwrap().nodes.remove(0);
+
+    let mut sessions = holder_client.session_events();
+    faulty.hold_watch_items(true);
+    let session = holder_client.session().session_id.unwrap();
+    store
+        .interrupt_connection(session, Duration::from_millis(200))
+        .unwrap();
+    other
+        .delete(&node.path, Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    let taken = Mutex::new(other.clone(), path.clone())
+        .lock()
+        .await
+        .unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(status) = sessions.next().await {
+            if status.state == SessionState::Connected {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "the holder never reconnected");
+    // The hold monitor hears the same Connected: within this window it used to say held.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    while tokio::time::Instant::now() < deadline {
+        assert!(
+            !held.is_held(),
+            "told it holds the lock while another client does"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    faulty.hold_watch_items(false);
+    tokio::time::timeout(Duration::from_secs(5), held.lost())
+        .await
+        .expect("the hold was never reported lost");
+    assert!(!held.is_held());
+    assert!(taken.is_held());
+    taken.unlock().await.unwrap();
 }

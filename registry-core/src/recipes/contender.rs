@@ -450,8 +450,24 @@ impl HoldMonitor {
                             // Curator's recipes do on SUSPENDED. The hold itself may survive.
                             Some(SessionState::Suspended) => at_risk("session suspended"),
                             // Back with the same session, and the node seen since the watch
-                            // (re)opened: held again, and a later `lost()` waits.
-                            Some(state) if state.is_live() && read => held_again("session resumed"),
+                            // (re)opened: held again once a read made now shows it, as the
+                            // watch may still owe what happened during the cut (a ZooKeeper
+                            // watch reads again after the reconnection).
+                            Some(state) if state.is_live() && read => {
+                                match registry.get(&node.path).await {
+                                    Ok(now) if now.create_order == node.create_order => {
+                                        held_again("session resumed");
+                                    }
+                                    Ok(_) | Err(Error::NotFound { .. }) => {
+                                        mark_lost("held node gone while cut off");
+                                        return;
+                                    }
+                                    // Still at risk: the watch's next read decides.
+                                    Err(error) => {
+                                        tracing::debug!(%error, "cannot read the held node after the reconnection");
+                                    }
+                                }
+                            }
                             _ => {}
                         }
                     },
@@ -511,7 +527,7 @@ impl HoldMonitor {
     }
 
     /// Resolves while the hold is lost or at risk (its session suspended, or its node
-    /// unwatched); once the same session is back and a watch has read the node, a later call
+    /// unwatched); once the same session is back and a read since shows the node, a later call
     /// waits again.
     pub(crate) async fn lost(&self) {
         let mut rx = self.lost.clone();

@@ -144,8 +144,8 @@ impl Leadership {
     /// server may expire it and another candidate take over before this client learns of
     /// it), lost or closed, the node was deleted, or the watch on it could not open or broke
     /// (a delete would go unseen). Stop leading then, as Curator's `LeaderSelector` does on
-    /// `SUSPENDED`. A suspension can end with the same session and leadership kept, and a
-    /// watch opens again and reads the node: [`is_leader`](Leadership::is_leader) tells, and
+    /// `SUSPENDED`. A suspension can end with the same session and leadership kept, once a
+    /// read made after the reconnection (or a watch opened again) shows the node: [`is_leader`](Leadership::is_leader) tells, and
     /// a later call waits again until the next risk or loss.
     pub async fn lost(&self) {
         self.monitor.lost().await

@@ -116,7 +116,8 @@ impl MutexGuard {
     /// learns of it), lost or closed, the node was deleted by someone else, or the watch on
     /// it could not open or broke (a delete would go unseen). Stop acting as the holder then,
     /// as Curator users do on `SUSPENDED`. A suspension can end with the same session and the
-    /// lock still held, and a watch opens again and reads the node:
+    /// lock still held, once a read made after the reconnection (or a watch opened again)
+    /// shows the node:
     /// [`is_held`](MutexGuard::is_held) tells, and a later call waits again until the next
     /// risk or loss.
     pub async fn lost(&self) {

@@ -48,6 +48,8 @@ pub struct Faulty {
     fail_gets: AtomicBool,
     fail_children: AtomicBool,
     hold_deletes: tokio::sync::watch::Sender<bool>,
+    /// While true, watch streams deliver nothing (their items wait, in order).
+    hold_watch_items: tokio::sync::watch::Sender<bool>,
     late_creates: Mutex<Option<std::time::Duration>>,
     watches_opened: AtomicUsize,
     failing_watch_opens: AtomicUsize,
@@ -70,6 +72,7 @@ impl Faulty {
             fail_gets: AtomicBool::new(false),
             fail_children: AtomicBool::new(false),
             hold_deletes: tokio::sync::watch::channel(false).0,
+            hold_watch_items: tokio::sync::watch::channel(false).0,
             late_creates: Mutex::new(None),
             watches_opened: AtomicUsize::new(0),
             failing_watch_opens: AtomicUsize::new(0),
@@ -111,6 +114,12 @@ impl Faulty {
     /// Whether deletes (plain and by owner) wait before reaching `inner` from now on.
     pub fn hold_deletes(&self, hold: bool) {
         self.hold_deletes.send_replace(hold);
+    }
+
+    /// Whether watch streams hold their items back from now on (a watch that lags behind
+    /// the session's events, as a ZooKeeper re-read after a reconnection does).
+    pub fn hold_watch_items(&self, hold: bool) {
+        self.hold_watch_items.send_replace(hold);
     }
 
     async fn until_deletes_pass(&self) {
@@ -271,7 +280,15 @@ impl Registry for Faulty {
                 }
             },
         );
-        Ok(Box::pin(broken))
+        let held = self.hold_watch_items.subscribe();
+        let held = futures::StreamExt::then(broken, move |item| {
+            let mut held = held.clone();
+            async move {
+                let _ = held.wait_for(|hold| !*hold).await;
+                item
+            }
+        });
+        Ok(Box::pin(held))
     }
     async fn register(
         &self,
