@@ -20,6 +20,10 @@ use crate::registry::Registry;
 /// to holder; a pending `lock()` that is dropped leaves no node behind; a holder whose session
 /// is lost sees [`MutexGuard::is_held`] turn false (check it, or pass the fencing token to the
 /// resource, before acting on the lock).
+///
+/// Not re-entrant (unlike Curator's `InterProcessMutex`, like etcd's `concurrency.Mutex`): a
+/// second `lock()` of the same path while this process holds it queues behind the held
+/// guard, as any other contender does.
 #[derive(Clone)]
 pub struct Mutex {
     registry: Arc<dyn Registry>,
