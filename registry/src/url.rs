@@ -190,6 +190,12 @@ fn parse_endpoint(url: &str, text: &str) -> Result<Endpoint, Error> {
         let (host, after) = rest
             .split_once(']')
             .ok_or_else(|| invalid(url, format!("endpoint {text:?} has '[' without ']'")))?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(invalid(
+                url,
+                format!("endpoint {text:?}: brackets hold an IPv6 address"),
+            ));
+        }
         let port = after
             .strip_prefix(':')
             .ok_or_else(|| invalid(url, format!("endpoint {text:?} needs :port")))?;
@@ -209,13 +215,13 @@ fn parse_endpoint(url: &str, text: &str) -> Result<Endpoint, Error> {
     if host.is_empty() {
         return Err(invalid(url, format!("endpoint {text:?} has an empty host")));
     }
-    if host
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control() || "/?#@[]".contains(c))
-    {
+    // A host name (letters, digits, '-', '.', '_') or an IP address; anything else would
+    // only fail later, at connect, or (ZooKeeper) after the connect timeout.
+    let name = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+    if !(host.chars().all(name) || host.parse::<std::net::Ipv6Addr>().is_ok()) {
         return Err(invalid(
             url,
-            format!("endpoint {text:?} has an invalid host"),
+            format!("endpoint {text:?} has an invalid host (a name or an IP address)"),
         ));
     }
     // `u16::from_str` also takes a sign (`+2379`).
@@ -307,16 +313,24 @@ impl RegistryUrl {
             if kind == BackendKind::Memory {
                 return Err(invalid(url, "mem:// takes no user:password@"));
             }
-            // `h:2181/ns@x:1` also reads as host h:2181 with an '@' in its namespace; taking
-            // it as credentials would connect elsewhere, so refuse to guess.
-            if let Some(end) = userinfo.find(['/', '?']) {
-                let head = &userinfo[..end];
+            // `h:2181/ns@x:1` also reads as host h:2181 with an '@' in its namespace, and
+            // `u:pw@h:2181/ns@x:1` as credentials for h:2181 likewise: taking the last '@' would
+            // send the connection, and the password, elsewhere. So wherever host:port could
+            // begin (the start, or after an earlier '@') and be followed by a namespace or
+            // parameters, refuse to guess.
+            let starts = std::iter::once(0).chain(userinfo.match_indices('@').map(|(i, _)| i + 1));
+            for start in starts {
+                let candidate = &userinfo[start..];
+                let Some(end) = candidate.find(['/', '?']) else {
+                    continue;
+                };
+                let head = &candidate[..end];
                 if !head.is_empty() && head.split(',').all(|e| parse_endpoint(url, e).is_ok()) {
                     return Err(invalid(
                         url,
-                        "ambiguous '@': the text before it starts with host:port, so it could \
-                         be a namespace or parameter holding '@' (not allowed) or a password \
-                         holding '/' or '?'",
+                        "ambiguous '@': host:port comes before a later '@', so the URL could \
+                         have a namespace or parameter holding '@' (not allowed) or a password \
+                         holding '@', '/' or '?' (percent-encode it: %40, %2F, %3F)",
                     ));
                 }
             }
@@ -363,8 +377,16 @@ impl RegistryUrl {
                     if user.is_empty() {
                         return Err(invalid(url, "empty user name"));
                     }
+                    let user = decode(url, "user name", user)?;
+                    // ZooKeeper's digest is `user:password`, split at the first ':'.
+                    if kind == BackendKind::ZooKeeper && user.contains(':') {
+                        return Err(invalid(
+                            url,
+                            "a ZooKeeper digest user name cannot hold ':' (it ends the user name)",
+                        ));
+                    }
                     parsed.credentials = Some(Credentials {
-                        user: decode(url, "user name", user)?,
+                        user,
                         password: decode(url, "password", password)?,
                     });
                     authority
@@ -644,10 +666,38 @@ mod tests {
         assert!(err("zk://h:2181/soa@evil:2379").contains("ambiguous '@'"));
         assert!(err("etcd://h1:1,h2:2/ns?ttl=5s@x:3").contains("ambiguous '@'"));
         assert!(err("etcds://h:2379?ca=/home/a@b/ca.pem").contains("ambiguous '@'"));
+        // With credentials too: read at the last '@', this sent the password to evil:2379.
+        assert!(err("zk://digest:pw@h:2181/soa@evil:2379").contains("ambiguous '@'"));
+        assert!(err("etcd://root:pw@h:1/ns?timeout=5s@evil:2").contains("ambiguous '@'"));
+        assert!(err("etcd://root:pw@h1:1,h2:2?ca=a@evil:2").contains("ambiguous '@'"));
         // A password may still hold '/', '?' and '@'.
         let u = RegistryUrl::parse("etcd://root:pa/ss?@h:1/ns").unwrap();
         assert_eq!(u.credentials.unwrap().password, "pa/ss?");
         assert_eq!(u.endpoints[0].to_string(), "h:1");
+        let u = RegistryUrl::parse("zk://user:p@ss/word@h:2181/soa").unwrap();
+        assert_eq!(u.credentials.unwrap().password, "p@ss/word");
+        assert_eq!(u.endpoints[0].to_string(), "h:2181");
+    }
+
+    #[test]
+    fn hosts_are_names_or_addresses() {
+        for url in ["zk://a{b:1", "zk://[zz]:1", "etcd://h%20:1", "zk://hé:2181"] {
+            assert!(err(url).contains("endpoint"), "{url}");
+        }
+        for url in [
+            "zk://[::1]:2181",
+            "etcd://my_host-1.example.com:2379",
+            "zk://10.0.0.1:1",
+        ] {
+            assert!(RegistryUrl::parse(url).is_ok(), "{url}");
+        }
+    }
+
+    #[test]
+    fn zookeeper_user_names_cannot_hold_a_colon() {
+        assert!(err("zk://us%3Aer:pw@h:2181").contains("cannot hold ':'"));
+        let u = RegistryUrl::parse("etcd://us%3Aer:pw@h:2379").unwrap();
+        assert_eq!(u.credentials.unwrap().user, "us:er");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use registry::{
 )]
 struct Cli {
     /// Registry URL, e.g. etcd://127.0.0.1:2379 or zk://127.0.0.1:2181/chroot.
-    #[arg(long, env = "REGISTRY_URL", global = true)]
+    #[arg(long, env = "REGISTRY_URL", hide_env_values = true, global = true)]
     url: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
@@ -105,7 +105,8 @@ enum Command {
         #[arg(short, long)]
         recursive: bool,
     },
-    /// Prints the snapshot, then one line per event, until Ctrl-C.
+    /// Prints the snapshot, then one line per event, until Ctrl-C. Values are quoted with
+    /// escapes (non-UTF-8 ones as 0x-hex), so each event is exactly one line.
     Watch {
         /// The node watched (and, by scope, what is below it).
         path: String,
@@ -132,7 +133,8 @@ enum Command {
         #[arg(long)]
         file: Option<std::path::PathBuf>,
     },
-    /// Creates or updates the nodes of an exported JSON document; idempotent.
+    /// Creates or updates the nodes of an exported JSON document; idempotent (equal nodes are
+    /// not written again).
     Import {
         /// The file to read; without it (or `-`), standard input.
         #[arg(long)]
@@ -190,6 +192,15 @@ impl From<Error> for Failure {
     }
 }
 
+/// `path`, unless it is the root, which no backend lets `operation` touch: refused before
+/// connecting, as any bad input.
+fn not_root(path: NodePath, operation: &str) -> Result<NodePath, Failure> {
+    if path.is_root() {
+        return Err(Error::root(operation).into());
+    }
+    Ok(path)
+}
+
 fn say(line: impl std::fmt::Display) -> Result<(), Failure> {
     writeln!(std::io::stdout(), "{line}").map_err(Failure::Output)
 }
@@ -203,18 +214,52 @@ fn path(raw: &str) -> Result<NodePath, Failure> {
     NodePath::new(raw).map_err(Failure::from)
 }
 
-/// A value on one line of text: as is if UTF-8, else as hex (watch lines; `get` prints bytes).
+/// A value on one line of text, read one way only: UTF-8 quoted with escapes (a newline in
+/// it cannot start a line of its own), anything else `0x` and hex (watch lines; `get` prints
+/// the bytes themselves).
 fn value_text(value: &Bytes) -> String {
     match std::str::from_utf8(value) {
-        Ok(s) => s.to_owned(),
-        Err(_) => value.iter().map(|b| format!("{b:02x}")).collect(),
+        Ok(s) => format!("{s:?}"),
+        Err(_) => format!(
+            "0x{}",
+            value.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
+    }
+}
+
+/// A path in a line of words: quoted with escapes when it holds white space or control
+/// characters, as is otherwise.
+fn path_text(path: &NodePath) -> String {
+    let plain = !path
+        .as_str()
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '"');
+    if plain {
+        path.to_string()
+    } else {
+        format!("{:?}", path.as_str())
+    }
+}
+
+/// A value's JSON field as `export` writes it: `value` when UTF-8, else `value_base64`.
+fn value_field(value: &Bytes) -> (&'static str, serde_json::Value) {
+    use base64::Engine;
+    match std::str::from_utf8(value) {
+        Ok(text) => ("value", text.into()),
+        Err(_) => (
+            "value_base64",
+            base64::engine::general_purpose::STANDARD
+                .encode(value)
+                .into(),
+        ),
     }
 }
 
 fn node_json(n: &Node) -> serde_json::Value {
+    let (key, value) = value_field(&n.value);
     serde_json::json!({
         "path": n.path.as_str(),
-        "value": value_text(&n.value),
+        key: value,
         "utf8": std::str::from_utf8(&n.value).is_ok(),
         "version": n.version,
         "create_order": n.create_order,
@@ -376,7 +421,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             value,
             version,
         } => {
-            let target = path(&p)?;
+            let target = not_root(path(&p)?, "write")?;
             registry::check_value(&target, value.as_bytes())?;
             let reg = open(&cli.url).await?;
             let expected = version.map_or(Expected::Any, Expected::Version);
@@ -400,7 +445,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             sequential,
             hold,
         } => {
-            let target = path(&p)?;
+            let target = not_root(path(&p)?, "create")?;
             registry::check_value(&target, value.as_bytes())?;
             let reg = open(&cli.url).await?;
             let mode = match (ephemeral, sequential) {
@@ -423,7 +468,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             shown?;
         }
         Command::Rm { path: p, recursive } => {
-            let target = path(&p)?;
+            let target = not_root(path(&p)?, "delete")?;
             let reg = open(&cli.url).await?;
             let scope = if recursive {
                 DeleteScope::Recursive
@@ -466,17 +511,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         "snapshot {}",
                         s.nodes
                             .iter()
-                            .map(|n| n.path.to_string())
+                            .map(|n| path_text(&n.path))
                             .collect::<Vec<_>>()
                             .join(" ")
                     ),
                     WatchEvent::Created(n) => {
-                        format!("created {} {}", n.path, value_text(&n.value))
+                        format!("created {} {}", path_text(&n.path), value_text(&n.value))
                     }
                     WatchEvent::Updated(n) => {
-                        format!("updated {} {}", n.path, value_text(&n.value))
+                        format!("updated {} {}", path_text(&n.path), value_text(&n.value))
                     }
-                    WatchEvent::Deleted(n) => format!("deleted {}", n.path),
+                    WatchEvent::Deleted(n) => format!("deleted {}", path_text(&n.path)),
                     WatchEvent::Resync { snapshot, reason } => {
                         format!("resync {reason:?} {}", snapshot.nodes.len())
                     }
@@ -488,28 +533,35 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let root = path(&p)?;
             let (src, dst) = (connect(&from).await?, connect(&to).await?);
             let differences = migrate::diff(&*src, &*dst, &root).await?;
-            for d in &differences {
-                say(if json {
-                    serde_json::json!({"kind": d.kind.as_str(), "path": d.path.as_str()})
-                        .to_string()
-                } else {
-                    format!("{} {}", d.kind.as_str(), d.path)
-                })?;
+            if json {
+                // One document, also when empty, as every non-streaming command prints.
+                let list: Vec<serde_json::Value> = differences
+                    .iter()
+                    .map(|d| serde_json::json!({"kind": d.kind.as_str(), "path": d.path.as_str()}))
+                    .collect();
+                say(serde_json::json!({"differences": list}))?;
+            } else {
+                for d in &differences {
+                    say(format!("{} {}", d.kind.as_str(), d.path))?;
+                }
             }
             if !differences.is_empty() {
                 return Err(Failure::Differences);
             }
         }
         Command::Export { path: p, file } => {
-            use base64::Engine;
             let root = path(&p)?;
             let reg = open(&cli.url).await?;
             let nodes = migrate::persistent_tree(&*reg, &root).await?;
+            // A mistyped path would otherwise export an empty document, successfully.
+            if nodes.is_empty() && !root.is_root() && !reg.exists(&root).await? {
+                return Err(Error::NotFound { path: root }.into());
+            }
             let list: Vec<serde_json::Value> = nodes
                 .values()
-                .map(|n| match std::str::from_utf8(&n.value) {
-                    Ok(text) => serde_json::json!({"path": n.path.as_str(), "value": text}),
-                    Err(_) => serde_json::json!({"path": n.path.as_str(), "value_base64": base64::engine::general_purpose::STANDARD.encode(&n.value)}),
+                .map(|n| {
+                    let (key, value) = value_field(&n.value);
+                    serde_json::json!({"path": n.path.as_str(), key: value})
                 })
                 .collect();
             let document = serde_json::json!({"root": root.as_str(), "nodes": list});
@@ -585,31 +637,49 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         )))
                     }
                 };
-                let target = path(raw)?;
+                let target = not_root(path(raw)?, "write")?;
                 registry::check_value(&target, &value)?;
-                nodes.insert(target, value);
+                if nodes.insert(target, value).is_some() {
+                    // Which of the two was meant cannot be told: the last would silently win.
+                    return Err(Failure::Input(format!(
+                        "node {i} ({raw}): the document holds this path twice"
+                    )));
+                }
             }
             let reg = open(&cli.url).await?;
-            // Every target read first: a path held as a live session's ephemeral node (whose
-            // value would go with that session) refuses the import before anything is written.
+            // Every target read first, with the parents the import would create under: a path
+            // held as a live session's ephemeral node (whose value would go with that
+            // session, and which can have no children) refuses the import before anything is
+            // written.
+            let parents: std::collections::BTreeSet<NodePath> = nodes
+                .keys()
+                .flat_map(|p| p.ancestors())
+                .filter(|a| !a.is_root() && !nodes.contains_key(a))
+                .collect();
             let mut seen = BTreeMap::new();
-            for p in nodes.keys() {
-                let version = match reg.get(p).await {
+            for p in nodes.keys().chain(&parents) {
+                let found = match reg.get(p).await {
                     Ok(node) if node.is_ephemeral() => {
                         complain(format_args!(
                             "the target holds {p} as a live session's ephemeral node; import writes persistent nodes only and wrote nothing"
                         ));
                         return Err(Error::AlreadyExists { path: p.clone() }.into());
                     }
-                    Ok(node) => Some(node.version),
+                    Ok(node) => Some(node),
                     Err(Error::NotFound { .. }) => None,
                     Err(e) => return Err(e.into()),
                 };
-                seen.insert(p.clone(), version);
+                seen.insert(p.clone(), found);
             }
-            let (mut created, mut updated) = (0, 0);
+            let (mut created, mut updated, mut unchanged) = (0, 0, 0);
             for (p, value) in &nodes {
-                let version = seen.get(p).copied().flatten();
+                let found = seen.get(p).and_then(Option::as_ref);
+                // An equal node is not written again: no version bump, no event to watchers.
+                if found.is_some_and(|n| n.value == *value) {
+                    unchanged += 1;
+                    continue;
+                }
+                let version = found.map(|n| n.version);
                 migrate::put_persistent(&*reg, p, value.clone(), Some(version)).await?;
                 if version.is_some() {
                     updated += 1;
@@ -618,9 +688,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             say(if json {
-                serde_json::json!({"created": created, "updated": updated}).to_string()
+                serde_json::json!({"created": created, "updated": updated, "unchanged": unchanged})
+                    .to_string()
             } else {
-                format!("imported: {created} created, {updated} updated")
+                format!("imported: {created} created, {updated} updated, {unchanged} unchanged")
             })?;
         }
         Command::Copy {
@@ -697,7 +768,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::Output(error));
             }
             let shown = say(if json {
-                serde_json::json!({"stopped": true, "applied": status.applied, "syncs": status.syncs}).to_string()
+                serde_json::json!({"event": "stopped", "applied": status.applied, "syncs": status.syncs}).to_string()
             } else {
                 format!(
                     "mirror stopped: {} changes applied, {} full syncs",
@@ -759,5 +830,25 @@ async fn main() -> ExitCode {
             }
             ExitCode::from(3)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_lines_hold_one_event_each_and_read_one_way() {
+        // A value cannot forge a line of its own, nor pass for another.
+        assert_eq!(
+            value_text(&Bytes::from("v1\ndeleted /x/a")),
+            r#""v1\ndeleted /x/a""#
+        );
+        assert_eq!(value_text(&Bytes::from("ff")), r#""ff""#);
+        assert_eq!(value_text(&Bytes::from_static(&[0xff])), "0xff");
+        let spaced = NodePath::new("/a b").unwrap();
+        assert_eq!(path_text(&spaced), r#""/a b""#);
+        let plain = NodePath::new("/soa/10.0.0.1:9090").unwrap();
+        assert_eq!(path_text(&plain), "/soa/10.0.0.1:9090");
     }
 }
