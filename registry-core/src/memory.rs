@@ -8,8 +8,8 @@
 //! Watches deliver exact events (every committed change, in order). Each stream buffers at
 //! most [`WATCH_BUFFER`] events; a consumer that falls further behind has its buffer dropped
 //! and gets a [`WatchEvent::Resync`] with [`ResyncReason::Lagged`] instead, so writers never
-//! block and memory stays bounded. The last [`HISTORY_LEN`] changes are kept so a watch can
-//! start after a past revision.
+//! block and memory stays bounded. The last [`HISTORY_LEN`] changes (at most
+//! [`HISTORY_BYTES`] of their values) are kept so a watch can start after a past revision.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -35,6 +35,10 @@ pub const WATCH_BUFFER: usize = 4096;
 
 /// Changes kept for watches that start after a past revision.
 pub const HISTORY_LEN: usize = 100_000;
+
+/// Bytes of values the kept changes may hold: 100 000 changes of 512 KiB values would
+/// otherwise pin 51 GB. The oldest changes go first.
+pub const HISTORY_BYTES: usize = 64 << 20;
 
 const BACKEND: &str = "memory";
 
@@ -73,6 +77,9 @@ struct Watcher {
     client: u64,
     tx: mpsc::Sender<Signal>,
     lagged: Arc<AtomicBool>,
+    /// Changes up to this revision are not its to deliver (a watch started after a revision
+    /// the store has not reached yet waits for it, as etcd's does).
+    after: u64,
 }
 
 struct SessionEntry {
@@ -98,6 +105,8 @@ struct State {
     revision: u64,
     sequences: HashMap<NodePath, u64>,
     history: VecDeque<(u64, WatchEvent)>,
+    /// Bytes of values in `history`.
+    history_bytes: usize,
     sessions: HashMap<SessionId, SessionEntry>,
     next_client: u64,
     clients: HashMap<u64, ClientEntry>,
@@ -165,7 +174,9 @@ impl State {
             _ => return,
         };
         for watcher in self.watchers.values() {
-            if !watcher.options.scope.covers(&watcher.root, &path) || !watcher.options.keeps(&event)
+            if !watcher.options.scope.covers(&watcher.root, &path)
+                || !watcher.options.keeps(&event)
+                || self.revision <= watcher.after
             {
                 continue;
             }
@@ -183,9 +194,13 @@ impl State {
                 watcher.lagged.store(true, Ordering::SeqCst);
             }
         }
+        self.history_bytes += event_bytes(&event);
         self.history.push_back((self.revision, event));
-        if self.history.len() > HISTORY_LEN {
-            self.history.pop_front();
+        while self.history.len() > HISTORY_LEN || self.history_bytes > HISTORY_BYTES {
+            let Some((_, oldest)) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= event_bytes(&oldest);
         }
     }
 
@@ -240,6 +255,9 @@ impl State {
 
     fn remove(&mut self, path: &NodePath) {
         if let Some(mut node) = self.nodes.remove(path) {
+            // A node made again at this path starts its children's counter over, as a
+            // ZooKeeper node does; a kept counter would also grow the map for good.
+            self.sequences.remove(path);
             self.revision += 1;
             node.modify_order = self.revision;
             self.commit(WatchEvent::Deleted(node));
@@ -538,10 +556,13 @@ impl MemoryRegistry {
 
     /// Locks the store for an operation, failing if this client is closed or cut off.
     fn state(&self) -> Result<MutexGuard<'_, State>> {
+        let state = self.inner.store.lock();
+        // Checked under the lock `close` takes after setting it: an operation that got the
+        // lock first is done before `close` goes on, one that gets it later sees `Closed`
+        // (checked before the lock, a watch could register after `close` had ended them all).
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let state = self.inner.store.lock();
         let connected = state
             .clients
             .get(&self.inner.id)
@@ -559,6 +580,14 @@ impl MemoryRegistry {
             .session_id()
             .filter(|id| state.sessions.contains_key(id))
             .ok_or(Error::SessionExpired)
+    }
+}
+
+/// The value bytes a change in the history holds.
+fn event_bytes(event: &WatchEvent) -> usize {
+    match event {
+        WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n) => n.value.len(),
+        _ => 0,
     }
 }
 
@@ -764,6 +793,7 @@ impl Registry for MemoryRegistry {
                 client: self.inner.id,
                 tx,
                 lagged: lagged.clone(),
+                after: options.after.map_or(0, |Revision(after)| after),
             },
         );
         drop(state);

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore, WATCH_BUFFER};
 use registry_core::{
     Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, RegistrationStatus,
-    Registry, ResyncReason, SessionState, WatchEvent, WatchOptions,
+    Registry, ResyncReason, Revision, SessionState, WatchEvent, WatchOptions,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -600,4 +600,154 @@ async fn durations_past_the_clock_are_refused_or_never_expire() {
     .await;
     assert_eq!(back, Ok(true));
     assert_eq!(forever.session().session_id, Some(session));
+}
+
+/// A watch opened while `close` runs either fails with `Closed` or is ended by it: one used to
+/// check for the close before taking the store's lock, register after `close` had ended every
+/// stream, and stay open (its stream pending for good) after `close` returned.
+#[test]
+fn a_watch_racing_close_never_outlives_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for round in 0..20 {
+        let store = MemoryStore::new();
+        let (closing, writer) = runtime.block_on(async {
+            let writer = client(&store).await;
+            for i in 0..5_000 {
+                writer
+                    .create(
+                        &p(&format!("/big/n{i}")),
+                        Bytes::new(),
+                        CreateMode::Persistent,
+                    )
+                    .await
+                    .unwrap();
+            }
+            (client(&store).await, writer)
+        });
+        // The store's lock kept busy, so the watch and the close queue for it together.
+        let stop = Arc::new(AtomicBool::new(false));
+        let hammer = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    store.watcher_count();
+                }
+            })
+        };
+        let handle = runtime.handle().clone();
+        let holder = std::thread::spawn(move || {
+            handle
+                .block_on(writer.delete(&p("/big"), Expected::Any, DeleteScope::Recursive))
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(2));
+        let (watching, handle) = (closing.clone(), runtime.handle().clone());
+        let watcher = std::thread::spawn(move || {
+            handle.block_on(watching.watch(&p("/x"), WatchOptions::node()))
+        });
+        std::thread::sleep(Duration::from_millis(2));
+        runtime.block_on(closing.close()).unwrap();
+        let watched = watcher.join().unwrap();
+        holder.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        hammer.join().unwrap();
+        match watched {
+            Err(error) => assert!(matches!(error, Error::Closed), "round {round}: {error}"),
+            Ok(mut stream) => {
+                assert_eq!(
+                    store.watcher_count(),
+                    0,
+                    "round {round}: a watch outlived close"
+                );
+                runtime.block_on(async {
+                    let ended = tokio::time::timeout(WAIT, async {
+                        while let Some(item) = stream.next().await {
+                            assert!(matches!(item, Ok(WatchEvent::Snapshot(_))), "{item:?}");
+                        }
+                    })
+                    .await;
+                    assert!(ended.is_ok(), "round {round}: the stream never ended");
+                });
+            }
+        }
+    }
+}
+
+/// A watch after a revision the store has not reached yet delivers only later changes (it
+/// delivered every change from the next one on).
+#[tokio::test]
+async fn a_watch_after_a_future_revision_waits_for_it() {
+    let store = MemoryStore::new();
+    let reg = client(&store).await;
+    let created = reg
+        .create(&p("/a"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let after = created.modify_order + 3;
+    let mut stream = reg
+        .watch(&p("/a"), WatchOptions::node().after(Revision(after)))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        reg.set(&p("/a"), Bytes::from(format!("{i}")), Expected::Any)
+            .await
+            .unwrap();
+    }
+    for expected in [after + 1, after + 2] {
+        match next_event(&mut stream).await {
+            WatchEvent::Updated(n) => assert_eq!(n.modify_order, expected),
+            other => panic!("expected the write of revision {expected}, got {other:?}"),
+        }
+    }
+}
+
+/// The history a watch may start from holds at most `HISTORY_BYTES` of values, the oldest
+/// changes going first (it held 100 000 changes whatever their size).
+#[tokio::test]
+async fn the_history_is_bounded_in_bytes() {
+    let store = MemoryStore::new();
+    let reg = client(&store).await;
+    let first = reg
+        .create(&p("/big"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    // One buffer, shared by every change: the test itself stays small.
+    let value = Bytes::from(vec![7u8; 512 * 1024]);
+    let writes = registry_core::memory::HISTORY_BYTES / value.len() + 8;
+    for _ in 0..writes {
+        reg.set(&p("/big"), value.clone(), Expected::Any)
+            .await
+            .unwrap();
+    }
+    let mut stream = reg
+        .watch(
+            &p("/big"),
+            WatchOptions::node().after(Revision(first.modify_order)),
+        )
+        .await
+        .unwrap();
+    match next_event(&mut stream).await {
+        WatchEvent::Resync { reason, .. } => assert_eq!(reason, ResyncReason::StartNotReplayable),
+        other => panic!("replayed {writes} changes of 512 KiB: {other:?}"),
+    }
+}
+
+/// A node made again at a path starts its children's sequence over, as ZooKeeper's does
+/// (the counter outlived the node, and the map of counters grew for good).
+#[tokio::test]
+async fn a_parent_made_again_starts_its_sequence_over() {
+    let store = MemoryStore::new();
+    let reg = client(&store).await;
+    for _ in 0..2 {
+        let made = reg
+            .create(&p("/q/n-"), Bytes::new(), CreateMode::PersistentSequential)
+            .await
+            .unwrap();
+        assert_eq!(made.path, p("/q/n-0000000000"));
+        reg.delete(&p("/q"), Expected::Any, DeleteScope::Recursive)
+            .await
+            .unwrap();
+    }
 }
