@@ -1530,6 +1530,84 @@ async fn a_subtree_watch_reports_a_recreated_parent_before_its_child() {
     setup.close().await.unwrap();
 }
 
+/// A subtree watch whose root is deleted and made again with a new child (in one
+/// transaction, right after an older child's deletion): the new child used to be reported
+/// under the root's old incarnation, which was then reported deleted with that child still
+/// below it. The watch must report the root gone with everything below it first, then the
+/// new root, then its child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subtree_watch_whose_root_is_made_again_keeps_the_order() {
+    let server = fast_server();
+    let cs = server.connect_string();
+    let watcher = connect(&cs, Duration::from_secs(4)).await;
+    let writer = raw(&cs).await;
+    let persistent =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    for round in 0..20 {
+        let root = p(&format!("/w{round}"));
+        let (old_child, new_child) = (format!("{root}/b"), format!("{root}/a"));
+        writer
+            .create(root.as_str(), b"", &persistent)
+            .await
+            .unwrap();
+        writer.create(&old_child, b"", &persistent).await.unwrap();
+        let mut stream = watcher.watch(&root, WatchOptions::subtree()).await.unwrap();
+        let mut present = Present::new();
+        let apply = |present: &mut Present, event: WatchEvent| match event {
+            WatchEvent::Snapshot(s) | WatchEvent::Resync { snapshot: s, .. } => {
+                *present = create_orders(s);
+            }
+            WatchEvent::Created(n) | WatchEvent::Updated(n) => {
+                if n.path != root {
+                    let parent = n.path.parent().unwrap();
+                    let parent_created = present.get(&parent).copied();
+                    assert!(
+                        parent_created.is_some_and(|c| c <= n.create_order),
+                        "round {round}: {} (created at {}) reported under {parent} created at {parent_created:?}",
+                        n.path,
+                        n.create_order
+                    );
+                }
+                present.insert(n.path, n.create_order);
+            }
+            WatchEvent::Deleted(n) => {
+                present.remove(&n.path);
+                assert_nothing_below(present, &n.path);
+            }
+        };
+        apply(&mut present, next_event(&mut stream, "snapshot").await);
+        // Pipelined: the child watch on the root fires for the first, before the multi.
+        let delete_old = writer.delete(&old_child, None);
+        let mut again = writer.new_multi_writer();
+        again.add_delete(root.as_str(), None).unwrap();
+        again
+            .add_create(root.as_str(), b"new", &persistent)
+            .unwrap();
+        again.add_create(&new_child, b"new", &persistent).unwrap();
+        let (deleted, made) = futures::join!(delete_old, again.commit());
+        deleted.unwrap();
+        made.unwrap();
+        // The multi made both at one zxid.
+        let last = watcher.get(&p(&new_child)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while present.get(&p(&new_child)) != Some(&last.create_order)
+            || present.get(&root) != Some(&last.create_order)
+            || present.contains_key(&p(&old_child))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: never converged: {present:?}"
+            );
+            if let Ok(Some(item)) =
+                tokio::time::timeout(Duration::from_secs(5), stream.next()).await
+            {
+                apply(&mut present, item.unwrap());
+            }
+        }
+    }
+    watcher.close().await.unwrap();
+}
+
 /// Subtree watches opened while a parent and its child are deleted and created again (in one
 /// transaction, over and over): a first read made level by level can list a parent's new
 /// incarnation after reading its old one, and must then be made again. No stream ever shows a

@@ -420,6 +420,15 @@ async fn follow(
         .await?
         {
             let czxid = children.as_ref().map(|(czxid, _)| *czxid);
+            // The root listed at another incarnation than the one held (deleted and made
+            // again): its children here belong to a root not yet reported, and the held
+            // ones to one not yet reported gone. Only a full read orders that.
+            if scope == WatchScope::Subtree
+                && parent == *root
+                && nodes.get(root).map(|n| n.create_order) != czxid
+            {
+                return Ok(None);
+            }
             listed.insert(parent.clone(), czxid);
             let children: std::collections::BTreeSet<NodePath> = children
                 .map(|(_, children)| children)
