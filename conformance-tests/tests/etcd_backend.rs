@@ -9,7 +9,7 @@ use conformance_tests::support::{
 };
 use futures::StreamExt;
 use registry_core::{
-    Bytes, CreateMode, DeleteScope, Error, Expected, NodePath, RegisterOptions, Registration,
+    Bytes, CreateMode, DeleteScope, Error, Expected, Node, NodePath, RegisterOptions, Registration,
     RegistrationStatus, Registry, ResyncReason, SessionState, WatchEvent, WatchOptions, WatchScope,
     WatchStream, WatchedState,
 };
@@ -183,6 +183,9 @@ async fn keys_written_by_etcdctl_are_first_class() {
     let r = reg
         .delete(&implicit, Expected::Any, DeleteScope::Node)
         .await;
+    assert!(matches!(r, Err(Error::NotEmpty { .. })), "{r:?}");
+    // So does an owner-checked delete of a persistent node (it said no node was there).
+    let r = reg.delete_owned(&Node::empty(implicit.clone(), None)).await;
     assert!(matches!(r, Err(Error::NotEmpty { .. })), "{r:?}");
     let r = reg
         .delete(&implicit, Expected::Version(1), DeleteScope::Recursive)
@@ -792,6 +795,30 @@ async fn next_item(
     tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
         .unwrap_or_else(|_| panic!("nothing within 10 s while waiting for {what}"))
+}
+
+/// A client without credentials on a server with auth on is told so, typed: reads fail with
+/// `AuthFailed` (they were a non-retryable `Backend` error), and a watch yields it and ends
+/// (it retried its first read for good, yielding nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_credentials_are_an_auth_error_and_end_a_watch() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    user_under_auth(&ep, "unused", []).await;
+    // etcd 3.4 grants leases without a user: the connect itself succeeds.
+    let anonymous = connect(&ep).await;
+    let read = anonymous.get(&p("/a")).await;
+    assert!(matches!(read, Err(Error::AuthFailed(_))), "{read:?}");
+    let mut stream = anonymous
+        .watch(&p("/a"), WatchOptions::children())
+        .await
+        .unwrap();
+    match next_item(&mut stream, "the read's error").await {
+        Some(Err(Error::AuthFailed(_))) => {}
+        other => panic!("expected AuthFailed, got {other:?}"),
+    }
+    assert!(next_item(&mut stream, "the end").await.is_none());
+    let _ = anonymous.close().await;
 }
 
 /// With auth on, a watch the user may not make is refused for good: the stream yields the

@@ -242,3 +242,65 @@ mod tests {
         assert_eq!(rest, [(SessionState::Closed, 2000)]);
     }
 }
+
+/// A client's closed flag, and the one run of its close: what a backend's
+/// [`Registry::close`](crate::Registry::close) is made of.
+///
+/// Guarantees: [`close`](CloseGate::close) runs its work once, in a task of its own, so the
+/// work runs to its end even when the caller stops waiting (a timeout); that caller gets the
+/// work's outcome. Every later call waits until the work has ended, then returns `Ok`, so an
+/// `Ok` always comes after the session's end was attempted and reported.
+#[derive(Debug)]
+pub struct CloseGate {
+    closed: std::sync::atomic::AtomicBool,
+    done: watch::Sender<bool>,
+}
+
+impl Default for CloseGate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CloseGate {
+    /// Open.
+    pub fn new() -> Self {
+        CloseGate {
+            closed: std::sync::atomic::AtomicBool::new(false),
+            done: watch::channel(false).0,
+        }
+    }
+
+    /// Whether a close has begun: operations then fail with
+    /// [`Error::Closed`](crate::Error::Closed).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Runs `work()` if no close began before, else waits for that one to end. `work` is
+    /// called only by the first caller.
+    pub async fn close<F, Fut>(&self, work: F) -> crate::Result<()>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = crate::Result<()>> + Send + 'static,
+    {
+        let mut done = self.done.subscribe();
+        if self.closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let _ = done.wait_for(|done| *done).await;
+            return Ok(());
+        }
+        let finished = self.done.clone();
+        let work = work();
+        let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
+            let outcome = work.await;
+            finished.send_replace(true);
+            outcome
+        }));
+        match task.await {
+            Ok(outcome) => outcome,
+            Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => Err(crate::Error::Closed),
+        }
+    }
+}

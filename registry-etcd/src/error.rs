@@ -37,6 +37,11 @@ pub(crate) fn map(error: etcd_client::Error, operation: &str, path: Option<&Node
             Code::Unauthenticated => {
                 Error::AuthFailed(format!("etcd {operation}: {}", status.message()))
             }
+            // A client without credentials on a server with auth on.
+            _ if status.message().contains("user name is empty") => Error::AuthFailed(format!(
+                "etcd {operation}: {} (the server requires a user name and password)",
+                status.message()
+            )),
             // A write under a lease that expired or was revoked: the session is gone, and the
             // session task opens a new one.
             Code::NotFound if status.message().contains("lease not found") => Error::SessionExpired,

@@ -38,7 +38,6 @@ pub mod options;
 mod session;
 pub mod watch;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,9 +49,9 @@ use etcd_client::{
 };
 use futures::stream::BoxStream;
 use registry_core::{
-    check_value, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node, NodePath,
-    RegisterOptions, Registration, RegistrationWatches, Registry, Result, Revision, SessionId,
-    SessionState, SessionStatus, WatchOptions, WatchStream,
+    check_value, Capabilities, Children, CloseGate, CreateMode, DeleteScope, Error, Expected, Node,
+    NodePath, RegisterOptions, Registration, RegistrationWatches, Registry, Result, Revision,
+    SessionId, SessionState, SessionStatus, WatchOptions, WatchStream,
 };
 use tokio::sync::watch as channel;
 
@@ -88,7 +87,7 @@ pub(crate) struct Shared {
     pub(crate) shutdown: channel::Sender<bool>,
     /// Ephemeral creates, coalesced into shared Txns (see `batch`).
     creates: batch::Queue,
-    closed: AtomicBool,
+    closed: CloseGate,
     session_task: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     /// The watch stream all watches share, started with the first watch.
     watch_hub: Mutex<Option<hub::Handle>>,
@@ -124,7 +123,7 @@ impl Shared {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::SeqCst) {
+        if self.closed.is_closed() {
             Err(Error::Closed)
         } else {
             Ok(())
@@ -316,13 +315,19 @@ fn watch_after(after: Revision) -> Result<i64> {
 
 /// The session TTL in whole seconds as etcd's lease grant takes it (`i64`).
 fn lease_ttl_secs(ttl: Duration) -> Result<i64> {
-    i64::try_from(ttl.as_secs()).map_err(|_| {
-        Error::InvalidArgument(format!(
-            "etcd session TTL {ttl:?} is out of etcd's range (at most {} s)",
-            i64::MAX
-        ))
-    })
+    i64::try_from(ttl.as_secs())
+        .ok()
+        .filter(|secs| *secs <= MAX_LEASE_TTL_SECS)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "etcd session TTL {ttl:?} is out of etcd's range (at most {MAX_LEASE_TTL_SECS} s)"
+            ))
+        })
 }
+
+/// The longest lease etcd grants (`MaxLeaseTTL` in its lease package); a longer one is refused
+/// by the server, after a round trip.
+const MAX_LEASE_TTL_SECS: i64 = 9_000_000_000;
 
 /// The exclusive lease bounds `(above, below)` for leases in `first..=last`: etcd compares
 /// only with `>` and `<`, and a bound that would overflow `i64` is not needed (`None`).
@@ -489,7 +494,7 @@ impl EtcdRegistry {
             session,
             shutdown,
             creates,
-            closed: AtomicBool::new(false),
+            closed: CloseGate::new(),
             session_task: Mutex::new(Some(task)),
             watch_hub: Mutex::new(None),
             registration_watches: RegistrationWatches::new(),
@@ -1199,16 +1204,29 @@ impl Registry for EtcdRegistry {
                 .push(Compare::create_revision(below.clone(), CompareOp::Equal, 0).with_prefix());
         }
         // One Txn instead of read-then-delete: the owner is compared, not read first.
+        let mut otherwise = vec![TxnOp::get(
+            key.clone(),
+            Some(GetOptions::new().with_keys_only()),
+        )];
+        if first <= 0 {
+            // A persistent node may be implicit (keys below, none of its own): tell it apart.
+            otherwise.push(TxnOp::get(
+                below.clone(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_limit(1),
+                ),
+            ));
+        }
         let response = self
             .shared
             .request("delete", path, |mut kv| {
                 let txn = Txn::new()
                     .when(compares.clone())
                     .and_then([TxnOp::delete(key.clone(), None)])
-                    .or_else([TxnOp::get(
-                        key.clone(),
-                        Some(GetOptions::new().with_keys_only()),
-                    )]);
+                    .or_else(otherwise.clone());
                 async move { kv.txn(txn).await }
             })
             .await?;
@@ -1216,11 +1234,15 @@ impl Registry for EtcdRegistry {
             tracing::debug!(path = %path, "deleted own node");
             return Ok(true);
         }
-        match gets(&response).first().and_then(|g| g.kvs().first()) {
+        let gets = gets(&response);
+        let below_exists = gets.get(1).is_some_and(|g| !g.kvs().is_empty());
+        match gets.first().and_then(|g| g.kvs().first()) {
             // Ours, so what failed is the check that nothing lives below it.
             Some(kv) if keys::owner_of(kv.lease()) == node.ephemeral_owner => {
                 Err(Error::NotEmpty { path: path.clone() })
             }
+            // An implicit node, persistent as asked, with children: `delete` says the same.
+            None if below_exists => Err(Error::NotEmpty { path: path.clone() }),
             _ => Ok(false),
         }
     }
@@ -1331,54 +1353,57 @@ impl Registry for EtcdRegistry {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) -> Result<()> {
-        if self.shared.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        self.shared.shutdown.send_replace(true);
-        let task = self
-            .shared
-            .session_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
-        let session = &self.shared.session;
-        let leases = session.retire();
-        let revoked = session::revoke_all(
-            &self.shared.client,
-            &leases,
-            self.shared.options.request_timeout,
-        )
-        .await;
-        if revoked == leases.len() {
-            tracing::info!(
-                session = session.id(),
-                "etcd session closed; leases revoked"
-            );
-        } else {
-            tracing::warn!(
-                session = session.id(),
-                leases = leases.len(),
-                revoked,
-                "etcd session closed; leases not revoked expire after their TTL"
-            );
-        }
+        // Run to its end even if this caller stops waiting: a session stopped halfway would
+        // keep its leases and never read `Closed`.
+        let shared = self.shared.clone();
         self.shared
-            .session
-            .tracker
-            .transition(SessionState::Closed, None);
-        if revoked < leases.len() {
-            return Err(Error::unavailable(format!(
-                "etcd close: {} of the session's {} leases could not be revoked; their ephemeral \
-                 nodes go when the leases expire",
-                leases.len() - revoked,
-                leases.len()
-            )));
-        }
-        Ok(())
+            .closed
+            .close(move || async move { close_session(&shared).await })
+            .await
     }
+}
+
+/// `close`'s work: stops the session task, revokes the leases, and reports `Closed`.
+async fn close_session(shared: &Shared) -> Result<()> {
+    shared.shutdown.send_replace(true);
+    let task = shared
+        .session_task
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(task) = task {
+        let _ = task.await;
+    }
+    let session = &shared.session;
+    let leases = session.retire();
+    let revoked =
+        session::revoke_all(&shared.client, &leases, shared.options.request_timeout).await;
+    if revoked == leases.len() {
+        tracing::info!(
+            session = session.id(),
+            "etcd session closed; leases revoked"
+        );
+    } else {
+        tracing::warn!(
+            session = session.id(),
+            leases = leases.len(),
+            revoked,
+            "etcd session closed; leases not revoked expire after their TTL"
+        );
+    }
+    shared
+        .session
+        .tracker
+        .transition(SessionState::Closed, None);
+    if revoked < leases.len() {
+        return Err(Error::unavailable(format!(
+            "etcd close: {} of the session's {} leases could not be revoked; their ephemeral \
+                 nodes go when the leases expire",
+            leases.len() - revoked,
+            leases.len()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1422,6 +1447,11 @@ mod tests {
     fn lease_ttls_and_bounds_never_overflow() {
         assert_eq!(lease_ttl_secs(Duration::from_secs(5)).unwrap(), 5);
         assert!(invalid(lease_ttl_secs(Duration::MAX)).contains("TTL"));
+        assert_eq!(
+            lease_ttl_secs(Duration::from_secs(9_000_000_000)).unwrap(),
+            9_000_000_000
+        );
+        assert!(invalid(lease_ttl_secs(Duration::from_secs(9_000_000_001))).contains("TTL"));
         let huge = EtcdOptions::new(["127.0.0.1:1"]).with_session_ttl(Duration::MAX);
         assert!(lease_ttl_secs(huge.effective_session_ttl()).is_err());
         assert_eq!(lease_bounds(10, 20), (Some(9), Some(21)));

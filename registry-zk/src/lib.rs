@@ -48,9 +48,9 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::Future;
 use registry_core::{
-    check_value, Backoff, Capabilities, Children, CreateMode, DeleteScope, Error, Expected, Node,
-    NodePath, RegisterOptions, Registration, Registry, Result, Revision, SessionId, SessionState,
-    SessionStatus, SessionTracker, WatchOptions, WatchStream,
+    check_value, Backoff, Capabilities, Children, CloseGate, CreateMode, DeleteScope, Error,
+    Expected, Node, NodePath, RegisterOptions, Registration, Registry, Result, Revision, SessionId,
+    SessionState, SessionStatus, SessionTracker, WatchOptions, WatchStream,
 };
 use tokio::sync::watch as channel;
 use tokio::task::JoinHandle;
@@ -67,7 +67,7 @@ pub(crate) struct Shared {
     options: ZkOptions,
     pub(crate) tracker: SessionTracker,
     pub(crate) shutdown: channel::Sender<bool>,
-    closed: AtomicBool,
+    closed: CloseGate,
     session_task: Mutex<Option<JoinHandle<()>>>,
     /// Whether `children` reads values with `multiRead` (see [`ZkOptions::multi_read`]).
     multi_read: AtomicBool,
@@ -86,7 +86,7 @@ impl Shared {
             options,
             tracker,
             shutdown,
-            closed: AtomicBool::new(false),
+            closed: CloseGate::new(),
             session_task: Mutex::new(None),
             multi_read: AtomicBool::new(options_multi_read == Some(true)),
         });
@@ -101,7 +101,7 @@ impl Shared {
     /// Runs `f` on the current client without cloning it (a clone allocates); `Closed` after
     /// close.
     fn with_client<R>(&self, f: impl FnOnce(&zk::Client) -> R) -> Result<R> {
-        if self.closed.load(Ordering::SeqCst) {
+        if self.closed.is_closed() {
             return Err(Error::Closed);
         }
         let client = self.client.read().unwrap_or_else(|p| p.into_inner());
@@ -277,7 +277,7 @@ async fn run_session(
                     .transition(SessionState::Connected, Some(session_id(&client)));
             }
             zk::SessionState::Expired | zk::SessionState::Closed | zk::SessionState::AuthFailed => {
-                if *shutdown.borrow() || owner.closed.load(Ordering::SeqCst) {
+                if *shutdown.borrow() || owner.closed.is_closed() {
                     return;
                 }
                 tracing::warn!(?state, "zookeeper session ended; opening a new one");
@@ -304,7 +304,7 @@ async fn run_session(
                 let Some(owner) = shared.upgrade() else {
                     return;
                 };
-                if owner.closed.load(Ordering::SeqCst) {
+                if owner.closed.is_closed() {
                     return;
                 }
                 *owner.client.write().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
@@ -1076,52 +1076,56 @@ impl Registry for ZkRegistry {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) -> Result<()> {
-        if self.shared.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        self.shared.shutdown.send_replace(true);
-        let task = self
-            .shared
-            .session_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
-        // The session closes (and ZooKeeper deletes its ephemerals) when the last clone of
-        // the client is dropped; watch tasks drop theirs on shutdown. Its state says when the
-        // server has confirmed it.
-        let client = self
-            .shared
-            .client
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let options = &self.shared.options;
-        let ended = match client {
-            None => true,
-            Some(client) => {
-                let session = client.session().clone();
-                let states = client.state_watcher();
-                drop(client);
-                end_session(options, session, states).await
-            }
-        };
-        self.shared.tracker.transition(SessionState::Closed, None);
-        if !ended {
-            tracing::warn!(
-                "zookeeper session end not confirmed; its ephemerals go when it expires"
-            );
-            return Err(Error::unavailable(format!(
-                "zookeeper close: the server did not confirm the session's end within {:?}; \
-                 its ephemeral nodes go when the session expires",
-                options.request_timeout
-            )));
-        }
-        tracing::info!("zookeeper session closed");
-        Ok(())
+        // Run to its end even if this caller stops waiting: a session stopped halfway would
+        // keep its client (and so its ephemeral nodes) and never read `Closed`.
+        let shared = self.shared.clone();
+        self.shared
+            .closed
+            .close(move || async move { close_session(&shared).await })
+            .await
     }
+}
+
+/// `close`'s work: stops the session task, ends the session and reports `Closed`.
+async fn close_session(shared: &Shared) -> Result<()> {
+    shared.shutdown.send_replace(true);
+    let task = shared
+        .session_task
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(task) = task {
+        let _ = task.await;
+    }
+    // The session closes (and ZooKeeper deletes its ephemerals) when the last clone of the
+    // client is dropped; watch tasks drop theirs on shutdown. Its state says when the server
+    // has confirmed it.
+    let client = shared
+        .client
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let options = &shared.options;
+    let ended = match client {
+        None => true,
+        Some(client) => {
+            let session = client.session().clone();
+            let states = client.state_watcher();
+            drop(client);
+            end_session(options, session, states).await
+        }
+    };
+    shared.tracker.transition(SessionState::Closed, None);
+    if !ended {
+        tracing::warn!("zookeeper session end not confirmed; its ephemerals go when it expires");
+        return Err(Error::unavailable(format!(
+            "zookeeper close: the server did not confirm the session's end within {:?}; \
+             its ephemeral nodes go when the session expires",
+            options.request_timeout
+        )));
+    }
+    tracing::info!("zookeeper session closed");
+    Ok(())
 }
 
 #[cfg(test)]

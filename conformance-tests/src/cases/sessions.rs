@@ -148,5 +148,25 @@ pub async fn close_ends_streams(fx: &dyn Fixture) -> Outcome {
     );
     let other = env.client().await;
     wait_gone(fx, &at, &other, &p("/cl/x")).await;
+
+    // A close whose caller stops waiting (a timeout) still runs to its end, and the next
+    // close waits for it: it used to leave the session stopped halfway, reading `Connected`
+    // for good, with its ephemeral nodes kept until the TTL, while a second close said `Ok`.
+    let cancelled = env.client().await;
+    cancelled
+        .create(&p("/cl/y"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    let _ = tokio::time::timeout(Duration::ZERO, cancelled.close()).await;
+    cancelled
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("{at} close after a cancelled close: {e}"));
+    assert_eq!(
+        cancelled.session().state,
+        SessionState::Closed,
+        "{at} state once a close after a cancelled one returned"
+    );
+    wait_gone(fx, &at, &other, &p("/cl/y")).await;
     env.finish().await
 }
