@@ -1410,6 +1410,34 @@ fn assert_nothing_below(present: &Present, deleted: &NodePath) {
     );
 }
 
+/// Applies an item of a subtree watch of `root` to `present`, asserting tree order: a node
+/// other than `root` is created or written only after its parent's creation, and nothing
+/// reported lives on below a node reported deleted.
+fn apply_in_tree_order(present: &mut Present, root: &NodePath, event: WatchEvent) {
+    match event {
+        WatchEvent::Snapshot(s) | WatchEvent::Resync { snapshot: s, .. } => {
+            *present = create_orders(s);
+        }
+        WatchEvent::Created(n) | WatchEvent::Updated(n) => {
+            if n.path != *root {
+                let parent = n.path.parent().unwrap();
+                let parent_created = present.get(&parent).copied();
+                assert!(
+                    parent_created.is_some_and(|c| c <= n.create_order),
+                    "{} (created at {}) reported under {parent} created at {parent_created:?}",
+                    n.path,
+                    n.create_order
+                );
+            }
+            present.insert(n.path, n.create_order);
+        }
+        WatchEvent::Deleted(n) => {
+            present.remove(&n.path);
+            assert_nothing_below(present, &n.path);
+        }
+    }
+}
+
 /// `/t`, its child `/t/x` and grandchild `/t/x/c`, persistent.
 async fn create_parent_and_child(setup: &Arc<ZkRegistry>) {
     for path in ["/t", "/t/x", "/t/x/c"] {
@@ -1450,28 +1478,8 @@ async fn a_subtree_watch_reports_a_recreated_parent_before_its_child() {
         .unwrap();
     // Each node the watch reports, by path, with its create order.
     let mut present = Present::new();
-    let apply = |present: &mut Present, event: WatchEvent| match event {
-        WatchEvent::Snapshot(s) | WatchEvent::Resync { snapshot: s, .. } => {
-            *present = create_orders(s);
-        }
-        WatchEvent::Created(n) | WatchEvent::Updated(n) => {
-            let parent = n.path.parent().unwrap();
-            if parent != p("/t") {
-                let parent_created = present.get(&parent).copied();
-                assert!(
-                    parent_created.is_some_and(|c| c <= n.create_order),
-                    "{} (created at {}) reported under {parent} created at {parent_created:?}",
-                    n.path,
-                    n.create_order
-                );
-            }
-            present.insert(n.path, n.create_order);
-        }
-        WatchEvent::Deleted(n) => {
-            present.remove(&n.path);
-            assert_nothing_below(present, &n.path);
-        }
-    };
+    let root = p("/t");
+    let apply = |present: &mut Present, event| apply_in_tree_order(present, &root, event);
     let first = next_event(&mut stream, "snapshot").await;
     apply(&mut present, first);
     let writer = raw(&cs).await;
@@ -1553,28 +1561,7 @@ async fn a_subtree_watch_whose_root_is_made_again_keeps_the_order() {
         writer.create(&old_child, b"", &persistent).await.unwrap();
         let mut stream = watcher.watch(&root, WatchOptions::subtree()).await.unwrap();
         let mut present = Present::new();
-        let apply = |present: &mut Present, event: WatchEvent| match event {
-            WatchEvent::Snapshot(s) | WatchEvent::Resync { snapshot: s, .. } => {
-                *present = create_orders(s);
-            }
-            WatchEvent::Created(n) | WatchEvent::Updated(n) => {
-                if n.path != root {
-                    let parent = n.path.parent().unwrap();
-                    let parent_created = present.get(&parent).copied();
-                    assert!(
-                        parent_created.is_some_and(|c| c <= n.create_order),
-                        "round {round}: {} (created at {}) reported under {parent} created at {parent_created:?}",
-                        n.path,
-                        n.create_order
-                    );
-                }
-                present.insert(n.path, n.create_order);
-            }
-            WatchEvent::Deleted(n) => {
-                present.remove(&n.path);
-                assert_nothing_below(present, &n.path);
-            }
-        };
+        let apply = |present: &mut Present, event| apply_in_tree_order(present, &root, event);
         apply(&mut present, next_event(&mut stream, "snapshot").await);
         // Pipelined: the child watch on the root fires for the first, before the multi.
         let delete_old = writer.delete(&old_child, None);

@@ -41,7 +41,7 @@ pub use path::{
 pub use persistent::{PersistentItem, PersistentWatch};
 pub use registration::{RegisterOptions, Registration, RegistrationStatus, RegistrationWatches};
 pub use registry::{check_value, Registry, MAX_VALUE_LEN};
-pub use session::{CloseGate, SessionState, SessionStatus, SessionTracker};
+pub use session::{stop_session_task, CloseGate, SessionState, SessionStatus, SessionTracker};
 pub use watch::{
     ResyncReason, Snapshot, WatchEvent, WatchOptions, WatchScope, WatchStream, WatchedState,
 };

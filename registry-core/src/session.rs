@@ -304,3 +304,17 @@ impl CloseGate {
         }
     }
 }
+
+/// Tells a client's background tasks to stop (`shutdown` set) and waits until its session task
+/// has ended (`task`, its join handle or a channel it answers on, resolves); the first step
+/// of a backend's close. A second call finds the task taken and returns at once.
+pub async fn stop_session_task<T: std::future::Future>(
+    shutdown: &watch::Sender<bool>,
+    task: &Mutex<Option<T>>,
+) {
+    shutdown.send_replace(true);
+    let task = task.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(task) = task {
+        let _ = task.await;
+    }
+}

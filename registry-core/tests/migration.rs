@@ -518,12 +518,14 @@ async fn dual_sequential_registration_has_one_name_on_both_sides() {
     assert_eq!(value(&*sb, name.as_str()).await, None);
 }
 
-/// A create whose answer the secondary lost is read back there: it happened, so the call
-/// succeeds on both sides (the primary's node used to be undone, the secondary's left, and a
-/// retried ephemeral create failed for good on it). Unreadable, it fails on both: the
-/// secondary's ephemeral node is removed with the primary's.
-#[tokio::test]
-async fn dual_create_whose_secondary_answer_was_lost_is_read_back() {
+/// A primary, a secondary, the secondary behind a `Faulty` that loses every create's answer
+/// (the create happens), and a DualRegistry over the two.
+async fn losing_secondary_create_replies() -> (
+    Arc<dyn Registry>,
+    Arc<dyn Registry>,
+    Arc<support::Faulty>,
+    DualRegistry,
+) {
     let (pa, sb) = (
         client(&MemoryStore::new()).await,
         client(&MemoryStore::new()).await,
@@ -531,6 +533,16 @@ async fn dual_create_whose_secondary_answer_was_lost_is_read_back() {
     let faulty = support::Faulty::new(sb.clone());
     faulty.lose_create_replies();
     let dual = DualRegistry::new(pa.clone(), faulty.clone(), DualOptions::new());
+    (pa, sb, faulty, dual)
+}
+
+/// A create whose answer the secondary lost is read back there: it happened, so the call
+/// succeeds on both sides (the primary's node used to be undone, the secondary's left, and a
+/// retried ephemeral create failed for good on it). Unreadable, it fails on both: the
+/// secondary's ephemeral node is removed with the primary's.
+#[tokio::test]
+async fn dual_create_whose_secondary_answer_was_lost_is_read_back() {
+    let (pa, sb, faulty, dual) = losing_secondary_create_replies().await;
     for (path, mode) in [
         ("/svc/e", CreateMode::Ephemeral),
         ("/svc/p", CreateMode::Persistent),
@@ -613,13 +625,7 @@ async fn dual_sequential_create_moves_past_a_name_the_secondary_holds() {
 /// it made there (it used to fail and leave that node behind, healed by nothing).
 #[tokio::test]
 async fn dual_sequential_registration_adopts_a_secondary_node_whose_answer_was_lost() {
-    let (pa, sb) = (
-        client(&MemoryStore::new()).await,
-        client(&MemoryStore::new()).await,
-    );
-    let faulty = support::Faulty::new(sb.clone());
-    faulty.lose_create_replies();
-    let dual = DualRegistry::new(pa.clone(), faulty.clone(), DualOptions::new());
+    let (pa, sb, faulty, dual) = losing_secondary_create_replies().await;
     let reg = dual
         .register(
             &p("/svc/i-"),

@@ -1365,15 +1365,7 @@ impl Registry for EtcdRegistry {
 
 /// `close`'s work: stops the session task, revokes the leases, and reports `Closed`.
 async fn close_session(shared: &Shared) -> Result<()> {
-    shared.shutdown.send_replace(true);
-    let task = shared
-        .session_task
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    if let Some(task) = task {
-        let _ = task.await;
-    }
+    registry_core::stop_session_task(&shared.shutdown, &shared.session_task).await;
     let session = &shared.session;
     let leases = session.retire();
     let revoked =

@@ -1088,15 +1088,7 @@ impl Registry for ZkRegistry {
 
 /// `close`'s work: stops the session task, ends the session and reports `Closed`.
 async fn close_session(shared: &Shared) -> Result<()> {
-    shared.shutdown.send_replace(true);
-    let task = shared
-        .session_task
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    if let Some(task) = task {
-        let _ = task.await;
-    }
+    registry_core::stop_session_task(&shared.shutdown, &shared.session_task).await;
     // The session closes (and ZooKeeper deletes its ephemerals) when the last clone of the
     // client is dropped; watch tasks drop theirs on shutdown. Its state says when the server
     // has confirmed it.

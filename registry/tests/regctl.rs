@@ -271,47 +271,31 @@ fn export_and_import_round_trip_binary_values() {
         .unwrap();
         reg
     });
-    std::fs::write(
-        dir.join("held.json"),
-        format!(r#"{{"nodes":[{{"path":"/ok","value":"1"}},{{"path":"{held}","value":"2"}}]}}"#),
-    )
-    .unwrap();
-    let refused = regctl(&[
-        "--url",
-        &to,
-        "import",
-        "--file",
-        dir.join("held.json").to_str().unwrap(),
-    ]);
-    assert_eq!(refused.status.code(), Some(3), "{refused:?}");
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("live session's ephemeral node"),
-        "{refused:?}"
-    );
-    assert_eq!(
-        regctl(&["--url", &to, "get", "/ok"]).status.code(),
-        Some(3),
-        "a refused import wrote"
-    );
+    // Refused before anything is written: `/ok`, first in the document, stays missing.
+    let refused_import = |name: &str, below_held: &str| {
+        let file = dir.join(format!("{name}.json"));
+        std::fs::write(
+            &file,
+            format!(
+                r#"{{"nodes":[{{"path":"/ok","value":"1"}},{{"path":"{held}{below_held}","value":"2"}}]}}"#
+            ),
+        )
+        .unwrap();
+        let refused = regctl(&["--url", &to, "import", "--file", file.to_str().unwrap()]);
+        assert_eq!(refused.status.code(), Some(3), "{name}: {refused:?}");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("live session's ephemeral node"),
+            "{name}: {refused:?}"
+        );
+        assert_eq!(
+            regctl(&["--url", &to, "get", "/ok"]).status.code(),
+            Some(3),
+            "{name}: a refused import wrote"
+        );
+    };
+    refused_import("held", "");
     // So is a path below one: it used to write the nodes before it, then fail there.
-    std::fs::write(
-        dir.join("below.json"),
-        format!(r#"{{"nodes":[{{"path":"/ok","value":"1"}},{{"path":"{held}/x","value":"2"}}]}}"#),
-    )
-    .unwrap();
-    let refused = regctl(&[
-        "--url",
-        &to,
-        "import",
-        "--file",
-        dir.join("below.json").to_str().unwrap(),
-    ]);
-    assert_eq!(refused.status.code(), Some(3), "{refused:?}");
-    assert_eq!(
-        regctl(&["--url", &to, "get", "/ok"]).status.code(),
-        Some(3),
-        "a refused import wrote"
-    );
+    refused_import("below", "/x");
     // Importing the same document again writes nothing: no version moves.
     let again = regctl(&[
         "--url",
