@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 
 use std::time::Duration;
 
+use super::partition::PeerLinks;
 use super::process::{free_ports, wait_until, HarnessResult, ServerProcess};
 
 /// Where Debian installs etcd.
@@ -15,17 +16,40 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
+    // Without "Connection: close" the peer listener keeps the connection open.
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = Vec::new();
+    // Read to the end; the peer listener may reset the connection after a whole response.
+    let read = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let complete = match content_length(head) {
+        Some(length) => body.len() >= length,
+        None => read.is_ok(),
+    };
+    complete.then(|| body.to_owned())
+}
+
+/// The Content-Length a response head declares.
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
 }
 
 struct Member {
     name: String,
     client: SocketAddr,
+    /// Its peer listener (not the address it advertises, when peer links pass proxies).
+    peer: SocketAddr,
     process: ServerProcess,
 }
 
@@ -34,6 +58,7 @@ fn member_args(
     dir: &std::path::Path,
     client: SocketAddr,
     peer: SocketAddr,
+    advertised_peer: SocketAddr,
     cluster: &str,
 ) -> Vec<String> {
     vec![
@@ -48,7 +73,7 @@ fn member_args(
         "--listen-peer-urls".into(),
         format!("http://{peer}"),
         "--initial-advertise-peer-urls".into(),
-        format!("http://{peer}"),
+        format!("http://{advertised_peer}"),
         "--initial-cluster".into(),
         cluster.into(),
         "--initial-cluster-state".into(),
@@ -64,6 +89,15 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
+/// A gauge from `member`'s /metrics.
+fn gauge(member: &Member, name: &str) -> Option<usize> {
+    let body = http_get(member.client, "/metrics")?;
+    let line = body
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? as usize)
+}
+
 impl Member {
     fn healthy(&self) -> bool {
         http_get(self.client, "/health").is_some_and(|b| b.contains("\"health\":\"true\""))
@@ -76,6 +110,8 @@ impl Member {
 /// every process is killed on drop and when the test process exits.
 pub struct EtcdCluster {
     members: Vec<Member>,
+    /// Set when started with [`start_partitionable`](EtcdCluster::start_partitionable).
+    peer_links: Option<PeerLinks>,
     dir: super::process::ServerDir,
 }
 
@@ -88,16 +124,42 @@ impl EtcdCluster {
     /// [`start`](EtcdCluster::start) with `extra` appended to every member's arguments (e.g.
     /// `["--auth-token-ttl", "2"]`); they stay in force across restarts.
     pub fn start_with_args(size: usize, extra: &[&str]) -> HarnessResult<EtcdCluster> {
+        Self::start_members(size, extra, false)
+    }
+
+    /// [`start`](EtcdCluster::start) with every peer link through a proxy, so that
+    /// [`cut_off`](EtcdCluster::cut_off) can partition a member from the others.
+    pub fn start_partitionable(size: usize) -> HarnessResult<EtcdCluster> {
+        Self::start_members(size, &[], true)
+    }
+
+    fn start_members(
+        size: usize,
+        extra: &[&str],
+        partitionable: bool,
+    ) -> HarnessResult<EtcdCluster> {
         super::process::require_binary(std::path::Path::new(ETCD_BINARY), "etcd")?;
         let dir = super::process::ServerDir::new()?;
         let ports: Vec<(SocketAddr, SocketAddr)> = free_ports(size * 2)?
             .chunks_exact(2)
             .map(|p| (loopback(p[0]), loopback(p[1])))
             .collect();
+        let peer_links = if partitionable {
+            let peers: Vec<SocketAddr> = ports.iter().map(|(_, peer)| *peer).collect();
+            Some(PeerLinks::start(&peers)?)
+        } else {
+            None
+        };
+        let advertised = |i: usize, peer: SocketAddr| {
+            peer_links
+                .as_ref()
+                .and_then(|links| links.addr(i))
+                .unwrap_or(peer)
+        };
         let cluster = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("n{i}=http://{peer}"))
+            .map(|(i, (_, peer))| format!("n{i}=http://{}", advertised(i, *peer)))
             .collect::<Vec<_>>()
             .join(",");
         let path = dir.path().to_path_buf();
@@ -107,7 +169,7 @@ impl EtcdCluster {
             let process = ServerProcess::start(
                 format!("etcd {name}"),
                 ETCD_BINARY,
-                member_args(&name, &path, *client, *peer, &cluster)
+                member_args(&name, &path, *client, *peer, advertised(i, *peer), &cluster)
                     .into_iter()
                     .chain(extra.iter().map(|&a| a.to_owned()))
                     .collect(),
@@ -117,10 +179,15 @@ impl EtcdCluster {
             members.push(Member {
                 name,
                 client: *client,
+                peer: *peer,
                 process,
             });
         }
-        let cluster = EtcdCluster { members, dir };
+        let cluster = EtcdCluster {
+            members,
+            peer_links,
+            dir,
+        };
         for i in 0..size {
             cluster.wait_healthy(i)?;
         }
@@ -198,6 +265,53 @@ impl EtcdCluster {
         })
     }
 
+    /// Cuts member `index` off from the others: no peer traffic passes between it and them
+    /// until [`heal`](EtcdCluster::heal), while clients still reach every member. Only for a
+    /// cluster started with [`start_partitionable`](EtcdCluster::start_partitionable).
+    pub fn cut_off(&self, index: usize) -> HarnessResult<()> {
+        let links = self
+            .peer_links
+            .as_ref()
+            .ok_or("cut_off needs a cluster started with start_partitionable")?;
+        let id = self.member_id(index)?;
+        links.cut_off(index, &id);
+        Ok(())
+    }
+
+    /// Ends a [`cut_off`](EtcdCluster::cut_off): peer links pass again.
+    pub fn heal(&self) {
+        if let Some(links) = &self.peer_links {
+            links.heal();
+        }
+    }
+
+    /// Member `index`'s ID in hex, as etcd writes it in peer requests, asked of its own peer
+    /// listener (`GET /members` there lists the members as JSON).
+    pub fn member_id(&self, index: usize) -> HarnessResult<String> {
+        let member = self.member(index)?;
+        let body = http_get(member.peer, "/members")
+            .ok_or_else(|| format!("etcd {} does not list its members", member.name))?;
+        let listed: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| format!("etcd {} member list {body:?}: {e}", member.name))?;
+        listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == member.name.as_str())
+            .and_then(|m| m["id"].as_u64())
+            .map(|id| format!("{id:x}"))
+            .ok_or_else(|| format!("etcd {} is not in its member list {body}", member.name))
+    }
+
+    /// `etcd_debugging_mvcc_watch_stream_total` of member `index` alone: the gRPC watch
+    /// streams clients hold open on it.
+    pub fn watch_streams_on(&self, index: usize) -> Option<usize> {
+        gauge(
+            self.member(index).ok()?,
+            "etcd_debugging_mvcc_watch_stream_total",
+        )
+    }
+
     /// `etcd_debugging_mvcc_watcher_total` summed over running members: the server-side
     /// watchers.
     pub fn watcher_total(&self) -> Option<usize> {
@@ -213,11 +327,7 @@ impl EtcdCluster {
     fn gauge_total(&self, name: &str) -> Option<usize> {
         let mut total = 0usize;
         for m in &self.members {
-            let body = http_get(m.client, "/metrics")?;
-            let line = body
-                .lines()
-                .find(|l| l.split_whitespace().next() == Some(name))?;
-            total += line.split_whitespace().nth(1)?.parse::<f64>().ok()? as usize;
+            total += gauge(m, name)?;
         }
         Some(total)
     }

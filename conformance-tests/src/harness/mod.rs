@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod partition;
 pub mod process;
 pub mod proxy;
 pub mod secure;
