@@ -28,7 +28,6 @@ async fn connect(endpoint: &str) -> Arc<dyn Registry> {
     )
 }
 
-/// Node watches on `{prefix}/0` .. `{prefix}/{n-1}`, each past its first snapshot.
 /// Turns auth on (with a root user) and adds `user` (password `<user>-pw`) holding
 /// `permissions`; the options connect as that user with a 2 s session TTL.
 async fn user_under_auth(
@@ -60,6 +59,7 @@ async fn user_under_auth(
         .with_session_ttl(Duration::from_secs(2))
 }
 
+/// Node watches on `{prefix}/0` .. `{prefix}/{n-1}`, each past its first snapshot.
 async fn watch_nodes(reg: &Arc<dyn Registry>, prefix: &str, n: usize) -> Vec<WatchStream> {
     let mut streams = Vec::new();
     for i in 0..n {
@@ -658,6 +658,101 @@ async fn a_dead_member_does_not_fail_reads_while_others_live() {
             .await
             .unwrap_or_else(|e| panic!("write {i} failed with a member down: {e}"));
     }
+    reg.close().await.unwrap();
+}
+
+/// A member cut off from its cluster still answers its clients, but has no leader: a watch
+/// left on it would see no more changes, and its reads and writes would wait out their
+/// timeout. The watch moves to a member that hears its leader and misses nothing, reads and
+/// writes keep succeeding, and the session's registration stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_from_its_cluster_loses_no_watch_event_and_fails_no_request() {
+    let cluster = EtcdCluster::start_partitionable(3).unwrap_or_else(|e| panic!("{e}"));
+    let options = EtcdOptions::new(cluster.endpoints()).with_session_ttl(Duration::from_secs(3));
+    let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(options).await.unwrap());
+    reg.create(&p("/cut"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let registration = reg
+        .register(
+            &p("/cut/live"),
+            Bytes::from("r"),
+            RegisterOptions::default(),
+        )
+        .await
+        .unwrap();
+    let mut watch = reg
+        .watch(&p("/cut"), WatchOptions::subtree())
+        .await
+        .unwrap();
+    let mut state = WatchedState::new();
+    apply_until(
+        &mut watch,
+        &mut state,
+        Duration::from_secs(10),
+        "snapshot",
+        |s| s.get(&p("/cut/live")).is_some(),
+    )
+    .await;
+    // The member whose watch streams the client's watches share.
+    let mut holder = None;
+    let found = conformance_tests::harness::wait_until(Duration::from_secs(10), || {
+        holder = (0..3).find(|&i| cluster.watch_streams_on(i).is_some_and(|n| n > 0));
+        holder.is_some()
+    });
+    assert!(found, "no member holds the watch stream");
+    let holder = holder.unwrap_or_default();
+    cluster.cut_off(holder).unwrap();
+    let majority: Vec<String> = (0..3)
+        .filter(|&i| i != holder)
+        .map(|i| cluster.client_addr(i).unwrap().to_string())
+        .collect();
+    let writer = EtcdRegistry::connect(EtcdOptions::new(majority))
+        .await
+        .unwrap();
+    let cut_at = Instant::now();
+    // Written by another client: only a watch on the majority's side sees it.
+    writer
+        .create(&p("/cut/after"), Bytes::from("w"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    apply_until(
+        &mut watch,
+        &mut state,
+        Duration::from_secs(15),
+        "the write made on the majority's side",
+        |s| s.get(&p("/cut/after")).is_some(),
+    )
+    .await;
+    eprintln!(
+        "the watch saw the write {:?} after the cut",
+        cut_at.elapsed()
+    );
+    for i in 0..20 {
+        let value = Bytes::from(format!("v{i}"));
+        reg.set(&p("/cut/after"), value.clone(), Expected::Any)
+            .await
+            .unwrap_or_else(|e| panic!("write {i} failed during the partition: {e}"));
+        let node = reg
+            .get(&p("/cut/after"))
+            .await
+            .unwrap_or_else(|e| panic!("read {i} failed during the partition: {e}"));
+        assert_eq!(node.value, value);
+    }
+    // Two TTLs into the partition: the session kept its lease or made a new one.
+    let two_ttls = Duration::from_secs(6).saturating_sub(cut_at.elapsed());
+    tokio::time::sleep(two_ttls).await;
+    let held = conformance_tests::harness::wait_until(Duration::from_secs(10), || {
+        etcdctl(
+            &cluster.client_addr((holder + 1) % 3).unwrap().to_string(),
+            &["get", "--prefix", "/", "--keys-only"],
+        )
+        .contains("/cut/live")
+    });
+    assert!(held, "the registration is gone from the majority's side");
+    cluster.heal();
+    drop(registration);
+    writer.close().await.unwrap();
     reg.close().await.unwrap();
 }
 

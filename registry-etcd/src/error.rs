@@ -126,6 +126,14 @@ pub(crate) fn not_sent(error: &etcd_client::Error) -> bool {
     }
 }
 
+/// Whether a member refused a request for having no leader. It refuses before doing
+/// anything (etcd checks require-leader ahead of the request), and a proposal a leaderless
+/// member drops is reported otherwise, so the request did not happen.
+pub(crate) fn no_leader(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.code() == Code::Unavailable && status.message() == "etcdserver: no leader")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +189,23 @@ mod tests {
         ));
         assert!(!token_refusal("mvcc: required revision has been compacted"));
         assert!(watch_refused("mvcc: required revision has been compacted", &path).is_none());
+    }
+
+    #[test]
+    fn only_a_refusal_for_want_of_a_leader_reads_as_no_leader() {
+        assert!(no_leader(&status(
+            Code::Unavailable,
+            "etcdserver: no leader"
+        )));
+        // A timed-out proposal may still be applied: not a refusal.
+        assert!(!no_leader(&status(
+            Code::Unavailable,
+            "etcdserver: request timed out"
+        )));
+        assert!(!no_leader(&status(
+            Code::Unavailable,
+            "etcdserver: leader changed"
+        )));
+        assert!(!no_leader(&status(Code::Unknown, "etcdserver: no leader")));
     }
 }

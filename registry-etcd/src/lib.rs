@@ -133,7 +133,10 @@ impl Shared {
     /// Runs one KV request with the request deadline. `send` builds and sends it anew for
     /// each attempt (a sent request is consumed). One that could not even be sent (the
     /// connection to the chosen member failed) is tried again, since it cannot have happened;
-    /// the balanced channel then picks another member.
+    /// the balanced channel then picks another member. One a member refused for having no
+    /// leader (cut off, or an election under way) cannot have happened either: it is tried
+    /// again until the deadline, as etcd itself would wait for a leader without
+    /// require-leader.
     pub(crate) async fn request<T, F, Fut>(
         &self,
         operation: &str,
@@ -146,14 +149,38 @@ impl Shared {
     {
         self.check_open()?;
         let timeout = self.options.request_timeout;
+        // None: a timeout too large for an Instant, which means no deadline.
+        let deadline = hub::deadline_after(tokio::time::Instant::now(), timeout);
         let mut attempt = 0u32;
         loop {
-            match tokio::time::timeout(timeout, send(self.kv.clone())).await {
+            let sent = send(self.kv.clone());
+            let outcome = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, sent).await,
+                None => Ok(sent.await),
+            };
+            match outcome {
                 Ok(Ok(response)) => return Ok(response),
                 Ok(Err(e)) if attempt < 5 && error::not_sent(&e) => {
                     attempt += 1;
                     tracing::debug!(%e, attempt, "etcd request not sent; trying another member");
                     tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                }
+                Ok(Err(e)) if error::no_leader(&e) => {
+                    attempt = attempt.saturating_add(1);
+                    // That member may stay cut off: the next requests avoid it.
+                    if let Some(members) = &self.members {
+                        members.suspect();
+                    }
+                    tracing::debug!(%e, attempt, "etcd member has no leader; trying again");
+                    let pause = Duration::from_millis(20 * u64::from(attempt.min(10)));
+                    let too_late = deadline.is_some_and(|deadline| {
+                        hub::deadline_after(tokio::time::Instant::now(), pause)
+                            .is_none_or(|resumed| resumed >= deadline)
+                    });
+                    if too_late {
+                        return Err(map(e, operation, Some(path)));
+                    }
+                    tokio::time::sleep(pause).await;
                 }
                 Ok(Err(e)) => return Err(map(e, operation, Some(path))),
                 Err(_) => {
@@ -397,7 +424,12 @@ impl EtcdRegistry {
             .with_connect_timeout(options.connect_timeout)
             // etcd refuses pings more often than its --grpc-keepalive-min-time (5 s default).
             .with_keep_alive(HTTP2_PING_INTERVAL, options.request_timeout)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // A member cut off from its cluster still answers, from a store that no longer
+            // changes: with this, it refuses requests and new streams ("no leader") and ends
+            // open ones after a few election timeouts, so watches, keep-alives and requests
+            // move to a member that hears its leader.
+            .with_require_leader(true);
         if let Some((user, password)) = &options.credentials {
             // etcd's login token expires when unused for --auth-token-ttl (simple tokens,
             // 300 s by default) and is forgotten when etcd restarts: a request refused for its
