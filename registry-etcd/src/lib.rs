@@ -25,6 +25,10 @@
 //!   single node) that nothing lives below; its else branch reads what names the error.
 //!   Only an implicit parent (no key of its own) is read first.
 //! - Watches: see [`watch`].
+//! - Every request and stream requires a leader: a member cut off from its cluster refuses
+//!   them ("no leader") and ends the streams it holds, so watches and keep-alives move to a
+//!   member that hears its leader instead of going silent. A refused request did not happen
+//!   and is tried again within its deadline.
 //! - With credentials, a login token etcd refuses (expired or forgotten by a restart) is
 //!   renewed and the refused request retried; see [`EtcdOptions::credentials`].
 #![warn(missing_docs)]
