@@ -130,7 +130,8 @@ pub enum Expected {
     Any,
     /// Write only if the node's version is this; otherwise
     /// [`Error::VersionMismatch`](crate::Error::VersionMismatch). A version the backend
-    /// cannot ask for (ZooKeeper: `u32::MAX` and above) is not an input error: it never matches.
+    /// cannot ask for (ZooKeeper: `u32::MAX` and above, etcd: `i64::MAX` and above) is not
+    /// an input error: it never matches.
     Version(u64),
 }
 

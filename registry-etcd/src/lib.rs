@@ -315,18 +315,10 @@ fn revision_of(response: &TxnResponse) -> i64 {
     response.header().map_or(0, |h| h.revision())
 }
 
-/// The etcd version (which counts from 1) of a key whose node has `version`; a typed error
-/// naming the value when it is beyond etcd's `i64` range.
-fn etcd_version(version: u64) -> Result<i64> {
-    i64::try_from(version)
-        .ok()
-        .and_then(|v| v.checked_add(1))
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "expected version {version} is out of etcd's range (at most {})",
-                i64::MAX - 1
-            ))
-        })
+/// The etcd version (which counts from 1) of a key whose node has `version`; `None` beyond
+/// etcd's `i64` range, where no key can have it, so the expectation is never met.
+fn etcd_version(version: u64) -> Option<i64> {
+    i64::try_from(version).ok().and_then(|v| v.checked_add(1))
 }
 
 /// The etcd revision a watch started after `after` begins at `after + 1`; so `after` must
@@ -546,6 +538,20 @@ impl EtcdRegistry {
     }
 
     /// Reads a node: its key, or an implicit node if only keys below it exist.
+    /// What a compare with an `expected` version no key can have (see [`etcd_version`])
+    /// would report: a mismatch with the node there, or `NotFound`, as on every backend.
+    async fn never_met(&self, path: &NodePath, expected: u64) -> Error {
+        match self.read_node(path).await {
+            Ok((Some(node), _)) => Error::VersionMismatch {
+                path: path.clone(),
+                expected,
+                actual: node.version,
+            },
+            Ok((None, _)) => Error::NotFound { path: path.clone() },
+            Err(e) => e,
+        }
+    }
+
     async fn read_node(&self, path: &NodePath) -> Result<(Option<Node>, i64)> {
         if path.is_root() {
             return Ok((Some(implicit(NodePath::root())), 0));
@@ -1040,10 +1046,12 @@ impl Registry for EtcdRegistry {
         if path.is_root() {
             return Err(Error::root("write"));
         }
-        // Checked before any I/O.
         let expected = match expected {
             Expected::Any => None,
-            Expected::Version(v) => Some((v, etcd_version(v)?)),
+            Expected::Version(v) => match etcd_version(v) {
+                Some(etcd_expected) => Some((v, etcd_expected)),
+                None => return Err(self.never_met(path, v).await),
+            },
         };
         let key = self.shared.keys.node(path);
         // ignore_lease keeps an ephemeral node's lease, and makes etcd refuse to write a
@@ -1149,9 +1157,11 @@ impl Registry for EtcdRegistry {
         if path.is_root() {
             return Err(Error::root("delete"));
         }
-        // Checked before any I/O.
         let version = match expected {
-            Expected::Version(v) => Some(etcd_version(v)?),
+            Expected::Version(v) => match etcd_version(v) {
+                Some(etcd_expected) => Some(etcd_expected),
+                None => return Err(self.never_met(path, v).await),
+            },
             Expected::Any => None,
         };
         if self.delete_at_once(path, expected, version, scope).await? {
@@ -1447,12 +1457,12 @@ mod tests {
 
     #[test]
     fn expected_versions_convert_without_overflow() {
-        assert_eq!(etcd_version(0).unwrap(), 1);
-        assert_eq!(etcd_version(41).unwrap(), 42);
-        assert_eq!(etcd_version(i64::MAX as u64 - 1).unwrap(), i64::MAX);
+        assert_eq!(etcd_version(0), Some(1));
+        assert_eq!(etcd_version(41), Some(42));
+        assert_eq!(etcd_version(i64::MAX as u64 - 1), Some(i64::MAX));
         // The old `v as i64 + 1` overflowed (debug panic) or wrapped to a bogus compare.
         for v in [i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
-            assert!(invalid(etcd_version(v)).contains(&v.to_string()), "{v}");
+            assert_eq!(etcd_version(v), None, "{v}");
         }
     }
 
