@@ -92,6 +92,8 @@ macro_rules! conformance_suite {
             ephemeral_gone_after_close,
             session_expiry_removes_ephemerals_and_reestablishes,
             close_ends_streams,
+            session_status_of_a_new_client,
+            every_call_after_close_is_closed,
             watch_node_scope,
             watch_children_scope,
             watch_subtree_scope,

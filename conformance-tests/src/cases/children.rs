@@ -157,6 +157,7 @@ pub async fn sequential_never_overwrites(fx: &dyn Fixture) -> Outcome {
             .unwrap_or_else(|e| panic!("{at} create {name}: {e}"));
         taken.push(name);
     }
+    let skips_taken = client.capabilities().sequential_skips_taken;
     let mut last = start;
     for _ in 0..4 {
         match client
@@ -179,6 +180,10 @@ pub async fn sequential_never_overwrites(fx: &dyn Fixture) -> Outcome {
                 last = seq;
             }
             Err(Error::AlreadyExists { path }) => {
+                assert!(
+                    !skips_taken,
+                    "{at} AlreadyExists ({path}) from a backend that declares it moves past taken names"
+                );
                 assert!(
                     taken.contains(&path),
                     "{at} AlreadyExists names {path}, not a taken name"

@@ -163,33 +163,30 @@ pub async fn errors_are_typed(fx: &dyn Fixture) -> Outcome {
         matches!(r, Err(Error::AlreadyExists { ref path }) if *path == a),
         "{at} create twice: {r:?}"
     );
+    // Every error names the node it concerns.
     let missing = p("/e/missing");
-    assert!(
-        matches!(c.get(&missing).await, Err(Error::NotFound { .. })),
-        "{at} get missing"
-    );
+    let not_found = |r: Result<(), Error>, call: &str| {
+        assert!(
+            matches!(&r, Err(Error::NotFound { path }) if *path == missing),
+            "{at} {call} missing: {r:?}"
+        );
+    };
+    not_found(c.get(&missing).await.map(drop), "get");
     assert!(
         !c.exists(&missing).await.unwrap_or(true),
         "{at} exists missing"
     );
-    assert!(
-        matches!(
-            c.set(&missing, Bytes::new(), Expected::Any).await,
-            Err(Error::NotFound { .. })
-        ),
-        "{at} set missing"
+    not_found(
+        c.set(&missing, Bytes::new(), Expected::Any).await.map(drop),
+        "set",
     );
-    assert!(
-        matches!(
-            c.delete(&missing, Expected::Any, DeleteScope::Node).await,
-            Err(Error::NotFound { .. })
-        ),
-        "{at} delete missing"
-    );
-    assert!(
-        matches!(c.children(&missing).await, Err(Error::NotFound { .. })),
-        "{at} children missing"
-    );
+    for scope in [DeleteScope::Node, DeleteScope::Recursive] {
+        not_found(
+            c.delete(&missing, Expected::Any, scope).await,
+            &format!("delete ({scope:?})"),
+        );
+    }
+    not_found(c.children(&missing).await.map(drop), "children");
     let r = c.set(&a, Bytes::from("y"), Expected::Version(7)).await;
     assert!(
         matches!(
@@ -202,23 +199,49 @@ pub async fn errors_are_typed(fx: &dyn Fixture) -> Outcome {
         ),
         "{at} CAS with wrong version: {r:?}"
     );
-    assert_eq!(
-        c.get(&a).await.map(|n| n.value).ok(),
-        Some(Bytes::from("x")),
-        "{at} failed CAS wrote"
-    );
-    let r = c.delete(&a, Expected::Version(3), DeleteScope::Node).await;
+    // A version no backend can hold is a mismatch like any other, not a wrap-around.
+    let r = c
+        .set(&a, Bytes::from("y"), Expected::Version(u64::MAX))
+        .await;
     assert!(
-        matches!(r, Err(Error::VersionMismatch { .. })),
-        "{at} delete with wrong version: {r:?}"
+        matches!(
+            &r,
+            Err(Error::VersionMismatch { path, expected: u64::MAX, actual: 0 }) if *path == a
+        ),
+        "{at} CAS with the largest version: {r:?}"
+    );
+    let unchanged = c.get(&a).await.unwrap_or_else(|e| panic!("{at} get: {e}"));
+    assert_eq!(
+        (unchanged.value.clone(), unchanged.version),
+        (Bytes::from("x"), 0),
+        "{at} a failed CAS wrote"
     );
     c.create(&p("/e/a/child"), Bytes::new(), CreateMode::Persistent)
         .await
         .unwrap_or_else(|e| panic!("{at} create child: {e}"));
+    for scope in [DeleteScope::Node, DeleteScope::Recursive] {
+        let r = c.delete(&a, Expected::Version(3), scope).await;
+        assert!(
+            matches!(
+                &r,
+                Err(Error::VersionMismatch { path, expected: 3, actual: 0 }) if *path == a
+            ),
+            "{at} delete ({scope:?}) with wrong version: {r:?}"
+        );
+        assert!(
+            c.exists(&p("/e/a/child")).await.unwrap_or(false),
+            "{at} a failed delete ({scope:?}) removed a child"
+        );
+    }
     let r = c.delete(&a, Expected::Any, DeleteScope::Node).await;
     assert!(
-        matches!(r, Err(Error::NotEmpty { .. })),
+        matches!(&r, Err(Error::NotEmpty { path }) if *path == a),
         "{at} delete non-empty: {r:?}"
+    );
+    assert_eq!(
+        c.get(&a).await.ok(),
+        Some(unchanged),
+        "{at} a failed delete changed its node"
     );
     assert!(
         c.exists(&p("/e/a/child")).await.unwrap_or(false),
@@ -231,6 +254,7 @@ pub async fn errors_are_typed(fx: &dyn Fixture) -> Outcome {
     for mode in [
         CreateMode::Persistent,
         CreateMode::Ephemeral,
+        CreateMode::PersistentSequential,
         CreateMode::EphemeralSequential,
     ] {
         let r = c.create(&p("/e/eph/kid"), Bytes::new(), mode).await;
@@ -250,9 +274,14 @@ pub async fn errors_are_typed(fx: &dyn Fixture) -> Outcome {
         matches!(r, Err(Error::EphemeralParent { .. })),
         "{at} grandchild of ephemeral: {r:?}"
     );
+    let kids = c
+        .children(&eph)
+        .await
+        .unwrap_or_else(|e| panic!("{at} children of the ephemeral: {e}"));
     assert!(
-        !c.exists(&p("/e/eph/kid")).await.unwrap_or(true),
-        "{at} a child of an ephemeral was created"
+        kids.nodes.is_empty(),
+        "{at} children of an ephemeral were created: {:?}",
+        kids.nodes
     );
     // The root always exists and is no one's: every backend refuses to create, write,
     // delete or register it with the same typed error.
@@ -305,6 +334,35 @@ pub async fn versions_count_writes(fx: &dyn Fixture) -> Outcome {
         .await
         .unwrap_or_else(|e| panic!("{at} create: {e}"));
     assert_eq!(created.version, 0, "{at} version at create");
+    // Whatever the mode, create returns the node exactly as a read then returns it, owned by
+    // the session for ephemeral modes and by no one otherwise.
+    let session = crate::support::session_of(&c);
+    for (mode, name) in [
+        (CreateMode::Persistent, "/ver/modes/p"),
+        (CreateMode::Ephemeral, "/ver/modes/e"),
+        (CreateMode::PersistentSequential, "/ver/modes/ps-"),
+        (CreateMode::EphemeralSequential, "/ver/modes/es-"),
+    ] {
+        let made = c
+            .create(&p(name), Bytes::from("m"), mode)
+            .await
+            .unwrap_or_else(|e| panic!("{at} create {mode:?}: {e}"));
+        assert_eq!(
+            (made.version, made.ephemeral_owner),
+            (0, mode.is_ephemeral().then_some(session)),
+            "{at} node created {mode:?}"
+        );
+        assert_eq!(
+            c.get(&made.path).await.ok(),
+            Some(made.clone()),
+            "{at} a read differs from the node create ({mode:?}) returned"
+        );
+    }
+    assert_eq!(
+        c.get(&path).await.ok(),
+        Some(created.clone()),
+        "{at} a read differs from the node create returned"
+    );
     for i in 1..=3u64 {
         let n = c
             .set(&path, Bytes::from(i.to_string()), Expected::Version(i - 1))

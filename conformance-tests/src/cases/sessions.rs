@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use registry_core::{Bytes, CreateMode, Error, SessionState, WatchOptions};
+use registry_core::{
+    Bytes, CreateMode, DeleteScope, Error, Expected, RegisterOptions, SessionState, WatchOptions,
+};
 
 use crate::fixture::{Fault, Fixture};
 use crate::support::{p, session_of, wait_gone, CaseEnv, Outcome};
@@ -168,5 +170,113 @@ pub async fn close_ends_streams(fx: &dyn Fixture) -> Outcome {
         "{at} state once a close after a cancelled one returned"
     );
     wait_gone(fx, &at, &other, &p("/cl/y")).await;
+    env.finish().await
+}
+
+/// A client that has connected holds its first session: `Connected`, epoch 1, a session id
+/// of its own, which owns its ephemeral nodes; its session stream starts with that status.
+pub async fn session_status_of_a_new_client(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "session_status_of_a_new_client");
+    let c = env.client().await;
+    let other = env.client().await;
+    let at = env.at();
+    let status = c.session();
+    assert_eq!(
+        (status.state, status.epoch),
+        (SessionState::Connected, 1),
+        "{at} status of a new client: {status:?}"
+    );
+    let id = session_of(&c);
+    assert_ne!(id, session_of(&other), "{at} two clients share a session");
+    let mut events = c.session_events();
+    let first = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .unwrap_or_else(|_| panic!("{at} the session stream did not start"));
+    assert_eq!(first, Some(status), "{at} first item of the session stream");
+    let node = c
+        .create(&p("/st/eph"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    assert_eq!(node.ephemeral_owner, Some(id), "{at} owner of a new node");
+    assert_eq!(c.session(), status, "{at} a create changed the session");
+    env.finish().await
+}
+
+/// After `close`, every call fails with `Closed`, whatever it is, and the session reads and
+/// streams `Closed` alone.
+pub async fn every_call_after_close_is_closed(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "every_call_after_close_is_closed");
+    let c = env.client().await;
+    let at = env.at();
+    let path = p("/ac/n");
+    let node = c
+        .create(&path, Bytes::from("v"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create: {e}"));
+    c.close()
+        .await
+        .unwrap_or_else(|e| panic!("{at} close: {e}"));
+    let closed = |r: Result<(), Error>, call: &str| {
+        assert!(
+            matches!(r, Err(Error::Closed)),
+            "{at} {call} after close: {r:?}"
+        );
+    };
+    closed(
+        c.create(&p("/ac/m"), Bytes::new(), CreateMode::Persistent)
+            .await
+            .map(drop),
+        "create",
+    );
+    closed(c.get(&path).await.map(drop), "get");
+    closed(c.exists(&path).await.map(drop), "exists");
+    closed(
+        c.set(&path, Bytes::from("w"), Expected::Any)
+            .await
+            .map(drop),
+        "set",
+    );
+    closed(
+        c.set_owned(&node, Bytes::from("w")).await.map(drop),
+        "set_owned",
+    );
+    closed(
+        c.delete(&path, Expected::Any, DeleteScope::Node).await,
+        "delete",
+    );
+    closed(c.delete_owned(&node).await.map(drop), "delete_owned");
+    closed(c.children(&p("/ac")).await.map(drop), "children");
+    closed(
+        c.watch(&path, WatchOptions::node()).await.map(drop),
+        "watch",
+    );
+    closed(
+        c.register(&p("/ac/r"), Bytes::new(), RegisterOptions::default())
+            .await
+            .map(drop),
+        "register",
+    );
+    assert_eq!(c.session().state, SessionState::Closed, "{at} state");
+    let states: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.session_events().map(|s| s.state).collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{at} the session stream of a closed client did not end"));
+    assert_eq!(states, [SessionState::Closed], "{at} session stream");
+    c.close()
+        .await
+        .unwrap_or_else(|e| panic!("{at} close again: {e}"));
+    // Nothing was written after close.
+    let reader = env.client().await;
+    let now = reader
+        .get(&path)
+        .await
+        .unwrap_or_else(|e| panic!("{at} read: {e}"));
+    assert_eq!(now, node, "{at} the node changed after close");
+    assert!(
+        !reader.exists(&p("/ac/m")).await.unwrap_or(true),
+        "{at} a create after close happened"
+    );
     env.finish().await
 }
