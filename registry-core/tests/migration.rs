@@ -12,7 +12,7 @@ use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
 use registry_core::migrate::{self, CopyOptions, DifferenceKind, Mirror, MirrorChange};
 use registry_core::{
     Bytes, CreateMode, DeleteScope, DualOptions, DualRegistry, Error, Expected, NodePath,
-    RegisterOptions, Registry, WatchEvent, WatchOptions,
+    RegisterOptions, Registry, ResyncReason, WatchEvent, WatchOptions,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -754,6 +754,43 @@ async fn dual_registration_failing_on_the_secondary_leaves_nothing_on_the_primar
         .await;
     assert!(reg.is_err(), "registered with a closed secondary");
     assert!(!pa.exists(&path).await.unwrap());
+}
+
+/// The merged view has no history: a watch asked to start after a revision says so with a
+/// `Resync` of the whole merged view, as the contract asks of a backend that cannot replay
+/// (it used to refuse the watch with `NotSupported` while declaring it could not replay).
+#[tokio::test]
+async fn a_merged_watch_from_a_revision_starts_with_a_resync() {
+    let (pa, sb, dual) = merged().await;
+    pa.create(&p("/svc/a"), Bytes::from("pa"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    sb.create(&p("/svc/b"), Bytes::from("sb"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    assert!(!dual.capabilities().watch_from_revision);
+    let listing = dual.children(&p("/svc")).await.unwrap();
+    let mut watch = dual
+        .watch(&p("/svc"), WatchOptions::children().after(listing.revision))
+        .await
+        .unwrap();
+    match next_event(&mut watch).await {
+        WatchEvent::Resync {
+            snapshot,
+            reason: ResyncReason::StartNotReplayable,
+        } => {
+            let names: Vec<&str> = snapshot.nodes.iter().map(|n| n.path.name()).collect();
+            assert_eq!(names, ["a", "b"]);
+        }
+        other => panic!("expected a resync of the merged view, got {other:?}"),
+    }
+    // Then changes as usual, of either side.
+    sb.create(&p("/svc/c"), Bytes::from("sc"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    assert!(
+        matches!(next_event(&mut watch).await, WatchEvent::Created(n) if n.path == p("/svc/c"))
+    );
 }
 
 #[tokio::test]
