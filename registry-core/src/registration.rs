@@ -613,9 +613,11 @@ async fn ensure_plain(shared: &Shared) -> Result<Node> {
             Err(error) => return Err(error),
         }
     }
-    Err(Error::unavailable(format!(
-        "{path} kept being re-created by another session"
-    )))
+    // Every node we removed came back: its session is alive, re-creating it (a live
+    // registration elsewhere). Like one created after ours, it keeps the path: removing it
+    // again would only go on with the fight.
+    tracing::info!(path = %path, "the node keeps being re-created by a live session; leaving it");
+    Err(Error::AlreadyExists { path: path.clone() })
 }
 
 /// Sequential nodes under the parent with our prefix, created by session `owner` (none for

@@ -197,8 +197,10 @@ pub trait Registry: Send + Sync + 'static {
     /// node of another (older) session sits at its path. See [`Registration`] for updates,
     /// status and removal. With [`RegisterOptions::sequential`] the last segment is a name
     /// prefix (Dapeng's `ip:port:version:`) and every re-creation gets a new counter.
-    /// Errors: input errors, [`EphemeralParent`](crate::Error::EphemeralParent), and the first
-    /// attempt's failure (nothing is left behind then). A future dropped before it returns
+    /// Errors: input errors, [`EphemeralParent`](crate::Error::EphemeralParent),
+    /// [`AlreadyExists`](crate::Error::AlreadyExists) when a persistent node holds the path
+    /// or a live registration of another session re-creates its node as fast as this one
+    /// removes it, and the first attempt's failure (nothing is left behind then). A future dropped before it returns
     /// may leave its node created with nothing healing it: the node goes with the session,
     /// and a later `register` of the same path in this session adopts it. A registration
     /// that adopts a node of another live registration of this process (the same path
