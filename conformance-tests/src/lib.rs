@@ -113,6 +113,7 @@ macro_rules! conformance_suite {
             registration_recreated_when_deleted_at_once,
             registration_replaces_stale_node,
             registration_set_value_survives_recreation,
+            registrations_of_one_path_take_turns,
             lock_mutual_exclusion,
             lock_no_herd,
             lock_cancelled_leaves_no_node,

@@ -3,13 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use registry_core::{
     Bytes, CreateMode, DeleteScope, Error, Expected, Node, NodePath, RegisterOptions, Registration,
-    RegistrationStatus, Registry,
+    RegistrationStatus, Registry, WatchOptions,
 };
 
 use crate::fixture::{Fault, Fixture};
-use crate::support::{eventually, p, session_of, wait_gone, CaseEnv, Outcome};
+use crate::support::{eventually, next_event, p, session_of, wait_gone, CaseEnv, Outcome};
 
 /// Waits until `path` exists, owned by `owner`'s current session, with `value`.
 async fn owned_by(
@@ -464,5 +465,121 @@ pub async fn registration_set_value_survives_recreation(fx: &dyn Fixture) -> Out
             .unwrap_or(false),
         "{at} orphan after deregister"
     );
+    env.finish().await
+}
+
+/// Two live registrations of one path never fight over it. In one process the second adopts
+/// the first's node, and removing the first leaves it in place. Across two clients the
+/// newer one replaces the node and the older reports `Recreating`, leaves it alone, and takes
+/// it back once the newer one is removed; or, if the older one re-creates its node as fast
+/// as it goes, the newer one fails with `AlreadyExists` and the older keeps it.
+pub async fn registrations_of_one_path_take_turns(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "registrations_of_one_path_take_turns");
+    let first = env.client().await;
+    let second = env.client().await;
+    let reader = env.client().await;
+    let at = env.at();
+    // Nothing may happen at `path` for a while: a watch that stays silent.
+    let quiet = |path: NodePath, what: &'static str| {
+        let (reader, at) = (reader.clone(), at.clone());
+        async move {
+            let mut watch = reader
+                .watch(&path, WatchOptions::node())
+                .await
+                .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+            let _ = next_event(&mut watch, "snapshot").await;
+            let event = tokio::time::timeout(Duration::from_secs(2), watch.next()).await;
+            assert!(event.is_err(), "{at} {what}: {path} changed: {event:?}");
+        }
+    };
+
+    let path = p("/turns/10.0.0.7:9090");
+    let reg1 = first
+        .register(&path, Bytes::from("1"), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("{at} register: {e}"));
+    let node = reader
+        .get(&path)
+        .await
+        .unwrap_or_else(|e| panic!("{at} get: {e}"));
+    let reg2 = first
+        .register(&path, Bytes::from("1"), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("{at} register the same path again: {e}"));
+    let adopted = reader
+        .get(&path)
+        .await
+        .unwrap_or_else(|e| panic!("{at} get: {e}"));
+    assert_eq!(
+        (adopted.create_order, adopted.ephemeral_owner),
+        (node.create_order, node.ephemeral_owner),
+        "{at} the second registration replaced the node instead of adopting it"
+    );
+    reg1.deregister()
+        .await
+        .unwrap_or_else(|e| panic!("{at} deregister the first: {e}"));
+    let kept = reader
+        .get(&path)
+        .await
+        .unwrap_or_else(|e| panic!("{at} the adopted node went with the first handle: {e}"));
+    assert_eq!(kept.create_order, node.create_order, "{at} node replaced");
+    quiet(path.clone(), "after the first handle's removal").await;
+    assert!(
+        matches!(reg2.status(), RegistrationStatus::Registered(_)),
+        "{at} the adopting registration: {:?}",
+        reg2.status()
+    );
+    reg2.deregister()
+        .await
+        .unwrap_or_else(|e| panic!("{at} deregister the second: {e}"));
+    assert!(
+        !reader.exists(&path).await.unwrap_or(true),
+        "{at} the node outlived its last registration"
+    );
+
+    let path = p("/turns/10.0.0.8:9090");
+    let older = first
+        .register(&path, Bytes::from("older"), RegisterOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("{at} register: {e}"));
+    // The newer one replaces the node, unless the older one re-creates it faster than it is
+    // removed, which shows its owner alive: then the newer one leaves it, AlreadyExists.
+    match second
+        .register(&path, Bytes::from("newer"), RegisterOptions::new())
+        .await
+    {
+        Ok(newer) => {
+            owned_by(fx, &at, &reader, &second, &path, "newer").await;
+            let mut status = older.watch_status();
+            // Not holding the borrow `wait_for` returns: it would block the registration.
+            let waiting = tokio::time::timeout(
+                Duration::from_secs(10),
+                status.wait_for(|s| matches!(s, RegistrationStatus::Recreating { .. })),
+            )
+            .await
+            .is_ok_and(|seen| seen.is_ok());
+            assert!(
+                waiting,
+                "{at} the older registration never reported Recreating: {:?}",
+                older.status()
+            );
+            quiet(path.clone(), "while both registrations live").await;
+            newer
+                .deregister()
+                .await
+                .unwrap_or_else(|e| panic!("{at} deregister the newer: {e}"));
+            // Its turn: the older one takes the path back.
+            owned_by(fx, &at, &reader, &first, &path, "older").await;
+        }
+        Err(Error::AlreadyExists { path: held }) if held == path => {
+            owned_by(fx, &at, &reader, &first, &path, "older").await;
+            quiet(path.clone(), "after the newer registration gave up").await;
+        }
+        Err(e) => panic!("{at} register over another client's live registration: {e}"),
+    }
+    older
+        .deregister()
+        .await
+        .unwrap_or_else(|e| panic!("{at} deregister the older: {e}"));
     env.finish().await
 }
