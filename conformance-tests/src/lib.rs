@@ -114,6 +114,7 @@ macro_rules! conformance_suite {
             registration_replaces_stale_node,
             registration_set_value_survives_recreation,
             registrations_of_one_path_take_turns,
+            close_stops_registrations,
             lock_mutual_exclusion,
             lock_no_herd,
             lock_cancelled_leaves_no_node,

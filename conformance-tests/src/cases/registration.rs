@@ -77,13 +77,133 @@ pub async fn register_deregister_and_drop(fx: &dyn Fixture) -> Outcome {
         .unwrap_or_else(|e| panic!("{at} register again: {e}"));
     drop(reg);
     wait_gone(fx, &at, &reader, &path).await;
+    // Refusals are typed, and leave nothing behind.
+    let parent = reader
+        .get(&p("/reg"))
+        .await
+        .unwrap_or_else(|e| panic!("{at} get the parent: {e}"));
     let r = owner
         .register(&p("/reg"), Bytes::new(), RegisterOptions::new())
-        .await;
+        .await
+        .map(drop);
     assert!(
-        r.is_err(),
-        "{at} registering over a persistent node must fail"
+        matches!(&r, Err(Error::AlreadyExists { path }) if *path == p("/reg")),
+        "{at} registering over a persistent node: {r:?}"
     );
+    assert_eq!(
+        reader.get(&p("/reg")).await.ok(),
+        Some(parent),
+        "{at} a refused registration changed the persistent node"
+    );
+    let eph = p("/reg/eph");
+    owner
+        .create(&eph, Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create ephemeral: {e}"));
+    for options in [RegisterOptions::new(), RegisterOptions::new().sequential()] {
+        let r = owner
+            .register(&p("/reg/eph/kid"), Bytes::new(), options.clone())
+            .await
+            .map(drop);
+        assert!(
+            matches!(&r, Err(Error::EphemeralParent { parent, .. }) if *parent == eph),
+            "{at} registering under an ephemeral node ({options:?}): {r:?}"
+        );
+    }
+    let too_large = Bytes::from(vec![b'x'; registry_core::MAX_VALUE_LEN + 1]);
+    let r = owner
+        .register(&p("/reg/big"), too_large, RegisterOptions::new())
+        .await
+        .map(drop);
+    assert!(
+        matches!(&r, Err(Error::ValueTooLarge { .. })),
+        "{at} registering an oversized value: {r:?}"
+    );
+    let left = reader
+        .children(&p("/reg"))
+        .await
+        .unwrap_or_else(|e| panic!("{at} children: {e}"));
+    let names: Vec<&str> = left.nodes.iter().map(|n| n.path.name()).collect();
+    assert_eq!(
+        names,
+        ["eph"],
+        "{at} refused registrations left nodes behind"
+    );
+    env.finish().await
+}
+
+/// Closing the registry stops its registrations: their nodes are gone when `close` returns,
+/// each reports `Deregistered`, and nothing comes back.
+pub async fn close_stops_registrations(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "close_stops_registrations");
+    let owner = env.client().await;
+    let reader = env.client().await;
+    let at = env.at();
+    let plain = owner
+        .register(
+            &p("/cs/10.0.0.9:9090"),
+            Bytes::from("p"),
+            RegisterOptions::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{at} register: {e}"));
+    let sequential = owner
+        .register(
+            &p("/cs/10.0.0.9:9091:1.0:"),
+            Bytes::from("s"),
+            RegisterOptions::new().sequential(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{at} register sequential: {e}"));
+    let mut watch = reader
+        .watch(&p("/cs"), WatchOptions::children())
+        .await
+        .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+    match next_event(&mut watch, "snapshot").await {
+        registry_core::WatchEvent::Snapshot(s) => {
+            assert_eq!(s.nodes.len(), 2, "{at} registered nodes: {:?}", s.nodes)
+        }
+        other => panic!("{at} expected a snapshot, got {other:?}"),
+    }
+    owner
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("{at} close: {e}"));
+    let left = reader
+        .children(&p("/cs"))
+        .await
+        .unwrap_or_else(|e| panic!("{at} children: {e}"));
+    assert!(
+        left.nodes.is_empty(),
+        "{at} registrations outlived close: {:?}",
+        left.nodes
+    );
+    for registration in [&plain, &sequential] {
+        let mut status = registration.watch_status();
+        // Not holding the borrow `wait_for` returns: it would block the registration.
+        let stopped = tokio::time::timeout(
+            Duration::from_secs(5),
+            status.wait_for(|s| *s == RegistrationStatus::Deregistered),
+        )
+        .await
+        .is_ok_and(|seen| seen.is_ok());
+        assert!(
+            stopped,
+            "{at} a registration of a closed registry reads {:?}",
+            registration.status()
+        );
+    }
+    // Both deletions, then nothing: no re-creation after close.
+    let mut deleted = 0;
+    while deleted < 2 {
+        match next_event(&mut watch, "the registrations' deletions").await {
+            registry_core::WatchEvent::Deleted(_) => deleted += 1,
+            other => panic!("{at} expected deletions, got {other:?}"),
+        }
+    }
+    let later = tokio::time::timeout(Duration::from_secs(2), watch.next()).await;
+    assert!(later.is_err(), "{at} a change after close: {later:?}");
+    drop((plain, sequential));
     env.finish().await
 }
 
