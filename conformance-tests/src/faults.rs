@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use registry_core::{
     Bytes, Error, NodePath, RegisterOptions, Registration, RegistrationStatus, Registry,
-    SessionState, SessionStatus, WatchOptions, WatchedState,
+    ResyncReason, SessionState, SessionStatus, WatchOptions, WatchedState,
 };
 
 use crate::fixture::Fixture;
@@ -441,7 +441,7 @@ pub struct Watcher {
     options: WatchOptions,
     state: Arc<Mutex<WatchedState>>,
     failure: Arc<Mutex<Option<String>>>,
-    resyncs: Arc<std::sync::atomic::AtomicUsize>,
+    resyncs: Arc<Mutex<Vec<ResyncReason>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -458,14 +458,14 @@ impl Watcher {
             .unwrap_or_else(|e| panic!("watch {root}: {e}"));
         let state: Arc<Mutex<WatchedState>> = Arc::default();
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
-        let resyncs: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
-        let (sink, fail, count) = (state.clone(), failure.clone(), resyncs.clone());
+        let resyncs: Arc<Mutex<Vec<ResyncReason>>> = Arc::default();
+        let (sink, fail, reasons) = (state.clone(), failure.clone(), resyncs.clone());
         let task = tokio::spawn(async move {
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(event) => {
-                        if matches!(event, registry_core::WatchEvent::Resync { .. }) {
-                            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let registry_core::WatchEvent::Resync { reason, .. } = &event {
+                            locked(&reasons).push(reason.clone());
                         }
                         locked(&sink).apply(&event)
                     }
@@ -488,9 +488,9 @@ impl Watcher {
         }
     }
 
-    /// How many `Resync` items the stream delivered.
-    pub fn resyncs(&self) -> usize {
-        self.resyncs.load(std::sync::atomic::Ordering::Relaxed)
+    /// The reason of every `Resync` item the stream delivered, in order.
+    pub fn resyncs(&self) -> Vec<ResyncReason> {
+        locked(&self.resyncs).clone()
     }
 
     /// Whether the watched state holds `path` now.

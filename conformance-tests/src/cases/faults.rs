@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use registry_core::{
-    Bytes, CreateMode, Error, Expected, NodePath, RegisterOptions, Registry, SessionState,
-    WatchOptions, WatchedState,
+    Bytes, CreateMode, Error, Expected, NodePath, RegisterOptions, Registry, ResyncReason,
+    SessionState, WatchEvent, WatchOptions, WatchedState,
 };
 
 use crate::faults::{FaultEnv, Fleet, SessionLog, Watcher};
@@ -640,9 +640,10 @@ pub async fn fault_compaction(fx: &dyn Fixture) -> Outcome {
         .unwrap_or_else(|e| panic!("[{}] compact: {e}", env.at));
     env.heal(&watcher.client);
     watcher.converged(&env.at, &writer, RECOVERY).await;
+    let reasons = watcher.resyncs();
     assert!(
-        watcher.resyncs() >= 1,
-        "[{}] the watcher converged without a Resync across a compaction",
+        reasons.contains(&ResyncReason::Compacted),
+        "[{}] the watcher converged without a Resync (Compacted) across a compaction: {reasons:?}",
         env.at
     );
     Outcome::Passed
@@ -732,6 +733,7 @@ pub async fn fault_slow_consumer(fx: &dyn Fixture) -> Outcome {
     // Polled again: bounded backlog, then convergence.
     let mut state = WatchedState::new();
     let mut items = 0usize;
+    let mut lagged = false;
     let expected = summary(
         writer
             .children(&root)
@@ -746,12 +748,25 @@ pub async fn fault_slow_consumer(fx: &dyn Fixture) -> Outcome {
         match tokio::time::timeout(left, stream.next()).await {
             Ok(Some(Ok(event))) => {
                 items += 1;
+                lagged |= matches!(
+                    event,
+                    WatchEvent::Resync {
+                        reason: ResyncReason::Lagged,
+                        ..
+                    }
+                );
                 state.apply(&event);
             }
             other => panic!("[{at}] slow watch did not converge after {items} items: {other:?}"),
         }
     }
     assert!(items <= SLOW_CONSUMER_MAX_ITEMS, "[{at}] {items} items were buffered for a stalled consumer (bound {SLOW_CONSUMER_MAX_ITEMS})");
+    // 10k events cannot fit the 4096 a stream buffers: one that reports each change must
+    // have said it dropped some.
+    assert!(
+        lagged || !slow.capabilities().exact_events,
+        "[{at}] a stalled exact stream converged without a Resync (Lagged) after {items} items"
+    );
     drop(regs);
     env.finish().await
 }
