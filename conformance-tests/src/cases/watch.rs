@@ -200,8 +200,9 @@ async fn random_writer(client: Arc<dyn Registry>, seed: u64, ops: usize) -> Resu
 }
 
 /// Model check: 4 writers make 250 random changes each while watchers of every scope apply
-/// their streams; afterwards each watcher's state equals a fresh read. With exact events,
-/// every path's events also arrive in strictly increasing order, without duplicates.
+/// their streams; afterwards each watcher's state equals a fresh read, and every item could
+/// follow the ones before (see `follows`). With exact events, every path's events also
+/// arrive in strictly increasing order, without duplicates.
 pub async fn watch_model_check(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "watch_model_check");
     let reader = env.client().await;
@@ -231,6 +232,7 @@ pub async fn watch_model_check(fx: &dyn Fixture) -> Outcome {
             stream,
             WatchedState::new(),
             HashMap::<NodePath, u64>::new(),
+            true,
         ));
     }
     let mut writers = Vec::new();
@@ -243,7 +245,7 @@ pub async fn watch_model_check(fx: &dyn Fixture) -> Outcome {
             .unwrap_or_else(|e| panic!("{at} writer task: {e}"))
             .unwrap_or_else(|e| panic!("{at} {e} (seed {seed})"));
     }
-    for (path, scope, stream, state, last_order) in &mut streams {
+    for (path, scope, stream, state, last_order, fresh) in &mut streams {
         let expected = summary(
             read_scope(&reader, path, *scope)
                 .await
@@ -260,6 +262,9 @@ pub async fn watch_model_check(fx: &dyn Fixture) -> Outcome {
                     diff(&expected, &summary(state.nodes()))
                 ),
             };
+            if let Err(wrong) = follows(state, *fresh, &item, exact) {
+                panic!("{at} watcher of {path} ({scope:?}), seed {seed}: {wrong}: {item:?}");
+            }
             if exact {
                 if let WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n) =
                     &item
@@ -272,10 +277,51 @@ pub async fn watch_model_check(fx: &dyn Fixture) -> Outcome {
                     );
                 }
             }
+            *fresh = matches!(item, WatchEvent::Snapshot(_) | WatchEvent::Resync { .. });
             state.apply(&item);
         }
     }
     env.finish().await
+}
+
+/// Whether `item` can follow what a stream delivered so far (`state`; `fresh`: its last item
+/// was a snapshot or resync). On every backend a `Created` is of a node the consumer does not
+/// hold, an `Updated` or `Deleted` of one it holds. Where each change is its own event, each
+/// comes at a revision past the snapshot's and no older than the change before (one Txn's
+/// events share one), and an `Updated` is one write after the node held: the next version of
+/// the same creation. So a lost, repeated or reordered event shows, not only a wrong end state.
+fn follows(
+    state: &WatchedState,
+    fresh: bool,
+    item: &WatchEvent,
+    exact: bool,
+) -> Result<(), &'static str> {
+    let (node, held) = match item {
+        WatchEvent::Snapshot(_) | WatchEvent::Resync { .. } => return Ok(()),
+        WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n) => {
+            (n, state.get(&n.path))
+        }
+    };
+    match (item, held) {
+        (WatchEvent::Created(_), Some(_)) => return Err("created, but already held"),
+        (WatchEvent::Updated(_) | WatchEvent::Deleted(_), None) => {
+            return Err("a change of a node not held")
+        }
+        _ => {}
+    }
+    if !exact {
+        return Ok(());
+    }
+    let floor = state.revision().0;
+    if node.modify_order < floor || (fresh && node.modify_order == floor) {
+        return Err("a change older than what the stream already showed");
+    }
+    if let (WatchEvent::Updated(now), Some(was)) = (item, held) {
+        if now.create_order != was.create_order || now.version != was.version + 1 {
+            return Err("an update that is not the next write of the node held");
+        }
+    }
+    Ok(())
 }
 
 /// A watch that starts after a listing's revision misses nothing in between: a backend that
@@ -508,4 +554,44 @@ pub async fn watch_drop_releases(fx: &dyn Fixture) -> Outcome {
     )
     .await;
     env.finish().await
+}
+
+#[cfg(test)]
+mod tests {
+    use registry_core::{Node, Revision, Snapshot};
+
+    use super::*;
+
+    fn node(version: u64, create_order: u64, modify_order: u64) -> Node {
+        Node {
+            path: p("/m/a"),
+            value: Bytes::new(),
+            version,
+            create_order,
+            modify_order,
+            ephemeral_owner: None,
+        }
+    }
+
+    #[test]
+    fn the_model_check_catches_lost_repeated_and_reordered_events() {
+        let mut state = WatchedState::new();
+        let snapshot = WatchEvent::Snapshot(Snapshot {
+            nodes: vec![node(0, 5, 5)],
+            revision: Revision(9),
+        });
+        assert!(follows(&state, false, &snapshot, true).is_ok());
+        state.apply(&snapshot);
+        // The next write, after the snapshot: fine everywhere.
+        assert!(follows(&state, true, &WatchEvent::Updated(node(1, 5, 10)), true).is_ok());
+        // A lost write in between, a change the snapshot already holds, a second creation.
+        assert!(follows(&state, true, &WatchEvent::Updated(node(2, 5, 11)), true).is_err());
+        assert!(follows(&state, true, &WatchEvent::Updated(node(1, 5, 9)), true).is_err());
+        assert!(follows(&state, true, &WatchEvent::Created(node(0, 10, 10)), false).is_err());
+        state.apply(&WatchEvent::Deleted(node(0, 5, 12)));
+        assert!(follows(&state, false, &WatchEvent::Deleted(node(0, 5, 13)), false).is_err());
+        // Older than the delete already shown.
+        assert!(follows(&state, false, &WatchEvent::Created(node(0, 11, 11)), true).is_err());
+        assert!(follows(&state, false, &WatchEvent::Created(node(0, 12, 12)), true).is_ok());
+    }
 }
