@@ -115,7 +115,10 @@ pub trait Registry: Send + Sync + 'static {
     /// [`VersionMismatch`](crate::Error::VersionMismatch),
     /// [`NotEmpty`](crate::Error::NotEmpty) for [`DeleteScope::Node`] with children,
     /// `InvalidArgument` for the root. A recursive delete racing with creators deletes what
-    /// it finds; it never leaves a child without its parent.
+    /// it finds; it never leaves a child without its parent. It is one atomic step, so a
+    /// call cut short (its future dropped, a lost connection) removed all of the subtree or
+    /// none of it; except on ZooKeeper for a subtree whose paths add up to more than 512 KiB
+    /// (one request's limit), which goes deepest first over several requests.
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()>;
 
     /// Deletes the node at `node.path` if it still belongs to `node.ephemeral_owner` (`None`:

@@ -491,19 +491,24 @@ impl ZkRegistry {
     /// Deletes `path` at `version` and every node of `below` (raw paths, parents before
     /// children) in one transaction: all or nothing. Not resent (a versioned write, see
     /// [`Resend`]).
-    async fn delete_tree_at(&self, path: &NodePath, version: i32, below: &[String]) -> Result<()> {
+    async fn delete_tree_at(
+        &self,
+        path: &NodePath,
+        version: Option<i32>,
+        below: &[String],
+    ) -> Result<()> {
         let client = self.shared.client()?;
         let mut writer = client.new_multi_writer();
         let bad = |e: zk::Error| map(e, "delete", path);
-        writer
-            .add_check_version(path.as_str(), version)
-            .map_err(bad)?;
+        if let Some(version) = version {
+            writer
+                .add_check_version(path.as_str(), version)
+                .map_err(bad)?;
+        }
         for victim in below.iter().rev() {
             writer.add_delete(victim, None).map_err(bad)?;
         }
-        writer
-            .add_delete(path.as_str(), Some(version))
-            .map_err(bad)?;
+        writer.add_delete(path.as_str(), version).map_err(bad)?;
         let timeout = self.shared.options.request_timeout;
         match tokio::time::timeout(timeout, writer.commit()).await {
             Ok(Ok(_)) => Ok(()),
@@ -711,9 +716,9 @@ enum Resend<T> {
     Removal(T),
 }
 
-/// Bytes of paths a versioned recursive delete removes in one transaction: half of
-/// ZooKeeper's default 1 MB `jute.maxbuffer`, which a bigger request would break (the server
-/// drops the connection). A bigger tree is checked first, then deleted bottom-up.
+/// Bytes of paths a recursive delete removes in one transaction: half of ZooKeeper's
+/// default 1 MB `jute.maxbuffer`, which a bigger request would break (the server drops the
+/// connection). A bigger tree is checked first (if versioned), then deleted bottom-up.
 const ATOMIC_DELETE_BYTES: usize = 512 * 1024;
 
 /// Child reads of one `children` call in flight at once.
@@ -901,6 +906,9 @@ impl Registry for ZkRegistry {
                 None => return Err(self.mismatch(path, v).await),
             },
         };
+        // An unconditional transaction cut off by a lost connection may have been applied:
+        // then the node found missing is the one it deleted.
+        let mut maybe_deleted = false;
         // Bounded: each round removes what it found; only concurrent creators cause another.
         for _ in 0..16 {
             if scope == DeleteScope::Recursive {
@@ -932,29 +940,45 @@ impl Registry for ZkRegistry {
                         }
                         Some(_) => {}
                     }
-                    // Each operation also carries the namespace, a header and a version.
-                    let per_op = 20
-                        + self
-                            .shared
-                            .options
-                            .namespace
-                            .as_ref()
-                            .map_or(0, |n| n.as_str().len());
-                    let request: usize = order.iter().map(|n| n.len() + per_op).sum();
-                    if request < ATOMIC_DELETE_BYTES {
-                        // One transaction, so a version that changed meanwhile deletes nothing.
-                        match self.delete_tree_at(path, v, &order).await {
-                            Ok(()) => {
-                                tracing::debug!(path = %path, ?scope, "deleted");
-                                return Ok(());
-                            }
-                            // A node appeared or went meanwhile: list the tree again.
-                            Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => continue,
-                            Err(Error::VersionMismatch { .. }) => {
-                                return Err(self.mismatch(path, wanted).await)
-                            }
-                            Err(e) => return Err(e),
+                }
+                // Each operation also carries the namespace, a header and a version.
+                let per_op = 20
+                    + self
+                        .shared
+                        .options
+                        .namespace
+                        .as_ref()
+                        .map_or(0, |n| n.as_str().len());
+                let request: usize = order.iter().map(|n| n.len() + per_op).sum();
+                if request < ATOMIC_DELETE_BYTES {
+                    // One transaction: all or nothing, even for a call cut short (dropped,
+                    // or a version that changed meanwhile).
+                    match self.delete_tree_at(path, version, &order).await {
+                        Ok(()) => {
+                            tracing::debug!(path = %path, ?scope, "deleted");
+                            return Ok(());
                         }
+                        Err(Error::VersionMismatch { .. }) => {
+                            return Err(self.mismatch(path, wanted).await)
+                        }
+                        // A node appeared or went meanwhile: list the tree again, unless the
+                        // node itself is gone.
+                        Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => {
+                            if version.is_none() && self.stat(path).await?.is_none() {
+                                return if maybe_deleted {
+                                    Ok(())
+                                } else {
+                                    Err(Error::NotFound { path: path.clone() })
+                                };
+                            }
+                            continue;
+                        }
+                        Err(e) if version.is_none() && e.is_retryable() => {
+                            maybe_deleted = true;
+                            tracing::debug!(path = %path, %e, "recursive delete cut off; again");
+                            continue;
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
                 for victim in order.iter().rev() {
