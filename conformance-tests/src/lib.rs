@@ -86,6 +86,7 @@ macro_rules! conformance_suite {
             errors_are_typed,
             versions_count_writes,
             parents_created,
+            recursive_delete_is_all_or_nothing,
             children_direct_and_ordered,
             sequential_concurrent_unique,
             sequential_never_overwrites,

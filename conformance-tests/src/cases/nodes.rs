@@ -1,5 +1,7 @@
 //! Cases on single nodes: values, paths, typed errors, versions, parents.
 
+use std::time::Duration;
+
 use registry_core::{
     Bytes, CreateMode, DeleteScope, Error, Expected, InvalidPath, NodePath, RegisterOptions,
     MAX_VALUE_LEN,
@@ -507,5 +509,49 @@ pub async fn paths_at_character_edges_work(fx: &dyn Fixture) -> Outcome {
     c.delete(&dir, Expected::Any, DeleteScope::Recursive)
         .await
         .unwrap_or_else(|e| panic!("{at} delete: {e}"));
+    env.finish().await
+}
+
+/// A recursive delete is one step: a call cut short at any moment (its future dropped) has
+/// removed the whole subtree or none of it.
+pub async fn recursive_delete_is_all_or_nothing(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "recursive_delete_is_all_or_nothing");
+    let c = env.client().await;
+    let at = env.at();
+    const CHILDREN: usize = 40;
+    let cut_after_ms = [0u64, 1, 2, 4, 8, 16, 32, 64];
+    for ms in cut_after_ms {
+        for i in 0..CHILDREN {
+            let child = p(&format!("/cx/t{ms}/c{i}"));
+            c.create(&child, Bytes::from("x"), CreateMode::Persistent)
+                .await
+                .unwrap_or_else(|e| panic!("{at} create {child}: {e}"));
+        }
+    }
+    for ms in cut_after_ms {
+        let tree = p(&format!("/cx/t{ms}"));
+        let _ = tokio::time::timeout(
+            Duration::from_millis(ms),
+            c.delete(&tree, Expected::Any, DeleteScope::Recursive),
+        )
+        .await;
+    }
+    // Later calls of the same client come after whatever the dropped ones sent (a
+    // ZooKeeper session answers in order; etcd applies a Txn whole or not at all).
+    for ms in cut_after_ms {
+        let tree = p(&format!("/cx/t{ms}"));
+        let left = match c.children(&tree).await {
+            Ok(children) => children.nodes.len(),
+            Err(Error::NotFound { .. }) => 0,
+            Err(e) => panic!("{at} children of {tree}: {e}"),
+        };
+        let tree_there = c.exists(&tree).await.unwrap_or(false);
+        assert!(
+            (tree_there && left == CHILDREN) || (!tree_there && left == 0),
+            "{at} a recursive delete cut after {ms} ms left {tree} {} with {left} of \
+             {CHILDREN} children",
+            if tree_there { "present" } else { "gone" }
+        );
+    }
     env.finish().await
 }
