@@ -328,14 +328,17 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
     let successes: Arc<Mutex<Vec<Instant>>> = Arc::default();
     // The writer's latest failure, for the report if writes never resume.
     let last_error: Arc<Mutex<Option<String>>> = Arc::default();
+    // An outage must fail requests only with errors that say retrying may help.
+    let final_errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let task = {
-        let (writer, acked, successes, last_error, stop) = (
+        let (writer, acked, successes, last_error, final_errors, stop) = (
             writer.clone(),
             acked.clone(),
             successes.clone(),
             last_error.clone(),
+            final_errors.clone(),
             stop.clone(),
         );
         tokio::spawn(async move {
@@ -364,6 +367,12 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
                     }
                     // The same write again: a set of the same value is idempotent.
                     Err(e) => {
+                        if !e.is_retryable() {
+                            final_errors
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(format!("{e:?}"));
+                        }
                         *last_error.lock().unwrap_or_else(|e| e.into_inner()) =
                             Some(format!("{:?} after the start: {e}", started.elapsed()));
                         tokio::time::sleep(Duration::from_millis(20)).await
@@ -450,6 +459,15 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
         "[{}] writes resumed only {resumed:?} after the leader died (bound {LEADER_LOSS_BOUND:?})",
         env.at
     );
+    let final_errors = final_errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    assert!(
+        final_errors.is_empty(),
+        "[{}] writes failed with errors that say retrying cannot help: {final_errors:?}",
+        env.at
+    );
     let acked = acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (key, value) in &acked {
         let path = p(&format!("/data/k{key}"));
@@ -503,12 +521,18 @@ pub async fn fault_member_pause(fx: &dyn Fixture) -> Outcome {
             for i in 0..20 {
                 let value = Bytes::from(format!("{member}-{i}"));
                 if let Err(e) = writer.set(&path, value, Expected::Any).await {
-                    failed.push(format!("set {i}: {e}"));
+                    failed.push((format!("set {i}: {e}"), e.is_retryable()));
                 }
                 if let Err(e) = writer.get(&path).await {
-                    failed.push(format!("get {i}: {e}"));
+                    failed.push((format!("get {i}: {e}"), e.is_retryable()));
                 }
             }
+            assert!(
+                failed.iter().all(|(_, retryable)| *retryable),
+                "[{}] follower {member} paused: requests failed with errors that say \
+                 retrying cannot help: {failed:?}",
+                env.at
+            );
             assert!(
                 failed.len() <= MEMBER_PAUSE_FAILURES,
                 "[{}] follower {member} paused: {} of 40 requests failed: {failed:?}",
