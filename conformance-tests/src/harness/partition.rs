@@ -14,16 +14,16 @@
 //! The proxies run on their own thread with their own runtime, so they outlive any single
 //! test's runtime.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use super::process::HarnessResult;
+use super::proxy::{loopback_listener, ProxyThread};
 
 /// The longest a new connection may take to send its first request's head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,8 +47,8 @@ pub struct PeerLinks {
     /// Where each member's peers connect (its advertised peer address).
     addrs: Vec<SocketAddr>,
     cutoff: Arc<watch::Sender<Option<Cutoff>>>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Stops the proxies (closing every connection) when dropped.
+    _thread: ProxyThread,
 }
 
 impl PeerLinks {
@@ -57,52 +57,28 @@ impl PeerLinks {
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for _ in upstreams {
-            let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .map_err(|e| format!("peer proxy cannot bind: {e}"))?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|e| format!("peer proxy cannot set non-blocking: {e}"))?;
-            addrs.push(
-                listener
-                    .local_addr()
-                    .map_err(|e| format!("peer proxy has no address: {e}"))?,
-            );
+            let (listener, addr) = loopback_listener("peer proxy")?;
             listeners.push(listener);
+            addrs.push(addr);
         }
         let (cutoff, _) = watch::channel(None);
         let cutoff = Arc::new(cutoff);
-        let (shutdown, shutdown_rx) = oneshot::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("peer proxy runtime: {e}"))?;
         let upstreams = upstreams.to_vec();
         let for_thread = cutoff.clone();
-        let thread = std::thread::Builder::new()
-            .name("etcd-peer-links".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let mut loops = Vec::new();
-                    for (member, (listener, upstream)) in
-                        listeners.into_iter().zip(upstreams).enumerate()
-                    {
-                        let Ok(listener) = TcpListener::from_std(listener) else {
-                            return;
-                        };
-                        loops.push(accept_loop(listener, upstream, member, for_thread.clone()));
-                    }
-                    tokio::select! {
-                        _ = shutdown_rx => {}
-                        _ = futures::future::join_all(loops) => {}
-                    }
-                });
-            })
-            .map_err(|e| format!("peer proxy thread: {e}"))?;
+        let thread = ProxyThread::spawn("etcd-peer-links".into(), move || async move {
+            let mut loops = Vec::new();
+            for (member, (listener, upstream)) in listeners.into_iter().zip(upstreams).enumerate() {
+                let Ok(listener) = TcpListener::from_std(listener) else {
+                    return;
+                };
+                loops.push(accept_loop(listener, upstream, member, for_thread.clone()));
+            }
+            futures::future::join_all(loops).await;
+        })?;
         Ok(PeerLinks {
             addrs,
             cutoff,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            _thread: thread,
         })
     }
 
@@ -122,17 +98,6 @@ impl PeerLinks {
     /// Lets every peer link through again.
     pub fn heal(&self) {
         self.cutoff.send_replace(None);
-    }
-}
-
-impl Drop for PeerLinks {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

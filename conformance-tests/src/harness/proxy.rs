@@ -4,6 +4,7 @@
 //! It runs on its own thread with its own runtime, so it outlives any single test's runtime
 //! (fixtures are shared by every test of a binary).
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,6 +14,69 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 
 use super::process::HarnessResult;
+
+/// A listener on a free 127.0.0.1 port, non-blocking (for a runtime to take over), and its
+/// address; `what` names the proxy in errors.
+pub(crate) fn loopback_listener(what: &str) -> HarnessResult<(std::net::TcpListener, SocketAddr)> {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| format!("{what} cannot bind: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("{what} cannot set non-blocking: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("{what} has no address: {e}"))?;
+    Ok((listener, addr))
+}
+
+/// A thread of its own running a proxy's work on its own runtime, so the proxy outlives any
+/// single test's runtime. Dropping it stops the work and joins the thread.
+pub(crate) struct ProxyThread {
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ProxyThread {
+    /// Runs the future `work()` makes (inside the runtime, so it may take over listeners)
+    /// until it ends or this is dropped.
+    pub(crate) fn spawn<F, Fut>(name: String, work: F) -> HarnessResult<ProxyThread>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        let (shutdown, shutdown_rx) = oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("{name} runtime: {e}"))?;
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    tokio::select! {
+                        _ = shutdown_rx => {}
+                        _ = work() => {}
+                    }
+                });
+            })
+            .map_err(|e| format!("{name} thread: {e}"))?;
+        Ok(ProxyThread {
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ProxyThread {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// What the proxy does with traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,49 +103,29 @@ pub struct TcpProxy {
     addr: SocketAddr,
     upstream: SocketAddr,
     mode: Arc<watch::Sender<ProxyMode>>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Declared last: dropped after `drop` has cut every connection.
+    _thread: ProxyThread,
 }
 
 impl TcpProxy {
     /// Starts a proxy to `upstream` in [`ProxyMode::Forward`].
     pub fn start(upstream: SocketAddr) -> HarnessResult<TcpProxy> {
-        let std_listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .map_err(|e| format!("proxy cannot bind: {e}"))?;
-        std_listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("proxy cannot set non-blocking: {e}"))?;
-        let addr = std_listener
-            .local_addr()
-            .map_err(|e| format!("proxy has no address: {e}"))?;
+        let (std_listener, addr) = loopback_listener("proxy")?;
         let (mode, _) = watch::channel(ProxyMode::Forward);
         let mode = Arc::new(mode);
-        let (shutdown, shutdown_rx) = oneshot::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("proxy runtime: {e}"))?;
         let mode_for_thread = mode.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("tcp-proxy-{}", addr.port()))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let Ok(listener) = TcpListener::from_std(std_listener) else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = shutdown_rx => {}
-                        _ = accept_loop(listener, upstream, mode_for_thread) => {}
-                    }
-                });
-            })
-            .map_err(|e| format!("proxy thread: {e}"))?;
+        let thread =
+            ProxyThread::spawn(format!("tcp-proxy-{}", addr.port()), move || async move {
+                let Ok(listener) = TcpListener::from_std(std_listener) else {
+                    return;
+                };
+                accept_loop(listener, upstream, mode_for_thread).await
+            })?;
         Ok(TcpProxy {
             addr,
             upstream,
             mode,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            _thread: thread,
         })
     }
 
@@ -124,13 +168,8 @@ impl TcpProxy {
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
+        // Then `_thread` stops the proxy.
         self.mode.send_replace(ProxyMode::Cut);
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
