@@ -42,6 +42,20 @@ async fn owned_by(
     .await;
 }
 
+/// Whether `registration`'s status meets `wanted` within `bound`.
+async fn reaches(
+    registration: &Registration,
+    bound: Duration,
+    wanted: impl FnMut(&RegistrationStatus) -> bool,
+) -> bool {
+    let mut status = registration.watch_status();
+    // The borrow `wait_for` returns is dropped at once: held, it would block the
+    // registration's next status change.
+    tokio::time::timeout(bound, status.wait_for(wanted))
+        .await
+        .is_ok_and(|seen| seen.is_ok())
+}
+
 /// A registration exists as an ephemeral of its client; `deregister` removes it at once and
 /// dropping the handle removes it in the background.
 pub async fn register_deregister_and_drop(fx: &dyn Fixture) -> Outcome {
@@ -179,14 +193,10 @@ pub async fn close_stops_registrations(fx: &dyn Fixture) -> Outcome {
         left.nodes
     );
     for registration in [&plain, &sequential] {
-        let mut status = registration.watch_status();
-        // Not holding the borrow `wait_for` returns: it would block the registration.
-        let stopped = tokio::time::timeout(
-            Duration::from_secs(5),
-            status.wait_for(|s| *s == RegistrationStatus::Deregistered),
-        )
-        .await
-        .is_ok_and(|seen| seen.is_ok());
+        let stopped = reaches(registration, Duration::from_secs(5), |s| {
+            *s == RegistrationStatus::Deregistered
+        })
+        .await;
         assert!(
             stopped,
             "{at} a registration of a closed registry reads {:?}",
@@ -670,14 +680,10 @@ pub async fn registrations_of_one_path_take_turns(fx: &dyn Fixture) -> Outcome {
     {
         Ok(newer) => {
             owned_by(fx, &at, &reader, &second, &path, "newer").await;
-            let mut status = older.watch_status();
-            // Not holding the borrow `wait_for` returns: it would block the registration.
-            let waiting = tokio::time::timeout(
-                Duration::from_secs(10),
-                status.wait_for(|s| matches!(s, RegistrationStatus::Recreating { .. })),
-            )
-            .await
-            .is_ok_and(|seen| seen.is_ok());
+            let waiting = reaches(&older, Duration::from_secs(10), |s| {
+                matches!(s, RegistrationStatus::Recreating { .. })
+            })
+            .await;
             assert!(
                 waiting,
                 "{at} the older registration never reported Recreating: {:?}",
