@@ -156,7 +156,10 @@ impl Shared {
         // None: a timeout too large for an Instant, which means no deadline.
         let deadline = hub::deadline_after(tokio::time::Instant::now(), timeout);
         let mut attempt = 0u32;
+        let mut refused = 0u32;
         loop {
+            // Refusals are retried until the deadline, which may be none: close ends them.
+            self.check_open()?;
             let sent = send(self.kv.clone());
             let outcome = match deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, sent).await,
@@ -170,13 +173,13 @@ impl Shared {
                     tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
                 }
                 Ok(Err(e)) if error::no_leader(&e) => {
-                    attempt = attempt.saturating_add(1);
+                    refused = refused.saturating_add(1);
                     // That member may stay cut off: the next requests avoid it.
                     if let Some(members) = &self.members {
                         members.suspect();
                     }
-                    tracing::debug!(%e, attempt, "etcd member has no leader; trying again");
-                    let pause = Duration::from_millis(20 * u64::from(attempt.min(10)));
+                    tracing::debug!(%e, refused, "etcd member has no leader; trying again");
+                    let pause = Duration::from_millis(20 * u64::from(refused.min(10)));
                     let too_late = deadline.is_some_and(|deadline| {
                         hub::deadline_after(tokio::time::Instant::now(), pause)
                             .is_none_or(|resumed| resumed >= deadline)
@@ -537,7 +540,6 @@ impl EtcdRegistry {
         self.shared.client.clone()
     }
 
-    /// Reads a node: its key, or an implicit node if only keys below it exist.
     /// What a compare with an `expected` version no key can have (see [`etcd_version`])
     /// would report: a mismatch with the node there, or `NotFound`, as on every backend.
     async fn never_met(&self, path: &NodePath, expected: u64) -> Error {
@@ -552,6 +554,7 @@ impl EtcdRegistry {
         }
     }
 
+    /// Reads a node: its key, or an implicit node if only keys below it exist.
     async fn read_node(&self, path: &NodePath) -> Result<(Option<Node>, i64)> {
         if path.is_root() {
             return Ok((Some(implicit(NodePath::root())), 0));
