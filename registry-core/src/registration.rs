@@ -613,10 +613,10 @@ async fn ensure_plain(shared: &Shared) -> Result<Node> {
             Err(error) => return Err(error),
         }
     }
-    // Every node we removed came back: its session is alive, re-creating it (a live
+    // The nodes we removed kept coming back: a live session re-creates them (a live
     // registration elsewhere). Like one created after ours, it keeps the path: removing it
     // again would only go on with the fight.
-    tracing::info!(path = %path, "the node keeps being re-created by a live session; leaving it");
+    tracing::info!(path = %path, "the node keeps being re-created by another session; leaving it");
     Err(Error::AlreadyExists { path: path.clone() })
 }
 

@@ -118,7 +118,8 @@ pub trait Registry: Send + Sync + 'static {
     /// it finds; it never leaves a child without its parent. It is one atomic step, so a
     /// call cut short (its future dropped, a lost connection) removed all of the subtree or
     /// none of it; except on ZooKeeper for a subtree whose paths add up to more than 512 KiB
-    /// (one request's limit), which goes deepest first over several requests.
+    /// (one request's limit), which goes deepest first over several requests, and on a
+    /// `DualRegistry`, whose two sides are deleted one after the other.
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()>;
 
     /// Deletes the node at `node.path` if it still belongs to `node.ephemeral_owner` (`None`:

@@ -909,6 +909,7 @@ impl Registry for ZkRegistry {
         // An unconditional transaction cut off by a lost connection may have been applied:
         // then the node found missing is the one it deleted.
         let mut maybe_deleted = false;
+        let mut cut_off = 0u64;
         // Bounded: each round removes what it found; only concurrent creators cause another.
         for _ in 0..16 {
             if scope == DeleteScope::Recursive {
@@ -973,9 +974,11 @@ impl Registry for ZkRegistry {
                             }
                             continue;
                         }
-                        Err(e) if version.is_none() && e.is_retryable() => {
+                        Err(e) if version.is_none() && e.is_retryable() && cut_off < 3 => {
                             maybe_deleted = true;
+                            cut_off += 1;
                             tracing::debug!(path = %path, %e, "recursive delete cut off; again");
+                            tokio::time::sleep(Duration::from_millis(50 * cut_off)).await;
                             continue;
                         }
                         Err(e) => return Err(e),
