@@ -701,8 +701,19 @@ async fn a_member_cut_off_from_its_cluster_loses_no_watch_event_and_fails_no_req
         holder.is_some()
     });
     assert!(found, "no member holds the watch stream");
+    // One stream, which every watch of the client shares: the cut takes all of them.
+    assert_eq!(
+        cluster.watch_stream_total(),
+        Some(1),
+        "the client's watch streams"
+    );
     let holder = holder.unwrap_or_default();
     cluster.cut_off(holder).unwrap();
+    // The holder may have led: until the others elect a leader, nothing can be written.
+    let led = conformance_tests::harness::wait_until(Duration::from_secs(15), || {
+        (0..3).any(|i| i != holder && cluster.is_leader(i))
+    });
+    assert!(led, "the majority elected no leader");
     let majority: Vec<String> = (0..3)
         .filter(|&i| i != holder)
         .map(|i| cluster.client_addr(i).unwrap().to_string())

@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use registry_core::{
     Bytes, CreateMode, DeleteScope, Error, Expected, InvalidPath, NodePath, RegisterOptions,
-    MAX_VALUE_LEN,
+    WatchEvent, WatchOptions, MAX_VALUE_LEN,
 };
 
 use crate::fixture::Fixture;
-use crate::support::{p, CaseEnv, Outcome};
+use crate::support::{next_event, p, CaseEnv, Outcome};
 
 /// Values of every shape come back byte for byte: empty, with NUL, non-UTF-8, exactly the
 /// size limit; one byte over the limit is refused before anything is written.
@@ -536,21 +536,22 @@ pub async fn recursive_delete_is_all_or_nothing(fx: &dyn Fixture) -> Outcome {
         )
         .await;
     }
-    // Later calls of the same client come after whatever the dropped ones sent (a
-    // ZooKeeper session answers in order; etcd applies a Txn whole or not at all).
+    // Each tree as one snapshot, read at one revision (etcd, memory) or after whatever the
+    // dropped call sent (a ZooKeeper session answers in order): whole or gone, never part.
     for ms in cut_after_ms {
         let tree = p(&format!("/cx/t{ms}"));
-        let left = match c.children(&tree).await {
-            Ok(children) => children.nodes.len(),
-            Err(Error::NotFound { .. }) => 0,
-            Err(e) => panic!("{at} children of {tree}: {e}"),
+        let mut watch = c
+            .watch(&tree, WatchOptions::subtree())
+            .await
+            .unwrap_or_else(|e| panic!("{at} watch {tree}: {e}"));
+        let left = match next_event(&mut watch, "snapshot").await {
+            WatchEvent::Snapshot(snapshot) => snapshot.nodes.len(),
+            other => panic!("{at} expected a snapshot of {tree}, got {other:?}"),
         };
-        let tree_there = c.exists(&tree).await.unwrap_or(false);
         assert!(
-            (tree_there && left == CHILDREN) || (!tree_there && left == 0),
-            "{at} a recursive delete cut after {ms} ms left {tree} {} with {left} of \
-             {CHILDREN} children",
-            if tree_there { "present" } else { "gone" }
+            left == 0 || left == CHILDREN + 1,
+            "{at} a recursive delete cut after {ms} ms left {left} of {} nodes of {tree}",
+            CHILDREN + 1
         );
     }
     env.finish().await

@@ -259,7 +259,13 @@ impl EtcdCluster {
 
     /// Index of the member that reports itself as leader, if any.
     pub fn leader(&self) -> Option<usize> {
-        self.members.iter().position(|m| {
+        (0..self.members.len()).find(|&i| self.is_leader(i))
+    }
+
+    /// Whether member `index` says it leads (`etcd_server_is_leader`). A member cut off
+    /// from its peers may still say so for a few election timeouts.
+    pub fn is_leader(&self, index: usize) -> bool {
+        self.members.get(index).is_some_and(|m| {
             http_get(m.client, "/metrics")
                 .is_some_and(|b| b.lines().any(|l| l.trim() == "etcd_server_is_leader 1"))
         })

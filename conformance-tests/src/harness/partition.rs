@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::process::HarnessResult;
-use super::proxy::{loopback_listener, ProxyThread};
+use super::proxy::{accept, loopback_listener, ProxyThread};
 
 /// The longest a new connection may take to send its first request's head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,10 +39,13 @@ struct Cutoff {
 
 /// One proxy per member, in front of its peer listener.
 ///
-/// Guarantees: after [`cut_off`](PeerLinks::cut_off) returns, no peer connection into or out
-/// of that member carries another byte and new ones are refused, while the others' links
-/// to each other stay up; after [`heal`](PeerLinks::heal), new connections pass again.
-/// Dropping it closes every connection and stops its thread.
+/// Guarantees: once [`cut_off`](PeerLinks::cut_off) has returned and the relays have seen it
+/// (at once, on their own thread), no connection into that member carries another byte, nor
+/// any it opened whose first request names it as sender, and new ones are refused; the
+/// others' links to each other stay up. Connections it opens without naming itself (see
+/// the module doc) still reach the others, who ignore its raft messages while they hear
+/// their leader. After [`heal`](PeerLinks::heal), new connections pass again. Dropping it
+/// closes every connection and stops its thread.
 pub struct PeerLinks {
     /// Where each member's peers connect (its advertised peer address).
     addrs: Vec<SocketAddr>,
@@ -108,9 +111,7 @@ async fn accept_loop(
     cutoff: Arc<watch::Sender<Option<Cutoff>>>,
 ) {
     loop {
-        let Ok((client, _)) = listener.accept().await else {
-            continue;
-        };
+        let client = accept(&listener).await;
         tokio::spawn(relay(client, upstream, member, cutoff.subscribe()));
     }
 }

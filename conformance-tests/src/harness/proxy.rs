@@ -29,6 +29,17 @@ pub(crate) fn loopback_listener(what: &str) -> HarnessResult<(std::net::TcpListe
     Ok((listener, addr))
 }
 
+/// The next connection to `listener`. A failed accept (out of file descriptors, say) is
+/// tried again after a pause, not in a busy loop; the loop ends with the proxy's runtime.
+pub(crate) async fn accept(listener: &TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((client, _)) => return client,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// A thread of its own running a proxy's work on its own runtime, so the proxy outlives any
 /// single test's runtime. Dropping it stops the work and joins the thread.
 pub(crate) struct ProxyThread {
@@ -179,9 +190,7 @@ async fn accept_loop(
     mode: Arc<watch::Sender<ProxyMode>>,
 ) {
     loop {
-        let Ok((client, _)) = listener.accept().await else {
-            continue;
-        };
+        let client = accept(&listener).await;
         let mut rx = mode.subscribe();
         tokio::spawn(async move {
             // Hold a blackholed connection without touching the upstream.
