@@ -218,15 +218,59 @@ pub async fn fault_server_pause_short(fx: &dyn Fixture) -> Outcome {
     Outcome::Passed
 }
 
-/// One client partitioned from the server (server alive) for twice the TTL: that client
-/// reports `Lost` then `Reestablished` and its registrations come back; the others never
-/// notice; watchers converge.
+/// One client partitioned from the server (server alive) for twice the TTL: its calls meanwhile
+/// succeed or fail retryably, within a bound; it reports `Lost` then `Reestablished` and its
+/// registrations come back; the others never notice; watchers converge.
 pub async fn fault_partition_over_ttl(fx: &dyn Fixture) -> Outcome {
     let env = partition_env!(fx, "fault_partition_over_ttl");
     let (fleet, watchers, reader) = world(&env).await;
     let victim = fleet.owners[0].0.clone();
-    env.isolate(&victim, env.ttl() * 2 + Duration::from_millis(500))
-        .await;
+    let outage = env.ttl() * 2 + Duration::from_millis(500);
+    // Calls the cut-off client makes meanwhile end, each with success or an error that
+    // says retrying may help, never a final one.
+    let probe = async {
+        let mut refused = Vec::new();
+        let mut retryable = 0;
+        for round in 0..5 {
+            let bound = outage + Duration::from_secs(10);
+            let read = tokio::time::timeout(bound, victim.get(&fleet.parent)).await;
+            let created = tokio::time::timeout(
+                bound,
+                victim.create(
+                    &p(&format!("/probe/r{round}")),
+                    Bytes::new(),
+                    CreateMode::Persistent,
+                ),
+            )
+            .await;
+            for (call, outcome) in [
+                ("get", read.map(|r| r.map(drop))),
+                ("create", created.map(|r| r.map(drop))),
+            ] {
+                match outcome {
+                    Err(_) => refused.push(format!("{call} {round}: no answer within {bound:?}")),
+                    Ok(Err(e)) if !e.is_retryable() => {
+                        refused.push(format!("{call} {round}: {e:?}"))
+                    }
+                    Ok(Err(_)) => retryable += 1,
+                    Ok(Ok(())) => {}
+                }
+            }
+            // Spread over the first TTL of the outage.
+            tokio::time::sleep(env.ttl() / 5).await;
+        }
+        eprintln!(
+            "[{}] {retryable} of 10 calls during the partition failed retryably",
+            env.at
+        );
+        refused
+    };
+    let ((), refused) = tokio::join!(env.isolate(&victim, outage), probe);
+    assert!(
+        refused.is_empty(),
+        "[{}] the partitioned client's calls: {refused:?}",
+        env.at
+    );
     all_recovered(&env, &fleet, &watchers, &reader).await;
     lost_then_reestablished(&env.at, "the partitioned client", &fleet.owners[0].1);
     for (i, (_, log, _)) in fleet.owners.iter().enumerate().skip(1) {
