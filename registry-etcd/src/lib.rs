@@ -181,8 +181,7 @@ impl Shared {
                     tracing::debug!(%e, refused, "etcd member has no leader; trying again");
                     let pause = Duration::from_millis(20 * u64::from(refused.min(10)));
                     let too_late = deadline.is_some_and(|deadline| {
-                        hub::deadline_after(tokio::time::Instant::now(), pause)
-                            .is_none_or(|resumed| resumed >= deadline)
+                        deadline.saturating_duration_since(tokio::time::Instant::now()) <= pause
                     });
                     if too_late {
                         return Err(map(e, operation, Some(path)));
@@ -540,18 +539,21 @@ impl EtcdRegistry {
         self.shared.client.clone()
     }
 
-    /// What a compare with an `expected` version no key can have (see [`etcd_version`])
-    /// would report: a mismatch with the node there, or `NotFound`, as on every backend.
-    async fn never_met(&self, path: &NodePath, expected: u64) -> Error {
-        match self.read_node(path).await {
-            Ok((Some(node), _)) => Error::VersionMismatch {
+    /// The etcd version to compare `path`'s key with for an `expected` node version. One no
+    /// key can have (see [`etcd_version`]) is never met: the error is what a failed compare
+    /// reports, a mismatch with the node there or `NotFound`, as on every backend.
+    async fn etcd_expected(&self, path: &NodePath, expected: u64) -> Result<i64> {
+        if let Some(version) = etcd_version(expected) {
+            return Ok(version);
+        }
+        Err(match self.read_node(path).await? {
+            (Some(node), _) => Error::VersionMismatch {
                 path: path.clone(),
                 expected,
                 actual: node.version,
             },
-            Ok((None, _)) => Error::NotFound { path: path.clone() },
-            Err(e) => e,
-        }
+            (None, _) => Error::NotFound { path: path.clone() },
+        })
     }
 
     /// Reads a node: its key, or an implicit node if only keys below it exist.
@@ -1051,10 +1053,7 @@ impl Registry for EtcdRegistry {
         }
         let expected = match expected {
             Expected::Any => None,
-            Expected::Version(v) => match etcd_version(v) {
-                Some(etcd_expected) => Some((v, etcd_expected)),
-                None => return Err(self.never_met(path, v).await),
-            },
+            Expected::Version(v) => Some((v, self.etcd_expected(path, v).await?)),
         };
         let key = self.shared.keys.node(path);
         // ignore_lease keeps an ephemeral node's lease, and makes etcd refuse to write a
@@ -1161,10 +1160,7 @@ impl Registry for EtcdRegistry {
             return Err(Error::root("delete"));
         }
         let version = match expected {
-            Expected::Version(v) => match etcd_version(v) {
-                Some(etcd_expected) => Some(etcd_expected),
-                None => return Err(self.never_met(path, v).await),
-            },
+            Expected::Version(v) => Some(self.etcd_expected(path, v).await?),
             Expected::Any => None,
         };
         if self.delete_at_once(path, expected, version, scope).await? {

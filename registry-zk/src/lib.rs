@@ -488,9 +488,9 @@ impl ZkRegistry {
         Ok(())
     }
 
-    /// Deletes `path` at `version` and every node of `below` (raw paths, parents before
-    /// children) in one transaction: all or nothing. Not resent (a versioned write, see
-    /// [`Resend`]).
+    /// Deletes `path` at `version` (any version for `None`) and every node of `below` (raw
+    /// paths, parents before children) in one transaction: all or nothing. Not resent here
+    /// (see [`Resend`]): the caller decides, as only an unconditional one may be repeated.
     async fn delete_tree_at(
         &self,
         path: &NodePath,
@@ -906,9 +906,8 @@ impl Registry for ZkRegistry {
                 None => return Err(self.mismatch(path, v).await),
             },
         };
-        // An unconditional transaction cut off by a lost connection may have been applied:
-        // then the node found missing is the one it deleted.
-        let mut maybe_deleted = false;
+        // Unconditional transactions cut off by a lost connection: one may have been
+        // applied, and then the node found missing is the one it deleted.
         let mut cut_off = 0u64;
         // Bounded: each round removes what it found; only concurrent creators cause another.
         for _ in 0..16 {
@@ -966,7 +965,7 @@ impl Registry for ZkRegistry {
                         // node itself is gone.
                         Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => {
                             if version.is_none() && self.stat(path).await?.is_none() {
-                                return if maybe_deleted {
+                                return if cut_off > 0 {
                                     Ok(())
                                 } else {
                                     Err(Error::NotFound { path: path.clone() })
@@ -975,7 +974,6 @@ impl Registry for ZkRegistry {
                             continue;
                         }
                         Err(e) if version.is_none() && e.is_retryable() && cut_off < 3 => {
-                            maybe_deleted = true;
                             cut_off += 1;
                             tracing::debug!(path = %path, %e, "recursive delete cut off; again");
                             tokio::time::sleep(Duration::from_millis(50 * cut_off)).await;

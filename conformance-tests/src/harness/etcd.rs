@@ -36,12 +36,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
 
 /// The Content-Length a response head declares.
 fn content_length(head: &str) -> Option<usize> {
+    header(head, "content-length")?.parse().ok()
+}
+
+/// The value of header `name` (any case) in an HTTP message head.
+pub(crate) fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse().ok())
-            .flatten()
+        let (found, value) = line.split_once(':')?;
+        found
+            .trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim())
     })
 }
 
@@ -265,10 +270,9 @@ impl EtcdCluster {
     /// Whether member `index` says it leads (`etcd_server_is_leader`). A member cut off
     /// from its peers may still say so for a few election timeouts.
     pub fn is_leader(&self, index: usize) -> bool {
-        self.members.get(index).is_some_and(|m| {
-            http_get(m.client, "/metrics")
-                .is_some_and(|b| b.lines().any(|l| l.trim() == "etcd_server_is_leader 1"))
-        })
+        self.members
+            .get(index)
+            .is_some_and(|m| gauge(m, "etcd_server_is_leader") == Some(1))
     }
 
     /// Cuts member `index` off from the others: no peer traffic passes between it and them

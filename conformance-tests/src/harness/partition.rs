@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::etcd::header;
 use super::process::HarnessResult;
 use super::proxy::{accept, loopback_listener, ProxyThread};
 
@@ -180,12 +181,7 @@ async fn read_head(client: &mut TcpStream) -> Option<Vec<u8>> {
 fn sender_of(head: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(head);
     let head = text.split("\r\n\r\n").next()?;
-    head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("x-server-from")
-            .then(|| value.trim().to_ascii_lowercase())
-    })
+    header(head, "x-server-from").map(str::to_ascii_lowercase)
 }
 
 #[cfg(test)]
