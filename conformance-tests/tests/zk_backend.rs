@@ -1707,3 +1707,78 @@ async fn a_subtree_watch_reads_a_tree_while_its_nodes_are_deleted() {
     deleting.await.unwrap();
     setup.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_and_ttl_nodes_are_persistent_and_copied() {
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    // What Curator's `creatingParentContainersIfNeeded` and a TTL recipe leave behind.
+    let other = raw(&server.connect_string()).await;
+    let open = zookeeper_client::Acls::anyone_all();
+    for (path, options) in [
+        (
+            "/soa",
+            zookeeper_client::CreateMode::Container.with_acls(open),
+        ),
+        (
+            "/soa/c",
+            zookeeper_client::CreateMode::Container.with_acls(open),
+        ),
+        (
+            "/soa/c/ttl",
+            zookeeper_client::CreateMode::Persistent
+                .with_acls(open)
+                .with_ttl(Duration::from_secs(3600)),
+        ),
+        (
+            "/soa/c/eph",
+            zookeeper_client::CreateMode::Ephemeral.with_acls(open),
+        ),
+    ] {
+        other
+            .create(path, b"v", &options)
+            .await
+            .unwrap_or_else(|e| panic!("create {path}: {e}"));
+    }
+
+    for path in ["/soa", "/soa/c", "/soa/c/ttl"] {
+        let node = reg.get(&p(path)).await.unwrap();
+        assert_eq!(node.ephemeral_owner, None, "{path} read as ephemeral");
+    }
+    let eph = reg.get(&p("/soa/c/eph")).await.unwrap();
+    assert_eq!(eph.ephemeral_owner.map(|s| s.0), Some(other.session_id().0));
+    let mut watch = reg
+        .watch(&p("/soa"), WatchOptions::subtree())
+        .await
+        .unwrap();
+    let WatchEvent::Snapshot(snapshot) = next_event(&mut watch, "snapshot").await else {
+        panic!("the first item is not a snapshot");
+    };
+    let owners: Vec<(String, bool)> = snapshot
+        .nodes
+        .iter()
+        .map(|n| (n.path.to_string(), n.ephemeral_owner.is_some()))
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            ("/soa".to_owned(), false),
+            ("/soa/c".to_owned(), false),
+            ("/soa/c/eph".to_owned(), true),
+            ("/soa/c/ttl".to_owned(), false),
+        ]
+    );
+
+    let store = registry_core::MemoryStore::new();
+    let target = registry_core::MemoryRegistry::connect(&store, Default::default())
+        .await
+        .unwrap();
+    let summary =
+        registry_core::migrate::copy(&*reg, &target, &p("/soa"), Default::default(), |_, _| {})
+            .await
+            .unwrap_or_else(|e| panic!("copy: {e}"));
+    assert_eq!(summary.created, 3, "{summary:?}");
+    assert!(target.get(&p("/soa/c/ttl")).await.is_ok());
+    assert!(target.get(&p("/soa/c/eph")).await.is_err());
+    reg.close().await.unwrap();
+}

@@ -440,7 +440,7 @@ impl ZkRegistry {
         let Some(stat) = self.stat(&node.path).await? else {
             return Ok(None);
         };
-        let owner = (stat.ephemeral_owner != 0).then_some(SessionId(stat.ephemeral_owner));
+        let owner = watch::owner_session(stat.ephemeral_owner);
         Ok((owner == node.ephemeral_owner)
             .then(|| Expected::Version(version::from_zk(stat.version))))
     }

@@ -48,8 +48,21 @@ pub(crate) fn node_of(path: NodePath, data: impl Into<Bytes>, stat: &zk::Stat) -
         version: crate::version::from_zk(stat.version),
         create_order: u64::try_from(stat.czxid).unwrap_or(0),
         modify_order: u64::try_from(stat.mzxid).unwrap_or(0),
-        ephemeral_owner: (stat.ephemeral_owner != 0).then_some(SessionId(stat.ephemeral_owner)),
+        ephemeral_owner: owner_session(stat.ephemeral_owner),
     }
+}
+
+/// The session owning a node, from its stat's `ephemeralOwner`. Besides 0, ZooKeeper marks
+/// two kinds of node that no session owns there: a container (`i64::MIN`) and a node with a
+/// TTL (top byte `0xFF`, the TTL below it). Both outlive their creator's session, so they are
+/// persistent here (a migration copies them; a session ID never takes these values, as
+/// ZooKeeper refuses server ID 255 with TTL nodes enabled).
+pub(crate) fn owner_session(ephemeral_owner: i64) -> Option<SessionId> {
+    const EXTENDED: u64 = 0xFF00_0000_0000_0000;
+    let persistent = ephemeral_owner == 0
+        || ephemeral_owner == i64::MIN
+        || ephemeral_owner as u64 & EXTENDED == EXTENDED;
+    (!persistent).then_some(SessionId(ephemeral_owner))
 }
 
 /// Children a stream leaves out because their path is not a valid `NodePath` (another client
