@@ -1782,3 +1782,81 @@ async fn container_and_ttl_nodes_are_persistent_and_copied() {
     assert!(target.get(&p("/soa/c/eph")).await.is_err());
     reg.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_over_the_limit_stops_a_copy_before_it_writes_and_is_skipped_by_a_mirror() {
+    use registry_core::migrate::{self, Mirror, MirrorChange};
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    reg.create(
+        &p("/soa/config/a"),
+        Bytes::from("1"),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+    // ZooKeeper takes values up to its 1 MiB jute.maxbuffer; no backend here takes this one.
+    let big = vec![b'x'; registry_core::MAX_VALUE_LEN + 1];
+    let other = raw(&server.connect_string()).await;
+    let open =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    other.create("/soa/config/big", &big, &open).await.unwrap();
+    other
+        .create("/soa/config/big/below", b"2", &open)
+        .await
+        .unwrap();
+
+    let store = registry_core::MemoryStore::new();
+    let target: Arc<dyn Registry> = Arc::new(
+        registry_core::MemoryRegistry::connect(&store, Default::default())
+            .await
+            .unwrap(),
+    );
+    let refused = migrate::copy(&*reg, &*target, &p("/soa"), Default::default(), |_, _| {}).await;
+    assert!(
+        matches!(&refused, Err(registry_core::Error::ValueTooLarge { path, .. }) if *path == p("/soa/config/big")),
+        "{refused:?}"
+    );
+    assert!(
+        !target.exists(&p("/soa")).await.unwrap(),
+        "the refused copy wrote something"
+    );
+
+    let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mirror = Mirror::start_with_observer(reg.clone(), target.clone(), p("/soa"), move |c| {
+        let _ = changes_tx.send(c);
+    });
+    mirror.wait_synced(Duration::from_secs(20)).await.unwrap();
+    let status = mirror.status();
+    assert_eq!((status.too_large, status.last_error), (1, None));
+    assert_eq!(
+        target.get(&p("/soa/config/big/below")).await.unwrap().value,
+        Bytes::from("2")
+    );
+    assert_eq!(
+        target.get(&p("/soa/config/big")).await.unwrap().value,
+        Bytes::new()
+    );
+    // The mirror goes on following; a value within the limit is written.
+    other
+        .set_data("/soa/config/big", b"small", None)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let change = tokio::time::timeout_at(deadline.into(), changes.recv())
+            .await
+            .expect("no Put of the node once its value fits")
+            .unwrap();
+        if change == MirrorChange::Put(p("/soa/config/big")) {
+            break;
+        }
+    }
+    assert_eq!(mirror.status().too_large, 0);
+    assert_eq!(
+        target.get(&p("/soa/config/big")).await.unwrap().value,
+        Bytes::from("small")
+    );
+    mirror.stop().await;
+    reg.close().await.unwrap();
+}

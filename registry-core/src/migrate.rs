@@ -156,7 +156,9 @@ pub struct CopySummary {
 /// after each node. Nothing is written with [`CopyOptions::dry_run`].
 ///
 /// Fails with [`Error::NotFound`] if `root` does not exist in the source (a mistyped path or
-/// chroot would otherwise copy nothing, successfully). Fails with [`Error::AlreadyExists`],
+/// chroot would otherwise copy nothing, successfully), and with [`Error::ValueTooLarge`],
+/// before reading the target, if a source value is over [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN)
+/// (ZooKeeper holds values up to its 1 MiB `jute.maxbuffer`). Fails with [`Error::AlreadyExists`],
 /// before writing anything (dry run or not), if the target holds a path of the source as an
 /// ephemeral node: writing into it would tie the copied value to that node's session (and
 /// nothing can be created below it), replacing it would remove a live registration; with
@@ -175,6 +177,10 @@ pub async fn copy(
     let source = persistent_tree(from, root).await?;
     if source.is_empty() && !root.is_root() && !from.exists(root).await? {
         return Err(Error::NotFound { path: root.clone() });
+    }
+    // A value no target takes must stop the copy before its first write, not halfway.
+    for (path, node) in &source {
+        crate::check_value(path, &node.value)?;
     }
     let total = source.len();
     let mut summary = CopySummary::default();
@@ -356,6 +362,9 @@ pub enum MirrorChange {
         /// Target nodes not deleted although the source lacks them: live sessions'
         /// ephemeral nodes sit below them (see [`MirrorChange::Kept`]).
         kept: usize,
+        /// Source nodes not written: their values are over the limit (see
+        /// [`MirrorChange::TooLarge`]).
+        too_large: usize,
     },
     /// A node was created or updated in the target.
     Put(NodePath),
@@ -367,6 +376,11 @@ pub enum MirrorChange {
     /// A source node was not written: the target holds its path, or a parent of it, as a live
     /// session's ephemeral node.
     Held(NodePath),
+    /// A source node was not written: its value is over
+    /// [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN), which no backend takes. The target keeps what
+    /// it had there (nodes below it get an empty parent); the node is written when the source
+    /// gives it a value within the limit.
+    TooLarge(NodePath),
     /// Either side failed; the mirror starts over (fresh read, then follow) after `after`.
     Retrying {
         /// The failure.
@@ -380,7 +394,8 @@ pub enum MirrorChange {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MirrorStatus {
     /// The target equals the source as of the last event applied, apart from the
-    /// [`held`](MirrorStatus::held) and [`kept`](MirrorStatus::kept) paths.
+    /// [`held`](MirrorStatus::held), [`kept`](MirrorStatus::kept) and
+    /// [`too_large`](MirrorStatus::too_large) paths.
     pub synced: bool,
     /// Changes applied to the target since the start (puts and deletes).
     pub applied: u64,
@@ -396,6 +411,10 @@ pub struct MirrorStatus {
     /// nodes sit below them; each is tried again every [`HELD_RETRY`] until it is deleted or
     /// back in the source.
     pub kept: usize,
+    /// Source paths not written because their values are over
+    /// [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN); each is written once the source's value is
+    /// within it, or left once the source deletes it.
+    pub too_large: usize,
 }
 
 /// Keeps the persistent nodes of a subtree of one registry copied into another, live.
@@ -411,7 +430,9 @@ pub struct MirrorStatus {
 /// backoff and starts over with a full sync, so no change is lost for good. Ephemeral nodes
 /// are never copied, and a path the target holds as a live session's ephemeral node is left
 /// alone ([`MirrorChange::Held`]) and written once that node is gone (tried every
-/// [`HELD_RETRY`]). Runs until [`stop`](Mirror::stop) or drop.
+/// [`HELD_RETRY`]). A source value over [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN) is not
+/// written ([`MirrorChange::TooLarge`]) and stops nothing else. Runs until
+/// [`stop`](Mirror::stop) or drop.
 pub struct Mirror {
     stop: watch::Sender<bool>,
     status: watch::Receiver<MirrorStatus>,
@@ -544,20 +565,16 @@ async fn follow(
     backoff: &mut Backoff,
 ) -> Result<()> {
     let mut events = from.watch(root, WatchOptions::subtree()).await?;
-    let mut held = BTreeSet::new();
-    let mut kept = BTreeSet::new();
+    let mut unequal = Unequal::default();
     let mut retry = tokio::time::interval_at(tokio::time::Instant::now() + HELD_RETRY, HELD_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let item = tokio::select! {
             item = events.next() => item,
-            _ = retry.tick(), if !held.is_empty() || !kept.is_empty() => {
-                retry_held(from, to, &mut held, status, observer).await?;
-                retry_kept(to, &mut kept, status, observer).await?;
-                status.send_modify(|s| {
-                    s.held = held.len();
-                    s.kept = kept.len();
-                });
+            _ = retry.tick(), if !unequal.held.is_empty() || !unequal.kept.is_empty() => {
+                retry_held(from, to, &mut unequal.held, status, observer).await?;
+                retry_kept(to, &mut unequal.kept, status, observer).await?;
+                status.send_modify(|s| unequal.report(s));
                 continue;
             }
         };
@@ -573,16 +590,14 @@ async fn follow(
                     .filter(|n| !n.is_ephemeral() && !n.path.is_root())
                     .map(|n| (n.path, n.value))
                     .collect();
-                held.clear();
-                kept.clear();
-                let change = sync(to, root, &desired, source_missing, &mut held, &mut kept).await?;
+                unequal = Unequal::default();
+                let change = sync(to, root, &desired, source_missing, &mut unequal).await?;
                 tracing::info!(?change, "mirror in sync");
                 status.send_modify(|s| {
                     s.synced = true;
                     s.syncs += 1;
                     s.last_error = None;
-                    s.held = held.len();
-                    s.kept = kept.len();
+                    unequal.report(s);
                 });
                 backoff.reset();
                 observer(change);
@@ -592,23 +607,14 @@ async fn follow(
                     continue;
                 }
                 // Back in the source: no longer to delete, whatever the put finds.
-                kept.remove(&node.path);
+                unequal.forget(&node.path);
                 let change = match put_persistent(to, &node.path, node.value, None).await {
-                    Ok(()) => {
-                        held.remove(&node.path);
-                        MirrorChange::Put(node.path)
-                    }
-                    Err(error) if held_by_a_session(&error) => {
-                        tracing::warn!(path = %node.path, %error, "not mirrored: the target holds it as a live session's ephemeral node");
-                        held.insert(node.path.clone());
-                        MirrorChange::Held(node.path)
-                    }
-                    Err(error) => return Err(error),
+                    Ok(()) => MirrorChange::Put(node.path),
+                    Err(error) => unequal.not_written(node.path, error)?,
                 };
                 status.send_modify(|s| {
                     s.applied += 1;
-                    s.held = held.len();
-                    s.kept = kept.len();
+                    unequal.report(s);
                 });
                 observer(change);
             }
@@ -616,23 +622,64 @@ async fn follow(
                 if node.is_ephemeral() || node.path.is_root() {
                     continue;
                 }
-                held.remove(&node.path);
+                unequal.forget(&node.path);
                 let change = if remove_persistent(to, &node.path).await? {
                     MirrorChange::Deleted(node.path)
                 } else {
-                    kept.insert(node.path.clone());
+                    unequal.kept.insert(node.path.clone());
                     MirrorChange::Kept(node.path)
                 };
                 status.send_modify(|s| {
                     s.applied += 1;
-                    s.held = held.len();
-                    s.kept = kept.len();
+                    unequal.report(s);
                 });
                 observer(change);
             }
         }
     }
     Ok(())
+}
+
+/// Paths where a mirror's target differs from its source, by the reason it must.
+#[derive(Default)]
+struct Unequal {
+    /// See [`MirrorStatus::held`].
+    held: BTreeSet<NodePath>,
+    /// See [`MirrorStatus::kept`].
+    kept: BTreeSet<NodePath>,
+    /// See [`MirrorStatus::too_large`].
+    too_large: BTreeSet<NodePath>,
+}
+
+impl Unequal {
+    fn report(&self, status: &mut MirrorStatus) {
+        status.held = self.held.len();
+        status.kept = self.kept.len();
+        status.too_large = self.too_large.len();
+    }
+
+    /// The source has just written or deleted `path`: whatever kept it unequal is past.
+    fn forget(&mut self, path: &NodePath) {
+        self.held.remove(path);
+        self.kept.remove(path);
+        self.too_large.remove(path);
+    }
+
+    /// Files a failed [`put_persistent`] of `path` under its reason, or returns the error
+    /// if the mirror must start over for it.
+    fn not_written(&mut self, path: NodePath, error: Error) -> Result<MirrorChange> {
+        if held_by_a_session(&error) {
+            tracing::warn!(%path, %error, "not mirrored: the target holds it as a live session's ephemeral node");
+            self.held.insert(path.clone());
+            return Ok(MirrorChange::Held(path));
+        }
+        if let Error::ValueTooLarge { .. } = error {
+            tracing::warn!(%path, %error, "not mirrored: the value is over the limit");
+            self.too_large.insert(path.clone());
+            return Ok(MirrorChange::TooLarge(path));
+        }
+        Err(error)
+    }
 }
 
 /// Writes again the source's nodes at the `held` paths; a path written, or no longer a
@@ -689,17 +736,15 @@ async fn retry_kept(
     Ok(())
 }
 
-/// Makes the persistent nodes of `to` under `root` equal to `desired`, adding to `held_paths`
-/// the paths it could not write (see [`MirrorStatus::held`]) and to `kept_paths` those it could
-/// not delete (see [`MirrorStatus::kept`]). Refuses (a retryable error) to empty the target
+/// Makes the persistent nodes of `to` under `root` equal to `desired`, adding to `unequal`
+/// the paths it could not write or delete. Refuses (a retryable error) to empty the target
 /// when nothing at all exists at `root` in the source.
 async fn sync(
     to: &dyn Registry,
     root: &NodePath,
     desired: &BTreeMap<NodePath, Bytes>,
     source_missing: bool,
-    held_paths: &mut BTreeSet<NodePath>,
-    kept_paths: &mut BTreeSet<NodePath>,
+    unequal: &mut Unequal,
 ) -> Result<MirrorChange> {
     let current = persistent_tree(to, root).await?;
     // A missing source root is far likelier a wrong path or chroot, or a source that came
@@ -711,19 +756,16 @@ async fn sync(
             current.len()
         )));
     }
-    let (mut written, mut held) = (0, 0);
+    let mut written = 0;
     for (path, value) in desired {
         if current.get(path).map(|n| &n.value) != Some(value) {
             // A path missing from `current` may be an ephemeral node there: `put` reads it.
             let seen = current.get(path).map(|node| Some(node.version));
             match put_persistent(to, path, value.clone(), seen).await {
                 Ok(()) => written += 1,
-                Err(error) if held_by_a_session(&error) => {
-                    tracing::warn!(path = %path, %error, "not mirrored: the target holds it as a live session's ephemeral node");
-                    held += 1;
-                    held_paths.insert(path.clone());
+                Err(error) => {
+                    unequal.not_written(path.clone(), error)?;
                 }
-                Err(error) => return Err(error),
             }
         }
     }
@@ -741,7 +783,7 @@ async fn sync(
             Ok(false) => {}
             // Live ephemerals below it: deleted once they go.
             Err(Error::NotEmpty { .. }) => {
-                kept_paths.insert(path.clone());
+                unequal.kept.insert(path.clone());
             }
             Err(error) => return Err(error),
         }
@@ -750,7 +792,8 @@ async fn sync(
         nodes: desired.len(),
         written,
         deleted,
-        held,
-        kept: kept_paths.len(),
+        held: unequal.held.len(),
+        kept: unequal.kept.len(),
+        too_large: unequal.too_large.len(),
     })
 }

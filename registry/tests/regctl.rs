@@ -572,6 +572,11 @@ fn bad_input_is_refused_before_connecting() {
         "/",
     ]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Both sides' URLs are read before either is connected to.
+    for command in ["diff", "copy", "mirror"] {
+        let out = regctl(&[command, "--from", url, "--to", "etcd://", "/a"]);
+        assert_eq!(out.status.code(), Some(2), "{command}: {out:?}");
+    }
 }
 
 #[test]
@@ -596,6 +601,18 @@ fn an_unreachable_server_is_named_with_the_root_cause() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("connect to 127.0.0.1:1"), "{said}");
     assert!(said.contains("Connection refused"), "{said}");
+    // A two-registry command says which side it could not reach.
+    let out = regctl(&[
+        "diff",
+        "--from",
+        "mem://",
+        "--to",
+        "etcd://127.0.0.1:1",
+        "/",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("target etcd://127.0.0.1:1"), "{said}");
 }
 
 #[test]
@@ -665,5 +682,74 @@ fn tree_of_a_missing_node_prints_nothing_and_fails() {
         stdout(&tree),
         "",
         "a missing node was printed as if it existed"
+    );
+}
+
+#[test]
+fn a_held_node_whose_session_ends_fails_the_command() {
+    let etcd = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("etcd://{}?session_ttl=2s", etcd.endpoint());
+    let mut hold = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args([
+            "--url",
+            &url,
+            "create",
+            "--ephemeral",
+            "--hold",
+            "/held",
+            "v",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut hold);
+    wait_line(&lines, "/held");
+    // The operator's node goes with its session: revoking the lease ends that session.
+    let leases = conformance_tests::support::etcdctl(&etcd.endpoint(), &["lease", "list"]);
+    let ids: Vec<&str> = leases
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(!ids.is_empty(), "no lease to revoke: {leases}");
+    for id in ids {
+        conformance_tests::support::etcdctl(&etcd.endpoint(), &["lease", "revoke", id]);
+    }
+    assert_eq!(exit_code_within_10s(&mut hold, "hold"), Some(3));
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut hold.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(said.contains("the node is gone with it"), "{said}");
+}
+
+#[test]
+fn a_mirror_stopped_out_of_sync_says_so_and_fails() {
+    let etcd = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let to = format!("etcd://{}", etcd.endpoint());
+    assert!(regctl(&["--url", &to, "put", "/soa/config/a", "1"])
+        .status
+        .success());
+    // A source without the path: the mirror refuses to empty the target and keeps retrying.
+    let mut mirror = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(["mirror", "--from", "mem://", "--to", &to, "/soa/config"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut mirror);
+    wait_line(&lines, "retrying");
+    // SIGTERM, as systemd or `timeout` sends: the mirror still stops and reports.
+    let _ = Command::new("kill")
+        .args(["-TERM", &mirror.id().to_string()])
+        .status();
+    let seen = wait_line(&lines, "mirror stopped");
+    assert!(
+        seen.last().is_some_and(|l| l.contains("out of sync")),
+        "{seen:?}"
+    );
+    assert_eq!(exit_code_within_10s(&mut mirror, "mirror"), Some(3));
+    assert_eq!(
+        stdout(&regctl(&["--url", &to, "get", "/soa/config/a"])).trim(),
+        "1"
     );
 }

@@ -14,8 +14,8 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use registry::migrate::{self, CopyOptions, CopySummary, Mirror, MirrorChange};
 use registry::{
-    connect, Bytes, CreateMode, DeleteScope, Error, Expected, Node, NodePath, Registry, WatchEvent,
-    WatchOptions, WatchScope,
+    connect, connect_url, Bytes, CreateMode, DeleteScope, Error, Expected, Node, NodePath,
+    Registry, RegistryUrl, SessionState, WatchEvent, WatchOptions, WatchScope,
 };
 
 #[derive(Parser)]
@@ -295,6 +295,46 @@ async fn open(url: &Option<String>) -> Result<Arc<dyn Registry>, Failure> {
     Ok(connect(url).await?)
 }
 
+/// Connects to both sides of a two-registry command, parsing both URLs first (a typo in one
+/// must not cost a connection to the other); a failure to connect says which side failed.
+async fn connect_both(
+    from: &str,
+    to: &str,
+) -> Result<(Arc<dyn Registry>, Arc<dyn Registry>), Failure> {
+    let (from, to) = (RegistryUrl::parse(from)?, RegistryUrl::parse(to)?);
+    // The URLs' `Display` leaves their passwords out.
+    let failed = |side: &str, url: &RegistryUrl, error: Error| {
+        Failure::Refused(format!("{side} {url}: {}", with_root_cause(&error)))
+    };
+    let source = connect_url(&from)
+        .await
+        .map_err(|e| failed("source", &from, e))?;
+    match connect_url(&to).await {
+        Ok(target) => Ok((source, target)),
+        Err(error) => {
+            let _ = source.close().await;
+            Err(failed("target", &to, error))
+        }
+    }
+}
+
+/// Resolves at the first SIGINT (Ctrl-C) or SIGTERM (`kill`, systemd, `timeout`), so a
+/// command holding an ephemeral node or a mirror closes its clients either way.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 fn mirror_text(change: &MirrorChange) -> String {
     match change {
         MirrorChange::Synced {
@@ -303,13 +343,18 @@ fn mirror_text(change: &MirrorChange) -> String {
             deleted,
             held,
             kept,
+            too_large,
         } => format!(
-            "synced {nodes} nodes ({written} written, {deleted} deleted, {held} held by live sessions, {kept} kept for live instances below)"
+            "synced {nodes} nodes ({written} written, {deleted} deleted, {held} held by live sessions, {kept} kept for live instances below, {too_large} too large)"
         ),
         MirrorChange::Put(p) => format!("put {p}"),
         MirrorChange::Deleted(p) => format!("deleted {p}"),
         MirrorChange::Kept(p) => format!("kept {p} (live instances below it)"),
         MirrorChange::Held(p) => format!("held {p} (a live session's ephemeral node in the target)"),
+        MirrorChange::TooLarge(p) => format!(
+            "too large {p} (a value over {} bytes, not written)",
+            registry::MAX_VALUE_LEN
+        ),
         MirrorChange::Retrying { error, after } => {
             format!("retrying in {} ms: {error}", after.as_millis())
         }
@@ -324,13 +369,15 @@ fn mirror_json(change: &MirrorChange) -> serde_json::Value {
             deleted,
             held,
             kept,
+            too_large,
         } => {
-            serde_json::json!({"event": "synced", "nodes": nodes, "written": written, "deleted": deleted, "held": held, "kept": kept})
+            serde_json::json!({"event": "synced", "nodes": nodes, "written": written, "deleted": deleted, "held": held, "kept": kept, "too_large": too_large})
         }
         MirrorChange::Put(p) => serde_json::json!({"event": "put", "path": p.as_str()}),
         MirrorChange::Deleted(p) => serde_json::json!({"event": "deleted", "path": p.as_str()}),
         MirrorChange::Kept(p) => serde_json::json!({"event": "kept", "path": p.as_str()}),
         MirrorChange::Held(p) => serde_json::json!({"event": "held", "path": p.as_str()}),
+        MirrorChange::TooLarge(p) => serde_json::json!({"event": "too_large", "path": p.as_str()}),
         MirrorChange::Retrying { error, after } => {
             serde_json::json!({"event": "retrying", "error": error, "after_ms": after.as_millis() as u64})
         }
@@ -460,12 +507,35 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 n.path.to_string()
             });
+            let mut lost = None;
             if hold && shown.is_ok() {
-                let _ = tokio::signal::ctrl_c().await;
+                // An ephemeral node goes with its session: holding on after that would
+                // tell the operator it is still there.
+                let mut sessions = reg.session_events();
+                let session_ended = async {
+                    // Bounded by the session: it ends in `Lost` or `Closed`.
+                    while let Some(status) = sessions.next().await {
+                        if matches!(status.state, SessionState::Lost | SessionState::Closed) {
+                            return status.state;
+                        }
+                    }
+                    SessionState::Closed
+                };
+                tokio::select! {
+                    _ = interrupted() => {}
+                    state = session_ended => lost = Some(state),
+                }
             }
             // Closed even when the output failed, so an ephemeral goes now, not after its TTL.
-            reg.close().await?;
+            let closed = reg.close().await;
             shown?;
+            if let Some(state) = lost {
+                return Err(Failure::Refused(format!(
+                    "the session holding {} ended ({state:?}); the node is gone with it",
+                    n.path
+                )));
+            }
+            closed?;
         }
         Command::Rm { path: p, recursive } => {
             let target = not_root(path(&p)?, "delete")?;
@@ -493,7 +563,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let mut stream = reg.watch(&target, WatchOptions::scoped(scope)).await?;
             // One future for the whole loop: a new one per item could miss a Ctrl-C that
             // arrives between two of them.
-            let interrupted = tokio::signal::ctrl_c();
+            let interrupted = interrupted();
             tokio::pin!(interrupted);
             loop {
                 let item = tokio::select! {
@@ -531,7 +601,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Diff { from, to, path: p } => {
             let root = path(&p)?;
-            let (src, dst) = (connect(&from).await?, connect(&to).await?);
+            let (src, dst) = connect_both(&from, &to).await?;
             let differences = migrate::diff(&*src, &*dst, &root).await?;
             if json {
                 // One document, also when empty, as every non-streaming command prints.
@@ -701,7 +771,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             dry_run,
         } => {
             let root = path(&p)?;
-            let (src, dst) = (connect(&from).await?, connect(&to).await?);
+            let (src, dst) = connect_both(&from, &to).await?;
             let bar = if json {
                 ProgressBar::hidden()
             } else {
@@ -721,12 +791,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 bar.set_position(done as u64);
             })
             .await
-            .inspect_err(|error| {
-                if let Error::AlreadyExists { path } = error {
-                    complain(format_args!(
-                        "the target holds {path} as a live session's ephemeral node; copy writes persistent nodes only and wrote nothing"
-                    ));
+            .map_err(|error| match error {
+                Error::AlreadyExists { path } => Failure::Refused(format!(
+                    "the target holds {path} as a live session's ephemeral node; copy writes persistent nodes only and wrote nothing"
+                )),
+                // The source's value, not the operator's input: refused, and nothing written.
+                Error::ValueTooLarge { .. } => {
+                    Failure::Refused(format!("{error}; copy wrote nothing"))
                 }
+                other => other.into(),
             })?;
             bar.finish_and_clear();
             let summary = format!(
@@ -743,7 +816,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Mirror { from, to, path: p } => {
             let root = path(&p)?;
-            let (src, dst) = (connect(&from).await?, connect(&to).await?);
+            let (src, dst) = connect_both(&from, &to).await?;
             // The log is the operator's only view of the mirror: once it cannot be written
             // (`| head` went away), the mirror stops rather than run unseen.
             let (unwritable, mut output_failed) = tokio::sync::mpsc::unbounded_channel();
@@ -759,7 +832,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     }
                 });
             let output_error = tokio::select! {
-                _ = tokio::signal::ctrl_c() => None,
+                _ = interrupted() => None,
                 error = output_failed.recv() => error,
             };
             let status = mirror.stop().await;
@@ -768,15 +841,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::Output(error));
             }
             let shown = say(if json {
-                serde_json::json!({"event": "stopped", "applied": status.applied, "syncs": status.syncs}).to_string()
+                serde_json::json!({
+                    "event": "stopped", "synced": status.synced, "applied": status.applied,
+                    "syncs": status.syncs, "held": status.held, "kept": status.kept,
+                    "too_large": status.too_large, "last_error": status.last_error,
+                })
+                .to_string()
             } else {
                 format!(
-                    "mirror stopped: {} changes applied, {} full syncs",
-                    status.applied, status.syncs
+                    "mirror stopped {}: {} changes applied, {} full syncs, {} held, {} kept, {} too large",
+                    if status.synced { "in sync" } else { "out of sync" },
+                    status.applied,
+                    status.syncs,
+                    status.held,
+                    status.kept,
+                    status.too_large
                 )
             });
             let _ = (src.close().await, dst.close().await);
             shown?;
+            // A script must not take a mirror that never caught up for a finished one.
+            if !status.synced {
+                return Err(Failure::Refused(match status.last_error {
+                    Some(error) => format!("the mirror was not in sync when stopped: {error}"),
+                    None => "the mirror was not in sync when stopped".to_owned(),
+                }));
+            }
         }
     }
     Ok(())
