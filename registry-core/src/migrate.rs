@@ -424,8 +424,9 @@ pub struct MirrorStatus {
 /// below them, in which case they are kept and deleted once those are gone, tried every
 /// [`HELD_RETRY`]); then every change the source's watch reports is applied. A full sync never
 /// empties the target because the source's root is missing (a wrong path or chroot, a source
-/// restarted without its data): it reports [`MirrorChange::Retrying`] instead until the
-/// root exists. After a watch resync,
+/// restarted without its data), nor deletes the target's root when the source's goes: it
+/// reports [`MirrorChange::Retrying`] instead until the root exists (what the source deletes
+/// below the root before that is deleted in the target, as it happens). After a watch resync,
 /// a stream end, or any failure on either side (a server restarting), it waits with capped
 /// backoff and starts over with a full sync, so no change is lost for good. Ephemeral nodes
 /// are never copied, and a path the target holds as a live session's ephemeral node is left
@@ -621,6 +622,13 @@ async fn follow(
             WatchEvent::Deleted(node) => {
                 if node.is_ephemeral() || node.path.is_root() {
                     continue;
+                }
+                if node.path == *root {
+                    // As in a full sync: a missing source root is no order to empty the
+                    // target. Starting over reports it until the root is back.
+                    return Err(Error::unavailable(format!(
+                        "{root} was deleted in the source; not deleting it in the target"
+                    )));
                 }
                 unequal.forget(&node.path);
                 let change = if remove_persistent(to, &node.path).await? {

@@ -1261,6 +1261,43 @@ async fn mirror_never_empties_the_target_from_a_missing_source_root() {
 }
 
 #[tokio::test]
+async fn mirror_keeps_the_target_root_when_the_source_root_is_deleted() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst) = (client(&a).await, client(&b).await);
+    src.create(
+        &p("/soa/config/x"),
+        Bytes::from("1"),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mirror =
+        Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa/config"), move |c| {
+            let _ = tx.send(c);
+        });
+    mirror.wait_synced(WAIT).await.unwrap();
+    src.delete(&p("/soa/config"), Expected::Any, DeleteScope::Recursive)
+        .await
+        .unwrap();
+    // Bounded: the mirror reports within WAIT or the test fails.
+    loop {
+        match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+            Some(MirrorChange::Retrying { error, .. }) => {
+                assert!(error.contains("/soa/config"), "{error}");
+                break;
+            }
+            Some(MirrorChange::Deleted(path)) => assert_eq!(path, p("/soa/config/x")),
+            Some(MirrorChange::Synced { .. }) => {}
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(dst.exists(&p("/soa/config")).await.unwrap());
+    assert!(!mirror.status().synced);
+    mirror.stop().await;
+}
+
+#[tokio::test]
 async fn merged_children_put_the_primary_first_as_create_orders_are_not_comparable() {
     let (pa, sb, dual) = merged().await;
     // The primary's counter runs ahead (as a ZooKeeper zxid does of a fresh etcd revision).
