@@ -312,3 +312,54 @@ async fn sasl_digest_md5_identities_and_acls() {
         wrong.err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_chroot_serves_a_client_that_may_not_create_at_the_root() {
+    let zk = server();
+    let admin = zookeeper_client::Client::connector()
+        .with_session_timeout(Duration::from_secs(4))
+        .connect(&zk.connect_string())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let open =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    for path in ["/team", "/team/soa"] {
+        admin
+            .create(path, b"", &open)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    // A locked-down ensemble: nobody but its operators creates at `/`, nor under `/team`.
+    for path in ["/", "/team"] {
+        admin
+            .set_acl(path, &zookeeper_client::Acls::anyone_read(), None)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    let options = ZkOptions::new([zk.connect_string()])
+        .with_session_ttl(SESSION)
+        .with_namespace(p("/team/soa"));
+    let reg = ZkRegistry::connect(options)
+        .await
+        .unwrap_or_else(|e| panic!("connect under an existing chroot: {e}"));
+    reg.create(&p("/config"), Bytes::from("v"), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("write under the chroot: {e}"));
+    assert_eq!(
+        admin
+            .get_data("/team/soa/config")
+            .await
+            .map(|(v, _)| v)
+            .ok(),
+        Some(b"v".to_vec())
+    );
+    // A chroot that is missing still needs the right to create it, and says so.
+    let options = ZkOptions::new([zk.connect_string()])
+        .with_session_ttl(SESSION)
+        .with_namespace(p("/team/other"));
+    match ZkRegistry::connect(options).await.map(|_| ()) {
+        Err(Error::PermissionDenied { path }) => assert_eq!(path, p("/team/other")),
+        other => panic!("expected PermissionDenied on /team/other, got {other:?}"),
+    }
+    reg.close().await.unwrap();
+}

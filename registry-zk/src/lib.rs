@@ -201,12 +201,34 @@ async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
         let Some(chroot) = &options.namespace else {
             return Ok(client);
         };
-        for path in chroot
-            .ancestors()
-            .iter()
-            .skip(1)
-            .chain(std::iter::once(chroot))
-        {
+        // Read first: ZooKeeper checks the right to create on the parent before whether the
+        // node exists, so a client that may not create at `/` could not use an existing
+        // chroot; and an existing one is not written at every connect.
+        let exists = |path: &NodePath| {
+            let path = path.clone();
+            let client = &client;
+            async move {
+                client
+                    .check_stat(path.as_str())
+                    .await
+                    .map(|stat| stat.is_some())
+                    .map_err(|e| map(e, "read chroot", &path))
+            }
+        };
+        let missing = if exists(chroot).await? {
+            Vec::new()
+        } else {
+            let mut missing = vec![chroot.clone()];
+            for ancestor in chroot.ancestors().into_iter().rev() {
+                if ancestor.is_root() || exists(&ancestor).await? {
+                    break;
+                }
+                missing.push(ancestor);
+            }
+            missing.reverse();
+            missing
+        };
+        for path in &missing {
             let created = client
                 .create(
                     path.as_str(),

@@ -26,7 +26,9 @@ pub struct ZkOptions {
     /// `host:port` of every server to use (an element may itself be a ZooKeeper connect
     /// string `h1:2181,h2:2181`: they are joined with commas).
     pub endpoints: Vec<String>,
-    /// Every path lives under this node (ZooKeeper's chroot; created if missing).
+    /// Every path lives under this node (ZooKeeper's chroot). Created at connect if missing,
+    /// with open ACLs, which needs the right to create in its nearest existing ancestor; an
+    /// existing chroot is only read, so a client with no rights outside it can use it.
     pub namespace: Option<NodePath>,
     /// The session's TTL: ZooKeeper's session timeout, asked of the server (which clamps it
     /// to 2..20 ticks); the session expires this long after the server last heard from it.
