@@ -31,7 +31,8 @@ pub struct ServiceSnapshot {
     /// The global config (`/soa/config/services`).
     pub global: ServiceConfig,
     /// Routing rules. When the routes text stops parsing, the last rules that parsed stay
-    /// in force (an operator's typo must not lift a blacklist) and the error is in `errors`.
+    /// in force (an operator's typo must not lift a blacklist) and the error is in `errors`;
+    /// when none has parsed since the view opened, see `unparsed_rules`.
     pub routes: Vec<Route>,
     /// Cookie-injection rules; like `routes`, the last ones that parsed while the text does
     /// not.
@@ -39,6 +40,11 @@ pub struct ServiceSnapshot {
     /// Malformed config properties (left out; the rest of the config applies) and rule texts
     /// that do not parse (the last rules that did stay in force).
     pub errors: Vec<(NodePath, ParseError)>,
+    /// Rule texts (routes, cookie rules) that have not parsed since the view opened, with
+    /// their errors: no rules of theirs are known to be in force, so
+    /// [`select`](ServiceView::select) fails with [`SoaError::RulesUnparsed`] until they parse
+    /// (routing to every instance could send calls where a blacklist forbids them).
+    pub unparsed_rules: Vec<(NodePath, ParseError)>,
     /// True while the registry is unreachable, and after it is reachable again until the
     /// view has read every source anew: this is the last known state.
     pub stale: bool,
@@ -59,6 +65,7 @@ impl ServiceSnapshot {
             && self.routes == other.routes
             && self.cookies == other.cookies
             && self.errors == other.errors
+            && self.unparsed_rules == other.unparsed_rules
     }
 }
 
@@ -413,21 +420,34 @@ fn build(
     };
     let service_config = config_of(config, &sources.paths.config);
     let global_config = config_of(global, &sources.global);
+    let mut unparsed_rules = Vec::new();
+    // The last rules that parsed, if any did since the view opened.
+    let mut last_good = |path: &NodePath, error: ParseError| {
+        let parsed_before = previous.filter(|p| {
+            !p.unparsed_rules
+                .iter()
+                .any(|(unparsed, _)| unparsed == path)
+        });
+        if parsed_before.is_some() {
+            tracing::warn!(%path, %error, "rules do not parse; the last rules that did stay in force");
+        } else {
+            tracing::error!(%path, %error, "rules do not parse and none did before; selecting fails until they do");
+            unparsed_rules.push((path.clone(), error.clone()));
+        }
+        errors.push((path.clone(), error));
+        parsed_before
+    };
     let routes = match parse_routes(&text(routes, &sources.paths.routes)) {
         Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(path = %sources.paths.routes, error = %e, "routes do not parse; the last rules that did stay in force");
-            errors.push((sources.paths.routes.clone(), e));
-            previous.map(|p| p.routes.clone()).unwrap_or_default()
-        }
+        Err(e) => last_good(&sources.paths.routes, e)
+            .map(|p| p.routes.clone())
+            .unwrap_or_default(),
     };
     let cookies = match parse_cookie_rules(&text(cookies, &sources.paths.cookies)) {
         Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(path = %sources.paths.cookies, error = %e, "cookie rules do not parse; the last rules that did stay in force");
-            errors.push((sources.paths.cookies.clone(), e));
-            previous.map(|p| p.cookies.clone()).unwrap_or_default()
-        }
+        Err(e) => last_good(&sources.paths.cookies, e)
+            .map(|p| p.cookies.clone())
+            .unwrap_or_default(),
     };
     let mut list: Vec<Instance> = instances.nodes().filter_map(parse_instance).collect();
     list.sort_by_key(|i| i.create_order);
@@ -449,6 +469,7 @@ fn build(
         routes,
         cookies,
         errors,
+        unparsed_rules,
         stale,
         generation,
         selection,
@@ -529,6 +550,13 @@ impl ServiceView {
         if instances.is_empty() {
             return Err(SoaError::NoInstance {
                 service: self.service.clone(),
+            });
+        }
+        if let Some((path, error)) = snap.unparsed_rules.first() {
+            return Err(SoaError::RulesUnparsed {
+                service: self.service.clone(),
+                path: path.clone(),
+                error: error.clone(),
             });
         }
         let strategy = resolve(

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use registry_core::Error as RegistryError;
+use registry_core::{Error as RegistryError, NodePath};
 
 /// The lines of a config or routes text: split at `\n`, `\r\n` and a lone `\r`, as
 /// Dapeng's lexer and config reader split them. [`ParseError::line`] counts these.
@@ -86,6 +86,17 @@ pub enum SoaError {
     RoutingExcludedAll {
         /// The service.
         service: String,
+    },
+    /// The service's routes or cookie rules at `path` have not parsed since the view opened,
+    /// so which instances they allow is unknown; selecting fails until they parse.
+    #[error("rules of {service} at {path} do not parse ({error}); no instance is selected until they do")]
+    RulesUnparsed {
+        /// The service.
+        service: String,
+        /// The routes or cookie-rules node.
+        path: NodePath,
+        /// Why they do not parse.
+        error: ParseError,
     },
     /// The registry failed.
     #[error(transparent)]

@@ -227,6 +227,44 @@ async fn routes_that_stop_parsing_keep_the_last_rules_in_force() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_that_never_parsed_fail_selection_until_they_do() {
+    let (registry, _providers) = with_providers(&[(1, "1.0.0"), (2, "1.0.0")]).await;
+    // A consumer starting while a typo sits below a blacklist: no rules are known.
+    write_rules(
+        &registry,
+        "routes",
+        "otherwise => ~ip'10.0.0.1'\nmethod match 'x' => ip'1.2.3'",
+    )
+    .await;
+    // Cookie rules the same way, as they feed routing.
+    write_rules(&registry, "cookies", "method match =>").await;
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "two instances", |s| s.instances.len() == 2).await;
+    assert_eq!(view.snapshot().unparsed_rules.len(), 2);
+    let plain = call("1.0.0");
+    for _ in 0..100 {
+        match view.select(&plain, &SelectOptions::default()) {
+            Err(SoaError::RulesUnparsed { path, error, .. }) => {
+                assert_eq!(path.as_str(), format!("/soa/config/routes/{SERVICE}"));
+                assert_eq!(error.line, 2, "{error}");
+            }
+            other => panic!("selected despite unparsed routes: {other:?}"),
+        }
+    }
+
+    // Fixed, the rules apply and selection works.
+    write_rules(&registry, "routes", "otherwise => ~ip'10.0.0.1'").await;
+    write_rules(&registry, "cookies", "").await;
+    until(&view, "rules parsed", |s| s.unparsed_rules.is_empty()).await;
+    assert_eq!(picked(&view, &plain), [2].into());
+    // From then on a typo keeps the last good rules, as before.
+    write_rules(&registry, "routes", "otherwise =>").await;
+    until(&view, "the parse error", |s| !s.errors.is_empty()).await;
+    assert!(view.snapshot().unparsed_rules.is_empty());
+    assert_eq!(picked(&view, &plain), [2].into());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cookies_added_by_rules_steer_routing() {
     let (registry, _providers) = with_providers(&[(1, "1.0.0"), (2, "1.0.0")]).await;
     write_rules(&registry, "cookies", "method match 'get' => c\"tier#gold\"").await;
