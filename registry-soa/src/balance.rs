@@ -71,6 +71,7 @@ struct InFlight {
 }
 
 /// Marks one call in flight for least-active balancing; dropping it marks the call finished.
+#[derive(Debug)]
 pub struct CallGuard {
     counter: Arc<AtomicU64>,
 }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::balance::{random_below, Balancer, Candidate};
+use crate::balance::{random_below, Balancer, CallGuard, Candidate};
 use crate::config::{parse_config, resolve, weight_of, LoadBalance, ServiceConfig};
 use crate::error::{ParseError, SoaError};
 use crate::layout::{global_config, parse_instance, Instance, ServicePaths};
@@ -539,6 +539,8 @@ impl ServiceView {
     /// Lock-free and allocation-free for random and consistent-hash picks when no cookie rule
     /// applies (the work that depends only on the snapshot is done once per change, and rules
     /// read the call's values in place); the instance is shared with the snapshot, not copied.
+    /// It does not count the call in flight: use [`start_call`](ServiceView::start_call)
+    /// where `leastActive` may apply.
     pub fn select(
         &self,
         call: &CallContext,
@@ -615,6 +617,35 @@ impl ServiceView {
             .ok_or_else(|| SoaError::NoInstance {
                 service: self.service.clone(),
             })
+    }
+}
+
+/// A call started on an instance [`ServiceView::start_call`] chose: counted in flight on the
+/// instance's address (what `leastActive` balances on) until dropped.
+#[derive(Debug)]
+pub struct StartedCall {
+    /// The instance to call (shared with the snapshot it was chosen from).
+    pub instance: Arc<Instance>,
+    _in_flight: CallGuard,
+}
+
+impl ServiceView {
+    /// [`select`](ServiceView::select), then counts the call in flight on the chosen instance
+    /// until the returned [`StartedCall`] is dropped: drop it when the call ends. `leastActive`
+    /// picks by these counts; with plain `select`, calls count only through
+    /// [`balancer().start_call`](Balancer::start_call), else every instance looks idle and a
+    /// `leastActive` pick is weighted random.
+    pub fn start_call(
+        &self,
+        call: &CallContext,
+        options: &SelectOptions,
+    ) -> Result<StartedCall, SoaError> {
+        let instance = self.select(call, options)?;
+        let in_flight = self.balancer.start_call(instance.address);
+        Ok(StartedCall {
+            instance,
+            _in_flight: in_flight,
+        })
     }
 }
 

@@ -15,7 +15,7 @@ pub mod routes;
 pub mod tower;
 pub mod version;
 
-pub use discovery::{SelectOptions, ServiceSnapshot, ServiceView};
+pub use discovery::{SelectOptions, ServiceSnapshot, ServiceView, StartedCall};
 pub use error::{ParseError, SoaError};
 pub use layout::{Address, Instance};
 pub use provider::Provider;

@@ -265,6 +265,47 @@ async fn rules_that_never_parsed_fail_selection_until_they_do() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_active_picks_by_the_calls_started_through_the_view() {
+    let (registry, _providers) = with_providers(&[(1, "1.0.0"), (2, "1.0.0")]).await;
+    let config = NodePath::new(format!("/soa/config/services/{SERVICE}")).unwrap();
+    registry
+        .set(
+            &config,
+            Bytes::from("loadBalance/leastActive"),
+            Expected::Any,
+        )
+        .await
+        .unwrap();
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "two instances, leastActive", |s| {
+        s.instances.len() == 2 && s.config.load_balance.default.is_some()
+    })
+    .await;
+    let plain = call("1.0.0");
+    let start = || view.start_call(&plain, &SelectOptions::default()).unwrap();
+    // Calls held open spread evenly: each new one goes where fewer are in flight.
+    let held: Vec<_> = (0..10).map(|_| start()).collect();
+    let on = |octet: u8| {
+        held.iter()
+            .filter(|c| c.instance.address.ip.octets()[3] == octet)
+            .count()
+    };
+    assert_eq!((on(1), on(2)), (5, 5));
+    // One more call open on an instance: every call that starts and ends meanwhile avoids it.
+    let busy = start();
+    let busy_octet = busy.instance.address.ip.octets()[3];
+    for _ in 0..100 {
+        let call = start();
+        assert_ne!(call.instance.address.ip.octets()[3], busy_octet);
+    }
+    drop(busy);
+    let address = held[0].instance.address;
+    assert_eq!(view.balancer().active_calls(address), 5);
+    drop(held);
+    assert_eq!(view.balancer().active_calls(address), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cookies_added_by_rules_steer_routing() {
     let (registry, _providers) = with_providers(&[(1, "1.0.0"), (2, "1.0.0")]).await;
     write_rules(&registry, "cookies", "method match 'get' => c\"tier#gold\"").await;
