@@ -105,9 +105,18 @@ impl std::str::FromStr for Address {
         let (ip, port) = s.split_once(':').ok_or_else(invalid)?;
         Ok(Address {
             ip: ip.parse().map_err(|_| invalid())?,
-            port: port.parse().ok().filter(|p| *p != 0).ok_or_else(invalid)?,
+            port: port_of(port).ok_or_else(invalid)?,
         })
     }
+}
+
+/// A port written in decimal digits only, not 0: `+9090` or ` 9090` would name the same
+/// instance as `9090` under another node name, and port 0 is no instance's.
+fn port_of(text: &str) -> Option<u16> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok().filter(|port| *port != 0)
 }
 
 /// One live instance of a service, read from its runtime node.
@@ -128,7 +137,14 @@ pub struct Instance {
 }
 
 /// The name prefix a provider registers: `ip:port:version:` (the server appends the sequence).
+/// Refuses port 0 and `0.0.0.0`, which no consumer can call (and reads as no instance).
 pub fn instance_prefix(address: Address, version: &str) -> Result<String, SoaError> {
+    if address.port == 0 || address.ip.is_unspecified() {
+        return Err(SoaError::Invalid {
+            what: "address (port 0 and 0.0.0.0 cannot be called)",
+            value: address.to_string(),
+        });
+    }
     if version.is_empty() || version.contains([':', '/']) {
         return Err(SoaError::Invalid {
             what: "version",
@@ -146,8 +162,7 @@ pub fn parse_instance(node: &Node) -> Option<Instance> {
     let parts: Vec<&str> = name.split(':').collect();
     let address = Address {
         ip: parts.first()?.parse().ok()?,
-        // Port 0 is no instance's (as `Address` parsing says).
-        port: parts.get(1)?.parse().ok().filter(|port| *port != 0)?,
+        port: port_of(parts.get(1)?)?,
     };
     let weight = std::str::from_utf8(&node.value)
         .ok()
@@ -207,6 +222,9 @@ mod tests {
             "1.2.3.4:1:v:s:0000000001",
             "1.2.3.4:0:1.0.0:0000000001",
             "1.2.3.4:0",
+            // Another spelling of 1.2.3.4:9090, which must not pass for it.
+            "1.2.3.4:+9090:1.0.0:0000000001",
+            "1.2.3.4:+9090",
         ] {
             assert!(
                 parse_instance(&node(&format!("/s/{bad}"), "")).is_none(),
@@ -225,5 +243,15 @@ mod tests {
         assert_eq!(instance_prefix(a, "1.0.0").unwrap(), "10.0.0.1:9090:1.0.0:");
         assert!(instance_prefix(a, "1:0").is_err());
         assert!("10.0.0.1:0".parse::<Address>().is_err());
+        assert!("10.0.0.1:+9090".parse::<Address>().is_err());
+        assert!("10.0.0.1:".parse::<Address>().is_err());
+        for uncallable in ["10.0.0.1:0", "0.0.0.0:9090"] {
+            let (ip, port) = uncallable.split_once(':').unwrap();
+            let address = Address {
+                ip: ip.parse().unwrap(),
+                port: port.parse().unwrap(),
+            };
+            assert!(instance_prefix(address, "1.0.0").is_err(), "{uncallable}");
+        }
     }
 }
