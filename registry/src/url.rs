@@ -129,7 +129,8 @@ fn invalid(url: &str, what: impl fmt::Display) -> Error {
 }
 
 /// Hides the credentials of a URL string that may not even parse: everything before the last
-/// `@` after the scheme except the user name (all of it if the scheme is not plain).
+/// `@` after the scheme except the user name (all of it if the scheme is not plain); with no
+/// `@`, any endpoint's "port" that is not digits (a `user:password` missing its `@host`).
 fn redact(url: &str) -> String {
     let (prefix, rest) = match url.split_once("://") {
         Some((scheme, rest)) if plain_scheme(scheme) => (format!("{scheme}://"), rest),
@@ -142,7 +143,24 @@ fn redact(url: &str) -> String {
             }
             _ => format!("{prefix}***@{hosts}"),
         },
-        None => url.to_owned(),
+        None => {
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let (hosts, tail) = rest.split_at(end);
+            let hosts: Vec<String> = hosts.split(',').map(shown_endpoint).collect();
+            format!("{prefix}{}{tail}", hosts.join(","))
+        }
+    }
+}
+
+/// An endpoint as an error may show it: after the first `:`, only digits (a port); anything
+/// else there may be a password whose `@host` was left out, and is hidden.
+fn shown_endpoint(text: &str) -> String {
+    if text.starts_with('[') {
+        return text.to_owned();
+    }
+    match text.split_once(':') {
+        Some((host, port)) if !port.bytes().all(|b| b.is_ascii_digit()) => format!("{host}:***"),
+        _ => text.to_owned(),
     }
 }
 
@@ -185,8 +203,10 @@ fn format_duration(d: Duration) -> String {
     }
 }
 
-fn parse_endpoint(url: &str, text: &str) -> Result<Endpoint, Error> {
-    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+fn parse_endpoint(url: &str, endpoint: &str) -> Result<Endpoint, Error> {
+    // Messages show `text`, parsing reads `endpoint`.
+    let text = &shown_endpoint(endpoint);
+    let (host, port) = if let Some(rest) = endpoint.strip_prefix('[') {
         let (host, after) = rest
             .split_once(']')
             .ok_or_else(|| invalid(url, format!("endpoint {text:?} has '[' without ']'")))?;
@@ -201,7 +221,7 @@ fn parse_endpoint(url: &str, text: &str) -> Result<Endpoint, Error> {
             .ok_or_else(|| invalid(url, format!("endpoint {text:?} needs :port")))?;
         (host, port)
     } else {
-        let (host, port) = text
+        let (host, port) = endpoint
             .rsplit_once(':')
             .ok_or_else(|| invalid(url, format!("endpoint {text:?} needs host:port")))?;
         if host.contains(':') {
@@ -233,7 +253,14 @@ fn parse_endpoint(url: &str, text: &str) -> Result<Endpoint, Error> {
         .ok_or_else(|| {
             invalid(
                 url,
-                format!("endpoint {text:?} has an invalid port {port:?}"),
+                if digits {
+                    format!("endpoint {text:?} has an invalid port {port} (1-65535)")
+                } else {
+                    format!(
+                        "endpoint {text:?} has a port that is not digits (a user:password goes \
+                         before an @)"
+                    )
+                },
             )
         })?;
     Ok(Endpoint {
@@ -756,8 +783,12 @@ mod tests {
 
     #[test]
     fn ports_are_digits_and_parameters_come_once() {
-        assert!(err("etcd://h:+2379").contains("invalid port"));
-        assert!(err("etcd://h:").contains("invalid port"));
+        assert!(err("etcd://h:+2379").contains("not digits"));
+        assert!(err("etcd://h:").contains("not digits"));
+        assert!(err("etcd://h:65536").contains("invalid port 65536"));
+        // A forgotten `@host` must not print the password it leaves as the "port".
+        let said = err("etcd://root:s3cret/ns");
+        assert!(said.contains("before an @") && !said.contains("s3cret"), "{said}");
         assert_eq!(
             RegistryUrl::parse("etcd://h:02379").unwrap().endpoints[0].port,
             2379

@@ -115,4 +115,14 @@ proptest! {
     ) {
         let _ = check(&format!("{scheme}user:{SECRET}@{rest}"));
     }
+
+    #[test]
+    fn a_password_that_lost_its_host_never_leaks(
+        scheme in prop::sample::select(vec!["etcd://", "etcds://", "zk://", "mem://"]),
+        before in prop::sample::select(vec!["", "h:1,", "[::1]:2,"]),
+        rest in url_soup(),
+    ) {
+        // `user:password` with the `@host` forgotten reads as host:port.
+        let _ = check(&format!("{scheme}{before}user:{SECRET}{rest}"));
+    }
 }
