@@ -1631,3 +1631,45 @@ async fn a_node_put_over_a_registration_is_replaced_at_its_next_value_write() {
     registration.deregister().await.unwrap();
     reg.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_no_path_can_name_are_listed_as_skipped_and_stop_a_copy() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let reg = connect(&ep).await;
+    // What other tools may write: an empty segment, a trailing slash, one deeper down.
+    etcdctl(&ep, &["put", "/svc/ok", "1"]);
+    etcdctl(&ep, &["put", "/svc//x", "2"]);
+    etcdctl(&ep, &["put", "/svc/a/", "3"]);
+    etcdctl(&ep, &["put", "/svc/b//deep", "4"]);
+
+    let listed = reg.children(&p("/svc")).await.unwrap();
+    let mut names: Vec<&str> = listed.nodes.iter().map(|n| n.path.name()).collect();
+    names.sort();
+    // `a` and `b` exist as the parents of keys below them, as for any key.
+    assert_eq!(names, ["a", "b", "ok"]);
+    assert_eq!(listed.skipped, [""]);
+    for parent in ["/svc/a", "/svc/b"] {
+        let listed = reg.children(&p(parent)).await.unwrap();
+        assert!(listed.nodes.is_empty(), "{parent}: {:?}", listed.nodes);
+        assert_eq!(listed.skipped, [""], "{parent}");
+    }
+
+    let store = registry_core::MemoryStore::new();
+    let target = registry_core::MemoryRegistry::connect(&store, Default::default())
+        .await
+        .unwrap();
+    for root in ["/svc", "/svc/b"] {
+        let copied =
+            registry_core::migrate::copy(&*reg, &target, &p(root), Default::default(), |_, _| {})
+                .await;
+        match copied {
+            Err(registry_core::Error::Backend { message, .. }) => {
+                assert!(message.contains("cannot name"), "{message}")
+            }
+            other => panic!("{root}: copy of a tree with an unnamable key: {other:?}"),
+        }
+    }
+    assert!(!target.exists(&p("/svc")).await.unwrap());
+    reg.close().await.unwrap();
+}

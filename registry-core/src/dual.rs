@@ -293,9 +293,14 @@ impl Registry for DualRegistry {
             .collect();
         only_secondary.sort_by_key(|n| n.create_order);
         nodes.extend(only_secondary);
+        let mut skipped = primary.skipped;
+        skipped.extend(secondary.skipped);
+        skipped.sort();
+        skipped.dedup();
         Ok(Children {
             nodes,
             revision: primary.revision,
+            skipped,
         })
     }
 

@@ -745,6 +745,7 @@ impl Registry for MemoryRegistry {
                 .cloned()
                 .collect(),
             revision: Revision(state.revision),
+            skipped: Vec::new(),
         })
     }
 

@@ -29,7 +29,10 @@ use crate::watch::{WatchEvent, WatchOptions};
 ///
 /// Ephemeral nodes and whatever is below them are left out. A missing `root` gives an empty
 /// map. Nodes deleted during the walk are skipped, so the result is a consistent picture
-/// only of a tree that is not changing.
+/// only of a tree that is not changing. A child no [`NodePath`] can name (see
+/// [`Children::skipped`](crate::Children::skipped)) fails the walk with an
+/// [`Error::Backend`] that names it: a copy or diff that left it out would report success
+/// for a tree it did not see whole.
 pub async fn persistent_tree(
     registry: &dyn Registry,
     root: &NodePath,
@@ -48,6 +51,9 @@ pub async fn persistent_tree(
             Err(error) => return Err(error),
         }
         match registry.children(&path).await {
+            Ok(children) if !children.skipped.is_empty() => {
+                return Err(unnamable(&path, &children.skipped))
+            }
             Ok(children) => pending.extend(
                 children
                     .nodes
@@ -60,6 +66,24 @@ pub async fn persistent_tree(
         }
     }
     Ok(out)
+}
+
+/// The error for children of `parent` that no [`NodePath`] can name.
+fn unnamable(parent: &NodePath, names: &[String]) -> Error {
+    let first = names.first().map(String::as_str).unwrap_or_default();
+    let reason = match parent.join(first) {
+        Err(error) => error.to_string(),
+        Ok(_) => "not a valid name".to_owned(),
+    };
+    Error::Backend {
+        backend: "migrate",
+        message: format!(
+            "{parent} has {} child(ren) this library cannot name, first {first:?} ({reason}); \
+             rename or remove them, or work on a subtree without them",
+            names.len()
+        ),
+        source: None,
+    }
 }
 
 /// How a node differs between two trees (see [`diff`]).

@@ -153,4 +153,10 @@ pub struct Children {
     pub nodes: Vec<Node>,
     /// The revision the list was read at: a watch started after it misses nothing.
     pub revision: Revision,
+    /// Names (lossily decoded) of children the server holds that are no valid [`NodePath`]
+    /// name here, left out of `nodes`: written by other tools, such as an etcd key with `//`
+    /// or a trailing `/`, or a ZooKeeper node deeper or with a longer path than a `NodePath`
+    /// allows. Always empty on the in-memory backend. Tools that must see every node (a
+    /// migration) refuse to go on past one.
+    pub skipped: Vec<String>,
 }

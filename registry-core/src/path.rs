@@ -295,11 +295,21 @@ impl TryFrom<String> for NodePath {
     type Error = Error;
     /// Validates like [`NodePath::new`] and keeps the string (no copy).
     fn try_from(s: String) -> Result<Self, Error> {
-        validate(&s).map_err(|reason| Error::InvalidPath {
+        NodePath::from_string(s).map_err(|(s, reason)| Error::InvalidPath {
             path: truncate_for_error(&s),
             reason,
-        })?;
-        Ok(NodePath(s))
+        })
+    }
+}
+
+impl NodePath {
+    /// Validates like [`NodePath::new`] and keeps the string (no copy); an invalid one comes
+    /// back whole with the reason, for callers that report what they could not name.
+    pub fn from_string(s: String) -> Result<NodePath, (String, InvalidPath)> {
+        match validate(&s) {
+            Ok(()) => Ok(NodePath(s)),
+            Err(reason) => Err((s, reason)),
+        }
     }
 }
 

@@ -165,7 +165,9 @@ pub trait Registry: Send + Sync + 'static {
     }
 
     /// The direct children of a node, ordered by creation order, with the revision they were
-    /// read at; [`NotFound`](crate::Error::NotFound) if the node does not exist.
+    /// read at; [`NotFound`](crate::Error::NotFound) if the node does not exist. Children
+    /// another tool wrote under names no [`NodePath`] takes are named in
+    /// [`Children::skipped`](crate::Children::skipped), never dropped unseen.
     async fn children(&self, path: &NodePath) -> Result<Children>;
 
     /// Watches `path` with the given scope.

@@ -57,21 +57,22 @@ impl Keys {
     }
 
     /// [`Keys::path`] of a key the caller owns: without a namespace the key's bytes become
-    /// the path's, uncopied.
-    fn path_owned(&self, key: Vec<u8>) -> Option<NodePath> {
+    /// the path's, uncopied. The key back if it names no path.
+    fn path_owned(&self, key: Vec<u8>) -> Result<NodePath, Vec<u8>> {
         if !self.namespace.is_empty() {
-            return self.path(&key);
+            return self.path(&key).ok_or(key);
         }
-        let key = String::from_utf8(key).ok()?;
+        let key = String::from_utf8(key).map_err(|e| e.into_bytes())?;
         if !key.starts_with('/') || key == "/" {
-            return None;
+            return Err(key.into_bytes());
         }
-        NodePath::try_from(key).ok()
+        NodePath::from_string(key).map_err(|(key, _)| key.into_bytes())
     }
 
     /// [`Keys::node_of`] consuming the pair, so its key and value are moved, not copied
-    /// (a `children` of many nodes spent a measurable share of its client time copying).
-    pub(crate) fn node_of_owned(&self, kv: KeyValue) -> Option<Node> {
+    /// (a `children` of many nodes spent a measurable share of its client time copying);
+    /// the key back if it names no node.
+    pub(crate) fn node_of_owned(&self, kv: KeyValue) -> Result<Node, Vec<u8>> {
         let (version, created, modified, lease) = (
             kv.version(),
             kv.create_revision(),
@@ -79,7 +80,7 @@ impl Keys {
             kv.lease(),
         );
         let (key, value) = kv.into_key_value();
-        Some(node_from(
+        Ok(node_from(
             self.path_owned(key)?,
             Bytes::from(value),
             version,

@@ -1333,9 +1333,26 @@ impl Registry for EtcdRegistry {
         };
         let mut nodes: Vec<Node> = Vec::with_capacity(below.len());
         let mut implied: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut skipped: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         for kv in below {
-            let Some(node) = keys.node_of_owned(kv) else {
-                continue;
+            let node = match keys.node_of_owned(kv) {
+                Ok(node) => node,
+                // A key another tool wrote that names no valid path: the child it falls
+                // under, if that one's name is valid (the fault is deeper), else skipped.
+                Err(key) => {
+                    let rest = key
+                        .strip_prefix(keys.below(path).as_bytes())
+                        .unwrap_or_default();
+                    let name = rest.split(|b| *b == b'/').next().unwrap_or_default();
+                    match std::str::from_utf8(name)
+                        .ok()
+                        .filter(|n| path.join(n).is_ok())
+                    {
+                        Some(name) => implied.insert(name.to_owned()),
+                        None => skipped.insert(String::from_utf8_lossy(name).into_owned()),
+                    };
+                    continue;
+                }
             };
             match node
                 .path
@@ -1368,6 +1385,7 @@ impl Registry for EtcdRegistry {
         Ok(Children {
             nodes,
             revision: Revision(u64::try_from(revision).unwrap_or(0)),
+            skipped: skipped.into_iter().collect(),
         })
     }
 

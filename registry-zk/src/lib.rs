@@ -1070,9 +1070,16 @@ impl Registry for ZkRegistry {
     async fn children(&self, path: &NodePath) -> Result<Children> {
         let (names, stat) = self.children_of(path).await?;
         let client = self.shared.client()?;
+        let mut skipped = Vec::new();
         let children: Vec<NodePath> = names
-            .iter()
-            .filter_map(|name| child_path(path, name))
+            .into_iter()
+            .filter_map(|name| {
+                let child = child_path(path, &name);
+                if child.is_none() {
+                    skipped.push(name);
+                }
+                child
+            })
             .collect();
         let mut nodes = None;
         if children.len() > 1 && self.shared.multi_read.load(Ordering::Relaxed) {
@@ -1092,9 +1099,11 @@ impl Registry for ZkRegistry {
             None => self.read_each_again(&children).await?,
         };
         nodes.sort_by_key(|n| n.create_order);
+        skipped.sort();
         Ok(Children {
             nodes,
             revision: Revision(u64::try_from(stat.pzxid).unwrap_or(0)),
+            skipped,
         })
     }
 

@@ -400,6 +400,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     say(n.path.name())?;
                 }
             }
+            // Not on stdout, which lists what commands can address; but never silent.
+            for name in &children.skipped {
+                complain(format_args!(
+                    "{target} also has a child no path here can name: {name:?}"
+                ));
+            }
         }
         Command::Tree { path: p } => {
             let root = path(&p)?;
