@@ -753,3 +753,33 @@ fn a_mirror_stopped_out_of_sync_says_so_and_fails() {
         "1"
     );
 }
+
+#[test]
+fn put_without_a_value_reads_any_bytes_from_standard_input() {
+    use std::io::Write as _;
+    let put = |input: &[u8]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_regctl"))
+            .args(["--url", "mem://", "--output", "json", "put", "/bin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        // A writer that outlives a refusal would block on a full pipe: ignore its error.
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = writer.join();
+        out
+    };
+    let out = put(&[0xff, 0x00, b'\n']);
+    assert!(out.status.success(), "{out:?}");
+    let written: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(written["value_base64"], "/wAK", "{written}");
+    // Bounded: past the limit is refused as bad input, not read on and on.
+    let out = put(&vec![b'x'; registry::MAX_VALUE_LEN + 4096]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

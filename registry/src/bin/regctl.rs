@@ -74,8 +74,9 @@ enum Command {
     Put {
         /// The node to write.
         path: String,
-        /// The new value (UTF-8 text).
-        value: String,
+        /// The new value (UTF-8 text); without it, standard input is read whole (any bytes,
+        /// as `etcdctl put` does).
+        value: Option<String>,
         /// Write only if the node is at this version.
         #[arg(long)]
         version: Option<u64>,
@@ -93,7 +94,8 @@ enum Command {
         /// Appends a 10-digit counter to the name.
         #[arg(long)]
         sequential: bool,
-        /// Keep running (and an ephemeral alive) until Ctrl-C.
+        /// Keep running (and an ephemeral alive) until Ctrl-C or SIGTERM; exits 3 if the
+        /// session ends first, as the ephemeral node went with it.
         #[arg(long)]
         hold: bool,
     },
@@ -105,7 +107,7 @@ enum Command {
         #[arg(short, long)]
         recursive: bool,
     },
-    /// Prints the snapshot, then one line per event, until Ctrl-C. Values are quoted with
+    /// Prints the snapshot, then one line per event, until Ctrl-C or SIGTERM. Values are quoted with
     /// escapes (non-UTF-8 ones as 0x-hex), so each event is exactly one line.
     Watch {
         /// The node watched (and, by scope, what is below it).
@@ -156,9 +158,9 @@ enum Command {
         dry_run: bool,
     },
     /// Makes --to equal to --from under PATH (persistent nodes only in --to are deleted),
-    /// then applies every change of --from to --to until Ctrl-C; starts over (full sync)
-    /// whenever either side fails or restarts. Refuses to delete anything while PATH is
-    /// missing in --from.
+    /// then applies every change of --from to --to until Ctrl-C or SIGTERM (exit 3 if not in
+    /// sync then); starts over (full sync) whenever either side fails or restarts. Refuses
+    /// to delete anything while PATH is missing in --from.
     Mirror {
         /// The registry URL to follow.
         #[arg(long)]
@@ -241,6 +243,15 @@ fn path_text(path: &NodePath) -> String {
     }
 }
 
+/// The paths of a snapshot's nodes, as `path_text` words on one line.
+fn paths_text(nodes: &[Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| path_text(&n.path))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A value's JSON field as `export` writes it: `value` when UTF-8, else `value_base64`.
 fn value_field(value: &Bytes) -> (&'static str, serde_json::Value) {
     use base64::Engine;
@@ -316,6 +327,18 @@ async fn connect_both(
             Err(failed("target", &to, error))
         }
     }
+}
+
+/// A value from standard input, read whole but no further than one byte over the limit
+/// (which `check_value` then refuses).
+fn read_value() -> Result<Bytes, Failure> {
+    use std::io::Read;
+    let mut value = Vec::new();
+    std::io::stdin()
+        .take(registry::MAX_VALUE_LEN as u64 + 1)
+        .read_to_end(&mut value)
+        .map_err(|e| Failure::Input(format!("reading the value from standard input: {e}")))?;
+    Ok(Bytes::from(value))
 }
 
 /// Resolves at the first SIGINT (Ctrl-C) or SIGTERM (`kill`, systemd, `timeout`), so a
@@ -475,13 +498,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             version,
         } => {
             let target = not_root(path(&p)?, "write")?;
-            registry::check_value(&target, value.as_bytes())?;
+            let value = match value {
+                Some(text) => Bytes::from(text),
+                None => read_value()?,
+            };
+            registry::check_value(&target, &value)?;
             let reg = open(&cli.url).await?;
             let expected = version.map_or(Expected::Any, Expected::Version);
-            let written = match reg.set(&target, Bytes::from(value.clone()), expected).await {
+            let written = match reg.set(&target, value.clone(), expected).await {
                 Err(Error::NotFound { .. }) if version.is_none() => {
-                    reg.create(&target, Bytes::from(value), CreateMode::Persistent)
-                        .await?
+                    reg.create(&target, value, CreateMode::Persistent).await?
                 }
                 other => other?,
             };
@@ -583,14 +609,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     continue;
                 }
                 let line = match item {
-                    WatchEvent::Snapshot(s) => format!(
-                        "snapshot {}",
-                        s.nodes
-                            .iter()
-                            .map(|n| path_text(&n.path))
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    ),
+                    WatchEvent::Snapshot(s) => format!("snapshot {}", paths_text(&s.nodes)),
                     WatchEvent::Created(n) => {
                         format!("created {} {}", path_text(&n.path), value_text(&n.value))
                     }
@@ -598,8 +617,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         format!("updated {} {}", path_text(&n.path), value_text(&n.value))
                     }
                     WatchEvent::Deleted(n) => format!("deleted {}", path_text(&n.path)),
+                    // The whole new state, as a snapshot line: a reader must replace what it had.
                     WatchEvent::Resync { snapshot, reason } => {
-                        format!("resync {reason:?} {}", snapshot.nodes.len())
+                        format!("resync {reason:?} {}", paths_text(&snapshot.nodes))
                     }
                 };
                 say(line)?;
