@@ -422,3 +422,23 @@ pub fn etcdctl(endpoint: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Asserts that copying `root` out of `source` fails, naming a child no path can name, and
+/// writes nothing: a migration must not report success for a tree it did not see whole.
+pub async fn assert_copy_refuses_unnamable(source: &dyn Registry, root: &str) {
+    let root = NodePath::new(root).unwrap_or_else(|e| panic!("{e}"));
+    let store = registry_core::MemoryStore::new();
+    let target = registry_core::MemoryRegistry::connect(&store, Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let copied =
+        registry_core::migrate::copy(source, &target, &root, Default::default(), |_, _| {}).await;
+    match copied {
+        Err(registry_core::Error::Backend { message, .. }) => {
+            assert!(message.contains("cannot name"), "{root}: {message}")
+        }
+        other => panic!("{root}: copy of a tree with an unnamable child: {other:?}"),
+    }
+    let written = target.exists(&root).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!written, "{root}: the refused copy wrote it");
+}

@@ -17,6 +17,19 @@ use registry_core::{
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// A mirror of `root` from `src` to `dst`, and what it reports, in order.
+fn observed(
+    src: &Arc<dyn Registry>,
+    dst: &Arc<dyn Registry>,
+    root: &str,
+) -> (Mirror, tokio::sync::mpsc::UnboundedReceiver<MirrorChange>) {
+    let (tx, changes) = tokio::sync::mpsc::unbounded_channel();
+    let mirror = Mirror::start_with_observer(src.clone(), dst.clone(), p(root), move |c| {
+        let _ = tx.send(c);
+    });
+    (mirror, changes)
+}
+
 fn p(s: &str) -> NodePath {
     NodePath::new(s).unwrap()
 }
@@ -282,10 +295,7 @@ async fn mirror_writes_a_held_path_once_the_session_node_is_gone() {
         )
         .await
         .unwrap();
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let mirror = Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa"), move |c| {
-        let _ = tx.send(c);
-    });
+    let (mirror, mut changes) = observed(&src, &dst, "/soa");
     mirror.wait_synced(WAIT).await.unwrap();
     match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
         Some(MirrorChange::Synced { held, .. }) => assert_eq!(held, 1),
@@ -317,10 +327,7 @@ async fn mirror_deletes_a_kept_path_once_the_live_nodes_below_it_are_gone() {
             .await
             .unwrap();
     }
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let mirror = Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa"), move |c| {
-        let _ = tx.send(c);
-    });
+    let (mirror, mut changes) = observed(&src, &dst, "/soa");
     mirror.wait_synced(WAIT).await.unwrap();
     for service in ["/soa/s/followed", "/soa/s/synced"] {
         instances
@@ -352,10 +359,7 @@ async fn mirror_deletes_a_kept_path_once_the_live_nodes_below_it_are_gone() {
     src.delete(&p("/soa/s/synced"), Expected::Any, DeleteScope::Node)
         .await
         .unwrap();
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let mirror = Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa"), move |c| {
-        let _ = tx.send(c);
-    });
+    let (mirror, mut changes) = observed(&src, &dst, "/soa");
     mirror.wait_synced(WAIT).await.unwrap();
     match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
         Some(MirrorChange::Synced { kept, deleted, .. }) => assert_eq!((kept, deleted), (2, 0)),
@@ -1233,11 +1237,7 @@ async fn mirror_never_empties_the_target_from_a_missing_source_root() {
     .unwrap();
 
     // A wrong root (or a source that lost its data): nothing at /soa/config in the source.
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let mirror =
-        Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa/config"), move |c| {
-            let _ = tx.send(c);
-        });
+    let (mirror, mut changes) = observed(&src, &dst, "/soa/config");
     let first = tokio::time::timeout(WAIT, changes.recv()).await.unwrap();
     match first {
         Some(MirrorChange::Retrying { error, .. }) => {
@@ -1271,11 +1271,7 @@ async fn mirror_keeps_the_target_root_when_the_source_root_is_deleted() {
     )
     .await
     .unwrap();
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let mirror =
-        Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa/config"), move |c| {
-            let _ = tx.send(c);
-        });
+    let (mirror, mut changes) = observed(&src, &dst, "/soa/config");
     mirror.wait_synced(WAIT).await.unwrap();
     src.delete(&p("/soa/config"), Expected::Any, DeleteScope::Recursive)
         .await
@@ -1371,10 +1367,7 @@ async fn copy_and_mirror_leave_a_live_sessions_ephemeral_node_alone() {
     );
     assert_eq!(live(dst.get(&p("/soa/config/held")).await.unwrap()), before);
 
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let mirror = Mirror::start_with_observer(src.clone(), dst.clone(), p("/soa"), move |c| {
-        let _ = tx.send(c);
-    });
+    let (mirror, mut changes) = observed(&src, &dst, "/soa");
     mirror.wait_synced(WAIT).await.unwrap();
     match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
         // The held node and the one below it.
