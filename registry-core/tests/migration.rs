@@ -567,7 +567,7 @@ async fn dual_create_whose_secondary_answer_was_lost_is_read_back() {
         );
     }
 
-    faulty.fail_gets();
+    faulty.fail_gets(true);
     let made = dual
         .create(&p("/svc/lost"), Bytes::from("v"), CreateMode::Ephemeral)
         .await;
@@ -647,7 +647,7 @@ async fn dual_sequential_registration_adopts_a_secondary_node_whose_answer_was_l
     reg.deregister().await.unwrap();
     assert!(sb.children(&p("/svc")).await.unwrap().nodes.is_empty());
 
-    faulty.fail_gets();
+    faulty.fail_gets(true);
     let reg = dual
         .register(
             &p("/svc/i-"),

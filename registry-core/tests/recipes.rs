@@ -350,6 +350,64 @@ async fn a_lock_at_risk_during_a_suspension_is_held_again_after_it() {
     guard.unlock().await.unwrap();
 }
 
+/// A suspension that ends with the same session, on a backend whose watches resume without
+/// a `Resync` (etcd), while the read that would show the node fails: the guard watches its
+/// node anew and is held again once reads work, instead of staying at risk for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_whose_read_fails_after_a_suspension_is_held_again_once_reads_work() {
+    let store = MemoryStore::new();
+    let faulty = support::Faulty::new(client(&store).await);
+    let holder: Arc<dyn Registry> = faulty.clone();
+    let guard = Mutex::new(holder.clone(), NodePath::new("/locks/reread").unwrap())
+        .lock()
+        .await
+        .unwrap();
+    let session = holder.session().session_id.unwrap();
+    let mut events = holder.session_events();
+    let watching = tokio::time::timeout(Duration::from_secs(5), async {
+        while store.watcher_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(watching.is_ok(), "the guard never watched its node");
+    faulty.drop_resyncs(true);
+    faulty.fail_gets(true);
+    store
+        .interrupt_connection(session, Duration::from_millis(300))
+        .unwrap();
+    let at_risk = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
+    assert!(at_risk.is_ok(), "not told of the suspension");
+    let resumed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(status) = events.next().await {
+            if status.state == registry_core::SessionState::Connected
+                && status.session_id == Some(session)
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(resumed.is_ok(), "the session did not resume");
+    let read_failed = tokio::time::timeout(Duration::from_secs(5), async {
+        while faulty.gets_failed() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        read_failed.is_ok(),
+        "the guard never read its node after resuming"
+    );
+    faulty.fail_gets(false);
+    let held_again = held_again_within(&guard, Duration::from_secs(10)).await;
+    assert!(
+        held_again,
+        "still at risk after the session resumed and reads work"
+    );
+    guard.unlock().await.unwrap();
+}
+
 /// The connection drops right after the lock is taken, before the guard's watch on its node
 /// is open: the watch opens once the connection is back, and the lock is held again (the
 /// failed open used to count the lock as lost for good, with the same session still

@@ -48,7 +48,7 @@ async fn next(node: &mut WatchStream) -> WatchEvent {
 async fn a_register_that_failed_after_its_create_leaves_nothing_behind() {
     let (owner, observer, path) = setup().await;
     owner.lose_create_replies();
-    owner.fail_gets();
+    owner.fail_gets(true);
     let registered = Registration::start(
         owner.clone(),
         &path,
@@ -79,7 +79,7 @@ async fn deregister_while_recreating_removes_a_node_whose_create_reply_was_lost(
     .unwrap();
     // From now on the healer's re-create happens but it cannot learn so.
     owner.lose_create_replies();
-    owner.fail_gets();
+    owner.fail_gets(true);
     let mut node = observer.watch(&path, WatchOptions::node()).await.unwrap();
     assert!(matches!(next(&mut node).await, WatchEvent::Snapshot(_)));
     observer
@@ -121,7 +121,7 @@ async fn deregister_waits_to_list_a_sequential_node_it_cannot_see_yet() {
             Err(Error::unavailable("reply lost by the test"))
         })
     }));
-    owner.fail_gets();
+    owner.fail_gets(true);
     let mut children = observer
         .watch(&parent, WatchOptions::children())
         .await

@@ -462,9 +462,13 @@ impl HoldMonitor {
                                         mark_lost("held node gone while cut off");
                                         return;
                                     }
-                                    // Still at risk: the watch's next read decides.
+                                    // Still at risk, and a watch that resumes where it broke
+                                    // (etcd's) may never read again: a new one will.
                                     Err(error) => {
-                                        tracing::debug!(%error, "cannot read the held node after the reconnection");
+                                        tracing::debug!(%error, "cannot read the held node after the reconnection; watching it anew");
+                                        stream = None;
+                                        read = false;
+                                        reopen_at = Some(tokio::time::Instant::now() + backoff.next_delay());
                                     }
                                 }
                             }

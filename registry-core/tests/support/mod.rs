@@ -46,6 +46,8 @@ pub struct Faulty {
     before_set: Mutex<Option<SetHook>>,
     on_set: Mutex<Option<CreateHook>>,
     fail_gets: AtomicBool,
+    /// Gets failed so far by `fail_gets`.
+    gets_failed: AtomicUsize,
     fail_children: AtomicBool,
     hold_deletes: tokio::sync::watch::Sender<bool>,
     /// While true, watch streams deliver nothing (their items wait, in order).
@@ -59,6 +61,9 @@ pub struct Faulty {
     watch_ends: tokio::sync::watch::Sender<Option<NodePath>>,
     /// Watches opened while set lose their first item (a backend that skipped a snapshot).
     skip_first_items: AtomicBool,
+    /// While set, watch streams drop their `Resync` items (a backend whose watches resume
+    /// where they broke without one, as etcd's do).
+    drop_resyncs: Arc<AtomicBool>,
 }
 
 #[allow(dead_code)] // Each test binary uses a part.
@@ -70,6 +75,7 @@ impl Faulty {
             before_set: Mutex::new(None),
             on_set: Mutex::new(None),
             fail_gets: AtomicBool::new(false),
+            gets_failed: AtomicUsize::new(0),
             fail_children: AtomicBool::new(false),
             hold_deletes: tokio::sync::watch::channel(false).0,
             hold_watch_items: tokio::sync::watch::channel(false).0,
@@ -80,7 +86,13 @@ impl Faulty {
             watch_breaks: tokio::sync::watch::channel(0).0,
             watch_ends: tokio::sync::watch::channel(None).0,
             skip_first_items: AtomicBool::new(false),
+            drop_resyncs: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Whether watch streams drop their `Resync` items from now on.
+    pub fn drop_resyncs(&self, drop: bool) {
+        self.drop_resyncs.store(drop, Ordering::SeqCst);
     }
 
     /// How many watch streams were opened through this registry.
@@ -159,9 +171,14 @@ impl Faulty {
         *self.late_creates.lock().unwrap() = Some(after);
     }
 
-    /// From now on, every get fails.
-    pub fn fail_gets(&self) {
-        self.fail_gets.store(true, Ordering::SeqCst);
+    /// Whether every get fails from now on.
+    pub fn fail_gets(&self, fail: bool) {
+        self.fail_gets.store(fail, Ordering::SeqCst);
+    }
+
+    /// How many gets `fail_gets` has failed.
+    pub fn gets_failed(&self) -> usize {
+        self.gets_failed.load(Ordering::SeqCst)
     }
 
     /// Whether children reads fail from now on.
@@ -203,6 +220,7 @@ impl Registry for Faulty {
     }
     async fn get(&self, path: &NodePath) -> Result<Node> {
         if self.fail_gets.load(Ordering::SeqCst) {
+            self.gets_failed.fetch_add(1, Ordering::SeqCst);
             return Err(Error::unavailable("get failed by the test"));
         }
         self.inner.get(path).await
@@ -280,6 +298,11 @@ impl Registry for Faulty {
                 }
             },
         );
+        let drop_resyncs = self.drop_resyncs.clone();
+        let broken = futures::StreamExt::filter(broken, move |item| {
+            let resync = matches!(item, Ok(registry_core::WatchEvent::Resync { .. }));
+            std::future::ready(!(resync && drop_resyncs.load(Ordering::SeqCst)))
+        });
         let held = self.hold_watch_items.subscribe();
         let held = futures::StreamExt::then(broken, move |item| {
             let mut held = held.clone();
