@@ -69,7 +69,10 @@ impl DualOptions {
 ///   sequential name the secondary already holds (a node of its own counter's) is never
 ///   written over: the primary's node is undone and the create made again under the
 ///   primary's next name, up to 8 times. A failed `set` or `delete` on the secondary is returned as the
-///   error; the primary keeps the write (retry it, or re-copy with `regctl copy`). A `set` of
+///   error; the primary keeps the write (retry it, or re-copy with `regctl copy`): a retried
+///   `delete` finishes on the secondary although the primary's node is gone, then returns
+///   the primary's [`Error::NotFound`]. A `delete` leaves another session's ephemeral node on
+///   the secondary alone (a provider registered there directly). A `set` of
 ///   another session's ephemeral node is copied only where the secondary has a node at its
 ///   path: one created there would belong to this client and outlive its owner.
 /// - Writes through one `DualRegistry` (and its clones) are applied one at a time, in the
@@ -108,6 +111,31 @@ pub struct DualRegistry {
 }
 
 impl DualRegistry {
+    /// Deletes `path` on the secondary unless another session's ephemeral node is there: a
+    /// registration made on the secondary alone (a provider already moved) is not this
+    /// registry's to remove. Missing counts as done.
+    async fn delete_secondary(&self, path: &NodePath, scope: DeleteScope) -> Result<()> {
+        let node = match self.secondary.get(path).await {
+            Ok(node) => node,
+            Err(Error::NotFound { .. }) => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        let ours = self.secondary.session().session_id;
+        if node.ephemeral_owner.is_some() && node.ephemeral_owner != ours {
+            tracing::debug!(%path, owner = ?node.ephemeral_owner, "secondary holds another session's node there; left alone");
+            return Ok(());
+        }
+        let deleted = match scope {
+            // Only while the owner is still the one read (one step where the backend can).
+            DeleteScope::Node => self.secondary.delete_owned(&node).await.map(|_| ()),
+            DeleteScope::Recursive => self.secondary.delete(path, Expected::Any, scope).await,
+        };
+        match deleted {
+            Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Combines two open registries.
     pub fn new(
         primary: Arc<dyn Registry>,
@@ -256,11 +284,15 @@ impl Registry for DualRegistry {
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
         let (this, path) = (self.clone(), path.clone());
         self.on_both(async move {
-            this.primary.delete(&path, expected, scope).await?;
-            match this.secondary.delete(&path, Expected::Any, scope).await {
-                Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
-                Err(error) => Err(error),
+            let primary = this.primary.delete(&path, expected, scope).await;
+            match &primary {
+                // Gone from the primary already: a retry of a delete whose secondary half
+                // failed, which must still finish there.
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(_) => return primary,
             }
+            this.delete_secondary(&path, scope).await?;
+            primary
         })
         .await
     }

@@ -1412,3 +1412,71 @@ async fn copy_and_mirror_leave_a_live_sessions_ephemeral_node_alone() {
     assert_eq!(live(dst.get(&p("/soa/config/held")).await.unwrap()), before);
     mirror.stop().await;
 }
+
+/// A delete whose secondary half failed is retried as the docs say: the retry finds the
+/// primary's node gone, and must still remove the secondary's.
+#[tokio::test]
+async fn dual_delete_retried_after_the_secondary_failed_finishes_there() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+    dual.create(&p("/gone"), Bytes::from("v"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let secondary_session = sb.session().session_id.unwrap();
+    b.interrupt_connection(secondary_session, Duration::from_millis(300))
+        .unwrap();
+    let failed = dual
+        .delete(&p("/gone"), Expected::Any, DeleteScope::Node)
+        .await;
+    assert!(
+        failed.as_ref().is_err_and(Error::is_retryable),
+        "{failed:?}"
+    );
+    assert_eq!(value(&*pa, "/gone").await, None);
+    eventually("the secondary back", || async {
+        sb.session().state.is_live()
+    })
+    .await;
+    let retried = dual
+        .delete(&p("/gone"), Expected::Any, DeleteScope::Node)
+        .await;
+    assert!(
+        matches!(retried, Err(Error::NotFound { .. })),
+        "{retried:?}"
+    );
+    assert_eq!(value(&*sb, "/gone").await, None, "left on the secondary");
+}
+
+/// A provider already moved registers on the secondary alone; a delete through the dual
+/// registry of that path must leave its live node there.
+#[tokio::test]
+async fn dual_delete_leaves_another_sessions_node_on_the_secondary() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (pa, sb) = (client(&a).await, client(&b).await);
+    let moved = client(&b).await;
+    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
+    dual.create(&p("/svc/i"), Bytes::from("old"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    sb.delete(&p("/svc/i"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    moved
+        .create(&p("/svc/i"), Bytes::from("moved"), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    dual.delete(&p("/svc/i"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    assert_eq!(value(&*pa, "/svc/i").await, None);
+    assert_eq!(value(&*sb, "/svc/i").await, Some(Bytes::from("moved")));
+    // Its own ephemeral copies it still removes.
+    dual.create(&p("/svc/own"), Bytes::from("v"), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    dual.delete(&p("/svc/own"), Expected::Any, DeleteScope::Node)
+        .await
+        .unwrap();
+    assert_eq!(value(&*sb, "/svc/own").await, None);
+}

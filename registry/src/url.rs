@@ -788,7 +788,10 @@ mod tests {
         assert!(err("etcd://h:65536").contains("invalid port 65536"));
         // A forgotten `@host` must not print the password it leaves as the "port".
         let said = err("etcd://root:s3cret/ns");
-        assert!(said.contains("before an @") && !said.contains("s3cret"), "{said}");
+        assert!(
+            said.contains("before an @") && !said.contains("s3cret"),
+            "{said}"
+        );
         assert_eq!(
             RegistryUrl::parse("etcd://h:02379").unwrap().endpoints[0].port,
             2379
