@@ -35,7 +35,10 @@ pub fn check_value(path: &NodePath, value: &[u8]) -> Result<()> {
 ///
 /// Object-safe; used as `Arc<dyn Registry>`. Every method is cancel-safe in the sense that
 /// dropping its future never leaves a half-written tree behind (it may or may not have
-/// happened, as with any remote call).
+/// happened, as with any remote call). A client of a server backend lives on the Tokio
+/// runtime it was connected on (its connections' tasks run there, as a `tonic` channel's or
+/// a `sqlx` pool's do): once that runtime ends, its calls fail with
+/// [`Unavailable`](crate::Error::Unavailable); connect on the runtime that will use it.
 ///
 /// # The tree
 /// Nodes are addressed by [`NodePath`]. Every node except the root has a parent; parents

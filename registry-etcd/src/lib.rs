@@ -405,7 +405,8 @@ fn lease_bounds(first: i64, last: i64) -> (Option<i64>, Option<i64>) {
 
 impl EtcdRegistry {
     /// Connects to etcd and opens a session (grants its first lease). Fails with
-    /// [`Error::Unavailable`] if no endpoint answers within the connect timeout.
+    /// [`Error::Unavailable`] if no endpoint answers within the connect timeout. The client
+    /// lives on the runtime this runs on (see [`Registry`]).
     pub async fn connect(options: EtcdOptions) -> Result<EtcdRegistry> {
         if options.endpoints.is_empty() {
             return Err(Error::InvalidArgument("etcd: no endpoint given".into()));

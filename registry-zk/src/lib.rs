@@ -343,7 +343,7 @@ async fn run_session(
 
 impl ZkRegistry {
     /// Connects and opens a session. Fails with a retryable error if no server answers within
-    /// the connect timeout.
+    /// the connect timeout. The client lives on the runtime this runs on (see [`Registry`]).
     pub async fn connect(options: ZkOptions) -> Result<ZkRegistry> {
         if !options.has_identity()
             && (options.acl_for(true) != ZkAcl::Open || options.acl_for(false) != ZkAcl::Open)
