@@ -20,6 +20,35 @@ async fn client(store: &MemoryStore) -> Arc<dyn Registry> {
     )
 }
 
+/// Waits (up to 5 s) until some client of `store` watches a node: the guard's monitor.
+async fn until_watching(store: &MemoryStore) {
+    let watching = tokio::time::timeout(Duration::from_secs(5), async {
+        while store.watcher_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(watching.is_ok(), "the guard never watched its node");
+}
+
+/// Waits (up to 5 s) until `events` report `session` connected again.
+async fn until_resumed(
+    events: &mut BoxStream<'static, registry_core::SessionStatus>,
+    session: registry_core::SessionId,
+) {
+    let resumed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(status) = events.next().await {
+            if status.state == registry_core::SessionState::Connected
+                && status.session_id == Some(session)
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(resumed.is_ok(), "the session did not resume");
+}
+
 /// Whether `guard` is held again within `bound`, with `lost()` waiting again.
 async fn held_again_within(guard: &registry_core::recipes::MutexGuard, bound: Duration) -> bool {
     tokio::time::timeout(bound, async {
@@ -318,30 +347,14 @@ async fn a_lock_at_risk_during_a_suspension_is_held_again_after_it() {
     let mut events = holder.session_events();
     // Cut once the guard watches its node, so the session's return alone makes it held
     // again (a cut before that is the next test's).
-    let watching = tokio::time::timeout(Duration::from_secs(5), async {
-        while store.watcher_count() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(watching.is_ok(), "the guard never watched its node");
+    until_watching(&store).await;
     store
         .interrupt_connection(session, Duration::from_millis(300))
         .unwrap();
     let at_risk = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
     assert!(at_risk.is_ok(), "not told of the suspension");
     assert!(!guard.is_held());
-    let resumed = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(status) = events.next().await {
-            if status.state == registry_core::SessionState::Connected
-                && status.session_id == Some(session)
-            {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(resumed.is_ok(), "the session did not resume");
+    until_resumed(&mut events, session).await;
     let held_again = held_again_within(&guard, Duration::from_secs(5)).await;
     assert!(
         held_again,
@@ -364,13 +377,7 @@ async fn a_lock_whose_read_fails_after_a_suspension_is_held_again_once_reads_wor
         .unwrap();
     let session = holder.session().session_id.unwrap();
     let mut events = holder.session_events();
-    let watching = tokio::time::timeout(Duration::from_secs(5), async {
-        while store.watcher_count() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(watching.is_ok(), "the guard never watched its node");
+    until_watching(&store).await;
     faulty.drop_resyncs(true);
     faulty.fail_gets(true);
     store
@@ -378,17 +385,7 @@ async fn a_lock_whose_read_fails_after_a_suspension_is_held_again_once_reads_wor
         .unwrap();
     let at_risk = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
     assert!(at_risk.is_ok(), "not told of the suspension");
-    let resumed = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(status) = events.next().await {
-            if status.state == registry_core::SessionState::Connected
-                && status.session_id == Some(session)
-            {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(resumed.is_ok(), "the session did not resume");
+    until_resumed(&mut events, session).await;
     let read_failed = tokio::time::timeout(Duration::from_secs(5), async {
         while faulty.gets_failed() == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
