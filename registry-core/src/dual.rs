@@ -71,8 +71,7 @@ impl DualOptions {
 ///   primary's next name, up to 8 times. A failed `set` or `delete` on the secondary is returned as the
 ///   error; the primary keeps the write (retry it, or re-copy with `regctl copy`): a retried
 ///   `delete` finishes on the secondary although the primary's node is gone, then returns
-///   the primary's [`Error::NotFound`]. A `delete` leaves another session's ephemeral node on
-///   the secondary alone (a provider registered there directly). A `set` of
+///   the primary's [`Error::NotFound`]. A `set` of
 ///   another session's ephemeral node is copied only where the secondary has a node at its
 ///   path: one created there would belong to this client and outlive its owner.
 /// - Writes through one `DualRegistry` (and its clones) are applied one at a time, in the
@@ -108,34 +107,16 @@ pub struct DualRegistry {
     options: DualOptions,
     /// Taken by each write before it starts, and held by its task until it ends.
     writes: Arc<tokio::sync::Mutex<()>>,
+    /// Paths whose delete succeeded on the primary and failed on the secondary: a retry
+    /// finds the primary's node gone and must still finish there. Only this registry's own
+    /// failures: a path another client deleted on the primary alone is not ours to touch.
+    unfinished_deletes: Arc<std::sync::Mutex<BTreeSet<NodePath>>>,
 }
 
-impl DualRegistry {
-    /// Deletes `path` on the secondary unless another session's ephemeral node is there: a
-    /// registration made on the secondary alone (a provider already moved) is not this
-    /// registry's to remove. Missing counts as done.
-    async fn delete_secondary(&self, path: &NodePath, scope: DeleteScope) -> Result<()> {
-        let node = match self.secondary.get(path).await {
-            Ok(node) => node,
-            Err(Error::NotFound { .. }) => return Ok(()),
-            Err(error) => return Err(error),
-        };
-        let ours = self.secondary.session().session_id;
-        if node.ephemeral_owner.is_some() && node.ephemeral_owner != ours {
-            tracing::debug!(%path, owner = ?node.ephemeral_owner, "secondary holds another session's node there; left alone");
-            return Ok(());
-        }
-        let deleted = match scope {
-            // Only while the owner is still the one read (one step where the backend can).
-            DeleteScope::Node => self.secondary.delete_owned(&node).await.map(|_| ()),
-            DeleteScope::Recursive => self.secondary.delete(path, Expected::Any, scope).await,
-        };
-        match deleted {
-            Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
-            Err(error) => Err(error),
-        }
-    }
+/// Failed secondary deletes remembered for a retry at most; beyond, one is left to a re-copy.
+const UNFINISHED_DELETES: usize = 4096;
 
+impl DualRegistry {
     /// Combines two open registries.
     pub fn new(
         primary: Arc<dyn Registry>,
@@ -147,6 +128,7 @@ impl DualRegistry {
             secondary,
             options,
             writes: Arc::default(),
+            unfinished_deletes: Arc::default(),
         }
     }
 
@@ -285,14 +267,30 @@ impl Registry for DualRegistry {
         let (this, path) = (self.clone(), path.clone());
         self.on_both(async move {
             let primary = this.primary.delete(&path, expected, scope).await;
+            let unfinished = || {
+                this.unfinished_deletes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+            };
             match &primary {
-                // Gone from the primary already: a retry of a delete whose secondary half
-                // failed, which must still finish there.
-                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Ok(()) => {}
+                // A retry of this registry's delete whose secondary half failed.
+                Err(Error::NotFound { .. }) if unfinished().contains(&path) => {}
                 Err(_) => return primary,
             }
-            this.delete_secondary(&path, scope).await?;
-            primary
+            match this.secondary.delete(&path, Expected::Any, scope).await {
+                Ok(()) | Err(Error::NotFound { .. }) => {
+                    unfinished().remove(&path);
+                    primary
+                }
+                Err(error) => {
+                    let mut unfinished = unfinished();
+                    if unfinished.len() < UNFINISHED_DELETES {
+                        unfinished.insert(path.clone());
+                    }
+                    Err(error)
+                }
+            }
         })
         .await
     }

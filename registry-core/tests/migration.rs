@@ -1447,36 +1447,3 @@ async fn dual_delete_retried_after_the_secondary_failed_finishes_there() {
     );
     assert_eq!(value(&*sb, "/gone").await, None, "left on the secondary");
 }
-
-/// A provider already moved registers on the secondary alone; a delete through the dual
-/// registry of that path must leave its live node there.
-#[tokio::test]
-async fn dual_delete_leaves_another_sessions_node_on_the_secondary() {
-    let (a, b) = (MemoryStore::new(), MemoryStore::new());
-    let (pa, sb) = (client(&a).await, client(&b).await);
-    let moved = client(&b).await;
-    let dual = DualRegistry::new(pa.clone(), sb.clone(), DualOptions::new());
-    dual.create(&p("/svc/i"), Bytes::from("old"), CreateMode::Persistent)
-        .await
-        .unwrap();
-    sb.delete(&p("/svc/i"), Expected::Any, DeleteScope::Node)
-        .await
-        .unwrap();
-    moved
-        .create(&p("/svc/i"), Bytes::from("moved"), CreateMode::Ephemeral)
-        .await
-        .unwrap();
-    dual.delete(&p("/svc/i"), Expected::Any, DeleteScope::Node)
-        .await
-        .unwrap();
-    assert_eq!(value(&*pa, "/svc/i").await, None);
-    assert_eq!(value(&*sb, "/svc/i").await, Some(Bytes::from("moved")));
-    // Its own ephemeral copies it still removes.
-    dual.create(&p("/svc/own"), Bytes::from("v"), CreateMode::Ephemeral)
-        .await
-        .unwrap();
-    dual.delete(&p("/svc/own"), Expected::Any, DeleteScope::Node)
-        .await
-        .unwrap();
-    assert_eq!(value(&*sb, "/svc/own").await, None);
-}
