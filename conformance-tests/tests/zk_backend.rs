@@ -1866,3 +1866,36 @@ async fn a_value_over_the_limit_stops_a_copy_before_it_writes_and_is_skipped_by_
     mirror.stop().await;
     reg.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_own_node_is_no_child_of_the_root_without_a_chroot() {
+    let server = fast_server();
+    // No chroot: the client sees ZooKeeper's own /zookeeper at its root.
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    reg.create(
+        &p("/soa/config/a"),
+        Bytes::from("1"),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap();
+    let root = reg.children(&NodePath::root()).await.unwrap();
+    let names: Vec<&str> = root.nodes.iter().map(|n| n.path.name()).collect();
+    assert_eq!(names, ["soa"]);
+    assert!(root.skipped.is_empty(), "{:?}", root.skipped);
+    // So a migration of the whole tree works.
+    let tree = registry_core::migrate::persistent_tree(&*reg, &NodePath::root())
+        .await
+        .unwrap_or_else(|e| panic!("walking /: {e}"));
+    assert_eq!(tree.len(), 3, "{:?}", tree.keys().collect::<Vec<_>>());
+    let mut watch = reg
+        .watch(&NodePath::root(), WatchOptions::children())
+        .await
+        .unwrap();
+    let WatchEvent::Snapshot(snapshot) = next_event(&mut watch, "snapshot").await else {
+        panic!("the first item is not a snapshot");
+    };
+    let names: Vec<&str> = snapshot.nodes.iter().map(|n| n.path.name()).collect();
+    assert_eq!(names, ["soa"]);
+    reg.close().await.unwrap();
+}

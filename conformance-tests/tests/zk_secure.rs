@@ -363,3 +363,52 @@ async fn an_existing_chroot_serves_a_client_that_may_not_create_at_the_root() {
     }
     reg.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_parents_are_created_below_an_ancestor_the_client_may_not_create_under() {
+    let zk = server();
+    let admin = zookeeper_client::Client::connector()
+        .with_session_timeout(Duration::from_secs(4))
+        .connect(&zk.connect_string())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let open =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    for path in ["/locked", "/locked/open"] {
+        admin
+            .create(path, b"", &open)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    // Nobody creates directly under /locked any more; /locked/open stays open.
+    admin
+        .set_acl("/locked", &zookeeper_client::Acls::anyone_read(), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let reg = client(zk.connect_string(), None).await;
+    reg.create(
+        &p("/locked/open/a/b"),
+        Bytes::from("v"),
+        CreateMode::Persistent,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("create below an open node: {e}"));
+    let registration = reg
+        .register(
+            &p("/locked/open/svc/10.0.0.1:9090"),
+            Bytes::new(),
+            RegisterOptions::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("register below an open node: {e}"));
+    // Where the client may not create, it is told so, naming the node.
+    match reg
+        .create(&p("/locked/x/y"), Bytes::new(), CreateMode::Persistent)
+        .await
+    {
+        Err(Error::PermissionDenied { path }) => assert_eq!(path, p("/locked/x")),
+        other => panic!("expected PermissionDenied on /locked/x, got {other:?}"),
+    }
+    registration.deregister().await.unwrap();
+    reg.close().await.unwrap();
+}

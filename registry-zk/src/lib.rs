@@ -25,7 +25,9 @@
 //!   again; unconditional writes only after a connection loss (an unconditional delete that
 //!   then finds no node succeeds: its first attempt removed it), since zookeeper-client keeps
 //!   a timed-out request queued and sends it once connected, so a resend would be applied
-//!   too. Creates and versioned writes are not sent again, since a first attempt that was
+//!   too. Such a resend is at least once, as with Curator's retry policies: what another
+//!   client wrote between the two attempts (a value, a node re-created at the path) is
+//!   overwritten or removed by the repeat. Creates and versioned writes are not sent again, since a first attempt that was
 //!   applied would make the second report a conflict with itself, so they report
 //!   `Unavailable` or `Timeout` and the caller reads to learn the outcome.
 //! - Watches: see [`watch`]. Events are converging snapshots (`exact_events` is false) and a
@@ -480,7 +482,17 @@ impl ZkRegistry {
     }
 
     async fn create_parents(&self, path: &NodePath) -> Result<()> {
-        for ancestor in path.ancestors().into_iter().filter(|a| !a.is_root()) {
+        // Only the missing ones, found from the parent up: ZooKeeper checks the right to
+        // create under a node's parent before whether the node exists, so creating an
+        // existing ancestor can be refused where creating the new nodes is allowed.
+        let mut missing = Vec::new();
+        for ancestor in path.ancestors().into_iter().rev() {
+            if ancestor.is_root() || self.stat(&ancestor).await?.is_some() {
+                break;
+            }
+            missing.push(ancestor);
+        }
+        for ancestor in missing.into_iter().rev() {
             let p = ancestor.as_str().to_owned();
             // A create's future borrows its client and path: hand it owned ones.
             let created = self
@@ -729,7 +741,8 @@ enum Resend<T> {
     Never,
     /// Reads: up to twice more, after a connection loss or a timeout.
     Read,
-    /// Writes whose repetition leaves the same state: up to twice more, after a connection
+    /// Writes whose repetition by itself leaves the same state (another client's write
+    /// between the attempts is undone: at least once): up to twice more, after a connection
     /// loss only (the client failed that attempt and does not send it again). A timed-out
     /// attempt is still queued and is sent once connected.
     Write,
@@ -778,6 +791,13 @@ fn zk_mode(mode: CreateMode) -> zk::CreateMode {
 /// `parent`'s child `name` as a `NodePath`; `None`, with a warning, if it is not one (another
 /// client may create nodes deeper or with longer paths than a `NodePath` allows), so such a
 /// child is left out of a listing, but not silently.
+/// Whether `parent`'s child `name` is ZooKeeper's own `/zookeeper` (quotas, config), which no
+/// `NodePath` names: at the root of a client without a chroot it is the server's, not a node
+/// anyone wrote, so it is left out without a word (under a chroot it is a user's node).
+pub(crate) fn servers_own(parent: &NodePath, name: &str, chrooted: bool) -> bool {
+    !chrooted && parent.is_root() && name == "zookeeper"
+}
+
 fn child_path(parent: &NodePath, name: &str) -> Option<NodePath> {
     match parent.join(name) {
         Ok(child) => Some(child),
@@ -1071,8 +1091,10 @@ impl Registry for ZkRegistry {
         let (names, stat) = self.children_of(path).await?;
         let client = self.shared.client()?;
         let mut skipped = Vec::new();
+        let chrooted = self.shared.options.namespace.is_some();
         let children: Vec<NodePath> = names
             .into_iter()
+            .filter(|name| !servers_own(path, name, chrooted))
             .filter_map(|name| {
                 let child = child_path(path, &name);
                 if child.is_none() {

@@ -68,16 +68,29 @@ pub(crate) fn owner_session(ephemeral_owner: i64) -> Option<SessionId> {
 /// Children a stream leaves out because their path is not a valid `NodePath` (another client
 /// may create nodes deeper or with longer paths than it allows): each is warned about once
 /// per stream, not at every listing.
-#[derive(Default)]
-struct Skipped(std::collections::BTreeSet<String>);
+struct Skipped {
+    warned: std::collections::BTreeSet<String>,
+    /// Whether the client has a chroot (see [`crate::servers_own`]).
+    chrooted: bool,
+}
 
 impl Skipped {
+    fn new(chrooted: bool) -> Skipped {
+        Skipped {
+            warned: Default::default(),
+            chrooted,
+        }
+    }
+
     /// `parent`'s child `name` as a `NodePath`, or `None` (warned about the first time).
     fn child(&mut self, parent: &NodePath, name: &str) -> Option<NodePath> {
+        if crate::servers_own(parent, name, self.chrooted) {
+            return None;
+        }
         match parent.join(name) {
             Ok(child) => Some(child),
             Err(error) => {
-                if self.0.insert(format!("{parent}/{name}")) {
+                if self.warned.insert(format!("{parent}/{name}")) {
                     tracing::warn!(%parent, child = name, %error, "watch skips a child: not a valid path");
                 }
                 None
@@ -742,7 +755,7 @@ async fn run(
     let mut read_in: Option<zk::SessionId> = None;
     let mut lagged = false;
     let mut first_reason = replay.then_some(ResyncReason::StartNotReplayable);
-    let mut skipped = Skipped::default();
+    let mut skipped = Skipped::new(shared.options.namespace.is_some());
     let timeout = shared.options.request_timeout;
     loop {
         if *shutdown.borrow() {
