@@ -412,3 +412,39 @@ async fn missing_parents_are_created_below_an_ancestor_the_client_may_not_create
     registration.deregister().await.unwrap();
     reg.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recursive_delete_removes_nodes_it_may_delete_but_not_read() {
+    let zk = server();
+    let operator = client(zk.connect_string(), None).await;
+    operator
+        .create(&p("/svc"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Alice's registrations are hers alone, even to read; /svc lets anyone delete in it.
+    let alice = ZkRegistry::connect(
+        ZkOptions::new([zk.connect_string()])
+            .with_session_ttl(SESSION)
+            .with_auth("digest", b"alice:alice-pw".to_vec())
+            .with_ephemeral_acl(ZkAcl::CreatorOnly),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for name in ["a", "b"] {
+        alice
+            .create(
+                &p(&format!("/svc/{name}")),
+                Bytes::new(),
+                CreateMode::Ephemeral,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    operator
+        .delete(&p("/svc"), Expected::Any, DeleteScope::Recursive)
+        .await
+        .unwrap_or_else(|e| panic!("recursive delete over unreadable nodes: {e}"));
+    assert!(!operator.exists(&p("/svc")).await.unwrap());
+    alice.close().await.unwrap();
+    operator.close().await.unwrap();
+}

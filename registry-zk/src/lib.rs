@@ -971,6 +971,10 @@ impl Registry for ZkRegistry {
                             }
                         }
                         Err(Error::NotFound { .. }) => {}
+                        // Deleting a node takes the right to delete in its parent, not to
+                        // read it: one another identity keeps unreadable (its own
+                        // registration, say) is taken as a leaf, and the delete decides.
+                        Err(Error::PermissionDenied { .. }) if p != path.as_str() => {}
                         Err(e) => return Err(e),
                     }
                 }
