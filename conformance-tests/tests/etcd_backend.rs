@@ -1648,12 +1648,45 @@ async fn keys_no_path_can_name_are_listed_as_skipped_and_stop_a_copy() {
     names.sort();
     // `a` and `b` exist as the parents of keys below them, as for any key.
     assert_eq!(names, ["a", "b", "ok"]);
-    assert_eq!(listed.skipped, [""]);
+    let persistent = |name: &str| registry_core::SkippedChild {
+        name: name.to_owned(),
+        ephemeral: false,
+    };
+    assert_eq!(listed.skipped, [persistent("")]);
     for parent in ["/svc/a", "/svc/b"] {
         let listed = reg.children(&p(parent)).await.unwrap();
         assert!(listed.nodes.is_empty(), "{parent}: {:?}", listed.nodes);
-        assert_eq!(listed.skipped, [""], "{parent}");
+        assert_eq!(listed.skipped, [persistent("")], "{parent}");
     }
+    // An unnamable key under a lease is ephemeral: a copy leaves it out, as any ephemeral.
+    let long = "l".repeat(registry_core::MAX_PATH_LEN);
+    let lease_line = etcdctl(&ep, &["lease", "grant", "60"]);
+    let lease = lease_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("lease grant said {lease_line:?}"));
+    etcdctl(&ep, &["put", "/eph/ok", "1"]);
+    etcdctl(
+        &ep,
+        &["put", "--lease", lease, &format!("/eph/{long}"), "2"],
+    );
+    let listed = reg.children(&p("/eph")).await.unwrap();
+    assert_eq!(
+        listed.skipped,
+        [registry_core::SkippedChild {
+            name: long,
+            ephemeral: true
+        }]
+    );
+    let store = registry_core::MemoryStore::new();
+    let target = registry_core::MemoryRegistry::connect(&store, Default::default())
+        .await
+        .unwrap();
+    let copied =
+        registry_core::migrate::copy(&*reg, &target, &p("/eph"), Default::default(), |_, _| {})
+            .await
+            .unwrap_or_else(|e| panic!("copy past an ephemeral unnamable key: {e}"));
+    assert_eq!(copied.created, 2, "{copied:?}");
 
     for root in ["/svc", "/svc/b"] {
         conformance_tests::support::assert_copy_refuses_unnamable(&*reg, root).await;

@@ -962,11 +962,11 @@ async fn a_recursive_delete_removes_nodes_too_deep_or_long_for_a_node_path() {
         let listed = reg.children(&p(root)).await.unwrap();
         let names: Vec<&str> = listed.nodes.iter().map(|n| n.path.name()).collect();
         assert_eq!(names, ["a"], "{root}: children listed");
-        assert_eq!(
-            listed.skipped,
-            ["l".repeat(MAX_PATH_LEN)],
-            "{root}: skipped"
-        );
+        let skipped = registry_core::SkippedChild {
+            name: "l".repeat(MAX_PATH_LEN),
+            ephemeral: false,
+        };
+        assert_eq!(listed.skipped, [skipped], "{root}: skipped");
         conformance_tests::support::assert_copy_refuses_unnamable(&*reg, root).await;
 
         let deleted = reg.delete(&p(root), expected, DeleteScope::Recursive).await;
@@ -1897,5 +1897,41 @@ async fn the_servers_own_node_is_no_child_of_the_root_without_a_chroot() {
     };
     let names: Vec<&str> = snapshot.nodes.iter().map(|n| n.path.name()).collect();
     assert_eq!(names, ["soa"]);
+    reg.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamable_ephemeral_node_is_skipped_as_such_and_a_copy_goes_on() {
+    let server = fast_server();
+    let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
+    reg.create(&p("/dubbo/ok"), Bytes::from("1"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    // A provider URL longer than a NodePath allows, as another framework may register.
+    let long = "u".repeat(registry_core::MAX_PATH_LEN);
+    let provider = raw(&server.connect_string()).await;
+    let ephemeral =
+        zookeeper_client::CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all());
+    provider
+        .create(&format!("/dubbo/{long}"), b"", &ephemeral)
+        .await
+        .unwrap();
+    let listed = reg.children(&p("/dubbo")).await.unwrap();
+    assert_eq!(
+        listed.skipped,
+        [registry_core::SkippedChild {
+            name: long,
+            ephemeral: true
+        }]
+    );
+    let store = registry_core::MemoryStore::new();
+    let target = registry_core::MemoryRegistry::connect(&store, Default::default())
+        .await
+        .unwrap();
+    let copied =
+        registry_core::migrate::copy(&*reg, &target, &p("/dubbo"), Default::default(), |_, _| {})
+            .await
+            .unwrap_or_else(|e| panic!("copy past an ephemeral unnamable node: {e}"));
+    assert_eq!(copied.created, 2, "{copied:?}");
     reg.close().await.unwrap();
 }

@@ -445,6 +445,34 @@ async fn a_recursive_delete_removes_nodes_it_may_delete_but_not_read() {
         .await
         .unwrap_or_else(|e| panic!("recursive delete over unreadable nodes: {e}"));
     assert!(!operator.exists(&p("/svc")).await.unwrap());
+
+    // One that hides children of its own cannot be deleted: the error names it, at once.
+    let hidden = ZkRegistry::connect(
+        ZkOptions::new([zk.connect_string()])
+            .with_session_ttl(SESSION)
+            .with_auth("digest", b"alice:alice-pw".to_vec())
+            .with_persistent_acl(ZkAcl::CreatorOnly),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    operator
+        .create(&p("/svc2"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for path in ["/svc2/a", "/svc2/a/b"] {
+        hidden
+            .create(&p(path), Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    match operator
+        .delete(&p("/svc2"), Expected::Any, DeleteScope::Recursive)
+        .await
+    {
+        Err(Error::PermissionDenied { path }) => assert_eq!(path, p("/svc2/a")),
+        other => panic!("expected PermissionDenied on /svc2/a, got {other:?}"),
+    }
+    hidden.close().await.unwrap();
     alice.close().await.unwrap();
     operator.close().await.unwrap();
 }

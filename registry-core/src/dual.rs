@@ -117,6 +117,18 @@ pub struct DualRegistry {
 const UNFINISHED_DELETES: usize = 4096;
 
 impl DualRegistry {
+    fn unfinished_deletes(&self) -> std::sync::MutexGuard<'_, BTreeSet<NodePath>> {
+        self.unfinished_deletes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// No delete of `path` is left to finish on the secondary: it was, or both sides hold
+    /// the path again (a later delete must not count as a retry).
+    fn delete_finished(&self, path: &NodePath) {
+        self.unfinished_deletes().remove(path);
+    }
+
     /// Combines two open registries.
     pub fn new(
         primary: Arc<dyn Registry>,
@@ -228,8 +240,12 @@ impl Registry for DualRegistry {
     #[tracing::instrument(level = "debug", skip(self, value), fields(path = %path))]
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         let (this, path) = (self.clone(), path.clone());
-        self.on_both(async move { this.create_on_both(&path, value, mode).await })
-            .await
+        self.on_both(async move {
+            let created = this.create_on_both(&path, value, mode).await?;
+            this.delete_finished(&created.path);
+            Ok(created)
+        })
+        .await
     }
 
     async fn get(&self, path: &NodePath) -> Result<Node> {
@@ -257,6 +273,7 @@ impl Registry for DualRegistry {
         self.on_both(async move {
             let node = this.primary.set(&path, value, expected).await?;
             this.put_secondary(&node).await?;
+            this.delete_finished(&path);
             Ok(node)
         })
         .await
@@ -267,11 +284,7 @@ impl Registry for DualRegistry {
         let (this, path) = (self.clone(), path.clone());
         self.on_both(async move {
             let primary = this.primary.delete(&path, expected, scope).await;
-            let unfinished = || {
-                this.unfinished_deletes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-            };
+            let unfinished = || this.unfinished_deletes();
             match &primary {
                 Ok(()) => {}
                 // A retry of this registry's delete whose secondary half failed.
@@ -280,7 +293,7 @@ impl Registry for DualRegistry {
             }
             match this.secondary.delete(&path, Expected::Any, scope).await {
                 Ok(()) | Err(Error::NotFound { .. }) => {
-                    unfinished().remove(&path);
+                    this.delete_finished(&path);
                     primary
                 }
                 Err(error) => {
@@ -326,7 +339,7 @@ impl Registry for DualRegistry {
         let mut skipped = primary.skipped;
         skipped.extend(secondary.skipped);
         skipped.sort();
-        skipped.dedup();
+        skipped.dedup_by(|a, b| a.name == b.name);
         Ok(Children {
             nodes,
             revision: primary.revision,

@@ -34,7 +34,9 @@ pub use capabilities::Capabilities;
 pub use dual::{DualOptions, DualRegistry};
 pub use error::{BoxError, Error, InvalidPath, Result};
 pub use memory::{MemoryOptions, MemoryRegistry, MemoryStore};
-pub use node::{Children, CreateMode, DeleteScope, Expected, Node, Revision, SessionId};
+pub use node::{
+    Children, CreateMode, DeleteScope, Expected, Node, Revision, SessionId, SkippedChild,
+};
 pub use path::{
     parse_sequence, sequential_name, NodePath, MAX_DEPTH, MAX_PATH_LEN, SEQUENCE_DIGITS,
 };

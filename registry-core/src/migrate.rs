@@ -29,7 +29,7 @@ use crate::watch::{WatchEvent, WatchOptions};
 ///
 /// Ephemeral nodes and whatever is below them are left out. A missing `root` gives an empty
 /// map. Nodes deleted during the walk are skipped, so the result is a consistent picture
-/// only of a tree that is not changing. A child no [`NodePath`] can name (see
+/// only of a tree that is not changing. A persistent child no [`NodePath`] can name (see
 /// [`Children::skipped`](crate::Children::skipped)) fails the walk with an
 /// [`Error::Backend`] that names it: a copy or diff that left it out would report success
 /// for a tree it did not see whole.
@@ -51,7 +51,7 @@ pub async fn persistent_tree(
             Err(error) => return Err(error),
         }
         match registry.children(&path).await {
-            Ok(children) if !children.skipped.is_empty() => {
+            Ok(children) if children.skipped.iter().any(|s| !s.ephemeral) => {
                 return Err(unnamable(&path, &children.skipped))
             }
             Ok(children) => pending.extend(
@@ -68,9 +68,14 @@ pub async fn persistent_tree(
     Ok(out)
 }
 
-/// The error for children of `parent` that no [`NodePath`] can name.
-fn unnamable(parent: &NodePath, names: &[String]) -> Error {
-    let first = names.first().map(String::as_str).unwrap_or_default();
+/// The error for persistent children of `parent` that no [`NodePath`] can name.
+fn unnamable(parent: &NodePath, skipped: &[crate::SkippedChild]) -> Error {
+    let names: Vec<&str> = skipped
+        .iter()
+        .filter(|s| !s.ephemeral)
+        .map(|s| s.name.as_str())
+        .collect();
+    let first = names.first().copied().unwrap_or_default();
     let reason = match parent.join(first) {
         Err(error) => error.to_string(),
         Ok(_) => "not a valid name".to_owned(),
@@ -597,7 +602,7 @@ async fn follow(
         let item = tokio::select! {
             item = events.next() => item,
             _ = retry.tick(), if !unequal.held.is_empty() || !unequal.kept.is_empty() => {
-                retry_held(from, to, &mut unequal.held, status, observer).await?;
+                retry_held(from, to, &mut unequal, status, observer).await?;
                 retry_kept(to, &mut unequal.kept, status, observer).await?;
                 status.send_modify(|s| unequal.report(s));
                 continue;
@@ -648,8 +653,9 @@ async fn follow(
                     continue;
                 }
                 if node.path == *root {
-                    // As in a full sync: a missing source root is no order to empty the
-                    // target. Starting over reports it until the root is back.
+                    // As in a full sync: a missing source root is no order to delete the
+                    // target's (what the source deleted below it first is gone already).
+                    // Starting over reports it until the root is back.
                     return Err(Error::unavailable(format!(
                         "{root} was deleted in the source; not deleting it in the target"
                     )));
@@ -719,28 +725,33 @@ impl Unequal {
 async fn retry_held(
     from: &dyn Registry,
     to: &dyn Registry,
-    held: &mut BTreeSet<NodePath>,
+    unequal: &mut Unequal,
     status: &watch::Sender<MirrorStatus>,
     observer: &Observer,
 ) -> Result<()> {
-    for path in held.clone() {
+    for path in unequal.held.clone() {
         let node = match from.get(&path).await {
             Ok(node) if !node.is_ephemeral() => node,
             // Its deletion reaches the mirror through the watch.
             Ok(_) | Err(Error::NotFound { .. }) => {
-                held.remove(&path);
+                unequal.held.remove(&path);
                 continue;
             }
             Err(error) => return Err(error),
         };
         match put_persistent(to, &path, node.value, None).await {
             Ok(()) => {
-                held.remove(&path);
+                unequal.held.remove(&path);
                 tracing::info!(%path, "held path written: the session's node is gone");
                 status.send_modify(|s| s.applied += 1);
                 observer(MirrorChange::Put(path));
             }
             Err(error) if held_by_a_session(&error) => {}
+            // Grown over the limit meanwhile: skipped like any such value.
+            Err(error @ Error::ValueTooLarge { .. }) => {
+                unequal.held.remove(&path);
+                observer(unequal.not_written(path, error)?);
+            }
             Err(error) => return Err(error),
         }
     }

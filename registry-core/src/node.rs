@@ -153,10 +153,20 @@ pub struct Children {
     pub nodes: Vec<Node>,
     /// The revision the list was read at: a watch started after it misses nothing.
     pub revision: Revision,
-    /// Names (lossily decoded) of children the server holds that are no valid [`NodePath`]
-    /// name here, left out of `nodes`: written by other tools, such as an etcd key with `//`
-    /// or a trailing `/`, or a ZooKeeper node deeper or with a longer path than a `NodePath`
-    /// allows. Always empty on the in-memory backend. Tools that must see every node (a
-    /// migration) refuse to go on past one.
-    pub skipped: Vec<String>,
+    /// Children the server holds under names no [`NodePath`] takes, left out of `nodes`,
+    /// ordered by name: written by other tools, such as an etcd key with `//` or a trailing
+    /// `/`, or a ZooKeeper node deeper or with a longer path than a `NodePath` allows. Always
+    /// empty on the in-memory backend. Tools that must see every persistent node (a
+    /// migration) refuse to go on past a persistent one.
+    pub skipped: Vec<SkippedChild>,
+}
+
+/// A child no [`NodePath`] can name (see [`Children::skipped`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SkippedChild {
+    /// Its name, lossily decoded.
+    pub name: String,
+    /// Whether it is a live session's ephemeral node (as far as the backend could tell; an
+    /// unknown one counts as persistent).
+    pub ephemeral: bool,
 }

@@ -1334,8 +1334,10 @@ impl Registry for EtcdRegistry {
         };
         let mut nodes: Vec<Node> = Vec::with_capacity(below.len());
         let mut implied: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-        let mut skipped: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        // Unnamable children, and whether each is a key under a lease and nothing else.
+        let mut skipped: std::collections::BTreeMap<String, bool> = Default::default();
         for kv in below {
+            let lease = kv.lease();
             let node = match keys.node_of_owned(kv) {
                 Ok(node) => node,
                 // A key another tool wrote that names no valid path: the child it falls
@@ -1349,9 +1351,17 @@ impl Registry for EtcdRegistry {
                         .ok()
                         .filter(|n| path.join(n).is_ok())
                     {
-                        Some(name) => implied.insert(name.to_owned()),
-                        None => skipped.insert(String::from_utf8_lossy(name).into_owned()),
-                    };
+                        Some(name) => {
+                            implied.insert(name.to_owned());
+                        }
+                        None => {
+                            // Only its own key can be under a lease; keys below imply a
+                            // persistent parent.
+                            let leased = name.len() == rest.len() && lease != 0;
+                            let name = String::from_utf8_lossy(name).into_owned();
+                            *skipped.entry(name).or_insert(leased) &= leased;
+                        }
+                    }
                     continue;
                 }
             };
@@ -1386,7 +1396,10 @@ impl Registry for EtcdRegistry {
         Ok(Children {
             nodes,
             revision: Revision(u64::try_from(revision).unwrap_or(0)),
-            skipped: skipped.into_iter().collect(),
+            skipped: skipped
+                .into_iter()
+                .map(|(name, ephemeral)| registry_core::SkippedChild { name, ephemeral })
+                .collect(),
         })
     }
 

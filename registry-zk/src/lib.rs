@@ -788,9 +788,6 @@ fn zk_mode(mode: CreateMode) -> zk::CreateMode {
     }
 }
 
-/// `parent`'s child `name` as a `NodePath`; `None`, with a warning, if it is not one (another
-/// client may create nodes deeper or with longer paths than a `NodePath` allows), so such a
-/// child is left out of a listing, but not silently.
 /// Whether `parent`'s child `name` is ZooKeeper's own `/zookeeper` (quotas, config), which no
 /// `NodePath` names: at the root of a client without a chroot it is the server's, not a node
 /// anyone wrote, so it is left out without a word (under a chroot it is a user's node).
@@ -798,6 +795,9 @@ pub(crate) fn servers_own(parent: &NodePath, name: &str, chrooted: bool) -> bool
     !chrooted && parent.is_root() && name == "zookeeper"
 }
 
+/// `parent`'s child `name` as a `NodePath`; `None`, with a warning, if it is not one (another
+/// client may create nodes deeper or with longer paths than a `NodePath` allows), so such a
+/// child is left out of a listing, but not silently.
 fn child_path(parent: &NodePath, name: &str) -> Option<NodePath> {
     match parent.join(name) {
         Ok(child) => Some(child),
@@ -951,6 +951,13 @@ impl Registry for ZkRegistry {
         // Unconditional transactions cut off by a lost connection: one may have been
         // applied, and then the node found missing is the one it deleted.
         let mut cut_off = 0u64;
+        // A descendant this client may not list: taken as a leaf, and named if it is not one.
+        let mut unreadable: Option<String> = None;
+        let denied = |unreadable: &Option<String>| {
+            unreadable.as_ref().map(|raw| Error::PermissionDenied {
+                path: NodePath::new(raw.as_str()).unwrap_or_else(|_| path.clone()),
+            })
+        };
         // Bounded: each round removes what it found; only concurrent creators cause another.
         for _ in 0..16 {
             if scope == DeleteScope::Recursive {
@@ -974,7 +981,9 @@ impl Registry for ZkRegistry {
                         // Deleting a node takes the right to delete in its parent, not to
                         // read it: one another identity keeps unreadable (its own
                         // registration, say) is taken as a leaf, and the delete decides.
-                        Err(Error::PermissionDenied { .. }) if p != path.as_str() => {}
+                        Err(Error::PermissionDenied { .. }) if p != path.as_str() => {
+                            unreadable.get_or_insert(p);
+                        }
                         Err(e) => return Err(e),
                     }
                 }
@@ -1009,6 +1018,10 @@ impl Registry for ZkRegistry {
                         }
                         // A node appeared or went meanwhile: list the tree again, unless the
                         // node itself is gone.
+                        Err(Error::NotEmpty { .. }) if unreadable.is_some() => {
+                            return Err(denied(&unreadable)
+                                .unwrap_or_else(|| Error::NotEmpty { path: path.clone() }));
+                        }
                         Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => {
                             if version.is_none() && self.stat(path).await?.is_none() {
                                 return if cut_off > 0 {
@@ -1053,7 +1066,12 @@ impl Registry for ZkRegistry {
                     tracing::debug!(path = %path, ?scope, "deleted");
                     return Ok(());
                 }
-                Err(Error::NotEmpty { .. }) if scope == DeleteScope::Recursive => continue,
+                Err(Error::NotEmpty { .. }) if scope == DeleteScope::Recursive => {
+                    if let Some(error) = denied(&unreadable) {
+                        return Err(error);
+                    }
+                    continue;
+                }
                 Err(Error::VersionMismatch { .. }) => {
                     return Err(self.mismatch(path, wanted).await)
                 }
@@ -1125,11 +1143,25 @@ impl Registry for ZkRegistry {
             None => self.read_each_again(&children).await?,
         };
         nodes.sort_by_key(|n| n.create_order);
-        skipped.sort();
+        let mut unnamable = Vec::with_capacity(skipped.len());
+        for name in skipped {
+            let raw = if path.is_root() {
+                format!("/{name}")
+            } else {
+                format!("{path}/{name}")
+            };
+            // Unknown counts as persistent: a migration then refuses rather than leaves it out.
+            let ephemeral = matches!(
+                self.call("stat unnamable child", path, Resend::Read, |c| c.check_stat(&raw)).await,
+                Ok(Some(stat)) if watch::owner_session(stat.ephemeral_owner).is_some()
+            );
+            unnamable.push(registry_core::SkippedChild { name, ephemeral });
+        }
+        unnamable.sort();
         Ok(Children {
             nodes,
             revision: Revision(u64::try_from(stat.pzxid).unwrap_or(0)),
-            skipped,
+            skipped: unnamable,
         })
     }
 

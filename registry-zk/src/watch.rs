@@ -55,8 +55,10 @@ pub(crate) fn node_of(path: NodePath, data: impl Into<Bytes>, stat: &zk::Stat) -
 /// The session owning a node, from its stat's `ephemeralOwner`. Besides 0, ZooKeeper marks
 /// two kinds of node that no session owns there: a container (`i64::MIN`) and a node with a
 /// TTL (top byte `0xFF`, the TTL below it). Both outlive their creator's session, so they are
-/// persistent here (a migration copies them; a session ID never takes these values, as
-/// ZooKeeper refuses server ID 255 with TTL nodes enabled).
+/// persistent here (a migration copies them). A session ID starts with its server's ID, and
+/// ZooKeeper refuses server ID 255 with TTL nodes enabled; with them off (its default), an
+/// ensemble that uses ID 255 would have that server's sessions' nodes read as persistent:
+/// keep server IDs below 255.
 pub(crate) fn owner_session(ephemeral_owner: i64) -> Option<SessionId> {
     const EXTENDED: u64 = 0xFF00_0000_0000_0000;
     let persistent = ephemeral_owner == 0

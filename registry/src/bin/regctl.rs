@@ -424,9 +424,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             // Not on stdout, which lists what commands can address; but never silent.
-            for name in &children.skipped {
+            for child in &children.skipped {
                 complain(format_args!(
-                    "{target} also has a child no path here can name: {name:?}"
+                    "{target} also has a{} child no path here can name: {:?}",
+                    if child.ephemeral { "n ephemeral" } else { "" },
+                    child.name
                 ));
             }
         }
@@ -542,16 +544,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let mut lost = None;
             if hold && shown.is_ok() {
                 // An ephemeral node goes with its session: holding on after that would
-                // tell the operator it is still there.
+                // tell the operator it is still there. A persistent one stays either way.
                 let mut sessions = reg.session_events();
+                let owner = n.ephemeral_owner;
                 let session_ended = async {
-                    // Bounded by the session: it ends in `Lost` or `Closed`.
+                    // Bounded by the session: it ends in `Lost` or `Closed`, or (missed while
+                    // the node was printed) is already another one.
                     while let Some(status) = sessions.next().await {
-                        if matches!(status.state, SessionState::Lost | SessionState::Closed) {
+                        let ended =
+                            matches!(status.state, SessionState::Lost | SessionState::Closed)
+                                || (status.state.is_live() && status.session_id != owner);
+                        if ended {
                             return status.state;
                         }
                     }
                     SessionState::Closed
+                };
+                let session_ended = async {
+                    match owner {
+                        Some(_) => session_ended.await,
+                        None => std::future::pending().await,
+                    }
                 };
                 tokio::select! {
                     _ = interrupted() => {}
