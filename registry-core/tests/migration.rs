@@ -1424,7 +1424,8 @@ async fn dual_delete_retried_after_the_secondary_failed_finishes_there() {
         .await
         .unwrap();
     let secondary_session = sb.session().session_id.unwrap();
-    b.interrupt_connection(secondary_session, Duration::from_millis(300))
+    // Long enough that the delete below surely meets it on a busy machine.
+    b.interrupt_connection(secondary_session, Duration::from_secs(2))
         .unwrap();
     let failed = dual
         .delete(&p("/gone"), Expected::Any, DeleteScope::Node)

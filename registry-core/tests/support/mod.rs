@@ -287,14 +287,17 @@ impl Registry for Faulty {
                 if done {
                     return None;
                 }
+                // A break the test made comes before any item still waiting: the test
+                // decides what the stream misses, not the order the two got ready in.
                 tokio::select! {
-                    item = futures::StreamExt::next(&mut inner) => {
-                        item.map(|item| (item, (inner, breaks, false)))
-                    }
+                    biased;
                     _ = breaks.changed() => Some((
                         Err(Error::unavailable("watch broken by the test")),
                         (inner, breaks, true),
                     )),
+                    item = futures::StreamExt::next(&mut inner) => {
+                        item.map(|item| (item, (inner, breaks, false)))
+                    }
                 }
             },
         );
