@@ -110,10 +110,11 @@ impl std::str::FromStr for Address {
     }
 }
 
-/// A port written in decimal digits only, not 0: `+9090` or ` 9090` would name the same
-/// instance as `9090` under another node name, and port 0 is no instance's.
+/// A port written in decimal digits only, with no leading 0 and not 0: `+9090` or `09090`
+/// would name the same instance as `9090` under another node name, and port 0 is no
+/// instance's.
 fn port_of(text: &str) -> Option<u16> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+    if text.is_empty() || text.starts_with('0') || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     text.parse().ok().filter(|port| *port != 0)
@@ -161,7 +162,12 @@ pub fn parse_instance(node: &Node) -> Option<Instance> {
     let name = node.path.name();
     let parts: Vec<&str> = name.split(':').collect();
     let address = Address {
-        ip: parts.first()?.parse().ok()?,
+        // 0.0.0.0 is no instance's either (as `instance_prefix` says).
+        ip: parts
+            .first()?
+            .parse()
+            .ok()
+            .filter(|ip: &std::net::Ipv4Addr| !ip.is_unspecified())?,
         port: port_of(parts.get(1)?)?,
     };
     let weight = std::str::from_utf8(&node.value)
@@ -225,6 +231,8 @@ mod tests {
             // Another spelling of 1.2.3.4:9090, which must not pass for it.
             "1.2.3.4:+9090:1.0.0:0000000001",
             "1.2.3.4:+9090",
+            "1.2.3.4:09090",
+            "0.0.0.0:9090:1.0.0:0000000001",
         ] {
             assert!(
                 parse_instance(&node(&format!("/s/{bad}"), "")).is_none(),

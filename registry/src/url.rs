@@ -145,9 +145,14 @@ fn redact(url: &str) -> String {
         },
         None => {
             let end = rest.find(['/', '?']).unwrap_or(rest.len());
-            let (hosts, tail) = rest.split_at(end);
-            let hosts: Vec<String> = hosts.split(',').map(shown_endpoint).collect();
-            format!("{prefix}{}{tail}", hosts.join(","))
+            let (hosts, _) = rest.split_at(end);
+            // A password may hold `/`, `?` and `,` too: past a "port" that is not digits,
+            // nothing more is shown.
+            if hosts.split(',').all(|h| shown_endpoint(h) == h) {
+                url.to_owned()
+            } else {
+                format!("{prefix}***")
+            }
         }
     }
 }
@@ -253,8 +258,9 @@ fn parse_endpoint(url: &str, endpoint: &str) -> Result<Endpoint, Error> {
         .ok_or_else(|| {
             invalid(
                 url,
+                // Not echoed: a password of digits would be printed.
                 if digits {
-                    format!("endpoint {text:?} has an invalid port {port} (1-65535)")
+                    format!("endpoint {text:?} has a port out of range (1-65535)")
                 } else {
                     format!(
                         "endpoint {text:?} has a port that is not digits (a user:password goes \
@@ -651,8 +657,8 @@ mod tests {
         assert!(err("consul://h:1").contains("unknown scheme"));
         assert!(err("etcd://").contains("no endpoint"));
         assert!(err("etcd://h").contains("host:port"));
-        assert!(err("etcd://h:0").contains("invalid port"));
-        assert!(err("etcd://h:99999").contains("invalid port"));
+        assert!(err("etcd://h:0").contains("out of range"));
+        assert!(err("etcd://h:99999").contains("out of range"));
         assert!(err("etcd://:2379").contains("empty host"));
         assert!(err("etcd://h:1,").contains("host:port"));
         assert!(err("etcd://h:1/a//b").contains("namespace"));
@@ -785,7 +791,7 @@ mod tests {
     fn ports_are_digits_and_parameters_come_once() {
         assert!(err("etcd://h:+2379").contains("not digits"));
         assert!(err("etcd://h:").contains("not digits"));
-        assert!(err("etcd://h:65536").contains("invalid port 65536"));
+        assert!(err("etcd://h:65536").contains("out of range"));
         // A forgotten `@host` must not print the password it leaves as the "port".
         let said = err("etcd://root:s3cret/ns");
         assert!(
