@@ -461,7 +461,10 @@ pub struct MirrorStatus {
 /// are never copied, and a path the target holds as a live session's ephemeral node is left
 /// alone ([`MirrorChange::Held`]) and written once that node is gone (tried every
 /// [`HELD_RETRY`]). A source value over [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN) is not
-/// written ([`MirrorChange::TooLarge`]) and stops nothing else. Runs until
+/// written ([`MirrorChange::TooLarge`]) and stops nothing else. Unlike [`copy`], which
+/// refuses them, source nodes no [`NodePath`] can name are not mirrored (the source's watch
+/// leaves them out, with a warning in the log); persistent ones in the target stop each sync
+/// (reported as `Retrying`) until they are renamed or removed. Runs until
 /// [`stop`](Mirror::stop) or drop.
 pub struct Mirror {
     stop: watch::Sender<bool>,
