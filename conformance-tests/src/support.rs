@@ -427,12 +427,7 @@ pub fn etcdctl(endpoint: &str, args: &[&str]) -> String {
 /// writes nothing: a migration must not report success for a tree it did not see whole.
 pub async fn assert_copy_refuses_unnamable(source: &dyn Registry, root: &str) {
     let root = NodePath::new(root).unwrap_or_else(|e| panic!("{e}"));
-    let store = registry_core::MemoryStore::new();
-    let target = registry_core::MemoryRegistry::connect(&store, Default::default())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let copied =
-        registry_core::migrate::copy(source, &target, &root, Default::default(), |_, _| {}).await;
+    let (copied, target) = copy_into_memory(source, root.as_str()).await;
     match copied {
         Err(registry_core::Error::Backend { message, .. }) => {
             assert!(message.contains("cannot name"), "{root}: {message}")
@@ -441,4 +436,23 @@ pub async fn assert_copy_refuses_unnamable(source: &dyn Registry, root: &str) {
     }
     let written = target.exists(&root).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(!written, "{root}: the refused copy wrote it");
+}
+
+/// Copies `root` out of `source` into a fresh in-memory registry: what the copy said, and
+/// the registry it wrote to.
+pub async fn copy_into_memory(
+    source: &dyn Registry,
+    root: &str,
+) -> (
+    registry_core::Result<registry_core::migrate::CopySummary>,
+    registry_core::MemoryRegistry,
+) {
+    let root = NodePath::new(root).unwrap_or_else(|e| panic!("{e}"));
+    let store = registry_core::MemoryStore::new();
+    let target = registry_core::MemoryRegistry::connect(&store, Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let copied =
+        registry_core::migrate::copy(source, &target, &root, Default::default(), |_, _| {}).await;
+    (copied, target)
 }

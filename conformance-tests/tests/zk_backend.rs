@@ -1775,14 +1775,8 @@ async fn container_and_ttl_nodes_are_persistent_and_copied() {
         ]
     );
 
-    let store = registry_core::MemoryStore::new();
-    let target = registry_core::MemoryRegistry::connect(&store, Default::default())
-        .await
-        .unwrap();
-    let summary =
-        registry_core::migrate::copy(&*reg, &target, &p("/soa"), Default::default(), |_, _| {})
-            .await
-            .unwrap_or_else(|e| panic!("copy: {e}"));
+    let (summary, target) = conformance_tests::support::copy_into_memory(&*reg, "/soa").await;
+    let summary = summary.unwrap_or_else(|e| panic!("copy: {e}"));
     assert_eq!(summary.created, 3, "{summary:?}");
     assert!(target.get(&p("/soa/c/ttl")).await.is_ok());
     assert!(target.get(&p("/soa/c/eph")).await.is_err());
@@ -1924,14 +1918,8 @@ async fn an_unnamable_ephemeral_node_is_skipped_as_such_and_a_copy_goes_on() {
             ephemeral: true
         }]
     );
-    let store = registry_core::MemoryStore::new();
-    let target = registry_core::MemoryRegistry::connect(&store, Default::default())
-        .await
-        .unwrap();
-    let copied =
-        registry_core::migrate::copy(&*reg, &target, &p("/dubbo"), Default::default(), |_, _| {})
-            .await
-            .unwrap_or_else(|e| panic!("copy past an ephemeral unnamable node: {e}"));
+    let (copied, _) = conformance_tests::support::copy_into_memory(&*reg, "/dubbo").await;
+    let copied = copied.unwrap_or_else(|e| panic!("copy past an ephemeral unnamable node: {e}"));
     assert_eq!(copied.created, 2, "{copied:?}");
     reg.close().await.unwrap();
 }

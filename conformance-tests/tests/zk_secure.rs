@@ -37,6 +37,19 @@ async fn client(addr: String, identity: Option<&str>) -> ZkRegistry {
         .unwrap_or_else(|e| panic!("connect as {identity:?}: {e}"))
 }
 
+/// A raw client with no identity, as an operator's tool sets nodes and ACLs up.
+async fn admin(zk: &ZkServer) -> zookeeper_client::Client {
+    zookeeper_client::Client::connector()
+        .with_session_timeout(Duration::from_secs(4))
+        .connect(&zk.connect_string())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn open_persistent() -> zookeeper_client::CreateOptions<'static> {
+    zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all())
+}
+
 fn denied<T: std::fmt::Debug>(what: &str, result: registry_core::Result<T>, path: &NodePath) {
     assert!(
         matches!(&result, Err(Error::PermissionDenied { path: at }) if at == path),
@@ -316,13 +329,8 @@ async fn sasl_digest_md5_identities_and_acls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_chroot_serves_a_client_that_may_not_create_at_the_root() {
     let zk = server();
-    let admin = zookeeper_client::Client::connector()
-        .with_session_timeout(Duration::from_secs(4))
-        .connect(&zk.connect_string())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let open =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let admin = admin(&zk).await;
+    let open = open_persistent();
     for path in ["/team", "/team/soa"] {
         admin
             .create(path, b"", &open)
@@ -367,13 +375,8 @@ async fn an_existing_chroot_serves_a_client_that_may_not_create_at_the_root() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_parents_are_created_below_an_ancestor_the_client_may_not_create_under() {
     let zk = server();
-    let admin = zookeeper_client::Client::connector()
-        .with_session_timeout(Duration::from_secs(4))
-        .connect(&zk.connect_string())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let open =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let admin = admin(&zk).await;
+    let open = open_persistent();
     for path in ["/locked", "/locked/open"] {
         admin
             .create(path, b"", &open)
