@@ -129,6 +129,18 @@ impl DualRegistry {
         self.unfinished_deletes().remove(path);
     }
 
+    /// Both sides hold `path` and its ancestors again (a create makes missing parents).
+    fn written(&self, path: &NodePath) {
+        let mut unfinished = self.unfinished_deletes();
+        if unfinished.is_empty() {
+            return;
+        }
+        unfinished.remove(path);
+        for ancestor in path.ancestors() {
+            unfinished.remove(&ancestor);
+        }
+    }
+
     /// Combines two open registries.
     pub fn new(
         primary: Arc<dyn Registry>,
@@ -242,7 +254,7 @@ impl Registry for DualRegistry {
         let (this, path) = (self.clone(), path.clone());
         self.on_both(async move {
             let created = this.create_on_both(&path, value, mode).await?;
-            this.delete_finished(&created.path);
+            this.written(&created.path);
             Ok(created)
         })
         .await
@@ -273,7 +285,7 @@ impl Registry for DualRegistry {
         self.on_both(async move {
             let node = this.primary.set(&path, value, expected).await?;
             this.put_secondary(&node).await?;
-            this.delete_finished(&path);
+            this.written(&path);
             Ok(node)
         })
         .await
@@ -388,7 +400,10 @@ impl Registry for DualRegistry {
             _ => self.secondary.register(path, value, options).await,
         };
         match secondary {
-            Ok(secondary) => Ok(primary.with_companions(vec![secondary])),
+            Ok(secondary) => {
+                self.written(path);
+                Ok(primary.with_companions(vec![secondary]))
+            }
             Err(error) => match primary.deregister().await {
                 Ok(()) => Err(error),
                 Err(undo) => Err(half_done(path, "register", error, undo)),

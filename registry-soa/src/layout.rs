@@ -157,7 +157,8 @@ pub fn instance_prefix(address: Address, version: &str) -> Result<String, SoaErr
 
 /// Reads an instance from a runtime node: `ip:port:version:seq` (Dapeng, sequential) or
 /// `ip:port` with an optional weight as value (the etcd write-up); `ip:port:version` is read
-/// too. `None` for other names, and for port 0.
+/// too. `None` for other names, for `0.0.0.0`, and for a port that is 0 or not written as
+/// plain digits without a leading 0 (another spelling would name one instance twice).
 pub fn parse_instance(node: &Node) -> Option<Instance> {
     let name = node.path.name();
     let parts: Vec<&str> = name.split(':').collect();

@@ -449,6 +449,28 @@ impl ZkRegistry {
         Err(last.unwrap_or_else(|| Error::unavailable(format!("zookeeper {operation} {path}"))))
     }
 
+    /// Of the descendants a recursive delete of `path` could not list, the first that has
+    /// children of its own (a stat needs no rights), as the error that names it.
+    async fn hidden_subtree(
+        &self,
+        path: &NodePath,
+        unreadable: &[String],
+    ) -> Result<Option<Error>> {
+        for raw in unreadable {
+            let stat = self
+                .call("stat unlistable node", path, Resend::Read, |c| {
+                    c.check_stat(raw)
+                })
+                .await?;
+            if stat.is_some_and(|s| s.num_children > 0) {
+                return Ok(Some(Error::PermissionDenied {
+                    path: NodePath::new(raw.as_str()).unwrap_or_else(|_| path.clone()),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     async fn stat(&self, path: &NodePath) -> Result<Option<zk::Stat>> {
         self.call("exists", path, Resend::Read, |c| {
             c.check_stat(path.as_str())
@@ -951,15 +973,12 @@ impl Registry for ZkRegistry {
         // Unconditional transactions cut off by a lost connection: one may have been
         // applied, and then the node found missing is the one it deleted.
         let mut cut_off = 0u64;
-        // A descendant this client may not list: taken as a leaf, and named if it is not one.
-        let mut unreadable: Option<String> = None;
-        let denied = |unreadable: &Option<String>| {
-            unreadable.as_ref().map(|raw| Error::PermissionDenied {
-                path: NodePath::new(raw.as_str()).unwrap_or_else(|_| path.clone()),
-            })
-        };
+        // Descendants this client may not list, this round: taken as leaves, and named if
+        // one is not.
+        let mut unreadable: Vec<String> = Vec::new();
         // Bounded: each round removes what it found; only concurrent creators cause another.
         for _ in 0..16 {
+            unreadable.clear();
             if scope == DeleteScope::Recursive {
                 // Raw paths: another client may have created nodes deeper or with longer paths
                 // than a `NodePath` allows; they are deleted all the same.
@@ -982,7 +1001,7 @@ impl Registry for ZkRegistry {
                         // read it: one another identity keeps unreadable (its own
                         // registration, say) is taken as a leaf, and the delete decides.
                         Err(Error::PermissionDenied { .. }) if p != path.as_str() => {
-                            unreadable.get_or_insert(p);
+                            unreadable.push(p);
                         }
                         Err(e) => return Err(e),
                     }
@@ -1018,9 +1037,11 @@ impl Registry for ZkRegistry {
                         }
                         // A node appeared or went meanwhile: list the tree again, unless the
                         // node itself is gone.
-                        Err(Error::NotEmpty { .. }) if unreadable.is_some() => {
-                            return Err(denied(&unreadable)
-                                .unwrap_or_else(|| Error::NotEmpty { path: path.clone() }));
+                        Err(Error::NotEmpty { .. }) if !unreadable.is_empty() => {
+                            if let Some(denied) = self.hidden_subtree(path, &unreadable).await? {
+                                return Err(denied);
+                            }
+                            continue;
                         }
                         Err(Error::NotFound { .. }) | Err(Error::NotEmpty { .. }) => {
                             if version.is_none() && self.stat(path).await?.is_none() {
@@ -1067,8 +1088,8 @@ impl Registry for ZkRegistry {
                     return Ok(());
                 }
                 Err(Error::NotEmpty { .. }) if scope == DeleteScope::Recursive => {
-                    if let Some(error) = denied(&unreadable) {
-                        return Err(error);
+                    if let Some(denied) = self.hidden_subtree(path, &unreadable).await? {
+                        return Err(denied);
                     }
                     continue;
                 }
@@ -1143,19 +1164,34 @@ impl Registry for ZkRegistry {
             None => self.read_each_again(&children).await?,
         };
         nodes.sort_by_key(|n| n.create_order);
-        let mut unnamable = Vec::with_capacity(skipped.len());
-        for name in skipped {
-            let raw = if path.is_root() {
-                format!("/{name}")
-            } else {
-                format!("{path}/{name}")
-            };
-            // Unknown counts as persistent: a migration then refuses rather than leaves it out.
-            let ephemeral = matches!(
-                self.call("stat unnamable child", path, Resend::Read, |c| c.check_stat(&raw)).await,
-                Ok(Some(stat)) if watch::owner_session(stat.ephemeral_owner).is_some()
-            );
-            unnamable.push(registry_core::SkippedChild { name, ephemeral });
+        // Whether each is ephemeral, asked together (the client pipelines them): a folder of
+        // provider URLs too long for a NodePath may hold hundreds.
+        let stats: Vec<_> = {
+            use futures::StreamExt;
+            futures::stream::iter(skipped.into_iter().map(|name| async move {
+                let raw = if path.is_root() {
+                    format!("/{name}")
+                } else {
+                    format!("{path}/{name}")
+                };
+                let stat = self
+                    .call("stat unnamable child", path, Resend::Read, |c| {
+                        c.check_stat(&raw)
+                    })
+                    .await;
+                (name, stat)
+            }))
+            .buffer_unordered(CHILD_READS_IN_FLIGHT)
+            .collect()
+            .await
+        };
+        let mut unnamable = Vec::with_capacity(stats.len());
+        for (name, stat) in stats {
+            // `None`: gone since the listing, so not a child to report.
+            if let Some(stat) = stat? {
+                let ephemeral = watch::owner_session(stat.ephemeral_owner).is_some();
+                unnamable.push(registry_core::SkippedChild { name, ephemeral });
+            }
         }
         unnamable.sort();
         Ok(Children {

@@ -146,25 +146,32 @@ fn redact(url: &str) -> String {
         None => {
             let end = rest.find(['/', '?']).unwrap_or(rest.len());
             let (hosts, _) = rest.split_at(end);
-            // A password may hold `/`, `?` and `,` too: past a "port" that is not digits,
-            // nothing more is shown.
-            if hosts.split(',').all(|h| shown_endpoint(h) == h) {
-                url.to_owned()
-            } else {
-                format!("{prefix}***")
+            // A password may hold `/`, `?` and `,` too: from the first endpoint whose "port"
+            // is no port on, nothing is shown.
+            let mut shown = Vec::new();
+            for host in hosts.split(',') {
+                if shown_endpoint(host) != host {
+                    return format!("{prefix}{}***", shown.join(""));
+                }
+                shown.push(format!("{host},"));
             }
+            url.to_owned()
         }
     }
 }
 
-/// An endpoint as an error may show it: after the first `:`, only digits (a port); anything
-/// else there may be a password whose `@host` was left out, and is hidden.
+/// An endpoint as an error may show it: after the first `:`, only a port (1-65535 in
+/// digits); anything else there may be a password whose `@host` was left out, and is
+/// hidden. (A password that reads as a port cannot be told from one.)
 fn shown_endpoint(text: &str) -> String {
     if text.starts_with('[') {
         return text.to_owned();
     }
+    let is_port = |port: &str| {
+        port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p != 0)
+    };
     match text.split_once(':') {
-        Some((host, port)) if !port.bytes().all(|b| b.is_ascii_digit()) => format!("{host}:***"),
+        Some((host, port)) if !port.is_empty() && !is_port(port) => format!("{host}:***"),
         _ => text.to_owned(),
     }
 }
@@ -258,7 +265,7 @@ fn parse_endpoint(url: &str, endpoint: &str) -> Result<Endpoint, Error> {
         .ok_or_else(|| {
             invalid(
                 url,
-                // Not echoed: a password of digits would be printed.
+                // `text` hides it: a password of digits would be printed.
                 if digits {
                     format!("endpoint {text:?} has a port out of range (1-65535)")
                 } else {

@@ -124,7 +124,13 @@ proptest! {
     ) {
         // `user:password` with the `@host` forgotten reads as host:port; a password may
         // hold what ends a host list or a path.
-        for secret in [SECRET.to_owned(), format!("a/{SECRET}"), format!("a,{SECRET}"), format!("a?{SECRET}")] {
+        for secret in [
+            SECRET.to_owned(),
+            format!("a/{SECRET}"),
+            format!("a,{SECRET}"),
+            format!("a?{SECRET}"),
+            format!("99999{SECRET}"),
+        ] {
             let _ = check(&format!("{scheme}{before}user:{secret}{rest}"));
         }
     }

@@ -291,7 +291,8 @@ impl Registry for Faulty {
                 // decides what the stream misses, not the order the two got ready in.
                 tokio::select! {
                     biased;
-                    _ = breaks.changed() => Some((
+                    // A dropped sender is no break.
+                    Ok(()) = breaks.changed() => Some((
                         Err(Error::unavailable("watch broken by the test")),
                         (inner, breaks, true),
                     )),
