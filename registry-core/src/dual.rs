@@ -123,13 +123,8 @@ impl DualRegistry {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// No delete of `path` is left to finish on the secondary: it was, or both sides hold
-    /// the path again (a later delete must not count as a retry).
-    fn delete_finished(&self, path: &NodePath) {
-        self.unfinished_deletes().remove(path);
-    }
-
-    /// Both sides hold `path` and its ancestors again (a create makes missing parents).
+    /// Both sides hold `path` and its ancestors again (a create makes missing parents): no
+    /// delete of theirs is left to finish, and a later one is no retry.
     fn written(&self, path: &NodePath) {
         let mut unfinished = self.unfinished_deletes();
         if unfinished.is_empty() {
@@ -296,20 +291,19 @@ impl Registry for DualRegistry {
         let (this, path) = (self.clone(), path.clone());
         self.on_both(async move {
             let primary = this.primary.delete(&path, expected, scope).await;
-            let unfinished = || this.unfinished_deletes();
             match &primary {
                 Ok(()) => {}
                 // A retry of this registry's delete whose secondary half failed.
-                Err(Error::NotFound { .. }) if unfinished().contains(&path) => {}
+                Err(Error::NotFound { .. }) if this.unfinished_deletes().contains(&path) => {}
                 Err(_) => return primary,
             }
             match this.secondary.delete(&path, Expected::Any, scope).await {
                 Ok(()) | Err(Error::NotFound { .. }) => {
-                    this.delete_finished(&path);
+                    this.unfinished_deletes().remove(&path);
                     primary
                 }
                 Err(error) => {
-                    let mut unfinished = unfinished();
+                    let mut unfinished = this.unfinished_deletes();
                     if unfinished.len() < UNFINISHED_DELETES {
                         unfinished.insert(path.clone());
                     }

@@ -192,6 +192,34 @@ async fn end_session(
     false
 }
 
+/// The missing ancestors of `path` (and `path` itself with `itself`), top-down: found with
+/// `exists` from the bottom up, stopping at the first that exists. ZooKeeper checks the
+/// right to create under a node's parent before whether the node exists, so creating an
+/// existing one can be refused where creating the missing ones is allowed.
+async fn missing_down_to<F, Fut>(
+    path: &NodePath,
+    itself: bool,
+    mut exists: F,
+) -> Result<Vec<NodePath>>
+where
+    F: FnMut(NodePath) -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let mut missing = Vec::new();
+    let bottom_up = itself
+        .then(|| path.clone())
+        .into_iter()
+        .chain(path.ancestors().into_iter().rev());
+    for candidate in bottom_up {
+        if candidate.is_root() || exists(candidate.clone()).await? {
+            break;
+        }
+        missing.push(candidate);
+    }
+    missing.reverse();
+    Ok(missing)
+}
+
 /// Opens a session, creating the chroot first if there is one.
 async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
     let root = NodePath::root();
@@ -203,33 +231,17 @@ async fn open_client(options: &ZkOptions) -> Result<zk::Client> {
         let Some(chroot) = &options.namespace else {
             return Ok(client);
         };
-        // Read first: ZooKeeper checks the right to create on the parent before whether the
-        // node exists, so a client that may not create at `/` could not use an existing
-        // chroot; and an existing one is not written at every connect.
-        let exists = |path: &NodePath| {
-            let path = path.clone();
-            let client = &client;
-            async move {
-                client
-                    .check_stat(path.as_str())
-                    .await
-                    .map(|stat| stat.is_some())
-                    .map_err(|e| map(e, "read chroot", &path))
-            }
-        };
-        let missing = if exists(chroot).await? {
-            Vec::new()
-        } else {
-            let mut missing = vec![chroot.clone()];
-            for ancestor in chroot.ancestors().into_iter().rev() {
-                if ancestor.is_root() || exists(&ancestor).await? {
-                    break;
-                }
-                missing.push(ancestor);
-            }
-            missing.reverse();
-            missing
-        };
+        // An existing chroot is only read: a client that may not create at `/` can use it,
+        // and it is not written at every connect.
+        let reader = &client;
+        let missing = missing_down_to(chroot, true, |path| async move {
+            reader
+                .check_stat(path.as_str())
+                .await
+                .map(|stat| stat.is_some())
+                .map_err(|e| map(e, "read chroot", &path))
+        })
+        .await?;
         for path in &missing {
             let created = client
                 .create(
@@ -504,17 +516,11 @@ impl ZkRegistry {
     }
 
     async fn create_parents(&self, path: &NodePath) -> Result<()> {
-        // Only the missing ones, found from the parent up: ZooKeeper checks the right to
-        // create under a node's parent before whether the node exists, so creating an
-        // existing ancestor can be refused where creating the new nodes is allowed.
-        let mut missing = Vec::new();
-        for ancestor in path.ancestors().into_iter().rev() {
-            if ancestor.is_root() || self.stat(&ancestor).await?.is_some() {
-                break;
-            }
-            missing.push(ancestor);
-        }
-        for ancestor in missing.into_iter().rev() {
+        let missing = missing_down_to(path, false, |ancestor| async move {
+            Ok(self.stat(&ancestor).await?.is_some())
+        })
+        .await?;
+        for ancestor in missing {
             let p = ancestor.as_str().to_owned();
             // A create's future borrows its client and path: hand it owned ones.
             let created = self
