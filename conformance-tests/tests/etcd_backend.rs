@@ -1586,6 +1586,82 @@ async fn a_session_cut_off_from_every_member_is_lost_within_the_ttl_with_credent
     reg.close().await.unwrap();
 }
 
+/// A session lost while cut off, whose leases someone else kept granted meanwhile (as a new
+/// leader renews every lease by its TTL), has them revoked once the cluster answers again,
+/// before `Reestablished`: its ephemeral nodes are gone when the new session is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_sessions_leases_still_granted_are_revoked_before_reestablished() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let reg = connect(&proxy.addr().to_string()).await;
+    let mut raw = etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .unwrap();
+    reg.create(&p("/kept/a"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap();
+    let session = reg.session().session_id.unwrap();
+    let leases: Vec<i64> = raw
+        .leases()
+        .await
+        .unwrap()
+        .leases()
+        .iter()
+        .map(|l| l.id())
+        .filter(|&l| registry_etcd::session_of_lease(l) == session)
+        .collect();
+    assert!(!leases.is_empty());
+    // Renews the session's leases from outside, directly, until aborted (bounded: 30 s).
+    let mut renewing = raw.clone();
+    let kept = leases.clone();
+    let renewer = tokio::spawn(async move {
+        let mut keepers = Vec::new();
+        for &lease in &kept {
+            keepers.push(renewing.lease_keep_alive(lease).await.unwrap());
+        }
+        for _ in 0..300 {
+            for (keeper, answers) in &mut keepers {
+                keeper.keep_alive().await.unwrap();
+                answers.message().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut events = reg.session_events();
+    proxy.cut();
+    // Lost once the TTL is up and the server cannot vouch for the session; the revokes fail.
+    let bound = Duration::from_secs(2) + Duration::from_secs(4);
+    assert!(
+        session_reaches(&mut events, SessionState::Lost, bound).await,
+        "not lost within {bound:?}"
+    );
+    // Still cut for a second: the revokes that follow `Lost` fail meanwhile (5 tries, 0.2 s
+    // of backoff); nothing signals them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.forward();
+    assert!(
+        session_reaches(
+            &mut events,
+            SessionState::Reestablished,
+            Duration::from_secs(15)
+        )
+        .await,
+        "no new session once reachable again"
+    );
+    let renewed_throughout = !renewer.is_finished();
+    renewer.abort();
+    assert!(renewed_throughout, "the outside renewals stopped early");
+    assert!(
+        raw.get("/kept/a", None).await.unwrap().kvs().is_empty(),
+        "the lost session's ephemeral node outlived Reestablished"
+    );
+    assert_revoked(&mut raw, &leases, "of the lost session").await;
+    reg.close().await.unwrap();
+}
+
 /// A key put over a registration's node (by a raw client, with its own lease) reaches no
 /// registration watch, which asks for deletions only; the next value write finds the node not
 /// ours and has the healer replace it with ours, carrying the new value.

@@ -1445,8 +1445,8 @@ async fn close_session(shared: &Shared) -> Result<()> {
     registry_core::stop_session_task(&shared.shutdown, &shared.session_task).await;
     let session = &shared.session;
     let leases = session.retire();
-    let revoked =
-        session::revoke_all(&shared.client, &leases, shared.options.request_timeout).await;
+    let left = session::revoke_all(&shared.client, &leases, shared.options.request_timeout).await;
+    let revoked = leases.len() - left.len();
     if revoked == leases.len() {
         tracing::info!(
             session = session.id(),

@@ -560,38 +560,38 @@ async fn grant(
     }
 }
 
-/// Revokes `leases` at once and counts those that are gone (a lease etcd no longer has
-/// counts: its keys went with it); one that fails expires after its TTL. Each revoke gets
-/// `timeout`; one that fails at once (a dead member) is tried again, up to 5 times, since
-/// repeating a revoke is harmless.
-pub(crate) async fn revoke_all(client: &Client, leases: &[i64], timeout: Duration) -> usize {
+/// Revokes `leases` at once and returns those that may still be granted (a lease etcd no
+/// longer has counts as revoked: its keys went with it); one that is not revoked expires after
+/// its TTL. Each revoke gets `timeout`; one that fails at once (a dead member) is tried again,
+/// up to 5 times, since repeating a revoke is harmless.
+pub(crate) async fn revoke_all(client: &Client, leases: &[i64], timeout: Duration) -> Vec<i64> {
     let revokes = leases.iter().map(|&lease| {
         let mut client = client.clone();
         async move {
             for attempt in 1..=5u64 {
                 match tokio::time::timeout(timeout, client.lease_revoke(lease)).await {
-                    Ok(Ok(_)) => return true,
+                    Ok(Ok(_)) => return None,
                     Ok(Err(etcd_client::Error::GRpcStatus(status)))
                         if status.message().contains("lease not found") =>
                     {
-                        return true
+                        return None
                     }
                     Ok(Err(error)) => {
                         tracing::debug!(lease, attempt, %error, "lease revoke failed");
                         tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
                     }
-                    Err(_) => return false,
+                    Err(_) => break,
                 }
             }
             tracing::debug!(lease, "lease not revoked; it expires after its TTL");
-            false
+            Some(lease)
         }
     });
     futures::future::join_all(revokes)
         .await
         .into_iter()
-        .filter(|revoked| *revoked)
-        .count()
+        .flatten()
+        .collect()
 }
 
 /// Ends session `session` from any client, as its TTL running out would: revokes every lease
@@ -609,7 +609,8 @@ pub async fn revoke_session(
         .map(|lease| lease.id())
         .filter(|&lease| session_of_lease(lease) == session)
         .collect();
-    Ok(revoke_all(client, &leases, timeout).await)
+    let left = revoke_all(client, &leases, timeout).await;
+    Ok(leases.len() - left.len())
 }
 
 /// The keeper's connection. With several endpoints it talks to one member at a time: a
@@ -792,19 +793,14 @@ pub(crate) fn spawn_keeper(
     span: tracing::Span,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
     let (done, finished) = tokio::sync::oneshot::channel();
+    // Built here, not in the thread: a runtime that cannot start fails the connect, where a
+    // thread that ended at once would leave the session unkept and still reported live.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     std::thread::Builder::new()
         .name("etcd-keepalive".into())
         .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    tracing::error!(%error, "cannot start the keep-alive runtime");
-                    return;
-                }
-            };
             runtime.block_on(tracing::Instrument::instrument(
                 async move {
                     // Members taken in turn from one picked by the session ID, so clients
@@ -949,16 +945,30 @@ async fn run(
             session.tracker.transition(SessionState::Lost, None);
             // The rest of the block goes too, so no key of the lost session outlives it.
             let leases = session.retire();
-            let revoked = revoke_all(&link.client, &leases, request_timeout).await;
+            let mut left = revoke_all(&link.client, &leases, request_timeout).await;
             tracing::debug!(
                 session = id,
                 leases = leases.len(),
-                revoked,
+                revoked = leases.len() - left.len(),
                 "lost session's leases revoked"
             );
             let Some(new) = grant(&mut link, ttl, request_timeout, &mut shutdown).await else {
                 return;
             };
+            // The cluster answers again. A lease it could not revoke before may still be
+            // granted (a new leader renews every lease by its TTL): revoked now, so the lost
+            // session's keys do not outlive `Reestablished` and stand in the way of the
+            // registrations re-created under the new one.
+            if !left.is_empty() {
+                left = revoke_all(&link.client, &left, request_timeout).await;
+                if !left.is_empty() {
+                    tracing::warn!(
+                        session = id,
+                        leases = ?left,
+                        "lost session's leases not revoked; they expire after their TTL"
+                    );
+                }
+            }
             session.restart(new);
             last_ok = Instant::now();
             backoff.reset();
