@@ -29,15 +29,20 @@ impl Backoff {
     /// The next delay to wait.
     pub fn next_delay(&mut self) -> Duration {
         let cap = self.current;
-        self.current = (self.current * 2).min(self.max);
+        // Checked: a cap of `Duration::MAX` ("no cap") would overflow the doubling.
+        self.current = self
+            .current
+            .checked_mul(2)
+            .unwrap_or(self.max)
+            .min(self.max);
         let low = cap / 2;
-        let span = cap.saturating_sub(low).as_millis() as u64;
+        let span = u64::try_from(cap.saturating_sub(low).as_millis()).unwrap_or(u64::MAX);
         let jitter = if span == 0 {
             0
         } else {
             rand::thread_rng().gen_range(0..=span)
         };
-        low + Duration::from_millis(jitter)
+        low.saturating_add(Duration::from_millis(jitter))
     }
 
     /// Starts over from the initial delay (after a success).
@@ -63,5 +68,15 @@ mod tests {
         assert_eq!(b.current, Duration::from_secs(2));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn no_cap_never_overflows() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::MAX);
+        let mut last = Duration::ZERO;
+        for _ in 0..200 {
+            last = b.next_delay();
+        }
+        assert!(last >= Duration::from_secs(3600), "{last:?}");
     }
 }

@@ -329,7 +329,8 @@ async fn follow(
             } else {
                 changes.extend(change(&tree.state, &event));
                 tree.state.apply(&event);
-                true
+                // A deletion of a node the copy lacks, or a write of what it holds, is none.
+                !changes.is_empty()
             };
             // Told under the write lock: a listener subscribes under the read lock, so each
             // change is either in the copy it started from or told to it, never both.

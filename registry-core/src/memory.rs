@@ -624,6 +624,10 @@ impl Registry for MemoryRegistry {
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         check_value(path, &value)?;
         let parent = path.parent().ok_or_else(|| Error::root("create"))?;
+        if mode.is_sequential() {
+            // Bad input is named before the client's state is: the longest generated name.
+            parent.join(&sequential_name(path.name(), 0))?;
+        }
         let mut state = self.state()?;
         let owner = if mode.is_ephemeral() {
             Some(self.live_session(&state)?)
@@ -828,11 +832,13 @@ impl Registry for MemoryRegistry {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) -> Result<()> {
-        if self.inner.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
         let unreachable = {
             let mut state = self.inner.store.lock();
+            // Under the store's lock: a second close returns only once the first has removed
+            // the session's ephemeral nodes.
+            if self.inner.closed.swap(true, Ordering::SeqCst) {
+                return Ok(());
+            }
             let cut = state.clients.get(&self.inner.id).and_then(|c| c.cut);
             let session = self.inner.session_id();
             let unreachable = match (cut, session) {
@@ -901,9 +907,15 @@ impl WatchFeed {
 
     /// Drops everything buffered and takes a fresh snapshot, atomically with the writers.
     fn resync(&mut self, reason: ResyncReason) -> WatchEvent {
-        let state = self.store.lock();
+        let mut state = self.store.lock();
         while self.rx.try_recv().is_ok() {}
         self.lagged.store(false, Ordering::SeqCst);
+        // The snapshot covers everything up to now: a watch asked to start at a later
+        // revision follows from the snapshot, or the changes in between would never arrive.
+        let revision = state.revision;
+        if let Some(watcher) = state.watchers.get_mut(&self.id) {
+            watcher.after = revision;
+        }
         let snapshot = state.snapshot(&self.root, self.scope);
         WatchEvent::Resync { snapshot, reason }
     }
@@ -961,5 +973,75 @@ mod tests {
         }
         let children = client.children(&p("/q")).await.unwrap();
         assert_eq!(children.nodes.len(), 6);
+    }
+
+    async fn next_within(stream: &mut WatchStream) -> WatchEvent {
+        tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("no watch item within 5 s")
+            .expect("the watch ended")
+            .expect("a watch error")
+    }
+
+    /// A watch started after a revision not reached yet follows on from a resync's snapshot:
+    /// the changes after it arrive, none is skipped as "before the start".
+    #[tokio::test]
+    async fn a_watch_after_a_later_revision_misses_nothing_after_a_resync() {
+        let store = MemoryStore::default();
+        let client = MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap();
+        let other = MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap();
+        client
+            .create(&p("/a"), Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+        let at = client.children(&p("/a")).await.unwrap().revision;
+        let later = Revision(at.0 + 5);
+        let mut watch = client
+            .watch(&p("/a"), WatchOptions::subtree().after(later))
+            .await
+            .unwrap();
+        let session = client.session().session_id.unwrap();
+        store
+            .interrupt_connection(session, Duration::from_millis(50))
+            .unwrap();
+        assert!(matches!(
+            next_within(&mut watch).await,
+            WatchEvent::Resync { .. }
+        ));
+        other
+            .create(&p("/a/x"), Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+        match next_within(&mut watch).await {
+            WatchEvent::Created(node) => assert_eq!(node.path, p("/a/x")),
+            other => panic!("expected the creation of /a/x, got {other:?}"),
+        }
+    }
+
+    /// A sequential create whose generated name would be too long is refused as bad input,
+    /// whatever the client's state: not as a retryable error while cut off.
+    #[tokio::test]
+    async fn a_too_long_sequential_name_is_refused_before_the_client_state() {
+        let store = MemoryStore::default();
+        let client = MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap();
+        let session = client.session().session_id.unwrap();
+        store
+            .interrupt_connection(session, Duration::from_secs(60))
+            .unwrap();
+        let long = p(&format!("/{}", "x".repeat(crate::path::MAX_PATH_LEN - 5)));
+        let refused = client
+            .create(&long, Bytes::new(), CreateMode::EphemeralSequential)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, Error::InvalidPath { .. }),
+            "got {refused:?}"
+        );
     }
 }

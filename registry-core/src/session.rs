@@ -241,6 +241,26 @@ mod tests {
         let rest: Vec<_> = events.map(|s| (s.state, s.epoch)).collect().await;
         assert_eq!(rest, [(SessionState::Closed, 2000)]);
     }
+
+    /// A close whose work panicked still lets later closes return.
+    #[tokio::test]
+    async fn a_close_after_a_panicked_close_returns() {
+        let gate = std::sync::Arc::new(CloseGate::new());
+        let first = tokio::spawn({
+            let gate = gate.clone();
+            async move {
+                gate.close(|| async { panic!("the close work failed") })
+                    .await
+            }
+        });
+        assert!(first.await.is_err_and(|e| e.is_panic()));
+        let second = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            gate.close(|| async { Ok(()) }),
+        )
+        .await;
+        assert!(matches!(second, Ok(Ok(()))), "{second:?}");
+    }
 }
 
 /// A client's closed flag, and the one run of its close: what a backend's
@@ -254,6 +274,15 @@ mod tests {
 pub struct CloseGate {
     closed: std::sync::atomic::AtomicBool,
     done: watch::Sender<bool>,
+}
+
+/// Marks a [`CloseGate`]'s work ended when dropped.
+struct Finished(watch::Sender<bool>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl Default for CloseGate {
@@ -289,12 +318,13 @@ impl CloseGate {
             let _ = done.wait_for(|done| *done).await;
             return Ok(());
         }
-        let finished = self.done.clone();
+        let finished = Finished(self.done.clone());
         let work = work();
         let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
-            let outcome = work.await;
-            finished.send_replace(true);
-            outcome
+            // Dropped however the work ends (done, panicked, cancelled at runtime shutdown),
+            // so later callers never wait forever.
+            let _finished = finished;
+            work.await
         }));
         match task.await {
             Ok(outcome) => outcome,
