@@ -197,6 +197,22 @@ pub fn summarize(dir: &Path) -> std::io::Result<String> {
             .filter(|r| r.0 == o)
             .count()
     };
+    // Why each skip happened, one line per backend and reason (the capability it lacks).
+    let mut skips: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for (backend, runs) in &results {
+        for (case, (outcome, detail, _)) in runs {
+            if outcome == "skipped" {
+                let reason = detail.as_deref().unwrap_or("no reason given");
+                skips.entry((backend, reason)).or_default().push(case);
+            }
+        }
+    }
+    for ((backend, reason), cases) in &skips {
+        table.push_str(&format!(
+            "skipped on {backend} ({reason}): {}\n",
+            cases.join(", ")
+        ));
+    }
     table.push_str(&format!(
         "conformance: {} passed, {} failed, {} skipped\n",
         all("passed"),
@@ -246,6 +262,10 @@ mod tests {
         );
         assert!(
             table.contains("beta: 0 passed, 0 failed, 1 skipped"),
+            "{table}"
+        );
+        assert!(
+            table.contains("skipped on beta (no faults): case_a"),
             "{table}"
         );
         assert!(

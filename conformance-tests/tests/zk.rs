@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use conformance_tests::harness::{Cluster, TcpProxy, ZkConfig, ZkEnsemble, ZkServer};
+use conformance_tests::harness::{four_letter, Cluster, TcpProxy, ZkConfig, ZkEnsemble, ZkServer};
 use conformance_tests::{conformance_suite, Fault, Fixture};
 use registry_core::{Error, NodePath, Registry, Result, SessionId};
 use registry_zk::{ZkOptions, ZkRegistry};
@@ -111,12 +111,41 @@ impl Fixture for ZkFixture {
         SESSION_TIMEOUT
     }
 
-    /// Partitions the client past the session timeout: the server expires the session.
+    /// Partitions the client until the server has expired the session: at expiry it closes
+    /// the session's connection, which `cons` then no longer lists.
     async fn expire_session(&self, session: SessionId) -> Result<()> {
         let proxy = self.proxy_of(session)?;
         proxy.blackhole();
-        tokio::time::sleep(SESSION_TIMEOUT + Duration::from_millis(800)).await;
+        let server = proxy.upstream();
+        let sid = format!("sid=0x{:x}", session.0 as u64);
+        let bound = SESSION_TIMEOUT * 2 + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut seen = false;
+        let expired = loop {
+            let cons = tokio::task::spawn_blocking(move || four_letter(server, "cons"))
+                .await
+                .ok()
+                .flatten();
+            if let Some(cons) = cons {
+                // Listed first: the check below cannot pass on a misspelt session ID.
+                if cons.contains(&sid) {
+                    seen = true;
+                } else if seen {
+                    break true;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         proxy.forward();
+        if !expired {
+            return Err(Error::unavailable(format!(
+                "the server did not expire session {sid} within {bound:?} of the partition \
+                 (listed by cons at all: {seen})"
+            )));
+        }
         Ok(())
     }
 

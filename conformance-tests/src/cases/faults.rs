@@ -369,7 +369,8 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
             .unwrap_or_else(|e| panic!("[{}] create {path}: {e}", env.at));
     }
     let acked: Arc<Mutex<BTreeMap<usize, u64>>> = Arc::default();
-    let successes: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    // Each acknowledged write: when it was issued, when it was acknowledged.
+    let successes: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
     // The writer's latest failure, for the report if writes never resume.
     let last_error: Arc<Mutex<Option<String>>> = Arc::default();
     // An outage must fail requests only with errors that say retrying may help.
@@ -391,6 +392,7 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
             while i < 1_000_000 {
                 let key = (i as usize) % KEYS;
                 let path = p(&format!("/data/k{key}"));
+                let issued = Instant::now();
                 match writer
                     .set(&path, Bytes::from(i.to_string()), Expected::Any)
                     .await
@@ -403,7 +405,7 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
                         successes
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .push(Instant::now());
+                            .push((issued, Instant::now()));
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
@@ -430,7 +432,7 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|t| **t > since)
+            .filter(|(_, acked)| *acked > since)
             .count()
     };
     // The writer must be under way before the kill, or the kill proves nothing.
@@ -446,16 +448,18 @@ pub async fn fault_leader_kill(fx: &dyn Fixture) -> Outcome {
     let leader = env.leader().await;
     let killed_at = Instant::now();
     env.kill(leader).await;
+    // `kill` returns once the process is gone: a write issued after that met no old leader.
+    let dead_at = Instant::now();
     let deadline = killed_at + LEADER_LOSS_BOUND + Duration::from_secs(10);
     let resumed = loop {
         let first = successes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .copied()
-            .find(|t| *t > killed_at + Duration::from_millis(1));
-        if let Some(t) = first {
-            break t - killed_at;
+            .find(|(issued, _)| *issued >= dead_at)
+            .map(|&(_, acked)| acked);
+        if let Some(acked) = first {
+            break acked - killed_at;
         }
         if Instant::now() >= deadline {
             let error = last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();

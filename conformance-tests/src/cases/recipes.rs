@@ -158,6 +158,15 @@ pub async fn lock_cancelled_leaves_no_node(fx: &dyn Fixture) -> Outcome {
         b.lock_timeout(Duration::from_millis(200)).await.is_err(),
         "{at} lock_timeout succeeded while held"
     );
+    // The timed-out lock's node goes: only the holder's is left, so the node counted below
+    // is the pending lock's, not a leftover.
+    until_queued(
+        &reader,
+        &p("/locks/c"),
+        1,
+        &format!("{at} the timed-out lock's node removed"),
+    )
+    .await;
     let pending = tokio::spawn({
         let b = b.clone();
         async move { b.lock().await.map(|_| ()) }

@@ -16,4 +16,4 @@ pub use process::{
 };
 pub use proxy::{ProxyMode, TcpProxy};
 pub use secure::{SecureEtcd, TestPki};
-pub use zookeeper::{ZkConfig, ZkEnsemble, ZkServer};
+pub use zookeeper::{four_letter, ZkConfig, ZkEnsemble, ZkServer};
