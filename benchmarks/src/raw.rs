@@ -18,6 +18,9 @@ use crate::util::{within, BenchResult, Ctx, Task};
 /// Requests in flight at once for bulk work (setup, cleanup, bulk creates).
 pub const IN_FLIGHT: usize = 64;
 
+/// Longest one raw etcd request may take (ours: its `request_timeout`); streams are exempt.
+const RAW_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Longest a background loop of the bench runs (keep-alives, watchers).
 const MAX_TASK_LIFE: Duration = Duration::from_secs(3600);
 
@@ -27,16 +30,93 @@ const MAX_WATCH_EVENTS: usize = 10_000_000;
 /// What a node watcher saw: watcher index, the new value (`None`: node gone), when.
 pub type Seen = (usize, Option<Bytes>, Instant);
 
+/// Puts a raw etcd session makes under one lease before it grants the next, as our layer's
+/// session does (`EtcdOptions::keys_per_lease`): etcd 3.4 spends apply time linear in a
+/// lease's keys on every put under it (etcd-io/etcd#15993), so one lease taking every put
+/// would slow the raw side more and more as a run goes on.
+const PUTS_PER_LEASE: usize = 256;
+
+/// A raw etcd session: a block of leases, each kept alive every TTL/3, a new one granted
+/// after [`PUTS_PER_LEASE`] puts under the newest.
+pub struct LeaseBlock {
+    client: EtcdClient,
+    ttl: Duration,
+    state: tokio::sync::Mutex<BlockState>,
+    /// The lease each key was put under, for the owner-checked delete.
+    owners: std::sync::Mutex<HashMap<String, i64>>,
+    /// Set by a keep-alive that finds its lease gone: the session is lost.
+    lost: tokio::sync::watch::Sender<bool>,
+}
+
+struct BlockState {
+    /// Every lease granted, newest last.
+    leases: Vec<i64>,
+    /// Puts under the newest lease.
+    on_newest: usize,
+    /// Their keep-alive tasks.
+    _keepers: Vec<Task>,
+}
+
+impl LeaseBlock {
+    async fn open(client: &EtcdClient, ttl: Duration) -> BenchResult<LeaseBlock> {
+        let lost = tokio::sync::watch::Sender::new(false);
+        let (lease, keeper) = grant_and_keep(client, ttl, lost.clone()).await?;
+        Ok(LeaseBlock {
+            client: client.clone(),
+            ttl,
+            state: tokio::sync::Mutex::new(BlockState {
+                leases: vec![lease],
+                on_newest: 0,
+                _keepers: vec![keeper],
+            }),
+            owners: std::sync::Mutex::new(HashMap::new()),
+            lost,
+        })
+    }
+
+    /// The lease for the next put of `key`, granting a new one when the newest is full.
+    async fn lease_for(&self, key: &str) -> BenchResult<i64> {
+        let mut state = self.state.lock().await;
+        if state.on_newest >= PUTS_PER_LEASE {
+            let (lease, keeper) = grant_and_keep(&self.client, self.ttl, self.lost.clone()).await?;
+            state.leases.push(lease);
+            state._keepers.push(keeper);
+            state.on_newest = 0;
+        }
+        state.on_newest += 1;
+        let lease = *state.leases.last().ok_or("a lease block without a lease")?;
+        drop(state);
+        if let Ok(mut owners) = self.owners.lock() {
+            owners.insert(key.to_owned(), lease);
+        }
+        Ok(lease)
+    }
+
+    /// The lease `key` was last put under by this session.
+    fn owner_of(&self, key: &str) -> Option<i64> {
+        self.owners.lock().ok()?.get(key).copied()
+    }
+
+    /// Every lease of the block.
+    async fn leases(&self) -> Vec<i64> {
+        self.state.lock().await.leases.clone()
+    }
+
+    /// Resolves once a keep-alive has found a lease of the block gone.
+    async fn until_lost(&self) {
+        let mut lost = self.lost.subscribe();
+        let _ = lost.wait_for(|lost| *lost).await;
+    }
+}
+
 /// A raw client of one backend.
 pub enum Raw {
-    /// etcd: a client and one lease kept alive (the session an application would hold).
+    /// etcd: a client and its session, a block of leases kept alive.
     Etcd {
         /// The client (boxed: it is large).
         client: Box<EtcdClient>,
-        /// The session lease, kept alive every TTL/3.
-        lease: i64,
-        /// The keep-alive task.
-        _keeper: Task,
+        /// The session's leases.
+        session: Box<LeaseBlock>,
     },
     /// ZooKeeper: one client (one session).
     Zk(zk::Client),
@@ -86,34 +166,28 @@ async fn etcd_watch(
 }
 
 impl Raw {
-    /// Connects to etcd and grants a lease of `ttl`, kept alive every TTL/3.
+    /// Connects to etcd and opens a session of `ttl` (see [`LeaseBlock`]).
     pub async fn connect_etcd(endpoint: &str, ttl: Duration) -> BenchResult<Raw> {
         let client = within(Duration::from_secs(10), "raw etcd connect", async {
-            EtcdClient::connect([endpoint], None)
+            // A deadline per request, as ours has: a stalled server fails the run, not hangs it.
+            let options = etcd_client::ConnectOptions::new().with_timeout(RAW_REQUEST_TIMEOUT);
+            EtcdClient::connect([endpoint], Some(options))
                 .await
                 .ctx(format!("raw etcd connect {endpoint}"))
         })
         .await?;
-        let (lease, task) = grant_and_keep(&client, ttl).await?;
+        let session = Box::new(LeaseBlock::open(&client, ttl).await?);
         Ok(Raw::Etcd {
             client: Box::new(client),
-            lease,
-            _keeper: task,
+            session,
         })
     }
 
-    /// Replaces the etcd session lease with a new one (after the old one was lost), as an
+    /// Replaces the etcd session with a new one (after the old one was lost), as an
     /// application would; no-op on ZooKeeper.
-    pub async fn renew_etcd_lease(&mut self, ttl: Duration) -> BenchResult<()> {
-        if let Raw::Etcd {
-            client,
-            lease,
-            _keeper: keeper,
-        } = self
-        {
-            let (new_lease, task) = grant_and_keep(client, ttl).await?;
-            *lease = new_lease;
-            *keeper = task;
+    pub async fn renew_etcd_session(&mut self, ttl: Duration) -> BenchResult<()> {
+        if let Raw::Etcd { client, session } = self {
+            **session = LeaseBlock::open(client, ttl).await?;
         }
         Ok(())
     }
@@ -131,11 +205,26 @@ impl Raw {
         }
     }
 
-    /// The etcd client and its lease, if this is one.
-    pub fn etcd(&self) -> Option<(EtcdClient, i64)> {
+    /// The etcd client, if this is one.
+    pub fn etcd(&self) -> Option<EtcdClient> {
         match self {
-            Raw::Etcd { client, lease, .. } => Some((EtcdClient::clone(client), *lease)),
+            Raw::Etcd { client, .. } => Some(EtcdClient::clone(client)),
             Raw::Zk(_) => None,
+        }
+    }
+
+    /// Resolves once the etcd session's keep-alive finds it lost (at once on ZooKeeper).
+    pub async fn until_etcd_session_lost(&self) {
+        if let Raw::Etcd { session, .. } = self {
+            session.until_lost().await;
+        }
+    }
+
+    /// The etcd session's leases (none on ZooKeeper).
+    pub async fn etcd_leases(&self) -> Vec<i64> {
+        match self {
+            Raw::Etcd { session, .. } => session.leases().await,
+            Raw::Zk(_) => Vec::new(),
         }
     }
 
@@ -194,16 +283,19 @@ impl Raw {
         }
     }
 
-    /// Registers: etcd a put under the session lease, ZooKeeper an ephemeral create (the
-    /// parent must exist).
+    /// Registers: etcd a put under the session's newest lease, ZooKeeper an ephemeral create
+    /// (the parent must exist).
     pub async fn register(&self, path: &str, value: &[u8]) -> BenchResult<()> {
         match self {
-            Raw::Etcd { client, lease, .. } => client
-                .clone()
-                .put(path, value, Some(PutOptions::new().with_lease(*lease)))
-                .await
-                .map(|_| ())
-                .ctx(format!("etcd put {path} with lease")),
+            Raw::Etcd { client, session } => {
+                let lease = session.lease_for(path).await?;
+                client
+                    .clone()
+                    .put(path, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+                    .map(|_| ())
+                    .ctx(format!("etcd put {path} with lease"))
+            }
             Raw::Zk(c) => c
                 .create(path, value, &zk_ephemeral())
                 .await
@@ -218,7 +310,8 @@ impl Raw {
     /// create, which checks this itself. Fails if a check does.
     pub async fn register_checked(&self, path: &str, value: &[u8]) -> BenchResult<()> {
         match self {
-            Raw::Etcd { client, lease, .. } => {
+            Raw::Etcd { client, session } => {
+                let lease = session.lease_for(path).await?;
                 let parent = parent_of(path);
                 let keys_only = || Some(GetOptions::new().with_keys_only());
                 let txn = Txn::new()
@@ -230,7 +323,7 @@ impl Raw {
                     .and_then([TxnOp::put(
                         path,
                         value,
-                        Some(PutOptions::new().with_lease(*lease)),
+                        Some(PutOptions::new().with_lease(lease)),
                     )])
                     .or_else([
                         TxnOp::get(parent, keys_only()),
@@ -247,9 +340,9 @@ impl Raw {
     }
 
     /// Deletes a node only while this client's session owns it, as our `deregister()` does:
-    /// on etcd one Txn comparing the key's lease with the session lease; on ZooKeeper a stat,
-    /// then a delete at the version read if the stat names this session as the owner. Fails
-    /// if the node is missing or not this session's.
+    /// on etcd one Txn comparing the key's lease with the one this session put it under; on
+    /// ZooKeeper a stat, then a delete at the version read if the stat names this session as
+    /// the owner. Fails if the node is missing or not this session's.
     pub async fn delete_owned(&self, path: &str) -> BenchResult<()> {
         let refused = || {
             Err(format!(
@@ -257,9 +350,12 @@ impl Raw {
             ))
         };
         match self {
-            Raw::Etcd { client, lease, .. } => {
+            Raw::Etcd { client, session } => {
+                let Some(lease) = session.owner_of(path) else {
+                    return refused();
+                };
                 let txn = Txn::new()
-                    .when([Compare::lease(path, CompareOp::Equal, *lease)])
+                    .when([Compare::lease(path, CompareOp::Equal, lease)])
                     .and_then([TxnOp::delete(path, None)])
                     .or_else([TxnOp::get(path, Some(GetOptions::new().with_keys_only()))]);
                 if etcd_txn_succeeded(client, txn, "owner-checked delete", path).await? {
@@ -705,8 +801,13 @@ async fn etcd_txn_succeeded(
     Ok(response.succeeded())
 }
 
-/// Grants a lease of `ttl` and keeps it alive every TTL/3 on a task.
-async fn grant_and_keep(client: &EtcdClient, ttl: Duration) -> BenchResult<(i64, Task)> {
+/// Grants a lease of `ttl` and keeps it alive every TTL/3 on a task, which sets `lost` when
+/// the server answers that the lease is gone (or the stream ends).
+async fn grant_and_keep(
+    client: &EtcdClient,
+    ttl: Duration,
+    lost: tokio::sync::watch::Sender<bool>,
+) -> BenchResult<(i64, Task)> {
     let mut granting = client.clone();
     let lease = granting
         .lease_grant(ttl.as_secs().max(1) as i64, None)
@@ -725,15 +826,16 @@ async fn grant_and_keep(client: &EtcdClient, ttl: Duration) -> BenchResult<(i64,
             tokio::select! {
                 _ = tick.tick() => {
                     if keeper.keep_alive().await.is_err() {
-                        return;
+                        break;
                     }
                 }
                 answer = answers.message() => match answer {
                     Ok(Some(a)) if a.ttl() > 0 => {}
-                    _ => return,
+                    _ => break,
                 },
             }
         }
+        lost.send_replace(true);
     });
     Ok((lease, task))
 }

@@ -1388,7 +1388,7 @@ async fn recover_once(
                 let regs = register_many(&owner, parent, n).await?;
                 let session = owner.reg.session().session_id.ok_or("no session")?;
                 let t0 = Instant::now();
-                let (client, _) = env.writer.etcd().ok_or("not an etcd client")?;
+                let client = env.writer.etcd().ok_or("not an etcd client")?;
                 registry_etcd::revoke_session(&client, session, Duration::from_secs(30))
                     .await
                     .ctx("revoke the session")?;
@@ -1402,10 +1402,18 @@ async fn recover_once(
             Side::Raw => {
                 let mut owner = Raw::connect_etcd(&env.target, SESSION_TTL).await?;
                 raw_register_many(&owner, parent, n).await?;
+                // Timed as ours is: from the revoke of the whole session, through its
+                // keep-alive finding it lost, until the writer counts every node back.
                 let t0 = Instant::now();
-                revoke(env, owner.etcd().map(|(_, l)| l)).await?;
-                owner.renew_etcd_lease(SESSION_TTL).await?;
+                revoke(env, &owner.etcd_leases().await).await?;
+                within(limit, "raw keep-alive notices the session lost", async {
+                    owner.until_etcd_session_lost().await;
+                    Ok(())
+                })
+                .await?;
+                owner.renew_etcd_session(SESSION_TTL).await?;
                 raw_register_many(&owner, parent, n).await?;
+                await_count_of(&env.writer, parent, n, false, limit).await?;
                 Ok(t0.elapsed())
             }
         },
@@ -1456,15 +1464,17 @@ async fn recover_once(
     }
 }
 
-/// Revokes `lease` from the writer client, behind its owner's back.
-async fn revoke(env: &Env, lease: Option<i64>) -> BenchResult<()> {
-    let (mut client, _) = env.writer.etcd().ok_or("not an etcd client")?;
-    let lease = lease.ok_or("no lease")?;
-    client
-        .lease_revoke(lease)
-        .await
-        .map(|_| ())
-        .ctx("revoke the lease")
+/// Revokes `leases` from the writer client, behind their owner's back.
+async fn revoke(env: &Env, leases: &[i64]) -> BenchResult<()> {
+    let client = env.writer.etcd().ok_or("not an etcd client")?;
+    let revokes = leases.iter().map(|&lease| {
+        let mut client = client.clone();
+        async move { client.lease_revoke(lease).await.ctx("revoke a lease") }
+    });
+    for revoked in futures::future::join_all(revokes).await {
+        revoked?;
+    }
+    Ok(())
 }
 
 /// Bytes per registration and per watched node in this process.

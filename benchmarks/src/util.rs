@@ -57,7 +57,8 @@ pub fn micros_since(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e6
 }
 
-/// The `p`-th percentile (0..=100) of `samples` (nearest rank); `None` when empty.
+/// The `p`-th percentile (0..=100) of `samples`: the sample at rank `p% x (n - 1)`, rounded
+/// (so the p50 of an even count is the upper of the middle two); `None` when empty.
 pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
     if samples.is_empty() {
         return None;
@@ -131,7 +132,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_by_nearest_rank() {
+    fn percentiles_by_rounded_rank() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(percentile(&v, 50.0), Some(51.0));
         assert_eq!(percentile(&v, 99.0), Some(99.0));
