@@ -1356,11 +1356,11 @@ pub async fn recovery(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
     let (target, note) = match env.backend {
         Backend::Etcd => (
             Target::AtMost(2.0),
-            "every lease of our session revoked by another client behind our back, until all are back; raw: revoke, new lease, re-put all (64 in flight), told at once",
+            "every lease of our session revoked by another client behind our back, until all are back; raw (a block of leases, 256 keys each, as ours): every lease revoked, its keep-alive notices, new leases, re-put all (64 in flight); both until the writer counts all back",
         ),
         Backend::Zk => (
             Target::None,
-            "owner partitioned (proxy blackhole) until the server expired its 2 s session, timed from reconnection until all are back; raw: notices the expiry, new session, re-creates all (64 in flight)",
+            "owner partitioned (proxy blackhole) until the server expired its 2 s session, timed from reconnection until all are back; raw: notices the expiry, new session, re-creates all (64 in flight); both until the writer counts all back",
         ),
     };
     rows.push(env.row(
@@ -1457,6 +1457,8 @@ async fn recover_once(
                     .await?;
                     let fresh = Raw::Zk(zk_connect(&via, FAILURE_TTL).await?);
                     raw_register_many(&fresh, parent, n).await?;
+                    // Until the writer counts them, as for ours.
+                    await_count_of(&env.writer, parent, n, false, limit).await?;
                     Ok(t0.elapsed())
                 }
             }
@@ -1544,7 +1546,7 @@ pub async fn memory(env: &Env, rows: &mut Vec<Row>) -> BenchResult<()> {
         ours,
         "B",
         Target::None,
-        "live heap bytes of this process (counting allocator); raw keeps the path, ours a self-healing Registration",
+        "live heap bytes of this process (counting allocator); raw keeps the path (on etcd also the lease it went under), ours a self-healing Registration",
     ));
     let (raw, ours) = per_node.medians();
     rows.push(env.row(
