@@ -338,6 +338,11 @@ impl MemoryStore {
     /// the client is already cut off extends it: the client reconnects when the last one
     /// ends, and the TTL counts from the start of the first.
     pub fn interrupt_connection(&self, session: SessionId, duration: Duration) -> Result<()> {
+        // Checked before anything changes: the reconnection is a task, and a cut nobody ends
+        // would hold the client off for good.
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::InvalidArgument("interrupt_connection needs a tokio runtime".to_owned())
+        })?;
         let now = tokio::time::Instant::now();
         let ends = now.checked_add(duration).ok_or_else(|| {
             Error::InvalidArgument(format!("an interruption of {duration:?} never ends"))
@@ -363,17 +368,22 @@ impl MemoryStore {
                 },
             };
             client.cut = Some(cut);
-            (client.inner.upgrade(), cut)
+            let inner = client.inner.upgrade();
+            // Under the store's lock, as the reconnection's `Connected` is: a reconnection
+            // ending just now cannot report `Connected` after this cut's `Suspended`.
+            if let Some(inner) = &inner {
+                inner.tracker.transition(SessionState::Suspended, None);
+            }
+            (inner, cut)
         };
         let Some(client) = client else {
             return Ok(());
         };
-        client.tracker.transition(SessionState::Suspended, None);
         let store = self.clone();
         // A TTL too long for the clock never expires.
         let expires = cut.since.checked_add(client.options.session_ttl);
         let span = tracing::debug_span!("memory_interruption", session = session.0, ?duration);
-        tokio::spawn(tracing::Instrument::instrument(
+        runtime.spawn(tracing::Instrument::instrument(
             async move {
                 if let Some(expires) = expires.filter(|e| cut.until >= *e) {
                     tokio::time::sleep_until(expires).await;
@@ -482,13 +492,14 @@ impl ClientInner {
                 ResyncReason::Reconnected
             };
             state.resync_watchers_of(self.id, reason);
+            if !session_expired {
+                self.tracker
+                    .transition(SessionState::Connected, self.session_id());
+            }
             session_expired
         };
         if session_expired {
             self.session_lost(store);
-        } else {
-            self.tracker
-                .transition(SessionState::Connected, self.session_id());
         }
     }
 }
