@@ -12,7 +12,8 @@ pub mod zookeeper;
 pub use cluster::Cluster;
 pub use etcd::{EtcdCluster, EtcdServer};
 pub use process::{
-    free_port, port_open, require_binary, wait_until, HarnessResult, ServerProcess, SETUP_COMMAND,
+    free_port, port_open, require_binary, set_watchdog, wait_until, HarnessResult, ServerProcess,
+    SETUP_COMMAND, WATCHDOG_DEFAULT,
 };
 pub use proxy::{ProxyMode, TcpProxy};
 pub use secure::{SecureEtcd, TestPki};

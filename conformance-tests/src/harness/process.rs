@@ -19,6 +19,49 @@ pub type HarnessResult<T> = Result<T, String>;
 pub const SETUP_COMMAND: &str =
     "apt-get update && apt-get install -y protobuf-compiler libprotobuf-dev etcd-server etcd-client zookeeper openssl procps (or run ./scripts/test.sh, which does this)";
 
+/// How long a process may run servers before the harness ends it (see [`set_watchdog`]).
+pub const WATCHDOG_DEFAULT: Duration = Duration::from_secs(30 * 60);
+
+static WATCHDOG: std::sync::Mutex<Option<Duration>> = std::sync::Mutex::new(Some(WATCHDOG_DEFAULT));
+static WATCHDOG_ARMED: std::sync::Once = std::sync::Once::new();
+
+/// Sets how long this process may run after it starts its first server before the harness
+/// ends it with exit code 124 and a message (`None`: never). A test binary whose test hangs
+/// then fails instead of holding CI forever; its servers and temp dirs go with it (see
+/// [`ServerProcess`]). [`WATCHDOG_DEFAULT`] unless set before the first server starts;
+/// long-running tools (the bench) turn it off.
+pub fn set_watchdog(limit: Option<Duration>) {
+    *WATCHDOG.lock().unwrap_or_else(|p| p.into_inner()) = limit;
+}
+
+/// Starts the watchdog once, at the first server.
+fn arm_watchdog() {
+    WATCHDOG_ARMED.call_once(|| {
+        let Some(limit) = *WATCHDOG.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return;
+        };
+        let armed = std::thread::Builder::new()
+            .name("harness-watchdog".into())
+            .spawn(move || {
+                std::thread::sleep(limit);
+                // Straight to stderr: libtest captures `eprintln!`, and would drop it at exit.
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    format!(
+                        "conformance harness: this process has run servers for {limit:?}, longer \
+                         than any test should; a test is hung, so the process ends here (exit \
+                         124)\n"
+                    )
+                    .as_bytes(),
+                );
+                std::process::exit(124);
+            });
+        if let Err(e) = armed {
+            eprintln!("conformance harness: no watchdog thread ({e}); a hung test will hang");
+        }
+    });
+}
+
 /// Fails with a message naming the setup command if `binary` is not an existing file.
 pub fn require_binary(binary: &Path, what: &str) -> HarnessResult<()> {
     if binary.is_file() {
@@ -164,6 +207,7 @@ impl ServerProcess {
 
     fn spawn(&mut self) -> HarnessResult<()> {
         require_binary(&self.program, &self.name)?;
+        arm_watchdog();
         let log = File::options()
             .create(true)
             .append(true)
@@ -359,5 +403,43 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.contains("apt-get install"), "{err}");
+    }
+
+    /// Run by `a_hung_process_is_ended_by_the_watchdog` in a process of its own: starts a
+    /// server under a 1 s watchdog, then hangs.
+    #[test]
+    #[ignore = "a child process of a_hung_process_is_ended_by_the_watchdog"]
+    fn watchdog_child() {
+        set_watchdog(Some(Duration::from_secs(1)));
+        let dir = tempfile::tempdir().unwrap();
+        let _server = ServerProcess::start(
+            "sleeper",
+            "/bin/sleep",
+            vec!["1000".into()],
+            vec![],
+            dir.path().join("log"),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_hung_process_is_ended_by_the_watchdog() {
+        let started = Instant::now();
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "harness::process::tests::watchdog_child",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(124), "{stderr}");
+        assert!(stderr.contains("a test is hung"), "{stderr}");
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 }
