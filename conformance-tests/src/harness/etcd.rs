@@ -143,6 +143,14 @@ impl EtcdCluster {
         extra: &[&str],
         partitionable: bool,
     ) -> HarnessResult<EtcdCluster> {
+        super::process::retry_port_races(|| Self::try_start_members(size, extra, partitionable))
+    }
+
+    fn try_start_members(
+        size: usize,
+        extra: &[&str],
+        partitionable: bool,
+    ) -> HarnessResult<EtcdCluster> {
         super::process::require_binary(std::path::Path::new(ETCD_BINARY), "etcd")?;
         let dir = super::process::ServerDir::new()?;
         let ports: Vec<(SocketAddr, SocketAddr)> = free_ports(size * 2)?
@@ -206,11 +214,20 @@ impl EtcdCluster {
 
     fn wait_healthy(&self, index: usize) -> HarnessResult<()> {
         let member = self.member(index)?;
-        if wait_until(READY_TIMEOUT, || member.healthy()) {
+        // A member that exited (a port taken meanwhile) is not waited for.
+        wait_until(READY_TIMEOUT, || {
+            member.healthy() || !member.process.is_running()
+        });
+        if member.healthy() {
             Ok(())
         } else {
+            let state = if member.process.is_running() {
+                format!("not healthy within {READY_TIMEOUT:?}")
+            } else {
+                "exited before it was healthy".to_owned()
+            };
             Err(format!(
-                "etcd {} not healthy within {READY_TIMEOUT:?}; log tail:\n{}",
+                "etcd {} {state}; log tail:\n{}",
                 member.name,
                 member.process.log_tail(3000)
             ))

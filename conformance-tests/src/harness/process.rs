@@ -149,6 +149,22 @@ pub fn free_ports(n: usize) -> HarnessResult<Vec<u16>> {
         .collect()
 }
 
+/// Runs `start` again, up to 3 tries in all, when it failed because a port picked for it was
+/// taken meanwhile: `free_ports` releases its ports before the server binds them, and another
+/// test's server or connection may get one first. Such a failure's message carries the
+/// server's log, which names the bind error.
+pub fn retry_port_races<T>(mut start: impl FnMut() -> HarnessResult<T>) -> HarnessResult<T> {
+    let mut tries = 1;
+    loop {
+        match start() {
+            Err(e) if tries < 3 && e.to_lowercase().contains("address already in use") => {
+                tries += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// Polls `probe` every 50 ms until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut probe: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -290,6 +306,8 @@ impl ServerProcess {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(pid.to_string())
+            // A server already gone is reported by the status below, not by kill's own words.
+            .stderr(Stdio::null())
             .status()
             .map_err(|e| format!("cannot run kill: {e}"))?;
         if status.success() {
@@ -340,8 +358,14 @@ impl ServerProcess {
 
     /// Whether the process is running (not necessarily ready).
     pub fn is_running(&self) -> bool {
-        self.pid
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        // An exited server not yet reaped by its guard is a zombie: its state letter, after
+        // the command name's closing parenthesis, is `Z`.
+        self.pid.is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            })
+        })
     }
 }
 
@@ -403,6 +427,51 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.contains("apt-get install"), "{err}");
+    }
+
+    #[test]
+    fn a_server_that_exited_is_not_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = ServerProcess::start(
+            "quitter",
+            "/bin/true",
+            vec![],
+            vec![],
+            dir.path().join("log"),
+        )
+        .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || !p.is_running()),
+            "an exited server counts as running"
+        );
+    }
+
+    #[test]
+    fn only_a_taken_port_is_tried_again_and_at_most_three_times() {
+        let mut tries = 0;
+        let taken: HarnessResult<()> = retry_port_races(|| {
+            tries += 1;
+            Err("listen tcp 127.0.0.1:1: bind: address already in use".to_owned())
+        });
+        assert!(taken.is_err());
+        assert_eq!(tries, 3);
+        let mut tries = 0;
+        let other: HarnessResult<()> = retry_port_races(|| {
+            tries += 1;
+            Err("no such file".to_owned())
+        });
+        assert!(other.is_err());
+        assert_eq!(tries, 1);
+        let mut tries = 0;
+        let second = retry_port_races(|| {
+            tries += 1;
+            if tries == 1 {
+                Err("java.net.BindException: Address already in use".to_owned())
+            } else {
+                Ok(tries)
+            }
+        });
+        assert_eq!(second, Ok(2));
     }
 
     /// Run by `a_hung_process_is_ended_by_the_watchdog` in a process of its own: starts a

@@ -114,6 +114,10 @@ impl SecureEtcd {
     /// Starts it; with `client_cert_auth`, clients without a certificate signed by the CA are
     /// refused. Auth (users, roles) is for the test to enable through a client.
     pub fn start(client_cert_auth: bool) -> HarnessResult<SecureEtcd> {
+        super::process::retry_port_races(|| Self::try_start(client_cert_auth))
+    }
+
+    fn try_start(client_cert_auth: bool) -> HarnessResult<SecureEtcd> {
         require_binary(Path::new(ETCD_BINARY), "etcd")?;
         let dir = super::process::ServerDir::new()?;
         let pki = TestPki::generate(dir.path())?;
@@ -157,9 +161,14 @@ impl SecureEtcd {
         )?;
         let healthy =
             || http_get(metrics, "/health").is_some_and(|b| b.contains("\"health\":\"true\""));
-        if !wait_until(Duration::from_secs(30), healthy) {
+        // One that exited (a port taken meanwhile) is not waited for.
+        wait_until(Duration::from_secs(30), || {
+            healthy() || !process.is_running()
+        });
+        if !healthy() {
             return Err(format!(
-                "TLS etcd not healthy within 30 s; log tail:\n{}",
+                "TLS etcd not healthy within 30 s (running: {}); log tail:\n{}",
+                process.is_running(),
                 process.log_tail(3000)
             ));
         }

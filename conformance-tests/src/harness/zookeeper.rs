@@ -81,6 +81,14 @@ impl ZkEnsemble {
         config: ZkConfig,
         users: &[(&str, &str)],
     ) -> HarnessResult<ZkEnsemble> {
+        super::process::retry_port_races(|| Self::try_start(size, config.clone(), users))
+    }
+
+    fn try_start(
+        size: usize,
+        config: ZkConfig,
+        users: &[(&str, &str)],
+    ) -> HarnessResult<ZkEnsemble> {
         let classpath = classpath()?;
         let dir = super::process::ServerDir::new()?;
         let tick = config.tick_time.as_millis().max(1);
@@ -212,11 +220,18 @@ impl ZkEnsemble {
     fn wait_ready(&self, index: usize) -> HarnessResult<()> {
         let server = self.server(index)?;
         let serving = || four_letter(server.client, "srvr").is_some_and(|a| a.contains("Mode: "));
-        if wait_until(READY_TIMEOUT, serving) {
+        // A server that exited (a port taken meanwhile) is not waited for.
+        wait_until(READY_TIMEOUT, || serving() || !server.process.is_running());
+        if serving() {
             Ok(())
         } else {
+            let state = if server.process.is_running() {
+                format!("not serving within {READY_TIMEOUT:?}")
+            } else {
+                "exited before it served".to_owned()
+            };
             Err(format!(
-                "ZooKeeper {} not serving within {READY_TIMEOUT:?}; log tail:\n{}",
+                "ZooKeeper {} {state}; log tail:\n{}",
                 server.id,
                 server.process.log_tail(3000)
             ))
