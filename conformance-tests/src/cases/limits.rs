@@ -54,8 +54,9 @@ pub async fn limits_path_and_depth_at_the_edge(fx: &dyn Fixture) -> Outcome {
 /// Children of one node in [`limits_many_children`].
 pub const MANY_CHILDREN: usize = 100_000;
 
-/// 100k children under one node: listing them gives all of them or a typed, non-retryable
-/// error (ZooKeeper's reply would pass its 1 MiB packet limit) within a minute, never a hang.
+/// 100k children under one node: listing them gives all of them within a minute, never a
+/// hang or a refusal (every backend does: ZooKeeper's answer, over 1 MiB, is sent and read
+/// whole).
 pub async fn limits_many_children(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "limits_many_children");
     let at = env.at();
@@ -91,10 +92,7 @@ pub async fn limits_many_children(fx: &dyn Fixture) -> Outcome {
         .unwrap_or_else(|_| panic!("{at} listing {MANY_CHILDREN} children hung past {bound:?}"));
     match listed {
         Ok(children) => assert_eq!(children.nodes.len(), MANY_CHILDREN, "{at} children listed"),
-        Err(e) => assert!(
-            !e.is_retryable() && !matches!(e, Error::Timeout { .. }),
-            "{at} listing {MANY_CHILDREN} children failed with a retryable error (a retry loop would hang): {e:?}"
-        ),
+        Err(e) => panic!("{at} listing {MANY_CHILDREN} children failed: {e:?}"),
     }
     eprintln!("{at} {MANY_CHILDREN} children created in {created_in:?}");
     env.finish().await
