@@ -946,12 +946,16 @@ mod tests {
         NodePath::new(s).unwrap()
     }
 
+    async fn connect(store: &MemoryStore) -> MemoryRegistry {
+        MemoryRegistry::connect(store, MemoryOptions::default())
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn sequential_create_never_overwrites_an_existing_name() {
         let store = MemoryStore::default();
-        let client = MemoryRegistry::connect(&store, MemoryOptions::default())
-            .await
-            .unwrap();
+        let client = connect(&store).await;
         let mode = CreateMode::PersistentSequential;
         let first = client.create(&p("/q/job-"), Bytes::new(), mode).await;
         assert_eq!(first.unwrap().path, p("/q/job-0000000000"));
@@ -999,12 +1003,8 @@ mod tests {
     #[tokio::test]
     async fn a_watch_after_a_later_revision_misses_nothing_after_a_resync() {
         let store = MemoryStore::default();
-        let client = MemoryRegistry::connect(&store, MemoryOptions::default())
-            .await
-            .unwrap();
-        let other = MemoryRegistry::connect(&store, MemoryOptions::default())
-            .await
-            .unwrap();
+        let client = connect(&store).await;
+        let other = connect(&store).await;
         client
             .create(&p("/a"), Bytes::new(), CreateMode::Persistent)
             .await
@@ -1038,9 +1038,7 @@ mod tests {
     #[tokio::test]
     async fn a_too_long_sequential_name_is_refused_before_the_client_state() {
         let store = MemoryStore::default();
-        let client = MemoryRegistry::connect(&store, MemoryOptions::default())
-            .await
-            .unwrap();
+        let client = connect(&store).await;
         let session = client.session().session_id.unwrap();
         store
             .interrupt_connection(session, Duration::from_secs(60))

@@ -379,17 +379,21 @@ impl Drop for ServerProcess {
 mod tests {
     use super::*;
 
+    /// Starts `program args` as server `name`, logging into `dir`.
+    fn start_in(
+        dir: &tempfile::TempDir,
+        name: &str,
+        program: &str,
+        args: &[&str],
+    ) -> HarnessResult<ServerProcess> {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        ServerProcess::start(name, program, args, vec![], dir.path().join("log"))
+    }
+
     #[test]
     fn pause_resume_kill_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = ServerProcess::start(
-            "sleeper",
-            "/bin/sleep",
-            vec!["1000".into()],
-            vec![],
-            dir.path().join("log"),
-        )
-        .unwrap();
+        let mut p = start_in(&dir, "sleeper", "/bin/sleep", &["1000"]).unwrap();
         let first = p.pid().unwrap();
         assert!(p.is_running());
         p.pause().unwrap();
@@ -417,29 +421,16 @@ mod tests {
     #[test]
     fn missing_binary_names_setup_command() {
         let dir = tempfile::tempdir().unwrap();
-        let err = ServerProcess::start(
-            "etcd",
-            "/nonexistent/etcd",
-            vec![],
-            vec![],
-            dir.path().join("log"),
-        )
-        .err()
-        .unwrap();
+        let err = start_in(&dir, "etcd", "/nonexistent/etcd", &[])
+            .err()
+            .unwrap();
         assert!(err.contains("apt-get install"), "{err}");
     }
 
     #[test]
     fn a_server_that_exited_is_not_running() {
         let dir = tempfile::tempdir().unwrap();
-        let p = ServerProcess::start(
-            "quitter",
-            "/bin/true",
-            vec![],
-            vec![],
-            dir.path().join("log"),
-        )
-        .unwrap();
+        let p = start_in(&dir, "quitter", "/bin/true", &[]).unwrap();
         assert!(
             wait_until(Duration::from_secs(5), || !p.is_running()),
             "an exited server counts as running"
@@ -481,14 +472,7 @@ mod tests {
     fn watchdog_child() {
         set_watchdog(Some(Duration::from_secs(1)));
         let dir = tempfile::tempdir().unwrap();
-        let _server = ServerProcess::start(
-            "sleeper",
-            "/bin/sleep",
-            vec!["1000".into()],
-            vec![],
-            dir.path().join("log"),
-        )
-        .unwrap();
+        let _server = start_in(&dir, "sleeper", "/bin/sleep", &["1000"]).unwrap();
         std::thread::sleep(Duration::from_secs(60));
     }
 
