@@ -795,12 +795,17 @@ pub(crate) fn spawn_keeper(
     let (done, finished) = tokio::sync::oneshot::channel();
     // Built here, not in the thread: a runtime that cannot start fails the connect, where a
     // thread that ended at once would leave the session unkept and still reported live.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = KeeperRuntime(Some(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+    ));
     std::thread::Builder::new()
         .name("etcd-keepalive".into())
         .spawn(move || {
+            let Some(runtime) = runtime.0.as_ref() else {
+                return;
+            };
             runtime.block_on(tracing::Instrument::instrument(
                 async move {
                     // Members taken in turn from one picked by the session ID, so clients
@@ -869,6 +874,18 @@ pub(crate) fn spawn_keeper(
             let _ = done.send(());
         })?;
     Ok(finished)
+}
+
+/// The keeper's runtime, shut down without waiting when dropped: a thread that fails to
+/// spawn drops it on the connecting task, where a plain runtime's drop would panic.
+struct KeeperRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for KeeperRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// How the keeper's first connection went.
@@ -955,12 +972,18 @@ async fn run(
             let Some(new) = grant(&mut link, ttl, request_timeout, &mut shutdown).await else {
                 return;
             };
+            // The new lease's TTL runs from here, kept alive or not.
+            let granted_at = Instant::now();
             // The cluster answers again. A lease it could not revoke before may still be
             // granted (a new leader renews every lease by its TTL): revoked now, so the lost
             // session's keys do not outlive `Reestablished` and stand in the way of the
             // registrations re-created under the new one.
             if !left.is_empty() {
-                left = revoke_all(&link.client, &left, request_timeout).await;
+                // Within a third of the TTL, so the new lease is kept alive in time.
+                let bound = request_timeout.min(ttl / 3);
+                left = tokio::time::timeout(bound, revoke_all(&link.client, &left, bound))
+                    .await
+                    .unwrap_or(left);
                 if !left.is_empty() {
                     tracing::warn!(
                         session = id,
@@ -970,7 +993,7 @@ async fn run(
                 }
             }
             session.restart(new);
-            last_ok = Instant::now();
+            last_ok = granted_at;
             backoff.reset();
             session
                 .tracker
