@@ -452,7 +452,7 @@ impl ClientInner {
             return;
         }
         self.tracker.transition(SessionState::Lost, None);
-        let new = {
+        {
             let mut state = store.lock();
             // Checked again under the lock `close` releases the session with: a session
             // opened after that would outlive the client.
@@ -461,10 +461,11 @@ impl ClientInner {
             }
             let id = state.open_session(self.id);
             *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
-            id
-        };
-        self.tracker
-            .transition(SessionState::Reestablished, Some(new));
+            // Under the store's lock, as a cut's `Suspended` is: a cut of the new session
+            // made just now cannot be followed by this `Reestablished`.
+            self.tracker
+                .transition(SessionState::Reestablished, Some(id));
+        }
     }
 
     /// Ends the cut that ends at `ends`, unless a later cut still holds the client off.
@@ -636,7 +637,8 @@ impl Registry for MemoryRegistry {
         check_value(path, &value)?;
         let parent = path.parent().ok_or_else(|| Error::root("create"))?;
         if mode.is_sequential() {
-            // Bad input is named before the client's state is: the longest generated name.
+            // Bad input is named before the client's state is: every generated name has the
+            // same length (10 digits), so counter 0's is checked.
             parent.join(&sequential_name(path.name(), 0))?;
         }
         let mut state = self.state()?;

@@ -242,9 +242,9 @@ mod tests {
         assert_eq!(rest, [(SessionState::Closed, 2000)]);
     }
 
-    /// A close whose work panicked still lets later closes return.
+    /// A close whose work panicked still lets later closes return, with no `Ok`.
     #[tokio::test]
-    async fn a_close_after_a_panicked_close_returns() {
+    async fn a_close_after_a_panicked_close_returns_closed() {
         let gate = std::sync::Arc::new(CloseGate::new());
         let first = tokio::spawn({
             let gate = gate.clone();
@@ -259,7 +259,10 @@ mod tests {
             gate.close(|| async { Ok(()) }),
         )
         .await;
-        assert!(matches!(second, Ok(Ok(()))), "{second:?}");
+        assert!(
+            matches!(second, Ok(Err(crate::Error::Closed))),
+            "{second:?}"
+        );
     }
 }
 
@@ -269,19 +272,25 @@ mod tests {
 /// Guarantees: [`close`](CloseGate::close) runs its work once, in a task of its own, so the
 /// work runs to its end even when the caller stops waiting (a timeout); that caller gets the
 /// work's outcome. Every later call waits until the work has ended, then returns `Ok`, so an
-/// `Ok` always comes after the session's end was attempted and reported.
+/// `Ok` always comes after the session's end was attempted and reported; if that work ended
+/// without finishing (it panicked, or its runtime shut down), later calls return
+/// [`Error::Closed`](crate::Error::Closed) instead, which no retry loop repeats.
 #[derive(Debug)]
 pub struct CloseGate {
     closed: std::sync::atomic::AtomicBool,
-    done: watch::Sender<bool>,
+    /// `Some(finished)` once the work has ended.
+    done: watch::Sender<Option<bool>>,
 }
 
-/// Marks a [`CloseGate`]'s work ended when dropped.
-struct Finished(watch::Sender<bool>);
+/// Marks a [`CloseGate`]'s work ended when dropped, saying whether it finished.
+struct Finished {
+    done: watch::Sender<Option<bool>>,
+    completed: bool,
+}
 
 impl Drop for Finished {
     fn drop(&mut self) {
-        self.0.send_replace(true);
+        self.done.send_replace(Some(self.completed));
     }
 }
 
@@ -296,7 +305,7 @@ impl CloseGate {
     pub fn new() -> Self {
         CloseGate {
             closed: std::sync::atomic::AtomicBool::new(false),
-            done: watch::channel(false).0,
+            done: watch::channel(None).0,
         }
     }
 
@@ -315,16 +324,25 @@ impl CloseGate {
     {
         let mut done = self.done.subscribe();
         if self.closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            let _ = done.wait_for(|done| *done).await;
-            return Ok(());
+            let finished = done.wait_for(Option::is_some).await.map(|d| *d);
+            return match finished {
+                Ok(Some(true)) => Ok(()),
+                _ => Err(crate::Error::Closed),
+            };
         }
-        let finished = Finished(self.done.clone());
+        let finished = Finished {
+            done: self.done.clone(),
+            completed: false,
+        };
         let work = work();
         let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
             // Dropped however the work ends (done, panicked, cancelled at runtime shutdown),
             // so later callers never wait forever.
-            let _finished = finished;
-            work.await
+            // The whole guard moves in (not just the field the closure writes).
+            let mut finished = finished;
+            let outcome = work.await;
+            finished.completed = true;
+            outcome
         }));
         match task.await {
             Ok(outcome) => outcome,
