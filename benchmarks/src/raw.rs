@@ -92,9 +92,10 @@ impl LeaseBlock {
         Ok(lease)
     }
 
-    /// The lease `key` was last put under by this session.
-    fn owner_of(&self, key: &str) -> Option<i64> {
-        self.owners.lock().ok()?.get(key).copied()
+    /// The lease `key` was last put under by this session, no longer remembered: the key is
+    /// being removed.
+    fn forget(&self, key: &str) -> Option<i64> {
+        self.owners.lock().ok()?.remove(key)
     }
 
     /// Every lease of the block.
@@ -351,7 +352,7 @@ impl Raw {
         };
         match self {
             Raw::Etcd { client, session } => {
-                let Some(lease) = session.owner_of(path) else {
+                let Some(lease) = session.forget(path) else {
                     return refused();
                 };
                 let txn = Txn::new()
@@ -415,12 +416,15 @@ impl Raw {
     /// Deletes one node.
     pub async fn delete(&self, path: &str) -> BenchResult<()> {
         match self {
-            Raw::Etcd { client, .. } => client
-                .clone()
-                .delete(path, None)
-                .await
-                .map(|_| ())
-                .ctx(format!("etcd delete {path}")),
+            Raw::Etcd { client, session } => {
+                session.forget(path);
+                client
+                    .clone()
+                    .delete(path, None)
+                    .await
+                    .map(|_| ())
+                    .ctx(format!("etcd delete {path}"))
+            }
             Raw::Zk(c) => c.delete(path, None).await.ctx(format!("zk delete {path}")),
         }
     }

@@ -117,7 +117,8 @@ impl Fixture for ZkFixture {
         let proxy = self.proxy_of(session)?;
         proxy.blackhole();
         let server = proxy.upstream();
-        let sid = format!("sid=0x{:x}", session.0 as u64);
+        // With its comma: no longer session ID that starts with the same digits matches.
+        let sid = format!("sid=0x{:x},", session.0 as u64);
         let bound = SESSION_TIMEOUT * 2 + Duration::from_secs(5);
         let deadline = tokio::time::Instant::now() + bound;
         let mut seen = false;

@@ -215,10 +215,12 @@ impl EtcdCluster {
     fn wait_healthy(&self, index: usize) -> HarnessResult<()> {
         let member = self.member(index)?;
         // A member that exited (a port taken meanwhile) is not waited for.
+        let mut healthy = false;
         wait_until(READY_TIMEOUT, || {
-            member.healthy() || !member.process.is_running()
+            healthy = member.healthy();
+            healthy || !member.process.is_running()
         });
-        if member.healthy() {
+        if healthy {
             Ok(())
         } else {
             let state = if member.process.is_running() {

@@ -465,11 +465,19 @@ mod tests {
         assert_eq!(second, Ok(2));
     }
 
+    /// Set for the child process of `a_hung_process_is_ended_by_the_watchdog`.
+    const WATCHDOG_CHILD: &str = "HARNESS_WATCHDOG_CHILD";
+
     /// Run by `a_hung_process_is_ended_by_the_watchdog` in a process of its own: starts a
     /// server under a 1 s watchdog, then hangs.
     #[test]
     #[ignore = "a child process of a_hung_process_is_ended_by_the_watchdog"]
     fn watchdog_child() {
+        // Only as the parent's child: run in-process (`--include-ignored`), the 1 s watchdog
+        // would end every other test of this binary.
+        if std::env::var_os(WATCHDOG_CHILD).is_none() {
+            return;
+        }
         set_watchdog(Some(Duration::from_secs(1)));
         let dir = tempfile::tempdir().unwrap();
         let _server = start_in(&dir, "sleeper", "/bin/sleep", &["1000"]).unwrap();
@@ -485,6 +493,7 @@ mod tests {
                 "--exact",
                 "harness::process::tests::watchdog_child",
             ])
+            .env(WATCHDOG_CHILD, "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -162,10 +162,12 @@ impl SecureEtcd {
         let healthy =
             || http_get(metrics, "/health").is_some_and(|b| b.contains("\"health\":\"true\""));
         // One that exited (a port taken meanwhile) is not waited for.
+        let mut up = false;
         wait_until(Duration::from_secs(30), || {
-            healthy() || !process.is_running()
+            up = healthy();
+            up || !process.is_running()
         });
-        if !healthy() {
+        if !up {
             return Err(format!(
                 "TLS etcd not healthy within 30 s (running: {}); log tail:\n{}",
                 process.is_running(),

@@ -221,8 +221,12 @@ impl ZkEnsemble {
         let server = self.server(index)?;
         let serving = || four_letter(server.client, "srvr").is_some_and(|a| a.contains("Mode: "));
         // A server that exited (a port taken meanwhile) is not waited for.
-        wait_until(READY_TIMEOUT, || serving() || !server.process.is_running());
-        if serving() {
+        let mut ready = false;
+        wait_until(READY_TIMEOUT, || {
+            ready = serving();
+            ready || !server.process.is_running()
+        });
+        if ready {
             Ok(())
         } else {
             let state = if server.process.is_running() {
