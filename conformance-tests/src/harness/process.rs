@@ -465,7 +465,7 @@ mod tests {
         assert_eq!(second, Ok(2));
     }
 
-    /// Set for the child process of `a_hung_process_is_ended_by_the_watchdog`.
+    /// Set for the child process of `a_hung_process_is_ended_by_the_watchdog`: its log dir.
     const WATCHDOG_CHILD: &str = "HARNESS_WATCHDOG_CHILD";
 
     /// Run by `a_hung_process_is_ended_by_the_watchdog` in a process of its own: starts a
@@ -475,25 +475,28 @@ mod tests {
     fn watchdog_child() {
         // Only as the parent's child: run in-process (`--include-ignored`), the 1 s watchdog
         // would end every other test of this binary.
-        if std::env::var_os(WATCHDOG_CHILD).is_none() {
+        // The parent's dir: this process exits without dropping anything.
+        let Some(dir) = std::env::var_os(WATCHDOG_CHILD) else {
             return;
-        }
+        };
         set_watchdog(Some(Duration::from_secs(1)));
-        let dir = tempfile::tempdir().unwrap();
-        let _server = start_in(&dir, "sleeper", "/bin/sleep", &["1000"]).unwrap();
+        let args = vec!["1000".to_owned()];
+        let log = Path::new(&dir).join("log");
+        let _server = ServerProcess::start("sleeper", "/bin/sleep", args, vec![], log).unwrap();
         std::thread::sleep(Duration::from_secs(60));
     }
 
     #[test]
     fn a_hung_process_is_ended_by_the_watchdog() {
         let started = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
         let child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--ignored",
                 "--exact",
                 "harness::process::tests::watchdog_child",
             ])
-            .env(WATCHDOG_CHILD, "1")
+            .env(WATCHDOG_CHILD, dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
