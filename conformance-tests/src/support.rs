@@ -438,6 +438,32 @@ pub async fn assert_copy_refuses_unnamable(source: &dyn Registry, root: &str) {
     assert!(!written, "{root}: the refused copy wrote it");
 }
 
+/// Asserts that `root`'s listing leaves out exactly one ephemeral child no path can name,
+/// `name`, and that a copy of `root` goes past it, creating `created` nodes: an ephemeral
+/// node is no migration's to copy.
+pub async fn assert_copy_passes_unnamable_ephemeral(
+    source: &dyn Registry,
+    root: &str,
+    name: String,
+    created: usize,
+) {
+    let root_path = NodePath::new(root).unwrap_or_else(|e| panic!("{e}"));
+    let listed = source
+        .children(&root_path)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        listed.skipped,
+        [registry_core::SkippedChild {
+            name,
+            ephemeral: true
+        }]
+    );
+    let (copied, _) = copy_into_memory(source, root).await;
+    let copied = copied.unwrap_or_else(|e| panic!("copy past an ephemeral unnamable child: {e}"));
+    assert_eq!(copied.created, created, "{copied:?}");
+}
+
 /// Copies `root` out of `source` into a fresh in-memory registry: what the copy said, and
 /// the registry it wrote to.
 pub async fn copy_into_memory(

@@ -1746,17 +1746,8 @@ async fn keys_no_path_can_name_are_listed_as_skipped_and_stop_a_copy() {
         &ep,
         &["put", "--lease", lease, &format!("/eph/{long}"), "2"],
     );
-    let listed = reg.children(&p("/eph")).await.unwrap();
-    assert_eq!(
-        listed.skipped,
-        [registry_core::SkippedChild {
-            name: long,
-            ephemeral: true
-        }]
-    );
-    let (copied, _) = conformance_tests::support::copy_into_memory(&*reg, "/eph").await;
-    let copied = copied.unwrap_or_else(|e| panic!("copy past an ephemeral unnamable key: {e}"));
-    assert_eq!(copied.created, 2, "{copied:?}");
+    conformance_tests::support::assert_copy_passes_unnamable_ephemeral(&*reg, "/eph", long, 2)
+        .await;
 
     for root in ["/svc", "/svc/b"] {
         conformance_tests::support::assert_copy_refuses_unnamable(&*reg, root).await;
