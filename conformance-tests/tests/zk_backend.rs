@@ -276,6 +276,44 @@ async fn a_burst_of_a_thousand_changes_converges() {
     watcher.close().await.unwrap();
 }
 
+/// One change seen by a watch can stand for more nodes than a stream buffers: a consumer
+/// that keeps reading gets each of them as a change, not a `Resync` (`Lagged`) and a full
+/// read again of everything in scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_larger_than_the_buffer_is_delivered_to_a_reading_consumer() {
+    let server = fast_server();
+    let cs = server.connect_string();
+    let watcher = connect(&cs, Duration::from_secs(4)).await;
+    let writer = raw(&cs).await;
+    let persistent =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    writer.create("/big", b"", &persistent).await.unwrap();
+    let mut stream = watcher
+        .watch(&p("/big"), WatchOptions::children())
+        .await
+        .unwrap();
+    next_event(&mut stream, "snapshot").await;
+    // All at once (one multi), so one firing of the child watch finds every one of them.
+    let n = registry_zk::watch::WATCH_BUFFER + 904;
+    let mut multi = writer.new_multi_writer();
+    for i in 0..n {
+        multi
+            .add_create(&format!("/big/n{i}"), b"", &persistent)
+            .unwrap();
+    }
+    multi.commit().await.unwrap();
+    let mut created = std::collections::BTreeSet::new();
+    while created.len() < n {
+        match next_event(&mut stream, "the children created").await {
+            WatchEvent::Created(node) => {
+                created.insert(node.path);
+            }
+            other => panic!("after {} of {n} children: {other:?}", created.len()),
+        }
+    }
+    watcher.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_ephemeral_of_another_session_is_replaced() {
     let server = fast_server();

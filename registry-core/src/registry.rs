@@ -196,8 +196,11 @@ pub trait Registry: Send + Sync + 'static {
     ///
     /// The stream never ends silently: it ends when dropped, after an error item it cannot
     /// recover from, or when the registry is closed. Dropping it releases the server-side
-    /// watch. Buffering per stream is bounded; a consumer that falls behind gets a `Resync`
+    /// watch. Buffering per stream is bounded. A consumer that falls behind gets a `Resync`
     /// ([`ResyncReason::Lagged`](crate::ResyncReason::Lagged)) instead of unbounded memory.
+    /// On backends without [`Capabilities::exact_events`] the stream waits for it instead and
+    /// then delivers the net change of what happened meanwhile: nothing is dropped, so no
+    /// resync is needed.
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream>;
 
     /// Registers an ephemeral node that heals itself, and returns once it exists.

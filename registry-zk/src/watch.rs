@@ -10,8 +10,10 @@
 //! between two reads is not seen (`Capabilities::exact_events` is false). After a session
 //! loss the next read is delivered as a `Resync` (a read made through the new session's
 //! client before the session's change is reported comes as one too, so a second one may
-//! follow). A stream's buffer holds [`WATCH_BUFFER`] items; a consumer that
-//! falls behind is sent one `Resync` (`Lagged`) once it catches up.
+//! follow). A stream's buffer holds [`WATCH_BUFFER`] items; when it is full the task waits
+//! for room before it reads again, so a consumer that falls behind holds up its own stream and
+//! then gets the net change of what happened meanwhile: nothing is dropped, and no `Resync`
+//! (`Lagged`) is needed, however many changes one round brings.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -755,7 +757,6 @@ async fn run(
     // The ZooKeeper session whose reads were delivered last: told by the client that reads,
     // not by the tracker, whose new epoch can lag behind the new session's client.
     let mut read_in: Option<zk::SessionId> = None;
-    let mut lagged = false;
     let mut first_reason = replay.then_some(ResyncReason::StartNotReplayable);
     let mut skipped = Skipped::new(shared.options.namespace.is_some());
     let timeout = shared.options.request_timeout;
@@ -828,33 +829,14 @@ async fn run(
                     reason: ResyncReason::SessionReestablished,
                 }]
             }
-            Some(_) if lagged => vec![WatchEvent::Resync {
-                snapshot: snapshot(),
-                reason: ResyncReason::Lagged,
-            }],
             Some(old) => diff(old, &read.nodes),
         };
         epoch = now_epoch;
         read_in = Some(reader.client.session_id());
-        lagged = false;
-        for item in items {
-            match tx.try_send(Box::new(Ok(item))) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    lagged = true;
-                    break;
-                }
-            }
+        if !deliver(&tx, items, &mut shutdown).await {
+            return;
         }
         delivered = Some(read.nodes);
-        if lagged {
-            // Wait for room, then read again and deliver a Resync.
-            if !room(&tx, &mut shutdown).await {
-                return;
-            }
-            continue;
-        }
         let mut armed: Armed = read.armed.into_iter().collect();
         // Follow changes by re-reading only what fired, until only a full read can tell.
         loop {
@@ -917,22 +899,9 @@ async fn run(
                     None => nodes.remove(&path),
                 };
             }
-            for item in items {
-                match tx.try_send(Box::new(Ok(item))) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        lagged = true;
-                        break;
-                    }
-                }
+            if !deliver(&tx, items, &mut shutdown).await {
+                return;
             }
-            if lagged {
-                break;
-            }
-        }
-        if lagged && !room(&tx, &mut shutdown).await {
-            return;
         }
     }
 }
@@ -951,13 +920,26 @@ async fn stoppable<T>(
     }
 }
 
-/// Waits until the consumer made room; false once it is gone or the registry closes (the
-/// task must not hold its client for a stalled consumer: close waits for every clone).
-async fn room(tx: &mpsc::Sender<Item>, shutdown: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        permit = tx.reserve() => permit.is_ok(),
-        _ = shutdown.wait_for(|closing| *closing) => false,
+/// Sends a round's items in order, waiting for room as the consumer reads; false once it is
+/// gone or the registry closes (the task must not hold its client for a stalled consumer:
+/// close waits for every clone). Waiting drops nothing: the items are held already (a round
+/// is at most the scope, which the task holds anyway), and a one-shot watch queues nothing
+/// meanwhile, so the next round's net change covers whatever happens while the task waits.
+async fn deliver(
+    tx: &mpsc::Sender<Item>,
+    items: Vec<WatchEvent>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    for item in items {
+        let sent = tokio::select! {
+            sent = tx.send(Box::new(Ok(item))) => sent.is_ok(),
+            _ = shutdown.wait_for(|closing| *closing) => false,
+        };
+        if !sent {
+            return false;
+        }
     }
+    true
 }
 
 async fn wait(

@@ -722,7 +722,8 @@ pub async fn fault_compaction(fx: &dyn Fixture) -> Outcome {
 }
 
 /// Items a watch may deliver after its consumer stalled through 10k changes: every backend
-/// buffers at most 4096 per stream and then replaces the backlog with one `Resync`.
+/// buffers at most 4096 per stream, and then replaces the backlog with one `Resync` (exact
+/// backends) or waits and delivers the net change since (the others).
 pub const SLOW_CONSUMER_MAX_ITEMS: usize = 2 * 4096;
 
 /// A watch stream not polled for 10 s while 10k changes happen: the session keep-alive is not
