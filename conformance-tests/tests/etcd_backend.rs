@@ -1050,6 +1050,46 @@ async fn concurrent_creates_of_large_values_stay_within_the_request_limit() {
 /// A parent whose children hold more than 4 MiB together (12 values of 400 KiB) can be
 /// listed and watched: responses that large used to fail `children` for good (tonic's 4 MiB
 /// default), and a watch retried its first read silently forever.
+/// One revision can hold more events than a stream buffers (here a recursive delete): a
+/// consumer that keeps reading gets each of them, not a `Resync` (`Lagged`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_larger_than_the_buffer_is_delivered_to_a_reading_consumer() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let ep = server.endpoint();
+    let reg = connect(&ep).await;
+    let mut raw = etcd_client::Client::connect([ep.as_str()], None)
+        .await
+        .unwrap();
+    let n = registry_etcd::watch::WATCH_BUFFER + 904;
+    raw.put("/big", "", None).await.unwrap();
+    for first in (0..n).step_by(100) {
+        let puts: Vec<etcd_client::TxnOp> = (first..n.min(first + 100))
+            .map(|i| etcd_client::TxnOp::put(format!("/big/n{i}"), "", None))
+            .collect();
+        raw.txn(etcd_client::Txn::new().and_then(puts))
+            .await
+            .unwrap();
+    }
+    let mut stream = reg
+        .watch(&p("/big"), WatchOptions::children())
+        .await
+        .unwrap();
+    next_event(&mut stream, "snapshot").await;
+    reg.delete(&p("/big"), Expected::Any, DeleteScope::Recursive)
+        .await
+        .unwrap();
+    let mut deleted = std::collections::BTreeSet::new();
+    while deleted.len() < n {
+        match next_event(&mut stream, "the children deleted").await {
+            WatchEvent::Deleted(node) => {
+                deleted.insert(node.path);
+            }
+            other => panic!("after {} of {n} children: {other:?}", deleted.len()),
+        }
+    }
+    reg.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_and_watches_of_more_than_four_mib_are_read() {
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));

@@ -1,15 +1,15 @@
 //! Watches: a snapshot read, then etcd's watch from the snapshot's revision + 1, resumed
 //! after any break from the last fully delivered revision + 1.
 //!
-//! One task per stream feeds a bounded channel of [`WATCH_BUFFER`] items. When the consumer
-//! falls that far behind, the task stops reading from etcd, waits for room, and continues
-//! with a `Resync` (`Lagged`) from a fresh read: memory stays bounded and writers are never
-//! slowed. A compacted resume point also ends in a fresh read and a `Resync` (`Compacted`).
+//! One task per stream feeds a bounded channel of [`WATCH_BUFFER`] items. When it is full,
+//! the task waits for room with the response it holds, and stops reading from etcd meanwhile.
+//! A compacted resume point ends in a fresh read and a `Resync` (`Compacted`).
 //!
 //! The etcd watches of all streams of a client share one gRPC stream (see the private `hub`
 //! module): a new watch costs a create request, not a stream. A stream task that falls
-//! behind the shared stream is cut off by it and continues with a `Resync` (`Lagged`) too;
-//! a broken shared stream makes every task resume from its last revision + 1.
+//! behind the shared stream (a consumer that stopped reading) is cut off by it and continues
+//! with a `Resync` (`Lagged`) from a fresh read: memory stays bounded and writers are never
+//! slowed. A broken shared stream makes every task resume from its last revision + 1.
 //!
 //! Failures retrying cannot fix (a read or a watch the user may not make) end the stream
 //! with the error; the others are retried with backoff for as long as the client lives.
@@ -379,17 +379,17 @@ async fn follow(
             items.push((kv.mod_revision(), item));
         }
         in_tree_order(&mut items);
+        // Waiting for room drops nothing: one response can hold more events than the stream
+        // buffers (a recursive delete, a resumed watch catching up), and a consumer that keeps
+        // reading must get them all. One that stalls is cut off by the hub once its
+        // subscription's buffer is full, and resyncs as `Lagged` then.
         for (_, item) in items {
-            match tx.try_send(Ok(item)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Closed(_)) => return Break::Stop,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // Wait for room, then replace what was missed with a fresh read.
-                    return match tx.reserve().await {
-                        Ok(_) => Break::Resync(ResyncReason::Lagged),
-                        Err(_) => Break::Stop,
-                    };
-                }
+            let sent = tokio::select! {
+                sent = tx.send(Ok(item)) => sent.is_ok(),
+                _ = shutdown.changed() => false,
+            };
+            if !sent {
+                return Break::Stop;
             }
         }
         // etcd sends all events of a revision in one response (no fragmenting requested).
