@@ -140,6 +140,7 @@ macro_rules! conformance_suite {
             fault_owner_crash,
             fault_compaction,
             fault_slow_consumer,
+            watch_large_change_reaches_a_reading_consumer,
             fault_chaos,
             limits_many_children,
         );

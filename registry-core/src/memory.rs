@@ -5,14 +5,16 @@
 //! hooks on the store ([`MemoryStore::expire_session`], [`MemoryStore::interrupt_connection`])
 //! let tests and demos exercise every session case without a real server.
 //!
-//! Watches deliver exact events (every committed change, in order). Each stream buffers at
-//! most [`WATCH_BUFFER`] events; a consumer that falls further behind has its buffer dropped
-//! and gets a [`WatchEvent::Resync`] with [`ResyncReason::Lagged`] instead, so writers never
-//! block and memory stays bounded. The last [`HISTORY_LEN`] changes (at most
+//! Watches deliver exact events (every committed change, in order). An operation's changes
+//! reach a stream whole if it had fewer than [`WATCH_BUFFER`] events buffered when the
+//! operation began, so one that stands for more (a recursive delete, a lost session's
+//! ephemerals) reaches a consumer that keeps reading. A consumer that falls further behind has
+//! its buffer dropped and gets a [`WatchEvent::Resync`] with [`ResyncReason::Lagged`] instead,
+//! so writers never block and a stream holds at most the buffer and one operation's changes. The last [`HISTORY_LEN`] changes (at most
 //! [`HISTORY_BYTES`] of their values) are kept so a watch can start after a past revision.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -75,11 +77,38 @@ struct Watcher {
     /// Its scope, and which events it leaves out (filtered here, as etcd's server does).
     options: WatchOptions,
     client: u64,
-    tx: mpsc::Sender<Signal>,
+    tx: mpsc::UnboundedSender<Signal>,
+    /// Signals sent and not yet received (see [`Watcher::offer`]).
+    buffered: Arc<AtomicUsize>,
     lagged: Arc<AtomicBool>,
+    /// The operation whose changes it takes whole, whatever their number.
+    admitted_op: u64,
     /// Changes up to this revision are not its to deliver (a watch started after a revision
     /// the store has not reached yet waits for it, as etcd's does).
     after: u64,
+}
+
+impl Watcher {
+    /// Queues `signal` of operation `op`, unless the consumer had [`WATCH_BUFFER`] signals
+    /// buffered when the operation first reached it: then it lags. An operation is admitted
+    /// whole, so the queue holds at most the buffer and one operation's changes.
+    fn offer(&mut self, op: u64, signal: Signal) {
+        if self.lagged.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.admitted_op != op {
+            if self.buffered.load(Ordering::SeqCst) >= WATCH_BUFFER {
+                self.lagged.store(true, Ordering::SeqCst);
+                return;
+            }
+            self.admitted_op = op;
+        }
+        // Counted before it can be received, so the consumer's decrement never comes first.
+        self.buffered.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(signal).is_err() {
+            self.buffered.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 struct SessionEntry {
@@ -112,6 +141,8 @@ struct State {
     clients: HashMap<u64, ClientEntry>,
     next_watcher: u64,
     watchers: HashMap<u64, Watcher>,
+    /// Counts the holders of the store's lock: one operation's changes share its value.
+    op: u64,
 }
 
 /// The shared tree several [`MemoryRegistry`] clients connect to. Cheap to clone (a handle).
@@ -173,14 +204,11 @@ impl State {
             }
             _ => return,
         };
-        for watcher in self.watchers.values() {
+        for watcher in self.watchers.values_mut() {
             if !watcher.options.scope.covers(&watcher.root, &path)
                 || !watcher.options.keeps(&event)
                 || self.revision <= watcher.after
             {
-                continue;
-            }
-            if watcher.lagged.load(Ordering::SeqCst) {
                 continue;
             }
             let connected = self
@@ -190,9 +218,7 @@ impl State {
             if !connected {
                 continue;
             }
-            if watcher.tx.try_send(Signal::Event(event.clone())).is_err() {
-                watcher.lagged.store(true, Ordering::SeqCst);
-            }
+            watcher.offer(self.op, Signal::Event(event.clone()));
         }
         self.history_bytes += event_bytes(&event);
         self.history.push_back((self.revision, event));
@@ -287,10 +313,9 @@ impl State {
 
     /// Marks the client's watchers for a resync and wakes them.
     fn resync_watchers_of(&mut self, client: u64, reason: ResyncReason) {
-        for watcher in self.watchers.values().filter(|w| w.client == client) {
-            if watcher.tx.try_send(Signal::Resync(reason.clone())).is_err() {
-                watcher.lagged.store(true, Ordering::SeqCst);
-            }
+        let op = self.op;
+        for watcher in self.watchers.values_mut().filter(|w| w.client == client) {
+            watcher.offer(op, Signal::Resync(reason.clone()));
         }
     }
 }
@@ -302,7 +327,9 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.op += 1;
+        state
     }
 
     /// Fault hook: expires `session` as a server would. Its ephemeral nodes are deleted, and
@@ -769,7 +796,8 @@ impl Registry for MemoryRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, scope = ?options.scope))]
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
         let mut state = self.state()?;
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let buffered = Arc::new(AtomicUsize::new(0));
         let lagged = Arc::new(AtomicBool::new(false));
         let mut first: VecDeque<WatchEvent> = VecDeque::new();
         match options.after {
@@ -810,7 +838,9 @@ impl Registry for MemoryRegistry {
                 options: options.clone(),
                 client: self.inner.id,
                 tx,
+                buffered: buffered.clone(),
                 lagged: lagged.clone(),
+                admitted_op: 0,
                 after: options.after.map_or(0, |Revision(after)| after),
             },
         );
@@ -822,6 +852,7 @@ impl Registry for MemoryRegistry {
             root: path.clone(),
             scope: options.scope,
             rx,
+            buffered,
             lagged,
             first,
         };
@@ -894,7 +925,8 @@ struct WatchFeed {
     id: u64,
     root: NodePath,
     scope: WatchScope,
-    rx: mpsc::Receiver<Signal>,
+    rx: mpsc::UnboundedReceiver<Signal>,
+    buffered: Arc<AtomicUsize>,
     lagged: Arc<AtomicBool>,
     first: VecDeque<WatchEvent>,
 }
@@ -907,7 +939,9 @@ impl WatchFeed {
         if self.lagged.load(Ordering::SeqCst) {
             return Some(self.resync(ResyncReason::Lagged));
         }
-        match self.rx.recv().await? {
+        let signal = self.rx.recv().await?;
+        self.buffered.fetch_sub(1, Ordering::SeqCst);
+        match signal {
             Signal::Event(event) => {
                 if self.lagged.load(Ordering::SeqCst) {
                     return Some(self.resync(ResyncReason::Lagged));
@@ -921,7 +955,9 @@ impl WatchFeed {
     /// Drops everything buffered and takes a fresh snapshot, atomically with the writers.
     fn resync(&mut self, reason: ResyncReason) -> WatchEvent {
         let mut state = self.store.lock();
-        while self.rx.try_recv().is_ok() {}
+        while self.rx.try_recv().is_ok() {
+            self.buffered.fetch_sub(1, Ordering::SeqCst);
+        }
         self.lagged.store(false, Ordering::SeqCst);
         // The snapshot covers everything up to now: a watch asked to start at a later
         // revision follows from the snapshot, or the changes in between would never arrive.

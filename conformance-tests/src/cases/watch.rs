@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use registry_core::{
@@ -494,6 +495,80 @@ pub async fn watch_recursive_delete_children_first(fx: &dyn Fixture) -> Outcome 
     for (i, node) in order.iter().enumerate() {
         if let Some(late) = order[i + 1..].iter().find(|later| later.is_within(node)) {
             panic!("{at} {node} reported deleted before {late}, below it: {order:?}");
+        }
+    }
+    env.finish().await
+}
+
+/// Children of the large change in [`watch_large_change_reaches_a_reading_consumer`]: more
+/// than any backend's stream buffers (4096).
+pub const LARGE_CHANGE: usize = 5000;
+
+/// One change that stands for more items than a stream buffers (a recursive delete of
+/// [`LARGE_CHANGE`] children) reaches a consumer that keeps reading as each deletion, with no
+/// `Resync`: a stream resyncs as lagging only when its consumer falls behind.
+pub async fn watch_large_change_reaches_a_reading_consumer(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "watch_large_change_reaches_a_reading_consumer");
+    let c = env.client().await;
+    let writer = env.client().await;
+    let at = env.at();
+    let mut creates = futures::stream::iter(0..LARGE_CHANGE)
+        .map(|i| {
+            let writer = writer.clone();
+            async move {
+                let path = p(&format!("/large/child-{i:04}"));
+                // A create that timed out under load may have happened: AlreadyExists is fine.
+                for attempt in 0..5 {
+                    match writer
+                        .create(&path, Bytes::new(), CreateMode::Persistent)
+                        .await
+                    {
+                        Ok(_) | Err(registry_core::Error::AlreadyExists { .. }) => return Ok(()),
+                        Err(e) if e.is_retryable() && attempt < 4 => {}
+                        Err(e) => return Err((path, e)),
+                    }
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(64);
+    while let Some(created) = creates.next().await {
+        if let Err((path, e)) = created {
+            panic!("{at} create {path}: {e}");
+        }
+    }
+    drop(creates);
+    let root = p("/large");
+    let mut stream = c
+        .watch(&root, WatchOptions::children())
+        .await
+        .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+    match next_event(&mut stream, "snapshot").await {
+        WatchEvent::Snapshot(s) => assert_eq!(s.nodes.len(), LARGE_CHANGE, "{at} snapshot"),
+        other => panic!("{at} first item is not a snapshot: {other:?}"),
+    }
+    writer
+        .delete(&root, Expected::Any, DeleteScope::Recursive)
+        .await
+        .unwrap_or_else(|e| panic!("{at} delete /large: {e}"));
+    let mut deleted = std::collections::BTreeSet::new();
+    while deleted.len() < LARGE_CHANGE {
+        match next_change(&mut stream, WatchScope::Children, &root, "the deletions").await {
+            WatchEvent::Deleted(n) => {
+                assert!(
+                    deleted.insert(n.path.clone()),
+                    "{at} {} deleted twice",
+                    n.path
+                );
+            }
+            other => panic!(
+                "{at} after {} of {LARGE_CHANGE} deletions: {}",
+                deleted.len(),
+                match other {
+                    WatchEvent::Resync { reason, .. } => format!("a Resync ({reason:?})"),
+                    other => format!("{other:?}"),
+                }
+            ),
         }
     }
     env.finish().await
