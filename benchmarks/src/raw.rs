@@ -18,6 +18,13 @@ use crate::util::{within, BenchResult, Ctx, Task};
 /// Requests in flight at once for bulk work (setup, cleanup, bulk creates).
 pub const IN_FLIGHT: usize = 64;
 
+/// Nodes one request of [`Raw::create_children_batched`] writes: an etcd Txn of puts (within
+/// etcd's default `--max-txn-ops` of 128) or a ZooKeeper multi of creates.
+pub const BATCH: usize = 100;
+
+/// Requests of [`Raw::create_children_batched`] in flight at once.
+pub const BATCHES_IN_FLIGHT: usize = 8;
+
 /// Longest one raw etcd request may take (ours: its `request_timeout`); streams are exempt.
 const RAW_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -549,6 +556,59 @@ impl Raw {
         Ok(())
     }
 
+    /// Creates `n` persistent children `c0..c<n>` of `parent`, [`BATCH`] per request and
+    /// [`BATCHES_IN_FLIGHT`] requests at a time: a watcher of `parent` then gets changes
+    /// faster than one write per node could make them, so it is its own delivery that bounds
+    /// its event rate.
+    pub async fn create_children_batched(
+        &self,
+        parent: &str,
+        n: usize,
+        value: &[u8],
+    ) -> BenchResult<()> {
+        self.mkdir(parent).await?;
+        let mut writes = stream::iter((0..n).step_by(BATCH))
+            .map(|first| self.create_batch(parent, first..n.min(first + BATCH), value))
+            .buffer_unordered(BATCHES_IN_FLIGHT);
+        while let Some(r) = writes.next().await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Creates the persistent children `c<i>` of `parent` for every `i` in `names` in one
+    /// request.
+    async fn create_batch(
+        &self,
+        parent: &str,
+        names: std::ops::Range<usize>,
+        value: &[u8],
+    ) -> BenchResult<()> {
+        let what = format!("create {parent}/c{}..c{}", names.start, names.end);
+        match self {
+            Raw::Etcd { client, .. } => {
+                let puts: Vec<TxnOp> = names
+                    .map(|i| TxnOp::put(format!("{parent}/c{i}"), value, None))
+                    .collect();
+                client
+                    .clone()
+                    .txn(Txn::new().and_then(puts))
+                    .await
+                    .ctx(format!("etcd {what}"))?;
+            }
+            Raw::Zk(c) => {
+                let mut multi = c.new_multi_writer();
+                for i in names {
+                    multi
+                        .add_create(&format!("{parent}/c{i}"), value, &zk_persistent())
+                        .ctx(format!("zk {what}"))?;
+                }
+                multi.commit().await.ctx(format!("zk {what}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes `path` and everything below it.
     pub async fn delete_tree(&self, path: &str) -> BenchResult<()> {
         match self {
@@ -694,7 +754,9 @@ impl Raw {
 
     /// Watches the children of `parent`, reading each new child's value; sends the number of
     /// distinct children seen so far (and when) whenever it grows. Returns once the watch is
-    /// in place.
+    /// in place. On ZooKeeper each child's value is read with a data watch, kept for the
+    /// task's life, as Curator's `PathChildrenCache` does and as our layer must to report a
+    /// child's new value (etcd's prefix watch covers values already).
     pub async fn watch_children(
         &self,
         parent: &str,
@@ -737,6 +799,8 @@ impl Raw {
                 let parent = parent.to_owned();
                 Ok(Task::spawn(async move {
                     let mut values: HashMap<String, Vec<u8>> = HashMap::new();
+                    // Dropping one would ask the server to remove its watch.
+                    let mut data_watches = Vec::new();
                     let mut names = names;
                     let mut watcher = watcher;
                     for _ in 0..MAX_WATCH_EVENTS {
@@ -746,7 +810,7 @@ impl Raw {
                             .collect();
                         let reads = stream::iter(fresh)
                             .map(|n| {
-                                let read = client.get_data(&format!("{parent}/{n}"));
+                                let read = client.get_and_watch_data(&format!("{parent}/{n}"));
                                 async move { (n, read.await) }
                             })
                             .buffer_unordered(256)
@@ -754,8 +818,9 @@ impl Raw {
                             .await;
                         let before = values.len();
                         for (n, r) in reads {
-                            if let Ok((data, _)) = r {
+                            if let Ok((data, _, watch)) = r {
                                 values.insert(n, data);
+                                data_watches.push(watch);
                             }
                         }
                         if values.len() != before
