@@ -100,6 +100,34 @@ pub async fn next_event(stream: &mut WatchStream, what: &str) -> WatchEvent {
     }
 }
 
+/// Creates `paths` (64 at a time) with empty values in `mode`, panicking with `at` on a
+/// failure. A create that timed out under load may have happened: `AlreadyExists` counts as
+/// done, and retryable errors are tried again (5 attempts).
+pub async fn create_all(
+    client: &Arc<dyn Registry>,
+    paths: impl Iterator<Item = NodePath>,
+    mode: CreateMode,
+    at: &str,
+) {
+    let mut creates = futures::stream::iter(paths)
+        .map(|path| async move {
+            for attempt in 0..5 {
+                match client.create(&path, Bytes::new(), mode).await {
+                    Ok(_) | Err(Error::AlreadyExists { .. }) => return Ok(()),
+                    Err(e) if e.is_retryable() && attempt < 4 => {}
+                    Err(e) => return Err((path, e)),
+                }
+            }
+            Ok(())
+        })
+        .buffer_unordered(64);
+    while let Some(created) = creates.next().await {
+        if let Err((path, e)) = created {
+            panic!("{at} create {path}: {e}");
+        }
+    }
+}
+
 /// Applies events to `state` until `done(state)` holds, within `bound`.
 pub async fn apply_until(
     stream: &mut WatchStream,

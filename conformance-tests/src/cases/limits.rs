@@ -3,11 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use registry_core::{Bytes, CreateMode, DeleteScope, Error, Expected, MAX_DEPTH, MAX_PATH_LEN};
+use registry_core::{Bytes, CreateMode, DeleteScope, Expected, MAX_DEPTH, MAX_PATH_LEN};
 
 use crate::fixture::Fixture;
-use crate::support::{p, read_subtree, CaseEnv, Outcome};
+use crate::support::{create_all, p, read_subtree, CaseEnv, Outcome};
 
 /// The longest path ([`MAX_PATH_LEN`] bytes) and the deepest ([`MAX_DEPTH`] segments) are
 /// created, read, listed and deleted like any other.
@@ -62,29 +61,8 @@ pub async fn limits_many_children(fx: &dyn Fixture) -> Outcome {
     let at = env.at();
     let c = env.client().await;
     let started = Instant::now();
-    let mut creates = futures::stream::iter(0..MANY_CHILDREN)
-        .map(|i| {
-            let c = c.clone();
-            async move {
-                let path = p(&format!("/wide/child-{i:06}"));
-                // A create that timed out under load may have happened: AlreadyExists is fine.
-                for attempt in 0..5 {
-                    match c.create(&path, Bytes::new(), CreateMode::Ephemeral).await {
-                        Ok(_) | Err(Error::AlreadyExists { .. }) => return Ok(()),
-                        Err(e) if e.is_retryable() && attempt < 4 => {}
-                        Err(e) => return Err((path, e)),
-                    }
-                }
-                Ok(())
-            }
-        })
-        .buffer_unordered(64);
-    while let Some(created) = creates.next().await {
-        if let Err((path, e)) = created {
-            panic!("{at} create {path}: {e}");
-        }
-    }
-    drop(creates);
+    let paths = (0..MANY_CHILDREN).map(|i| p(&format!("/wide/child-{i:06}")));
+    create_all(&c, paths, CreateMode::Ephemeral, &at).await;
     let created_in = started.elapsed();
     let bound = Duration::from_secs(60);
     let listed = tokio::time::timeout(bound, c.children(&p("/wide")))

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use registry_core::{
@@ -13,7 +12,9 @@ use registry_core::{
 };
 
 use crate::fixture::Fixture;
-use crate::support::{apply_until, diff, next_event, p, read_scope, summary, CaseEnv, Outcome};
+use crate::support::{
+    apply_until, create_all, diff, next_event, p, read_scope, summary, CaseEnv, Outcome,
+};
 
 /// The next change event; fails if it is out of scope or a second snapshot.
 async fn next_change(
@@ -512,32 +513,8 @@ pub async fn watch_large_change_reaches_a_reading_consumer(fx: &dyn Fixture) -> 
     let c = env.client().await;
     let writer = env.client().await;
     let at = env.at();
-    let mut creates = futures::stream::iter(0..LARGE_CHANGE)
-        .map(|i| {
-            let writer = writer.clone();
-            async move {
-                let path = p(&format!("/large/child-{i:04}"));
-                // A create that timed out under load may have happened: AlreadyExists is fine.
-                for attempt in 0..5 {
-                    match writer
-                        .create(&path, Bytes::new(), CreateMode::Persistent)
-                        .await
-                    {
-                        Ok(_) | Err(registry_core::Error::AlreadyExists { .. }) => return Ok(()),
-                        Err(e) if e.is_retryable() && attempt < 4 => {}
-                        Err(e) => return Err((path, e)),
-                    }
-                }
-                Ok(())
-            }
-        })
-        .buffer_unordered(64);
-    while let Some(created) = creates.next().await {
-        if let Err((path, e)) = created {
-            panic!("{at} create {path}: {e}");
-        }
-    }
-    drop(creates);
+    let paths = (0..LARGE_CHANGE).map(|i| p(&format!("/large/child-{i:04}")));
+    create_all(&writer, paths, CreateMode::Persistent, &at).await;
     let root = p("/large");
     let mut stream = c
         .watch(&root, WatchOptions::children())
