@@ -42,6 +42,11 @@ async fn raw(connect_string: &str) -> zookeeper_client::Client {
         .unwrap()
 }
 
+/// A raw client's persistent node, open to all.
+fn raw_persistent() -> zookeeper_client::CreateOptions<'static> {
+    zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all())
+}
+
 /// What `wchs` reports as the server's total watches.
 fn total_watches(server: &ZkServer) -> usize {
     server
@@ -285,8 +290,7 @@ async fn a_round_larger_than_the_buffer_is_delivered_to_a_reading_consumer() {
     let cs = server.connect_string();
     let watcher = connect(&cs, Duration::from_secs(4)).await;
     let writer = raw(&cs).await;
-    let persistent =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let persistent = raw_persistent();
     writer.create("/big", b"", &persistent).await.unwrap();
     let mut stream = watcher
         .watch(&p("/big"), WatchOptions::children())
@@ -321,15 +325,7 @@ async fn a_stale_ephemeral_of_another_session_is_replaced() {
     let stale = raw(&cs).await;
     let options =
         zookeeper_client::CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all());
-    stale
-        .create(
-            "/svc",
-            b"",
-            &zookeeper_client::CreateMode::Persistent
-                .with_acls(zookeeper_client::Acls::anyone_all()),
-        )
-        .await
-        .unwrap();
+    stale.create("/svc", b"", &raw_persistent()).await.unwrap();
     stale
         .create("/svc/10.0.0.8:9090", b"old", &options)
         .await
@@ -676,8 +672,7 @@ async fn a_subtree_watch_follows_a_node_recreated_between_its_list_and_read() {
     let mut stream = watcher.watch(&root, WatchOptions::subtree()).await.unwrap();
     let mut state = WatchedState::new();
     state.apply(&next_event(&mut stream, "snapshot").await);
-    let open =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let open = raw_persistent();
     let mut children: Vec<String> = Vec::new();
     for round in 0..24u32 {
         let mut gone = writer.new_multi_writer();
@@ -980,8 +975,7 @@ async fn a_recursive_delete_removes_nodes_too_deep_or_long_for_a_node_path() {
     let server = fast_server();
     let reg = connect(&server.connect_string(), Duration::from_secs(4)).await;
     let other = raw(&server.connect_string()).await;
-    let open =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let open = raw_persistent();
     for (root, expected) in [("/deep", Expected::Any), ("/deep2", Expected::Version(0))] {
         let mut path = root.to_owned();
         other.create(&path, b"", &open).await.unwrap();
@@ -1494,8 +1488,7 @@ async fn create_parent_and_child(setup: &Arc<ZkRegistry>) {
 
 /// Deletes `/t/x/c` and `/t/x` and creates them again, in one transaction.
 async fn recreate_parent_and_child(writer: &zookeeper_client::Client) {
-    let persistent =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let persistent = raw_persistent();
     let mut multi = writer.new_multi_writer();
     multi.add_delete("/t/x/c", None).unwrap();
     multi.add_delete("/t/x", None).unwrap();
@@ -1527,8 +1520,7 @@ async fn a_subtree_watch_reports_a_recreated_parent_before_its_child() {
     let first = next_event(&mut stream, "snapshot").await;
     apply(&mut present, first);
     let writer = raw(&cs).await;
-    let persistent =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let persistent = raw_persistent();
     for round in 0..300 {
         if round % 3 == 2 {
             // The parent's own data watch fires too (so it is read ahead of its child), and
@@ -1593,8 +1585,7 @@ async fn a_subtree_watch_whose_root_is_made_again_keeps_the_order() {
     let cs = server.connect_string();
     let watcher = connect(&cs, Duration::from_secs(4)).await;
     let writer = raw(&cs).await;
-    let persistent =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let persistent = raw_persistent();
     for round in 0..20 {
         let root = p(&format!("/w{round}"));
         let (old_child, new_child) = (format!("{root}/b"), format!("{root}/a"));
@@ -1718,8 +1709,7 @@ async fn a_subtree_watch_reads_a_tree_while_its_nodes_are_deleted() {
         .await
         .unwrap();
     let writer = raw(&cs).await;
-    let persistent =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let persistent = raw_persistent();
     for i in 0..leaves {
         writer
             .create(&format!("/d/n{i:04}"), b"", &persistent)
@@ -1836,8 +1826,7 @@ async fn a_value_over_the_limit_stops_a_copy_before_it_writes_and_is_skipped_by_
     // ZooKeeper takes values up to its 1 MiB jute.maxbuffer; no backend here takes this one.
     let big = vec![b'x'; registry_core::MAX_VALUE_LEN + 1];
     let other = raw(&server.connect_string()).await;
-    let open =
-        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    let open = raw_persistent();
     other.create("/soa/config/big", &big, &open).await.unwrap();
     other
         .create("/soa/config/big/below", b"2", &open)
