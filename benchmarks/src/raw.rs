@@ -732,6 +732,84 @@ impl Raw {
         }
     }
 
+    /// `n` watchers of one node, as `watch_node` with indices `0..n`, for the fan-out
+    /// scenario. etcd's watchers share one gRPC stream (one watch ID each), as a careful raw
+    /// user, etcd's Go client and our layer do; each ZooKeeper watcher is a `watch_node` (the
+    /// client shares the server's watch per path itself). Returns once every watch is in
+    /// place.
+    pub async fn watch_node_many(
+        &self,
+        path: &str,
+        n: usize,
+        tx: UnboundedSender<Seen>,
+    ) -> BenchResult<Vec<Task>> {
+        let Raw::Etcd { client, .. } = self else {
+            let mut tasks = Vec::with_capacity(n);
+            for index in 0..n {
+                tasks.push(self.watch_node(path, index, tx.clone()).await?);
+            }
+            return Ok(tasks);
+        };
+        let mut stream = client
+            .clone()
+            .watch(path, None)
+            .await
+            .ctx(format!("etcd watch {path}"))?;
+        // Watch ID -> watcher index, in the order the creations are confirmed (the server
+        // answers a stream's requests in order).
+        let mut index_of: HashMap<i64, usize> = HashMap::with_capacity(n);
+        within(Duration::from_secs(10), "etcd watch creation", async {
+            for _ in 0..10_000 {
+                if index_of.len() == n {
+                    return Ok(());
+                }
+                match stream.message().await {
+                    Ok(Some(m)) if m.created() => {
+                        index_of.insert(m.watch_id(), index_of.len());
+                        if index_of.len() < n {
+                            stream
+                                .watch(path, None)
+                                .await
+                                .ctx(format!("etcd watch {path}"))?;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        return Err(format!("etcd watch {path} ended before it was created"))
+                    }
+                    Err(e) => return Err(format!("etcd watch {path}: {e}")),
+                }
+            }
+            Err(format!(
+                "etcd watch {path}: {n} watches not created among 10000 messages"
+            ))
+        })
+        .await?;
+        Ok(vec![Task::spawn(async move {
+            for _ in 0..MAX_WATCH_EVENTS {
+                let Ok(Some(message)) = stream.message().await else {
+                    return;
+                };
+                let now = Instant::now();
+                let Some(&index) = index_of.get(&message.watch_id()) else {
+                    continue;
+                };
+                for event in message.events() {
+                    let value = match event.event_type() {
+                        EventType::Put => event
+                            .kv()
+                            .map(|kv| Bytes::copy_from_slice(kv.value()))
+                            .or_else(|| Some(Bytes::new())),
+                        EventType::Delete => None,
+                    };
+                    if tx.send((index, value, now)).is_err() {
+                        return;
+                    }
+                }
+            }
+        })])
+    }
+
     /// Watches the deletions of `parent`'s children (etcd's `NoPut` filter), as our
     /// registrations' shared watch does, reading and dropping them. Returns once the watch is
     /// in place. etcd only: ZooKeeper cannot leave writes out.
