@@ -202,8 +202,8 @@ async fn random_writer(client: Arc<dyn Registry>, seed: u64, ops: usize) -> Resu
 }
 
 /// Model check: 4 writers make 250 random changes each while watchers of every scope apply
-/// their streams; afterwards each watcher's state equals a fresh read, and every item could
-/// follow the ones before (see `follows`). With exact events, every path's events also
+/// their streams; after a last write in every scope, each watcher's state equals a fresh
+/// read, and every item up to that write could follow the ones before (see `follows`). With exact events, every path's events also
 /// arrive in strictly increasing order, without duplicates.
 pub async fn watch_model_check(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "watch_model_check");
@@ -247,6 +247,25 @@ pub async fn watch_model_check(fx: &dyn Fixture) -> Outcome {
             .unwrap_or_else(|e| panic!("{at} writer task: {e}"))
             .unwrap_or_else(|e| panic!("{at} {e} (seed {seed})"));
     }
+    // A last write in every watched scope, after all of the writers' changes: each stream is
+    // then read (and checked) past every event they caused, not only until its state first
+    // matches a fresh read, which could leave a stray event after it unseen.
+    let end = Bytes::from_static(b"model-check-end");
+    let last = p("/m/x/y/a");
+    match reader.set(&last, end.clone(), Expected::Any).await {
+        Ok(_) => {}
+        Err(registry_core::Error::NotFound { .. }) => {
+            reader
+                .create(&last, end.clone(), CreateMode::Persistent)
+                .await
+                .unwrap_or_else(|e| panic!("{at} last write of {last}: {e}"));
+        }
+        Err(e) => panic!("{at} last write of {last}: {e}"),
+    }
+    reader
+        .create(&p("/m/x/end"), end, CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} last write of /m/x/end: {e}"));
     for (path, scope, stream, state, last_order, fresh) in &mut streams {
         let expected = summary(
             read_scope(&reader, path, *scope)
