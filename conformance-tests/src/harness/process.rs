@@ -123,22 +123,80 @@ impl Drop for ServerDir {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound once, then released for the server to take).
+/// A free TCP port on 127.0.0.1 for a server (see [`free_ports`]).
 pub fn free_port() -> HarnessResult<u16> {
     free_ports(1)?
         .pop()
         .ok_or_else(|| "no free loopback port".to_owned())
 }
 
-/// `n` distinct free TCP ports on 127.0.0.1: all are held bound until every one is picked, so
-/// the OS cannot hand one out twice (it may reuse a port released a moment ago).
+/// Ports the kernel hands out by itself (to a bind to port 0, or as an outgoing connection's
+/// local port): `/proc/sys/net/ipv4/ip_local_port_range`, Linux's default if unreadable.
+fn ephemeral_range() -> (u16, u16) {
+    let read = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let mut bounds = read
+        .iter()
+        .flat_map(|r| r.split_whitespace())
+        .filter_map(|n| n.parse::<u16>().ok());
+    match (bounds.next(), bounds.next()) {
+        (Some(low), Some(high)) if low <= high => (low, high),
+        _ => (32768, 60999),
+    }
+}
+
+/// Where server ports are picked: a span just outside the kernel's ephemeral range, so that
+/// a killed server's port cannot be given to a client connection or to another bind to port
+/// 0 before the server restarts on it. `None` if no span of 4096 fits (then port 0 is bound).
+fn server_port_span() -> Option<(u16, u16)> {
+    const SPAN: u16 = 10_000;
+    const LEAST: u16 = 4096;
+    let (low, high) = ephemeral_range();
+    // Below the range, above the well-known and registered ports servers like to use.
+    let floor = 10_000u16;
+    if low.saturating_sub(floor) >= LEAST {
+        return Some((low.saturating_sub(SPAN).max(floor), low - 1));
+    }
+    let above = u16::MAX - high;
+    (above >= LEAST).then(|| (high + 1, high.saturating_add(SPAN)))
+}
+
+/// Next candidate in the span: a process-wide cursor, starting at a place of this process's
+/// own, so that concurrent test processes mostly pick apart (a clash fails the bind and the
+/// next one is tried; a server that loses a race for its port is started again by
+/// [`retry_port_races`]).
+fn next_candidate((first, last): (u16, u16)) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(last - first) + 1;
+    let start = std::process::id().wrapping_mul(7919) % span;
+    let _ = CURSOR.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    let offset = CURSOR.fetch_add(1, Ordering::Relaxed) % span;
+    // `offset < span`, so the sum is at most `last`.
+    first + u16::try_from(offset).unwrap_or(0)
+}
+
+/// `n` distinct free TCP ports on 127.0.0.1 for servers: all are held bound until every one
+/// is picked, so none is handed out twice. They come from outside the kernel's ephemeral range
+/// (see [`server_port_span`]): a server the harness kills keeps its port free for its restart.
 pub fn free_ports(n: usize) -> HarnessResult<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| {
+    let mut listeners = Vec::with_capacity(n);
+    if let Some(span) = server_port_span() {
+        let tries = usize::from(span.1 - span.0) + 1;
+        for _ in 0..tries {
+            if listeners.len() == n {
+                break;
+            }
+            if let Ok(l) = TcpListener::bind((Ipv4Addr::LOCALHOST, next_candidate(span))) {
+                listeners.push(l);
+            }
+        }
+    }
+    while listeners.len() < n {
+        listeners.push(
             TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .map_err(|e| format!("cannot bind a free loopback port: {e}"))
-        })
-        .collect::<HarnessResult<Vec<_>>>()?;
+                .map_err(|e| format!("cannot bind a free loopback port: {e}"))?,
+        );
+    }
     listeners
         .iter()
         .map(|l| {
@@ -435,6 +493,24 @@ mod tests {
             wait_until(Duration::from_secs(5), || !p.is_running()),
             "an exited server counts as running"
         );
+    }
+
+    #[test]
+    fn server_ports_are_distinct_free_and_outside_the_ephemeral_range() {
+        let (low, high) = ephemeral_range();
+        let ports = free_ports(64).unwrap();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), 64, "{ports:?}");
+        if server_port_span().is_some() {
+            assert!(
+                ports.iter().all(|p| !(low..=high).contains(p)),
+                "a server port in the ephemeral range {low}-{high}: {ports:?}"
+            );
+        }
+        for port in ports {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+                .unwrap_or_else(|e| panic!("port {port} not free: {e}"));
+        }
     }
 
     #[test]
