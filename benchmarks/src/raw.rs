@@ -146,6 +146,17 @@ fn parent_of(path: &str) -> &str {
 }
 
 /// Opens an etcd watch and waits until the server confirms it.
+/// What a watcher of one node sees in an etcd event: the new value, `None` once it is gone.
+fn value_of(event: &etcd_client::Event) -> Option<Bytes> {
+    match event.event_type() {
+        EventType::Put => event
+            .kv()
+            .map(|kv| Bytes::copy_from_slice(kv.value()))
+            .or_else(|| Some(Bytes::new())),
+        EventType::Delete => None,
+    }
+}
+
 async fn etcd_watch(
     client: &EtcdClient,
     key: &str,
@@ -686,14 +697,7 @@ impl Raw {
                         };
                         let now = Instant::now();
                         for event in message.events() {
-                            let value = match event.event_type() {
-                                EventType::Put => event
-                                    .kv()
-                                    .map(|kv| Bytes::copy_from_slice(kv.value()))
-                                    .or_else(|| Some(Bytes::new())),
-                                EventType::Delete => None,
-                            };
-                            if tx.send((index, value, now)).is_err() {
+                            if tx.send((index, value_of(event), now)).is_err() {
                                 return;
                             }
                         }
@@ -795,14 +799,7 @@ impl Raw {
                     continue;
                 };
                 for event in message.events() {
-                    let value = match event.event_type() {
-                        EventType::Put => event
-                            .kv()
-                            .map(|kv| Bytes::copy_from_slice(kv.value()))
-                            .or_else(|| Some(Bytes::new())),
-                        EventType::Delete => None,
-                    };
-                    if tx.send((index, value, now)).is_err() {
+                    if tx.send((index, value_of(event), now)).is_err() {
                         return;
                     }
                 }
