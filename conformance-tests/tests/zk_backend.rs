@@ -9,8 +9,8 @@ use conformance_tests::support::{
 };
 use futures::StreamExt;
 use registry_core::{
-    Bytes, CreateMode, Expected, NodePath, RegisterOptions, RegistrationStatus, Registry,
-    SessionState, WatchEvent, WatchOptions, WatchScope, WatchedState,
+    Bytes, CreateMode, DeleteScope, Expected, NodePath, RegisterOptions, RegistrationStatus,
+    Registry, SessionState, WatchEvent, WatchOptions, WatchScope, WatchedState,
 };
 use registry_zk::{ZkOptions, ZkRegistry};
 
@@ -1940,4 +1940,45 @@ async fn an_unnamable_ephemeral_node_is_skipped_as_such_and_a_copy_goes_on() {
     conformance_tests::support::assert_copy_passes_unnamable_ephemeral(&*reg, "/dubbo", long, 2)
         .await;
     reg.close().await.unwrap();
+}
+
+/// A node watch told that its node was deleted asks only whether it exists (one request,
+/// which also watches for its return) instead of reading it first and failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_watch_learns_of_its_deletion_with_one_request() {
+    let server = fast_server();
+    let cs = server.connect_string();
+    let writer = connect(&cs, Duration::from_secs(4)).await;
+    let watcher = connect(&cs, Duration::from_secs(4)).await;
+    let path = p("/gone");
+    // A session's ping can land in the window, as can the remove-watch of the last round's
+    // dropped stream: the fewest packets over three rounds.
+    let mut fewest = u64::MAX;
+    for _ in 0..3 {
+        writer
+            .create(&path, Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+        let mut watch = watcher.watch(&path, WatchOptions::node()).await.unwrap();
+        match next_event(&mut watch, "snapshot").await {
+            WatchEvent::Snapshot(s) => assert_eq!(s.nodes.len(), 1, "{s:?}"),
+            other => panic!("expected the snapshot, got {other:?}"),
+        }
+        let before = packets_received(&server);
+        writer
+            .delete(&path, Expected::Any, DeleteScope::Node)
+            .await
+            .unwrap();
+        match next_event(&mut watch, "the deletion").await {
+            WatchEvent::Deleted(n) => assert_eq!(n.path, path),
+            other => panic!("expected the deletion, got {other:?}"),
+        }
+        fewest = fewest.min(packets_received(&server).saturating_sub(before));
+    }
+    // The `srvr` that read the count (the server counts it too), the writer's delete, and
+    // the watcher's existence check; a read of the node first made it 4.
+    assert_eq!(
+        fewest, 3,
+        "packets from the delete to its event at the watcher"
+    );
 }

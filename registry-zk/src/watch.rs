@@ -169,7 +169,28 @@ async fn sync(reader: &Reader, root: &NodePath) -> Result<()> {
 }
 
 /// Reads the watched root with a data watch; a missing root gets an existence watch instead.
-async fn read_root(reader: &Reader, path: &NodePath, read: &mut Read) -> Result<Option<Node>> {
+/// `gone`: its watch just reported it deleted, so its existence is asked first (one request,
+/// where a read would fail and need a second).
+async fn read_root(
+    reader: &Reader,
+    path: &NodePath,
+    gone: bool,
+    read: &mut Read,
+) -> Result<Option<Node>> {
+    if gone {
+        match reader
+            .within(reader.client.check_and_watch_stat(path.as_str()))
+            .await
+        {
+            Ok((None, watcher)) => {
+                arm(&mut read.armed, path, WatchKind::Exists, watcher);
+                return Ok(None);
+            }
+            // Back already: read below (its existence watch is let go).
+            Ok((Some(_), _)) => {}
+            Err(e) => return Err(map(e, "watch", path)),
+        }
+    }
     // Bounded: a node that keeps appearing and vanishing between the two calls gives up.
     for _ in 0..8 {
         match reader
@@ -295,11 +316,13 @@ async fn read_scope(
     reader: &Reader,
     root: &NodePath,
     scope: WatchScope,
+    root_gone: bool,
     skipped: &mut Skipped,
 ) -> Result<Read> {
     let mut earlier: NewWatches = Vec::new();
-    for _ in 0..SCOPE_READS {
-        let (mut read, consistent) = read_scope_once(reader, root, scope, skipped).await?;
+    for attempt in 0..SCOPE_READS {
+        let gone = root_gone && attempt == 0;
+        let (mut read, consistent) = read_scope_once(reader, root, scope, gone, skipped).await?;
         if consistent {
             read.armed.append(&mut earlier);
             return Ok(read);
@@ -317,6 +340,7 @@ async fn read_scope_once(
     reader: &Reader,
     root: &NodePath,
     scope: WatchScope,
+    root_gone: bool,
     skipped: &mut Skipped,
 ) -> Result<(Read, bool)> {
     let mut read = Read {
@@ -324,7 +348,7 @@ async fn read_scope_once(
         armed: Vec::new(),
         revision: 0,
     };
-    let Some(node) = read_root(reader, root, &mut read).await? else {
+    let Some(node) = read_root(reader, root, root_gone, &mut read).await? else {
         return Ok((read, true));
     };
     let root_created = node.create_order;
@@ -760,6 +784,9 @@ async fn run(
     let mut first_reason = replay.then_some(ResyncReason::StartNotReplayable);
     let mut skipped = Skipped::new(shared.options.namespace.is_some());
     let timeout = shared.options.request_timeout;
+    // The root's own watch reported it deleted: the next full read asks for its existence
+    // first.
+    let mut root_gone = false;
     loop {
         if *shutdown.borrow() {
             return;
@@ -779,7 +806,14 @@ async fn run(
                 if resumed {
                     sync(&reader, &root).await?;
                 }
-                read_scope(&reader, &root, scope, &mut skipped).await
+                read_scope(
+                    &reader,
+                    &root,
+                    scope,
+                    std::mem::take(&mut root_gone),
+                    &mut skipped,
+                )
+                .await
             },
             &mut shutdown,
             &tx,
@@ -854,6 +888,11 @@ async fn run(
                     _ => break,
                 }
             }
+            root_gone = fired.iter().any(|f| {
+                f.path == root
+                    && f.kind != WatchKind::Children
+                    && f.event.event_type == zk::EventType::NodeDeleted
+            });
             let Some(nodes) = delivered.as_mut() else {
                 break;
             };
