@@ -176,8 +176,9 @@ fn next_candidate((first, last): (u16, u16)) -> u16 {
 }
 
 /// `n` distinct free TCP ports on 127.0.0.1 for servers: all are held bound until every one
-/// is picked, so none is handed out twice. They come from outside the kernel's ephemeral range
-/// (see [`server_port_span`]): a server the harness kills keeps its port free for its restart.
+/// is picked, so none is handed out twice. They come from just outside the kernel's ephemeral
+/// range (`/proc/sys/net/ipv4/ip_local_port_range`), where no client connection or bind to
+/// port 0 lands: a server the harness kills keeps its port free for its restart.
 pub fn free_ports(n: usize) -> HarnessResult<Vec<u16>> {
     let mut listeners = Vec::with_capacity(n);
     if let Some(span) = server_port_span() {
