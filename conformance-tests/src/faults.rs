@@ -425,6 +425,26 @@ impl SessionLog {
     pub fn saw(&self, state: SessionState) -> bool {
         locked(&self.seen).iter().any(|s| s.state == state)
     }
+
+    /// Waits, up to `bound`, until the log holds `client`'s current status as its last entry:
+    /// the log is filled by a task of its own, which may still be behind a recovery the case
+    /// saw through the registry. Panics with what it holds if it never catches up.
+    pub async fn caught_up(&self, at: &str, client: &Arc<dyn Registry>, bound: Duration) {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let now = client.session();
+            if locked(&self.seen).last() == Some(&now) {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "[{at}] the session log never reached the client's status {now:?} within {bound:?}; it holds {:?}",
+                    self.states()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 impl Drop for SessionLog {

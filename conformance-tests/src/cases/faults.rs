@@ -82,6 +82,10 @@ async fn all_recovered(
     for w in watchers {
         w.converged(&env.at, reader, RECOVERY).await;
     }
+    // The cases then read the owners' session logs.
+    for (client, log, _) in &fleet.owners {
+        log.caught_up(&env.at, client, RECOVERY).await;
+    }
 }
 
 /// The registrations under the fleet's parent, as `reader` sees them now. A read that fails
