@@ -145,7 +145,6 @@ fn parent_of(path: &str) -> &str {
     }
 }
 
-/// Opens an etcd watch and waits until the server confirms it.
 /// What a watcher of one node sees in an etcd event: the new value, `None` once it is gone.
 fn value_of(event: &etcd_client::Event) -> Option<Bytes> {
     match event.event_type() {
@@ -157,6 +156,7 @@ fn value_of(event: &etcd_client::Event) -> Option<Bytes> {
     }
 }
 
+/// Opens an etcd watch and waits until the server confirms it.
 async fn etcd_watch(
     client: &EtcdClient,
     key: &str,
@@ -167,10 +167,16 @@ async fn etcd_watch(
         .watch(key, options)
         .await
         .ctx(format!("etcd watch {key}"))?;
+    created(&mut stream, key).await?;
+    Ok(stream)
+}
+
+/// Waits for the server to confirm the next watch created on `stream`; its watch ID.
+async fn created(stream: &mut EtcdWatchStream, key: &str) -> BenchResult<i64> {
     within(Duration::from_secs(10), "etcd watch creation", async {
         for _ in 0..10_000 {
             match stream.message().await {
-                Ok(Some(m)) if m.created() => return Ok(()),
+                Ok(Some(m)) if m.created() => return Ok(m.watch_id()),
                 Ok(Some(_)) => {}
                 Ok(None) => return Err(format!("etcd watch {key} ended before it was created")),
                 Err(e) => return Err(format!("etcd watch {key}: {e}")),
@@ -180,8 +186,7 @@ async fn etcd_watch(
             "etcd watch {key}: no creation among 10000 messages"
         ))
     })
-    .await?;
-    Ok(stream)
+    .await
 }
 
 impl Raw {
@@ -759,36 +764,17 @@ impl Raw {
             .watch(path, None)
             .await
             .ctx(format!("etcd watch {path}"))?;
-        // Watch ID -> watcher index, in the order the creations are confirmed (the server
-        // answers a stream's requests in order).
+        // Watch ID -> watcher index: each watch is added once the one before is confirmed.
         let mut index_of: HashMap<i64, usize> = HashMap::with_capacity(n);
-        within(Duration::from_secs(10), "etcd watch creation", async {
-            for _ in 0..10_000 {
-                if index_of.len() == n {
-                    return Ok(());
-                }
-                match stream.message().await {
-                    Ok(Some(m)) if m.created() => {
-                        index_of.insert(m.watch_id(), index_of.len());
-                        if index_of.len() < n {
-                            stream
-                                .watch(path, None)
-                                .await
-                                .ctx(format!("etcd watch {path}"))?;
-                        }
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        return Err(format!("etcd watch {path} ended before it was created"))
-                    }
-                    Err(e) => return Err(format!("etcd watch {path}: {e}")),
-                }
+        for index in 0..n {
+            if index > 0 {
+                stream
+                    .watch(path, None)
+                    .await
+                    .ctx(format!("etcd watch {path}"))?;
             }
-            Err(format!(
-                "etcd watch {path}: {n} watches not created among 10000 messages"
-            ))
-        })
-        .await?;
+            index_of.insert(created(&mut stream, path).await?, index);
+        }
         Ok(vec![Task::spawn(async move {
             for _ in 0..MAX_WATCH_EVENTS {
                 let Ok(Some(message)) = stream.message().await else {

@@ -203,8 +203,9 @@ async fn random_writer(client: Arc<dyn Registry>, seed: u64, ops: usize) -> Resu
 
 /// Model check: 4 writers make 250 random changes each while watchers of every scope apply
 /// their streams; after a last write in every scope, each watcher's state equals a fresh
-/// read, and every item up to that write could follow the ones before (see `follows`). With exact events, every path's events also
-/// arrive in strictly increasing order, without duplicates.
+/// read, and every item up to that write could follow the ones before (see `follows`). With
+/// exact events, every path's events also arrive in strictly increasing order, without
+/// duplicates.
 pub async fn watch_model_check(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "watch_model_check");
     let reader = env.client().await;
