@@ -98,9 +98,11 @@ pub enum Pattern {
     Range(i64, i64),
     /// `ip'a.b.c.d/m'`: the value is an IPv4 address in the network.
     Ip(IpNet),
-    /// `%'Bn+A..B'` (or `+K`): the value modulo `base` (the Euclidean remainder, in
-    /// `0..base`) is in `low..=high`. Parsed ones have `0 <= low <= high < base`; a
-    /// hand-built one whose remainder cannot be computed (`base` 0) matches nothing.
+    /// `%'Bn+A..B'` (or `+K`): the value's remainder by `base` is in `low..=high`. The
+    /// remainder is Java's `%`, as in Dapeng's executor: it takes the value's sign, so a
+    /// negative value never matches a parsed one (`0 <= low <= high < base`) and a mixed
+    /// fleet routes every user ID alike. A hand-built one whose remainder cannot be
+    /// computed (`base` 0) matches nothing.
     Modulo {
         /// The modulus.
         base: i64,
@@ -128,7 +130,7 @@ impl Pattern {
             (Pattern::Int(n), Typed::Int(v)) => v == *n,
             (Pattern::Range(a, b), Typed::Int(v)) => (*a..=*b).contains(&v),
             (Pattern::Modulo { base, low, high }, Typed::Int(v)) => v
-                .checked_rem_euclid(*base)
+                .checked_rem(*base)
                 .is_some_and(|r| (*low..=*high).contains(&r)),
             (Pattern::Ip(net), Typed::Ip(ip)) => net.contains(ip),
             // A number's text is no address, and an address's text no number.
@@ -149,7 +151,7 @@ impl Pattern {
             // Checked: the fields are public, and a base of 0 (or -1 with i64::MIN) would
             // panic; a remainder that cannot be computed matches nothing.
             Pattern::Modulo { base, low, high } => int()
-                .and_then(|v| v.checked_rem_euclid(*base))
+                .and_then(|v| v.checked_rem(*base))
                 .is_some_and(|r| (*low..=*high).contains(&r)),
         }
     }
@@ -1255,6 +1257,20 @@ otherwise => ip"192.168.1.101/24:9091""#;
             })
             .unwrap();
         assert_eq!(handle.join().unwrap(), (true, false));
+    }
+
+    #[test]
+    fn modulo_of_a_negative_user_id_is_javas_remainder_as_in_dapeng() {
+        let mut c = ctx("m");
+        // Euclidean: -1018 is 6 mod 1024 and -5 is 3 mod 4. Java (Dapeng): -1018 and -1.
+        c.user_id = Some(-1018);
+        assert!(!hold("userId match %'1024n+6'", &c));
+        assert!(!hold("userId match %'1024n+0..1023'", &c));
+        assert!(hold("userId match ~%'1024n+0..1023'", &c));
+        c.user_id = Some(-5);
+        assert!(!hold("userId match %'4n+3'", &c));
+        c.user_id = Some(-1024);
+        assert!(hold("userId match %'1024n+0'", &c), "-1024 % 1024 is 0");
     }
 
     #[test]
