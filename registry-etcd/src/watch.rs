@@ -22,6 +22,9 @@
 //! Its resume point moves only with deletions and with etcd's progress notifications (every
 //! 10 minutes by default), so after a break it may resume from further back than a stream of
 //! every event would, or from a compacted revision, which ends in a `Resync` (`Compacted`).
+//! Asking for progress (etcd's `RequestProgress`) would move it sooner, but servers without
+//! the fix for etcd-io/etcd#15220 (Debian's 3.4.23 among them) may answer it ahead of events
+//! still queued for the stream: a resume point taken from that answer would skip them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
