@@ -129,6 +129,8 @@ impl Pattern {
             (Pattern::Exact(_) | Pattern::Regex(_), _) => return None,
             (Pattern::Int(n), Typed::Int(v)) => v == *n,
             (Pattern::Range(a, b), Typed::Int(v)) => (*a..=*b).contains(&v),
+            // Checked: the fields are public, and a base of 0 (or -1 with i64::MIN) would
+            // panic; a remainder that cannot be computed matches nothing.
             (Pattern::Modulo { base, low, high }, Typed::Int(v)) => v
                 .checked_rem(*base)
                 .is_some_and(|r| (*low..=*high).contains(&r)),
@@ -145,14 +147,14 @@ impl Pattern {
             Pattern::Not(inner) => !inner.matches(value),
             Pattern::Exact(s) => value == s,
             Pattern::Regex(r) => r.regex.is_match(value),
-            Pattern::Int(n) => int() == Some(*n),
-            Pattern::Range(a, b) => int().is_some_and(|v| (*a..=*b).contains(&v)),
-            Pattern::Ip(net) => value.trim().parse().is_ok_and(|ip| net.contains(ip)),
-            // Checked: the fields are public, and a base of 0 (or -1 with i64::MIN) would
-            // panic; a remainder that cannot be computed matches nothing.
-            Pattern::Modulo { base, low, high } => int()
-                .and_then(|v| v.checked_rem(*base))
-                .is_some_and(|r| (*low..=*high).contains(&r)),
+            // A number or an address is compared as such, as `matches_typed` does.
+            Pattern::Int(_) | Pattern::Range(..) | Pattern::Modulo { .. } => {
+                int().is_some_and(|v| self.matches_typed(Typed::Int(v)) == Some(true))
+            }
+            Pattern::Ip(_) => value
+                .trim()
+                .parse()
+                .is_ok_and(|ip| self.matches_typed(Typed::Ip(ip)) == Some(true)),
         }
     }
 }
