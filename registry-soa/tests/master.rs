@@ -111,3 +111,34 @@ async fn mastership_reads_false_once_nothing_follows_it() {
         "still master after the view that decided it ended"
     );
 }
+
+#[tokio::test]
+async fn one_master_for_all_versions_as_dapeng_elects() {
+    let store = MemoryStore::new();
+    let registry = client(&store).await;
+    // A rolling upgrade: the new version's instance came first, so it holds the lowest
+    // sequence; the old version's only instance must not run the service's singleton work too.
+    let newer = Provider::register(&registry, SERVICE, addr("10.0.5.4:9090"), "1.0.1")
+        .await
+        .unwrap();
+    let older = Provider::register(&registry, SERVICE, addr("10.0.5.5:9090"), "1.0.0")
+        .await
+        .unwrap();
+    let view = ServiceView::open(client(&store).await, SERVICE)
+        .await
+        .unwrap();
+    until_master(&view, &newer).await;
+    let mut older_master = watch_mastership(&view, &older);
+    assert!(
+        !*older_master.borrow_and_update(),
+        "a second master: the only 1.0.0 instance although a 1.0.1 node has a lower sequence"
+    );
+    // The lowest node goes: the next lowest leads, whatever its version.
+    newer.shutdown().await.unwrap();
+    let took_over = tokio::time::timeout(Duration::from_secs(10), older_master.wait_for(|m| *m));
+    assert!(
+        took_over.await.is_ok(),
+        "the remaining instance never became master"
+    );
+    older.shutdown().await.unwrap();
+}

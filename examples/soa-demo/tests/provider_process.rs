@@ -86,8 +86,7 @@ async fn killed_master_fails_over_and_graceful_stop_is_prompt() {
         s.instances.len() == 2
     })
     .await;
-    let master =
-        |s: &registry_soa::ServiceSnapshot| master_of(&s.instances, "1.0.0").map(|m| m.address);
+    let master = |s: &registry_soa::ServiceSnapshot| master_of(&s.instances).map(|m| m.address);
     let first_addr: Address = "10.0.5.1:9090".parse().unwrap();
     let second_addr: Address = "10.0.5.2:9090".parse().unwrap();
     assert_eq!(master(&view.snapshot()), Some(first_addr));

@@ -52,7 +52,7 @@ async fn run(args: Args) -> Result<(), String> {
             .iter()
             .map(|i| format!("{}@{}", i.address, i.version.as_deref().unwrap_or("-")))
             .collect();
-        let master = master_of(&snap.instances, &args.version)
+        let master = master_of(&snap.instances)
             .map(|m| m.address.to_string())
             .unwrap_or_else(|| "-".into());
         let chosen = match view.select(&call, &SelectOptions::default()) {
