@@ -277,6 +277,8 @@ impl Selection {
                     routes: plan_of(&mut routes.iter().map(|r| &r.condition)),
                     fixed: None,
                 };
+                plan.cookies
+                    .retain(|(i, _)| cookies.get(*i).is_some_and(CookieRule::can_apply));
                 if !plan
                     .cookies
                     .iter()

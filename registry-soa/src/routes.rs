@@ -17,6 +17,20 @@
 //! must pass both; port 0 or no port means any port. Lines end at `\n`, `\r\n` or a lone
 //! `\r`, as in Dapeng's lexer.
 //!
+//! Matching is Dapeng's executor's (`RoutesExecutor`), so Java and Rust consumers reading one
+//! rules node route every call alike, also where that executor is surprising:
+//! - a value that is empty or only spaces (Java's `trim`) is missing;
+//! - `callerIp`, `calleeIp` and `userIp` are Java `int`s: their text is the address as a
+//!   signed 32-bit number (`192.168.10.130` is `-1062729086`), which text, regex and number
+//!   patterns see; `ip'..'` patterns compare addresses as such;
+//! - numbers are read as Java's `Long.parseLong` reads them (no surrounding spaces); a value
+//!   that is no number fails a number or `%` pattern, but a range or `ip'..'` pattern throws
+//!   in Java, and the whole rule is skipped (also under `~`, and whatever patterns follow it in
+//!   the matcher; patterns before it that match still decide);
+//! - a route's ip targets and its version targets each filter the instances: an instance must
+//!   pass both kinds; versions compare ignoring case;
+//! - a cookie rule that names one cookie twice is skipped (Java's executor fails on it).
+//!
 //! Regexes are the [`regex`] crate's syntax, which is Java's without look-around,
 //! backreferences and `\Q...\E` (it guarantees linear-time matching on the call path). A rule
 //! using those is rejected with its position, like any syntax error; write it with `~`
@@ -94,9 +108,11 @@ pub enum Pattern {
     Regex(WholeRegex),
     /// `N`: the value is this integer.
     Int(i64),
-    /// `N..M`: the value is an integer in the inclusive range.
+    /// `N..M`: the value is an integer in the inclusive range (a value that is no integer
+    /// skips the rule, see the module docs).
     Range(i64, i64),
-    /// `ip'a.b.c.d/m'`: the value is an IPv4 address in the network.
+    /// `ip'a.b.c.d/m'`: the value, a Java `int` as Dapeng holds addresses, is an IPv4
+    /// address in the network (a value that is no `int` skips the rule).
     Ip(IpNet),
     /// `%'Bn+A..B'` (or `+K`): the value's remainder by `base` is in `low..=high`. The
     /// remainder is Java's `%`, as in Dapeng's executor: it takes the value's sign, so a
@@ -113,49 +129,82 @@ pub enum Pattern {
     },
 }
 
-/// A number or address rule value, compared as such (no text in between).
-#[derive(Clone, Copy)]
-enum Typed {
-    Int(i64),
-    Ip(Ipv4Addr),
+/// A pattern Dapeng's executor throws on for the value (a range or an `ip'..'` pattern on a
+/// value that is no number): the rule is skipped, as that executor skips it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Unreadable;
+
+/// Whether a pattern matches a value, or the rule is skipped.
+type Outcome = Result<bool, Unreadable>;
+
+/// The outcome of patterns tried in order, as Java tries them: the first that matches or
+/// throws decides.
+fn first_decisive(outcomes: impl IntoIterator<Item = Outcome>) -> Outcome {
+    for outcome in outcomes {
+        if outcome != Ok(false) {
+            return outcome;
+        }
+    }
+    Ok(false)
+}
+
+/// A number as Java's `Long.parseLong` reads it (a sign, ASCII digits, no spaces).
+fn java_long(text: &str) -> Option<i64> {
+    text.parse().ok()
+}
+
+/// An address as Dapeng holds it: a Java `int`, the address's bits, signed.
+fn java_int(ip: Ipv4Addr) -> i64 {
+    i64::from(u32::from(ip) as i32)
+}
+
+/// Whether Java's `trim` leaves nothing (it strips every character up to U+0020).
+fn java_blank(text: &str) -> bool {
+    text.chars().all(|c| c <= ' ')
 }
 
 impl Pattern {
-    /// [`matches`](Pattern::matches) on the value's text, decided without the text; `None`
+    /// [`on_text`](Pattern::on_text) of the number's text, decided without the text; `None`
     /// for patterns that need it (exact text, regex).
-    fn matches_typed(&self, value: Typed) -> Option<bool> {
-        Some(match (self, value) {
-            (Pattern::Not(inner), _) => !inner.matches_typed(value)?,
-            (Pattern::Exact(_) | Pattern::Regex(_), _) => return None,
-            (Pattern::Int(n), Typed::Int(v)) => v == *n,
-            (Pattern::Range(a, b), Typed::Int(v)) => (*a..=*b).contains(&v),
+    fn on_number(&self, value: i64) -> Option<Outcome> {
+        Some(match self {
+            Pattern::Not(inner) => inner.on_number(value)?.map(|m| !m),
+            Pattern::Exact(_) | Pattern::Regex(_) => return None,
+            Pattern::Int(n) => Ok(value == *n),
+            Pattern::Range(a, b) => Ok((*a..=*b).contains(&value)),
             // Checked: the fields are public, and a base of 0 (or -1 with i64::MIN) would
             // panic; a remainder that cannot be computed matches nothing.
-            (Pattern::Modulo { base, low, high }, Typed::Int(v)) => v
+            Pattern::Modulo { base, low, high } => Ok(value
                 .checked_rem(*base)
-                .is_some_and(|r| (*low..=*high).contains(&r)),
-            (Pattern::Ip(net), Typed::Ip(ip)) => net.contains(ip),
-            // A number's text is no address, and an address's text no number.
-            (Pattern::Int(_) | Pattern::Range(..) | Pattern::Modulo { .. }, Typed::Ip(_))
-            | (Pattern::Ip(_), Typed::Int(_)) => false,
+                .is_some_and(|r| (*low..=*high).contains(&r))),
+            // Java's `Integer.parseInt`: a number beyond an `int` throws.
+            Pattern::Ip(net) => i32::try_from(value)
+                .map(|bits| net.contains(Ipv4Addr::from(bits as u32)))
+                .map_err(|_| Unreadable),
         })
     }
 
-    fn matches(&self, value: &str) -> bool {
-        let int = || value.trim().parse::<i64>().ok();
+    /// Whether the pattern matches a (non-blank) value, as Dapeng's `matcherPattern` decides.
+    fn on_text(&self, value: &str) -> Outcome {
         match self {
-            Pattern::Not(inner) => !inner.matches(value),
-            Pattern::Exact(s) => value == s,
-            Pattern::Regex(r) => r.regex.is_match(value),
-            // A number or an address is compared as such, as `matches_typed` does.
-            Pattern::Int(_) | Pattern::Range(..) | Pattern::Modulo { .. } => {
-                int().is_some_and(|v| self.matches_typed(Typed::Int(v)) == Some(true))
+            Pattern::Not(inner) => inner.on_text(value).map(|m| !m),
+            Pattern::Exact(s) => Ok(value == s),
+            Pattern::Regex(r) => Ok(r.regex.is_match(value)),
+            // Java catches the parse error of these: no match.
+            Pattern::Int(_) | Pattern::Modulo { .. } => {
+                Ok(java_long(value).is_some_and(|v| self.on_number(v) == Some(Ok(true))))
             }
-            Pattern::Ip(_) => value
-                .trim()
-                .parse()
-                .is_ok_and(|ip| self.matches_typed(Typed::Ip(ip)) == Some(true)),
+            // ...and not of these.
+            Pattern::Range(..) | Pattern::Ip(_) => match java_long(value) {
+                Some(v) => self.on_number(v).unwrap_or(Err(Unreadable)),
+                None => Err(Unreadable),
+            },
         }
+    }
+
+    #[cfg(test)]
+    fn matches(&self, value: &str) -> bool {
+        !java_blank(value) && self.on_text(value) == Ok(true)
     }
 }
 
@@ -211,7 +260,13 @@ impl Target {
                 net.contains(instance.address.ip)
                     && port.is_none_or(|p| p == 0 || p == instance.address.port)
             }
-            Target::Version { version, .. } => instance.version.as_deref() == Some(version),
+            // Java's `equalsIgnoreCase`, as Dapeng compares them.
+            Target::Version { version, .. } => instance.version.as_deref().is_some_and(|v| {
+                v.eq_ignore_ascii_case(version)
+                    || v.chars()
+                        .flat_map(char::to_lowercase)
+                        .eq(version.chars().flat_map(char::to_lowercase))
+            }),
         }
     }
 }
@@ -288,9 +343,10 @@ impl CallContext {
             "version" if self.version.is_empty() => None,
             "version" => Some(f(&self.version)),
             "userId" => Some(formatted(self.user_id?, f)),
-            "callerIp" => Some(formatted(self.caller_ip?, f)),
-            "calleeIp" => Some(formatted(self.callee_ip?, f)),
-            "userIp" => Some(formatted(self.user_ip?, f)),
+            // Dapeng holds addresses as Java `int`s, and rules see that number's text.
+            "callerIp" => Some(formatted(java_int(self.caller_ip?), f)),
+            "calleeIp" => Some(formatted(java_int(self.callee_ip?), f)),
+            "userIp" => Some(formatted(java_int(self.user_ip?), f)),
             _ => id.strip_prefix("cookie_").and_then(|name| {
                 let value = added
                     .iter()
@@ -306,7 +362,7 @@ impl CallContext {
 
 /// Runs `f` on `value` formatted into a stack buffer (a heap one only if it did not fit).
 fn formatted<R>(value: impl std::fmt::Display, f: impl FnOnce(&str) -> R) -> R {
-    // i64::MIN (20 characters) and 255.255.255.255 (15) both fit.
+    // i64::MIN (20 characters) fits.
     let mut buf = [0u8; 24];
     let mut free = &mut buf[..];
     if write!(free, "{value}").is_ok() {
@@ -372,35 +428,50 @@ fn is_identity(id: &str) -> bool {
 }
 
 impl Matcher {
-    /// Whether the ID has a value (with `added` cookies) that one of the patterns matches.
+    /// Whether the ID has a value (with `added` cookies) that one of the patterns matches,
+    /// no pattern before it having thrown in Dapeng's executor (see the module docs).
     fn holds(&self, ctx: &CallContext, added: &[(String, String)]) -> bool {
+        self.outcome(ctx, added) == Ok(true)
+    }
+
+    fn outcome(&self, ctx: &CallContext, added: &[(String, String)]) -> Outcome {
         // Numbers and addresses are compared as such where every pattern can: formatting one
         // to text only to parse it back costs more than the rest of a pick.
-        let typed = match self.id.as_str() {
-            "userId" => Some(ctx.user_id.map(Typed::Int)),
-            "callerIp" => Some(ctx.caller_ip.map(Typed::Ip)),
-            "calleeIp" => Some(ctx.callee_ip.map(Typed::Ip)),
-            "userIp" => Some(ctx.user_ip.map(Typed::Ip)),
+        let number = match self.id.as_str() {
+            "userId" => Some(ctx.user_id),
+            "callerIp" => Some(ctx.caller_ip.map(java_int)),
+            "calleeIp" => Some(ctx.callee_ip.map(java_int)),
+            "userIp" => Some(ctx.user_ip.map(java_int)),
             _ => None,
         };
-        if let Some(value) = typed {
+        if let Some(value) = number {
             // A missing value never matches, also under `~`.
             let Some(value) = value else {
-                return false;
+                return Ok(false);
             };
-            // `None` if a pattern needs the text; no allocation either way.
-            let decided = self
-                .patterns
-                .iter()
-                .try_fold(false, |any, p| Some(any | p.matches_typed(value)?));
-            if let Some(matched) = decided {
-                return matched;
+            // `None` once a pattern needs the text before any decided; no allocation.
+            let mut outcome = Some(Ok(false));
+            for pattern in &self.patterns {
+                match pattern.on_number(value) {
+                    Some(Ok(false)) => {}
+                    decisive => {
+                        outcome = decisive;
+                        break;
+                    }
+                }
+            }
+            if let Some(outcome) = outcome {
+                return outcome;
             }
         }
         ctx.with_value_and(&self.id, added, |v| {
-            self.patterns.iter().any(|p| p.matches(v))
+            // Dapeng's executor: a blank value matches nothing, also under `~`.
+            if java_blank(v) {
+                return Ok(false);
+            }
+            first_decisive(self.patterns.iter().map(|p| p.on_text(v)))
         })
-        .unwrap_or(false)
+        .unwrap_or(Ok(false))
     }
 }
 
@@ -433,18 +504,25 @@ pub fn route<'i>(
 }
 
 impl Route {
-    /// Whether this rule lets a call reach `instance`: it matches a whitelist target (or the
-    /// rule has none) and no blacklist target.
+    /// Whether this rule lets a call reach `instance`: it matches no blacklist target, and
+    /// for each kind of target (ip, version) one whitelist target of that kind, if the rule
+    /// has any. Dapeng filters by ip targets, then by version targets: `ip'a', v'1.1.0'` is
+    /// an instance at `a` running 1.1.0, not either.
     pub fn admits(&self, instance: &Instance) -> bool {
-        let mut whitelisted = None;
+        // Per kind: `None` while the rule has no whitelist target of it.
+        let (mut by_ip, mut by_version) = (None, None);
         for target in &self.targets {
+            let whitelisted = match target {
+                Target::Ip { .. } => &mut by_ip,
+                Target::Version { .. } => &mut by_version,
+            };
             match (target.negated(), target.matches(instance)) {
                 (true, true) => return false,
-                (false, matched) => whitelisted = Some(whitelisted.unwrap_or(false) || matched),
+                (false, matched) => *whitelisted = Some(whitelisted.unwrap_or(false) || matched),
                 (true, false) => {}
             }
         }
-        whitelisted.unwrap_or(true)
+        by_ip.unwrap_or(true) && by_version.unwrap_or(true)
     }
 }
 
@@ -455,12 +533,25 @@ pub fn apply_cookies(rules: &[CookieRule], ctx: &mut CallContext) {
     }
 }
 
-/// The first cookie rule whose condition holds for the call.
+/// The first cookie rule that can apply (see [`CookieRule::can_apply`]) whose condition holds
+/// for the call.
 pub fn first_cookie_rule<'r>(rules: &'r [CookieRule], ctx: &CallContext) -> Option<&'r CookieRule> {
-    rules.iter().find(|r| r.condition.holds(ctx))
+    rules
+        .iter()
+        .find(|r| r.can_apply() && r.condition.holds(ctx))
 }
 
 impl CookieRule {
+    /// False when two of its cookies share a name: Dapeng's executor fails on such a rule
+    /// (collecting its cookies into a map) and tries the next one, and so does ours.
+    pub fn can_apply(&self) -> bool {
+        let cookies = &self.cookies;
+        cookies
+            .iter()
+            .enumerate()
+            .all(|(i, (name, _))| cookies[..i].iter().all(|(other, _)| other != name))
+    }
+
     /// Adds this rule's cookies to the context (replacing same-named ones).
     pub fn apply(&self, ctx: &mut CallContext) {
         for (k, v) in &self.cookies {
@@ -943,6 +1034,11 @@ mod tests {
             "callerIp match ~ip'10.1.0.0/16'",
             "callerIp match 5",
             "callerIp match '10.0.0.1'",
+            "callerIp match '167772161'",
+            "callerIp match r'-[0-9]+'",
+            "callerIp match -1062731513..0",
+            "userId match 1..3, ip'0.0.0.0/0'",
+            "userId match ~ip'10.0.0.0/8', 5",
             "userIp match ip'192.168.1.0/24', ~ip'192.168.1.7'",
             "calleeIp match 1..9",
         ];
@@ -978,11 +1074,11 @@ mod tests {
                     };
                     let by_text = ctx
                         .with_value(&matcher.id, |v| {
-                            matcher.patterns.iter().any(|p| p.matches(v))
+                            first_decisive(matcher.patterns.iter().map(|p| p.on_text(v)))
                         })
-                        .unwrap_or(false);
+                        .unwrap_or(Ok(false));
                     assert_eq!(
-                        matcher.holds(&ctx, &[]),
+                        matcher.outcome(&ctx, &[]),
                         by_text,
                         "{text} on {user:?} {ip:?}"
                     );
@@ -1309,6 +1405,137 @@ otherwise => ip"192.168.1.101/24:9091""#;
         assert_eq!(c.cookies.get("k").map(String::as_str), Some("1"));
         assert_eq!(c.cookies.get("j").map(String::as_str), Some("2"));
         let mut c = ctx("b");
+        apply_cookies(&rules, &mut c);
+        assert_eq!(c.cookies.get("k").map(String::as_str), Some("3"));
+    }
+
+    fn with_cookie(name: &str, value: &str) -> CallContext {
+        let mut c = ctx("m");
+        c.cookies.insert(name.into(), value.into());
+        c
+    }
+
+    /// Dapeng holds addresses as Java `int`s (`IPUtils.transferIp`), and its rules read
+    /// `callerIp` as that number's text.
+    #[test]
+    fn addresses_read_as_javas_signed_int() {
+        let c = CallContext {
+            caller_ip: Some([192, 168, 10, 130].into()),
+            ..ctx("m")
+        };
+        assert_eq!(c.value("callerIp").as_deref(), Some("-1062729086"));
+        assert!(hold("callerIp match '-1062729086'", &c));
+        assert!(hold("callerIp match -1062729086", &c));
+        assert!(hold("callerIp match ip'192.168.10.0/24'", &c));
+        assert!(!hold("callerIp match '192.168.10.130'", &c));
+        assert!(!hold("callerIp match r'192\\..*'", &c));
+        // A cookie holding an address is text: an `ip'..'` pattern reads only the number.
+        assert!(hold(
+            "cookie_ip match ip'10.0.0.0/8'",
+            &with_cookie("ip", "167838211")
+        ));
+    }
+
+    /// Where Dapeng's executor throws (a range or an address pattern on a value that is no
+    /// number) it skips the rule: also under `~`, and whatever alternatives follow.
+    #[test]
+    fn a_range_or_address_pattern_on_a_non_number_skips_the_rule() {
+        let abc = with_cookie("x", "abc");
+        assert!(!hold("cookie_x match ~1..5", &abc));
+        assert!(!hold("cookie_x match 1..5, 'abc'", &abc));
+        assert!(hold("cookie_x match 'abc', 1..5", &abc));
+        assert!(!hold("cookie_x match ~ip'10.0.0.0/8'", &abc));
+        assert!(!hold(
+            "cookie_ip match ip'10.0.0.0/8'",
+            &with_cookie("ip", "10.1.2.3")
+        ));
+        // A number or `%` pattern catches it: no match, and `~` turns that into one.
+        assert!(hold("cookie_x match ~7", &abc));
+        assert!(hold("cookie_x match ~%'4n+1'", &abc));
+        // Java's `Long.parseLong` takes no spaces around the number.
+        assert!(!hold("cookie_x match ~1..5", &with_cookie("x", " 3")));
+        assert!(hold("cookie_x match 1..5", &with_cookie("x", "+3")));
+        // A skipped rule is no match: the next rule decides.
+        let instances = [inst("10.0.0.1", 1, "1.0.0"), inst("10.0.0.2", 1, "1.0.0")];
+        assert_eq!(
+            routed(
+                "cookie_x match ~1..5 => ip'10.0.0.1'\notherwise => ip'10.0.0.2'",
+                &abc,
+                &instances
+            ),
+            vec!["10.0.0.2:1"]
+        );
+    }
+
+    /// Dapeng's `matcherPattern` takes a value that `trim`s to nothing as no value.
+    #[test]
+    fn blank_values_are_missing_even_negated() {
+        for blank in ["", " ", "\t ", "\u{1}"] {
+            let c = with_cookie("x", blank);
+            assert!(!hold("cookie_x match ~'a'", &c), "{blank:?}");
+            assert!(!hold("cookie_x match r'.*'", &c), "{blank:?}");
+        }
+        assert!(hold("cookie_x match ~'a'", &with_cookie("x", " b")));
+        assert!(!hold("method match ~'a'", &ctx("  ")));
+    }
+
+    /// Dapeng filters by a route's ip targets, then by its version targets.
+    #[test]
+    fn ip_and_version_targets_must_both_hold() {
+        let instances = [
+            inst("192.168.1.101", 1, "1.0.0"),
+            inst("192.168.1.101", 2, "1.1.0"),
+            inst("192.168.1.102", 3, "1.1.0"),
+        ];
+        let c = ctx("m");
+        assert_eq!(
+            routed("otherwise => ip'192.168.1.101', v'1.1.0'", &c, &instances),
+            vec!["192.168.1.101:2"]
+        );
+        assert_eq!(
+            routed(
+                "otherwise => ip'192.168.1.101', ip'192.168.1.102', v'1.1.0'",
+                &c,
+                &instances
+            ),
+            vec!["192.168.1.101:2", "192.168.1.102:3"]
+        );
+        assert_eq!(
+            routed("otherwise => ~ip'192.168.1.102', v'1.1.0'", &c, &instances),
+            vec!["192.168.1.101:2"]
+        );
+        assert_eq!(
+            routed("otherwise => ip'192.168.1.101', ~v'1.0.0'", &c, &instances),
+            vec!["192.168.1.101:2"]
+        );
+    }
+
+    /// Dapeng compares version targets with `equalsIgnoreCase`.
+    #[test]
+    fn version_targets_ignore_case() {
+        let instances = [
+            inst("10.0.0.1", 1, "1.0.0-SNAPSHOT"),
+            inst("10.0.0.2", 1, "1.0.0"),
+        ];
+        let c = ctx("m");
+        assert_eq!(
+            routed("otherwise => v'1.0.0-snapshot'", &c, &instances),
+            vec!["10.0.0.1:1"]
+        );
+        assert_eq!(
+            routed("otherwise => ~v'1.0.0-Snapshot'", &c, &instances),
+            vec!["10.0.0.2:1"]
+        );
+    }
+
+    /// Dapeng's cookie executor fails on a rule naming one cookie twice and tries the next.
+    #[test]
+    fn a_cookie_rule_naming_a_cookie_twice_is_skipped() {
+        let rules =
+            parse_cookie_rules("method match 'a' => c'k#1', c'k#2'\notherwise => c'k#3'").unwrap();
+        assert!(!rules[0].can_apply());
+        assert!(rules[1].can_apply());
+        let mut c = ctx("a");
         apply_cookies(&rules, &mut c);
         assert_eq!(c.cookies.get("k").map(String::as_str), Some("3"));
     }
