@@ -53,7 +53,9 @@
 //! Regexes are the [`regex`] crate's syntax, which is Java's without look-around,
 //! backreferences and `\Q...\E` (it guarantees linear-time matching on the call path). A rule
 //! using those is rejected with its position, like any syntax error; write it with `~`
-//! instead (`method match ~r'get.*'` for Java's `(?!get).*`).
+//! instead (`method match ~r'get.*'` for Java's `(?!get).*`). `\d`, `\w` and `\s` (and their
+//! negations) are read as Java's, which know ASCII only: `r'\w+'` does not match `张三` in
+//! Dapeng, and does not here.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -889,8 +891,9 @@ impl Parser<'_> {
                 let invalid = |e: regex::Error| at(format!("invalid regex {source:?}: {e}"));
                 // Checked alone first: wrapped, an unbalanced source such as `a)|(?:b` would
                 // close the group itself and escape the whole-value anchors.
-                Regex::new(&source).map_err(invalid)?;
-                let regex = Regex::new(&format!("^(?:{source})$")).map_err(invalid)?;
+                let java = java_classes(&source);
+                Regex::new(&java).map_err(invalid)?;
+                let regex = Regex::new(&format!("^(?:{java})$")).map_err(invalid)?;
                 Ok(Pattern::Regex(WholeRegex { source, regex }))
             }
             // Dapeng accepts a port here and ignores it.
@@ -999,6 +1002,39 @@ impl Parser<'_> {
         }
         Ok(out)
     }
+}
+
+/// `source` with Java's ASCII-only `\d \D \w \W \s \S` spelt as the classes they are (the
+/// regex crate's are Unicode-aware). Bracketed, they also stand inside a class: `[\w-]` is
+/// `[[0-9A-Za-z_]-]`, a nested class.
+fn java_classes(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut chars = source.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let Some(escaped) = chars.next() else {
+            // A trailing backslash: left for the regex crate to refuse.
+            out.push(c);
+            break;
+        };
+        out.push_str(match escaped {
+            'd' => "[0-9]",
+            'D' => "[^0-9]",
+            'w' => "[0-9A-Za-z_]",
+            'W' => "[^0-9A-Za-z_]",
+            's' => "[\\t\\n\\x0B\\f\\r ]",
+            'S' => "[^\\t\\n\\x0B\\f\\r ]",
+            _ => {
+                out.push(c);
+                out.push(escaped);
+                continue;
+            }
+        });
+    }
+    out
 }
 
 /// `%'Bn+K'` or `%'Bn+A..B'` as Dapeng's lexer reads it: its Java pattern
@@ -1275,6 +1311,34 @@ otherwise => ip"192.168.1.101/24:9091""#;
         assert!(!hold("version match r'.*'", &c));
         c.version = "2.0.0".into();
         assert!(hold("version match ~'1.0.0'", &c));
+    }
+
+    /// Java's `\d`, `\w` and `\s` know ASCII only, inside classes too.
+    #[test]
+    fn regex_classes_are_javas_ascii_ones() {
+        let matches = |regex: &str, value: &str| {
+            let mut c = ctx("m");
+            c.cookies.insert("x".into(), value.into());
+            hold(&format!("cookie_x match r'{regex}'"), &c)
+        };
+        assert!(matches(r"\w+", "abc_19"));
+        assert!(!matches(r"\w+", "张三"));
+        assert!(matches(r"\W+", "张三"));
+        assert!(matches(r"\d+", "0123"));
+        assert!(!matches(r"\d+", "١٢"), "Arabic-Indic digits");
+        assert!(matches(r"\D", "١"));
+        assert!(matches(r"a\sb", "a\u{b}b"));
+        assert!(!matches(r"a\sb", "a\u{3000}b"), "ideographic space");
+        assert!(matches(r"\S+", "张"));
+        assert!(matches(r"[\w-]+", "a-b_c"));
+        assert!(!matches(r"[\w-]+", "a-张"));
+        assert!(matches(r"[^\d]+", "ab"));
+        assert!(!matches(r"[^\d]+", "a1"));
+        assert!(matches(r"\\d", "\\d"), "an escaped backslash stays one");
+        assert!(
+            matches(r"\p{Han}+", "张三"),
+            "Unicode classes asked for by name stay"
+        );
     }
 
     /// Dapeng's Java regexes may ask for case-insensitive matching.
