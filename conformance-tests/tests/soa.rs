@@ -9,7 +9,7 @@ use std::time::Duration;
 use conformance_tests::harness::{EtcdServer, TcpProxy, ZkConfig, ZkServer};
 use conformance_tests::support::eventually;
 use conformance_tests::{Fixture, MemoryFixture};
-use registry_core::{Bytes, Expected, NodePath, Registry, SessionId};
+use registry_core::{Bytes, CreateMode, Expected, NodePath, Registry, SessionId};
 use registry_etcd::{EtcdOptions, EtcdRegistry};
 use registry_soa::master::watch_mastership;
 use registry_soa::routes::CallContext;
@@ -248,10 +248,84 @@ async fn master_fails_over(b: &Backend) {
     second.shutdown().await.unwrap();
 }
 
+/// A quick restart: the previous run's node (its session not expired yet, nothing healing
+/// it) is removed by the new run's registration, as Dapeng's provider does, so consumers see
+/// the instance once. Other versions and ports of the address, and the nodes of the
+/// registering session itself, stay.
+async fn a_restarted_instance_removes_its_previous_runs_node(b: &Backend) {
+    let consumer = (b.open)().await;
+    let view = ServiceView::open(consumer, SERVICE).await.unwrap();
+    let previous_run = (b.open)().await;
+    let runtime = NodePath::new(format!("/soa/runtime/services/{SERVICE}")).unwrap();
+    let mut left = Vec::new();
+    for name in [
+        "10.0.3.1:9090:1.0.0:",
+        "10.0.3.1:9090:1.0.1:",
+        "10.0.3.1:9092:1.0.0:",
+    ] {
+        let node = runtime.join(name).unwrap();
+        let created = previous_run
+            .create(&node, Bytes::new(), CreateMode::EphemeralSequential)
+            .await
+            .unwrap();
+        left.push(created.path);
+    }
+    wait_for(&view, "the previous run's three nodes", |s| {
+        s.instances.len() == 3
+    })
+    .await;
+    let client = (b.open)().await;
+    let restarted = Provider::register(&client, SERVICE, addr("10.0.3.1:9090"), "1.0.0")
+        .await
+        .unwrap();
+    assert!(
+        !previous_run.exists(&left[0]).await.unwrap(),
+        "the previous run's node of the same address and version is still there"
+    );
+    for kept in &left[1..] {
+        assert!(
+            previous_run.exists(kept).await.unwrap(),
+            "{kept} (another version or port) was removed"
+        );
+    }
+    // A second registration of the address in the same session takes the first's node (its
+    // own session's), not removes it.
+    let again = Provider::register(&client, SERVICE, addr("10.0.3.1:9090"), "1.0.0")
+        .await
+        .unwrap();
+    assert!(restarted.is_registered() && again.is_registered());
+    let count = |s: &registry_soa::ServiceSnapshot, a: &str, v: &str| {
+        s.instances
+            .iter()
+            .filter(|i| i.address == addr(a) && i.version.as_deref() == Some(v))
+            .count()
+    };
+    wait_for(
+        &view,
+        "the restarted instance once, beside the other nodes",
+        |s| {
+            s.instances
+                .iter()
+                .filter(|i| {
+                    i.address == addr("10.0.3.1:9090") && i.version.as_deref() == Some("1.0.0")
+                })
+                .all(|i| restarted.path() == Some(i.path.clone()))
+                && count(s, "10.0.3.1:9090", "1.0.0") == 1
+                && count(s, "10.0.3.1:9090", "1.0.1") == 1
+                && count(s, "10.0.3.1:9092", "1.0.0") == 1
+                && s.instances.iter().all(|i| i.path != left[0])
+        },
+    )
+    .await;
+    again.shutdown().await.unwrap();
+    restarted.shutdown().await.unwrap();
+}
+
 async fn all_scenarios(b: Backend) {
     registration_discovery_and_churn(&b).await;
     config_and_routes_apply_live(&b).await;
     master_fails_over(&b).await;
+    a_restarted_instance_removes_its_previous_runs_node(&b).await;
 }
 
 fn memory_backend() -> Backend {

@@ -8,7 +8,7 @@ use registry_core::{
 };
 
 use crate::error::SoaError;
-use crate::layout::{instance_prefix, Address, ServicePaths};
+use crate::layout::{instance_prefix, parse_instance, Address, ServicePaths};
 
 /// A registered instance: an ephemeral-sequential `ip:port:version:<seq>` node under
 /// `/soa/runtime/services/<service>`, healed by [`Registration`].
@@ -16,6 +16,12 @@ use crate::layout::{instance_prefix, Address, ServicePaths};
 /// Guarantees: the service's persistent nodes (runtime, config, routes, cookies, freq) exist
 /// once `register` returns; [`shutdown`](Provider::shutdown) removes exactly this instance's
 /// node (by its full path), never a neighbour whose address merely contains ours.
+///
+/// Like Dapeng's provider, `register` first removes the ephemeral nodes of the same
+/// `ip:port:version` that other sessions own: only one process listens on an address, so
+/// such a node is a previous run's whose session has not expired yet (a quick restart).
+/// Left alone, consumers would count the instance twice and the dead node, holding the
+/// lowest sequence, would keep mastership from every instance until it expired.
 pub struct Provider {
     registry: Arc<dyn Registry>,
     registration: Registration,
@@ -43,6 +49,7 @@ impl Provider {
                 Err(e) => return Err(e.into()),
             }
         }
+        remove_stale_nodes(registry, &paths, address, version).await;
         let node = paths.runtime.join(&prefix).map_err(SoaError::Registry)?;
         let registration = registry
             .register(&node, Bytes::new(), RegisterOptions::new().sequential())
@@ -106,6 +113,45 @@ impl Provider {
     pub async fn shutdown(self) -> Result<(), SoaError> {
         tracing::info!(address = %self.address, "instance deregistering");
         Ok(self.registration.deregister().await?)
+    }
+}
+
+/// Removes the nodes of `address` at `version` that other sessions own (see [`Provider`]).
+/// Best effort, as in Dapeng: a failure is logged and registration goes on, and each node
+/// goes only while its owner still holds it (a node re-created meanwhile stays).
+async fn remove_stale_nodes(
+    registry: &Arc<dyn Registry>,
+    paths: &ServicePaths,
+    address: Address,
+    version: &str,
+) {
+    let listed = match registry.children(&paths.runtime).await {
+        Ok(listed) => listed,
+        Err(error) => {
+            tracing::warn!(%address, version, %error, "could not look for a previous run's nodes");
+            return;
+        }
+    };
+    let ours = registry.session().session_id;
+    for node in &listed.nodes {
+        let stale = node.ephemeral_owner.is_some()
+            && node.ephemeral_owner != ours
+            && parse_instance(node).is_some_and(|i| {
+                i.address == address
+                    && i.version.as_deref() == Some(version)
+                    && i.sequence.is_some()
+            });
+        if !stale {
+            continue;
+        }
+        match registry.delete_owned(node).await {
+            Ok(removed) => {
+                tracing::info!(path = %node.path, owner = ?node.ephemeral_owner, removed, "removed a previous run's node")
+            }
+            Err(error) => {
+                tracing::warn!(path = %node.path, %error, "could not remove a previous run's node")
+            }
+        }
     }
 }
 
