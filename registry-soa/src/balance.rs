@@ -1,5 +1,10 @@
 //! Load balancing over routed instances: weighted random, smooth weighted round robin,
 //! least active, and consistent hash.
+//!
+//! Each consumer balances on its own, so Java and Rust consumers of one service need not pick
+//! alike. One exception to know before writing `consistentHash` into a node Java consumers
+//! read: Dapeng's client has no working consistent hash (its `loadBalance` leaves the case
+//! empty), and its calls then fail with no instance found.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

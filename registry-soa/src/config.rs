@@ -6,6 +6,11 @@
 //! `loadBalance/leastActive,createSupplier:random` (case-insensitive), and
 //! `weight/600`, `weight/192.168.4.107/500`, `weight/192.168.4.107/9095/700`. A malformed
 //! property is reported with its position and skipped; the rest still applies.
+//!
+//! Beyond Dapeng's Java reader, which a mixed fleet should write for: keys match ignoring
+//! case and surrounding spaces (Java ignores `Timeout/...` and ` timeout/...`), `s` means
+//! seconds (Java drops every non-digit, so `2s` is 2 ms there: write `ms`), and both `;` and
+//! line ends separate properties (Dapeng's readers differ on which they split at).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;

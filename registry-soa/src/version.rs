@@ -1,5 +1,11 @@
 //! Version compatibility: a consumer built against X may call an instance of version Y when
 //! the major versions are equal and Y >= X.
+//!
+//! Y >= X compares as semantic versions, as the notes ask. Dapeng's Java consumer
+//! (`SoaConnectionPoolImpl.checkVersion`) accepts every version in some releases and compares
+//! `minor * 10 + patch` in others, which calls 1.0.10 from 1.1.0, refuses 1.1.0 from 1.0.12
+//! and throws on a version without three numbers; we keep the semantic rule, which never
+//! calls an older instance.
 
 use std::cmp::Ordering;
 
