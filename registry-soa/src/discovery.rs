@@ -727,8 +727,10 @@ mod tests {
     /// remembered identities.
     #[test]
     fn remembered_plans_route_as_a_full_evaluation_does() {
+        // The first rule names a cookie twice: Dapeng skips it, and so must the plans.
         let cookies = parse_cookie_rules(
-            "method match r'ge.*' ; userId match 1..50 => c\"tier#gold\"\n\
+            "method match 'get' => c\"tier#silver\", c\"tier#gold\"\n\
+             method match r'ge.*' ; userId match 1..50 => c\"tier#gold\"\n\
              version match '2.0.0' => c\"tier#new\"\n\
              cookie_tier match 'silver' => c\"zone#b\"",
         )
