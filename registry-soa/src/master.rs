@@ -11,7 +11,7 @@ use registry_core::NodePath;
 use tokio::sync::watch;
 
 use crate::discovery::{ServiceSnapshot, ServiceView};
-use crate::layout::Instance;
+use crate::layout::{Address, Instance};
 use crate::provider::{live_node, Provider};
 
 /// The service's master among `instances`: the lowest sequence (then the oldest node) of any
@@ -25,9 +25,20 @@ pub fn master_of(instances: &[Arc<Instance>]) -> Option<&Instance> {
         .map(Arc::as_ref)
 }
 
-fn is_master(snapshot: &ServiceSnapshot, node: Option<&NodePath>) -> bool {
+/// Dapeng compares the lowest node's `ip:port:version` with the instance's own, not the node:
+/// a previous run's node of the same address still listed (its removal failed, or it was
+/// re-created) does not keep the new run from mastership. The instance's own node must
+/// exist under its live session all the same.
+fn is_master(
+    snapshot: &ServiceSnapshot,
+    address: Address,
+    version: &str,
+    node: Option<&NodePath>,
+) -> bool {
     !snapshot.stale
-        && node.is_some_and(|node| master_of(&snapshot.instances).is_some_and(|m| &m.path == node))
+        && node.is_some()
+        && master_of(&snapshot.instances)
+            .is_some_and(|m| m.address == address && m.version.as_deref() == Some(version))
 }
 
 /// Whether `provider` is the service's master now (see [`master_of`]: one for all versions),
@@ -35,7 +46,12 @@ fn is_master(snapshot: &ServiceSnapshot, node: Option<&NodePath>) -> bool {
 /// (session lost, being re-created), while its session is not live (suspended: the server may
 /// expire it and let another instance take over) or the view is stale.
 pub fn provider_is_master(view: &ServiceView, provider: &Provider) -> bool {
-    is_master(&view.snapshot(), provider.live_node().as_ref())
+    is_master(
+        &view.snapshot(),
+        provider.address(),
+        provider.version(),
+        provider.live_node().as_ref(),
+    )
 }
 
 /// Follows mastership of `provider`: the receiver changes whenever it becomes or stops being
@@ -50,6 +66,7 @@ pub fn watch_mastership(view: &ServiceView, provider: &Provider) -> watch::Recei
     let mut sessions = registry.session_events();
     let (tx, rx) = watch::channel(provider_is_master(view, provider));
     let current = view.snapshot_source();
+    let (address, version) = (provider.address(), provider.version().to_owned());
     let span = tracing::debug_span!("mastership", provider = %provider.address());
     tokio::spawn(tracing::Instrument::instrument(
         async move {
@@ -69,7 +86,7 @@ pub fn watch_mastership(view: &ServiceView, provider: &Provider) -> watch::Recei
                     session = sessions.next() => if session.is_none() { return },
                 }
                 let node = live_node(&*registry, &status.borrow());
-                let master = is_master(&current.load(), node.as_ref());
+                let master = is_master(&current.load(), address, &version, node.as_ref());
                 tx.send_if_modified(|m| {
                     let changed = *m != master;
                     *m = master;
@@ -83,4 +100,47 @@ pub fn watch_mastership(view: &ServiceView, provider: &Provider) -> watch::Recei
         span,
     ));
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(address: &str, version: &str, sequence: u64) -> Arc<Instance> {
+        let name = format!("{address}:{version}:{sequence:010}");
+        Arc::new(Instance {
+            address: address.parse().unwrap(),
+            version: Some(version.to_owned()),
+            sequence: Some(sequence),
+            weight: None,
+            create_order: sequence,
+            path: NodePath::new(format!("/soa/runtime/services/S/{name}")).unwrap(),
+        })
+    }
+
+    /// Dapeng compares the lowest node's `ip:port:version` with its own: a previous run's
+    /// node of the same address, still listed below ours, leaves us master.
+    #[test]
+    fn master_is_decided_by_address_and_version_not_by_node() {
+        let previous_run = instance("10.0.7.1:9090", "1.0.0", 3);
+        let ours = instance("10.0.7.1:9090", "1.0.0", 9);
+        let other = instance("10.0.7.2:9090", "1.0.0", 5);
+        let mut snapshot = ServiceSnapshot::default();
+        snapshot.instances = vec![previous_run, other.clone(), ours.clone()];
+        let address = ours.address;
+        assert!(is_master(&snapshot, address, "1.0.0", Some(&ours.path)));
+        assert!(
+            !is_master(&snapshot, address, "1.0.0", None),
+            "no live node"
+        );
+        assert!(!is_master(&snapshot, address, "1.0.1", Some(&ours.path)));
+        assert!(!is_master(
+            &snapshot,
+            other.address,
+            "1.0.0",
+            Some(&other.path)
+        ));
+        snapshot.stale = true;
+        assert!(!is_master(&snapshot, address, "1.0.0", Some(&ours.path)));
+    }
 }

@@ -132,10 +132,12 @@ async fn remove_stale_nodes(
             return;
         }
     };
-    let ours = registry.session().session_id;
+    // Without a session of our own (not yet, or lost) no node can be told to be another's.
+    let Some(ours) = registry.session().session_id else {
+        return;
+    };
     for node in &listed.nodes {
-        let stale = node.ephemeral_owner.is_some()
-            && node.ephemeral_owner != ours
+        let stale = node.ephemeral_owner.is_some_and(|owner| owner != ours)
             && parse_instance(node).is_some_and(|i| {
                 i.address == address
                     && i.version.as_deref() == Some(version)
