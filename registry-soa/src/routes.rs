@@ -19,22 +19,31 @@
 //!
 //! The language is the one Dapeng's lexer and parser accept, read as they read it, so a rules
 //! node Java consumers use means the same here (where it goes further, see below):
-//! - a lone `\r` also swallows the character after it (Dapeng looks for the `\n` of `\r\n`
-//!   and does not step back);
+//! - the text is trimmed first (Java's `trim`); inside it, a lone `\r` also swallows the
+//!   character after it (Dapeng looks for the `\n` of `\r\n` and does not step back);
+//! - the character after an opening quote is always text: `''` does not close, `'''` is `'`;
 //! - `%'Bn+K'` and `%'Bn+A..B'` follow Dapeng's pattern `([0-9]+)n\+(([0-9]+)..)?([0-9]+)`,
 //!   whose `..` is any two characters: `%'1024n+1023'` is the range 1..3 there and here, and
 //!   `%'1024n+2ab4'` is 2..4. Bounds outside `0..B`, or a low bound above the high one, parse
 //!   and match what they can (nothing, or part);
-//! - a range whose low bound is above its high one (`5..2`) parses and matches nothing;
+//! - a number is a sign or digit and every digit and `.` after it; with `..` in it, Java's
+//!   `split("\\..")` cuts it at each `.` and the character after it, and the first two pieces
+//!   are the bounds (`1..2.5` is 1..2); a range whose low bound is above its high one (`5..2`)
+//!   parses and matches nothing;
 //! - a two-digit mask is Java's shift, which takes the distance mod 32: `/00` is /32 and `/40`
 //!   is /8; an `ip'..'` pattern may name a port, which it ignores;
-//! - a quoted text may span lines; IDs may use any letters and digits (`cookie_门店`);
-//!   numbers may start with `+`; a cookie's name may be empty, and its value holds no `#`.
+//! - a quoted text may span lines; IDs may use any letters and digits (`cookie_门店`), and
+//!   dots after the first (`cookie_user.id`); a cookie's name may be empty, and its value
+//!   holds no `#`.
 //!
-//! Beyond Dapeng: a single-digit mask, a first octet of 0, one-digit ports, numbers beyond a
-//! Java `int` and Unicode spaces between tokens are accepted here, where Dapeng rejects the
-//! whole node. On a node it cannot parse, Dapeng routes every call to every instance; the
-//! service view keeps the rules it had instead (see [`crate::discovery`]).
+//! Beyond Dapeng: a single-digit mask, a first octet of 0, one-digit ports, a `+` before a
+//! mask or port, numbers beyond a Java `int`, spaces other than space and tab between tokens,
+//! and blank lines between cookie rules are accepted here, where Dapeng rejects the whole
+//! node. On a node it cannot parse, Dapeng routes every call to every instance; the service
+//! view keeps the rules it had instead (see [`crate::discovery`]). Short of Dapeng: ports
+//! above 65535 and an ID starting with a character no token starts with are refused here, and
+//! a node with junk after a rule's targets is refused whole, where Dapeng keeps the rules
+//! before it.
 //!
 //! Matching is Dapeng's executor's (`RoutesExecutor`), so Java and Rust consumers reading one
 //! rules node route every call alike, also where that executor is surprising:
@@ -46,16 +55,19 @@
 //!   that is no number fails a number or `%` pattern, but a range or `ip'..'` pattern throws
 //!   in Java, and the whole rule is skipped (also under `~`, and whatever patterns follow it in
 //!   the matcher; patterns before it that match still decide);
-//! - a route's ip targets and its version targets each filter the instances: an instance must
-//!   pass both kinds; versions compare ignoring case;
+//! - a route's ip targets and its version targets each filter the instances (the releases
+//!   with `v'..'` targets filter by ip, then by version): an instance must pass both kinds;
+//!   versions compare ignoring case;
 //! - a cookie rule that names one cookie twice is skipped (Java's executor fails on it).
 //!
 //! Regexes are the [`regex`] crate's syntax, which is Java's without look-around,
 //! backreferences and `\Q...\E` (it guarantees linear-time matching on the call path). A rule
 //! using those is rejected with its position, like any syntax error; write it with `~`
-//! instead (`method match ~r'get.*'` for Java's `(?!get).*`). `\d`, `\w` and `\s` (and their
-//! negations) are read as Java's, which know ASCII only: `r'\w+'` does not match `张三` in
-//! Dapeng, and does not here.
+//! instead (`method match ~r'get.*'` for Java's `(?!get).*`). `\d`, `\w`, `\s`, the POSIX
+//! classes (`\p{Alpha}`...) and their negations are read as Java's, which know ASCII only
+//! (`r'\w+'` does not match `张三` in Dapeng, and does not here), and `\v` as Java's vertical
+//! whitespace. Still Unicode-aware here and ASCII-only in Java: `(?i)`; and `.` also matches
+//! `\r`, U+0085, U+2028 and U+2029 here.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -341,8 +353,9 @@ pub struct CallContext {
 }
 
 impl CallContext {
-    /// The value of a rule ID, if the call has one (an owned copy; rule evaluation reads it
-    /// in place instead).
+    /// The value of a rule ID as rules see it, if the call has one: an address is Dapeng's
+    /// signed `int` of it (see the module docs). An owned copy; rule evaluation reads it in
+    /// place instead.
     pub fn value(&self, id: &str) -> Option<String> {
         self.with_value(id, str::to_owned)
     }
@@ -624,7 +637,16 @@ fn error(line: usize, column: usize, message: impl Into<String>) -> ParseError {
 fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
     let chars: Vec<char> = text.chars().collect();
     let mut tokens = Vec::new();
-    let (mut i, mut line, mut line_start) = (0usize, 1usize, 0usize);
+    // Dapeng trims the node's text first (Java's `trim`: every character up to U+0020), so a
+    // line end there swallows nothing; positions still count from the text's start.
+    let end = chars
+        .iter()
+        .rposition(|c| *c > ' ')
+        .map_or(0, |last| last + 1);
+    let chars = &chars[..end];
+    let first = chars.iter().position(|c| *c > ' ').unwrap_or(end);
+    let (mut line, mut line_start) = past_quoted(chars, 0..first, (1, 0));
+    let mut i = first;
     while i < chars.len() {
         let c = chars[i];
         let column = i - line_start + 1;
@@ -661,43 +683,39 @@ fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
                 i += 1;
             }
             '\'' | '"' => {
-                let (s, next) = quoted(&chars, i, line, column)?;
+                let (s, next) = quoted(chars, i, line, column)?;
                 push(&mut tokens, Tok::Str(s));
-                (line, line_start) = past_quoted(&chars, i..next, (line, line_start));
+                (line, line_start) = past_quoted(chars, i..next, (line, line_start));
                 i = next;
             }
             '%' if matches!(chars.get(i + 1), Some('\'' | '"')) => {
-                let (s, next) = quoted(&chars, i + 1, line, column)?;
+                let (s, next) = quoted(chars, i + 1, line, column)?;
                 push(&mut tokens, Tok::Modulo(s));
-                (line, line_start) = past_quoted(&chars, i..next, (line, line_start));
+                (line, line_start) = past_quoted(chars, i..next, (line, line_start));
                 i = next;
             }
             c if c.is_ascii_digit()
                 || (matches!(c, '-' | '+')
                     && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) =>
             {
-                let (a, next) = integer(&chars, i, line, column)?;
+                let (tok, next) = number(chars, i);
+                push(&mut tokens, tok.map_err(|m| error(line, column, m))?);
                 i = next;
-                if chars.get(i) == Some(&'.') && chars.get(i + 1) == Some(&'.') {
-                    // A low bound above the high one matches nothing, as in Dapeng.
-                    let (b, next) = integer(&chars, i + 2, line, column)?;
-                    push(&mut tokens, Tok::Range(a, b));
-                    i = next;
-                } else {
-                    push(&mut tokens, Tok::Int(a));
-                }
             }
-            // Java's `Character.isLetter` and `isDigit`, as Dapeng reads IDs.
+            // Java's `Character.isLetter` and `isDigit` (and `_`, and `.` after the first), as
+            // Dapeng reads IDs: `cookie_user.id`.
             c if c.is_alphabetic() || c == '_' => {
                 let start = i;
-                while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
+                while i < chars.len()
+                    && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '.')
+                {
                     i += 1;
                 }
                 let word: String = chars[start..i].iter().collect();
                 if matches!(chars.get(i), Some('\'' | '"'))
                     && matches!(word.as_str(), "r" | "ip" | "v" | "c")
                 {
-                    let (s, next) = quoted(&chars, i, line, column)?;
+                    let (s, next) = quoted(chars, i, line, column)?;
                     let tok = match word.as_str() {
                         "r" => Tok::Regex(s),
                         "ip" => Tok::Ip(s),
@@ -705,7 +723,7 @@ fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
                         _ => Tok::Cookie(s),
                     };
                     push(&mut tokens, tok);
-                    (line, line_start) = past_quoted(&chars, i..next, (line, line_start));
+                    (line, line_start) = past_quoted(chars, i..next, (line, line_start));
                     i = next;
                 } else {
                     push(&mut tokens, Tok::Ident(word));
@@ -724,7 +742,9 @@ fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
 }
 
 /// The text between the quote at `start` and the next one like it (which may be lines
-/// further on, as Dapeng reads it), and the position after the closing quote.
+/// further on, as Dapeng reads it), and the position after the closing quote. As in Dapeng,
+/// the character after the opening quote belongs to the text whatever it is: `''` does not
+/// close, and `'''` is the text `'`.
 fn quoted(
     chars: &[char],
     start: usize,
@@ -732,14 +752,12 @@ fn quoted(
     column: usize,
 ) -> Result<(String, usize), ParseError> {
     let quote = chars[start];
-    let mut i = start + 1;
     let mut s = String::new();
-    while i < chars.len() {
-        match chars[i] {
-            c if c == quote => return Ok((s, i + 1)),
-            c => s.push(c),
+    for (i, c) in chars.iter().enumerate().skip(start + 1) {
+        if *c == quote && i > start + 1 {
+            return Ok((s, i + 1));
         }
-        i += 1;
+        s.push(*c);
     }
     Err(error(
         line,
@@ -769,23 +787,46 @@ fn past_quoted(
     (line, line_start)
 }
 
-fn integer(
-    chars: &[char],
-    start: usize,
-    line: usize,
-    column: usize,
-) -> Result<(i64, usize), ParseError> {
-    let mut i = start;
-    if matches!(chars.get(i), Some('-' | '+')) {
-        i += 1;
+/// A number or range at `start` (a sign or a digit) as Dapeng's `parserNumber` reads it:
+/// every digit and `.` that follows; with `..` in it, the pieces between each `.` and the
+/// character after it (Java's `split("\\..")`, trailing empty pieces dropped), of which the
+/// first two are the bounds (`1..2.5` is 1..2); otherwise the whole is one number. Also
+/// returns the position after it.
+fn number(chars: &[char], start: usize) -> (Result<Tok, String>, usize) {
+    let run = chars
+        .get(start + 1..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(|c| c.is_ascii_digit() || **c == '.')
+        .count();
+    let end = start + 1 + run;
+    let text: String = chars.get(start..end).unwrap_or_default().iter().collect();
+    let long = |piece: &str| {
+        piece
+            .parse::<i64>()
+            .map_err(|_| format!("{piece:?} in {text:?} is not a 64-bit integer"))
+    };
+    if !text.contains("..") {
+        return (long(&text).map(Tok::Int), end);
     }
-    while i < chars.len() && chars[i].is_ascii_digit() {
-        i += 1;
+    let mut pieces = vec![String::new()];
+    let mut rest = text.chars();
+    while let Some(c) = rest.next() {
+        if c == '.' && rest.clone().next().is_some() {
+            rest.next();
+            pieces.push(String::new());
+        } else if let Some(piece) = pieces.last_mut() {
+            piece.push(c);
+        }
     }
-    let text: String = chars[start..i].iter().collect();
-    text.parse()
-        .map(|n| (n, i))
-        .map_err(|_| error(line, column, format!("{text:?} is not a 64-bit integer")))
+    while pieces.last().is_some_and(String::is_empty) {
+        pieces.pop();
+    }
+    let range = match pieces.as_slice() {
+        [low, high, ..] => long(low).and_then(|low| Ok(Tok::Range(low, long(high)?))),
+        _ => Err(format!("{text:?} is not a range N..M")),
+    };
+    (range, end)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1004,36 +1045,75 @@ impl Parser<'_> {
     }
 }
 
-/// `source` with Java's ASCII-only `\d \D \w \W \s \S` spelt as the classes they are (the
-/// regex crate's are Unicode-aware). Bracketed, they also stand inside a class: `[\w-]` is
+/// `source` with the classes whose meaning Java and the regex crate do not share spelt as
+/// Java's: `\d \D \w \W \s \S` and the POSIX ones (`\p{Alpha}`, `\P{Punct}`...) are ASCII-only
+/// in Java and Unicode-aware in the crate, and Java's `\v \V` are vertical whitespace (the
+/// crate's `\v` is one character). Bracketed, they also stand inside a class: `[\w-]` is
 /// `[[0-9A-Za-z_]-]`, a nested class.
 fn java_classes(source: &str) -> String {
+    const POSIX: [(&str, &str); 13] = [
+        ("Lower", "lower"),
+        ("Upper", "upper"),
+        ("ASCII", "ascii"),
+        ("Alpha", "alpha"),
+        ("Digit", "digit"),
+        ("Alnum", "alnum"),
+        ("Punct", "punct"),
+        ("Graph", "graph"),
+        ("Print", "print"),
+        ("Blank", "blank"),
+        ("Cntrl", "cntrl"),
+        ("XDigit", "xdigit"),
+        ("Space", "space"),
+    ];
     let mut out = String::with_capacity(source.len());
-    let mut chars = source.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        let Some(escaped) = chars.next() else {
+    let mut rest = source;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let escape = &rest[at..];
+        let mut tail = escape.chars();
+        tail.next();
+        let Some(escaped) = tail.next() else {
             // A trailing backslash: left for the regex crate to refuse.
-            out.push(c);
-            break;
+            out.push_str(escape);
+            return out;
         };
-        out.push_str(match escaped {
-            'd' => "[0-9]",
-            'D' => "[^0-9]",
-            'w' => "[0-9A-Za-z_]",
-            'W' => "[^0-9A-Za-z_]",
-            's' => "[\\t\\n\\x0B\\f\\r ]",
-            'S' => "[^\\t\\n\\x0B\\f\\r ]",
-            _ => {
-                out.push(c);
-                out.push(escaped);
-                continue;
+        let after = tail.as_str();
+        let class = match escaped {
+            'd' => Some("[0-9]".to_owned()),
+            'D' => Some("[^0-9]".to_owned()),
+            'w' => Some("[0-9A-Za-z_]".to_owned()),
+            'W' => Some("[^0-9A-Za-z_]".to_owned()),
+            's' => Some(r"[\t\n\x0B\f\r ]".to_owned()),
+            'S' => Some(r"[^\t\n\x0B\f\r ]".to_owned()),
+            'v' => Some(r"[\n\x0B\f\r\x{85}\x{2028}\x{2029}]".to_owned()),
+            'V' => Some(r"[^\n\x0B\f\r\x{85}\x{2028}\x{2029}]".to_owned()),
+            'p' | 'P' => after.strip_prefix('{').and_then(|named| {
+                let (name, _) = named.split_once('}')?;
+                let (_, posix) = POSIX.iter().find(|(java, _)| *java == name)?;
+                let negated = if escaped == 'P' { "^" } else { "" };
+                Some(format!("[{negated}[:{posix}:]]"))
+            }),
+            _ => None,
+        };
+        match class {
+            Some(class) => {
+                out.push_str(&class);
+                rest = match escaped {
+                    // Past `{Name}` too.
+                    'p' | 'P' => after.split_once('}').map_or("", |(_, r)| r),
+                    _ => after,
+                };
             }
-        });
+            None => {
+                // Any other escape (`\\` included) stays as written, both characters.
+                let len = escape.len() - after.len();
+                out.push_str(&escape[..len]);
+                rest = after;
+            }
+        }
     }
+    out.push_str(rest);
     out
 }
 
@@ -1339,6 +1419,16 @@ otherwise => ip"192.168.1.101/24:9091""#;
             matches(r"\p{Han}+", "张三"),
             "Unicode classes asked for by name stay"
         );
+        // Java's POSIX classes are ASCII, and its `\v` is vertical whitespace.
+        assert!(matches(r"\p{Alpha}+", "abcXYZ"));
+        assert!(!matches(r"\p{Alpha}+", "é"));
+        assert!(matches(r"\P{Alpha}", "é"));
+        assert!(matches(r"[\p{Digit}x]+", "12x"));
+        assert!(!matches(r"\p{Lower}", "ß"));
+        assert!(matches(r"\p{Punct}", "!"));
+        assert!(matches(r"a\vb", "a\nb"));
+        assert!(matches(r"a\vb", "a\u{2028}b"));
+        assert!(!matches(r"a\Vb", "a\rb"));
     }
 
     /// Dapeng's Java regexes may ask for case-insensitive matching.
@@ -1409,6 +1499,12 @@ otherwise => ip"192.168.1.101/24:9091""#;
         );
         let error = parse_routes("otherwise => ip'1.1.1.1'\r method 'a' => ip'2.2.2.2'");
         assert_eq!(error.map_err(|e| (e.line, e.column)), Err((2, 9)));
+        // Dapeng trims the node first: a line end there swallows nothing.
+        assert_eq!(ids("\r\u{1}method match 'a' => ip'2.2.2.2'\r"), ["method"]);
+        assert_eq!(
+            parse_routes("\n\n  method 'a' => v'1'").map_err(|e| (e.line, e.column)),
+            Err((3, 10))
+        );
         // Swallowed, the `o` of `otherwise` leaves an ID without `match`.
         assert!(parse_routes("method match 'a' => ip'1.1.1.1'\rotherwise => ip'2.2.2.2'").is_err());
     }
@@ -1485,10 +1581,37 @@ otherwise => ip"192.168.1.101/24:9091""#;
             "an empty range parses and matches nothing"
         );
         assert!(hold("cookie_门店 match 'x'", &c));
-        assert!(
-            hold("method match 'x\nm', 'm'", &c),
+        let spanning = parse_routes("method match 'x\nm' => v'1'").unwrap();
+        assert_eq!(
+            spanning[0].condition,
+            Condition::All(vec![Matcher {
+                id: "method".into(),
+                patterns: vec![Pattern::Exact("x\nm".into())]
+            }]),
             "a text may span lines"
         );
+        // The character after an opening quote is text: `'''` is `'`, and `''` does not close.
+        let mut quote = ctx("m");
+        quote.cookies.insert("q".into(), "'".into());
+        assert!(hold("cookie_q match '''", &quote));
+        assert!(parse_routes("method match '' => v'1'").is_err());
+        // IDs may hold dots after their first character.
+        let mut dotted = ctx("m");
+        dotted.cookies.insert("user.id".into(), "5".into());
+        assert!(hold("cookie_user.id match 5", &dotted));
+        // Numbers: every digit and dot after a sign or digit, split as Java's `split("\\..")`.
+        let range = |text: &str| {
+            parse_routes(&format!("userId match {text} => v'1'")).map(|r| match &r[0].condition {
+                Condition::All(m) => m[0].patterns[0].clone(),
+                Condition::Otherwise => Pattern::Int(0),
+            })
+        };
+        assert_eq!(range("1..2.5"), Ok(Pattern::Range(1, 2)));
+        assert_eq!(range("1..2..3"), Ok(Pattern::Range(1, 2)));
+        assert_eq!(range("-3..7"), Ok(Pattern::Range(-3, 7)));
+        for bad in ["1..+5", "-5..-1", "1...5", "1..", "1.5", "1..5."] {
+            assert!(range(bad).is_err(), "{bad}");
+        }
 
         let cookies = parse_cookie_rules("otherwise => c'#v'").unwrap();
         assert_eq!(cookies[0].cookies, vec![(String::new(), "v".into())]);
@@ -1517,11 +1640,7 @@ otherwise => ip"192.168.1.101/24:9091""#;
                 "modulus",
             ),
             ("otherwise => ip'1.1.1.1", (1, 14), "unterminated"),
-            (
-                "method match 'x => ip'1.1.1.1'",
-                (1, 24),
-                "unexpected character",
-            ),
+            ("method match 'x => ip'1.1.1.1'", (1, 23), "integer"),
             ("userId match %'1024n+-1' => v'1'", (1, 14), "digits only"),
             ("userId match %'4n+-1..2' => v'1'", (1, 14), "digits only"),
             ("otherwise => v'1' v'2'", (1, 19), "end of the line"),
