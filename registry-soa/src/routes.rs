@@ -190,6 +190,11 @@ fn java_long(text: &str) -> Option<i64> {
     text.parse().ok()
 }
 
+/// [`java_long`] of a rule's number, or the parse error that names it.
+fn rule_long(piece: &str) -> Result<i64, String> {
+    java_long(piece).ok_or_else(|| format!("{piece:?} is not a 64-bit integer"))
+}
+
 /// An address as Dapeng holds it: a Java `int`, the address's bits, signed.
 fn java_int(ip: Ipv4Addr) -> i64 {
     i64::from(u32::from(ip) as i32)
@@ -232,10 +237,9 @@ impl Pattern {
                 Ok(java_long(value).is_some_and(|v| self.on_number(v) == Some(Ok(true))))
             }
             // ...and not of these.
-            Pattern::Range(..) | Pattern::Ip(_) => match java_long(value) {
-                Some(v) => self.on_number(v).unwrap_or(Err(Unreadable)),
-                None => Err(Unreadable),
-            },
+            Pattern::Range(..) | Pattern::Ip(_) => java_long(value)
+                .and_then(|v| self.on_number(v))
+                .unwrap_or(Err(Unreadable)),
         }
     }
 
@@ -487,19 +491,16 @@ impl Matcher {
             let Some(value) = value else {
                 return Ok(false);
             };
-            // `None` once a pattern needs the text before any decided; no allocation.
-            let mut outcome = Some(Ok(false));
-            for pattern in &self.patterns {
-                match pattern.on_number(value) {
-                    Some(Ok(false)) => {}
-                    decisive => {
-                        outcome = decisive;
-                        break;
-                    }
-                }
-            }
-            if let Some(outcome) = outcome {
-                return outcome;
+            // As `first_decisive`, unless a pattern needing the text (`None`) comes first.
+            match self
+                .patterns
+                .iter()
+                .map(|p| p.on_number(value))
+                .find(|o| *o != Some(Ok(false)))
+            {
+                None => return Ok(false),
+                Some(Some(decisive)) => return decisive,
+                Some(None) => {}
             }
         }
         ctx.with_value_and(&self.id, added, |v| {
@@ -645,7 +646,7 @@ fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
         .map_or(0, |last| last + 1);
     let chars = &chars[..end];
     let first = chars.iter().position(|c| *c > ' ').unwrap_or(end);
-    let (mut line, mut line_start) = past_quoted(chars, 0..first, (1, 0));
+    let (mut line, mut line_start) = past_line_ends(chars, 0..first, (1, 0));
     let mut i = first;
     while i < chars.len() {
         let c = chars[i];
@@ -685,13 +686,13 @@ fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
             '\'' | '"' => {
                 let (s, next) = quoted(chars, i, line, column)?;
                 push(&mut tokens, Tok::Str(s));
-                (line, line_start) = past_quoted(chars, i..next, (line, line_start));
+                (line, line_start) = past_line_ends(chars, i..next, (line, line_start));
                 i = next;
             }
             '%' if matches!(chars.get(i + 1), Some('\'' | '"')) => {
                 let (s, next) = quoted(chars, i + 1, line, column)?;
                 push(&mut tokens, Tok::Modulo(s));
-                (line, line_start) = past_quoted(chars, i..next, (line, line_start));
+                (line, line_start) = past_line_ends(chars, i..next, (line, line_start));
                 i = next;
             }
             c if c.is_ascii_digit()
@@ -723,7 +724,7 @@ fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
                         _ => Tok::Cookie(s),
                     };
                     push(&mut tokens, tok);
-                    (line, line_start) = past_quoted(chars, i..next, (line, line_start));
+                    (line, line_start) = past_line_ends(chars, i..next, (line, line_start));
                     i = next;
                 } else {
                     push(&mut tokens, Tok::Ident(word));
@@ -766,9 +767,9 @@ fn quoted(
     ))
 }
 
-/// The line and the start of the line after the quoted text in `span`, which may hold line
-/// ends (LF, CRLF or a lone CR, as everywhere else).
-fn past_quoted(
+/// The line and the start of the line after `span` (a quoted text, or the trimmed start),
+/// which may hold line ends (LF, CRLF or a lone CR, as everywhere else).
+fn past_line_ends(
     chars: &[char],
     span: std::ops::Range<usize>,
     (mut line, mut line_start): (usize, usize),
@@ -801,19 +802,14 @@ fn number(chars: &[char], start: usize) -> (Result<Tok, String>, usize) {
         .count();
     let end = start + 1 + run;
     let text: String = chars.get(start..end).unwrap_or_default().iter().collect();
-    let long = |piece: &str| {
-        piece
-            .parse::<i64>()
-            .map_err(|_| format!("{piece:?} in {text:?} is not a 64-bit integer"))
-    };
     if !text.contains("..") {
-        return (long(&text).map(Tok::Int), end);
+        return (rule_long(&text).map(Tok::Int), end);
     }
     let mut pieces = vec![String::new()];
     let mut rest = text.chars();
     while let Some(c) = rest.next() {
-        if c == '.' && rest.clone().next().is_some() {
-            rest.next();
+        // A `.` and the character after it (consumed here) cut; a final `.` stays.
+        if c == '.' && rest.next().is_some() {
             pieces.push(String::new());
         } else if let Some(piece) = pieces.last_mut() {
             piece.push(c);
@@ -823,7 +819,7 @@ fn number(chars: &[char], start: usize) -> (Result<Tok, String>, usize) {
         pieces.pop();
     }
     let range = match pieces.as_slice() {
-        [low, high, ..] => long(low).and_then(|low| Ok(Tok::Range(low, long(high)?))),
+        [low, high, ..] => rule_long(low).and_then(|low| Ok(Tok::Range(low, rule_long(high)?))),
         _ => Err(format!("{text:?} is not a range N..M")),
     };
     (range, end)
@@ -1123,17 +1119,13 @@ fn java_classes(source: &str) -> String {
 fn parse_modulo(text: &str) -> Result<Pattern, String> {
     let bad = || format!("{text:?} is not Bn+K or Bn+A..B (digits only)");
     let digits = |s: &[char]| !s.is_empty() && s.iter().all(char::is_ascii_digit);
-    let number = |s: &[char]| -> Result<i64, String> {
-        let text: String = s.iter().collect();
-        text.parse()
-            .map_err(|_| format!("{text} is not a 64-bit integer"))
-    };
+    let long = |s: &[char]| rule_long(&s.iter().collect::<String>());
     let (base, rest) = text.split_once("n+").ok_or_else(bad)?;
     let (base, rest): (Vec<char>, Vec<char>) = (base.chars().collect(), rest.chars().collect());
     if !digits(&base) {
         return Err(bad());
     }
-    let base = number(&base)?;
+    let base = long(&base)?;
     if base == 0 {
         return Err("modulus must not be 0".to_owned());
     }
@@ -1145,9 +1137,9 @@ fn parse_modulo(text: &str) -> Result<Pattern, String> {
             && rest.get(n + 2..).is_some_and(digits)
     });
     let (low, high) = match range {
-        Some(n) => (number(&rest[..n])?, number(&rest[n + 2..])?),
+        Some(n) => (long(&rest[..n])?, long(&rest[n + 2..])?),
         None if digits(&rest) => {
-            let k = number(&rest)?;
+            let k = long(&rest)?;
             (k, k)
         }
         None => return Err(bad()),
