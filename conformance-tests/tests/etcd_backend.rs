@@ -1282,6 +1282,41 @@ async fn copy_gives_a_parent_without_a_key_its_value() {
         .await
         .unwrap();
     assert!(left.is_empty(), "{left:?}");
+
+    // An empty source value reads like the keyless parent, which is still not the node:
+    // diff calls it missing, and copy creates its key.
+    etcdctl(&ep, &["put", "/bare/a", "route"]);
+    for (path, value) in [("/bare", ""), ("/bare/a", "route")] {
+        source
+            .create(&p(path), Bytes::from(value), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    let before = registry_core::migrate::diff(&source, &*target, &p("/bare"))
+        .await
+        .unwrap();
+    assert_eq!(
+        before,
+        [registry_core::migrate::Difference {
+            kind: registry_core::migrate::DifferenceKind::Missing,
+            path: p("/bare"),
+        }]
+    );
+    let summary = registry_core::migrate::copy(
+        &source,
+        &*target,
+        &p("/bare"),
+        Default::default(),
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((summary.updated, summary.unchanged), (1, 1), "{summary:?}");
+    assert_ne!(target.get(&p("/bare")).await.unwrap().create_order, 0);
+    let left = registry_core::migrate::diff(&source, &*target, &p("/bare"))
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// Every key: what the users of the auth-token tests may read and write (sequence counters

@@ -167,7 +167,9 @@ impl DualRegistry {
     /// this client's: another session's, created by this client, would outlive its owner.
     async fn put_secondary(&self, node: &Node) -> Result<()> {
         if !node.is_ephemeral() {
-            return put_persistent(&*self.secondary, &node.path, node.value.clone(), None).await;
+            return put_persistent(&*self.secondary, &node.path, node.value.clone(), None)
+                .await
+                .map(|_| ());
         }
         match self
             .secondary
@@ -529,7 +531,9 @@ impl DualRegistry {
             // live session's ephemeral node there refuses it (and the create is undone). Not
             // under a sequential name: the node there is another's, of the secondary's counter.
             Error::AlreadyExists { .. } if !mode.is_ephemeral() && !mode.is_sequential() => {
-                put_persistent(&*self.secondary, &node.path, node.value.clone(), None).await
+                put_persistent(&*self.secondary, &node.path, node.value.clone(), None)
+                    .await
+                    .map(|_| ())
             }
             // The create may have happened (its answer lost): read it back.
             error if error.is_retryable() => match self.secondary.get(&node.path).await {

@@ -68,6 +68,18 @@ pub async fn persistent_tree(
     Ok(out)
 }
 
+/// Whether `node` is an implicit parent: an etcd key's parent that has no key of its own
+/// (see [`Node::create_order`]). It reads as an empty persistent node, but only a create
+/// gives it a value, and it goes with its last child.
+fn is_implicit(node: &Node) -> bool {
+    node.create_order == 0 && !node.path.is_root()
+}
+
+/// Whether `node` already holds `value` as a node of its own: nothing to write.
+fn holds_value(node: &Node, value: &[u8]) -> bool {
+    node.value == value && !is_implicit(node)
+}
+
 /// The error for persistent children of `parent` that no [`NodePath`] can name.
 fn unnamable(parent: &NodePath, skipped: &[crate::SkippedChild]) -> Error {
     let names: Vec<&str> = skipped
@@ -124,7 +136,12 @@ pub struct Difference {
 
 /// The persistent nodes at and below `root` that are missing from, extra in, or different in
 /// `to` compared with `from`, ordered by path. Values are compared byte for byte; versions and
-/// orders are not (they are each backend's own). Empty means equal.
+/// orders are not (they are each backend's own). Empty means equal. A node the source has
+/// that is only an implicit parent in the target (an etcd key's parent with no key of its
+/// own, which goes with its last child) is missing there.
+///
+/// Fails with [`Error::NotFound`] if `root` exists in neither registry: a mistyped path or
+/// chroot would otherwise compare equal.
 pub async fn diff(
     from: &dyn Registry,
     to: &dyn Registry,
@@ -132,19 +149,28 @@ pub async fn diff(
 ) -> Result<Vec<Difference>> {
     let source = persistent_tree(from, root).await?;
     let target = persistent_tree(to, root).await?;
+    // A mistyped path or chroot must not pass for two equal trees.
+    if source.is_empty()
+        && target.is_empty()
+        && !root.is_root()
+        && !from.exists(root).await?
+        && !to.exists(root).await?
+    {
+        return Err(Error::NotFound { path: root.clone() });
+    }
     let mut out = Vec::new();
     for (path, node) in &source {
-        match target.get(path) {
-            None => out.push(Difference {
-                kind: DifferenceKind::Missing,
-                path: path.clone(),
-            }),
-            Some(other) if other.value != node.value => out.push(Difference {
-                kind: DifferenceKind::Different,
-                path: path.clone(),
-            }),
-            Some(_) => {}
-        }
+        let kind = match target.get(path) {
+            None => DifferenceKind::Missing,
+            Some(other) if other.value != node.value => DifferenceKind::Different,
+            // An etcd parent with no key of its own goes with its last child.
+            Some(other) if is_implicit(other) && !is_implicit(node) => DifferenceKind::Missing,
+            Some(_) => continue,
+        };
+        out.push(Difference {
+            kind,
+            path: path.clone(),
+        });
     }
     out.extend(
         target
@@ -232,7 +258,7 @@ pub async fn copy(
             Ok(existing) if existing.is_ephemeral() => {
                 return Err(Error::AlreadyExists { path: path.clone() })
             }
-            Ok(existing) if existing.value == node.value => {
+            Ok(existing) if holds_value(&existing, &node.value) => {
                 summary.unchanged += 1;
                 progress(summary.unchanged, total);
             }
@@ -255,7 +281,7 @@ pub async fn copy(
     let unchanged = summary.unchanged;
     for (done, (path, node, version)) in writes.into_iter().enumerate() {
         match put_persistent(to, path, node.value.clone(), Some(version)).await {
-            Ok(()) => {}
+            Ok(_) => {}
             // Not the up-front refusal, which means nothing was written: the caller must
             // know how far the copy got.
             Err(taken @ (Error::AlreadyExists { .. } | Error::EphemeralParent { .. })) => {
@@ -285,13 +311,15 @@ pub async fn copy(
 /// ZooKeeper, one replaced within the round trip of the check takes the value, and is
 /// refused all the same). A node replaced otherwise is read again (bounded). `seen`: whether
 /// a persistent node is there (`Some(Some(version))`) or not (`Some(None)`) as just read, or
-/// `None` to read it first.
+/// `None` to read it first, in which case a node that already holds `value` is not written
+/// (so a mirror of a registry into itself, or two mirrors in opposite directions, settle
+/// instead of writing each other's writes forever). Returns whether it wrote.
 pub async fn put_persistent(
     to: &dyn Registry,
     path: &NodePath,
     value: Bytes,
     mut seen: Option<Option<u64>>,
-) -> Result<()> {
+) -> Result<bool> {
     let persistent = Node::empty(path.clone(), None);
     // Bounded: each round loses at most one race with another writer.
     for _ in 0..3 {
@@ -301,6 +329,7 @@ pub async fn put_persistent(
                 Ok(node) if node.is_ephemeral() => {
                     return Err(Error::AlreadyExists { path: path.clone() })
                 }
+                Ok(node) if holds_value(&node, &value) => return Ok(false),
                 Ok(_) => true,
                 Err(Error::NotFound { .. }) => false,
                 Err(error) => return Err(error),
@@ -312,7 +341,7 @@ pub async fn put_persistent(
                     tracing::warn!(%path, owner = ?written.ephemeral_owner, "a persistent write landed in a session's ephemeral node that replaced the node read");
                     return Err(Error::AlreadyExists { path: path.clone() });
                 }
-                Ok(Some(_)) => return Ok(()),
+                Ok(Some(_)) => return Ok(true),
                 // Gone or replaced (the create below finds out which), or an etcd parent
                 // with no key of its own, which reads as an empty node but only a create
                 // gives the value.
@@ -322,7 +351,7 @@ pub async fn put_persistent(
             }
         }
         match to.create(path, value.clone(), CreateMode::Persistent).await {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
             Err(Error::AlreadyExists { .. }) => {}
             Err(error) => return Err(error),
         }
@@ -642,7 +671,12 @@ async fn follow(
                 // Back in the source: no longer to delete, whatever the put finds.
                 unequal.forget(&node.path);
                 let change = match put_persistent(to, &node.path, node.value, None).await {
-                    Ok(()) => MirrorChange::Put(node.path),
+                    Ok(true) => MirrorChange::Put(node.path),
+                    // Already equal (the target's own write coming back, say): no change.
+                    Ok(false) => {
+                        status.send_modify(|s| unequal.report(s));
+                        continue;
+                    }
                     Err(error) => unequal.not_written(node.path, error)?,
                 };
                 status.send_modify(|s| {
@@ -743,7 +777,7 @@ async fn retry_held(
             Err(error) => return Err(error),
         };
         match put_persistent(to, &path, node.value, None).await {
-            Ok(()) => {
+            Ok(_) => {
                 unequal.held.remove(&path);
                 tracing::info!(%path, "held path written: the session's node is gone");
                 status.send_modify(|s| s.applied += 1);
@@ -802,13 +836,21 @@ async fn sync(
             current.len()
         )));
     }
+    // Nothing on either side is no tree to keep equal, likelier a mistyped path or chroot:
+    // not in sync until it exists.
+    if source_missing && !root.is_root() {
+        return Err(Error::unavailable(format!(
+            "{root} exists in neither registry; waiting for it in the source (check the path \
+             and chroot)"
+        )));
+    }
     let mut written = 0;
     for (path, value) in desired {
-        if current.get(path).map(|n| &n.value) != Some(value) {
+        if !current.get(path).is_some_and(|n| holds_value(n, value)) {
             // A path missing from `current` may be an ephemeral node there: `put` reads it.
             let seen = current.get(path).map(|node| Some(node.version));
             match put_persistent(to, path, value.clone(), seen).await {
-                Ok(()) => written += 1,
+                Ok(_) => written += 1,
                 Err(error) => {
                     unequal.not_written(path.clone(), error)?;
                 }

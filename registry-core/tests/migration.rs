@@ -1448,3 +1448,81 @@ async fn dual_delete_retried_after_the_secondary_failed_finishes_there() {
     );
     assert_eq!(value(&*sb, "/gone").await, None, "left on the secondary");
 }
+
+#[tokio::test]
+async fn mirrors_in_opposite_directions_settle_instead_of_rewriting_each_other() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (left, right) = (client(&a).await, client(&b).await);
+    for reg in [&left, &right] {
+        reg.create(&p("/soa"), Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    let (forth, _) = observed(&left, &right, "/soa");
+    let (back, _) = observed(&right, &left, "/soa");
+    forth.wait_synced(WAIT).await.unwrap();
+    back.wait_synced(WAIT).await.unwrap();
+
+    let written = left
+        .create(&p("/soa/a"), Bytes::from("v1"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    eventually("/soa/a mirrored", || async {
+        value(&*right, "/soa/a").await.is_some()
+    })
+    .await;
+    // A later change on the right: once it is back on the left, `back` has handled the
+    // right's event for /soa/a, which must not have written /soa/a again.
+    right
+        .create(&p("/soa/b"), Bytes::from("b"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    eventually("/soa/b mirrored back", || async {
+        value(&*left, "/soa/b").await.is_some()
+    })
+    .await;
+    let now = left.get(&p("/soa/a")).await.unwrap();
+    assert_eq!(
+        now.version, written.version,
+        "the mirror wrote back an equal value"
+    );
+    assert_eq!(now.modify_order, written.modify_order);
+    forth.stop().await;
+    back.stop().await;
+}
+
+#[tokio::test]
+async fn diff_and_mirror_refuse_a_root_missing_on_both_sides() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst) = (client(&a).await, client(&b).await);
+    src.create(&p("/soa/config"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    // A typo: neither side has it.
+    match migrate::diff(&*src, &*dst, &p("/soa/confg")).await {
+        Err(Error::NotFound { path }) => assert_eq!(path, p("/soa/confg")),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    // Missing in the target only: a difference, not an error.
+    let differences = migrate::diff(&*src, &*dst, &p("/soa/config"))
+        .await
+        .unwrap();
+    assert_eq!(differences.len(), 1);
+    assert_eq!(differences[0].kind, DifferenceKind::Missing);
+
+    let (mirror, mut changes) = observed(&src, &dst, "/soa/confg");
+    match tokio::time::timeout(WAIT, changes.recv()).await.unwrap() {
+        Some(MirrorChange::Retrying { error, .. }) => {
+            assert!(error.contains("exists in neither registry"), "{error}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(!mirror.status().synced);
+    // Once the source has it, the mirror syncs.
+    src.create(&p("/soa/confg"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap();
+    mirror.wait_synced(WAIT).await.unwrap();
+    assert!(dst.exists(&p("/soa/confg")).await.unwrap());
+    mirror.stop().await;
+}
