@@ -131,7 +131,27 @@ fn invalid(url: &str, what: impl fmt::Display) -> Error {
 /// Hides the credentials of a URL string that may not even parse: everything before the last
 /// `@` after the scheme except the user name (all of it if the scheme is not plain); with no
 /// `@`, any endpoint's "port" that is not digits (a `user:password` missing its `@host`).
+/// Query values are hidden too: a user may well try `?password=...`, which is refused, and
+/// the refusal must not print it.
 fn redact(url: &str) -> String {
+    let shown = redact_userinfo(url);
+    match shown.split_once('?') {
+        Some((base, query)) => {
+            let keys: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) => format!("{key}=***"),
+                    None => pair.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", keys.join("&"))
+        }
+        None => shown,
+    }
+}
+
+/// [`redact`] before the query's values.
+fn redact_userinfo(url: &str) -> String {
     let (prefix, rest) = match url.split_once("://") {
         Some((scheme, rest)) if plain_scheme(scheme) => (format!("{scheme}://"), rest),
         _ => (String::new(), url),
@@ -656,6 +676,19 @@ mod tests {
         }
         let e = err("etcd://root:s3cret@h:notaport");
         assert!(!e.contains("s3cret") && e.contains("root:***@"), "{e}");
+        // Nor a secret in the query, where etcdctl users may put it: refused, unprinted.
+        for url in [
+            "etcd://h:2379?user=root&password=s3cret",
+            "etcd://root:x@h:2379/ns?password=s3cret",
+            "zk://h:2181?digest=root:s3cret",
+        ] {
+            let e = err(url);
+            assert!(
+                !e.contains("s3cret") && (e.contains("password=***") || e.contains("digest=***")),
+                "{e}"
+            );
+            assert!(e.contains("unknown parameter"), "{e}");
+        }
     }
 
     #[test]
