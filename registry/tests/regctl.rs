@@ -69,8 +69,8 @@ fn operates_a_tree_and_migrates_it_from_zookeeper_to_etcd() {
     let stale = regctl(&["--url", &from, "put", svc, "x", "--version", "7"]);
     assert_eq!(
         stale.status.code(),
-        Some(3),
-        "version mismatch is a registry error"
+        Some(5),
+        "version mismatch is a failed precondition"
     );
 
     // Migration: differences first, then a copy, then none; copying again changes nothing.
@@ -116,7 +116,8 @@ fn operates_a_tree_and_migrates_it_from_zookeeper_to_etcd() {
         regctl(&["--url", &to, "get", "/soa/config/routes/com.today.Goods"])
             .status
             .code(),
-        Some(3)
+        Some(4),
+        "not found has a code of its own"
     );
     let bad = regctl(&["--url", &to, "get", "soa//x"]);
     assert_eq!(bad.status.code(), Some(2));
@@ -219,7 +220,7 @@ fn export_and_import_round_trip_binary_values() {
     );
     // A delete refused for children names the flag that does it.
     let refused = regctl(&["--url", &from, "rm", "/soa"]);
-    assert_eq!(refused.status.code(), Some(3), "{refused:?}");
+    assert_eq!(refused.status.code(), Some(5), "{refused:?}");
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("rm -r"),
         "{refused:?}"
@@ -252,7 +253,7 @@ fn export_and_import_round_trip_binary_values() {
     assert_eq!(bad.status.code(), Some(2));
     assert_eq!(
         regctl(&["--url", &to, "get", "/ok"]).status.code(),
-        Some(3),
+        Some(4),
         "a refused import wrote"
     );
 
@@ -282,14 +283,14 @@ fn export_and_import_round_trip_binary_values() {
         )
         .unwrap();
         let refused = regctl(&["--url", &to, "import", "--file", file.to_str().unwrap()]);
-        assert_eq!(refused.status.code(), Some(3), "{name}: {refused:?}");
+        assert_eq!(refused.status.code(), Some(5), "{name}: {refused:?}");
         assert!(
             String::from_utf8_lossy(&refused.stderr).contains("live session's ephemeral node"),
             "{name}: {refused:?}"
         );
         assert_eq!(
             regctl(&["--url", &to, "get", "/ok"]).status.code(),
-            Some(3),
+            Some(4),
             "{name}: a refused import wrote"
         );
     };
@@ -652,7 +653,7 @@ fn json_output_covers_watch_import_and_export() {
     ]);
     // The store of this process is empty: a root it does not hold is not exported as an
     // empty document (a mistyped path did that, successfully).
-    assert_eq!(export.status.code(), Some(3), "{export:?}");
+    assert_eq!(export.status.code(), Some(4), "{export:?}");
     assert!(
         String::from_utf8_lossy(&export.stderr).contains("does not exist"),
         "{export:?}"
@@ -677,7 +678,7 @@ fn json_output_covers_watch_import_and_export() {
 #[test]
 fn tree_of_a_missing_node_prints_nothing_and_fails() {
     let tree = regctl(&["--url", "mem://", "tree", "/nope"]);
-    assert_eq!(tree.status.code(), Some(3));
+    assert_eq!(tree.status.code(), Some(4));
     assert_eq!(
         stdout(&tree),
         "",
@@ -782,4 +783,62 @@ fn put_without_a_value_reads_any_bytes_from_standard_input() {
     // Bounded: past the limit is refused as bad input, not read on and on.
     let out = put(&vec![b'x'; registry::MAX_VALUE_LEN + 4096]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn copy_and_mirror_refuse_a_registry_written_from_itself() {
+    // One process's named store is one registry: a mirror into itself would rewrite its own
+    // writes, and one into a tree inside its source would copy its copies without end.
+    for (from, to, root) in [
+        ("mem://one", "mem://one", "/soa"),
+        ("etcd://127.0.0.1:1", "etcd://127.0.0.1:1/backup", "/"),
+        ("etcd://127.0.0.1:1/a", "etcd://127.0.0.1:1", "/a"),
+        (
+            "zk://127.0.0.1:1,127.0.0.1:2/x",
+            "zk://127.0.0.1:2/x/soa",
+            "/soa",
+        ),
+    ] {
+        for command in ["copy", "mirror"] {
+            let out = regctl(&[command, "--from", from, "--to", to, root]);
+            assert_eq!(out.status.code(), Some(2), "{command} {from} {to}: {out:?}");
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(said.contains("may hold the same nodes"), "{said}");
+        }
+    }
+    // Two stores, and disjoint trees of one registry, pass the check: the first copy finds
+    // no source root (4), the second no server (3).
+    for (from, to, code) in [
+        ("mem://one", "mem://two", 4),
+        ("etcd://127.0.0.1:1/a", "etcd://127.0.0.1:1/b", 3),
+    ] {
+        let out = regctl(&["copy", "--from", from, "--to", to, "/soa"]);
+        assert_eq!(out.status.code(), Some(code), "{from} {to}: {out:?}");
+    }
+}
+
+#[test]
+fn an_ephemeral_create_must_hold_its_node() {
+    // Without --hold the node would be gone by the time the command reported it.
+    let out = regctl(&["--url", "mem://", "create", "/e", "--ephemeral"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--hold"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn missing_and_unreachable_exit_differently() {
+    // `get || create` must not create during an outage.
+    let missing = regctl(&["--url", "mem://", "get", "/nope"]);
+    assert_eq!(missing.status.code(), Some(4), "{missing:?}");
+    let unreachable = regctl(&["--url", "etcd://127.0.0.1:1", "get", "/nope"]);
+    assert_eq!(unreachable.status.code(), Some(3), "{unreachable:?}");
+    let out = regctl(&["diff", "--from", "mem://", "--to", "mem://", "/nope"]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "a root neither side has: {out:?}"
+    );
 }

@@ -2,7 +2,10 @@
 //!
 //! The registry comes from `--url` or `REGISTRY_URL` (`etcd://`, `zk://`, `mem://`).
 //! Exit codes: 0 success, 1 `diff` found differences, 2 bad input, 3 the registry failed (or
-//! the output could not be written; a closed pipe ends the command quietly).
+//! the output could not be written; a closed pipe ends the command quietly), 4 the node (or
+//! tree) named is not there, 5 the registry refused a precondition (the node exists, is at
+//! another version, has children, or is a live session's). So `get || create` creates only
+//! what is missing, never what an outage hid.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -88,8 +91,9 @@ enum Command {
         /// Its value (UTF-8 text).
         #[arg(default_value = "")]
         value: String,
-        /// Owned by this command's session: it lives while the command runs (see --hold).
-        #[arg(long)]
+        /// Owned by this command's session, so it lives only while the command runs: needs
+        /// --hold (without it the node would be gone when the command reports it created).
+        #[arg(long, requires = "hold")]
         ephemeral: bool,
         /// Appends a 10-digit counter to the name.
         #[arg(long)]
@@ -176,8 +180,11 @@ enum Command {
 enum Failure {
     Input(String),
     Registry(Error),
-    /// The registry refused, told in the command's terms.
+    /// The registry failed, told in the command's terms.
     Refused(String),
+    /// A precondition failed (as [`Failure::Registry`] with such an error), told in the
+    /// command's terms.
+    Precondition(String),
     Differences,
     /// Stdout could not be written: a script would otherwise get exit 0 and no output.
     Output(std::io::Error),
@@ -308,11 +315,23 @@ async fn open(url: &Option<String>) -> Result<Arc<dyn Registry>, Failure> {
 
 /// Connects to both sides of a two-registry command, parsing both URLs first (a typo in one
 /// must not cost a connection to the other); a failure to connect says which side failed.
+/// A command that writes `--to` from `--from` under `writes` is refused when the two trees
+/// may be one, or one inside the other (see [`may_overlap`]).
 async fn connect_both(
     from: &str,
     to: &str,
+    writes: Option<&NodePath>,
 ) -> Result<(Arc<dyn Registry>, Arc<dyn Registry>), Failure> {
     let (from, to) = (RegistryUrl::parse(from)?, RegistryUrl::parse(to)?);
+    if let Some(root) = writes {
+        if may_overlap(&from, &to, root) {
+            return Err(Failure::Input(format!(
+                "--from {from} and --to {to} may hold the same nodes under {root} (same \
+                 registry, and one tree inside the other): writing one from the other would \
+                 feed on its own writes, or delete the source"
+            )));
+        }
+    }
     // The URLs' `Display` leaves their passwords out.
     let failed = |side: &str, url: &RegistryUrl, error: Error| {
         Failure::Refused(format!("{side} {url}: {}", with_root_cause(&error)))
@@ -327,6 +346,31 @@ async fn connect_both(
             Err(failed("target", &to, error))
         }
     }
+}
+
+/// Whether the subtrees at `root` of two registry URLs may share nodes: the same backend,
+/// a shared endpoint (as written: names are not resolved) or the same named memory store,
+/// and one tree's full path (namespace or chroot, then `root`) at or below the other's.
+fn may_overlap(from: &RegistryUrl, to: &RegistryUrl, root: &NodePath) -> bool {
+    let same_registry = from.kind == to.kind
+        && match (&from.memory_name, &to.memory_name) {
+            (Some(a), Some(b)) => a == b,
+            _ => from.endpoints.iter().any(|e| to.endpoints.contains(e)),
+        };
+    if !same_registry {
+        return false;
+    }
+    let full = |url: &RegistryUrl| -> String {
+        let namespace = url.namespace.as_ref().map_or("", |n| n.as_str());
+        let namespace = namespace.trim_end_matches('/');
+        if root.is_root() {
+            format!("{namespace}/")
+        } else {
+            format!("{namespace}{root}/")
+        }
+    };
+    let (a, b) = (full(from), full(to));
+    a.starts_with(&b) || b.starts_with(&a)
 }
 
 /// A value from standard input, read whole but no further than one byte over the limit
@@ -592,7 +636,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             match reg.delete(&target, Expected::Any, scope).await {
                 Err(error @ Error::NotEmpty { .. }) => {
-                    return Err(Failure::Refused(format!("{error} (`rm -r`)")));
+                    return Err(Failure::Precondition(format!("{error} (`rm -r`)")));
                 }
                 other => other?,
             }
@@ -640,7 +684,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Diff { from, to, path: p } => {
             let root = path(&p)?;
-            let (src, dst) = connect_both(&from, &to).await?;
+            let (src, dst) = connect_both(&from, &to, None).await?;
             let differences = migrate::diff(&*src, &*dst, &root).await?;
             if json {
                 // One document, also when empty, as every non-streaming command prints.
@@ -810,7 +854,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             dry_run,
         } => {
             let root = path(&p)?;
-            let (src, dst) = connect_both(&from, &to).await?;
+            let (src, dst) = connect_both(&from, &to, Some(&root)).await?;
             let bar = if json {
                 ProgressBar::hidden()
             } else {
@@ -831,7 +875,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             })
             .await
             .map_err(|error| match error {
-                Error::AlreadyExists { path } => Failure::Refused(format!(
+                Error::AlreadyExists { path } => Failure::Precondition(format!(
                     "the target holds {path} as a live session's ephemeral node; copy writes persistent nodes only and wrote nothing"
                 )),
                 // The source's value, not the operator's input: refused, and nothing written.
@@ -855,7 +899,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Mirror { from, to, path: p } => {
             let root = path(&p)?;
-            let (src, dst) = connect_both(&from, &to).await?;
+            let (src, dst) = connect_both(&from, &to, Some(&root)).await?;
             // The log is the operator's only view of the mirror: once it cannot be written
             // (`| head` went away), the mirror stops rather than run unseen.
             let (unwritable, mut output_failed) = tokio::sync::mpsc::unbounded_channel();
@@ -929,6 +973,20 @@ fn with_root_cause(error: &Error) -> String {
     }
 }
 
+/// The exit code of a registry error: 4 for a missing node, 5 for a failed precondition, 3
+/// for the rest (the registry failed or could not be reached), so a script can tell "not
+/// there" from "could not look".
+fn registry_exit_code(error: &Error) -> u8 {
+    match error {
+        Error::NotFound { .. } => 4,
+        Error::AlreadyExists { .. }
+        | Error::VersionMismatch { .. }
+        | Error::NotEmpty { .. }
+        | Error::EphemeralParent { .. } => 5,
+        _ => 3,
+    }
+}
+
 /// `eprintln!` would panic if stderr is gone.
 fn complain(message: impl std::fmt::Display) {
     let _ = writeln!(std::io::stderr(), "regctl: {message}");
@@ -946,11 +1004,15 @@ async fn main() -> ExitCode {
         }
         Err(Failure::Registry(error)) => {
             complain(with_root_cause(&error));
-            ExitCode::from(3)
+            ExitCode::from(registry_exit_code(&error))
         }
         Err(Failure::Refused(message)) => {
             complain(message);
             ExitCode::from(3)
+        }
+        Err(Failure::Precondition(message)) => {
+            complain(message);
+            ExitCode::from(5)
         }
         Err(Failure::Output(error)) => {
             // A reader that went away (`| head`) needs no message.
