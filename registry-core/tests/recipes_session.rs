@@ -9,7 +9,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use registry_core::memory::{MemoryOptions, MemoryRegistry, MemoryStore};
 use registry_core::recipes::Mutex;
-use registry_core::{DeleteScope, Error, Expected, NodePath, Registry, SessionState};
+use registry_core::{
+    DeleteScope, Error, Expected, NodePath, Registry, SessionState, SessionStatus,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_lock_ends_when_its_session_is_lost() {
@@ -148,4 +150,56 @@ async fn a_holder_is_not_told_held_again_before_its_node_is_read_after_a_cut() {
     assert!(!held.is_held());
     assert!(taken.is_held());
     taken.unlock().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_lock_is_granted_to_a_session_known_to_be_over() {
+    // The client has given its session up (Lost, or already a new one) while a read still
+    // lists its node first: lock and try_lock must not hand out a guard for it.
+    let store = MemoryStore::new();
+    let client: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let live = client.session();
+    let over = [
+        SessionStatus {
+            state: SessionState::Lost,
+            ..live.clone()
+        },
+        SessionStatus {
+            state: SessionState::Reestablished,
+            epoch: live.epoch + 1,
+            session_id: Some(registry_core::SessionId(live.session_id.unwrap().0 + 1000)),
+        },
+    ];
+    for (round, status) in over.into_iter().enumerate() {
+        let faulty = support::Faulty::new(client.clone());
+        let reported = faulty.clone();
+        faulty.on_create(Arc::new(move |_, answer| {
+            reported.report_session(Some(status.clone()));
+            Box::pin(async move { answer })
+        }));
+        let path = NodePath::new(&format!("/locks/over-{round}")).unwrap();
+        let lock = Mutex::new(faulty.clone(), path.clone());
+        let outcome = lock.lock().await.map(|g| g.is_held());
+        assert!(
+            matches!(outcome, Err(Error::SessionExpired)),
+            "lock, {status:?}: {outcome:?}"
+        );
+        faulty.report_session(None);
+        let faulty = support::Faulty::new(client.clone());
+        let reported = faulty.clone();
+        faulty.on_create(Arc::new(move |_, answer| {
+            reported.report_session(Some(status.clone()));
+            Box::pin(async move { answer })
+        }));
+        let lock = Mutex::new(faulty, path);
+        let outcome = lock.try_lock().await.map(|g| g.map(|g| g.is_held()));
+        assert!(
+            matches!(outcome, Err(Error::SessionExpired)),
+            "try_lock, {status:?}: {outcome:?}"
+        );
+    }
 }

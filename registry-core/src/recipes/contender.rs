@@ -144,7 +144,7 @@ impl Contender {
                 .position(|n| n.path == self.node.path)
                 .ok_or(Error::SessionExpired)?;
             let Some(predecessor) = position.checked_sub(1).and_then(|p| queue.get(p)) else {
-                return Ok(());
+                return self.still_owned();
             };
             let mut stream = self
                 .registry
@@ -174,6 +174,17 @@ impl Contender {
                 }
             }
             wake_ups.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `Ok` unless the session that owns our node is known to be over: a read may still
+    /// list the node first after its session was lost (the server not yet done removing it,
+    /// or a client that gave the session up before the server did), and a holder told so
+    /// would act on a lock the next contender is about to get.
+    pub(crate) fn still_owned(&self) -> Result<()> {
+        match session_ended(Some(self.registry.session()), self.node.ephemeral_owner) {
+            Some(error) => Err(error),
+            None => Ok(()),
         }
     }
 
@@ -330,7 +341,14 @@ async fn remove_lost_create(registry: Arc<dyn Registry>, dir: NodePath, prefix: 
         tokio::time::sleep(backoff.next_delay()).await;
         match find_own(&*registry, &dir, &prefix).await {
             Ok(Some(orphan)) => {
-                let _ = remove_node(registry, &orphan).await;
+                // Left in place it heads the queue for the session's lifetime: say so.
+                // (A retryable failure goes on in the background, and is logged there.)
+                match remove_node(registry, &orphan).await {
+                    Err(error) if !error.is_retryable() => {
+                        tracing::warn!(path = %orphan.path, %error, "could not remove the node of a create whose answer was lost; it stays until its session ends");
+                    }
+                    _ => {}
+                }
                 return;
             }
             // Read after the window with no node of ours: the create was never applied.

@@ -74,6 +74,7 @@ impl Mutex {
         let children = self.registry.children(&self.path).await?;
         let first = children.nodes.iter().find(|n| is_contender(n, LOCK));
         if first.map(|n| &n.path) == Some(&contender.node.path) {
+            contender.still_owned()?;
             Ok(Some(self.hold(contender)))
         } else {
             contender.remove().await?;

@@ -64,6 +64,9 @@ pub struct Faulty {
     /// While set, watch streams drop their `Resync` items (a backend whose watches resume
     /// where they broke without one, as etcd's do).
     drop_resyncs: Arc<AtomicBool>,
+    /// While set, `session()` reports this instead of the inner registry's status (a client
+    /// that has given its session up while reads still show its nodes).
+    reported_session: Mutex<Option<SessionStatus>>,
 }
 
 #[allow(dead_code)] // Each test binary uses a part.
@@ -87,7 +90,13 @@ impl Faulty {
             watch_ends: tokio::sync::watch::channel(None).0,
             skip_first_items: AtomicBool::new(false),
             drop_resyncs: Arc::new(AtomicBool::new(false)),
+            reported_session: Mutex::new(None),
         })
+    }
+
+    /// From now on `session()` reports `status` (`None`: the inner registry's again).
+    pub fn report_session(&self, status: Option<SessionStatus>) {
+        *self.reported_session.lock().unwrap() = status;
     }
 
     /// Whether watch streams drop their `Resync` items from now on.
@@ -193,6 +202,9 @@ impl Registry for Faulty {
         self.inner.capabilities()
     }
     fn session(&self) -> SessionStatus {
+        if let Some(status) = self.reported_session.lock().unwrap().clone() {
+            return status;
+        }
         self.inner.session()
     }
     fn session_events(&self) -> BoxStream<'static, SessionStatus> {
