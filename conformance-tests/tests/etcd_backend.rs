@@ -1249,7 +1249,8 @@ async fn copy_gives_a_parent_without_a_key_its_value() {
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
     let ep = server.endpoint();
     let target = connect(&ep).await;
-    // Written by another tool: `/svc/a` has a key, its parent `/svc` has none.
+    // Written by another tool: `/svc/a` has a key, its parent `/svc` has none (a copy
+    // creates that key).
     etcdctl(&ep, &["put", "/svc/a", "route"]);
     assert_eq!(target.get(&p("/svc")).await.unwrap().value, Bytes::new());
     let store = registry_core::MemoryStore::new();
@@ -1273,7 +1274,7 @@ async fn copy_gives_a_parent_without_a_key_its_value() {
         registry_core::migrate::copy(&source, &*target, &p("/svc"), Default::default(), |_, _| {})
             .await
             .unwrap_or_else(|e| panic!("copy onto a parent without a key: {e}"));
-    assert_eq!((summary.updated, summary.unchanged), (1, 1), "{summary:?}");
+    assert_eq!((summary.created, summary.unchanged), (1, 1), "{summary:?}");
     assert_eq!(
         target.get(&p("/svc")).await.unwrap().value,
         Bytes::from("parent value")
@@ -1311,7 +1312,7 @@ async fn copy_gives_a_parent_without_a_key_its_value() {
     )
     .await
     .unwrap();
-    assert_eq!((summary.updated, summary.unchanged), (1, 1), "{summary:?}");
+    assert_eq!((summary.created, summary.unchanged), (1, 1), "{summary:?}");
     assert_ne!(target.get(&p("/bare")).await.unwrap().create_order, 0);
     let left = registry_core::migrate::diff(&source, &*target, &p("/bare"))
         .await

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::node::{CreateMode, Node};
+use crate::node::{CreateMode, Expected, Node};
 use crate::path::NodePath;
 use crate::registry::Registry;
 use crate::watch::{WatchEvent, WatchOptions};
@@ -201,6 +201,9 @@ pub struct CopySummary {
     pub updated: usize,
     /// Nodes already equal.
     pub unchanged: usize,
+    /// Nodes deleted from the source (or turned ephemeral there) while the copy ran, so not
+    /// copied.
+    pub gone: usize,
 }
 
 /// Copies the persistent nodes at and below `root` from `from` to `to`, parents first.
@@ -222,6 +225,15 @@ pub struct CopySummary {
 /// [`Error::Backend`] that names it and says how many nodes were written (its source is the
 /// `AlreadyExists` or `EphemeralParent`); running the copy again once that session is gone
 /// finishes the job.
+///
+/// Writers may keep writing both registries meanwhile (a [`DualRegistry`](crate::DualRegistry)):
+/// each node is written from a fresh read of the source, and only while the target node is
+/// as just read (a create only while absent, an update at the version read); otherwise both
+/// are read again (bounded). So a copy never puts an older value over a newer one a writer
+/// put in both, nor brings back a node deleted from both before the copy read the source
+/// again. (Nothing spans two registries: a node a writer deletes from both within the
+/// round trip between that read and the copy's write can come back; `diff` finds it.) A
+/// source node gone by then is counted in [`CopySummary::gone`].
 pub async fn copy(
     from: &dyn Registry,
     to: &dyn Registry,
@@ -262,13 +274,14 @@ pub async fn copy(
                 summary.unchanged += 1;
                 progress(summary.unchanged, total);
             }
-            Ok(existing) => {
+            // A keyless etcd parent gets its key: created.
+            Ok(existing) if !is_implicit(&existing) => {
                 summary.updated += 1;
-                writes.push((path, node, Some(existing.version)));
+                writes.push((path, true));
             }
-            Err(Error::NotFound { .. }) => {
+            Ok(_) | Err(Error::NotFound { .. }) => {
                 summary.created += 1;
-                writes.push((path, node, None));
+                writes.push((path, false));
             }
             Err(error) => return Err(error),
         }
@@ -278,10 +291,15 @@ pub async fn copy(
         return Ok(summary);
     }
     // Paths sort before their descendants, so each create finds its parent.
-    let unchanged = summary.unchanged;
-    for (done, (path, node, version)) in writes.into_iter().enumerate() {
-        match put_persistent(to, path, node.value.clone(), Some(version)).await {
-            Ok(_) => {}
+    let (planned, done_before) = (writes.len(), summary.unchanged);
+    summary.created = 0;
+    summary.updated = 0;
+    for (done, (path, existed)) in writes.into_iter().enumerate() {
+        match copy_node(from, to, path).await {
+            Ok(Copied::Written) if existed => summary.updated += 1,
+            Ok(Copied::Written) => summary.created += 1,
+            Ok(Copied::Unchanged) => summary.unchanged += 1,
+            Ok(Copied::Gone) => summary.gone += 1,
             // Not the up-front refusal, which means nothing was written: the caller must
             // know how far the copy got.
             Err(taken @ (Error::AlreadyExists { .. } | Error::EphemeralParent { .. })) => {
@@ -289,15 +307,28 @@ pub async fn copy(
                     backend: "copy",
                     message: format!(
                         "in the target, {path} (or a parent of it) became a live session's \
-                         ephemeral node during the copy, after {done} nodes were written; copy \
-                         again once it is gone"
+                         ephemeral node during the copy, after {} of {planned} nodes were \
+                         written; copy again once it is gone",
+                        summary.created + summary.updated
                     ),
                     source: Some(Box::new(taken)),
                 })
             }
+            // Not the up-front refusal either.
+            Err(large @ Error::ValueTooLarge { .. }) => {
+                return Err(Error::Backend {
+                    backend: "copy",
+                    message: format!(
+                        "in the source, {path} grew over the value limit during the copy, after \
+                         {} of {planned} nodes were written",
+                        summary.created + summary.updated
+                    ),
+                    source: Some(Box::new(large)),
+                })
+            }
             Err(error) => return Err(error),
         }
-        progress(unchanged + done + 1, total);
+        progress(done_before + done + 1, total);
     }
     Ok(summary)
 }
@@ -358,6 +389,59 @@ pub async fn put_persistent(
     }
     Err(Error::unavailable(format!(
         "{path} kept changing while being written"
+    )))
+}
+
+/// What [`copy_node`] did.
+enum Copied {
+    Written,
+    Unchanged,
+    /// The source no longer has it as a persistent node.
+    Gone,
+}
+
+/// Copies one node from a fresh read of `from`, writing `to` only while its node there is
+/// as just read (see [`copy`]); both are read again when a writer got in between (bounded).
+async fn copy_node(from: &dyn Registry, to: &dyn Registry, path: &NodePath) -> Result<Copied> {
+    // Bounded: each round loses at most one race with another writer.
+    for _ in 0..3 {
+        let value = match from.get(path).await {
+            Ok(node) if !node.is_ephemeral() => node.value,
+            Ok(_) | Err(Error::NotFound { .. }) => return Ok(Copied::Gone),
+            Err(error) => return Err(error),
+        };
+        crate::check_value(path, &value)?;
+        let written = match to.get(path).await {
+            Ok(node) if node.is_ephemeral() => {
+                return Err(Error::AlreadyExists { path: path.clone() })
+            }
+            Ok(node) if holds_value(&node, &value) => return Ok(Copied::Unchanged),
+            // A keyless etcd parent takes a value only by a create.
+            Ok(node) if !is_implicit(&node) => {
+                to.set(path, value, Expected::Version(node.version)).await
+            }
+            Ok(_) | Err(Error::NotFound { .. }) => {
+                to.create(path, value, CreateMode::Persistent).await
+            }
+            Err(error) => return Err(error),
+        };
+        match written {
+            // Replaced by a session's node at the version read, within the round trip.
+            Ok(node) if node.is_ephemeral() => {
+                tracing::warn!(%path, owner = ?node.ephemeral_owner, "a copied value landed in a session's ephemeral node that replaced the node read");
+                return Err(Error::AlreadyExists { path: path.clone() });
+            }
+            Ok(_) => return Ok(Copied::Written),
+            Err(
+                Error::VersionMismatch { .. }
+                | Error::NotFound { .. }
+                | Error::AlreadyExists { .. },
+            ) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Err(Error::unavailable(format!(
+        "{path} kept changing while being copied"
     )))
 }
 

@@ -894,7 +894,10 @@ async fn copy_that_meets_a_new_ephemeral_node_midway_says_what_it_wrote() {
     match copied {
         Err(Error::Backend { message, .. }) => {
             assert!(message.contains("/cfg/b"), "{message}");
-            assert!(message.contains("after 1 nodes were written"), "{message}");
+            assert!(
+                message.contains("after 1 of 2 nodes were written"),
+                "{message}"
+            );
         }
         other => panic!("expected a copy error that says what was written, got {other:?}"),
     }
@@ -1525,4 +1528,72 @@ async fn diff_and_mirror_refuse_a_root_missing_on_both_sides() {
     mirror.wait_synced(WAIT).await.unwrap();
     assert!(dst.exists(&p("/soa/confg")).await.unwrap());
     mirror.stop().await;
+}
+
+#[tokio::test]
+async fn copy_alongside_writers_of_both_sides_neither_reverts_nor_revives() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (src, dst_inner) = (client(&a).await, client(&b).await);
+    for (reg, value) in [(&src, "v1"), (&dst_inner, "old")] {
+        reg.create(&p("/c"), Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+        reg.create(&p("/c/x"), Bytes::from(value), CreateMode::Persistent)
+            .await
+            .unwrap();
+    }
+    src.create(&p("/c/y"), Bytes::from("y"), CreateMode::Persistent)
+        .await
+        .unwrap();
+    let dst = support::Faulty::new(dst_inner.clone());
+    // Just before the copy writes /c/x, a dual writer sets it to v2 on both sides and
+    // deletes /c/y (which the copy has read but not yet created) from both.
+    let once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (writer_src, writer_dst) = (src.clone(), dst_inner.clone());
+    dst.before_set(Some(Arc::new(move |_| {
+        let (once, src, dst) = (once.clone(), writer_src.clone(), writer_dst.clone());
+        Box::pin(async move {
+            if once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            for reg in [&src, &dst] {
+                reg.set(&p("/c/x"), Bytes::from("v2"), Expected::Any)
+                    .await
+                    .unwrap();
+            }
+            src.delete(&p("/c/y"), Expected::Any, DeleteScope::Node)
+                .await
+                .unwrap();
+        })
+    })));
+
+    let summary = migrate::copy(&*src, &*dst, &p("/c"), CopyOptions::default(), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        value(&*dst_inner, "/c/x").await,
+        Some(Bytes::from("v2")),
+        "copy reverted a newer write"
+    );
+    assert_eq!(
+        value(&*dst_inner, "/c/y").await,
+        None,
+        "copy revived a deleted node"
+    );
+    assert!(
+        migrate::diff(&*src, &*dst_inner, &p("/c"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "{summary:?}"
+    );
+    assert_eq!(
+        (
+            summary.created,
+            summary.updated,
+            summary.unchanged,
+            summary.gone
+        ),
+        (0, 0, 2, 1)
+    );
 }

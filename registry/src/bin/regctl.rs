@@ -869,6 +869,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 created,
                 updated,
                 unchanged,
+                gone,
             } = migrate::copy(&*src, &*dst, &root, options, |done, total| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
@@ -885,12 +886,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 other => other.into(),
             })?;
             bar.finish_and_clear();
-            let summary = format!(
+            let mut summary = format!(
                 "{} {created} created, {updated} updated, {unchanged} unchanged",
                 if dry_run { "would copy:" } else { "copied:" }
             );
+            if gone > 0 {
+                summary.push_str(&format!(", {gone} gone from the source meanwhile"));
+            }
             let shown = say(if json {
-                serde_json::json!({"dry_run": dry_run, "created": created, "updated": updated, "unchanged": unchanged}).to_string()
+                serde_json::json!({"dry_run": dry_run, "created": created, "updated": updated, "unchanged": unchanged, "gone": gone}).to_string()
             } else {
                 summary
             });
