@@ -203,3 +203,66 @@ async fn no_lock_is_granted_to_a_session_known_to_be_over() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_keeps_its_place_through_failures_that_pass() {
+    // A read that fails while the connection is suspended must not send the waiter to the
+    // back of the queue (its node removed, the lock failed), as Curator's waiters ride out
+    // SUSPENDED.
+    let store = MemoryStore::new();
+    let path = NodePath::new("/locks/suspended-wait").unwrap();
+    let connect = || async {
+        Arc::new(
+            MemoryRegistry::connect(&store, MemoryOptions::default())
+                .await
+                .unwrap(),
+        ) as Arc<dyn Registry>
+    };
+    let (holder_client, waiter_client) = (connect().await, connect().await);
+    let held = Mutex::new(holder_client.clone(), path.clone())
+        .lock()
+        .await
+        .unwrap();
+    let faulty = support::Faulty::new(waiter_client);
+    faulty.fail_children(true);
+    let waiter = Mutex::new(faulty.clone(), path.clone());
+    let waiting = tokio::spawn(async move {
+        waiter
+            .lock()
+            .await
+            .map(|g| (g.fencing_token(), g.is_held(), g))
+    });
+    let failed = tokio::time::timeout(Duration::from_secs(5), async {
+        while faulty.children_failed() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(failed.is_ok(), "the waiter never read the queue");
+    assert!(
+        !waiting.is_finished(),
+        "the waiter gave up on a failure that passes"
+    );
+    let queued: Vec<u64> = holder_client
+        .children(&path)
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .map(|n| n.create_order)
+        .collect();
+    assert_eq!(queued.len(), 2, "the waiter's node is gone: {queued:?}");
+    faulty.fail_children(false);
+    held.unlock().await.unwrap();
+    let (token, is_held, guard) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter never got the lock")
+        .unwrap()
+        .unwrap();
+    assert!(is_held);
+    assert_eq!(
+        token, queued[1],
+        "the waiter lost its place and queued again"
+    );
+    guard.unlock().await.unwrap();
+}

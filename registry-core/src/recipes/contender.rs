@@ -121,7 +121,9 @@ impl Contender {
     /// Waits until our node is the oldest in `dir`, watching only the node just before it.
     /// Returns `Err(Error::SessionExpired)` if our node disappears (session lost, deleted):
     /// a lost session ends the wait at once, since our ephemeral node went with it while the
-    /// predecessor we watch may stay.
+    /// predecessor we watch may stay. A failure that passes (a connection suspended) keeps
+    /// our place: the wait goes on with backoff while the session lasts, up to
+    /// [`WAIT_RETRY_ATTEMPTS`] failures in a row, as Curator's waiters ride out `SUSPENDED`.
     pub(crate) async fn wait_for_turn(&self, wake_ups: &AtomicU64) -> Result<()> {
         let dir = self
             .node
@@ -130,50 +132,83 @@ impl Contender {
             .ok_or_else(|| Error::InvalidArgument("contender at the root".into()))?;
         let kind = kind_of(self.node.path.name());
         let mut sessions = self.registry.session_events();
-        // Each round either returns or waits for a predecessor to go away; the queue ahead
-        // of us only shrinks, so the rounds are bounded by its length.
+        let mut backoff = Backoff::new(REMOVE_RETRY_INITIAL, REMOVE_RETRY_MAX);
+        let mut failures = 0u32;
+        // Each round either returns or ends when the predecessor goes away (or continuity
+        // was lost); the queue ahead of us only shrinks, and failures in a row are bounded.
         loop {
-            let children = self.registry.children(&dir).await?;
-            let queue: Vec<&Node> = children
-                .nodes
-                .iter()
-                .filter(|n| is_contender(n, kind))
-                .collect();
-            let position = queue
-                .iter()
-                .position(|n| n.path == self.node.path)
-                .ok_or(Error::SessionExpired)?;
-            let Some(predecessor) = position.checked_sub(1).and_then(|p| queue.get(p)) else {
-                return self.still_owned();
-            };
-            let mut stream = self
-                .registry
-                .watch(&predecessor.path, WatchOptions::node())
-                .await?;
-            loop {
-                tokio::select! {
-                    status = sessions.next() => {
-                        if let Some(error) = session_ended(status, self.node.ephemeral_owner) {
-                            return Err(error);
-                        }
-                    },
-                    event = stream.next() => match event {
-                        None => return Err(Error::Closed),
-                        Some(Err(error)) => return Err(error),
-                        Some(Ok(WatchEvent::Snapshot(s))) => {
-                            if s.nodes.is_empty() {
-                                break;
+            match self.wait_round(&dir, kind, &mut sessions).await {
+                Ok(true) => return self.still_owned(),
+                Ok(false) => {
+                    failures = 0;
+                    backoff.reset();
+                    wake_ups.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) if error.is_retryable() && failures < WAIT_RETRY_ATTEMPTS => {
+                    failures += 1;
+                    self.still_owned()?;
+                    tracing::debug!(%error, failures, "recipe wait failed; keeping our place");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                        status = sessions.next() => {
+                            if let Some(error) = session_ended(status, self.node.ephemeral_owner) {
+                                return Err(error);
                             }
                         }
-                        // Continuity was lost (reconnect, new session): look at the queue again.
-                        Some(Ok(WatchEvent::Resync { .. })) | Some(Ok(WatchEvent::Deleted(_))) => {
-                            break
-                        }
-                        Some(Ok(_)) => {}
-                    },
+                    }
                 }
+                Err(error) => return Err(error),
             }
-            wake_ups.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One look at the queue: `true` if our node is first; else waits until the node just
+    /// before it goes away (or continuity is lost) and returns `false`.
+    async fn wait_round(
+        &self,
+        dir: &NodePath,
+        kind: &str,
+        sessions: &mut futures::stream::BoxStream<'static, crate::session::SessionStatus>,
+    ) -> Result<bool> {
+        let children = self.registry.children(dir).await?;
+        let queue: Vec<&Node> = children
+            .nodes
+            .iter()
+            .filter(|n| is_contender(n, kind))
+            .collect();
+        let position = queue
+            .iter()
+            .position(|n| n.path == self.node.path)
+            .ok_or(Error::SessionExpired)?;
+        let Some(predecessor) = position.checked_sub(1).and_then(|p| queue.get(p)) else {
+            return Ok(true);
+        };
+        let mut stream = self
+            .registry
+            .watch(&predecessor.path, WatchOptions::node())
+            .await?;
+        loop {
+            tokio::select! {
+                status = sessions.next() => {
+                    if let Some(error) = session_ended(status, self.node.ephemeral_owner) {
+                        return Err(error);
+                    }
+                },
+                event = stream.next() => match event {
+                    None => return Err(Error::Closed),
+                    Some(Err(error)) => return Err(error),
+                    Some(Ok(WatchEvent::Snapshot(s))) => {
+                        if s.nodes.is_empty() {
+                            return Ok(false);
+                        }
+                    }
+                    // Continuity was lost (reconnect, new session): look at the queue again.
+                    Some(Ok(WatchEvent::Resync { .. })) | Some(Ok(WatchEvent::Deleted(_))) => {
+                        return Ok(false)
+                    }
+                    Some(Ok(_)) => {}
+                },
+            }
         }
     }
 
@@ -229,6 +264,10 @@ fn session_ended(
 /// Retry delays and attempts of a removal that goes on in the background: about ten
 /// minutes, far past any session TTL, after which the node has gone with its session.
 const REMOVE_RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// Failures that pass, in a row, that a waiter rides out in its place (with the removal's
+/// backoff: about two and a half minutes, past any session TTL, by which its node is gone
+/// with its session if the connection never came back).
+const WAIT_RETRY_ATTEMPTS: u32 = 32;
 const REMOVE_RETRY_MAX: Duration = Duration::from_secs(5);
 const REMOVE_ATTEMPTS: usize = 128;
 

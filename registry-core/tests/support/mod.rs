@@ -49,6 +49,8 @@ pub struct Faulty {
     /// Gets failed so far by `fail_gets`.
     gets_failed: AtomicUsize,
     fail_children: AtomicBool,
+    /// Children reads failed so far by `fail_children`.
+    children_failed: AtomicUsize,
     hold_deletes: tokio::sync::watch::Sender<bool>,
     /// While true, watch streams deliver nothing (their items wait, in order).
     hold_watch_items: tokio::sync::watch::Sender<bool>,
@@ -80,6 +82,7 @@ impl Faulty {
             fail_gets: AtomicBool::new(false),
             gets_failed: AtomicUsize::new(0),
             fail_children: AtomicBool::new(false),
+            children_failed: AtomicUsize::new(0),
             hold_deletes: tokio::sync::watch::channel(false).0,
             hold_watch_items: tokio::sync::watch::channel(false).0,
             late_creates: Mutex::new(None),
@@ -194,6 +197,11 @@ impl Faulty {
     pub fn fail_children(&self, fail: bool) {
         self.fail_children.store(fail, Ordering::SeqCst);
     }
+
+    /// How many children reads `fail_children` has failed.
+    pub fn children_failed(&self) -> usize {
+        self.children_failed.load(Ordering::SeqCst)
+    }
 }
 
 #[async_trait]
@@ -262,6 +270,7 @@ impl Registry for Faulty {
     }
     async fn children(&self, path: &NodePath) -> Result<Children> {
         if self.fail_children.load(Ordering::SeqCst) {
+            self.children_failed.fetch_add(1, Ordering::SeqCst);
             return Err(Error::unavailable("children failed by the test"));
         }
         self.inner.children(path).await
