@@ -78,6 +78,11 @@ impl DualOptions {
 ///   order they were called. A write runs to its end, undo included, even when its caller
 ///   stops waiting (a timeout drops the call's future), and later writes wait for it: a
 ///   cancelled call never leaves a write on the primary alone, nor lands after a later one.
+///   Nothing orders the writes of two processes across the two registries: when two of them
+///   write one persistent path at about the same time, the secondary may end with the value
+///   the primary replaced (a mirror's write can land before the late one too). Check with
+///   [`diff`](crate::migrate::diff) before switching over (the runbook's last step), and
+///   [`copy`](crate::migrate::copy) again where it differs.
 /// - [`register`](Registry::register) registers on both; each side heals itself after its own
 ///   session loss; the returned handle's path and status are the primary's, and deregistering
 ///   or dropping it removes both. A sequential registration has the primary's generated name
