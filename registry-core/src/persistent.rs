@@ -64,6 +64,9 @@ pub struct PersistentWatch {
     streams: Tagged,
     sessions: BoxStream<'static, SessionStatus>,
     live: bool,
+    /// The session epoch last seen: a new one is a cut even when the not-live states between
+    /// were skipped (a subscriber that lagged is handed the latest status).
+    epoch: u64,
     /// Sources watched anew whose snapshot has not come: their states mix old and new.
     awaiting: Vec<bool>,
     /// When the snapshots of a new watch of every source are overdue.
@@ -111,10 +114,11 @@ impl PersistentWatch {
         // Before the watches: a cut while they open is then seen, and read anew. The stream
         // starts with the current status; taken now, it is not mistaken for a change.
         let mut sessions = registry.session_events();
-        let live = match sessions.next().now_or_never() {
-            Some(Some(status)) => status.state.is_live(),
-            _ => registry.session().state.is_live(),
+        let first = match sessions.next().now_or_never() {
+            Some(Some(status)) => status,
+            _ => registry.session(),
         };
+        let (live, epoch) = (first.state.is_live(), first.epoch);
         let opened = try_join_all(sources.iter().map(|(path, scope)| {
             let registry = &registry;
             async move {
@@ -132,6 +136,7 @@ impl PersistentWatch {
             streams: tag(streams),
             sessions,
             live,
+            epoch,
             snapshots_due: None,
             reopen: false,
             reopen_at: Instant::now(),
@@ -237,7 +242,8 @@ impl PersistentWatch {
             return false;
         }
         let was_live = std::mem::replace(&mut self.live, status.state.is_live());
-        if self.live && !was_live {
+        let new_session = std::mem::replace(&mut self.epoch, status.epoch) != status.epoch;
+        if self.live && (!was_live || new_session) {
             // Back after a cut: what changed meanwhile may still be on its way (an etcd watch
             // resuming, a ZooKeeper re-read), and no backend says when it has all come. New
             // watches start with a snapshot read now.

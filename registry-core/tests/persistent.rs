@@ -216,3 +216,31 @@ async fn a_new_watch_without_a_snapshot_is_opened_again() {
     assert!(!followed.watch.is_stale());
     assert!(followed.states[0].get(&p("/n/x")).is_some());
 }
+
+/// A new session is a cut even when the subscriber is handed it without the not-live states
+/// before it (it lagged behind them): every source is watched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_seen_without_its_cut_still_has_every_source_read_anew() {
+    let store = MemoryStore::new();
+    let faulty = Faulty::new(client(&store).await);
+    let mut followed = Followed::open(faulty.clone(), vec![(p("/a"), WatchScope::Subtree)]).await;
+    assert_eq!(faulty.watches_opened(), 1);
+    let now = faulty.session();
+    faulty.inject_session(registry_core::SessionStatus {
+        state: registry_core::SessionState::Reestablished,
+        epoch: now.epoch + 1,
+        session_id: now
+            .session_id
+            .map(|id| registry_core::SessionId(id.0 + 1000)),
+    });
+    let stale_seen = followed.drive(|f| f.watch.is_stale()).await;
+    assert!(stale_seen, "a new session did not make the watch stale");
+    let caught_up = followed.drive(|f| f.read_anew.contains(&0)).await;
+    assert!(caught_up, "the source was not read anew");
+    assert_eq!(
+        faulty.watches_opened(),
+        2,
+        "the source was not watched again"
+    );
+    assert!(followed.errors.is_empty(), "{:?}", followed.errors);
+}

@@ -195,6 +195,8 @@ async fn no_lock_is_granted_to_a_session_known_to_be_over() {
             reported.report_session(Some(status.clone()));
             Box::pin(async move { answer })
         }));
+        // A queue of its own: the node lock() left is removed in the background.
+        let path = NodePath::new(&format!("/locks/over-try-{round}")).unwrap();
         let lock = Mutex::new(faulty, path);
         let outcome = lock.try_lock().await.map(|g| g.map(|g| g.is_held()));
         assert!(

@@ -69,6 +69,8 @@ pub struct Faulty {
     /// While set, `session()` reports this instead of the inner registry's status (a client
     /// that has given its session up while reads still show its nodes).
     reported_session: Mutex<Option<SessionStatus>>,
+    /// Statuses sent to every `session_events` subscriber after the inner registry's.
+    injected_sessions: tokio::sync::broadcast::Sender<SessionStatus>,
 }
 
 #[allow(dead_code)] // Each test binary uses a part.
@@ -94,7 +96,14 @@ impl Faulty {
             skip_first_items: AtomicBool::new(false),
             drop_resyncs: Arc::new(AtomicBool::new(false)),
             reported_session: Mutex::new(None),
+            injected_sessions: tokio::sync::broadcast::channel(16).0,
         })
+    }
+
+    /// Hands `status` to every `session_events` subscriber (a transition the inner registry
+    /// did not make, or one a lagging subscriber is told in place of those it missed).
+    pub fn inject_session(&self, status: SessionStatus) {
+        let _ = self.injected_sessions.send(status);
     }
 
     /// From now on `session()` reports `status` (`None`: the inner registry's again).
@@ -216,7 +225,21 @@ impl Registry for Faulty {
         self.inner.session()
     }
     fn session_events(&self) -> BoxStream<'static, SessionStatus> {
-        self.inner.session_events()
+        let injected =
+            futures::stream::unfold(self.injected_sessions.subscribe(), |mut rx| async move {
+                // A lag skips what was missed (at most the channel's 16), as the trackers do.
+                loop {
+                    match rx.recv().await {
+                        Ok(status) => return Some((status, rx)),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            });
+        Box::pin(futures::stream::select(
+            self.inner.session_events(),
+            injected,
+        ))
     }
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         let late = *self.late_creates.lock().unwrap();
