@@ -842,3 +842,51 @@ fn missing_and_unreachable_exit_differently() {
         "a root neither side has: {out:?}"
     );
 }
+
+#[test]
+fn a_mirror_that_would_delete_what_only_the_target_has_needs_prune() {
+    // Two namespaces of one etcd: distinct trees, one of them with a node of its own.
+    let etcd = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let (from, to) = (
+        format!("etcd://{}/src", etcd.endpoint()),
+        format!("etcd://{}/dst", etcd.endpoint()),
+    );
+    assert!(regctl(&["--url", &from, "put", "/soa/a", "1"])
+        .status
+        .success());
+    assert!(regctl(&["--url", &to, "put", "/soa/b", "2"])
+        .status
+        .success());
+    // Swapped URLs look just like this: refused, nothing deleted.
+    let refused = regctl(&["mirror", "--from", &from, "--to", &to, "/soa"]);
+    assert_eq!(refused.status.code(), Some(5), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("/soa/b") && said.contains("--prune"),
+        "{said}"
+    );
+    assert_eq!(
+        stdout(&regctl(&["--url", &to, "get", "/soa/b"])).trim(),
+        "2"
+    );
+
+    let mut mirror = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(["mirror", "--from", &from, "--to", &to, "/soa", "--prune"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut mirror);
+    wait_line(&lines, "synced");
+    let _ = Command::new("kill")
+        .args(["-TERM", &mirror.id().to_string()])
+        .status();
+    assert_eq!(exit_code_within_10s(&mut mirror, "mirror"), Some(0));
+    assert_eq!(
+        regctl(&["--url", &to, "get", "/soa/b"]).status.code(),
+        Some(4)
+    );
+    assert_eq!(
+        stdout(&regctl(&["--url", &to, "get", "/soa/a"])).trim(),
+        "1"
+    );
+}

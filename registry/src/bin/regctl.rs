@@ -164,7 +164,8 @@ enum Command {
     /// Makes --to equal to --from under PATH (persistent nodes only in --to are deleted),
     /// then applies every change of --from to --to until Ctrl-C or SIGTERM (exit 3 if not in
     /// sync then); starts over (full sync) whenever either side fails or restarts. Refuses
-    /// to delete anything while PATH is missing in --from.
+    /// to delete anything while PATH is missing in --from, and to start when --to has
+    /// persistent nodes --from lacks, unless --prune (swapped URLs would empty the source).
     Mirror {
         /// The registry URL to follow.
         #[arg(long)]
@@ -174,6 +175,9 @@ enum Command {
         to: String,
         /// The subtree's root.
         path: String,
+        /// Let the first sync delete the persistent nodes that only --to has.
+        #[arg(long)]
+        prune: bool,
     },
 }
 
@@ -901,9 +905,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let _ = (src.close().await, dst.close().await);
             shown?;
         }
-        Command::Mirror { from, to, path: p } => {
+        Command::Mirror {
+            from,
+            to,
+            path: p,
+            prune,
+        } => {
             let root = path(&p)?;
             let (src, dst) = connect_both(&from, &to, Some(&root)).await?;
+            if !prune {
+                if let Err(refusal) = refuse_pruning(&*src, &*dst, &root).await {
+                    let _ = (src.close().await, dst.close().await);
+                    return Err(refusal);
+                }
+            }
             // The log is the operator's only view of the mirror: once it cannot be written
             // (`| head` went away), the mirror stops rather than run unseen.
             let (unwritable, mut output_failed) = tokio::sync::mpsc::unbounded_channel();
@@ -957,6 +972,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Refuses a mirror whose first sync would delete persistent nodes only `dst` has under
+/// `root`, as `etcdctl make-mirror` never deletes what the destination already held: more
+/// likely swapped URLs than a wish. (With `root` missing in `src` the mirror deletes nothing
+/// anyway, and waits for it.)
+async fn refuse_pruning(
+    src: &dyn Registry,
+    dst: &dyn Registry,
+    root: &NodePath,
+) -> Result<(), Failure> {
+    if !src.exists(root).await? {
+        return Ok(());
+    }
+    let extra: Vec<NodePath> = migrate::diff(src, dst, root)
+        .await?
+        .into_iter()
+        .filter(|d| d.kind == migrate::DifferenceKind::Extra)
+        .map(|d| d.path)
+        .collect();
+    if extra.is_empty() {
+        return Ok(());
+    }
+    let first: Vec<String> = extra.iter().take(3).map(path_text).collect();
+    Err(Failure::Precondition(format!(
+        "--to has {} persistent node(s) under {root} that --from lacks (first: {}); the \
+         mirror would delete them. Check that --from and --to are not swapped, and pass \
+         --prune to delete them",
+        extra.len(),
+        first.join(" ")
+    )))
 }
 
 /// The error and its root cause ("Connection refused" is what an operator needs; the
