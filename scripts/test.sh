@@ -18,8 +18,10 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
+  # A freshly booted machine's apt-daily may hold the dpkg lock for a while: wait for it.
+  $sudo_cmd apt-get -o DPkg::Lock::Timeout=300 update -qq
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
+    install -y -qq "${need[@]}" >/dev/null
 fi
 command -v java >/dev/null 2>&1 || { echo "java is required for ZooKeeper (install openjdk-17-jre-headless)"; exit 1; }
 
@@ -36,7 +38,9 @@ echo "==> cargo test"
 # Each conformance case records its result; start the run's summary empty.
 rm -rf "${CARGO_TARGET_DIR:-target}/conformance"
 status=0
-cargo test --workspace --no-fail-fast "$@" || status=$?
+# Bounded: a test that hangs (one that starts no server has no watchdog) fails the run
+# instead of holding CI forever; a full run takes about 20 minutes on 2 cores.
+timeout -k 60 90m cargo test --workspace --no-fail-fast "$@" || status=$?
 echo "==> conformance summary"
 cargo run --quiet -p conformance-tests --bin conformance-report || true
 exit "$status"
