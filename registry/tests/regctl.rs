@@ -12,6 +12,30 @@ fn regctl(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A regctl process that is killed (and reaped) when dropped, so one left running by a
+/// failed assertion does not outlive its test.
+struct Running(std::process::Child);
+
+impl std::ops::Deref for Running {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -403,11 +427,13 @@ fn mirror_follows_the_source_through_restarts_of_both_sides_until_interrupted() 
         .status
         .success());
 
-    let mut mirror = Command::new(env!("CARGO_BIN_EXE_regctl"))
-        .args(["mirror", "--from", &from, "--to", &to, "/soa"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut mirror = Running(
+        Command::new(env!("CARGO_BIN_EXE_regctl"))
+            .args(["mirror", "--from", &from, "--to", &to, "/soa"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let lines = lines_of(&mut mirror);
     wait_line(&lines, "synced");
     assert_eq!(
@@ -501,20 +527,24 @@ fn output_that_cannot_be_written_fails_the_command_and_ends_a_watch() {
         "{put:?}"
     );
     // A watch whose output goes nowhere stops instead of running forever.
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_regctl"))
-        .args(["--url", "mem://", "watch", "/x"])
-        .stdout(full())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut watch = Running(
+        Command::new(env!("CARGO_BIN_EXE_regctl"))
+            .args(["--url", "mem://", "watch", "/x"])
+            .stdout(full())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     assert_eq!(exit_code_within_10s(&mut watch, "watch"), Some(3));
     // Nor does a mirror: its log is the operator's only view of it.
-    let mut mirror = Command::new(env!("CARGO_BIN_EXE_regctl"))
-        .args(["mirror", "--from", "mem://", "--to", "mem://", "/x"])
-        .stdout(full())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut mirror = Running(
+        Command::new(env!("CARGO_BIN_EXE_regctl"))
+            .args(["mirror", "--from", "mem://", "--to", "mem://", "/x"])
+            .stdout(full())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     assert_eq!(exit_code_within_10s(&mut mirror, "mirror"), Some(3));
     // A file export that cannot be written is an output failure, not bad input.
     let export = regctl(&[
@@ -659,11 +689,13 @@ fn json_output_covers_watch_import_and_export() {
         "{export:?}"
     );
 
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_regctl"))
-        .args(["--url", "mem://", "--output", "json", "watch", "/x"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = Running(
+        Command::new(env!("CARGO_BIN_EXE_regctl"))
+            .args(["--url", "mem://", "--output", "json", "watch", "/x"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let lines = lines_of(&mut watch);
     let first = lines.recv_timeout(Duration::from_secs(10));
     let _ = watch.kill();
@@ -690,20 +722,22 @@ fn tree_of_a_missing_node_prints_nothing_and_fails() {
 fn a_held_node_whose_session_ends_fails_the_command() {
     let etcd = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
     let url = format!("etcd://{}?session_ttl=2s", etcd.endpoint());
-    let mut hold = Command::new(env!("CARGO_BIN_EXE_regctl"))
-        .args([
-            "--url",
-            &url,
-            "create",
-            "--ephemeral",
-            "--hold",
-            "/held",
-            "v",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut hold = Running(
+        Command::new(env!("CARGO_BIN_EXE_regctl"))
+            .args([
+                "--url",
+                &url,
+                "create",
+                "--ephemeral",
+                "--hold",
+                "/held",
+                "v",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let lines = lines_of(&mut hold);
     wait_line(&lines, "/held");
     // The operator's node goes with its session: revoking the lease ends that session.
@@ -731,12 +765,14 @@ fn a_mirror_stopped_out_of_sync_says_so_and_fails() {
         .status
         .success());
     // A source without the path: the mirror refuses to empty the target and keeps retrying.
-    let mut mirror = Command::new(env!("CARGO_BIN_EXE_regctl"))
-        .args(["mirror", "--from", "mem://", "--to", &to, "/soa/config"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut mirror = Running(
+        Command::new(env!("CARGO_BIN_EXE_regctl"))
+            .args(["mirror", "--from", "mem://", "--to", &to, "/soa/config"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let lines = lines_of(&mut mirror);
     wait_line(&lines, "retrying");
     // SIGTERM, as systemd or `timeout` sends: the mirror still stops and reports.
@@ -870,11 +906,13 @@ fn a_mirror_that_would_delete_what_only_the_target_has_needs_prune() {
         "2"
     );
 
-    let mut mirror = Command::new(env!("CARGO_BIN_EXE_regctl"))
-        .args(["mirror", "--from", &from, "--to", &to, "/soa", "--prune"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut mirror = Running(
+        Command::new(env!("CARGO_BIN_EXE_regctl"))
+            .args(["mirror", "--from", &from, "--to", &to, "/soa", "--prune"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let lines = lines_of(&mut mirror);
     wait_line(&lines, "synced");
     let _ = Command::new("kill")
