@@ -46,6 +46,15 @@ impl Provider {
                 .await
             {
                 Ok(_) | Err(Error::AlreadyExists { .. }) => {}
+                // ZooKeeper checks the parent's CREATE permission before the node's existence:
+                // config nodes an ACL reserves for the admin console refuse a create even
+                // when they exist. As Dapeng's provider (which creates only what is missing,
+                // and ignores failures), registering needs only the runtime node.
+                Err(error) if node != &paths.runtime => {
+                    if !matches!(registry.exists(node).await, Ok(true)) {
+                        tracing::warn!(path = %node, %error, "could not create a config node; registering without it");
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -1,6 +1,7 @@
 //! `ServiceView` when one of its watches fails: it keeps serving the last state marked stale,
 //! watches every source again (retrying while that fails), and never publishes a state that
-//! is both fresh and missing what it knew.
+//! is both fresh and missing what it knew. (Its faulty registry also serves a provider test:
+//! config nodes an ACL keeps from providers.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +26,9 @@ struct FaultyWatches {
     fail: tokio::sync::watch::Sender<Vec<NodePath>>,
     /// `watch` calls still to refuse.
     refuse: AtomicUsize,
+    /// While set, persistent creates under `/soa/config` are refused for want of permission,
+    /// existing node or not (ZooKeeper checks the parent's ACL first).
+    deny_config_creates: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -39,6 +43,12 @@ impl Registry for FaultyWatches {
         self.inner.session_events()
     }
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
+        if self.deny_config_creates.load(Ordering::SeqCst)
+            && path.as_str().starts_with("/soa/config/")
+            && !mode.is_ephemeral()
+        {
+            return Err(Error::PermissionDenied { path: path.clone() });
+        }
         self.inner.create(path, value, mode).await
     }
     async fn get(&self, path: &NodePath) -> Result<Node> {
@@ -144,6 +154,7 @@ async fn a_failed_watch_is_watched_again_and_the_view_is_never_fresh_and_emptied
         ),
         fail,
         refuse: AtomicUsize::new(0),
+        deny_config_creates: Default::default(),
     });
     let mut held = Vec::new();
     for last in [1, 2] {
@@ -288,4 +299,47 @@ async fn a_view_is_not_fresh_after_a_reconnect_until_it_has_caught_up() {
     for provider in held {
         provider.shutdown().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_registers_where_config_nodes_refuse_its_creates() {
+    // An ACL keeps /soa/config for the admin console: a provider's create there is refused,
+    // whether the node exists (ZooKeeper checks the parent's permission first) or not.
+    let store = MemoryStore::new();
+    let admin: Arc<dyn Registry> = Arc::new(
+        MemoryRegistry::connect(&store, MemoryOptions::default())
+            .await
+            .unwrap(),
+    );
+    let paths = registry_soa::layout::ServicePaths::new(SERVICE).unwrap();
+    admin
+        .create(
+            &paths.config,
+            Bytes::from("timeout/800ms"),
+            CreateMode::Persistent,
+        )
+        .await
+        .unwrap();
+    let provider: Arc<dyn Registry> = Arc::new(FaultyWatches {
+        inner: Arc::new(
+            MemoryRegistry::connect(&store, MemoryOptions::default())
+                .await
+                .unwrap(),
+        ),
+        fail: tokio::sync::watch::channel(Vec::new()).0,
+        refuse: AtomicUsize::new(0),
+        deny_config_creates: true.into(),
+    });
+    let registered = Provider::register(&provider, SERVICE, address(1), "1.0.0")
+        .await
+        .unwrap_or_else(|e| panic!("a refused config create failed the registration: {e}"));
+    assert!(registered.is_registered());
+    assert_eq!(
+        admin.children(&paths.runtime).await.unwrap().nodes.len(),
+        1,
+        "the instance node is missing"
+    );
+    // The routes node, missing and refused, is simply not there.
+    assert!(!admin.exists(&paths.routes).await.unwrap());
+    registered.shutdown().await.unwrap();
 }
