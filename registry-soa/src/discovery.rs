@@ -417,7 +417,16 @@ fn build(
     let mut errors = Vec::new();
     let mut config_of = |state: &WatchedState, path: &NodePath| {
         let (parsed, errs) = parse_config(&text(state, path));
-        errors.extend(errs.into_iter().map(|e| (path.clone(), e)));
+        for error in errs {
+            // Said once per new error, not on every rebuild: the property falls back to the
+            // global setting or the default, which nobody would notice otherwise.
+            let known =
+                previous.is_some_and(|p| p.errors.iter().any(|(at, e)| at == path && *e == error));
+            if !known {
+                tracing::warn!(%path, %error, "config property does not parse; the global setting or the default applies");
+            }
+            errors.push((path.clone(), error));
+        }
         parsed
     };
     let service_config = config_of(config, &sources.paths.config);
