@@ -162,7 +162,12 @@ fn method_setting<T>(
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> Result<MethodSetting<T>, String> {
     let mut setting = MethodSetting::default();
-    for (i, item) in value.split(',').enumerate() {
+    // Java's `split(",")` drops trailing empty items: `800ms,` is `800ms` to Dapeng too.
+    let mut items: Vec<&str> = value.split(',').collect();
+    while items.len() > 1 && items.last().is_some_and(|i| i.trim().is_empty()) {
+        items.pop();
+    }
+    for (i, item) in items.into_iter().enumerate() {
         let item = item.trim();
         match item.split_once(':') {
             Some((method, v)) if i > 0 || !method.is_empty() => {
@@ -286,6 +291,21 @@ mod tests {
         assert_eq!(c.load_balance.default, Some(LoadBalance::Random));
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!((errors[0].line, errors[0].column), (4, 1));
+    }
+
+    #[test]
+    fn trailing_commas_are_dropped_as_java_split_drops_them() {
+        let (c, errors) =
+            parse_config("timeout/800ms,;loadBalance/leastActive,createSupplier:random,,");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(c.timeout.default, Some(Duration::from_millis(800)));
+        assert_eq!(
+            c.load_balance.for_method("createSupplier"),
+            Some(LoadBalance::Random)
+        );
+        // Not an empty item inside, nor a value of commas only.
+        assert_eq!(parse_config("timeout/800ms,,a:1s").1.len(), 1);
+        assert_eq!(parse_config("timeout/,").1.len(), 1);
     }
 
     #[test]
