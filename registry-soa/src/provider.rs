@@ -13,15 +13,19 @@ use crate::layout::{instance_prefix, parse_instance, Address, ServicePaths};
 /// A registered instance: an ephemeral-sequential `ip:port:version:<seq>` node under
 /// `/soa/runtime/services/<service>`, healed by [`Registration`].
 ///
-/// Guarantees: the service's persistent nodes (runtime, config, routes, cookies, freq) exist
-/// once `register` returns; [`shutdown`](Provider::shutdown) removes exactly this instance's
-/// node (by its full path), never a neighbour whose address merely contains ours.
+/// Guarantees: the service's runtime node exists once `register` returns, and its config
+/// nodes (config, routes, cookies, freq) too unless the registry refuses to create them (an
+/// ACL that keeps them for the admin console), which is logged;
+/// [`shutdown`](Provider::shutdown) removes exactly this instance's node (by its full path),
+/// never a neighbour whose address merely contains ours.
 ///
-/// Like Dapeng's provider, `register` first removes the ephemeral nodes of the same
-/// `ip:port:version` that other sessions own: only one process listens on an address, so
-/// such a node is a previous run's whose session has not expired yet (a quick restart).
-/// Left alone, consumers would count the instance twice and the dead node, holding the
-/// lowest sequence, would keep mastership from every instance until it expired.
+/// Like Dapeng's provider, `register` first removes the ephemeral instance nodes of the same
+/// `ip:port` that other sessions own: only one process listens on an address, so such a node
+/// is a previous run's whose session has not expired yet (a quick restart). Dapeng removes
+/// those of the same version only; here any version goes, since a deploy usually restarts an
+/// address with a new one. Left alone, consumers would count the instance twice (or call the
+/// dead run's version) and the dead node, holding the lowest sequence, would keep mastership
+/// from every instance until it expired.
 pub struct Provider {
     registry: Arc<dyn Registry>,
     registration: Registration,
@@ -125,7 +129,8 @@ impl Provider {
     }
 }
 
-/// Removes the nodes of `address` at `version` that other sessions own (see [`Provider`]).
+/// Removes the instance nodes of `address`, whatever their version, that other sessions own
+/// (see [`Provider`]).
 /// Best effort, as in Dapeng: a failure is logged and registration goes on, and each node
 /// goes only while its owner still holds it (a node re-created meanwhile stays).
 async fn remove_stale_nodes(
@@ -147,11 +152,7 @@ async fn remove_stale_nodes(
     };
     for node in &listed.nodes {
         let stale = node.ephemeral_owner.is_some_and(|owner| owner != ours)
-            && parse_instance(node).is_some_and(|i| {
-                i.address == address
-                    && i.version.as_deref() == Some(version)
-                    && i.sequence.is_some()
-            });
+            && parse_instance(node).is_some_and(|i| i.address == address && i.sequence.is_some());
         if !stale {
             continue;
         }
