@@ -166,7 +166,7 @@ async fn no_lock_is_granted_to_a_session_known_to_be_over() {
     let over = [
         SessionStatus {
             state: SessionState::Lost,
-            ..live.clone()
+            ..live
         },
         SessionStatus {
             state: SessionState::Reestablished,
@@ -178,10 +178,10 @@ async fn no_lock_is_granted_to_a_session_known_to_be_over() {
         let faulty = support::Faulty::new(client.clone());
         let reported = faulty.clone();
         faulty.on_create(Arc::new(move |_, answer| {
-            reported.report_session(Some(status.clone()));
+            reported.report_session(Some(status));
             Box::pin(async move { answer })
         }));
-        let path = NodePath::new(&format!("/locks/over-{round}")).unwrap();
+        let path = NodePath::new(format!("/locks/over-{round}")).unwrap();
         let lock = Mutex::new(faulty.clone(), path.clone());
         let outcome = lock.lock().await.map(|g| g.is_held());
         assert!(
@@ -192,11 +192,11 @@ async fn no_lock_is_granted_to_a_session_known_to_be_over() {
         let faulty = support::Faulty::new(client.clone());
         let reported = faulty.clone();
         faulty.on_create(Arc::new(move |_, answer| {
-            reported.report_session(Some(status.clone()));
+            reported.report_session(Some(status));
             Box::pin(async move { answer })
         }));
         // A queue of its own: the node lock() left is removed in the background.
-        let path = NodePath::new(&format!("/locks/over-try-{round}")).unwrap();
+        let path = NodePath::new(format!("/locks/over-try-{round}")).unwrap();
         let lock = Mutex::new(faulty, path);
         let outcome = lock.try_lock().await.map(|g| g.map(|g| g.is_held()));
         assert!(

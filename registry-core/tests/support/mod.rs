@@ -219,7 +219,7 @@ impl Registry for Faulty {
         self.inner.capabilities()
     }
     fn session(&self) -> SessionStatus {
-        if let Some(status) = self.reported_session.lock().unwrap().clone() {
+        if let Some(status) = *self.reported_session.lock().unwrap() {
             return status;
         }
         self.inner.session()
