@@ -71,12 +71,16 @@ pub(crate) fn owner_session(ephemeral_owner: i64) -> Option<SessionId> {
 
 /// Children a stream leaves out because their path is not a valid `NodePath` (another client
 /// may create nodes deeper or with longer paths than it allows): each is warned about once
-/// per stream, not at every listing.
+/// per stream, not at every listing, among the last [`WARNED_MAX`] such names (a stream lives
+/// long, and names that change with every restart must not grow it without end).
 struct Skipped {
     warned: std::collections::BTreeSet<String>,
     /// Whether the client has a chroot (see [`crate::servers_own`]).
     chrooted: bool,
 }
+
+/// Invalid child names a stream remembers having warned about.
+const WARNED_MAX: usize = 1024;
 
 impl Skipped {
     fn new(chrooted: bool) -> Skipped {
@@ -94,6 +98,9 @@ impl Skipped {
         match parent.join(name) {
             Ok(child) => Some(child),
             Err(error) => {
+                if self.warned.len() >= WARNED_MAX {
+                    self.warned.clear();
+                }
                 if self.warned.insert(format!("{parent}/{name}")) {
                     tracing::warn!(%parent, child = name, %error, "watch skips a child: not a valid path");
                 }
@@ -1023,6 +1030,17 @@ mod tests {
 
     fn map(nodes: &[Node]) -> BTreeMap<NodePath, Node> {
         nodes.iter().map(|n| (n.path.clone(), n.clone())).collect()
+    }
+
+    #[test]
+    fn skipped_names_are_remembered_within_a_bound() {
+        let mut skipped = Skipped::new(false);
+        let parent = NodePath::new("/svc").unwrap();
+        for i in 0..3 * WARNED_MAX {
+            assert!(skipped.child(&parent, &format!("..{i}/x")).is_none());
+            assert!(skipped.warned.len() <= WARNED_MAX);
+        }
+        assert!(skipped.child(&parent, "ok").is_some());
     }
 
     #[test]
