@@ -245,8 +245,12 @@ async fn together(registry: &EtcdRegistry, batch: &[Pending]) -> Result<Together
     }
     // Each key its own lease slot: a batch may span two of the session's leases.
     let mut leases = Vec::with_capacity(batch.len());
+    // In flight until the batch's Txn has completed.
+    let mut in_flight = Vec::with_capacity(batch.len());
     for _ in batch {
-        leases.push(shared.lease_for().await?);
+        let (lease, slot) = shared.lease_for().await?;
+        leases.push(lease);
+        in_flight.push(slot);
     }
     // The parents are compared, not read first: one round trip.
     let mut compares = persistent_parents(&parents);

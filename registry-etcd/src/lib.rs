@@ -217,9 +217,9 @@ impl Shared {
         .await
     }
 
-    /// The lease to put a new ephemeral key under; `SessionExpired` while the session is not
-    /// live.
-    pub(crate) async fn lease_for(&self) -> Result<i64> {
+    /// The lease to put a new ephemeral key under, in flight until the guard is dropped (see
+    /// [`session::InFlight`]); `SessionExpired` while the session is not live.
+    pub(crate) async fn lease_for(&self) -> Result<(i64, session::InFlight<'_>)> {
         if !self.session.tracker.status().state.is_live() {
             return Err(Error::SessionExpired);
         }
@@ -686,7 +686,7 @@ impl EtcdRegistry {
         };
         let key = keys.node(&target);
         compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-        let lease = self.lease_for(mode).await?;
+        let (lease, _in_flight) = self.lease_for(mode).await?;
         puts.push(TxnOp::put(key.clone(), value.to_vec(), put_options(lease)));
         let response = self
             .shared
@@ -815,12 +815,14 @@ impl EtcdRegistry {
 }
 
 impl EtcdRegistry {
-    /// The lease an ephemeral create puts its key under (0 for a persistent one).
-    async fn lease_for(&self, mode: CreateMode) -> Result<i64> {
+    /// The lease an ephemeral create puts its key under (0 for a persistent one), in flight
+    /// while the guard lives.
+    async fn lease_for(&self, mode: CreateMode) -> Result<(i64, Option<session::InFlight<'_>>)> {
         if !mode.is_ephemeral() {
-            return Ok(0);
+            return Ok((0, None));
         }
-        self.shared.lease_for().await
+        let (lease, in_flight) = self.shared.lease_for().await?;
+        Ok((lease, Some(in_flight)))
     }
 
     /// A non-sequential create in one Txn, when the parent already has a key: it compares
@@ -841,7 +843,7 @@ impl EtcdRegistry {
             .into_iter()
             .collect();
         let key = keys.node(path);
-        let lease = self.lease_for(mode).await?;
+        let (lease, _in_flight) = self.lease_for(mode).await?;
         let response = self
             .shared
             .request("create", path, |mut kv| {

@@ -55,7 +55,10 @@ pub struct EtcdOptions {
     /// Ephemeral keys put under one lease before the session grants its next one (at least
     /// 1). etcd before 3.4.27 / 3.5.10, and any etcd with auth on for a non-root user, spends
     /// time linear in a lease's keys on every put under it (etcd-io/etcd#15993), so one lease
-    /// for 10k registrations makes re-registering them take seconds. Counted at creation.
+    /// for 10k registrations makes re-registering them take seconds. Counted at creation;
+    /// before granting another lease the session counts the newest one's keys on the server
+    /// and keeps using it while it is less than half full, so creating and deleting keys
+    /// (locks, churning registrations) does not grow the session's leases.
     pub keys_per_lease: usize,
 }
 

@@ -82,8 +82,12 @@ struct Leases {
     ids: Vec<i64>,
     /// Index (within the block) the next lease gets.
     next_index: i64,
-    /// Keys put under the newest lease (counted at creation; deletes are not subtracted).
+    /// Keys put under the newest lease (counted at creation; deletes are not subtracted, so
+    /// before another lease is granted the newest one's keys are counted on the server).
     on_newest: usize,
+    /// Lease slots handed out whose create has not completed (see [`InFlight`]): keys the
+    /// server cannot count yet.
+    in_flight: usize,
     /// Round-robin position once the block is full.
     cursor: usize,
     /// The session is being revoked (lost or closed): a grant that completes now is not
@@ -131,6 +135,7 @@ impl Session {
                 ids: vec![session],
                 next_index: 1,
                 on_newest: 0,
+                in_flight: 0,
                 cursor: 0,
                 retired: false,
             }),
@@ -179,13 +184,17 @@ impl Session {
 
     /// Starts over with one lease after a loss.
     fn restart(&self, session: i64) {
-        *self.lock() = Leases {
+        let mut leases = self.lock();
+        let in_flight = leases.in_flight;
+        *leases = Leases {
             ids: vec![session],
             next_index: 1,
             on_newest: 0,
+            in_flight,
             cursor: 0,
             retired: false,
         };
+        drop(leases);
         self.joined.send_replace(());
     }
 
@@ -229,9 +238,22 @@ impl Session {
         granted
     }
 
-    /// The lease to put a new ephemeral key under; grants the session's next lease when the
-    /// newest is full. A failed grant puts it under the newest anyway.
-    pub(crate) async fn lease_for(&self, client: &Client, ttl: Duration, timeout: Duration) -> i64 {
+    /// The lease to put a new ephemeral key under, held in flight until the returned guard
+    /// is dropped (once the create has completed, whatever its outcome); grants the
+    /// session's next lease when the newest is full. A failed grant puts it under the newest
+    /// anyway.
+    pub(crate) async fn lease_for(
+        &self,
+        client: &Client,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> (i64, InFlight<'_>) {
+        let lease = self.choose_lease(client, ttl, timeout).await;
+        self.lock().in_flight += 1;
+        (lease, InFlight(self))
+    }
+
+    async fn choose_lease(&self, client: &Client, ttl: Duration, timeout: Duration) -> i64 {
         // Bounded: each round grants, skips a taken ID, or sees another grant finish.
         for _ in 0..8 {
             if let Slot::Lease(lease) = self.slot() {
@@ -242,6 +264,11 @@ impl Session {
                 Slot::Lease(lease) => return lease,
                 Slot::Grow { session, id } => (session, id),
             };
+            // The newest lease counted every key put under it, and every attempt: deleted
+            // keys and failed creates leave room that only the server can tell.
+            if let Some(lease) = self.room_on_newest(client, timeout).await {
+                return lease;
+            }
             let mut client = client.clone();
             let options = LeaseGrantOptions::new().with_id(id);
             match tokio::time::timeout(
@@ -276,11 +303,57 @@ impl Session {
         self.take()
     }
 
+    /// The newest lease if, counted on the server with the creates still in flight, it is
+    /// less than half full after all; it then counts as holding that many (and this key).
+    /// Half, not full: a create whose caller gave up is no longer counted in flight but may
+    /// still land, so a lease can take a few keys over its share, not many.
+    async fn room_on_newest(&self, client: &Client, timeout: Duration) -> Option<i64> {
+        let newest = self.lock().newest();
+        let mut client = client.clone();
+        let options = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
+        let keys =
+            match tokio::time::timeout(timeout, client.lease_time_to_live(newest, Some(options)))
+                .await
+            {
+                // A lease already gone (a session being lost) has no room.
+                Ok(Ok(answer)) if answer.ttl() > 0 => answer.keys().len(),
+                // Not known: grant another, as before.
+                _ => return None,
+            };
+        let mut leases = self.lock();
+        let held = keys.saturating_add(leases.in_flight);
+        if leases.retired
+            || leases.newest() != newest
+            || held.saturating_mul(2) >= self.keys_per_lease
+        {
+            return None;
+        }
+        tracing::debug!(
+            lease = newest,
+            keys,
+            in_flight = leases.in_flight,
+            "the newest lease has room again"
+        );
+        leases.on_newest = held + 1;
+        Some(newest)
+    }
+
     /// The newest lease, whatever it holds.
     fn take(&self) -> i64 {
         let mut leases = self.lock();
         leases.on_newest += 1;
         leases.newest()
+    }
+}
+
+/// A lease slot whose create has not completed: counted as a key of its lease until dropped,
+/// since the server cannot count it yet.
+pub(crate) struct InFlight<'a>(&'a Session);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut leases = self.0.lock();
+        leases.in_flight = leases.in_flight.saturating_sub(1);
     }
 }
 
