@@ -1269,6 +1269,15 @@ async fn a_session_revoked_while_cut_off_is_lost_at_reconnect() {
     next_state_is(&mut states, SessionState::Suspended)
         .await
         .unwrap_or_else(|_| panic!("no Suspended within 5 s of the cut"));
+    // Suspended is not over: an ephemeral create says the server is out of reach, not that
+    // the session ended.
+    let refused = reg
+        .create(&p("/suspended"), Bytes::new(), CreateMode::Ephemeral)
+        .await;
+    assert!(
+        matches!(refused, Err(Error::Unavailable { .. })),
+        "{refused:?}"
+    );
     let raw = etcd_client::Client::connect([server.endpoint()], None)
         .await
         .unwrap();

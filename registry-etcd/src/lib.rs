@@ -218,10 +218,18 @@ impl Shared {
     }
 
     /// The lease to put a new ephemeral key under, in flight until the guard is dropped (see
-    /// [`session::InFlight`]); `SessionExpired` while the session is not live.
+    /// [`session::InFlight`]). While the session is not live: `Unavailable` if it is only
+    /// suspended (it may well still be alive), `SessionExpired` once it is lost (until the
+    /// next one is up).
     pub(crate) async fn lease_for(&self) -> Result<(i64, session::InFlight<'_>)> {
-        if !self.session.tracker.status().state.is_live() {
-            return Err(Error::SessionExpired);
+        match self.session.tracker.status().state {
+            state if state.is_live() => {}
+            SessionState::Suspended => {
+                return Err(Error::unavailable(
+                    "etcd session suspended (no keep-alive answer); its leases may still be alive",
+                ))
+            }
+            _ => return Err(Error::SessionExpired),
         }
         let ttl = self.options.effective_session_ttl();
         Ok(self
