@@ -1899,3 +1899,49 @@ async fn keys_no_path_can_name_are_listed_as_skipped_and_stop_a_copy() {
     }
     reg.close().await.unwrap();
 }
+
+/// Everything a test's log says, as text.
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// One thread: every task of the client logs through this thread's subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn close_ends_the_create_batcher_while_handles_live_on() {
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_env_filter("registry_etcd=debug")
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let reg = connect(&server.endpoint()).await;
+    // A handle that outlives the close, as a registration or a clone would.
+    let kept = reg.clone();
+    reg.close().await.unwrap();
+    let ended = |log: &Log| {
+        String::from_utf8_lossy(&log.0.lock().unwrap())
+            .lines()
+            .any(|l| l.contains("etcd_create_batcher") && l.contains("close"))
+    };
+    let closed_within = tokio::time::timeout(Duration::from_secs(5), async {
+        while !ended(&log) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(closed_within.is_ok(), "the batcher still runs after close");
+    drop(kept);
+}

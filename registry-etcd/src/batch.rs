@@ -91,8 +91,13 @@ impl Queue {
     }
 }
 
-/// Starts the batcher of `shared`'s client; it ends when the client is dropped.
-pub(crate) fn spawn(shared: Weak<Shared>, queued: Queued) {
+/// Starts the batcher of `shared`'s client; it ends when the client is closed (`shutdown`
+/// set; creates still queued then fail with `Closed`) or dropped.
+pub(crate) fn spawn(
+    shared: Weak<Shared>,
+    queued: Queued,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let Queued {
         mut receiver,
         permits,
@@ -103,9 +108,12 @@ pub(crate) fn spawn(shared: Weak<Shared>, queued: Queued) {
         loop {
             let first = match carried.take() {
                 Some(first) => first,
-                None => match receiver.recv().await {
-                    Some(first) => first,
-                    None => return,
+                None => tokio::select! {
+                    first = receiver.recv() => match first {
+                        Some(first) => first,
+                        None => return,
+                    },
+                    _ = shutdown.wait_for(|closed| *closed) => return,
                 },
             };
             let Ok(permit) = permits.clone().acquire_owned().await else {

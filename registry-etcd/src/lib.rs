@@ -539,7 +539,7 @@ impl EtcdRegistry {
             registration_watches: RegistrationWatches::new(),
             members,
         });
-        batch::spawn(Arc::downgrade(&shared), queued);
+        batch::spawn(Arc::downgrade(&shared), queued, shared.shutdown.subscribe());
         Ok(EtcdRegistry { shared })
     }
 
