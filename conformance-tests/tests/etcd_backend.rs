@@ -402,20 +402,30 @@ async fn assert_revoked(raw: &mut etcd_client::Client, leases: &[i64], which: &s
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_grows_leases_with_live_keys_not_with_creates() {
-    // A long-lived session that keeps creating and deleting (locks, churning registrations)
-    // holds few keys: it must not climb towards thousands of leases, each kept alive.
+/// A server, a registry on it whose session puts 2 keys per lease (2 s TTL), a raw client to
+/// look at the leases, and the session's ID.
+async fn two_keys_per_lease() -> (
+    EtcdServer,
+    Arc<dyn Registry>,
+    etcd_client::Client,
+    registry_core::SessionId,
+) {
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
     let ep = server.endpoint();
     let options = EtcdOptions::new([ep.clone()])
         .with_session_ttl(Duration::from_secs(2))
         .with_keys_per_lease(2);
     let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(options).await.unwrap());
-    let mut raw = etcd_client::Client::connect([ep.clone()], None)
-        .await
-        .unwrap();
+    let raw = etcd_client::Client::connect([ep], None).await.unwrap();
     let session = reg.session().session_id.unwrap();
+    (server, reg, raw, session)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_grows_leases_with_live_keys_not_with_creates() {
+    // A long-lived session that keeps creating and deleting (locks, churning registrations)
+    // holds few keys: it must not climb towards thousands of leases, each kept alive.
+    let (_server, reg, mut raw, session) = two_keys_per_lease().await;
     let kept = reg
         .create(&p("/churn/kept"), Bytes::new(), CreateMode::Ephemeral)
         .await
@@ -463,16 +473,7 @@ async fn a_session_grows_leases_with_live_keys_not_with_creates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_spreads_its_keys_over_leases_and_loses_them_together() {
-    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
-    let ep = server.endpoint();
-    let options = EtcdOptions::new([ep.clone()])
-        .with_session_ttl(Duration::from_secs(2))
-        .with_keys_per_lease(2);
-    let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(options).await.unwrap());
-    let mut raw = etcd_client::Client::connect([ep.clone()], None)
-        .await
-        .unwrap();
-    let session = reg.session().session_id.unwrap();
+    let (_server, reg, mut raw, session) = two_keys_per_lease().await;
     let registrations = register_all(&reg, (0..7).map(|i| format!("/spread/r{i}")), "1").await;
     let (keys, leases) = keys_and_leases_under(&mut raw, "/spread/").await;
     assert_eq!(keys, 7);
