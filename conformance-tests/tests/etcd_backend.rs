@@ -421,6 +421,21 @@ async fn two_keys_per_lease() -> (
     (server, reg, raw, session)
 }
 
+/// Every lease on the server that belongs to `session`.
+async fn leases_of_session(
+    raw: &mut etcd_client::Client,
+    session: registry_core::SessionId,
+) -> Vec<i64> {
+    raw.leases()
+        .await
+        .unwrap()
+        .leases()
+        .iter()
+        .map(|l| l.id())
+        .filter(|&l| registry_etcd::session_of_lease(l) == session)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_grows_leases_with_live_keys_not_with_creates() {
     // A long-lived session that keeps creating and deleting (locks, churning registrations)
@@ -451,15 +466,7 @@ async fn a_session_grows_leases_with_live_keys_not_with_creates() {
             .await
             .unwrap();
     }
-    let leases: Vec<i64> = raw
-        .leases()
-        .await
-        .unwrap()
-        .leases()
-        .iter()
-        .map(|l| l.id())
-        .filter(|&l| registry_etcd::session_of_lease(l) == session)
-        .collect();
+    let leases = leases_of_session(&mut raw, session).await;
     // At most two live keys at a time (the kept one and one churning), 2 per lease: 2 leases,
     // where every create counted used to grow it to 21.
     assert!(leases.len() <= 2, "{leases:x?}");
@@ -1750,15 +1757,7 @@ async fn a_lost_sessions_leases_still_granted_are_revoked_before_reestablished()
         .await
         .unwrap();
     let session = reg.session().session_id.unwrap();
-    let leases: Vec<i64> = raw
-        .leases()
-        .await
-        .unwrap()
-        .leases()
-        .iter()
-        .map(|l| l.id())
-        .filter(|&l| registry_etcd::session_of_lease(l) == session)
-        .collect();
+    let leases = leases_of_session(&mut raw, session).await;
     assert!(!leases.is_empty());
     // Renews the session's leases from outside, directly, until aborted (bounded: 30 s).
     let mut renewing = raw.clone();
