@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::node::{CreateMode, Expected, Node};
+use crate::node::{CreateMode, Node};
 use crate::path::NodePath;
 use crate::registry::Registry;
 use crate::watch::{WatchEvent, WatchOptions};
@@ -227,13 +227,13 @@ pub struct CopySummary {
 /// finishes the job.
 ///
 /// Writers may keep writing both registries meanwhile (a [`DualRegistry`](crate::DualRegistry)):
-/// each node is written from a fresh read of the source, and only while the target node is
-/// as just read (a create only while absent, an update at the version read); otherwise both
-/// are read again (bounded). So a copy never puts an older value over a newer one a writer
-/// put in both, nor brings back a node deleted from both before the copy read the source
-/// again. (Nothing spans two registries: a node a writer deletes from both within the
-/// round trip between that read and the copy's write can come back; `diff` finds it.) A
-/// source node gone by then is counted in [`CopySummary::gone`].
+/// each node is written from a fresh read of the source, created only while absent, and an
+/// update that another write came between (the version moved by more than one) is redone
+/// from fresh reads of both (bounded). So a copy does not leave an older value over a newer
+/// one a writer put in both, nor bring back a node deleted from both before the copy read
+/// the source again. (Nothing spans two registries: a node a writer deletes from both
+/// within the round trip between that read and the copy's write can come back; `diff`
+/// finds it.) A source node gone by then is counted in [`CopySummary::gone`].
 pub async fn copy(
     from: &dyn Registry,
     to: &dyn Registry,
@@ -400,9 +400,12 @@ enum Copied {
     Gone,
 }
 
-/// Copies one node from a fresh read of `from`, writing `to` only while its node there is
-/// as just read (see [`copy`]); both are read again when a writer got in between (bounded).
+/// Copies one node from a fresh read of `from` (see [`copy`]): created while absent in `to`,
+/// else written owner-checked (never into a session's node) and kept only if no other write
+/// came between the read and it; otherwise both are read again and the value written again
+/// (bounded), so the last write is one of a fresh source value.
 async fn copy_node(from: &dyn Registry, to: &dyn Registry, path: &NodePath) -> Result<Copied> {
+    let persistent = Node::empty(path.clone(), None);
     // Bounded: each round loses at most one race with another writer.
     for _ in 0..3 {
         let value = match from.get(path).await {
@@ -411,32 +414,35 @@ async fn copy_node(from: &dyn Registry, to: &dyn Registry, path: &NodePath) -> R
             Err(error) => return Err(error),
         };
         crate::check_value(path, &value)?;
-        let written = match to.get(path).await {
+        let read_version = match to.get(path).await {
             Ok(node) if node.is_ephemeral() => {
                 return Err(Error::AlreadyExists { path: path.clone() })
             }
             Ok(node) if holds_value(&node, &value) => return Ok(Copied::Unchanged),
             // A keyless etcd parent takes a value only by a create.
-            Ok(node) if !is_implicit(&node) => {
-                to.set(path, value, Expected::Version(node.version)).await
-            }
+            Ok(node) if !is_implicit(&node) => node.version,
             Ok(_) | Err(Error::NotFound { .. }) => {
-                to.create(path, value, CreateMode::Persistent).await
+                match to.create(path, value, CreateMode::Persistent).await {
+                    Ok(_) => return Ok(Copied::Written),
+                    Err(Error::AlreadyExists { .. } | Error::NotFound { .. }) => continue,
+                    Err(error) => return Err(error),
+                }
             }
             Err(error) => return Err(error),
         };
-        match written {
-            // Replaced by a session's node at the version read, within the round trip.
-            Ok(node) if node.is_ephemeral() => {
-                tracing::warn!(%path, owner = ?node.ephemeral_owner, "a copied value landed in a session's ephemeral node that replaced the node read");
+        match to.set_owned(&persistent, value).await {
+            // On ZooKeeper, replaced by a session's node within the check's round trip.
+            Ok(Some(written)) if written.is_ephemeral() => {
+                tracing::warn!(%path, owner = ?written.ephemeral_owner, "a copied value landed in a session's ephemeral node that replaced the node read");
                 return Err(Error::AlreadyExists { path: path.clone() });
             }
-            Ok(_) => return Ok(Copied::Written),
-            Err(
-                Error::VersionMismatch { .. }
-                | Error::NotFound { .. }
-                | Error::AlreadyExists { .. },
-            ) => {}
+            // Every write moves the version by one: no other write came in between.
+            Ok(Some(written)) if written.version == read_version.saturating_add(1) => {
+                return Ok(Copied::Written)
+            }
+            // Another writer's value was in between (it may be newer than the one just
+            // written), or the node went or became a session's: read both again.
+            Ok(_) | Err(Error::VersionMismatch { .. }) => {}
             Err(error) => return Err(error),
         }
     }
@@ -567,7 +573,9 @@ pub struct MirrorStatus {
 /// [`HELD_RETRY`]); then every change the source's watch reports is applied. A full sync never
 /// empties the target because the source's root is missing (a wrong path or chroot, a source
 /// restarted without its data), nor deletes the target's root when the source's goes: it
-/// reports [`MirrorChange::Retrying`] instead until the root exists (what the source deletes
+/// reports [`MirrorChange::Retrying`] instead until the root exists, as it does while the
+/// root exists in neither registry, so a mistyped path is never reported in sync (what the
+/// source deletes
 /// below the root before that is deleted in the target, as it happens). After a watch resync,
 /// a stream end, or any failure on either side (a server restarting), it waits with capped
 /// backoff and starts over with a full sync, so no change is lost for good. Ephemeral nodes
@@ -902,7 +910,8 @@ async fn retry_kept(
 
 /// Makes the persistent nodes of `to` under `root` equal to `desired`, adding to `unequal`
 /// the paths it could not write or delete. Refuses (a retryable error) to empty the target
-/// when nothing at all exists at `root` in the source.
+/// when nothing at all exists at `root` in the source, and to report a sync while `root`
+/// exists in neither (more likely a mistyped path or chroot than a tree to keep equal).
 async fn sync(
     to: &dyn Registry,
     root: &NodePath,
@@ -934,7 +943,8 @@ async fn sync(
             // A path missing from `current` may be an ephemeral node there: `put` reads it.
             let seen = current.get(path).map(|node| Some(node.version));
             match put_persistent(to, path, value.clone(), seen).await {
-                Ok(_) => written += 1,
+                Ok(true) => written += 1,
+                Ok(false) => {}
                 Err(error) => {
                     unequal.not_written(path.clone(), error)?;
                 }

@@ -902,8 +902,9 @@ async fn copy_that_meets_a_new_ephemeral_node_midway_says_what_it_wrote() {
         other => panic!("expected a copy error that says what was written, got {other:?}"),
     }
     assert_eq!(value(&*dst, "/cfg/a").await, Some(Bytes::from("1")));
-    // Replaced at the same version, the node took the value (a write compares versions
-    // only), but it is still the session's and the copy did not count it as copied.
+    // Replaced within the owner check's round trip (this wrapper checks, then writes, as
+    // ZooKeeper must), the node took the value, but it is still the session's and the copy
+    // did not count it as copied.
     assert!(dst.get(&p("/cfg/b")).await.unwrap().is_ephemeral());
 }
 
