@@ -14,8 +14,8 @@ use crate::layout::{instance_prefix, parse_instance, Address, ServicePaths};
 /// `/soa/runtime/services/<service>`, healed by [`Registration`].
 ///
 /// Guarantees: the service's runtime node exists once `register` returns, and its config
-/// nodes (config, routes, cookies, freq) too unless the registry refuses to create them (an
-/// ACL that keeps them for the admin console), which is logged;
+/// nodes (config, routes, cookies, freq) too unless the registry denies the permission to
+/// create them (an ACL that keeps them for the admin console), which is logged;
 /// [`shutdown`](Provider::shutdown) removes exactly this instance's node (by its full path),
 /// never a neighbour whose address merely contains ours.
 ///
@@ -52,11 +52,12 @@ impl Provider {
                 Ok(_) | Err(Error::AlreadyExists { .. }) => {}
                 // ZooKeeper checks the parent's CREATE permission before the node's existence:
                 // config nodes an ACL reserves for the admin console refuse a create even
-                // when they exist. As Dapeng's provider (which creates only what is missing,
-                // and ignores failures), registering needs only the runtime node.
-                Err(error) if node != &paths.runtime => {
+                // when they exist. As for Dapeng's provider (which creates only what is
+                // missing), registering needs only the runtime node: a denied config node is
+                // the admin console's to create. Other failures still fail the registration.
+                Err(error @ Error::PermissionDenied { .. }) if node != &paths.runtime => {
                     if !matches!(registry.exists(node).await, Ok(true)) {
-                        tracing::warn!(path = %node, %error, "could not create a config node; registering without it");
+                        tracing::warn!(path = %node, %error, "may not create a config node; registering without it");
                     }
                 }
                 Err(e) => return Err(e.into()),
