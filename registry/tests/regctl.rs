@@ -764,10 +764,27 @@ fn a_mirror_stopped_out_of_sync_says_so_and_fails() {
     assert!(regctl(&["--url", &to, "put", "/soa/config/a", "1"])
         .status
         .success());
-    // A source without the path: the mirror refuses to empty the target and keeps retrying.
+    // Without --prune, a source lacking the path is refused before it starts: the first sync
+    // once the path appears there would delete what only the target has.
+    let refused = regctl(&["mirror", "--from", "mem://", "--to", &to, "/soa/config"]);
+    assert_eq!(refused.status.code(), Some(5), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("/soa/config/a"),
+        "{refused:?}"
+    );
+    // With it, a source without the path: the mirror refuses to empty the target and keeps
+    // retrying.
     let mut mirror = Running(
         Command::new(env!("CARGO_BIN_EXE_regctl"))
-            .args(["mirror", "--from", "mem://", "--to", &to, "/soa/config"])
+            .args([
+                "mirror",
+                "--from",
+                "mem://",
+                "--to",
+                &to,
+                "/soa/config",
+                "--prune",
+            ])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

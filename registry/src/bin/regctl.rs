@@ -976,22 +976,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 /// Refuses a mirror whose first sync would delete persistent nodes only `dst` has under
 /// `root`, as `etcdctl make-mirror` never deletes what the destination already held: more
-/// likely swapped URLs than a wish. (With `root` missing in `src` the mirror deletes nothing
-/// anyway, and waits for it.)
+/// likely swapped URLs than a wish. With `root` missing in `src` every node `dst` has there
+/// counts: the mirror waits for the root, and its first sync once the root appears (a
+/// provider registering through a `DualRegistry` makes it) would delete them.
 async fn refuse_pruning(
     src: &dyn Registry,
     dst: &dyn Registry,
     root: &NodePath,
 ) -> Result<(), Failure> {
-    if !src.exists(root).await? {
-        return Ok(());
-    }
-    let extra: Vec<NodePath> = migrate::diff(src, dst, root)
-        .await?
-        .into_iter()
-        .filter(|d| d.kind == migrate::DifferenceKind::Extra)
-        .map(|d| d.path)
-        .collect();
+    let extra: Vec<NodePath> = if src.exists(root).await? {
+        migrate::diff(src, dst, root)
+            .await?
+            .into_iter()
+            .filter(|d| d.kind == migrate::DifferenceKind::Extra)
+            .map(|d| d.path)
+            .collect()
+    } else {
+        migrate::persistent_tree(dst, root)
+            .await?
+            .into_keys()
+            .collect()
+    };
     if extra.is_empty() {
         return Ok(());
     }
