@@ -70,11 +70,14 @@ pub(crate) fn owner_session(ephemeral_owner: i64) -> Option<SessionId> {
 }
 
 /// Children a stream leaves out because their path is not a valid `NodePath` (another client
-/// may create nodes deeper or with longer paths than it allows): each is warned about once
-/// per stream, not at every listing, among the last [`WARNED_MAX`] such names (a stream lives
-/// long, and names that change with every restart must not grow it without end).
+/// may create nodes deeper or with longer paths than it allows): each of the first
+/// [`WARNED_MAX`] such names is warned about once per stream, not at every listing; past
+/// that, one warning says more are skipped unnamed (a stream lives long, and names that
+/// change with every restart must not grow it without end).
 struct Skipped {
     warned: std::collections::BTreeSet<String>,
+    /// Whether the warning that more names are skipped unnamed was given.
+    overflowed: bool,
     /// Whether the client has a chroot (see [`crate::servers_own`]).
     chrooted: bool,
 }
@@ -86,6 +89,7 @@ impl Skipped {
     fn new(chrooted: bool) -> Skipped {
         Skipped {
             warned: Default::default(),
+            overflowed: false,
             chrooted,
         }
     }
@@ -98,10 +102,14 @@ impl Skipped {
         match parent.join(name) {
             Ok(child) => Some(child),
             Err(error) => {
-                if self.warned.len() >= WARNED_MAX {
-                    self.warned.clear();
+                let path = format!("{parent}/{name}");
+                if self.warned.len() >= WARNED_MAX && !self.warned.contains(&path) {
+                    if !std::mem::replace(&mut self.overflowed, true) {
+                        tracing::warn!(%parent, limit = WARNED_MAX, "watch skips more children that are not valid paths; not naming each");
+                    }
+                    return None;
                 }
-                if self.warned.insert(format!("{parent}/{name}")) {
+                if self.warned.insert(path) {
                     tracing::warn!(%parent, child = name, %error, "watch skips a child: not a valid path");
                 }
                 None
@@ -1040,6 +1048,7 @@ mod tests {
             assert!(skipped.child(&parent, &format!("..{i}/x")).is_none());
             assert!(skipped.warned.len() <= WARNED_MAX);
         }
+        assert!(skipped.overflowed);
         assert!(skipped.child(&parent, "ok").is_some());
     }
 

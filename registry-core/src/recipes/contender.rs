@@ -264,12 +264,13 @@ fn session_ended(
 /// Retry delays and attempts of a removal that goes on in the background: about ten
 /// minutes, far past any session TTL, after which the node has gone with its session.
 const REMOVE_RETRY_INITIAL: Duration = Duration::from_millis(100);
-/// Failures that pass, in a row, that a waiter rides out in its place (with the removal's
-/// backoff: about two and a half minutes, past any session TTL, by which its node is gone
-/// with its session if the connection never came back).
-const WAIT_RETRY_ATTEMPTS: u32 = 32;
 const REMOVE_RETRY_MAX: Duration = Duration::from_secs(5);
 const REMOVE_ATTEMPTS: usize = 128;
+
+/// Failures that pass, in a row, that a waiter rides out in its place, with the removal's
+/// backoff (at most a minute or two, past any session TTL: by then its node has gone with
+/// its session if the connection never came back; a session event cuts a pause short).
+const WAIT_RETRY_ATTEMPTS: u32 = 32;
 
 /// Our `<kind>-<token>-` node in `dir`, if the queue shows one.
 async fn find_own(
