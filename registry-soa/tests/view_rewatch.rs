@@ -29,6 +29,9 @@ struct FaultyWatches {
     /// While set, persistent creates under `/soa/config` are refused for want of permission,
     /// existing node or not (ZooKeeper checks the parent's ACL first).
     deny_config_creates: std::sync::atomic::AtomicBool,
+    /// While set, persistent creates under `/soa/config` fail as if the server were out of
+    /// reach.
+    fail_config_creates: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -43,11 +46,12 @@ impl Registry for FaultyWatches {
         self.inner.session_events()
     }
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
-        if self.deny_config_creates.load(Ordering::SeqCst)
-            && path.as_str().starts_with("/soa/config/")
-            && !mode.is_ephemeral()
-        {
+        let config = path.as_str().starts_with("/soa/config/") && !mode.is_ephemeral();
+        if config && self.deny_config_creates.load(Ordering::SeqCst) {
             return Err(Error::PermissionDenied { path: path.clone() });
+        }
+        if config && self.fail_config_creates.load(Ordering::SeqCst) {
+            return Err(Error::unavailable("config create failed by the test"));
         }
         self.inner.create(path, value, mode).await
     }
@@ -155,6 +159,7 @@ async fn a_failed_watch_is_watched_again_and_the_view_is_never_fresh_and_emptied
         fail,
         refuse: AtomicUsize::new(0),
         deny_config_creates: Default::default(),
+        fail_config_creates: Default::default(),
     });
     let mut held = Vec::new();
     for last in [1, 2] {
@@ -329,6 +334,7 @@ async fn a_provider_registers_where_config_nodes_refuse_its_creates() {
         fail: tokio::sync::watch::channel(Vec::new()).0,
         refuse: AtomicUsize::new(0),
         deny_config_creates: true.into(),
+        fail_config_creates: Default::default(),
     });
     let registered = Provider::register(&provider, SERVICE, address(1), "1.0.0")
         .await
@@ -342,4 +348,24 @@ async fn a_provider_registers_where_config_nodes_refuse_its_creates() {
     // The routes node, missing and refused, is simply not there.
     assert!(!admin.exists(&paths.routes).await.unwrap());
     registered.shutdown().await.unwrap();
+
+    // Any other failure is the caller's to hear, as before.
+    let failing: Arc<dyn Registry> = Arc::new(FaultyWatches {
+        inner: Arc::new(
+            MemoryRegistry::connect(&store, MemoryOptions::default())
+                .await
+                .unwrap(),
+        ),
+        fail: tokio::sync::watch::channel(Vec::new()).0,
+        refuse: AtomicUsize::new(0),
+        deny_config_creates: Default::default(),
+        fail_config_creates: true.into(),
+    });
+    match Provider::register(&failing, SERVICE, address(2), "1.0.0").await {
+        Err(registry_soa::SoaError::Registry(Error::Unavailable { .. })) => {}
+        other => panic!(
+            "expected the outage to fail the registration, got {:?}",
+            other.map(|p| p.path())
+        ),
+    }
 }
