@@ -34,6 +34,23 @@ struct FaultyWatches {
     fail_config_creates: std::sync::atomic::AtomicBool,
 }
 
+impl FaultyWatches {
+    /// A client of `store` that fails nothing until told to.
+    async fn on(store: &MemoryStore) -> FaultyWatches {
+        FaultyWatches {
+            inner: Arc::new(
+                MemoryRegistry::connect(store, MemoryOptions::default())
+                    .await
+                    .unwrap(),
+            ),
+            fail: tokio::sync::watch::channel(Vec::new()).0,
+            refuse: AtomicUsize::new(0),
+            deny_config_creates: Default::default(),
+            fail_config_creates: Default::default(),
+        }
+    }
+}
+
 #[async_trait]
 impl Registry for FaultyWatches {
     fn capabilities(&self) -> Capabilities {
@@ -149,18 +166,7 @@ async fn a_failed_watch_is_watched_again_and_the_view_is_never_fresh_and_emptied
             .await
             .unwrap(),
     );
-    let (fail, _) = tokio::sync::watch::channel(Vec::new());
-    let consumer = Arc::new(FaultyWatches {
-        inner: Arc::new(
-            MemoryRegistry::connect(&store, MemoryOptions::default())
-                .await
-                .unwrap(),
-        ),
-        fail,
-        refuse: AtomicUsize::new(0),
-        deny_config_creates: Default::default(),
-        fail_config_creates: Default::default(),
-    });
+    let consumer = Arc::new(FaultyWatches::on(&store).await);
     let mut held = Vec::new();
     for last in [1, 2] {
         held.push(
@@ -325,17 +331,9 @@ async fn a_provider_registers_where_config_nodes_refuse_its_creates() {
         )
         .await
         .unwrap();
-    let provider: Arc<dyn Registry> = Arc::new(FaultyWatches {
-        inner: Arc::new(
-            MemoryRegistry::connect(&store, MemoryOptions::default())
-                .await
-                .unwrap(),
-        ),
-        fail: tokio::sync::watch::channel(Vec::new()).0,
-        refuse: AtomicUsize::new(0),
-        deny_config_creates: true.into(),
-        fail_config_creates: Default::default(),
-    });
+    let denying = FaultyWatches::on(&store).await;
+    denying.deny_config_creates.store(true, Ordering::SeqCst);
+    let provider: Arc<dyn Registry> = Arc::new(denying);
     let registered = Provider::register(&provider, SERVICE, address(1), "1.0.0")
         .await
         .unwrap_or_else(|e| panic!("a refused config create failed the registration: {e}"));
@@ -350,17 +348,9 @@ async fn a_provider_registers_where_config_nodes_refuse_its_creates() {
     registered.shutdown().await.unwrap();
 
     // Any other failure is the caller's to hear, as before.
-    let failing: Arc<dyn Registry> = Arc::new(FaultyWatches {
-        inner: Arc::new(
-            MemoryRegistry::connect(&store, MemoryOptions::default())
-                .await
-                .unwrap(),
-        ),
-        fail: tokio::sync::watch::channel(Vec::new()).0,
-        refuse: AtomicUsize::new(0),
-        deny_config_creates: Default::default(),
-        fail_config_creates: true.into(),
-    });
+    let failing = FaultyWatches::on(&store).await;
+    failing.fail_config_creates.store(true, Ordering::SeqCst);
+    let failing: Arc<dyn Registry> = Arc::new(failing);
     match Provider::register(&failing, SERVICE, address(2), "1.0.0").await {
         Err(registry_soa::SoaError::Registry(Error::Unavailable { .. })) => {}
         other => panic!(
