@@ -945,3 +945,67 @@ fn a_mirror_that_would_delete_what_only_the_target_has_needs_prune() {
         "1"
     );
 }
+
+#[test]
+fn a_mirror_stopped_with_a_held_path_fails_with_differences() {
+    // Two namespaces of one etcd; the target holds the source's path as a live session's
+    // ephemeral node, which the mirror leaves alone.
+    let etcd = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let (from, to) = (
+        format!("etcd://{}/src", etcd.endpoint()),
+        format!("etcd://{}/dst", etcd.endpoint()),
+    );
+    assert!(regctl(&["--url", &from, "put", "/soa/a", "1"])
+        .status
+        .success());
+    let mut hold = Running(
+        Command::new(env!("CARGO_BIN_EXE_regctl"))
+            .args([
+                "--url",
+                &to,
+                "create",
+                "--ephemeral",
+                "--hold",
+                "/soa/a",
+                "e",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let held = lines_of(&mut hold);
+    wait_line(&held, "/soa/a");
+
+    let mut mirror = Running(
+        Command::new(env!("CARGO_BIN_EXE_regctl"))
+            .args(["mirror", "--from", &from, "--to", &to, "/soa"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = lines_of(&mut mirror);
+    let synced = wait_line(&lines, "synced");
+    assert!(
+        synced.last().is_some_and(|l| l.contains("1 held")),
+        "{synced:?}"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &mirror.id().to_string()])
+        .status();
+    let seen = wait_line(&lines, "mirror stopped");
+    assert!(
+        seen.last()
+            .is_some_and(|l| l.contains("in sync") && l.contains("1 held")),
+        "{seen:?}"
+    );
+    // Not a finished copy: the target's /soa/a is still the session's value.
+    assert_eq!(exit_code_within_10s(&mut mirror, "mirror"), Some(1));
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut mirror.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(said.contains("1 held"), "{said}");
+    assert_eq!(
+        stdout(&regctl(&["--url", &to, "get", "/soa/a"])).trim(),
+        "e"
+    );
+}

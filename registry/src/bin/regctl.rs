@@ -189,7 +189,9 @@ enum Failure {
     /// A precondition failed (as [`Failure::Registry`] with such an error), told in the
     /// command's terms.
     Precondition(String),
-    Differences,
+    /// The trees differ: `diff` listed the differences on stdout, or a mirror stopped with
+    /// paths it could not copy (the message says which).
+    Differences(Option<String>),
     /// Stdout could not be written: a script would otherwise get exit 0 and no output.
     Output(std::io::Error),
 }
@@ -703,7 +705,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             if !differences.is_empty() {
-                return Err(Failure::Differences);
+                return Err(Failure::Differences(None));
             }
         }
         Command::Export { path: p, file } => {
@@ -969,6 +971,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     None => "the mirror was not in sync when stopped".to_owned(),
                 }));
             }
+            // In sync but for these: the target still differs, which a script checking the
+            // exit code alone must not miss.
+            if status.held + status.kept + status.too_large > 0 {
+                return Err(Failure::Differences(Some(format!(
+                    "the mirror stopped with paths it could not copy: {} held by live \
+                     sessions, {} kept for live instances below, {} too large; `regctl diff` \
+                     lists them",
+                    status.held, status.kept, status.too_large
+                ))));
+            }
         }
     }
     Ok(())
@@ -1052,7 +1064,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Differences) => ExitCode::from(1),
+        Err(Failure::Differences(message)) => {
+            if let Some(message) = message {
+                complain(message);
+            }
+            ExitCode::from(1)
+        }
         Err(Failure::Input(message)) => {
             complain(message);
             ExitCode::from(2)
