@@ -103,6 +103,7 @@ macro_rules! conformance_suite {
             watch_deletions_only,
             watch_recursive_delete_children_first,
             watch_drop_releases,
+            watch_outlives_its_client_handle,
             tree_cache_follows_writes,
             tree_cache_recovers_after_session_loss,
             persistent_watch_reads_every_source_anew,

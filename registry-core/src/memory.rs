@@ -847,6 +847,7 @@ impl Registry for MemoryRegistry {
         drop(state);
         tracing::debug!(path = %path, scope = ?options.scope, "memory watch opened");
         let feed = WatchFeed {
+            _client: self.inner.clone(),
             store: self.inner.store.clone(),
             id,
             root: path.clone(),
@@ -921,6 +922,9 @@ impl Registry for MemoryRegistry {
 
 /// One watch stream's state; unregisters its watcher when dropped.
 struct WatchFeed {
+    /// Keeps the client (and its session) alive while the stream is, as on a server: a
+    /// stream whose handle was dropped must not end silently.
+    _client: Arc<ClientInner>,
     store: MemoryStore,
     id: u64,
     root: NodePath,

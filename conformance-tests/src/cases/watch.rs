@@ -571,6 +571,57 @@ pub async fn watch_large_change_reaches_a_reading_consumer(fx: &dyn Fixture) -> 
     env.finish().await
 }
 
+/// A stream outlives the handle it was opened from: dropping every handle of a client while
+/// one of its streams is kept neither ends the stream nor the client's session; dropping the
+/// stream then lets the session go.
+pub async fn watch_outlives_its_client_handle(fx: &dyn Fixture) -> Outcome {
+    let mut env = CaseEnv::new(fx, "watch_outlives_its_client_handle");
+    let writer = env.client().await;
+    let at = env.at();
+    writer
+        .create(&p("/o"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create /o: {e}"));
+    // Not the environment's: its only handle is dropped below.
+    let owner = fx
+        .open(&env.namespace)
+        .await
+        .unwrap_or_else(|e| panic!("{at} open: {e}"));
+    owner
+        .create(&p("/o/e"), Bytes::new(), CreateMode::Ephemeral)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create /o/e: {e}"));
+    let mut stream = owner
+        .watch(&p("/o"), WatchOptions::children())
+        .await
+        .unwrap_or_else(|e| panic!("{at} watch: {e}"));
+    let _ = next_event(&mut stream, "snapshot").await;
+    drop(owner);
+    writer
+        .create(&p("/o/new"), Bytes::new(), CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("{at} create /o/new: {e}"));
+    match next_change(&mut stream, WatchScope::Children, &p("/o"), "/o/new").await {
+        WatchEvent::Created(n) if n.path == p("/o/new") => {}
+        other => panic!("{at} expected /o/new created, got {other:?}"),
+    }
+    assert!(
+        writer
+            .exists(&p("/o/e"))
+            .await
+            .unwrap_or_else(|e| panic!("{at} exists: {e}")),
+        "{at} the session ended with its handle while its stream was kept"
+    );
+    drop(stream);
+    crate::support::eventually(
+        fx.session_ttl() + fx.expiry_bound(),
+        &format!("{at} the session's node gone once its last stream was dropped"),
+        || async { matches!(writer.exists(&p("/o/e")).await, Ok(false)) },
+    )
+    .await;
+    env.finish().await
+}
+
 /// Dropping a watch stream releases it on the server (where the fixture can count watches).
 pub async fn watch_drop_releases(fx: &dyn Fixture) -> Outcome {
     let mut env = CaseEnv::new(fx, "watch_drop_releases");
