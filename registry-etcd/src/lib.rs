@@ -1021,10 +1021,13 @@ impl Registry for EtcdRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?mode))]
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         check_value(path, &value)?;
-        self.shared.check_open()?;
-        if path.is_root() {
-            return Err(Error::root("create"));
+        let parent = path.parent().ok_or_else(|| Error::root("create"))?;
+        if mode.is_sequential() {
+            // Every generated name has the same length (10 digits): bad input is named before
+            // any I/O, and before a missing parent is written.
+            parent.join(&registry_core::sequential_name(path.name(), 0))?;
         }
+        self.shared.check_open()?;
         if mode != CreateMode::Ephemeral {
             return self.create_unbatched(path, &value, mode).await;
         }

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use registry_core::{Bytes, CreateMode, DeleteScope, Expected, MAX_DEPTH, MAX_PATH_LEN};
+use registry_core::{
+    Bytes, CreateMode, DeleteScope, Error, Expected, MAX_DEPTH, MAX_PATH_LEN, SEQUENCE_DIGITS,
+};
 
 use crate::fixture::Fixture;
 use crate::support::{create_all, p, read_subtree, CaseEnv, Outcome};
@@ -47,6 +49,38 @@ pub async fn limits_path_and_depth_at_the_edge(fx: &dyn Fixture) -> Outcome {
     c.delete(&longest, Expected::Any, DeleteScope::Node)
         .await
         .unwrap_or_else(|e| panic!("{at} delete the longest path: {e}"));
+
+    // A sequential name is its prefix plus 10 digits: a prefix that leaves no room for them
+    // is bad input, named before any I/O (so also by a closed client), with nothing written.
+    let room = MAX_PATH_LEN - "/s/".len() - SEQUENCE_DIGITS;
+    let too_long = p(&format!("/s/{}", "a".repeat(room + 1)));
+    let closed = fx
+        .open(&env.namespace)
+        .await
+        .unwrap_or_else(|e| panic!("{at} open: {e}"));
+    let _ = closed.close().await;
+    for (client, which) in [(&c, "an open client"), (&closed, "a closed client")] {
+        for mode in [
+            CreateMode::PersistentSequential,
+            CreateMode::EphemeralSequential,
+        ] {
+            match client.create(&too_long, Bytes::new(), mode).await {
+                Err(Error::InvalidPath { .. }) => {}
+                other => panic!("{at} {which}: {mode:?} create leaving no room: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        c.exists(&p("/s")).await.ok(),
+        Some(false),
+        "{at} a refused sequential create wrote its parent"
+    );
+    let fits = p(&format!("/s/{}", "a".repeat(room)));
+    let made = c
+        .create(&fits, Bytes::new(), CreateMode::PersistentSequential)
+        .await
+        .unwrap_or_else(|e| panic!("{at} sequential create at the edge: {e}"));
+    assert_eq!(made.path.as_str().len(), MAX_PATH_LEN, "{at} {}", made.path);
     env.finish().await
 }
 
