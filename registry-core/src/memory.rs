@@ -909,10 +909,17 @@ impl Registry for MemoryRegistry {
         let store = self.inner.store.clone();
         // A TTL too long for the clock never expires.
         if let Some(expires) = since.checked_add(self.inner.options.session_ttl) {
-            tokio::spawn(async move {
-                tokio::time::sleep_until(expires).await;
-                store.drop_session(session);
-            });
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move {
+                        tokio::time::sleep_until(expires).await;
+                        store.drop_session(session);
+                    });
+                }
+                // Polled outside Tokio, nothing can time the TTL: the session ends now rather
+                // than never (and `tokio::spawn` would panic).
+                Err(_) => store.drop_session(session),
+            }
         }
         Err(Error::unavailable(
             "memory client closed while cut off from its store: its session expires at its TTL",
@@ -1094,5 +1101,37 @@ mod tests {
             matches!(refused, Error::InvalidPath { .. }),
             "got {refused:?}"
         );
+    }
+
+    /// Closed while cut off, from outside any Tokio runtime: no panic, and with nothing to
+    /// time the TTL the session ends at once rather than never.
+    #[test]
+    fn close_while_cut_off_outside_tokio_ends_the_session() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = MemoryStore::default();
+        let client = runtime.block_on(async {
+            let client = connect(&store).await;
+            client
+                .create(&p("/e"), Bytes::new(), CreateMode::Ephemeral)
+                .await
+                .unwrap();
+            let session = client.session().session_id.unwrap();
+            store
+                .interrupt_connection(session, Duration::from_secs(60))
+                .unwrap();
+            client
+        });
+        let closed = std::thread::spawn(move || futures::executor::block_on(client.close()))
+            .join()
+            .expect("close panicked outside Tokio");
+        assert!(
+            matches!(closed, Err(Error::Unavailable { .. })),
+            "{closed:?}"
+        );
+        let reader = runtime.block_on(connect(&store));
+        assert!(!runtime.block_on(reader.exists(&p("/e"))).unwrap());
     }
 }

@@ -229,7 +229,8 @@ pub trait Registry: Send + Sync + 'static {
     /// and session stream, stops every background task. Once it returns `Ok`, the server has
     /// deleted those nodes. If the server cannot be told (unreachable), everything local is
     /// still released and it returns [`Unavailable`](crate::Error::Unavailable): the nodes
-    /// then go when the session's TTL runs out. Idempotent: a second call returns `Ok`.
+    /// then go when the session's TTL runs out. Idempotent: a later call does nothing and returns
+    /// `Ok`; only the first call's result says whether the nodes were deleted at once.
     async fn close(&self) -> Result<()>;
 }
 
