@@ -508,6 +508,9 @@ fn live_session(shared: &Shared) -> Option<crate::node::SessionId> {
         .flatten()
 }
 
+/// Why `ensure` gives up for now: the healer tries again once the session is live.
+const NOT_LIVE: &str = "the session is not live: the registration's node cannot be judged now";
+
 /// Whether `node` was created after the last node this registration created.
 fn created_after_ours(shared: &Shared, node: &Node) -> bool {
     shared
@@ -544,6 +547,9 @@ async fn ensure(shared: &Shared) -> Result<Node> {
     if matches!(*shared.status.borrow(), RegistrationStatus::Deregistered) {
         return Err(Error::Closed);
     }
+    // Ownership is judged by the live session: while it is suspended (the permit and the
+    // lock can take a while) our own node would look like another session's.
+    live_session(shared).ok_or_else(|| Error::unavailable(NOT_LIVE))?;
     let registry = &*shared.registry;
     let node = if shared.sequential {
         ensure_sequential(shared).await?
@@ -551,12 +557,22 @@ async fn ensure(shared: &Shared) -> Result<Node> {
         ensure_plain(shared).await?
     };
     let node = if node.value != lock_value(shared) {
-        registry
+        let written = registry
             .set_owned(&node, lock_value(shared))
             .await?
             .ok_or_else(|| Error::NotFound {
                 path: node.path.clone(),
-            })?
+            })?;
+        // An owner check that reads before it writes (ZooKeeper) can land on a node another
+        // session put there since: that node is not ours to publish, nor to remove later.
+        if !owned_by_current_session(shared, &written) {
+            return Err(if live_session(shared).is_some() {
+                Error::AlreadyExists { path: written.path }
+            } else {
+                Error::unavailable(NOT_LIVE)
+            });
+        }
+        written
     } else {
         node
     };
@@ -598,6 +614,13 @@ async fn ensure_plain(shared: &Shared) -> Result<Node> {
             // the two replace each other forever.
             Ok(node) if node.is_ephemeral() && created_after_ours(shared, &node) => {
                 return Err(Error::AlreadyExists { path: path.clone() });
+            }
+            // Ours, seen while the session is not live (it went suspended since `ensure`
+            // checked): never removed as stale.
+            Ok(node)
+                if node.is_ephemeral() && node.ephemeral_owner == registry.session().session_id =>
+            {
+                return Err(Error::unavailable(NOT_LIVE));
             }
             Ok(node) if node.is_ephemeral() => {
                 tracing::info!(path = %path, owner = ?node.ephemeral_owner, "replacing a stale ephemeral node of another session");
@@ -659,7 +682,9 @@ async fn ensure_sequential(shared: &Shared) -> Result<Node> {
     }
     // Adopt a node an earlier attempt of this session created (the reply may have been lost),
     // rather than leaving it orphaned next to a duplicate.
-    let mut own = own_sequential_nodes(shared, live_session(shared)).await?;
+    // Without a live session none would be found, and a duplicate created next to ours.
+    let session = live_session(shared).ok_or_else(|| Error::unavailable(NOT_LIVE))?;
+    let mut own = own_sequential_nodes(shared, Some(session)).await?;
     if let Some(newest) = own.pop() {
         for extra in own {
             let _ = registry

@@ -227,3 +227,94 @@ async fn a_registration_dropped_outside_the_runtime_removes_its_node() {
     );
     owner.close().await.unwrap();
 }
+
+/// Registering a path again with a new value adopts this session's node and writes the
+/// value, owner-checked. When that write lands on a node another session put there since (a
+/// check that reads before it writes, as on ZooKeeper), the other session's node is neither
+/// reported as the registration's nor removed when it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_write_that_lands_on_another_sessions_node_is_not_adopted() {
+    let store = MemoryStore::new();
+    let (ours, theirs) = (client(&store).await, client(&store).await);
+    let faulty = Faulty::new(ours.clone());
+    let path = NodePath::new("/svc/10.0.0.1:9090").unwrap();
+    let first = register_through(&faulty, &path, RegisterOptions::new()).await;
+    let other = theirs.clone();
+    faulty.on_set(Arc::new(move |path, answer| {
+        let other = other.clone();
+        Box::pin(async move {
+            // The write went to a node of theirs created between the owner's read and it.
+            let written = answer?;
+            other
+                .delete(&path, Expected::Any, DeleteScope::Node)
+                .await?;
+            other
+                .create(&path, written.value, registry_core::CreateMode::Ephemeral)
+                .await
+        })
+    }));
+
+    let again = Registration::start(
+        faulty.clone(),
+        &path,
+        Bytes::from("v2"),
+        RegisterOptions::new(),
+    )
+    .await;
+    let their_session = theirs.session().session_id;
+    if let Ok(again) = &again {
+        if let RegistrationStatus::Registered(node) = again.status() {
+            assert_ne!(
+                node.ephemeral_owner, their_session,
+                "another session's node reported as the registration's"
+            );
+        }
+    }
+    if let Ok(again) = again {
+        let _ = again.deregister().await;
+    }
+    let _ = first.deregister().await;
+    let left = theirs.get(&path).await;
+    assert!(
+        left.as_ref()
+            .is_ok_and(|n| n.ephemeral_owner == their_session),
+        "their node removed by our registrations: {left:?}"
+    );
+}
+
+/// While the session is suspended its own node looks like any other session's: a
+/// registration made then does not remove this session's node as stale (it used to delete
+/// it and create another, so consumers saw the instance go and come back). It fails for
+/// now, retryably, and nothing is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_made_while_suspended_leaves_the_sessions_node_alone() {
+    let store = MemoryStore::new();
+    let ours = client(&store).await;
+    let faulty = Faulty::new(ours.clone());
+    let path = NodePath::new("/svc/10.0.0.1:9090").unwrap();
+    let first = register_through(&faulty, &path, RegisterOptions::new()).await;
+    let before = ours.get(&path).await.unwrap();
+    let mut suspended = ours.session();
+    suspended.state = registry_core::SessionState::Suspended;
+    faulty.report_session(Some(suspended));
+
+    let again = Registration::start(
+        faulty.clone(),
+        &path,
+        Bytes::from("v2"),
+        RegisterOptions::new(),
+    )
+    .await;
+    match &again {
+        Err(error) => assert!(error.is_retryable(), "{error:?}"),
+        Ok(again) => panic!("registered while suspended: {:?}", again.status()),
+    }
+    let after = ours.get(&path).await.unwrap();
+    assert_eq!(
+        (after.create_order, after.value),
+        (before.create_order, before.value),
+        "the session's node was replaced"
+    );
+    faulty.report_session(None);
+    first.deregister().await.unwrap();
+}
