@@ -461,12 +461,19 @@ impl Drop for Registration {
             .ok()
             .or_else(|| self.runtime.clone());
         if let Some(handle) = runtime {
-            handle.spawn(async move {
-                let _ = task.await;
-                if let Err(error) = remove(&shared).await {
-                    tracing::warn!(path = %shared.requested, %error, "best-effort deregistration on drop failed");
+            // Its own span: the registration's ended with the healer, and a drop may happen
+            // under any span of the caller's.
+            let span =
+                tracing::info_span!(parent: None, "deregistration", path = %shared.requested);
+            handle.spawn(
+                async move {
+                    let _ = task.await;
+                    if let Err(error) = remove(&shared).await {
+                        tracing::warn!(%error, "best-effort deregistration on drop failed");
+                    }
                 }
-            });
+                .instrument(span),
+            );
         } else {
             tracing::warn!(path = %shared.requested, "registration dropped outside a tokio runtime; its node stays until its session ends");
         }

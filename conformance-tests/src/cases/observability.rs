@@ -143,6 +143,16 @@ pub async fn operations_traced(fx: &dyn Fixture) -> Outcome {
         reg.deregister()
             .await
             .map_err(|e| format!("deregister: {e}"))?;
+        // A registration dropped unawaited removes its node in a task of its own, traced too.
+        drop(
+            c.register(
+                &p("/traced/10.0.0.2:9090"),
+                Bytes::new(),
+                RegisterOptions::new(),
+            )
+            .await
+            .map_err(|e| format!("register another: {e}"))?,
+        );
         c.close().await.map_err(|e| format!("close: {e}"))
     };
     if let Err(e) = traced.with_subscriber(dispatch).await {
@@ -184,6 +194,12 @@ pub async fn operations_traced(fx: &dyn Fixture) -> Outcome {
         ours.iter()
             .any(|span| span.name == "get" && span.path.as_deref() == Some("/traced/node")),
         "{at} no get span names /traced/node: {ours:?}"
+    );
+    assert!(
+        seen.iter().any(|span| span.name == "deregistration"
+            && span.level == tracing::Level::INFO
+            && span.path.as_deref() == Some("/traced/10.0.0.2:9090")),
+        "{at} no info span for the dropped registration's removal: {seen:?}"
     );
     env.finish().await
 }

@@ -129,7 +129,8 @@ impl ParentWatch {
     ) -> ParentWatch {
         let fanout = Arc::new(Fanout::default());
         fanout.add(first.0, first.1);
-        let span = tracing::debug_span!("registration_watch", parent = %parent);
+        // Not under the first subscriber's span: the watch outlives that registration.
+        let span = tracing::debug_span!(parent: None, "registration_watch", parent = %parent);
         let task = tokio::spawn(follow(registry, parent, fanout.clone()).instrument(span));
         ParentWatch { fanout, task }
     }
