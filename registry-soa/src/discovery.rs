@@ -551,13 +551,63 @@ impl ServiceView {
     /// applies (the work that depends only on the snapshot is done once per change, and rules
     /// read the call's values in place); the instance is shared with the snapshot, not copied.
     /// It does not count the call in flight: use [`start_call`](ServiceView::start_call)
-    /// where `leastActive` may apply.
+    /// where `leastActive` may apply. The cookies a cookie rule adds are seen by routing but
+    /// not added to `call`: [`select_applying_cookies`](ServiceView::select_applying_cookies)
+    /// adds them, for the call to send. A call whose `service` is empty is taken as one to
+    /// this view's service, so rules on `service` see its name (that call is copied first).
     pub fn select(
         &self,
         call: &CallContext,
         options: &SelectOptions,
     ) -> Result<Arc<Instance>, SoaError> {
+        self.select_in(&self.current.load(), call, options)
+    }
+
+    /// [`select`](ServiceView::select), then adds to `call` the cookies of the first cookie
+    /// rule that holds for it, as Dapeng's consumer injects them into the call it sends (a
+    /// `c"thread-log-level#DEBUG"` rule switches the provider's logging for that call). Both
+    /// come from one snapshot, and routing sees the call as it was plus those cookies, as
+    /// [`select`](ServiceView::select) does: the rules are not applied twice. Nothing is
+    /// added when no instance is picked. Send the call's cookies with it; count it in flight
+    /// with [`balancer().start_call`](Balancer::start_call) where `leastActive` may apply.
+    pub fn select_applying_cookies(
+        &self,
+        call: &mut CallContext,
+        options: &SelectOptions,
+    ) -> Result<Arc<Instance>, SoaError> {
         let snap = self.current.load();
+        let instance = self.select_in(&snap, call, options)?;
+        if call.service.is_empty() {
+            call.service = self.service.clone();
+        }
+        crate::routes::apply_cookies(&snap.cookies, call);
+        Ok(instance)
+    }
+
+    fn select_in(
+        &self,
+        snap: &ServiceSnapshot,
+        call: &CallContext,
+        options: &SelectOptions,
+    ) -> Result<Arc<Instance>, SoaError> {
+        if call.service.is_empty() {
+            // The call is to this view's service: rules on `service` must see it (a blank
+            // value matches no rule, so a blacklist on the service would be skipped).
+            let named = CallContext {
+                service: self.service.clone(),
+                ..call.clone()
+            };
+            return self.select_named(snap, &named, options);
+        }
+        self.select_named(snap, call, options)
+    }
+
+    fn select_named(
+        &self,
+        snap: &ServiceSnapshot,
+        call: &CallContext,
+        options: &SelectOptions,
+    ) -> Result<Arc<Instance>, SoaError> {
         let selection = &*snap.selection;
         let instances = &snap.instances;
         if instances.is_empty() {

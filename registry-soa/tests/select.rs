@@ -334,6 +334,69 @@ async fn cookies_added_by_rules_steer_routing() {
     assert_eq!(picked(&view, &gold), [2].into());
 }
 
+/// The cookies a rule adds reach the call that is sent, once: routing saw the call plus
+/// them, not the call with them applied twice (a rule on an added cookie does not fire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_applying_cookies_adds_them_to_the_call_once() {
+    let (registry, _providers) = with_providers(&[(1, "1.0.0"), (2, "1.0.0")]).await;
+    write_rules(
+        &registry,
+        "cookies",
+        "cookie_tier match 'gold' => c\"zone#b\"\nmethod match 'get' => c\"tier#gold\"",
+    )
+    .await;
+    write_rules(&registry, "routes", "cookie_zone match 'b' => ip'10.0.0.1'").await;
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "instances and rules", |s| {
+        s.instances.len() == 2 && !s.routes.is_empty() && s.cookies.len() == 2
+    })
+    .await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..300 {
+        let mut sent = call("1.0.0");
+        let instance = view
+            .select_applying_cookies(&mut sent, &SelectOptions::default())
+            .unwrap();
+        seen.insert(instance.address.ip.octets()[3]);
+        assert_eq!(
+            sent.cookies,
+            HashMap::from([("tier".to_owned(), "gold".to_owned())])
+        );
+    }
+    // zone=b was never added, so its route never applied: both instances serve.
+    assert_eq!(seen, [1, 2].into());
+    // Nothing picked, nothing added.
+    let mut none = call("9.0.0");
+    assert!(view
+        .select_applying_cookies(&mut none, &SelectOptions::default())
+        .is_err());
+    assert!(none.cookies.is_empty());
+}
+
+/// A call that leaves `service` empty is a call to the view's service: a blacklist on the
+/// service applies to it (a blank value matches no rule, so it used to be skipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_a_service_name_meets_the_services_rules() {
+    let (registry, _providers) = with_providers(&[(1, "1.0.0"), (2, "1.0.0")]).await;
+    write_rules(
+        &registry,
+        "routes",
+        &format!("service match '{SERVICE}' ; method match 'get' => ~ip'10.0.0.1'"),
+    )
+    .await;
+    let view = ServiceView::open(registry.clone(), SERVICE).await.unwrap();
+    until(&view, "instances and routes", |s| {
+        s.instances.len() == 2 && !s.routes.is_empty()
+    })
+    .await;
+    let unnamed = CallContext {
+        service: String::new(),
+        ..call("1.0.0")
+    };
+    assert_eq!(picked(&view, &unnamed), [2].into());
+    assert_eq!(picked(&view, &call("1.0.0")), [2].into());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_route_keeps_to_its_own_instances_across_versions() {
     let (registry, _providers) =

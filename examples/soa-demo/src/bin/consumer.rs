@@ -55,13 +55,26 @@ async fn run(args: Args) -> Result<(), String> {
         let master = master_of(&snap.instances)
             .map(|m| m.address.to_string())
             .unwrap_or_else(|| "-".into());
-        let chosen = match view.select(&call, &SelectOptions::default()) {
+        // The call as it would be sent: with the cookies the service's cookie rules add.
+        let mut sent = call.clone();
+        let chosen = match view.select_applying_cookies(&mut sent, &SelectOptions::default()) {
             Ok(i) => i.address.to_string(),
             Err(e) => format!("({e})"),
         };
+        let mut cookies: Vec<String> = sent
+            .cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        cookies.sort();
         say(format_args!(
-            "instances [{}] master {master} selected {chosen}{}",
+            "instances [{}] master {master} selected {chosen}{}{}",
             list.join(", "),
+            if cookies.is_empty() {
+                String::new()
+            } else {
+                format!(" cookies {}", cookies.join(","))
+            },
             if snap.stale { " (stale)" } else { "" }
         ));
         if args.changes.is_some_and(|n| seen >= n) {
