@@ -439,9 +439,7 @@ async fn tower_discover_follows_the_instances() {
         .await
         .unwrap();
     let view = ServiceView::open(consumer, SERVICE).await.unwrap();
-    let mut discover = Box::pin(registry_soa::tower::discover(&view, |i| {
-        i.address.to_string()
-    }));
+    let mut discover = registry_soa::tower::discover(&view, |i| i.address.to_string());
     let first = tokio::time::timeout(Duration::from_secs(10), discover.next())
         .await
         .expect("discover reported the first instance within 10 s")
@@ -466,8 +464,8 @@ async fn tower_discover_follows_the_instances() {
         .unwrap()
         .unwrap();
     assert!(matches!(removed, Change::Remove(a) if a == addr("10.0.3.1:9090")));
-    // It is a tower Discover as it stands.
-    fn is_discover<D: Discover>(_: &D) {}
+    // It is a tower Discover as it stands, and Unpin, as tower's balancers need it to be.
+    fn is_discover<D: Discover + Unpin>(_: &D) {}
     is_discover(&discover);
     two.shutdown().await.unwrap();
 }
@@ -532,9 +530,8 @@ async fn tower_discover_replaces_the_service_when_another_node_takes_an_address(
         .await
         .unwrap();
     wait_for(&view, "the old instance", |s| s.instances.len() == 1).await;
-    let mut discover = Box::pin(registry_soa::tower::discover(&view, |i| {
-        i.version.clone().unwrap_or_default()
-    }));
+    let mut discover =
+        registry_soa::tower::discover(&view, |i| i.version.clone().unwrap_or_default());
     let first = next_change(&mut discover).await;
     assert!(
         matches!(first, Change::Insert(a, ref v) if a == addr("10.0.6.1:9090") && v == "1.0.0")
@@ -575,9 +572,8 @@ async fn tower_discover_replaces_the_service_when_a_weight_is_rewritten_in_place
         .await
         .unwrap();
     let view = ServiceView::open((b.open)().await, SERVICE).await.unwrap();
-    let mut discover = Box::pin(registry_soa::tower::discover(&view, |i| {
-        i.weight.unwrap_or_default().to_string()
-    }));
+    let mut discover =
+        registry_soa::tower::discover(&view, |i| i.weight.unwrap_or_default().to_string());
     let first = next_change(&mut discover).await;
     assert!(matches!(first, Change::Insert(_, ref w) if w == "100"));
     // The etcd write-up's keys carry the weight as their value: an operator rewrites it.

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use futures::stream::{self, Stream};
+use futures::stream::{self, BoxStream, StreamExt};
 use tower::discover::Change;
 
 use crate::discovery::ServiceView;
@@ -15,11 +15,12 @@ use crate::layout::{Address, Instance};
 /// `view`: first an insert per current instance, then the difference after every change (an
 /// insert for a known address replaces its service when another node took that address).
 /// It implements `tower::discover::Discover` (keys are addresses; `make` builds the service for
-/// a new instance). It ends when the view is dropped.
+/// a new instance) and is `Unpin`, as tower's balancers require, so it goes to them as is. It
+/// ends when the view is dropped.
 pub fn discover<S, F>(
     view: &ServiceView,
     make: F,
-) -> impl Stream<Item = Result<Change<Address, S>, Infallible>> + Send
+) -> BoxStream<'static, Result<Change<Address, S>, Infallible>>
 where
     S: Send + 'static,
     F: Fn(&Instance) -> S + Send + 'static,
@@ -68,4 +69,5 @@ where
             }
         },
     )
+    .boxed()
 }
