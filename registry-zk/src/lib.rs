@@ -432,15 +432,27 @@ impl ZkRegistry {
             3
         };
         let mut last = None;
+        // Whether an earlier attempt may have been applied: its connection broke with it in
+        // flight. A SessionExpired answer means it was not (the server answers in order, and
+        // refuses everything of an expired session), so then a missing node was missing.
+        let mut maybe_applied = false;
         for attempt in 0..attempts {
             let sent = self.shared.with_client(&request)?;
             let (error, timed_out) = match tokio::time::timeout(timeout, sent).await {
                 Ok(Ok(value)) => return Ok(value),
-                Ok(Err(zk::Error::NoNode)) if attempt > 0 => match resend {
+                Ok(Err(zk::Error::NoNode)) if maybe_applied => match resend {
                     Resend::Removal(done) => return Ok(done),
                     _ => (map(zk::Error::NoNode, operation, path), false),
                 },
-                Ok(Err(e)) => (map(e, operation, path), false),
+                Ok(Err(e)) => {
+                    maybe_applied |= matches!(
+                        e,
+                        zk::Error::ConnectionLoss
+                            | zk::Error::UnexpectedError(_)
+                            | zk::Error::UnmarshalError { .. }
+                    );
+                    (map(e, operation, path), false)
+                }
                 Err(_) => {
                     let error = Error::Timeout {
                         operation: format!("zookeeper {operation} {path}"),
