@@ -515,8 +515,16 @@ fn live_session(shared: &Shared) -> Option<crate::node::SessionId> {
         .flatten()
 }
 
-/// Why `ensure` gives up for now: the healer tries again once the session is live.
-const NOT_LIVE: &str = "the session is not live: the registration's node cannot be judged now";
+/// Why `ensure` gives up without a live session: `Closed` once the registry is closed, else
+/// `Unavailable` (the healer tries again once the session is live).
+fn not_live(shared: &Shared) -> Error {
+    match shared.registry.session().state {
+        SessionState::Closed => Error::Closed,
+        _ => Error::unavailable(
+            "the session is not live: the registration's node cannot be judged now",
+        ),
+    }
+}
 
 /// Whether `node` was created after the last node this registration created.
 fn created_after_ours(shared: &Shared, node: &Node) -> bool {
@@ -556,7 +564,7 @@ async fn ensure(shared: &Shared) -> Result<Node> {
     }
     // Ownership is judged by the live session: while it is suspended (the permit and the
     // lock can take a while) our own node would look like another session's.
-    live_session(shared).ok_or_else(|| Error::unavailable(NOT_LIVE))?;
+    live_session(shared).ok_or_else(|| not_live(shared))?;
     let registry = &*shared.registry;
     let node = if shared.sequential {
         ensure_sequential(shared).await?
@@ -576,7 +584,7 @@ async fn ensure(shared: &Shared) -> Result<Node> {
             return Err(if live_session(shared).is_some() {
                 Error::AlreadyExists { path: written.path }
             } else {
-                Error::unavailable(NOT_LIVE)
+                not_live(shared)
             });
         }
         written
@@ -627,7 +635,7 @@ async fn ensure_plain(shared: &Shared) -> Result<Node> {
             Ok(node)
                 if node.is_ephemeral() && node.ephemeral_owner == registry.session().session_id =>
             {
-                return Err(Error::unavailable(NOT_LIVE));
+                return Err(not_live(shared));
             }
             Ok(node) if node.is_ephemeral() => {
                 tracing::info!(path = %path, owner = ?node.ephemeral_owner, "replacing a stale ephemeral node of another session");
@@ -690,7 +698,7 @@ async fn ensure_sequential(shared: &Shared) -> Result<Node> {
     // Adopt a node an earlier attempt of this session created (the reply may have been lost),
     // rather than leaving it orphaned next to a duplicate.
     // Without a live session none would be found, and a duplicate created next to ours.
-    let session = live_session(shared).ok_or_else(|| Error::unavailable(NOT_LIVE))?;
+    let session = live_session(shared).ok_or_else(|| not_live(shared))?;
     let mut own = own_sequential_nodes(shared, Some(session)).await?;
     if let Some(newest) = own.pop() {
         for extra in own {
