@@ -580,10 +580,12 @@ impl MemoryRegistry {
                 cut: None,
             },
         );
-        drop(state);
+        // Under the store's lock, as `session_lost` reports: an expiry of this session made
+        // right after the lock is released then comes after `Connected`, not before it.
         inner
             .tracker
             .transition(SessionState::Connected, Some(session));
+        drop(state);
         tracing::debug!(%session, "memory client connected");
         Ok(MemoryRegistry { inner })
     }
