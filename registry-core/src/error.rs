@@ -163,7 +163,8 @@ pub enum Error {
         /// The node.
         path: NodePath,
     },
-    /// The registry was closed; every later call returns this.
+    /// The registry was closed; every later call returns this, unless its input is bad
+    /// (input errors come first).
     #[error("registry is closed")]
     Closed,
     /// The backend does not support this operation; see

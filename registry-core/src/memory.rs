@@ -797,6 +797,7 @@ impl Registry for MemoryRegistry {
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, scope = ?options.scope))]
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
+        options.after.map(Revision::check_watch_after).transpose()?;
         let mut state = self.state()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let buffered = Arc::new(AtomicUsize::new(0));

@@ -31,6 +31,29 @@ impl fmt::Display for SessionId {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Revision(pub u64);
 
+impl Revision {
+    /// The last revision a watch can start after ([`WatchOptions::after`]) on every backend:
+    /// etcd's revisions are `i64`, and a watch starts at the next one.
+    ///
+    /// [`WatchOptions::after`]: crate::WatchOptions::after
+    pub const MAX_WATCH_AFTER: Revision = Revision(i64::MAX as u64 - 1);
+
+    /// `self` if a watch can start after it, else the
+    /// [`InvalidArgument`](crate::Error::InvalidArgument) every backend gives for it, before
+    /// any I/O (a revision past [`MAX_WATCH_AFTER`](Revision::MAX_WATCH_AFTER) is never
+    /// reached, so such a watch would wait for good).
+    pub fn check_watch_after(self) -> crate::Result<Revision> {
+        if self > Self::MAX_WATCH_AFTER {
+            return Err(crate::Error::InvalidArgument(format!(
+                "watch revision {} is out of range (at most {})",
+                self.0,
+                Self::MAX_WATCH_AFTER.0
+            )));
+        }
+        Ok(self)
+    }
+}
+
 /// One node of the tree, as read at some revision.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Node {

@@ -65,9 +65,10 @@ pub fn check_value(path: &NodePath, value: &[u8]) -> Result<()> {
 /// [`SessionState::Reestablished`] with a larger epoch.
 ///
 /// # Errors
-/// Input errors are returned before any I/O. Failures are typed ([`Error`](crate::Error));
-/// retryable ones say so ([`Error::is_retryable`](crate::Error::is_retryable)). After
-/// [`close`](Registry::close) every call returns [`Error::Closed`](crate::Error::Closed).
+/// Input errors are returned before any I/O, and before anything else is checked: a closed
+/// client gives them too. Failures are typed ([`Error`](crate::Error)); retryable ones say so
+/// ([`Error::is_retryable`](crate::Error::is_retryable)). After [`close`](Registry::close)
+/// every call with valid input returns [`Error::Closed`](crate::Error::Closed).
 ///
 /// # Tracing
 /// Each call of `create`, `get`, `exists`, `set`, `set_owned`, `delete`, `delete_owned`, `children`,
@@ -137,6 +138,9 @@ pub trait Registry: Send + Sync + 'static {
     /// [`Registration::deregister`] removes its node with this.
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn delete_owned(&self, node: &Node) -> Result<bool> {
+        if node.path.is_root() {
+            return Err(crate::Error::root("delete"));
+        }
         let Some(version) = owned_version(self, node).await? else {
             return Ok(false);
         };
@@ -160,6 +164,9 @@ pub trait Registry: Send + Sync + 'static {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
         check_value(&node.path, &value)?;
+        if node.path.is_root() {
+            return Err(crate::Error::root("write"));
+        }
         let Some(version) = owned_version(self, node).await? else {
             return Ok(None);
         };

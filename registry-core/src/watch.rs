@@ -74,7 +74,9 @@ impl WatchOptions {
         Self::scoped(WatchScope::Subtree)
     }
 
-    /// Start after `revision` (e.g. [`Children::revision`](crate::Children::revision)).
+    /// Start after `revision` (e.g. [`Children::revision`](crate::Children::revision)). One
+    /// past [`Revision::MAX_WATCH_AFTER`] is refused as
+    /// [`InvalidArgument`](crate::Error::InvalidArgument) by `watch`.
     pub fn after(mut self, revision: Revision) -> Self {
         self.after = Some(revision);
         self

@@ -331,19 +331,12 @@ fn etcd_version(version: u64) -> Option<i64> {
     i64::try_from(version).ok().and_then(|v| v.checked_add(1))
 }
 
-/// The etcd revision a watch started after `after` begins at `after + 1`; so `after` must
-/// leave room for it in `i64`. A typed error naming the value otherwise.
+/// `after` as etcd's `i64`, within [`Revision::MAX_WATCH_AFTER`] (the watch starts at
+/// `after + 1`); the contract's typed error otherwise.
 fn watch_after(after: Revision) -> Result<i64> {
-    i64::try_from(after.0)
-        .ok()
-        .filter(|r| r.checked_add(1).is_some())
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "watch revision {} is out of etcd's range (at most {})",
-                after.0,
-                i64::MAX - 1
-            ))
-        })
+    let after = after.check_watch_after()?;
+    // Within i64 by the check.
+    Ok(i64::try_from(after.0).unwrap_or(i64::MAX - 1))
 }
 
 /// The session TTL in whole seconds as etcd's lease grant takes it (`i64`).
@@ -1061,10 +1054,10 @@ impl Registry for EtcdRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected))]
     async fn set(&self, path: &NodePath, value: Bytes, expected: Expected) -> Result<Node> {
         check_value(path, &value)?;
-        self.shared.check_open()?;
         if path.is_root() {
             return Err(Error::root("write"));
         }
+        self.shared.check_open()?;
         let expected = match expected {
             Expected::Any => None,
             Expected::Version(v) => Some((v, self.etcd_expected(path, v).await?)),
@@ -1138,10 +1131,10 @@ impl Registry for EtcdRegistry {
     async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
         let path = &node.path;
         check_value(path, &value)?;
-        self.shared.check_open()?;
         if path.is_root() {
             return Err(Error::root("write"));
         }
+        self.shared.check_open()?;
         let key = self.shared.keys.node(path);
         // One Txn: the owner is compared, not read first.
         let compares = owner_compares(&key, node.ephemeral_owner);
@@ -1169,10 +1162,10 @@ impl Registry for EtcdRegistry {
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?expected, ?scope))]
     async fn delete(&self, path: &NodePath, expected: Expected, scope: DeleteScope) -> Result<()> {
-        self.shared.check_open()?;
         if path.is_root() {
             return Err(Error::root("delete"));
         }
+        self.shared.check_open()?;
         let version = match expected {
             Expected::Version(v) => Some(self.etcd_expected(path, v).await?),
             Expected::Any => None,
@@ -1246,11 +1239,11 @@ impl Registry for EtcdRegistry {
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn delete_owned(&self, node: &Node) -> Result<bool> {
-        self.shared.check_open()?;
         let path = &node.path;
         if path.is_root() {
             return Err(Error::root("delete"));
         }
+        self.shared.check_open()?;
         let keys = &self.shared.keys;
         let (key, below) = (keys.node(path), keys.below(path));
         let mut compares = owner_compares(&key, node.ephemeral_owner);
@@ -1418,9 +1411,9 @@ impl Registry for EtcdRegistry {
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, scope = ?options.scope))]
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
-        self.shared.check_open()?;
-        // Checked before any I/O: the watch starts at `after + 1`.
+        // Checked before anything else: the watch starts at `after + 1`.
         let after = options.after.map(watch_after).transpose()?;
+        self.shared.check_open()?;
         Ok(watch::open(
             self.shared.clone(),
             path.clone(),
@@ -1436,7 +1429,8 @@ impl Registry for EtcdRegistry {
         value: Bytes,
         options: RegisterOptions,
     ) -> Result<Registration> {
-        self.shared.check_open()?;
+        // Input errors come first (`start_shared` checks them), also on a closed client;
+        // then its first step answers `Closed`.
         let watches = &self.shared.registration_watches;
         Registration::start_shared(Arc::new(self.clone()), watches, path, value, options).await
     }

@@ -1124,6 +1124,9 @@ impl Registry for ZkRegistry {
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn delete_owned(&self, node: &Node) -> Result<bool> {
+        if node.path.is_root() {
+            return Err(Error::root("delete"));
+        }
         let Some(version) = self.owned_version(node).await? else {
             return Ok(false);
         };
@@ -1137,6 +1140,9 @@ impl Registry for ZkRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %node.path, owner = ?node.ephemeral_owner))]
     async fn set_owned(&self, node: &Node, value: Bytes) -> Result<Option<Node>> {
         check_value(&node.path, &value)?;
+        if node.path.is_root() {
+            return Err(Error::root("write"));
+        }
         let Some(version) = self.owned_version(node).await? else {
             return Ok(None);
         };
@@ -1221,6 +1227,7 @@ impl Registry for ZkRegistry {
 
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, scope = ?options.scope))]
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
+        options.after.map(Revision::check_watch_after).transpose()?;
         self.shared.client()?;
         // ZooKeeper cannot leave out writes: they are dropped here.
         Ok(options.filter(watch::open(
@@ -1238,7 +1245,8 @@ impl Registry for ZkRegistry {
         value: Bytes,
         options: RegisterOptions,
     ) -> Result<Registration> {
-        self.shared.client()?;
+        // Input errors come first (`start` checks them), also on a closed client; then its
+        // first step answers `Closed`.
         Registration::start(Arc::new(self.clone()), path, value, options).await
     }
 

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use registry_core::{
-    Bytes, CreateMode, DeleteScope, Error, Expected, InvalidPath, NodePath, RegisterOptions,
-    WatchEvent, WatchOptions, MAX_VALUE_LEN,
+    Bytes, CreateMode, DeleteScope, Error, Expected, InvalidPath, Node, NodePath, RegisterOptions,
+    Revision, WatchEvent, WatchOptions, MAX_VALUE_LEN,
 };
 
 use crate::fixture::Fixture;
@@ -286,36 +286,74 @@ pub async fn errors_are_typed(fx: &dyn Fixture) -> Outcome {
         kids.nodes
     );
     // The root always exists and is no one's: every backend refuses to create, write,
-    // delete or register it with the same typed error.
+    // delete or register it with the same typed error, and an oversized value as too large.
+    // Input errors come before anything else: a closed client gives them too.
     let root = NodePath::root();
-    let refused = |r: Result<(), Error>, operation: &str| {
-        let expected = Error::root(operation).to_string();
-        assert!(
-            matches!(&r, Err(e @ Error::InvalidArgument(_)) if e.to_string() == expected),
-            "{at} {operation} the root: {r:?}"
+    let closed = fx
+        .open(&env.namespace)
+        .await
+        .unwrap_or_else(|e| panic!("{at} open: {e}"));
+    let _ = closed.close().await;
+    let oversized = Bytes::from(vec![0u8; MAX_VALUE_LEN + 1]);
+    for (client, which) in [(&c, "open"), (&closed, "closed")] {
+        let refused = |r: Result<(), Error>, operation: &str| {
+            let expected = Error::root(operation).to_string();
+            assert!(
+                matches!(&r, Err(e @ Error::InvalidArgument(_)) if e.to_string() == expected),
+                "{at} {operation} the root ({which} client): {r:?}"
+            );
+        };
+        refused(
+            client
+                .create(&root, Bytes::new(), CreateMode::Persistent)
+                .await
+                .map(drop),
+            "create",
         );
-    };
-    refused(
-        c.create(&root, Bytes::new(), CreateMode::Persistent)
+        refused(
+            client
+                .set(&root, Bytes::from("x"), Expected::Any)
+                .await
+                .map(drop),
+            "write",
+        );
+        for owner in [None, client.session().session_id] {
+            let node = Node::empty(root.clone(), owner);
+            refused(
+                client.set_owned(&node, Bytes::from("x")).await.map(drop),
+                "write",
+            );
+            refused(client.delete_owned(&node).await.map(drop), "delete");
+        }
+        for scope in [DeleteScope::Node, DeleteScope::Recursive] {
+            refused(client.delete(&root, Expected::Any, scope).await, "delete");
+        }
+        refused(
+            client
+                .register(&root, Bytes::new(), RegisterOptions::default())
+                .await
+                .map(drop),
+            "register",
+        );
+        let too_large = client
+            .register(&p("/e/big"), oversized.clone(), RegisterOptions::default())
             .await
-            .map(drop),
-        "create",
-    );
-    refused(
-        c.set(&root, Bytes::from("x"), Expected::Any)
+            .map(drop);
+        assert!(
+            matches!(too_large, Err(Error::ValueTooLarge { .. })),
+            "{at} register an oversized value ({which} client): {too_large:?}"
+        );
+        // A revision never reached: such a watch would wait for good.
+        let past = Revision(Revision::MAX_WATCH_AFTER.0 + 1);
+        let far = client
+            .watch(&p("/e"), WatchOptions::node().after(past))
             .await
-            .map(drop),
-        "write",
-    );
-    for scope in [DeleteScope::Node, DeleteScope::Recursive] {
-        refused(c.delete(&root, Expected::Any, scope).await, "delete");
+            .map(drop);
+        assert!(
+            matches!(far, Err(Error::InvalidArgument(_))),
+            "{at} watch after {past:?} ({which} client): {far:?}"
+        );
     }
-    refused(
-        c.register(&root, Bytes::new(), RegisterOptions::default())
-            .await
-            .map(drop),
-        "register",
-    );
     assert!(
         c.exists(&root).await.unwrap_or(false),
         "{at} the root must exist"
