@@ -174,7 +174,9 @@ pub enum DeleteScope {
 pub struct Children {
     /// The children, ordered by [`Node::create_order`] (oldest first).
     pub nodes: Vec<Node>,
-    /// The revision the list was read at: a watch started after it misses nothing.
+    /// The revision the list was read at: a watch started after it misses nothing. On
+    /// ZooKeeper it is the list's own last change (its `pzxid`): the children's values are
+    /// read after the list, so one may carry a later `modify_order`.
     pub revision: Revision,
     /// Children the server holds under names no [`NodePath`] takes, left out of `nodes`,
     /// ordered by name: written by other tools, such as an etcd key with `//` or a trailing
