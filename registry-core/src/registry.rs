@@ -50,14 +50,15 @@ pub fn check_value(path: &NodePath, value: &[u8]) -> Result<()> {
 /// [`Node::version`] is 0 at creation and grows by one per [`set`](Registry::set).
 /// [`Node::create_order`] grows with global creation order, so sorting by it sorts by age: a
 /// node created after another's creation completed has a larger one; creates that were in
-/// flight together may share one (etcd batches them into one Txn). Sequential nodes are named `<name><counter>` with a 10-digit zero-padded
-/// counter kept per parent, strictly increasing in creation order and unique under any number
-/// of concurrent creators, for the life of that parent; numbers need not start at 0 nor be
-/// consecutive (ZooKeeper's counter also moves on every other child created). Whether it
-/// starts again when
-/// the parent is deleted and created again is up to the backend (ZooKeeper and memory: yes;
-/// etcd: no, its counter outlives the parent), so never compare counters across a parent's
-/// re-creation.
+/// flight together may share one (etcd batches them into one Txn).
+///
+/// Sequential nodes are named `<name><counter>` with a 10-digit zero-padded counter kept per
+/// parent, strictly increasing in creation order and unique under any number of concurrent
+/// creators, for the life of that parent. Numbers need not start at 0 nor be consecutive
+/// (ZooKeeper's counter also moves on every other child created). Whether it starts again
+/// when the parent is deleted and created again is up to the backend (ZooKeeper and memory:
+/// yes; etcd: no, its counter outlives the parent), so never compare counters across a
+/// parent's re-creation.
 ///
 /// # Sessions and ephemeral nodes
 /// Each client holds one session at a time ([`session`](Registry::session)). Ephemeral nodes
