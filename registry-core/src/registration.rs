@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::node::{CreateMode, DeleteScope, Expected, Node, Revision};
+use crate::node::{CreateMode, Node, Revision};
 use crate::path::{parse_sequence, NodePath};
 use crate::registry::{check_value, Registry};
 use crate::session::SessionState;
@@ -103,8 +103,10 @@ fn claim_key(node: &Node) -> Option<ClaimKey> {
         .map(|owner| (node.path.clone(), owner.0))
 }
 
-/// Publishes `node` as this registration's, which takes it over from any other registration
-/// of the process that held it, and lets go of the node it held before.
+/// Publishes `node` as this registration's, which takes it over from any older registration
+/// of the process that held it (a newer one, made to replace this one, keeps it: after a
+/// session loss both adopt the new node, in either order), and lets go of the node it held
+/// before.
 fn set_registered(shared: &Shared, node: Node) {
     if let Some(key) = claim_key(&node) {
         let mut claimed = shared.claimed.lock().unwrap_or_else(|p| p.into_inner());
@@ -114,8 +116,11 @@ fn set_registered(shared: &Shared, node: Node) {
                 claims.remove(&old);
             }
         }
-        claims.insert(key.clone(), shared.id);
-        *claimed = Some(key);
+        // Ids grow with creation: a larger one is a newer registration.
+        if claims.get(&key).is_none_or(|holder| *holder <= shared.id) {
+            claims.insert(key.clone(), shared.id);
+            *claimed = Some(key);
+        }
     }
     shared
         .status
@@ -701,10 +706,9 @@ async fn ensure_sequential(shared: &Shared) -> Result<Node> {
     let session = live_session(shared).ok_or_else(|| not_live(shared))?;
     let mut own = own_sequential_nodes(shared, Some(session)).await?;
     if let Some(newest) = own.pop() {
-        for extra in own {
-            let _ = registry
-                .delete(&extra.path, Expected::Any, DeleteScope::Node)
-                .await;
+        // Left over by a lost reply; one another registration of the prefix holds is its.
+        for extra in own.iter().filter(|n| !held_by_another(shared, n)) {
+            let _ = registry.delete_owned(extra).await;
         }
         return Ok(newest);
     }

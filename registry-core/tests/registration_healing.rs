@@ -318,3 +318,51 @@ async fn a_registration_made_while_suspended_leaves_the_sessions_node_alone() {
     faulty.report_session(None);
     first.deregister().await.unwrap();
 }
+
+/// A path registered again (the new handle replacing the old) is held by the newer handle,
+/// also after both re-create or adopt the node in a new session, in whichever order: the
+/// older one's removal then leaves the node in place (it used to take the node back when it
+/// adopted it last, and its removal deleted the node the newer one reported registered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newer_of_two_registrations_of_a_path_keeps_it_across_a_session_loss() {
+    let store = MemoryStore::new();
+    let ours = client(&store).await;
+    let path = NodePath::new("/svc/10.0.0.1:9090").unwrap();
+    for round in 0..10 {
+        let older = ours
+            .register(&path, Bytes::from("v1"), RegisterOptions::new())
+            .await
+            .unwrap();
+        let newer = ours
+            .register(&path, Bytes::from("v1"), RegisterOptions::new())
+            .await
+            .unwrap();
+        let lost = ours.session().session_id.unwrap();
+        store.expire_session(lost).unwrap();
+        let session = ours.session().session_id;
+        for registration in [&older, &newer] {
+            let mut status = registration.watch_status();
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if let RegistrationStatus::Registered(node) = &*status.borrow_and_update() {
+                        if node.ephemeral_owner == session {
+                            return;
+                        }
+                    }
+                    status.changed().await.unwrap();
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: not registered again"));
+        }
+        let held = ours.get(&path).await.unwrap();
+        older.deregister().await.unwrap();
+        let left = ours.get(&path).await;
+        assert_eq!(
+            left.as_ref().ok(),
+            Some(&held),
+            "round {round}: the older registration removed the newer one's node"
+        );
+        newer.deregister().await.unwrap();
+    }
+}
