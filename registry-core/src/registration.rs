@@ -80,6 +80,15 @@ struct Shared {
     claimed: Mutex<Option<ClaimKey>>,
 }
 
+impl Drop for Shared {
+    /// A registration gone without its removal running (dropped where no runtime could run
+    /// it, or on one shutting down) lets go of its claim, else it would outrank older
+    /// registrations of the node for good.
+    fn drop(&mut self) {
+        release_claim(self);
+    }
+}
+
 /// A node of a session: its path and owner.
 type ClaimKey = (NodePath, i64);
 
@@ -216,6 +225,18 @@ impl Registration {
         Self::start_with(registry, Some(watches.clone()), path, value, options).await
     }
 
+    /// The input errors of [`Registry::register`], before any I/O and before a backend says
+    /// `Closed`: the value's size, the root, and a sequential prefix that leaves no room for
+    /// the counter's digits.
+    pub fn check_input(path: &NodePath, value: &Bytes, options: &RegisterOptions) -> Result<()> {
+        check_value(path, value)?;
+        let parent = path.parent().ok_or_else(|| Error::root("register"))?;
+        if options.sequential {
+            parent.join(&crate::path::sequential_name(path.name(), 0))?;
+        }
+        Ok(())
+    }
+
     async fn start_with(
         registry: Arc<dyn Registry>,
         watches: Option<RegistrationWatches>,
@@ -223,10 +244,7 @@ impl Registration {
         value: Bytes,
         options: RegisterOptions,
     ) -> Result<Registration> {
-        check_value(path, &value)?;
-        if path.is_root() {
-            return Err(Error::root("register"));
-        }
+        Self::check_input(path, &value, &options)?;
         let (status, _) = watch::channel(RegistrationStatus::Recreating {
             reason: "registering".into(),
         });
@@ -628,19 +646,19 @@ async fn ensure_plain(shared: &Shared) -> Result<Node> {
         }
         match registry.get(path).await {
             Ok(node) if owned_by_current_session(shared, &node) => return Ok(node),
-            // Created after our last node, so by a session alive then (a stale one creates
-            // nothing): a live registration of the same path elsewhere. The newer one keeps
-            // the path and we wait for it to go; replacing it would start a fight in which
-            // the two replace each other forever.
-            Ok(node) if node.is_ephemeral() && created_after_ours(shared, &node) => {
-                return Err(Error::AlreadyExists { path: path.clone() });
-            }
             // Ours, seen while the session is not live (it went suspended since `ensure`
             // checked): never removed as stale.
             Ok(node)
                 if node.is_ephemeral() && node.ephemeral_owner == registry.session().session_id =>
             {
                 return Err(not_live(shared));
+            }
+            // Created after our last node, so by a session alive then (a stale one creates
+            // nothing): a live registration of the same path elsewhere. The newer one keeps
+            // the path and we wait for it to go; replacing it would start a fight in which
+            // the two replace each other forever.
+            Ok(node) if node.is_ephemeral() && created_after_ours(shared, &node) => {
+                return Err(Error::AlreadyExists { path: path.clone() });
             }
             Ok(node) if node.is_ephemeral() => {
                 tracing::info!(path = %path, owner = ?node.ephemeral_owner, "replacing a stale ephemeral node of another session");

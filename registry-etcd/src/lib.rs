@@ -1429,8 +1429,9 @@ impl Registry for EtcdRegistry {
         value: Bytes,
         options: RegisterOptions,
     ) -> Result<Registration> {
-        // Input errors come first (`start_shared` checks them), also on a closed client;
-        // then its first step answers `Closed`.
+        // Input errors first, also on a closed (or closing) client.
+        Registration::check_input(path, &value, &options)?;
+        self.shared.check_open()?;
         let watches = &self.shared.registration_watches;
         Registration::start_shared(Arc::new(self.clone()), watches, path, value, options).await
     }

@@ -1245,8 +1245,9 @@ impl Registry for ZkRegistry {
         value: Bytes,
         options: RegisterOptions,
     ) -> Result<Registration> {
-        // Input errors come first (`start` checks them), also on a closed client; then its
-        // first step answers `Closed`.
+        // Input errors first, also on a closed (or closing) client.
+        Registration::check_input(path, &value, &options)?;
+        self.shared.client()?;
         Registration::start(Arc::new(self.clone()), path, value, options).await
     }
 

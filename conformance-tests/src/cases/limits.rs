@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use registry_core::{
-    Bytes, CreateMode, DeleteScope, Error, Expected, MAX_DEPTH, MAX_PATH_LEN, SEQUENCE_DIGITS,
+    Bytes, CreateMode, DeleteScope, Error, Expected, RegisterOptions, MAX_DEPTH, MAX_PATH_LEN,
+    SEQUENCE_DIGITS,
 };
 
 use crate::fixture::Fixture;
@@ -68,6 +69,11 @@ pub async fn limits_path_and_depth_at_the_edge(fx: &dyn Fixture) -> Outcome {
                 Err(Error::InvalidPath { .. }) => {}
                 other => panic!("{at} {which}: {mode:?} create leaving no room: {other:?}"),
             }
+        }
+        let sequential = RegisterOptions::new().sequential();
+        match client.register(&too_long, Bytes::new(), sequential).await {
+            Err(Error::InvalidPath { .. }) => {}
+            other => panic!("{at} {which}: sequential register leaving no room: {other:?}"),
         }
     }
     assert_eq!(
