@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::migrate::put_persistent;
-use crate::node::{Children, CreateMode, DeleteScope, Expected, Node};
+use crate::node::{Children, CreateMode, DeleteScope, Expected, Node, Revision};
 use crate::path::NodePath;
 use crate::registration::{RegisterOptions, Registration};
 use crate::registry::Registry;
@@ -361,6 +361,8 @@ impl Registry for DualRegistry {
     }
 
     async fn watch(&self, path: &NodePath, options: WatchOptions) -> Result<WatchStream> {
+        // Before the merge drops `after`: refused as on every backend.
+        options.after.map(Revision::check_watch_after).transpose()?;
         if !self.options.merge_reads {
             return self.primary.watch(path, options).await;
         }

@@ -48,6 +48,22 @@ async fn merged() -> (Arc<dyn Registry>, Arc<dyn Registry>, DualRegistry) {
     (pa, sb, dual)
 }
 
+/// A merged watch starts afresh (the merge has no history), but a revision no backend can
+/// reach is refused first, as each backend refuses it.
+#[tokio::test]
+async fn a_merged_watch_after_an_unreachable_revision_is_refused() {
+    let (_, _, dual) = merged().await;
+    let past = registry_core::Revision(registry_core::Revision::MAX_WATCH_AFTER.0 + 1);
+    let refused = dual
+        .watch(&p("/x"), WatchOptions::node().after(past))
+        .await
+        .map(drop);
+    assert!(
+        matches!(refused, Err(Error::InvalidArgument(_))),
+        "{refused:?}"
+    );
+}
+
 async fn client(store: &MemoryStore) -> Arc<dyn Registry> {
     Arc::new(
         MemoryRegistry::connect(
