@@ -267,8 +267,29 @@ impl Balancer {
 }
 
 /// Picks a new rotation skips, at most: its first pick is at a random point of the first this
-/// many of its sequence.
-const ROTATION_START_SKIPS: usize = 64;
+/// many of its sequence (all of it when its period is shorter).
+const ROTATION_START_SKIPS: u64 = 64;
+
+/// Picks before a smooth weighted round robin over `members` repeats itself: the sum of the
+/// weights over their greatest common divisor (each member once, when every weight is 0).
+fn rotation_period(members: &[Candidate]) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let weights = members
+        .iter()
+        .map(|c| u64::from(c.weight))
+        .filter(|w| *w > 0);
+    let divisor = weights.clone().fold(0, gcd);
+    if divisor == 0 {
+        return members.len() as u64;
+    }
+    weights.map(|w| w / divisor).sum()
+}
 
 impl Rotation {
     /// A rotation at a random point of its sequence, as gRPC's round robin starts at a random
@@ -280,7 +301,8 @@ impl Rotation {
             current: vec![0; set.len()],
             used: 0,
         };
-        let skips = random_below(set.len().min(ROTATION_START_SKIPS) as u64);
+        // Uniform over the period's points, so the first pick is weighted as every pick is.
+        let skips = random_below(rotation_period(&rotation.members).min(ROTATION_START_SKIPS));
         for _ in 0..skips {
             rotation.next();
         }
@@ -436,6 +458,22 @@ mod tests {
             .collect();
         // One period, from wherever the rotation started.
         assert!("aabacaa".repeat(2).contains(&seq), "{seq}");
+    }
+
+    #[test]
+    fn a_fresh_rotations_first_pick_is_weighted() {
+        // Weights 2:1 (period a, b, a): the first pick of fresh rotations goes 2:1 too.
+        let c = cands(&[200, 100]);
+        let firsts = (0..3000)
+            .filter(|_| Balancer::new().pick(LoadBalance::RoundRobin, &c, None) == Some(0))
+            .count();
+        assert!(
+            (1800..2200).contains(&firsts),
+            "{firsts} of 3000 to the heavier"
+        );
+        assert_eq!(rotation_period(&c), 3);
+        assert_eq!(rotation_period(&cands(&[0, 0, 0])), 3);
+        assert_eq!(rotation_period(&cands(&[0, 5])), 1);
     }
 
     #[test]
