@@ -921,7 +921,13 @@ impl Registry for MemoryRegistry {
                 }
                 // Polled outside Tokio, nothing can time the TTL: the session ends now rather
                 // than never (and `tokio::spawn` would panic).
-                Err(_) => store.drop_session(session),
+                Err(_) => {
+                    store.drop_session(session);
+                    return Err(Error::unavailable(
+                        "memory client closed while cut off from its store, outside a Tokio \
+                         runtime: its session ended at once",
+                    ));
+                }
             }
         }
         Err(Error::unavailable(

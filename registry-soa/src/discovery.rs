@@ -568,7 +568,7 @@ impl ServiceView {
     /// `c"thread-log-level#DEBUG"` rule switches the provider's logging for that call). Both
     /// come from one snapshot, and routing sees the call as it was plus those cookies, as
     /// [`select`](ServiceView::select) does: the rules are not applied twice. Nothing is
-    /// added when no instance is picked. Send the call's cookies with it; count it in flight
+    /// added when no instance is picked. An empty `service` is set to this view's. Send the call's cookies with it; count it in flight
     /// with [`balancer().start_call`](Balancer::start_call) where `leastActive` may apply.
     pub fn select_applying_cookies(
         &self,
