@@ -11,7 +11,7 @@
 //! ephemerals) reaches a consumer that keeps reading. A consumer that falls further behind has
 //! its buffer dropped and gets a [`WatchEvent::Resync`] with [`ResyncReason::Lagged`] instead,
 //! so writers never block and a stream holds at most the buffer and one operation's changes. The last [`HISTORY_LEN`] changes (at most
-//! [`HISTORY_BYTES`] of their values) are kept so a watch can start after a past revision.
+//! [`HISTORY_BYTES`] of them) are kept so a watch can start after a past revision.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
@@ -38,8 +38,8 @@ pub const WATCH_BUFFER: usize = 4096;
 /// Changes kept for watches that start after a past revision.
 pub const HISTORY_LEN: usize = 100_000;
 
-/// Bytes of values the kept changes may hold: 100 000 changes of 512 KiB values would
-/// otherwise pin 51 GB. The oldest changes go first.
+/// Bytes the kept changes may hold (their values, paths and entries): 100 000 changes of
+/// 512 KiB values would otherwise pin 51 GB. The oldest changes go first.
 pub const HISTORY_BYTES: usize = 64 << 20;
 
 const BACKEND: &str = "memory";
@@ -625,10 +625,15 @@ impl MemoryRegistry {
 }
 
 /// The value bytes a change in the history holds.
+/// What one kept change costs: its entry, and the value and path it holds (paths up to
+/// 1 KiB count as much as small values do: 100 000 of them are 100 MB).
 fn event_bytes(event: &WatchEvent) -> usize {
+    let own = std::mem::size_of::<(u64, WatchEvent)>();
     match event {
-        WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n) => n.value.len(),
-        _ => 0,
+        WatchEvent::Created(n) | WatchEvent::Updated(n) | WatchEvent::Deleted(n) => {
+            own + n.value.len() + n.path.as_str().len()
+        }
+        _ => own,
     }
 }
 
@@ -1110,6 +1115,42 @@ mod tests {
             matches!(refused, Error::InvalidPath { .. }),
             "got {refused:?}"
         );
+    }
+
+    /// The kept history is bounded in bytes counting paths too: changes to nodes with long
+    /// paths and empty values used to be kept 100 000 deep whatever they held.
+    #[tokio::test]
+    async fn history_bytes_count_paths() {
+        let store = MemoryStore::default();
+        let client = connect(&store).await;
+        let long = p(&format!("/{}", "x".repeat(crate::path::MAX_PATH_LEN - 1)));
+        let first = client
+            .create(&long, Bytes::new(), CreateMode::Persistent)
+            .await
+            .unwrap();
+        // Enough to pass HISTORY_BYTES by their paths alone, within HISTORY_LEN.
+        let writes = HISTORY_BYTES / crate::path::MAX_PATH_LEN + 1000;
+        assert!(writes < HISTORY_LEN);
+        for _ in 0..writes {
+            client
+                .set(&long, Bytes::new(), Expected::Any)
+                .await
+                .unwrap();
+        }
+        let mut stream = client
+            .watch(
+                &long,
+                WatchOptions::node().after(Revision(first.modify_order)),
+            )
+            .await
+            .unwrap();
+        match stream.next().await {
+            Some(Ok(WatchEvent::Resync {
+                reason: ResyncReason::StartNotReplayable,
+                ..
+            })) => {}
+            other => panic!("the oldest changes were kept: {other:?}"),
+        }
     }
 
     /// Closed while cut off, from outside any Tokio runtime: no panic, and with nothing to
