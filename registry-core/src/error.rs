@@ -154,7 +154,9 @@ pub enum Error {
     /// client opens a new session by itself, so this is retryable.
     #[error("session expired")]
     SessionExpired,
-    /// Authentication was refused; terminal for this client.
+    /// Authentication was refused (wrong or unknown credentials). Not retryable as is: the
+    /// credentials, or the server's users, must change first. A watch stream ends with it;
+    /// later calls try again (the client is not closed by it).
     #[error("authentication failed: {0}")]
     AuthFailed(String),
     /// The credentials are valid but lack the permission for this operation.
