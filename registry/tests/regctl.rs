@@ -896,9 +896,9 @@ fn missing_and_unreachable_exit_differently() {
     );
 }
 
-#[test]
-fn a_mirror_that_would_delete_what_only_the_target_has_needs_prune() {
-    // Two namespaces of one etcd: distinct trees, one of them with a node of its own.
+/// Two namespaces of one etcd, distinct trees (`--from`, `--to` URLs), the first holding
+/// `/soa/a` = `1`.
+fn two_namespaces() -> (EtcdServer, String, String) {
     let etcd = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
     let (from, to) = (
         format!("etcd://{}/src", etcd.endpoint()),
@@ -907,6 +907,13 @@ fn a_mirror_that_would_delete_what_only_the_target_has_needs_prune() {
     assert!(regctl(&["--url", &from, "put", "/soa/a", "1"])
         .status
         .success());
+    (etcd, from, to)
+}
+
+#[test]
+fn a_mirror_that_would_delete_what_only_the_target_has_needs_prune() {
+    // The target's tree has a node of its own.
+    let (_etcd, from, to) = two_namespaces();
     assert!(regctl(&["--url", &to, "put", "/soa/b", "2"])
         .status
         .success());
@@ -948,16 +955,9 @@ fn a_mirror_that_would_delete_what_only_the_target_has_needs_prune() {
 
 #[test]
 fn a_mirror_stopped_with_a_held_path_fails_with_differences() {
-    // Two namespaces of one etcd; the target holds the source's path as a live session's
-    // ephemeral node, which the mirror leaves alone.
-    let etcd = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
-    let (from, to) = (
-        format!("etcd://{}/src", etcd.endpoint()),
-        format!("etcd://{}/dst", etcd.endpoint()),
-    );
-    assert!(regctl(&["--url", &from, "put", "/soa/a", "1"])
-        .status
-        .success());
+    // The target holds the source's path as a live session's ephemeral node, which the
+    // mirror leaves alone.
+    let (_etcd, from, to) = two_namespaces();
     let mut hold = Running(
         Command::new(env!("CARGO_BIN_EXE_regctl"))
             .args([
