@@ -673,7 +673,7 @@ impl Registry for MemoryRegistry {
         if mode.is_sequential() {
             // Bad input is named before the client's state is: every generated name has the
             // same length (10 digits), so counter 0's is checked.
-            parent.join(&sequential_name(path.name(), 0))?;
+            path.check_sequential_prefix()?;
         }
         let mut state = self.state()?;
         let owner = if mode.is_ephemeral() {

@@ -90,6 +90,17 @@ impl NodePath {
         self.segments().count()
     }
 
+    /// Whether this path, read as a sequential node's parent and name prefix, leaves room
+    /// for the counter's [`SEQUENCE_DIGITS`]: every generated name has the same length, so
+    /// counter 0's is checked. The input error every backend gives for a sequential create
+    /// or registration, before any I/O. The root has no name to prefix and passes.
+    pub fn check_sequential_prefix(&self) -> Result<(), Error> {
+        match self.parent() {
+            Some(parent) => parent.join(&sequential_name(self.name(), 0)).map(drop),
+            None => Ok(()),
+        }
+    }
+
     /// This path with one more segment `name`; `name` must be a single valid segment
     /// (no `/`), and the result must satisfy every path rule.
     pub fn join(&self, name: &str) -> Result<NodePath, Error> {

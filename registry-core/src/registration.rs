@@ -230,9 +230,11 @@ impl Registration {
     /// the counter's digits.
     pub fn check_input(path: &NodePath, value: &Bytes, options: &RegisterOptions) -> Result<()> {
         check_value(path, value)?;
-        let parent = path.parent().ok_or_else(|| Error::root("register"))?;
+        if path.is_root() {
+            return Err(Error::root("register"));
+        }
         if options.sequential {
-            parent.join(&crate::path::sequential_name(path.name(), 0))?;
+            path.check_sequential_prefix()?;
         }
         Ok(())
     }
@@ -538,6 +540,11 @@ fn live_session(shared: &Shared) -> Option<crate::node::SessionId> {
         .flatten()
 }
 
+/// The live session, or why `ensure` gives up without one (see [`not_live`]).
+fn require_live(shared: &Shared) -> Result<crate::node::SessionId> {
+    live_session(shared).ok_or_else(|| not_live(shared))
+}
+
 /// Why `ensure` gives up without a live session: `Closed` once the registry is closed, else
 /// `Unavailable` (the healer tries again once the session is live).
 fn not_live(shared: &Shared) -> Error {
@@ -587,7 +594,7 @@ async fn ensure(shared: &Shared) -> Result<Node> {
     }
     // Ownership is judged by the live session: while it is suspended (the permit and the
     // lock can take a while) our own node would look like another session's.
-    live_session(shared).ok_or_else(|| not_live(shared))?;
+    require_live(shared)?;
     let registry = &*shared.registry;
     let node = if shared.sequential {
         ensure_sequential(shared).await?
@@ -721,7 +728,7 @@ async fn ensure_sequential(shared: &Shared) -> Result<Node> {
     // Adopt a node an earlier attempt of this session created (the reply may have been lost),
     // rather than leaving it orphaned next to a duplicate.
     // Without a live session none would be found, and a duplicate created next to ours.
-    let session = live_session(shared).ok_or_else(|| not_live(shared))?;
+    let session = require_live(shared)?;
     let mut own = own_sequential_nodes(shared, Some(session)).await?;
     if let Some(newest) = own.pop() {
         // Left over by a lost reply; one another registration of the prefix holds is its.

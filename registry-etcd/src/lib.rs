@@ -1014,11 +1014,12 @@ impl Registry for EtcdRegistry {
     #[tracing::instrument(level = "debug", skip_all, fields(path = %path, ?mode))]
     async fn create(&self, path: &NodePath, value: Bytes, mode: CreateMode) -> Result<Node> {
         check_value(path, &value)?;
-        let parent = path.parent().ok_or_else(|| Error::root("create"))?;
+        if path.is_root() {
+            return Err(Error::root("create"));
+        }
         if mode.is_sequential() {
-            // Every generated name has the same length (10 digits): bad input is named before
-            // any I/O, and before a missing parent is written.
-            parent.join(&registry_core::sequential_name(path.name(), 0))?;
+            // Before any I/O, and before a missing parent is written.
+            path.check_sequential_prefix()?;
         }
         self.shared.check_open()?;
         if mode != CreateMode::Ephemeral {

@@ -576,10 +576,10 @@ impl ServiceView {
         options: &SelectOptions,
     ) -> Result<Arc<Instance>, SoaError> {
         let snap = self.current.load();
-        let instance = self.select_in(&snap, call, options)?;
         if call.service.is_empty() {
             call.service = self.service.clone();
         }
+        let instance = self.select_named(&snap, call, options)?;
         crate::routes::apply_cookies(&snap.cookies, call);
         Ok(instance)
     }

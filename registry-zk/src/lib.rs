@@ -876,7 +876,7 @@ impl Registry for ZkRegistry {
         if mode.is_sequential() {
             // The server appends 10 digits: a name valid only without them would be created,
             // then rejected here, left behind. Input errors come before any I/O.
-            parent.join(&registry_core::sequential_name(path.name(), 0))?;
+            path.check_sequential_prefix()?;
         }
         self.shared.client()?;
         let acl = self.shared.options.acl_for(mode.is_ephemeral());
